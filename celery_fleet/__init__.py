@@ -1,0 +1,47 @@
+"""celery-fleet: keep a fleet of LLM agents running as Celery tasks inside a provider's limits.
+
+Example::
+
+    from celery import Celery
+    from celery_fleet import Fleet, fleet_task
+
+    app = Celery("proj", broker="redis://127.0.0.1:6379/0")
+    app.conf.fleet_limits = {"openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20}}
+    fleet = Fleet(app)
+
+    @fleet_task(limit="openai", tokens=1500)
+    def summarize(doc_id): ...
+"""
+
+from .admission import Decision, Release
+from .config import LimitConfig
+from .errors import (
+    Backpressure,
+    ConfigError,
+    FleetError,
+    LeaseLost,
+    StoreUnavailable,
+    Throttled,
+)
+from .fleet import FOREVER, Fleet
+from .slot import Slot
+from .task import FleetTask, fleet_task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backpressure",
+    "ConfigError",
+    "Decision",
+    "FOREVER",
+    "Fleet",
+    "FleetError",
+    "FleetTask",
+    "LeaseLost",
+    "LimitConfig",
+    "Release",
+    "Slot",
+    "StoreUnavailable",
+    "Throttled",
+    "fleet_task",
+]

@@ -1,0 +1,212 @@
+"""Admission: one Redis round trip that says "go" or "wait N ms" for a limit.
+
+Each limit's state lives under one Redis hash tag, ``{<namespace>:<limit>}``, so that the
+scripts also run on Redis Cluster:
+
+=================================  =========================================================
+``{ns:limit}:gcra``                hash: window ("r:60", "t:86400") -> GCRA arrival time (ms)
+``{ns:limit}:leases``              zset: lease id -> expiry (ms); the in-flight semaphore
+``{ns:limit}:holders``             hash: lease id -> "<reserved tokens> <acquired at ms>"
+``{ns:limit}:ctl``                 hash: control state read on every admission
+                                   (``pause_until``, ``cap``, ``hold_ms``)
+=================================  =========================================================
+
+Every request/token window of the limit is a GCRA bucket (burst = the window's budget by
+default) and the in-flight cap is a semaphore of leases that expire unless renewed, so a
+holder killed with SIGKILL gives its slot back within the lease TTL. ``ctl`` is where
+fleet-wide control written by other components (adaptive caps, Retry-After pauses) is read
+by the same script, at no extra round trip.
+
+This module knows nothing about Celery.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import LimitConfig, check_name
+from .errors import ConfigError
+from .store import RedisStore
+
+__all__ = ["Admission", "Decision", "LimitKeys", "Release"]
+
+
+@dataclass(frozen=True)
+class LimitKeys:
+    """The Redis keys of one limit, all in one hash slot."""
+
+    gcra: str
+    leases: str
+    holders: str
+    ctl: str
+
+    @classmethod
+    def build(cls, namespace: str, limit: str) -> LimitKeys:
+        tag = f"{{{namespace}:{limit}}}"
+        return cls(f"{tag}:gcra", f"{tag}:leases", f"{tag}:holders", f"{tag}:ctl")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one admission request.
+
+    ``allowed`` with a ``lease_id`` when admitted; otherwise ``wait_ms`` until the same
+    request would be admitted and ``reason``: ``"paused"``, ``"in_flight"`` or the window
+    that refused, e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this
+    one when admitted); ``at_ms`` is the Redis clock at the decision.
+    """
+
+    limit: str
+    allowed: bool
+    wait_ms: int
+    lease_id: str | None
+    reason: str
+    in_flight: int
+    tokens: int
+    at_ms: float
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True)
+class Release:
+    """What release found: whether the lease was still held, and for how long."""
+
+    released: bool
+    held_ms: int
+    at_ms: float
+
+
+def _reason(field: str) -> str:
+    if ":" not in field:
+        return field
+    kind, period = field.split(":", 1)
+    return f"{'requests' if kind == 'r' else 'tokens'}/{period}s"
+
+
+class Admission:
+    """Admission control for a set of limits, backed by one Redis.
+
+    Example::
+
+        admission = Admission(RedisStore("redis://127.0.0.1:6379/1"), parse_limits({...}))
+        decision = admission.try_acquire("openai", tokens=1500)
+        if decision:
+            try:
+                ...  # call the model
+                admission.settle("openai", decision.lease_id, actual=1320, reserved=1500)
+            finally:
+                admission.release("openai", decision.lease_id)
+    """
+
+    def __init__(
+        self, store: RedisStore, limits: Mapping[str, LimitConfig], namespace: str = "fleet"
+    ) -> None:
+        self.store = store
+        self.namespace = check_name(namespace, "fleet_namespace")
+        self.limits = dict(limits)
+        self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
+        # The script's per-window arguments never change: build them once.
+        self._window_args = {
+            name: [
+                arg
+                for w in cfg.windows
+                for arg in (w.field, repr(w.emission_ms), repr(w.tolerance_ms))
+            ]
+            for name, cfg in self.limits.items()
+        }
+        self._token_args = {
+            name: [arg for w in cfg.token_windows for arg in (w.field, repr(w.emission_ms))]
+            for name, cfg in self.limits.items()
+        }
+
+    def limit(self, name: str) -> LimitConfig:
+        """The configuration of ``name``; :class:`ConfigError` listing the known ones if unknown."""
+        try:
+            return self.limits[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self.limits)) or "none configured (set fleet_limits)"
+            raise ConfigError(f"unknown limit {name!r}; known limits: {known}") from None
+
+    def keys(self, name: str) -> LimitKeys:
+        self.limit(name)
+        return self._keys[name]
+
+    def try_acquire(self, name: str, tokens: int = 0) -> Decision:
+        """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``."""
+        cfg = self.limit(name)
+        tokens = cfg.check_tokens(tokens)
+        return self._do_acquire(cfg, tokens, uuid.uuid4().hex)
+
+    def _do_acquire(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
+        k = self._keys[cfg.name]
+        window_args = self._window_args[cfg.name]
+        reply = self.store.run(
+            "acquire",
+            keys=[k.gcra, k.leases, k.holders, k.ctl],
+            args=[
+                lease_id,
+                tokens,
+                int(cfg.lease_s * 1000),
+                cfg.max_in_flight or 0,
+                len(cfg.windows),
+                *window_args,
+            ],
+        )
+        allowed, wait_ms, detail, in_flight, now = reply
+        detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+        if allowed:
+            return Decision(cfg.name, True, 0, detail, "", int(in_flight), tokens, float(now))
+        return Decision(
+            cfg.name, False, int(wait_ms), None, _reason(detail), int(in_flight), tokens, float(now)
+        )
+
+    def release(self, name: str, lease_id: str) -> Release:
+        """Give the slot back. ``released`` is False when the lease had already expired."""
+        k = self.keys(name)
+        ok, now, held = self.store.run("release", keys=[k.leases, k.holders, k.ctl], args=[lease_id])
+        return Release(bool(ok), int(held), float(now))
+
+    def settle(self, name: str, lease_id: str, actual: int, reserved: int) -> int:
+        """Charge or refund the difference between actual usage and the reservation.
+
+        ``reserved`` is only used when the lease is already gone (its own record wins
+        otherwise). Returns the delta applied, in tokens.
+        """
+        cfg = self.limit(name)
+        actual = _non_negative(actual, "settle(tokens=...)")
+        k = self._keys[name]
+        token_args = self._token_args[name]
+        _known, delta, _now = self.store.run(
+            "settle",
+            keys=[k.gcra, k.holders],
+            args=[lease_id, actual, reserved, len(cfg.token_windows), *token_args],
+        )
+        return int(delta)
+
+    def renew(self, name: str, lease_ids: list[str]) -> list[str]:
+        """Extend live leases by the limit's TTL; return the ids that had already expired."""
+        if not lease_ids:
+            return []
+        cfg = self.limit(name)
+        k = self._keys[name]
+        lost = self.store.run(
+            "renew", keys=[k.leases, k.holders], args=[int(cfg.lease_s * 1000), *lease_ids]
+        )
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]
+
+    def in_flight(self, name: str) -> int:
+        """How many leases of ``name`` are live right now (expired ones excluded)."""
+        k = self.keys(name)
+        now_s, now_us = self.store.call("TIME")
+        now_ms = int(now_s) * 1000 + int(now_us) / 1000
+        return int(self.store.call("ZCOUNT", k.leases, f"({now_ms}", "+inf"))
+
+
+def _non_negative(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{what} must be a non-negative int, got {value!r}")
+    return value

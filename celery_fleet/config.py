@@ -1,0 +1,255 @@
+"""Parse and validate ``fleet_limits`` once, into frozen value objects.
+
+Nothing downstream of :func:`parse_limits` sees a raw dict: the admission script's
+arguments are computed from :class:`LimitConfig` and every error names the setting
+and the bad value.
+
+Example::
+
+    limits = parse_limits({
+        "openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20, "headroom": 0.1},
+        "search-api": {"rate": "100/minute", "max_in_flight": 5},
+        "daily": {"requests": "500/minute;10000/day", "tokens": "200000/minute;5000000/day"},
+    })
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Window", "LimitConfig", "parse_limits", "parse_limit", "check_name"]
+
+REQUESTS = "requests"
+TOKENS = "tokens"
+
+DEFAULT_LEASE_S = 60.0
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+_KNOWN_KEYS = frozenset(
+    {"rpm", "tpm", "rate", "requests", "tokens", "max_in_flight", "headroom", "lease", "burst"}
+)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One budget of one dimension, e.g. 200,000 tokens per 60 s.
+
+    ``budget`` is what the fleet may use after headroom; ``burst`` is how many units
+    may be admitted at once from a full bucket (GCRA's delay tolerance, in units).
+    """
+
+    dimension: str
+    declared: int
+    period_s: int
+    budget: float
+    burst: float
+
+    @property
+    def field(self) -> str:
+        """The key of this window's state in the limit's Redis hash (``r:60``, ``t:86400``)."""
+        return f"{self.dimension[0]}:{self.period_s}"
+
+    @property
+    def emission_ms(self) -> float:
+        """Milliseconds one unit occupies: GCRA's emission interval T."""
+        return self.period_s * 1000.0 / self.budget
+
+    @property
+    def tolerance_ms(self) -> float:
+        """GCRA's delay tolerance tau = burst * T."""
+        return self.burst * self.emission_ms
+
+    def describe(self) -> str:
+        return f"{self.declared} {self.dimension}/{self.period_s}s"
+
+
+@dataclass(frozen=True)
+class LimitConfig:
+    """A validated limit: its windows, in-flight cap, headroom and lease TTL."""
+
+    name: str
+    windows: tuple[Window, ...]
+    max_in_flight: int | None
+    headroom: float
+    lease_s: float
+    burst: float
+
+    @property
+    def token_windows(self) -> tuple[Window, ...]:
+        return tuple(w for w in self.windows if w.dimension == TOKENS)
+
+    @property
+    def max_tokens_per_call(self) -> int | None:
+        """The largest ``tokens`` one call can ever be admitted with (None: no token budget)."""
+        bursts = [w.burst for w in self.token_windows]
+        return int(min(bursts)) if bursts else None
+
+    def check_tokens(self, tokens: object, what: str = "tokens") -> int:
+        """Validate a token estimate for this limit and return it as an int.
+
+        Rejects negative and non-integer values, tokens on a limit that has no token
+        budget, and estimates larger than a full bucket (they could never be admitted).
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise ConfigError(f"{what} must be a non-negative int, got {tokens!r}")
+        if tokens < 0:
+            raise ConfigError(f"{what} must be a non-negative int, got {tokens!r}")
+        if tokens == 0:
+            return 0
+        ceiling = self.max_tokens_per_call
+        if ceiling is None:
+            raise ConfigError(
+                f"{what}={tokens} but limit {self.name!r} has no token budget "
+                f"(set 'tpm' or 'tokens' in fleet_limits[{self.name!r}], or pass tokens=0)"
+            )
+        if tokens > ceiling:
+            raise ConfigError(
+                f"{what}={tokens} can never be admitted by limit {self.name!r}: "
+                f"at most {ceiling} tokens fit in its bucket (after headroom {self.headroom})"
+            )
+        return tokens
+
+
+def check_name(name: object, what: str) -> str:
+    """Validate a limit name or namespace: it becomes part of a Redis hash tag."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what} must be a non-empty string of letters, digits and _.:/@+- "
+            f"(no spaces or braces), got {name!r}"
+        )
+    return name
+
+
+def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitConfig]:
+    """Parse the whole ``fleet_limits`` mapping; raise :class:`ConfigError` on any bad entry."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{setting} must be a dict of limit name -> options, got {raw!r}")
+    return {
+        check_name(name, f"{setting} key"): parse_limit(name, spec, f"{setting}[{name!r}]")
+        for name, spec in raw.items()
+    }
+
+
+def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
+    """Parse one limit's options (see the module docstring for the accepted keys)."""
+    if isinstance(spec, LimitConfig):
+        return spec
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{setting} must be a dict of options, got {spec!r}")
+    unknown = sorted(set(spec) - _KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{setting} has unknown option(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
+        )
+    headroom = _number(spec.get("headroom", 0.0), f"{setting}['headroom']", lo=0.0, hi_open=1.0)
+    burst = _number(spec.get("burst", 1.0), f"{setting}['burst']", lo_open=0.0, hi=1.0)
+    lease_s = _number(spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0)
+    max_in_flight = spec.get("max_in_flight")
+    if max_in_flight is not None:
+        max_in_flight = _positive_int(max_in_flight, f"{setting}['max_in_flight']")
+
+    specs = [
+        (REQUESTS, _dimension(spec, "rpm", ("rate", "requests"), setting)),
+        (TOKENS, _dimension(spec, "tpm", ("tokens",), setting)),
+    ]
+    windows: list[Window] = []
+    for dimension, (key, rates) in specs:
+        periods = [period_s for _, period_s in rates]
+        if len(set(periods)) != len(periods):
+            raise ConfigError(f"{setting}[{key!r}] gives a budget for the same period twice")
+        for declared, period_s in rates:
+            budget = declared * (1.0 - headroom)
+            window = Window(dimension, declared, period_s, budget, budget * burst)
+            if dimension == REQUESTS and window.burst < 1.0:
+                raise ConfigError(
+                    f"{setting}[{key!r}]: {window.describe()} with headroom {headroom} and burst "
+                    f"{burst} leaves a bucket smaller than one request"
+                )
+            windows.append(window)
+    if not windows and max_in_flight is None:
+        raise ConfigError(
+            f"{setting} limits nothing: give at least one of rpm, tpm, rate, requests, "
+            f"tokens, max_in_flight"
+        )
+    return LimitConfig(name, tuple(windows), max_in_flight, headroom, lease_s, burst)
+
+
+def _dimension(
+    spec: Mapping[str, Any], shorthand: str, long_keys: tuple[str, ...], setting: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """Return (setting key used, [(amount, period_s)]) for one dimension."""
+    present = [k for k in (shorthand, *long_keys) if spec.get(k) is not None]
+    if len(present) > 1:
+        raise ConfigError(f"{setting} sets {present} for the same budget; use only one")
+    if not present:
+        return shorthand, []
+    key = present[0]
+    value = spec[key]
+    where = f"{setting}[{key!r}]"
+    if key == shorthand or isinstance(value, int):
+        return key, [(_positive_int(value, where), 60)]
+    return key, _rate_string(value, where)
+
+
+def _rate_string(value: object, where: str) -> list[tuple[int, int]]:
+    from limits import parse_many  # parsing only; limits' storage is not used
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a rate string like '500/minute', got {value!r}")
+    try:
+        items = parse_many(value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: cannot parse {value!r} as rates like '500/minute;10000/day' ({exc})"
+        ) from None
+    out = []
+    for item in items:
+        if item.amount <= 0:
+            raise ConfigError(f"{where}: {value!r} allows nothing; amounts must be positive")
+        out.append((int(item.amount), int(item.get_expiry())))
+    return out
+
+
+def _positive_int(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{where} must be a positive int, got {value!r}")
+    return value
+
+
+def _number(
+    value: object,
+    where: str,
+    lo: float | None = None,
+    lo_open: float | None = None,
+    hi: float | None = None,
+    hi_open: float | None = None,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    v = float(value)
+    bad = (
+        (lo is not None and v < lo)
+        or (lo_open is not None and v <= lo_open)
+        or (hi is not None and v > hi)
+        or (hi_open is not None and v >= hi_open)
+        or v != v
+    )
+    if bad:
+        bounds = " ".join(
+            s
+            for s in (
+                f">= {lo}" if lo is not None else "",
+                f"> {lo_open}" if lo_open is not None else "",
+                f"<= {hi}" if hi is not None else "",
+                f"< {hi_open}" if hi_open is not None else "",
+            )
+            if s
+        )
+        raise ConfigError(f"{where} must be {bounds}, got {value!r}")
+    return v

@@ -1,0 +1,206 @@
+"""``Fleet``: the one object a project creates, binding settings, Redis and admission.
+
+Example::
+
+    from celery import Celery
+    from celery_fleet import Fleet
+
+    app = Celery("proj", broker="redis://127.0.0.1:6379/0")
+    app.conf.fleet_limits = {"openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20}}
+    fleet = Fleet(app)
+
+    with fleet.slot("openai", tokens=2000) as slot:
+        ...
+
+``Fleet(app)`` reads ``fleet_redis_url``, ``fleet_namespace``, ``fleet_limits``,
+``fleet_max_wait`` and ``fleet_max_countdown`` from ``app.conf`` (keyword arguments
+override them), validates everything at once, and connects the worker signals that keep
+Redis connections per process. ``Fleet(redis_url=..., limits=...)`` without an app works
+in any plain Python process.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from .admission import Admission, Decision, Release
+from .config import LimitConfig, check_name, parse_limits
+from .errors import ConfigError
+from .slot import Clock, LeaseKeeper, Slot, SystemClock, check_max_wait
+from .store import RedisStore, mask_url
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
+
+DEFAULT_MAX_WAIT_S = 30.0
+DEFAULT_MAX_COUNTDOWN_S = 300.0
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+#: The ``max_wait`` a running FleetTask gives the slots opened in its body.
+task_max_wait: ContextVar[float | None] = ContextVar("celery_fleet_task_max_wait", default=None)
+
+_by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
+_all: weakref.WeakSet[Fleet] = weakref.WeakSet()
+
+
+class Fleet:
+    """Admission control for a Celery app (or a plain process), backed by one Redis.
+
+    Args:
+        app: the Celery app whose ``app.conf`` holds the ``fleet_*`` settings; optional.
+        redis_url: overrides ``fleet_redis_url`` (default: the broker URL when it is Redis).
+        limits: overrides ``fleet_limits``.
+        namespace: overrides ``fleet_namespace`` (default ``"fleet"``), the key prefix.
+        max_wait: default seconds ``slot()`` waits for admission (``fleet_max_wait``, 30).
+        clock: local time source for waits (tests inject a fake one).
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        *,
+        redis_url: str | None = None,
+        limits: Mapping[str, Any] | None = None,
+        namespace: str | None = None,
+        max_wait: float | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        conf: Mapping[str, Any] = app.conf if app is not None else {}
+        self.app = app
+        self.redis_url = _resolve_redis_url(redis_url, conf)
+        self.namespace = check_name(
+            namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
+            "fleet_namespace",
+        )
+        raw_limits = limits if limits is not None else conf.get("fleet_limits")
+        self.limits: dict[str, LimitConfig] = parse_limits(
+            raw_limits, "limits" if limits is not None else "fleet_limits"
+        )
+        self.max_wait_s = check_max_wait(
+            max_wait if max_wait is not None else conf.get("fleet_max_wait", DEFAULT_MAX_WAIT_S),
+            "fleet_max_wait",
+        )
+        self.max_countdown_s = check_max_wait(
+            conf.get("fleet_max_countdown", DEFAULT_MAX_COUNTDOWN_S), "fleet_max_countdown"
+        )
+        self.clock: Clock = clock or SystemClock()
+        self.store = RedisStore(self.redis_url)
+        self.admission = Admission(self.store, self.limits, self.namespace)
+        self.keeper = LeaseKeeper(self.admission)
+        _all.add(self)
+        if app is not None:
+            _by_app[app] = self
+            from . import signals  # Celery glue, imported only when there is an app
+
+            signals.install()
+            signals.check_registered_tasks(app, self)
+
+    # -- lookup -----------------------------------------------------------------------
+
+    @classmethod
+    def for_app(cls, app: Celery) -> Fleet:
+        """The Fleet created for ``app``, or a new one built from ``app.conf``."""
+        fleet = _by_app.get(app)
+        return fleet if fleet is not None else cls(app)
+
+    @classmethod
+    def registered(cls, app: Celery) -> Fleet | None:
+        """The Fleet created for ``app``, if any (never creates one)."""
+        return _by_app.get(app)
+
+    @staticmethod
+    def all() -> list[Fleet]:
+        """Every live Fleet in this process (the worker signals reset them all)."""
+        return list(_all)
+
+    # -- admission --------------------------------------------------------------------
+
+    def slot(self, name: str, tokens: int = 0, max_wait: float | None = None) -> Slot:
+        """A context manager holding one admission to limit ``name``.
+
+        It asks Redis once; when refused it sleeps the returned wait plus a little jitter
+        and asks again, until ``max_wait`` seconds (default: the running task's setting,
+        else ``fleet_max_wait``), then raises :class:`~celery_fleet.Throttled`.
+        ``tokens`` is the estimate reserved now; ``slot.settle(tokens=actual)`` corrects it.
+        Arguments are validated here, before any Redis call.
+        """
+        cfg = self.admission.limit(name)
+        tokens = cfg.check_tokens(tokens)
+        if max_wait is None:
+            max_wait = task_max_wait.get()
+        wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)
+        return Slot(self.admission, self.keeper, name, tokens, wait_s, self.clock)
+
+    def try_acquire(self, name: str, tokens: int = 0) -> Decision:
+        """Ask once without waiting. An admitted decision's lease must be given back with
+        :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL)."""
+        return self.admission.try_acquire(name, tokens)
+
+    def release(self, decision: Decision) -> Release:
+        """Release the lease of an admitted :meth:`try_acquire` decision."""
+        if not decision.allowed or decision.lease_id is None:
+            raise ConfigError("release() needs an admitted decision (it holds no lease)")
+        return self.admission.release(decision.limit, decision.lease_id)
+
+    def settle(self, decision: Decision, tokens: int) -> int:
+        """Settle an admitted :meth:`try_acquire` decision to the actual token usage."""
+        if not decision.allowed or decision.lease_id is None:
+            raise ConfigError("settle() needs an admitted decision (it holds no lease)")
+        return self.admission.settle(decision.limit, decision.lease_id, tokens, decision.tokens)
+
+    def check(self) -> None:
+        """Raise :class:`~celery_fleet.StoreUnavailable` (naming the URL) unless Redis answers."""
+        self.store.ping()
+
+    def check_task_options(self, task_name: str, limit: str | None, tokens: int) -> None:
+        """Validate a task's ``limit``/``tokens`` against this fleet's limits."""
+        if limit is None:
+            if tokens:
+                raise ConfigError(f"task {task_name!r}: tokens={tokens} needs a limit=")
+            return
+        try:
+            self.admission.limit(limit).check_tokens(tokens)
+        except ConfigError as exc:
+            raise ConfigError(f"task {task_name!r}: {exc}") from None
+
+    def reset_connections(self) -> None:
+        """Drop this process's Redis client (after a fork); the next call makes a new one."""
+        self.store.reset()
+
+    def __repr__(self) -> str:
+        return f"<Fleet {mask_url(self.redis_url)} ns={self.namespace!r} limits={sorted(self.limits)}>"
+
+
+def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:
+    if explicit is not None:
+        return _check_url(explicit, "redis_url")
+    configured = conf.get("fleet_redis_url")
+    if configured:
+        return _check_url(configured, "fleet_redis_url")
+    broker = conf.get("broker_url")
+    if isinstance(broker, str) and broker.startswith(_REDIS_SCHEMES):
+        return broker
+    raise ConfigError(
+        "fleet_redis_url is not set and the broker "
+        f"({mask_url(broker) if isinstance(broker, str) else broker!r}) is not Redis: "
+        "set app.conf.fleet_redis_url = 'redis://host:6379/1' or pass Fleet(redis_url=...)"
+    )
+
+
+def _check_url(url: object, setting: str) -> str:
+    if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            f"{setting} must be a redis://, rediss:// or unix:// URL, got "
+            f"{mask_url(url) if isinstance(url, str) else url!r}"
+        )
+    return url
+
+
+FOREVER = math.inf
+"""Pass as ``max_wait`` to wait for admission without a deadline."""

@@ -1,0 +1,232 @@
+"""Holding a slot: wait for admission, keep the lease alive, settle, release.
+
+:class:`Slot` is the context manager behind ``fleet.slot(...)``. Entering asks Redis once;
+when refused it sleeps the wait the script returned (plus a small forward jitter) and asks
+again, until ``max_wait`` would be exceeded, then raises :class:`~celery_fleet.Throttled`.
+While it is held, a :class:`LeaseKeeper` thread renews its lease so a five-minute call
+keeps its slot; leaving the block releases it, whatever happened inside.
+
+Time is injectable (:class:`Clock`) so tests of waits are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from types import TracebackType
+from typing import Protocol
+
+from .admission import Admission, Decision
+from .backoff import spread
+from .errors import ConfigError, FleetError, LeaseLost, Throttled
+
+__all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
+
+log = logging.getLogger("celery_fleet")
+
+
+class Clock(Protocol):
+    """Local time for waits: monotonic seconds and sleep."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic`` and ``time.sleep``."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def check_max_wait(max_wait: object, what: str = "max_wait") -> float:
+    """Validate a ``max_wait`` in seconds (``math.inf`` waits forever)."""
+    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not max_wait >= 0:
+        raise ConfigError(f"{what} must be a number of seconds >= 0, got {max_wait!r}")
+    return float(max_wait)
+
+
+class Slot:
+    """A held admission to one limit, used as a context manager.
+
+    Example::
+
+        with fleet.slot("openai", tokens=2000) as slot:
+            resp = client.chat.completions.create(...)
+            slot.settle(tokens=resp.usage.total_tokens)
+
+    Attributes after entering: ``lease_id``, ``tokens`` (the current reservation),
+    ``waited_s`` (time spent waiting for admission), ``attempts`` (admission round trips)
+    and ``lost`` (True if the lease expired while held, e.g. the process was frozen).
+    """
+
+    def __init__(
+        self,
+        admission: Admission,
+        keeper: LeaseKeeper,
+        limit: str,
+        tokens: int,
+        max_wait_s: float,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.admission = admission
+        self.keeper = keeper
+        self.limit = limit
+        self.tokens = tokens
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.rng = rng
+        self.lease_id: str | None = None
+        self.decision: Decision | None = None
+        self.waited_s = 0.0
+        self.attempts = 0
+        self.lost = False
+        self.last_renewed = 0.0
+
+    def acquire(self) -> Slot:
+        """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
+        if self.lease_id is not None:
+            raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
+        cfg = self.admission.limit(self.limit)
+        start = self.clock.monotonic()
+        while True:
+            self.attempts += 1
+            decision = self.admission._do_acquire(cfg, self.tokens, _lease_id())
+            if decision.allowed:
+                break
+            elapsed = self.clock.monotonic() - start
+            pause = spread(decision.wait_ms / 1000.0, rng=self.rng)
+            if elapsed + decision.wait_ms / 1000.0 > self.max_wait_s:
+                self.waited_s = elapsed
+                raise Throttled(self.limit, decision.wait_ms, decision.reason)
+            self.clock.sleep(min(pause, max(0.0, self.max_wait_s - elapsed)))
+        self.waited_s = self.clock.monotonic() - start
+        self.decision = decision
+        self.lease_id = decision.lease_id
+        self.last_renewed = self.clock.monotonic()
+        self.keeper.track(self)
+        return self
+
+    def settle(self, tokens: int) -> int:
+        """Replace the token reservation by actual usage; returns the delta charged (+) or refunded (-).
+
+        Settling again with the same number changes nothing.
+        """
+        if self.lease_id is None:
+            raise FleetError(f"settle() on a slot for {self.limit!r} that is not held")
+        delta = self.admission.settle(self.limit, self.lease_id, tokens, self.tokens)
+        self.tokens = tokens
+        return delta
+
+    def release(self) -> None:
+        """Give the slot back (idempotent)."""
+        lease_id, self.lease_id = self.lease_id, None
+        if lease_id is None:
+            return
+        self.keeper.untrack(self)
+        result = self.admission.release(self.limit, lease_id)
+        if not result.released:
+            self.lost = True
+            log.warning(
+                "celery-fleet: lease %s of limit %r had expired before release "
+                "(held longer than its TTL without renewal?)", lease_id, self.limit,
+            )
+
+    def __enter__(self) -> Slot:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = f"lease={self.lease_id}" if self.lease_id else "not held"
+        return f"<Slot {self.limit!r} tokens={self.tokens} {state}>"
+
+
+def _lease_id() -> str:
+    return os.urandom(12).hex()
+
+
+class LeaseKeeper:
+    """A daemon thread per process that renews the leases of held slots.
+
+    It wakes every ``tick_s`` and renews (one round trip per limit) every lease that has
+    not been renewed for a third of its TTL. A lease that was lost (the process stalled
+    past its TTL) is flagged on the slot and logged: the slot may already be someone
+    else's, which :class:`~celery_fleet.errors.LeaseLost` describes.
+    """
+
+    def __init__(self, admission: Admission, clock: Clock | None = None, tick_s: float = 1.0) -> None:
+        self.admission = admission
+        self.clock = clock or SystemClock()
+        self.tick_s = tick_s
+        self._slots: set[Slot] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    def track(self, slot: Slot) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A fork copied the parent's slots and a dead thread: start afresh.
+                self._slots = set()
+                self._thread = None
+                self._pid = os.getpid()
+            self._slots.add(slot)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-fleet-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def untrack(self, slot: Slot) -> None:
+        with self._lock:
+            self._slots.discard(slot)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._slots:
+                    self._thread = None
+                    return
+                ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
+            # Wake often enough to renew at a third of the shortest TTL.
+            self._wake.wait(min(self.tick_s, min(ttls) / 6.0))
+            try:
+                self.renew_due()
+            except Exception:  # keep renewing: a Redis blip must not end the thread
+                log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
+
+    def renew_due(self) -> None:
+        """Renew every lease older than a third of its TTL (one round trip per limit)."""
+        now = self.clock.monotonic()
+        due: dict[str, list[Slot]] = {}
+        with self._lock:
+            for slot in self._slots:
+                ttl = self.admission.limit(slot.limit).lease_s
+                if slot.lease_id and now - slot.last_renewed >= ttl / 3.0:
+                    due.setdefault(slot.limit, []).append(slot)
+        for limit, slots in due.items():
+            ids = [s.lease_id for s in slots if s.lease_id]
+            lost = set(self.admission.renew(limit, ids))
+            for s in slots:
+                if s.lease_id in lost:
+                    s.lost = True
+                    log.error("celery-fleet: %s", LeaseLost(f"lease {s.lease_id} of {limit!r} expired while held"))
+                else:
+                    s.last_renewed = now
+

@@ -1,0 +1,210 @@
+"""The Celery glue: ``FleetTask`` and the ``@fleet_task`` decorator.
+
+Example::
+
+    from celery_fleet import fleet_task
+
+    @fleet_task(limit="openai", tokens=1500)        # one admission around the whole body
+    def summarize(doc_id): ...
+
+    @fleet_task(bind=True)
+    def agent(self, goal):
+        with self.fleet.slot("openai", tokens=2000) as slot:
+            resp = call_model()
+            slot.settle(tokens=resp.usage.total_tokens)
+
+A :class:`~celery_fleet.errors.Backpressure` (e.g. :class:`~celery_fleet.Throttled`)
+escaping the body is not a failure: :meth:`FleetTask._on_backpressure`, the single place
+where a task decides between waiting, rescheduling and failing, republishes the task
+under the same id with ``countdown = wait + jitter`` and does not count it as a retry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Retry
+
+from .backoff import spread
+from .errors import Backpressure, ConfigError
+from .fleet import Fleet, task_max_wait
+from .slot import check_max_wait
+
+__all__ = ["FleetTask", "fleet_task", "ON_LIMIT"]
+
+#: What a task does when admission is refused for longer than ``max_wait``.
+ON_LIMIT = ("reschedule", "wait", "fail")
+
+_FLEET_OPTIONS = {
+    "limit": "fleet_limit",
+    "tokens": "fleet_tokens",
+    "max_wait": "fleet_max_wait",
+    "on_limit": "fleet_on_limit",
+}
+# Options of @app.task / @shared_task that are not attributes of celery.Task.
+_DECORATOR_OPTIONS = frozenset({
+    "name", "base", "bind", "shared", "lazy", "filter", "app",
+    "autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
+    "retry_backoff_max", "retry_jitter", "pydantic", "pydantic_strict", "pydantic_context",
+    "pydantic_dump_kwargs", "queue", "routing_key", "exchange", "exchange_type",
+    "compression", "delivery_mode", "store_eager_result",
+})
+
+
+class FleetTask(Task):  # type: ignore[misc]
+    """Base class of fleet tasks; also usable as ``@app.task(base=FleetTask)``.
+
+    Class attributes (set by ``@fleet_task(limit=..., tokens=..., max_wait=..., on_limit=...)``):
+
+    - ``fleet_limit``: limit to hold a slot of around the whole body (None: none).
+    - ``fleet_tokens``: tokens that admission reserves.
+    - ``fleet_max_wait``: seconds to wait for admission in place (None: ``fleet_max_wait``).
+    - ``fleet_on_limit``: ``"reschedule"`` (default) republishes the task with a countdown
+      when admission is refused past ``max_wait``; ``"wait"`` waits in place with no
+      deadline (slots opened in the body too); ``"fail"`` lets Throttled fail the task.
+    """
+
+    fleet_limit: str | None = None
+    fleet_tokens: int = 0
+    fleet_max_wait: float | None = None
+    fleet_on_limit: str = "reschedule"
+    # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
+    dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
+
+    @property
+    def fleet(self) -> Fleet:
+        """The :class:`~celery_fleet.Fleet` of this task's app (created from app.conf if needed)."""
+        return Fleet.for_app(self._get_app())
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        super().on_bound(app)
+        fleet = Fleet.registered(app)
+        if fleet is not None and cls.name:
+            fleet.check_task_options(cls.name, cls.fleet_limit, cls.fleet_tokens)
+
+    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+        # Publish is the last moment to catch a bad limit before a worker does.
+        self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
+        return super().apply_async(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        max_wait = math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait
+        token = task_max_wait.set(max_wait)
+        try:
+            while True:
+                try:
+                    if self.fleet_limit is None:
+                        return self._run_body(args, kwargs)
+                    with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens):
+                        return self._run_body(args, kwargs)
+                except Backpressure as exc:
+                    self._on_backpressure(exc)  # raises, or returns after waiting (eager)
+        finally:
+            task_max_wait.reset(token)
+
+    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.request_stack.top is None:
+            # Called directly (not by a worker): Task.__call__ pushes the request.
+            return super().__call__(*args, **kwargs)
+        # Run by the worker's tracer, which already pushed the request with its id.
+        return self.run(*args, **kwargs)
+
+    def retry(self, *args: Any, exc: BaseException | None = None, **kwargs: Any) -> Any:
+        """Celery's retry, except that backpressure reschedules without counting a retry."""
+        if isinstance(exc, Backpressure):
+            self._on_backpressure(exc)
+        return super().retry(*args, exc=exc, **kwargs)
+
+    def _on_backpressure(self, exc: Backpressure) -> None:
+        """Decide what a refused admission does to this task: reschedule, wait or fail.
+
+        Raises :class:`celery.exceptions.Retry` after republishing the task (same id,
+        same ``retries``: it does not count against ``max_retries``) with a countdown of
+        the wait plus jitter, capped by ``fleet_max_countdown`` so long waits (per-day
+        budgets) become several short sleeps rather than one ETA beyond the broker's
+        visibility timeout. Called directly, or with ``on_limit="fail"``, re-raises.
+        In eager mode it sleeps and returns, and the caller tries again.
+        """
+        request = self.request
+        if self.fleet_on_limit == "fail" or self.request_stack.top is None or request.called_directly:
+            raise exc
+        fleet = self.fleet
+        countdown = min(spread(exc.wait_ms / 1000.0, fraction=0.2, floor_s=0.05), fleet.max_countdown_s)
+        if request.is_eager:
+            fleet.clock.sleep(countdown)
+            return
+        sig = self.signature_from_request(request, countdown=countdown, retries=request.retries)
+        sig.apply_async()
+        raise Retry(f"celery-fleet: {exc}", exc=exc, when=countdown, sig=sig)
+
+
+def _known_options(base: type[Task]) -> frozenset[str]:
+    attrs = {k for k in dir(base) if not k.startswith("_")}
+    return frozenset(attrs | _DECORATOR_OPTIONS)
+
+
+def _check_fleet_options(opts: dict[str, Any]) -> None:
+    on_limit = opts.get("fleet_on_limit", "reschedule")
+    if on_limit not in ON_LIMIT:
+        raise ConfigError(f"on_limit must be one of {ON_LIMIT}, got {on_limit!r}")
+    tokens = opts.get("fleet_tokens", 0)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ConfigError(f"tokens must be a non-negative int, got {tokens!r}")
+    if opts.get("fleet_max_wait") is not None:
+        check_max_wait(opts["fleet_max_wait"])
+    limit = opts.get("fleet_limit")
+    if limit is not None and not isinstance(limit, str):
+        raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
+
+
+def fleet_task(*args: Any, **options: Any) -> Any:
+    """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
+
+    Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait`` and
+    ``on_limit`` (see :class:`FleetTask`). Unknown options are rejected here, naming the
+    closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
+    When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against
+    its limits now; otherwise when the app finalizes and at publish.
+
+    Example::
+
+        @fleet_task(limit="openai", tokens=1500, max_retries=3)
+        def summarize(doc_id): ...
+    """
+    fleet_opts = {attr: options.pop(opt) for opt, attr in _FLEET_OPTIONS.items() if opt in options}
+    _check_fleet_options(fleet_opts)
+    base = options.setdefault("base", FleetTask)
+    if not (isinstance(base, type) and issubclass(base, FleetTask)):
+        raise ConfigError(f"fleet_task(base=...) must be a subclass of FleetTask, got {base!r}")
+    known = _known_options(base)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [
+            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+            for name in unknown
+            for close in [difflib.get_close_matches(name, [*known, *_FLEET_OPTIONS], n=1)]
+        ]
+        raise ConfigError(f"fleet_task got unknown option(s): {', '.join(hints)}")
+    if "dont_autoretry_for" in options:
+        options["dont_autoretry_for"] = (*options["dont_autoretry_for"], Backpressure)
+    options.update(fleet_opts)
+    app = options.pop("app", None)
+    if app is not None:
+        fleet = Fleet.registered(app)
+        if fleet is not None:
+            fleet.check_task_options(
+                options.get("name") or "<decorated>",
+                fleet_opts.get("fleet_limit"),
+                fleet_opts.get("fleet_tokens", 0),
+            )
+    decorator: Callable[..., Any] = app.task(**options) if app is not None else shared_task(**options)
+    if len(args) == 1 and callable(args[0]):
+        return decorator(args[0])
+    if args:
+        raise ConfigError("fleet_task takes keyword options only, e.g. @fleet_task(limit='openai')")
+    return decorator

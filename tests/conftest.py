@@ -1,0 +1,71 @@
+"""Shared fixtures: a real Redis, a private key namespace per test, Fleet factories.
+
+REDIS_URL (default redis://127.0.0.1:6379) names the Redis; `make test` starts one when
+nothing answers. Tests use DB ``FLEET_TEST_DB`` (default 9) and a namespace of their own,
+deleted afterwards, so parallel runs never collide. Without Redis a test is skipped
+locally and fails in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_fleet import Fleet
+from celery_fleet.testing.redis_server import answers
+
+BASE_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+TEST_DB = int(os.environ.get("FLEET_TEST_DB", "9"))
+
+
+def _with_db(url: str, db: int) -> str:
+    head, _, tail = url.partition("://")
+    host = tail.split("/", 1)[0]
+    return f"{head}://{host}/{db}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the test Redis DB; skips (fails in CI) when no Redis answers."""
+    if not answers(BASE_URL):
+        message = f"no Redis answers at {BASE_URL} (run `make test`, or set REDIS_URL)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return _with_db(BASE_URL, TEST_DB)
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A key namespace of this test's own; its keys are deleted afterwards."""
+    ns = f"t-{uuid.uuid4().hex[:12]}"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{{{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_fleet(redis_url: str, namespace: str) -> Callable[..., Fleet]:
+    """Build a Fleet in this test's namespace: ``make_fleet({"llm": {"rpm": 60}})``."""
+
+    def make(limits: dict[str, Any], **kwargs: Any) -> Fleet:
+        kwargs.setdefault("redis_url", redis_url)
+        kwargs.setdefault("namespace", namespace)
+        return Fleet(limits=limits, **kwargs)
+
+    return make
