@@ -167,7 +167,9 @@ class Admission:
     def release(self, name: str, lease_id: str) -> Release:
         """Give the slot back. ``released`` is False when the lease had already expired."""
         k = self.keys(name)
-        ok, now, held = self.store.run("release", keys=[k.leases, k.holders, k.ctl], args=[lease_id])
+        ok, now, held = self.store.run(
+            "release", keys=[k.leases, k.holders, k.ctl], args=[lease_id]
+        )
         return Release(bool(ok), int(held), float(now))
 
     def settle(self, name: str, lease_id: str, actual: int, reserved: int) -> int:

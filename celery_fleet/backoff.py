@@ -12,8 +12,9 @@ import random
 __all__ = ["spread", "full_jitter"]
 
 
-def spread(wait_s: float, fraction: float = 0.1, floor_s: float = 0.005,
-           rng: random.Random | None = None) -> float:
+def spread(
+    wait_s: float, fraction: float = 0.1, floor_s: float = 0.005, rng: random.Random | None = None
+) -> float:
     """``wait_s`` plus a forward-only random spread of up to ``max(floor_s, fraction*wait_s)``.
 
     Never earlier than ``wait_s``: the limiter said the request cannot pass before then.
@@ -22,8 +23,9 @@ def spread(wait_s: float, fraction: float = 0.1, floor_s: float = 0.005,
     return wait_s + r.uniform(0.0, max(floor_s, fraction * wait_s))
 
 
-def full_jitter(attempt: int, base_s: float = 0.5, cap_s: float = 30.0,
-                rng: random.Random | None = None) -> float:
+def full_jitter(
+    attempt: int, base_s: float = 0.5, cap_s: float = 30.0, rng: random.Random | None = None
+) -> float:
     """AWS full jitter: a uniform draw in ``[0, min(cap_s, base_s * 2**attempt)]``."""
     r = rng or random
     return r.uniform(0.0, min(cap_s, base_s * (2 ** max(0, attempt))))

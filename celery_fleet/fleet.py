@@ -174,7 +174,9 @@ class Fleet:
         self.store.reset()
 
     def __repr__(self) -> str:
-        return f"<Fleet {mask_url(self.redis_url)} ns={self.namespace!r} limits={sorted(self.limits)}>"
+        return (
+            f"<Fleet {mask_url(self.redis_url)} ns={self.namespace!r} limits={sorted(self.limits)}>"
+        )
 
 
 def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:

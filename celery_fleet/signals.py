@@ -5,8 +5,9 @@
   client (the next call creates one lazily) because Celery kills a child whose init takes
   more than 4 s. Pools without this signal (threads, gevent) are covered by the pid check
   in :class:`~celery_fleet.store.RedisStore`.
-- ``on_after_finalize``: every FleetTask's ``limit``/``tokens`` is checked against the
-  Fleet's limits when the app finalizes, so a worker with a typo fails at start-up.
+- :func:`check_registered_tasks`: when ``Fleet(app)`` comes after the app finalized,
+  every FleetTask's ``limit``/``tokens`` is checked at once (otherwise
+  ``FleetTask.on_bound`` checks each as the app finalizes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,16 +45,20 @@ def _reset_connections(**_: Any) -> None:
 
 
 def check_registered_tasks(app: Celery, fleet: Fleet) -> None:
-    """Validate the FleetTasks of ``app`` now if it is finalized, else when it finalizes."""
+    """Validate every FleetTask of ``app`` if it is already finalized, naming all bad ones.
 
-    def check(*_: Any, **__: Any) -> None:
-        from .task import FleetTask
+    Tasks bound later are checked by ``FleetTask.on_bound`` as the app finalizes.
+    """
+    from .task import FleetTask
 
-        for task in list(app.tasks.values()):
-            if isinstance(task, FleetTask):
+    if not app.finalized:
+        return
+    problems = []
+    for task in list(app.tasks.values()):
+        if isinstance(task, FleetTask):
+            try:
                 fleet.check_task_options(task.name, task.fleet_limit, task.fleet_tokens)
-
-    if app.finalized:
-        check()
-    else:
-        app.on_after_finalize.connect(check, weak=False)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -116,7 +116,7 @@ class Slot:
         return self
 
     def settle(self, tokens: int) -> int:
-        """Replace the token reservation by actual usage; returns the delta charged (+) or refunded (-).
+        """Replace the reservation by actual usage; return the delta charged (+) or refunded (-).
 
         Settling again with the same number changes nothing.
         """
@@ -137,7 +137,9 @@ class Slot:
             self.lost = True
             log.warning(
                 "celery-fleet: lease %s of limit %r had expired before release "
-                "(held longer than its TTL without renewal?)", lease_id, self.limit,
+                "(held longer than its TTL without renewal?)",
+                lease_id,
+                self.limit,
             )
 
     def __enter__(self) -> Slot:
@@ -169,7 +171,9 @@ class LeaseKeeper:
     else's, which :class:`~celery_fleet.errors.LeaseLost` describes.
     """
 
-    def __init__(self, admission: Admission, clock: Clock | None = None, tick_s: float = 1.0) -> None:
+    def __init__(
+        self, admission: Admission, clock: Clock | None = None, tick_s: float = 1.0
+    ) -> None:
         self.admission = admission
         self.clock = clock or SystemClock()
         self.tick_s = tick_s
@@ -226,7 +230,9 @@ class LeaseKeeper:
             for s in slots:
                 if s.lease_id in lost:
                     s.lost = True
-                    log.error("celery-fleet: %s", LeaseLost(f"lease {s.lease_id} of {limit!r} expired while held"))
+                    log.error(
+                        "celery-fleet: %s",
+                        LeaseLost(f"lease {s.lease_id} of {limit!r} expired while held"),
+                    )
                 else:
                     s.last_renewed = now
-

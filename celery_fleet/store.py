@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -30,7 +30,7 @@ __all__ = ["RedisStore", "mask_url", "script_source"]
 SCRIPTS = ("acquire", "release", "settle", "renew")
 
 
-@lru_cache(maxsize=None)
+@cache
 def script_source(name: str) -> str:
     """The text of ``celery_fleet/scripts/<name>.lua``."""
     return resources.files("celery_fleet.scripts").joinpath(f"{name}.lua").read_text("utf-8")
@@ -93,12 +93,14 @@ class RedisStore:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(self.safe_url, exc) from exc
         except redis.RedisError as exc:
-            raise FleetError(f"celery-fleet script {script!r} failed on {self.safe_url}: {exc}") from exc
+            raise FleetError(
+                f"celery-fleet script {script!r} failed on {self.safe_url}: {exc}"
+            ) from exc
 
     def call(self, command: str, *args: Any) -> Any:
         """Run one plain Redis command with the same error translation as :meth:`run`."""
         try:
-            return self.client.execute_command(command, *args)
+            return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(self.safe_url, exc) from exc
         except redis.RedisError as exc:

@@ -46,13 +46,34 @@ _FLEET_OPTIONS = {
     "on_limit": "fleet_on_limit",
 }
 # Options of @app.task / @shared_task that are not attributes of celery.Task.
-_DECORATOR_OPTIONS = frozenset({
-    "name", "base", "bind", "shared", "lazy", "filter", "app",
-    "autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
-    "retry_backoff_max", "retry_jitter", "pydantic", "pydantic_strict", "pydantic_context",
-    "pydantic_dump_kwargs", "queue", "routing_key", "exchange", "exchange_type",
-    "compression", "delivery_mode", "store_eager_result",
-})
+_DECORATOR_OPTIONS = frozenset(
+    {
+        "name",
+        "base",
+        "bind",
+        "shared",
+        "lazy",
+        "filter",
+        "app",
+        "autoretry_for",
+        "dont_autoretry_for",
+        "retry_kwargs",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "pydantic",
+        "pydantic_strict",
+        "pydantic_context",
+        "pydantic_dump_kwargs",
+        "queue",
+        "routing_key",
+        "exchange",
+        "exchange_type",
+        "compression",
+        "delivery_mode",
+        "store_eager_result",
+    }
+)
 
 
 class FleetTask(Task):  # type: ignore[misc]
@@ -82,6 +103,8 @@ class FleetTask(Task):  # type: ignore[misc]
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
+        # Runs in app.finalize(), outside any signal handler (Celery signals swallow
+        # exceptions): a worker whose task names an unknown limit fails at start-up.
         super().on_bound(app)
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
@@ -131,10 +154,16 @@ class FleetTask(Task):  # type: ignore[misc]
         In eager mode it sleeps and returns, and the caller tries again.
         """
         request = self.request
-        if self.fleet_on_limit == "fail" or self.request_stack.top is None or request.called_directly:
+        if (
+            self.fleet_on_limit == "fail"
+            or self.request_stack.top is None
+            or request.called_directly
+        ):
             raise exc
         fleet = self.fleet
-        countdown = min(spread(exc.wait_ms / 1000.0, fraction=0.2, floor_s=0.05), fleet.max_countdown_s)
+        countdown = min(
+            spread(exc.wait_ms / 1000.0, fraction=0.2, floor_s=0.05), fleet.max_countdown_s
+        )
         if request.is_eager:
             fleet.clock.sleep(countdown)
             return
@@ -202,7 +231,9 @@ def fleet_task(*args: Any, **options: Any) -> Any:
                 fleet_opts.get("fleet_limit"),
                 fleet_opts.get("fleet_tokens", 0),
             )
-    decorator: Callable[..., Any] = app.task(**options) if app is not None else shared_task(**options)
+    decorator: Callable[..., Any] = (
+        app.task(**options) if app is not None else shared_task(**options)
+    )
     if len(args) == 1 and callable(args[0]):
         return decorator(args[0])
     if args:

