@@ -9,6 +9,8 @@ scripts also run on Redis Cluster:
 ``{ns:limit}:holders``             hash: lease id -> "<reserved tokens> <acquired at ms>"
 ``{ns:limit}:ctl``                 hash: control state read on every admission
                                    (``pause_until``, ``cap``, ``hold_ms``)
+``{ns:limit}:freed``               list: one element per release; a caller refused for
+                                   the in-flight cap blocks on it (BLPOP) instead of polling
 =================================  =========================================================
 
 Every request/token window of the limit is a GCRA bucket (burst = the window's budget by
@@ -32,6 +34,9 @@ from .store import RedisStore
 
 __all__ = ["Admission", "Decision", "LimitKeys", "Release"]
 
+#: The longest single BLPOP, well below the client's 5 s socket timeout.
+MAX_BLOCK_S = 2.0
+
 
 @dataclass(frozen=True)
 class LimitKeys:
@@ -41,11 +46,12 @@ class LimitKeys:
     leases: str
     holders: str
     ctl: str
+    freed: str
 
     @classmethod
     def build(cls, namespace: str, limit: str) -> LimitKeys:
         tag = f"{{{namespace}:{limit}}}"
-        return cls(f"{tag}:gcra", f"{tag}:leases", f"{tag}:holders", f"{tag}:ctl")
+        return cls(*(f"{tag}:{part}" for part in ("gcra", "leases", "holders", "ctl", "freed")))
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,7 @@ class Admission:
         window_args = self._window_args[cfg.name]
         reply = self.store.run(
             "acquire",
-            keys=[k.gcra, k.leases, k.holders, k.ctl],
+            keys=[k.gcra, k.leases, k.holders, k.ctl, k.freed],
             args=[
                 lease_id,
                 tokens,
@@ -168,7 +174,7 @@ class Admission:
         """Give the slot back. ``released`` is False when the lease had already expired."""
         k = self.keys(name)
         ok, now, held = self.store.run(
-            "release", keys=[k.leases, k.holders, k.ctl], args=[lease_id]
+            "release", keys=[k.leases, k.holders, k.ctl, k.freed], args=[lease_id]
         )
         return Release(bool(ok), int(held), float(now))
 
@@ -199,6 +205,16 @@ class Admission:
             "renew", keys=[k.leases, k.holders], args=[int(cfg.lease_s * 1000), *lease_ids]
         )
         return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]
+
+    def wait_for_release(self, name: str, timeout_s: float) -> bool:
+        """Block until some holder of ``name`` releases a slot, or ``timeout_s`` passes.
+
+        One BLPOP: a release wakes exactly one waiter, so a full semaphore hands its next
+        slot over within a round trip instead of waiting out a polling interval. True when
+        woken by a release (the slot may still go to somebody faster).
+        """
+        timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
+        return self.store.call("BLPOP", self.keys(name).freed, f"{timeout:.3f}") is not None
 
     def in_flight(self, name: str) -> int:
         """How many leases of ``name`` are live right now (expired ones excluded)."""

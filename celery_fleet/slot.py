@@ -3,6 +3,8 @@
 :class:`Slot` is the context manager behind ``fleet.slot(...)``. Entering asks Redis once;
 when refused it sleeps the wait the script returned (plus a small forward jitter) and asks
 again, until ``max_wait`` would be exceeded, then raises :class:`~celery_fleet.Throttled`.
+Refused by the in-flight cap, it blocks on the limit's release signal instead (a release
+wakes one waiter), so a full semaphore hands over its next slot within a round trip.
 While it is held, a :class:`LeaseKeeper` thread renews its lease so a five-minute call
 keeps its slot; leaving the block releases it, whatever happened inside.
 
@@ -102,12 +104,19 @@ class Slot:
             decision = self.admission._do_acquire(cfg, self.tokens, _lease_id())
             if decision.allowed:
                 break
-            elapsed = self.clock.monotonic() - start
-            pause = spread(decision.wait_ms / 1000.0, rng=self.rng)
-            if elapsed + decision.wait_ms / 1000.0 > self.max_wait_s:
-                self.waited_s = elapsed
+            remaining = self.max_wait_s - (self.clock.monotonic() - start)
+            wait_s = decision.wait_ms / 1000.0
+            # A rate or pause wait is exact: when it ends past the deadline, give up now.
+            # The in-flight wait is a guess (a holder may finish any moment): keep waiting.
+            exact = decision.reason != "in_flight"
+            if remaining <= 0 or (exact and wait_s > remaining):
+                self.waited_s = self.max_wait_s - remaining
                 raise Throttled(self.limit, decision.wait_ms, decision.reason)
-            self.clock.sleep(min(pause, max(0.0, self.max_wait_s - elapsed)))
+            pause = min(spread(wait_s, rng=self.rng), remaining)
+            if exact:
+                self.clock.sleep(pause)
+            else:
+                self.admission.wait_for_release(self.limit, pause)
         self.waited_s = self.clock.monotonic() - start
         self.decision = decision
         self.lease_id = decision.lease_id

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
@@ -138,3 +139,37 @@ def test_sigkilled_holder_gives_slots_back_within_lease_ttl(
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_release_wakes_a_waiter_at_once(make_fleet: MakeFleet, rclient) -> None:  # type: ignore[no-untyped-def]
+    """Waiting for the in-flight cap blocks on the release signal, not on a timer."""
+    fleet = make_fleet({"tool": {"max_in_flight": 1}})
+    holder = fleet.try_acquire("tool")
+    # A long mean hold time makes the polling hint 2 s: only a wake-up can beat it.
+    rclient.hset(fleet.admission.keys("tool").ctl, "hold_ms", 60_000)
+    released: list[float] = []
+
+    def release_later() -> None:
+        time.sleep(0.3)
+        released.append(fleet.release(holder).at_ms)
+
+    threading.Thread(target=release_later).start()
+    with fleet.slot("tool", max_wait=10) as slot:
+        assert slot.decision is not None
+        handoff_ms = slot.decision.at_ms - released[0]
+    assert slot.attempts == 2
+    assert 0 <= handoff_ms < 1_000, f"waiter entered {handoff_ms} ms after the release"
+
+
+def test_full_semaphore_waits_out_max_wait_before_throttling(
+    make_fleet: MakeFleet, rclient
+) -> None:  # type: ignore[no-untyped-def]
+    """The in-flight wait is a guess, so a long hint does not make the slot give up early."""
+    fleet = make_fleet({"tool": {"max_in_flight": 1}})
+    assert fleet.try_acquire("tool")
+    rclient.hset(fleet.admission.keys("tool").ctl, "hold_ms", 60_000)
+    slot = fleet.slot("tool", max_wait=0.4)
+    with pytest.raises(Throttled) as info:
+        slot.acquire()
+    assert info.value.reason == "in_flight"
+    assert slot.attempts >= 2 and slot.waited_s >= 0.4

@@ -3,6 +3,7 @@
 -- KEYS[1]  leases   zset   lease id -> expiry (ms)
 -- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms>"
 -- KEYS[3]  ctl      hash   hold_ms (EWMA of hold times, read by acquire for its wait hint)
+-- KEYS[4]  freed    list   gets one element per release: wakes one caller blocked in BLPOP
 -- ARGV[1]  lease id
 --
 -- Reply: {1, now, held_ms}  released
@@ -19,6 +20,9 @@ redis.call('HDEL', KEYS[2], id)
 if removed == 0 or not rec then
   return {0, string.format('%.3f', now), 0}
 end
+redis.call('RPUSH', KEYS[4], '1')
+redis.call('LTRIM', KEYS[4], -64, -1)
+redis.call('PEXPIRE', KEYS[4], 60000)
 local acquired = tonumber(string.match(rec, ' (.+)$')) or now
 local held = now - acquired
 local old = tonumber(redis.call('HGET', KEYS[3], 'hold_ms'))
