@@ -21,7 +21,7 @@ import time
 from types import TracebackType
 from typing import Protocol
 
-from .admission import Admission, Decision
+from .admission import Admission, Decision, new_lease_id
 from .backoff import spread
 from .errors import ConfigError, FleetError, LeaseLost, Throttled
 
@@ -101,7 +101,7 @@ class Slot:
         start = self.clock.monotonic()
         while True:
             self.attempts += 1
-            decision = self.admission._do_acquire(cfg, self.tokens, _lease_id())
+            decision = self.admission._do_acquire(cfg, self.tokens, new_lease_id())
             if decision.allowed:
                 break
             remaining = self.max_wait_s - (self.clock.monotonic() - start)
@@ -165,10 +165,6 @@ class Slot:
     def __repr__(self) -> str:
         state = f"lease={self.lease_id}" if self.lease_id else "not held"
         return f"<Slot {self.limit!r} tokens={self.tokens} {state}>"
-
-
-def _lease_id() -> str:
-    return os.urandom(12).hex()
 
 
 class LeaseKeeper:

@@ -2,9 +2,9 @@
 
 A :class:`RedisStore` creates its client lazily and again in every process it finds
 itself in (it compares ``os.getpid()``), because a client created before Celery's prefork
-``fork()`` would share its sockets with the children. Scripts are registered once per
-client with ``register_script``; redis-py re-sends a script's source when the server
-answers NOSCRIPT, so ``SCRIPT FLUSH`` or a failover to a fresh replica is transparent.
+``fork()`` would share its sockets with the children. Scripts are run by SHA1 with
+EVALSHA; when the server answers NOSCRIPT the source is loaded and the call repeated, so
+``SCRIPT FLUSH`` or a failover to a fresh replica is transparent.
 
 Every Redis error is translated here: connection problems become
 :class:`~celery_fleet.errors.StoreUnavailable` naming the URL, anything else a
@@ -13,6 +13,7 @@ Every Redis error is translated here: connection problems become
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from functools import cache
@@ -21,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from .errors import FleetError, StoreUnavailable
 
@@ -34,6 +35,10 @@ SCRIPTS = ("acquire", "release", "settle", "renew")
 def script_source(name: str) -> str:
     """The text of ``celery_fleet/scripts/<name>.lua``."""
     return resources.files("celery_fleet.scripts").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def mask_url(url: str) -> str:
@@ -63,7 +68,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._client: redis.Redis | None = None
-        self._scripts: dict[str, Script] = {}
+        self._shas = {name: _sha1(script_source(name)) for name in SCRIPTS}
 
     @property
     def client(self) -> redis.Redis:
@@ -73,7 +78,6 @@ class RedisStore:
             with self._lock:
                 if self._pid != pid or self._client is None:
                     client = redis.Redis.from_url(self.url, **self._options)
-                    self._scripts = {n: client.register_script(script_source(n)) for n in SCRIPTS}
                     self._client, self._pid = client, pid
         return self._client
 
@@ -83,13 +87,26 @@ class RedisStore:
         The old client is not closed: after a fork its sockets belong to the parent.
         """
         with self._lock:
-            self._client, self._pid, self._scripts = None, None, {}
+            self._client, self._pid = None, None
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one registered script: exactly one round trip (two after SCRIPT FLUSH)."""
+        """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
+
+        Called directly rather than through redis-py's ``Script`` wrapper, which copies the
+        arguments on every call: this is the hot path. When the server answers NOSCRIPT
+        (flush, failover, a fresh server) the source is loaded and the call made again.
+        """
         client = self.client
         try:
-            return self._scripts[script](keys=keys, args=args, client=client)
+            try:
+                return client.execute_command(
+                    "EVALSHA", self._shas[script], len(keys), *keys, *args
+                )  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                client.script_load(script_source(script))
+                return client.execute_command(
+                    "EVALSHA", self._shas[script], len(keys), *keys, *args
+                )  # type: ignore[no-untyped-call]
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailable(self.safe_url, exc) from exc
         except redis.RedisError as exc:
