@@ -7,7 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint typecheck bench clean
+DEMO_STAMP := $(VENV)/.installed-demo
+DEMO_ARGS ?=
+
+.PHONY: venv test test-fast demo lint typecheck bench bench-herd clean
 
 venv: $(STAMP)
 
@@ -19,6 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
+
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,demo]'
+	@touch $(DEMO_STAMP)
+
+## The herd demo: plain Celery vs celery-fleet against a simulated provider (writes demo-herd.png).
+demo: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m example_project.demo $(DEMO_ARGS)
 
 ## Run the whole test suite against a real Redis (REDIS_URL, else 127.0.0.1:6379, else a private one).
 test: venv
@@ -40,5 +51,9 @@ typecheck: venv
 bench: venv
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/admission.py
 
+## The herd benchmark (plain, autoretry, fleet): appends to benchmarks/RESULTS.md.
+bench-herd: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/herd.py --json benchmarks/herd.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

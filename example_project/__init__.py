@@ -1,0 +1,1 @@
+"""A small agent fleet on celery-fleet: read celeryconfig.py, then tasks.py."""

@@ -1,0 +1,51 @@
+"""Celery settings of the example fleet, including its ``fleet_limits``.
+
+Environment variables (all optional) let the demo and the herd benchmark point the same
+project at their own Redis, queue and simulated provider:
+
+- ``REDIS_URL``: Redis for broker, results and fleet state (default 127.0.0.1:6379)
+- ``EXAMPLE_DB``: the Redis DB number (default 11)
+- ``EXAMPLE_QUEUE``: the queue the tasks go to (default ``example``)
+- ``EXAMPLE_NAMESPACE``: the fleet's key namespace (default ``example``)
+- ``MODEL_RPM``, ``MODEL_TPM``, ``MODEL_MAX_IN_FLIGHT``: the provider's budget
+"""
+
+import os
+
+from celery.schedules import crontab
+
+_redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+_redis = _redis.rsplit("/", 1)[0] if _redis.count("/") > 2 else _redis
+_url = f"{_redis}/{os.environ.get('EXAMPLE_DB', '11')}"
+
+broker_url = _url
+result_backend = _url
+task_default_queue = os.environ.get("EXAMPLE_QUEUE", "example")
+task_acks_late = True
+worker_prefetch_multiplier = 1  # agents are long: do not hoard them in one process
+result_expires = 3600
+broker_connection_retry_on_startup = True
+imports = ("example_project.tasks", "example_project.baselines")
+
+# -- celery-fleet --------------------------------------------------------------------------
+fleet_redis_url = _url
+fleet_namespace = os.environ.get("EXAMPLE_NAMESPACE", "example")
+fleet_limits = {
+    # The model provider: its published budget, all workers together.
+    "model": {
+        "rpm": int(os.environ.get("MODEL_RPM", "600")),
+        "tpm": int(os.environ.get("MODEL_TPM", "90000")),
+        "max_in_flight": int(os.environ.get("MODEL_MAX_IN_FLIGHT", "8")),
+    },
+    # A search API the agents use as a tool, with a budget of its own.
+    "search-api": {"rate": "600/minute", "max_in_flight": 4},
+}
+
+# -- beat ----------------------------------------------------------------------------------
+beat_schedule = {
+    "nightly-research-batch": {
+        "task": "example_project.tasks.nightly_batch",
+        "schedule": crontab(hour=2, minute=0),
+        "kwargs": {"topics": ["rate limiting", "circuit breakers", "token buckets"]},
+    },
+}

@@ -1,0 +1,287 @@
+"""The thundering-herd scenario: N agents fired in the same second at one provider.
+
+One :class:`Herd` owns a :class:`~celery_fleet.testing.ProviderSim`; :meth:`Herd.run` starts
+real ``celery worker`` processes for one mode, publishes every agent at once, waits for
+all of them to end, stops the workers (by pid) and reads the provider's own log:
+
+- ``plain``: ``baselines.plain_agent`` (SDK default retries),
+- ``autoretry``: ``baselines.autoretry_agent`` (autoretry_for + retry_backoff + retry_jitter),
+- ``fleet``: ``tasks.research_agent`` (celery-fleet admission).
+
+Used by ``python -m example_project.demo`` and ``benchmarks/herd.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_fleet.testing import ProviderSim
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    "plain": "example_project.baselines.plain_agent",
+    "autoretry": "example_project.baselines.autoretry_agent",
+    "fleet": "example_project.tasks.research_agent",
+}
+Progress = Callable[[str, int, int, int, int], None]  # mode, done, failed, total, 429s
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything that defines a herd run (defaults: the issue's default scenario)."""
+
+    agents: int = 60
+    steps: int = 5
+    rpm: int = 600
+    tpm: int = 90_000
+    max_in_flight: int = 8
+    latency: float = 0.3
+    latency_sigma: float = 0.25
+    workers: int = 2
+    concurrency: int = 8
+    pool: str = "prefork"
+    timeout_s: float = 300.0
+    seed: int | None = 1
+
+    @property
+    def worker_slots(self) -> int:
+        return self.workers * self.concurrency
+
+
+@dataclass
+class RunResult:
+    """One mode's outcome, measured from the task results and the provider's log."""
+
+    mode: str
+    agents: int
+    completed: int
+    failed: int
+    requests: int
+    provider_429: int
+    provider_5xx: int
+    makespan_s: float
+    lower_bound_s: float
+    timeline: list[tuple[float, int, int]] = field(default_factory=list, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.makespan_s / self.lower_bound_s if self.lower_bound_s else math.nan
+
+    @property
+    def rate_429(self) -> float:
+        return self.provider_429 / self.requests if self.requests else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "timeline"}
+        out.update(ratio=round(self.ratio, 3), rate_429=round(self.rate_429, 4))
+        return out
+
+
+class Herd:
+    """A simulated provider plus the means to run the example fleet against it."""
+
+    def __init__(self, scenario: Scenario, redis_url: str, db: int = 11) -> None:
+        self.scenario = scenario
+        base = redis_url.rstrip("/")
+        self.redis_base = base.rsplit("/", 1)[0] if base.count("/") > 2 else base
+        self.db = db
+        self.url = f"{self.redis_base}/{db}"
+        self.sim = ProviderSim(
+            rpm=scenario.rpm,
+            tpm=scenario.tpm,
+            max_in_flight=scenario.max_in_flight,
+            latency=scenario.latency,
+            latency_sigma=scenario.latency_sigma,
+            seed=scenario.seed,
+        )
+
+    def __enter__(self) -> Herd:
+        self.sim.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sim.stop()
+
+    def run(self, mode: str, progress: Progress | None = None) -> RunResult:
+        """Fire every agent of the scenario at once in ``mode``; wait; measure."""
+        run = f"herd-{mode}-{uuid.uuid4().hex[:8]}"
+        workers = self._start_workers(mode, run)
+        app = Celery("herd-client", broker=self.url, backend=self.url)
+        try:
+            self._wait_ready(app, [n for n, _ in workers])
+            self.sim.reset_stats(refill=True)
+            sim_t0 = self.sim.elapsed_s()
+            t0 = time.time()
+            results = [
+                app.send_task(
+                    TASKS[mode],
+                    args=(f"agent {i}",),
+                    kwargs={"steps": self.scenario.steps},
+                    queue=run,
+                )
+                for i in range(self.scenario.agents)
+            ]
+            ended = self._wait_all(mode, results, progress)
+        finally:
+            self._stop_workers(workers)
+            self._cleanup(app, run)
+        return self._measure(mode, t0, sim_t0, results, ended)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _start_workers(self, mode: str, run: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        s = self.scenario
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis_base,
+            "EXAMPLE_DB": str(self.db),
+            "EXAMPLE_QUEUE": run,
+            "EXAMPLE_NAMESPACE": run,
+            "MODEL_RPM": str(s.rpm),
+            "MODEL_TPM": str(s.tpm),
+            "MODEL_MAX_IN_FLIGHT": str(s.max_in_flight),
+            "OPENAI_BASE_URL": self.sim.base_url,
+            "OPENAI_API_KEY": "sim",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        procs = []
+        for i in range(s.workers):
+            name = f"{run}-{i}@%h"
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "example_project.app",
+                "worker",
+                "-P",
+                s.pool,
+                "-c",
+                str(s.concurrency),
+                "-n",
+                name,
+                "-Q",
+                run,
+                "-O",
+                "fair",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "WARNING",
+            ]
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            procs.append((name.replace("%h", os.uname().nodename), proc))
+        return procs
+
+    def _wait_ready(self, app: Celery, names: list[str], timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        missing = set(names)
+        while missing:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"celery workers did not start: {sorted(missing)}")
+            for reply in app.control.ping(destination=sorted(missing), timeout=0.5) or []:
+                missing -= set(reply)
+
+    @staticmethod
+    def _stop_workers(workers: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
+        for _, proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _cleanup(self, app: Celery, run: str) -> None:
+        client = redis.Redis.from_url(self.url)
+        keys = [run, *client.scan_iter(match=f"{{{run}:*", count=1000)]
+        client.delete(*keys)
+        client.close()
+        app.close()
+
+    # -- measuring ----------------------------------------------------------------------
+
+    def _wait_all(self, mode: str, results: list[Any], progress: Progress | None) -> float:
+        deadline = time.monotonic() + self.scenario.timeout_s
+        while True:
+            states = [r.state for r in results]
+            done = sum(s == "SUCCESS" for s in states)
+            failed = sum(s in ("FAILURE", "REVOKED") for s in states)
+            if progress:
+                n429 = sum(self.sim.stats()["rate_limited"].values())
+                progress(mode, done, failed, len(results), n429)
+            if done + failed == len(results):
+                return time.time()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{mode}: {len(results) - done - failed} agents still running")
+            time.sleep(0.1)
+
+    def _measure(
+        self, mode: str, t0: float, sim_t0: float, results: list[Any], observed_end: float
+    ) -> RunResult:
+        ok = [r for r in results if r.state == "SUCCESS"]
+        ends = [r.result["finished_at"] for r in ok]
+        for r in results:
+            if r.state != "SUCCESS" and r.date_done is not None:
+                ends.append(r.date_done.timestamp())
+        end = max(ends) if ends else observed_end
+        log = self.sim.log
+        costs = [rec.cost for rec in log if rec.outcome == "ok"]
+        mean_cost = sum(costs) / len(costs) if costs else 0.0
+        n_calls = self.scenario.agents * self.scenario.steps
+        return RunResult(
+            mode=mode,
+            agents=len(results),
+            completed=len(ok),
+            failed=len(results) - len(ok),
+            requests=len(log),
+            provider_429=sum(rec.outcome == "429" for rec in log),
+            provider_5xx=sum(rec.status >= 500 for rec in log),
+            makespan_s=round(end - t0, 3),
+            lower_bound_s=round(self.lower_bound_s(n_calls, mean_cost), 3),
+            timeline=timeline(log, sim_t0, end - t0),
+        )
+
+    def lower_bound_s(self, n_calls: int, mean_cost: float) -> float:
+        """The least time the provider allows for the whole herd (see benchmarks/RESULTS.md).
+
+        The larger of the simulator's floor (RPM and TPM drain time beyond a full bucket;
+        ``n_calls * mean latency / max_in_flight``) and one agent's chain of ``steps``
+        sequential calls.
+        """
+        s = self.scenario
+        mean_latency = s.latency * math.exp(s.latency_sigma**2 / 2)
+        return max(self.sim.min_makespan_s(n_calls, mean_cost), s.steps * mean_latency)
+
+
+def timeline(
+    log: list[Any], t0: float, span_s: float, step_s: float = 0.25
+) -> list[tuple[float, int, int]]:
+    """(t, requests in flight at the provider, 429s in the bin) every ``step_s`` from t0."""
+    served = [(r.t_s - t0, r.t_s - t0 + r.latency_s) for r in log if r.outcome in ("ok", "garbage")]
+    refused = [r.t_s - t0 for r in log if r.outcome == "429"]
+    out = []
+    for i in range(int(span_s / step_s) + 2):
+        t = i * step_s
+        busy = sum(a <= t < b for a, b in served)
+        n429 = sum(t <= x < t + step_s for x in refused)
+        out.append((round(t, 3), busy, n429))
+    return out

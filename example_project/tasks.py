@@ -1,0 +1,63 @@
+"""The fleet's tasks: a multi-step research agent and the nightly fan-out.
+
+Every model call holds a slot of the ``model`` limit (requests, tokens and in-flight
+budgets, fleet-wide) and settles the tokens the provider reports; the search tool holds a
+slot of its own limit. A 429 that gets through anyway becomes ``Throttled``: the task is
+rescheduled under the same id, never failed, never counted as a retry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import openai
+
+from celery_fleet import FleetTask, Throttled, fleet_task
+
+from . import model
+from .app import app, fleet
+
+STEPS = 5
+
+
+@fleet_task(app=app, bind=True, max_retries=3)
+def research_agent(self: FleetTask, goal: str, steps: int = STEPS) -> dict[str, Any]:
+    """Plan, search and write in ``steps`` model calls; returns a summary and its cost."""
+    started_at = time.time()
+    notes: list[str] = []
+    tokens = 0
+    for step in range(steps):
+        messages = model.messages_for(goal, step, notes)
+        with self.fleet.slot("model", tokens=model.estimate_tokens(messages)) as slot:
+            try:
+                resp = model.ask(messages, self.request.id)
+            except openai.RateLimitError as exc:
+                raise Throttled("model", _retry_after_ms(exc), "provider 429") from exc
+            slot.settle(tokens=resp.usage.total_tokens)
+        tokens += resp.usage.total_tokens
+        notes.append(resp.choices[0].message.content or "")
+        with fleet.slot("search-api"):
+            notes.extend(model.search(f"{goal} {step}"))
+    return {
+        "goal": goal,
+        "steps": steps,
+        "tokens": tokens,
+        "started_at": started_at,
+        "finished_at": time.time(),
+    }
+
+
+@fleet_task(app=app)
+def nightly_batch(topics: list[str]) -> list[str]:
+    """Fan the nightly batch out: one research agent per topic (beat runs this at 02:00)."""
+    return [research_agent.delay(topic).id for topic in topics]
+
+
+def _retry_after_ms(exc: openai.APIStatusError) -> int:
+    headers = exc.response.headers
+    if "retry-after-ms" in headers:
+        return int(float(headers["retry-after-ms"]))
+    if "retry-after" in headers:
+        return int(float(headers["retry-after"]) * 1000)
+    return 1000
