@@ -14,12 +14,15 @@ Example::
 """
 
 from .admission import Decision, Release
+from .breaker import Breaker, BreakerState
 from .config import LimitConfig
 from .errors import (
     Backpressure,
+    CircuitOpen,
     ConfigError,
     FleetError,
     LeaseLost,
+    QuotaExhausted,
     StoreUnavailable,
     Throttled,
 )
@@ -31,6 +34,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backpressure",
+    "Breaker",
+    "BreakerState",
+    "CircuitOpen",
     "ConfigError",
     "Decision",
     "FOREVER",
@@ -39,6 +45,7 @@ __all__ = [
     "FleetTask",
     "LeaseLost",
     "LimitConfig",
+    "QuotaExhausted",
     "Release",
     "Slot",
     "StoreUnavailable",

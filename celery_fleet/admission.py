@@ -11,6 +11,7 @@ scripts also run on Redis Cluster:
                                    (``pause_until``, ``cap``, ``hold_ms``)
 ``{ns:limit}:freed``               list: one element per release; a caller refused for
                                    the in-flight cap blocks on it (BLPOP) instead of polling
+``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
 =================================  =========================================================
 
 Every request/token window of the limit is a GCRA bucket (burst = the window's budget by
@@ -24,13 +25,20 @@ This module knows nothing about Celery.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .config import LimitConfig, check_name
+from .config import REQUESTS, LimitConfig, check_name
 from .errors import ConfigError
+from .providers import Observation
 from .store import RedisStore
+
+log = logging.getLogger("celery_fleet")
+
+#: What a call's ending can teach the release script.
+OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
 
 __all__ = ["Admission", "Decision", "LimitKeys", "Release"]
 
@@ -47,11 +55,13 @@ class LimitKeys:
     holders: str
     ctl: str
     freed: str
+    breaker: str
 
     @classmethod
     def build(cls, namespace: str, limit: str) -> LimitKeys:
         tag = f"{{{namespace}:{limit}}}"
-        return cls(*(f"{tag}:{part}" for part in ("gcra", "leases", "holders", "ctl", "freed")))
+        parts = ("gcra", "leases", "holders", "ctl", "freed", "breaker")
+        return cls(*(f"{tag}:{part}" for part in parts))
 
 
 @dataclass(frozen=True)
@@ -59,9 +69,10 @@ class Decision:
     """The answer to one admission request.
 
     ``allowed`` with a ``lease_id`` when admitted; otherwise ``wait_ms`` until the same
-    request would be admitted and ``reason``: ``"paused"``, ``"in_flight"`` or the window
-    that refused, e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this
-    one when admitted); ``at_ms`` is the Redis clock at the decision.
+    request would be admitted and ``reason``: ``"circuit_open"``, ``"paused"``,
+    ``"in_flight"`` or the window that refused, e.g. ``"tokens/60s"``. ``in_flight`` counts
+    live leases (including this one when admitted); ``at_ms`` is the Redis clock at the
+    decision; ``probe`` marks the one call a half-open breaker lets through.
     """
 
     limit: str
@@ -72,6 +83,7 @@ class Decision:
     in_flight: int
     tokens: int
     at_ms: float
+    probe: bool = False
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -79,11 +91,14 @@ class Decision:
 
 @dataclass(frozen=True)
 class Release:
-    """What release found: whether the lease was still held, and for how long."""
+    """What release found: whether the lease was still held, for how long, the breaker
+    transition this call caused (``"open"``, ``"closed"`` or ``""``) and the adaptive cap."""
 
     released: bool
     held_ms: int
     at_ms: float
+    transition: str = ""
+    cap: float = 0.0
 
 
 def new_lease_id() -> str:
@@ -123,7 +138,8 @@ class Admission:
         # Everything but the lease id and tokens is fixed per limit: encode it once
         # (the hot path is one EVALSHA; redis-py's packer is pure Python).
         self._acquire_keys = {
-            name: [k.gcra, k.leases, k.holders, k.ctl, k.freed] for name, k in self._keys.items()
+            name: [k.gcra, k.leases, k.holders, k.ctl, k.freed, k.breaker]
+            for name, k in self._keys.items()
         }
         self._acquire_tail = {
             name: [
@@ -131,6 +147,8 @@ class Admission:
                 for arg in (
                     int(cfg.lease_s * 1000),
                     cfg.max_in_flight or 0,
+                    cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
+                    int(cfg.breaker.reset_timeout_s * 1000) if cfg.breaker else 0,
                     len(cfg.windows),
                     *(
                         x
@@ -141,6 +159,10 @@ class Admission:
             ]
             for name, cfg in self.limits.items()
         }
+        self._release_tail = {name: _release_args(cfg) for name, cfg in self.limits.items()}
+        #: Called as ``listener(limit, state)`` when this process sees the breaker of a
+        #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
+        self.listeners: list[Callable[[str, str], None]] = []
         self._token_args = {
             name: [arg for w in cfg.token_windows for arg in (w.field, repr(w.emission_ms))]
             for name, cfg in self.limits.items()
@@ -170,21 +192,75 @@ class Admission:
             keys=self._acquire_keys[cfg.name],
             args=[lease_id, tokens, *self._acquire_tail[cfg.name]],
         )
-        allowed, wait_ms, detail, in_flight, now = reply
+        allowed, wait_ms, detail, in_flight, now, probe = reply
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
-            return Decision(cfg.name, True, 0, detail, "", int(in_flight), tokens, float(now))
+            if probe:
+                self.notify(cfg.name, "half_open")
+            return Decision(
+                cfg.name, True, 0, detail, "", int(in_flight), tokens, float(now), bool(probe)
+            )
         return Decision(
             cfg.name, False, int(wait_ms), None, _reason(detail), int(in_flight), tokens, float(now)
         )
 
-    def release(self, name: str, lease_id: str) -> Release:
-        """Give the slot back. ``released`` is False when the lease had already expired."""
+    def release(
+        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+    ) -> Release:
+        """Give the slot back, saying how the call went, in one round trip.
+
+        ``outcome`` feeds the adaptive limit and the breaker: ``ok``, ``fail``,
+        ``overload``, ``congestion``, ``rate`` or ``neutral`` (see :class:`Signal`);
+        ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then.
+        ``released`` is False when the lease had already expired.
+        """
         k = self.keys(name)
-        ok, now, held = self.store.run(
-            "release", keys=[k.leases, k.holders, k.ctl, k.freed], args=[lease_id]
+        if outcome not in OUTCOMES:
+            raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        ok, now, held, transition, cap = self.store.run(
+            "release",
+            keys=[k.leases, k.holders, k.ctl, k.freed, k.breaker],
+            args=[lease_id, outcome, max(0, int(retry_after_ms)), *self._release_tail[name]],
         )
-        return Release(bool(ok), int(held), float(now))
+        transition = transition.decode() if isinstance(transition, bytes) else str(transition)
+        if transition:
+            self.notify(name, transition)
+        return Release(bool(ok), int(held), float(now), transition, float(cap))
+
+    def observe(self, name: str, obs: Observation) -> int:
+        """Lower this limit's per-minute buckets (and rate factor) to what the provider's
+        headers say remain; never raises them. Returns how many windows were lowered."""
+        cfg = self.limit(name)
+        k = self._keys[name]
+        args: list[object] = []
+        factors = []
+        for w in cfg.windows:
+            is_req = w.dimension == REQUESTS
+            limit = obs.requests_limit if is_req else obs.tokens_limit
+            remaining = obs.requests_remaining if is_req else obs.tokens_remaining
+            if w.period_s != 60:
+                continue
+            if limit is not None and 0 < limit < w.declared:
+                factors.append(limit / w.declared)
+            if remaining is not None:
+                args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), remaining]
+        factor = min(factors) if factors else -1
+        return int(
+            self.store.run("observe", keys=[k.gcra, k.ctl], args=[factor, len(args) // 4, *args])
+        )
+
+    def control_state(self, name: str) -> dict[str, float]:
+        """The limit's fleet-wide control hash (cap, rate_factor, pause_until, ...), as floats."""
+        raw = self.store.call("HGETALL", self.keys(name).ctl) or {}
+        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+
+    def notify(self, limit: str, state: str) -> None:
+        """Tell this process's listeners that ``limit``'s breaker changed (errors are logged)."""
+        for listener in list(self.listeners):
+            try:
+                listener(limit, state)
+            except Exception:
+                log.exception("celery-fleet: breaker listener %r failed", listener)
 
     def settle(self, name: str, lease_id: str, actual: int, reserved: int) -> int:
         """Charge or refund the difference between actual usage and the reservation.
@@ -194,6 +270,7 @@ class Admission:
         """
         cfg = self.limit(name)
         actual = _non_negative(actual, "settle(tokens=...)")
+        reserved = _non_negative(reserved, "settle(reserved=...)")
         k = self._keys[name]
         token_args = self._token_args[name]
         _known, delta, _now = self.store.run(
@@ -210,7 +287,9 @@ class Admission:
         cfg = self.limit(name)
         k = self._keys[name]
         lost = self.store.run(
-            "renew", keys=[k.leases, k.holders], args=[int(cfg.lease_s * 1000), *lease_ids]
+            "renew",
+            keys=[k.leases, k.holders, k.breaker],
+            args=[int(cfg.lease_s * 1000), *lease_ids],
         )
         return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]
 
@@ -230,6 +309,31 @@ class Admission:
         now_s, now_us = self.store.call("TIME")
         now_ms = int(now_s) * 1000 + int(now_us) / 1000
         return int(self.store.call("ZCOUNT", k.leases, f"({now_ms}", "+inf"))
+
+
+def _release_args(cfg: LimitConfig) -> list[bytes]:
+    """The release script's fixed arguments for a limit: AIMD, then breaker parameters."""
+    a, b = cfg.adaptive, cfg.breaker
+    adaptive: tuple[object, ...] = (
+        (
+            1,
+            cfg.max_in_flight,
+            a.min_in_flight,
+            a.initial_in_flight,
+            a.increase,
+            a.decrease,
+            int(a.probe_interval_s * 1000),
+            int((a.latency_target_s or 0) * 1000),
+        )
+        if a
+        else (0, 0, 0, 0, 0, 0, 0, 0)
+    )
+    breaker: tuple[object, ...] = (
+        (1, b.failure_rate, b.min_calls, int(b.window_s * 1000), int(b.count_rate_limits))
+        if b
+        else (0, 0, 0, 0, 0)
+    )
+    return [str(x).encode() for x in (*adaptive, *breaker)]
 
 
 def _non_negative(value: object, what: str) -> int:

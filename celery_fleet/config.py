@@ -15,11 +15,14 @@ Example::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .adaptive import ADAPTIVE_KEYS, AdaptiveConfig, parse_adaptive
+from .breaker import BreakerConfig, parse_breaker, parse_validate
+from .checks import check_name, number, positive_int
 from .errors import ConfigError
 
 __all__ = ["Window", "LimitConfig", "parse_limits", "parse_limit", "check_name"]
@@ -28,9 +31,23 @@ REQUESTS = "requests"
 TOKENS = "tokens"
 
 DEFAULT_LEASE_S = 60.0
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
-_KNOWN_KEYS = frozenset(
-    {"rpm", "tpm", "rate", "requests", "tokens", "max_in_flight", "headroom", "lease", "burst"}
+_KNOWN_KEYS = (
+    frozenset(
+        {
+            "rpm",
+            "tpm",
+            "rate",
+            "requests",
+            "tokens",
+            "max_in_flight",
+            "headroom",
+            "lease",
+            "burst",
+            "breaker",
+            "validate",
+        }
+    )
+    | ADAPTIVE_KEYS
 )
 
 
@@ -69,7 +86,8 @@ class Window:
 
 @dataclass(frozen=True)
 class LimitConfig:
-    """A validated limit: its windows, in-flight cap, headroom and lease TTL."""
+    """A validated limit: its windows, in-flight cap, headroom, lease TTL, and optionally
+    adaptive (AIMD) parameters, a circuit breaker and an output ``validate`` hook."""
 
     name: str
     windows: tuple[Window, ...]
@@ -77,6 +95,9 @@ class LimitConfig:
     headroom: float
     lease_s: float
     burst: float
+    adaptive: AdaptiveConfig | None = None
+    breaker: BreakerConfig | None = None
+    validate: Callable[[Any], object] | None = None
 
     @property
     def token_windows(self) -> tuple[Window, ...]:
@@ -114,16 +135,6 @@ class LimitConfig:
         return tokens
 
 
-def check_name(name: object, what: str) -> str:
-    """Validate a limit name or namespace: it becomes part of a Redis hash tag."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(
-            f"{what} must be a non-empty string of letters, digits and _.:/@+- "
-            f"(no spaces or braces), got {name!r}"
-        )
-    return name
-
-
 def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitConfig]:
     """Parse the whole ``fleet_limits`` mapping; raise :class:`ConfigError` on any bad entry."""
     if raw is None:
@@ -131,7 +142,9 @@ def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitC
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{setting} must be a dict of limit name -> options, got {raw!r}")
     return {
-        check_name(name, f"{setting} key"): parse_limit(name, spec, f"{setting}[{name!r}]")
+        check_name(name, f"{setting} key", colon=False): parse_limit(
+            name, spec, f"{setting}[{name!r}]"
+        )
         for name, spec in raw.items()
     }
 
@@ -139,7 +152,7 @@ def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitC
 def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
     """Parse one limit's options (see the module docstring for the accepted keys)."""
     if isinstance(spec, LimitConfig):
-        return spec
+        return dataclasses.replace(spec, name=name)
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{setting} must be a dict of options, got {spec!r}")
     unknown = sorted(set(spec) - _KNOWN_KEYS)
@@ -147,12 +160,12 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         raise ConfigError(
             f"{setting} has unknown option(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
         )
-    headroom = _number(spec.get("headroom", 0.0), f"{setting}['headroom']", lo=0.0, hi_open=1.0)
-    burst = _number(spec.get("burst", 1.0), f"{setting}['burst']", lo_open=0.0, hi=1.0)
-    lease_s = _number(spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0)
+    headroom = number(spec.get("headroom", 0.0), f"{setting}['headroom']", lo=0.0, hi_open=1.0)
+    burst = number(spec.get("burst", 1.0), f"{setting}['burst']", lo_open=0.0, hi=1.0)
+    lease_s = number(spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0)
     max_in_flight = spec.get("max_in_flight")
     if max_in_flight is not None:
-        max_in_flight = _positive_int(max_in_flight, f"{setting}['max_in_flight']")
+        max_in_flight = positive_int(max_in_flight, f"{setting}['max_in_flight']")
 
     specs = [
         (REQUESTS, _dimension(spec, "rpm", ("rate", "requests"), setting)),
@@ -177,7 +190,17 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
             f"{setting} limits nothing: give at least one of rpm, tpm, rate, requests, "
             f"tokens, max_in_flight"
         )
-    return LimitConfig(name, tuple(windows), max_in_flight, headroom, lease_s, burst)
+    return LimitConfig(
+        name,
+        tuple(windows),
+        max_in_flight,
+        headroom,
+        lease_s,
+        burst,
+        adaptive=parse_adaptive(spec, setting, max_in_flight),
+        breaker=parse_breaker(spec.get("breaker"), f"{setting}['breaker']"),
+        validate=parse_validate(spec.get("validate"), f"{setting}['validate']"),
+    )
 
 
 def _dimension(
@@ -193,7 +216,7 @@ def _dimension(
     value = spec[key]
     where = f"{setting}[{key!r}]"
     if key == shorthand or isinstance(value, int):
-        return key, [(_positive_int(value, where), 60)]
+        return key, [(positive_int(value, where), 60)]
     return key, _rate_string(value, where)
 
 
@@ -214,42 +237,3 @@ def _rate_string(value: object, where: str) -> list[tuple[int, int]]:
             raise ConfigError(f"{where}: {value!r} allows nothing; amounts must be positive")
         out.append((int(item.amount), int(item.get_expiry())))
     return out
-
-
-def _positive_int(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where} must be a positive int, got {value!r}")
-    return value
-
-
-def _number(
-    value: object,
-    where: str,
-    lo: float | None = None,
-    lo_open: float | None = None,
-    hi: float | None = None,
-    hi_open: float | None = None,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    v = float(value)
-    bad = (
-        (lo is not None and v < lo)
-        or (lo_open is not None and v <= lo_open)
-        or (hi is not None and v > hi)
-        or (hi_open is not None and v >= hi_open)
-        or v != v
-    )
-    if bad:
-        bounds = " ".join(
-            s
-            for s in (
-                f">= {lo}" if lo is not None else "",
-                f"> {lo_open}" if lo_open is not None else "",
-                f"<= {hi}" if hi is not None else "",
-                f"< {hi_open}" if hi_open is not None else "",
-            )
-            if s
-        )
-        raise ConfigError(f"{where} must be {bounds}, got {value!r}")
-    return v

@@ -11,6 +11,8 @@ __all__ = [
     "ConfigError",
     "Backpressure",
     "Throttled",
+    "CircuitOpen",
+    "QuotaExhausted",
     "StoreUnavailable",
     "LeaseLost",
 ]
@@ -37,15 +39,16 @@ class Backpressure(FleetError):
     """
 
     def __init__(self, limit: str, wait_ms: int, reason: str = "") -> None:
+        # args are the constructor's arguments: Celery's JSON result serializer rebuilds
+        # an exception as cls(*args), so the fields survive a round trip through a backend.
+        super().__init__(limit, int(wait_ms), reason)
         self.limit = limit
         self.wait_ms = int(wait_ms)
         self.reason = reason
-        detail = f" ({reason})" if reason else ""
-        super().__init__(f"limit {limit!r} refused admission{detail}; retry in {self.wait_ms} ms")
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        # Celery pickles/serialises exceptions into results; keep the fields.
-        return (type(self), (self.limit, self.wait_ms, self.reason))
+    def __str__(self) -> str:
+        detail = f" ({self.reason})" if self.reason else ""
+        return f"limit {self.limit!r} refused admission{detail}; retry in {self.wait_ms} ms"
 
 
 class Throttled(Backpressure):
@@ -56,20 +59,47 @@ class Throttled(Backpressure):
     """
 
 
+class CircuitOpen(Backpressure):
+    """The limit's circuit breaker is open (the dependency is failing): do not call it now.
+
+    ``wait_ms`` is the time until the breaker lets one probe through; a FleetTask that
+    sees it is rescheduled to then (plus jitter), not failed.
+    """
+
+
+class QuotaExhausted(FleetError):
+    """The provider said the budget is gone for good: quota, spend cap, per-day limit.
+
+    These 429s never clear in seconds, so nothing reschedules them: the call fails fast
+    with the provider's own words in ``detail``.
+    """
+
+    def __init__(self, limit: str, detail: str = "") -> None:
+        super().__init__(limit, detail)
+        self.limit = limit
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return (
+            f"limit {self.limit!r}: the provider's quota is exhausted, retrying will not help"
+            + (f" ({self.detail})" if self.detail else "")
+        )
+
+
 class StoreUnavailable(FleetError):
     """The Redis that holds the fleet's shared state did not answer.
 
     ``url`` is the Redis URL (password masked) so the operator knows which one.
     """
 
-    def __init__(self, url: str, cause: BaseException | None = None) -> None:
+    def __init__(self, url: str, cause: object = None) -> None:
+        super().__init__(url, str(cause) if cause else "")
         self.url = url
         self.cause = cause
-        why = f": {cause}" if cause else ""
-        super().__init__(f"celery-fleet cannot reach Redis at {url}{why}")
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.url, None))
+    def __str__(self) -> str:
+        why = f": {self.cause}" if self.cause else ""
+        return f"celery-fleet cannot reach Redis at {self.url}{why}"
 
 
 class LeaseLost(FleetError):

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission, Decision, Release
+from .breaker import Breaker
 from .config import LimitConfig, check_name, parse_limits
 from .errors import ConfigError
 from .slot import Clock, LeaseKeeper, Slot, SystemClock, check_max_wait
@@ -40,6 +42,7 @@ __all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
 
 DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_MAX_COUNTDOWN_S = 300.0
+_SETTLED_MEMORY = 10_000  # leases whose last settled figure Fleet.settle remembers
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 #: The ``max_wait`` a running FleetTask gives the slots opened in its body.
@@ -92,7 +95,8 @@ class Fleet:
         self.clock: Clock = clock or SystemClock()
         self.store = RedisStore(self.redis_url)
         self.admission = Admission(self.store, self.limits, self.namespace)
-        self.keeper = LeaseKeeper(self.admission)
+        self.keeper = LeaseKeeper(self.admission, clock=self.clock)
+        self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
         if app is not None:
             _by_app[app] = self
@@ -100,6 +104,7 @@ class Fleet:
 
             signals.install()
             signals.check_registered_tasks(app, self)
+            self.on_breaker_change(signals.breaker_announcer(app))
 
     # -- lookup -----------------------------------------------------------------------
 
@@ -121,13 +126,23 @@ class Fleet:
 
     # -- admission --------------------------------------------------------------------
 
-    def slot(self, name: str, tokens: int = 0, max_wait: float | None = None) -> Slot:
+    def slot(
+        self,
+        name: str,
+        tokens: int = 0,
+        max_wait: float | None = None,
+        validate: Callable[[Any], object] | None = None,
+    ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
         It asks Redis once; when refused it sleeps the returned wait plus a little jitter
         and asks again, until ``max_wait`` seconds (default: the running task's setting,
         else ``fleet_max_wait``), then raises :class:`~celery_fleet.Throttled`.
         ``tokens`` is the estimate reserved now; ``slot.settle(tokens=actual)`` corrects it.
+        ``validate`` overrides the limit's output hook for ``slot.validate(result)``.
+        Leaving the block with a provider 429 or overload raises ``Throttled`` (and pauses
+        the limit fleet-wide for the provider's Retry-After); an exhausted quota raises
+        ``QuotaExhausted``; a refusal by an open breaker raises ``CircuitOpen``.
         Arguments are validated here, before any Redis call.
         """
         cfg = self.admission.limit(name)
@@ -135,24 +150,54 @@ class Fleet:
         if max_wait is None:
             max_wait = task_max_wait.get()
         wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)
-        return Slot(self.admission, self.keeper, name, tokens, wait_s, self.clock)
+        if validate is not None and not callable(validate):
+            raise ConfigError(f"validate must be a callable result -> bool, got {validate!r}")
+        return Slot(
+            self.admission, self.keeper, name, tokens, wait_s, self.clock, validate=validate
+        )
 
     def try_acquire(self, name: str, tokens: int = 0) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
         :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL)."""
         return self.admission.try_acquire(name, tokens)
 
-    def release(self, decision: Decision) -> Release:
-        """Release the lease of an admitted :meth:`try_acquire` decision."""
+    def release(self, decision: Decision, outcome: str = "ok") -> Release:
+        """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
+        went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``)."""
         if not decision.allowed or decision.lease_id is None:
             raise ConfigError("release() needs an admitted decision (it holds no lease)")
-        return self.admission.release(decision.limit, decision.lease_id)
+        return self.admission.release(decision.limit, decision.lease_id, outcome)
+
+    def breaker(self, name: str) -> Breaker:
+        """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""
+        return Breaker(self.admission, name)
+
+    def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
+        """Call ``listener(limit, state)`` when this process changes a breaker's state
+        (``"open"``, ``"half_open"``, ``"closed"``). Usable as a decorator."""
+        self.admission.listeners.append(listener)
+        return listener
+
+    def adaptive_state(self, name: str) -> dict[str, float]:
+        """The fleet-wide control state of limit ``name``: the adaptive ``cap`` and
+        ``rate_factor``, ``pause_until`` (ms), ``ceiling``, ``hold_ms``..."""
+        return self.admission.control_state(name)
 
     def settle(self, decision: Decision, tokens: int) -> int:
-        """Settle an admitted :meth:`try_acquire` decision to the actual token usage."""
+        """Settle an admitted :meth:`try_acquire` decision to the actual token usage.
+
+        Settling again with the same figure changes nothing, also after release (this
+        process remembers the last figure it settled each recent lease to).
+        """
         if not decision.allowed or decision.lease_id is None:
             raise ConfigError("settle() needs an admitted decision (it holds no lease)")
-        return self.admission.settle(decision.limit, decision.lease_id, tokens, decision.tokens)
+        lease = decision.lease_id
+        reserved = self._settled.pop(lease, decision.tokens)
+        delta = self.admission.settle(decision.limit, lease, tokens, reserved)
+        self._settled[lease] = tokens
+        while len(self._settled) > _SETTLED_MEMORY:
+            self._settled.popitem(last=False)
+        return delta
 
     def check(self) -> None:
         """Raise :class:`~celery_fleet.StoreUnavailable` (naming the URL) unless Redis answers."""

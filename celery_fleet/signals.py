@@ -12,9 +12,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
+from celery.utils.dispatch import Signal
 
 from .errors import ConfigError
 
@@ -23,8 +26,15 @@ if TYPE_CHECKING:
 
     from .fleet import Fleet
 
-__all__ = ["install", "check_registered_tasks"]
+__all__ = ["install", "check_registered_tasks", "breaker_state_changed", "breaker_announcer"]
 
+#: Sent (in the process that saw it) when a limit's breaker opens, lets a probe through
+#: (``half_open``) or closes: ``sender`` is the Fleet's app, with ``limit`` and ``state``.
+breaker_state_changed = Signal(
+    name="fleet_breaker_state_changed", providing_args={"limit", "state"}
+)
+
+log = logging.getLogger("celery_fleet")
 _installed = False
 
 
@@ -42,6 +52,25 @@ def _reset_connections(**_: Any) -> None:
 
     for fleet in Fleet.all():
         fleet.reset_connections()
+
+
+def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
+    """A breaker listener that sends the Celery signal and a ``fleet-breaker`` event.
+
+    The event goes to the broker's event exchange (Flower counts it in its ``/metrics``
+    as ``flower_events_total{type="fleet-breaker"}``); failing to send it is logged and
+    never breaks the call that changed the state.
+    """
+
+    def announce(limit: str, state: str) -> None:
+        breaker_state_changed.send(sender=app, limit=limit, state=state)
+        try:
+            with app.events.default_dispatcher() as dispatcher:
+                dispatcher.send("fleet-breaker", limit=limit, state=state)
+        except Exception:
+            log.warning("celery-fleet: could not send the fleet-breaker event", exc_info=True)
+
+    return announce
 
 
 def check_registered_tasks(app: Celery, fleet: Fleet) -> None:

@@ -18,16 +18,29 @@ import os
 import random
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from .admission import Admission, Decision, new_lease_id
 from .backoff import spread
-from .errors import ConfigError, FleetError, LeaseLost, Throttled
+from .errors import (
+    CircuitOpen,
+    ConfigError,
+    FleetError,
+    LeaseLost,
+    QuotaExhausted,
+    Throttled,
+)
+from .providers import OK, Signal, classify, parse_headers
 
 __all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
 
 log = logging.getLogger("celery_fleet")
+
+#: The wait a provider 429 or overload gets when the provider names none.
+DEFAULT_RETRY_MS = 1000
 
 
 class Clock(Protocol):
@@ -78,6 +91,7 @@ class Slot:
         max_wait_s: float,
         clock: Clock,
         rng: random.Random | None = None,
+        validate: Callable[[Any], object] | None = None,
     ) -> None:
         self.admission = admission
         self.keeper = keeper
@@ -92,6 +106,8 @@ class Slot:
         self.attempts = 0
         self.lost = False
         self.last_renewed = 0.0
+        self.validator = validate or admission.limit(limit).validate
+        self.verdict: Signal | None = None
 
     def acquire(self) -> Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
@@ -104,6 +120,9 @@ class Slot:
             decision = self.admission._do_acquire(cfg, self.tokens, new_lease_id())
             if decision.allowed:
                 break
+            if decision.reason == "circuit_open":
+                # Do not hold a worker for the reset timeout: a task reschedules instead.
+                raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
             remaining = self.max_wait_s - (self.clock.monotonic() - start)
             wait_s = decision.wait_ms / 1000.0
             # A rate or pause wait is exact: when it ends past the deadline, give up now.
@@ -135,13 +154,39 @@ class Slot:
         self.tokens = tokens
         return delta
 
-    def release(self) -> None:
-        """Give the slot back (idempotent)."""
+    def observe(self, headers: Any) -> int:
+        """Read the provider's rate-limit headers (OpenAI ``x-ratelimit-*``, Anthropic
+        ``anthropic-ratelimit-*``) and lower the fleet's buckets when the provider says fewer
+        remain, or its limit is below the declared one. Never raises local state. One round
+        trip; returns the number of windows lowered."""
+        return self.admission.observe(self.limit, parse_headers(headers))
+
+    def validate(self, result: Any) -> bool:
+        """Run the ``validate`` hook on a call's result; a falsy answer (or an exception)
+        marks this call a failure for the breaker: a 200 with garbage output."""
+        if self.validator is None:
+            return True
+        try:
+            ok = bool(self.validator(result))
+        except Exception:
+            ok = False
+        if not ok:
+            self.verdict = Signal("invalid_output", detail="validate() rejected the result")
+        return ok
+
+    def fail(self, detail: str = "") -> None:
+        """Count this call as a failure of the dependency even though nothing was raised."""
+        self.verdict = Signal("invalid_output", detail=detail)
+
+    def release(self, signal: Signal | None = None) -> None:
+        """Give the slot back (idempotent), reporting ``signal`` (default: no verdict)."""
         lease_id, self.lease_id = self.lease_id, None
         if lease_id is None:
             return
         self.keeper.untrack(self)
-        result = self.admission.release(self.limit, lease_id)
+        signal = signal or Signal("other")
+        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
+        result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)
         if not result.released:
             self.lost = True
             log.warning(
@@ -160,7 +205,29 @@ class Slot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release()
+        """Release, telling the fleet how the call ended; turn provider pushback into
+        fleet errors: a 429 or an overload becomes :class:`Throttled` (a task reschedules),
+        an exhausted quota :class:`QuotaExhausted` (fails fast, never loops)."""
+        if exc is None:
+            signal = self.verdict or OK
+        elif isinstance(exc, FleetError):
+            signal = Signal("other")  # a nested slot's refusal says nothing about this call
+        else:
+            signal = classify(exc)
+        try:
+            self.release(signal)
+        except FleetError as release_error:
+            # The body's own result or exception matters more: the lease expires by itself.
+            log.warning(
+                "celery-fleet: releasing %r failed (%s); its lease will expire",
+                self.limit,
+                release_error,
+            )
+        if signal.kind == "quota":
+            raise QuotaExhausted(self.limit, signal.detail) from exc
+        if signal.kind in ("rate_limited", "overloaded"):
+            wait = signal.retry_after_ms if signal.retry_after_ms is not None else DEFAULT_RETRY_MS
+            raise Throttled(self.limit, wait, f"provider {signal.status or signal.kind}") from exc
 
     def __repr__(self) -> str:
         state = f"lease={self.lease_id}" if self.lease_id else "not held"
@@ -187,6 +254,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
+        _live_keepers.add(self)
 
     def track(self, slot: Slot) -> None:
         with self._lock:
@@ -217,27 +285,60 @@ class LeaseKeeper:
             self._wake.wait(min(self.tick_s, min(ttls) / 6.0))
             try:
                 self.renew_due()
-            except Exception:  # keep renewing: a Redis blip must not end the thread
+            except Exception:  # keep renewing: nothing may end the thread
                 log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
 
     def renew_due(self) -> None:
-        """Renew every lease older than a third of its TTL (one round trip per limit)."""
+        """Renew every lease older than a third of its TTL (one round trip per limit).
+
+        A lease not renewed within its TTL (Redis was unreachable, the process stalled) is
+        marked lost here, without asking Redis: its slot may already be someone else's.
+        Lost slots are logged once and no longer renewed; renewal failures of one limit do
+        not stop the others.
+        """
         now = self.clock.monotonic()
         due: dict[str, list[Slot]] = {}
         with self._lock:
             for slot in self._slots:
                 ttl = self.admission.limit(slot.limit).lease_s
-                if slot.lease_id and now - slot.last_renewed >= ttl / 3.0:
+                if slot.lost or not slot.lease_id:
+                    continue
+                if now - slot.last_renewed >= ttl:
+                    self._lose(slot, "not renewed within its TTL")
+                elif now - slot.last_renewed >= ttl / 3.0:
                     due.setdefault(slot.limit, []).append(slot)
         for limit, slots in due.items():
             ids = [s.lease_id for s in slots if s.lease_id]
-            lost = set(self.admission.renew(limit, ids))
+            try:
+                lost = set(self.admission.renew(limit, ids))
+            except FleetError:
+                log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                continue
             for s in slots:
                 if s.lease_id in lost:
-                    s.lost = True
-                    log.error(
-                        "celery-fleet: %s",
-                        LeaseLost(f"lease {s.lease_id} of {limit!r} expired while held"),
-                    )
+                    self._lose(s, "expired while held")
                 else:
                     s.last_renewed = now
+
+    @staticmethod
+    def _lose(slot: Slot, why: str) -> None:
+        slot.lost = True
+        log.error("celery-fleet: %s", LeaseLost(f"lease {slot.lease_id} of {slot.limit!r} {why}"))
+
+    def _after_fork(self) -> None:
+        # The child has the parent's slots and lock state but not its thread: start afresh.
+        self._lock = threading.Lock()
+        self._slots = set()
+        self._thread = None
+        self._pid = os.getpid()
+
+
+_live_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
+
+
+def _reset_keepers_after_fork() -> None:
+    for keeper in list(_live_keepers):
+        keeper._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_keepers_after_fork)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import weakref
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -24,17 +25,28 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.exceptions import NoScriptError
 
-from .errors import FleetError, StoreUnavailable
+from .errors import ConfigError, FleetError, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "script_source"]
 
-SCRIPTS = ("acquire", "release", "settle", "renew")
+SCRIPTS = ("acquire", "release", "settle", "renew", "observe", "breaker_admin")
 
 
 @cache
 def script_source(name: str) -> str:
     """The text of ``celery_fleet/scripts/<name>.lua``."""
     return resources.files("celery_fleet.scripts").joinpath(f"{name}.lua").read_text("utf-8")
+
+
+_live_stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for store in list(_live_stores):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _sha1(text: str) -> str:
@@ -65,10 +77,20 @@ class RedisStore:
         self.url = url
         self.safe_url = mask_url(url)
         self._options = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0, **client_options}
+        try:  # parse now (no connection): a bad port or option is a ConfigError at start-up
+            redis.ConnectionPool.from_url(url, **self._options).disconnect()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid Redis URL {self.safe_url}: {exc}") from None
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._client: redis.Redis | None = None
+        _live_stores.add(self)
         self._shas = {name: _sha1(script_source(name)) for name in SCRIPTS}
+
+    def _after_fork(self) -> None:
+        # A fork while another thread held the lock would leave it held forever here.
+        self._lock = threading.Lock()
+        self._client, self._pid = None, None
 
     @property
     def client(self) -> redis.Redis:
@@ -96,8 +118,8 @@ class RedisStore:
         arguments on every call: this is the hot path. When the server answers NOSCRIPT
         (flush, failover, a fresh server) the source is loaded and the call made again.
         """
-        client = self.client
         try:
+            client = self.client
             try:
                 return client.execute_command(
                     "EVALSHA", self._shas[script], len(keys), *keys, *args

@@ -112,7 +112,8 @@ class FleetTask(Task):  # type: ignore[misc]
 
     def apply_async(self, *args: Any, **kwargs: Any) -> Any:
         # Publish is the last moment to catch a bad limit before a worker does.
-        self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
+        if self.fleet_limit is not None or self.fleet_tokens:
+            self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
         return super().apply_async(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -138,9 +139,13 @@ class FleetTask(Task):  # type: ignore[misc]
         return self.run(*args, **kwargs)
 
     def retry(self, *args: Any, exc: BaseException | None = None, **kwargs: Any) -> Any:
-        """Celery's retry, except that backpressure reschedules without counting a retry."""
+        """Celery's retry, except that backpressure reschedules without counting a retry.
+
+        ``retry(exc=Throttled(...))`` (also from ``autoretry_for``) re-raises the
+        backpressure, which :meth:`__call__` hands to :meth:`_on_backpressure`.
+        """
         if isinstance(exc, Backpressure):
-            self._on_backpressure(exc)
+            raise exc
         return super().retry(*args, exc=exc, **kwargs)
 
     def _on_backpressure(self, exc: Backpressure) -> None:
@@ -210,7 +215,7 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     base = options.setdefault("base", FleetTask)
     if not (isinstance(base, type) and issubclass(base, FleetTask)):
         raise ConfigError(f"fleet_task(base=...) must be a subclass of FleetTask, got {base!r}")
-    known = _known_options(base)
+    known = _known_options(base) - set(_FLEET_OPTIONS.values())
     unknown = sorted(set(options) - known)
     if unknown:
         hints = [

@@ -36,6 +36,9 @@ fleet_limits = {
         "rpm": int(os.environ.get("MODEL_RPM", "600")),
         "tpm": int(os.environ.get("MODEL_TPM", "90000")),
         "max_in_flight": int(os.environ.get("MODEL_MAX_IN_FLIGHT", "8")),
+        # Stop calling a failing provider fleet-wide; one probe after reset_timeout.
+        "breaker": {"failure_rate": 0.5, "min_calls": 10, "window": 30, "reset_timeout": 10},
+        "validate": "example_project.model.has_content",
     },
     # A search API the agents use as a tool, with a budget of its own.
     "search-api": {"rate": "600/minute", "max_in_flight": 4},

@@ -61,6 +61,21 @@ def ask(messages: list[dict[str, str]], task_id: str | None, max_retries: int = 
     )
 
 
+def ask_raw(messages: list[dict[str, str]], task_id: str | None) -> Any:
+    """The same call, keeping the HTTP response so its rate-limit headers can be read."""
+    return client(0).chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=MAX_TOKENS,
+        extra_headers={"x-fleet-task-id": task_id or "direct"},
+    )
+
+
+def has_content(resp: Any) -> bool:
+    """The ``validate`` hook: a 200 whose answer is empty is garbage."""
+    return bool(resp.choices and (resp.choices[0].message.content or "").strip())
+
+
 def search(query: str) -> list[str]:
     """A fake search API: 20-60 ms, three results."""
     time.sleep(random.uniform(0.02, 0.06))

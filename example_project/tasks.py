@@ -1,9 +1,10 @@
 """The fleet's tasks: a multi-step research agent and the nightly fan-out.
 
 Every model call holds a slot of the ``model`` limit (requests, tokens and in-flight
-budgets, fleet-wide) and settles the tokens the provider reports; the search tool holds a
-slot of its own limit. A 429 that gets through anyway becomes ``Throttled``: the task is
-rescheduled under the same id, never failed, never counted as a retry.
+budgets, fleet-wide), settles the tokens the provider reports and passes its rate-limit
+headers on; the search tool holds a slot of its own limit. A 429 that gets through anyway
+leaves the slot as ``Throttled`` (and pauses the limit for the provider's Retry-After): the
+task is rescheduled under the same id, never failed, never counted as a retry.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import openai
-
-from celery_fleet import FleetTask, Throttled, fleet_task
+from celery_fleet import FleetTask, fleet_task
 
 from . import model
 from .app import app, fleet
@@ -30,10 +29,10 @@ def research_agent(self: FleetTask, goal: str, steps: int = STEPS) -> dict[str, 
     for step in range(steps):
         messages = model.messages_for(goal, step, notes)
         with self.fleet.slot("model", tokens=model.estimate_tokens(messages)) as slot:
-            try:
-                resp = model.ask(messages, self.request.id)
-            except openai.RateLimitError as exc:
-                raise Throttled("model", _retry_after_ms(exc), "provider 429") from exc
+            raw = model.ask_raw(messages, self.request.id)
+            slot.observe(raw.headers)
+            resp = raw.parse()
+            slot.validate(resp)  # an empty answer counts against the breaker
             slot.settle(tokens=resp.usage.total_tokens)
         tokens += resp.usage.total_tokens
         notes.append(resp.choices[0].message.content or "")
@@ -52,12 +51,3 @@ def research_agent(self: FleetTask, goal: str, steps: int = STEPS) -> dict[str, 
 def nightly_batch(topics: list[str]) -> list[str]:
     """Fan the nightly batch out: one research agent per topic (beat runs this at 02:00)."""
     return [research_agent.delay(topic).id for topic in topics]
-
-
-def _retry_after_ms(exc: openai.APIStatusError) -> int:
-    headers = exc.response.headers
-    if "retry-after-ms" in headers:
-        return int(float(headers["retry-after-ms"]))
-    if "retry-after" in headers:
-        return int(float(headers["retry-after"]) * 1000)
-    return 1000

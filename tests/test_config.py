@@ -70,7 +70,7 @@ def test_duplicate_period_is_rejected() -> None:
         parse_limits({"llm": {"requests": "100/minute;200/minute"}})
 
 
-@pytest.mark.parametrize("name", ["", "has space", "{tag}", 42])
+@pytest.mark.parametrize("name", ["", "has space", "{tag}", "a:b", 42])
 def test_bad_limit_names(name: object) -> None:
     with pytest.raises(ConfigError, match="fleet_limits key"):
         parse_limits({name: {"rpm": 10}})

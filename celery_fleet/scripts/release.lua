@@ -1,32 +1,155 @@
--- release: give a slot back and record how long it was held.
+-- release: give a slot back and report how the call went.
 --
 -- KEYS[1]  leases   zset   lease id -> expiry (ms)
--- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms>"
--- KEYS[3]  ctl      hash   hold_ms (EWMA of hold times, read by acquire for its wait hint)
+-- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
+-- KEYS[3]  ctl      hash   hold_ms, pause_until, and the adaptive state: cap, rate_factor,
+--                          ceiling (in-flight level that last failed), probe_ms, probe_after,
+--                          last_cut (ms), slow (share of calls over the latency target)
 -- KEYS[4]  freed    list   gets one element per release: wakes one caller blocked in BLPOP
+-- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- ARGV[1]  lease id
+-- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
+--          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |
+--          neutral (nothing to learn)
+-- ARGV[3]  retry-after the provider asked for (ms; 0 = none): pauses admission fleet-wide
+-- ARGV[4..11]  adaptive: enabled (0/1), max cap, min cap, initial cap, increase, decrease,
+--              probe interval (ms), latency target (ms, 0 = none)
+-- ARGV[12..16] breaker: enabled (0/1), failure rate, min calls, window (ms),
+--              rate signals count as failures (0/1)
 --
--- Reply: {1, now, held_ms}  released
---        {0, now, 0}        the lease was already gone (expired: somebody else may hold the slot)
--- Reserved tokens are not refunded here: settle does that; a failed call's tokens stay spent,
--- as providers count them. Time unit: milliseconds, Redis TIME.
+-- Reply: {released (1/0), now, held_ms, transition ("", "open", "closed"), cap}
+-- Reserved tokens are never refunded here: a failed or refused call's tokens stay spent, as
+-- providers count them. Time unit: milliseconds, Redis TIME.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local id = ARGV[1]
+local outcome = ARGV[2]
+local retry_after = tonumber(ARGV[3])
 local rec = redis.call('HGET', KEYS[2], id)
 local removed = redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
-if removed == 0 or not rec then
-  return {0, string.format('%.3f', now), 0}
+local fmt = function(x) return string.format('%.3f', x) end
+
+if retry_after > 0 then
+  local until_ms = now + retry_after
+  local old = tonumber(redis.call('HGET', KEYS[3], 'pause_until'))
+  if not old or old < until_ms then redis.call('HSET', KEYS[3], 'pause_until', fmt(until_ms)) end
 end
-redis.call('RPUSH', KEYS[4], '1')
-redis.call('LTRIM', KEYS[4], -64, -1)
-redis.call('PEXPIRE', KEYS[4], 60000)
-local acquired = tonumber(string.match(rec, ' (.+)$')) or now
-local held = now - acquired
-local old = tonumber(redis.call('HGET', KEYS[3], 'hold_ms'))
-local ewma = held
-if old then ewma = old * 0.8 + held * 0.2 end
-redis.call('HSET', KEYS[3], 'hold_ms', string.format('%.3f', ewma))
-return {1, string.format('%.3f', now), math.floor(held)}
+
+local held, acquired, at_in_flight = 0, nil, 0
+if removed == 1 and rec then
+  redis.call('RPUSH', KEYS[4], '1')
+  redis.call('LTRIM', KEYS[4], -64, -1)
+  redis.call('PEXPIRE', KEYS[4], 60000)
+  local _, a, f = string.match(rec, '^(%S+) (%S+) ?(%S*)$')
+  acquired = tonumber(a) or now
+  at_in_flight = tonumber(f) or 0
+  held = now - acquired
+  local old = tonumber(redis.call('HGET', KEYS[3], 'hold_ms'))
+  local ewma = held
+  if old then ewma = old * 0.8 + held * 0.2 end
+  redis.call('HSET', KEYS[3], 'hold_ms', fmt(ewma))
+end
+
+-- Adaptive limit (AIMD): one cut per congestion event, i.e. only signals from calls admitted
+-- after the last cut count; growth only while the cap is in use; the in-flight level that
+-- failed is not retried before probe_after, and each failed probe doubles the wait.
+local cap = 0
+if ARGV[4] == '1' and acquired then
+  local max_cap, min_cap, init_cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  local increase, decrease = tonumber(ARGV[8]), tonumber(ARGV[9])
+  local probe_base, target = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local s = redis.call('HMGET', KEYS[3], 'cap', 'ceiling', 'probe_ms', 'probe_after',
+                       'last_cut', 'rate_factor', 'slow')
+  cap = tonumber(s[1]) or init_cap
+  local ceiling, probe_ms = tonumber(s[2]), tonumber(s[3]) or probe_base
+  local probe_after, last_cut = tonumber(s[4]) or 0, tonumber(s[5]) or 0
+  local factor, slow = tonumber(s[6]) or 1, tonumber(s[7]) or 0
+  local fresh = acquired >= last_cut
+  if outcome == 'ok' and target > 0 then
+    local over = 0
+    if held > target then over = 1 end
+    slow = slow * 0.98 + over * 0.02
+    -- more than 1% of recent calls over the target: the p99 is over it
+    if slow > 0.01 and fresh then outcome = 'congestion'; slow = 0 end
+    redis.call('HSET', KEYS[3], 'slow', string.format('%.5f', slow))
+  end
+  if (outcome == 'congestion' or outcome == 'overload') and fresh then
+    local level = math.floor(cap)
+    if ceiling and math.floor(ceiling) == level then
+      probe_ms = math.min(probe_ms * 2, probe_base * 64)
+    else
+      probe_ms = probe_base
+    end
+    cap = math.max(min_cap, cap * decrease)
+    redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'ceiling', level, 'probe_ms', probe_ms,
+               'probe_after', fmt(now + probe_ms), 'last_cut', fmt(now))
+  elseif outcome == 'rate' and fresh then
+    factor = math.max(0.05, factor * decrease)
+    redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor), 'last_cut', fmt(now))
+  elseif outcome == 'ok' then
+    if at_in_flight * 2 >= cap then
+      local new = cap + increase / cap
+      if ceiling then
+        if new >= ceiling + 1 then
+          redis.call('HDEL', KEYS[3], 'ceiling', 'probe_ms', 'probe_after')
+        elseif new >= ceiling and now < probe_after then
+          new = math.min(new, ceiling - 0.001)
+        end
+      end
+      cap = math.min(max_cap, new)
+      redis.call('HSET', KEYS[3], 'cap', fmt(cap))
+    end
+    if factor < 1 then
+      redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', math.min(1, factor + 0.02 * increase)))
+    end
+  end
+end
+
+-- Circuit breaker: the probe's result closes or re-opens; otherwise count the call in a
+-- sliding window (current + weighted previous) and open on the failure rate.
+local transition = ''
+if ARGV[12] == '1' then
+  local rate_limit, min_calls, window = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+  local failed = outcome == 'fail' or outcome == 'overload'
+  if ARGV[16] == '1' and (outcome == 'congestion' or outcome == 'rate') then failed = true end
+  local counts = failed or outcome == 'ok'
+  local b = redis.call('HMGET', KEYS[5], 'state', 'probe', 'win_start', 'calls', 'failures',
+                       'prev_calls', 'prev_failures', 'forced')
+  local function reset_counts(state)
+    redis.call('HSET', KEYS[5], 'state', state, 'opened_at', fmt(now), 'win_start', fmt(now),
+               'calls', 0, 'failures', 0, 'prev_calls', 0, 'prev_failures', 0)
+    redis.call('HDEL', KEYS[5], 'probe', 'probe_until')
+  end
+  if b[2] == id then
+    if outcome == 'ok' then
+      reset_counts('closed'); transition = 'closed'
+    elseif failed then
+      reset_counts('open'); transition = 'open'
+    else
+      redis.call('HDEL', KEYS[5], 'probe', 'probe_until')  -- no verdict: let another probe
+    end
+  elseif b[1] ~= 'open' and counts then
+    local ws = tonumber(b[3]) or now
+    local calls, fails = tonumber(b[4]) or 0, tonumber(b[5]) or 0
+    local pcalls, pfails = tonumber(b[6]) or 0, tonumber(b[7]) or 0
+    if now - ws >= 2 * window then
+      calls, fails, pcalls, pfails, ws = 0, 0, 0, 0, now
+    elseif now - ws >= window then
+      pcalls, pfails, calls, fails, ws = calls, fails, 0, 0, ws + window
+    end
+    calls = calls + 1
+    if failed then fails = fails + 1 end
+    local w = math.max(0, 1 - (now - ws) / window)
+    local wcalls, wfails = calls + pcalls * w, fails + pfails * w
+    if failed and b[8] ~= 'closed' and wcalls >= min_calls and wfails / wcalls >= rate_limit then
+      reset_counts('open'); transition = 'open'
+    else
+      redis.call('HSET', KEYS[5], 'win_start', fmt(ws), 'calls', calls, 'failures', fails,
+                 'prev_calls', pcalls, 'prev_failures', pfails)
+    end
+  end
+end
+
+return {removed, fmt(now), math.floor(held), transition, fmt(cap)}

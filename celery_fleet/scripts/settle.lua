@@ -1,7 +1,7 @@
 -- settle: replace a lease's token reservation by the actual usage.
 --
 -- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
--- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms>"
+-- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
 -- ARGV[1]  lease id
 -- ARGV[2]  actual tokens used
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)

@@ -1,0 +1,177 @@
+"""A circuit breaker per dependency, whose state the whole fleet shares.
+
+The breaker of a limit lives in one Redis hash (``{ns:limit}:breaker``) and changes only in
+Lua: the admission script refuses with ``circuit_open`` while it is open and lets exactly
+ONE caller through as the half-open probe after ``reset_timeout`` (the probe holds a
+lease: a crashed prober's claim expires with it); the release script counts outcomes in a
+sliding window, opens when the failure rate over at least ``min_calls`` calls reaches
+``failure_rate``, and closes or re-opens on the probe's result. ``opened_at`` is Redis TIME.
+
+What counts as a failure: 5xx, overloads, timeouts, connection errors and output your
+``validate`` hook rejects; a 429 is a rate signal, not a failure (``count_rate_limits``).
+
+Example::
+
+    app.conf.fleet_limits = {
+        "openai": {"rpm": 500, "breaker": {"failure_rate": 0.5, "min_calls": 10,
+                                          "window": 30, "reset_timeout": 10},
+                   "validate": lambda resp: bool(resp.choices[0].message.content)},
+    }
+    fleet.breaker("openai").force_open()     # operators: stop calling it now
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .checks import number, positive_int
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .admission import Admission
+
+__all__ = ["BreakerConfig", "BreakerState", "Breaker", "parse_breaker", "parse_validate"]
+
+_BREAKER_KEYS = frozenset(
+    {"failure_rate", "min_calls", "window", "reset_timeout", "count_rate_limits"}
+)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """When a limit's breaker opens and how long it stays open."""
+
+    failure_rate: float = 0.5
+    min_calls: int = 10
+    window_s: float = 30.0
+    reset_timeout_s: float = 10.0
+    count_rate_limits: bool = False
+
+
+@dataclass(frozen=True)
+class BreakerState:
+    """A snapshot of one breaker, as every process sees it.
+
+    ``state`` is ``"closed"``, ``"open"`` or ``"half_open"`` (open, past the reset
+    timeout: the next caller, or the running ``probing`` one, decides); ``forced`` is
+    ``"open"``, ``"closed"`` or None; ``retry_in_ms`` is the wait until a probe may run.
+    """
+
+    limit: str
+    state: str
+    forced: str | None
+    opened_at_ms: float | None
+    retry_in_ms: int
+    probing: bool
+    calls: int
+    failures: int
+
+
+def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
+    """``True``/a dict of options -> BreakerConfig; ``None``/``False`` -> no breaker."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return BreakerConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{setting} must be True or a dict of breaker options, got {value!r}")
+    unknown = sorted(set(value) - _BREAKER_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{setting} has unknown option(s) {unknown}; known: {sorted(_BREAKER_KEYS)}"
+        )
+    count = value.get("count_rate_limits", False)
+    if not isinstance(count, bool):
+        raise ConfigError(f"{setting}['count_rate_limits'] must be True or False, got {count!r}")
+    return BreakerConfig(
+        failure_rate=number(
+            value.get("failure_rate", 0.5), f"{setting}['failure_rate']", lo_open=0.0, hi=1.0
+        ),
+        min_calls=positive_int(value.get("min_calls", 10), f"{setting}['min_calls']"),
+        window_s=number(value.get("window", 30.0), f"{setting}['window']", lo_open=0.0),
+        reset_timeout_s=number(
+            value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo_open=0.0
+        ),
+        count_rate_limits=count,
+    )
+
+
+def parse_validate(value: object, setting: str) -> Callable[[Any], object] | None:
+    """The ``validate`` hook: a callable taking the call's result, falsy (or raising) = garbage.
+
+    A string names it (``"proj.checks.has_content"`` or ``"proj.checks:has_content"``) and is
+    imported now, so a typo fails at start-up.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from kombu.utils.imports import symbol_by_name
+
+        try:
+            value = symbol_by_name(value)  # type: ignore[no-untyped-call]
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"{setting}: cannot import {value!r} ({exc})") from None
+    if not callable(value):
+        raise ConfigError(f"{setting} must be a callable result -> bool, got {value!r}")
+    return value
+
+
+class Breaker:
+    """Read or override the fleet-wide breaker of one limit (one round trip per call)."""
+
+    def __init__(self, admission: Admission, limit: str) -> None:
+        cfg = admission.limit(limit)
+        if cfg.breaker is None:
+            raise ConfigError(f"limit {limit!r} has no breaker (set 'breaker' in fleet_limits)")
+        self.admission = admission
+        self.limit = limit
+        self.config = cfg.breaker
+
+    def state(self) -> BreakerState:
+        """The breaker as the admission script sees it now."""
+        return self._run("state")
+
+    def force_open(self) -> BreakerState:
+        """Refuse every call (``CircuitOpen``) until :meth:`unforce` or :meth:`reset`."""
+        return self._run("force_open")
+
+    def force_closed(self) -> BreakerState:
+        """Admit every call and never trip, until :meth:`unforce` or :meth:`reset`."""
+        return self._run("force_closed")
+
+    def unforce(self) -> BreakerState:
+        """Drop a manual override; the breaker resumes from its own state."""
+        return self._run("unforce")
+
+    def reset(self) -> BreakerState:
+        """Forget everything: closed, no counts, no override."""
+        return self._run("reset")
+
+    def _run(self, op: str) -> BreakerState:
+        k = self.admission.keys(self.limit)
+        reply = self.admission.store.run("breaker_admin", keys=[k.breaker], args=[op])
+        state, opened_at, forced, probe, probe_until, now, calls, failures = (
+            x.decode() if isinstance(x, bytes) else str(x) for x in reply
+        )
+        now_ms = float(now)
+        reset_ms = self.config.reset_timeout_s * 1000
+        retry_in = 0
+        shown = "closed"
+        if forced == "open":
+            shown, retry_in = "open", int(reset_ms)
+        elif forced != "closed" and state == "open":
+            half_at = float(opened_at) + reset_ms
+            shown = "open" if now_ms < half_at else "half_open"
+            retry_in = max(0, int(half_at - now_ms))
+        return BreakerState(
+            limit=self.limit,
+            state=shown,
+            forced=forced or None,
+            opened_at_ms=float(opened_at) if opened_at else None,
+            retry_in_ms=retry_in,
+            probing=bool(probe) and bool(probe_until) and float(probe_until) > now_ms,
+            calls=int(calls or 0),
+            failures=int(failures or 0),
+        )

@@ -1,0 +1,28 @@
+-- breaker_admin: read a limit's circuit breaker, or override it by hand (CLI, operators).
+--
+-- KEYS[1]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
+-- ARGV[1]  operation: state | force_open | force_closed | unforce | reset
+--
+-- force_open refuses every call until unforce/reset; force_closed admits every call and
+-- never trips; reset forgets everything (closed, no counts).
+-- Reply: {state, opened_at, forced, probe, probe_until, now, calls, failures}
+-- (missing fields as ""). Time unit: milliseconds, Redis TIME.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local op = ARGV[1]
+if op == 'force_open' then
+  redis.call('HSET', KEYS[1], 'forced', 'open')
+elseif op == 'force_closed' then
+  redis.call('HSET', KEYS[1], 'forced', 'closed')
+elseif op == 'unforce' then
+  redis.call('HDEL', KEYS[1], 'forced')
+elseif op == 'reset' then
+  redis.call('DEL', KEYS[1])
+elseif op ~= 'state' then
+  return redis.error_reply('unknown breaker operation ' .. op)
+end
+local b = redis.call('HMGET', KEYS[1], 'state', 'opened_at', 'forced', 'probe', 'probe_until',
+                     'calls', 'failures')
+for i = 1, 7 do b[i] = b[i] or '' end
+return {b[1], b[2], b[3], b[4], b[5], string.format('%.3f', now), b[6], b[7]}

@@ -1,0 +1,171 @@
+"""Adaptive limits and provider signals, against a real Redis (several processes where needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from celery_fleet import ConfigError, Fleet, QuotaExhausted, Throttled
+from celery_fleet.config import parse_limits
+
+MakeFleet = Callable[..., Fleet]
+REQ = httpx.Request("POST", "http://sim/v1/chat/completions")
+ADAPTIVE = {
+    "max_in_flight": 16,
+    "adaptive": True,
+    "initial_in_flight": 16,
+    "decrease": 0.5,
+    "probe_interval": 30,
+}
+
+
+def rate_limit_error(headers: dict, message: str = "Too many concurrent requests") -> Exception:
+    resp = httpx.Response(429, headers=headers, request=REQ)
+    return openai.RateLimitError(message, response=resp, body={"type": "requests"})
+
+
+def cap(fleet: Fleet, name: str = "llm") -> float:
+    return fleet.adaptive_state(name).get("cap", 0.0)
+
+
+def test_cap_is_cut_once_per_congestion_event(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": ADAPTIVE})
+    burst = [fleet.try_acquire("llm") for _ in range(10)]
+    assert all(burst)
+    for d in burst:  # ten 429s from calls admitted before the first cut: one event
+        fleet.release(d, "congestion")
+    assert cap(fleet) == pytest.approx(8.0)
+    later = fleet.try_acquire("llm")
+    fleet.release(later, "congestion")  # admitted after the cut: a new event
+    assert cap(fleet) == pytest.approx(4.0)
+    assert [bool(fleet.try_acquire("llm")) for _ in range(5)] == [True] * 4 + [False]
+
+
+def test_cap_climbs_back_while_in_use_and_stays_bounded(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**ADAPTIVE, "initial_in_flight": 4, "probe_interval": 0.001}})
+    caps = []
+    for _ in range(60):
+        held = [fleet.try_acquire("llm") for _ in range(int(cap(fleet) or 4))]
+        for d in held:
+            if d:
+                fleet.release(d, "ok")
+        caps.append(cap(fleet))
+    assert caps == sorted(caps)  # additive increase only
+    assert caps[0] > 4 and caps[-1] == 16  # grows, up to max_in_flight and not beyond
+
+
+def test_idle_limit_does_not_grow(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**ADAPTIVE, "initial_in_flight": 8}})
+    for _ in range(20):  # one call at a time: the cap of 8 is not in use
+        fleet.release(fleet.try_acquire("llm"), "ok")
+    assert cap(fleet) == 0.0  # never written: still the initial 8
+
+
+def test_failed_level_is_not_retried_before_the_probe_interval(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**ADAPTIVE, "initial_in_flight": 6, "decrease": 0.9}})
+    burst = [fleet.try_acquire("llm") for _ in range(6)]
+    fleet.release(burst[0], "congestion")  # 6 in flight failed: cap 5.4
+    for d in burst[1:]:
+        fleet.release(d, "neutral")
+    for _ in range(50):
+        held = [fleet.try_acquire("llm") for _ in range(5)]
+        for d in held:
+            fleet.release(d, "ok")
+    state = fleet.adaptive_state("llm")
+    assert state["ceiling"] == 6 and 5.9 < state["cap"] < 6.0  # held just below the failed level
+
+
+def test_rate_429_cuts_the_rate_factor(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 600, "burst": 0.01, "max_in_flight": 8, "adaptive": True}})
+    d = fleet.try_acquire("llm")
+    fleet.release(d, "rate")
+    assert fleet.adaptive_state("llm")["rate_factor"] == pytest.approx(0.9)
+    # T stretches from 100 to 111 ms, tau stays 600 ms: 4 more fit where 5 did
+    assert [bool(fleet.try_acquire("llm")) for _ in range(6)] == [True] * 4 + [False] * 2
+
+
+def test_latency_over_target_counts_as_congestion(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**ADAPTIVE, "initial_in_flight": 2, "latency_target": 0.05}})
+    d = fleet.try_acquire("llm")
+    time.sleep(0.08)
+    fleet.release(d, "ok")
+    assert cap(fleet) == pytest.approx(1.0)
+
+
+PAUSED = textwrap.dedent(
+    """
+    import json, sys
+    from celery_fleet import Fleet
+    fleet = Fleet(redis_url=sys.argv[1], namespace=sys.argv[2],
+                  limits={"llm": {"max_in_flight": 8, "adaptive": True}})
+    d = fleet.try_acquire("llm")
+    print(json.dumps([d.allowed, d.reason, d.wait_ms]))
+    """
+)
+
+
+def test_retry_after_pauses_every_process(
+    make_fleet: MakeFleet, redis_url: str, namespace: str
+) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 8, "adaptive": True}})
+    with pytest.raises(Throttled) as info:
+        with fleet.slot("llm"):
+            raise rate_limit_error({"retry-after-ms": "3000"})
+    assert info.value.wait_ms == 3000 and isinstance(info.value.__cause__, openai.RateLimitError)
+    procs = [
+        subprocess.run(
+            [sys.executable, "-c", PAUSED, redis_url, namespace],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        for _ in range(3)
+    ]
+    answers = [json.loads(p.stdout) for p in procs]
+    assert all(
+        not ok and reason == "paused" and 1000 < wait <= 3000 for ok, reason, wait in answers
+    ), answers
+
+
+def test_quota_429_fails_fast_and_does_not_pause(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 8}})
+    with pytest.raises(QuotaExhausted, match="quota"):
+        with fleet.slot("llm"):
+            raise rate_limit_error({}, "You exceeded your current quota (insufficient_quota)")
+    assert fleet.try_acquire("llm")
+
+
+def test_observe_lowers_buckets_to_what_the_provider_says(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 600, "tpm": 60_000}})
+    with fleet.slot("llm", tokens=100) as slot:
+        lowered = slot.observe(
+            {"x-ratelimit-remaining-requests": "2", "x-ratelimit-remaining-tokens": "50000"}
+        )
+    assert lowered == 2
+    assert [bool(fleet.try_acquire("llm")) for _ in range(3)] == [True, True, False]
+    # headers never raise local state
+    assert fleet.slot("llm").observe({"x-ratelimit-remaining-requests": "500"}) == 0
+    assert not fleet.try_acquire("llm")
+    # a provider limit below the declared one lowers the rate factor, never raises it
+    fleet.slot("llm").observe({"x-ratelimit-limit-tokens": "30000"})
+    fleet.slot("llm").observe({"x-ratelimit-limit-tokens": "45000"})
+    assert fleet.adaptive_state("llm")["rate_factor"] == pytest.approx(0.5)
+
+
+def test_adaptive_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="needs max_in_flight"):
+        parse_limits({"llm": {"rpm": 10, "adaptive": True}})
+    with pytest.raises(ConfigError, match="but not adaptive=True"):
+        parse_limits({"llm": {"max_in_flight": 4, "decrease": 0.5}})
+    with pytest.raises(ConfigError, match="'decrease'] must be > 0.0 < 1.0"):
+        parse_limits({"llm": {"max_in_flight": 4, "adaptive": True, "decrease": 1.5}})
+    with pytest.raises(ConfigError, match="above max_in_flight"):
+        parse_limits({"llm": {"max_in_flight": 4, "adaptive": True, "min_in_flight": 5}})

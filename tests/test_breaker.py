@@ -1,0 +1,190 @@
+"""The fleet-wide circuit breaker, against a real Redis and several processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from celery_fleet import CircuitOpen, ConfigError, Fleet, Throttled
+from celery_fleet.config import parse_limits
+
+MakeFleet = Callable[..., Fleet]
+REQ = httpx.Request("POST", "http://sim/v1/chat/completions")
+BREAKER = {
+    "max_in_flight": 50,
+    "breaker": {"failure_rate": 0.5, "min_calls": 10, "window": 30, "reset_timeout": 0.5},
+}
+
+
+def server_error(status: int = 500) -> Exception:
+    return openai.InternalServerError(
+        "boom", response=httpx.Response(status, request=REQ), body=None
+    )
+
+
+def calls(fleet: Fleet, pattern: str) -> None:
+    """One call per letter: S succeeds, F fails with a 500."""
+    for letter in pattern:
+        try:
+            with fleet.slot("llm"):
+                if letter == "F":
+                    raise server_error()
+        except openai.InternalServerError:
+            pass
+
+
+def trip(fleet: Fleet) -> None:
+    calls(fleet, "F" * 10)
+    assert fleet.breaker("llm").state().state == "open"
+
+
+def test_trips_on_failure_rate_not_on_consecutive_failures(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": BREAKER})
+    calls(fleet, "SSFSFSFSSFSS")  # 33% failures: stays closed
+    assert fleet.breaker("llm").state().state == "closed"
+    fleet.breaker("llm").reset()
+    calls(fleet, "FFFFSFFFFSF")  # 82% failures, never 5 in a row: opens on the 11th
+    state = fleet.breaker("llm").state()
+    assert state.state == "open" and 0 < state.retry_in_ms <= 500
+    with pytest.raises(CircuitOpen) as info:
+        with fleet.slot("llm"):
+            pytest.fail("an open breaker admitted a call")
+    assert 0 < info.value.wait_ms <= 500
+
+
+def test_rate_limits_do_not_trip_unless_configured(make_fleet: MakeFleet) -> None:
+    def rate_limited() -> None:
+        resp = httpx.Response(429, headers={"retry-after-ms": "1"}, request=REQ)
+        raise openai.RateLimitError("slow down", response=resp, body={"type": "requests"})
+
+    for count, expected in ((False, "closed"), (True, "open")):
+        fleet = make_fleet(
+            {"llm": {**BREAKER, "breaker": {**BREAKER["breaker"], "count_rate_limits": count}}},
+            namespace=f"rl-{count}-{time.monotonic_ns()}",
+        )
+        for _ in range(12):
+            time.sleep(0.002)  # past the 1 ms pause the 429 asked for
+            with pytest.raises((Throttled, CircuitOpen)):
+                with fleet.slot("llm", max_wait=1):
+                    rate_limited()
+        assert fleet.breaker("llm").state().state == expected
+        fleet.breaker("llm").reset()
+
+
+def test_validate_hook_turns_garbage_into_failures(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**BREAKER, "validate": lambda text: bool(text.strip())}})
+    for _ in range(10):
+        with fleet.slot("llm") as slot:
+            assert not slot.validate("   ")  # a 200 with empty output
+    assert fleet.breaker("llm").state().state == "open"
+
+
+def test_probe_success_closes_and_failure_reopens(make_fleet: MakeFleet) -> None:
+    seen: list[tuple[str, str]] = []
+    fleet = make_fleet({"llm": BREAKER})
+    fleet.on_breaker_change(lambda limit, state: seen.append((limit, state)))
+    trip(fleet)
+    time.sleep(0.55)
+    assert fleet.breaker("llm").state().state == "half_open"
+    calls(fleet, "F")  # the probe fails: open again, for a new reset_timeout
+    assert fleet.breaker("llm").state().state == "open"
+    time.sleep(0.55)
+    probe = fleet.try_acquire("llm")
+    assert probe and probe.probe
+    assert not fleet.try_acquire("llm")  # only one probe
+    assert fleet.release(probe, "ok").transition == "closed"
+    assert fleet.try_acquire("llm") and fleet.breaker("llm").state().state == "closed"
+    assert seen == [
+        ("llm", "open"),
+        ("llm", "half_open"),
+        ("llm", "open"),
+        ("llm", "half_open"),
+        ("llm", "closed"),
+    ]
+
+
+def test_a_crashed_probe_lets_another_probe_after_its_lease(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {**BREAKER, "lease": 1}})
+    trip(fleet)
+    time.sleep(0.55)
+    assert fleet.try_acquire("llm").probe  # never released: the prober died
+    refused = fleet.try_acquire("llm")
+    assert not refused and refused.reason == "circuit_open"
+    time.sleep(1.05)
+    assert fleet.try_acquire("llm").probe
+
+
+def test_manual_overrides(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": BREAKER})
+    breaker = fleet.breaker("llm")
+    assert breaker.force_open().state == "open"
+    assert fleet.try_acquire("llm").reason == "circuit_open"
+    assert breaker.force_closed().forced == "closed"
+    calls(fleet, "F" * 20)
+    assert fleet.try_acquire("llm")  # forced closed never trips
+    assert breaker.unforce().forced is None
+    assert breaker.reset().state == "closed"
+    with pytest.raises(ConfigError, match="has no breaker"):
+        make_fleet({"x": {"rpm": 10}}).breaker("x")
+
+
+PROBER = textwrap.dedent(
+    """
+    import json, sys, time
+    from celery_fleet import Fleet
+    url, ns, limits, start = sys.argv[1:5]
+    fleet = Fleet(redis_url=url, namespace=ns, limits=json.loads(limits))
+    fleet.store.ping()
+    time.sleep(max(0.0, float(start) - time.time()))
+    d = fleet.try_acquire("llm")
+    print(json.dumps([d.allowed, d.probe, d.reason]))
+    """
+)
+
+
+def test_sixteen_processes_after_reset_timeout_make_exactly_one_probe(
+    make_fleet: MakeFleet, redis_url: str, namespace: str
+) -> None:
+    fleet = make_fleet({"llm": BREAKER})
+    trip(fleet)
+    start = time.time() + 2.0  # all 16 ask at the same instant, past the reset timeout
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                PROBER,
+                redis_url,
+                namespace,
+                json.dumps({"llm": BREAKER}),
+                str(start),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(16)
+    ]
+    answers = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(allowed for allowed, _, _ in answers) == 1
+    assert [probe for allowed, probe, _ in answers if allowed] == [True]
+    assert sorted(reason for allowed, _, reason in answers if not allowed) == ["circuit_open"] * 15
+
+
+def test_breaker_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_limits({"llm": {"rpm": 1, "breaker": {"failure_rat": 0.5}}})
+    with pytest.raises(ConfigError, match="failure_rate"):
+        parse_limits({"llm": {"rpm": 1, "breaker": {"failure_rate": 2}}})
+    with pytest.raises(ConfigError, match="validate.*must be a callable"):
+        parse_limits({"llm": {"rpm": 1, "validate": 42}})
+    with pytest.raises(ConfigError, match="cannot import 'os.no_such_check'"):
+        parse_limits({"llm": {"rpm": 1, "validate": "os.no_such_check"}})
+    assert parse_limits({"llm": {"rpm": 1, "validate": "os.path:isabs"}})["llm"].validate("/")

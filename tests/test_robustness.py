@@ -1,0 +1,151 @@
+"""Regression tests for failure paths: serialization, Redis loss, stalls, misuse."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import pytest
+from celery import Celery
+
+from celery_fleet import (
+    CircuitOpen,
+    ConfigError,
+    Fleet,
+    FleetTask,
+    QuotaExhausted,
+    StoreUnavailable,
+    Throttled,
+    fleet_task,
+)
+from celery_fleet.config import parse_limit
+
+MakeFleet = Callable[..., Fleet]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        Throttled("llm", 1500, "tokens/60s"),
+        CircuitOpen("llm", 900, "circuit_open"),
+        QuotaExhausted("llm", "insufficient_quota"),
+        StoreUnavailable("redis://h:1/0", "refused"),
+    ],
+)
+def test_fleet_errors_survive_the_json_result_backend(exc: Exception) -> None:
+    app = Celery("ser", backend="cache+memory://", set_as_current=False)
+    app.conf.result_serializer = "json"
+    back = app.backend.exception_to_python(app.backend.prepare_exception(exc, "json"))
+    assert type(back) is type(exc)
+    assert vars(back) == vars(exc) or str(back) == str(exc)
+    assert str(back) == str(exc)
+
+
+def test_settle_after_release_does_not_refund_twice(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"tpm": 6000, "burst": 1000 / 6000}})
+    d = fleet.try_acquire("llm", tokens=1000)
+    assert fleet.settle(d, 100) == -900
+    fleet.release(d)
+    assert [fleet.settle(d, 100) for _ in range(3)] == [0, 0, 0]
+    assert fleet.try_acquire("llm", tokens=900)
+    assert not fleet.try_acquire("llm", tokens=50)
+
+
+def test_a_failed_release_does_not_replace_the_body_outcome(
+    make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 2}})
+
+    def redis_gone(*args: object, **kwargs: object) -> None:
+        raise StoreUnavailable("redis://gone", "connection reset")
+
+    with fleet.slot("llm") as slot:
+        monkeypatch.setattr(fleet.admission, "release", redis_gone)
+        result = "paid-for model answer"
+    assert result == "paid-for model answer" and slot.lease_id is None
+    with pytest.raises(KeyError):
+        with fleet.slot("llm"):
+            raise KeyError("the body's own error")
+    assert "will expire" in caplog.text
+
+
+def test_a_stalled_lease_is_marked_lost_by_the_fleet_clock(make_fleet: MakeFleet) -> None:
+    class Jumpy:
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = Jumpy()
+    fleet = make_fleet({"tool": {"max_in_flight": 1, "lease": 1}}, clock=clock)
+    with fleet.slot("tool") as slot:
+        time.sleep(0.5)  # the keeper ticks; on the fleet's clock no time has passed
+        assert not slot.lost
+        clock.now += 5.0  # as if the process (or Redis) froze for 5 s
+        deadline = time.monotonic() + 3
+        while not slot.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slot.lost
+
+
+def test_eager_retry_with_backpressure_is_not_counted(redis_url: str, namespace: str) -> None:
+    app = Celery("eager", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(
+        fleet_redis_url=redis_url, fleet_namespace=namespace, fleet_limits={"llm": {"rpm": 60}}
+    )
+    fleet = Fleet(app)
+    fleet.clock.sleep = lambda s: None  # type: ignore[method-assign]
+    seen: list[int] = []
+
+    @fleet_task(app=app, shared=False, bind=True, max_retries=0, name="eager-retry")
+    def agent(self: FleetTask) -> str:
+        seen.append(self.request.retries)
+        if len(seen) == 1:
+            raise self.retry(exc=Throttled("llm", 10))
+        return "done"
+
+    assert agent.apply().get() == "done"
+    assert seen == [0, 0]
+
+
+def test_attribute_spellings_of_fleet_options_are_rejected() -> None:
+    with pytest.raises(ConfigError, match="fleet_on_limit"):
+        fleet_task(fleet_on_limit="retry")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"redis_url": "redis://127.0.0.1:notaport/13"}, "invalid Redis URL"),
+        ({"limits": {"llm": {"rpm": 10, "lease": math.inf}}}, "'lease'] must be"),
+    ],
+)
+def test_bad_urls_and_numbers_fail_at_fleet_creation(kwargs: dict, needle: str) -> None:
+    kwargs.setdefault("redis_url", "redis://127.0.0.1:6379/9")
+    kwargs.setdefault("limits", {"llm": {"rpm": 10}})
+    with pytest.raises(ConfigError, match=needle):
+        Fleet(**kwargs)
+
+
+def test_a_limit_config_object_takes_its_key_as_name(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"a": parse_limit("b", {"rpm": 10}, "x")})
+    assert fleet.try_acquire("a")
+
+
+def test_listener_errors_are_logged_not_raised(
+    make_fleet: MakeFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = make_fleet(
+        {"llm": {"max_in_flight": 5, "breaker": {"min_calls": 1, "reset_timeout": 5}}}
+    )
+    fleet.on_breaker_change(lambda limit, state: 1 / 0)
+    with caplog.at_level(logging.ERROR), pytest.raises(TimeoutError):
+        with fleet.slot("llm"):
+            raise TimeoutError("provider timed out")
+    assert fleet.breaker("llm").state().state == "open"
+    assert "breaker listener" in caplog.text
