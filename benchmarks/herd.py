@@ -32,27 +32,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from example_project.demo import progress, table  # noqa: E402
-from example_project.herd import Herd, RunResult, Scenario  # noqa: E402
+from example_project.herd import (  # noqa: E402
+    Herd,
+    RunResult,
+    Scenario,
+    add_scenario_args,
+    scenario_from_args,
+)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TARGETS = {"completed": 1.0, "rate_429": 0.01, "ratio": 1.10}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    d = Scenario()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--agents", type=int, default=d.agents)
-    p.add_argument("--steps", type=int, default=d.steps, help="model calls per agent")
-    p.add_argument("--rpm", type=int, default=d.rpm)
-    p.add_argument("--tpm", type=int, default=d.tpm)
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
-    p.add_argument("--latency", type=float, default=d.latency, help="median seconds per call")
-    p.add_argument("--latency-sigma", type=float, default=d.latency_sigma)
-    p.add_argument("--workers", type=int, default=d.workers, help="celery worker instances")
-    p.add_argument("--concurrency", type=int, default=d.concurrency, help="slots per worker")
-    p.add_argument("--pool", default=d.pool, choices=["prefork", "threads", "solo"])
+    add_scenario_args(p)
     p.add_argument("--modes", default="plain,autoretry,fleet")
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--json", default="-", help="where to write the JSON ('-': stdout)")
     p.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     return p.parse_args(argv)
@@ -96,19 +91,7 @@ def markdown(scenario: Scenario, runs: list[RunResult], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scenario = Scenario(
-        agents=args.agents,
-        steps=args.steps,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        max_in_flight=args.max_in_flight,
-        latency=args.latency,
-        latency_sigma=args.latency_sigma,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        pool=args.pool,
-        seed=args.seed,
-    )
+    scenario = scenario_from_args(args)
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     runs = []
     with Herd(scenario, redis_url) as herd:

@@ -31,13 +31,7 @@ def _run(task: Task, goal: str, steps: int, max_retries: int) -> dict[str, Any]:
         tokens += resp.usage.total_tokens
         notes.append(resp.choices[0].message.content or "")
         notes.extend(model.search(f"{goal} {step}"))
-    return {
-        "goal": goal,
-        "steps": steps,
-        "tokens": tokens,
-        "started_at": started_at,
-        "finished_at": time.time(),
-    }
+    return model.summary(goal, steps, tokens, started_at)
 
 
 @app.task(bind=True)

@@ -36,8 +36,15 @@ fleet_limits = {
         "rpm": int(os.environ.get("MODEL_RPM", "600")),
         "tpm": int(os.environ.get("MODEL_TPM", "90000")),
         "max_in_flight": int(os.environ.get("MODEL_MAX_IN_FLIGHT", "8")),
+        # Find the provider's real concurrency by AIMD (MODEL_ADAPTIVE=1 turns it on).
+        "adaptive": os.environ.get("MODEL_ADAPTIVE", "0") == "1",
         # Stop calling a failing provider fleet-wide; one probe after reset_timeout.
-        "breaker": {"failure_rate": 0.5, "min_calls": 10, "window": 30, "reset_timeout": 10},
+        "breaker": {
+            "failure_rate": 0.5,
+            "min_calls": 10,
+            "window": 30,
+            "reset_timeout": float(os.environ.get("MODEL_BREAKER_RESET", "10")),
+        },
         "validate": "example_project.model.has_content",
     },
     # A search API the agents use as a tool, with a budget of its own.

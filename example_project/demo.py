@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .herd import Herd, RunResult, Scenario
+from .herd import Herd, RunResult, add_scenario_args, scenario_from_args
 
 BAR = 30
 
@@ -61,26 +61,11 @@ def table(runs: list[RunResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = Scenario()
-    p.add_argument("--agents", type=int, default=d.agents)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
-    p.add_argument("--latency", type=float, default=d.latency)
-    p.add_argument("--workers", type=int, default=d.workers)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--pool", default=d.pool, choices=["prefork", "threads", "solo"])
+    add_scenario_args(p)
     p.add_argument("--modes", default="plain,fleet", help="comma list of plain, autoretry, fleet")
     p.add_argument("--plot", default="demo-herd.png", help="PNG path ('' for none)")
     args = p.parse_args(argv)
-    scenario = Scenario(
-        agents=args.agents,
-        steps=args.steps,
-        max_in_flight=args.max_in_flight,
-        latency=args.latency,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        pool=args.pool,
-    )
+    scenario = scenario_from_args(args)
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     print(
         f"celery-fleet demo: {scenario.agents} agents x {scenario.steps} model calls, "

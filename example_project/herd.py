@@ -13,11 +13,13 @@ Used by ``python -m example_project.demo`` and ``benchmarks/herd.py``.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_fleet.testing import ProviderSim
+from celery_fleet.testing import Phase, ProviderSim
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {
@@ -55,6 +57,10 @@ class Scenario:
     pool: str = "prefork"
     timeout_s: float = 300.0
     seed: int | None = 1
+    declared_in_flight: int | None = None  # what fleet_limits declares (default: the truth)
+    adaptive: bool = False
+    breaker_reset_s: float = 10.0
+    phases: tuple[Phase, ...] = ()  # provider phases, counted from the moment of firing
 
     @property
     def worker_slots(self) -> int:
@@ -75,6 +81,10 @@ class RunResult:
     makespan_s: float
     lower_bound_s: float
     timeline: list[tuple[float, int, int]] = field(default_factory=list, repr=False)
+    #: the provider's log relative to the firing: (t, outcome, latency) per request
+    records: list[tuple[float, str, float]] = field(default_factory=list, repr=False)
+    #: ``fleet-breaker`` Celery events the workers sent: (t, limit, state)
+    breaker_events: list[tuple[float, str, str]] = field(default_factory=list, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -85,7 +95,8 @@ class RunResult:
         return self.provider_429 / self.requests if self.requests else 0.0
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "timeline"}
+        hidden = ("timeline", "records", "breaker_events")
+        out = {k: v for k, v in asdict(self).items() if k not in hidden}
         out.update(ratio=round(self.ratio, 3), rate_429=round(self.rate_429, 4))
         return out
 
@@ -120,9 +131,11 @@ class Herd:
         run = f"herd-{mode}-{uuid.uuid4().hex[:8]}"
         workers = self._start_workers(mode, run)
         app = Celery("herd-client", broker=self.url, backend=self.url)
+        events = BreakerEvents(app)
         try:
             self._wait_ready(app, [n for n, _ in workers])
             self.sim.reset_stats(refill=True)
+            self.sim.schedule(self.scenario.phases)
             sim_t0 = self.sim.elapsed_s()
             t0 = time.time()
             results = [
@@ -137,8 +150,11 @@ class Herd:
             ended = self._wait_all(mode, results, progress)
         finally:
             self._stop_workers(workers)
+            events.stop()
             self._cleanup(app, run)
-        return self._measure(mode, t0, sim_t0, results, ended)
+        result = self._measure(mode, t0, sim_t0, results, ended)
+        result.breaker_events = [(t - t0, limit, state) for t, limit, state in events.seen]
+        return result
 
     # -- workers ------------------------------------------------------------------------
 
@@ -152,7 +168,9 @@ class Herd:
             "EXAMPLE_NAMESPACE": run,
             "MODEL_RPM": str(s.rpm),
             "MODEL_TPM": str(s.tpm),
-            "MODEL_MAX_IN_FLIGHT": str(s.max_in_flight),
+            "MODEL_MAX_IN_FLIGHT": str(s.declared_in_flight or s.max_in_flight),
+            "MODEL_ADAPTIVE": "1" if s.adaptive else "0",
+            "MODEL_BREAKER_RESET": str(s.breaker_reset_s),
             "OPENAI_BASE_URL": self.sim.base_url,
             "OPENAI_API_KEY": "sim",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -258,6 +276,7 @@ class Herd:
             makespan_s=round(end - t0, 3),
             lower_bound_s=round(self.lower_bound_s(n_calls, mean_cost), 3),
             timeline=timeline(log, sim_t0, end - t0),
+            records=[(r.t_s - sim_t0, r.outcome, r.latency_s) for r in log],
         )
 
     def lower_bound_s(self, n_calls: int, mean_cost: float) -> float:
@@ -270,6 +289,67 @@ class Herd:
         s = self.scenario
         mean_latency = s.latency * math.exp(s.latency_sigma**2 / 2)
         return max(self.sim.min_makespan_s(n_calls, mean_cost), s.steps * mean_latency)
+
+
+class BreakerEvents:
+    """Listens, like Flower, to the ``fleet-breaker`` events workers send (a thread)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.seen: list[tuple[float, str, str]] = []
+        self._conn = app.connection_for_read()
+        self._receiver = app.events.Receiver(
+            self._conn, handlers={"fleet-breaker": self._on_event, "*": lambda e: None}
+        )
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        stamp = float(event.get("timestamp", time.time()))
+        self.seen.append((stamp, event["limit"], event["state"]))
+
+    def _run(self) -> None:
+        try:
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception:  # the connection closes under it at stop()
+            pass
+
+    def stop(self) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(2)
+        self._conn.release()
+
+
+def add_scenario_args(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of a :class:`Scenario` (the demo and the benchmark share them)."""
+    d = Scenario()
+    parser.add_argument("--agents", type=int, default=d.agents)
+    parser.add_argument("--steps", type=int, default=d.steps, help="model calls per agent")
+    parser.add_argument("--rpm", type=int, default=d.rpm)
+    parser.add_argument("--tpm", type=int, default=d.tpm)
+    parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    parser.add_argument("--latency", type=float, default=d.latency, help="median s per call")
+    parser.add_argument("--latency-sigma", type=float, default=d.latency_sigma)
+    parser.add_argument("--workers", type=int, default=d.workers, help="celery worker instances")
+    parser.add_argument("--concurrency", type=int, default=d.concurrency, help="slots per worker")
+    parser.add_argument("--pool", default=d.pool, choices=["prefork", "threads", "solo"])
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    """The Scenario the options of :func:`add_scenario_args` describe."""
+    return Scenario(
+        agents=args.agents,
+        steps=args.steps,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_in_flight=args.max_in_flight,
+        latency=args.latency,
+        latency_sigma=args.latency_sigma,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        pool=args.pool,
+        seed=args.seed,
+    )
 
 
 def timeline(

@@ -76,6 +76,17 @@ def has_content(resp: Any) -> bool:
     return bool(resp.choices and (resp.choices[0].message.content or "").strip())
 
 
+def summary(goal: str, steps: int, tokens: int, started_at: float) -> dict[str, Any]:
+    """What an agent returns: its goal, cost and the wall-clock span it ran in."""
+    return {
+        "goal": goal,
+        "steps": steps,
+        "tokens": tokens,
+        "started_at": started_at,
+        "finished_at": time.time(),
+    }
+
+
 def search(query: str) -> list[str]:
     """A fake search API: 20-60 ms, three results."""
     time.sleep(random.uniform(0.02, 0.06))

@@ -38,13 +38,7 @@ def research_agent(self: FleetTask, goal: str, steps: int = STEPS) -> dict[str, 
         notes.append(resp.choices[0].message.content or "")
         with fleet.slot("search-api"):
             notes.extend(model.search(f"{goal} {step}"))
-    return {
-        "goal": goal,
-        "steps": steps,
-        "tokens": tokens,
-        "started_at": started_at,
-        "finished_at": time.time(),
-    }
+    return model.summary(goal, steps, tokens, started_at)
 
 
 @fleet_task(app=app)

@@ -19,6 +19,7 @@ From a shell: ``python -m celery_fleet.testing.provider --rpm 600 --port 0`` (se
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import random
@@ -208,6 +209,23 @@ class ProviderSim:
             )
             new.check(self.burst_s)
             self._base = new
+
+    def schedule(self, phases: Sequence[Phase]) -> None:
+        """Replace the timeline with ``phases`` counted from now rather than from start.
+
+        Benchmarks start the simulator, then their workers, and only then want the clock
+        of the scenario to begin.
+
+        Example::
+
+            sim.schedule([Phase(start=10, end=25, max_in_flight=4)])  # 10 s from now
+        """
+        offset = self.elapsed_s()
+        shifted = tuple(
+            dataclasses.replace(p, start=p.start + offset, end=p.end + offset) for p in phases
+        )
+        with self._lock:
+            self.phases = shifted
 
     def min_makespan_s(self, n_requests: int, tokens_per_request: float) -> float:
         """A floor on the time to serve ``n_requests`` of that cost on a fresh sim, phases ignored.
