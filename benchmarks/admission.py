@@ -137,10 +137,9 @@ def sample_latency(ours: Ours, peer: Peer, samples: int) -> dict[str, list[int]]
     """Interleaved timings in ns, one list per key of ROWS: each sample runs every step once."""
     fleet = ours.fleet
     client = fleet.store.client
-    cfg, k = fleet.limits[LIMIT], fleet.admission.keys(LIMIT)
-    keys = [k.gcra, k.leases, k.holders, k.ctl]
-    args: list[Any] = [TOKENS, int(cfg.lease_s * 1000), cfg.max_in_flight, len(cfg.windows)]
-    args += [a for w in cfg.windows for a in (w.field, repr(w.emission_ms), repr(w.tolerance_ms))]
+    # The exact KEYS and ARGV try_acquire sends (built by Admission, not copied here).
+    keys = fleet.admission._acquire_keys[LIMIT]
+    args: list[Any] = [TOKENS, *fleet.admission._acquire_tail[LIMIT]]
     noop, raw = client.register_script("return 1"), client.register_script(script_source("acquire"))
     got: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {  # in this order, every sample
