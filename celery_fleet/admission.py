@@ -240,8 +240,8 @@ class Admission:
             remaining = obs.requests_remaining if is_req else obs.tokens_remaining
             if w.period_s != 60:
                 continue
-            if limit is not None and 0 < limit < w.declared:
-                factors.append(limit / w.declared)
+            if limit is not None and limit > 0:
+                factors.append(min(1.0, limit / w.declared))
             if remaining is not None:
                 args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), remaining]
         factor = min(factors) if factors else -1

@@ -90,9 +90,9 @@ def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
             value.get("failure_rate", 0.5), f"{setting}['failure_rate']", lo_open=0.0, hi=1.0
         ),
         min_calls=positive_int(value.get("min_calls", 10), f"{setting}['min_calls']"),
-        window_s=number(value.get("window", 30.0), f"{setting}['window']", lo_open=0.0),
+        window_s=number(value.get("window", 30.0), f"{setting}['window']", lo=0.001),
         reset_timeout_s=number(
-            value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo_open=0.0
+            value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo=0.001
         ),
         count_rate_limits=count,
     )
@@ -165,6 +165,8 @@ class Breaker:
             half_at = float(opened_at) + reset_ms
             shown = "open" if now_ms < half_at else "half_open"
             retry_in = max(0, int(half_at - now_ms))
+            if probe and probe_until and float(probe_until) > now_ms:  # a probe is running
+                retry_in = max(retry_in, int(min(float(probe_until) - now_ms, reset_ms)))
         return BreakerState(
             limit=self.limit,
             state=shown,

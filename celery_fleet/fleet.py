@@ -178,6 +178,11 @@ class Fleet:
         self.admission.listeners.append(listener)
         return listener
 
+    def reset_adaptive(self, name: str) -> None:
+        """Forget what the fleet learned about limit ``name``: adaptive cap, rate factor,
+        ceiling, the provider's header factor and any Retry-After pause."""
+        self.store.call("DEL", self.admission.keys(name).ctl)
+
     def adaptive_state(self, name: str) -> dict[str, float]:
         """The fleet-wide control state of limit ``name``: the adaptive ``cap`` and
         ``rate_factor``, ``pause_until`` (ms), ``ceiling``, ``hold_ms``..."""

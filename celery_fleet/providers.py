@@ -34,10 +34,30 @@ _OUTCOMES = {
     "quota": "neutral",
     "other": "neutral",
 }
+# Phrases of 429s that never clear in seconds. Deliberately narrow: ordinary per-minute 429s
+# also say "quota" (Azure's quotaincrease link, Gemini's "Quota exceeded ... PerMinute") or
+# "billing" (OpenAI's payment-method hint), and those must stay throttles.
 _QUOTA = re.compile(
-    r"insufficient_quota|quota|billing|spend|credit balance|usage limit|per day|\bRPD\b|\bTPD\b"
-    r"|PerDay",
+    r"insufficient_quota|exceeded your current quota|credit balance is too low"
+    r"|specified API usage limits|spend(ing)? limit|per day|\bRPD\b|\bTPD\b|PerDay",
     re.IGNORECASE,
+)
+#: A Retry-After longer than this is a quota running out, not a throttle (Azure says 86400 s).
+LONG_WAIT_MS = 600_000
+#: Libraries whose timeout / connection errors are the provider's, not the task's own.
+_CLIENT_MODULES = frozenset(
+    {
+        "openai",
+        "anthropic",
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "requests",
+        "urllib3",
+        "aiohttp",
+        "google",
+        "litellm",
+    }
 )
 _TRY_AGAIN = re.compile(r"try again in\s+((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)", re.IGNORECASE)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -86,22 +106,24 @@ def classify(exc: BaseException | None) -> Signal:
     status = _status(exc)
     headers = _headers(exc)
     text = _text(exc)
+    detail = text[:200]
     if status == 429:
-        if _QUOTA.search(text):
-            return Signal("quota", status, None, None, text[:200])
-        return Signal(
-            "rate_limited", status, retry_after_ms(headers, text), _dimension(exc, text), text[:200]
-        )
-    if status in (503, 529) or "overloaded" in text.lower():
-        return Signal("overloaded", status, retry_after_ms(headers, text), None, text[:200])
-    if status is not None and status >= 500:
-        return Signal("server_error", status, None, None, text[:200])
+        wait = retry_after_ms(headers, text)
+        if _QUOTA.search(text) or (wait is not None and wait > LONG_WAIT_MS):
+            return Signal("quota", status, wait, None, detail)
+        return Signal("rate_limited", status, wait, _dimension(exc, text), detail)
     names = " ".join(c.__name__ for c in type(exc).__mro__)
-    if isinstance(exc, TimeoutError) or "Timeout" in names:
-        return Signal("timeout", status, None, None, text[:200])
-    if isinstance(exc, ConnectionError) or "Connection" in names or "ConnectError" in names:
-        return Signal("connection", status, None, None, text[:200])
-    return Signal("other", status, None, None, text[:200])
+    if status in (503, 529) or (status is None and "Overloaded" in names):
+        wait = retry_after_ms(headers, text)
+        return Signal("overloaded", status, min(wait, LONG_WAIT_MS) if wait else wait, None, detail)
+    if status is not None and status >= 500:
+        return Signal("server_error", status, None, None, detail)
+    from_client = type(exc).__module__.split(".")[0] in _CLIENT_MODULES
+    if isinstance(exc, TimeoutError) or (from_client and "Timeout" in names):
+        return Signal("timeout", status, None, None, detail)
+    if isinstance(exc, ConnectionError) or (from_client and "Connect" in names):
+        return Signal("connection", status, None, None, detail)
+    return Signal("other", status, None, None, detail)
 
 
 def retry_after_ms(headers: Any, text: str = "") -> int | None:
@@ -110,16 +132,16 @@ def retry_after_ms(headers: Any, text: str = "") -> int | None:
     h = _lower(headers)
     try:
         if "retry-after-ms" in h:
-            return max(0, math.ceil(float(h["retry-after-ms"])))
+            return _ms(float(h["retry-after-ms"]))
         if "retry-after" in h:
             value = h["retry-after"].strip()
             try:
-                return max(0, math.ceil(float(value) * 1000))
+                return _ms(float(value) * 1000)
             except ValueError:
                 when = email.utils.parsedate_to_datetime(value)
                 delta = when - dt.datetime.now(dt.timezone.utc)
-                return max(0, math.ceil(delta.total_seconds() * 1000))
-    except (TypeError, ValueError):
+                return _ms(delta.total_seconds() * 1000)
+    except (TypeError, ValueError, OverflowError):
         pass
     match = _TRY_AGAIN.search(text or "")
     if match:
@@ -127,6 +149,11 @@ def retry_after_ms(headers: Any, text: str = "") -> int | None:
         if seconds is not None:
             return math.ceil(seconds * 1000)
     return None
+
+
+def _ms(value: float) -> int | None:
+    """A wait in whole ms; None for nonsense (inf, nan), never negative."""
+    return max(0, math.ceil(value)) if math.isfinite(value) else None
 
 
 def parse_duration(text: str) -> float | None:
@@ -141,7 +168,8 @@ def parse_duration(text: str) -> float | None:
 def parse_headers(headers: Any) -> Observation:
     """OpenAI ``x-ratelimit-*`` and Anthropic ``anthropic-ratelimit-*`` headers.
 
-    Anthropic's input/output token headers count as tokens (the smaller remaining wins).
+    Anthropic's combined or input-token headers count as tokens; its output-token headers
+    are ignored (OTPM is a budget of its own, usually far below the combined one).
     """
     h = _lower(headers)
 
@@ -164,7 +192,6 @@ def parse_headers(headers: Any) -> Observation:
             "x-ratelimit-remaining-tokens",
             "anthropic-ratelimit-tokens-remaining",
             "anthropic-ratelimit-input-tokens-remaining",
-            "anthropic-ratelimit-output-tokens-remaining",
         ),
     )
 
@@ -226,6 +253,7 @@ def _int(value: str | None) -> int | None:
     if value is None:
         return None
     try:
-        return int(float(value))
+        number = float(value)
     except ValueError:
         return None
+    return int(number) if math.isfinite(number) else None

@@ -213,7 +213,11 @@ class Slot:
         elif isinstance(exc, FleetError):
             signal = Signal("other")  # a nested slot's refusal says nothing about this call
         else:
-            signal = classify(exc)
+            try:
+                signal = classify(exc)
+            except Exception:  # never let reading an error keep the slot from its release
+                log.warning("celery-fleet: could not classify %r", exc, exc_info=True)
+                signal = Signal("other")
         try:
             self.release(signal)
         except FleetError as release_error:

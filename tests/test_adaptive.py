@@ -92,12 +92,49 @@ def test_rate_429_cuts_the_rate_factor(make_fleet: MakeFleet) -> None:
     assert [bool(fleet.try_acquire("llm")) for _ in range(6)] == [True] * 4 + [False] * 2
 
 
-def test_latency_over_target_counts_as_congestion(make_fleet: MakeFleet) -> None:
+def test_p99_over_the_latency_target_counts_as_congestion(make_fleet: MakeFleet) -> None:
+    """Judged per block of 100 calls: 1 slow call is the p99, 2 are over it."""
     fleet = make_fleet({"llm": {**ADAPTIVE, "initial_in_flight": 2, "latency_target": 0.05}})
-    d = fleet.try_acquire("llm")
-    time.sleep(0.08)
-    fleet.release(d, "ok")
-    assert cap(fleet) == pytest.approx(1.0)
+
+    def block(slow: int) -> None:
+        for i in range(100):
+            d = fleet.try_acquire("llm")
+            if i < slow:
+                time.sleep(0.06)
+            fleet.release(d, "ok")
+
+    block(slow=1)
+    assert "ceiling" not in fleet.adaptive_state("llm")
+    block(slow=2)
+    assert fleet.adaptive_state("llm")["ceiling"] >= 2
+
+
+def test_rate_factor_recovers_with_time_not_with_calls(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(
+        {"llm": {"rpm": 6000, "max_in_flight": 8, "adaptive": True, "probe_interval": 1}}
+    )
+    fleet.release(fleet.try_acquire("llm"), "rate")
+    for _ in range(20):  # many quick successes do not undo the cut
+        fleet.release(fleet.try_acquire("llm"), "ok")
+    assert fleet.adaptive_state("llm")["rate_factor"] < 0.95
+    time.sleep(1.0)  # one probe interval later the cut's worth (0.1) has grown back
+    fleet.release(fleet.try_acquire("llm"), "ok")
+    assert fleet.adaptive_state("llm")["rate_factor"] == 1.0
+
+
+def test_each_failed_probe_of_the_same_level_doubles_the_wait(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(
+        {"llm": {**ADAPTIVE, "initial_in_flight": 4, "decrease": 0.9, "probe_interval": 0.2}}
+    )
+    waits = []
+    for _ in range(3):
+        held = [fleet.try_acquire("llm") for _ in range(4)]
+        fleet.release(held[0], "congestion")  # the 4th slot failed again
+        for d in held[1:]:
+            fleet.release(d, "neutral")
+        waits.append(fleet.adaptive_state("llm")["probe_ms"])
+        fleet.admission.store.call("HSET", fleet.admission.keys("llm").ctl, "cap", 4.0)
+    assert waits == [200, 400, 800]
 
 
 PAUSED = textwrap.dedent(
@@ -154,10 +191,20 @@ def test_observe_lowers_buckets_to_what_the_provider_says(make_fleet: MakeFleet)
     # headers never raise local state
     assert fleet.slot("llm").observe({"x-ratelimit-remaining-requests": "500"}) == 0
     assert not fleet.try_acquire("llm")
-    # a provider limit below the declared one lowers the rate factor, never raises it
+    # a provider limit below the declared one slows every window, for 60 s after it was seen
     fleet.slot("llm").observe({"x-ratelimit-limit-tokens": "30000"})
-    fleet.slot("llm").observe({"x-ratelimit-limit-tokens": "45000"})
-    assert fleet.adaptive_state("llm")["rate_factor"] == pytest.approx(0.5)
+    assert fleet.adaptive_state("llm")["provider_factor"] == pytest.approx(0.5)
+    fleet.slot("llm").observe({"x-ratelimit-limit-tokens": "60000"})  # capacity is back
+    assert fleet.adaptive_state("llm")["provider_factor"] == pytest.approx(1.0)
+
+
+def test_a_stale_provider_factor_is_ignored(make_fleet: MakeFleet, rclient) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet({"llm": {"rpm": 600, "burst": 0.01}})
+    ctl = fleet.admission.keys("llm").ctl
+    rclient.hset(ctl, mapping={"provider_factor": 0.5, "provider_factor_until": 0})
+    assert [bool(fleet.try_acquire("llm")) for _ in range(7)] == [True] * 6 + [False]
+    fleet.reset_adaptive("llm")
+    assert not rclient.exists(ctl)
 
 
 def test_adaptive_options_are_validated() -> None:

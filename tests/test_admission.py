@@ -142,7 +142,7 @@ def test_renew_extends_live_leases_and_reports_lost_ones(make_fleet: MakeFleet) 
 
 def test_pause_and_cap_in_ctl_are_honoured(make_fleet: MakeFleet, rclient: redis.Redis) -> None:
     """The per-limit control hash is read by the same script (adaptive limits write it)."""
-    fleet = make_fleet({"llm": {"rpm": 600, "max_in_flight": 10}})
+    fleet = make_fleet({"llm": {"rpm": 600, "max_in_flight": 10, "adaptive": True}})
     ctl = fleet.admission.keys("llm").ctl
     now_s, now_us = rclient.time()
     rclient.hset(ctl, "pause_until", now_s * 1000 + now_us / 1000 + 2_000)

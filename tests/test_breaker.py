@@ -188,3 +188,16 @@ def test_breaker_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="cannot import 'os.no_such_check'"):
         parse_limits({"llm": {"rpm": 1, "validate": "os.no_such_check"}})
     assert parse_limits({"llm": {"rpm": 1, "validate": "os.path:isabs"}})["llm"].validate("/")
+
+
+def test_a_slow_but_healthy_probe_closes_the_breaker(make_fleet: MakeFleet, rclient) -> None:  # type: ignore[no-untyped-def]
+    """The latency target teaches AIMD; the breaker judges the call itself."""
+    fleet = make_fleet({"llm": {**BREAKER, "adaptive": True, "latency_target": 0.001}})
+    trip(fleet)
+    time.sleep(0.55)
+    probe = fleet.try_acquire("llm")
+    # this slow call completes a block of 100 with 5% slow calls: congestion for AIMD
+    rclient.hset(fleet.admission.keys("llm").ctl, mapping={"lat_n": 99, "lat_slow": 4})
+    time.sleep(0.01)
+    assert fleet.release(probe, "ok").transition == "closed"
+    assert "ceiling" in fleet.adaptive_state("llm")

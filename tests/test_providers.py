@@ -139,5 +139,41 @@ def test_openai_and_anthropic_headers() -> None:
             "anthropic-ratelimit-output-tokens-remaining": "4000",
         }
     )
-    assert (obs.requests_limit, obs.requests_remaining, obs.tokens_remaining) == (50, 3, 4000)
+    # output tokens are a budget of their own: not the tokens the fleet's TPM window counts
+    assert (obs.requests_limit, obs.requests_remaining, obs.tokens_remaining) == (50, 3, 20000)
     assert parse_headers(None).requests_remaining is None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version "
+        "2024-02-01 have exceeded token rate limit of your current OpenAI S0 pricing tier. "
+        "Please retry after 6 seconds. Please go here: https://aka.ms/oai/quotaincrease if you "
+        "would like to further increase the default rate limit.",
+        "Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 3 "
+        "/ min. Please try again in 20s. Visit https://platform.openai.com/account/billing to "
+        "add a payment method.",
+        "Quota exceeded for metric: generativelanguage.googleapis.com/generate_content_requests,"
+        " limit: 15, quotaId: GenerateRequestsPerMinutePerProjectPerModel-FreeTier.",
+    ],
+)
+def test_per_minute_429s_that_mention_quota_or_billing_stay_throttles(message: str) -> None:
+    sig = classify(status_error(openai.RateLimitError, 429, {"retry-after": "6"}, {}, message))
+    assert sig.kind == "rate_limited" and sig.retry_after_ms == 6000
+
+
+def test_nonsense_and_huge_retry_after_values() -> None:
+    assert retry_after_ms({"retry-after": "inf"}) is None
+    assert retry_after_ms({"retry-after-ms": "1e400"}) is None
+    assert parse_headers({"x-ratelimit-remaining-tokens": "inf"}).tokens_remaining is None
+    day = status_error(openai.RateLimitError, 429, {"retry-after": "86400"}, {}, "slow down")
+    assert classify(day).kind == "quota"  # a day's wait is a quota, not a throttle
+
+
+def test_errors_from_the_task_itself_are_not_provider_signals() -> None:
+    import redis
+
+    assert classify(redis.ConnectionError("our own Redis")).kind == "other"
+    assert classify(redis.TimeoutError("our own Redis")).kind == "other"
+    assert classify(RuntimeError("overloaded with work")).kind == "other"

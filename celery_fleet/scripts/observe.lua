@@ -1,8 +1,9 @@
 -- observe: lower local state to what the provider's rate-limit headers say; never raise it.
 --
 -- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
--- KEYS[2]  ctl      hash   rate_factor
--- ARGV[1]  rate factor the provider's own limit implies (declared budget -> its limit), or -1
+-- KEYS[2]  ctl      hash   provider_factor, provider_factor_until (ms): the provider's limit
+--                          over the declared one, trusted for 60 s unless seen again
+-- ARGV[1]  rate factor the provider's own limit implies (its limit / the declared), or -1
 -- ARGV[2]  number of windows n, then n quadruples: field, emission interval T (ms),
 --          tolerance tau (ms), units the provider says remain
 --
@@ -15,10 +16,8 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local lowered = 0
 local factor = tonumber(ARGV[1])
 if factor > 0 then
-  local old = tonumber(redis.call('HGET', KEYS[2], 'rate_factor')) or 1
-  if factor < old then
-    redis.call('HSET', KEYS[2], 'rate_factor', string.format('%.5f', factor))
-  end
+  redis.call('HSET', KEYS[2], 'provider_factor', string.format('%.5f', factor),
+             'provider_factor_until', string.format('%.3f', now + 60000))
 end
 local horizon = now
 for i = 1, tonumber(ARGV[2]) do

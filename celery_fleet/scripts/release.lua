@@ -4,7 +4,8 @@
 -- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
 -- KEYS[3]  ctl      hash   hold_ms, pause_until, and the adaptive state: cap, rate_factor,
 --                          ceiling (in-flight level that last failed), probe_ms, probe_after,
---                          last_cut (ms), slow (share of calls over the latency target)
+--                          last_cut, last_rate_cut, rate_at (ms), lat_n/lat_slow (calls and
+--                          slow calls in the current block of 100, for the latency target)
 -- KEYS[4]  freed    list   gets one element per release: wakes one caller blocked in BLPOP
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- ARGV[1]  lease id
@@ -54,28 +55,33 @@ end
 
 -- Adaptive limit (AIMD): one cut per congestion event, i.e. only signals from calls admitted
 -- after the last cut count; growth only while the cap is in use; the in-flight level that
--- failed is not retried before probe_after, and each failed probe doubles the wait.
+-- failed is not retried before probe_after, and each failed probe doubles the wait. The rate
+-- factor has its own cut clock and grows back with time (one cut's worth per probe
+-- interval), not per call. The breaker below sees the caller's outcome, not these rewrites.
 local cap = 0
+local verdict = outcome
 if ARGV[4] == '1' and acquired then
   local max_cap, min_cap, init_cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
   local increase, decrease = tonumber(ARGV[8]), tonumber(ARGV[9])
   local probe_base, target = tonumber(ARGV[10]), tonumber(ARGV[11])
   local s = redis.call('HMGET', KEYS[3], 'cap', 'ceiling', 'probe_ms', 'probe_after',
-                       'last_cut', 'rate_factor', 'slow')
+                       'last_cut', 'rate_factor', 'last_rate_cut', 'rate_at', 'lat_n', 'lat_slow')
   cap = tonumber(s[1]) or init_cap
   local ceiling, probe_ms = tonumber(s[2]), tonumber(s[3]) or probe_base
   local probe_after, last_cut = tonumber(s[4]) or 0, tonumber(s[5]) or 0
-  local factor, slow = tonumber(s[6]) or 1, tonumber(s[7]) or 0
-  local fresh = acquired >= last_cut
+  local factor, last_rate_cut = tonumber(s[6]) or 1, tonumber(s[7]) or 0
+  local rate_at = tonumber(s[8]) or now
   if outcome == 'ok' and target > 0 then
-    local over = 0
-    if held > target then over = 1 end
-    slow = slow * 0.98 + over * 0.02
-    -- more than 1% of recent calls over the target: the p99 is over it
-    if slow > 0.01 and fresh then outcome = 'congestion'; slow = 0 end
-    redis.call('HSET', KEYS[3], 'slow', string.format('%.5f', slow))
+    -- p99 over the target: more than 1% of a block of 100 calls slower than it
+    local n, slow = (tonumber(s[9]) or 0) + 1, tonumber(s[10]) or 0
+    if held > target then slow = slow + 1 end
+    if n >= 100 then
+      if slow > n * 0.01 then outcome = 'congestion' end
+      n, slow = 0, 0
+    end
+    redis.call('HSET', KEYS[3], 'lat_n', n, 'lat_slow', slow)
   end
-  if (outcome == 'congestion' or outcome == 'overload') and fresh then
+  if (outcome == 'congestion' or outcome == 'overload') and acquired >= last_cut then
     local level = math.floor(cap)
     if ceiling and math.floor(ceiling) == level then
       probe_ms = math.min(probe_ms * 2, probe_base * 64)
@@ -85,24 +91,26 @@ if ARGV[4] == '1' and acquired then
     cap = math.max(min_cap, cap * decrease)
     redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'ceiling', level, 'probe_ms', probe_ms,
                'probe_after', fmt(now + probe_ms), 'last_cut', fmt(now))
-  elseif outcome == 'rate' and fresh then
+  elseif outcome == 'rate' and acquired >= last_rate_cut then
     factor = math.max(0.05, factor * decrease)
-    redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor), 'last_cut', fmt(now))
+    redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor),
+               'last_rate_cut', fmt(now), 'rate_at', fmt(now))
   elseif outcome == 'ok' then
     if at_in_flight * 2 >= cap then
       local new = cap + increase / cap
       if ceiling then
-        if new >= ceiling + 1 then
+        if now < probe_after and new >= ceiling then
+          new = ceiling - 0.001
+        elseif new >= ceiling + 1 then
           redis.call('HDEL', KEYS[3], 'ceiling', 'probe_ms', 'probe_after')
-        elseif new >= ceiling and now < probe_after then
-          new = math.min(new, ceiling - 0.001)
         end
       end
       cap = math.min(max_cap, new)
       redis.call('HSET', KEYS[3], 'cap', fmt(cap))
     end
-    if factor < 1 then
-      redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', math.min(1, factor + 0.02 * increase)))
+    if factor < 1 and now > rate_at then
+      factor = math.min(1, factor + (1 - decrease) * (now - rate_at) / probe_base)
+      redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor), 'rate_at', fmt(now))
     end
   end
 end
@@ -112,9 +120,9 @@ end
 local transition = ''
 if ARGV[12] == '1' then
   local rate_limit, min_calls, window = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-  local failed = outcome == 'fail' or outcome == 'overload'
-  if ARGV[16] == '1' and (outcome == 'congestion' or outcome == 'rate') then failed = true end
-  local counts = failed or outcome == 'ok'
+  local failed = verdict == 'fail' or verdict == 'overload'
+  if ARGV[16] == '1' and (verdict == 'congestion' or verdict == 'rate') then failed = true end
+  local counts = failed or verdict == 'ok'
   local b = redis.call('HMGET', KEYS[5], 'state', 'probe', 'win_start', 'calls', 'failures',
                        'prev_calls', 'prev_failures', 'forced')
   local function reset_counts(state)
@@ -123,7 +131,7 @@ if ARGV[12] == '1' then
     redis.call('HDEL', KEYS[5], 'probe', 'probe_until')
   end
   if b[2] == id then
-    if outcome == 'ok' then
+    if verdict == 'ok' then
       reset_counts('closed'); transition = 'closed'
     elseif failed then
       reset_counts('open'); transition = 'open'
