@@ -138,21 +138,21 @@ class Herd:
             self.sim.schedule(self.scenario.phases)
             sim_t0 = self.sim.elapsed_s()
             t0 = time.time()
-            results = [
+            ids = [
                 app.send_task(
                     TASKS[mode],
                     args=(f"agent {i}",),
                     kwargs={"steps": self.scenario.steps},
                     queue=run,
-                )
+                ).id
                 for i in range(self.scenario.agents)
             ]
-            ended = self._wait_all(mode, results, progress)
+            metas = self._wait_all(app, mode, ids, progress)
         finally:
             self._stop_workers(workers)
             events.stop()
             self._cleanup(app, run)
-        result = self._measure(mode, t0, sim_t0, results, ended)
+        result = self._measure(mode, t0, sim_t0, metas)
         result.breaker_events = [(t - t0, limit, state) for t, limit, state in events.seen]
         return result
 
@@ -233,43 +233,51 @@ class Herd:
         keys = [run, *client.scan_iter(match=f"{{{run}:*", count=1000)]
         client.delete(*keys)
         client.close()
-        app.close()
+        close_app(app)
 
     # -- measuring ----------------------------------------------------------------------
 
-    def _wait_all(self, mode: str, results: list[Any], progress: Progress | None) -> float:
+    def _metas(self, app: Celery, ids: list[str]) -> list[dict[str, Any]]:
+        """Every task's result meta in one MGET (no per-result pub/sub subscriptions)."""
+        backend = app.backend
+        raw = backend.client.mget([backend.get_key_for_task(i) for i in ids])
+        return [backend.decode_result(v) if v else {"status": "PENDING"} for v in raw]
+
+    def _wait_all(
+        self, app: Celery, mode: str, ids: list[str], progress: Progress | None
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + self.scenario.timeout_s
         while True:
-            states = [r.state for r in results]
-            done = sum(s == "SUCCESS" for s in states)
-            failed = sum(s in ("FAILURE", "REVOKED") for s in states)
+            metas = self._metas(app, ids)
+            done = sum(m["status"] == "SUCCESS" for m in metas)
+            failed = sum(m["status"] in ("FAILURE", "REVOKED") for m in metas)
             if progress:
                 n429 = sum(self.sim.stats()["rate_limited"].values())
-                progress(mode, done, failed, len(results), n429)
-            if done + failed == len(results):
-                return time.time()
+                progress(mode, done, failed, len(ids), n429)
+            if done + failed == len(ids):
+                return metas
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{mode}: {len(results) - done - failed} agents still running")
+                raise TimeoutError(f"{mode}: {len(ids) - done - failed} agents still running")
             time.sleep(0.1)
 
     def _measure(
-        self, mode: str, t0: float, sim_t0: float, results: list[Any], observed_end: float
+        self, mode: str, t0: float, sim_t0: float, metas: list[dict[str, Any]]
     ) -> RunResult:
-        ok = [r for r in results if r.state == "SUCCESS"]
-        ends = [r.result["finished_at"] for r in ok]
-        for r in results:
-            if r.state != "SUCCESS" and r.date_done is not None:
-                ends.append(r.date_done.timestamp())
-        end = max(ends) if ends else observed_end
+        ok = [m for m in metas if m["status"] == "SUCCESS"]
+        ends = [m["result"]["finished_at"] for m in ok]
+        for m in metas:
+            if m["status"] != "SUCCESS" and m.get("date_done"):
+                ends.append(_timestamp(m["date_done"]))
+        end = max(ends) if ends else time.time()
         log = self.sim.log
         costs = [rec.cost for rec in log if rec.outcome == "ok"]
         mean_cost = sum(costs) / len(costs) if costs else 0.0
         n_calls = self.scenario.agents * self.scenario.steps
         return RunResult(
             mode=mode,
-            agents=len(results),
+            agents=len(metas),
             completed=len(ok),
-            failed=len(results) - len(ok),
+            failed=len(metas) - len(ok),
             requests=len(log),
             provider_429=sum(rec.outcome == "429" for rec in log),
             provider_5xx=sum(rec.status >= 500 for rec in log),
@@ -289,6 +297,31 @@ class Herd:
         s = self.scenario
         mean_latency = s.latency * math.exp(s.latency_sigma**2 / 2)
         return max(self.sim.min_makespan_s(n_calls, mean_cost), s.steps * mean_latency)
+
+
+def _timestamp(date_done: Any) -> float:
+    """A result's ``date_done`` (datetime or ISO string, UTC) as a Unix timestamp."""
+    import datetime as dt
+
+    if isinstance(date_done, str):
+        date_done = dt.datetime.fromisoformat(date_done)
+    if date_done.tzinfo is None:
+        date_done = date_done.replace(tzinfo=dt.timezone.utc)
+    return float(date_done.timestamp())
+
+
+def close_app(app: Celery) -> None:
+    """Close a client app with its result backend's pub/sub and pool: ``app.close()`` leaves
+    them open on older Celery, and an unclosed socket fails a suite run with
+    ``filterwarnings = error``."""
+    if "backend" in app.__dict__ or getattr(app, "_backend", None) is not None:
+        consumer = getattr(app.backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.stop()
+        backend_client = getattr(app.backend, "client", None)
+        if backend_client is not None:
+            backend_client.close()
+    app.close()
 
 
 class BreakerEvents:

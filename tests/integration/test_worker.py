@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import redis
 
+from example_project.herd import close_app
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +74,8 @@ def worker(redis_url: str) -> Iterator[Any]:
             proc.kill()
             proc.wait()
         log.close()
+        close_app(fleet_app.app)
+        fleet_app._probe.close()
         client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"*it-{run}*"))
         if keys:
