@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .checks import number, positive_int
+from .checks import number, positive_int, reject_unknown
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -77,11 +77,7 @@ def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
         return BreakerConfig()
     if not isinstance(value, Mapping):
         raise ConfigError(f"{setting} must be True or a dict of breaker options, got {value!r}")
-    unknown = sorted(set(value) - _BREAKER_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{setting} has unknown option(s) {unknown}; known: {sorted(_BREAKER_KEYS)}"
-        )
+    reject_unknown(value, _BREAKER_KEYS, setting)
     count = value.get("count_rate_limits", False)
     if not isinstance(count, bool):
         raise ConfigError(f"{setting}['count_rate_limits'] must be True or False, got {count!r}")

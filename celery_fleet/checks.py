@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from .errors import ConfigError
 
-__all__ = ["check_name", "number", "positive_int"]
+__all__ = ["check_name", "number", "positive_int", "reject_unknown"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
 
@@ -26,6 +28,13 @@ def check_name(name: object, what: str, colon: bool = True) -> str:
             f"(no spaces or braces), got {name!r}"
         )
     return name
+
+
+def reject_unknown(options: Iterable[str], known: AbstractSet[str], where: str) -> None:
+    """Raise naming every option of ``options`` not in ``known`` (a typo fails at start-up)."""
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{where} has unknown option(s) {unknown}; known: {sorted(known)}")
 
 
 def positive_int(value: object, where: str) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 from .adaptive import ADAPTIVE_KEYS, AdaptiveConfig, parse_adaptive
 from .breaker import BreakerConfig, parse_breaker, parse_validate
-from .checks import check_name, number, positive_int
+from .checks import check_name, number, positive_int, reject_unknown
 from .errors import ConfigError
 
 __all__ = ["Window", "LimitConfig", "parse_limits", "parse_limit", "check_name"]
@@ -155,11 +155,7 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         return dataclasses.replace(spec, name=name)
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{setting} must be a dict of options, got {spec!r}")
-    unknown = sorted(set(spec) - _KNOWN_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{setting} has unknown option(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
-        )
+    reject_unknown(spec, _KNOWN_KEYS, setting)
     headroom = number(spec.get("headroom", 0.0), f"{setting}['headroom']", lo=0.0, hi_open=1.0)
     burst = number(spec.get("burst", 1.0), f"{setting}['burst']", lo_open=0.0, hi=1.0)
     lease_s = number(spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0)
