@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo lint typecheck bench bench-herd clean
+.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,10 @@ bench: venv
 ## The herd benchmark (plain, autoretry, fleet): appends to benchmarks/RESULTS.md.
 bench-herd: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/herd.py --json benchmarks/herd.json
+
+## Adaptive limits and the breaker against a moving provider: appends to benchmarks/RESULTS.md.
+bench-adaptive: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/adaptive.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png
