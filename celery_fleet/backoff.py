@@ -1,15 +1,15 @@
 """Jitter for waits and reschedules, so that refused callers do not wake up as a herd.
 
 Formulas from AWS's "Exponential Backoff And Jitter": a wait told by the limiter is
-exact, so it gets a small forward-only spread; a backoff with no wait hint gets full
-jitter, ``rand(0, min(cap, base * 2**attempt))``.
+exact, so it gets a small forward-only spread. (Full jitter for waits with no hint comes
+with the jittered schedules on the roadmap.)
 """
 
 from __future__ import annotations
 
 import random
 
-__all__ = ["spread", "full_jitter"]
+__all__ = ["spread"]
 
 
 def spread(
@@ -21,11 +21,3 @@ def spread(
     """
     r = rng or random
     return wait_s + r.uniform(0.0, max(floor_s, fraction * wait_s))
-
-
-def full_jitter(
-    attempt: int, base_s: float = 0.5, cap_s: float = 30.0, rng: random.Random | None = None
-) -> float:
-    """AWS full jitter: a uniform draw in ``[0, min(cap_s, base_s * 2**attempt)]``."""
-    r = rng or random
-    return r.uniform(0.0, min(cap_s, base_s * (2 ** max(0, attempt))))

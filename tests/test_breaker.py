@@ -201,3 +201,11 @@ def test_a_slow_but_healthy_probe_closes_the_breaker(make_fleet: MakeFleet, rcli
     time.sleep(0.01)
     assert fleet.release(probe, "ok").transition == "closed"
     assert "ceiling" in fleet.adaptive_state("llm")
+
+
+def test_slot_fail_counts_a_silent_failure(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": BREAKER})
+    for _ in range(10):
+        with fleet.slot("llm") as slot:
+            slot.fail("the tool answered 200 with an error page")
+    assert fleet.breaker("llm").state().state == "open"
