@@ -17,6 +17,12 @@ script updates them from how each call ended (see ``scripts/release.lua``):
 - an optional ``latency_target``: when more than 1% of recent calls take longer (the p99
   is over it), that counts as congestion.
 
+The cap and the level that failed always stay within ``[min_in_flight, max_in_flight]``,
+whatever sequence of outcomes arrives (a property test drives random sequences).
+
+The parameters are parsed into :class:`~celery_fleet.config.AdaptiveConfig`; this module
+reads and resets the fleet-wide state the scripts keep.
+
 Example::
 
     app.conf.fleet_limits = {
@@ -27,79 +33,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .checks import number, positive_int
-from .errors import ConfigError
+if TYPE_CHECKING:
+    from .admission import Admission
 
-__all__ = ["AdaptiveConfig", "parse_adaptive", "ADAPTIVE_KEYS"]
-
-ADAPTIVE_KEYS = frozenset(
-    {
-        "adaptive",
-        "min_in_flight",
-        "initial_in_flight",
-        "increase",
-        "decrease",
-        "latency_target",
-        "probe_interval",
-    }
-)
+__all__ = ["control_state", "reset_control"]
 
 
-@dataclass(frozen=True)
-class AdaptiveConfig:
-    """AIMD parameters of one limit (bounds: ``min_in_flight`` .. the declared max)."""
-
-    min_in_flight: int
-    initial_in_flight: int
-    increase: float
-    decrease: float
-    latency_target_s: float | None
-    probe_interval_s: float
+def control_state(admission: Admission, name: str) -> dict[str, float]:
+    """The limit's fleet-wide control hash as floats: the adaptive ``cap``, ``rate_factor``,
+    ``ceiling`` (the level that last failed), ``pause_until`` (ms), ``hold_ms``..."""
+    raw = admission.store.call("HGETALL", admission.keys(name).ctl) or {}
+    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
 
 
-def parse_adaptive(
-    spec: Mapping[str, Any], setting: str, max_in_flight: int | None
-) -> AdaptiveConfig | None:
-    """The AdaptiveConfig of a limit's options, or None when ``adaptive`` is not set."""
-    enabled = spec.get("adaptive", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{setting}['adaptive'] must be True or False, got {enabled!r}")
-    extra = sorted(k for k in ADAPTIVE_KEYS - {"adaptive"} if k in spec)
-    if not enabled:
-        if extra:
-            raise ConfigError(f"{setting} sets {extra} but not adaptive=True")
-        return None
-    if max_in_flight is None:
-        raise ConfigError(f"{setting}: adaptive=True needs max_in_flight (the upper bound)")
-    low = positive_int(spec.get("min_in_flight", 1), f"{setting}['min_in_flight']")
-    if low > max_in_flight:
-        raise ConfigError(
-            f"{setting}['min_in_flight'] = {low} is above max_in_flight = {max_in_flight}"
-        )
-    initial = positive_int(
-        spec.get("initial_in_flight", max(low, max_in_flight // 2)),
-        f"{setting}['initial_in_flight']",
-    )
-    if not low <= initial <= max_in_flight:
-        raise ConfigError(
-            f"{setting}['initial_in_flight'] must be between min_in_flight and max_in_flight"
-        )
-    target = spec.get("latency_target")
-    return AdaptiveConfig(
-        min_in_flight=low,
-        initial_in_flight=initial,
-        increase=number(spec.get("increase", 1.0), f"{setting}['increase']", lo_open=0.0),
-        decrease=number(
-            spec.get("decrease", 0.9), f"{setting}['decrease']", lo_open=0.0, hi_open=1.0
-        ),
-        latency_target_s=None
-        if target is None
-        else number(target, f"{setting}['latency_target']", lo_open=0.0),
-        probe_interval_s=number(
-            spec.get("probe_interval", 5.0), f"{setting}['probe_interval']", lo_open=0.0
-        ),
-    )
+def reset_control(admission: Admission, name: str) -> None:
+    """Forget what the fleet learned about ``name``: adaptive cap, rate factor, ceiling,
+    the provider's header factor and any Retry-After pause."""
+    admission.store.call("DEL", admission.keys(name).ctl)

@@ -30,9 +30,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .config import REQUESTS, LimitConfig, check_name
-from .errors import ConfigError
-from .providers import Observation
+from .checks import MAX_UNITS, check_name
+from .config import REQUESTS, LimitConfig
+from .errors import ConfigError, LeaseLost
+from .providers import LONG_WAIT_MS, Observation
 from .store import RedisStore
 
 log = logging.getLogger("celery_fleet")
@@ -44,6 +45,10 @@ __all__ = ["Admission", "Decision", "LimitKeys", "Release"]
 
 #: The longest single BLPOP, well below the client's 5 s socket timeout.
 MAX_BLOCK_S = 2.0
+#: No wait reported to a caller is longer than this (a year), whatever Redis holds.
+MAX_WAIT_MS = 366 * 86_400_000
+#: The lowest rate factor a provider's headers may impose (its limit / the declared one).
+MIN_PROVIDER_FACTOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,18 @@ class Admission:
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
         #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
         self.listeners: list[Callable[[str, str], None]] = []
+        # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
+        # whole period of debt)
         self._token_args = {
-            name: [arg for w in cfg.token_windows for arg in (w.field, repr(w.emission_ms))]
+            name: [
+                arg
+                for w in cfg.token_windows
+                for arg in (
+                    w.field,
+                    repr(w.emission_ms),
+                    repr(w.tolerance_ms + w.period_s * 1000.0),
+                )
+            ]
             for name, cfg in self.limits.items()
         }
 
@@ -180,11 +195,14 @@ class Admission:
         self.limit(name)
         return self._keys[name]
 
-    def try_acquire(self, name: str, tokens: int = 0) -> Decision:
-        """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``."""
+    def try_acquire(self, name: str, tokens: int = 0, lease_id: str | None = None) -> Decision:
+        """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
+
+        ``lease_id`` names the lease to create (default: a new random one).
+        """
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
-        return self._do_acquire(cfg, tokens, new_lease_id())
+        return self._do_acquire(cfg, tokens, lease_id or new_lease_id())
 
     def _do_acquire(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
         reply = self.store.run(
@@ -200,8 +218,9 @@ class Admission:
             return Decision(
                 cfg.name, True, 0, detail, "", int(in_flight), tokens, float(now), bool(probe)
             )
+        wait = clamp_wait_ms(wait_ms)
         return Decision(
-            cfg.name, False, int(wait_ms), None, _reason(detail), int(in_flight), tokens, float(now)
+            cfg.name, False, wait, None, _reason(detail), int(in_flight), tokens, float(now)
         )
 
     def release(
@@ -211,25 +230,31 @@ class Admission:
 
         ``outcome`` feeds the adaptive limit and the breaker: ``ok``, ``fail``,
         ``overload``, ``congestion``, ``rate`` or ``neutral`` (see :class:`Signal`);
-        ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then.
+        ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then (at
+        most 10 minutes: a longer wait is a quota running out, not a throttle).
         ``released`` is False when the lease had already expired.
         """
         k = self.keys(name)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
         ok, now, held, transition, cap = self.store.run(
             "release",
             keys=[k.leases, k.holders, k.ctl, k.freed, k.breaker],
-            args=[lease_id, outcome, max(0, int(retry_after_ms)), *self._release_tail[name]],
+            args=[lease_id, outcome, pause, *self._release_tail[name]],
         )
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
         if transition:
             self.notify(name, transition)
         return Release(bool(ok), int(held), float(now), transition, float(cap))
 
-    def observe(self, name: str, obs: Observation) -> int:
+    def observe(self, name: str, obs: Observation, lease_id: str | None = None) -> int:
         """Lower this limit's per-minute buckets (and rate factor) to what the provider's
-        headers say remain; never raises them. Returns how many windows were lowered."""
+        headers say remain; never raises them. Returns how many windows were lowered.
+
+        With ``lease_id``, raises :class:`~celery_fleet.LeaseLost` (after lowering: what the
+        provider said is true either way) when that lease is no longer held.
+        """
         cfg = self.limit(name)
         k = self._keys[name]
         args: list[object] = []
@@ -243,16 +268,25 @@ class Admission:
             if limit is not None and limit > 0:
                 factors.append(min(1.0, limit / w.declared))
             if remaining is not None:
-                args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), remaining]
-        factor = min(factors) if factors else -1
-        return int(
-            self.store.run("observe", keys=[k.gcra, k.ctl], args=[factor, len(args) // 4, *args])
+                units = min(max(0, int(remaining)), MAX_UNITS)
+                args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
+        factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
+        lowered, held = self.store.run(
+            "observe",
+            keys=[k.gcra, k.ctl, k.leases],
+            args=[lease_id or "", factor, len(args) // 4, *args],
         )
+        if not held:
+            raise LeaseLost(name, lease_id or "", "gone when the provider's headers arrived")
+        return int(lowered)
 
-    def control_state(self, name: str) -> dict[str, float]:
-        """The limit's fleet-wide control hash (cap, rate_factor, pause_until, ...), as floats."""
-        raw = self.store.call("HGETALL", self.keys(name).ctl) or {}
-        return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+    def reset_buckets(self, name: str) -> None:
+        """Refill every request and token window of ``name`` to a full bucket, fleet-wide.
+
+        For operators: after a bad ``settle`` or a provider quota reset that the fleet
+        should not wait out. Leases, the breaker and adaptive state are untouched.
+        """
+        self.store.call("DEL", self.keys(name).gcra)
 
     def notify(self, limit: str, state: str) -> None:
         """Tell this process's listeners that ``limit``'s breaker changed (errors are logged)."""
@@ -262,36 +296,54 @@ class Admission:
             except Exception:
                 log.exception("celery-fleet: breaker listener %r failed", listener)
 
-    def settle(self, name: str, lease_id: str, actual: int, reserved: int) -> int:
+    def settle(
+        self, name: str, lease_id: str, actual: int, reserved: int, must_hold: bool = False
+    ) -> int:
         """Charge or refund the difference between actual usage and the reservation.
 
         ``reserved`` is only used when the lease is already gone (its own record wins
-        otherwise). Returns the delta applied, in tokens.
+        otherwise). A charge never puts a window more than one period in debt, so an
+        absurd figure blocks the limit for at most one period. Returns the delta applied,
+        in tokens. With ``must_hold``, raises :class:`~celery_fleet.LeaseLost` (after
+        charging: the provider counted the tokens either way) when the lease is gone.
         """
         cfg = self.limit(name)
-        actual = _non_negative(actual, "settle(tokens=...)")
-        reserved = _non_negative(reserved, "settle(reserved=...)")
+        actual = cfg.check_usage(actual, "settle(tokens=...)")
+        reserved = cfg.check_usage(reserved, "settle(reserved=...)")
         k = self._keys[name]
-        token_args = self._token_args[name]
-        _known, delta, _now = self.store.run(
+        _known, delta, _now, held = self.store.run(
             "settle",
-            keys=[k.gcra, k.holders],
-            args=[lease_id, actual, reserved, len(cfg.token_windows), *token_args],
+            keys=[k.gcra, k.holders, k.leases],
+            args=[lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
         )
+        if must_hold and not held:
+            raise LeaseLost(name, lease_id, "gone when the call was settled")
         return int(delta)
 
-    def renew(self, name: str, lease_ids: list[str]) -> list[str]:
-        """Extend live leases by the limit's TTL; return the ids that had already expired."""
-        if not lease_ids:
-            return []
+    def renew(self, name: str, leases: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
+        """Extend live leases ``(lease id, reserved tokens)`` by the limit's TTL.
+
+        Only pass leases renewed within their TTL by the caller's own clock: one that Redis
+        no longer has was lost by Redis (restart, flush, eviction) and is put back while
+        the in-flight cap has room. Returns ``(lost ids, restored ids)``.
+        """
+        if not leases:
+            return [], []
         cfg = self.limit(name)
         k = self._keys[name]
-        lost = self.store.run(
+        reply = self.store.run(
             "renew",
-            keys=[k.leases, k.holders, k.breaker],
-            args=[int(cfg.lease_s * 1000), *lease_ids],
+            keys=[k.leases, k.holders, k.breaker, k.ctl],
+            args=[
+                int(cfg.lease_s * 1000),
+                cfg.max_in_flight or 0,
+                cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
+                *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
+            ],
         )
-        return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        split = ids.index("+")
+        return ids[:split], ids[split + 1 :]
 
     def wait_for_release(self, name: str, timeout_s: float) -> bool:
         """Block until some holder of ``name`` releases a slot, or ``timeout_s`` passes.
@@ -336,7 +388,10 @@ def _release_args(cfg: LimitConfig) -> list[bytes]:
     return [str(x).encode() for x in (*adaptive, *breaker)]
 
 
-def _non_negative(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{what} must be a non-negative int, got {value!r}")
-    return value
+def clamp_wait_ms(wait_ms: object) -> int:
+    """A wait from Redis as an int in ``[0, MAX_WAIT_MS]``, whatever the store held."""
+    try:
+        wait = int(wait_ms)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return MAX_WAIT_MS
+    return min(max(wait, 0), MAX_WAIT_MS)

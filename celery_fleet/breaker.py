@@ -22,32 +22,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .checks import number, positive_int, reject_unknown
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .admission import Admission
 
-__all__ = ["BreakerConfig", "BreakerState", "Breaker", "parse_breaker", "parse_validate"]
-
-_BREAKER_KEYS = frozenset(
-    {"failure_rate", "min_calls", "window", "reset_timeout", "count_rate_limits"}
-)
-
-
-@dataclass(frozen=True)
-class BreakerConfig:
-    """When a limit's breaker opens and how long it stays open."""
-
-    failure_rate: float = 0.5
-    min_calls: int = 10
-    window_s: float = 30.0
-    reset_timeout_s: float = 10.0
-    count_rate_limits: bool = False
+__all__ = ["BreakerState", "Breaker"]
 
 
 @dataclass(frozen=True)
@@ -69,51 +52,6 @@ class BreakerState:
     failures: int
 
 
-def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
-    """``True``/a dict of options -> BreakerConfig; ``None``/``False`` -> no breaker."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return BreakerConfig()
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{setting} must be True or a dict of breaker options, got {value!r}")
-    reject_unknown(value, _BREAKER_KEYS, setting)
-    count = value.get("count_rate_limits", False)
-    if not isinstance(count, bool):
-        raise ConfigError(f"{setting}['count_rate_limits'] must be True or False, got {count!r}")
-    return BreakerConfig(
-        failure_rate=number(
-            value.get("failure_rate", 0.5), f"{setting}['failure_rate']", lo_open=0.0, hi=1.0
-        ),
-        min_calls=positive_int(value.get("min_calls", 10), f"{setting}['min_calls']"),
-        window_s=number(value.get("window", 30.0), f"{setting}['window']", lo=0.001),
-        reset_timeout_s=number(
-            value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo=0.001
-        ),
-        count_rate_limits=count,
-    )
-
-
-def parse_validate(value: object, setting: str) -> Callable[[Any], object] | None:
-    """The ``validate`` hook: a callable taking the call's result, falsy (or raising) = garbage.
-
-    A string names it (``"proj.checks.has_content"`` or ``"proj.checks:has_content"``) and is
-    imported now, so a typo fails at start-up.
-    """
-    if value is None:
-        return None
-    if isinstance(value, str):
-        from kombu.utils.imports import symbol_by_name
-
-        try:
-            value = symbol_by_name(value)  # type: ignore[no-untyped-call]
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigError(f"{setting}: cannot import {value!r} ({exc})") from None
-    if not callable(value):
-        raise ConfigError(f"{setting} must be a callable result -> bool, got {value!r}")
-    return value
-
-
 class Breaker:
     """Read or override the fleet-wide breaker of one limit (one round trip per call)."""
 
@@ -124,6 +62,14 @@ class Breaker:
         self.admission = admission
         self.limit = limit
         self.config = cfg.breaker
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<Breaker {self.limit!r} failure_rate={c.failure_rate} min_calls={c.min_calls} "
+            f"window={c.window_s:g}s reset_timeout={c.reset_timeout_s:g}s "
+            f"(.state() reads it from Redis)>"
+        )
 
     def state(self) -> BreakerState:
         """The breaker as the admission script sees it now."""

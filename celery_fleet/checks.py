@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Iterable
@@ -10,9 +11,26 @@ from collections.abc import Set as AbstractSet
 
 from .errors import ConfigError
 
-__all__ = ["check_name", "number", "positive_int", "reject_unknown"]
+__all__ = [
+    "check_name",
+    "check_max_wait",
+    "number",
+    "positive_int",
+    "reject_unknown",
+    "suggest",
+    "MAX_UNITS",
+    "MAX_SECONDS",
+]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.:/@+\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+\-]+")
+#: Limit names and namespaces become part of every Redis key: keep them short.
+MAX_NAME_LENGTH = 100
+#: The largest count (requests, tokens, calls) anything accepts: 2**53, the largest integer
+#: a Lua number (a double) holds exactly, so the scripts never round or overflow.
+MAX_UNITS = 2**53
+#: The longest duration in seconds a setting accepts (a year): longer is a typo, and
+#: Redis's millisecond expiries must stay far from overflow.
+MAX_SECONDS = 366 * 86_400
 
 
 def check_name(name: object, what: str, colon: bool = True) -> str:
@@ -21,27 +39,61 @@ def check_name(name: object, what: str, colon: bool = True) -> str:
     The tag is ``{namespace:limit}``, so a limit name may not contain ``:`` (``colon=False``):
     otherwise ``("a:b", "c")`` and ``("a", "b:c")`` would share keys.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or (not colon and ":" in name):
+    if (
+        not isinstance(name, str)
+        or len(name) > MAX_NAME_LENGTH
+        or not _NAME_RE.fullmatch(name)
+        or (not colon and ":" in name)
+    ):
         chars = "_.:/@+-" if colon else "_./@+-"
         raise ConfigError(
-            f"{what} must be a non-empty string of letters, digits and {chars} "
-            f"(no spaces or braces), got {name!r}"
+            f"{what} must be a non-empty string of at most {MAX_NAME_LENGTH} letters, digits "
+            f"and {chars} (no spaces, newlines or braces), got {name!r}"
         )
     return name
 
 
 def reject_unknown(options: Iterable[str], known: AbstractSet[str], where: str) -> None:
-    """Raise naming every option of ``options`` not in ``known`` (a typo fails at start-up)."""
+    """Raise naming every option of ``options`` not in ``known`` and the closest known one
+    (a typo fails at start-up, not silently at 02:00)."""
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ConfigError(f"{where} has unknown option(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(
+            f"{where} has unknown option(s) {suggest(unknown, known)}; known: {sorted(known)}"
+        )
 
 
-def positive_int(value: object, where: str) -> int:
-    """``value`` as a positive int (bools refused)."""
+def suggest(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """``'tokns' (did you mean 'tokens'?), 'x'``: each unknown name with its closest match."""
+    choices = list(known)
+    return ", ".join(
+        f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
+        for name in unknown
+        for close in [difflib.get_close_matches(str(name), choices, n=1)]
+    )
+
+
+def check_max_wait(max_wait: object, what: str = "max_wait") -> float:
+    """Validate a ``max_wait`` in seconds: ``>= 0``, at most a year, or ``math.inf`` (no
+    deadline)."""
+    if isinstance(max_wait, float) and max_wait == math.inf:
+        return max_wait
+    return number(max_wait, what, lo=0.0, hi=MAX_SECONDS)
+
+
+def positive_int(value: object, where: str, hi: int = MAX_UNITS) -> int:
+    """``value`` as a positive int no larger than ``hi`` (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{where} must be a positive int, got {value!r}")
+        raise ConfigError(f"{where} must be a positive int, got {_short(value)}")
+    if value > hi:
+        raise ConfigError(f"{where} must be a positive int <= {hi}, got {_short(value)}")
     return value
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: a 400-digit number makes an unreadable message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} chars)"
 
 
 def number(
@@ -54,8 +106,11 @@ def number(
 ) -> float:
     """``value`` as a float within the given closed (lo, hi) or open (lo_open, hi_open) bounds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    v = float(value)
+        raise ConfigError(f"{where} must be a number, got {_short(value)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond any float, e.g. 10**400
+        v = math.inf
     bad = (
         (lo is not None and v < lo)
         or (lo_open is not None and v <= lo_open)
@@ -74,5 +129,5 @@ def number(
             )
             if s
         )
-        raise ConfigError(f"{where} must be {bounds}, got {value!r}")
+        raise ConfigError(f"{where} must be {bounds} (finite), got {_short(value)}")
     return v

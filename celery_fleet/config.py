@@ -2,7 +2,9 @@
 
 Nothing downstream of :func:`parse_limits` sees a raw dict: the admission script's
 arguments are computed from :class:`LimitConfig` and every error names the setting
-and the bad value.
+and the bad value. This module owns every configuration object of a limit (its windows,
+:class:`AdaptiveConfig`, :class:`BreakerConfig`) and every parser; it imports nothing of
+the package but ``errors`` and ``checks``, so the rest can read top-down.
 
 Example::
 
@@ -20,17 +22,46 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .adaptive import ADAPTIVE_KEYS, AdaptiveConfig, parse_adaptive
-from .breaker import BreakerConfig, parse_breaker, parse_validate
-from .checks import check_name, number, positive_int, reject_unknown
+from .checks import MAX_SECONDS, MAX_UNITS, check_name, number, positive_int, reject_unknown
 from .errors import ConfigError
 
-__all__ = ["Window", "LimitConfig", "parse_limits", "parse_limit", "check_name"]
+__all__ = [
+    "Window",
+    "LimitConfig",
+    "AdaptiveConfig",
+    "BreakerConfig",
+    "parse_limits",
+    "parse_limit",
+    "parse_adaptive",
+    "parse_breaker",
+    "parse_validate",
+    "DEFAULT_BURST",
+]
 
 REQUESTS = "requests"
 TOKENS = "tokens"
 
 DEFAULT_LEASE_S = 60.0
+#: The fraction of a window's budget that may go at once from a full bucket, by default.
+#: Small, because providers that count a sliding window (or enforce a per-minute limit in
+#: short quanta) refuse what a full token bucket would let through right after idle: in any
+#: span of one period the fleet admits at most ``(1 + burst) * budget``. A request window's
+#: default burst is never below one request.
+DEFAULT_BURST = 0.1
+ADAPTIVE_KEYS = frozenset(
+    {
+        "adaptive",
+        "min_in_flight",
+        "initial_in_flight",
+        "increase",
+        "decrease",
+        "latency_target",
+        "probe_interval",
+    }
+)
+_BREAKER_KEYS = frozenset(
+    {"failure_rate", "min_calls", "window", "reset_timeout", "count_rate_limits"}
+)
 _KNOWN_KEYS = (
     frozenset(
         {
@@ -49,6 +80,35 @@ _KNOWN_KEYS = (
     )
     | ADAPTIVE_KEYS
 )
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """AIMD parameters of one limit (bounds: ``min_in_flight`` .. the declared max).
+
+    See :mod:`celery_fleet.adaptive` for what the fleet does with them.
+    """
+
+    min_in_flight: int
+    initial_in_flight: int
+    increase: float
+    decrease: float
+    latency_target_s: float | None
+    probe_interval_s: float
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """When a limit's circuit breaker opens and how long it stays open.
+
+    See :mod:`celery_fleet.breaker` for the shared state and the half-open probe.
+    """
+
+    failure_rate: float = 0.5
+    min_calls: int = 10
+    window_s: float = 30.0
+    reset_timeout_s: float = 10.0
+    count_rate_limits: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,7 +190,24 @@ class LimitConfig:
         if tokens > ceiling:
             raise ConfigError(
                 f"{what}={tokens} can never be admitted by limit {self.name!r}: "
-                f"at most {ceiling} tokens fit in its bucket (after headroom {self.headroom})"
+                f"at most {ceiling} tokens fit in its bucket (burst {self.burst}, "
+                f"headroom {self.headroom}); raise fleet_limits[{self.name!r}]['burst'] "
+                f"(the fraction of a window that may go at once) to admit larger calls"
+            )
+        return tokens
+
+    def check_usage(self, tokens: object, what: str = "tokens") -> int:
+        """Validate an actual token usage reported after a call (``settle``).
+
+        Unlike an estimate it may exceed a full bucket (the call is already paid for); it
+        must be a non-negative int that Redis's Lua numbers hold exactly.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not 0 <= tokens:
+            raise ConfigError(f"{what} must be a non-negative int, got {tokens!r}")
+        if tokens > MAX_UNITS:
+            raise ConfigError(
+                f"{what}={tokens} is not a plausible token count for limit {self.name!r} "
+                f"(at most {MAX_UNITS})"
             )
         return tokens
 
@@ -157,11 +234,14 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         raise ConfigError(f"{setting} must be a dict of options, got {spec!r}")
     reject_unknown(spec, _KNOWN_KEYS, setting)
     headroom = number(spec.get("headroom", 0.0), f"{setting}['headroom']", lo=0.0, hi_open=1.0)
-    burst = number(spec.get("burst", 1.0), f"{setting}['burst']", lo_open=0.0, hi=1.0)
-    lease_s = number(spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0)
+    explicit_burst = spec.get("burst") is not None
+    burst = number(spec.get("burst", DEFAULT_BURST), f"{setting}['burst']", lo_open=0.0, hi=1.0)
+    lease_s = number(
+        spec.get("lease", DEFAULT_LEASE_S), f"{setting}['lease']", lo=1.0, hi=MAX_SECONDS
+    )
     max_in_flight = spec.get("max_in_flight")
     if max_in_flight is not None:
-        max_in_flight = positive_int(max_in_flight, f"{setting}['max_in_flight']")
+        max_in_flight = positive_int(max_in_flight, f"{setting}['max_in_flight']", hi=1_000_000)
 
     specs = [
         (REQUESTS, _dimension(spec, "rpm", ("rate", "requests"), setting)),
@@ -174,7 +254,10 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
             raise ConfigError(f"{setting}[{key!r}] gives a budget for the same period twice")
         for declared, period_s in rates:
             budget = declared * (1.0 - headroom)
-            window = Window(dimension, declared, period_s, budget, budget * burst)
+            units = budget * burst
+            if dimension == REQUESTS and not explicit_burst:
+                units = min(budget, max(units, 1.0))  # the default never forbids one request
+            window = Window(dimension, declared, period_s, budget, units)
             if dimension == REQUESTS and window.burst < 1.0:
                 raise ConfigError(
                     f"{setting}[{key!r}]: {window.describe()} with headroom {headroom} and burst "
@@ -212,7 +295,7 @@ def _dimension(
     value = spec[key]
     where = f"{setting}[{key!r}]"
     if key == shorthand or isinstance(value, int):
-        return key, [(positive_int(value, where), 60)]
+        return key, [(positive_int(value, where, hi=MAX_UNITS), 60)]
     return key, _rate_string(value, where)
 
 
@@ -231,5 +314,100 @@ def _rate_string(value: object, where: str) -> list[tuple[int, int]]:
     for item in items:
         if item.amount <= 0:
             raise ConfigError(f"{where}: {value!r} allows nothing; amounts must be positive")
+        if item.amount > MAX_UNITS:
+            raise ConfigError(f"{where}: {value!r} is more than {MAX_UNITS} per window")
         out.append((int(item.amount), int(item.get_expiry())))
     return out
+
+
+def parse_adaptive(
+    spec: Mapping[str, Any], setting: str, max_in_flight: int | None
+) -> AdaptiveConfig | None:
+    """The AdaptiveConfig of a limit's options, or None when ``adaptive`` is not set."""
+    enabled = spec.get("adaptive", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{setting}['adaptive'] must be True or False, got {enabled!r}")
+    extra = sorted(k for k in ADAPTIVE_KEYS - {"adaptive"} if k in spec)
+    if not enabled:
+        if extra:
+            raise ConfigError(f"{setting} sets {extra} but not adaptive=True")
+        return None
+    if max_in_flight is None:
+        raise ConfigError(f"{setting}: adaptive=True needs max_in_flight (the upper bound)")
+    low = positive_int(spec.get("min_in_flight", 1), f"{setting}['min_in_flight']")
+    if low > max_in_flight:
+        raise ConfigError(
+            f"{setting}['min_in_flight'] = {low} is above max_in_flight = {max_in_flight}"
+        )
+    initial = positive_int(
+        spec.get("initial_in_flight", max(low, max_in_flight // 2)),
+        f"{setting}['initial_in_flight']",
+    )
+    if not low <= initial <= max_in_flight:
+        raise ConfigError(
+            f"{setting}['initial_in_flight'] must be between min_in_flight and max_in_flight"
+        )
+    target = spec.get("latency_target")
+    return AdaptiveConfig(
+        min_in_flight=low,
+        initial_in_flight=initial,
+        increase=number(
+            spec.get("increase", 1.0), f"{setting}['increase']", lo_open=0.0, hi=max_in_flight
+        ),
+        decrease=number(
+            spec.get("decrease", 0.9), f"{setting}['decrease']", lo_open=0.0, hi_open=1.0
+        ),
+        latency_target_s=None
+        if target is None
+        else number(target, f"{setting}['latency_target']", lo_open=0.0, hi=MAX_SECONDS),
+        probe_interval_s=number(
+            spec.get("probe_interval", 5.0), f"{setting}['probe_interval']", lo=0.001, hi=3600
+        ),
+    )
+
+
+def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
+    """``True``/a dict of options -> BreakerConfig; ``None``/``False`` -> no breaker."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return BreakerConfig()
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{setting} must be True or a dict of breaker options, got {value!r}")
+    reject_unknown(value, _BREAKER_KEYS, setting)
+    count = value.get("count_rate_limits", False)
+    if not isinstance(count, bool):
+        raise ConfigError(f"{setting}['count_rate_limits'] must be True or False, got {count!r}")
+    return BreakerConfig(
+        failure_rate=number(
+            value.get("failure_rate", 0.5), f"{setting}['failure_rate']", lo_open=0.0, hi=1.0
+        ),
+        min_calls=positive_int(
+            value.get("min_calls", 10), f"{setting}['min_calls']", hi=MAX_UNITS
+        ),
+        window_s=number(value.get("window", 30.0), f"{setting}['window']", lo=0.001, hi=86_400),
+        reset_timeout_s=number(
+            value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo=0.001, hi=86_400
+        ),
+        count_rate_limits=count,
+    )
+
+
+def parse_validate(value: object, setting: str) -> Callable[[Any], object] | None:
+    """The ``validate`` hook: a callable taking the call's result, falsy (or raising) = garbage.
+
+    A string names it (``"proj.checks.has_content"`` or ``"proj.checks:has_content"``) and is
+    imported now, so a typo fails at start-up.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from kombu.utils.imports import symbol_by_name
+
+        try:
+            value = symbol_by_name(value)  # type: ignore[no-untyped-call]
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(f"{setting}: cannot import {value!r} ({exc})") from None
+    if not callable(value):
+        raise ConfigError(f"{setting} must be a callable result -> bool, got {value!r}")
+    return value

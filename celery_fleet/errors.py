@@ -103,8 +103,21 @@ class StoreUnavailable(FleetError):
 
 
 class LeaseLost(FleetError):
-    """A slot's lease expired before it was released or settled.
+    """A slot's lease is gone: the fleet may already have handed the slot to somebody else.
 
-    Happens when a process stalls longer than the lease TTL (the renewal thread
-    could not run): the fleet already handed the slot to somebody else.
+    Happens when the holder stalled longer than the lease TTL (SIGSTOP, a GIL-holding C
+    call, a suspended VM: the renewal thread could not run) or when Redis forgot the lease
+    and the cap had no room to put it back. A lease is not a fence: nothing stops the late
+    holder's own call, so :meth:`Slot.ensure_held` before an expensive step, and ``settle``
+    / ``observe`` (which raise this), are how a holder learns it lost its slot.
     """
+
+    def __init__(self, limit: str, lease_id: str = "", why: str = "") -> None:
+        super().__init__(limit, lease_id, why)
+        self.limit = limit
+        self.lease_id = lease_id
+        self.why = why
+
+    def __str__(self) -> str:
+        why = f" ({self.why})" if self.why else ""
+        return f"the lease {self.lease_id} of limit {self.limit!r} was lost{why}"

@@ -12,11 +12,10 @@ Example::
     with fleet.slot("openai", tokens=2000) as slot:
         ...
 
-``Fleet(app)`` reads ``fleet_redis_url``, ``fleet_namespace``, ``fleet_limits``,
-``fleet_max_wait`` and ``fleet_max_countdown`` from ``app.conf`` (keyword arguments
-override them), validates everything at once, and connects the worker signals that keep
-Redis connections per process. ``Fleet(redis_url=..., limits=...)`` without an app works
-in any plain Python process.
+``Fleet(app)`` reads the ``fleet_*`` settings from ``app.conf`` (see
+:mod:`celery_fleet.settings`; keyword arguments override them), validates everything at
+once, and connects the worker signals that keep Redis connections per process.
+``Fleet(redis_url=..., limits=...)`` without an app works in any plain Python process.
 """
 
 from __future__ import annotations
@@ -28,22 +27,22 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from . import adaptive, signals
 from .admission import Admission, Decision, Release
 from .breaker import Breaker
-from .config import LimitConfig, check_name, parse_limits
+from .checks import check_max_wait
+from .config import LimitConfig
 from .errors import ConfigError
-from .slot import Clock, LeaseKeeper, Slot, SystemClock, check_max_wait
-from .store import RedisStore, mask_url
+from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
+from .slot import Clock, LeaseKeeper, Slot, SystemClock
+from .store import RedisStore
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
 
-DEFAULT_MAX_WAIT_S = 30.0
-DEFAULT_MAX_COUNTDOWN_S = 300.0
 _SETTLED_MEMORY = 10_000  # leases whose last settled figure Fleet.settle remembers
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 #: The ``max_wait`` a running FleetTask gives the slots opened in its body.
 task_max_wait: ContextVar[float | None] = ContextVar("celery_fleet_task_max_wait", default=None)
@@ -76,34 +75,25 @@ class Fleet:
     ) -> None:
         conf: Mapping[str, Any] = app.conf if app is not None else {}
         self.app = app
-        self.redis_url = _resolve_redis_url(redis_url, conf)
-        self.namespace = check_name(
-            namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
-            "fleet_namespace",
+        settings = load_settings(
+            conf, redis_url=redis_url, limits=limits, namespace=namespace, max_wait=max_wait
         )
-        raw_limits = limits if limits is not None else conf.get("fleet_limits")
-        self.limits: dict[str, LimitConfig] = parse_limits(
-            raw_limits, "limits" if limits is not None else "fleet_limits"
-        )
-        self.max_wait_s = check_max_wait(
-            max_wait if max_wait is not None else conf.get("fleet_max_wait", DEFAULT_MAX_WAIT_S),
-            "fleet_max_wait",
-        )
-        self.max_countdown_s = check_max_wait(
-            conf.get("fleet_max_countdown", DEFAULT_MAX_COUNTDOWN_S), "fleet_max_countdown"
-        )
+        self.redis_url = settings.redis_url
+        self.namespace = settings.namespace
+        self.limits: dict[str, LimitConfig] = settings.limits
+        self.max_wait_s = settings.max_wait_s
+        self.max_countdown_s = settings.max_countdown_s
         self.clock: Clock = clock or SystemClock()
-        self.store = RedisStore(self.redis_url)
+        options = {"password": settings.redis_password} if settings.redis_password else {}
+        self.store = RedisStore(self.redis_url, **options)
         self.admission = Admission(self.store, self.limits, self.namespace)
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
         if app is not None:
             _by_app[app] = self
-            from . import signals  # Celery glue, imported only when there is an app
-
-            signals.install()
-            signals.check_registered_tasks(app, self)
+            signals.install(_reset_all_connections)
+            self.check_app_tasks(app)
             self.on_breaker_change(signals.breaker_announcer(app))
 
     # -- lookup -----------------------------------------------------------------------
@@ -181,12 +171,17 @@ class Fleet:
     def reset_adaptive(self, name: str) -> None:
         """Forget what the fleet learned about limit ``name``: adaptive cap, rate factor,
         ceiling, the provider's header factor and any Retry-After pause."""
-        self.store.call("DEL", self.admission.keys(name).ctl)
+        adaptive.reset_control(self.admission, name)
 
     def adaptive_state(self, name: str) -> dict[str, float]:
         """The fleet-wide control state of limit ``name``: the adaptive ``cap`` and
         ``rate_factor``, ``pause_until`` (ms), ``ceiling``, ``hold_ms``..."""
-        return self.admission.control_state(name)
+        return adaptive.control_state(self.admission, name)
+
+    def reset_buckets(self, name: str) -> None:
+        """Refill every request and token window of limit ``name`` fleet-wide (operators:
+        after a bad ``settle``, or when the provider's quota was reset early)."""
+        self.admission.reset_buckets(name)
 
     def settle(self, decision: Decision, tokens: int) -> int:
         """Settle an admitted :meth:`try_acquire` decision to the actual token usage.
@@ -208,6 +203,24 @@ class Fleet:
         """Raise :class:`~celery_fleet.StoreUnavailable` (naming the URL) unless Redis answers."""
         self.store.ping()
 
+    def check_app_tasks(self, app: Celery) -> None:
+        """Validate every fleet task of ``app`` if it is already finalized, naming all bad ones.
+
+        Tasks bound later are checked by ``FleetTask.on_bound`` as the app finalizes.
+        """
+        if not app.finalized:
+            return
+        problems = []
+        for task in list(app.tasks.values()):
+            limit = getattr(task, "fleet_limit", None)
+            tokens = getattr(task, "fleet_tokens", 0)
+            try:
+                self.check_task_options(task.name, limit, tokens)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+
     def check_task_options(self, task_name: str, limit: str | None, tokens: int) -> None:
         """Validate a task's ``limit``/``tokens`` against this fleet's limits."""
         if limit is None:
@@ -224,34 +237,13 @@ class Fleet:
         self.store.reset()
 
     def __repr__(self) -> str:
-        return (
-            f"<Fleet {mask_url(self.redis_url)} ns={self.namespace!r} limits={sorted(self.limits)}>"
-        )
+        return f"<Fleet {self.store.safe_url} ns={self.namespace!r} limits={sorted(self.limits)}>"
 
 
-def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:
-    if explicit is not None:
-        return _check_url(explicit, "redis_url")
-    configured = conf.get("fleet_redis_url")
-    if configured:
-        return _check_url(configured, "fleet_redis_url")
-    broker = conf.get("broker_url")
-    if isinstance(broker, str) and broker.startswith(_REDIS_SCHEMES):
-        return broker
-    raise ConfigError(
-        "fleet_redis_url is not set and the broker "
-        f"({mask_url(broker) if isinstance(broker, str) else broker!r}) is not Redis: "
-        "set app.conf.fleet_redis_url = 'redis://host:6379/1' or pass Fleet(redis_url=...)"
-    )
-
-
-def _check_url(url: object, setting: str) -> str:
-    if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
-        raise ConfigError(
-            f"{setting} must be a redis://, rediss:// or unix:// URL, got "
-            f"{mask_url(url) if isinstance(url, str) else url!r}"
-        )
-    return url
+def _reset_all_connections() -> None:
+    """In a new worker child: every Fleet forgets the Redis client it inherited."""
+    for fleet in Fleet.all():
+        fleet.reset_connections()
 
 
 FOREVER = math.inf

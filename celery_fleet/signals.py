@@ -1,13 +1,14 @@
-"""Celery signal handlers: per-process Redis connections and start-up validation.
+"""Celery signals: per-process Redis connections and breaker announcements.
 
-- ``worker_process_init`` (prefork and solo children): drop every Fleet's Redis client,
-  so no socket is shared with the parent across ``fork()``. The handler only forgets the
-  client (the next call creates one lazily) because Celery kills a child whose init takes
-  more than 4 s. Pools without this signal (threads, gevent) are covered by the pid check
-  in :class:`~celery_fleet.store.RedisStore`.
-- :func:`check_registered_tasks`: when ``Fleet(app)`` comes after the app finalized,
-  every FleetTask's ``limit``/``tokens`` is checked at once (otherwise
-  ``FleetTask.on_bound`` checks each as the app finalizes).
+- ``worker_process_init`` (prefork and solo children): run the callback :func:`install`
+  was given (the Fleet drops every Redis client, so no socket is shared with the parent
+  across ``fork()``). It must only forget clients (the next call creates one lazily)
+  because Celery kills a child whose init takes more than 4 s. Pools without this signal
+  (threads, gevent) are covered by the pid check in :class:`~celery_fleet.store.RedisStore`.
+- :data:`breaker_state_changed` and the ``fleet-breaker`` event, sent by
+  :func:`breaker_announcer` when this process sees a breaker change.
+
+This module imports nothing of the package's glue (``fleet``, ``task``): they import it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,10 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
-from .errors import ConfigError
-
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .fleet import Fleet
-
-__all__ = ["install", "check_registered_tasks", "breaker_state_changed", "breaker_announcer"]
+__all__ = ["install", "breaker_state_changed", "breaker_announcer"]
 
 #: Sent (in the process that saw it) when a limit's breaker opens, lets a probe through
 #: (``half_open``) or closes: ``sender`` is the Fleet's app, with ``limit`` and ``state``.
@@ -35,31 +32,29 @@ breaker_state_changed = Signal(
 )
 
 log = logging.getLogger("celery_fleet")
-_installed = False
+_on_process_init: list[Callable[[], None]] = []
 
 
-def install() -> None:
-    """Connect the handlers once per process (idempotent)."""
-    global _installed
-    if _installed:
-        return
-    signals.worker_process_init.connect(_reset_connections, weak=False)
-    _installed = True
+def install(on_process_init: Callable[[], None]) -> None:
+    """Call ``on_process_init()`` in every new worker child (idempotent per callback)."""
+    if not _on_process_init:
+        signals.worker_process_init.connect(_process_init, weak=False)
+    if on_process_init not in _on_process_init:
+        _on_process_init.append(on_process_init)
 
 
-def _reset_connections(**_: Any) -> None:
-    from .fleet import Fleet
-
-    for fleet in Fleet.all():
-        fleet.reset_connections()
+def _process_init(**_: Any) -> None:
+    for callback in list(_on_process_init):
+        callback()
 
 
 def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
     """A breaker listener that sends the Celery signal and a ``fleet-breaker`` event.
 
-    The event goes to the broker's event exchange (Flower counts it in its ``/metrics``
-    as ``flower_events_total{type="fleet-breaker"}``); failing to send it is logged and
-    never breaks the call that changed the state.
+    The event goes to the broker's event exchange, where any event receiver sees it
+    (``app.events.Receiver``; Flower 2.x keeps it in its event state but neither shows it
+    nor counts it in ``/metrics``, which counts ``task-*`` events only); failing to send it
+    is logged and never breaks the call that changed the state.
     """
 
     def announce(limit: str, state: str) -> None:
@@ -71,23 +66,3 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
             log.warning("celery-fleet: could not send the fleet-breaker event", exc_info=True)
 
     return announce
-
-
-def check_registered_tasks(app: Celery, fleet: Fleet) -> None:
-    """Validate every FleetTask of ``app`` if it is already finalized, naming all bad ones.
-
-    Tasks bound later are checked by ``FleetTask.on_bound`` as the app finalizes.
-    """
-    from .task import FleetTask
-
-    if not app.finalized:
-        return
-    problems = []
-    for task in list(app.tasks.values()):
-        if isinstance(task, FleetTask):
-            try:
-                fleet.check_task_options(task.name, task.fleet_limit, task.fleet_tokens)
-            except ConfigError as exc:
-                problems.append(str(exc))
-    if problems:
-        raise ConfigError("; ".join(problems))

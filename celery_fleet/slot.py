@@ -14,6 +14,7 @@ Time is injectable (:class:`Clock`) so tests of waits are deterministic.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -23,8 +24,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from .admission import Admission, Decision, new_lease_id
+from .admission import Admission, Decision
 from .backoff import spread
+from .checks import check_max_wait
 from .errors import (
     CircuitOpen,
     ConfigError,
@@ -38,6 +40,16 @@ from .providers import OK, Signal, classify, parse_headers
 __all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
 
 log = logging.getLogger("celery_fleet")
+
+#: The slots each thread holds right now, to catch a nested wait that can never end.
+_held = threading.local()
+
+
+def _held_here() -> list[Slot]:
+    slots: list[Slot] | None = getattr(_held, "slots", None)
+    if slots is None:
+        slots = _held.slots = []
+    return slots
 
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
@@ -59,13 +71,6 @@ class SystemClock:
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
-
-
-def check_max_wait(max_wait: object, what: str = "max_wait") -> float:
-    """Validate a ``max_wait`` in seconds (``math.inf`` waits forever)."""
-    if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) or not max_wait >= 0:
-        raise ConfigError(f"{what} must be a number of seconds >= 0, got {max_wait!r}")
-    return float(max_wait)
 
 
 class Slot:
@@ -113,16 +118,18 @@ class Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
-        cfg = self.admission.limit(self.limit)
         start = self.clock.monotonic()
         while True:
             self.attempts += 1
-            decision = self.admission._do_acquire(cfg, self.tokens, new_lease_id())
+            asked_at = self.clock.monotonic()
+            decision = self.admission.try_acquire(self.limit, self.tokens)
             if decision.allowed:
                 break
             if decision.reason == "circuit_open":
                 # Do not hold a worker for the reset timeout: a task reschedules instead.
                 raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
+            if decision.reason == "in_flight" and self.max_wait_s == math.inf:
+                self._refuse_self_deadlock()
             remaining = self.max_wait_s - (self.clock.monotonic() - start)
             wait_s = decision.wait_ms / 1000.0
             # A rate or pause wait is exact: when it ends past the deadline, give up now.
@@ -139,9 +146,28 @@ class Slot:
         self.waited_s = self.clock.monotonic() - start
         self.decision = decision
         self.lease_id = decision.lease_id
-        self.last_renewed = self.clock.monotonic()
+        # Taken before the round trip, so the local deadline never outlives Redis's.
+        self.last_renewed = asked_at
         self.keeper.track(self)
+        _held_here().append(self)
         return self
+
+    def _refuse_self_deadlock(self) -> None:
+        """Raise instead of waiting for ever on a limit this thread already holds.
+
+        With no deadline, a slot nested in another slot of the same limit waits for a
+        unit that only this thread (or others doing the same) can free: a silent
+        deadlock once the cap is full of such holders.
+        """
+        if any(
+            s.limit == self.limit and s.admission is self.admission for s in _held_here()
+        ):
+            raise FleetError(
+                f"nested slot of limit {self.limit!r} in a thread that already holds one, "
+                f"with no deadline (max_wait=inf, e.g. on_limit='wait'): the cap is full and "
+                f"this wait could never end. Give the inner slot a finite max_wait, or do "
+                f"not take the same limit twice."
+            )
 
     def settle(self, tokens: int) -> int:
         """Replace the reservation by actual usage; return the delta charged (+) or refunded (-).
@@ -150,16 +176,55 @@ class Slot:
         """
         if self.lease_id is None:
             raise FleetError(f"settle() on a slot for {self.limit!r} that is not held")
-        delta = self.admission.settle(self.limit, self.lease_id, tokens, self.tokens)
+        lease_id = self.lease_id
+        try:
+            delta = self.admission.settle(
+                self.limit, lease_id, tokens, self.tokens, must_hold=True
+            )
+        except LeaseLost:
+            self.tokens = tokens
+            self.lost = True
+            raise
         self.tokens = tokens
+        if self.lost:
+            raise LeaseLost(self.limit, lease_id, "not renewed within its TTL")
         return delta
+
+    def ensure_held(self) -> None:
+        """Raise :class:`~celery_fleet.LeaseLost` unless this slot's lease is still held.
+
+        A lease is not a fence: a holder frozen past its TTL (SIGSTOP, a long GIL-holding C
+        call) keeps running while the fleet hands its slot to somebody else. Call this
+        before an expensive step to learn that early; it renews the lease (one round trip),
+        so a lease Redis forgot is put back while the cap has room.
+        """
+        lease_id = self.lease_id
+        if lease_id is None:
+            raise FleetError(f"ensure_held() on a slot for {self.limit!r} that is not held")
+        now = self.clock.monotonic()
+        ttl = self.admission.limit(self.limit).lease_s
+        if not self.lost and now - self.last_renewed >= ttl:
+            self.keeper.lose(self, "not renewed within its TTL")
+        if not self.lost:
+            lost, _restored = self.admission.renew(self.limit, [(lease_id, self.tokens)])
+            if lost:
+                self.keeper.lose(self, "expired while held")
+            else:
+                self.last_renewed = now
+        if self.lost:
+            raise LeaseLost(self.limit, lease_id, "expired while held; its slot may be reused")
 
     def observe(self, headers: Any) -> int:
         """Read the provider's rate-limit headers (OpenAI ``x-ratelimit-*``, Anthropic
         ``anthropic-ratelimit-*``) and lower the fleet's buckets when the provider says fewer
         remain, or its limit is below the declared one. Never raises local state. One round
-        trip; returns the number of windows lowered."""
-        return self.admission.observe(self.limit, parse_headers(headers))
+        trip; returns the number of windows lowered. Raises :class:`~celery_fleet.LeaseLost`
+        (after lowering) when this slot's lease is gone."""
+        try:
+            return self.admission.observe(self.limit, parse_headers(headers), self.lease_id)
+        except LeaseLost:
+            self.lost = True
+            raise
 
     def validate(self, result: Any) -> bool:
         """Run the ``validate`` hook on a call's result; a falsy answer (or an exception)
@@ -184,6 +249,9 @@ class Slot:
         if lease_id is None:
             return
         self.keeper.untrack(self)
+        held = _held_here()
+        if self in held:
+            held.remove(self)
         signal = signal or Signal("other")
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)
@@ -308,26 +376,36 @@ class LeaseKeeper:
                 if slot.lost or not slot.lease_id:
                     continue
                 if now - slot.last_renewed >= ttl:
-                    self._lose(slot, "not renewed within its TTL")
+                    self.lose(slot, "not renewed within its TTL")
                 elif now - slot.last_renewed >= ttl / 3.0:
                     due.setdefault(slot.limit, []).append(slot)
         for limit, slots in due.items():
-            ids = [s.lease_id for s in slots if s.lease_id]
+            leases = [(s.lease_id, s.tokens) for s in slots if s.lease_id]
             try:
-                lost = set(self.admission.renew(limit, ids))
+                lost, restored = self.admission.renew(limit, leases)
             except FleetError:
                 log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
                 continue
+            if restored:
+                log.warning(
+                    "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "
+                    "flushed or evicted?); put them back",
+                    len(restored),
+                    limit,
+                )
             for s in slots:
                 if s.lease_id in lost:
-                    self._lose(s, "expired while held")
+                    self.lose(s, "expired while held, or Redis lost it and the cap was full")
                 else:
                     s.last_renewed = now
 
     @staticmethod
-    def _lose(slot: Slot, why: str) -> None:
+    def lose(slot: Slot, why: str) -> None:
+        """Mark ``slot`` lost (its lease is gone) and log it once."""
+        if slot.lost:
+            return
         slot.lost = True
-        log.error("celery-fleet: %s", LeaseLost(f"lease {slot.lease_id} of {slot.limit!r} {why}"))
+        log.error("celery-fleet: %s", LeaseLost(slot.limit, slot.lease_id or "", why))
 
     def _after_fork(self) -> None:
         # The child has the parent's slots and lock state but not its thread: start afresh.

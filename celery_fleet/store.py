@@ -6,15 +6,23 @@ itself in (it compares ``os.getpid()``), because a client created before Celery'
 EVALSHA; when the server answers NOSCRIPT the source is loaded and the call repeated, so
 ``SCRIPT FLUSH`` or a failover to a fresh replica is transparent.
 
-Every Redis error is translated here: connection problems become
-:class:`~celery_fleet.errors.StoreUnavailable` naming the URL, anything else a
-:class:`~celery_fleet.errors.FleetError`; no raw ``redis.exceptions`` reach the API.
+Every Redis error is translated here: connection problems, and a Redis that cannot take
+writes (``OOM`` under ``maxmemory`` with ``noeviction``, ``READONLY`` from a replica)
+become :class:`~celery_fleet.errors.StoreUnavailable` naming the URL (password masked);
+anything else a :class:`~celery_fleet.errors.FleetError`; no raw ``redis.exceptions``
+reach the API.
+
+The fleet's keys must never be evicted: a lost lease lets the cap be exceeded, a lost
+bucket admits a burst. On its first connection in a process the store reads
+``maxmemory`` and ``maxmemory-policy`` and logs a loud warning when Redis may evict them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import threading
 import weakref
 from functools import cache
@@ -27,7 +35,9 @@ from redis.exceptions import NoScriptError
 
 from .errors import ConfigError, FleetError, StoreUnavailable
 
-__all__ = ["RedisStore", "mask_url", "script_source"]
+__all__ = ["RedisStore", "mask_url", "has_password", "script_source", "eviction_risk"]
+
+log = logging.getLogger("celery_fleet")
 
 SCRIPTS = ("acquire", "release", "settle", "renew", "observe", "breaker_admin")
 
@@ -53,15 +63,57 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+_QUERY_SECRET = re.compile(r"((?:^|[?&;])(?:password|pass|pwd)=)[^&;#]*", re.IGNORECASE)
+# Replies that mean "this Redis cannot take the fleet's writes now": out of memory under
+# maxmemory (also when raised inside a script), or a read-only replica after a failover.
+# redis-py strips the reply's code into the exception class; inside a script the code may
+# come back in the message text instead.
+_UNAVAILABLE_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
+_UNAVAILABLE_REPLY = re.compile(r"\b(OOM|READONLY|MASTERDOWN|LOADING)\b")
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    """``url`` with its password (in the netloc or a ``password=`` query) as ``***``.
+
+    Never raises, whatever the URL: it is used to build error messages about bad URLs.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = _QUERY_SECRET.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def has_password(url: str) -> bool:
+    """True when ``url`` carries a password (``mask_url`` would hide something)."""
+    return mask_url(url) != url
+
+
+def eviction_risk(maxmemory: int, policy: str) -> str | None:
+    """Why Redis may evict the fleet's keys under this configuration, or None if it won't.
+
+    Every fleet key has a TTL, so the ``volatile-*`` policies evict them first, and the
+    ``allkeys-*`` ones may pick them; only ``noeviction`` (or no ``maxmemory``) is safe.
+    """
+    if maxmemory <= 0 or policy == "noeviction":
+        return None
+    return (
+        f"maxmemory-policy is {policy!r} with maxmemory {maxmemory}: when memory is full "
+        f"Redis evicts celery-fleet's keys (leases, buckets, breakers; all have TTLs, so "
+        f"volatile-* policies pick them first) and the fleet silently exceeds its caps. "
+        f"Use a Redis (or instance) with maxmemory-policy noeviction for fleet_redis_url"
+    )
 
 
 class RedisStore:
@@ -80,7 +132,9 @@ class RedisStore:
         try:  # parse now (no connection): a bad port or option is a ConfigError at start-up
             redis.ConnectionPool.from_url(url, **self._options).disconnect()
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"invalid Redis URL {self.safe_url}: {exc}") from None
+            message = str(exc).replace(url, self.safe_url)
+            raise ConfigError(f"invalid Redis URL {self.safe_url}: {message}") from None
+        self._checked = False
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._client: redis.Redis | None = None
@@ -101,7 +155,21 @@ class RedisStore:
                 if self._pid != pid or self._client is None:
                     client = redis.Redis.from_url(self.url, **self._options)
                     self._client, self._pid = client, pid
+                    if not self._checked:
+                        self._checked = True
+                        self._warn_if_evicting(client)
         return self._client
+
+    def _warn_if_evicting(self, client: redis.Redis) -> None:
+        """Log loudly, once per process, when this Redis may evict the fleet's keys."""
+        try:
+            conf = client.config_get("maxmemory*")
+        except redis.RedisError:  # CONFIG is disabled on many managed Redis services
+            log.debug("celery-fleet: cannot read maxmemory-policy of %s", self.safe_url)
+            return
+        risk = eviction_risk(int(conf.get("maxmemory", 0) or 0), conf.get("maxmemory-policy", ""))
+        if risk:
+            log.warning("celery-fleet: Redis at %s: %s", self.safe_url, risk)
 
     def reset(self) -> None:
         """Forget this process's client (called from ``worker_process_init``).
@@ -129,21 +197,23 @@ class RedisStore:
                 return client.execute_command(
                     "EVALSHA", self._shas[script], len(keys), *keys, *args
                 )  # type: ignore[no-untyped-call]
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(self.safe_url, exc) from exc
         except redis.RedisError as exc:
-            raise FleetError(
-                f"celery-fleet script {script!r} failed on {self.safe_url}: {exc}"
-            ) from exc
+            raise self._translate(exc, f"script {script!r}") from exc
 
     def call(self, command: str, *args: Any) -> Any:
         """Run one plain Redis command with the same error translation as :meth:`run`."""
         try:
             return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(self.safe_url, exc) from exc
         except redis.RedisError as exc:
-            raise FleetError(f"celery-fleet {command} failed on {self.safe_url}: {exc}") from exc
+            raise self._translate(exc, command) from exc
+
+    def _translate(self, exc: redis.RedisError, what: str) -> FleetError:
+        """The fleet error for a Redis error: unreachable or unwritable Redis is
+        :class:`StoreUnavailable`; anything else a :class:`FleetError` naming ``what``."""
+        message = str(exc).replace(self.url, self.safe_url)
+        if isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(message):
+            return StoreUnavailable(self.safe_url, f"{type(exc).__name__}: {message}")
+        return FleetError(f"celery-fleet {what} failed on {self.safe_url}: {message}")
 
     def ping(self) -> None:
         """Raise :class:`StoreUnavailable` (naming the URL) unless Redis answers."""

@@ -21,7 +21,6 @@ under the same id with ``countdown = wait + jitter`` and does not count it as a 
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +29,9 @@ from celery import Task, shared_task
 from celery.exceptions import Retry
 
 from .backoff import spread
+from .checks import check_max_wait, suggest
 from .errors import Backpressure, ConfigError
 from .fleet import Fleet, task_max_wait
-from .slot import check_max_wait
 
 __all__ = ["FleetTask", "fleet_task", "ON_LIMIT"]
 
@@ -218,27 +217,26 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     known = _known_options(base) - set(_FLEET_OPTIONS.values())
     unknown = sorted(set(options) - known)
     if unknown:
-        hints = [
-            f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
-            for name in unknown
-            for close in [difflib.get_close_matches(name, [*known, *_FLEET_OPTIONS], n=1)]
-        ]
-        raise ConfigError(f"fleet_task got unknown option(s): {', '.join(hints)}")
+        raise ConfigError(
+            f"fleet_task got unknown option(s): {suggest(unknown, [*known, *_FLEET_OPTIONS])}"
+        )
     if "dont_autoretry_for" in options:
         options["dont_autoretry_for"] = (*options["dont_autoretry_for"], Backpressure)
     options.update(fleet_opts)
     app = options.pop("app", None)
-    if app is not None:
-        fleet = Fleet.registered(app)
-        if fleet is not None:
-            fleet.check_task_options(
-                options.get("name") or "<decorated>",
-                fleet_opts.get("fleet_limit"),
-                fleet_opts.get("fleet_tokens", 0),
-            )
-    decorator: Callable[..., Any] = (
+    celery_decorator: Callable[..., Any] = (
         app.task(**options) if app is not None else shared_task(**options)
     )
+
+    def decorator(fun: Callable[..., Any]) -> Any:
+        fleet = Fleet.registered(app) if app is not None else None
+        if fleet is not None:
+            name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
+            fleet.check_task_options(
+                name, fleet_opts.get("fleet_limit"), fleet_opts.get("fleet_tokens", 0)
+            )
+        return celery_decorator(fun)
+
     if len(args) == 1 and callable(args[0]):
         return decorator(args[0])
     if args:

@@ -181,7 +181,7 @@ def test_quota_429_fails_fast_and_does_not_pause(make_fleet: MakeFleet) -> None:
 
 
 def test_observe_lowers_buckets_to_what_the_provider_says(make_fleet: MakeFleet) -> None:
-    fleet = make_fleet({"llm": {"rpm": 600, "tpm": 60_000}})
+    fleet = make_fleet({"llm": {"rpm": 600, "tpm": 60_000, "burst": 1.0}})
     with fleet.slot("llm", tokens=100) as slot:
         lowered = slot.observe(
             {"x-ratelimit-remaining-requests": "2", "x-ratelimit-remaining-tokens": "50000"}
@@ -216,3 +216,81 @@ def test_adaptive_options_are_validated() -> None:
         parse_limits({"llm": {"max_in_flight": 4, "adaptive": True, "decrease": 1.5}})
     with pytest.raises(ConfigError, match="above max_in_flight"):
         parse_limits({"llm": {"max_in_flight": 4, "adaptive": True, "min_in_flight": 5}})
+
+
+def test_issue7_sequence_keeps_the_cap_at_min_not_negative(make_fleet: MakeFleet) -> None:
+    """The reported sequence: 4 x (overload, ok) drove the cap to -1.001."""
+    fleet = make_fleet(
+        {"m": {"max_in_flight": 8, "adaptive": True, "min_in_flight": 2, "initial_in_flight": 2}}
+    )
+    for _ in range(4):
+        a, b = fleet.try_acquire("m"), fleet.try_acquire("m")
+        fleet.release(a, "overload")
+        fleet.release(b, "ok")
+        state = fleet.adaptive_state("m")
+        assert 2 <= state["cap"] <= 8
+        assert "ceiling" not in state  # the failed level was the floor: nothing to remember
+
+
+OUTCOMES = ("ok", "ok", "ok", "overload", "congestion", "rate", "fail", "neutral")
+BOUNDED = {
+    "max_in_flight": 8,
+    "adaptive": True,
+    "min_in_flight": 2,
+    "initial_in_flight": 2,
+    "probe_interval": 0.02,
+}
+
+
+def _assert_in_bounds(fleet: Fleet, seed: int, step: int) -> None:
+    state = fleet.adaptive_state("m")
+    where = f"seed {seed}, step {step}: {state}"
+    assert 2 <= state.get("cap", 2) <= 8, where
+    if "ceiling" in state:
+        assert 2 < state["ceiling"] <= 8, where
+    assert 0.05 <= state.get("rate_factor", 1) <= 1, where
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cap_stays_in_bounds_under_random_outcomes_and_grows_back(
+    make_fleet: MakeFleet, seed: int
+) -> None:
+    """Property: whatever mix of outcomes arrives, in any order and at any concurrency, the
+    cap and the remembered failed level stay within [min, max]; pure success afterwards
+    brings the cap back to max."""
+    import random
+
+    rng = random.Random(seed)
+    fleet = make_fleet({"m": BOUNDED})
+    held: list = []
+    for step in range(300):
+        if held and (rng.random() < 0.5 or len(held) >= 8):
+            d = held.pop(rng.randrange(len(held)))
+            fleet.release(d, rng.choice(OUTCOMES))
+            _assert_in_bounds(fleet, seed, step)
+        else:
+            d = fleet.try_acquire("m")
+            if d:
+                held.append(d)
+    for d in held:
+        fleet.release(d, "ok")
+    # Pure success at full use of the cap: it climbs back to max (past any failed level
+    # once its probe interval, at most 64 x 20 ms, has passed).
+    deadline = time.monotonic() + 15
+    while cap(fleet, "m") < 8 and time.monotonic() < deadline:
+        batch = [d for d in (fleet.try_acquire("m") for _ in range(8)) if d]
+        for d in batch:
+            fleet.release(d, "ok")
+        _assert_in_bounds(fleet, seed, -1)
+        time.sleep(0.005)
+    assert cap(fleet, "m") == 8, fleet.adaptive_state("m")
+
+
+def test_a_stored_cap_out_of_bounds_is_pulled_back(make_fleet: MakeFleet, rclient) -> None:  # type: ignore[no-untyped-def]
+    """State written by an older version (or under another config) cannot escape the bounds."""
+    fleet = make_fleet({"m": BOUNDED})
+    rclient.hset(fleet.admission.keys("m").ctl, mapping={"cap": "-1000", "ceiling": "-3"})
+    d = fleet.try_acquire("m")
+    fleet.release(d, "ok")
+    state = fleet.adaptive_state("m")
+    assert 2 <= state["cap"] <= 8

@@ -39,7 +39,7 @@ def test_admits_up_to_burst_then_refuses_with_exact_wait(make_fleet: MakeFleet) 
 def test_refusal_consumes_nothing_in_any_dimension(
     make_fleet: MakeFleet, rclient: redis.Redis
 ) -> None:
-    fleet = make_fleet({"llm": {"rpm": 100, "tpm": 1000, "max_in_flight": 5}})
+    fleet = make_fleet({"llm": {"rpm": 100, "tpm": 1000, "max_in_flight": 5, "burst": 1.0}})
     first = fleet.try_acquire("llm", tokens=800)
     assert first
     keys = fleet.admission.keys("llm")
@@ -62,7 +62,7 @@ def test_wait_is_the_max_over_refusing_dimensions(make_fleet: MakeFleet) -> None
 
 
 def test_all_windows_of_a_dimension_are_checked(make_fleet: MakeFleet) -> None:
-    fleet = make_fleet({"llm": {"requests": "100/minute;3/day"}})
+    fleet = make_fleet({"llm": {"requests": "100/minute;3/day", "burst": 1.0}})
     assert all(fleet.try_acquire("llm") for _ in range(3))
     refused = fleet.try_acquire("llm")
     assert not refused and refused.reason == "requests/86400s"
@@ -70,7 +70,7 @@ def test_all_windows_of_a_dimension_are_checked(make_fleet: MakeFleet) -> None:
 
 
 def test_headroom_leaves_part_of_the_budget(make_fleet: MakeFleet) -> None:
-    fleet = make_fleet({"llm": {"rpm": 10, "headroom": 0.5}})
+    fleet = make_fleet({"llm": {"rpm": 10, "headroom": 0.5, "burst": 1.0}})
     results = [bool(fleet.try_acquire("llm")) for _ in range(7)]
     assert results == [True] * 5 + [False] * 2
 
@@ -134,9 +134,9 @@ def test_renew_extends_live_leases_and_reports_lost_ones(make_fleet: MakeFleet) 
     fleet = make_fleet({"tool": {"max_in_flight": 2, "lease": 1}})
     a, b = fleet.try_acquire("tool"), fleet.try_acquire("tool")
     time.sleep(0.6)
-    assert fleet.admission.renew("tool", [a.lease_id]) == []
+    assert fleet.admission.renew("tool", [(a.lease_id, 0)]) == ([], [])
     time.sleep(0.6)  # b has expired, a was renewed
-    assert fleet.admission.renew("tool", [a.lease_id, b.lease_id]) == [b.lease_id]
+    assert fleet.admission.renew("tool", [(a.lease_id, 0), (b.lease_id, 0)]) == ([b.lease_id], [])
     assert fleet.admission.in_flight("tool") == 1
 
 
@@ -178,3 +178,93 @@ def test_unreachable_redis_names_the_url() -> None:
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
     with pytest.raises(StoreUnavailable):
         fleet.check()
+
+
+def test_an_absurd_settle_blocks_a_window_for_at_most_one_period(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    """settle(10**15) on a 100k tpm limit used to refuse every process for ~19,000 years."""
+    fleet = make_fleet({"llm": {"tpm": 100_000}})
+    with fleet.slot("llm", tokens=100) as slot:
+        slot.settle(10**15)
+    refused = fleet.try_acquire("llm", tokens=100)
+    assert not refused and refused.reason == "tokens/60s"
+    # at most one whole period of debt (plus the call's own cost)
+    assert 55_000 <= refused.wait_ms <= 60_000 + 100
+    keys = fleet.admission.keys("llm")
+    assert 0 < rclient.pttl(keys.gcra) <= 60_000 + 6_000 + 1_000
+    fleet.reset_buckets("llm")  # the operator's way out
+    assert fleet.try_acquire("llm", tokens=100)
+
+
+def test_a_settle_beyond_lua_precision_is_refused_before_any_write(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    """settle(10**18) used to fail in PEXPIRE after the window HSETs had landed."""
+    fleet = make_fleet({"llm": {"tpm": 100_000}})
+    keys = fleet.admission.keys("llm")
+    with fleet.slot("llm", tokens=100) as slot:
+        before = rclient.hgetall(keys.gcra)
+        with pytest.raises(ConfigError, match="not a plausible token count"):
+            slot.settle(10**18)
+        assert rclient.hgetall(keys.gcra) == before
+        assert slot.settle(100) == 0  # nothing was half-done: the reservation is intact
+    assert fleet.try_acquire("llm", tokens=100)
+
+
+def test_a_wait_beyond_any_int_is_clamped_not_an_overflow(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    """A TAT or pause far in the future (written by an older version, or by hand) gives a
+    long but finite wait_ms; slot() raises Throttled, not OverflowError."""
+    from celery_fleet import Throttled
+    from celery_fleet.admission import MAX_WAIT_MS
+
+    fleet = make_fleet({"llm": {"tpm": 100_000}})
+    rclient.hset(fleet.admission.keys("llm").gcra, "t:60", "1e300")
+    refused = fleet.try_acquire("llm", tokens=100)
+    assert not refused and refused.wait_ms == MAX_WAIT_MS
+    with pytest.raises(Throttled) as info:
+        with fleet.slot("llm", tokens=100, max_wait=0.1):
+            pass
+    assert info.value.wait_ms == MAX_WAIT_MS
+
+
+def test_a_huge_retry_after_pauses_ten_minutes_at_most(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 600}})
+    d = fleet.try_acquire("llm")
+    fleet.admission.release("llm", d.lease_id, "neutral", retry_after_ms=10**18)
+    refused = fleet.try_acquire("llm")
+    assert refused.reason == "paused" and 590_000 <= refused.wait_ms <= 600_000
+
+
+def test_absurd_provider_headers_cannot_block_for_long(make_fleet: MakeFleet) -> None:
+    from celery_fleet.providers import Observation
+
+    fleet = make_fleet({"llm": {"rpm": 600, "tpm": 60_000}})
+    obs = Observation(
+        requests_remaining=-(10**30), tokens_remaining=-5, requests_limit=1e-300, tokens_limit=1
+    )
+    d = fleet.try_acquire("llm")
+    fleet.admission.observe("llm", obs, d.lease_id)
+    fleet.release(d)
+    refused = fleet.try_acquire("llm")
+    # an empty bucket at a twentieth of the rate: 100 ms x 20, not years
+    assert not refused and refused.wait_ms <= 2_000 + 10
+
+
+def test_default_burst_keeps_a_sliding_window_near_its_budget(make_fleet: MakeFleet) -> None:
+    """From idle, a limit with the default burst admits at most (1 + 0.1) x budget in any
+    span of one period (a full bucket of 1.0 let through 2x: 119 of rpm=60)."""
+    fleet = make_fleet({"llm": {"rate": "60/2 second"}})  # 60 per 2 s: 30 per s
+    admitted: list[float] = []
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        d = fleet.try_acquire("llm")
+        if d:
+            admitted.append(d.at_ms)
+        else:
+            time.sleep(min(d.wait_ms, 5) / 1000)
+    first = admitted[0]
+    in_first_period = sum(1 for t in admitted if t < first + 2_000)
+    assert 60 <= in_first_period <= 66 + 1

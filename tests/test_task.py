@@ -16,7 +16,7 @@ def app(redis_url: str, namespace: str) -> Iterator[Celery]:
     app.conf.fleet_redis_url = redis_url
     app.conf.fleet_namespace = namespace
     app.conf.fleet_limits = {
-        "openai": {"rpm": 600, "tpm": 10_000, "max_in_flight": 2},
+        "openai": {"rpm": 600, "tpm": 10_000, "max_in_flight": 2, "burst": 1.0},
         "once": {"requests": "1/minute"},
     }
     yield app

@@ -32,6 +32,7 @@ local init_cap = tonumber(ARGV[5])
 local reset_ms = tonumber(ARGV[6])
 local nwin = tonumber(ARGV[7])
 local now_s = string.format('%.3f', now)
+local MAX_WAIT_MS = 2 ^ 50
 
 -- A holder killed with SIGKILL never releases: its lease simply expires here.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
@@ -99,7 +100,8 @@ local provider_factor = tonumber(ctl[5])
 if provider_factor and (tonumber(ctl[6]) or 0) > now and provider_factor < factor then
   factor = provider_factor
 end
-if factor <= 0 or factor > 1 then factor = 1 end
+if not (factor > 0 and factor <= 1) then factor = 1 end
+if factor < 0.01 then factor = 0.01 end
 local fields, new_tats = {}, {}
 local horizon = now
 if nwin > 0 then
@@ -126,7 +128,8 @@ if nwin > 0 then
 end
 
 if wait > 0 then
-  return {0, math.ceil(wait), reason, in_flight, now_s, 0}
+  -- Capped so the integer reply can never overflow, whatever a stored value says.
+  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_s, 0}
 end
 
 if nwin > 0 then

@@ -11,12 +11,17 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local op = ARGV[1]
+-- An override lasts until lifted (no expiry); the breaker's own state expires after a
+-- day without calls, as the release script does.
 if op == 'force_open' then
   redis.call('HSET', KEYS[1], 'forced', 'open')
+  redis.call('PERSIST', KEYS[1])
 elseif op == 'force_closed' then
   redis.call('HSET', KEYS[1], 'forced', 'closed')
+  redis.call('PERSIST', KEYS[1])
 elseif op == 'unforce' then
   redis.call('HDEL', KEYS[1], 'forced')
+  redis.call('PEXPIRE', KEYS[1], 86400000)
 elseif op == 'reset' then
   redis.call('DEL', KEYS[1])
 elseif op ~= 'state' then

@@ -3,37 +3,53 @@
 -- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
 -- KEYS[2]  ctl      hash   provider_factor, provider_factor_until (ms): the provider's limit
 --                          over the declared one, trusted for 60 s unless seen again
--- ARGV[1]  rate factor the provider's own limit implies (its limit / the declared), or -1
--- ARGV[2]  number of windows n, then n quadruples: field, emission interval T (ms),
---          tolerance tau (ms), units the provider says remain
+-- KEYS[3]  leases   zset   lease id -> expiry (ms): says whether the caller's lease is held
+-- ARGV[1]  the caller's lease id ("" for none)
+-- ARGV[2]  rate factor the provider's own limit implies (its limit / the declared, already
+--          bounded to [0.05, 1] by the client), or -1
+-- ARGV[3]  number of windows n, then n quadruples: field, emission interval T (ms),
+--          tolerance tau (ms), units the provider says remain (>= 0)
 --
 -- A window with R units remaining in our terms has TAT = now + tau - R * T; if ours shows
--- more remaining than the provider's, its TAT moves forward to that. Time unit: ms, Redis TIME.
--- Reply: the number of windows lowered.
+-- more remaining than the provider's, its TAT moves forward to that (never beyond an empty
+-- bucket, now + tau). Everything is computed before the first write.
+-- Reply: {windows lowered, held (1: the lease is live; also 1 when no lease was named)}
+-- Time unit: ms, Redis TIME.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local lowered = 0
-local factor = tonumber(ARGV[1])
+local held = 1
+if ARGV[1] ~= '' then
+  local score = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
+  if not (score and score > now) then held = 0 end
+end
+local factor = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local fields = {}
+for i = 1, n do fields[i] = ARGV[4 * i] end
+local hset, horizon = {}, now
+if n > 0 then
+  local tats = redis.call('HMGET', KEYS[1], unpack(fields))
+  for i = 1, n do
+    local emission, tolerance = tonumber(ARGV[4 * i + 1]), tonumber(ARGV[4 * i + 2])
+    local remaining = math.max(0, tonumber(ARGV[4 * i + 3]))
+    local target = now + tolerance - remaining * emission
+    local tat = tonumber(tats[i]) or now
+    if target > tat then
+      hset[#hset + 1] = fields[i]
+      hset[#hset + 1] = string.format('%.3f', target)
+      if target > horizon then horizon = target end
+    end
+  end
+end
 if factor > 0 then
   redis.call('HSET', KEYS[2], 'provider_factor', string.format('%.5f', factor),
              'provider_factor_until', string.format('%.3f', now + 60000))
+  redis.call('PEXPIRE', KEYS[2], 86400000)
 end
-local horizon = now
-for i = 1, tonumber(ARGV[2]) do
-  local field = ARGV[4 * i - 1]
-  local emission, tolerance = tonumber(ARGV[4 * i]), tonumber(ARGV[4 * i + 1])
-  local remaining = tonumber(ARGV[4 * i + 2])
-  local target = now + tolerance - remaining * emission
-  local tat = tonumber(redis.call('HGET', KEYS[1], field)) or now
-  if target > tat then
-    redis.call('HSET', KEYS[1], field, string.format('%.3f', target))
-    lowered = lowered + 1
-    if target > horizon then horizon = target end
-  end
-end
-if lowered > 0 then
+if #hset > 0 then
+  redis.call('HSET', KEYS[1], unpack(hset))
   local need = math.ceil(horizon - now) + 1000
   if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], need) end
 end
-return lowered
+return {#hset / 2, held}

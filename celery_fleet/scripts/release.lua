@@ -19,6 +19,7 @@
 --              rate signals count as failures (0/1)
 --
 -- Reply: {released (1/0), now, held_ms, transition ("", "open", "closed"), cap}
+-- ctl and breaker expire after a day without calls (an operator's forced breaker never).
 -- Reserved tokens are never refunded here: a failed or refused call's tokens stay spent, as
 -- providers count them. Time unit: milliseconds, Redis TIME.
 
@@ -31,6 +32,7 @@ local rec = redis.call('HGET', KEYS[2], id)
 local removed = redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 local fmt = function(x) return string.format('%.3f', x) end
+local STATE_TTL_MS = 86400000
 
 if retry_after > 0 then
   local until_ms = now + retry_after
@@ -64,10 +66,14 @@ if ARGV[4] == '1' and acquired then
   local max_cap, min_cap, init_cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
   local increase, decrease = tonumber(ARGV[8]), tonumber(ARGV[9])
   local probe_base, target = tonumber(ARGV[10]), tonumber(ARGV[11])
+  local function bounded(x) return math.min(max_cap, math.max(min_cap, x)) end
   local s = redis.call('HMGET', KEYS[3], 'cap', 'ceiling', 'probe_ms', 'probe_after',
                        'last_cut', 'rate_factor', 'last_rate_cut', 'rate_at', 'lat_n', 'lat_slow')
-  cap = tonumber(s[1]) or init_cap
+  -- Whatever is stored (an older version, a changed config), the cap stays in [min, max]
+  -- and a remembered failed level only means something strictly above min.
+  cap = bounded(tonumber(s[1]) or init_cap)
   local ceiling, probe_ms = tonumber(s[2]), tonumber(s[3]) or probe_base
+  if ceiling and (ceiling <= min_cap or ceiling > max_cap) then ceiling = nil end
   local probe_after, last_cut = tonumber(s[4]) or 0, tonumber(s[5]) or 0
   local factor, last_rate_cut = tonumber(s[6]) or 1, tonumber(s[7]) or 0
   local rate_at = tonumber(s[8]) or now
@@ -88,9 +94,15 @@ if ARGV[4] == '1' and acquired then
     else
       probe_ms = probe_base
     end
-    cap = math.max(min_cap, cap * decrease)
-    redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'ceiling', level, 'probe_ms', probe_ms,
-               'probe_after', fmt(now + probe_ms), 'last_cut', fmt(now))
+    cap = bounded(cap * decrease)
+    if level > min_cap then
+      redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'ceiling', level, 'probe_ms', probe_ms,
+                 'probe_after', fmt(now + probe_ms), 'last_cut', fmt(now))
+    else
+      -- Nothing below min to protect: remember no failed level, just the cut.
+      redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'last_cut', fmt(now))
+      redis.call('HDEL', KEYS[3], 'ceiling', 'probe_ms', 'probe_after')
+    end
   elseif outcome == 'rate' and acquired >= last_rate_cut then
     factor = math.max(0.05, factor * decrease)
     redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor),
@@ -100,12 +112,12 @@ if ARGV[4] == '1' and acquired then
       local new = cap + increase / cap
       if ceiling then
         if now < probe_after and new >= ceiling then
-          new = ceiling - 0.001
+          new = math.max(cap, ceiling - 0.001)  -- hold below the failed level, never shrink
         elseif new >= ceiling + 1 then
           redis.call('HDEL', KEYS[3], 'ceiling', 'probe_ms', 'probe_after')
         end
       end
-      cap = math.min(max_cap, new)
+      cap = bounded(new)
       redis.call('HSET', KEYS[3], 'cap', fmt(cap))
     end
     if factor < 1 and now > rate_at then
@@ -114,6 +126,8 @@ if ARGV[4] == '1' and acquired then
     end
   end
 end
+-- Control state is learned, not configured: forgotten after a day without calls.
+redis.call('PEXPIRE', KEYS[3], STATE_TTL_MS)
 
 -- Circuit breaker: the probe's result closes or re-opens; otherwise count the call in a
 -- sliding window (current + weighted previous) and open on the failure rate.
@@ -157,6 +171,10 @@ if ARGV[12] == '1' then
       redis.call('HSET', KEYS[5], 'win_start', fmt(ws), 'calls', calls, 'failures', fails,
                  'prev_calls', pcalls, 'prev_failures', pfails)
     end
+  end
+  -- An operator's override lasts until lifted; the breaker's own state expires when idle.
+  if not b[8] and redis.call('EXISTS', KEYS[5]) == 1 then
+    redis.call('PEXPIRE', KEYS[5], STATE_TTL_MS)
   end
 end
 

@@ -1,31 +1,56 @@
--- renew: push the expiry of live leases forward (the holder is alive and still working).
+-- renew: push the expiry of live leases forward (the holder is alive and still working),
+-- and re-assert leases that Redis forgot.
 --
 -- KEYS[1]  leases   zset   lease id -> expiry (ms)
 -- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
 -- KEYS[3]  breaker  hash   probe, probe_until: a live half-open probe keeps its claim too
+-- KEYS[4]  ctl      hash   cap: the adaptive in-flight cap
 -- ARGV[1]  lease TTL (ms)
--- ARGV[2..] lease ids
+-- ARGV[2]  max_in_flight (0 = no cap)
+-- ARGV[3]  adaptive initial cap (0 = not adaptive: ctl.cap is ignored)
+-- ARGV[4..] pairs: lease id, tokens it reserved
 --
--- A lease that already expired is NOT revived: its slot may have gone to somebody else.
--- Reply: the list of lease ids that were lost. Time unit: milliseconds, Redis TIME.
+-- The client only sends leases it renewed within their TTL by its own clock, so a lease
+-- that is missing here was not taken by expiry: Redis lost it (restarted empty, flushed,
+-- failed over to a replica that never saw it, evicted). It is put back while the cap has
+-- room, so the semaphore is rebuilt within one renewal period. A lease whose expiry has
+-- passed, or that finds the cap full, is NOT revived: its slot may have gone to somebody
+-- else.
+-- Reply: {lost lease ids..., "+", restored lease ids...}. Time unit: ms, Redis TIME.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local ttl = tonumber(ARGV[1])
+local max_in_flight, init_cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local now_s = string.format('%.3f', now)
 local expiry = string.format('%.3f', now + ttl)
+local cap = max_in_flight
+if init_cap > 0 then
+  local ctl_cap = math.max(1, math.floor(tonumber(redis.call('HGET', KEYS[4], 'cap')) or init_cap))
+  if cap == 0 or ctl_cap < cap then cap = ctl_cap end
+end
+local live = redis.call('ZCOUNT', KEYS[1], '(' .. now_s, '+inf')
 local probe = redis.call('HGET', KEYS[3], 'probe')
-local lost = {}
-for i = 2, #ARGV do
-  local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
+local lost, restored = {}, {}
+for i = 4, #ARGV, 2 do
+  local id, tokens = ARGV[i], ARGV[i + 1]
+  local score = tonumber(redis.call('ZSCORE', KEYS[1], id))
   if score and score > now then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
-    if probe == ARGV[i] then redis.call('HSET', KEYS[3], 'probe_until', expiry) end
+    redis.call('ZADD', KEYS[1], 'XX', expiry, id)
+    if probe == id then redis.call('HSET', KEYS[3], 'probe_until', expiry) end
+  elseif not score and (cap == 0 or live < cap) then
+    live = live + 1
+    redis.call('ZADD', KEYS[1], expiry, id)
+    redis.call('HSET', KEYS[2], id, tokens .. ' ' .. now_s .. ' ' .. live)
+    restored[#restored + 1] = id
   else
-    lost[#lost + 1] = ARGV[i]
+    lost[#lost + 1] = id
   end
 end
-if #lost < #ARGV - 1 and redis.call('PTTL', KEYS[1]) < ttl + 1000 then
+if #lost < (#ARGV - 3) / 2 and redis.call('PTTL', KEYS[1]) < ttl + 1000 then
   redis.call('PEXPIRE', KEYS[1], ttl + 1000)
   redis.call('PEXPIRE', KEYS[2], ttl + 1000)
 end
+lost[#lost + 1] = '+'
+for _, id in ipairs(restored) do lost[#lost + 1] = id end
 return lost

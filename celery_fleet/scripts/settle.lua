@@ -2,18 +2,23 @@
 --
 -- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
 -- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
+-- KEYS[3]  leases   zset   lease id -> expiry (ms): says whether the lease is still held
 -- ARGV[1]  lease id
 -- ARGV[2]  actual tokens used
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)
--- ARGV[4]  number of token windows n, then n pairs: field, emission interval T (ms)
+-- ARGV[4]  number of token windows n, then n triples: field, emission interval T (ms),
+--          the furthest the window's TAT may lie ahead of now (ms: tolerance + one period)
 --
 -- The TAT of every token window moves by (actual - reserved) * T: a refund when the call
 -- used less than estimated, a charge when it used more. A refund never takes a window
--- below "full bucket" (TAT = now). The reservation becomes `actual`, so settling twice with
--- the same number changes nothing: tokens are never counted twice.
+-- below "full bucket" (TAT = now); a charge never takes it beyond one period of debt, so
+-- an absurd figure blocks the window for at most one period, not for years. The
+-- reservation becomes `actual`, so settling twice with the same number changes nothing:
+-- tokens are never counted twice. Everything is computed before the first write.
 --
--- Reply: {1, delta, now}  settled against the lease's own record
---        {0, delta, now}  the lease was gone; settled against the client's figure
+-- Reply: {known, delta, now, held}
+--   known 1: settled against the lease's own record; 0: the record was gone, settled
+--   against the client's figure. held 1: the lease is live (not expired) right now.
 -- Time unit: milliseconds, Redis TIME.
 
 local t = redis.call('TIME')
@@ -29,24 +34,32 @@ if rec then
   acquired = string.match(rec, ' (.+)$')
   known = 1
 end
+local score = tonumber(redis.call('ZSCORE', KEYS[3], id))
+local held = 0
+if score and score > now then held = 1 end
 local delta = actual - reserved
 local nwin = tonumber(ARGV[4])
+local hset, horizon = {}, now
 if delta ~= 0 and nwin > 0 then
-  local horizon = now
+  local fields = {}
+  for i = 1, nwin do fields[i] = ARGV[2 + 3 * i] end
+  local tats = redis.call('HMGET', KEYS[1], unpack(fields))
   for i = 1, nwin do
-    local field = ARGV[3 + 2 * i]
-    local emission = tonumber(ARGV[4 + 2 * i])
-    local tat = tonumber(redis.call('HGET', KEYS[1], field)) or now
+    local emission, furthest = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+    local tat = tonumber(tats[i]) or now
     if tat < now then tat = now end
-    local new_tat = tat + delta * emission
-    if new_tat < now then new_tat = now end
+    local new_tat = math.min(math.max(tat + delta * emission, now), now + furthest)
     if new_tat > horizon then horizon = new_tat end
-    redis.call('HSET', KEYS[1], field, string.format('%.3f', new_tat))
+    hset[#hset + 1] = fields[i]
+    hset[#hset + 1] = string.format('%.3f', new_tat)
   end
+end
+if #hset > 0 then
+  redis.call('HSET', KEYS[1], unpack(hset))
   local need = math.ceil(horizon - now) + 1000
   if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], need) end
 end
 if known == 1 then
   redis.call('HSET', KEYS[2], id, actual .. ' ' .. acquired)
 end
-return {known, delta, string.format('%.3f', now)}
+return {known, delta, string.format('%.3f', now), held}

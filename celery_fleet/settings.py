@@ -1,0 +1,175 @@
+"""The app-level ``fleet_*`` settings, read and validated once into :class:`FleetSettings`.
+
+``Fleet(app)`` reads them from ``app.conf`` (keyword arguments override them). Every
+mistake is a :class:`~celery_fleet.ConfigError` naming the setting, raised at start-up:
+an unknown ``fleet_*`` setting names the closest known one (``fleet_limts`` ->
+``fleet_limits``), and a reschedule countdown the broker would redeliver is refused.
+
+Example::
+
+    app.conf.fleet_redis_url = "redis://fleet-redis:6379/1"
+    app.conf.fleet_redis_password = "s3cret"     # censored by `celery report` / `inspect conf`
+    settings = load_settings(app.conf)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checks import MAX_SECONDS, check_max_wait, check_name, number, suggest
+from .config import LimitConfig, parse_limits
+from .errors import ConfigError
+from .store import has_password, mask_url
+
+__all__ = [
+    "FleetSettings",
+    "load_settings",
+    "SETTINGS",
+    "DEFAULT_MAX_WAIT_S",
+    "DEFAULT_MAX_COUNTDOWN_S",
+]
+
+log = logging.getLogger("celery_fleet")
+
+DEFAULT_MAX_WAIT_S = 30.0
+DEFAULT_MAX_COUNTDOWN_S = 300.0
+#: Kombu's default visibility timeout of the Redis and SQS transports (seconds).
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# Brokers that hand an unacknowledged message to another consumer after a visibility
+# timeout: an ETA longer than that is delivered again and again (kombu#337).
+_VISIBILITY_BROKERS = ("redis://", "rediss://", "sentinel://", "sqs://", "unix://")
+
+#: Every app setting celery-fleet reads, with what it means.
+SETTINGS = {
+    "fleet_redis_url": "Redis URL of the fleet's shared state (default: the broker URL)",
+    "fleet_redis_password": "password for fleet_redis_url, kept out of the URL",
+    "fleet_namespace": "prefix of every Redis key (default 'fleet')",
+    "fleet_limits": "limit name -> options",
+    "fleet_max_wait": "seconds fleet.slot() waits for admission in place (default 30)",
+    "fleet_max_countdown": "the longest reschedule countdown in seconds (default 300)",
+}
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The validated ``fleet_*`` settings of one Fleet."""
+
+    redis_url: str
+    namespace: str
+    limits: dict[str, LimitConfig]
+    max_wait_s: float
+    max_countdown_s: float
+    redis_password: str | None = field(default=None, repr=False)
+
+
+def load_settings(
+    conf: Mapping[str, Any],
+    *,
+    redis_url: str | None = None,
+    limits: Mapping[str, Any] | None = None,
+    namespace: str | None = None,
+    max_wait: float | None = None,
+) -> FleetSettings:
+    """Read and validate the ``fleet_*`` settings of ``conf``; keyword arguments win."""
+    reject_unknown_settings(conf)
+    password = conf.get("fleet_redis_password")
+    if password is not None and not isinstance(password, str):
+        raise ConfigError("fleet_redis_password must be a string")
+    url = _resolve_redis_url(redis_url, conf)
+    configured = conf.get("fleet_redis_url")
+    if isinstance(configured, str) and has_password(configured):
+        log.warning(
+            "celery-fleet: the fleet's Redis URL %s holds a password, which `celery report` "
+            "and `celery inspect conf` print as is (Celery censors only settings it knows, "
+            "or whose names contain PASS, KEY, SECRET, TOKEN): set fleet_redis_password "
+            "instead",
+            mask_url(configured),
+        )
+    max_countdown = number(
+        conf.get("fleet_max_countdown", DEFAULT_MAX_COUNTDOWN_S),
+        "fleet_max_countdown",
+        lo_open=0.0,
+        hi=MAX_SECONDS,
+    )
+    check_visibility_timeout(conf, max_countdown)
+    return FleetSettings(
+        redis_url=url,
+        namespace=check_name(
+            namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
+            "fleet_namespace",
+        ),
+        limits=parse_limits(
+            limits if limits is not None else conf.get("fleet_limits"),
+            "limits" if limits is not None else "fleet_limits",
+        ),
+        max_wait_s=check_max_wait(
+            max_wait if max_wait is not None else conf.get("fleet_max_wait", DEFAULT_MAX_WAIT_S),
+            "fleet_max_wait",
+        ),
+        max_countdown_s=max_countdown,
+        redis_password=password,
+    )
+
+
+def reject_unknown_settings(conf: Mapping[str, Any]) -> None:
+    """Raise naming every ``fleet_*`` setting celery-fleet does not know (any case)."""
+    unknown = sorted(
+        key
+        for key in list(conf.keys())
+        if isinstance(key, str) and key.lower().startswith("fleet_") and key not in SETTINGS
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown celery-fleet setting(s) {suggest(unknown, SETTINGS)}; "
+            f"known: {sorted(SETTINGS)}"
+        )
+
+
+def check_visibility_timeout(conf: Mapping[str, Any], max_countdown_s: float) -> None:
+    """Refuse a reschedule countdown the broker would redeliver before it is due.
+
+    With the Redis (and SQS) broker a message waiting for its ETA is unacknowledged; past
+    ``visibility_timeout`` the broker hands it to another worker too, so the task runs
+    twice. Every countdown celery-fleet sets is at most ``fleet_max_countdown``.
+    """
+    broker = conf.get("broker_url")
+    if not isinstance(broker, str) or not broker.startswith(_VISIBILITY_BROKERS):
+        return
+    options = conf.get("broker_transport_options") or {}
+    visibility = options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)
+    if isinstance(visibility, (int, float)) and max_countdown_s >= visibility:
+        raise ConfigError(
+            f"fleet_max_countdown = {max_countdown_s:g} s is not below the broker's "
+            f"visibility_timeout = {visibility:g} s: a rescheduled task would be delivered "
+            f"again before its countdown ends and run twice. Lower fleet_max_countdown or "
+            f"raise broker_transport_options['visibility_timeout']"
+        )
+
+
+def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:
+    if explicit is not None:
+        return _check_url(explicit, "redis_url")
+    configured = conf.get("fleet_redis_url")
+    if configured:
+        return _check_url(configured, "fleet_redis_url")
+    broker = conf.get("broker_url")
+    if isinstance(broker, str) and broker.startswith(_REDIS_SCHEMES):
+        return broker
+    raise ConfigError(
+        "fleet_redis_url is not set and the broker "
+        f"({mask_url(broker) if isinstance(broker, str) else broker!r}) is not Redis: "
+        "set app.conf.fleet_redis_url = 'redis://host:6379/1' or pass Fleet(redis_url=...)"
+    )
+
+
+def _check_url(url: object, setting: str) -> str:
+    if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            f"{setting} must be a redis://, rediss:// or unix:// URL, got "
+            f"{mask_url(url) if isinstance(url, str) else url!r}"
+        )
+    return url
