@@ -69,7 +69,7 @@ def suggest(unknown: Iterable[str], known: Iterable[str]) -> str:
     return ", ".join(
         f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)
         for name in unknown
-        for close in [difflib.get_close_matches(str(name), choices, n=1)]
+        for close in [difflib.get_close_matches(str(name).lower(), choices, n=1)]
     )
 
 

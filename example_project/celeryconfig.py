@@ -21,7 +21,20 @@ _url = f"{_redis}/{os.environ.get('EXAMPLE_DB', '11')}"
 broker_url = _url
 result_backend = _url
 task_default_queue = os.environ.get("EXAMPLE_QUEUE", "example")
+# Delivery: at-least-once. A task is acknowledged when it ends, and one whose worker process
+# died (SIGKILL, OOM, hard time limit) goes back to the queue: an agent whose process is
+# killed runs again from the start, so its paid model calls may be repeated (the
+# idempotency ledger on the roadmap will make such reruns resume instead). The
+# alternative, at-most-once (both settings False), loses the agent instead.
+# task_acks_late alone does neither: a killed child's task is marked FAILED and acked.
 task_acks_late = True
+task_reject_on_worker_lost = True
+# With the Redis broker an unacknowledged message (a running agent, or a rescheduled one
+# waiting for its countdown) goes to another worker after visibility_timeout. It must be
+# longer than the longest agent run AND than fleet_max_countdown (Fleet(app) refuses a
+# countdown that is not below it), and it is also how long the tasks held by a worker that
+# died as a whole (SIGKILL of the main process) wait before another worker gets them.
+broker_transport_options = {"visibility_timeout": 900}
 worker_prefetch_multiplier = 1  # agents are long: do not hoard them in one process
 result_expires = 3600
 broker_connection_retry_on_startup = True
@@ -30,6 +43,7 @@ imports = ("example_project.tasks", "example_project.baselines")
 # -- celery-fleet --------------------------------------------------------------------------
 fleet_redis_url = _url
 fleet_namespace = os.environ.get("EXAMPLE_NAMESPACE", "example")
+fleet_max_countdown = 300  # the longest reschedule countdown: below visibility_timeout
 fleet_limits = {
     # The model provider: its published budget, all workers together.
     "model": {

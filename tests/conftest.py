@@ -42,11 +42,12 @@ def redis_url() -> str:
 
 @pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
-    """A key namespace of this test's own; its keys are deleted afterwards."""
+    """A key namespace of this test's own; its keys, and those of namespaces that start
+    with it (``f"{namespace}-b"``), are deleted afterwards."""
     ns = f"t-{uuid.uuid4().hex[:12]}"
     yield ns
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{{{ns}:*", count=1000))
+    keys = list(client.scan_iter(match=f"{{{ns}*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()

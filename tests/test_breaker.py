@@ -60,7 +60,7 @@ def test_trips_on_failure_rate_not_on_consecutive_failures(make_fleet: MakeFleet
     assert 0 < info.value.wait_ms <= 500
 
 
-def test_rate_limits_do_not_trip_unless_configured(make_fleet: MakeFleet) -> None:
+def test_rate_limits_do_not_trip_unless_configured(make_fleet: MakeFleet, namespace: str) -> None:
     def rate_limited() -> None:
         resp = httpx.Response(429, headers={"retry-after-ms": "1"}, request=REQ)
         raise openai.RateLimitError("slow down", response=resp, body={"type": "requests"})
@@ -68,7 +68,7 @@ def test_rate_limits_do_not_trip_unless_configured(make_fleet: MakeFleet) -> Non
     for count, expected in ((False, "closed"), (True, "open")):
         fleet = make_fleet(
             {"llm": {**BREAKER, "breaker": {**BREAKER["breaker"], "count_rate_limits": count}}},
-            namespace=f"rl-{count}-{time.monotonic_ns()}",
+            namespace=f"{namespace}-rl-{count}",  # cleaned up with the test's namespace
         )
         for _ in range(12):
             time.sleep(0.002)  # past the 1 ms pause the 429 asked for
@@ -209,3 +209,34 @@ def test_slot_fail_counts_a_silent_failure(make_fleet: MakeFleet) -> None:
         with fleet.slot("llm") as slot:
             slot.fail("the tool answered 200 with an error page")
     assert fleet.breaker("llm").state().state == "open"
+
+
+def test_every_key_a_limit_writes_expires_but_an_override(
+    make_fleet: MakeFleet, rclient, namespace: str
+) -> None:  # type: ignore[no-untyped-def]
+    """ctl and breaker hashes used to live for ever: 2,000 namespaces left 4,002 keys."""
+    fleet = make_fleet(
+        {"llm": {**BREAKER, "rpm": 600, "tpm": 60_000, "max_in_flight": 4, "adaptive": True}},
+    )
+    for outcome in ("ok", "overload", "fail", "rate", "ok"):
+        time.sleep(0.01)  # past the 5 ms pause the last release asked for
+        d = fleet.try_acquire("llm", tokens=10)
+        fleet.settle(d, 20)
+        fleet.admission.release("llm", d.lease_id, outcome, retry_after_ms=5)
+    with fleet.slot("llm") as slot:
+        slot.observe({"x-ratelimit-limit-requests": "300", "x-ratelimit-remaining-requests": "1"})
+    keys = list(rclient.scan_iter(match=f"{{{namespace}:*"))
+    assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"gcra", "ctl", "breaker", "freed"}
+    ttls = {k.decode(): rclient.pttl(k) for k in keys}
+    assert all(0 < ttl <= 86_400_000 for ttl in ttls.values()), ttls
+    breaker_key = fleet.admission.keys("llm").breaker
+    fleet.breaker("llm").force_open()
+    assert rclient.pttl(breaker_key) == -1  # an operator's override lasts until lifted
+    fleet.breaker("llm").unforce()
+    assert 0 < rclient.pttl(breaker_key) <= 86_400_000
+
+
+def test_breaker_repr_says_what_it_is(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": BREAKER})
+    text = repr(fleet.breaker("llm"))
+    assert text.startswith("<Breaker 'llm' failure_rate=") and "reset_timeout=" in text

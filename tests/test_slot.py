@@ -173,3 +173,121 @@ def test_full_semaphore_waits_out_max_wait_before_throttling(
         slot.acquire()
     assert info.value.reason == "in_flight"
     assert slot.attempts >= 2 and slot.waited_s >= 0.4
+
+
+def test_settle_and_observe_raise_lease_lost_after_counting(
+    make_fleet: MakeFleet, rclient
+) -> None:  # type: ignore[no-untyped-def]
+    from celery_fleet import LeaseLost
+
+    fleet = make_fleet({"llm": {"tpm": 6000, "burst": 1.0, "max_in_flight": 2}})
+    keys = fleet.admission.keys("llm")
+    with fleet.slot("llm", tokens=100) as slot:
+        rclient.zrem(keys.leases, slot.lease_id)  # the fleet gave the slot away
+        with pytest.raises(LeaseLost) as info:
+            slot.settle(5000)
+        assert info.value.limit == "llm" and info.value.lease_id
+        with pytest.raises(LeaseLost):
+            slot.observe({"x-ratelimit-remaining-tokens": "0"})
+        with pytest.raises(LeaseLost):
+            slot.ensure_held()
+        assert slot.lost
+    # the 5000 tokens were charged all the same, and observe's "0 remaining" applied
+    refused = fleet.try_acquire("llm", tokens=100)
+    assert not refused and refused.reason == "tokens/60s"
+
+
+def test_ensure_held_passes_and_renews_while_held(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"tool": {"max_in_flight": 1, "lease": 1}})
+    with fleet.slot("tool") as slot:
+        for _ in range(3):
+            time.sleep(0.6)
+            slot.ensure_held()  # renews: 1.8 s in all on a 1 s lease
+        assert fleet.admission.in_flight("tool") == 1
+
+
+FROZEN = textwrap.dedent(
+    """
+    import sys
+    from celery_fleet import Fleet, LeaseLost
+    url, ns = sys.argv[1:3]
+    fleet = Fleet(redis_url=url, namespace=ns,
+                  limits={"llm": {"tpm": 60000, "max_in_flight": 1, "lease": 1}})
+    with fleet.slot("llm", tokens=10) as slot:
+        print("held", flush=True)
+        sys.stdin.readline()  # frozen (SIGSTOP) meanwhile; woken and told to go on
+        for step in (slot.ensure_held, lambda: slot.settle(20),
+                     lambda: slot.observe({"x-ratelimit-remaining-tokens": "100"})):
+            try:
+                step()
+                print("held", flush=True)
+            except LeaseLost:
+                print("lost", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_frozen_holder_learns_it_lost_its_slot(
+    make_fleet: MakeFleet, redis_url: str, namespace: str
+) -> None:
+    """SIGSTOP past the lease: another process takes the slot; the holder, woken, is told
+    (LeaseLost) by ensure_held, settle and observe instead of carrying on unaware."""
+    fleet = make_fleet({"llm": {"tpm": 60000, "max_in_flight": 1, "lease": 1}})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FROZEN, redis_url, namespace],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(1.3)
+        taken = fleet.try_acquire("llm", tokens=10)
+        assert taken, "the frozen holder's lease should have expired"
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        answers = [proc.stdout.readline().strip() for _ in range(3)]
+        assert answers == ["lost", "lost", "lost"]
+        assert proc.wait(10) == 0
+        assert fleet.admission.in_flight("llm") == 1  # still only the new holder's
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_a_nested_slot_of_the_same_full_limit_with_no_deadline_raises(
+    make_fleet: MakeFleet,
+) -> None:
+    """It used to wait for ever: the only unit that could free was the one this thread held."""
+    from celery_fleet import FOREVER
+
+    fleet = make_fleet({"tool": {"max_in_flight": 1}})
+    seen: list[BaseException] = []
+
+    def nested() -> None:
+        with fleet.slot("tool"):
+            try:
+                with fleet.slot("tool", max_wait=FOREVER):
+                    pass
+            except FleetError as exc:
+                seen.append(exc)
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the nested slot deadlocked"
+    assert seen and "nested slot of limit 'tool'" in str(seen[0])
+    with fleet.slot("tool"):
+        with pytest.raises(Throttled):  # with a deadline it is an ordinary wait
+            with fleet.slot("tool", max_wait=0.2):
+                pass
+    with fleet.slot("tool", max_wait=FOREVER):  # not nested: fine
+        pass

@@ -168,3 +168,14 @@ def test_fleet_defaults_to_a_redis_broker(redis_url: str) -> None:
     app = Celery("r", broker=redis_url, set_as_current=False)
     app.conf.fleet_limits = {"x": {"rpm": 1}}
     assert Fleet(app).redis_url == redis_url
+
+
+def test_decoration_errors_name_the_task_as_celery_will(app: Celery) -> None:
+    Fleet(app)
+
+    def summarize() -> None: ...
+
+    with pytest.raises(ConfigError, match="task 'tests.test_task.summarize': unknown limit"):
+        fleet_task(app=app, limit="opneai")(summarize)
+    with pytest.raises(ConfigError, match="task 'custom-name': unknown limit"):
+        fleet_task(app=app, limit="opneai", name="custom-name")(summarize)

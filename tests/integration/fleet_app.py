@@ -78,3 +78,15 @@ def throttled_body(self: FleetTask, n: int) -> dict[str, Any]:
     with self.fleet.slot("slow", max_wait=0):
         _probe.incr(key("body_calls"))
     return {"n": n, "retries": self.request.retries}
+
+
+@fleet_task(
+    app=app, shared=False, limit="model", acks_late=True, reject_on_worker_lost=True, bind=True
+)
+def dies_once(self: FleetTask, tag: str) -> int:
+    """At-least-once, as the example project configures it: the first run SIGKILLs its own
+    pool process while holding a slot; the task is delivered again and completes."""
+    runs = _probe.incr(key(f"dies_once:{tag}"))
+    if runs == 1:
+        os.kill(os.getpid(), 9)
+    return int(runs)

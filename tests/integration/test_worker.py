@@ -122,3 +122,20 @@ def test_throttled_in_the_body_reschedules_even_with_autoretry(worker: Any) -> N
     assert all(v["retries"] == 0 for v in values)
     assert int(probe.get(worker.key("body_calls")) or 0) == 6
     assert int(probe.get(worker.key("reschedules")) or 0) - before >= 3
+
+
+def test_at_least_once_a_killed_child_s_task_runs_again(worker: Any) -> None:
+    """With acks_late + reject_on_worker_lost (the example's choice) a task whose process is
+    SIGKILLed is redelivered and completes; its slot came back by lease expiry or release."""
+    tag = uuid.uuid4().hex[:6]
+    result = worker.dies_once.delay(tag)
+    assert result.get(timeout=120) == 2
+    assert int(_probe(worker).get(worker.key(f"dies_once:{tag}"))) == 2
+
+
+def test_the_example_project_chooses_at_least_once_with_a_consistent_timeout() -> None:
+    from example_project import celeryconfig as conf
+
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    visibility = conf.broker_transport_options["visibility_timeout"]
+    assert conf.fleet_max_countdown < visibility

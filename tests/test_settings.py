@@ -1,0 +1,84 @@
+"""App settings: unknown names, the broker's visibility timeout, and a censored password."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from celery_fleet import ConfigError, Fleet
+from celery_fleet.testing.redis_server import free_port
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    app = Celery("settings-test", broker=redis_url, set_as_current=False)
+    app.conf.fleet_limits = {"llm": {"rpm": 60}}
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "hint"),
+    [
+        ("fleet_limts", "fleet_limits"),
+        ("fleet_namspace", "fleet_namespace"),
+        ("fleet_max_wiat", "fleet_max_wait"),
+        ("FLEET_LIMITS", "fleet_limits"),
+    ],
+)
+def test_misspelt_settings_are_rejected_naming_the_closest(
+    app: Celery, setting: str, hint: str
+) -> None:
+    app.conf[setting] = 1
+    with pytest.raises(ConfigError) as info:
+        Fleet(app)
+    assert f"{setting!r} (did you mean {hint!r}?)" in str(info.value)
+
+
+def test_a_countdown_the_broker_would_redeliver_is_refused(app: Celery) -> None:
+    app.conf.broker_transport_options = {"visibility_timeout": 120}
+    app.conf.fleet_max_countdown = 300
+    with pytest.raises(ConfigError, match="visibility_timeout = 120 s"):
+        Fleet(app)
+    app.conf.fleet_max_countdown = 60
+    assert Fleet(app).max_countdown_s == 60
+
+
+def test_the_default_visibility_timeout_is_checked_too(app: Celery) -> None:
+    app.conf.fleet_max_countdown = 3600  # kombu's default visibility_timeout is 3600 s
+    with pytest.raises(ConfigError, match="visibility_timeout = 3600 s"):
+        Fleet(app)
+
+
+def test_fleet_redis_password_is_used_and_censored_by_celery(redis_url: str) -> None:
+    """`celery report` and `celery inspect conf` print app.conf through Celery's censor,
+    which masks setting names containing PASS: the password goes there, not in the URL."""
+    from celery.app.utils import filter_hidden_settings
+
+    port = free_port()
+    app = Celery("pw", broker="redis://127.0.0.1:6379/0", set_as_current=False)
+    app.conf.fleet_redis_url = f"redis://127.0.0.1:{port}/1"
+    app.conf.fleet_redis_password = "s3cret"
+    app.conf.fleet_limits = {"llm": {"rpm": 60}}
+    fleet = Fleet(app)
+    assert fleet.store.client.connection_pool.connection_kwargs["password"] == "s3cret"
+    shown = str(app.conf.table(with_defaults=False)) + app.conf.humanize()
+    assert "s3cret" not in shown
+    assert filter_hidden_settings({"fleet_redis_password": "x"}) == {
+        "fleet_redis_password": "********"
+    }
+    assert "s3cret" not in repr(fleet)
+    app.close()
+
+
+def test_a_password_in_fleet_redis_url_is_warned_about(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.conf.fleet_redis_url = "redis://:s3cret@127.0.0.1:6379/9"
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        Fleet(app)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "fleet_redis_password" in messages and "s3cret" not in messages
