@@ -14,10 +14,23 @@ DEMO_ARGS ?=
 
 venv: $(STAMP)
 
+# Debian/Ubuntu ship python3 without venv/ensurepip: as root with apt-get we install
+# python3-venv, saying so; otherwise we stop and say what to install.
 $(STAMP): pyproject.toml
-	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { \
-	  echo "python3 venv/ensurepip missing; installing python3-venv"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; }
+	@if ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null; then \
+	  need="$(PYTHON) has no venv/ensurepip (on Debian/Ubuntu: package python3-venv)"; \
+	  fix="or run make PYTHON=/path/to/a/python3/with/venv"; \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "$$need; no apt-get, so skipping its install: install it yourself, $$fix" >&2; \
+	    exit 1; \
+	  elif [ "$$(id -u)" != 0 ]; then \
+	    echo "$$need; not root, so skipping apt-get: sudo apt-get install python3-venv, $$fix" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "$$need; installing it: apt-get update && apt-get install -y python3-venv"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
+	    || { echo "apt-get install python3-venv failed: install it yourself, $$fix" >&2; exit 1; }; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .herd import Herd, RunResult, add_scenario_args, scenario_from_args
@@ -43,20 +44,28 @@ def progress(mode: str, done: int, failed: int, total: int, n429: int) -> None:
 
 
 def table(runs: list[RunResult]) -> str:
-    rows = [
+    """The side-by-side table of the runs; a footnote explains a ratio that failures skew."""
+    rows: list[tuple[str, Callable[[RunResult], str]]] = [
         ("agents completed", lambda r: f"{r.completed}/{r.agents}"),
         ("agents failed", lambda r: str(r.failed)),
         ("provider 429s", lambda r: f"{r.provider_429} ({r.rate_429:.1%})"),
         ("requests sent", lambda r: str(r.requests)),
         ("makespan", lambda r: f"{r.makespan_s:.1f} s"),
         ("lower bound", lambda r: f"{r.lower_bound_s:.1f} s"),
-        ("makespan / lower bound", lambda r: f"{r.ratio:.2f}x"),
+        ("makespan / lower bound", lambda r: f"{r.ratio:.2f}x" + ("*" if r.ratio_note else " ")),
     ]
     width = max(len(name) for name, _ in rows)
     head = f"{'':<{width}}  " + "  ".join(f"{r.mode:>16}" for r in runs)
     lines = [head, "-" * len(head)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{fmt(r):>16}" for r in runs) for name, fmt in rows]
+    lines += [footnote(r) for r in runs if r.ratio_note]
     return "\n".join(lines)
+
+
+def footnote(run: RunResult) -> str:
+    """The table's footnote on a ratio that failed agents skew (``*`` marks the cell)."""
+    below = "; below 1x is not faster than possible" if run.ratio < 1 else ""
+    return f"* {run.mode}: {run.ratio:.2f}x lower bound: {run.ratio_note}{below}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ Used by ``python -m example_project.demo`` and ``benchmarks/herd.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -91,6 +92,18 @@ class RunResult:
         return self.makespan_s / self.lower_bound_s if self.lower_bound_s else math.nan
 
     @property
+    def ratio_note(self) -> str:
+        """Why :attr:`ratio` is no speed to compare: '' unless agents failed (less work done).
+
+        The lower bound counts every agent's calls; a run whose agents died early did fewer,
+        so it can end below 1x without being faster than possible.
+        """
+        if not self.failed:
+            return ""
+        agents = "agent" if self.failed == 1 else "agents"
+        return f"{self.failed} {agents} died early, so less work was done"
+
+    @property
     def rate_429(self) -> float:
         return self.provider_429 / self.requests if self.requests else 0.0
 
@@ -127,12 +140,20 @@ class Herd:
         self.sim.stop()
 
     def run(self, mode: str, progress: Progress | None = None) -> RunResult:
-        """Fire every agent of the scenario at once in ``mode``; wait; measure."""
+        """Fire every agent of the scenario at once in ``mode``; wait; measure.
+
+        Whatever fails on the way (a Redis that refuses the event receiver, a worker that
+        does not start, a timeout), every worker started is stopped by its pid, the event
+        receiver and the client app are closed, and the run's keys are deleted.
+        """
         run = f"herd-{mode}-{uuid.uuid4().hex[:8]}"
-        workers = self._start_workers(mode, run)
         app = Celery("herd-client", broker=self.url, backend=self.url)
-        events = BreakerEvents(app)
-        try:
+        with contextlib.ExitStack() as started:  # undone in reverse order, also on errors
+            started.callback(self._cleanup, app, run)
+            events = BreakerEvents(app)  # first: a broker we cannot use fails before any worker
+            started.callback(events.stop)
+            workers = self._start_workers(mode, run)
+            started.callback(self._stop_workers, workers)
             self._wait_ready(app, [n for n, _ in workers])
             self.sim.reset_stats(refill=True)
             self.sim.schedule(self.scenario.phases)
@@ -148,10 +169,6 @@ class Herd:
                 for i in range(self.scenario.agents)
             ]
             metas = self._wait_all(app, mode, ids, progress)
-        finally:
-            self._stop_workers(workers)
-            events.stop()
-            self._cleanup(app, run)
         result = self._measure(mode, t0, sim_t0, metas)
         result.breaker_events = [(t - t0, limit, state) for t, limit, state in events.seen]
         return result
@@ -159,6 +176,7 @@ class Herd:
     # -- workers ------------------------------------------------------------------------
 
     def _start_workers(self, mode: str, run: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        """Start ``scenario.workers`` worker processes; if one fails to start, stop the others."""
         s = self.scenario
         env = {
             **os.environ,
@@ -175,37 +193,49 @@ class Herd:
             "OPENAI_API_KEY": "sim",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        procs = []
-        for i in range(s.workers):
-            name = f"{run}-{i}@%h"
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "example_project.app",
-                "worker",
-                "-P",
-                s.pool,
-                "-c",
-                str(s.concurrency),
-                "-n",
-                name,
-                "-Q",
-                run,
-                "-O",
-                "fair",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "WARNING",
-            ]
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
-            procs.append((name.replace("%h", os.uname().nodename), proc))
+        procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        try:
+            for i in range(s.workers):
+                name = f"{run}-{i}@%h"
+                proc = subprocess.Popen(
+                    self._worker_command(name, run),
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                procs.append((name.replace("%h", os.uname().nodename), proc))
+        except BaseException:
+            self._stop_workers(procs)
+            raise
         return procs
+
+    def _worker_command(self, name: str, queue: str) -> list[str]:
+        """The ``celery worker`` command line of the worker ``name`` consuming ``queue``."""
+        s = self.scenario
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "example_project.app",
+            "worker",
+            "-P",
+            s.pool,
+            "-c",
+            str(s.concurrency),
+            "-n",
+            name,
+            "-Q",
+            queue,
+            "-O",
+            "fair",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "WARNING",
+        ]
 
     def _wait_ready(self, app: Celery, names: list[str], timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -229,11 +259,14 @@ class Herd:
                 proc.wait()
 
     def _cleanup(self, app: Celery, run: str) -> None:
+        """Delete the run's queue and keys; close the client app even when Redis refuses."""
         client = redis.Redis.from_url(self.url)
-        keys = [run, *client.scan_iter(match=f"{{{run}:*", count=1000)]
-        client.delete(*keys)
-        client.close()
-        close_app(app)
+        try:
+            keys = [run, *client.scan_iter(match=f"{{{run}:*", count=1000)]
+            client.delete(*keys)
+        finally:
+            client.close()
+            close_app(app)
 
     # -- measuring ----------------------------------------------------------------------
 
@@ -330,9 +363,13 @@ class BreakerEvents:
     def __init__(self, app: Celery) -> None:
         self.seen: list[tuple[float, str, str]] = []
         self._conn = app.connection_for_read()
-        self._receiver = app.events.Receiver(
-            self._conn, handlers={"fleet-breaker": self._on_event, "*": lambda e: None}
-        )
+        try:  # the Receiver connects: a Redis that refuses us (NOAUTH) raises here
+            self._receiver = app.events.Receiver(
+                self._conn, handlers={"fleet-breaker": self._on_event, "*": lambda e: None}
+            )
+        except BaseException:
+            self._conn.release()
+            raise
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 

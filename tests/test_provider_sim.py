@@ -314,6 +314,25 @@ def test_cli_prints_url_serves_and_exits_cleanly_on_sigterm() -> None:
     assert json.loads(err.strip().splitlines()[-1])["ok"] == 1
 
 
+def test_cli_on_a_taken_port_says_so_in_one_line_and_exits_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "celery_fleet.testing.provider", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=30,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
 def test_parse_phase_reads_the_cli_form_and_names_mistakes() -> None:
     assert parse_phase("10:25:max_in_flight=4") == Phase(10, 25, max_in_flight=4)
     assert parse_phase("30:40:status=503") == Phase(30, 40, status=503)

