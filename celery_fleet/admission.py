@@ -8,15 +8,17 @@ scripts also run on Redis Cluster:
 ``{ns:limit}:leases``              zset: lease id -> expiry (ms); the in-flight semaphore
 ``{ns:limit}:holders``             hash: lease id -> "<reserved tokens> <acquired at ms>"
 ``{ns:limit}:ctl``                 hash: control state read on every admission
-                                   (``pause_until``, ``cap``, ``hold_ms``)
+                                   (``pause_until``, ``cap``, ``hold_ms``); expires
+                                   after a day without calls
 ``{ns:limit}:freed``               list: one element per release; a caller refused for
                                    the in-flight cap blocks on it (BLPOP) instead of polling
 ``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
 =================================  =========================================================
 
-Every request/token window of the limit is a GCRA bucket (burst = the window's budget by
-default) and the in-flight cap is a semaphore of leases that expire unless renewed, so a
-holder killed with SIGKILL gives its slot back within the lease TTL. ``ctl`` is where
+Every request/token window of the limit is a GCRA bucket (burst = a tenth of the window's
+budget by default) and the in-flight cap is a semaphore of leases that expire unless
+renewed, so a holder killed with SIGKILL gives its slot back within the lease TTL, and that
+live holders put back when Redis loses them (see :meth:`Admission.renew`). ``ctl`` is where
 fleet-wide control written by other components (adaptive caps, Retry-After pauses) is read
 by the same script, at no extra round trip.
 

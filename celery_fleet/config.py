@@ -382,9 +382,7 @@ def parse_breaker(value: object, setting: str) -> BreakerConfig | None:
         failure_rate=number(
             value.get("failure_rate", 0.5), f"{setting}['failure_rate']", lo_open=0.0, hi=1.0
         ),
-        min_calls=positive_int(
-            value.get("min_calls", 10), f"{setting}['min_calls']", hi=MAX_UNITS
-        ),
+        min_calls=positive_int(value.get("min_calls", 10), f"{setting}['min_calls']", hi=MAX_UNITS),
         window_s=number(value.get("window", 30.0), f"{setting}['window']", lo=0.001, hi=86_400),
         reset_timeout_s=number(
             value.get("reset_timeout", 10.0), f"{setting}['reset_timeout']", lo=0.001, hi=86_400

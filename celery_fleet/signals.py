@@ -52,9 +52,10 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
     """A breaker listener that sends the Celery signal and a ``fleet-breaker`` event.
 
     The event goes to the broker's event exchange, where any event receiver sees it
-    (``app.events.Receiver``; Flower 2.x keeps it in its event state but neither shows it
-    nor counts it in ``/metrics``, which counts ``task-*`` events only); failing to send it
-    is logged and never breaks the call that changed the state.
+    (``app.events.Receiver``, as ``example_project.herd.BreakerEvents`` does). Flower 2.x
+    receives it but shows nothing of it: its ``/metrics`` counts ``task-*`` events only
+    (``flower/events.py``, 2.2.0). Failing to send it is logged and never breaks the call
+    that changed the state.
     """
 
     def announce(limit: str, state: str) -> None:

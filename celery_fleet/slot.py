@@ -29,7 +29,6 @@ from .backoff import spread
 from .checks import check_max_wait
 from .errors import (
     CircuitOpen,
-    ConfigError,
     FleetError,
     LeaseLost,
     QuotaExhausted,
@@ -50,6 +49,7 @@ def _held_here() -> list[Slot]:
     if slots is None:
         slots = _held.slots = []
     return slots
+
 
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
@@ -159,9 +159,7 @@ class Slot:
         unit that only this thread (or others doing the same) can free: a silent
         deadlock once the cap is full of such holders.
         """
-        if any(
-            s.limit == self.limit and s.admission is self.admission for s in _held_here()
-        ):
+        if any(s.limit == self.limit and s.admission is self.admission for s in _held_here()):
             raise FleetError(
                 f"nested slot of limit {self.limit!r} in a thread that already holds one, "
                 f"with no deadline (max_wait=inf, e.g. on_limit='wait'): the cap is full and "
@@ -178,9 +176,7 @@ class Slot:
             raise FleetError(f"settle() on a slot for {self.limit!r} that is not held")
         lease_id = self.lease_id
         try:
-            delta = self.admission.settle(
-                self.limit, lease_id, tokens, self.tokens, must_hold=True
-            )
+            delta = self.admission.settle(self.limit, lease_id, tokens, self.tokens, must_hold=True)
         except LeaseLost:
             self.tokens = tokens
             self.lost = True

@@ -136,7 +136,7 @@ class RedisStore:
         except (ValueError, TypeError) as exc:
             message = str(exc).replace(url, self.safe_url)
             raise ConfigError(f"invalid Redis URL {self.safe_url}: {message}") from None
-        self._checked = False
+        self._checked_pid: int | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._client: redis.Redis | None = None
@@ -157,8 +157,8 @@ class RedisStore:
                 if self._pid != pid or self._client is None:
                     client = redis.Redis.from_url(self.url, **self._options)
                     self._client, self._pid = client, pid
-                    if not self._checked:
-                        self._checked = True
+                    if self._checked_pid != pid:
+                        self._checked_pid = pid
                         self._warn_if_evicting(client)
         return self._client
 

@@ -50,6 +50,10 @@ fleet_limits = {
         "rpm": int(os.environ.get("MODEL_RPM", "600")),
         "tpm": int(os.environ.get("MODEL_TPM", "90000")),
         "max_in_flight": int(os.environ.get("MODEL_MAX_IN_FLIGHT", "8")),
+        # The provider (the simulator, like OpenAI and Anthropic) refills a token bucket that
+        # holds a whole minute, so the fleet may use all of it at once. The default, 0.1,
+        # suits providers that count a sliding window or enforce in short slices (Azure).
+        "burst": 1.0,
         # Find the provider's real concurrency by AIMD (MODEL_ADAPTIVE=1 turns it on).
         "adaptive": os.environ.get("MODEL_ADAPTIVE", "0") == "1",
         # Stop calling a failing provider fleet-wide; one probe after reset_timeout.
@@ -62,7 +66,7 @@ fleet_limits = {
         "validate": "example_project.model.has_content",
     },
     # A search API the agents use as a tool, with a budget of its own.
-    "search-api": {"rate": "600/minute", "max_in_flight": 4},
+    "search-api": {"rate": "600/minute", "max_in_flight": 4, "burst": 1.0},
 }
 
 # -- beat ----------------------------------------------------------------------------------

@@ -240,3 +240,35 @@ def test_breaker_repr_says_what_it_is(make_fleet: MakeFleet) -> None:
     fleet = make_fleet({"llm": BREAKER})
     text = repr(fleet.breaker("llm"))
     assert text.startswith("<Breaker 'llm' failure_rate=") and "reset_timeout=" in text
+
+
+def test_a_breaker_change_is_sent_as_a_fleet_breaker_event(redis_url: str, namespace: str) -> None:
+    """The README's promise: an event receiver (as Flower or `celery events` run) sees it."""
+    from celery import Celery
+
+    from celery_fleet.signals import breaker_state_changed
+    from example_project.herd import BreakerEvents, close_app
+
+    app = Celery("events-test", broker=redis_url, set_as_current=False)
+    app.conf.fleet_limits = {"llm": BREAKER}
+    app.conf.fleet_namespace = namespace
+    fleet = Fleet(app)
+    signalled: list[str] = []
+
+    def on_change(sender: object, limit: str, state: str, **_: object) -> None:
+        signalled.append(state)
+
+    breaker_state_changed.connect(on_change, weak=False)
+    events = BreakerEvents(app)
+    try:
+        time.sleep(0.5)  # the receiver's queue is bound
+        trip(fleet)
+        deadline = time.monotonic() + 5
+        while not events.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [(limit, state) for _, limit, state in events.seen] == [("llm", "open")]
+        assert signalled == ["open"]
+    finally:
+        breaker_state_changed.disconnect(on_change)
+        events.stop()
+        close_app(app)

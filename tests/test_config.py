@@ -11,8 +11,13 @@ from celery_fleet.config import parse_limits
 def test_shorthands_and_rate_strings() -> None:
     limits = parse_limits(
         {
-            "openai": {"rpm": 500, "tpm": 200_000, "max_in_flight": 20, "headroom": 0.1,
-                       "burst": 1.0},
+            "openai": {
+                "rpm": 500,
+                "tpm": 200_000,
+                "max_in_flight": 20,
+                "headroom": 0.1,
+                "burst": 1.0,
+            },
             "search-api": {"rate": "100/minute", "max_in_flight": 5},
             "daily": {
                 "requests": "500/minute;10000/day",

@@ -175,9 +175,7 @@ def test_full_semaphore_waits_out_max_wait_before_throttling(
     assert slot.attempts >= 2 and slot.waited_s >= 0.4
 
 
-def test_settle_and_observe_raise_lease_lost_after_counting(
-    make_fleet: MakeFleet, rclient
-) -> None:  # type: ignore[no-untyped-def]
+def test_settle_and_observe_raise_lease_lost_after_counting(make_fleet: MakeFleet, rclient) -> None:  # type: ignore[no-untyped-def]
     from celery_fleet import LeaseLost
 
     fleet = make_fleet({"llm": {"tpm": 6000, "burst": 1.0, "max_in_flight": 2}})

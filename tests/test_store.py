@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import redis
 
 from celery_fleet import ConfigError, Fleet, StoreUnavailable
 from celery_fleet.store import RedisStore, eviction_risk, has_password, mask_url
@@ -70,7 +71,7 @@ def test_a_full_noeviction_redis_is_store_unavailable() -> None:
     with RedisServer(args=["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]) as srv:
         fleet = Fleet(redis_url=srv.url, limits={"llm": {"rpm": 600, "max_in_flight": 4}})
         client = fleet.store.client
-        with pytest.raises(Exception):  # fill it up until Redis refuses writes
+        with pytest.raises(redis.exceptions.OutOfMemoryError):  # fill it until Redis refuses
             for i in range(10_000):
                 client.set(f"fill:{i}", "x" * 10_000)
         with pytest.raises(StoreUnavailable, match="OutOfMemoryError|OOM"):
