@@ -9,9 +9,10 @@ script updates them from how each call ended (see ``scripts/release.lua``):
 - multiplicative decrease: ``cap *= decrease`` on a 429, an overload (503/529) or a
   timeout, at most once per congestion event: only calls admitted after the last cut can
   cut again, so a burst of 429s from one overshoot cuts once, like TCP;
-- the in-flight level that failed is not tried again before ``probe_interval`` and each
-  failed probe there doubles the wait, so a converged fleet stops drawing 429s, while a
-  level passed without congestion forgets the old ceiling and grows normally again;
+- a cut lands below the in-flight level that failed; that level is not tried again before
+  ``probe_interval``, and each failed probe of it (a call admitted after the wait) doubles
+  the wait, up to 8 intervals, so a converged fleet stops drawing 429s yet finds capacity
+  that came back; a level passed without congestion forgets the old ceiling;
 - a rate 429 (the provider names requests or tokens) cuts the rate factor instead, which
   stretches every window's emission interval;
 - an optional ``latency_target``: when more than 1% of recent calls take longer (the p99

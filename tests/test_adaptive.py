@@ -127,14 +127,47 @@ def test_each_failed_probe_of_the_same_level_doubles_the_wait(make_fleet: MakeFl
         {"llm": {**ADAPTIVE, "initial_in_flight": 4, "decrease": 0.9, "probe_interval": 0.2}}
     )
     waits = []
-    for _ in range(3):
+    for _ in range(5):
         held = [fleet.try_acquire("llm") for _ in range(4)]
         fleet.release(held[0], "congestion")  # the 4th slot failed again
         for d in held[1:]:
             fleet.release(d, "neutral")
-        waits.append(fleet.adaptive_state("llm")["probe_ms"])
+        state = fleet.adaptive_state("llm")
+        waits.append(state["probe_ms"])
+        assert state["cap"] < 4  # the cut lands below the level that failed
+        time.sleep(state["probe_ms"] / 1000 + 0.01)  # the next attempt is a probe of it
         fleet.admission.store.call("HSET", fleet.admission.keys("llm").ctl, "cap", 4.0)
-    assert waits == [200, 400, 800]
+    assert waits == [200, 400, 800, 1600, 1600]  # doubling, up to 8 probe intervals
+
+
+def test_a_second_429_of_the_same_drop_is_not_a_failed_probe(make_fleet: MakeFleet) -> None:
+    """Capacity drops once: the cut lands below the failed level, so the next 429 (from a
+    call admitted after the cut, before probe_after) cuts at a lower level and the probe
+    wait does not double. It used to cut twice at the same level and double the wait,
+    which kept the cap low for 20 s after the capacity came back (benchmarks/adaptive.py)."""
+    fleet = make_fleet(
+        {
+            "llm": {
+                **ADAPTIVE,
+                "initial_in_flight": 7,
+                "decrease": 0.95,
+                "probe_interval": 5,
+            }
+        }
+    )
+    held = [fleet.try_acquire("llm") for _ in range(7)]
+    # grown to 7.9 meanwhile: x 0.95 is 7.5, still level 7
+    fleet.admission.store.call("HSET", fleet.admission.keys("llm").ctl, "cap", 7.9)
+    fleet.release(held.pop(), "congestion")  # level 7 failed
+    state = fleet.adaptive_state("llm")
+    assert state["ceiling"] == 7 and 6 <= state["cap"] < 7 and state["probe_ms"] == 5000
+    fleet.release(held.pop(), "ok")  # a success in between
+    later = fleet.try_acquire("llm")  # admitted after the cut
+    assert later
+    fleet.release(later, "congestion")
+    state = fleet.adaptive_state("llm")
+    assert state["ceiling"] == 6 and state["probe_ms"] == 5000
+    assert len(held) == 5 and not fleet.try_acquire("llm")  # 5 in flight: the cap is full
 
 
 PAUSED = textwrap.dedent(

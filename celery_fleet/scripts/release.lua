@@ -56,8 +56,9 @@ if removed == 1 and rec then
 end
 
 -- Adaptive limit (AIMD): one cut per congestion event, i.e. only signals from calls admitted
--- after the last cut count; growth only while the cap is in use; the in-flight level that
--- failed is not retried before probe_after, and each failed probe doubles the wait. The rate
+-- after the last cut count; growth only while the cap is in use; a cut lands below the
+-- in-flight level that failed, which is not retried before probe_after, and each failed probe
+-- of it (a call admitted after probe_after) doubles the wait, up to 8 probe intervals. The rate
 -- factor has its own cut clock and grows back with time (one cut's worth per probe
 -- interval), not per call. The breaker below sees the caller's outcome, not these rewrites.
 local cap = 0
@@ -90,11 +91,16 @@ if ARGV[4] == '1' and acquired then
   if (outcome == 'congestion' or outcome == 'overload') and acquired >= last_cut then
     local level = math.floor(cap)
     if ceiling and math.floor(ceiling) == level then
-      probe_ms = math.min(probe_ms * 2, probe_base * 64)
+      -- The level that failed before failed again. Only a call admitted after the wait
+      -- was a probe of it: then wait twice as long (at most 8 probe intervals, so a
+      -- provider whose capacity came back is found within that); otherwise keep the wait.
+      if acquired >= probe_after then probe_ms = math.min(probe_ms * 2, probe_base * 8) end
     else
       probe_ms = probe_base
     end
-    cap = bounded(cap * decrease)
+    -- Land below the level that failed, so it is not admitted again before probe_after
+    -- (a mild decrease such as 0.95 would otherwise leave the cap at the same level).
+    cap = bounded(math.min(cap * decrease, level - 0.001))
     if level > min_cap then
       redis.call('HSET', KEYS[3], 'cap', fmt(cap), 'ceiling', level, 'probe_ms', probe_ms,
                  'probe_after', fmt(now + probe_ms), 'last_cut', fmt(now))
