@@ -393,7 +393,7 @@ def _release_args(cfg: LimitConfig) -> list[bytes]:
 def clamp_wait_ms(wait_ms: object) -> int:
     """A wait from Redis as an int in ``[0, MAX_WAIT_MS]``, whatever the store held."""
     try:
-        wait = int(wait_ms)  # type: ignore[call-overload]
+        wait: int = int(wait_ms)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):
         return MAX_WAIT_MS
     return min(max(wait, 0), MAX_WAIT_MS)

@@ -169,7 +169,8 @@ class RedisStore:
         except redis.RedisError:  # CONFIG is disabled on many managed Redis services
             log.debug("celery-fleet: cannot read maxmemory-policy of %s", self.safe_url)
             return
-        risk = eviction_risk(int(conf.get("maxmemory", 0) or 0), conf.get("maxmemory-policy", ""))
+        maxmemory = int(conf.get("maxmemory") or 0)
+        risk = eviction_risk(maxmemory, str(conf.get("maxmemory-policy") or ""))
         if risk:
             log.warning("celery-fleet: Redis at %s: %s", self.safe_url, risk)
 

@@ -248,15 +248,7 @@ class Herd:
 
     @staticmethod
     def _stop_workers(workers: list[tuple[str, subprocess.Popen[bytes]]]) -> None:
-        for _, proc in workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in workers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(*(proc for _, proc in workers))
 
     def _cleanup(self, app: Celery, run: str) -> None:
         """Delete the run's queue and keys; close the client app even when Redis refuses."""
@@ -330,6 +322,19 @@ class Herd:
         s = self.scenario
         mean_latency = s.latency * math.exp(s.latency_sigma**2 / 2)
         return max(self.sim.min_makespan_s(n_calls, mean_cost), s.steps * mean_latency)
+
+
+def stop_processes(*procs: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM every process still running, wait up to ``grace_s`` each, then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _timestamp(date_done: Any) -> float:

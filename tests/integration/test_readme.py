@@ -4,7 +4,6 @@ answered, run as the README shows (on a free port, a queue and namespace of this
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -14,6 +13,7 @@ import pytest
 import redis
 
 from celery_fleet.testing.redis_server import free_port
+from example_project.herd import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,16 +21,6 @@ SEND = (
     "from example_project.tasks import research_agent; "
     "print(research_agent.delay('token buckets', steps=2).get(timeout=120))"
 )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_run_it_yourself(redis_url: str) -> None:
@@ -88,8 +78,7 @@ def test_run_it_yourself(redis_url: str) -> None:
         assert answer.returncode == 0, answer.stderr[-2000:]
         assert "'goal': 'token buckets', 'steps': 2" in answer.stdout
     finally:
-        _stop(worker)
-        _stop(provider)
+        stop_processes(worker, provider)
         if provider.stdout is not None:
             provider.stdout.close()
         client = redis.Redis.from_url(f"{env['REDIS_URL']}/11")

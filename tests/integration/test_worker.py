@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from example_project.herd import close_app
+from example_project.herd import close_app, stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,12 +67,7 @@ def worker(redis_url: str) -> Iterator[Any]:
     try:
         yield fleet_app
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes(proc)
         log.close()
         close_app(fleet_app.app)
         fleet_app._probe.close()
