@@ -113,6 +113,7 @@ class Slot:
         self.last_renewed = 0.0
         self.validator = validate or admission.limit(limit).validate
         self.verdict: Signal | None = None
+        self._held_in: list[Slot] = []
 
     def acquire(self) -> Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
@@ -149,7 +150,9 @@ class Slot:
         # Taken before the round trip, so the local deadline never outlives Redis's.
         self.last_renewed = asked_at
         self.keeper.track(self)
-        _held_here().append(self)
+        # Remembered on the slot: it may be released from another thread than this one.
+        self._held_in = _held_here()
+        self._held_in.append(self)
         return self
 
     def _refuse_self_deadlock(self) -> None:
@@ -245,9 +248,8 @@ class Slot:
         if lease_id is None:
             return
         self.keeper.untrack(self)
-        held = _held_here()
-        if self in held:
-            held.remove(self)
+        if self in self._held_in:
+            self._held_in.remove(self)
         signal = signal or Signal("other")
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)

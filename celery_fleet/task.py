@@ -29,7 +29,7 @@ from celery import Task, shared_task
 from celery.exceptions import Retry
 
 from .backoff import spread
-from .checks import check_max_wait, suggest
+from .checks import MAX_UNITS, check_max_wait, suggest
 from .errors import Backpressure, ConfigError
 from .fleet import Fleet, task_max_wait
 
@@ -188,6 +188,8 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
     tokens = opts.get("fleet_tokens", 0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ConfigError(f"tokens must be a non-negative int, got {tokens!r}")
+    if tokens > MAX_UNITS:  # no bucket holds more: fail at decoration, not at publish
+        raise ConfigError(f"tokens must be at most {MAX_UNITS}, got a {len(str(tokens))}-digit int")
     if opts.get("fleet_max_wait") is not None:
         check_max_wait(opts["fleet_max_wait"])
     limit = opts.get("fleet_limit")

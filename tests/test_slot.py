@@ -289,3 +289,20 @@ def test_a_nested_slot_of_the_same_full_limit_with_no_deadline_raises(
                 pass
     with fleet.slot("tool", max_wait=FOREVER):  # not nested: fine
         pass
+
+
+def test_a_slot_released_by_another_thread_no_longer_counts_as_held(
+    make_fleet: MakeFleet,
+) -> None:
+    """The nested-slot check must not see a slot this thread took but another released."""
+    from celery_fleet import FOREVER
+
+    fleet = make_fleet({"tool": {"max_in_flight": 1}})
+    mine = fleet.slot("tool").acquire()
+    releaser = threading.Thread(target=mine.release)
+    releaser.start()
+    releaser.join()
+    other = fleet.try_acquire("tool")  # the cap is full, held by somebody else
+    threading.Timer(0.3, fleet.release, args=(other,)).start()
+    with fleet.slot("tool", max_wait=FOREVER) as slot:  # waits, does not raise
+        assert slot.attempts >= 2

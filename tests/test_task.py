@@ -34,6 +34,7 @@ def test_unknown_options_fail_at_decoration_with_a_hint(app: Celery) -> None:
     [
         ({"on_limit": "retry"}, "on_limit must be one of"),
         ({"limit": "openai", "tokens": -1}, "non-negative int"),
+        ({"limit": "openai", "tokens": 10**400}, "a 401-digit int"),
         ({"limit": "openai", "max_wait": -2}, "max_wait"),
         ({"limit": 5}, "limit must be the name"),
         ({"base": object}, "subclass of FleetTask"),
