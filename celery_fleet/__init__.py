@@ -23,12 +23,16 @@ from .errors import (
     FleetError,
     LeaseLost,
     QuotaExhausted,
+    StepError,
     StoreUnavailable,
     Throttled,
+    ThrottledTooLong,
 )
 from .fleet import FOREVER, Fleet
+from .run import Run, running
 from .slot import Slot
-from .task import FleetTask, fleet_task
+from .steps import Steps
+from .task import THROTTLED, FleetTask, Throttling, fleet_task
 
 __version__ = "0.1.0"
 
@@ -47,8 +51,15 @@ __all__ = [
     "LimitConfig",
     "QuotaExhausted",
     "Release",
+    "Run",
     "Slot",
+    "StepError",
+    "Steps",
     "StoreUnavailable",
+    "THROTTLED",
     "Throttled",
+    "ThrottledTooLong",
+    "Throttling",
     "fleet_task",
+    "running",
 ]

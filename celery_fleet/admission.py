@@ -10,10 +10,23 @@ scripts also run on Redis Cluster:
 ``{ns:limit}:ctl``                 hash: control state read on every admission
                                    (``pause_until``, ``cap``, ``hold_ms``); expires
                                    after a day without calls
-``{ns:limit}:freed``               list: one element per release; a caller refused for
-                                   the in-flight cap blocks on it (BLPOP) instead of polling
+``{ns:limit}:line``                zset: ticket id -> order key; callers waiting for
+                                   admission, served oldest first (see below)
+``{ns:limit}:waiting``             zset: ticket id -> expiry (ms); a ticket is a lease
+``{ns:limit}:wake:<ticket>``       list: pushed to wake that waiter (it blocks on BLPOP)
 ``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
 =================================  =========================================================
+
+**The line.** A caller that means to wait (``join=True``) and is refused takes a ticket,
+ordered by ``(lane, first-asked time)``, and from then on nobody younger passes it: a
+budget that frees up goes to the oldest ticket, whoever asks first. The waiter blocks on
+its own wake-up list; the release that frees an in-flight slot, or the admission of the
+ticket before it, wakes it, so waiters do not poll. A ticket is a lease: it expires
+``TICKET_TTL_MS`` after its holder last asked, and a woken holder that does not ask within
+``WAKE_GRACE_MS`` loses it, so a SIGKILLed waiter stops blocking the line. The age travels
+with the caller (``since_ms``): asking again with it, even after the ticket expired or a
+task was rescheduled, puts the caller back in its old place. With nobody waiting the line
+costs one ``ZCARD`` inside the same single round trip.
 
 Every request/token window of the limit is a GCRA bucket (burst = a tenth of the window's
 budget by default) and the in-flight cap is a semaphore of leases that expire unless
@@ -45,8 +58,14 @@ OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"}
 
 __all__ = ["Admission", "Decision", "LimitKeys", "Release"]
 
-#: The longest single BLPOP, well below the client's 5 s socket timeout.
-MAX_BLOCK_S = 2.0
+#: A ticket whose holder has not asked for this long is dropped from the line.
+TICKET_TTL_MS = 30_000
+#: A woken waiter must ask within this, or it is taken for dead and loses its ticket.
+WAKE_GRACE_MS = 2_000
+#: Waiters re-ask at least this often, which keeps their tickets alive.
+REFRESH_S = TICKET_TTL_MS / 3000.0
+#: Order keys: lane * LANE_SPAN + first-asked ms (ms since the epoch stay below 2**42).
+LANE_SPAN = 2**42
 #: No wait reported to a caller is longer than this (a year), whatever Redis holds.
 MAX_WAIT_MS = 366 * 86_400_000
 #: The lowest rate factor a provider's headers may impose (its limit / the declared one).
@@ -61,13 +80,15 @@ class LimitKeys:
     leases: str
     holders: str
     ctl: str
-    freed: str
+    line: str
     breaker: str
+    waiting: str
+    wake: str  # a prefix: wake + ticket id is that ticket's wake-up list
 
     @classmethod
     def build(cls, namespace: str, limit: str) -> LimitKeys:
         tag = f"{{{namespace}:{limit}}}"
-        parts = ("gcra", "leases", "holders", "ctl", "freed", "breaker")
+        parts = ("gcra", "leases", "holders", "ctl", "line", "breaker", "waiting", "wake:")
         return cls(*(f"{tag}:{part}" for part in parts))
 
 
@@ -77,9 +98,11 @@ class Decision:
 
     ``allowed`` with a ``lease_id`` when admitted; otherwise ``wait_ms`` until the same
     request would be admitted and ``reason``: ``"circuit_open"``, ``"paused"``,
-    ``"in_flight"`` or the window that refused, e.g. ``"tokens/60s"``. ``in_flight`` counts
-    live leases (including this one when admitted); ``at_ms`` is the Redis clock at the
-    decision; ``probe`` marks the one call a half-open breaker lets through.
+    ``"in_flight"``, ``"queued"`` (older tickets come first) or the window that refused,
+    e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this one when
+    admitted); ``at_ms`` is the Redis clock at the decision; ``probe`` marks the one call a
+    half-open breaker lets through; ``ahead`` is how many tickets stand before the caller
+    and ``line`` how many wait in all.
     """
 
     limit: str
@@ -91,6 +114,8 @@ class Decision:
     tokens: int
     at_ms: float
     probe: bool = False
+    ahead: int = 0
+    line: int = 0
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -145,7 +170,7 @@ class Admission:
         # Everything but the lease id and tokens is fixed per limit: encode it once
         # (the hot path is one EVALSHA; redis-py's packer is pure Python).
         self._acquire_keys = {
-            name: [k.gcra, k.leases, k.holders, k.ctl, k.freed, k.breaker]
+            name: [k.gcra, k.leases, k.holders, k.ctl, k.line, k.breaker, k.waiting, k.wake]
             for name, k in self._keys.items()
         }
         self._acquire_tail = {
@@ -156,6 +181,8 @@ class Admission:
                     cfg.max_in_flight or 0,
                     cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
                     int(cfg.breaker.reset_timeout_s * 1000) if cfg.breaker else 0,
+                    TICKET_TTL_MS,
+                    WAKE_GRACE_MS,
                     len(cfg.windows),
                     *(
                         x
@@ -197,33 +224,104 @@ class Admission:
         self.limit(name)
         return self._keys[name]
 
-    def try_acquire(self, name: str, tokens: int = 0, lease_id: str | None = None) -> Decision:
+    def try_acquire(
+        self,
+        name: str,
+        tokens: int = 0,
+        lease_id: str | None = None,
+        since_ms: float = 0,
+        join: bool = False,
+    ) -> Decision:
         """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
 
-        ``lease_id`` names the lease to create (default: a new random one).
+        ``lease_id`` names the lease to create (default: a new random one); it is also the
+        caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
+        first ask; 0 = now): nobody younger is admitted before it while it waits. With
+        ``join`` a refused caller takes (or keeps) a ticket and should wait for its wake-up
+        (:meth:`wait_turn`) or :meth:`leave`; without, it is told to wait but holds no place.
         """
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
-        return self._do_acquire(cfg, tokens, lease_id or new_lease_id())
+        since = check_since(since_ms)
+        return self._do_acquire(cfg, tokens, lease_id or new_lease_id(), since, join)
 
-    def _do_acquire(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
+    def _do_acquire(
+        self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+    ) -> Decision:
         reply = self.store.run(
             "acquire",
             keys=self._acquire_keys[cfg.name],
-            args=[lease_id, tokens, *self._acquire_tail[cfg.name]],
+            args=[
+                lease_id,
+                tokens,
+                since_ms,
+                b"1" if join else b"0",
+                b"0",
+                *self._acquire_tail[cfg.name],
+            ],
         )
-        allowed, wait_ms, detail, in_flight, now, probe = reply
+        allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
             if probe:
                 self.notify(cfg.name, "half_open")
             return Decision(
-                cfg.name, True, 0, detail, "", int(in_flight), tokens, float(now), bool(probe)
+                cfg.name,
+                True,
+                0,
+                detail,
+                "",
+                int(in_flight),
+                tokens,
+                float(now),
+                bool(probe),
+                0,
+                int(line),
             )
         wait = clamp_wait_ms(wait_ms)
         return Decision(
-            cfg.name, False, wait, None, _reason(detail), int(in_flight), tokens, float(now)
+            cfg.name,
+            False,
+            wait,
+            None,
+            _reason(detail),
+            int(in_flight),
+            tokens,
+            float(now),
+            False,
+            int(ahead),
+            int(line),
         )
+
+    def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
+        """Block until ``ticket`` is woken (its turn may have come) or ``timeout_s`` passes.
+
+        One BLPOP on the ticket's own list: no polling, and a release wakes exactly the
+        waiter whose turn it is. True when woken. Ask again either way (the ask also keeps
+        the ticket alive).
+        """
+        return self.store.blpop(self.keys(name).wake + ticket, timeout_s)
+
+    def leave(self, name: str, ticket: str) -> bool:
+        """Give up ``ticket``'s place in line (the caller stopped waiting), waking the next
+        waiter if it was first. True if it was in line. Idempotent."""
+        k = self.keys(name)
+        reply = self.store.run(
+            "leave",
+            keys=[k.line, k.waiting, k.wake],
+            args=[ticket, TICKET_TTL_MS, WAKE_GRACE_MS],
+        )
+        return bool(reply)
+
+    def line(self, name: str) -> list[tuple[str, float]]:
+        """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""
+        k = self.keys(name)
+        pairs = self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES")
+        out = []
+        for member, score in zip(pairs[::2], pairs[1::2], strict=True):
+            ticket = member.decode() if isinstance(member, bytes) else str(member)
+            out.append((ticket, float(score) % LANE_SPAN))
+        return out
 
     def release(
         self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
@@ -242,7 +340,7 @@ class Admission:
         pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
         ok, now, held, transition, cap = self.store.run(
             "release",
-            keys=[k.leases, k.holders, k.ctl, k.freed, k.breaker],
+            keys=[k.leases, k.holders, k.ctl, k.line, k.breaker, k.waiting, k.wake],
             args=[lease_id, outcome, pause, *self._release_tail[name]],
         )
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
@@ -347,16 +445,6 @@ class Admission:
         split = ids.index("+")
         return ids[:split], ids[split + 1 :]
 
-    def wait_for_release(self, name: str, timeout_s: float) -> bool:
-        """Block until some holder of ``name`` releases a slot, or ``timeout_s`` passes.
-
-        One BLPOP: a release wakes exactly one waiter, so a full semaphore hands its next
-        slot over within a round trip instead of waiting out a polling interval. True when
-        woken by a release (the slot may still go to somebody faster).
-        """
-        timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
-        return self.store.call("BLPOP", self.keys(name).freed, f"{timeout:.3f}") is not None
-
     def in_flight(self, name: str) -> int:
         """How many leases of ``name`` are live right now (expired ones excluded)."""
         k = self.keys(name)
@@ -387,7 +475,17 @@ def _release_args(cfg: LimitConfig) -> list[bytes]:
         if b
         else (0, 0, 0, 0, 0)
     )
-    return [str(x).encode() for x in (*adaptive, *breaker)]
+    line = (cfg.max_in_flight or 0, TICKET_TTL_MS, WAKE_GRACE_MS)
+    return [str(x).encode() for x in (*adaptive, *breaker, *line)]
+
+
+def check_since(since_ms: object) -> int:
+    """An order key's age as whole ms since the epoch (0 = now), or :class:`ConfigError`."""
+    if isinstance(since_ms, bool) or not isinstance(since_ms, int | float):
+        raise ConfigError(f"since_ms must be a number of ms (Redis clock), got {since_ms!r}")
+    if not 0 <= since_ms < LANE_SPAN:
+        raise ConfigError(f"since_ms must be in [0, 2**42) ms, got {since_ms!r}")
+    return int(since_ms)
 
 
 def clamp_wait_ms(wait_ms: object) -> int:

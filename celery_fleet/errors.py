@@ -15,6 +15,8 @@ __all__ = [
     "QuotaExhausted",
     "StoreUnavailable",
     "LeaseLost",
+    "StepError",
+    "ThrottledTooLong",
 ]
 
 
@@ -57,6 +59,37 @@ class Throttled(Backpressure):
     ``wait_ms`` is how long until the same request would be admitted (for the
     in-flight semaphore it is an estimate: nobody knows when a holder will finish).
     """
+
+
+class ThrottledTooLong(Throttled):
+    """A task ran out of patience: refused more often (``max_reschedules``) or for longer
+    (``max_throttled`` seconds) than it allows. Not backpressure any more: the task fails.
+
+    ``reschedules`` and ``throttled_s`` say how much waiting it had done; ``limit``,
+    ``wait_ms`` and ``reason`` are those of the last refusal.
+    """
+
+    def __init__(
+        self,
+        limit: str,
+        wait_ms: int,
+        reason: str = "",
+        reschedules: int = 0,
+        throttled_s: float = 0.0,
+    ) -> None:
+        Exception.__init__(self, limit, int(wait_ms), reason, reschedules, throttled_s)
+        self.limit = limit
+        self.wait_ms = int(wait_ms)
+        self.reason = reason
+        self.reschedules = int(reschedules)
+        self.throttled_s = float(throttled_s)
+
+    def __str__(self) -> str:
+        return (
+            f"gave up on limit {self.limit!r} after {self.reschedules} reschedule(s) and "
+            f"{self.throttled_s:.1f} s throttled (last refusal: {self.reason or 'refused'}, "
+            f"retry in {self.wait_ms} ms); raise max_reschedules / max_throttled or the budget"
+        )
 
 
 class CircuitOpen(Backpressure):
@@ -121,3 +154,8 @@ class LeaseLost(FleetError):
     def __str__(self) -> str:
         why = f" ({self.why})" if self.why else ""
         return f"the lease {self.lease_id} of limit {self.limit!r} was lost{why}"
+
+
+class StepError(ConfigError):
+    """A durable step cannot be stored: a bad name, or a result that is not plain JSON data
+    (or too large). Raised before the step's function runs whenever that can be known."""

@@ -24,7 +24,6 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from . import adaptive, signals
@@ -33,8 +32,10 @@ from .breaker import Breaker
 from .checks import check_max_wait
 from .config import LimitConfig
 from .errors import ConfigError
+from .run import Run, current_run
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
 from .slot import Clock, LeaseKeeper, Slot, SystemClock
+from .steps import Steps
 from .store import RedisStore
 
 if TYPE_CHECKING:
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
 
 _SETTLED_MEMORY = 10_000  # leases whose last settled figure Fleet.settle remembers
-
-#: The ``max_wait`` a running FleetTask gives the slots opened in its body.
-task_max_wait: ContextVar[float | None] = ContextVar("celery_fleet_task_max_wait", default=None)
 
 _by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
 _all: weakref.WeakSet[Fleet] = weakref.WeakSet()
@@ -83,6 +81,8 @@ class Fleet:
         self.limits: dict[str, LimitConfig] = settings.limits
         self.max_wait_s = settings.max_wait_s
         self.max_countdown_s = settings.max_countdown_s
+        self.step_ttl_s = settings.step_ttl_s
+        self.step_max_bytes = settings.step_max_bytes
         self.clock: Clock = clock or SystemClock()
         options = {"password": settings.redis_password} if settings.redis_password else {}
         self.store = RedisStore(self.redis_url, **options)
@@ -125,9 +125,12 @@ class Fleet:
     ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
-        It asks Redis once; when refused it sleeps the returned wait plus a little jitter
-        and asks again, until ``max_wait`` seconds (default: the running task's setting,
-        else ``fleet_max_wait``), then raises :class:`~celery_fleet.Throttled`.
+        It asks Redis once; when refused it takes a place in the limit's line and waits
+        for its turn (served oldest first, by the age of the current
+        :class:`~celery_fleet.Run`), until ``max_wait`` seconds (default: the running
+        task's setting, or all its patience once it made a call with ``wait_after_call``,
+        else ``fleet_max_wait``), then leaves the line and raises
+        :class:`~celery_fleet.Throttled`.
         ``tokens`` is the estimate reserved now; ``slot.settle(tokens=actual)`` corrects it.
         ``validate`` overrides the limit's output hook for ``slot.validate(result)``.
         Leaving the block with a provider 429 or overload raises ``Throttled`` (and pauses
@@ -137,14 +140,31 @@ class Fleet:
         """
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
-        if max_wait is None:
-            max_wait = task_max_wait.get()
+        run = current_run.get()
+        if max_wait is None and run is not None:
+            max_wait = run.slot_max_wait(self.clock.monotonic())
         wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)
         if validate is not None and not callable(validate):
             raise ConfigError(f"validate must be a callable result -> bool, got {validate!r}")
         return Slot(
-            self.admission, self.keeper, name, tokens, wait_s, self.clock, validate=validate
+            self.admission,
+            self.keeper,
+            name,
+            tokens,
+            wait_s,
+            self.clock,
+            validate=validate,
+            run=run if run is not None else Run(),
         )
+
+    def steps(self, run_id: str) -> Steps:
+        """The durable steps of run ``run_id`` (a task id): ``fleet.steps(id).run(name, fn)``
+        calls ``fn`` once per run id and returns the stored result on every later call."""
+        return Steps(self.store, self.namespace, run_id, self.step_ttl_s, self.step_max_bytes)
+
+    def line(self, name: str) -> list[tuple[str, float]]:
+        """Who waits for limit ``name``, oldest first: ``(ticket, first-asked ms)`` pairs."""
+        return self.admission.line(name)
 
     def try_acquire(self, name: str, tokens: int = 0) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with

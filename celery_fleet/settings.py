@@ -22,6 +22,7 @@ from typing import Any
 from .checks import MAX_SECONDS, check_max_wait, check_name, number, suggest
 from .config import LimitConfig, parse_limits
 from .errors import ConfigError
+from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
 from .store import has_password, mask_url
 
 __all__ = [
@@ -51,6 +52,8 @@ SETTINGS = {
     "fleet_limits": "limit name -> options",
     "fleet_max_wait": "seconds fleet.slot() waits for admission in place (default 30)",
     "fleet_max_countdown": "the longest reschedule countdown in seconds (default 300)",
+    "fleet_step_ttl": "seconds a task's durable step results are kept (default 7 days)",
+    "fleet_step_max_bytes": "the largest JSON result one durable step may store (default 1 MiB)",
 }
 
 
@@ -64,6 +67,8 @@ class FleetSettings:
     max_wait_s: float
     max_countdown_s: float
     redis_password: str | None = field(default=None, repr=False)
+    step_ttl_s: float = DEFAULT_STEP_TTL_S
+    step_max_bytes: int = DEFAULT_STEP_MAX_BYTES
 
 
 def load_settings(
@@ -112,6 +117,17 @@ def load_settings(
         ),
         max_countdown_s=max_countdown,
         redis_password=password,
+        step_ttl_s=number(
+            conf.get("fleet_step_ttl", DEFAULT_STEP_TTL_S), "fleet_step_ttl", lo=1.0, hi=MAX_SECONDS
+        ),
+        step_max_bytes=int(
+            number(
+                conf.get("fleet_step_max_bytes", DEFAULT_STEP_MAX_BYTES),
+                "fleet_step_max_bytes",
+                lo=1.0,
+                hi=512 * 1024 * 1024,
+            )
+        ),
     )
 
 

@@ -23,12 +23,20 @@ from celery.utils.dispatch import Signal
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install", "breaker_state_changed", "breaker_announcer"]
+__all__ = ["install", "breaker_state_changed", "breaker_announcer", "task_rescheduled"]
 
 #: Sent (in the process that saw it) when a limit's breaker opens, lets a probe through
 #: (``half_open``) or closes: ``sender`` is the Fleet's app, with ``limit`` and ``state``.
 breaker_state_changed = Signal(
     name="fleet_breaker_state_changed", providing_args={"limit", "state"}
+)
+
+#: Sent in the worker when a FleetTask is rescheduled by backpressure (its copy already
+#: published): ``sender`` is the task, with ``request``, ``exc`` (the refusal),
+#: ``countdown`` (s) and ``reschedules`` (the count including this one). A reschedule is
+#: not a Celery retry: ``on_retry`` and ``task_retry`` do not fire for it.
+task_rescheduled = Signal(
+    name="fleet_task_rescheduled", providing_args={"request", "exc", "countdown", "reschedules"}
 )
 
 log = logging.getLogger("celery_fleet")

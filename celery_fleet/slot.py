@@ -1,10 +1,12 @@
 """Holding a slot: wait for admission, keep the lease alive, settle, release.
 
 :class:`Slot` is the context manager behind ``fleet.slot(...)``. Entering asks Redis once;
-when refused it sleeps the wait the script returned (plus a small forward jitter) and asks
-again, until ``max_wait`` would be exceeded, then raises :class:`~celery_fleet.Throttled`.
-Refused by the in-flight cap, it blocks on the limit's release signal instead (a release
-wakes one waiter), so a full semaphore hands over its next slot within a round trip.
+when refused (and allowed to wait) it takes a ticket in the limit's line and blocks on its
+own wake-up until its turn, asking again when woken, when an exact wait (a rate window, a
+pause) has passed, and every ``REFRESH_S`` to keep the ticket. Tickets are served oldest
+first, by the age of the :class:`~celery_fleet.run.Run` it belongs to, so a caller that
+started earlier is never passed by a newcomer. When the wait would end past ``max_wait``
+it leaves the line and raises :class:`~celery_fleet.Throttled`.
 While it is held, a :class:`LeaseKeeper` thread renews its lease so a five-minute call
 keeps its slot; leaving the block releases it, whatever happened inside.
 
@@ -24,8 +26,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from .admission import Admission, Decision
-from .backoff import spread
+from .admission import REFRESH_S, Admission, Decision, new_lease_id
 from .checks import check_max_wait
 from .errors import (
     CircuitOpen,
@@ -35,6 +36,7 @@ from .errors import (
     Throttled,
 )
 from .providers import OK, Signal, classify, parse_headers
+from .run import Run
 
 __all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
 
@@ -53,6 +55,9 @@ def _held_here() -> list[Slot]:
 
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
+
+#: Limits (per admission) whose over-long line was already logged in this process.
+_warned_lines: set[tuple[int, str]] = set()
 
 
 class Clock(Protocol):
@@ -83,8 +88,9 @@ class Slot:
             slot.settle(tokens=resp.usage.total_tokens)
 
     Attributes after entering: ``lease_id``, ``tokens`` (the current reservation),
-    ``waited_s`` (time spent waiting for admission), ``attempts`` (admission round trips)
-    and ``lost`` (True if the lease expired while held, e.g. the process was frozen).
+    ``waited_s`` (time spent waiting for admission), ``attempts`` (admission round trips),
+    ``ahead`` (tickets before this one at the last refusal) and ``lost`` (True if the lease
+    expired while held, e.g. the process was frozen).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Slot:
         clock: Clock,
         rng: random.Random | None = None,
         validate: Callable[[Any], object] | None = None,
+        run: Run | None = None,
     ) -> None:
         self.admission = admission
         self.keeper = keeper
@@ -113,6 +120,8 @@ class Slot:
         self.last_renewed = 0.0
         self.validator = validate or admission.limit(limit).validate
         self.verdict: Signal | None = None
+        self.run = run if run is not None else Run()
+        self.ahead = 0
         self._held_in: list[Slot] = []
 
     def acquire(self) -> Slot:
@@ -120,31 +129,17 @@ class Slot:
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
         start = self.clock.monotonic()
-        while True:
-            self.attempts += 1
-            asked_at = self.clock.monotonic()
-            decision = self.admission.try_acquire(self.limit, self.tokens)
-            if decision.allowed:
-                break
-            if decision.reason == "circuit_open":
-                # Do not hold a worker for the reset timeout: a task reschedules instead.
-                raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
-            if decision.reason == "in_flight" and self.max_wait_s == math.inf:
-                self._refuse_self_deadlock()
-            remaining = self.max_wait_s - (self.clock.monotonic() - start)
-            wait_s = decision.wait_ms / 1000.0
-            # A rate or pause wait is exact: when it ends past the deadline, give up now.
-            # The in-flight wait is a guess (a holder may finish any moment): keep waiting.
-            exact = decision.reason != "in_flight"
-            if remaining <= 0 or (exact and wait_s > remaining):
-                self.waited_s = self.max_wait_s - remaining
-                raise Throttled(self.limit, decision.wait_ms, decision.reason)
-            pause = min(spread(wait_s, rng=self.rng), remaining)
-            if exact:
-                self.clock.sleep(pause)
-            else:
-                self.admission.wait_for_release(self.limit, pause)
-        self.waited_s = self.clock.monotonic() - start
+        ticket = new_lease_id()  # the ticket while waiting, the lease once admitted
+        join = self.max_wait_s > 0
+        try:
+            decision, asked_at = self._wait_turn(ticket, join, start)
+        except BaseException:
+            if join:  # whatever ended the wait (Throttled, Ctrl-C, Redis): give the place up
+                self._leave(ticket)
+            raise
+        finally:
+            self.waited_s = self.clock.monotonic() - start
+            self.run.waited_s += self.waited_s
         self.decision = decision
         self.lease_id = decision.lease_id
         # Taken before the round trip, so the local deadline never outlives Redis's.
@@ -154,6 +149,67 @@ class Slot:
         self._held_in = _held_here()
         self._held_in.append(self)
         return self
+
+    def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
+        """Ask until admitted: returns the decision and the local time of the winning ask."""
+        while True:
+            self.attempts += 1
+            asked_at = self.clock.monotonic()
+            decision = self.admission.try_acquire(
+                self.limit, self.tokens, ticket, self.run.since_ms, join
+            )
+            if not self.run.since_ms:
+                self.run.since_ms = int(decision.at_ms)  # the run's age in every line
+            if decision.allowed:
+                return decision, asked_at
+            self.ahead = decision.ahead
+            if decision.reason == "circuit_open":
+                # Do not hold a worker for the reset timeout: a task reschedules instead.
+                raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
+            if decision.reason == "in_flight" and self.max_wait_s == math.inf:
+                self._refuse_self_deadlock()
+            remaining = self.max_wait_s - (self.clock.monotonic() - start)
+            wait_s = decision.wait_ms / 1000.0
+            # A rate or pause wait is exact: when it ends past the deadline, give up now.
+            # The in-flight wait is a guess (a holder may finish any moment): keep waiting.
+            # A place in line is an estimate good enough to give up on when far off.
+            exact = decision.reason not in ("in_flight", "queued")
+            hopeless = wait_s > (remaining if exact else 2 * remaining)
+            if remaining <= 0 or (decision.reason != "in_flight" and hopeless):
+                raise Throttled(self.limit, decision.wait_ms, decision.reason)
+            self._warn_if_line_too_long(decision)
+            if exact:
+                # First in line (or paused): nobody can shorten this wait, so sleep it out.
+                self.clock.sleep(min(remaining, REFRESH_S, wait_s + 0.001))
+            else:
+                # Woken when a release or the admission before it makes this ticket's turn.
+                self.admission.wait_turn(self.limit, ticket, min(remaining, REFRESH_S))
+
+    def _leave(self, ticket: str) -> None:
+        try:
+            self.admission.leave(self.limit, ticket)
+        except FleetError:  # the ticket expires by itself
+            log.debug("celery-fleet: could not leave the line of %r", self.limit)
+
+    def _warn_if_line_too_long(self, decision: Decision) -> None:
+        """Log once per limit when the middle waiter's wait exceeds this slot's max_wait."""
+        key = (id(self.admission), self.limit)
+        if key in _warned_lines or self.max_wait_s == math.inf or decision.line < 4:
+            return
+        per_place_s = decision.wait_ms / 1000.0 / (decision.ahead + 1)
+        middle_s = per_place_s * decision.line / 2
+        if middle_s > self.max_wait_s:
+            _warned_lines.add(key)
+            log.warning(
+                "celery-fleet: limit %r has %d callers in line; the middle one waits about "
+                "%.1f s, longer than max_wait=%.1f s: most will give up and reschedule. "
+                "Raise max_wait, lower worker concurrency, or use wait_after_call / "
+                "durable steps (README, Sizing).",
+                self.limit,
+                decision.line,
+                middle_s,
+                self.max_wait_s,
+            )
 
     def _refuse_self_deadlock(self) -> None:
         """Raise instead of waiting for ever on a limit this thread already holds.
@@ -247,6 +303,7 @@ class Slot:
         lease_id, self.lease_id = self.lease_id, None
         if lease_id is None:
             return
+        self.run.calls += 1
         self.keeper.untrack(self)
         if self in self._held_in:
             self._held_in.remove(self)

@@ -39,7 +39,19 @@ __all__ = ["RedisStore", "mask_url", "has_password", "script_source", "eviction_
 
 log = logging.getLogger("celery_fleet")
 
-SCRIPTS = ("acquire", "release", "settle", "renew", "observe", "breaker_admin")
+#: The longest single blocking wait (BLPOP) for a wake-up.
+MAX_BLOCK_S = 10.0
+
+SCRIPTS = (
+    "acquire",
+    "release",
+    "leave",
+    "settle",
+    "renew",
+    "observe",
+    "breaker_admin",
+    "step_put",
+)
 
 
 @cache
@@ -140,6 +152,8 @@ class RedisStore:
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._client: redis.Redis | None = None
+        self._blocking: redis.Redis | None = None
+        self._blocking_pid: int | None = None
         _live_stores.add(self)
         self._shas = {name: _sha1(script_source(name)) for name in SCRIPTS}
 
@@ -147,6 +161,7 @@ class RedisStore:
         # A fork while another thread held the lock would leave it held forever here.
         self._lock = threading.Lock()
         self._client, self._pid = None, None
+        self._blocking, self._blocking_pid = None, None
 
     @property
     def client(self) -> redis.Redis:
@@ -181,6 +196,7 @@ class RedisStore:
         """
         with self._lock:
             self._client, self._pid = None, None
+            self._blocking, self._blocking_pid = None, None
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
@@ -217,6 +233,34 @@ class RedisStore:
         if isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(message):
             return StoreUnavailable(self.safe_url, f"{type(exc).__name__}: {message}")
         return FleetError(f"celery-fleet {what} failed on {self.safe_url}: {message}")
+
+    def blpop(self, key: str, timeout_s: float) -> bool:
+        """Block until ``key`` (a list) has an element, pop it and return True; False after
+        ``timeout_s`` (at most :data:`MAX_BLOCK_S`).
+
+        Runs on a second client of this process whose socket timeout outlasts the block,
+        so a long wait is not mistaken for a dead server.
+        """
+        timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
+        try:
+            reply = self.blocking_client.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", key, f"{timeout:.3f}"
+            )
+        except redis.RedisError as exc:
+            raise self._translate(exc, "BLPOP") from exc
+        return reply is not None
+
+    @property
+    def blocking_client(self) -> redis.Redis:
+        """This process's client for blocking calls (socket timeout beyond ``MAX_BLOCK_S``)."""
+        pid = os.getpid()
+        if self._blocking_pid != pid or self._blocking is None:
+            with self._lock:
+                if self._blocking_pid != pid or self._blocking is None:
+                    options = {**self._options, "socket_timeout": MAX_BLOCK_S + 5.0}
+                    self._blocking = redis.Redis.from_url(self.url, **options)
+                    self._blocking_pid = pid
+        return self._blocking
 
     def ping(self) -> None:
         """Raise :class:`StoreUnavailable` (naming the URL) unless Redis answers."""

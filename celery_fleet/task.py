@@ -17,23 +17,41 @@ A :class:`~celery_fleet.errors.Backpressure` (e.g. :class:`~celery_fleet.Throttl
 escaping the body is not a failure: :meth:`FleetTask._on_backpressure`, the single place
 where a task decides between waiting, rescheduling and failing, republishes the task
 under the same id with ``countdown = wait + jitter`` and does not count it as a retry.
+
+What the fleet knows about a task's waiting travels in one message header, ``fleet``
+(readable as ``self.request.fleet`` and through :attr:`FleetTask.throttling`):
+``since_ms`` (its age in every line, so a rescheduled task keeps its place),
+``reschedules``, ``throttled_s`` and the last refusal's ``limit``, ``reason`` and ``wait_ms``.
+While a rescheduled task waits for its countdown, its state in the result backend is
+``THROTTLED`` with that header as meta (``AsyncResult(id).info``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 from celery import Task, shared_task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore
 
 from .backoff import spread
-from .checks import MAX_UNITS, check_max_wait, suggest
-from .errors import Backpressure, ConfigError
-from .fleet import Fleet, task_max_wait
+from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
+from .errors import Backpressure, ConfigError, ThrottledTooLong
+from .fleet import Fleet
+from .run import Run, current_run
+from .signals import task_rescheduled
 
-__all__ = ["FleetTask", "fleet_task", "ON_LIMIT"]
+__all__ = ["FleetTask", "fleet_task", "ON_LIMIT", "THROTTLED", "Throttling"]
+
+T = TypeVar("T")
+
+#: The result-backend state of a task waiting out a reschedule countdown.
+THROTTLED = "THROTTLED"
+#: The message header that carries a task's place in line and its patience so far.
+HEADER = "fleet"
 
 #: What a task does when admission is refused for longer than ``max_wait``.
 ON_LIMIT = ("reschedule", "wait", "fail")
@@ -43,7 +61,50 @@ _FLEET_OPTIONS = {
     "tokens": "fleet_tokens",
     "max_wait": "fleet_max_wait",
     "on_limit": "fleet_on_limit",
+    "wait_after_call": "fleet_wait_after_call",
+    "max_reschedules": "fleet_max_reschedules",
+    "max_throttled": "fleet_max_throttled",
 }
+
+
+@dataclass(frozen=True)
+class Throttling:
+    """What a task has waited so far, from its ``fleet`` header (all zero on a first run).
+
+    ``since_ms``: its age in line (Redis-clock ms of its first ask); ``reschedules``: how
+    often backpressure republished it; ``throttled_s``: seconds spent waiting for
+    admission, in place and in reschedule countdowns; ``limit``, ``reason``, ``wait_ms``:
+    the last refusal.
+    """
+
+    since_ms: int = 0
+    reschedules: int = 0
+    throttled_s: float = 0.0
+    limit: str = ""
+    reason: str = ""
+    wait_ms: int = 0
+
+    @classmethod
+    def from_header(cls, header: object) -> Throttling:
+        """Read the header leniently: a missing or foreign one is a first run."""
+        if not isinstance(header, dict):
+            return cls()
+        try:
+            return cls(
+                since_ms=int(header.get("since_ms") or 0),
+                reschedules=int(header.get("reschedules") or 0),
+                throttled_s=float(header.get("throttled_s") or 0.0),
+                limit=str(header.get("limit") or ""),
+                reason=str(header.get("reason") or ""),
+                wait_ms=int(header.get("wait_ms") or 0),
+            )
+        except (TypeError, ValueError):
+            return cls()
+
+    def as_header(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 # Options of @app.task / @shared_task that are not attributes of celery.Task.
 _DECORATOR_OPTIONS = frozenset(
     {
@@ -86,12 +147,21 @@ class FleetTask(Task):  # type: ignore[misc]
     - ``fleet_on_limit``: ``"reschedule"`` (default) republishes the task with a countdown
       when admission is refused past ``max_wait``; ``"wait"`` waits in place with no
       deadline (slots opened in the body too); ``"fail"`` lets Throttled fail the task.
+    - ``fleet_wait_after_call``: True (default): once the body has made a call (released
+      a slot) in this run, later slots wait in place, keeping their place in line, rather
+      than reschedule, which would restart the body and pay for its calls again.
+    - ``fleet_max_reschedules`` / ``fleet_max_throttled``: patience. Past that many
+      reschedules, or seconds spent waiting (in place and in countdowns), the task fails
+      with :class:`~celery_fleet.errors.ThrottledTooLong`. None (default): no limit.
     """
 
     fleet_limit: str | None = None
     fleet_tokens: int = 0
     fleet_max_wait: float | None = None
     fleet_on_limit: str = "reschedule"
+    fleet_wait_after_call: bool = True
+    fleet_max_reschedules: int | None = None
+    fleet_max_throttled: float | None = None
     # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
     dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
 
@@ -115,9 +185,32 @@ class FleetTask(Task):  # type: ignore[misc]
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
         return super().apply_async(*args, **kwargs)
 
+    @property
+    def throttling(self) -> Throttling:
+        """What this run of the task has waited so far (its ``fleet`` header)."""
+        return Throttling.from_header(getattr(self.request, HEADER, None))
+
+    def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` once per task id and return its result; on any re-run
+        of this task (reschedule, ``retry()``, redelivery) return the stored result instead.
+
+        Results are stored in Redis under the task id as JSON (at most
+        ``fleet_step_max_bytes``, for ``fleet_step_ttl`` seconds). A result that JSON
+        cannot store is a :class:`~celery_fleet.errors.StepError` (before ``fn`` runs when
+        its return annotation says so). Called outside a worker (no task id), ``fn`` simply
+        runs. See :mod:`celery_fleet.steps`.
+        """
+        task_id = self.request.id
+        if not task_id or self.request.called_directly:
+            from .steps import check_step
+
+            check_step(name, fn)
+            return fn(*args, **kwargs)
+        return self.fleet.steps(task_id).run(name, fn, *args, **kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        max_wait = math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait
-        token = task_max_wait.set(max_wait)
+        run = self._new_run()
+        token = current_run.set(run)
         try:
             while True:
                 try:
@@ -125,10 +218,26 @@ class FleetTask(Task):  # type: ignore[misc]
                         return self._run_body(args, kwargs)
                     with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens):
                         return self._run_body(args, kwargs)
+                except ThrottledTooLong:
+                    raise
                 except Backpressure as exc:
-                    self._on_backpressure(exc)  # raises, or returns after waiting (eager)
+                    self._on_backpressure(exc, run)  # raises, or returns after waiting (eager)
         finally:
-            task_max_wait.reset(token)
+            current_run.reset(token)
+
+    def _new_run(self) -> Run:
+        """The Run of this execution: the age and patience carried by the message."""
+        past = self.throttling if self.request_stack.top is not None else Throttling()
+        deadline = None
+        if self.fleet_max_throttled is not None:
+            left = max(0.0, self.fleet_max_throttled - past.throttled_s)
+            deadline = self.fleet.clock.monotonic() + left
+        return Run(
+            max_wait_s=math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait,
+            since_ms=past.since_ms,
+            wait_after_call=self.fleet_wait_after_call,
+            deadline=deadline,
+        )
 
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.request_stack.top is None:
@@ -147,15 +256,22 @@ class FleetTask(Task):  # type: ignore[misc]
             raise exc
         return super().retry(*args, exc=exc, **kwargs)
 
-    def _on_backpressure(self, exc: Backpressure) -> None:
+    def _on_backpressure(self, exc: Backpressure, run: Run) -> None:
         """Decide what a refused admission does to this task: reschedule, wait or fail.
 
-        Raises :class:`celery.exceptions.Retry` after republishing the task (same id,
-        same ``retries``: it does not count against ``max_retries``) with a countdown of
-        the wait plus jitter, capped by ``fleet_max_countdown`` so long waits (per-day
-        budgets) become several short sleeps rather than one ETA beyond the broker's
-        visibility timeout. Called directly, or with ``on_limit="fail"``, re-raises.
-        In eager mode it sleeps and returns, and the caller tries again.
+        Republishes the task (same id, same ``retries``: it does not count against
+        ``max_retries``) with a countdown of the wait plus jitter, capped by
+        ``fleet_max_countdown`` so long waits (per-day budgets) become several short sleeps
+        rather than one ETA beyond the broker's visibility timeout, and by the task's
+        remaining patience. The copy carries the ``fleet`` header (age in line, reschedule
+        count, time throttled); the result backend says ``THROTTLED`` until it runs. Then
+        raises :class:`celery.exceptions.Ignore`: this message is done (acked), and no
+        RETRY state or traceback is stored for what is not a failure.
+
+        Past ``max_reschedules`` / ``max_throttled`` raises
+        :class:`~celery_fleet.errors.ThrottledTooLong` (the task fails). Called directly,
+        or with ``on_limit="fail"``, re-raises ``exc``. In eager mode it sleeps and
+        returns, and the caller tries again.
         """
         request = self.request
         if (
@@ -165,15 +281,71 @@ class FleetTask(Task):  # type: ignore[misc]
         ):
             raise exc
         fleet = self.fleet
+        past = self.throttling
+        throttled_s = past.throttled_s + run.waited_s
+        run.waited_s = 0.0
+        self._check_patience(exc, past.reschedules, throttled_s)
         countdown = min(
             spread(exc.wait_ms / 1000.0, fraction=0.2, floor_s=0.05), fleet.max_countdown_s
         )
+        if self.fleet_max_throttled is not None:
+            countdown = max(0.05, min(countdown, self.fleet_max_throttled - throttled_s))
+        state = Throttling(
+            since_ms=run.since_ms,
+            reschedules=past.reschedules + 1,
+            throttled_s=round(throttled_s + countdown, 3),
+            limit=exc.limit,
+            reason=exc.reason,
+            wait_ms=exc.wait_ms,
+        )
         if request.is_eager:
             fleet.clock.sleep(countdown)
+            request.fleet = state.as_header()  # the next attempt sees it
             return
-        sig = self.signature_from_request(request, countdown=countdown, retries=request.retries)
+        self._reschedule(exc, state, countdown)
+
+    def _check_patience(self, exc: Backpressure, reschedules: int, throttled_s: float) -> None:
+        over_count = (
+            self.fleet_max_reschedules is not None and reschedules >= self.fleet_max_reschedules
+        )
+        over_time = self.fleet_max_throttled is not None and throttled_s >= self.fleet_max_throttled
+        if over_count or over_time:
+            raise ThrottledTooLong(
+                exc.limit, exc.wait_ms, exc.reason, reschedules, round(throttled_s, 3)
+            ) from exc
+
+    def _reschedule(self, exc: Backpressure, state: Throttling, countdown: float) -> None:
+        """Store THROTTLED, publish the copy, tell listeners, and end this message."""
+        request = self.request
+        header = state.as_header()
+        meta = {
+            **header,
+            "countdown_s": round(countdown, 3),
+            "resumes_at": round(time.time() + countdown, 3),
+            "exc": str(exc),
+        }
+        if not self.ignore_result:
+            # Before the copy exists, so it can never overwrite the copy's own state.
+            self.update_state(state=THROTTLED, meta=meta)
+        headers = {**(request.headers or {}), HEADER: header}
+        sig = self.signature_from_request(
+            request, countdown=countdown, retries=request.retries, headers=headers
+        )
         sig.apply_async()
-        raise Retry(f"celery-fleet: {exc}", exc=exc, when=countdown, sig=sig)
+        task_rescheduled.send(
+            sender=self,
+            request=request,
+            exc=exc,
+            countdown=countdown,
+            reschedules=state.reschedules,
+        )
+        try:  # what Flower shows for it: a short reason, no traceback
+            self.send_event(
+                "task-retried", retry=False, exception=f"THROTTLED: {exc}", traceback=""
+            )
+        except Exception:  # monitoring must never lose the task
+            pass
+        raise Ignore(f"celery-fleet: rescheduled in {countdown:.2f} s ({exc})")
 
 
 def _known_options(base: type[Task]) -> frozenset[str]:
@@ -192,6 +364,15 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
         raise ConfigError(f"tokens must be at most {MAX_UNITS}, got a {len(str(tokens))}-digit int")
     if opts.get("fleet_max_wait") is not None:
         check_max_wait(opts["fleet_max_wait"])
+    if not isinstance(opts.get("fleet_wait_after_call", True), bool):
+        raise ConfigError(
+            f"wait_after_call must be True or False, got {opts['fleet_wait_after_call']!r}"
+        )
+    count = opts.get("fleet_max_reschedules")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        raise ConfigError(f"max_reschedules must be a non-negative int or None, got {count!r}")
+    if opts.get("fleet_max_throttled") is not None:
+        number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
     limit = opts.get("fleet_limit")
     if limit is not None and not isinstance(limit, str):
         raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
@@ -200,8 +381,9 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
 def fleet_task(*args: Any, **options: Any) -> Any:
     """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
 
-    Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait`` and
-    ``on_limit`` (see :class:`FleetTask`). Unknown options are rejected here, naming the
+    Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait``,
+    ``on_limit``, ``wait_after_call``, ``max_reschedules`` and ``max_throttled`` (see
+    :class:`FleetTask`). Unknown options are rejected here, naming the
     closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
     When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against
     its limits now; otherwise when the app finalizes and at publish.

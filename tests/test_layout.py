@@ -21,6 +21,8 @@ ORDER = [
     "admission",
     "adaptive",
     "breaker",
+    "run",
+    "steps",
     "slot",
     "settings",
     "signals",

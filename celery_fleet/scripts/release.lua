@@ -6,8 +6,10 @@
 --                          ceiling (in-flight level that last failed), probe_ms, probe_after,
 --                          last_cut, last_rate_cut, rate_at (ms), lat_n/lat_slow (calls and
 --                          slow calls in the current block of 100, for the latency target)
--- KEYS[4]  freed    list   gets one element per release: wakes one caller blocked in BLPOP
+-- KEYS[4]  line     zset   ticket id -> order key: callers waiting (see acquire.lua)
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
+-- KEYS[6]  waiting  zset   ticket id -> expiry (ms)
+-- KEYS[7]  wake     prefix of the per-ticket wake-up lists (KEYS[7] .. ticket id)
 -- ARGV[1]  lease id
 -- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
 --          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |
@@ -17,6 +19,7 @@
 --              probe interval (ms), latency target (ms, 0 = none)
 -- ARGV[12..16] breaker: enabled (0/1), failure rate, min calls, window (ms),
 --              rate signals count as failures (0/1)
+-- ARGV[17..19] line: max_in_flight (0 = no cap), ticket TTL (ms), wake grace (ms)
 --
 -- Reply: {released (1/0), now, held_ms, transition ("", "open", "closed"), cap}
 -- ctl and breaker expire after a day without calls (an operator's forced breaker never).
@@ -42,9 +45,6 @@ end
 
 local held, acquired, at_in_flight = 0, nil, 0
 if removed == 1 and rec then
-  redis.call('RPUSH', KEYS[4], '1')
-  redis.call('LTRIM', KEYS[4], -64, -1)
-  redis.call('PEXPIRE', KEYS[4], 60000)
   local _, a, f = string.match(rec, '^(%S+) (%S+) ?(%S*)$')
   acquired = tonumber(a) or now
   at_in_flight = tonumber(f) or 0
@@ -181,6 +181,33 @@ if ARGV[12] == '1' then
   -- An operator's override lasts until lifted; the breaker's own state expires when idle.
   if not b[8] and redis.call('EXISTS', KEYS[5]) == 1 then
     redis.call('PEXPIRE', KEYS[5], STATE_TTL_MS)
+  end
+end
+
+-- The line: a release that leaves room under the in-flight cap wakes the oldest waiter
+-- (a limit with no cap has no in-flight waiters: its line moves on admissions).
+if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 16)
+  if #dead > 0 then
+    redis.call('ZREM', KEYS[4], unpack(dead))
+    redis.call('ZREM', KEYS[6], unpack(dead))
+  end
+  local limit_cap = tonumber(ARGV[17])
+  if ARGV[4] == '1' then
+    local c = cap
+    if c <= 0 then c = tonumber(redis.call('HGET', KEYS[3], 'cap')) or tonumber(ARGV[7]) end
+    c = math.max(1, math.floor(c))
+    if limit_cap == 0 or c < limit_cap then limit_cap = c end
+  end
+  if limit_cap > 0 and redis.call('ZCARD', KEYS[1]) < limit_cap then
+    local head = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
+    if head then
+      local key = KEYS[7] .. head
+      redis.call('LPUSH', key, '1')
+      redis.call('LTRIM', key, 0, 0)
+      redis.call('PEXPIRE', key, tonumber(ARGV[18]))
+      redis.call('ZADD', KEYS[6], 'XX', 'LT', now + tonumber(ARGV[19]), head)
+    end
   end
 end
 

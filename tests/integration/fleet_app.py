@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, fleet_task
+from celery_fleet.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
 NAMESPACE = os.environ.get("FLEET_IT_NS", "it")
@@ -40,11 +41,12 @@ def key(name: str) -> str:
 
 
 class CountingTask(FleetTask):
-    """Counts reschedules (on_retry runs for every Retry the tracer sees)."""
+    """Counts reschedules (celery-fleet's task_rescheduled signal, below)."""
 
-    def on_retry(
-        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
+
+@task_rescheduled.connect
+def _count_reschedule(sender: Any = None, **_: Any) -> None:
+    if isinstance(sender, CountingTask):
         _probe.incr(key("reschedules"))
 
 

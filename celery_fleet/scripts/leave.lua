@@ -1,0 +1,31 @@
+-- leave: give up a place in line (the caller stops waiting), waking the next in line.
+--
+-- KEYS[1]  line     zset   ticket id -> order key
+-- KEYS[2]  waiting  zset   ticket id -> expiry (ms)
+-- KEYS[3]  wake     prefix of the per-ticket wake-up lists (KEYS[3] .. ticket id)
+-- ARGV[1]  ticket id
+-- ARGV[2]  ticket TTL (ms)
+-- ARGV[3]  wake grace (ms)
+--
+-- Reply: 1 if the ticket was in line, else 0. A ticket at the head passes its turn on: the
+-- next one is woken, so the line never waits for a caller that left. Time unit: ms.
+
+local id = ARGV[1]
+local rank = redis.call('ZRANK', KEYS[1], id)
+redis.call('ZREM', KEYS[1], id)
+redis.call('ZREM', KEYS[2], id)
+redis.call('DEL', KEYS[3] .. id)
+if rank == false then return 0 end
+if rank == 0 then
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if head then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+    local key = KEYS[3] .. head
+    redis.call('LPUSH', key, '1')
+    redis.call('LTRIM', key, 0, 0)
+    redis.call('PEXPIRE', key, tonumber(ARGV[2]))
+    redis.call('ZADD', KEYS[2], 'XX', 'LT', now + tonumber(ARGV[3]), head)
+  end
+end
+return 1
