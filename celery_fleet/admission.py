@@ -316,9 +316,11 @@ class Admission:
     def line(self, name: str) -> list[tuple[str, float]]:
         """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""
         k = self.keys(name)
-        pairs = self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES")
+        reply = self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES")
+        # redis-py pairs them up ([member, score], ...) or not, by protocol version
+        flat = [x for item in reply for x in (item if isinstance(item, list | tuple) else [item])]
         out = []
-        for member, score in zip(pairs[::2], pairs[1::2], strict=True):
+        for member, score in zip(flat[::2], flat[1::2], strict=True):
             ticket = member.decode() if isinstance(member, bytes) else str(member)
             out.append((ticket, float(score) % LANE_SPAN))
         return out

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
-from .admission import REFRESH_S, Admission, Decision, new_lease_id
+from .admission import REFRESH_S, WAKE_GRACE_MS, Admission, Decision, new_lease_id
 from .checks import check_max_wait
 from .errors import (
     CircuitOpen,
@@ -55,6 +55,9 @@ def _held_here() -> list[Slot]:
 
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
+
+#: How often the second in line asks: just past the grace a woken first has to ask.
+NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
 #: Limits (per admission) whose over-long line was already logged in this process.
 _warned_lines: set[tuple[int, str]] = set()
@@ -183,7 +186,10 @@ class Slot:
                 self.clock.sleep(min(remaining, REFRESH_S, wait_s + 0.001))
             else:
                 # Woken when a release or the admission before it makes this ticket's turn.
-                self.admission.wait_turn(self.limit, ticket, min(remaining, REFRESH_S))
+                # Second in line asks more often: a first that died after being woken is
+                # dropped by the next ask past its grace, and nobody else is asking then.
+                every = NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S
+                self.admission.wait_turn(self.limit, ticket, min(remaining, every))
 
     def _leave(self, ticket: str) -> None:
         try:

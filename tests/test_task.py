@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from celery_fleet import ConfigError, Fleet, FleetTask, Throttled, fleet_task
+from celery_fleet import ConfigError, Fleet, FleetTask, Throttled, ThrottledTooLong, fleet_task
 
 
 @pytest.fixture
@@ -38,6 +38,11 @@ def test_unknown_options_fail_at_decoration_with_a_hint(app: Celery) -> None:
         ({"limit": "openai", "max_wait": -2}, "max_wait"),
         ({"limit": 5}, "limit must be the name"),
         ({"base": object}, "subclass of FleetTask"),
+        ({"wait_after_call": "yes"}, "wait_after_call must be True or False"),
+        ({"max_reschedules": -1}, "max_reschedules must be"),
+        ({"max_reschedules": 2.5}, "max_reschedules must be"),
+        ({"max_throttled": -5}, "max_throttled"),
+        ({"max_throttled": "1h"}, "max_throttled"),
     ],
 )
 def test_bad_fleet_options_fail_at_decoration(app: Celery, options: dict, needle: str) -> None:
@@ -154,6 +159,54 @@ def test_on_limit_wait_gives_body_slots_no_deadline(app: Celery) -> None:
     hurried.apply().get()
     assert waits == [float("inf"), 3.0]
     assert fleet.slot("openai").max_wait_s == 30.0  # outside a task: fleet_max_wait
+
+
+def test_after_a_call_body_slots_wait_in_place(app: Celery) -> None:
+    """Once a call is paid for, a later slot waits rather than reschedule the whole body."""
+    Fleet(app)
+    waits: list[float] = []
+
+    @fleet_task(app=app, shared=False, bind=True, max_wait=3)
+    def agent(self: FleetTask) -> None:
+        for _ in range(2):
+            with self.fleet.slot("openai") as slot:
+                waits.append(slot.max_wait_s)
+
+    @fleet_task(app=app, shared=False, bind=True, max_wait=3, wait_after_call=False)
+    def restless(self: FleetTask) -> None:
+        for _ in range(2):
+            with self.fleet.slot("openai") as slot:
+                waits.append(slot.max_wait_s)
+
+    agent.apply().get()
+    restless.apply().get()
+    assert waits == [3.0, float("inf"), 3.0, 3.0]
+
+
+def test_patience_runs_out_with_a_clear_error(app: Celery) -> None:
+    fleet = Fleet(app)
+    fleet.clock.sleep = lambda s: None  # type: ignore[method-assign]
+    runs: list[int] = []
+
+    @fleet_task(app=app, shared=False, bind=True, max_reschedules=2)
+    def stubborn(self: FleetTask) -> None:
+        runs.append(self.throttling.reschedules)
+        raise Throttled("openai", 1500, "requests/60s")
+
+    result = stubborn.apply()
+    assert result.status == "FAILURE"
+    error = result.result
+    assert isinstance(error, ThrottledTooLong) and isinstance(error, Throttled)
+    assert error.reschedules == 2 and error.limit == "openai"
+    assert "after 2 reschedule(s)" in str(error) and "max_reschedules" in str(error)
+    assert runs == [0, 1, 2]  # each run sees how often it was put back
+
+    @fleet_task(app=app, shared=False, bind=True, max_throttled=4)
+    def slow(self: FleetTask) -> None:
+        raise Throttled("openai", 1500)
+
+    error = slow.apply().result
+    assert isinstance(error, ThrottledTooLong) and error.throttled_s >= 4
 
 
 def test_fleet_needs_a_redis_url_when_the_broker_is_not_redis() -> None:
