@@ -182,8 +182,9 @@ class Slot:
                 raise Throttled(self.limit, decision.wait_ms, decision.reason)
             self._warn_if_line_too_long(decision)
             if exact:
-                # First in line (or paused): nobody can shorten this wait, so sleep it out.
-                self.clock.sleep(min(remaining, REFRESH_S, wait_s + 0.001))
+                # First in line (or paused): nobody can shorten this wait, so sleep it out,
+                # in pieces shorter than the grace a woken ticket has to ask again.
+                self.clock.sleep(min(remaining, NEXT_IN_LINE_S - 1.0, wait_s + 0.001))
             else:
                 # Woken when a release or the admission before it makes this ticket's turn.
                 # Second in line asks more often: a first that died after being woken is

@@ -144,7 +144,10 @@ if nwin > 0 then
       new_tats[i] = tat
     else
       new_tats[i] = new_tat
-      if step > 0 then slack = math.min(slack, math.floor((now + tolerance - tat) / step)) end
+      -- at least 1: this call fits (rounding must not turn "fits" into "queued")
+      if step > 0 then
+        slack = math.min(slack, math.max(1, math.floor((now + tolerance - tat) / step)))
+      end
     end
     if step > unit then unit = step end
     if new_tats[i] > horizon then horizon = new_tats[i] end
