@@ -56,8 +56,14 @@ SCRIPTS = (
 
 @cache
 def script_source(name: str) -> str:
-    """The text of ``celery_fleet/scripts/<name>.lua``."""
-    return resources.files("celery_fleet.scripts").joinpath(f"{name}.lua").read_text("utf-8")
+    """The text of ``celery_fleet/scripts/<name>.lua``, with each ``--#include _part`` line
+    replaced by ``scripts/_part.lua`` (Lua scripts in Redis cannot share functions)."""
+    files = resources.files("celery_fleet.scripts")
+    text = files.joinpath(f"{name}.lua").read_text("utf-8")
+    return _INCLUDE.sub(lambda m: files.joinpath(f"{m[1]}.lua").read_text("utf-8"), text)
+
+
+_INCLUDE = re.compile(r"^--#include (_\w+)$", re.MULTILINE)
 
 
 _live_stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()

@@ -177,19 +177,14 @@ if nline > 0 then
   end
 end
 
-local function wake(count)
+--#include _wake
+
+-- Wake the first `count` tickets (at most 16 per call), never the caller's own.
+local function wake_first(count)
   if count <= 0 then return end
   if count > 16 then count = 16 end
-  local ids = redis.call('ZRANGE', KEYS[5], 0, count - 1)
-  for _, id in ipairs(ids) do
-    if id ~= lease_id then
-      local key = KEYS[8] .. id
-      redis.call('LPUSH', key, '1')
-      redis.call('LTRIM', key, 0, 0)
-      redis.call('PEXPIRE', key, ticket_ttl)
-      -- A woken waiter asks within a round trip; one that does not is gone.
-      redis.call('ZADD', KEYS[7], 'XX', 'LT', now + grace, id)
-    end
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[5], 0, count - 1)) do
+    if id ~= lease_id then wake(KEYS[7], KEYS[8], id, ticket_ttl, now + grace) end
   end
 end
 
@@ -197,7 +192,7 @@ if reason ~= 'circuit_open' then
   if wait == 0 and ahead >= slack then
     -- Budget is free, but not for this caller: older tickets first. Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
-    wake(math.min(slack, nline))
+    wake_first(math.min(slack, nline))
   elseif wait > 0 and ahead > 0 then
     -- Behind others: its own wait comes after theirs (an estimate, hence "queued").
     wait = wait + ahead * unit
@@ -254,6 +249,6 @@ if nline > 0 then
   -- be told "in_flight": then the release that frees a slot wakes it.
   local after = slack - 1
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
-  wake(math.min(after, nline))
+  wake_first(math.min(after, nline))
 end
 return {1, 0, lease_id, in_flight + 1, now_s, probe, 0, nline}

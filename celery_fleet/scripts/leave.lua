@@ -10,6 +10,8 @@
 -- Reply: 1 if the ticket was in line, else 0. A ticket at the head passes its turn on: the
 -- next one is woken, so the line never waits for a caller that left. Time unit: ms.
 
+--#include _wake
+
 local id = ARGV[1]
 local rank = redis.call('ZRANK', KEYS[1], id)
 redis.call('ZREM', KEYS[1], id)
@@ -21,11 +23,7 @@ if rank == 0 then
   if head then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-    local key = KEYS[3] .. head
-    redis.call('LPUSH', key, '1')
-    redis.call('LTRIM', key, 0, 0)
-    redis.call('PEXPIRE', key, tonumber(ARGV[2]))
-    redis.call('ZADD', KEYS[2], 'XX', 'LT', now + tonumber(ARGV[3]), head)
+    wake(KEYS[2], KEYS[3], head, tonumber(ARGV[2]), now + tonumber(ARGV[3]))
   end
 end
 return 1

@@ -35,6 +35,7 @@ local rec = redis.call('HGET', KEYS[2], id)
 local removed = redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[2], id)
 local fmt = function(x) return string.format('%.3f', x) end
+--#include _wake
 local STATE_TTL_MS = 86400000
 
 if retry_after > 0 then
@@ -201,13 +202,7 @@ if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
   end
   if limit_cap > 0 and redis.call('ZCARD', KEYS[1]) < limit_cap then
     local head = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-    if head then
-      local key = KEYS[7] .. head
-      redis.call('LPUSH', key, '1')
-      redis.call('LTRIM', key, 0, 0)
-      redis.call('PEXPIRE', key, tonumber(ARGV[18]))
-      redis.call('ZADD', KEYS[6], 'XX', 'LT', now + tonumber(ARGV[19]), head)
-    end
+    if head then wake(KEYS[6], KEYS[7], head, tonumber(ARGV[18]), now + tonumber(ARGV[19])) end
   end
 end
 
