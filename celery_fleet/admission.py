@@ -197,6 +197,8 @@ class Admission:
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
         #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
         self.listeners: list[Callable[[str, str], None]] = []
+        #: Limits whose over-long line this process has logged (once each).
+        self.warned_lines: set[str] = set()
         # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
         # whole period of debt)
         self._token_args = {

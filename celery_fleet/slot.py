@@ -59,9 +59,6 @@ DEFAULT_RETRY_MS = 1000
 #: How often the second in line asks: just past the grace a woken first has to ask.
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
-#: Limits (per admission) whose over-long line was already logged in this process.
-_warned_lines: set[tuple[int, str]] = set()
-
 
 class Clock(Protocol):
     """Local time for waits: monotonic seconds and sleep."""
@@ -178,9 +175,9 @@ class Slot:
             # A place in line is an estimate good enough to give up on when far off.
             exact = decision.reason not in ("in_flight", "queued")
             hopeless = wait_s > (remaining if exact else 2 * remaining)
+            self._warn_if_line_too_long(decision)
             if remaining <= 0 or (decision.reason != "in_flight" and hopeless):
                 raise Throttled(self.limit, decision.wait_ms, decision.reason)
-            self._warn_if_line_too_long(decision)
             if exact:
                 # First in line (or paused): nobody can shorten this wait, so sleep it out,
                 # in pieces shorter than the grace a woken ticket has to ask again.
@@ -200,13 +197,13 @@ class Slot:
 
     def _warn_if_line_too_long(self, decision: Decision) -> None:
         """Log once per limit when the middle waiter's wait exceeds this slot's max_wait."""
-        key = (id(self.admission), self.limit)
-        if key in _warned_lines or self.max_wait_s == math.inf or decision.line < 4:
+        warned = self.admission.warned_lines
+        if self.limit in warned or self.max_wait_s == math.inf or decision.line < 4:
             return
         per_place_s = decision.wait_ms / 1000.0 / (decision.ahead + 1)
         middle_s = per_place_s * decision.line / 2
         if middle_s > self.max_wait_s:
-            _warned_lines.add(key)
+            warned.add(self.limit)
             log.warning(
                 "celery-fleet: limit %r has %d callers in line; the middle one waits about "
                 "%.1f s, longer than max_wait=%.1f s: most will give up and reschedule. "

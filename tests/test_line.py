@@ -274,3 +274,29 @@ def test_line_invariants_under_random_operations(
             adm.release("m", t)
         for t in ages:
             adm.leave("m", t)
+
+
+def test_a_line_too_long_for_max_wait_is_logged_once_per_limit(
+    make_fleet: MakeFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 1}})
+    _full(fleet)
+    for i in range(8):  # eight waiters; the mean hold time is unknown (200 ms assumed)
+        fleet.admission.try_acquire("m", lease_id=f"{i:024d}", join=True)
+    caplog.set_level("WARNING", logger="celery_fleet")
+    for _ in range(2):
+        with pytest.raises(Throttled) as info:
+            with fleet.slot("m", max_wait=0.2):
+                pytest.fail("must not enter")
+        assert info.value.reason == "queued"
+    warnings = [r for r in caplog.records if "callers in line" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "'m' has 9 callers in line" in warnings[0].getMessage()
+    assert "max_wait=0.2 s" in warnings[0].getMessage()
+
+    other = make_fleet({"m": {"max_in_flight": 1}})  # another Fleet in this process: its own
+    caplog.clear()
+    with pytest.raises(Throttled):
+        with other.slot("m", max_wait=0.2):
+            pass
+    assert len([r for r in caplog.records if "callers in line" in r.getMessage()]) == 1
