@@ -7,6 +7,7 @@ that concurrent runs never share keys or queues.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -26,6 +27,12 @@ app.conf.update(
     fleet_limits={
         "model": {"max_in_flight": 3},
         "slow": {"requests": "5/second", "burst": 0.2},  # 1 request, then one per 200 ms
+        # test_progress.py: each test has limits of its own.
+        "one": {"max_in_flight": 1},  # held by one task while others line up
+        "gate": {"max_in_flight": 1},  # held shut by the test process (try_acquire)
+        "gate2": {"max_in_flight": 1},
+        "broken": {"max_in_flight": 10, "breaker": {"reset_timeout": 0.3}},  # forced open
+        "sparse": {"requests": "1/4 seconds"},  # one call, then one per 4 s
     },
     task_default_queue=os.environ.get("FLEET_IT_QUEUE", "fleet-it"),
     worker_prefetch_multiplier=1,
@@ -48,6 +55,13 @@ class CountingTask(FleetTask):
 def _count_reschedule(sender: Any = None, **_: Any) -> None:
     if isinstance(sender, CountingTask):
         _probe.incr(key("reschedules"))
+
+
+@task_rescheduled.connect
+def _count_reschedule_by_id(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Every reschedule of any task, per task id (test_progress.py)."""
+    if request is not None and request.id:
+        _probe.incr(key(f"rescheduled:{request.id}"))
 
 
 @fleet_task(app=app, shared=False, limit="model", base=CountingTask)
@@ -92,3 +106,116 @@ def dies_once(self: FleetTask, tag: str) -> int:
     if runs == 1:
         os.kill(os.getpid(), 9)
     return int(runs)
+
+
+# -- test_progress.py: a rescheduled task keeps its place and its paid work -----------------
+
+
+def redis_ms() -> int:
+    """The Redis clock (the one admission orders by), in ms."""
+    sec, usec = fleet.store.call("TIME")
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def hold_one(self: FleetTask, tag: str) -> int:
+    """Holds the only slot of 'one' until the test pushes ``release:<tag>`` (60 s at most)."""
+    with self.fleet.slot("one", max_wait=30) as slot:
+        _probe.set(key(f"held:{tag}"), 1)
+        _probe.blpop([key(f"release:{tag}")], timeout=60)
+        assert slot.decision is not None
+        return int(slot.decision.at_ms)
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def in_line(self: FleetTask, tag: str, first_max_wait: float) -> dict[str, Any]:
+    """Asks for a slot of 'one', waiting ``first_max_wait`` s on its first run. A rescheduled
+    copy first waits for the test's ``go:<tag>`` (so the test orders the asks), then waits
+    as long as it takes. Returns its Redis-clock ask and admission times and its age."""
+    past = self.throttling
+    if past.reschedules:
+        _probe.blpop([key(f"go:{tag}")], timeout=60)
+    asked_ms = redis_ms()
+    max_wait = 60.0 if past.reschedules else first_max_wait
+    with self.fleet.slot("one", max_wait=max_wait) as slot:
+        assert slot.decision is not None
+        return {
+            "asked_ms": asked_ms,
+            "admitted_ms": slot.decision.at_ms,
+            "since_ms": slot.run.since_ms,
+            "header_since_ms": past.since_ms,
+            "reschedules": past.reschedules,
+        }
+
+
+def paid_plan(tag: str) -> dict[str, Any]:
+    """A paid call (it holds a slot of 'model'), counted per tag: the work a step keeps."""
+    with fleet.slot("model"):
+        _probe.incr(key(f"plan_calls:{tag}"))
+    return {"plan": f"plan-{tag}", "steps": [1, 2, 3]}
+
+
+@fleet_task(app=app, shared=False, bind=True, max_wait=0, wait_after_call=False)
+def step_then_gate(self: FleetTask, tag: str) -> dict[str, Any]:
+    """A step, then a slot of 'gate' (held shut by the test): refused, it reschedules."""
+    plan = self.step("plan", paid_plan, tag)
+    with self.fleet.slot("gate"):
+        pass
+    return {"plan": plan, "reschedules": self.throttling.reschedules}
+
+
+@fleet_task(app=app, shared=False, bind=True, max_retries=3)
+def step_then_retry(self: FleetTask, tag: str) -> dict[str, Any]:
+    """A step, then Celery's own retry on the first attempt."""
+    plan = self.step("plan", paid_plan, tag)
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return {"plan": plan, "retries": self.request.retries, "id": self.request.id}
+
+
+@fleet_task(app=app, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True)
+def step_then_die(self: FleetTask, tag: str) -> dict[str, Any]:
+    """A step, then (first run only) SIGKILL of its own pool process: redelivered."""
+    _probe.rpush(key(f"starts:{tag}"), redis_ms())
+    plan = self.step("plan", paid_plan, tag)
+    if _probe.incr(key(f"die:{tag}")) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"plan": plan, "runs": int(_probe.get(key(f"die:{tag}")) or 0), "id": self.request.id}
+
+
+@fleet_task(app=app, shared=False, limit="broken", max_wait=0, max_reschedules=2)
+def never_admitted(tag: str) -> str:
+    """Its limit's breaker is forced open: the body must never run."""
+    _probe.incr(key(f"never_admitted:{tag}"))
+    return "admitted"
+
+
+@fleet_task(app=app, shared=False, bind=True, limit="sparse", max_wait=0)
+def sparse_call(self: FleetTask, tag: str) -> dict[str, Any]:
+    """What the body sees of its reschedules: the ``fleet`` header."""
+    header = getattr(self.request, "fleet", None)
+    return {
+        "reschedules": self.throttling.reschedules,
+        "header": dict(header) if isinstance(header, dict) else header,
+    }
+
+
+def _two_calls(task: FleetTask, tag: str) -> dict[str, Any]:
+    """A paid call (a slot of 'model', counted), then a slot of 'gate2' with no max_wait
+    of its own: how it waits is the run's choice (wait_after_call)."""
+    with task.fleet.slot("model"):
+        _probe.incr(key(f"calls:{tag}"))
+    with task.fleet.slot("gate2"):
+        pass
+    return {"reschedules": task.throttling.reschedules}
+
+
+@fleet_task(app=app, shared=False, bind=True, max_wait=0)
+def two_calls(self: FleetTask, tag: str) -> dict[str, Any]:
+    """wait_after_call left at its default (True)."""
+    return _two_calls(self, tag)
+
+
+@fleet_task(app=app, shared=False, bind=True, max_wait=0, wait_after_call=False)
+def two_calls_restart(self: FleetTask, tag: str) -> dict[str, Any]:
+    return _two_calls(self, tag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -35,8 +36,11 @@ def worker(redis_url: str) -> Iterator[Any]:
         "PYTHONPATH": str(ROOT),
     }
     os.environ.update({k: env[k] for k in env if k.startswith("FLEET_IT_")})
+    # Imported afresh with this module's environment (test_progress.py starts a worker of
+    # its own): `from tests.integration import fleet_app` would return the package's
+    # attribute, the module a previous fixture imported, sending tasks to its queue.
     sys.modules.pop("tests.integration.fleet_app", None)
-    from tests.integration import fleet_app
+    fleet_app = importlib.import_module("tests.integration.fleet_app")
 
     log = open(ROOT / f".pytest-worker-{run}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
