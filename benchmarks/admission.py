@@ -20,9 +20,14 @@ Targets: try_acquire <= 1.5x PING at the median; ours >= 1.8x the peer's decisio
 loopback PING swings ~4x with whether Redis's vCPU is idle (it must be woken up), so also read
 the µs try_acquire adds to a PING, which does not swing.
 
+4. **Contention** (`admission.py contention ...`, in `benchmarks/contention.py`): many callers
+   looping on `fleet.slot` against one in-flight cap, this tree against the code before the
+   ticket line (issue 8); admissions/s, round trips, fairness and admission order.
+
 Usage::
 
     .venv/bin/python benchmarks/admission.py [--samples 5000] [--seconds 3] [--procs 1,4,16]
+    .venv/bin/python benchmarks/admission.py contention [--callers 32,64,1000] [--procs 4]
 """
 
 from __future__ import annotations
@@ -139,7 +144,8 @@ def sample_latency(ours: Ours, peer: Peer, samples: int) -> dict[str, list[int]]
     client = fleet.store.client
     # The exact KEYS and ARGV try_acquire sends (built by Admission, not copied here).
     keys = fleet.admission._acquire_keys[LIMIT]
-    args: list[Any] = [TOKENS, *fleet.admission._acquire_tail[LIMIT]]
+    # After the lease id: tokens, since (0 = now), join (no), lane, then the per-limit tail.
+    args: list[Any] = [TOKENS, 0, b"0", b"0", *fleet.admission._acquire_tail[LIMIT]]
     noop, raw = client.register_script("return 1"), client.register_script(script_source("acquire"))
     got: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {  # in this order, every sample
@@ -319,6 +325,20 @@ def machine(client: redis.Redis) -> str:
     )
 
 
+def append_section(client: redis.Redis, body: str, title: str = "") -> None:
+    """Append a dated section (``## <title> (<date>)``, or ``## <date>``) to RESULTS.md:
+    machine, exact command, then ``body`` (markdown)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    heading = f"{title} ({stamp})" if title else stamp
+    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
+    fresh = not RESULTS.exists() or RESULTS.stat().st_size == 0
+    with RESULTS.open("a", encoding="utf-8") as fh:
+        fh.write(header() if fresh else "")
+        fh.write(f"\n## {heading}\n\nMachine: {machine(client)}  \nCommand: `{command}`\n\n")
+        fh.write(body)
+    print(f"appended to {RESULTS}", file=sys.stderr)
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -353,6 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["contention"]:  # section 4 lives in its own file
+        from contention import main as contention_main
+
+        return contention_main(argv[1:])
     opts = parse_args(argv)
     url, run_id = on_db12(opts.redis_url), f"bench-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
@@ -377,14 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             client.delete(key)
     print(table)
     if not opts.no_write:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-        fresh = not RESULTS.exists() or RESULTS.stat().st_size == 0
-        with RESULTS.open("a", encoding="utf-8") as fh:
-            fh.write(header() if fresh else "")
-            fh.write(f"\n## {stamp}\n\nMachine: {machine(client)}  \nCommand: `{command}`\n\n")
-            fh.write(table)
-        print(f"appended to {RESULTS}", file=sys.stderr)
+        append_section(client, table)
     return 0
 
 

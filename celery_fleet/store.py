@@ -39,6 +39,8 @@ __all__ = ["RedisStore", "mask_url", "has_password", "script_source", "eviction_
 
 log = logging.getLogger("celery_fleet")
 
+#: Connections per process and client, unless the URL says otherwise (see RedisStore).
+MAX_CONNECTIONS = 10_000
 #: The longest single blocking wait (BLPOP) for a wake-up.
 MAX_BLOCK_S = 10.0
 
@@ -148,7 +150,15 @@ class RedisStore:
     def __init__(self, url: str, **client_options: Any) -> None:
         self.url = url
         self.safe_url = mask_url(url)
-        self._options = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0, **client_options}
+        # redis-py 8 caps a pool at 100 connections; every waiter blocked on its wake-up
+        # holds one, so a worker with 200 threads would fail with "Too many connections".
+        # A max_connections in the URL's query still wins.
+        self._options = {
+            "socket_timeout": 5.0,
+            "socket_connect_timeout": 5.0,
+            "max_connections": MAX_CONNECTIONS,
+            **client_options,
+        }
         try:  # parse now (no connection): a bad port or option is a ConfigError at start-up
             redis.ConnectionPool.from_url(url, **self._options).disconnect()
         except (ValueError, TypeError) as exc:

@@ -88,3 +88,15 @@ def test_a_read_only_replica_is_store_unavailable() -> None:
             fleet.try_acquire("llm")
         fleet.store.client.close()
         store.reset()
+
+
+def test_a_process_may_hold_more_than_a_hundred_connections(redis_url: str) -> None:
+    """redis-py 8 caps a pool at 100; a worker with 200 threads waiting in line holds 200."""
+    store = RedisStore(redis_url)
+    assert store.client.connection_pool.max_connections >= 10_000
+    assert store.blocking_client.connection_pool.max_connections >= 10_000
+    capped = RedisStore(redis_url + "?max_connections=7")  # the URL still wins
+    assert capped.client.connection_pool.max_connections == 7
+    for s in (store, capped):
+        s.client.close()
+        s.blocking_client.close()
