@@ -17,16 +17,8 @@ scripts also run on Redis Cluster:
 ``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
 =================================  =========================================================
 
-**The line.** A caller that means to wait (``join=True``) and is refused takes a ticket,
-ordered by ``(lane, first-asked time)``, and from then on nobody younger passes it: a
-budget that frees up goes to the oldest ticket, whoever asks first. The waiter blocks on
-its own wake-up list; the release that frees an in-flight slot, or the admission of the
-ticket before it, wakes it, so waiters do not poll. A ticket is a lease: it expires
-``TICKET_TTL_MS`` after its holder last asked, and a woken holder that does not ask within
-``WAKE_GRACE_MS`` loses it, so a SIGKILLed waiter stops blocking the line. The age travels
-with the caller (``since_ms``): asking again with it, even after the ticket expired or a
-task was rescheduled, puts the caller back in its old place. With nobody waiting the line
-costs one ``ZCARD`` inside the same single round trip.
+**The line** (who waits, in which order, how they are woken) is described in
+:mod:`celery_fleet.line`.
 
 Every request/token window of the limit is a GCRA bucket (burst = a tenth of the window's
 budget by default) and the in-flight cap is a semaphore of leases that expire unless
@@ -48,6 +40,7 @@ from dataclasses import dataclass
 from .checks import MAX_UNITS, check_name
 from .config import REQUESTS, LimitConfig
 from .errors import ConfigError, LeaseLost
+from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 from .store import RedisStore
 
@@ -56,16 +49,8 @@ log = logging.getLogger("celery_fleet")
 #: What a call's ending can teach the release script.
 OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
 
-__all__ = ["Admission", "Decision", "LimitKeys", "Release"]
+__all__ = ["Admission", "Decision", "LimitKeys", "Release", "REFRESH_S", "WAKE_GRACE_MS"]
 
-#: A ticket whose holder has not asked for this long is dropped from the line.
-TICKET_TTL_MS = 30_000
-#: A woken waiter must ask within this, or it is taken for dead and loses its ticket.
-WAKE_GRACE_MS = 2_000
-#: Waiters re-ask at least this often, which keeps their tickets alive.
-REFRESH_S = TICKET_TTL_MS / 3000.0
-#: Order keys: lane * LANE_SPAN + first-asked ms (ms since the epoch stay below 2**42).
-LANE_SPAN = 2**42
 #: No wait reported to a caller is longer than this (a year), whatever Redis holds.
 MAX_WAIT_MS = 366 * 86_400_000
 #: The lowest rate factor a provider's headers may impose (its limit / the declared one).
@@ -318,14 +303,7 @@ class Admission:
     def line(self, name: str) -> list[tuple[str, float]]:
         """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""
         k = self.keys(name)
-        reply = self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES")
-        # redis-py pairs them up ([member, score], ...) or not, by protocol version
-        flat = [x for item in reply for x in (item if isinstance(item, list | tuple) else [item])]
-        out = []
-        for member, score in zip(flat[::2], flat[1::2], strict=True):
-            ticket = member.decode() if isinstance(member, bytes) else str(member)
-            out.append((ticket, float(score) % LANE_SPAN))
-        return out
+        return ages(self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES"))
 
     def release(
         self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
@@ -481,15 +459,6 @@ def _release_args(cfg: LimitConfig) -> list[bytes]:
     )
     line = (cfg.max_in_flight or 0, TICKET_TTL_MS, WAKE_GRACE_MS)
     return [str(x).encode() for x in (*adaptive, *breaker, *line)]
-
-
-def check_since(since_ms: object) -> int:
-    """An order key's age as whole ms since the epoch (0 = now), or :class:`ConfigError`."""
-    if isinstance(since_ms, bool) or not isinstance(since_ms, int | float):
-        raise ConfigError(f"since_ms must be a number of ms (Redis clock), got {since_ms!r}")
-    if not 0 <= since_ms < LANE_SPAN:
-        raise ConfigError(f"since_ms must be in [0, 2**42) ms, got {since_ms!r}")
-    return int(since_ms)
 
 
 def clamp_wait_ms(wait_ms: object) -> int:

@@ -13,8 +13,9 @@ plumbing) remembers three things that change how the next slot waits:
 - ``deadline``: the local (monotonic) time at which the run's patience ends
   (``max_throttled``): no wait, in place or by reschedule, goes past it.
 
-This module knows nothing about Celery: ``FleetTask`` builds the Run from its message
-headers; a plain process may use :func:`running` around a loop of slots.
+:class:`Throttling` is what a run waited so far, as it travels between re-runs (a task's
+``fleet`` message header). This module knows nothing about Celery: ``FleetTask`` builds the
+Run from its message headers; a plain process may use :func:`running` around a loop of slots.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-__all__ = ["Run", "current_run", "running"]
+__all__ = ["Run", "Throttling", "current_run", "running"]
 
 
 @dataclass
@@ -83,3 +85,41 @@ def running(run: Run | None = None) -> Iterator[Run]:
         yield run
     finally:
         current_run.reset(token)
+
+
+@dataclass(frozen=True)
+class Throttling:
+    """What a task has waited so far, from its ``fleet`` header (all zero on a first run).
+
+    ``since_ms``: its age in line (Redis-clock ms of its first ask); ``reschedules``: how
+    often backpressure republished it; ``throttled_s``: seconds spent waiting for
+    admission, in place and in reschedule countdowns; ``limit``, ``reason``, ``wait_ms``:
+    the last refusal.
+    """
+
+    since_ms: int = 0
+    reschedules: int = 0
+    throttled_s: float = 0.0
+    limit: str = ""
+    reason: str = ""
+    wait_ms: int = 0
+
+    @classmethod
+    def from_header(cls, header: object) -> Throttling:
+        """Read the header leniently: a missing or foreign one is a first run."""
+        if not isinstance(header, dict):
+            return cls()
+        try:
+            return cls(
+                since_ms=int(header.get("since_ms") or 0),
+                reschedules=int(header.get("reschedules") or 0),
+                throttled_s=float(header.get("throttled_s") or 0.0),
+                limit=str(header.get("limit") or ""),
+                reason=str(header.get("reason") or ""),
+                wait_ms=int(header.get("wait_ms") or 0),
+            )
+        except (TypeError, ValueError):
+            return cls()
+
+    def as_header(self) -> dict[str, Any]:
+        return asdict(self)

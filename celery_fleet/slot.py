@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import threading
-import time
-import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from .admission import REFRESH_S, WAKE_GRACE_MS, Admission, Decision, new_lease_id
 from .checks import check_max_wait
@@ -35,6 +32,7 @@ from .errors import (
     QuotaExhausted,
     Throttled,
 )
+from .keeper import Clock, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -58,24 +56,6 @@ DEFAULT_RETRY_MS = 1000
 
 #: How often the second in line asks: just past the grace a woken first has to ask.
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
-
-
-class Clock(Protocol):
-    """Local time for waits: monotonic seconds and sleep."""
-
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock: ``time.monotonic`` and ``time.sleep``."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 class Slot:
@@ -363,123 +343,3 @@ class Slot:
     def __repr__(self) -> str:
         state = f"lease={self.lease_id}" if self.lease_id else "not held"
         return f"<Slot {self.limit!r} tokens={self.tokens} {state}>"
-
-
-class LeaseKeeper:
-    """A daemon thread per process that renews the leases of held slots.
-
-    It wakes every ``tick_s`` and renews (one round trip per limit) every lease that has
-    not been renewed for a third of its TTL. A lease that was lost (the process stalled
-    past its TTL) is flagged on the slot and logged: the slot may already be someone
-    else's, which :class:`~celery_fleet.errors.LeaseLost` describes.
-    """
-
-    def __init__(
-        self, admission: Admission, clock: Clock | None = None, tick_s: float = 1.0
-    ) -> None:
-        self.admission = admission
-        self.clock = clock or SystemClock()
-        self.tick_s = tick_s
-        self._slots: set[Slot] = set()
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        _live_keepers.add(self)
-
-    def track(self, slot: Slot) -> None:
-        with self._lock:
-            if self._pid != os.getpid():
-                # A fork copied the parent's slots and a dead thread: start afresh.
-                self._slots = set()
-                self._thread = None
-                self._pid = os.getpid()
-            self._slots.add(slot)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="celery-fleet-lease-keeper", daemon=True
-                )
-                self._thread.start()
-
-    def untrack(self, slot: Slot) -> None:
-        with self._lock:
-            self._slots.discard(slot)
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if not self._slots:
-                    self._thread = None
-                    return
-                ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
-            # Wake often enough to renew at a third of the shortest TTL.
-            self._wake.wait(min(self.tick_s, min(ttls) / 6.0))
-            try:
-                self.renew_due()
-            except Exception:  # keep renewing: nothing may end the thread
-                log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
-
-    def renew_due(self) -> None:
-        """Renew every lease older than a third of its TTL (one round trip per limit).
-
-        A lease not renewed within its TTL (Redis was unreachable, the process stalled) is
-        marked lost here, without asking Redis: its slot may already be someone else's.
-        Lost slots are logged once and no longer renewed; renewal failures of one limit do
-        not stop the others.
-        """
-        now = self.clock.monotonic()
-        due: dict[str, list[Slot]] = {}
-        with self._lock:
-            for slot in self._slots:
-                ttl = self.admission.limit(slot.limit).lease_s
-                if slot.lost or not slot.lease_id:
-                    continue
-                if now - slot.last_renewed >= ttl:
-                    self.lose(slot, "not renewed within its TTL")
-                elif now - slot.last_renewed >= ttl / 3.0:
-                    due.setdefault(slot.limit, []).append(slot)
-        for limit, slots in due.items():
-            leases = [(s.lease_id, s.tokens) for s in slots if s.lease_id]
-            try:
-                lost, restored = self.admission.renew(limit, leases)
-            except FleetError:
-                log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
-                continue
-            if restored:
-                log.warning(
-                    "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "
-                    "flushed or evicted?); put them back",
-                    len(restored),
-                    limit,
-                )
-            for s in slots:
-                if s.lease_id in lost:
-                    self.lose(s, "expired while held, or Redis lost it and the cap was full")
-                else:
-                    s.last_renewed = now
-
-    @staticmethod
-    def lose(slot: Slot, why: str) -> None:
-        """Mark ``slot`` lost (its lease is gone) and log it once."""
-        if slot.lost:
-            return
-        slot.lost = True
-        log.error("celery-fleet: %s", LeaseLost(slot.limit, slot.lease_id or "", why))
-
-    def _after_fork(self) -> None:
-        # The child has the parent's slots and lock state but not its thread: start afresh.
-        self._lock = threading.Lock()
-        self._slots = set()
-        self._thread = None
-        self._pid = os.getpid()
-
-
-_live_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
-
-
-def _reset_keepers_after_fork() -> None:
-    for keeper in list(_live_keepers):
-        keeper._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_keepers_after_fork)

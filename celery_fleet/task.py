@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
@@ -41,7 +40,7 @@ from .backoff import spread
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
-from .run import Run, current_run
+from .run import Run, Throttling, current_run
 from .signals import task_rescheduled
 
 __all__ = ["FleetTask", "fleet_task", "ON_LIMIT", "THROTTLED", "Throttling"]
@@ -65,44 +64,6 @@ _FLEET_OPTIONS = {
     "max_reschedules": "fleet_max_reschedules",
     "max_throttled": "fleet_max_throttled",
 }
-
-
-@dataclass(frozen=True)
-class Throttling:
-    """What a task has waited so far, from its ``fleet`` header (all zero on a first run).
-
-    ``since_ms``: its age in line (Redis-clock ms of its first ask); ``reschedules``: how
-    often backpressure republished it; ``throttled_s``: seconds spent waiting for
-    admission, in place and in reschedule countdowns; ``limit``, ``reason``, ``wait_ms``:
-    the last refusal.
-    """
-
-    since_ms: int = 0
-    reschedules: int = 0
-    throttled_s: float = 0.0
-    limit: str = ""
-    reason: str = ""
-    wait_ms: int = 0
-
-    @classmethod
-    def from_header(cls, header: object) -> Throttling:
-        """Read the header leniently: a missing or foreign one is a first run."""
-        if not isinstance(header, dict):
-            return cls()
-        try:
-            return cls(
-                since_ms=int(header.get("since_ms") or 0),
-                reschedules=int(header.get("reschedules") or 0),
-                throttled_s=float(header.get("throttled_s") or 0.0),
-                limit=str(header.get("limit") or ""),
-                reason=str(header.get("reason") or ""),
-                wait_ms=int(header.get("wait_ms") or 0),
-            )
-        except (TypeError, ValueError):
-            return cls()
-
-    def as_header(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # Options of @app.task / @shared_task that are not attributes of celery.Task.
