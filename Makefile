@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive clean
+.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,16 @@ bench-herd: $(DEMO_STAMP)
 ## Adaptive limits and the breaker against a moving provider: appends to benchmarks/RESULTS.md.
 bench-adaptive: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/adaptive.py
+
+## Goodput under sustained overload, before and after issue 8 (long; GOODPUT_ARGS=--quick for
+## ~2 minutes): appends to benchmarks/RESULTS.md. Uses Redis DB 14, flushed before and after.
+GOODPUT_ARGS ?=
+bench-goodput: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/goodput.py --json benchmarks/goodput.json $(GOODPUT_ARGS)
+
+## Many callers on one in-flight cap, this tree vs the code before issue 8 (DB 12).
+bench-contention: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/contention.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

@@ -7,7 +7,11 @@ project at their own Redis, queue and simulated provider:
 - ``EXAMPLE_DB``: the Redis DB number (default 11)
 - ``EXAMPLE_QUEUE``: the queue the tasks go to (default ``example``)
 - ``EXAMPLE_NAMESPACE``: the fleet's key namespace (default ``example``)
-- ``MODEL_RPM``, ``MODEL_TPM``, ``MODEL_MAX_IN_FLIGHT``: the provider's budget
+- ``MODEL_RPM``, ``MODEL_TPM``, ``MODEL_MAX_IN_FLIGHT``: the provider's budget (``0``: the
+  model limit has no such budget)
+- ``MODEL_BURST``, ``MODEL_HEADROOM``: the model limit's ``burst`` (default 1.0) and
+  ``headroom`` (default 0)
+- ``EXAMPLE_MAX_WAIT``: ``fleet_max_wait``, seconds a slot waits in place (default 30)
 """
 
 import os
@@ -17,6 +21,12 @@ from celery.schedules import crontab
 _redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 _redis = _redis.rsplit("/", 1)[0] if _redis.count("/") > 2 else _redis
 _url = f"{_redis}/{os.environ.get('EXAMPLE_DB', '11')}"
+
+
+def _budget(name: str, default: str) -> int | None:
+    """An integer budget from the environment; 0 means the limit has none of that kind."""
+    return int(os.environ.get(name, default)) or None
+
 
 broker_url = _url
 result_backend = _url
@@ -44,16 +54,18 @@ imports = ("example_project.tasks", "example_project.baselines")
 fleet_redis_url = _url
 fleet_namespace = os.environ.get("EXAMPLE_NAMESPACE", "example")
 fleet_max_countdown = 300  # the longest reschedule countdown: below visibility_timeout
+fleet_max_wait = float(os.environ.get("EXAMPLE_MAX_WAIT", "30"))  # then a task reschedules
 fleet_limits = {
     # The model provider: its published budget, all workers together.
     "model": {
         "rpm": int(os.environ.get("MODEL_RPM", "600")),
-        "tpm": int(os.environ.get("MODEL_TPM", "90000")),
-        "max_in_flight": int(os.environ.get("MODEL_MAX_IN_FLIGHT", "8")),
+        "tpm": _budget("MODEL_TPM", "90000"),
+        "max_in_flight": _budget("MODEL_MAX_IN_FLIGHT", "8"),
         # The provider (the simulator, like OpenAI and Anthropic) refills a token bucket that
         # holds a whole minute, so the fleet may use all of it at once. The default, 0.1,
         # suits providers that count a sliding window or enforce in short slices (Azure).
-        "burst": 1.0,
+        "burst": float(os.environ.get("MODEL_BURST", "1.0")),
+        "headroom": float(os.environ.get("MODEL_HEADROOM", "0")),
         # Find the provider's real concurrency by AIMD (MODEL_ADAPTIVE=1 turns it on).
         "adaptive": os.environ.get("MODEL_ADAPTIVE", "0") == "1",
         # Stop calling a failing provider fleet-wide; one probe after reset_timeout.

@@ -49,8 +49,8 @@ class Scenario:
     agents: int = 60
     steps: int = 5
     rpm: int = 600
-    tpm: int = 90_000
-    max_in_flight: int = 8
+    tpm: int = 90_000  # 0: no such limit, at the provider and in the fleet
+    max_in_flight: int = 8  # 0: no such limit
     latency: float = 0.3
     latency_sigma: float = 0.25
     workers: int = 2
@@ -62,6 +62,7 @@ class Scenario:
     adaptive: bool = False
     breaker_reset_s: float = 10.0
     phases: tuple[Phase, ...] = ()  # provider phases, counted from the moment of firing
+    provider_burst_s: float = 60.0  # seconds of rpm/tpm the provider's buckets hold
 
     @property
     def worker_slots(self) -> int:
@@ -125,12 +126,15 @@ class Herd:
         self.url = f"{self.redis_base}/{db}"
         self.sim = ProviderSim(
             rpm=scenario.rpm,
-            tpm=scenario.tpm,
-            max_in_flight=scenario.max_in_flight,
+            tpm=scenario.tpm or None,
+            max_in_flight=scenario.max_in_flight or None,
             latency=scenario.latency,
             latency_sigma=scenario.latency_sigma,
+            burst_s=scenario.provider_burst_s,
             seed=scenario.seed,
         )
+        #: where worker processes start (their ``sys.path[0]``: its packages come first)
+        self.worker_cwd = ROOT
 
     def __enter__(self) -> Herd:
         self.sim.start()
@@ -178,7 +182,28 @@ class Herd:
     def _start_workers(self, mode: str, run: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
         """Start ``scenario.workers`` worker processes; if one fails to start, stop the others."""
         s = self.scenario
-        env = {
+        env = self.worker_env(run)
+        procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        try:
+            for i in range(s.workers):
+                name = f"{run}-{i}@%h"
+                proc = subprocess.Popen(
+                    self._worker_command(name, run),
+                    cwd=self.worker_cwd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                procs.append((name.replace("%h", os.uname().nodename), proc))
+        except BaseException:
+            self._stop_workers(procs)
+            raise
+        return procs
+
+    def worker_env(self, run: str) -> dict[str, str]:
+        """The environment of the run's workers: example_project's settings for the scenario."""
+        s = self.scenario
+        return {
             **os.environ,
             "REDIS_URL": self.redis_base,
             "EXAMPLE_DB": str(self.db),
@@ -193,22 +218,6 @@ class Herd:
             "OPENAI_API_KEY": "sim",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        try:
-            for i in range(s.workers):
-                name = f"{run}-{i}@%h"
-                proc = subprocess.Popen(
-                    self._worker_command(name, run),
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                procs.append((name.replace("%h", os.uname().nodename), proc))
-        except BaseException:
-            self._stop_workers(procs)
-            raise
-        return procs
 
     def _worker_command(self, name: str, queue: str) -> list[str]:
         """The ``celery worker`` command line of the worker ``name`` consuming ``queue``."""

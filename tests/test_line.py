@@ -300,3 +300,14 @@ def test_a_line_too_long_for_max_wait_is_logged_once_per_limit(
         with other.slot("m", max_wait=0.2):
             pass
     assert len([r for r in caplog.records if "callers in line" in r.getMessage()]) == 1
+
+
+def test_a_newcomer_of_the_same_millisecond_does_not_pass_either(make_fleet: MakeFleet) -> None:
+    """Order keys are whole ms: a tie goes to the ticket already waiting."""
+    fleet = make_fleet({"m": {"max_in_flight": 1}})
+    (held,) = _full(fleet)
+    at = int(held.at_ms)  # type: ignore[attr-defined]
+    fleet.admission.try_acquire("m", lease_id="w" * 24, since_ms=at, join=True)
+    fleet.release(held)
+    tie = fleet.admission.try_acquire("m", lease_id="n" * 24, since_ms=at)
+    assert not tie and tie.reason == "queued" and tie.ahead == 1

@@ -173,7 +173,8 @@ if nline > 0 then
   if mine then
     ahead = redis.call('ZRANK', KEYS[5], lease_id)
   else
-    ahead = redis.call('ZCOUNT', KEYS[5], '-inf', '(' .. score)
+    -- a ticket of the same millisecond came first: it counts as ahead
+    ahead = redis.call('ZCOUNT', KEYS[5], '-inf', score)
   end
 end
 
