@@ -233,3 +233,60 @@ def test_decoration_errors_name_the_task_as_celery_will(app: Celery) -> None:
         fleet_task(app=app, limit="opneai")(summarize)
     with pytest.raises(ConfigError, match="task 'custom-name': unknown limit"):
         fleet_task(app=app, limit="opneai", name="custom-name")(summarize)
+
+
+def test_a_reschedule_stores_throttled_publishes_and_tells_monitors(app: Celery) -> None:
+    """The worker path without a worker: state THROTTLED before the copy is published,
+    a one-line task-retried event (no traceback), the signal, then Ignore (acked, no RETRY)."""
+    from celery.exceptions import Ignore
+
+    from celery_fleet import THROTTLED, Run
+    from celery_fleet.signals import task_rescheduled
+
+    Fleet(app)
+    events: list[tuple[str, dict]] = []
+    published: list[dict] = []
+    signalled: list[int] = []
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: FleetTask) -> None: ...
+
+    agent.send_event = lambda type_, **fields: events.append((type_, fields))  # type: ignore[method-assign]
+    original = agent.apply_async
+
+    def record(*args: object, **kwargs: object) -> object:
+        published.append({"state": agent.AsyncResult("t-1").state, **kwargs})
+        return original(*args, **kwargs)
+
+    agent.apply_async = record  # type: ignore[method-assign]
+
+    def on_signal(sender: object = None, reschedules: int = 0, **_: object) -> None:
+        signalled.append(reschedules)
+
+    task_rescheduled.connect(on_signal, weak=False)
+    agent.push_request(
+        id="t-1", args=[], kwargs={}, retries=0, delivery_info={}, called_directly=False
+    )
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("openai", 2000, "requests/60s"), Run(since_ms=42))
+    finally:
+        agent.pop_request()
+        task_rescheduled.disconnect(on_signal)
+    assert published and published[0]["state"] == THROTTLED  # stored before the copy exists
+    assert published[0]["headers"]["fleet"]["since_ms"] == 42
+    assert published[0]["headers"]["fleet"]["reschedules"] == 1
+    assert 2.0 <= published[0]["countdown"] <= 2.4
+    info = agent.AsyncResult("t-1").info
+    assert info["limit"] == "openai" and info["reason"] == "requests/60s"
+    assert events == [
+        (
+            "task-retried",
+            {
+                "retry": False,
+                "exception": f"THROTTLED: {Throttled('openai', 2000, 'requests/60s')}",
+                "traceback": "",
+            },
+        )
+    ]
+    assert signalled == [1]
