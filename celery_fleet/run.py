@@ -27,6 +27,9 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .checks import MAX_NAME_LENGTH, MAX_SECONDS, MAX_UNITS
+from .line import LANE_SPAN
+
 __all__ = ["Run", "Throttling", "current_run", "running"]
 
 
@@ -106,20 +109,27 @@ class Throttling:
 
     @classmethod
     def from_header(cls, header: object) -> Throttling:
-        """Read the header leniently: a missing or foreign one is a first run."""
+        """Read the header leniently: a missing or foreign one is a first run, and each
+        number out of its range (a hand-written header, another version) reads as 0, so a
+        bad header never fails the task."""
         if not isinstance(header, dict):
             return cls()
-        try:
-            return cls(
-                since_ms=int(header.get("since_ms") or 0),
-                reschedules=int(header.get("reschedules") or 0),
-                throttled_s=float(header.get("throttled_s") or 0.0),
-                limit=str(header.get("limit") or ""),
-                reason=str(header.get("reason") or ""),
-                wait_ms=int(header.get("wait_ms") or 0),
-            )
-        except (TypeError, ValueError):
-            return cls()
+
+        def bounded(key: str, hi: float) -> float:
+            try:
+                value = float(header.get(key) or 0)
+            except (TypeError, ValueError, OverflowError):
+                return 0.0
+            return value if 0.0 <= value < hi else 0.0  # NaN fails both comparisons
+
+        return cls(
+            since_ms=int(bounded("since_ms", LANE_SPAN)),
+            reschedules=int(bounded("reschedules", MAX_UNITS)),
+            throttled_s=bounded("throttled_s", MAX_SECONDS),
+            limit=str(header.get("limit") or "")[:MAX_NAME_LENGTH],
+            reason=str(header.get("reason") or "")[:MAX_NAME_LENGTH],
+            wait_ms=int(bounded("wait_ms", MAX_SECONDS * 1000)),
+        )
 
     def as_header(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -81,7 +80,6 @@ class Slot:
         tokens: int,
         max_wait_s: float,
         clock: Clock,
-        rng: random.Random | None = None,
         validate: Callable[[Any], object] | None = None,
         run: Run | None = None,
     ) -> None:
@@ -91,7 +89,6 @@ class Slot:
         self.tokens = tokens
         self.max_wait_s = max_wait_s
         self.clock = clock
-        self.rng = rng
         self.lease_id: str | None = None
         self.decision: Decision | None = None
         self.waited_s = 0.0

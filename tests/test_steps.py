@@ -173,3 +173,25 @@ def test_slots_of_a_run_share_its_age_and_count_its_calls(make_fleet: MakeFleet)
     assert run.calls == 2
     assert run.since_ms == int(first.decision.at_ms)  # type: ignore[union-attr]
     assert second.run is run
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"since_ms": 10**15, "reschedules": -3, "throttled_s": float("nan"), "wait_ms": 10**400},
+        {"since_ms": "soon", "reschedules": float("inf"), "throttled_s": -1, "wait_ms": [1]},
+        {"since_ms": -5, "reschedules": None, "throttled_s": 1e300, "limit": "x" * 10_000},
+        "not a dict",
+    ],
+)
+def test_an_absurd_fleet_header_reads_as_a_first_run(header: Any) -> None:
+    """A hand-written or foreign header must never fail the task (since_ms >= 2**42 used to
+    reach the admission check as a ConfigError, 10**400 an OverflowError)."""
+    from celery_fleet import Throttling
+
+    t = Throttling.from_header(header)
+    assert (t.since_ms, t.reschedules, t.throttled_s, t.wait_ms) == (0, 0, 0.0, 0)
+    assert len(t.limit) <= 100
+    assert Throttling.from_header({"since_ms": 1_700_000_000_000, "reschedules": 2}) == Throttling(
+        since_ms=1_700_000_000_000, reschedules=2
+    )
