@@ -46,10 +46,18 @@ def control_state(admission: Admission, name: str) -> dict[str, float]:
     """The limit's fleet-wide control hash as floats: the adaptive ``cap``, ``rate_factor``,
     ``ceiling`` (the level that last failed), ``pause_until`` (ms), ``hold_ms``..."""
     raw = admission.store.call("HGETALL", admission.keys(name).ctl) or {}
-    return {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+    fields = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+    # The same hash holds the windows' arrival times ("r:60") and its own expiry: not control.
+    return {k: v for k, v in fields.items() if ":" not in k and k != "exp"}
 
 
 def reset_control(admission: Admission, name: str) -> None:
     """Forget what the fleet learned about ``name``: adaptive cap, rate factor, ceiling,
     the provider's header factor and any Retry-After pause."""
-    admission.store.call("DEL", admission.keys(name).ctl)
+    # The hash also holds the buckets' arrival times, which stay: drop every other field.
+    ctl = admission.keys(name).ctl
+    found = admission.store.call("HKEYS", ctl) or []
+    fields = [f.decode() if isinstance(f, bytes) else str(f) for f in found]
+    control = [f for f in fields if ":" not in f and f != "exp"]
+    if control:
+        admission.store.call("HDEL", ctl, *control)

@@ -4,12 +4,15 @@ Each limit's state lives under one Redis hash tag, ``{<namespace>:<limit>}``, so
 scripts also run on Redis Cluster:
 
 =================================  =========================================================
-``{ns:limit}:gcra``                hash: window ("r:60", "t:86400") -> GCRA arrival time (ms)
-``{ns:limit}:leases``              zset: lease id -> expiry (ms); the in-flight semaphore
-``{ns:limit}:holders``             hash: lease id -> "<reserved tokens> <acquired at ms>"
-``{ns:limit}:ctl``                 hash: control state read on every admission
-                                   (``pause_until``, ``cap``, ``hold_ms``); expires
-                                   after a day without calls
+``{ns:limit}:ctl``                 hash: everything read on every admission, in one
+                                   HMGET: each window ("r:60", "t:86400") -> GCRA
+                                   arrival time (ms), and the control state
+                                   (``pause_until``, ``cap``, ``hold_ms``, ...);
+                                   expires after a day without calls
+``{ns:limit}:leases``              zset: lease -> expiry (ms); the in-flight semaphore.
+                                   A lease carries its own record:
+                                   ``<id>.<tokens>.<acquired ms>.<in flight then>``
+``{ns:limit}:settled``             hash: lease -> tokens, for leases settled so far
 ``{ns:limit}:line``                zset: ticket id -> order key; callers waiting for
                                    admission, served oldest first (see below)
 ``{ns:limit}:waiting``             zset: ticket id -> expiry (ms); a ticket is a lease
@@ -36,6 +39,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .checks import MAX_UNITS, check_name
 from .config import REQUESTS, LimitConfig
@@ -53,6 +57,8 @@ __all__ = ["Admission", "Decision", "LimitKeys", "Release", "REFRESH_S", "WAKE_G
 
 #: No wait reported to a caller is longer than this (a year), whatever Redis holds.
 MAX_WAIT_MS = 366 * 86_400_000
+#: Leases settled and not yet released that one Admission remembers (to drop their record).
+SETTLED_MEMORY = 100_000
 #: The lowest rate factor a provider's headers may impose (its limit / the declared one).
 MIN_PROVIDER_FACTOR = 0.05
 
@@ -61,10 +67,9 @@ MIN_PROVIDER_FACTOR = 0.05
 class LimitKeys:
     """The Redis keys of one limit, all in one hash slot."""
 
-    gcra: str
-    leases: str
-    holders: str
     ctl: str
+    leases: str
+    settled: str
     line: str
     breaker: str
     waiting: str
@@ -73,7 +78,7 @@ class LimitKeys:
     @classmethod
     def build(cls, namespace: str, limit: str) -> LimitKeys:
         tag = f"{{{namespace}:{limit}}}"
-        parts = ("gcra", "leases", "holders", "ctl", "line", "breaker", "waiting", "wake:")
+        parts = ("ctl", "leases", "settled", "line", "breaker", "waiting", "wake:")
         return cls(*(f"{tag}:{part}" for part in parts))
 
 
@@ -152,10 +157,10 @@ class Admission:
         self.namespace = check_name(namespace, "fleet_namespace")
         self.limits = dict(limits)
         self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
-        # Everything but the lease id and tokens is fixed per limit: encode it once
-        # (the hot path is one EVALSHA; redis-py's packer is pure Python).
+        # Everything but the lease id, tokens, age, join and lane is fixed per limit:
+        # encoded once (the hot path is one EVALSHA; redis-py's packer is pure Python).
         self._acquire_keys = {
-            name: [k.gcra, k.leases, k.holders, k.ctl, k.line, k.breaker, k.waiting, k.wake]
+            name: [k.ctl, k.leases, k.line, k.breaker, k.waiting, k.wake, k.settled]
             for name, k in self._keys.items()
         }
         self._acquire_tail = {
@@ -179,6 +184,21 @@ class Admission:
             for name, cfg in self.limits.items()
         }
         self._release_tail = {name: _release_args(cfg) for name, cfg in self.limits.items()}
+        self._acquire_cmd = {
+            name: store.packed("acquire", self._acquire_keys[name], 5, self._acquire_tail[name])
+            for name in self.limits
+        }
+        self._release_cmd = {
+            name: store.packed(
+                "release",
+                [k.leases, k.settled, k.ctl, k.line, k.breaker, k.waiting, k.wake],
+                4,
+                self._release_tail[name],
+            )
+            for name, k in self._keys.items()
+        }
+        # Leases this process settled and has not released: their release drops the record.
+        self._settled: dict[str, None] = {}
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
         #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
         self.listeners: list[Callable[[str, str], None]] = []
@@ -235,25 +255,25 @@ class Admission:
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
     ) -> Decision:
-        reply = self.store.run(
-            "acquire",
-            keys=self._acquire_keys[cfg.name],
-            args=[
-                lease_id,
-                tokens,
-                since_ms,
-                b"1" if join else b"0",
-                b"0",
-                *self._acquire_tail[cfg.name],
-            ],
-        )
+        (reply,) = self.store.send(self.acquire_command(cfg.name, tokens, lease_id, since_ms, join))
+        return self.decision(cfg.name, tokens, reply)
+
+    def acquire_command(
+        self, name: str, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+    ) -> tuple[str, bytes]:
+        """The packed acquire of already checked arguments, for :meth:`RedisStore.send`."""
+        join_arg = b"1" if join else b"0"
+        return ("acquire", self._acquire_cmd[name].pack(lease_id, tokens, since_ms, join_arg, b"0"))
+
+    def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
+        """The :class:`Decision` an acquire's reply means."""
         allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
             if probe:
-                self.notify(cfg.name, "half_open")
+                self.notify(name, "half_open")
             return Decision(
-                cfg.name,
+                name,
                 True,
                 0,
                 detail,
@@ -267,7 +287,7 @@ class Admission:
             )
         wait = clamp_wait_ms(wait_ms)
         return Decision(
-            cfg.name,
+            name,
             False,
             wait,
             None,
@@ -314,17 +334,29 @@ class Admission:
         ``overload``, ``congestion``, ``rate`` or ``neutral`` (see :class:`Signal`);
         ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then (at
         most 10 minutes: a longer wait is a quota running out, not a throttle).
-        ``released`` is False when the lease had already expired.
+        ``released`` is False when the lease had already expired; ``at_ms`` and
+        ``held_ms`` are 0 when the release needed no clock (nobody waiting, no adaptive
+        limit or breaker, and not one of the one in 16 releases that sample the hold time).
         """
-        k = self.keys(name)
+        (reply,) = self.store.send(self.release_command(name, lease_id, outcome, retry_after_ms))
+        return self.released(name, reply)
+
+    def release_command(
+        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+    ) -> tuple[str, bytes]:
+        """The packed release of ``lease_id``, for :meth:`RedisStore.send`."""
+        self.limit(name)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
         pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
-        ok, now, held, transition, cap = self.store.run(
-            "release",
-            keys=[k.leases, k.holders, k.ctl, k.line, k.breaker, k.waiting, k.wake],
-            args=[lease_id, outcome, pause, *self._release_tail[name]],
-        )
+        settled = b"0"
+        if self._settled:
+            settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
+        return ("release", self._release_cmd[name].pack(lease_id, outcome, pause, settled))
+
+    def released(self, name: str, reply: list[Any]) -> Release:
+        """The :class:`Release` a release's reply means (listeners told of a transition)."""
+        ok, now, held, transition, cap = reply
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
         if transition:
             self.notify(name, transition)
@@ -355,7 +387,7 @@ class Admission:
         factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
         lowered, held = self.store.run(
             "observe",
-            keys=[k.gcra, k.ctl, k.leases],
+            keys=[k.ctl, k.leases],
             args=[lease_id or "", factor, len(args) // 4, *args],
         )
         if not held:
@@ -368,7 +400,14 @@ class Admission:
         For operators: after a bad ``settle`` or a provider quota reset that the fleet
         should not wait out. Leases, the breaker and adaptive state are untouched.
         """
-        self.store.call("DEL", self.keys(name).gcra)
+        cfg, k = self.limit(name), self.keys(name)
+        fields = {w.field for w in cfg.windows}
+        for field in self.store.call("HKEYS", k.ctl) or []:
+            field = field.decode() if isinstance(field, bytes) else str(field)
+            if field[:2] in ("r:", "t:"):
+                fields.add(field)  # also windows an older configuration left
+        if fields:
+            self.store.call("HDEL", k.ctl, *sorted(fields))
 
     def notify(self, limit: str, state: str) -> None:
         """Tell this process's listeners that ``limit``'s breaker changed (errors are logged)."""
@@ -393,11 +432,13 @@ class Admission:
         actual = cfg.check_usage(actual, "settle(tokens=...)")
         reserved = cfg.check_usage(reserved, "settle(reserved=...)")
         k = self._keys[name]
-        _known, delta, _now, held = self.store.run(
+        known, delta, _now, held = self.store.run(
             "settle",
-            keys=[k.gcra, k.holders, k.leases],
+            keys=[k.ctl, k.settled, k.leases],
             args=[lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
         )
+        if known:
+            self._remember_settled(lease_id)
         if must_hold and not held:
             raise LeaseLost(name, lease_id, "gone when the call was settled")
         return int(delta)
@@ -415,7 +456,7 @@ class Admission:
         k = self._keys[name]
         reply = self.store.run(
             "renew",
-            keys=[k.leases, k.holders, k.breaker, k.ctl],
+            keys=[k.leases, k.settled, k.breaker, k.ctl],
             args=[
                 int(cfg.lease_s * 1000),
                 cfg.max_in_flight or 0,
@@ -426,6 +467,16 @@ class Admission:
         ids = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
         split = ids.index("+")
         return ids[:split], ids[split + 1 :]
+
+    def _remember_settled(self, lease_id: str) -> None:
+        # Bounded: a lease forgotten here keeps its record until the sweep of expired leases
+        # or the hash's TTL (a day without settles) removes it.
+        self._settled[lease_id] = None
+        if len(self._settled) > SETTLED_MEMORY:
+            try:
+                self._settled.pop(next(iter(self._settled)), None)
+            except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                pass
 
     def in_flight(self, name: str) -> int:
         """How many leases of ``name`` are live right now (expired ones excluded)."""

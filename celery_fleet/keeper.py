@@ -20,7 +20,10 @@ from typing import Protocol
 from .admission import Admission
 from .errors import FleetError, LeaseLost
 
-__all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease"]
+__all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
+
+#: The keeper thread ends after this long with no slot held (and starts again with one).
+IDLE_EXIT_S = 60.0
 
 log = logging.getLogger("celery_fleet")
 
@@ -94,14 +97,22 @@ class LeaseKeeper:
             self._slots.discard(slot)
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while True:
             with self._lock:
-                if not self._slots:
-                    self._thread = None
-                    return
-                ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
-            # Wake often enough to renew at a third of the shortest TTL.
-            self._wake.wait(min(self.tick_s, min(ttls) / 6.0))
+                if self._slots:
+                    idle_since = None
+                    ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
+                    # Wake often enough to renew at a third of the shortest TTL.
+                    timeout = min(self.tick_s, min(ttls) / 6.0)
+                else:
+                    # Linger: a loop of short slots must not start a thread per slot.
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= IDLE_EXIT_S:
+                        self._thread = None
+                        return
+                    timeout = self.tick_s
+            self._wake.wait(timeout)
             try:
                 self.renew_due()
             except Exception:  # keep renewing: nothing may end the thread

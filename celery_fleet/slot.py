@@ -22,7 +22,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .admission import REFRESH_S, WAKE_GRACE_MS, Admission, Decision, new_lease_id
+from .admission import REFRESH_S, WAKE_GRACE_MS, Admission, Decision, Release, new_lease_id
 from .checks import check_max_wait
 from .errors import (
     CircuitOpen,
@@ -105,11 +105,15 @@ class Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
+        return self._acquire(new_lease_id())
+
+    def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
+        """Wait with ``ticket`` (the ticket while waiting, the lease once admitted) from the
+        answer ``first`` to an ask already made, or from a first ask."""
         start = self.clock.monotonic()
-        ticket = new_lease_id()  # the ticket while waiting, the lease once admitted
         join = self.max_wait_s > 0
         try:
-            decision, asked_at = self._wait_turn(ticket, join, start)
+            decision, asked_at = self._wait_turn(ticket, join, start, first)
         except BaseException:
             if join:  # whatever ended the wait (Throttled, Ctrl-C, Redis): give the place up
                 self._leave(ticket)
@@ -127,14 +131,53 @@ class Slot:
         self._held_in.append(self)
         return self
 
-    def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
+    def next(self, tokens: int | None = None) -> Slot:
+        """End this call and hold the limit again for the next one: an agent's next step.
+
+        The release (reporting this call as in ``__exit__`` without an exception: ok, or
+        what :meth:`fail`/:meth:`validate` said) and the next admission go in one round
+        trip; when that admission is refused the slot waits its turn as on entering.
+        ``tokens`` is the next call's reservation (default: the current one). Returns the
+        slot, held again, with a fresh lease; leaving the ``with`` block releases it.
+        """
+        if self.lease_id is None:
+            raise FleetError(f"next() needs a held slot of {self.limit!r}")
+        cfg = self.admission.limit(self.limit)
+        tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
+        lease_id, signal = self._let_go(self.verdict or OK)
+        ticket = new_lease_id()
+        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
+        release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
+        join = self.max_wait_s > 0
+        ask = self.admission.acquire_command(self.limit, tokens, ticket, self.run.since_ms, join)
+        self.attempts, self.verdict, self.tokens = 0, None, tokens
+        asked_at = self.clock.monotonic()
+        released, answer = self.admission.store.send(release, ask)
+        self._check_released(lease_id, self.admission.released(self.limit, released))
+        decision = self.admission.decision(self.limit, tokens, answer)
+        if decision.allowed:  # the usual case: no wait, no second round trip
+            self.attempts = 1
+            self.waited_s = 0.0
+            self.decision, self.lease_id, self.last_renewed = decision, decision.lease_id, asked_at
+            self.keeper.track(self)
+            self._held_in = _held_here()
+            self._held_in.append(self)
+            return self
+        return self._acquire(ticket, decision)
+
+    def _wait_turn(
+        self, ticket: str, join: bool, start: float, first: Decision | None = None
+    ) -> tuple[Decision, float]:
         """Ask until admitted: returns the decision and the local time of the winning ask."""
         while True:
             self.attempts += 1
             asked_at = self.clock.monotonic()
-            decision = self.admission.try_acquire(
-                self.limit, self.tokens, ticket, self.run.since_ms, join
-            )
+            if first is not None:
+                decision, first = first, None
+            else:
+                decision = self.admission.try_acquire(
+                    self.limit, self.tokens, ticket, self.run.since_ms, join
+                )
             if not self.run.since_ms:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line
             if decision.allowed:
@@ -281,16 +324,24 @@ class Slot:
 
     def release(self, signal: Signal | None = None) -> None:
         """Give the slot back (idempotent), reporting ``signal`` (default: no verdict)."""
-        lease_id, self.lease_id = self.lease_id, None
-        if lease_id is None:
+        if self.lease_id is None:
             return
+        lease_id, signal = self._let_go(signal or Signal("other"))
+        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
+        result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)
+        self._check_released(lease_id, result)
+
+    def _let_go(self, signal: Signal) -> tuple[str, Signal]:
+        """This process's side of a release: forget the lease; the caller tells Redis."""
+        lease_id, self.lease_id = self.lease_id, None
+        assert lease_id is not None
         self.run.calls += 1
         self.keeper.untrack(self)
         if self in self._held_in:
             self._held_in.remove(self)
-        signal = signal or Signal("other")
-        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
-        result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)
+        return lease_id, signal
+
+    def _check_released(self, lease_id: str, result: Release) -> None:
         if not result.released:
             self.lost = True
             log.warning(

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.exceptions import NoScriptError
 
+from .batch import Combiner, Packed
 from .errors import ConfigError, FleetError, StoreUnavailable
 
 __all__ = ["RedisStore", "mask_url", "has_password", "script_source", "eviction_risk"]
@@ -170,6 +171,8 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._blocking: redis.Redis | None = None
         self._blocking_pid: int | None = None
+        self._combiner: Combiner | None = None
+        self._combiner_pid: int | None = None
         _live_stores.add(self)
         self._shas = {name: _sha1(script_source(name)) for name in SCRIPTS}
 
@@ -178,6 +181,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._client, self._pid = None, None
         self._blocking, self._blocking_pid = None, None
+        self._combiner, self._combiner_pid = None, None
 
     @property
     def client(self) -> redis.Redis:
@@ -213,6 +217,7 @@ class RedisStore:
         with self._lock:
             self._client, self._pid = None, None
             self._blocking, self._blocking_pid = None, None
+            self._combiner, self._combiner_pid = None, None
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
@@ -234,6 +239,47 @@ class RedisStore:
                 )  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
             raise self._translate(exc, f"script {script!r}") from exc
+
+    def packed(self, script: str, keys: list[str], n_varying: int, tail: list[Any]) -> Packed:
+        """A call template of ``script`` for :meth:`send`: fixed keys and trailing arguments
+        encoded once, ``n_varying`` arguments in front of the tail given per call."""
+        return Packed(script, self._shas[script], keys, n_varying, tail)
+
+    def send(self, *commands: tuple[str, bytes]) -> list[Any]:
+        """Run packed script calls (``(script, Packed.pack(...))``) in one round trip,
+        coalesced with those other threads of this process send at the same moment.
+
+        Returns the replies in order; the first error among them is raised, translated as
+        in :meth:`run`.
+        """
+        combiner = self.combiner
+        try:
+            replies = combiner.send(list(commands))
+        except redis.RedisError as exc:
+            raise self._translate(exc, "script call") from exc
+        for (script, _packed), reply in zip(commands, replies, strict=True):
+            if isinstance(reply, redis.RedisError):
+                raise self._translate(reply, f"script {script!r}") from reply
+            if isinstance(reply, BaseException):
+                raise FleetError(
+                    f"celery-fleet script {script!r} on {self.safe_url} was not answered: "
+                    f"the thread carrying it failed with {reply!r}"
+                ) from reply
+        return replies
+
+    @property
+    def combiner(self) -> Combiner:
+        """This process's :class:`~celery_fleet.batch.Combiner` (again after a fork)."""
+        pid = os.getpid()
+        if self._combiner_pid != pid or self._combiner is None:
+            with self._lock:
+                if self._combiner_pid != pid or self._combiner is None:
+                    self._combiner = Combiner(lambda: self.client, self._load)
+                    self._combiner_pid = pid
+        return self._combiner
+
+    def _load(self, client: redis.Redis, script: str) -> None:
+        client.script_load(script_source(script))
 
     def call(self, command: str, *args: Any) -> Any:
         """Run one plain Redis command with the same error translation as :meth:`run`."""

@@ -237,7 +237,9 @@ def test_a_stale_provider_factor_is_ignored(make_fleet: MakeFleet, rclient) -> N
     rclient.hset(ctl, mapping={"provider_factor": 0.5, "provider_factor_until": 0})
     assert [bool(fleet.try_acquire("llm")) for _ in range(7)] == [True] * 6 + [False]
     fleet.reset_adaptive("llm")
-    assert not rclient.exists(ctl)
+    assert fleet.adaptive_state("llm") == {}
+    assert not rclient.hexists(ctl, "provider_factor")
+    assert rclient.hexists(ctl, "r:60")  # the buckets share the hash and are kept
 
 
 def test_adaptive_options_are_validated() -> None:

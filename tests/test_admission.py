@@ -43,10 +43,10 @@ def test_refusal_consumes_nothing_in_any_dimension(
     first = fleet.try_acquire("llm", tokens=800)
     assert first
     keys = fleet.admission.keys("llm")
-    before = rclient.hgetall(keys.gcra)
+    before = rclient.hgetall(keys.ctl)
     refused = fleet.try_acquire("llm", tokens=500)  # RPM and in-flight allow it, TPM does not
     assert not refused and refused.reason == "tokens/60s"
-    assert rclient.hgetall(keys.gcra) == before
+    assert rclient.hgetall(keys.ctl) == before
     assert rclient.zcard(keys.leases) == 1
     # 200 tokens still fit: the refused call did not take the requests budget either.
     assert fleet.try_acquire("llm", tokens=200)
@@ -116,7 +116,7 @@ def test_settle_after_the_lease_expired_still_charges(
 ) -> None:
     fleet = make_fleet({"llm": {"tpm": 6000, "burst": 1000 / 6000}})
     d = fleet.try_acquire("llm", tokens=100)
-    rclient.delete(fleet.admission.keys("llm").holders)  # as if the lease expired
+    rclient.delete(fleet.admission.keys("llm").leases)  # as if the lease expired
     assert fleet.settle(d, 1000) == 900
     assert not fleet.try_acquire("llm", tokens=100)
 
@@ -192,7 +192,9 @@ def test_an_absurd_settle_blocks_a_window_for_at_most_one_period(
     # at most one whole period of debt (plus the call's own cost)
     assert 55_000 <= refused.wait_ms <= 60_000 + 100
     keys = fleet.admission.keys("llm")
-    assert 0 < rclient.pttl(keys.gcra) <= 60_000 + 6_000 + 1_000
+    tat = float(rclient.hget(keys.ctl, "t:60"))  # type: ignore[arg-type]
+    assert tat <= refused.at_ms + 60_000 + 6_000 + 1  # one period of debt + the burst
+    assert 0 < rclient.pttl(keys.ctl) <= 86_400_000 + 60_000 + 6_000 + 1_000
     fleet.reset_buckets("llm")  # the operator's way out
     assert fleet.try_acquire("llm", tokens=100)
 
@@ -204,10 +206,10 @@ def test_a_settle_beyond_lua_precision_is_refused_before_any_write(
     fleet = make_fleet({"llm": {"tpm": 100_000}})
     keys = fleet.admission.keys("llm")
     with fleet.slot("llm", tokens=100) as slot:
-        before = rclient.hgetall(keys.gcra)
+        before = rclient.hgetall(keys.ctl)
         with pytest.raises(ConfigError, match="not a plausible token count"):
             slot.settle(10**18)
-        assert rclient.hgetall(keys.gcra) == before
+        assert rclient.hgetall(keys.ctl) == before
         assert slot.settle(100) == 0  # nothing was half-done: the reservation is intact
     assert fleet.try_acquire("llm", tokens=100)
 
@@ -221,7 +223,7 @@ def test_a_wait_beyond_any_int_is_clamped_not_an_overflow(
     from celery_fleet.admission import MAX_WAIT_MS
 
     fleet = make_fleet({"llm": {"tpm": 100_000}})
-    rclient.hset(fleet.admission.keys("llm").gcra, "t:60", "1e300")
+    rclient.hset(fleet.admission.keys("llm").ctl, "t:60", "1e300")
     refused = fleet.try_acquire("llm", tokens=100)
     assert not refused and refused.wait_ms == MAX_WAIT_MS
     with pytest.raises(Throttled) as info:

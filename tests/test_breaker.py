@@ -226,9 +226,10 @@ def test_every_key_a_limit_writes_expires_but_an_override(
     with fleet.slot("llm") as slot:
         slot.observe({"x-ratelimit-limit-requests": "300", "x-ratelimit-remaining-requests": "1"})
     keys = list(rclient.scan_iter(match=f"{{{namespace}:*"))
-    assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"gcra", "ctl", "breaker"}
+    assert {k.decode().rsplit(":", 1)[1] for k in keys} >= {"ctl", "breaker"}
     ttls = {k.decode(): rclient.pttl(k) for k in keys}
-    assert all(0 < ttl <= 86_400_000 for ttl in ttls.values()), ttls
+    # a day past the last use, and past the furthest bucket arrival time (here < 2 min)
+    assert all(0 < ttl <= 86_400_000 + 120_000 for ttl in ttls.values()), ttls
     breaker_key = fleet.admission.keys("llm").breaker
     fleet.breaker("llm").force_open()
     assert rclient.pttl(breaker_key) == -1  # an operator's override lasts until lifted

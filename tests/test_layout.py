@@ -15,6 +15,7 @@ ORDER = [
     "errors",
     "checks",
     "config",
+    "batch",
     "store",
     "providers",
     "backoff",

@@ -15,9 +15,11 @@ local op = ARGV[1]
 -- day without calls, as the release script does.
 if op == 'force_open' then
   redis.call('HSET', KEYS[1], 'forced', 'open')
+  redis.call('HDEL', KEYS[1], 'exp')
   redis.call('PERSIST', KEYS[1])
 elseif op == 'force_closed' then
   redis.call('HSET', KEYS[1], 'forced', 'closed')
+  redis.call('HDEL', KEYS[1], 'exp')
   redis.call('PERSIST', KEYS[1])
 elseif op == 'unforce' then
   redis.call('HDEL', KEYS[1], 'forced')

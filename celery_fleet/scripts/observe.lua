@@ -1,9 +1,9 @@
 -- observe: lower local state to what the provider's rate-limit headers say; never raise it.
 --
--- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
--- KEYS[2]  ctl      hash   provider_factor, provider_factor_until (ms): the provider's limit
---                          over the declared one, trusted for 60 s unless seen again
--- KEYS[3]  leases   zset   lease id -> expiry (ms): says whether the caller's lease is held
+-- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms); provider_factor,
+--                          provider_factor_until (ms): the provider's limit over the declared
+--                          one, trusted for 60 s unless seen again; exp (see _ctl.lua)
+-- KEYS[2]  leases   zset   lease -> expiry (ms): says whether the caller's lease is held
 -- ARGV[1]  the caller's lease id ("" for none)
 -- ARGV[2]  rate factor the provider's own limit implies (its limit / the declared, already
 --          bounded to [0.05, 1] by the client), or -1
@@ -16,11 +16,13 @@
 -- Reply: {windows lowered, held (1: the lease is live; also 1 when no lease was named)}
 -- Time unit: ms, Redis TIME.
 
+--#include _ctl
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local held = 1
 if ARGV[1] ~= '' then
-  local score = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
+  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]))
   if not (score and score > now) then held = 0 end
 end
 local factor = tonumber(ARGV[2])
@@ -28,28 +30,29 @@ local n = tonumber(ARGV[3])
 local fields = {}
 for i = 1, n do fields[i] = ARGV[4 * i] end
 local hset, horizon = {}, now
-if n > 0 then
-  local tats = redis.call('HMGET', KEYS[1], unpack(fields))
-  for i = 1, n do
-    local emission, tolerance = tonumber(ARGV[4 * i + 1]), tonumber(ARGV[4 * i + 2])
-    local remaining = math.max(0, tonumber(ARGV[4 * i + 3]))
-    local target = now + tolerance - remaining * emission
-    local tat = tonumber(tats[i]) or now
-    if target > tat then
-      hset[#hset + 1] = fields[i]
-      hset[#hset + 1] = string.format('%.3f', target)
-      if target > horizon then horizon = target end
-    end
+fields[n + 1] = 'exp'
+local tats = redis.call('HMGET', KEYS[1], unpack(fields))
+for i = 1, n do
+  local emission, tolerance = tonumber(ARGV[4 * i + 1]), tonumber(ARGV[4 * i + 2])
+  local remaining = math.max(0, tonumber(ARGV[4 * i + 3]))
+  local target = now + tolerance - remaining * emission
+  local tat = tonumber(tats[i]) or now
+  if target > tat then
+    hset[#hset + 1] = fields[i]
+    hset[#hset + 1] = string.format('%.3f', target)
+    if target > horizon then horizon = target end
   end
 end
+local lowered = #hset / 2
 if factor > 0 then
-  redis.call('HSET', KEYS[2], 'provider_factor', string.format('%.5f', factor),
-             'provider_factor_until', string.format('%.3f', now + 60000))
-  redis.call('PEXPIRE', KEYS[2], 86400000)
+  hset[#hset + 1] = 'provider_factor'
+  hset[#hset + 1] = string.format('%.5f', factor)
+  hset[#hset + 1] = 'provider_factor_until'
+  hset[#hset + 1] = string.format('%.3f', now + 60000)
 end
 if #hset > 0 then
+  local refresh = ctl_expiry(hset, tonumber(tats[n + 1]), now, horizon)
   redis.call('HSET', KEYS[1], unpack(hset))
-  local need = math.ceil(horizon - now) + 1000
-  if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], need) end
+  if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 end
-return {#hset / 2, held}
+return {lowered, held}

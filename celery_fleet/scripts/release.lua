@@ -1,59 +1,84 @@
 -- release: give a slot back and report how the call went.
 --
--- KEYS[1]  leases   zset   lease id -> expiry (ms)
--- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
--- KEYS[3]  ctl      hash   hold_ms, pause_until, and the adaptive state: cap, rate_factor,
---                          ceiling (in-flight level that last failed), probe_ms, probe_after,
---                          last_cut, last_rate_cut, rate_at (ms), lat_n/lat_slow (calls and
---                          slow calls in the current block of 100, for the latency target)
+-- KEYS[1]  leases   zset   lease -> expiry (ms); a lease is "<id>.<tokens>.<acquired ms>.<in
+--                          flight then>" (see acquire.lua)
+-- KEYS[2]  settled  hash   lease -> tokens it was settled to
+-- KEYS[3]  ctl      hash   hold_ms (EWMA, sampled), pause_until, and the adaptive state: cap,
+--                          rate_factor, ceiling (in-flight level that last failed), probe_ms,
+--                          probe_after, last_cut, last_rate_cut, rate_at (ms), lat_n/lat_slow
+--                          (calls and slow calls in the current block of 100, for the latency
+--                          target); exp (see _ctl.lua)
 -- KEYS[4]  line     zset   ticket id -> order key: callers waiting (see acquire.lua)
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- KEYS[6]  waiting  zset   ticket id -> expiry (ms)
 -- KEYS[7]  wake     prefix of the per-ticket wake-up lists (KEYS[7] .. ticket id)
--- ARGV[1]  lease id
+-- ARGV[1]  lease
 -- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
 --          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |
 --          neutral (nothing to learn)
 -- ARGV[3]  retry-after the provider asked for (ms; 0 = none): pauses admission fleet-wide
--- ARGV[4..11]  adaptive: enabled (0/1), max cap, min cap, initial cap, increase, decrease,
+-- ARGV[4]  1 = the lease was settled (drop its record from KEYS[2]), else 0
+-- ARGV[5..12]  adaptive: enabled (0/1), max cap, min cap, initial cap, increase, decrease,
 --              probe interval (ms), latency target (ms, 0 = none)
--- ARGV[12..16] breaker: enabled (0/1), failure rate, min calls, window (ms),
+-- ARGV[13..17] breaker: enabled (0/1), failure rate, min calls, window (ms),
 --              rate signals count as failures (0/1)
--- ARGV[17..19] line: max_in_flight (0 = no cap), ticket TTL (ms), wake grace (ms)
+-- ARGV[18..20] line: max_in_flight (0 = no cap), ticket TTL (ms), wake grace (ms)
 --
 -- Reply: {released (1/0), now, held_ms, transition ("", "open", "closed"), cap}
--- ctl and breaker expire after a day without calls (an operator's forced breaker never).
--- Reserved tokens are never refunded here: a failed or refused call's tokens stay spent, as
--- providers count them. Time unit: milliseconds, Redis TIME.
+-- now and held_ms are 0 when nothing needed the clock: a plain release with nobody waiting
+-- is ZREM and ZCARD only. The mean hold time (for wait estimates) is sampled from one
+-- release in 16. ctl and breaker expire after a day without calls (an operator's forced
+-- breaker never). Reserved tokens are never refunded here: a failed or refused call's
+-- tokens stay spent, as providers count them. Time unit: milliseconds, Redis TIME.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local id = ARGV[1]
 local outcome = ARGV[2]
 local retry_after = tonumber(ARGV[3])
-local rec = redis.call('HGET', KEYS[2], id)
 local removed = redis.call('ZREM', KEYS[1], id)
-redis.call('HDEL', KEYS[2], id)
+if ARGV[4] == '1' then redis.call('HDEL', KEYS[2], id) end
+local now = nil
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+  end
+  return now
+end
 local fmt = function(x) return string.format('%.3f', x) end
 --#include _wake
+--#include _ctl
 local STATE_TTL_MS = 86400000
+-- ctl may have expired (or been reset) while the lease was held: a write here must not
+-- leave it without a TTL.
+local function ctl_write(exp, ...)
+  local hset = {...}
+  local refresh = ctl_expiry(hset, exp, clock(), clock())
+  redis.call('HSET', KEYS[3], unpack(hset))
+  if refresh then redis.call('PEXPIRE', KEYS[3], refresh) end
+end
 
 if retry_after > 0 then
-  local until_ms = now + retry_after
-  local old = tonumber(redis.call('HGET', KEYS[3], 'pause_until'))
-  if not old or old < until_ms then redis.call('HSET', KEYS[3], 'pause_until', fmt(until_ms)) end
+  local until_ms = clock() + retry_after
+  local old = redis.call('HMGET', KEYS[3], 'pause_until', 'exp')
+  if (tonumber(old[1]) or 0) < until_ms then
+    ctl_write(tonumber(old[2]), 'pause_until', fmt(until_ms))
+  end
 end
 
 local held, acquired, at_in_flight = 0, nil, 0
-if removed == 1 and rec then
-  local _, a, f = string.match(rec, '^(%S+) (%S+) ?(%S*)$')
-  acquired = tonumber(a) or now
+if removed == 1 then
+  local _, _, a, f = string.match(id, '^(.*)%.(%d+)%.(%d+)%.(%d+)$')
+  acquired = tonumber(a)
   at_in_flight = tonumber(f) or 0
-  held = now - acquired
-  local old = tonumber(redis.call('HGET', KEYS[3], 'hold_ms'))
+end
+if acquired and acquired % 16 == 0 then
+  held = clock() - acquired
+  local old = redis.call('HMGET', KEYS[3], 'hold_ms', 'exp')
   local ewma = held
-  if old then ewma = old * 0.8 + held * 0.2 end
-  redis.call('HSET', KEYS[3], 'hold_ms', fmt(ewma))
+  if tonumber(old[1]) then ewma = tonumber(old[1]) * 0.8 + held * 0.2 end
+  ctl_write(tonumber(old[2]), 'hold_ms', fmt(ewma))
+elseif acquired and (ARGV[5] == '1' or ARGV[13] == '1') then
+  held = clock() - acquired
 end
 
 -- Adaptive limit (AIMD): one cut per congestion event, i.e. only signals from calls admitted
@@ -64,13 +89,15 @@ end
 -- interval), not per call. The breaker below sees the caller's outcome, not these rewrites.
 local cap = 0
 local verdict = outcome
-if ARGV[4] == '1' and acquired then
-  local max_cap, min_cap, init_cap = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-  local increase, decrease = tonumber(ARGV[8]), tonumber(ARGV[9])
-  local probe_base, target = tonumber(ARGV[10]), tonumber(ARGV[11])
+if ARGV[5] == '1' and acquired then
+  clock()
+  local max_cap, min_cap, init_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local increase, decrease = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local probe_base, target = tonumber(ARGV[11]), tonumber(ARGV[12])
   local function bounded(x) return math.min(max_cap, math.max(min_cap, x)) end
   local s = redis.call('HMGET', KEYS[3], 'cap', 'ceiling', 'probe_ms', 'probe_after',
-                       'last_cut', 'rate_factor', 'last_rate_cut', 'rate_at', 'lat_n', 'lat_slow')
+                       'last_cut', 'rate_factor', 'last_rate_cut', 'rate_at', 'lat_n', 'lat_slow',
+                       'exp')
   -- Whatever is stored (an older version, a changed config), the cap stays in [min, max]
   -- and a remembered failed level only means something strictly above min.
   cap = bounded(tonumber(s[1]) or init_cap)
@@ -132,20 +159,25 @@ if ARGV[4] == '1' and acquired then
       redis.call('HSET', KEYS[3], 'rate_factor', string.format('%.5f', factor), 'rate_at', fmt(now))
     end
   end
+  local keep = {}
+  local refresh = ctl_expiry(keep, tonumber(s[11]), now, now)
+  if refresh then
+    redis.call('HSET', KEYS[3], unpack(keep))
+    redis.call('PEXPIRE', KEYS[3], refresh)
+  end
 end
--- Control state is learned, not configured: forgotten after a day without calls.
-redis.call('PEXPIRE', KEYS[3], STATE_TTL_MS)
 
 -- Circuit breaker: the probe's result closes or re-opens; otherwise count the call in a
 -- sliding window (current + weighted previous) and open on the failure rate.
 local transition = ''
-if ARGV[12] == '1' then
-  local rate_limit, min_calls, window = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+if ARGV[13] == '1' then
+  clock()
+  local rate_limit, min_calls, window = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   local failed = verdict == 'fail' or verdict == 'overload'
-  if ARGV[16] == '1' and (verdict == 'congestion' or verdict == 'rate') then failed = true end
+  if ARGV[17] == '1' and (verdict == 'congestion' or verdict == 'rate') then failed = true end
   local counts = failed or verdict == 'ok'
   local b = redis.call('HMGET', KEYS[5], 'state', 'probe', 'win_start', 'calls', 'failures',
-                       'prev_calls', 'prev_failures', 'forced')
+                       'prev_calls', 'prev_failures', 'forced', 'exp')
   local function reset_counts(state)
     redis.call('HSET', KEYS[5], 'state', state, 'opened_at', fmt(now), 'win_start', fmt(now),
                'calls', 0, 'failures', 0, 'prev_calls', 0, 'prev_failures', 0)
@@ -179,8 +211,11 @@ if ARGV[12] == '1' then
                  'prev_calls', pcalls, 'prev_failures', pfails)
     end
   end
-  -- An operator's override lasts until lifted; the breaker's own state expires when idle.
-  if not b[8] and redis.call('EXISTS', KEYS[5]) == 1 then
+  -- An operator's override lasts until lifted; the breaker's own state expires when idle
+  -- (its TTL refreshed twice a day, as ctl's: "exp" says when it runs out).
+  if not b[8] and (b[2] == id or (b[1] ~= 'open' and counts))
+      and (tonumber(b[9]) or 0) < now + STATE_TTL_MS / 2 then
+    redis.call('HSET', KEYS[5], 'exp', fmt(now + STATE_TTL_MS))
     redis.call('PEXPIRE', KEYS[5], STATE_TTL_MS)
   end
 end
@@ -188,22 +223,22 @@ end
 -- The line: a release that leaves room under the in-flight cap wakes the oldest waiter
 -- (a limit with no cap has no in-flight waiters: its line moves on admissions).
 if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, 16)
+  local dead = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', clock(), 'LIMIT', 0, 16)
   if #dead > 0 then
     redis.call('ZREM', KEYS[4], unpack(dead))
     redis.call('ZREM', KEYS[6], unpack(dead))
   end
-  local limit_cap = tonumber(ARGV[17])
-  if ARGV[4] == '1' then
+  local limit_cap = tonumber(ARGV[18])
+  if ARGV[5] == '1' then
     local c = cap
-    if c <= 0 then c = tonumber(redis.call('HGET', KEYS[3], 'cap')) or tonumber(ARGV[7]) end
+    if c <= 0 then c = tonumber(redis.call('HGET', KEYS[3], 'cap')) or tonumber(ARGV[8]) end
     c = math.max(1, math.floor(c))
     if limit_cap == 0 or c < limit_cap then limit_cap = c end
   end
   if limit_cap > 0 and redis.call('ZCARD', KEYS[1]) < limit_cap then
     local head = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-    if head then wake(KEYS[6], KEYS[7], head, tonumber(ARGV[18]), now + tonumber(ARGV[19])) end
+    if head then wake(KEYS[6], KEYS[7], head, tonumber(ARGV[19]), now + tonumber(ARGV[20])) end
   end
 end
 
-return {removed, fmt(now), math.floor(held), transition, fmt(cap)}
+return {removed, fmt(now or 0), math.floor(held), transition, fmt(cap)}

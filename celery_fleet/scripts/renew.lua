@@ -1,14 +1,14 @@
 -- renew: push the expiry of live leases forward (the holder is alive and still working),
 -- and re-assert leases that Redis forgot.
 --
--- KEYS[1]  leases   zset   lease id -> expiry (ms)
--- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
+-- KEYS[1]  leases   zset   lease -> expiry (ms); a lease carries its own record (acquire.lua)
+-- KEYS[2]  settled  hash   lease -> tokens it was settled to
 -- KEYS[3]  breaker  hash   probe, probe_until: a live half-open probe keeps its claim too
 -- KEYS[4]  ctl      hash   cap: the adaptive in-flight cap
 -- ARGV[1]  lease TTL (ms)
 -- ARGV[2]  max_in_flight (0 = no cap)
 -- ARGV[3]  adaptive initial cap (0 = not adaptive: ctl.cap is ignored)
--- ARGV[4..] pairs: lease id, tokens it reserved
+-- ARGV[4..] pairs: lease, tokens it holds now (after any settle)
 --
 -- The client only sends leases it renewed within their TTL by its own clock, so a lease
 -- that is missing here was not taken by expiry: Redis lost it (restarted empty, flushed,
@@ -41,15 +41,19 @@ for i = 4, #ARGV, 2 do
   elseif not score and (cap == 0 or live < cap) then
     live = live + 1
     redis.call('ZADD', KEYS[1], expiry, id)
-    redis.call('HSET', KEYS[2], id, tokens .. ' ' .. now_s .. ' ' .. live)
+    if string.match(id, '%.(%d+)%.%d+%.%d+$') ~= tokens then
+      redis.call('HSET', KEYS[2], id, tokens)
+    end
     restored[#restored + 1] = id
   else
     lost[#lost + 1] = id
   end
 end
-if #lost < (#ARGV - 3) / 2 and redis.call('PTTL', KEYS[1]) < ttl + 1000 then
-  redis.call('PEXPIRE', KEYS[1], ttl + 1000)
-  redis.call('PEXPIRE', KEYS[2], ttl + 1000)
+-- The keys live at least a day (see acquire.lua) and at least as long as a live lease.
+local keep = math.max(86400000, ttl + 1000)
+if #lost < (#ARGV - 3) / 2 and redis.call('PTTL', KEYS[1]) < keep / 2 then
+  redis.call('PEXPIRE', KEYS[1], keep)
+  if redis.call('PTTL', KEYS[2]) >= 0 then redis.call('PEXPIRE', KEYS[2], keep) end
 end
 lost[#lost + 1] = '+'
 for _, id in ipairs(restored) do lost[#lost + 1] = id end

@@ -1,9 +1,9 @@
 -- settle: replace a lease's token reservation by the actual usage.
 --
--- KEYS[1]  gcra     hash   window field -> theoretical arrival time (ms)
--- KEYS[2]  holders  hash   lease id -> "<reserved tokens> <acquired at ms> <in flight then>"
--- KEYS[3]  leases   zset   lease id -> expiry (ms): says whether the lease is still held
--- ARGV[1]  lease id
+-- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms), exp (see _ctl.lua)
+-- KEYS[2]  settled  hash   lease -> tokens it was settled to (absent: what the lease reserved)
+-- KEYS[3]  leases   zset   lease -> expiry (ms): says whether the lease is still held
+-- ARGV[1]  lease ("<id>.<reserved tokens>.<acquired ms>.<in flight then>", see acquire.lua)
 -- ARGV[2]  actual tokens used
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)
 -- ARGV[4]  number of token windows n, then n triples: field, emission interval T (ms),
@@ -17,24 +17,24 @@
 -- tokens are never counted twice. Everything is computed before the first write.
 --
 -- Reply: {known, delta, now, held}
---   known 1: settled against the lease's own record; 0: the record was gone, settled
---   against the client's figure. held 1: the lease is live (not expired) right now.
+--   known 1: settled against the lease's own record; 0: the lease was gone (released or
+--   expired), settled against the client's figure. held 1: the lease is live right now.
 -- Time unit: milliseconds, Redis TIME.
+
+--#include _ctl
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local id = ARGV[1]
 local actual = tonumber(ARGV[2])
-local rec = redis.call('HGET', KEYS[2], id)
 local reserved = tonumber(ARGV[3])
-local acquired = nil
-local known = 0
-if rec then
-  reserved = tonumber(string.match(rec, '^(%S+)'))
-  acquired = string.match(rec, ' (.+)$')
-  known = 1
-end
 local score = tonumber(redis.call('ZSCORE', KEYS[3], id))
+local known = 0
+if score then
+  known = 1
+  reserved = tonumber(redis.call('HGET', KEYS[2], id)) or tonumber(string.match(id, '%.(%d+)%.%d+%.%d+$'))
+    or reserved
+end
 local held = 0
 if score and score > now then held = 1 end
 local delta = actual - reserved
@@ -43,6 +43,7 @@ local hset, horizon = {}, now
 if delta ~= 0 and nwin > 0 then
   local fields = {}
   for i = 1, nwin do fields[i] = ARGV[2 + 3 * i] end
+  fields[nwin + 1] = 'exp'
   local tats = redis.call('HMGET', KEYS[1], unpack(fields))
   for i = 1, nwin do
     local emission, furthest = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
@@ -53,13 +54,13 @@ if delta ~= 0 and nwin > 0 then
     hset[#hset + 1] = fields[i]
     hset[#hset + 1] = string.format('%.3f', new_tat)
   end
-end
-if #hset > 0 then
+  local refresh = ctl_expiry(hset, tonumber(tats[nwin + 1]), now, horizon)
   redis.call('HSET', KEYS[1], unpack(hset))
-  local need = math.ceil(horizon - now) + 1000
-  if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], need) end
+  if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 end
 if known == 1 then
-  redis.call('HSET', KEYS[2], id, actual .. ' ' .. acquired)
+  -- Kept until the release (or the sweep of an expired lease) drops it; the TTL is a backstop.
+  redis.call('HSET', KEYS[2], id, actual)
+  redis.call('PEXPIRE', KEYS[2], 86400000)
 end
 return {known, delta, string.format('%.3f', now), held}

@@ -1,0 +1,265 @@
+"""The lean hot path (issue 9): few Redis commands per decision, coalesced round trips,
+leases that carry their own record, a keeper thread that outlives one slot, slot.next().
+
+Command counts come from INFO commandstats of a private redis-server (nobody else's calls
+in it), so they are exact, not timings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_fleet import Fleet, keeper
+from celery_fleet.batch import Combiner, Packed
+from celery_fleet.errors import FleetError, StoreUnavailable
+from celery_fleet.testing.redis_server import RedisServer, find_binary
+
+MakeFleet = Callable[..., Fleet]
+
+BENCH = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[RedisServer]:
+    try:
+        binary = find_binary(install=False)
+    except Exception:  # pragma: no cover - the machine has no redis-server
+        pytest.skip("no redis-server binary to start a private Redis")
+    with RedisServer(binary) as server:
+        yield server
+
+
+def _commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+def _per_decision(server: RedisServer, fleet: Fleet, n: int, tokens: int = 100) -> dict[str, float]:
+    client = redis.Redis.from_url(server.url)
+    for _ in range(20):  # scripts loaded, keys created
+        fleet.release(fleet.try_acquire("llm", tokens=tokens))
+    holder = fleet.try_acquire("llm", tokens=tokens)  # at saturation: the cap is in use
+    before = _commands(client)
+    for _ in range(n):
+        decision = fleet.try_acquire("llm", tokens=tokens)
+        assert decision
+        fleet.release(decision)
+    after = _commands(client)
+    fleet.release(holder)
+    client.close()
+    return {
+        k: (after[k] - before.get(k, 0)) / n
+        for k in after
+        if k != "info" and after[k] != before.get(k, 0)
+    }
+
+
+def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> None:
+    fleet = Fleet(redis_url=private.url, namespace="hot", limits={"llm": BENCH})
+    per = _per_decision(private, fleet, 800)
+    assert sum(per.values()) <= 10.0, per
+    # the shape of it: two EVALSHA, one clock, one read and one write of the state
+    assert per["evalsha"] == 2 and per["time"] < 1.2 and per["hmget"] < 1.2, per
+    assert "pttl" not in per and "hdel" not in per and per.get("pexpire", 0) < 0.01, per
+
+
+def test_a_breaker_and_adaptive_limit_pays_only_for_what_it_uses(private: RedisServer) -> None:
+    limits = {"llm": {**BENCH, "max_in_flight": 1000, "adaptive": True, "breaker": True}}
+    fleet = Fleet(redis_url=private.url, namespace="hot-full", limits=limits)
+    per = _per_decision(private, fleet, 400)
+    # + the breaker read and its window count, + the AIMD read and write: still bounded
+    assert sum(per.values()) <= 16.0, per
+    assert per.get("exists", 0) == 0 and per.get("pexpire", 0) < 0.01, per
+
+
+def test_a_lease_carries_its_record_and_settled_records_go_with_the_release(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"tpm": 60_000, "max_in_flight": 4}})
+    keys = fleet.admission.keys("llm")
+    d = fleet.try_acquire("llm", tokens=300)
+    ticket, tokens, acquired, in_flight = d.lease_id.rsplit(".", 3)  # type: ignore[union-attr]
+    assert len(ticket) == 24 and tokens == "300" and in_flight == "1"
+    assert abs(int(acquired) - d.at_ms) < 1
+    assert fleet.settle(d, 500) == 200
+    assert rclient.hget(keys.settled, d.lease_id) == b"500"  # type: ignore[arg-type]
+    assert fleet.settle(d, 500) == 0  # the record wins: never counted twice
+    fleet.release(d)
+    assert not rclient.exists(keys.settled) and not rclient.exists(keys.leases)
+
+
+def test_the_sweep_of_expired_leases_drops_their_settled_records(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"tool": {"max_in_flight": 1, "lease": 1, "tpm": 60_000}})
+    keys = fleet.admission.keys("tool")
+    dead = fleet.try_acquire("tool", tokens=10)
+    fleet.settle(dead, 20)  # then its holder dies: never released
+    assert rclient.hexists(keys.settled, dead.lease_id)  # type: ignore[arg-type]
+    time.sleep(1.05)
+    assert fleet.try_acquire("tool", tokens=10)  # the cap was reached: the sweep ran
+    assert not rclient.hexists(keys.settled, dead.lease_id)  # type: ignore[arg-type]
+
+
+def test_state_ttls_are_set_when_due_not_on_every_call(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"rpm": 6000, "max_in_flight": 4}})
+    keys = fleet.admission.keys("llm")
+    d = fleet.try_acquire("llm")
+    day = 86_400_000
+    assert day - 5_000 < rclient.pttl(keys.ctl) <= day + 1_000
+    assert day - 5_000 < rclient.pttl(keys.leases) <= day
+    rclient.pexpire(keys.ctl, 60_000)  # as if set long ago: the "exp" field still says fine
+    fleet.release(fleet.try_acquire("llm"))
+    assert rclient.pttl(keys.ctl) <= 60_000  # not refreshed: nothing was due
+    rclient.hset(keys.ctl, "exp", 0)  # now it is due
+    fleet.release(fleet.try_acquire("llm"))
+    assert rclient.pttl(keys.ctl) > day - 5_000
+    fleet.release(d)
+
+
+# -- coalescing -----------------------------------------------------------------------------
+
+
+class _Gate:
+    """Holds the first round trip on the wire until released, so others queue behind it."""
+
+    def __init__(self, combiner: Combiner) -> None:
+        self.sizes: list[int] = []
+        self.entered = threading.Event()
+        self.go = threading.Event()
+        real = combiner._round_trip
+
+        def round_trip(batch: list[Any]) -> None:
+            self.sizes.append(sum(len(c.commands) for c in batch))
+            if len(self.sizes) == 1:
+                self.entered.set()
+                self.go.wait(10)
+            real(batch)
+
+        combiner._round_trip = round_trip  # type: ignore[method-assign]
+
+
+def test_calls_made_while_the_wire_is_busy_share_one_round_trip(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": BENCH})
+    fleet.release(fleet.try_acquire("llm"))
+    gate = _Gate(fleet.store.combiner)
+    results: list[Any] = []
+
+    def ask() -> None:
+        results.append(fleet.try_acquire("llm", tokens=1))
+
+    first = threading.Thread(target=ask)
+    first.start()
+    assert gate.entered.wait(5)
+    others = [threading.Thread(target=ask) for _ in range(15)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(fleet.store.combiner._queue) < 15 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    gate.go.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert gate.sizes == [1, 15]  # sixteen decisions, two round trips
+    assert len(results) == 16 and all(results)
+    assert len({d.lease_id for d in results}) == 16  # each caller got its own answer
+    for d in results:
+        fleet.release(d)
+
+
+def test_an_error_answers_only_its_own_caller(make_fleet: MakeFleet, redis_url: str) -> None:
+    fleet = make_fleet({"llm": BENCH})
+    store = fleet.store
+    good = fleet.admission.acquire_command("llm", 1, "a" * 24)
+    bad = ("acquire", Packed("acquire", "0" * 40, ["k"], 0, []).pack())  # unknown script
+    with pytest.raises(FleetError):
+        store.send(good, bad)
+    replies = store.combiner.send([good, bad])
+    assert isinstance(replies[1], redis.ResponseError)
+    assert replies[0][0] == 1  # admitted, whatever happened to the other
+
+
+def test_scripts_lost_by_redis_are_loaded_again_within_the_batch(
+    private: RedisServer,
+) -> None:
+    fleet = Fleet(redis_url=private.url, namespace="flush", limits={"llm": BENCH})
+    fleet.release(fleet.try_acquire("llm"))
+    redis.Redis.from_url(private.url).script_flush()
+    d = fleet.try_acquire("llm")
+    assert d
+    fleet.release(d)
+
+
+def test_a_dead_redis_fails_every_call_of_the_round_trip_cleanly() -> None:
+    from celery_fleet.testing.redis_server import free_port
+
+    fleet = Fleet(redis_url=f"redis://127.0.0.1:{free_port()}/0", limits={"llm": BENCH})
+    with pytest.raises(StoreUnavailable):
+        fleet.try_acquire("llm")
+    with pytest.raises(StoreUnavailable):
+        fleet.store.send(fleet.admission.acquire_command("llm", 1, "b" * 24))
+
+
+# -- keeper and next() ----------------------------------------------------------------------
+
+
+def test_the_keeper_thread_outlives_a_short_slot(
+    make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = make_fleet({"llm": BENCH})
+    with fleet.slot("llm"):
+        pass
+    thread = fleet.keeper._thread
+    assert thread is not None and thread.is_alive()
+    for _ in range(20):
+        with fleet.slot("llm"):
+            pass
+    assert fleet.keeper._thread is thread  # no new thread per slot
+    monkeypatch.setattr(keeper, "IDLE_EXIT_S", 0.0)
+    fleet.keeper._wake.set()
+    thread.join(5)
+    assert not thread.is_alive() and fleet.keeper._thread is None
+
+
+def test_next_releases_and_acquires_in_one_round_trip(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"tpm": 60_000, "max_in_flight": 2}})
+    sizes: list[int] = []
+    combiner = fleet.store.combiner
+    real = combiner._round_trip
+
+    def counting(batch: list[Any]) -> None:
+        sizes.append(sum(len(c.commands) for c in batch))
+        real(batch)
+
+    combiner._round_trip = counting  # type: ignore[method-assign]
+    with fleet.slot("llm", tokens=100) as slot:
+        first = slot.lease_id
+        assert slot.next(tokens=300) is slot
+        assert slot.lease_id != first and slot.tokens == 300
+        assert sizes == [1, 2]  # enter; then release + acquire together
+        leases = rclient.zrange(fleet.admission.keys("llm").leases, 0, -1)
+        assert leases == [slot.lease_id.encode()]  # type: ignore[union-attr]
+    assert fleet.admission.in_flight("llm") == 0
+
+
+def test_next_waits_its_turn_when_the_next_admission_is_refused(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 600, "burst": 1 / 600, "max_in_flight": 1}})
+    with fleet.slot("llm", max_wait=5) as slot:
+        assert slot.attempts == 1
+        slot.next()  # the one-call burst is spent: refused for ~100 ms, then admitted
+        assert slot.attempts == 2 and slot.waited_s > 0.05
+        assert fleet.admission.in_flight("llm") == 1
+    assert fleet.admission.in_flight("llm") == 0
+    with fleet.slot("llm", max_wait=5) as slot, pytest.raises(FleetError, match="held slot"):
+        slot.release()
+        slot.next()
