@@ -110,6 +110,8 @@ class Combiner:
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
         self._busy = False
+        self._conn: Any = None
+        self._conn_of: redis.Redis | None = None
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads')
@@ -150,18 +152,25 @@ class Combiner:
                 else:
                     self._busy = False
 
-    def _round_trip(self, batch: list[_Call]) -> None:
+    def _connection(self) -> tuple[redis.Redis, Any]:
+        """The client, and the one connection this combiner writes on (only the carrier of
+        a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
+        than a round trip's own client work)."""
         client = self._client()
-        pool = client.connection_pool
-        conn = pool.get_connection()
+        if self._conn is None or self._conn_of is not client:
+            pool = client.connection_pool
+            self._conn = pool.connection_class(**pool.connection_kwargs)
+            self._conn_of = client
+        return client, self._conn
+
+    def _round_trip(self, batch: list[_Call]) -> None:
+        client, conn = self._connection()
         try:
             for call in batch:
                 call.replies = [None] * len(call.commands)
             todo = [(call, i) for call in batch for i in range(len(call.commands))]
             for attempt in range(2):  # the second only for commands whose script Redis lost
-                conn.send_packed_command(  # type: ignore[no-untyped-call]
-                    [b"".join(c.commands[i][1] for c, i in todo)]
-                )
+                conn.send_packed_command([b"".join(c.commands[i][1] for c, i in todo)])
                 missing: dict[str, None] = {}
                 for call, i in todo:
                     try:
@@ -178,9 +187,7 @@ class Combiner:
             for call in batch:
                 call.finished = True
         except redis.RedisError as exc:
-            conn.disconnect()  # type: ignore[no-untyped-call]
+            conn.disconnect()  # the next round trip connects again
             for call in batch:
                 call.replies = [exc] * len(call.commands)
                 call.finished = True
-        finally:
-            pool.release(conn)

@@ -84,7 +84,7 @@ def test_a_lease_carries_its_record_and_settled_records_go_with_the_release(
     fleet = make_fleet({"llm": {"tpm": 60_000, "max_in_flight": 4}})
     keys = fleet.admission.keys("llm")
     d = fleet.try_acquire("llm", tokens=300)
-    ticket, tokens, acquired, in_flight = d.lease_id.rsplit(".", 3)  # type: ignore[union-attr]
+    acquired, in_flight, tokens, ticket = d.lease_id.split(".", 3)  # type: ignore[union-attr]
     assert len(ticket) == 24 and tokens == "300" and in_flight == "1"
     assert abs(int(acquired) - d.at_ms) < 1
     assert fleet.settle(d, 500) == 200

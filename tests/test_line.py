@@ -45,7 +45,7 @@ def test_a_newcomer_does_not_pass_a_waiting_ticket(make_fleet: MakeFleet) -> Non
     b = fleet.admission.try_acquire("m", lease_id="b" * 24)
     assert not b and b.reason == "queued" and b.ahead == 1
     a = fleet.admission.try_acquire("m", lease_id="a" * 24, join=True)
-    assert a and a.lease_id and a.lease_id.startswith("a" * 24 + ".") and a.line == 0
+    assert a and a.lease_id and a.lease_id.endswith("." + "a" * 24) and a.line == 0
     assert fleet.line("m") == []
 
 

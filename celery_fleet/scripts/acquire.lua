@@ -8,7 +8,7 @@
 --                          (sampled EWMA); line_until (ms: the line may be non-empty until
 --                          then); exp (ms: when the hash's TTL runs out, refreshed twice a day)
 -- KEYS[2]  leases   zset   lease -> expiry (ms); the in-flight semaphore. A lease names its own
---                          record: "<id>.<tokens>.<acquired ms>.<in flight then>"
+--                          record: "<acquired ms>.<in flight then>.<tokens>.<id>"
 -- KEYS[3]  line     zset   ticket id -> order key (lane * 2^42 + first-asked ms): the waiters
 -- KEYS[4]  breaker  hash   state ("open"), opened_at, forced ("open"/"closed"), probe, probe_until
 -- KEYS[5]  waiting  zset   ticket id -> expiry (ms): a ticket is a lease on a place in line
@@ -16,45 +16,42 @@
 --                    share the limit's hash tag (so the slot is KEYS[6]'s); which ticket to
 --                    wake is only known in here, hence a prefix rather than a full key.
 -- KEYS[7]  settled  hash   lease -> tokens it was settled to (only leases settled so far)
--- ARGV[1]  id: the caller's ticket while it waits, and the first part of its lease
+-- ARGV[1]  id: the caller's ticket while it waits, and the last part of its lease
 -- ARGV[2]  tokens this call reserves (cost in every "t:" window; "r:" windows cost 1)
 -- ARGV[3]  order: first-asked time (ms, Redis clock; 0 = now), the caller's age in line
 -- ARGV[4]  join: 1 = a refused caller takes (or keeps) a ticket; 0 = ask once, no ticket
 -- ARGV[5]  lane (0 for now: the order key leaves room for priority lanes)
--- ARGV[6]  lease TTL (ms)
--- ARGV[7]  max_in_flight (0 = no cap)
--- ARGV[8]  adaptive initial cap (0 = not adaptive: ctl.cap and rate_factor are ignored)
--- ARGV[9]  breaker reset timeout (ms; 0 = no breaker)
--- ARGV[10] ticket TTL (ms): a waiter that stops asking loses its ticket after this
--- ARGV[11] wake grace (ms): a woken ticket that does not ask within this is dropped
--- ARGV[12] number of windows n, then n triples: field, emission interval T (ms), tolerance tau (ms)
+-- ARGV[6]  the limit's constants as little-endian doubles (struct.unpack: one call instead of
+--          a tonumber per argument): lease TTL (ms); max_in_flight (0 = no cap); adaptive
+--          initial cap (0 = not adaptive: ctl.cap and rate_factor are ignored); breaker reset
+--          timeout (ms; 0 = no breaker); ticket TTL (ms: a waiter that stops asking loses
+--          its ticket after this); wake grace (ms: a woken ticket that does not ask within
+--          this is dropped); the number of windows n; then per window its emission interval
+--          T (ms) and tolerance tau (ms)
+-- ARGV[7..6+n] the windows' fields ("r:60", "t:86400")
 --
 -- Reply: {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
 --        {0, wait_ms, reason, in_flight, now, 0, ahead, line}     refused, nothing consumed
 -- reason: "circuit_open", "paused", "in_flight", "queued" (a budget is free but older tickets
 -- come first) or the refusing window's field. ahead: tickets before the caller's place; line:
 -- tickets waiting. wait_ms is an integer (ceil), an estimate for "in_flight" and "queued";
--- now is Redis TIME in ms as a string. Time unit: milliseconds.
+-- now is Redis TIME in microseconds (an integer). Time unit: milliseconds.
 --
 -- Cost: the admitted path with nobody waiting and no breaker is TIME, one HMGET, ZCARD,
 -- HSET, ZADD. Expired leases are swept only when they could matter (the cap is reached, or
 -- a cap-less limit holds many), and TTLs are refreshed only when due.
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = now_us / 1000
 local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
 local join = ARGV[4] == '1'
 local lane = tonumber(ARGV[5])
-local ttl = tonumber(ARGV[6])
-local max_in_flight = tonumber(ARGV[7])
-local init_cap = tonumber(ARGV[8])
-local reset_ms = tonumber(ARGV[9])
-local ticket_ttl = tonumber(ARGV[10])
-local grace = tonumber(ARGV[11])
-local nwin = tonumber(ARGV[12])
-local now_s = string.format('%.3f', now)
+local consts = ARGV[6]
+local ttl, max_in_flight, init_cap, reset_ms, ticket_ttl, grace, nwin =
+  struct.unpack('<ddddddd', consts)
 local MAX_WAIT_MS = 2 ^ 50
 local BIG = 2 ^ 50
 -- A cap-less limit sweeps expired leases once it holds this many (a capped one at its cap).
@@ -85,12 +82,22 @@ if reset_ms > 0 then
   end
 end
 
--- One read of all the state: the fixed fields, then each window's arrival time.
-local fields = {'pause_until', 'cap', 'hold_ms', 'rate_factor', 'provider_factor',
-                'provider_factor_until', 'line_until', 'exp'}
+-- One read of all the state: the fixed fields, then each window's arrival time. Fields
+-- only an adaptive limit, or a capped one, uses are read only by those (each costs).
+local fields = {'pause_until', 'provider_factor', 'provider_factor_until', 'line_until', 'exp'}
+local I_CAP, I_RATE, I_HOLD = 0, 0, 0
+if init_cap > 0 then
+  fields[#fields + 1] = 'cap'; I_CAP = #fields
+  fields[#fields + 1] = 'rate_factor'; I_RATE = #fields
+end
+if init_cap > 0 or max_in_flight > 0 then
+  fields[#fields + 1] = 'hold_ms'; I_HOLD = #fields
+end
 local NFIXED = #fields
-for i = 1, nwin do fields[NFIXED + i] = ARGV[10 + 3 * i] end
+for i = 1, nwin do fields[NFIXED + i] = ARGV[6 + i] end
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
+-- each window's emission interval and tolerance, from the constants
+local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
 local pause_until = tonumber(ctl[1])
 if pause_until and pause_until > now then
   refuse(pause_until - now, 'paused')
@@ -102,7 +109,7 @@ local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
 local cap = max_in_flight
 if init_cap > 0 then
-  local ctl_cap = tonumber(ctl[2]) or init_cap
+  local ctl_cap = tonumber(ctl[I_CAP]) or init_cap
   ctl_cap = math.max(1, math.floor(ctl_cap))
   if cap == 0 or ctl_cap < cap then cap = ctl_cap end
 end
@@ -118,7 +125,7 @@ end
 if cap > 0 then
   -- Nobody knows when a holder finishes: estimate from the mean hold time, never
   -- later than the first lease expiry, never a busy loop.
-  unit = math.max(1, (tonumber(ctl[3]) or 200) / cap)
+  unit = math.max(1, (tonumber(ctl[I_HOLD]) or 200) / cap)
   slack = cap - in_flight
   if in_flight >= cap then
     local hint = math.max(5, unit)
@@ -131,9 +138,9 @@ end
 -- A rate factor f < 1 stretches T to T/f and keeps tau in ms: both the rate and the burst
 -- shrink by f. It is the adaptive one, or the headers' one while it is fresh, the smaller.
 local factor = 1
-if init_cap > 0 then factor = tonumber(ctl[4]) or 1 end
-local provider_factor = tonumber(ctl[5])
-if provider_factor and (tonumber(ctl[6]) or 0) > now and provider_factor < factor then
+if init_cap > 0 then factor = tonumber(ctl[I_RATE]) or 1 end
+local provider_factor = tonumber(ctl[2])
+if provider_factor and (tonumber(ctl[3]) or 0) > now and provider_factor < factor then
   factor = provider_factor
 end
 if not (factor > 0 and factor <= 1) then factor = 1 end
@@ -142,8 +149,8 @@ local new_tats = {}
 local horizon = now
 for i = 1, nwin do
   local field = fields[NFIXED + i]
-  local emission = tonumber(ARGV[11 + 3 * i]) / factor
-  local tolerance = tonumber(ARGV[12 + 3 * i])
+  local emission = win[6 + 2 * i] / factor
+  local tolerance = win[7 + 2 * i]
   local cost = 1
   if string.sub(field, 1, 1) == 't' then cost = tokens end
   local tat = tonumber(ctl[NFIXED + i]) or now
@@ -170,7 +177,7 @@ end
 local nline = 0
 local mine = nil
 local ahead = 0
-if (tonumber(ctl[7]) or 0) > now then
+if (tonumber(ctl[4]) or 0) > now then
   nline = redis.call('ZCARD', KEYS[3])
   if nline > 0 then
     local dead = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 64)
@@ -225,9 +232,9 @@ if wait > 0 then
     end
     redis.call('ZADD', KEYS[5], now + ticket_ttl, id)
     local keep = ticket_ttl + 1000
-    local line_until = math.max(tonumber(ctl[7]) or 0, now + keep)
-    local hset = {'line_until', string.format('%.3f', line_until)}
-    local refresh = ctl_expiry(hset, tonumber(ctl[8]), now, line_until)
+    local line_until = math.max(tonumber(ctl[4]) or 0, now + keep)
+    local hset = {'line_until', line_until}
+    local refresh = ctl_expiry(hset, tonumber(ctl[5]), now, line_until)
     redis.call('HSET', KEYS[1], unpack(hset))
     if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
     if redis.call('PTTL', KEYS[3]) < keep then
@@ -236,25 +243,25 @@ if wait > 0 then
     end
   end
   -- Capped so the integer reply can never overflow, whatever a stored value says.
-  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_s, 0, ahead, nline}
+  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, 0, ahead, nline}
 end
 
 local hset = {}
 for i = 1, nwin do
   hset[#hset + 1] = fields[NFIXED + i]
-  hset[#hset + 1] = string.format('%.3f', new_tats[i])
+  hset[#hset + 1] = new_tats[i]  -- a Lua number goes to Redis as %.17g: exact
 end
-local refresh = ctl_expiry(hset, tonumber(ctl[8]), now, horizon)
+local refresh = ctl_expiry(hset, tonumber(ctl[5]), now, horizon)
 if #hset > 0 then redis.call('HSET', KEYS[1], unpack(hset)) end
 if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 
--- The lease carries its own record: reserved tokens, when, and how many were in flight.
-local lease = id .. '.' .. ARGV[2] .. '.' .. string.format('%d', math.floor(now)) .. '.' ..
-              (in_flight + 1)
+-- The lease carries its own record, first (parsed from the start, without backtracking):
+-- when it was acquired (whole ms), how many were in flight then, the tokens it reserved.
+local lease = math.floor(now) .. '.' .. (in_flight + 1) .. '.' .. ARGV[2] .. '.' .. id
 if probe == 1 then
-  redis.call('HSET', KEYS[4], 'probe', lease, 'probe_until', string.format('%.3f', now + ttl))
+  redis.call('HSET', KEYS[4], 'probe', lease, 'probe_until', now + ttl)
 end
-redis.call('ZADD', KEYS[2], string.format('%.3f', now + ttl), lease)
+redis.call('ZADD', KEYS[2], now + ttl, lease)
 -- An empty zset is deleted, so in_flight 0 means a new key: give it a TTL (a day, or the
 -- lease TTL if longer), refreshed with the state's. Releases and sweeps empty it.
 if in_flight == 0 or refresh then
@@ -273,4 +280,4 @@ if nline > 0 then
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
   wake_first(math.min(after, nline))
 end
-return {1, 0, lease, in_flight + 1, now_s, probe, 0, nline}
+return {1, 0, lease, in_flight + 1, now_us, probe, 0, nline}

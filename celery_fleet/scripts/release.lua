@@ -1,7 +1,7 @@
 -- release: give a slot back and report how the call went.
 --
--- KEYS[1]  leases   zset   lease -> expiry (ms); a lease is "<id>.<tokens>.<acquired ms>.<in
---                          flight then>" (see acquire.lua)
+-- KEYS[1]  leases   zset   lease -> expiry (ms); a lease is "<acquired ms>.<in flight then>.
+--                          <tokens>.<id>" (see acquire.lua)
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to
 -- KEYS[3]  ctl      hash   hold_ms (EWMA, sampled), pause_until, and the adaptive state: cap,
 --                          rate_factor, ceiling (in-flight level that last failed), probe_ms,
@@ -18,13 +18,13 @@
 --          neutral (nothing to learn)
 -- ARGV[3]  retry-after the provider asked for (ms; 0 = none): pauses admission fleet-wide
 -- ARGV[4]  1 = the lease was settled (drop its record from KEYS[2]), else 0
--- ARGV[5..12]  adaptive: enabled (0/1), max cap, min cap, initial cap, increase, decrease,
---              probe interval (ms), latency target (ms, 0 = none)
--- ARGV[13..17] breaker: enabled (0/1), failure rate, min calls, window (ms),
---              rate signals count as failures (0/1)
--- ARGV[18..20] line: max_in_flight (0 = no cap), ticket TTL (ms), wake grace (ms)
+-- ARGV[5]  the limit's constants, 16 little-endian doubles (struct.unpack: one call instead
+--          of a tonumber per argument): max_in_flight (0 = no cap), ticket TTL (ms), wake
+--          grace (ms); adaptive (0/1), max cap, min cap, initial cap, increase, decrease,
+--          probe interval (ms), latency target (ms, 0 = none); breaker (0/1), failure rate,
+--          min calls, window (ms), rate signals count as failures (0/1)
 --
--- Reply: {released (1/0), now, held_ms, transition ("", "open", "closed"), cap}
+-- Reply: {released (1/0), now (µs), held_ms, transition ("", "open", "closed"), cap}
 -- now and held_ms are 0 when nothing needed the clock: a plain release with nobody waiting
 -- is ZREM and ZCARD only. The mean hold time (for wait estimates) is sampled from one
 -- release in 16. ctl and breaker expire after a day without calls (an operator's forced
@@ -34,13 +34,19 @@
 local id = ARGV[1]
 local outcome = ARGV[2]
 local retry_after = tonumber(ARGV[3])
+local max_in_flight, ticket_ttl, grace, adaptive_on, max_cap, min_cap, init_cap, increase,
+      decrease, probe_base, target, breaker_on, rate_limit, min_calls, window, rate_fails =
+  struct.unpack('<dddddddddddddddd', ARGV[5])
+local adaptive = adaptive_on == 1
+local breaker = breaker_on == 1
 local removed = redis.call('ZREM', KEYS[1], id)
 if ARGV[4] == '1' then redis.call('HDEL', KEYS[2], id) end
-local now = nil
+local now, now_us = nil, 0
 local function clock()
   if not now then
     local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+    now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    now = now_us / 1000
   end
   return now
 end
@@ -67,7 +73,7 @@ end
 
 local held, acquired, at_in_flight = 0, nil, 0
 if removed == 1 then
-  local _, _, a, f = string.match(id, '^(.*)%.(%d+)%.(%d+)%.(%d+)$')
+  local a, f = string.match(id, '^(%d+)%.(%d+)%.')
   acquired = tonumber(a)
   at_in_flight = tonumber(f) or 0
 end
@@ -77,7 +83,7 @@ if acquired and acquired % 16 == 0 then
   local ewma = held
   if tonumber(old[1]) then ewma = tonumber(old[1]) * 0.8 + held * 0.2 end
   ctl_write(tonumber(old[2]), 'hold_ms', fmt(ewma))
-elseif acquired and (ARGV[5] == '1' or ARGV[13] == '1') then
+elseif acquired and (adaptive or breaker) then
   held = clock() - acquired
 end
 
@@ -89,11 +95,8 @@ end
 -- interval), not per call. The breaker below sees the caller's outcome, not these rewrites.
 local cap = 0
 local verdict = outcome
-if ARGV[5] == '1' and acquired then
+if adaptive and acquired then
   clock()
-  local max_cap, min_cap, init_cap = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-  local increase, decrease = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local probe_base, target = tonumber(ARGV[11]), tonumber(ARGV[12])
   local function bounded(x) return math.min(max_cap, math.max(min_cap, x)) end
   local s = redis.call('HMGET', KEYS[3], 'cap', 'ceiling', 'probe_ms', 'probe_after',
                        'last_cut', 'rate_factor', 'last_rate_cut', 'rate_at', 'lat_n', 'lat_slow',
@@ -170,11 +173,10 @@ end
 -- Circuit breaker: the probe's result closes or re-opens; otherwise count the call in a
 -- sliding window (current + weighted previous) and open on the failure rate.
 local transition = ''
-if ARGV[13] == '1' then
+if breaker then
   clock()
-  local rate_limit, min_calls, window = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   local failed = verdict == 'fail' or verdict == 'overload'
-  if ARGV[17] == '1' and (verdict == 'congestion' or verdict == 'rate') then failed = true end
+  if rate_fails == 1 and (verdict == 'congestion' or verdict == 'rate') then failed = true end
   local counts = failed or verdict == 'ok'
   local b = redis.call('HMGET', KEYS[5], 'state', 'probe', 'win_start', 'calls', 'failures',
                        'prev_calls', 'prev_failures', 'forced', 'exp')
@@ -228,17 +230,19 @@ if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
     redis.call('ZREM', KEYS[4], unpack(dead))
     redis.call('ZREM', KEYS[6], unpack(dead))
   end
-  local limit_cap = tonumber(ARGV[18])
-  if ARGV[5] == '1' then
+  local limit_cap = max_in_flight
+  if adaptive then
     local c = cap
-    if c <= 0 then c = tonumber(redis.call('HGET', KEYS[3], 'cap')) or tonumber(ARGV[8]) end
+    if c <= 0 then c = tonumber(redis.call('HGET', KEYS[3], 'cap')) or init_cap end
     c = math.max(1, math.floor(c))
     if limit_cap == 0 or c < limit_cap then limit_cap = c end
   end
   if limit_cap > 0 and redis.call('ZCARD', KEYS[1]) < limit_cap then
     local head = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-    if head then wake(KEYS[6], KEYS[7], head, tonumber(ARGV[19]), now + tonumber(ARGV[20])) end
+    if head then wake(KEYS[6], KEYS[7], head, ticket_ttl, now + grace) end
   end
 end
 
-return {removed, fmt(now or 0), math.floor(held), transition, fmt(cap)}
+local cap_s = 0
+if cap ~= 0 then cap_s = fmt(cap) end
+return {removed, now_us, math.floor(held), transition, cap_s}

@@ -41,7 +41,7 @@ for i = 4, #ARGV, 2 do
   elseif not score and (cap == 0 or live < cap) then
     live = live + 1
     redis.call('ZADD', KEYS[1], expiry, id)
-    if string.match(id, '%.(%d+)%.%d+%.%d+$') ~= tokens then
+    if string.match(id, '^%d+%.%d+%.(%d+)%.') ~= tokens then
       redis.call('HSET', KEYS[2], id, tokens)
     end
     restored[#restored + 1] = id

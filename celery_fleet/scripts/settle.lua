@@ -3,7 +3,7 @@
 -- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms), exp (see _ctl.lua)
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to (absent: what the lease reserved)
 -- KEYS[3]  leases   zset   lease -> expiry (ms): says whether the lease is still held
--- ARGV[1]  lease ("<id>.<reserved tokens>.<acquired ms>.<in flight then>", see acquire.lua)
+-- ARGV[1]  lease ("<acquired ms>.<in flight then>.<reserved tokens>.<id>", see acquire.lua)
 -- ARGV[2]  actual tokens used
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)
 -- ARGV[4]  number of token windows n, then n triples: field, emission interval T (ms),
@@ -32,7 +32,7 @@ local score = tonumber(redis.call('ZSCORE', KEYS[3], id))
 local known = 0
 if score then
   known = 1
-  reserved = tonumber(redis.call('HGET', KEYS[2], id)) or tonumber(string.match(id, '%.(%d+)%.%d+%.%d+$'))
+  reserved = tonumber(redis.call('HGET', KEYS[2], id)) or tonumber(string.match(id, '^%d+%.%d+%.(%d+)%.'))
     or reserved
 end
 local held = 0
