@@ -174,7 +174,7 @@ class Admission:
             name: store.packed(
                 "release",
                 [k.leases, k.settled, k.ctl, k.line, k.breaker, k.waiting, k.wake],
-                4,
+                5,
                 self._release_tail[name],
             )
             for name, k in self._keys.items()
@@ -316,17 +316,22 @@ class Admission:
         ``overload``, ``congestion``, ``rate`` or ``neutral`` (see :class:`Signal`);
         ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then (at
         most 10 minutes: a longer wait is a quota running out, not a throttle).
-        ``released`` is False when the lease had already expired; ``at_ms`` and
-        ``held_ms`` are 0 when the release needed no clock (nobody waiting, no adaptive
-        limit or breaker, and not one of the one in 16 releases that sample the hold time).
+        ``released`` is False when the lease had already expired.
         """
-        (reply,) = self.store.send(self.release_command(name, lease_id, outcome, retry_after_ms))
+        command = self.release_command(name, lease_id, outcome, retry_after_ms, clock=True)
+        (reply,) = self.store.send(command)
         return self.released(name, reply)
 
     def release_command(
-        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+        self,
+        name: str,
+        lease_id: str,
+        outcome: str = "neutral",
+        retry_after_ms: int = 0,
+        clock: bool = False,
     ) -> tuple[str, bytes]:
-        """The packed release of ``lease_id``, for :meth:`RedisStore.send`."""
+        """The packed release of ``lease_id``, for :meth:`RedisStore.send` or ``post``.
+        With ``clock`` the reply carries the Redis time and hold time (one more command)."""
         self.limit(name)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
@@ -334,7 +339,8 @@ class Admission:
         settled = b"0"
         if self._settled:
             settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
-        return ("release", self._release_cmd[name].pack(lease_id, outcome, pause, settled))
+        now = b"1" if clock else b"0"
+        return ("release", self._release_cmd[name].pack(lease_id, outcome, pause, settled, now))
 
     def released(self, name: str, reply: list[Any]) -> Release:
         """The :class:`Release` a release's reply means (listeners told of a transition)."""

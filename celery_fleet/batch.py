@@ -12,6 +12,14 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   to find the wire free carries everyone's calls that arrived meanwhile, then hands the
   wire to the next waiting caller. A lone caller pays two uncontended lock operations.
 
+- **Waiting for a reply nobody needs now.** A release's answer (was the lease still held,
+  did the breaker change) matters to nobody on the task's path. :meth:`Combiner.post`
+  writes it at once, so Redis applies it as early as a waited-for call, and returns; its
+  reply is read by the next round trip on the wire (replies come back in order), or by
+  :meth:`Combiner.drain`, and handed to a callback. A task then pays one round trip for its
+  slot, not two. Anything else this process asks Redis is ordered after posted calls
+  (:class:`~celery_fleet.store.RedisStore` drains them first).
+
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
 twice), and a script Redis no longer has (NOSCRIPT after a restart or ``SCRIPT FLUSH``) is
@@ -23,7 +31,9 @@ This module knows nothing about admission; :class:`~celery_fleet.store.RedisStor
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +41,8 @@ import redis
 from redis.exceptions import NoScriptError
 
 __all__ = ["Packed", "Combiner", "encode"]
+
+log = logging.getLogger("celery_fleet")
 
 
 def encode(value: object) -> bytes:
@@ -77,29 +89,36 @@ class Packed:
 
 
 class _Call:
-    """Some commands of one caller, sent together, and their replies or errors."""
+    """Some commands of one caller, sent together, and their replies or errors. A call
+    with a ``callback`` is posted: nobody waits for it; the callback gets its replies."""
 
-    __slots__ = ("commands", "replies", "lead", "done", "finished")
+    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback")
 
-    def __init__(self, commands: list[tuple[str, bytes]]) -> None:
+    def __init__(
+        self,
+        commands: list[tuple[str, bytes]],
+        callback: Callable[[list[Any]], None] | None = None,
+    ) -> None:
         self.commands = commands  # (script name, packed EVALSHA)
         self.replies: list[Any] = []
         self.lead = False
         self.finished = False
+        self.callback = callback
         self.done = threading.Lock()
         self.done.acquire()  # released by whoever carried this call (or hands it the wire)
 
-    def result(self) -> list[Any]:
-        return self.replies
+    def fail(self, error: BaseException) -> None:
+        self.replies = [error] * len(self.commands)
+        self.finished = True
 
 
 class Combiner:
     """Sends a process's packed script calls, coalescing those made at the same time.
 
-    ``client`` returns this process's redis-py client (its pool lends the connection);
-    ``load(script)`` loads a script's source after NOSCRIPT. Replies are returned in the
-    order of the commands; an error reply is returned as the exception instance (raising is
-    the caller's choice), a lost connection raises for the whole call.
+    ``client`` returns this process's redis-py client (its connection settings are used for
+    the combiner's own connection); ``load(client, script)`` loads a script's source after
+    NOSCRIPT. Replies are returned in the order of the commands; an error reply is returned
+    as the exception instance (raising is the caller's choice).
     """
 
     def __init__(
@@ -112,6 +131,11 @@ class Combiner:
         self._busy = False
         self._conn: Any = None
         self._conn_of: redis.Redis | None = None
+        #: Posted calls written to the wire whose replies are not read yet, in wire order.
+        self._unread: list[_Call] = []
+        self._unread_since = 0.0
+        #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
+        self._loaded: set[str] = set()
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads')
@@ -123,34 +147,78 @@ class Combiner:
         if waiting:
             me.done.acquire()
             if not me.lead:
-                return me.result()
+                return me.replies
         self._carry()
-        return me.result()
+        return me.replies
+
+    def post(
+        self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
+    ) -> bool:
+        """Write ``commands`` now (or with the round trip on the wire) and return without
+        waiting; ``callback(replies)`` runs in whichever thread reads them later.
+
+        False, with nothing sent, while a script of theirs has not answered on this wire
+        yet: the caller should :meth:`send` instead (so a posted call never meets NOSCRIPT
+        on a fresh connection).
+        """
+        if not all(script in self._loaded for script, _packed in commands):
+            return False
+        call = _Call(commands, callback)
+        with self._lock:
+            self._queue.append(call)
+            waiting, self._busy = self._busy, True
+        if not waiting:
+            self._carry()
+        return True
+
+    def pending(self) -> float:
+        """How long (s, monotonic) the oldest posted reply has waited to be read; 0 if none."""
+        return time.monotonic() - self._unread_since if self._unread else 0.0
+
+    def drain(self) -> None:
+        """Read the replies of every posted call now (their callbacks run)."""
+        if self._unread or any(c.callback for c in list(self._queue)):
+            self.send([])  # waits its turn, and reads everything written before it
 
     def _carry(self) -> None:
-        """Take every queued call, send them in one round trip, then pass the wire on."""
-        with self._lock:
-            batch, self._queue = self._queue, []
-        error: BaseException | None = None
+        """Send every queued call in one round trip, then pass the wire on to a caller that
+        waits (one carries at most one batch of its own), carrying posted calls itself."""
+        answered: list[_Call] = []
         try:
-            self._round_trip(batch)
-        except BaseException as exc:  # the callers in the batch must not wait forever
-            error = exc
-            raise
+            while True:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                error: BaseException | None = None
+                try:
+                    answered += self._round_trip(batch)
+                except BaseException as exc:  # the callers in the batch must not wait forever
+                    error = exc
+                    raise
+                finally:
+                    for call in batch:
+                        if not call.finished and call not in self._unread:
+                            call.fail(error or RuntimeError("celery-fleet: call not sent"))
+                            answered.append(call)
+                        call.done.release()
+                    with self._lock:
+                        heir = next((c for c in self._queue if c.callback is None), None)
+                        if heir is not None:  # a waiting caller carries the rest
+                            heir.lead = True
+                            heir.done.release()
+                        elif not self._queue or error is not None:
+                            self._busy = False  # a later caller carries what is left
+                        more = heir is None and bool(self._queue) and error is None
+                if not more:
+                    break
+                # only posted calls are queued, and nobody waits to carry them: carry on
         finally:
-            for call in batch:
-                if not call.finished:
-                    lost = error or RuntimeError("celery-fleet: call not sent")
-                    call.replies = [lost] * len(call.commands)
-                    call.finished = True
-                call.done.release()
-            with self._lock:
-                if self._queue:
-                    heir = self._queue[0]
-                    heir.lead = True
-                    heir.done.release()
-                else:
-                    self._busy = False
+            # Off the wire: a callback may itself call Redis.
+            for call in answered:
+                if call.callback is not None:
+                    try:
+                        call.callback(call.replies)
+                    except Exception:  # never into the unrelated caller that read it
+                        log.exception("celery-fleet: handling a posted reply failed")
 
     def _connection(self) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
@@ -161,33 +229,84 @@ class Combiner:
             pool = client.connection_pool
             self._conn = pool.connection_class(**pool.connection_kwargs)
             self._conn_of = client
+            self._unread, self._loaded = [], set()
         return client, self._conn
 
-    def _round_trip(self, batch: list[_Call]) -> None:
+    def _round_trip(self, batch: list[_Call]) -> list[_Call]:
+        """Write ``batch``, then read replies up to the last call someone waits for; posted
+        calls after it stay unread. Returns the posted calls answered here."""
         client, conn = self._connection()
+        self._check(conn)  # before taking the unread ones: their replies are due
+        pending = self._unread + batch  # wire order: the unread ones were written before
+        self._unread = []
+        answered: list[_Call] = []
         try:
-            for call in batch:
-                call.replies = [None] * len(call.commands)
-            todo = [(call, i) for call in batch for i in range(len(call.commands))]
-            for attempt in range(2):  # the second only for commands whose script Redis lost
-                conn.send_packed_command([b"".join(c.commands[i][1] for c, i in todo)])
-                missing: dict[str, None] = {}
-                for call, i in todo:
-                    try:
-                        call.replies[i] = conn.read_response()
-                    except redis.ResponseError as exc:
-                        call.replies[i] = exc
-                        if isinstance(exc, NoScriptError) and attempt == 0:
-                            missing[call.commands[i][0]] = None
-                todo = [(c, i) for c, i in todo if c.commands[i][0] in missing]
-                if not todo:
-                    break
-                for script in missing:
-                    self._load(client, script)
-            for call in batch:
+            data = b"".join(p for c in batch for _s, p in c.commands)
+            if data:
+                conn.send_packed_command([data])
+            last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
+            for call in pending[: last + 1]:
+                call.replies = [self._read(conn, script) for script, _p in call.commands]
                 call.finished = True
+            rest = pending[last + 1 :]
+            if rest and any(isinstance(r, NoScriptError) for c in pending for r in c.replies):
+                # Commands are about to be sent again: read what is on the wire first.
+                for call in rest:
+                    call.replies = [self._read(conn, script) for script, _p in call.commands]
+                    call.finished = True
+                rest = []
+            if rest:
+                self._unread = rest
+                self._unread_since = time.monotonic()
+            read = [c for c in pending if c.finished]
+            self._send_again_what_redis_lost(client, conn, read)
+            answered += [c for c in read if c.callback is not None]
         except redis.RedisError as exc:
             conn.disconnect()  # the next round trip connects again
-            for call in batch:
-                call.replies = [exc] * len(call.commands)
-                call.finished = True
+            self._unread = []
+            for call in pending:
+                if not call.finished:
+                    call.fail(exc)
+                    if call.callback is not None:
+                        answered.append(call)
+        return answered
+
+    def _check(self, conn: Any) -> None:
+        """With no reply due, a readable socket was closed by the server (a restart, a
+        timeout) or is out of step: start a fresh connection before writing, as redis-py's
+        pool does on checkout. A command written to a dead socket may or may not have run,
+        so it must never be written there (an acquire is not retried)."""
+        if self._unread or conn._sock is None:
+            return
+        try:
+            stale = conn.can_read(timeout=0)
+        except (redis.ConnectionError, OSError):
+            stale = True
+        if stale:
+            conn.disconnect()
+
+    def _read(self, conn: Any, script: str) -> Any:
+        try:
+            reply = conn.read_response()
+        except redis.ResponseError as exc:
+            return exc  # an error reply: the connection is still in step
+        self._loaded.add(script)
+        return reply
+
+    def _send_again_what_redis_lost(
+        self, client: redis.Redis, conn: Any, calls: list[_Call]
+    ) -> None:
+        """After NOSCRIPT (Redis restarted or flushed its scripts): load, send those again."""
+        lost = [
+            (call, i)
+            for call in calls
+            for i, reply in enumerate(call.replies)
+            if isinstance(reply, NoScriptError)
+        ]
+        if not lost:
+            return
+        for script in {call.commands[i][0] for call, i in lost}:
+            self._load(client, script)
+        conn.send_packed_command([b"".join(call.commands[i][1] for call, i in lost)])
+        for call, i in lost:
+            call.replies[i] = self._read(conn, call.commands[i][0])

@@ -24,6 +24,8 @@ __all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
 
 #: The keeper thread ends after this long with no slot held (and starts again with one).
 IDLE_EXIT_S = 60.0
+#: Posted replies (releases) still unread after this are read by the keeper thread.
+POSTED_READ_AFTER_S = 0.5
 
 log = logging.getLogger("celery_fleet")
 
@@ -110,6 +112,7 @@ class LeaseKeeper:
                     idle_since = idle_since or time.monotonic()
                     if time.monotonic() - idle_since >= IDLE_EXIT_S:
                         self._thread = None
+                        self._drain(0.0)
                         return
                     timeout = self.tick_s
             self._wake.wait(timeout)
@@ -117,6 +120,17 @@ class LeaseKeeper:
                 self.renew_due()
             except Exception:  # keep renewing: nothing may end the thread
                 log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
+            self._drain(POSTED_READ_AFTER_S)
+
+    def _drain(self, older_than_s: float) -> None:
+        """Read posted releases' replies that nobody read for a while (an idle process):
+        their callbacks (lost leases, breaker changes) should not wait for the next call."""
+        store = self.admission.store
+        try:
+            if store._combiner is not None and store.combiner.pending() > older_than_s:
+                store.drain()
+        except Exception:
+            log.warning("celery-fleet: reading posted replies failed", exc_info=True)
 
     def renew_due(self) -> None:
         """Renew every lease older than a third of its TTL (one round trip per limit).

@@ -328,8 +328,23 @@ class Slot:
             return
         lease_id, signal = self._let_go(signal or Signal("other"))
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
-        result = self.admission.release(self.limit, lease_id, signal.outcome, wait or 0)
-        self._check_released(lease_id, result)
+        command = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, FleetError):
+                log.warning(
+                    "celery-fleet: releasing %r failed (%s); its lease will expire",
+                    self.limit,
+                    reply,
+                )
+            else:
+                self._check_released(lease_id, self.admission.released(self.limit, reply))
+
+        # Written now, its reply read later: nobody on the caller's path needs it, and a
+        # task pays one round trip for its slot instead of two (see batch.Combiner.post).
+        if not self.admission.store.post(command, done):
+            (reply,) = self.admission.store.send(command)
+            self._check_released(lease_id, self.admission.released(self.limit, reply))
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""

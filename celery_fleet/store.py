@@ -25,6 +25,7 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -226,6 +227,7 @@ class RedisStore:
         arguments on every call: this is the hot path. When the server answers NOSCRIPT
         (flush, failover, a fresh server) the source is loaded and the call made again.
         """
+        self.drain()
         try:
             client = self.client
             try:
@@ -267,6 +269,31 @@ class RedisStore:
                 ) from reply
         return replies
 
+    def post(self, command: tuple[str, bytes], callback: Callable[[Any], None]) -> bool:
+        """Write one packed script call now and return without waiting for its reply;
+        ``callback`` gets the reply later (or the :class:`FleetError` it translates to),
+        in whichever thread reads it. False, with nothing sent, when the call must be
+        :meth:`send`-ed instead (its script has not answered on this connection yet)."""
+
+        def done(replies: list[Any]) -> None:
+            (reply,) = replies
+            if isinstance(reply, redis.RedisError):
+                reply = self._translate(reply, f"script {command[0]!r}")
+            elif isinstance(reply, BaseException):
+                reply = FleetError(
+                    f"celery-fleet script {command[0]!r} was not answered: {reply!r}"
+                )
+            callback(reply)
+
+        return self.combiner.post([command], done)
+
+    def drain(self) -> None:
+        """Read the replies of posted calls now. Every other call of this store does it
+        first, so nothing this process asks is answered ahead of what it posted."""
+        combiner = self._combiner
+        if combiner is not None and self._combiner_pid == os.getpid():
+            combiner.drain()
+
     @property
     def combiner(self) -> Combiner:
         """This process's :class:`~celery_fleet.batch.Combiner` (again after a fork)."""
@@ -283,6 +310,7 @@ class RedisStore:
 
     def call(self, command: str, *args: Any) -> Any:
         """Run one plain Redis command with the same error translation as :meth:`run`."""
+        self.drain()
         try:
             return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
         except redis.RedisError as exc:
@@ -304,6 +332,7 @@ class RedisStore:
         so a long wait is not mistaken for a dead server.
         """
         timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
+        self.drain()
         try:
             reply = self.blocking_client.execute_command(  # type: ignore[no-untyped-call]
                 "BLPOP", key, f"{timeout:.3f}"

@@ -62,14 +62,22 @@ def test_a_failed_release_does_not_replace_the_body_outcome(
     def redis_gone(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("redis://gone", "connection reset")
 
+    def reply_lost(command: object, callback: Callable[[object], None]) -> bool:
+        callback(StoreUnavailable("redis://gone", "connection reset"))  # the posted reply
+        return True
+
     def answer() -> str:
         with fleet.slot("llm"):
-            monkeypatch.setattr(fleet.admission, "release", redis_gone)
+            monkeypatch.setattr(fleet.admission, "release_command", redis_gone)
             return "paid-for model answer"
 
     assert answer() == "paid-for model answer"  # the release error did not replace it
+    assert "will expire" in caplog.text
+    monkeypatch.undo()
+    caplog.clear()
     with pytest.raises(KeyError):
         with fleet.slot("llm"):
+            monkeypatch.setattr(fleet.store, "post", reply_lost)
             raise KeyError("the body's own error")
     assert "will expire" in caplog.text
 

@@ -18,16 +18,18 @@
 --          neutral (nothing to learn)
 -- ARGV[3]  retry-after the provider asked for (ms; 0 = none): pauses admission fleet-wide
 -- ARGV[4]  1 = the lease was settled (drop its record from KEYS[2]), else 0
--- ARGV[5]  the limit's constants, 16 little-endian doubles (struct.unpack: one call instead
+-- ARGV[5]  1 = the caller waits for the reply: read the clock (exact now and held_ms);
+--          0 = a posted release nobody waits for: only when something needs it
+-- ARGV[6]  the limit's constants, 16 little-endian doubles (struct.unpack: one call instead
 --          of a tonumber per argument): max_in_flight (0 = no cap), ticket TTL (ms), wake
 --          grace (ms); adaptive (0/1), max cap, min cap, initial cap, increase, decrease,
 --          probe interval (ms), latency target (ms, 0 = none); breaker (0/1), failure rate,
 --          min calls, window (ms), rate signals count as failures (0/1)
 --
 -- Reply: {released (1/0), now (µs), held_ms, transition ("", "open", "closed"), cap}
--- now and held_ms are 0 when nothing needed the clock: a plain release with nobody waiting
--- is ZREM and ZCARD only. The mean hold time (for wait estimates) is sampled from one
--- release in 16. ctl and breaker expire after a day without calls (an operator's forced
+-- now and held_ms are 0 when nothing needed the clock: a posted release with nobody
+-- waiting is ZREM and ZCARD only. The mean hold time (for wait estimates) is sampled from
+-- one release in 32. ctl and breaker expire after a day without calls (an operator's forced
 -- breaker never). Reserved tokens are never refunded here: a failed or refused call's
 -- tokens stay spent, as providers count them. Time unit: milliseconds, Redis TIME.
 
@@ -36,7 +38,7 @@ local outcome = ARGV[2]
 local retry_after = tonumber(ARGV[3])
 local max_in_flight, ticket_ttl, grace, adaptive_on, max_cap, min_cap, init_cap, increase,
       decrease, probe_base, target, breaker_on, rate_limit, min_calls, window, rate_fails =
-  struct.unpack('<dddddddddddddddd', ARGV[5])
+  struct.unpack('<dddddddddddddddd', ARGV[6])
 local adaptive = adaptive_on == 1
 local breaker = breaker_on == 1
 local removed = redis.call('ZREM', KEYS[1], id)
@@ -77,13 +79,14 @@ if removed == 1 then
   acquired = tonumber(a)
   at_in_flight = tonumber(f) or 0
 end
-if acquired and acquired % 16 == 0 then
+if ARGV[5] == '1' then clock() end
+if acquired and acquired % 32 == 0 then
   held = clock() - acquired
   local old = redis.call('HMGET', KEYS[3], 'hold_ms', 'exp')
   local ewma = held
   if tonumber(old[1]) then ewma = tonumber(old[1]) * 0.8 + held * 0.2 end
   ctl_write(tonumber(old[2]), 'hold_ms', fmt(ewma))
-elseif acquired and (adaptive or breaker) then
+elseif acquired and (adaptive or breaker or now) then
   held = clock() - acquired
 end
 
