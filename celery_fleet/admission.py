@@ -245,7 +245,10 @@ class Admission:
     ) -> tuple[str, bytes]:
         """The packed acquire of already checked arguments, for :meth:`RedisStore.send`."""
         join_arg = b"1" if join else b"0"
-        return ("acquire", self._acquire_cmd[name].pack(lease_id, tokens, since_ms, join_arg, b"0"))
+        packed = self._acquire_cmd[name].pack(
+            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
+        )
+        return ("acquire", packed)
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
@@ -340,7 +343,10 @@ class Admission:
         if self._settled:
             settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
         now = b"1" if clock else b"0"
-        return ("release", self._release_cmd[name].pack(lease_id, outcome, pause, settled, now))
+        packed = self._release_cmd[name].pack(
+            lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
+        )
+        return ("release", packed)
 
     def released(self, name: str, reply: list[Any]) -> Release:
         """The :class:`Release` a release's reply means (listeners told of a transition)."""

@@ -32,6 +32,7 @@ This module knows nothing about admission; :class:`~celery_fleet.store.RedisStor
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -82,10 +83,11 @@ class Packed:
         self._head = b"*%d\r\n" % parts + b"".join(map(_bulk, fixed))
         self._tail = b"".join(_bulk(encode(x)) for x in tail)
 
-    def pack(self, *varying: object) -> bytes:
+    def pack(self, *varying: bytes) -> bytes:
+        """The command with these arguments, already encoded (``str(n).encode()``...)."""
         if len(varying) != self._n:
             raise TypeError(f"{self.script}: {self._n} varying arguments, got {len(varying)}")
-        return self._head + b"".join([_bulk(encode(x)) for x in varying]) + self._tail
+        return self._head + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying]) + self._tail
 
 
 class _Call:
@@ -134,6 +136,8 @@ class Combiner:
         #: Posted calls written to the wire whose replies are not read yet, in wire order.
         self._unread: list[_Call] = []
         self._unread_since = 0.0
+        self._poll: Any = None
+        self._polled_sock: Any = None
         #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
         self._loaded: set[str] = set()
 
@@ -271,6 +275,15 @@ class Combiner:
                         answered.append(call)
         return answered
 
+    def _stale(self, conn: Any) -> bool:
+        """True when the socket has something to read (poll, no recv: a syscall)."""
+        sock = conn._sock
+        if sock is not self._polled_sock:
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            self._polled_sock = sock
+        return bool(self._poll.poll(0))
+
     def _check(self, conn: Any) -> None:
         """With no reply due, a readable socket was closed by the server (a restart, a
         timeout) or is out of step: start a fresh connection before writing, as redis-py's
@@ -279,8 +292,8 @@ class Combiner:
         if self._unread or conn._sock is None:
             return
         try:
-            stale = conn.can_read(timeout=0)
-        except (redis.ConnectionError, OSError):
+            stale = self._stale(conn)
+        except (OSError, ValueError):
             stale = True
         if stale:
             conn.disconnect()
