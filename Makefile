@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention clean
+.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead clean
 
 venv: $(STAMP)
 
@@ -81,6 +81,12 @@ bench-goodput: $(DEMO_STAMP)
 ## Many callers on one in-flight cap, this tree vs the code before issue 8 (DB 12).
 bench-contention: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/contention.py
+
+## What a decision costs: Redis commands and µs, the pipelined ceiling, 16x16 threads,
+## slot() vs try_acquire, a no-op @fleet_task vs a plain task (private Redis, DB 15).
+OVERHEAD_ARGS ?=
+bench-overhead: $(STAMP)
+	$(PY) benchmarks/overhead.py --private-redis $(OVERHEAD_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

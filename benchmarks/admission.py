@@ -1,24 +1,31 @@
-"""Admission benchmark: what one celery-fleet decision costs, against PING and against `limits`.
+"""Admission benchmark: what one celery-fleet decision costs, against PING and against fair peers.
 
 One run, one Redis (always DB 12), keys under a fresh `bench-<uuid>` prefix deleted at the end.
 Budgets are so large that every request is admitted: this measures the cost of a decision.
 
 1. **Latency** (one process, one client, `perf_counter_ns`, after a warm-up pass) of
-   try_acquire, release and acquire+release, as multiples of a bare redis-py `PING` on the same
-   client. Samples are interleaved: each iteration runs every row once, in table order. Two rows
-   decompose the cost: a no-op EVALSHA carrying acquire.lua's KEYS+ARGV, and acquire.lua via a
-   bare redis-py `Script`. Server-side µs per EVALSHA: INFO commandstats, in a separate block.
-2. **Throughput**: decisions/s (try_acquire + release, a worker's real cycle) from N spawned
-   processes, each with its own clients; ours, the peer's and PING (the ceiling) alternate in
+   try_acquire, release and acquire+release, and of the lean and Lock-based peers, as multiples
+   of a bare redis-py `PING` on the same client. Samples are interleaved: each iteration runs
+   every row once, in table order. `--runs` such runs each report their median try_acquire /
+   PING beside their floor, a no-op EVALSHA carrying acquire.lua's KEYS+ARGV; the headline is
+   the median over runs. A row of acquire.lua via a bare redis-py `Script` completes the
+   decomposition. Server-side µs per call: INFO commandstats, in a separate block.
+2. **Throughput**: decisions/s (acquire + release, a worker's real cycle) from N spawned
+   processes, each with its own clients; all builds and PING (the ceiling) alternate in
    `--rounds` slices, each after a start barrier, and per-process rates are summed.
-3. **Peer**, the same cycle from off-the-shelf parts: two `limits` SlidingWindowCounter hits on
-   `RedisStorage` (RPM; TPM with `cost=tokens`) and an in-flight counter under a redis-py `Lock`
-   (lock, GET, compare, INCR, unlock; release: lock, DECR, unlock) polling every 1 ms (redis-py's
-   default 100 ms would make the peer look worse than a tuned deployment).
+3. **Builds** of the same job (RPM, TPM with tokens as cost, an in-flight cap; peers in
+   `peers.py`): *ours: slot()* (`with fleet.slot(...): pass`, what a task runs) and *ours:
+   try_acquire* (+ release); *lean Lua*, the single ~15-line script a strong engineer writes by
+   hand (GCRA for both budgets in one hash, a lease zset, all or nothing on Redis TIME; release
+   is one ZREM), with none of ours' line, breaker, adaptive cap or lease bookkeeping;
+   *limits + INCR*, two `limits` SlidingWindowCounter hits (RPM; TPM with `cost=tokens`) and a
+   lock-free in-flight counter; *limits + Lock (strawman)*, the same hits and a counter under
+   a redis-py `Lock` polled every 1 ms, the peer this benchmark used to report.
 
-Targets: try_acquire <= 1.5x PING at the median; ours >= 1.8x the peer's decisions/s. On a VM,
+Targets: try_acquire <= 1.5x PING at the median; `fleet.slot()` >= 0.9x the lean script's
+decisions/s at every process count and >= 1.5x limits + INCR's, in the same run. On a VM,
 loopback PING swings ~4x with whether Redis's vCPU is idle (it must be woken up), so also read
-the µs try_acquire adds to a PING, which does not swing.
+the µs try_acquire adds to a PING, which does not swing, and each run's floor.
 
 4. **Contention** (`admission.py contention ...`, in `benchmarks/contention.py`): many callers
    looping on `fleet.slot` against one in-flight cap, this tree against the code before the
@@ -26,7 +33,8 @@ the µs try_acquire adds to a PING, which does not swing.
 
 Usage::
 
-    .venv/bin/python benchmarks/admission.py [--samples 5000] [--seconds 3] [--procs 1,4,16]
+    .venv/bin/python benchmarks/admission.py [--samples 5000] [--runs 5] [--seconds 3]
+        [--procs 1,4,16,64]
     .venv/bin/python benchmarks/admission.py contention [--callers 32,64,1000] [--procs 4]
 """
 
@@ -39,6 +47,7 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import threading
@@ -46,21 +55,19 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import limits
 import redis
-from limits.storage import RedisStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from peers import BUDGETS, LIMIT, TOKENS, Lean, LimitsIncr, LimitsLock
 
 from celery_fleet import Fleet
 from celery_fleet.store import mask_url, script_source
 
 DB = 12
-LIMIT, HELD, TOKENS = "llm", "held", 100
-BUDGETS = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
-TARGET_LATENCY_X, TARGET_THROUGHPUT_X = 1.5, 1.8
+HELD = "held"
+TARGET_LATENCY_X, TARGET_LEAN_X, TARGET_INCR_X = 1.5, 0.9, 1.5
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -77,68 +84,55 @@ class Ours:
             raise RuntimeError(f"the benchmark budget refused a request: {decision}")
         self.fleet.release(decision)
 
-
-class Peer:
-    """How it is built today: `limits` for RPM + TPM, a Lock-guarded counter for in-flight."""
-
-    def __init__(self, url: str, run_id: str) -> None:
-        storage = RedisStorage(url, key_prefix=f"{run_id}-limits")
-        self.window = SlidingWindowCounterRateLimiter(storage)
-        self.rpm = limits.RateLimitItemPerMinute(BUDGETS["rpm"])
-        self.tpm = limits.RateLimitItemPerMinute(BUDGETS["tpm"])
-        self.client = cast(redis.Redis, storage.get_connection())  # one client, as ours
-        self.count_key = f"{run_id}-peer:in_flight"
-        self.lock = self.client.lock(f"{run_id}-peer:lock", timeout=5, sleep=0.001)
-
-    def acquire(self) -> bool:
-        if not self.window.hit(self.rpm, LIMIT):
-            return False
-        if not self.window.hit(self.tpm, LIMIT, "tokens", cost=TOKENS):
-            return False  # the RPM hit stays spent: the two hits are not atomic
-        with self.lock:
-            if int(self.client.get(self.count_key) or 0) >= BUDGETS["max_in_flight"]:
-                return False
-            self.client.incr(self.count_key)
-        return True
-
-    def release(self) -> None:
-        with self.lock:
-            self.client.decr(self.count_key)
-
-    def cycle(self) -> None:
-        if not self.acquire():
-            raise RuntimeError("the benchmark budget refused a peer request")
-        self.release()
+    def slot_cycle(self) -> None:
+        with self.fleet.slot(LIMIT, tokens=TOKENS):
+            pass
 
 
-KINDS = ("ping", "ours", "peer")
+# Throughput columns, in order: kind -> label.
+KINDS = {
+    "ping": "PING/s (ceiling)",
+    "slot": "ours: slot()",
+    "acquire": "ours: try_acquire",
+    "lean": "lean Lua",
+    "incr": "limits + INCR",
+    "lock": "limits + Lock (strawman)",
+}
+PEERS = {"lean": Lean, "incr": LimitsIncr, "lock": LimitsLock}
 Rates = dict[str, list[float]]  # kind -> decisions/s (summed over processes) of each round
 
 
 def make_cycle(kind: str, url: str, run_id: str) -> Callable[[], object]:
-    """One worker's cycle: ours, the peer's, or a bare PING (the ceiling)."""
+    """One worker's cycle of one kind: ours (slot or try_acquire), a peer's, or a bare PING."""
     if kind == "ping":
         return redis.Redis.from_url(url).ping
-    return (Ours if kind == "ours" else Peer)(url, run_id).cycle
+    if kind in ("slot", "acquire"):
+        ours = Ours(url, run_id)
+        return ours.slot_cycle if kind == "slot" else ours.cycle
+    return PEERS[kind](url, run_id).cycle
 
 
 # -- latency ------------------------------------------------------------------------------------
 
 ROWS = [
     ("PING", "ping"),
-    ("no-op EVALSHA with acquire's KEYS+ARGV", "noop"),
+    ("no-op EVALSHA with acquire's KEYS+ARGV (floor)", "noop"),
     ("acquire.lua via bare redis-py Script", "raw"),
     ("**try_acquire**", "acquire"),
     ("**release**", "release"),
     ("**acquire+release**", "cycle"),
     ("try_acquire refused (in-flight cap)", "refused"),
-    ("peer acquire (2 hits + lock/GET/INCR/unlock)", "peer_acquire"),
-    ("peer release (lock/DECR/unlock)", "peer_release"),
-    ("peer acquire+release", "peer_cycle"),
+    ("lean Lua acquire (one EVALSHA)", "lean_acquire"),
+    ("lean Lua release (ZREM)", "lean_release"),
+    ("lean Lua acquire+release", "lean_cycle"),
+    ("limits + Lock (strawman) acquire (2 hits + lock/GET/INCR/unlock)", "lock_acquire"),
+    ("limits + Lock (strawman) release (lock/DECR/unlock)", "lock_release"),
+    ("limits + Lock (strawman) acquire+release", "lock_cycle"),
 ]
+Samples = dict[str, list[int]]  # ROWS key -> ns of each sample
 
 
-def sample_latency(ours: Ours, peer: Peer, samples: int) -> dict[str, list[int]]:
+def sample_latency(ours: Ours, lean: Lean, lock: LimitsLock, samples: int) -> Samples:
     """Interleaved timings in ns, one list per key of ROWS: each sample runs every step once."""
     fleet = ours.fleet
     client = fleet.store.client
@@ -155,42 +149,48 @@ def sample_latency(ours: Ours, peer: Peer, samples: int) -> dict[str, list[int]]
         "acquire": lambda: fleet.try_acquire(LIMIT, tokens=TOKENS),
         "release": lambda: fleet.release(got["acquire"]),
         "refused": lambda: fleet.try_acquire(HELD),
-        "peer_acquire": peer.acquire,
-        "peer_release": peer.release,
+        "lean_acquire": lean.acquire,
+        "lean_release": lambda: lean.release(got["lean_acquire"]),
+        "lock_acquire": lock.acquire,
+        "lock_release": lambda: lock.release(got["lock_acquire"]),
     }
     holder = fleet.try_acquire(HELD)
-    out: dict[str, list[int]] = {key: [] for _, key in ROWS}
+    out: Samples = {key: [] for _, key in ROWS}
     for _ in range(samples):
         for key, step in steps.items():
             start = time.perf_counter_ns()
             got[key] = step()
             out[key].append(time.perf_counter_ns() - start)
         fleet.admission.release(LIMIT, got["raw"][2].decode())  # untimed: the bare script's lease
-        if not got["acquire"].allowed or got["refused"].allowed or not got["peer_acquire"]:
+        if not got["acquire"].allowed or got["refused"].allowed:
             raise RuntimeError("unexpected admission result in the latency loop")
-        out["cycle"].append(out["acquire"][-1] + out["release"][-1])
-        out["peer_cycle"].append(out["peer_acquire"][-1] + out["peer_release"][-1])
+        for prefix in ("", "lean_", "lock_"):
+            out[f"{prefix}cycle"].append(out[f"{prefix}acquire"][-1] + out[f"{prefix}release"][-1])
     fleet.release(holder)
     return out
 
 
-def server_us(ours: Ours, n: int) -> dict[str, float | None]:
-    """Server-side µs per acquire and per release EVALSHA (None if another client ran one)."""
-    fleet, decisions = ours.fleet, []
+def server_us(ours: Ours, lean: Lean, n: int) -> dict[str, float | None]:
+    """Server-side µs per call of each command a decision sends (None if another client ran one)."""
+    fleet, client = ours.fleet, ours.fleet.store.client
+    held: list[Any] = []
+    steps: dict[str, tuple[str, Callable[[], object]]] = {
+        "acquire": ("evalsha", lambda: held.append(fleet.try_acquire(LIMIT, tokens=TOKENS))),
+        "release": ("evalsha", lambda: fleet.release(held.pop())),
+        "lean_acquire": ("evalsha", lambda: held.append(lean.acquire())),
+        "lean_release": ("zrem", lambda: lean.release(held.pop())),
+    }
 
-    def evalsha_stats() -> tuple[int, int]:
-        found = fleet.store.client.info("commandstats").get("cmdstat_evalsha", {})
+    def stats(command: str) -> tuple[int, int]:
+        found = client.info("commandstats").get(f"cmdstat_{command}", {})
         return int(found.get("calls", 0)), int(found.get("usec", 0))
 
     per_call: dict[str, float | None] = {}
-    for key in ("acquire", "release"):
-        calls, usec = evalsha_stats()
+    for key, (command, step) in steps.items():
+        calls, usec = stats(command)
         for _ in range(n):
-            if key == "acquire":
-                decisions.append(fleet.try_acquire(LIMIT, tokens=TOKENS))
-            else:
-                fleet.release(decisions.pop())
-        calls_after, usec_after = evalsha_stats()
+            step()
+        calls_after, usec_after = stats(command)
         per_call[key] = (usec_after - usec) / n if calls_after - calls == n else None
     return per_call
 
@@ -200,15 +200,25 @@ def pct_us(ns: list[int], q: float) -> float:
     return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]) / 1000
 
 
+def run_medians(run: Samples) -> list[float]:
+    """One latency run's medians (µs) of PING, the floor (no-op EVALSHA) and try_acquire, then
+    try_acquire / PING and floor / PING."""
+    ping, floor, acquire = (pct_us(run[key], 0.5) for key in ("ping", "noop", "acquire"))
+    return [ping, floor, acquire, acquire / ping, floor / ping]
+
+
 # -- throughput ---------------------------------------------------------------------------------
 
 
 def _worker(url: str, run_id: str, slice_s: float, rounds: int, barrier: Any, out: Any) -> None:
     try:
         cycles = {kind: make_cycle(kind, url, run_id) for kind in KINDS}
-        for cycle in cycles.values():
-            for _ in range(200):  # warm up: connect, load scripts
+        for cycle in cycles.values():  # warm up: connect, load scripts (the Lock peer is slow)
+            warm_until = time.perf_counter() + 0.5
+            for _ in range(200):
                 cycle()
+                if time.perf_counter() > warm_until:
+                    break
         for round_no in range(rounds):
             for kind, cycle in cycles.items():
                 barrier.wait()
@@ -255,51 +265,100 @@ def throughput(url: str, run_id: str, procs: int, seconds: float, rounds: int) -
 
 # -- report -------------------------------------------------------------------------------------
 
+MET = {True: "met", False: "NOT met"}
+RATIOS = [("slot", "lean"), ("slot", "incr"), ("acquire", "lean")]  # throughput ratio columns
 
-def report(lat: dict[str, list[int]], srv: dict[str, float | None], rates: dict[int, Rates]) -> str:
-    """The markdown printed and appended: headline ratios first, then both tables."""
-    ping = {q: pct_us(lat["ping"], q) for q in (0.5, 0.99)}
-    acquire = {q: pct_us(lat["acquire"], q) for q in (0.5, 0.99)}
-    latency_x = acquire[0.5] / ping[0.5]
-    mean = {n: {kind: sum(r[kind]) / len(r[kind]) for kind in KINDS} for n, r in rates.items()}
-    ratios = {n: m["ours"] / m["peer"] for n, m in mean.items()}
-    met = {True: "met", False: "NOT met"}
-    by_procs = ", ".join(f"{ratio:.2f}x at {n} proc" for n, ratio in ratios.items())
-    lines = [
-        f"- **try_acquire / PING: {latency_x:.2f}x at the median**, "
-        f"{acquire[0.99] / ping[0.99]:.2f}x at p99; it adds {acquire[0.5] - ping[0.5]:.0f} µs "
+
+def mean_rates(rates: dict[int, Rates]) -> dict[int, dict[str, float]]:
+    return {n: {kind: sum(r[kind]) / len(r[kind]) for kind in KINDS} for n, r in rates.items()}
+
+
+def pooled(runs: list[Samples], key: str) -> list[int]:
+    return [ns for run in runs for ns in run[key]]
+
+
+def headline(runs: list[Samples], rates: dict[int, Rates]) -> list[str]:
+    """The targets, met or not: latency from the runs' medians, throughput from the means."""
+    per = [run_medians(run) for run in runs]
+    latency_x, floor_x = (statistics.median(m[i] for m in per) for i in (3, 4))
+    adds_us = statistics.median(m[2] - m[0] for m in per)
+    p99_x = pct_us(pooled(runs, "acquire"), 0.99) / pct_us(pooled(runs, "ping"), 0.99)
+    mean = mean_rates(rates)
+    lean = {n: m["slot"] / m["lean"] for n, m in mean.items()}
+    incr = {n: m["slot"] / m["incr"] for n, m in mean.items()}
+
+    def by_procs(ratios: dict[int, float]) -> str:
+        return ", ".join(f"{ratio:.2f}x at {n} proc" for n, ratio in ratios.items())
+
+    return [
+        f"- **try_acquire / PING: {latency_x:.2f}x at the median** (median of {len(runs)} runs; "
+        f"floor, a no-op EVALSHA: {floor_x:.2f}x), {p99_x:.2f}x at p99; it adds {adds_us:.0f} µs "
         f"to a PING (target <= {TARGET_LATENCY_X}x at the median: "
-        f"{met[latency_x <= TARGET_LATENCY_X]})",
-        f"- **decisions/s, ours / peer: {by_procs}** (target >= {TARGET_THROUGHPUT_X}x: "
-        f"{met[all(r >= TARGET_THROUGHPUT_X for r in ratios.values())]})",
-        "",
-        f"Latency, {len(lat['ping'])} interleaved samples per row, µs:",
+        f"{MET[latency_x <= TARGET_LATENCY_X]})",
+        f"- **decisions/s, slot() / lean Lua: {by_procs(lean)}** (target >= {TARGET_LEAN_X}x at "
+        f"every process count: {MET[all(r >= TARGET_LEAN_X for r in lean.values())]})",
+        f"- **decisions/s, slot() / limits + INCR: {by_procs(incr)}** (target >= {TARGET_INCR_X}x "
+        f"at every process count: {MET[all(r >= TARGET_INCR_X for r in incr.values())]})",
+    ]
+
+
+def latency_tables(runs: list[Samples], srv: dict[str, float | None]) -> list[str]:
+    """Every row over all runs pooled, then each run's median try_acquire beside its floor."""
+    ping = {q: pct_us(pooled(runs, "ping"), q) for q in (0.5, 0.99)}
+    lines = [
+        f"Latency, {len(runs)} runs x {len(runs[0]['ping'])} interleaved samples per row, "
+        "pooled, µs:",
         "",
         "| operation | median | p99 | median / PING | p99 / PING | server µs/call |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, key in ROWS:
-        med, p99, server = pct_us(lat[key], 0.5), pct_us(lat[key], 0.99), srv.get(key)
+        ns, server = pooled(runs, key), srv.get(key)
+        med, p99 = pct_us(ns, 0.5), pct_us(ns, 0.99)
         lines.append(
             f"| {label} | {med:.1f} | {p99:.1f} | {med / ping[0.5]:.2f}x | "
             f"{p99 / ping[0.99]:.2f}x | {'-' if server is None else f'{server:.1f}'} |"
         )
-    rounds = len(next(iter(rates.values()))["ours"]) if rates else 0
     lines += [
         "",
-        f"Throughput, decisions/s (acquire + release) summed over processes, mean of {rounds} "
-        "alternating slices:",
+        "Latency per run, medians in µs; the floor is the no-op EVALSHA:",
         "",
-        "| processes | ours | peer | **ours / peer** | per-slice range | PING/s (ceiling) |",
+        "| run | PING | floor | try_acquire | **try_acquire / PING** | floor / PING |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, m in mean.items():
-        per_slice = [o / p for o, p in zip(rates[n]["ours"], rates[n]["peer"], strict=True)]
+    per = [run_medians(run) for run in runs]
+    medians = [statistics.median(column) for column in zip(*per, strict=True)]
+    rows = [(str(i), m) for i, m in enumerate(per, 1)] + [(f"median of {len(runs)}", medians)]
+    for name, (p, floor, acquire, x, floor_x) in rows:
         lines.append(
-            f"| {n} | {m['ours']:,.0f} | {m['peer']:,.0f} | **{ratios[n]:.2f}x** | "
-            f"{min(per_slice):.2f}-{max(per_slice):.2f}x | {m['ping']:,.0f} |"
+            f"| {name} | {p:.1f} | {floor:.1f} | {acquire:.1f} | **{x:.2f}x** | {floor_x:.2f}x |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def throughput_table(rates: dict[int, Rates]) -> list[str]:
+    rounds = len(next(iter(rates.values()))["slot"])
+    names = [f"{KINDS[a].split(': ')[-1]} / {KINDS[b]}" for a, b in RATIOS]
+    lines = [
+        f"Throughput, decisions/s (acquire + release) summed over processes, mean of {rounds} "
+        "alternating slices; ratios of the means (range over the slices):",
+        "",
+        f"| processes | {' | '.join(KINDS.values())} | {' | '.join(f'**{n}**' for n in names)} |",
+        "|---:" * (1 + len(KINDS) + len(RATIOS)) + "|",
+    ]
+    for n, m in mean_rates(rates).items():
+        cells = [f"{m[kind]:,.0f}" for kind in KINDS]
+        for a, b in RATIOS:
+            per_slice = [x / y for x, y in zip(rates[n][a], rates[n][b], strict=True)]
+            cells.append(f"**{m[a] / m[b]:.2f}x** ({min(per_slice):.2f}-{max(per_slice):.2f})")
+        lines.append(f"| {n} | {' | '.join(cells)} |")
+    return lines
+
+
+def report(runs: list[Samples], srv: dict[str, float | None], rates: dict[int, Rates]) -> str:
+    """The markdown printed and appended: headline targets first, then the tables."""
+    parts = [headline(runs, rates), latency_tables(runs, srv), throughput_table(rates)]
+    return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
 def header() -> str:
@@ -356,19 +415,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url", default=default_url, help="default $REDIS_URL, else %(default)s; DB 12"
     )
-    parser.add_argument("--samples", type=int, default=5000, help="latency samples per row")
+    parser.add_argument(
+        "--samples", type=int, default=5000, help="latency samples per row in each run"
+    )
     parser.add_argument(
         "--seconds", type=float, default=3.0, help="run time per kind and process count"
     )
     parser.add_argument(
         "--rounds", type=int, default=3, help="--seconds is split in this many alternating slices"
     )
-    parser.add_argument("--procs", default="1,4,16", help="process counts (default %(default)s)")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="latency runs, each samples every row (default 5)"
+    )
+    parser.add_argument(
+        "--procs", default="1,4,16,64", help="process counts (default %(default)s)"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     opts = parser.parse_args(argv)
     opts.procs = [int(p) for p in opts.procs.split(",") if p.strip().isdigit() and int(p) > 0]
-    if opts.samples < 1 or opts.seconds <= 0 or opts.rounds < 1 or not opts.procs:
-        parser.error("--samples, --seconds, --rounds and --procs must be positive")
+    if min(opts.samples, opts.runs, opts.rounds) < 1 or opts.seconds <= 0 or not opts.procs:
+        parser.error("--samples, --runs, --seconds, --rounds and --procs must be positive")
     return opts
 
 
@@ -387,16 +453,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"admission.py: Redis at {mask_url(url)} does not answer: {exc}", file=sys.stderr)
         return 2
     try:
-        ours, peer = Ours(url, run_id), Peer(url, run_id)
-        sample_latency(ours, peer, min(500, opts.samples))  # warm-up, discarded
-        print(f"latency: {opts.samples} interleaved samples ...", file=sys.stderr)
-        lat = sample_latency(ours, peer, opts.samples)
-        srv = server_us(ours, min(1000, opts.samples))
+        ours, lean, lock = Ours(url, run_id), Lean(url, run_id), LimitsLock(url, run_id)
+        sample_latency(ours, lean, lock, min(500, opts.samples))  # warm-up, discarded
+        runs = []
+        for run_no in range(1, opts.runs + 1):
+            print(f"latency run {run_no}/{opts.runs}: {opts.samples} samples", file=sys.stderr)
+            runs.append(sample_latency(ours, lean, lock, opts.samples))
+        srv = server_us(ours, lean, min(1000, opts.samples))
         rates: dict[int, Rates] = {}
         for n in opts.procs:
             print(f"throughput: {n} process(es), {opts.seconds} s per kind", file=sys.stderr)
             rates[n] = throughput(url, run_id, n, opts.seconds, opts.rounds)
-        table = report(lat, srv, rates)
+        table = report(runs, srv, rates)
     finally:
         for key in client.scan_iter(match=f"*{run_id}*", count=1000):
             client.delete(key)
