@@ -377,10 +377,12 @@ def machine(client: redis.Redis) -> str:
         commit = rev.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
+    parser = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure-Python"
     return (
         f"nproc {os.cpu_count()} ({platform.machine()}), "
         f"Redis {client.info('server')['redis_version']}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__}, limits {limits.__version__}, commit {commit}"
+        f"redis-py {redis.__version__} ({parser} parser), limits {limits.__version__}, "
+        f"commit {commit}"
     )
 
 

@@ -1,0 +1,366 @@
+"""Part (b) of ``benchmarks/overhead.py``: the pipelined ceiling of the fleet's own scripts,
+side by side with the lean peer's (``peers.Lean``).
+
+What Redis itself can do with each build's commands when the client costs next to nothing:
+K spawned processes (``--ceiling-procs``, default 4), each with one connection, send P
+acquires in one write (``--pipeline``, default 64), read the P replies, send the P matching
+releases in one write and read their replies, in a loop for a fixed time after a common
+start. Redis sees what a fast C client with K connections would send: deep pipelines of the
+exact commands. Every acquire must be admitted and every release must release its lease
+(real leases, checked per reply), so Redis does a decision's whole work.
+
+The commands are captured on the wire (RESP bytes sent by this process's redis-py
+connections, whatever path the build takes: ``execute_command``, packed or pipelined), two
+decisions per build, so a changed script signature (keys, arguments, binary arguments such
+as packed doubles) is followed without editing this file. The one argument that differs
+between a command's two calls is its varying argument; the driver splices in, as bytes,
+a fresh id (acquire) and the lease the acquire returned (release: element 2 of our acquire's
+reply, the id it sent for lean's). Ours: EVALSHA acquire + EVALSHA release. Lean: EVALSHA of
+``LEAN_LUA`` + ZREM.
+
+Per build: decisions/s (acquire + release pairs, summed over the processes) and Redis µs per
+decision: INFO commandstats ``usec`` of the commands the driver sent, over the decisions.
+Redis 7 counts a script's inner commands inside its EVALSHA's usec, so those are not added.
+
+Also the Redis-level helpers ``overhead.py`` shares: INFO snapshots and deltas, the commands
+the scripts run, the wire hook, a private redis-server (``--private-redis``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from peers import Lean
+
+from celery_fleet import Fleet
+from celery_fleet.store import SCRIPTS, script_source
+
+Stats = tuple[dict[str, tuple[int, int]], float]  # command -> (calls, usec); Redis CPU s
+
+
+def snapshot(client: redis.Redis) -> Stats:
+    """INFO commandstats (calls, usec per command, INFO itself left out) and INFO cpu."""
+    info = client.info("cpu", "commandstats")
+    cmds = {
+        k[len("cmdstat_") :]: (int(v["calls"]), int(v["usec"]))
+        for k, v in info.items()
+        if k.startswith("cmdstat_") and k != "cmdstat_info"
+    }
+    cpu = float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
+    return cmds, cpu
+
+
+def delta(before: Stats, after: Stats) -> Stats:
+    cmds = {}
+    for name, (calls, usec) in after[0].items():
+        c0, u0 = before[0].get(name, (0, 0))
+        if calls > c0:
+            cmds[name] = (calls - c0, usec - u0)
+    return cmds, after[1] - before[1]
+
+
+def private_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of our own on a free port (no other clients), and its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    proc = subprocess.Popen([*cmd, "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url, deadline = f"redis://127.0.0.1:{port}", time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise SystemExit("overhead.py: the private redis-server did not start")
+
+
+def script_commands() -> set[str]:
+    """Commands the fleet's Lua scripts call (their usec is inside the EVALSHA's)."""
+    text = "\n".join(script_source(name) for name in SCRIPTS)
+    return {m.lower() for m in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", text)}
+
+
+def on_db(url: str, db: int) -> str:
+    """``url`` on database ``db``."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"{url.split('?')[0]}?db={db}"
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def parse_resp(data: bytes) -> list[list[bytes]]:
+    """The commands (arrays of bulk strings) in a chunk of RESP a client sent."""
+    out, i = [], 0
+    while i < len(data):
+        end = data.index(b"\r\n", i)
+        n, i, cmd = int(data[i + 1 : end]), end + 2, []
+        for _ in range(n):
+            end = data.index(b"\r\n", i)
+            size = int(data[i + 1 : end])
+            cmd.append(data[end + 2 : end + 2 + size])
+            i = end + 4 + size
+        out.append(cmd)
+    return out
+
+
+def on_wire(client: redis.Redis, hook: Callable[[bytes], None]) -> Callable[[], None]:
+    """Call ``hook(RESP bytes)`` for everything this process sends on connections of
+    ``client``'s connection class, until the returned function is called."""
+    cls = client.connection_pool.connection_class
+    original, inherited = cls.__dict__.get("send_packed_command"), cls.send_packed_command
+
+    def spy(self: Any, command: Any, check_health: bool = True) -> None:
+        chunks = command if isinstance(command, list | tuple) else [command]
+        hook(b"".join(bytes(c) for c in chunks))
+        inherited(self, command, check_health)
+
+    def undo() -> None:
+        if original is None:
+            del cls.send_packed_command
+        else:
+            cls.send_packed_command = original
+
+    cls.send_packed_command = spy
+    return undo
+
+
+def wire(client: redis.Redis, action: Callable[[], object]) -> list[list[bytes]]:
+    """Every command this process sends on ``client``'s kind of connection during ``action``."""
+    sent: list[list[bytes]] = []
+    undo = on_wire(client, lambda data: sent.extend(parse_resp(data)))
+    try:
+        action()
+    finally:
+        undo()
+    return sent
+
+
+# -- the pipelined driver -----------------------------------------------------------------------
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+Template = tuple[bytes, bytes]  # the RESP of a command before and after its varying argument
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One build's decision for the driver: acquire and release templates (the acquire's
+    varying argument is a fresh id of ``id_len`` characters, the release's the lease), the
+    index of the lease in the acquire's reply (None: the id sent), the commands sent."""
+
+    label: str
+    acquire: Template
+    release: Template
+    lease_at: int | None
+    id_len: int
+    sent: tuple[str, ...]
+    shape: str
+
+
+def varying(sent: list[list[bytes]], name: bytes, first: bytes) -> tuple[list[bytes], int]:
+    """The first of the two captured ``name first ...`` commands and the index of the one
+    argument that differs between them."""
+    calls = [c for c in sent if c[0].upper() == name and c[1] == first]
+    if len(calls) != 2:
+        raise RuntimeError(f"captured {len(calls)} {name!r} {first!r} calls, expected 2: {sent}")
+    differ = [i for i, (a, b) in enumerate(zip(*calls, strict=True)) if a != b]
+    if len(differ) != 1:
+        raise RuntimeError(f"{name!r} {first!r}: arguments {differ} differ between calls, not one")
+    return calls[0], differ[0]
+
+
+def template(args: list[bytes], at: int) -> Template:
+    head = b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args[:at])
+    return head, b"".join(_bulk(a) for a in args[at + 1 :])
+
+
+def fleet_spec(fleet: Fleet, limit: str, tokens: int) -> Spec:
+    def two_decisions() -> None:
+        for _ in range(2):
+            fleet.release(fleet.try_acquire(limit, tokens=tokens))
+
+    fleet.release(fleet.try_acquire(limit, tokens=tokens))  # connect, load the scripts
+    sent = wire(fleet.store.client, two_decisions)
+    shas = fleet.store._shas
+    acq, a_at = varying(sent, b"EVALSHA", shas["acquire"].encode())
+    rel, r_at = varying(sent, b"EVALSHA", shas["release"].encode())
+    shape = " + ".join(
+        f"{s} ({int(c[2])} KEYS, {len(c) - 3 - int(c[2])} ARGV)"
+        for s, c in (("acquire", acq), ("release", rel))
+    )
+    return Spec("ours", template(acq, a_at), template(rel, r_at), 2, len(acq[a_at]),
+                ("evalsha",), f"EVALSHA {shape}")  # fmt: skip
+
+
+def lean_spec(url: str, run_id: str) -> Spec:
+    lean = Lean(url, run_id)
+
+    def two_decisions() -> None:
+        for _ in range(2):
+            lean.cycle()
+
+    lean.cycle()  # connect, load the script
+    sent = wire(lean.client, two_decisions)
+    acq, a_at = varying(sent, b"EVALSHA", lean.script.sha.encode())
+    rel, r_at = varying(sent, b"ZREM", lean.keys[1].encode())
+    lean.client.close()
+    shape = f"EVALSHA ({int(acq[2])} KEYS, {len(acq) - 3 - int(acq[2])} ARGV) + ZREM"
+    return Spec("lean", template(acq, a_at), template(rel, r_at), None, len(acq[a_at]),
+                ("evalsha", "zrem"), shape)  # fmt: skip
+
+
+def _first(reply: Any) -> Any:
+    return reply[0] if isinstance(reply, list) else reply
+
+
+def _driver(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], depth: int,
+            bar: Any, out: Any) -> None:  # fmt: skip
+    """One spawned process: per slice of ``plan``, after the two-phase barrier, pipelined
+    decisions of that build until the slice's time is up. Puts (decisions, seconds) per
+    slice, or an error message."""
+    try:
+        conn: Any = redis.ConnectionPool.from_url(url).get_connection()
+        tag, n = os.urandom(4).hex().encode(), 0
+        for label, seconds in plan:
+            spec = specs[label]
+            (ah, at), (rh, rt), width = spec.acquire, spec.release, spec.id_len - len(tag)
+            bar.wait()  # ready: the parent reads INFO now
+            bar.wait()  # go
+            start, done = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                ids = [b"%s%0*x" % (tag, width, n + i) for i in range(depth)]
+                n += depth
+                conn.send_packed_command([b"".join([ah + _bulk(i) + at for i in ids])])
+                replies = [conn.read_response() for _ in ids]
+                if any(_first(r) != 1 for r in replies):
+                    raise RuntimeError(f"{label}: an acquire was refused: {replies}")
+                leases = ids if spec.lease_at is None else [r[spec.lease_at] for r in replies]
+                conn.send_packed_command([b"".join([rh + _bulk(x) + rt for x in leases])])
+                replies = [conn.read_response() for _ in ids]
+                if any(_first(r) != 1 for r in replies):
+                    raise RuntimeError(f"{label}: a release released nothing: {replies}")
+                done += depth
+            out.put((done, time.perf_counter() - start))
+        conn.disconnect()
+    except threading.BrokenBarrierError:
+        pass  # another process failed and said why
+    except Exception as exc:  # tell the parent rather than leave the barrier hanging
+        bar.abort()
+        out.put(f"ceiling driver {os.getpid()}: {exc!r}")
+
+
+def drive(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], procs: int,
+          depth: int) -> list[tuple[str, float, int, Stats, float]]:  # fmt: skip
+    """Per slice: build, decisions/s summed, decisions, INFO delta, wall seconds."""
+    ctx = mp.get_context("spawn")
+    bar, out = ctx.Barrier(procs + 1), ctx.Queue()
+    args = (url, specs, plan, depth, bar, out)
+    workers = [ctx.Process(target=_driver, args=args) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    client, slices = redis.Redis.from_url(url), []
+    try:
+        for label, seconds in plan:
+            bar.wait(timeout=120)
+            before, start = snapshot(client), time.perf_counter()
+            bar.wait(timeout=60)
+            got = [out.get(timeout=seconds + 120) for _ in range(procs)]
+            wall = time.perf_counter() - start
+            failed = [g for g in got if isinstance(g, str)]
+            if failed:
+                raise SystemExit(f"overhead.py: {failed[0]}")
+            stats = delta(before, snapshot(client))
+            rate, decisions = sum(g[0] / g[1] for g in got), sum(g[0] for g in got)
+            slices.append((label, rate, decisions, stats, wall))
+    except threading.BrokenBarrierError:
+        raise SystemExit(f"overhead.py: {out.get(timeout=30)}") from None
+    finally:
+        for w in workers:
+            w.join(timeout=30 if len(slices) == len(plan) else 0.1)
+            if w.is_alive():
+                w.terminate()  # only after a failure: by its pid, one we started
+        client.close()
+    return slices
+
+
+def part_b(
+    url: str, fleet: Fleet, limit: str, tokens: int, run_id: str, sizes: tuple[float, int],
+    opts: Any,
+) -> tuple[list[str], list[str], dict[str, float]]:  # fmt: skip
+    """Headline, table and ``{"ceiling", "lean"}`` decisions/s. ``sizes``: seconds per
+    build, split into that many slices (order alternating); ``opts.ceiling_procs`` processes,
+    ``opts.pipeline`` commands per write."""
+    procs, depth = opts.ceiling_procs, opts.pipeline
+    specs = {"ours": fleet_spec(fleet, limit, tokens), "lean": lean_spec(url, run_id)}
+    seconds, rounds = sizes
+    order = [("ours", "lean") if r % 2 == 0 else ("lean", "ours") for r in range(rounds)]
+    plan = [(label, seconds / rounds) for pair in order for label in pair]
+    slices = drive(url, specs, plan, procs, depth)
+    got: dict[str, dict[str, float]] = {}
+    for label, spec in specs.items():
+        mine = [s for s in slices if s[0] == label]
+        decisions, wall = sum(s[2] for s in mine), sum(s[4] for s in mine)
+        calls = usec = 0
+        for _, _, _, (cmds, _), _ in mine:
+            for name in spec.sent:
+                c, u = cmds.get(name, (0, 0))
+                calls, usec = calls + c, usec + u
+        rates = [s[1] for s in mine]
+        got[label] = {"rate": sum(rates) / len(rates), "lo": min(rates), "hi": max(rates),
+                      "us": usec / decisions, "calls": calls / decisions,
+                      "busy": sum(s[3][1] for s in mine) / wall}  # fmt: skip
+    ours, lean = got["ours"], got["lean"]
+    head = [
+        f"- (b) Pipelined ceiling ({procs} processes x {depth}-deep pipelines, real acquire + "
+        f"release pairs): ours **{ours['rate']:,.0f} decisions/s**, lean {lean['rate']:,.0f}/s "
+        f"(ours / lean {ours['rate'] / lean['rate']:.2f}); Redis µs per decision: ours "
+        f"**{ours['us']:.1f}**, lean {lean['us']:.1f} (ours / lean "
+        f"{ours['us'] / lean['us']:.2f})"
+    ]
+    note = (
+        f" usec is wall time inside Redis: with more busy processes ({procs} + Redis) than "
+        f"cores ({os.cpu_count()}), Redis is preempted inside commands, which inflates it."
+        if procs + 1 > (os.cpu_count() or 1)
+        else ""
+    )
+    table = [
+        "",
+        f"(b) {procs} spawned processes, one connection each: {depth} acquires in one write, "
+        f"their replies, the {depth} releases of the returned leases in one write, their "
+        "replies; the commands of two decisions captured on the wire, a fresh id spliced in. "
+        f"Mean of {rounds} slice(s) of {seconds / rounds:g} s per build, order alternating. "
+        "Redis µs: INFO commandstats usec of the commands sent (a script's inner commands are "
+        f"inside its EVALSHA's), over the decisions; Redis busy: main-thread CPU / wall.{note}",
+        "",
+        "| build | commands | decisions/s | per-slice range | Redis µs / decision | "
+        "commands sent / decision | Redis busy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, spec in specs.items():
+        g = got[label]
+        table.append(
+            f"| {label} | {spec.shape} | {g['rate']:,.0f} | {g['lo']:,.0f}-{g['hi']:,.0f} | "
+            f"{g['us']:.1f} | {g['calls']:.2f} | {g['busy']:.0%} |"
+        )
+    table.append(
+        f"| ours / lean | | **{ours['rate'] / lean['rate']:.2f}** | | "
+        f"**{ours['us'] / lean['us']:.2f}** | | |"
+    )
+    return head, table, {"ceiling": ours["rate"], "lean": lean["rate"]}
