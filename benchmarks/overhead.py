@@ -41,7 +41,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import sys
 import threading
@@ -54,13 +53,12 @@ import redis
 import redis.utils
 from overhead_ceiling import (
     Stats,
-    delta,
     on_db,
     on_wire,
     part_b,
     private_redis,
+    run_slices,
     script_commands,
-    snapshot,
 )
 
 from celery_fleet import Fleet
@@ -163,34 +161,12 @@ Slice = tuple[str, float, int, Stats, int]
 def drive(url: str, ns: str, procs: int, threads: int, plan: Plan) -> list[Slice]:
     """Run ``plan`` in ``procs`` spawned processes x ``threads``; per slice, the summed
     rate, the decisions and the INFO delta around it."""
-    ctx = mp.get_context("spawn")
-    bar, out = ctx.Barrier(procs + 1), ctx.Queue()
-    args = (url, ns, threads, plan, bar, out)
-    workers = [ctx.Process(target=_proc, args=args) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    client, slices = redis.Redis.from_url(url), []
-    try:
-        for kind, seconds in plan:
-            bar.wait(timeout=600)
-            before = snapshot(client)
-            bar.wait(timeout=60)
-            got = [out.get(timeout=seconds + 300) for _ in range(procs)]
-            failed = [g for g in got if isinstance(g, str)]
-            if failed:
-                raise SystemExit(f"overhead.py: {failed[0]}")
-            stats = delta(before, snapshot(client))
-            rate, decisions = sum(g[1] / g[2] for g in got), sum(g[1] for g in got)
-            slices.append((kind, rate, decisions, stats, sum(g[3] for g in got)))
-    except threading.BrokenBarrierError:
-        raise SystemExit(f"overhead.py: {out.get(timeout=30)}") from None
-    finally:
-        for w in workers:
-            w.join(timeout=30 if len(slices) == len(plan) else 0.1)
-            if w.is_alive():
-                w.terminate()  # only after a failure: by its pid, one we started
-        client.close()
-    return slices
+    return [
+        (kind, sum(g[1] / g[2] for g in got), sum(g[1] for g in got), stats, sum(g[3] for g in got))
+        for kind, got, stats, _wall in run_slices(
+            url, _proc, (url, ns, threads, plan), procs, plan, 600
+        )
+    ]
 
 
 # -- (a) Redis cost per decision, (c) many threads, (d) slot against try_acquire ----------------

@@ -266,29 +266,30 @@ def _driver(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], dep
         out.put(f"ceiling driver {os.getpid()}: {exc!r}")
 
 
-def drive(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], procs: int,
-          depth: int) -> list[tuple[str, float, int, Stats, float]]:  # fmt: skip
-    """Per slice: build, decisions/s summed, decisions, INFO delta, wall seconds."""
+def run_slices(
+    url: str, target: Callable[..., None], args: tuple[Any, ...], procs: int,
+    plan: list[tuple[str, float]], wait_s: float,
+) -> list[tuple[str, list[Any], Stats, float]]:  # fmt: skip
+    """Start ``procs`` spawned ``target(*args, barrier, queue)`` processes and, per slice of
+    ``plan``, release them together: the label, each process's result, the INFO delta around
+    the slice and its wall seconds. A process that fails puts a string; that ends the run."""
     ctx = mp.get_context("spawn")
     bar, out = ctx.Barrier(procs + 1), ctx.Queue()
-    args = (url, specs, plan, depth, bar, out)
-    workers = [ctx.Process(target=_driver, args=args) for _ in range(procs)]
+    workers = [ctx.Process(target=target, args=(*args, bar, out)) for _ in range(procs)]
     for w in workers:
         w.start()
     client, slices = redis.Redis.from_url(url), []
     try:
         for label, seconds in plan:
-            bar.wait(timeout=120)
+            bar.wait(timeout=wait_s)
             before, start = snapshot(client), time.perf_counter()
             bar.wait(timeout=60)
-            got = [out.get(timeout=seconds + 120) for _ in range(procs)]
+            got = [out.get(timeout=seconds + wait_s) for _ in range(procs)]
             wall = time.perf_counter() - start
             failed = [g for g in got if isinstance(g, str)]
             if failed:
                 raise SystemExit(f"overhead.py: {failed[0]}")
-            stats = delta(before, snapshot(client))
-            rate, decisions = sum(g[0] / g[1] for g in got), sum(g[0] for g in got)
-            slices.append((label, rate, decisions, stats, wall))
+            slices.append((label, got, delta(before, snapshot(client)), wall))
     except threading.BrokenBarrierError:
         raise SystemExit(f"overhead.py: {out.get(timeout=30)}") from None
     finally:
@@ -298,6 +299,17 @@ def drive(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], procs
                 w.terminate()  # only after a failure: by its pid, one we started
         client.close()
     return slices
+
+
+def drive(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], procs: int,
+          depth: int) -> list[tuple[str, float, int, Stats, float]]:  # fmt: skip
+    """Per slice: build, decisions/s summed, decisions, INFO delta, wall seconds."""
+    return [
+        (label, sum(g[0] / g[1] for g in got), sum(g[0] for g in got), stats, wall)
+        for label, got, stats, wall in run_slices(
+            url, _driver, (url, specs, plan, depth), procs, plan, 120
+        )
+    ]
 
 
 def part_b(
