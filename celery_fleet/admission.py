@@ -11,7 +11,7 @@ scripts also run on Redis Cluster:
                                    expires after a day without calls
 ``{ns:limit}:leases``              zset: lease -> expiry (ms); the in-flight semaphore.
                                    A lease carries its own record:
-                                   ``<acquired ms>.<in flight then>.<tokens>.<id>``
+                                   ``<acquired µs>.<in flight then>.<tokens>.<id>``
 ``{ns:limit}:settled``             hash: lease -> tokens, for leases settled so far
 ``{ns:limit}:line``                zset: ticket id -> order key; callers waiting for
                                    admission, served oldest first (see below)

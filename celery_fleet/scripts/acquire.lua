@@ -8,7 +8,7 @@
 --                          (sampled EWMA); line_until (ms: the line may be non-empty until
 --                          then); exp (ms: when the hash's TTL runs out, refreshed twice a day)
 -- KEYS[2]  leases   zset   lease -> expiry (ms); the in-flight semaphore. A lease names its own
---                          record: "<acquired ms>.<in flight then>.<tokens>.<id>"
+--                          record: "<acquired µs>.<in flight then>.<tokens>.<id>"
 -- KEYS[3]  line     zset   ticket id -> order key (lane * 2^42 + first-asked ms): the waiters
 -- KEYS[4]  breaker  hash   state ("open"), opened_at, forced ("open"/"closed"), probe, probe_until
 -- KEYS[5]  waiting  zset   ticket id -> expiry (ms): a ticket is a lease on a place in line
@@ -256,8 +256,10 @@ if #hset > 0 then redis.call('HSET', KEYS[1], unpack(hset)) end
 if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 
 -- The lease carries its own record, first (parsed from the start, without backtracking):
--- when it was acquired (whole ms), how many were in flight then, the tokens it reserved.
-local lease = math.floor(now) .. '.' .. (in_flight + 1) .. '.' .. ARGV[2] .. '.' .. id
+-- when it was acquired (µs: AIMD compares it with the last cut, which may be in the same
+-- ms), how many were in flight then, the tokens it reserved.
+local lease = string.format('%d%06d', t[1], t[2]) .. '.' .. (in_flight + 1) .. '.' ..
+              ARGV[2] .. '.' .. id
 if probe == 1 then
   redis.call('HSET', KEYS[4], 'probe', lease, 'probe_until', now + ttl)
 end

@@ -1,6 +1,6 @@
 -- release: give a slot back and report how the call went.
 --
--- KEYS[1]  leases   zset   lease -> expiry (ms); a lease is "<acquired ms>.<in flight then>.
+-- KEYS[1]  leases   zset   lease -> expiry (ms); a lease is "<acquired µs>.<in flight then>.
 --                          <tokens>.<id>" (see acquire.lua)
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to
 -- KEYS[3]  ctl      hash   hold_ms (EWMA, sampled), pause_until, and the adaptive state: cap,
@@ -73,14 +73,15 @@ if retry_after > 0 then
   end
 end
 
-local held, acquired, at_in_flight = 0, nil, 0
+local held, acquired, acquired_us, at_in_flight = 0, nil, nil, 0
 if removed == 1 then
   local a, f = string.match(id, '^(%d+)%.(%d+)%.')
-  acquired = tonumber(a)
+  acquired_us = tonumber(a)
+  acquired = acquired_us and acquired_us / 1000
   at_in_flight = tonumber(f) or 0
 end
 if ARGV[5] == '1' then clock() end
-if acquired and acquired % 32 == 0 then
+if acquired_us and acquired_us % 32 == 0 then
   held = clock() - acquired
   local old = redis.call('HMGET', KEYS[3], 'hold_ms', 'exp')
   local ewma = held

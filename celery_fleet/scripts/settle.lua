@@ -3,7 +3,7 @@
 -- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms), exp (see _ctl.lua)
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to (absent: what the lease reserved)
 -- KEYS[3]  leases   zset   lease -> expiry (ms): says whether the lease is still held
--- ARGV[1]  lease ("<acquired ms>.<in flight then>.<reserved tokens>.<id>", see acquire.lua)
+-- ARGV[1]  lease ("<acquired µs>.<in flight then>.<reserved tokens>.<id>", see acquire.lua)
 -- ARGV[2]  actual tokens used
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)
 -- ARGV[4]  number of token windows n, then n triples: field, emission interval T (ms),
