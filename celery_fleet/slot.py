@@ -22,8 +22,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .admission import REFRESH_S, WAKE_GRACE_MS, Admission, Decision, Release, new_lease_id
+from .admission import REFRESH_S, WAKE_GRACE_MS, Admission
 from .checks import check_max_wait
+from .decision import Decision, Release, new_lease_id
 from .errors import (
     CircuitOpen,
     FleetError,

@@ -220,7 +220,7 @@ def test_a_wait_beyond_any_int_is_clamped_not_an_overflow(
     """A TAT or pause far in the future (written by an older version, or by hand) gives a
     long but finite wait_ms; slot() raises Throttled, not OverflowError."""
     from celery_fleet import Throttled
-    from celery_fleet.admission import MAX_WAIT_MS
+    from celery_fleet.decision import MAX_WAIT_MS
 
     fleet = make_fleet({"llm": {"tpm": 100_000}})
     rclient.hset(fleet.admission.keys("llm").ctl, "t:60", "1e300")

@@ -20,6 +20,7 @@ ORDER = [
     "providers",
     "backoff",
     "line",
+    "decision",
     "admission",
     "adaptive",
     "breaker",
