@@ -135,7 +135,9 @@ class Combiner:
         self._conn_of: redis.Redis | None = None
         #: Posted calls written to the wire whose replies are not read yet, in wire order.
         self._unread: list[_Call] = []
-        self._unread_since = 0.0
+        #: Posted calls not answered yet (queued, written or unread), and since when.
+        self._open = 0
+        self._open_since = 0.0
         self._poll: Any = None
         self._polled_sock: Any = None
         #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
@@ -149,39 +151,66 @@ class Combiner:
             self._queue.append(me)
             waiting, self._busy = self._busy, True
         if waiting:
-            me.done.acquire()
+            try:
+                me.done.acquire()
+            except BaseException:  # Ctrl-C, a gevent Timeout: never leave the wire stuck
+                self._abandon(me)
+                raise
             if not me.lead:
                 return me.replies
         self._carry()
         return me.replies
 
+    def _abandon(self, me: _Call) -> None:
+        """A caller stopped waiting: take its call out of the queue, or, if it had just been
+        handed the wire, hand the wire on (a call already being carried finishes alone)."""
+        with self._lock:
+            if me in self._queue:
+                self._queue.remove(me)
+                if me.lead:
+                    self._hand_on()
+
+    def _hand_on(self) -> None:
+        """(Under the lock) give the wire to the first waiting caller, or free it."""
+        heir = next((c for c in self._queue if c.callback is None), None)
+        if heir is not None:
+            heir.lead = True
+            heir.done.release()
+        else:
+            self._busy = False  # posted calls left are written by the next caller (or drain)
+
     def post(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
     ) -> bool:
         """Write ``commands`` now (or with the round trip on the wire) and return without
-        waiting; ``callback(replies)`` runs in whichever thread reads them later.
+        waiting; ``callback(replies)`` runs, once, in whichever thread reads them later.
 
-        False, with nothing sent, while a script of theirs has not answered on this wire
-        yet: the caller should :meth:`send` instead (so a posted call never meets NOSCRIPT
-        on a fresh connection).
+        False, with nothing sent, while a script of theirs has not answered on this
+        connection yet: the caller should :meth:`send` instead (so a posted call never
+        meets NOSCRIPT on a fresh connection, e.g. after a Redis restart).
         """
         if not all(script in self._loaded for script, _packed in commands):
             return False
         call = _Call(commands, callback)
         with self._lock:
             self._queue.append(call)
+            if not self._open:
+                self._open_since = time.monotonic()
+            self._open += 1
             waiting, self._busy = self._busy, True
         if not waiting:
             self._carry()
         return True
 
     def pending(self) -> float:
-        """How long (s, monotonic) the oldest posted reply has waited to be read; 0 if none."""
-        return time.monotonic() - self._unread_since if self._unread else 0.0
+        """How long (s, monotonic) the oldest posted call has waited for its reply to be
+        read (queued, written or unread); 0 if none."""
+        return time.monotonic() - self._open_since if self._open else 0.0
 
     def drain(self) -> None:
-        """Read the replies of every posted call now (their callbacks run)."""
-        if self._unread or any(c.callback for c in list(self._queue)):
+        """Write and read every posted call now (their callbacks run): after it returns,
+        nothing this process posted is still on its way."""
+        if self._open:
             self.send([])  # waits its turn, and reads everything written before it
 
     def _carry(self) -> None:
@@ -194,7 +223,7 @@ class Combiner:
                     batch, self._queue = self._queue, []
                 error: BaseException | None = None
                 try:
-                    answered += self._round_trip(batch)
+                    self._round_trip(batch, answered)
                 except BaseException as exc:  # the callers in the batch must not wait forever
                     error = exc
                     raise
@@ -202,27 +231,28 @@ class Combiner:
                     for call in batch:
                         if not call.finished and call not in self._unread:
                             call.fail(error or RuntimeError("celery-fleet: call not sent"))
-                            answered.append(call)
+                            if call.callback is not None and call not in answered:
+                                answered.append(call)
                         call.done.release()
                     with self._lock:
-                        heir = next((c for c in self._queue if c.callback is None), None)
-                        if heir is not None:  # a waiting caller carries the rest
-                            heir.lead = True
-                            heir.done.release()
-                        elif not self._queue or error is not None:
-                            self._busy = False  # a later caller carries what is left
-                        more = heir is None and bool(self._queue) and error is None
+                        more = error is None and bool(self._queue)
+                        more = more and all(c.callback is not None for c in self._queue)
+                        if not more:
+                            self._hand_on()
                 if not more:
                     break
                 # only posted calls are queued, and nobody waits to carry them: carry on
         finally:
             # Off the wire: a callback may itself call Redis.
+            with self._lock:
+                self._open -= sum(1 for c in answered if c.callback is not None)
             for call in answered:
-                if call.callback is not None:
-                    try:
-                        call.callback(call.replies)
-                    except Exception:  # never into the unrelated caller that read it
-                        log.exception("celery-fleet: handling a posted reply failed")
+                if call.callback is None:
+                    continue
+                try:
+                    call.callback(call.replies)
+                except Exception:  # never into the unrelated caller that read it
+                    log.exception("celery-fleet: handling a posted reply failed")
 
     def _connection(self) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
@@ -233,17 +263,19 @@ class Combiner:
             pool = client.connection_pool
             self._conn = pool.connection_class(**pool.connection_kwargs)
             self._conn_of = client
-            self._unread, self._loaded = [], set()
         return client, self._conn
 
-    def _round_trip(self, batch: list[_Call]) -> list[_Call]:
+    def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> None:
         """Write ``batch``, then read replies up to the last call someone waits for; posted
-        calls after it stay unread. Returns the posted calls answered here."""
+        calls after it stay unread. Posted calls whose replies were read (or that failed)
+        are added to ``answered``, whatever happens."""
         client, conn = self._connection()
         self._check(conn)  # before taking the unread ones: their replies are due
+        if conn._sock is None:
+            self._loaded = set()  # a new connection, maybe a new server: scripts unknown
         pending = self._unread + batch  # wire order: the unread ones were written before
         self._unread = []
-        answered: list[_Call] = []
+        error: BaseException | None = None
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
@@ -259,21 +291,49 @@ class Combiner:
                     call.replies = [self._read(conn, script) for script, _p in call.commands]
                     call.finished = True
                 rest = []
-            if rest:
-                self._unread = rest
-                self._unread_since = time.monotonic()
-            read = [c for c in pending if c.finished]
-            self._send_again_what_redis_lost(client, conn, read)
-            answered += [c for c in read if c.callback is not None]
-        except redis.RedisError as exc:
-            conn.disconnect()  # the next round trip connects again
+            self._unread = rest
+            self._send_again_what_redis_lost(client, conn, [c for c in pending if c.finished])
+        except BaseException as exc:
+            # Whatever broke off the round trip, replies may still be on their way: this
+            # socket is out of step for good, and every call not answered fails with it.
+            error = exc
+            conn.disconnect()
             self._unread = []
+            if not isinstance(exc, redis.RedisError):
+                raise
+        finally:
             for call in pending:
-                if not call.finished:
-                    call.fail(exc)
-                    if call.callback is not None:
-                        answered.append(call)
-        return answered
+                if not call.finished and call not in self._unread:
+                    call.fail(error if error is not None else RuntimeError("not sent"))
+                if call.callback is not None and call.finished and call not in answered:
+                    answered.append(call)
+
+    def _send_again_what_redis_lost(
+        self, client: redis.Redis, conn: Any, calls: list[_Call]
+    ) -> None:
+        """After NOSCRIPT (Redis restarted or flushed its scripts): load, send those again.
+
+        Commands after a lost one in the same round trip have run already: order between
+        them is not kept (a restart clears which scripts this connection saw, so a posted
+        release is not sent before its script answered again).
+        """
+        lost = [
+            (call, i)
+            for call in calls
+            for i, reply in enumerate(call.replies)
+            if isinstance(reply, NoScriptError)
+        ]
+        if not lost:
+            return
+        for call, _i in lost:
+            call.finished = False  # a failure from here on is theirs
+        for script in {call.commands[i][0] for call, i in lost}:
+            self._load(client, script)
+        conn.send_packed_command([b"".join(call.commands[i][1] for call, i in lost)])
+        for call, i in lost:
+            call.replies[i] = self._read(conn, call.commands[i][0])
+        for call, _i in lost:
+            call.finished = True
 
     def _stale(self, conn: Any) -> bool:
         """True when the socket has something to read (poll, no recv: a syscall)."""
@@ -305,21 +365,3 @@ class Combiner:
             return exc  # an error reply: the connection is still in step
         self._loaded.add(script)
         return reply
-
-    def _send_again_what_redis_lost(
-        self, client: redis.Redis, conn: Any, calls: list[_Call]
-    ) -> None:
-        """After NOSCRIPT (Redis restarted or flushed its scripts): load, send those again."""
-        lost = [
-            (call, i)
-            for call in calls
-            for i, reply in enumerate(call.replies)
-            if isinstance(reply, NoScriptError)
-        ]
-        if not lost:
-            return
-        for script in {call.commands[i][0] for call, i in lost}:
-            self._load(client, script)
-        conn.send_packed_command([b"".join(call.commands[i][1] for call, i in lost)])
-        for call, i in lost:
-            call.replies[i] = self._read(conn, call.commands[i][0])

@@ -101,6 +101,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         idle_since: float | None = None
         while True:
+            leaving = False
             with self._lock:
                 if self._slots:
                     idle_since = None
@@ -110,11 +111,13 @@ class LeaseKeeper:
                 else:
                     # Linger: a loop of short slots must not start a thread per slot.
                     idle_since = idle_since or time.monotonic()
-                    if time.monotonic() - idle_since >= IDLE_EXIT_S:
+                    leaving = time.monotonic() - idle_since >= IDLE_EXIT_S
+                    if leaving:
                         self._thread = None
-                        self._drain(0.0)
-                        return
                     timeout = self.tick_s
+            if leaving:  # outside the lock: callbacks may take slots (and so this lock)
+                self._drain(0.0)
+                return
             self._wake.wait(timeout)
             try:
                 self.renew_due()

@@ -359,7 +359,8 @@ class Slot:
 
     def _check_released(self, lease_id: str, result: Release) -> None:
         if not result.released:
-            self.lost = True
+            if self.lease_id is None:  # not when a late reply finds the slot held again
+                self.lost = True
             log.warning(
                 "celery-fleet: lease %s of limit %r had expired before release "
                 "(held longer than its TTL without renewal?)",

@@ -153,12 +153,12 @@ class _Gate:
         self.go = threading.Event()
         real = combiner._round_trip
 
-        def round_trip(batch: list[Any]) -> Any:
+        def round_trip(batch: list[Any], answered: list[Any]) -> Any:
             self.sizes.append(sum(len(c.commands) for c in batch))
             if len(self.sizes) == 1:
                 self.entered.set()
                 self.go.wait(10)
-            return real(batch)
+            return real(batch, answered)
 
         combiner._round_trip = round_trip  # type: ignore[method-assign]
 
@@ -253,9 +253,9 @@ def test_next_releases_and_acquires_in_one_round_trip(
     combiner = fleet.store.combiner
     real = combiner._round_trip
 
-    def counting(batch: list[Any]) -> Any:
+    def counting(batch: list[Any], answered: list[Any]) -> Any:
         sizes.append(sum(len(c.commands) for c in batch))
-        return real(batch)
+        return real(batch, answered)
 
     combiner._round_trip = counting  # type: ignore[method-assign]
     with fleet.slot("llm", tokens=100) as slot:
@@ -294,9 +294,9 @@ def test_a_slot_costs_one_round_trip_its_release_rides_with_the_next(
     combiner = fleet.store.combiner
     real = combiner._round_trip
 
-    def counting(batch: list[Any]) -> Any:
+    def counting(batch: list[Any], answered: list[Any]) -> Any:
         trips.append(len(batch))
-        return real(batch)
+        return real(batch, answered)
 
     combiner._round_trip = counting  # type: ignore[method-assign]
     for _ in range(10):
