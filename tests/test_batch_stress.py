@@ -1,7 +1,7 @@
 """Stress and failure tests of the Combiner (celery_fleet/batch.py) against a real Redis.
 
-Shared Redis: DB 13, namespaces ``review-<uuid>`` (deleted afterwards). Anything that kills
-connections, restarts or flushes scripts runs on a private ``redis-server``.
+The suite's Redis (conftest: DB 9, a namespace per test, deleted afterwards); anything that
+kills connections, restarts Redis or flushes scripts runs on a private ``redis-server``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import random
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -24,8 +23,6 @@ from celery_fleet.batch import Combiner
 from celery_fleet.errors import StoreUnavailable, Throttled
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
-SHARED = "redis://127.0.0.1:6379/13"
-
 
 class Interrupt(BaseException):
     """Stands for KeyboardInterrupt / gevent.Timeout raised in a thread using the wire."""
@@ -35,23 +32,10 @@ class Interrupt(BaseException):
 
 
 @pytest.fixture
-def ns() -> Iterator[str]:
-    name = f"review-{uuid.uuid4().hex[:12]}"
-    yield name
-    client = redis.Redis.from_url(SHARED)
-    keys = list(client.scan_iter(match=f"*{name}*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-@pytest.fixture
-def shared_fleet(ns: str) -> Fleet:
-    try:
-        redis.Redis.from_url(SHARED).ping()
-    except redis.RedisError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    return Fleet(redis_url=SHARED, namespace=ns, limits={"llm": {"max_in_flight": 1000}})
+def shared_fleet(make_fleet: Callable[..., Fleet]) -> Fleet:
+    """A Fleet on the suite's Redis, in this test's own namespace (see conftest)."""
+    fleet: Fleet = make_fleet({"llm": {"max_in_flight": 1000}})
+    return fleet
 
 
 @pytest.fixture
