@@ -355,3 +355,16 @@ def test_a_posted_release_that_meets_noscript_is_sent_again(private: RedisServer
         client.script_flush()  # the release below meets NOSCRIPT
     assert fleet.admission.in_flight("llm") == 0  # drained, loaded, sent again
     client.close()
+
+
+def test_a_capless_limit_sweeps_expired_leases_once_it_holds_1024(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"rpm": 10**9, "lease": 1}})
+    leases = fleet.admission.keys("llm").leases
+    for _ in range(1030):  # holders that die: never released
+        assert fleet.try_acquire("llm")
+    time.sleep(1.1)
+    assert rclient.zcard(leases) == 1030  # the sweeps on the way found nothing expired yet
+    assert fleet.try_acquire("llm")  # holds 1,030 >= 1,024: sweeps (256 per call)
+    assert rclient.zcard(leases) == 1030 - 256 + 1
