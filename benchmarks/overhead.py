@@ -56,6 +56,7 @@ from overhead_ceiling import (
     on_db,
     on_wire,
     part_b,
+    preemption_note,
     private_redis,
     run_slices,
     script_commands,
@@ -207,13 +208,7 @@ def part_a(url: str, ns: str, procs: int, seconds: float, rounds: int, kind: str
         f"main-thread CPU, with I/O and parsing: {cpu * 1e6 / decisions:.1f} µs per decision"
         + ("" if clean else " (**no clean slice: other clients counted too**, see below)")
     ]
-    preempted = (
-        f" usec is wall time inside Redis: with more busy processes ({procs} + Redis) than "
-        f"cores ({os.cpu_count()}), Redis is preempted inside commands, which inflates it; (b) "
-        "has the same figure under a pipelined client."
-        if procs + 1 > (os.cpu_count() or 1)
-        else ""
-    )
+    preempted = preemption_note(procs, "; (b) has the same figure under a pipelined client.")
     rows = [
         "",
         f"(a) {procs} processes x {what}, {rate:,.0f} decisions/s; INFO "

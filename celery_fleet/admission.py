@@ -39,7 +39,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .checks import MAX_UNITS, check_name
+from .checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from .config import REQUESTS, LimitConfig
 from .decision import (
     Decision,
@@ -165,7 +165,8 @@ class Admission:
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
         since = check_since(since_ms)
-        return self._do_acquire(cfg, tokens, lease_id or new_lease_id(), since, join)
+        lease = new_lease_id() if lease_id is None else check_lease_id(lease_id)
+        return self._do_acquire(cfg, tokens, lease, since, join)
 
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
@@ -269,6 +270,8 @@ class Admission:
         """The packed release of ``lease_id``, for :meth:`RedisStore.send` or ``post``.
         With ``clock`` the reply carries the Redis time and hold time (one more command)."""
         self.limit(name)
+        # an admitted lease: the requested id after its record (acquired µs, in flight, tokens)
+        check_lease_id(lease_id, MAX_LEASE_ID + 64)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
         pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)

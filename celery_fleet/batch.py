@@ -337,6 +337,8 @@ class Combiner:
 
     def _stale(self, conn: Any) -> bool:
         """True when the socket has something to read (poll, no recv: a syscall)."""
+        if not hasattr(select, "poll"):  # Windows: redis-py's own (slower) check
+            return bool(conn.can_read(timeout=0))
         sock = conn._sock
         if sock is not self._polled_sock:
             self._poll = select.poll()
@@ -353,7 +355,7 @@ class Combiner:
             return
         try:
             stale = self._stale(conn)
-        except (OSError, ValueError):
+        except (OSError, ValueError, redis.ConnectionError):
             stale = True
         if stale:
             conn.disconnect()

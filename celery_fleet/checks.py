@@ -12,6 +12,8 @@ from collections.abc import Set as AbstractSet
 from .errors import ConfigError
 
 __all__ = [
+    "check_lease_id",
+    "MAX_LEASE_ID",
     "check_name",
     "check_max_wait",
     "number",
@@ -51,6 +53,21 @@ def check_name(name: object, what: str, colon: bool = True) -> str:
             f"and {chars} (no spaces, newlines or braces), got {name!r}"
         )
     return name
+
+
+#: Longest lease id a caller may name (it travels in every release and renewal).
+MAX_LEASE_ID = 200
+
+
+def check_lease_id(lease_id: object, longest: int = MAX_LEASE_ID) -> str:
+    """A lease (or ticket) id a caller names: a non-empty str of at most ``longest``
+    characters, else :class:`ConfigError` before anything reaches Redis."""
+    if isinstance(lease_id, str) and 0 < len(lease_id) <= longest:
+        return lease_id
+    raise ConfigError(
+        f"a lease id must be a non-empty str of at most {longest} characters, "
+        f"got {_short(lease_id)}"
+    )
 
 
 def reject_unknown(options: Iterable[str], known: AbstractSet[str], where: str) -> None:

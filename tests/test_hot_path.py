@@ -17,7 +17,7 @@ import redis
 
 from celery_fleet import Fleet, keeper
 from celery_fleet.batch import Combiner, Packed
-from celery_fleet.errors import FleetError, StoreUnavailable
+from celery_fleet.errors import ConfigError, FleetError, StoreUnavailable
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 MakeFleet = Callable[..., Fleet]
@@ -368,3 +368,16 @@ def test_a_capless_limit_sweeps_expired_leases_once_it_holds_1024(
     assert rclient.zcard(leases) == 1030  # the sweeps on the way found nothing expired yet
     assert fleet.try_acquire("llm")  # holds 1,030 >= 1,024: sweeps (256 per call)
     assert rclient.zcard(leases) == 1030 - 256 + 1
+
+
+def test_a_bad_lease_id_is_refused_before_redis(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 2, "tpm": 10**14}})
+    for bad in (123, b"bytes", "", "x" * 201):
+        with pytest.raises(ConfigError, match="lease id"):
+            fleet.admission.try_acquire("llm", lease_id=bad)  # type: ignore[arg-type]
+    for bad in (123, b"bytes", "", "x" * 265):  # a lease is the id after its record
+        with pytest.raises(ConfigError, match="lease id"):
+            fleet.admission.release("llm", bad)  # type: ignore[arg-type]
+    longest = fleet.admission.try_acquire("llm", tokens=10**12, lease_id="x" * 200)
+    assert longest and fleet.admission.release("llm", longest.lease_id).released  # type: ignore[arg-type]
+    assert fleet.admission.in_flight("llm") == 0
