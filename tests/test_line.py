@@ -248,7 +248,9 @@ def test_line_invariants_under_random_operations(
         held: list[str] = []
         ages: dict[str, int] = {}
         base = int(adm.try_acquire("m").at_ms)
-        adm.release("m", adm.try_acquire("m").lease_id or "")
+        second = adm.try_acquire("m")
+        if second.lease_id:
+            adm.release("m", second.lease_id)
         for step in range(150):
             op = rng.random()
             if op < 0.5:
