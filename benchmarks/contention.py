@@ -122,6 +122,7 @@ def worker(cfg: dict[str, Any]) -> None:
         start.wait()
         while time.monotonic() < deadline[0]:
             tl.first_at, tl.blpops, tl.woken, tl.woke = None, 0, 0, 0.0
+            tl.released = tl.rel_call = math.nan  # a posted release (issue 9) has no reply yet
             try:
                 with fleet.slot(LIMIT, max_wait=cfg["max_wait"]) as s:
                     body_start = time.time() * 1000
@@ -205,8 +206,9 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
         return woken
 
     def counted_release(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            counts["sent release"] += 1
+        if not hasattr(cls, "release_command"):  # else counted there (release calls it)
+            with lock:
+                counts["sent release"] += 1
         tl.rel_call = time.time() * 1000
         result = release(self, *args, **kwargs)
         tl.released = result.at_ms
@@ -214,6 +216,16 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
 
     cls.try_acquire, cls.release = counted_try_acquire, counted_release
     setattr(cls, wait_name, counted_wait)
+    if hasattr(cls, "release_command"):  # since issue 9 a slot posts its release's command
+        release_command = cls.release_command
+
+        def counted_release_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                counts["sent release"] += 1
+            tl.rel_call = time.time() * 1000
+            return release_command(self, *args, **kwargs)
+
+        cls.release_command = counted_release_command
     if hasattr(cls, "leave"):  # the new code gives its place up when a wait fails
         leave = cls.leave
 
