@@ -73,16 +73,27 @@ def _per_decision(
     }
 
 
+def _unsampled(per: dict[str, float]) -> float:
+    """Commands per decision without the hold-time sample: a release whose lease was acquired
+    at a microsecond divisible by 32 also reads and writes ``hold_ms`` (one HMGET + one HSET).
+    The share of such leases follows the clock, so it is checked for rarity, not an exact rate.
+    """
+    sampled = per.get("hmget", 0) - 1  # the acquire's own read of ctl is the 1
+    assert per.get("hset", 0) - 1 == pytest.approx(sampled), per  # every sampled read writes
+    assert 0 <= sampled < 0.12, per  # ~1 in 32, with room for an uneven clock
+    return sum(per.values()) - 2 * sampled
+
+
 def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> None:
     fleet = Fleet(redis_url=private.url, namespace="hot", limits={"llm": BENCH})
     per = _per_decision(private, fleet, 800, slot=True)
-    assert sum(per.values()) <= 10.0, per
+    assert _unsampled(per) <= 10.0, per
     # the shape of it: two EVALSHA, one clock, one read and one write of the state
-    assert per["evalsha"] == 2 and per["time"] < 1.1 and per["hmget"] < 1.1, per
+    assert per["evalsha"] == 2 and per["time"] < 1.1, per
     assert "pttl" not in per and "hdel" not in per and per.get("pexpire", 0) < 0.01, per
     # a release whose caller waits for its reply also reads the clock (exact at_ms)
     per = _per_decision(private, fleet, 800)
-    assert sum(per.values()) <= 10.1 and per["time"] == 2, per
+    assert _unsampled(per) <= 10.0 and per["time"] == 2, per
 
 
 def test_a_breaker_and_adaptive_limit_pays_only_for_what_it_uses(private: RedisServer) -> None:
