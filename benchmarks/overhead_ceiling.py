@@ -2,7 +2,8 @@
 side by side with the lean peer's (``peers.Lean``).
 
 What Redis itself can do with each build's commands when the client costs next to nothing:
-K spawned processes (``--ceiling-procs``, default 4), each with one connection, send P
+K spawned processes (``--ceiling-procs``: each of 1, 2 and 4 by default; the best count is
+each build's ceiling), each with one connection, send P
 acquires in one write (``--pipeline``, default 64), read the P replies, send the P matching
 releases in one write and read their replies, in a loop for a fixed time after a common
 start. Redis sees what a fast C client with K connections would send: deep pipelines of the
@@ -46,6 +47,10 @@ from celery_fleet.store import SCRIPTS, script_source
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 Stats = tuple[dict[str, tuple[int, int]], float]  # command -> (calls, usec); Redis CPU s
+
+#: Targets of issue 9 judged here: Redis µs per decision, and one limit's ceiling.
+MAX_US, MIN_CEILING = 22.0, 40_000
+MET = {True: "met", False: "**NOT met**"}
 
 
 def snapshot(client: redis.Redis) -> Stats:
@@ -314,58 +319,75 @@ def part_b(
     url: str, fleet: Fleet, limit: str, tokens: int, run_id: str, sizes: tuple[float, int],
     opts: Any,
 ) -> tuple[list[str], list[str], dict[str, float]]:  # fmt: skip
-    """Headline, table and ``{"ceiling", "lean"}`` decisions/s. ``sizes``: seconds per
-    build, split into that many slices (order alternating); ``opts.ceiling_procs`` processes,
-    ``opts.pipeline`` commands per write."""
-    procs, depth = opts.ceiling_procs, opts.pipeline
+    """Headline, table and ``{"ceiling", "lean", "us"}`` (decisions/s, ours' Redis µs).
+
+    ``sizes``: seconds per build and process count, split into that many slices (order
+    alternating); ``opts.ceiling_procs`` the process counts to try, ``opts.pipeline``
+    commands per write. Each build's ceiling is its best count: on a small box the clients
+    compete with Redis for the cores, and a preempted Redis inflates both its rate and its
+    commandstats µs, so the fewest-preemptions count is the one that measures Redis."""
+    depth = opts.pipeline
     specs = {"ours": fleet_spec(fleet, limit, tokens), "lean": lean_spec(url, run_id)}
     seconds, rounds = sizes
     order = [("ours", "lean") if r % 2 == 0 else ("lean", "ours") for r in range(rounds)]
     plan = [(label, seconds / rounds) for pair in order for label in pair]
-    slices = drive(url, specs, plan, procs, depth)
-    got: dict[str, dict[str, float]] = {}
-    for label, spec in specs.items():
-        mine = [s for s in slices if s[0] == label]
-        decisions, wall = sum(s[2] for s in mine), sum(s[4] for s in mine)
-        calls = usec = 0
-        for _, _, _, (cmds, _), _ in mine:
-            for name in spec.sent:
-                c, u = cmds.get(name, (0, 0))
-                calls, usec = calls + c, usec + u
-        rates = [s[1] for s in mine]
-        got[label] = {"rate": sum(rates) / len(rates), "lo": min(rates), "hi": max(rates),
-                      "us": usec / decisions, "calls": calls / decisions,
-                      "busy": sum(s[3][1] for s in mine) / wall}  # fmt: skip
-    ours, lean = got["ours"], got["lean"]
+    got: dict[tuple[str, int], dict[str, float]] = {}
+    for procs in opts.ceiling_procs:
+        slices = drive(url, specs, plan, procs, depth)
+        for label, spec in specs.items():
+            mine = [s for s in slices if s[0] == label]
+            decisions, wall = sum(s[2] for s in mine), sum(s[4] for s in mine)
+            calls = usec = 0
+            for _, _, _, (cmds, _), _ in mine:
+                for name in spec.sent:
+                    c, u = cmds.get(name, (0, 0))
+                    calls, usec = calls + c, usec + u
+            rates = [s[1] for s in mine]
+            got[label, procs] = {"rate": sum(rates) / len(rates), "lo": min(rates),
+                                 "hi": max(rates), "us": usec / decisions,
+                                 "calls": calls / decisions,
+                                 "busy": sum(s[3][1] for s in mine) / wall}  # fmt: skip
+    best = {
+        label: max(opts.ceiling_procs, key=lambda n, label=label: got[label, n]["rate"])
+        for label in specs
+    }
+    ours, lean = got["ours", best["ours"]], got["lean", best["lean"]]
+    counts = ", ".join(str(n) for n in opts.ceiling_procs)
     head = [
-        f"- (b) Pipelined ceiling ({procs} processes x {depth}-deep pipelines, real acquire + "
-        f"release pairs): ours **{ours['rate']:,.0f} decisions/s**, lean {lean['rate']:,.0f}/s "
-        f"(ours / lean {ours['rate'] / lean['rate']:.2f}); Redis µs per decision: ours "
-        f"**{ours['us']:.1f}**, lean {lean['us']:.1f} (ours / lean "
-        f"{ours['us'] / lean['us']:.2f})"
+        f"- (b) Pipelined ceiling (best of {counts} processes x {depth}-deep pipelines, real "
+        f"acquire + release pairs): ours **{ours['rate']:,.0f} decisions/s** (at "
+        f"{best['ours']}; target >= {MIN_CEILING:,}: {MET[ours['rate'] >= MIN_CEILING]}), lean "
+        f"{lean['rate']:,.0f}/s (at {best['lean']}; ours / lean "
+        f"{ours['rate'] / lean['rate']:.2f}); Redis µs per decision there: ours "
+        f"**{ours['us']:.1f}** (target <= {MAX_US:g}: {MET[ours['us'] <= MAX_US]}), lean "
+        f"{lean['us']:.1f} (ours / lean {ours['us'] / lean['us']:.2f})"
     ]
-    note = preemption_note(procs, ".")
+    note = preemption_note(max(opts.ceiling_procs), ".")
     table = [
         "",
-        f"(b) {procs} spawned processes, one connection each: {depth} acquires in one write, "
+        f"(b) {counts} spawned processes, one connection each: {depth} acquires in one write, "
         f"their replies, the {depth} releases of the returned leases in one write, their "
         "replies; the commands of two decisions captured on the wire, a fresh id spliced in. "
-        f"Mean of {rounds} slice(s) of {seconds / rounds:g} s per build, order alternating. "
-        "Redis µs: INFO commandstats usec of the commands sent (a script's inner commands are "
-        f"inside its EVALSHA's), over the decisions; Redis busy: main-thread CPU / wall.{note}",
+        f"Per process count, mean of {rounds} slice(s) of {seconds / rounds:g} s per build, "
+        "order alternating; the headline takes each build's best count. Redis µs: INFO "
+        "commandstats usec of the commands sent (a script's inner commands are inside its "
+        "EVALSHA's), over the decisions; Redis busy: main-thread CPU / wall." + note,
         "",
-        "| build | commands | decisions/s | per-slice range | Redis µs / decision | "
+        "| build | processes | commands | decisions/s | per-slice range | Redis µs / decision | "
         "commands sent / decision | Redis busy |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for label, spec in specs.items():
-        g = got[label]
-        table.append(
-            f"| {label} | {spec.shape} | {g['rate']:,.0f} | {g['lo']:,.0f}-{g['hi']:,.0f} | "
-            f"{g['us']:.1f} | {g['calls']:.2f} | {g['busy']:.0%} |"
-        )
+    for procs in opts.ceiling_procs:
+        for label, spec in specs.items():
+            g = got[label, procs]
+            mark = "**" if best[label] == procs else ""
+            table.append(
+                f"| {label} | {procs} | {spec.shape} | {mark}{g['rate']:,.0f}{mark} | "
+                f"{g['lo']:,.0f}-{g['hi']:,.0f} | {g['us']:.1f} | {g['calls']:.2f} | "
+                f"{g['busy']:.0%} |"
+            )
     table.append(
-        f"| ours / lean | | **{ours['rate'] / lean['rate']:.2f}** | | "
+        f"| ours / lean (best) | | | **{ours['rate'] / lean['rate']:.2f}** | | "
         f"**{ours['us'] / lean['us']:.2f}** | | |"
     )
-    return head, table, {"ceiling": ours["rate"], "lean": lean["rate"]}
+    return head, table, {"ceiling": ours["rate"], "lean": lean["rate"], "us": ours["us"]}
