@@ -14,6 +14,7 @@ Example::
 """
 
 from .admission import Decision, Release
+from .beat import Jittered, jittered
 from .breaker import Breaker, BreakerState
 from .config import LimitConfig
 from .errors import (
@@ -31,6 +32,7 @@ from .errors import (
 from .fleet import FOREVER, Fleet
 from .run import Run, running
 from .slot import Slot
+from .stagger import jitter_options
 from .steps import Steps
 from .task import THROTTLED, FleetTask, Throttling, fleet_task
 
@@ -47,6 +49,7 @@ __all__ = [
     "Fleet",
     "FleetError",
     "FleetTask",
+    "Jittered",
     "LeaseLost",
     "LimitConfig",
     "QuotaExhausted",
@@ -58,6 +61,8 @@ __all__ = [
     "StoreUnavailable",
     "THROTTLED",
     "Throttled",
+    "jitter_options",
+    "jittered",
     "ThrottledTooLong",
     "Throttling",
     "fleet_task",

@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import adaptive, signals
 from .admission import Admission, Decision, Release
+from .backoff import decorrelated_jitter, full_jitter, spread
 from .breaker import Breaker
-from .checks import check_max_wait
+from .checks import check_max_wait, number
 from .config import LimitConfig
 from .errors import ConfigError
 from .run import Run, current_run
@@ -83,6 +84,10 @@ class Fleet:
         self.max_countdown_s = settings.max_countdown_s
         self.step_ttl_s = settings.step_ttl_s
         self.step_max_bytes = settings.step_max_bytes
+        self.backoff = settings.backoff
+        self.backoff_base_s = settings.backoff_base_s
+        self.backoff_max_s = settings.backoff_max_s
+        self.step_jitter_s = settings.step_jitter_s
         self.clock: Clock = clock or SystemClock()
         options = {"password": settings.redis_password} if settings.redis_password else {}
         self.store = RedisStore(self.redis_url, **options)
@@ -122,6 +127,7 @@ class Fleet:
         tokens: int = 0,
         max_wait: float | None = None,
         validate: Callable[[Any], object] | None = None,
+        jitter: float | None = None,
     ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
@@ -136,6 +142,10 @@ class Fleet:
         Leaving the block with a provider 429 or overload raises ``Throttled`` (and pauses
         the limit fleet-wide for the provider's Retry-After); an exhausted quota raises
         ``QuotaExhausted``; a refusal by an open breaker raises ``CircuitOpen``.
+        ``jitter`` (default ``fleet_step_jitter``, 0) sleeps a random ``[0, jitter)``
+        seconds before the first ask, so agents that finished a step together do not all
+        ask for the next one in the same millisecond (``slot.next()`` does not: it
+        continues at once).
         Arguments are validated here, before any Redis call.
         """
         cfg = self.admission.limit(name)
@@ -146,6 +156,7 @@ class Fleet:
         wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)
         if validate is not None and not callable(validate):
             raise ConfigError(f"validate must be a callable result -> bool, got {validate!r}")
+        jitter_s = self.step_jitter_s if jitter is None else number(jitter, "jitter", lo=0, hi=60)
         return Slot(
             self.admission,
             self.keeper,
@@ -155,7 +166,31 @@ class Fleet:
             self.clock,
             validate=validate,
             run=run if run is not None else Run(),
+            jitter_s=jitter_s,
         )
+
+    def stagger(self, signatures: Iterable[Any], over: float, *, seed: int | None = None) -> Any:
+        """Publish ``signatures`` with countdowns spread evenly over ``over`` seconds and
+        return their :class:`celery.result.GroupResult` (see :func:`celery_fleet.stagger.
+        stagger`): a fan-out that reaches the workers at a steady rate, not as a herd."""
+        from .stagger import stagger
+
+        return stagger(signatures, over, seed=seed, app=self.app)
+
+    def reschedule_countdown(
+        self, wait_s: float, reschedules: int, previous_s: float = 0.0
+    ) -> float:
+        """The countdown of a task rescheduled for the ``reschedules``-th time (from 0) after
+        a refusal that said ``wait_s``: capped exponential backoff with jitter
+        (``fleet_backoff``: full or decorrelated, from ``fleet_backoff_base`` up to
+        ``fleet_backoff_max``), never below the wait plus a small spread (the limiter said
+        nothing passes sooner), never above ``fleet_max_countdown``."""
+        base, most = self.backoff_base_s, self.backoff_max_s
+        if self.backoff == "decorrelated":
+            grown = decorrelated_jitter(previous_s, base, most)
+        else:
+            grown = full_jitter(reschedules, base, most)
+        return min(max(spread(wait_s, fraction=0.2, floor_s=0.05), grown), self.max_countdown_s)
 
     def steps(self, run_id: str) -> Steps:
         """The durable steps of run ``run_id`` (a task id): ``fleet.steps(id).run(name, fn)``

@@ -97,7 +97,8 @@ class Throttling:
     ``since_ms``: its age in line (Redis-clock ms of its first ask); ``reschedules``: how
     often backpressure republished it; ``throttled_s``: seconds spent waiting for
     admission, in place and in reschedule countdowns; ``limit``, ``reason``, ``wait_ms``:
-    the last refusal.
+    the last refusal; ``countdown_s``: the last reschedule's countdown (decorrelated backoff
+    grows from it).
     """
 
     since_ms: int = 0
@@ -106,6 +107,7 @@ class Throttling:
     limit: str = ""
     reason: str = ""
     wait_ms: int = 0
+    countdown_s: float = 0.0
 
     @classmethod
     def from_header(cls, header: object) -> Throttling:
@@ -129,6 +131,7 @@ class Throttling:
             limit=str(header.get("limit") or "")[:MAX_NAME_LENGTH],
             reason=str(header.get("reason") or "")[:MAX_NAME_LENGTH],
             wait_ms=int(bounded("wait_ms", MAX_SECONDS * 1000)),
+            countdown_s=bounded("countdown_s", MAX_SECONDS),
         )
 
     def as_header(self) -> dict[str, Any]:

@@ -31,12 +31,18 @@ __all__ = [
     "SETTINGS",
     "DEFAULT_MAX_WAIT_S",
     "DEFAULT_MAX_COUNTDOWN_S",
+    "BACKOFF",
+    "visibility_timeout",
 ]
 
 log = logging.getLogger("celery_fleet")
 
 DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_MAX_COUNTDOWN_S = 300.0
+DEFAULT_BACKOFF_BASE_S = 1.0
+DEFAULT_BACKOFF_MAX_S = 60.0
+#: How reschedule countdowns grow with the reschedule count (``fleet_backoff``).
+BACKOFF = ("full", "decorrelated")
 #: Kombu's default visibility timeout of the Redis and SQS transports (seconds).
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -54,6 +60,10 @@ SETTINGS = {
     "fleet_max_countdown": "the longest reschedule countdown in seconds (default 300)",
     "fleet_step_ttl": "seconds a task's durable step results are kept (default 7 days)",
     "fleet_step_max_bytes": "the largest JSON result one durable step may store (default 1 MiB)",
+    "fleet_backoff": "reschedule backoff: 'full' (default) or 'decorrelated' jitter",
+    "fleet_backoff_base": "seconds of the first reschedule backoff, doubling after (default 1)",
+    "fleet_backoff_max": "seconds the reschedule backoff grows to at most (default 60)",
+    "fleet_step_jitter": "seconds: a random delay in [0, x) before each slot request (default 0)",
 }
 
 
@@ -69,6 +79,10 @@ class FleetSettings:
     redis_password: str | None = field(default=None, repr=False)
     step_ttl_s: float = DEFAULT_STEP_TTL_S
     step_max_bytes: int = DEFAULT_STEP_MAX_BYTES
+    backoff: str = "full"
+    backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
+    backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
+    step_jitter_s: float = 0.0
 
 
 def load_settings(
@@ -101,7 +115,27 @@ def load_settings(
         hi=MAX_SECONDS,
     )
     check_visibility_timeout(conf, max_countdown)
+    backoff = conf.get("fleet_backoff", "full")
+    if backoff not in BACKOFF:
+        raise ConfigError(f"fleet_backoff must be one of {BACKOFF}, got {backoff!r}")
+    backoff_max = number(
+        conf.get("fleet_backoff_max", DEFAULT_BACKOFF_MAX_S),
+        "fleet_backoff_max",
+        lo_open=0.0,
+        hi=MAX_SECONDS,
+    )
     return FleetSettings(
+        backoff=backoff,
+        backoff_max_s=min(backoff_max, max_countdown),
+        backoff_base_s=number(
+            conf.get("fleet_backoff_base", DEFAULT_BACKOFF_BASE_S),
+            "fleet_backoff_base",
+            lo_open=0.0,
+            hi=min(backoff_max, max_countdown),
+        ),
+        step_jitter_s=number(
+            conf.get("fleet_step_jitter", 0.0), "fleet_step_jitter", lo=0.0, hi=60.0
+        ),
         redis_url=url,
         namespace=check_name(
             namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
@@ -145,6 +179,19 @@ def reject_unknown_settings(conf: Mapping[str, Any]) -> None:
         )
 
 
+def visibility_timeout(conf: Mapping[str, Any]) -> float | None:
+    """The broker's ``visibility_timeout`` in seconds when it redelivers unacknowledged
+    messages (Redis, SQS), else None. A message waiting for its ETA is unacknowledged."""
+    broker = conf.get("broker_url")
+    if not isinstance(broker, str) or not broker.startswith(_VISIBILITY_BROKERS):
+        return None
+    options = conf.get("broker_transport_options") or {}
+    visibility = options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)
+    if isinstance(visibility, bool) or not isinstance(visibility, (int, float)):
+        return None
+    return float(visibility)
+
+
 def check_visibility_timeout(conf: Mapping[str, Any], max_countdown_s: float) -> None:
     """Refuse a reschedule countdown the broker would redeliver before it is due.
 
@@ -152,12 +199,8 @@ def check_visibility_timeout(conf: Mapping[str, Any], max_countdown_s: float) ->
     ``visibility_timeout`` the broker hands it to another worker too, so the task runs
     twice. Every countdown celery-fleet sets is at most ``fleet_max_countdown``.
     """
-    broker = conf.get("broker_url")
-    if not isinstance(broker, str) or not broker.startswith(_VISIBILITY_BROKERS):
-        return
-    options = conf.get("broker_transport_options") or {}
-    visibility = options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT_S)
-    if isinstance(visibility, (int, float)) and max_countdown_s >= visibility:
+    visibility = visibility_timeout(conf)
+    if visibility is not None and max_countdown_s >= visibility:
         raise ConfigError(
             f"fleet_max_countdown = {max_countdown_s:g} s is not below the broker's "
             f"visibility_timeout = {visibility:g} s: a rescheduled task would be delivered "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -83,6 +84,7 @@ class Slot:
         clock: Clock,
         validate: Callable[[Any], object] | None = None,
         run: Run | None = None,
+        jitter_s: float = 0.0,
     ) -> None:
         self.admission = admission
         self.keeper = keeper
@@ -100,12 +102,15 @@ class Slot:
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()
         self.ahead = 0
+        self.jitter_s = jitter_s
         self._held_in: list[Slot] = []
 
     def acquire(self) -> Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
+        if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
+            self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(new_lease_id())
 
     def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
@@ -207,7 +212,11 @@ class Slot:
                 # Woken when a release or the admission before it makes this ticket's turn.
                 # Second in line asks more often: a first that died after being woken is
                 # dropped by the next ask past its grace, and nobody else is asking then.
-                every = NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S
+                # The others re-ask at a jittered interval: tickets that joined together
+                # do not keep asking together.
+                every = (
+                    NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
+                )
                 self.admission.wait_turn(self.limit, ticket, min(remaining, every))
 
     def _leave(self, ticket: str) -> None:

@@ -30,18 +30,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore
+from celery.result import GroupResult
 
-from .backoff import spread
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
 from .run import Run, Throttling, current_run
 from .signals import task_rescheduled
+from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
 
 __all__ = ["FleetTask", "fleet_task", "ON_LIMIT", "THROTTLED", "Throttling"]
 
@@ -63,6 +64,7 @@ _FLEET_OPTIONS = {
     "wait_after_call": "fleet_wait_after_call",
     "max_reschedules": "fleet_max_reschedules",
     "max_throttled": "fleet_max_throttled",
+    "jitter": "fleet_jitter",
 }
 
 
@@ -114,6 +116,8 @@ class FleetTask(Task):  # type: ignore[misc]
     - ``fleet_max_reschedules`` / ``fleet_max_throttled``: patience. Past that many
       reschedules, or seconds spent waiting (in place and in countdowns), the task fails
       with :class:`~celery_fleet.errors.ThrottledTooLong`. None (default): no limit.
+    - ``fleet_jitter``: seconds; every first publish gets a random countdown in
+      ``[0, jitter)`` (``apply_async(..., fleet_jitter=s)`` per call). 0 (default): none.
     """
 
     fleet_limit: str | None = None
@@ -123,6 +127,7 @@ class FleetTask(Task):  # type: ignore[misc]
     fleet_wait_after_call: bool = True
     fleet_max_reschedules: int | None = None
     fleet_max_throttled: float | None = None
+    fleet_jitter: float = 0.0
     # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
     dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
 
@@ -139,12 +144,27 @@ class FleetTask(Task):  # type: ignore[misc]
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
             fleet.check_task_options(cls.name, cls.fleet_limit, cls.fleet_tokens)
+        if cls.fleet_jitter and cls.name:
+            warn_if_beyond_visibility(cls.fleet_jitter, f"task {cls.name}'s jitter", app.conf)
 
     def apply_async(self, *args: Any, **kwargs: Any) -> Any:
         # Publish is the last moment to catch a bad limit before a worker does.
         if self.fleet_limit is not None or self.fleet_tokens:
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
+        jitter_publish(kwargs, self.fleet_jitter)
         return super().apply_async(*args, **kwargs)
+
+    def fan_out(
+        self, items: Iterable[Any], over: float, *, seed: int | None = None, **options: Any
+    ) -> GroupResult:
+        """Publish one task per item with countdowns spread evenly over ``over`` seconds.
+
+        An item is the positional arguments (a tuple), the keyword arguments (a dict) or
+        the one argument (anything else). ``options`` go to every publish (``queue``...).
+        Returns the :class:`celery.result.GroupResult`; see :meth:`Fleet.stagger`.
+        """
+        sigs = [sig.set(**options) for sig in fan_out_signatures(self, items)]
+        return stagger(sigs, over, seed=seed, app=self._get_app())
 
     @property
     def throttling(self) -> Throttling:
@@ -221,7 +241,9 @@ class FleetTask(Task):  # type: ignore[misc]
         """Decide what a refused admission does to this task: reschedule, wait or fail.
 
         Republishes the task (same id, same ``retries``: it does not count against
-        ``max_retries``) with a countdown of the wait plus jitter, capped by
+        ``max_retries``) with a countdown of the wait plus jitter, or more: capped
+        exponential backoff with jitter over the reschedule count
+        (:meth:`Fleet.reschedule_countdown`), capped by
         ``fleet_max_countdown`` so long waits (per-day budgets) become several short sleeps
         rather than one ETA beyond the broker's visibility timeout, and by the task's
         remaining patience. The copy carries the ``fleet`` header (age in line, reschedule
@@ -246,8 +268,8 @@ class FleetTask(Task):  # type: ignore[misc]
         throttled_s = past.throttled_s + run.waited_s
         run.waited_s = 0.0
         self._check_patience(exc, past.reschedules, throttled_s)
-        countdown = min(
-            spread(exc.wait_ms / 1000.0, fraction=0.2, floor_s=0.05), fleet.max_countdown_s
+        countdown = fleet.reschedule_countdown(
+            exc.wait_ms / 1000.0, past.reschedules, past.countdown_s
         )
         if self.fleet_max_throttled is not None:
             countdown = max(0.05, min(countdown, self.fleet_max_throttled - throttled_s))
@@ -258,6 +280,7 @@ class FleetTask(Task):  # type: ignore[misc]
             limit=exc.limit,
             reason=exc.reason,
             wait_ms=exc.wait_ms,
+            countdown_s=round(countdown, 3),
         )
         if request.is_eager:
             fleet.clock.sleep(countdown)
@@ -334,6 +357,8 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
         raise ConfigError(f"max_reschedules must be a non-negative int or None, got {count!r}")
     if opts.get("fleet_max_throttled") is not None:
         number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
+    if "fleet_jitter" in opts:
+        opts["fleet_jitter"] = number(opts["fleet_jitter"], "jitter", lo=0.0, hi=MAX_SECONDS)
     limit = opts.get("fleet_limit")
     if limit is not None and not isinstance(limit, str):
         raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
@@ -343,7 +368,8 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
 
     Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait``,
-    ``on_limit``, ``wait_after_call``, ``max_reschedules`` and ``max_throttled`` (see
+    ``on_limit``, ``wait_after_call``, ``max_reschedules``, ``max_throttled`` and
+    ``jitter`` (see
     :class:`FleetTask`). Unknown options are rejected here, naming the
     closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
     When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against

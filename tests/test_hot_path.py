@@ -87,13 +87,14 @@ def _unsampled(per: dict[str, float]) -> float:
 def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> None:
     fleet = Fleet(redis_url=private.url, namespace="hot", limits={"llm": BENCH})
     per = _per_decision(private, fleet, 800, slot=True)
-    assert _unsampled(per) <= 10.0, per
+    # + at most a rare PEXPIRE: the keys' TTLs are refreshed when under half a day is left
+    assert _unsampled(per) <= 10.02, per
     # the shape of it: two EVALSHA, one clock, one read and one write of the state
     assert per["evalsha"] == 2 and per["time"] < 1.1, per
     assert "pttl" not in per and "hdel" not in per and per.get("pexpire", 0) < 0.01, per
     # a release whose caller waits for its reply also reads the clock (exact at_ms)
     per = _per_decision(private, fleet, 800)
-    assert _unsampled(per) <= 10.0 and per["time"] == 2, per
+    assert _unsampled(per) <= 10.02 and per["time"] == 2, per
 
 
 def test_a_breaker_and_adaptive_limit_pays_only_for_what_it_uses(private: RedisServer) -> None:

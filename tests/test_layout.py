@@ -30,6 +30,8 @@ ORDER = [
     "slot",
     "settings",
     "signals",
+    "stagger",
+    "beat",
     "fleet",
     "task",
 ]

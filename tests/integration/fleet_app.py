@@ -219,3 +219,10 @@ def two_calls(self: FleetTask, tag: str) -> dict[str, Any]:
 @fleet_task(app=app, shared=False, bind=True, max_wait=0, wait_after_call=False)
 def two_calls_restart(self: FleetTask, tag: str) -> dict[str, Any]:
     return _two_calls(self, tag)
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def stamped(self: FleetTask, i: int) -> dict[str, Any]:
+    """When it ran, and the ETA its message carried (a staggered fan-out's countdown)."""
+    eta = self.request.eta  # an ISO string, or a datetime in some Celery versions
+    return {"i": i, "ran": time.time(), "eta": eta if isinstance(eta, str) else eta.isoformat()}

@@ -138,3 +138,20 @@ def test_the_example_project_chooses_at_least_once_with_a_consistent_timeout() -
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     visibility = conf.broker_transport_options["visibility_timeout"]
     assert conf.fleet_max_countdown < visibility
+
+
+def test_a_staggered_fan_out_runs_each_task_at_its_countdown(worker: Any) -> None:
+    import datetime as dt
+    import time
+
+    published = time.time()
+    group = worker.stamped.fan_out(range(8), over=4.0, seed=7)
+    values = sorted(group.get(timeout=60), key=lambda v: v["i"])
+    assert [v["i"] for v in values] == list(range(8))
+    etas = [dt.datetime.fromisoformat(v["eta"]).timestamp() for v in values]
+    # stratified: task i owns [i, i+1) * 0.5 s of the window, in order
+    for i, eta in enumerate(etas):
+        assert published + i * 0.5 - 0.05 <= eta <= published + (i + 1) * 0.5 + 0.5, (i, etas)
+    # honoured: no task ran before its ETA, and the batch ran spread out over the window
+    assert all(v["ran"] >= eta - 0.01 for v, eta in zip(values, etas, strict=True)), values
+    assert values[-1]["ran"] - values[0]["ran"] > 2.5
