@@ -68,6 +68,13 @@ bench: venv
 bench-herd: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/herd.py --json benchmarks/herd.json
 
+## The 02:00 scenario triggered by a real celery beat: 3 entries on one crontab, plain vs
+## jittered + fan_out (a few minutes; Redis DB 8, flushed): appends to benchmarks/RESULTS.md.
+BEAT_ARGS ?=
+.PHONY: bench-beat
+bench-beat: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/beat.py $(BEAT_ARGS)
+
 ## Adaptive limits and the breaker against a moving provider: appends to benchmarks/RESULTS.md.
 bench-adaptive: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/adaptive.py
