@@ -115,10 +115,15 @@ class Jittered(BaseSchedule):  # type: ignore[misc]
             start, delta, _ = inner.remaining_delta(moment)
             nominal: dt.datetime = inner.maybe_make_aware(start + delta)
             return nominal
-        # solar and any other schedule: its own estimate, to the second.
-        now = self.now()
-        at: dt.datetime = inner.maybe_make_aware(now + inner.remaining_estimate(moment))
-        return at.replace(microsecond=0) + dt.timedelta(seconds=round(at.microsecond / 1e6))
+        # solar and any other schedule: its own estimate, rounded up to the second (never
+        # before the event), and strictly after ``moment``.
+        for since in (moment, moment + dt.timedelta(seconds=1)):
+            now = self.now()
+            at: dt.datetime = inner.maybe_make_aware(now + inner.remaining_estimate(since))
+            at = at.replace(microsecond=0) + dt.timedelta(seconds=1 if at.microsecond else 0)
+            if at > moment:
+                break
+        return at
 
     def due_after(self, moment: dt.datetime) -> dt.datetime:
         """The jittered due time of the first nominal time after ``moment``."""

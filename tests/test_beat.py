@@ -277,3 +277,31 @@ def test_jitter_cannot_be_wrapped_twice_nor_reach_the_next_due_time() -> None:
         due = wide.due_after(at)
         nominal = wide.nominal_after(at)
         assert nominal <= due < nominal + dt.timedelta(seconds=60)
+
+
+def test_a_jittered_solar_schedule_fires_once_after_the_event(
+    app: Celery, clock: type[_Clock], tmp_path: Path
+) -> None:
+    from celery import _state
+    from celery.schedules import solar  # needs ephem, a test extra
+
+    sunrise = solar("sunrise", 52.52, 13.40, nowfun=_now)  # Berlin
+    clock.now = dt.datetime(2026, 11, 26, 6, 0, tzinfo=UTC)
+    event = clock.now + sunrise.remaining_estimate(clock.now)
+    app.conf.beat_schedule = _entries(10, jittered(sunrise, max_delay=600))
+    # solar pickles without its nowfun, and PersistentScheduler's entries come back from
+    # the shelve after each sync with the current app's clock: make that ours.
+    app.now = _now  # type: ignore[method-assign]
+    previous = _state.get_current_app()
+    app.set_current()
+    fired: dict[str, list[dt.datetime]] = {}
+    try:
+        service = _service(app, tmp_path / "schedule")
+        _tick_until(service, clock, event + dt.timedelta(minutes=15), fired)
+        service.scheduler.close()
+    finally:
+        previous.set_current()
+    assert len(fired) == 10 and all(len(times) == 1 for times in fired.values()), fired
+    offsets = sorted((t[0] - event).total_seconds() for t in fired.values())
+    assert 0 <= offsets[0] and offsets[-1] < 601, offsets  # forward only, in the window
+    assert offsets[-1] - offsets[0] > 300, offsets  # split over the window, not one instant
