@@ -31,7 +31,7 @@ def private() -> Iterator[RedisServer]:
         binary = find_binary(install=False)
     except Exception:  # pragma: no cover - the machine has no redis-server
         pytest.skip("no redis-server binary to start a private Redis")
-    with RedisServer(binary) as server:
+    with RedisServer(binary=binary) as server:
         yield server
 
 

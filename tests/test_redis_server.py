@@ -244,3 +244,9 @@ def test_make_venv_installs_python3_venv_only_as_root_with_apt_and_says_so(
     assert says in done.stdout + done.stderr, done.stdout + done.stderr
     assert (calls.read_text().splitlines() if calls.exists() else []) == apt_calls
     assert not venv.exists()
+
+
+@pytest.mark.parametrize("port", ["/usr/bin/redis-server", -1, 70000, True, 6379.0])
+def test_a_port_that_is_not_a_port_is_refused(port: object) -> None:
+    with pytest.raises(ValueError, match="port must be an int"):
+        RedisServer(port)  # type: ignore[arg-type]

@@ -173,6 +173,10 @@ class RedisServer:
         password: str | None = None,
         args: Sequence[str] = (),
     ) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            # RedisServer("/usr/bin/redis-server") once started nothing and, through a URL
+            # with no port, a test talked to the shared Redis on 6379 instead.
+            raise ValueError(f"port must be an int in 0..65535 (0: a free one), got {port!r}")
         self.port = port or free_port()
         self.binary = binary
         self.password = password
