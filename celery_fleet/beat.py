@@ -117,9 +117,9 @@ class Jittered(BaseSchedule):  # type: ignore[misc]
             return nominal
         # solar and any other schedule: its own estimate, rounded up to the second (never
         # before the event), and strictly after ``moment``.
-        for since in (moment, moment + dt.timedelta(seconds=1)):
+        for start in (moment, moment + dt.timedelta(seconds=1)):
             now = self.now()
-            at: dt.datetime = inner.maybe_make_aware(now + inner.remaining_estimate(since))
+            at: dt.datetime = inner.maybe_make_aware(now + inner.remaining_estimate(start))
             at = at.replace(microsecond=0) + dt.timedelta(seconds=1 if at.microsecond else 0)
             if at > moment:
                 break

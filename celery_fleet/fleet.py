@@ -33,6 +33,7 @@ from .breaker import Breaker
 from .checks import check_max_wait, number
 from .config import LimitConfig
 from .errors import ConfigError
+from .ledger import ClaimKeeper, Ledger, run_id_for
 from .run import Run, current_run
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
 from .slot import Clock, LeaseKeeper, Slot, SystemClock
@@ -88,6 +89,10 @@ class Fleet:
         self.backoff_base_s = settings.backoff_base_s
         self.backoff_max_s = settings.backoff_max_s
         self.step_jitter_s = settings.step_jitter_s
+        self.dedupe_ttl_s = settings.dedupe_ttl_s
+        self.claim_lease_s = settings.claim_lease_s
+        self._ledger: Ledger | None = None
+        self._claims: ClaimKeeper | None = None
         self.clock: Clock = clock or SystemClock()
         options = {"password": settings.redis_password} if settings.redis_password else {}
         self.store = RedisStore(self.redis_url, **options)
@@ -169,6 +174,31 @@ class Fleet:
             jitter_s=jitter_s,
         )
 
+    # -- idempotency ------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> Ledger:
+        """The idempotency ledger (records kept ``fleet_dedupe_ttl`` seconds)."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.store, self.namespace, self.dedupe_ttl_s)
+        return self._ledger
+
+    @property
+    def claims(self) -> ClaimKeeper:
+        """The thread renewing this process's ledger claims (``fleet_claim_lease``)."""
+        if self._claims is None:
+            self._claims = ClaimKeeper(self.ledger, self.claim_lease_s)
+        return self._claims
+
+    def history(self, key: str) -> list[dict[str, str]]:
+        """Every recorded event of idempotency key ``key``, oldest first: queued, running,
+        taken_over, succeeded, failed, released, queued (again, by a retry or reschedule)."""
+        return self.ledger.history(run_id_for(key))
+
+    def key_record(self, key: str) -> dict[str, str]:
+        """The ledger record of ``key``: state, attempts, owner, times, result or error."""
+        return self.ledger.record(run_id_for(key))
+
     def stagger(self, signatures: Iterable[Any], over: float, *, seed: int | None = None) -> Any:
         """Publish ``signatures`` with countdowns spread evenly over ``over`` seconds and
         return their :class:`celery.result.GroupResult` (see :func:`celery_fleet.stagger.
@@ -178,18 +208,30 @@ class Fleet:
         return stagger(signatures, over, seed=seed, app=self.app)
 
     def reschedule_countdown(
-        self, wait_s: float, reschedules: int, previous_s: float = 0.0
+        self, wait_s: float, reschedules: int, previous_s: float = 0.0, guess: bool = False
     ) -> float:
         """The countdown of a task rescheduled for the ``reschedules``-th time (from 0) after
-        a refusal that said ``wait_s``: capped exponential backoff with jitter
-        (``fleet_backoff``: full or decorrelated, from ``fleet_backoff_base`` up to
-        ``fleet_backoff_max``), never below the wait plus a small spread (the limiter said
-        nothing passes sooner), never above ``fleet_max_countdown``."""
+        a refusal that said ``wait_s``; never below the wait (nothing passes sooner), never
+        above ``fleet_max_countdown``.
+
+        ``guess=False`` (a rate, in-flight or line refusal: the limiter's own estimate):
+        the wait plus a forward spread that doubles with the count, 20% of the wait at the
+        first reschedule, at most 100% from the third. Growing past that only idles the
+        budget while sleepers are all that is left to serve (goodput benchmark, max_wait
+        0: makespan 0.93x -> 2.05x of ideal with a fixed-base backoff).
+        ``guess=True`` (an open breaker's reset, another attempt's claim: nothing tells when
+        it ends): capped exponential backoff with jitter over the count (``fleet_backoff``:
+        full or decorrelated, from ``fleet_backoff_base`` up to ``fleet_backoff_max``).
+        """
+        n = min(max(reschedules, 0), 30)
+        if not guess:
+            fraction = min(1.0, 0.2 * 2.0**n)
+            return min(spread(wait_s, fraction=fraction, floor_s=0.05), self.max_countdown_s)
         base, most = self.backoff_base_s, self.backoff_max_s
         if self.backoff == "decorrelated":
             grown = decorrelated_jitter(previous_s, base, most)
         else:
-            grown = full_jitter(reschedules, base, most)
+            grown = full_jitter(n, base, most)
         return min(max(spread(wait_s, fraction=0.2, floor_s=0.05), grown), self.max_countdown_s)
 
     def steps(self, run_id: str) -> Steps:

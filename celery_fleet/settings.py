@@ -39,8 +39,8 @@ log = logging.getLogger("celery_fleet")
 
 DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_MAX_COUNTDOWN_S = 300.0
-DEFAULT_BACKOFF_BASE_S = 1.0
-DEFAULT_BACKOFF_MAX_S = 60.0
+DEFAULT_BACKOFF_BASE_S = 0.1
+DEFAULT_BACKOFF_MAX_S = 30.0
 #: How reschedule countdowns grow with the reschedule count (``fleet_backoff``).
 BACKOFF = ("full", "decorrelated")
 #: Kombu's default visibility timeout of the Redis and SQS transports (seconds).
@@ -61,9 +61,11 @@ SETTINGS = {
     "fleet_step_ttl": "seconds a task's durable step results are kept (default 7 days)",
     "fleet_step_max_bytes": "the largest JSON result one durable step may store (default 1 MiB)",
     "fleet_backoff": "reschedule backoff: 'full' (default) or 'decorrelated' jitter",
-    "fleet_backoff_base": "seconds of the first reschedule backoff, doubling after (default 1)",
-    "fleet_backoff_max": "seconds the reschedule backoff grows to at most (default 60)",
+    "fleet_backoff_base": "seconds of the first reschedule backoff, doubling after (default 0.1)",
+    "fleet_backoff_max": "seconds the reschedule backoff grows to at most (default 30)",
     "fleet_step_jitter": "seconds: a random delay in [0, x) before each slot request (default 0)",
+    "fleet_dedupe_ttl": "seconds an idempotency key's record is kept after its last event (1 day)",
+    "fleet_claim_lease": "seconds a running key's claim lives without renewal (default 15)",
 }
 
 
@@ -83,6 +85,8 @@ class FleetSettings:
     backoff_base_s: float = DEFAULT_BACKOFF_BASE_S
     backoff_max_s: float = DEFAULT_BACKOFF_MAX_S
     step_jitter_s: float = 0.0
+    dedupe_ttl_s: float = 86_400.0
+    claim_lease_s: float = 15.0
 
 
 def load_settings(
@@ -132,6 +136,12 @@ def load_settings(
             "fleet_backoff_base",
             lo_open=0.0,
             hi=min(backoff_max, max_countdown),
+        ),
+        dedupe_ttl_s=number(
+            conf.get("fleet_dedupe_ttl", 86_400.0), "fleet_dedupe_ttl", lo=1.0, hi=MAX_SECONDS
+        ),
+        claim_lease_s=number(
+            conf.get("fleet_claim_lease", 15.0), "fleet_claim_lease", lo=1.0, hi=86_400.0
         ),
         step_jitter_s=number(
             conf.get("fleet_step_jitter", 0.0), "fleet_step_jitter", lo=0.0, hi=60.0

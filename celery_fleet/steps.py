@@ -16,7 +16,8 @@ must be JSON-serialisable and at most ``max_bytes`` long: a function whose retur
 says otherwise is refused before it runs; a result that turns out not to fit is refused
 after (it ran, but nothing is stored, so the next run calls it again).
 
-Steps do not lock: two copies of one run executing at the same time may both run a step.
+Steps alone do not lock: two copies of one run executing at the same time may both run a
+step. A keyed task's claim (:mod:`celery_fleet.ledger`) lets only one copy run at a time.
 This module knows nothing about Celery.
 """
 

@@ -55,6 +55,10 @@ SCRIPTS = (
     "observe",
     "breaker_admin",
     "step_put",
+    "ledger_enqueue",
+    "ledger_claim",
+    "ledger_renew",
+    "ledger_finish",
 )
 
 

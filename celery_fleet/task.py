@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from celery import Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject, Retry
 from celery.result import GroupResult
 
+from . import idempotency
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
@@ -53,6 +54,10 @@ THROTTLED = "THROTTLED"
 #: The message header that carries a task's place in line and its patience so far.
 HEADER = "fleet"
 
+#: Refusals whose wait nobody knows (an open breaker's reset, another attempt's claim of an
+#: idempotency key): their reschedules back off exponentially with the count.
+GUESSED_WAITS = frozenset({"circuit_open", "key_busy"})
+
 #: What a task does when admission is refused for longer than ``max_wait``.
 ON_LIMIT = ("reschedule", "wait", "fail")
 
@@ -65,6 +70,9 @@ _FLEET_OPTIONS = {
     "max_reschedules": "fleet_max_reschedules",
     "max_throttled": "fleet_max_throttled",
     "jitter": "fleet_jitter",
+    "idempotency_key": "fleet_idempotency_key",
+    "singleton": "fleet_singleton",
+    "release_on_failure": "fleet_release_on_failure",
 }
 
 
@@ -118,6 +126,11 @@ class FleetTask(Task):  # type: ignore[misc]
       with :class:`~celery_fleet.errors.ThrottledTooLong`. None (default): no limit.
     - ``fleet_jitter``: seconds; every first publish gets a random countdown in
       ``[0, jitter)`` (``apply_async(..., fleet_jitter=s)`` per call). 0 (default): none.
+    - ``fleet_idempotency_key``: a format string over the arguments or a callable taking
+      them; its key makes publishes, retries and redeliveries one run that runs once
+      (:mod:`celery_fleet.idempotency`; per call: ``apply_async(..., idempotency_key=k)``).
+      ``fleet_singleton``: the key is a lock instead (one running at a time, every publish
+      runs). ``fleet_release_on_failure`` (True): a final failure frees the key.
     """
 
     fleet_limit: str | None = None
@@ -128,6 +141,9 @@ class FleetTask(Task):  # type: ignore[misc]
     fleet_max_reschedules: int | None = None
     fleet_max_throttled: float | None = None
     fleet_jitter: float = 0.0
+    fleet_idempotency_key: Any = None
+    fleet_singleton: bool = False
+    fleet_release_on_failure: bool = True
     # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
     dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
 
@@ -147,12 +163,19 @@ class FleetTask(Task):  # type: ignore[misc]
         if cls.fleet_jitter and cls.name:
             warn_if_beyond_visibility(cls.fleet_jitter, f"task {cls.name}'s jitter", app.conf)
 
-    def apply_async(self, *args: Any, **kwargs: Any) -> Any:
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
+    ) -> Any:
         # Publish is the last moment to catch a bad limit before a worker does.
         if self.fleet_limit is not None or self.fleet_tokens:
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
-        jitter_publish(kwargs, self.fleet_jitter)
-        return super().apply_async(*args, **kwargs)
+        jitter_publish(options, self.fleet_jitter)
+        if task_id is not None:
+            options["task_id"] = task_id
+        duplicate = idempotency.prepare_publish(self, args, kwargs, options)
+        if duplicate is not None:
+            return duplicate
+        return super().apply_async(args, kwargs, **options)
 
     def fan_out(
         self, items: Iterable[Any], over: float, *, seed: int | None = None, **options: Any
@@ -195,16 +218,43 @@ class FleetTask(Task):  # type: ignore[misc]
         try:
             while True:
                 try:
-                    if self.fleet_limit is None:
-                        return self._run_body(args, kwargs)
-                    with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens):
-                        return self._run_body(args, kwargs)
+                    return self._keyed_body(args, kwargs)
                 except ThrottledTooLong:
                     raise
                 except Backpressure as exc:
                     self._on_backpressure(exc, run)  # raises, or returns after waiting (eager)
         finally:
             current_run.reset(token)
+
+    def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The body under the message's idempotency key, when it has one: run once, its
+        outcome recorded; a key that already succeeded returns the stored result."""
+        attempt = idempotency.claim_for(self, args, kwargs)  # may raise KeyBusy
+        if attempt is None:
+            return self._admitted_body(args, kwargs)
+        if isinstance(attempt, idempotency.Replay):
+            return attempt.result
+        tokens = idempotency.current_key.set(attempt.key), idempotency.current_attempt.set(attempt)
+        try:
+            result = self._admitted_body(args, kwargs)
+        except (Retry, Ignore, Reject, Backpressure):
+            attempt.finish("queued")  # this run goes on in a copy (or the next loop)
+            raise
+        except BaseException as exc:
+            attempt.finish("failed", f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+        else:
+            attempt.finish("succeeded", idempotency.encode_result(attempt.key, result))
+            return result
+        finally:
+            idempotency.current_key.reset(tokens[0])
+            idempotency.current_attempt.reset(tokens[1])
+
+    def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.fleet_limit is None:
+            return self._run_body(args, kwargs)
+        with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens):
+            return self._run_body(args, kwargs)
 
     def _new_run(self) -> Run:
         """The Run of this execution: the age and patience carried by the message."""
@@ -235,6 +285,9 @@ class FleetTask(Task):  # type: ignore[misc]
         """
         if isinstance(exc, Backpressure):
             raise exc
+        attempt = idempotency.current_attempt.get()
+        if attempt is not None:
+            attempt.finish("queued")  # before the copy exists: it must be able to claim
         return super().retry(*args, exc=exc, **kwargs)
 
     def _on_backpressure(self, exc: Backpressure, run: Run) -> None:
@@ -269,7 +322,10 @@ class FleetTask(Task):  # type: ignore[misc]
         run.waited_s = 0.0
         self._check_patience(exc, past.reschedules, throttled_s)
         countdown = fleet.reschedule_countdown(
-            exc.wait_ms / 1000.0, past.reschedules, past.countdown_s
+            exc.wait_ms / 1000.0,
+            past.reschedules,
+            past.countdown_s,
+            guess=exc.reason in GUESSED_WAITS,
         )
         if self.fleet_max_throttled is not None:
             countdown = max(0.05, min(countdown, self.fleet_max_throttled - throttled_s))
@@ -312,6 +368,10 @@ class FleetTask(Task):  # type: ignore[misc]
             # Before the copy exists, so it can never overwrite the copy's own state.
             self.update_state(state=THROTTLED, meta=meta)
         headers = {**(request.headers or {}), HEADER: header}
+        attempt = idempotency.current_attempt.get()
+        if attempt is not None:
+            attempt.finish("queued")  # before the copy exists: it must be able to claim
+            headers[idempotency.KEY_HEADER] = attempt.key
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers
         )
@@ -359,6 +419,15 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
         number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
     if "fleet_jitter" in opts:
         opts["fleet_jitter"] = number(opts["fleet_jitter"], "jitter", lo=0.0, hi=MAX_SECONDS)
+    if "fleet_idempotency_key" in opts:
+        spec = idempotency.check_key_spec(opts["fleet_idempotency_key"])
+        # a class attribute: a plain function would come back bound to the task
+        opts["fleet_idempotency_key"] = staticmethod(spec) if callable(spec) else spec
+    for flag in ("fleet_singleton", "fleet_release_on_failure"):
+        if not isinstance(opts.get(flag, True), bool):
+            raise ConfigError(f"{flag.removeprefix('fleet_')} must be True or False")
+    if opts.get("fleet_singleton") and not opts.get("fleet_idempotency_key"):
+        raise ConfigError("singleton=True needs an idempotency_key: the key is the lock")
     limit = opts.get("fleet_limit")
     if limit is not None and not isinstance(limit, str):
         raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
@@ -368,8 +437,8 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
 
     Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait``,
-    ``on_limit``, ``wait_after_call``, ``max_reschedules``, ``max_throttled`` and
-    ``jitter`` (see
+    ``on_limit``, ``wait_after_call``, ``max_reschedules``, ``max_throttled``, ``jitter``,
+    ``idempotency_key``, ``singleton`` and ``release_on_failure`` (see
     :class:`FleetTask`). Unknown options are rejected here, naming the
     closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
     When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against

@@ -181,20 +181,31 @@ def test_reschedule_countdowns_back_off_with_the_count(make_fleet: MakeFleet) ->
     rng = random.Random(9)
     for _ in range(2000):  # random refusals and counts: never below the wait, never past the cap
         wait, count = rng.choice([0.0, 0.01, 2.0, 500.0]), rng.choice([0, 1, 4, 60, 10**12])
-        c = fleet.reschedule_countdown(wait, count, rng.uniform(0, 400))
+        guess = rng.random() < 0.5
+        c = fleet.reschedule_countdown(wait, count, rng.uniform(0, 400), guess=guess)
         assert min(wait, fleet.max_countdown_s) <= c <= fleet.max_countdown_s, (wait, count, c)
-    first = [fleet.reschedule_countdown(0.1, 0) for _ in range(400)]
-    sixth = [fleet.reschedule_countdown(0.1, 6) for _ in range(400)]
-    assert max(first) < 1.0 + 1e-9  # base 1 s: uniform(0, 1) at the first reschedule
-    assert statistics.mean(sixth) > 10 * statistics.mean(first)  # uniform(0, 64) by the 7th
-    assert max(sixth) > 30 and min(sixth) < 30  # full jitter: spread over the whole range
+        if not guess:  # the limiter's estimate: at most twice the wait (or + 50 ms)
+            assert c <= max(2 * wait, wait + 0.05) + 1e-9, (wait, count, c)
+    # a guessed wait (an open breaker): full jitter over the count, base 0.1 s, max 30 s
+    first = [fleet.reschedule_countdown(0.1, 0, guess=True) for _ in range(400)]
+    sixth = [fleet.reschedule_countdown(0.1, 6, guess=True) for _ in range(400)]
+    assert all(0.1 <= c <= 0.15 + 1e-9 for c in first), max(first)  # the wait is larger
+    assert statistics.mean(sixth) > 10 * statistics.mean(first)  # uniform(0, 6.4) by the 7th
+    assert max(sixth) > 5 and min(sixth) < 1  # full jitter: spread over the whole range
+    late = [fleet.reschedule_countdown(0.1, 20, guess=True) for _ in range(400)]
+    assert max(late) <= 30 and max(late) > 25  # capped by fleet_backoff_max (30 s)
+    # the limiter's estimate: 20% spread first, up to 100% from the third reschedule
+    est0 = [fleet.reschedule_countdown(2.0, 0) for _ in range(400)]
+    est3 = [fleet.reschedule_countdown(2.0, 3) for _ in range(400)]
+    assert max(est0) <= 2.4 and max(est3) > 3.5 and max(est3) <= 4.0
 
 
 def test_decorrelated_backoff_is_a_setting(app: Celery) -> None:
     app.conf.fleet_backoff = "decorrelated"
     app.conf.fleet_backoff_base = 0.5
+    app.conf.fleet_backoff_max = 60
     fleet = Fleet(app)
-    grown = [fleet.reschedule_countdown(0.0, 3, previous_s=20.0) for _ in range(300)]
+    grown = [fleet.reschedule_countdown(0.0, 3, 20.0, guess=True) for _ in range(300)]
     assert all(0.5 <= c <= 60.0 for c in grown) and max(grown) > 30  # up to fleet_backoff_max
     for setting, value in (("fleet_backoff", "exponential"), ("fleet_backoff_base", 0),
                            ("fleet_backoff_base", 61), ("fleet_backoff_max", 0),
@@ -263,13 +274,13 @@ def test_windows_beyond_the_visibility_timeout_are_warned_about(
 def test_a_task_backs_off_by_its_reschedule_count(app: Celery, redis_url: str) -> None:
     from celery.exceptions import Ignore
 
-    from celery_fleet import Throttled
+    from celery_fleet import CircuitOpen, Throttled
     from celery_fleet.run import Run
 
     @fleet_task(app=app, shared=False, ignore_result=True)
     def agent() -> None: ...
 
-    def reschedule(count: int) -> float:
+    def reschedule(count: int, exc: Exception) -> float:
         since = time.time()
         before = len(_published(app, redis_url))
         header = {"reschedules": count, "since_ms": 1}
@@ -277,15 +288,20 @@ def test_a_task_backs_off_by_its_reschedule_count(app: Celery, redis_url: str) -
                            delivery_info={}, called_directly=False, fleet=header)  # fmt: skip
         try:
             with pytest.raises(Ignore):
-                agent._on_backpressure(Throttled("llm", 100, "in_flight"), Run(since_ms=1))
+                agent._on_backpressure(exc, Run(since_ms=1))
         finally:
             agent.pop_request()
         message = _published(app, redis_url)[before]
         assert message["fleet"]["reschedules"] == count + 1
         return dt.datetime.fromisoformat(message["eta"]).timestamp() - since
 
-    first = [reschedule(0) for _ in range(15)]
-    later = [reschedule(7) for _ in range(15)]
-    assert all(0.1 - 0.05 <= d < 1.0 + 0.5 for d in first), first  # the wait, up to base 1 s
+    opened = CircuitOpen("llm", 100, "circuit_open")
+    first = [reschedule(0, opened) for _ in range(15)]
+    later = [reschedule(7, opened) for _ in range(15)]
+    assert all(0.1 - 0.05 <= d < 0.15 + 0.5 for d in first), first  # the wait (+ 20%)
     assert statistics.mean(later) > 5 * statistics.mean(first), (first, later)
-    assert all(d < 60 + 0.5 for d in later)  # fleet_backoff_max
+    assert all(d < 12.8 + 0.5 for d in later)  # uniform(0, 0.1 s * 2**7)
+    # a throttled task's wait is the limiter's estimate: never more than twice it
+    throttled = [reschedule(7, Throttled("llm", 1000, "requests/60s")) for _ in range(15)]
+    assert all(1.0 - 0.05 <= d < 2.0 + 0.5 for d in throttled), throttled
+    assert max(throttled) - min(throttled) > 0.3  # spread over the window, not one instant

@@ -15,6 +15,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, fleet_task
+from celery_fleet.ledger import run_id_for  # noqa: F401  (the tests read it from here)
 from celery_fleet.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
@@ -36,6 +37,7 @@ app.conf.update(
     },
     task_default_queue=os.environ.get("FLEET_IT_QUEUE", "fleet-it"),
     worker_prefetch_multiplier=1,
+    fleet_claim_lease=3,  # test_idempotency: a dead attempt's key is taken over within 3 s
     broker_connection_retry_on_startup=True,
     result_expires=600,
 )
@@ -226,3 +228,58 @@ def stamped(self: FleetTask, i: int) -> dict[str, Any]:
     """When it ran, and the ETA its message carried (a staggered fan-out's countdown)."""
     eta = self.request.eta  # an ISO string, or a datetime in some Celery versions
     return {"i": i, "ran": time.time(), "eta": eta if isinstance(eta, str) else eta.isoformat()}
+
+
+# -- test_idempotency.py ------------------------------------------------------------------
+
+
+@fleet_task(app=app, shared=False, idempotency_key="count:{tag}:{doc}")
+def keyed_count(tag: str, doc: int) -> int:
+    """Counts its executions per tag (the body must run once per key)."""
+    _probe.incr(key(f"keyed_count:{tag}"))
+    time.sleep(0.01)
+    return doc
+
+
+@fleet_task(app=app, shared=False, bind=True, acks_late=True, reject_on_worker_lost=True,
+            idempotency_key="die:{tag}")  # fmt: skip
+def keyed_die(self: FleetTask, tag: str) -> dict[str, Any]:
+    """Two paid steps, then (first run only) SIGKILL of its own process, then a third."""
+    one = self.step("one", lambda: int(_probe.incr(key(f"paid:{tag}:one"))))
+    two = self.step("two", lambda: int(_probe.incr(key(f"paid:{tag}:two"))))
+    if _probe.incr(key(f"keyed_die:{tag}")) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    three = self.step("three", lambda: int(_probe.incr(key(f"paid:{tag}:three"))))
+    _probe.incr(key(f"completed:{tag}"))
+    return {"steps": [one, two, three], "id": self.request.id}
+
+
+@fleet_task(app=app, shared=False, bind=True, max_retries=3, idempotency_key="retry:{tag}")
+def keyed_retry(self: FleetTask, tag: str) -> dict[str, Any]:
+    """Retries once; the second attempt reports what it carries."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.2)
+    return {"retries": self.request.retries, "id": self.request.id,
+            "key": getattr(self.request, "fleet_key", None)}  # fmt: skip
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def keyed_child(self: FleetTask, tag: str) -> str | None:
+    """The key its parent's body ran under, as its message carries it."""
+    return getattr(self.request, "fleet_parent_key", None)
+
+
+@fleet_task(app=app, shared=False, idempotency_key="parent:{tag}")
+def keyed_parent(tag: str) -> str:
+    """Publishes a child from a keyed body and returns the child's id."""
+    return str(keyed_child.delay(tag).id)
+
+
+@fleet_task(app=app, shared=False, idempotency_key="single:{tag}", singleton=True)
+def keyed_single(tag: str, n: int) -> int:
+    """Holds its key 0.5 s, counting how many run at once (must never exceed 1)."""
+    now = int(_probe.incr(key(f"single_now:{tag}")))
+    _probe.rpush(key(f"single_seen:{tag}"), now)
+    time.sleep(0.5)
+    _probe.decr(key(f"single_now:{tag}"))
+    return n

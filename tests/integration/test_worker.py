@@ -155,3 +155,79 @@ def test_a_staggered_fan_out_runs_each_task_at_its_countdown(worker: Any) -> Non
     # honoured: no task ran before its ETA, and the batch ran spread out over the window
     assert all(v["ran"] >= eta - 0.01 for v, eta in zip(values, etas, strict=True)), values
     assert values[-1]["ran"] - values[0]["ran"] > 2.5
+
+
+# -- idempotency (the ledger) -------------------------------------------------------------
+
+
+def _publish_keys(env: dict[str, str], tag: str, docs: list[int]) -> None:
+    """A spawned publisher: the integration app, imported afresh with the test's env."""
+    os.environ.update(env)
+    from tests.integration import fleet_app
+
+    for doc in docs:
+        fleet_app.keyed_count.delay(tag, doc)
+
+
+def test_a_thousand_publishes_of_a_hundred_keys_run_a_hundred_times(worker: Any) -> None:
+    import multiprocessing as mp
+    import random
+
+    tag = uuid.uuid4().hex[:6]
+    env = {k: v for k, v in os.environ.items() if k.startswith("FLEET_IT_")}
+    rng = random.Random(1)
+    docs = [rng.randrange(100) for _ in range(1000 - 100)] + list(range(100))
+    rng.shuffle(docs)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_publish_keys, args=(env, tag, docs[i::4])) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    results = [worker.keyed_count.AsyncResult(worker.run_id_for(f"count:{tag}:{d}"))
+               for d in range(100)]  # fmt: skip
+    assert sorted(r.get(timeout=120) for r in results) == list(range(100))
+    assert int(_probe(worker).get(worker.key(f"keyed_count:{tag}"))) == 100
+    record = worker.fleet.key_record(f"count:{tag}:7")
+    assert record["state"] == "succeeded" and record["attempts"] == "1"
+
+
+def test_a_redelivered_agent_resumes_and_completes_exactly_once(worker: Any) -> None:
+    """acks_late + reject_on_worker_lost + SIGKILL mid-body: redelivered, the dead attempt's
+    claim taken over after its lease, paid steps not repeated, the body completed once."""
+    tag = uuid.uuid4().hex[:6]
+    result = worker.keyed_die.delay(tag)
+    value = result.get(timeout=120)
+    probe = _probe(worker)
+    assert value["steps"] == [1, 1, 1] and value["id"] == result.id
+    assert int(probe.get(worker.key(f"completed:{tag}"))) == 1
+    record = worker.fleet.key_record(f"die:{tag}")
+    assert record["state"] == "succeeded" and record["attempts"] == "2", record
+    events = [e["event"] for e in worker.fleet.history(f"die:{tag}")]
+    assert events[0] == "queued" and events[-1] == "succeeded" and "taken_over" in events
+    # a duplicate message for the done key does not run the body: it returns the result
+    again = worker.keyed_die.apply_async((tag,), task_id=result.id, retries=0,
+                                         headers={"fleet_key": f"die:{tag}"})  # fmt: skip
+    assert again.get(timeout=60) == value
+    assert int(probe.get(worker.key(f"completed:{tag}"))) == 1
+
+
+def test_a_retry_keeps_the_key_and_children_carry_it(worker: Any) -> None:
+    tag = uuid.uuid4().hex[:6]
+    value = worker.keyed_retry.delay(tag).get(timeout=60)
+    assert value["retries"] == 1 and value["key"] == f"retry:{tag}"
+    assert value["id"] == worker.run_id_for(f"retry:{tag}")
+    events = [e["event"] for e in worker.fleet.history(f"retry:{tag}")]
+    assert events == ["queued", "running", "queued", "running", "succeeded"], events
+    child_id = worker.keyed_parent.delay(tag).get(timeout=60)
+    assert worker.keyed_child.AsyncResult(child_id).get(timeout=60) == f"parent:{tag}"
+
+
+def test_a_singleton_key_runs_one_at_a_time_and_every_publish_runs(worker: Any) -> None:
+    tag = uuid.uuid4().hex[:6]
+    results = [worker.keyed_single.delay(tag, n) for n in range(3)]
+    assert len({r.id for r in results}) == 3  # a lock, not a dedupe: own ids
+    assert sorted(r.get(timeout=120) for r in results) == [0, 1, 2]
+    seen = [int(x) for x in _probe(worker).lrange(worker.key(f"single_seen:{tag}"), 0, -1)]
+    assert seen == [1, 1, 1], seen

@@ -1,0 +1,269 @@
+"""Idempotent tasks, the Celery side: keys at publish, claims around the body, keys that travel.
+
+``@fleet_task(idempotency_key="summarize:{doc_id}")`` (a format string over the task's
+arguments, or a callable taking them) or ``task.apply_async(args, idempotency_key="...")``:
+
+- **Publish.** The task id is derived from the key (:func:`~celery_fleet.ledger.run_id_for`)
+  and the ledger records the publish atomically: a second publish of a key that is queued,
+  running or done publishes nothing and returns the first one's ``AsyncResult``. Retries
+  and reschedules are the same run: they publish (same id) without asking.
+- **Execution.** Before the body, the attempt claims the key: a key that already succeeded
+  returns its stored result without running the body (a redelivery, a duplicate message);
+  one running under a live lease elsewhere is rescheduled (:class:`KeyBusy`, backpressure);
+  a lapsed lease (its worker died) is taken over. The claim's lease is renewed while the body
+  runs. The outcome is recorded: succeeded (with the result as JSON), queued again (a
+  ``retry()`` or a reschedule), failed; a final failure releases the key by default
+  (``release_on_failure=True``) so it can be submitted again.
+- **Singleton** (``singleton=True``): the key is a lock, not a dedupe. Publishes keep their
+  own task ids and are all accepted; at most one runs at a time per key, the others are
+  rescheduled until it ends; each runs its body.
+- **The key travels**: in the ``fleet_key`` message header, to child tasks published from a
+  keyed body (``fleet_parent_key``), and to log records (:class:`KeyLogFilter`).
+
+Bad keys (a callable that raises or returns a non-string, an unknown template field) are a
+:class:`~celery_fleet.ConfigError` at publish, and nothing is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import string
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from celery import signals
+
+from .errors import Backpressure, ConfigError
+from .ledger import check_key, run_id_for
+
+__all__ = ["KEY_HEADER", "PARENT_HEADER", "KeyBusy", "KeyLogFilter", "current_key", "key_of"]
+
+log = logging.getLogger("celery_fleet")
+
+#: The message header that carries a task's idempotency key.
+KEY_HEADER = "fleet_key"
+#: The header a child task published from a keyed body gets: its parent's key.
+PARENT_HEADER = "fleet_parent_key"
+
+#: The idempotency key of the task body running now (None outside one).
+current_key: ContextVar[str | None] = ContextVar("celery_fleet_key", default=None)
+
+
+class KeyBusy(Backpressure):
+    """Another attempt holds this idempotency key under a live lease: try again later."""
+
+    def __init__(self, key: str, wait_ms: int) -> None:
+        super().__init__("idempotency", wait_ms, "key_busy")
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"idempotency key {self.key!r} is running elsewhere; retry in {self.wait_ms} ms"
+
+
+KeySpec = str | Callable[..., Any] | None
+
+
+def check_key_spec(spec: object) -> KeySpec:
+    """At decoration: a format string (its fields parsed now) or a callable, or None."""
+    if spec is None or callable(spec):
+        return spec
+    if isinstance(spec, str) and spec:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(spec) if f is not None]
+        except ValueError as exc:
+            raise ConfigError(f"idempotency_key template {spec!r} is malformed: {exc}") from None
+        if any(f == "" or f.isdigit() for f in fields):
+            raise ConfigError(
+                f"idempotency_key template {spec!r}: name the arguments ({{doc_id}}), "
+                "positional fields cannot be matched to keyword arguments"
+            )
+        return spec
+    raise ConfigError(
+        f"idempotency_key must be a format string ('summarize:{{doc_id}}') or a callable "
+        f"taking the task's arguments, got {spec!r}"
+    )
+
+
+def key_of(spec: KeySpec, fun: Callable[..., Any], args: Any, kwargs: Any) -> str | None:
+    """The key of one call: ``spec`` applied to the arguments bound to the task's signature.
+
+    Raises :class:`ConfigError` for a callable that raises or returns a non-string, or a
+    template naming a field that is not an argument.
+    """
+    if spec is None:
+        return None
+    args, kwargs = tuple(args or ()), dict(kwargs or {})
+    if callable(spec):
+        try:
+            key = spec(*args, **kwargs)
+        except Exception as exc:
+            raise ConfigError(f"the idempotency_key callable raised {exc!r}") from exc
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"the idempotency_key callable must return a str, got {type(key).__name__}"
+            )
+        return check_key(key)
+    import inspect
+
+    try:
+        bound = inspect.signature(fun).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"idempotency_key {spec!r}: the arguments do not fit: {exc}") from None
+    bound.apply_defaults()
+    fields = {k: v for k, v in bound.arguments.items() if k not in ("self",)}
+    try:
+        return check_key(spec.format(**fields))
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise ConfigError(
+            f"idempotency_key {spec!r} names {exc} which is not an argument of the task "
+            f"(arguments: {sorted(fields)})"
+        ) from None
+
+
+@dataclass
+class Attempt:
+    """One execution's claim of a key: finished exactly once."""
+
+    fleet: Any
+    run_id: str
+    key: str
+    owner: str
+    release_on_failure: bool
+    finished: bool = False
+
+    def finish(self, outcome: str, payload: str = "") -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.fleet.claims.drop(self.run_id, self.owner)
+        if outcome == "failed" and self.release_on_failure:
+            outcome = "released"
+        try:
+            if not self.fleet.ledger.finish(self.run_id, self.owner, outcome, payload):
+                log.warning(
+                    "celery-fleet: key %r: this attempt's claim was taken over before it "
+                    "ended; its %s was not recorded",
+                    self.key,
+                    outcome,
+                )
+        except Exception:
+            log.exception("celery-fleet: could not record the end of key %r", self.key)
+
+
+def encode_result(key: str, result: Any) -> str:
+    """The result as JSON for replays, or "" (replayed as None) when JSON cannot hold it."""
+    try:
+        return json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        log.warning(
+            "celery-fleet: key %r returned a %s, which JSON cannot store: a duplicate will "
+            "get None instead",
+            key,
+            type(result).__name__,
+        )
+        return ""
+
+
+def new_owner(task_id: str | None) -> str:
+    return f"{task_id or '-'}/{uuid.uuid4().hex[:12]}"
+
+
+@signals.before_task_publish.connect(weak=False)  # type: ignore[untyped-decorator]
+def _key_to_children(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """A task published from a keyed body carries its parent's key."""
+    key = current_key.get()
+    if key is not None and headers is not None and PARENT_HEADER not in headers:
+        headers[PARENT_HEADER] = key
+
+
+class KeyLogFilter(logging.Filter):
+    """Adds ``record.fleet_key`` (the running body's idempotency key, or ``"-"``) so a log
+    format can show it: ``logging.getLogger().addFilter(KeyLogFilter())`` on a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fleet_key = current_key.get() or "-"
+        return True
+
+
+__all__ += ["Attempt", "check_key_spec", "encode_result", "new_owner", "run_id_for"]
+
+
+#: The claim the running body holds (finished before a retry or reschedule publishes).
+current_attempt: ContextVar[Attempt | None] = ContextVar("celery_fleet_attempt", default=None)
+
+
+def prepare_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
+    """Apply a keyed task's idempotency to one publish, in ``options`` (in place).
+
+    Returns None to publish, or the ``AsyncResult`` of the key's first publish when this
+    one is a duplicate (publish nothing). A retry or reschedule (``retries`` given, or the
+    ``fleet`` header) is the same run: it keeps its id and key and is not deduplicated.
+    """
+    key = options.pop("idempotency_key", None)
+    if key is not None:
+        check_key(key, "idempotency_key option")
+    headers = dict(options.get("headers") or {})
+    again = "retries" in options or "fleet" in headers
+    if key is None and again:
+        key = headers.get(KEY_HEADER) or (
+            current_key.get() if options.get("task_id") == task.request.id else None
+        )
+    if key is None:
+        key = key_of(task.fleet_idempotency_key, task.run, args, kwargs)
+    if key is None:
+        return None
+    headers[KEY_HEADER] = key
+    options["headers"] = headers
+    if again or task.fleet_singleton:
+        return None
+    run_id = run_id_for(key)
+    options["task_id"] = run_id
+    if not task.fleet.ledger.enqueue(run_id, key, task.name):
+        log.info("celery-fleet: key %r is already queued, running or done: not published", key)
+        return task.AsyncResult(run_id)
+    return None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A key that already succeeded: the stored result, returned without running the body."""
+
+    result: Any
+
+
+def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
+    """Claim the running message's key, or None when it has none (or is called directly).
+
+    Raises :class:`KeyBusy` when another attempt holds it under a live lease, and
+    :class:`celery.exceptions.Ignore` when it failed before and was kept (not released).
+    """
+    request = task.request
+    if task.request_stack.top is None or request.called_directly:
+        return None
+    key = getattr(request, KEY_HEADER, None) or (request.headers or {}).get(KEY_HEADER)
+    if key is None:
+        key = key_of(task.fleet_idempotency_key, task.run, args, kwargs)
+    if key is None:
+        return None
+    fleet = task.fleet
+    run_id, owner = run_id_for(key), new_owner(request.id)
+    claim = fleet.ledger.claim(
+        run_id, key, task.name, owner, fleet.claim_lease_s, task.fleet_singleton
+    )
+    if claim.verdict == "done":
+        log.info("celery-fleet: key %r already succeeded: returning its stored result", key)
+        return Replay(claim.result)
+    if claim.verdict == "failed":
+        from celery.exceptions import Ignore
+
+        raise Ignore(f"celery-fleet: key {key!r} failed before and was kept: {claim.error}")
+    if claim.verdict == "busy":
+        raise KeyBusy(key, max(claim.wait_ms, 50))
+    if claim.taken_over:
+        log.warning("celery-fleet: key %r: took over the claim of an attempt that died", key)
+    fleet.claims.hold(run_id, owner)
+    return Attempt(fleet, run_id, key, owner, task.fleet_release_on_failure)

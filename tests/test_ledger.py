@@ -1,0 +1,185 @@
+"""The idempotency ledger on real Redis: its scripts, and what a publish does with a key.
+
+Execution-side behaviour in real workers (redelivery after SIGKILL, retries, children,
+1,000 publishes from 4 processes) is in ``tests/integration/test_worker.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_fleet import ConfigError, Fleet, fleet_task
+from celery_fleet.ledger import Ledger, run_id_for
+
+from .test_beat import _published
+
+MakeFleet = Callable[..., Fleet]
+
+
+@pytest.fixture
+def ledger(make_fleet: MakeFleet) -> Ledger:
+    return make_fleet({}).ledger
+
+
+def test_a_key_runs_once_then_replays(ledger: Ledger) -> None:
+    run = run_id_for(f"doc-{uuid.uuid4().hex}")
+    assert ledger.enqueue(run, "k", "t") is True
+    assert ledger.enqueue(run, "k", "t") is False  # a duplicate publish
+    first = ledger.claim(run, "k", "t", "a", 10, singleton=False)
+    assert first.verdict == "run" and first.attempts == 1 and not first.taken_over
+    busy = ledger.claim(run, "k", "t", "b", 10, singleton=False)
+    assert busy.verdict == "busy" and 9000 < busy.wait_ms <= 10_000
+    assert ledger.finish(run, "b", "succeeded", "1") is False  # not b's claim: fenced
+    assert ledger.finish(run, "a", "succeeded", '{"answer": 42}') is True
+    done = ledger.claim(run, "k", "t", "c", 10, singleton=False)
+    assert done.verdict == "done" and done.result == {"answer": 42}
+    events = [e["event"] for e in ledger.history(run)]
+    assert events == ["queued", "running", "succeeded"]
+    assert ledger.record(run)["attempts"] == "1"
+
+
+def test_a_lapsed_claim_is_taken_over_and_the_old_owner_is_fenced(ledger: Ledger) -> None:
+    run = run_id_for(uuid.uuid4().hex)
+    assert ledger.claim(run, "k", "t", "dead", 0.2, singleton=False).verdict == "run"
+    time.sleep(0.25)  # its worker died: nobody renews
+    took = ledger.claim(run, "k", "t", "alive", 10, singleton=False)
+    assert took.verdict == "run" and took.attempts == 2 and took.taken_over
+    assert ledger.renew([(run, "dead"), (run, "alive")], 10) == [False, True]
+    assert ledger.finish(run, "dead", "succeeded", "1") is False
+    assert ledger.finish(run, "alive", "succeeded", "2") is True
+    assert [e["event"] for e in ledger.history(run)] == ["running", "taken_over", "succeeded"]
+
+
+def test_release_on_failure_frees_the_key_and_keep_does_not(ledger: Ledger) -> None:
+    freed, kept = run_id_for(uuid.uuid4().hex), run_id_for(uuid.uuid4().hex)
+    for run, outcome in ((freed, "released"), (kept, "failed")):
+        ledger.enqueue(run, "k", "t")
+        ledger.claim(run, "k", "t", "a", 10, singleton=False)
+        ledger.finish(run, "a", outcome, "ValueError: no")
+    assert ledger.enqueue(freed, "k", "t") is True
+    assert ledger.claim(freed, "k", "t", "b", 10, singleton=False).verdict == "run"
+    assert ledger.enqueue(kept, "k", "t") is False
+    verdict = ledger.claim(kept, "k", "t", "b", 10, singleton=False)
+    assert verdict.verdict == "failed" and "ValueError" in verdict.error
+
+
+def test_a_retry_requeues_the_same_run(ledger: Ledger) -> None:
+    run = run_id_for(uuid.uuid4().hex)
+    ledger.claim(run, "k", "t", "a", 10, singleton=False)
+    assert ledger.finish(run, "a", "queued") is True
+    again = ledger.claim(run, "k", "t", "b", 10, singleton=False)
+    assert again.verdict == "run" and again.attempts == 2
+
+
+def test_singleton_runs_one_at_a_time_and_again_after(ledger: Ledger) -> None:
+    run = run_id_for(uuid.uuid4().hex)
+    assert ledger.claim(run, "k", "t", "a", 10, singleton=True).verdict == "run"
+    assert ledger.claim(run, "k", "t", "b", 10, singleton=True).verdict == "busy"
+    ledger.finish(run, "a", "succeeded", "1")
+    assert ledger.claim(run, "k", "t", "b", 10, singleton=True).verdict == "run"
+
+
+def test_concurrent_claims_admit_exactly_one(make_fleet: MakeFleet) -> None:
+    """Random interleavings: of N threads claiming one key, exactly one runs at a time."""
+    fleet = make_fleet({})
+    rng = random.Random(3)
+    for _ in range(20):
+        run = run_id_for(uuid.uuid4().hex)
+        verdicts: list[str] = []
+        barrier = threading.Barrier(8)
+
+        def claim(owner: str, run: str, barrier: threading.Barrier, out: list[str]) -> None:
+            barrier.wait()
+            time.sleep(rng.random() / 1000)
+            out.append(fleet.ledger.claim(run, "k", "t", owner, 5, False).verdict)
+
+        threads = [
+            threading.Thread(target=claim, args=(f"o{i}", run, barrier, verdicts))
+            for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(verdicts) == ["busy"] * 7 + ["run"], verdicts
+
+
+# -- publish ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app(redis_url: str, namespace: str) -> Iterator[Celery]:
+    queue = f"ledger-test-{uuid.uuid4().hex[:8]}"
+    celery = Celery("ledger_test", broker=redis_url, set_as_current=False)
+    celery.conf.update(task_default_queue=queue, fleet_redis_url=redis_url,
+                       fleet_namespace=namespace, fleet_limits={})  # fmt: skip
+    yield celery
+    client = redis.Redis.from_url(redis_url)
+    client.delete(queue)
+    client.close()
+
+
+def test_a_duplicate_publish_publishes_nothing(app: Celery, redis_url: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+
+    @fleet_task(app=app, shared=False, idempotency_key="summarize:" + tag + ":{doc_id}")
+    def summarize(doc_id: int, style: str = "short") -> None: ...
+
+    first = summarize.delay(1)
+    again = summarize.apply_async((1,), {"style": "short"})
+    other = summarize.delay(2)
+    assert first.id == again.id == run_id_for(f"summarize:{tag}:1") != other.id
+    messages = _published(app, redis_url)
+    assert [m["id"] for m in messages] == [first.id, other.id]
+    assert messages[0]["fleet_key"] == f"summarize:{tag}:1"
+    # per call, and a retry of the same run (retries given) publishes under the same id
+    per_call = summarize.apply_async((3,), idempotency_key=f"custom-{tag}")
+    assert per_call.id == run_id_for(f"custom-{tag}")
+    summarize.apply_async((1,), task_id=first.id, retries=1)
+    assert [m["id"] for m in _published(app, redis_url)][-2:] == [per_call.id, first.id]
+
+
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("doc:{nope}", "not an argument"),
+        (lambda doc_id: 42, "must return a str"),
+        (lambda doc_id: 1 / 0, "raised ZeroDivisionError"),
+        (lambda doc_id: "", "non-empty"),
+        (lambda doc_id: "x" * 501, "at most 500"),
+    ],
+)
+def test_a_bad_key_is_refused_at_publish_and_nothing_is_published(
+    app: Celery, redis_url: str, spec: Any, error: str
+) -> None:
+    @fleet_task(app=app, shared=False, idempotency_key=spec)
+    def summarize(doc_id: int) -> None: ...
+
+    with pytest.raises(ConfigError, match=error):
+        summarize.delay(1)
+    assert _published(app, redis_url) == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"idempotency_key": 42},
+        {"idempotency_key": "{0}"},
+        {"idempotency_key": "{"},
+        {"singleton": True},
+        {"idempotency_key": "k:{x}", "singleton": "yes"},
+        {"idempotency_key": "k:{x}", "release_on_failure": 1},
+    ],
+)
+def test_bad_options_fail_at_decoration(app: Celery, options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        fleet_task(app=app, shared=False, **options)(lambda x: None)
