@@ -18,7 +18,9 @@ arguments, or a callable taking them) or ``task.apply_async(args, idempotency_ke
   own task ids and are all accepted; at most one runs at a time per key, the others are
   rescheduled until it ends; each runs its body.
 - **The key travels**: in the ``fleet_key`` message header, to child tasks published from a
-  keyed body (``fleet_parent_key``), and to log records (:class:`KeyLogFilter`).
+  keyed body (``fleet_parent_key``), to events (``task-keyed``, with ``key``, ``attempt`` and
+  ``taken_over``, sent when an attempt claims the key) and to log records
+  (:class:`KeyLogFilter`).
 
 Bad keys (a callable that raises or returns a non-string, an unknown template field) are a
 :class:`~celery_fleet.ConfigError` at publish, and nothing is published.
@@ -172,6 +174,16 @@ def new_owner(task_id: str | None) -> str:
     return f"{task_id or '-'}/{uuid.uuid4().hex[:12]}"
 
 
+#: Whether this worker sends task events (``-E``): set in the main process at start-up,
+#: inherited by its pool's children.
+_worker_events = [False]
+
+
+@signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _note_worker_events(sender: Any = None, **_: Any) -> None:
+    _worker_events[0] = bool(getattr(sender, "task_events", False))
+
+
 @signals.before_task_publish.connect(weak=False)  # type: ignore[untyped-decorator]
 def _key_to_children(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """A task published from a keyed body carries its parent's key."""
@@ -266,4 +278,14 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
     if claim.taken_over:
         log.warning("celery-fleet: key %r: took over the claim of an attempt that died", key)
     fleet.claims.hold(run_id, owner)
+    # Monitors (Flower's task page) see the key and the attempt on the task, when the
+    # worker sends task events at all: Task.send_event publishes whatever the settings say,
+    # a broker round trip (~0.6 ms here, benchmarks/idempotency.py) no one would read.
+    if _worker_events[0] or task.app.conf.worker_send_task_events:
+        try:
+            task.send_event(
+                "task-keyed", key=key, attempt=claim.attempts, taken_over=claim.taken_over
+            )
+        except Exception:  # monitoring must never lose the task
+            log.debug("celery-fleet: could not send the task-keyed event", exc_info=True)
     return Attempt(fleet, run_id, key, owner, task.fleet_release_on_failure)

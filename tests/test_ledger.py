@@ -183,3 +183,86 @@ def test_a_bad_key_is_refused_at_publish_and_nothing_is_published(
 def test_bad_options_fail_at_decoration(app: Celery, options: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         fleet_task(app=app, shared=False, **options)(lambda x: None)
+
+
+def test_a_final_failure_releases_the_key_for_a_new_submission(
+    app: Celery, redis_url: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    calls: list[int] = []
+
+    @fleet_task(app=app, shared=False, idempotency_key="fails:" + tag + ":{n}")
+    def fails(n: int) -> None:
+        calls.append(n)
+        raise ValueError("bad input")
+
+    @fleet_task(app=app, shared=False, idempotency_key="kept:" + tag + ":{n}",
+                release_on_failure=False)  # fmt: skip
+    def kept(n: int) -> None:
+        calls.append(n)
+        raise ValueError("bad input")
+
+    fleet = Fleet.for_app(app)
+    assert fails.apply((1,)).failed() and kept.apply((2,)).failed()
+    freed, held = fleet.key_record(f"fails:{tag}:1"), fleet.key_record(f"kept:{tag}:2")
+    assert freed["state"] == held["state"] == "failed" and "ValueError" in freed["error"]
+    assert (freed["released"], held["released"]) == ("1", "0")
+    fails.delay(1)  # released: published again
+    kept.delay(2)  # kept: a duplicate, not published
+    assert [m["fleet_key"] for m in _published(app, redis_url)] == [f"fails:{tag}:1"]
+    from celery.exceptions import Ignore
+
+    again = kept.apply((2,))  # a redelivery of the kept key: ignored, the body never reruns
+    assert isinstance(again.result, Ignore) and "failed before" in str(again.result)
+    assert calls == [1, 2]
+
+
+def test_the_running_key_reaches_log_records() -> None:
+    import logging
+
+    from celery_fleet.idempotency import KeyLogFilter, current_key
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
+    KeyLogFilter().filter(record)
+    assert record.fleet_key == "-"
+    token = current_key.set("summarize:42")
+    try:
+        KeyLogFilter().filter(record)
+    finally:
+        current_key.reset(token)
+    assert record.fleet_key == "summarize:42"
+
+
+def test_an_attempt_that_claims_its_key_tells_monitors(app: Celery) -> None:
+    tag = uuid.uuid4().hex[:8]
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    @fleet_task(app=app, shared=False, idempotency_key="seen:" + tag + ":{n}")
+    def seen(n: int) -> int:
+        return n
+
+    seen.send_event = lambda type_, **fields: events.append((type_, fields))  # type: ignore[method-assign]
+    assert seen.apply((1,)).get() == 1
+    assert events == []  # the worker sends no task events (no -E): nothing to pay for
+    app.conf.worker_send_task_events = True
+    assert seen.apply((2,)).get() == 2
+    assert seen.apply((2,)).get() == 2  # a replay: no claim, no event
+    assert events == [("task-keyed", {"key": f"seen:{tag}:2", "attempt": 1, "taken_over": False})]
+
+
+def test_a_worker_started_with_events_makes_keyed_attempts_send_them() -> None:
+    from celery import signals
+
+    from celery_fleet import idempotency
+
+    class Worker:  # what worker_init sends: the WorkController, with -E as task_events
+        def __init__(self, task_events: bool) -> None:
+            self.task_events = task_events
+
+    try:
+        signals.worker_init.send(sender=Worker(True))
+        assert idempotency._worker_events[0] is True
+        signals.worker_init.send(sender=Worker(False))
+        assert idempotency._worker_events[0] is False
+    finally:
+        idempotency._worker_events[0] = False

@@ -283,3 +283,9 @@ def keyed_single(tag: str, n: int) -> int:
     time.sleep(0.5)
     _probe.decr(key(f"single_now:{tag}"))
     return n
+
+
+@fleet_task(app=app, shared=False, limit="gate", max_wait=0, idempotency_key="gated:{tag}")
+def keyed_gated(tag: str) -> int:
+    """Rescheduled while the test holds 'gate' shut; its body runs once it is let in."""
+    return int(_probe.incr(key(f"gated:{tag}")))

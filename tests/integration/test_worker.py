@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +232,24 @@ def test_a_singleton_key_runs_one_at_a_time_and_every_publish_runs(worker: Any) 
     assert sorted(r.get(timeout=120) for r in results) == [0, 1, 2]
     seen = [int(x) for x in _probe(worker).lrange(worker.key(f"single_seen:{tag}"), 0, -1)]
     assert seen == [1, 1, 1], seen
+
+
+def test_a_keyed_task_rescheduled_by_backpressure_runs_its_body_once(worker: Any) -> None:
+    tag = uuid.uuid4().hex[:6]
+    held = worker.fleet.try_acquire("gate")  # shut: the task is refused and rescheduled
+    assert held
+    try:
+        result = worker.keyed_gated.delay(tag)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            events = [e["event"] for e in worker.fleet.history(f"gated:{tag}")]
+            if events.count("running") >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        worker.fleet.release(held)
+    assert result.get(timeout=60) == 1  # the body ran once, after the gate opened
+    events = [e["event"] for e in worker.fleet.history(f"gated:{tag}")]
+    # each reschedule gave the claim back before its copy was published: no copy was busy
+    assert events[0] == "queued" and events[-1] == "succeeded" and "taken_over" not in events
+    assert events.count("running") >= 2 and events.count("queued") >= 2, events
