@@ -93,7 +93,7 @@ def measure(ops: dict[str, Callable[[int], Any]], n: int, rounds: int) -> dict[s
     lat: dict[str, list[float]] = {k: [] for k in ops}
     trips: dict[str, int] = dict.fromkeys(ops, 0)
     seq = 0
-    for name, op in ops.items():  # warm up: connections, scripts
+    for op in ops.values():  # warm up: connections, scripts
         for _ in range(20):
             seq += 1
             op(seq)
@@ -123,12 +123,13 @@ def report(got: dict[str, Any], n: int, rounds: int, parser: str) -> str:
         rows.append(f"| {name} | {trips:.2f} | {us:,.0f} | {us / base:.2f}x |")
     p, e = got["publish keyed, new key"], got["execute keyed, new key"]
     head = (
-        f"- A key costs a publish **{p[0] - got['publish plain'][0]:.2f} round trip(s)** "
-        f"({p[1] / got['publish plain'][1]:.2f}x a plain publish's median) and an execution "
-        f"**{e[0] - got['execute plain'][0]:.2f}** ({e[1] / got['execute plain'][1]:.2f}x a "
-        "plain execution's median, with no broker in the way); a duplicate publish costs "
-        f"{got['publish keyed, duplicate'][0]:.2f} and publishes nothing; a done key's "
-        f"execution {got['execute keyed, done key'][0]:.2f} and runs no body."
+        f"- A key adds **{p[0] - got['publish plain'][0]:.2f} round trip(s)** to a publish "
+        f"({p[1] / got['publish plain'][1]:.2f}x a plain publish's median) and "
+        f"**{e[0] - got['execute plain'][0]:.2f}** to an execution "
+        f"({e[1] / got['execute plain'][1]:.2f}x a plain execution's median, with no broker "
+        "in the way); in all, a duplicate publish costs "
+        f"{got['publish keyed, duplicate'][0]:.2f} round trip(s) and publishes nothing, a "
+        f"done key's execution {got['execute keyed, done key'][0]:.2f} and runs no body."
     )
     return "\n".join([head, "", *rows]) + "\n"
 
