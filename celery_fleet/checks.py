@@ -12,6 +12,7 @@ from collections.abc import Set as AbstractSet
 from .errors import ConfigError
 
 __all__ = [
+    "check_port",
     "check_lease_id",
     "MAX_LEASE_ID",
     "check_name",
@@ -53,6 +54,15 @@ def check_name(name: object, what: str, colon: bool = True) -> str:
             f"and {chars} (no spaces, newlines or braces), got {name!r}"
         )
     return name
+
+
+def check_port(value: object, what: str) -> int | None:
+    """None (off) or a TCP port 1-65535."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{what} must be a TCP port (1-65535) or None, got {_short(value)}")
+    return value
 
 
 #: Longest lease id a caller may name (it travels in every release and renewal).

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import MAX_SECONDS, check_max_wait, check_name, number, suggest
+from .checks import MAX_SECONDS, check_max_wait, check_name, check_port, number, suggest
 from .config import LimitConfig, parse_limits
 from .errors import ConfigError
 from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
@@ -66,6 +66,7 @@ SETTINGS = {
     "fleet_step_jitter": "seconds: a random delay in [0, x) before each slot request (default 0)",
     "fleet_dedupe_ttl": "seconds an idempotency key's record is kept after its last event (1 day)",
     "fleet_claim_lease": "seconds a running key's claim lives without renewal (default 15)",
+    "fleet_metrics_port": "TCP port a worker serves Prometheus /metrics on (default: none)",
 }
 
 
@@ -119,6 +120,7 @@ def load_settings(
         hi=MAX_SECONDS,
     )
     check_visibility_timeout(conf, max_countdown)
+    check_port(conf.get("fleet_metrics_port"), "fleet_metrics_port")
     backoff = conf.get("fleet_backoff", "full")
     if backoff not in BACKOFF:
         raise ConfigError(f"fleet_backoff must be one of {BACKOFF}, got {backoff!r}")

@@ -37,7 +37,7 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import GroupResult
 
-from . import idempotency
+from . import idempotency, metrics
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
@@ -157,6 +157,7 @@ class FleetTask(Task):  # type: ignore[misc]
         # Runs in app.finalize(), outside any signal handler (Celery signals swallow
         # exceptions): a worker whose task names an unknown limit fails at start-up.
         super().on_bound(app)
+        metrics.install(app)  # serves /metrics only when fleet_metrics_port is set
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
             fleet.check_task_options(cls.name, cls.fleet_limit, cls.fleet_tokens)

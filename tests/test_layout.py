@@ -35,7 +35,10 @@ ORDER = [
     "beat",
     "idempotency",
     "fleet",
+    "status",
+    "metrics",
     "task",
+    "cli",
 ]
 CORE = ORDER[: ORDER.index("slot") + 1]
 PACKAGE = Path(celery_fleet.__file__).parent

@@ -38,6 +38,10 @@ app.conf.update(
     task_default_queue=os.environ.get("FLEET_IT_QUEUE", "fleet-it"),
     worker_prefetch_multiplier=1,
     fleet_claim_lease=3,  # test_idempotency: a dead attempt's key is taken over within 3 s
+    # test_worker: the worker serves Prometheus /metrics (MetricsStep) when a port is given
+    fleet_metrics_port=int(os.environ["FLEET_IT_METRICS_PORT"])
+    if os.environ.get("FLEET_IT_METRICS_PORT")
+    else None,
     broker_connection_retry_on_startup=True,
     result_expires=600,
 )

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_fleet.testing.redis_server import free_port
 from example_project.herd import close_app, stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,6 +35,7 @@ def worker(redis_url: str) -> Iterator[Any]:
         "FLEET_IT_REDIS": redis_url,
         "FLEET_IT_NS": f"it-{run}",
         "FLEET_IT_QUEUE": f"fleet-it-{run}",
+        "FLEET_IT_METRICS_PORT": str(free_port()),
         "PYTHONPATH": str(ROOT),
     }
     os.environ.update({k: env[k] for k in env if k.startswith("FLEET_IT_")})
@@ -253,3 +255,27 @@ def test_a_keyed_task_rescheduled_by_backpressure_runs_its_body_once(worker: Any
     # each reschedule gave the claim back before its copy was published: no copy was busy
     assert events[0] == "queued" and events[-1] == "succeeded" and "taken_over" not in events
     assert events.count("running") >= 2 and events.count("queued") >= 2, events
+
+
+def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
+    import urllib.request
+
+    port = int(os.environ["FLEET_IT_METRICS_PORT"])
+    held = worker.fleet.try_acquire("gate2")  # a lease held by this process, not the worker
+    assert held
+    try:
+        deadline, text = time.time() + 30, ""
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)  # the worker is still starting
+    finally:
+        worker.fleet.release(held)
+    lines = set(text.splitlines())
+    assert "fleet_up 1.0" in lines
+    assert 'fleet_in_flight{limit="gate2"} 1.0' in lines  # the fleet-wide state, not local
+    assert 'fleet_in_flight_cap{limit="model"} 3.0' in lines
+    assert 'fleet_breaker_state{limit="broken",state="closed"} 1.0' in lines

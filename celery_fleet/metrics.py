@@ -1,0 +1,163 @@
+"""Prometheus metrics of the fleet, read from Redis at scrape time (``[prometheus]`` extra).
+
+:class:`FleetCollector` turns each limit's :func:`~celery_fleet.status.limit_status` into
+gauges when Prometheus scrapes. It reads the fleet's shared state, so the numbers are the
+same whichever worker answers, it is correct under prefork (no per-child counters to
+merge), and the hot path pays nothing for it: admission stays one round trip.
+
+Gauges (label ``limit``; windows also ``window``):
+
+- ``fleet_up``: 1 when the fleet's Redis answered this scrape, else 0 (the scrape itself
+  never fails);
+- ``fleet_in_flight``, ``fleet_in_flight_cap`` (the cap in force: the adaptive one when the
+  limit is adaptive), ``fleet_oldest_lease_seconds``;
+- ``fleet_budget_left`` and ``fleet_budget_full``: units each window admits now, and holds;
+- ``fleet_adaptive_cap``, ``fleet_rate_factor``;
+- ``fleet_paused_seconds`` (a provider's Retry-After still running);
+- ``fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
+  half_open), ``fleet_breaker_forced`` (1 when an operator forced it);
+- ``fleet_waiting``: callers in line.
+
+Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
+:class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
+``app.steps["worker"].add(MetricsStep)``) starts an HTTP server in the worker's main
+process, ``/metrics``. Elsewhere: ``prometheus_client.start_http_server(port,
+registry=fleet_registry(fleet))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from celery import bootsteps
+
+from . import checks
+from .errors import ConfigError, FleetError
+from .fleet import Fleet
+from .status import fleet_status
+
+__all__ = ["FleetCollector", "MetricsStep", "fleet_registry", "check_port", "install"]
+
+log = logging.getLogger("celery_fleet")
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:  # the extra is not installed
+        raise ConfigError(
+            "fleet_metrics_port needs prometheus-client: pip install 'celery-fleet[prometheus]'"
+        ) from None
+    return prometheus_client
+
+
+def check_port(value: object) -> int | None:
+    """``fleet_metrics_port``: None (off) or a TCP port."""
+    return checks.check_port(value, "fleet_metrics_port")
+
+
+class FleetCollector:
+    """A Prometheus collector of one Fleet's limits (see the module docstring)."""
+
+    def __init__(self, fleet: Any) -> None:
+        self.fleet = fleet
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: the families depend on the limits configured
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily as Gauge
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("limit",)) -> Any:
+            return Gauge(f"fleet_{name}", doc, labels=list(labels))
+
+        up = Gauge("fleet_up", "1 when the fleet's Redis answered this scrape")
+        try:
+            rows = fleet_status(self.fleet)
+        except FleetError as exc:
+            log.warning("celery-fleet: metrics scrape without Redis: %s", exc)
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        g = {
+            "in_flight": gauge("in_flight", "Leases held now"),
+            "cap": gauge("in_flight_cap", "The in-flight cap in force (adaptive when learned)"),
+            "oldest": gauge("oldest_lease_seconds", "Age of the oldest lease held"),
+            "left": gauge("budget_left", "Units a window admits now", ("limit", "window")),
+            "full": gauge("budget_full", "Units a window holds when full", ("limit", "window")),
+            "acap": gauge("adaptive_cap", "The adaptive (AIMD) in-flight cap"),
+            "factor": gauge("rate_factor", "The adaptive rate factor (1: the full rate)"),
+            "paused": gauge("paused_seconds", "Seconds left of a provider's Retry-After pause"),
+            "breaker": gauge("breaker_state", "1 for the breaker's state", ("limit", "state")),
+            "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
+            "waiting": gauge("waiting", "Callers waiting in line"),
+        }
+        for s in rows:
+            lim = [s.limit]
+            g["in_flight"].add_metric(lim, s.in_flight)
+            if s.cap is not None:
+                g["cap"].add_metric(lim, s.cap)
+            if s.oldest_lease_s is not None:
+                g["oldest"].add_metric(lim, s.oldest_lease_s)
+            for w in s.windows:
+                g["left"].add_metric([s.limit, w.window], w.left)
+                g["full"].add_metric([s.limit, w.window], w.full)
+            if s.adaptive_cap is not None:
+                g["acap"].add_metric(lim, s.adaptive_cap)
+                g["factor"].add_metric(lim, s.rate_factor or 1.0)
+            g["paused"].add_metric(lim, s.paused_s)
+            if s.breaker is not None:
+                for state in BREAKER_STATES:
+                    g["breaker"].add_metric([s.limit, state], 1.0 if s.breaker == state else 0.0)
+                g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
+            g["waiting"].add_metric(lim, s.waiting)
+        yield from g.values()
+
+
+def fleet_registry(fleet: Any) -> Any:
+    """A Prometheus registry holding only the fleet's collector."""
+    prometheus = _prometheus()
+    registry = prometheus.CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet))
+    return registry
+
+
+class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: serve ``/metrics`` on ``fleet_metrics_port`` from the main process."""
+
+    label = "celery-fleet metrics"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.port = check_port(worker.app.conf.get("fleet_metrics_port"))
+        self.server: Any = None
+
+    def include_if(self, worker: Any) -> bool:
+        return self.port is not None
+
+    def start(self, worker: Any) -> None:
+        prometheus = _prometheus()
+        registry = fleet_registry(Fleet.for_app(worker.app))
+        try:
+            self.server, _ = prometheus.start_http_server(self.port, registry=registry)
+        except OSError as exc:  # a port in use must not stop the worker: it runs unwatched
+            log.error("celery-fleet: cannot serve metrics on port %d: %s", self.port, exc)
+            return
+        log.info("celery-fleet: metrics on :%d/metrics", self.port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def install(app: Any) -> None:
+    """Add :class:`MetricsStep` to ``app``'s worker blueprint (idempotent; it serves only
+    when ``fleet_metrics_port`` is set). Called when a Fleet or a FleetTask meets the app,
+    before a worker builds its blueprint."""
+    app.steps["worker"].add(MetricsStep)

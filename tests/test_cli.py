@@ -1,0 +1,141 @@
+"""``celery fleet``: click's runner against real Redis, and the real command as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from click.testing import CliRunner, Result
+
+from celery_fleet import Fleet
+from celery_fleet.cli import fleet as fleet_cli
+from celery_fleet.ledger import run_id_for
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = {
+    "llm": {"requests": "60/minute", "burst": 10 / 60, "max_in_flight": 5},
+    "tool": {"max_in_flight": 4, "breaker": True, "adaptive": True},
+}
+
+
+@pytest.fixture
+def app(redis_url: str, namespace: str) -> Iterator[Celery]:
+    celery = Celery("cli_test", broker=redis_url, set_as_current=False)
+    celery.conf.update(fleet_redis_url=redis_url, fleet_namespace=namespace, fleet_limits=LIMITS)
+    yield celery
+
+
+def run(app: Celery, *args: str) -> Result:
+    return CliRunner().invoke(fleet_cli, list(args), obj=SimpleNamespace(app=app))
+
+
+def status(app: Celery, *limits: str) -> dict[str, Any]:
+    result = run(app, "status", "--json", *limits)
+    assert result.exit_code == 0, result.output
+    return {s["limit"]: s for s in json.loads(result.output)}
+
+
+def test_status_reads_budgets_leases_and_breaker_from_redis(app: Celery) -> None:
+    fleet = Fleet(app)
+    before = status(app)
+    assert before["llm"]["windows"] == [{"window": "60 requests/60s", "left": 10, "full": 10}]
+    assert before["llm"]["in_flight"] == 0 and before["llm"]["cap"] == 5
+    held = [fleet.try_acquire("llm") for _ in range(3)]
+    time.sleep(0.3)
+    now = status(app, "llm")["llm"]
+    assert now["windows"][0]["left"] == 7 and now["in_flight"] == 3
+    assert 0.3 <= now["oldest_lease_s"] < 5
+    for d in held:
+        fleet.release(d)
+    tool = status(app, "tool")["tool"]
+    assert tool["breaker"] == "closed" and tool["adaptive_cap"] is not None
+    text = run(app, "status").output
+    assert "llm\n  in flight    0/5" in text and "7 left now (holds 10)" in text
+    assert "breaker      closed" in text
+
+
+def test_breaker_switches_and_reset(app: Celery) -> None:
+    fleet = Fleet(app)
+    assert run(app, "breaker", "open", "tool").output == "tool: breaker open (forced open)\n"
+    assert fleet.breaker("tool").state().forced == "open"
+    assert not fleet.try_acquire("tool")  # the whole fleet sees it
+    assert run(app, "breaker", "close", "tool").exit_code == 0
+    assert fleet.breaker("tool").state().forced == "closed"
+    assert run(app, "breaker", "auto", "tool").exit_code == 0
+    assert fleet.breaker("tool").state().forced is None
+    for _ in range(4):
+        fleet.try_acquire("llm")
+    assert status(app, "llm")["llm"]["windows"][0]["left"] == 6
+    result = run(app, "reset", "llm", "--what", "buckets")
+    assert result.exit_code == 0 and "windows refilled" in result.output
+    assert status(app, "llm")["llm"]["windows"][0]["left"] == 10
+
+
+def test_history_of_a_key(app: Celery) -> None:
+    fleet = Fleet(app)
+    key = f"cli:{uuid.uuid4().hex[:8]}"
+    run_id = run_id_for(key)
+    fleet.ledger.enqueue(run_id, key, "proj.summarize")
+    fleet.ledger.claim(run_id, key, "proj.summarize", "me", 10, False)
+    fleet.ledger.finish(run_id, "me", "succeeded", "42")
+    out = json.loads(run(app, "history", key, "--json").output)
+    assert [e["event"] for e in out["events"]] == ["queued", "running", "succeeded"]
+    assert out["record"]["state"] == "succeeded" and out["record"]["result"] == "42"
+    text = run(app, "history", key).output
+    assert text.startswith(f"{key}: succeeded, 1 attempt(s)") and "running" in text
+    assert "no record" in run(app, "history", "never-published").output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("status", "nope"), "unknown limit 'nope'"),
+        (("breaker", "open", "llm"), "breaker"),
+        (("reset", "llm", "--what", "breaker"), "has no breaker"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_1(app: Celery, args: tuple[str, ...], message: str) -> None:
+    result = run(app, *args)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_redis_is_one_line(app: Celery) -> None:
+    app.conf.fleet_redis_url = "redis://127.0.0.1:1/0"
+    result = run(app, "status")
+    assert result.exit_code == 1 and "cannot reach Redis at redis://127.0.0.1:1/0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_installed_command_runs_with_no_worker(redis_url: str) -> None:
+    """`celery -A ... fleet` through Celery's entry point, as an operator runs it."""
+    ns = f"cli-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "FLEET_IT_REDIS": redis_url, "FLEET_IT_NS": ns,
+           "FLEET_IT_BROKER": redis_url, "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "celery", "-A", "tests.integration.fleet_app", "fleet"]
+    try:
+        done = subprocess.run([*cmd, "status", "--json", "model", "broken"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        got = {s["limit"]: s for s in json.loads(done.stdout)}
+        assert got["model"]["cap"] == 3 and got["broken"]["breaker"] == "closed"
+        bad = subprocess.run([*cmd, "status", "nope"], env=env, capture_output=True,
+                             text=True, timeout=60, check=False)  # fmt: skip
+        assert bad.returncode == 1 and "unknown limit 'nope'" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for k in client.scan_iter(match=f"*{ns}*"):
+            client.delete(k)
+        client.close()

@@ -1,0 +1,92 @@
+"""Prometheus metrics read from Redis at scrape time (a real worker serving them is in
+``tests/integration/test_worker.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from celery import Celery
+from prometheus_client import generate_latest
+
+from celery_fleet import ConfigError, Fleet
+from celery_fleet.metrics import MetricsStep, fleet_registry
+
+MakeFleet = Callable[..., Fleet]
+
+
+def scrape(fleet: Fleet) -> dict[str, float]:
+    """``{'name{labels}': value}`` of one scrape, as Prometheus would read it."""
+    text = generate_latest(fleet_registry(fleet)).decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_gauges_follow_the_shared_state(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({
+        "llm": {"requests": "60/minute", "burst": 10 / 60, "max_in_flight": 5},
+        "tool": {"max_in_flight": 4, "breaker": True, "adaptive": True},
+    })  # fmt: skip
+    held = [fleet.try_acquire("llm") for _ in range(3)]
+    fleet.breaker("tool").force_open()
+    got = scrape(fleet)
+    assert got["fleet_up"] == 1
+    assert got['fleet_in_flight{limit="llm"}'] == 3 and got['fleet_in_flight_cap{limit="llm"}'] == 5
+    assert got['fleet_budget_left{limit="llm",window="60 requests/60s"}'] == 7
+    assert got['fleet_budget_full{limit="llm",window="60 requests/60s"}'] == 10
+    assert got['fleet_breaker_state{limit="tool",state="open"}'] == 1
+    assert got['fleet_breaker_state{limit="tool",state="closed"}'] == 0
+    assert got['fleet_breaker_forced{limit="tool"}'] == 1
+    assert got['fleet_adaptive_cap{limit="tool"}'] >= 1 and got['fleet_waiting{limit="llm"}'] == 0
+    for d in held:
+        fleet.release(d)
+    assert scrape(fleet)['fleet_in_flight{limit="llm"}'] == 0
+
+
+def test_a_scrape_without_redis_says_so_and_does_not_fail() -> None:
+    fleet = Fleet(redis_url="redis://127.0.0.1:1/0", limits={"llm": {"max_in_flight": 2}})
+    got = scrape(fleet)
+    assert got == {"fleet_up": 0.0}
+
+
+@pytest.mark.parametrize("port", [0, 70000, "9808", True, -1])
+def test_a_bad_metrics_port_fails_at_start_up(port: object) -> None:
+    app = Celery("m", broker="redis://127.0.0.1:6379/9", set_as_current=False)
+    app.conf.fleet_metrics_port = port
+    with pytest.raises(ConfigError, match="fleet_metrics_port"):
+        Fleet(app)
+
+
+def test_the_bootstep_serves_only_when_a_port_is_set() -> None:
+    class Worker:
+        def __init__(self, port: object) -> None:
+            self.app = Celery("m", set_as_current=False)
+            self.app.conf.fleet_metrics_port = port
+
+    assert not MetricsStep(Worker(None)).include_if(Worker(None))
+    step = MetricsStep(Worker(9808))
+    assert step.include_if(Worker(9808)) and step.port == 9808
+
+
+def test_a_port_in_use_does_not_stop_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    class Worker:
+        def __init__(self, port: int) -> None:
+            self.app = Celery("m", broker="redis://127.0.0.1:6379/9", set_as_current=False)
+            self.app.conf.update(fleet_metrics_port=port, fleet_limits={})
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        worker = Worker(taken.getsockname()[1])
+        step = MetricsStep(worker)
+        step.start(worker)  # logs, does not raise
+        assert step.server is None and "cannot serve metrics" in caplog.text
+    finally:
+        taken.close()
