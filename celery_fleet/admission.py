@@ -117,6 +117,10 @@ class Admission:
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
         #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
         self.listeners: list[Callable[[str, str], None]] = []
+        #: Called as ``watcher(event, limit, fields)`` when a slot of this process is
+        #: admitted (``"admitted"``: waited_s, attempts), gives up (``"refused"``: reason,
+        #: wait_ms) or is pushed back by the provider (``"pushback"``: status, retry_after_ms).
+        self.watchers: list[Callable[[str, str, dict[str, Any]], None]] = []
         #: Limits whose over-long line this process has logged (once each).
         self.warned_lines: set[str] = set()
         # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
@@ -338,6 +342,14 @@ class Admission:
                 fields.add(field)  # also windows an older configuration left
         if fields:
             self.store.call("HDEL", k.ctl, *sorted(fields))
+
+    def tell(self, event: str, limit: str, **fields: Any) -> None:
+        """Tell this process's slot watchers (errors are logged, never raised)."""
+        for watcher in list(self.watchers):
+            try:
+                watcher(event, limit, fields)
+            except Exception:
+                log.exception("celery-fleet: slot watcher %r failed", watcher)
 
     def notify(self, limit: str, state: str) -> None:
         """Tell this process's listeners that ``limit``'s breaker changed (errors are logged)."""

@@ -105,6 +105,7 @@ class Fleet:
             signals.install(_reset_all_connections)
             self.check_app_tasks(app)
             self.on_breaker_change(signals.breaker_announcer(app))
+            self.admission.watchers.append(signals.slot_watcher(app))
 
     # -- lookup -----------------------------------------------------------------------
 

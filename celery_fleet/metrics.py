@@ -38,7 +38,14 @@ from .errors import ConfigError, FleetError
 from .fleet import Fleet
 from .status import fleet_status
 
-__all__ = ["FleetCollector", "MetricsStep", "fleet_registry", "check_port", "install"]
+__all__ = [
+    "FleetCollector",
+    "InfoStep",
+    "MetricsStep",
+    "fleet_registry",
+    "check_port",
+    "install",
+]
 
 log = logging.getLogger("celery_fleet")
 BREAKER_STATES = ("closed", "open", "half_open")
@@ -156,8 +163,31 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.server = None
 
 
+class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep whose ``info()`` adds ``"fleet"``: each limit's state now (as
+    ``celery fleet status --json``) to the worker's stats, where ``celery inspect stats``
+    and Flower's worker page ("Other") show it."""
+
+    label = "celery-fleet info"
+
+    # A StartStopStep with nothing to start: only those are asked for info().
+    def start(self, worker: Any) -> None:
+        pass
+
+    def stop(self, worker: Any) -> None:
+        pass
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        try:
+            rows = fleet_status(Fleet.for_app(worker.app))
+        except FleetError as exc:
+            return {"fleet": {"error": str(exc)}}
+        return {"fleet": {s.limit: s.as_dict() for s in rows}}
+
+
 def install(app: Any) -> None:
-    """Add :class:`MetricsStep` to ``app``'s worker blueprint (idempotent; it serves only
-    when ``fleet_metrics_port`` is set). Called when a Fleet or a FleetTask meets the app,
-    before a worker builds its blueprint."""
+    """Add :class:`InfoStep` and :class:`MetricsStep` to ``app``'s worker blueprint
+    (idempotent; metrics are served only when ``fleet_metrics_port`` is set). Called when a
+    FleetTask meets the app, before a worker builds its blueprint."""
+    app.steps["worker"].add(InfoStep)
     app.steps["worker"].add(MetricsStep)

@@ -23,7 +23,16 @@ from celery.utils.dispatch import Signal
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install", "breaker_state_changed", "breaker_announcer", "task_rescheduled"]
+__all__ = [
+    "install",
+    "breaker_state_changed",
+    "breaker_announcer",
+    "slot_admitted",
+    "slot_refused",
+    "slot_watcher",
+    "task_rescheduled",
+    "task_throttled",
+]
 
 #: Sent (in the process that saw it) when a limit's breaker opens, lets a probe through
 #: (``half_open``) or closes: ``sender`` is the Fleet's app, with ``limit`` and ``state``.
@@ -38,6 +47,21 @@ breaker_state_changed = Signal(
 task_rescheduled = Signal(
     name="fleet_task_rescheduled", providing_args={"request", "exc", "countdown", "reschedules"}
 )
+
+#: Sent (in the process of the slot) when a slot is admitted: ``sender`` is the Fleet's
+#: app, with ``limit``, ``waited_s`` (in line) and ``attempts`` (asks). For your metrics.
+slot_admitted = Signal(name="fleet_slot_admitted", providing_args={"limit", "waited_s", "attempts"})
+
+#: Sent when a slot gives up (``Throttled``/``CircuitOpen`` raised: ``reason`` is the
+#: refusal's, e.g. ``in_flight``, ``requests/60s``, ``circuit_open``) or the provider pushed
+#: back on its call (``reason`` ``provider 429``/``provider 503``): ``sender`` is the app,
+#: with ``limit``, ``reason`` and ``wait_ms``.
+slot_refused = Signal(name="fleet_slot_refused", providing_args={"limit", "reason", "wait_ms"})
+
+#: Sent in the worker when backpressure reaches a FleetTask, before it decides: ``sender``
+#: is the task, with ``request``, ``exc`` and ``action`` (``"reschedule"``, ``"wait"``
+#: (eager: sleeps in place) or ``"fail"``).
+task_throttled = Signal(name="fleet_task_throttled", providing_args={"request", "exc", "action"})
 
 log = logging.getLogger("celery_fleet")
 _on_process_init: list[Callable[[], None]] = []
@@ -67,6 +91,7 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
     """
 
     def announce(limit: str, state: str) -> None:
+        log.warning("celery-fleet: breaker limit=%s state=%s", limit, state)
         breaker_state_changed.send(sender=app, limit=limit, state=state)
         try:
             with app.events.default_dispatcher() as dispatcher:
@@ -75,3 +100,26 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
             log.warning("celery-fleet: could not send the fleet-breaker event", exc_info=True)
 
     return announce
+
+
+def slot_watcher(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
+    """A slot watcher (``Admission.watchers``) that sends :data:`slot_admitted` and
+    :data:`slot_refused`, and logs one line when the provider pushes back (its pause)."""
+
+    def watch(event: str, limit: str, fields: dict[str, Any]) -> None:
+        if event == "admitted":
+            if slot_admitted.receivers:
+                slot_admitted.send(sender=app, limit=limit, **fields)
+            return
+        if event == "pushback":
+            log.warning(
+                "celery-fleet: pause limit=%s status=%s retry_after_ms=%d",
+                limit,
+                fields["status"],
+                fields["retry_after_ms"],
+            )
+            fields = {"reason": f"provider {fields['status']}", "wait_ms": fields["retry_after_ms"]}
+        if slot_refused.receivers:
+            slot_refused.send(sender=app, limit=limit, **fields)
+
+    return watch

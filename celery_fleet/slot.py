@@ -135,6 +135,10 @@ class Slot:
         # Remembered on the slot: it may be released from another thread than this one.
         self._held_in = _held_here()
         self._held_in.append(self)
+        if self.admission.watchers:
+            self.admission.tell(
+                "admitted", self.limit, waited_s=self.waited_s, attempts=self.attempts
+            )
         return self
 
     def next(self, tokens: int | None = None) -> Slot:
@@ -168,6 +172,8 @@ class Slot:
             self.keeper.track(self)
             self._held_in = _held_here()
             self._held_in.append(self)
+            if self.admission.watchers:
+                self.admission.tell("admitted", self.limit, waited_s=0.0, attempts=1)
             return self
         return self._acquire(ticket, decision)
 
@@ -191,6 +197,7 @@ class Slot:
             self.ahead = decision.ahead
             if decision.reason == "circuit_open":
                 # Do not hold a worker for the reset timeout: a task reschedules instead.
+                self._refused(decision)
                 raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
             if decision.reason == "in_flight" and self.max_wait_s == math.inf:
                 self._refuse_self_deadlock()
@@ -203,6 +210,7 @@ class Slot:
             hopeless = wait_s > (remaining if exact else 2 * remaining)
             self._warn_if_line_too_long(decision)
             if remaining <= 0 or (decision.reason != "in_flight" and hopeless):
+                self._refused(decision)
                 raise Throttled(self.limit, decision.wait_ms, decision.reason)
             if exact:
                 # First in line (or paused): nobody can shorten this wait, so sleep it out,
@@ -218,6 +226,12 @@ class Slot:
                     NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
                 )
                 self.admission.wait_turn(self.limit, ticket, min(remaining, every))
+
+    def _refused(self, decision: Decision) -> None:
+        if self.admission.watchers:
+            self.admission.tell(
+                "refused", self.limit, reason=decision.reason, wait_ms=decision.wait_ms
+            )
 
     def _leave(self, ticket: str) -> None:
         try:
@@ -412,6 +426,10 @@ class Slot:
             raise QuotaExhausted(self.limit, signal.detail) from exc
         if signal.kind in ("rate_limited", "overloaded"):
             wait = signal.retry_after_ms if signal.retry_after_ms is not None else DEFAULT_RETRY_MS
+            if self.admission.watchers:
+                self.admission.tell(
+                    "pushback", self.limit, status=signal.status or signal.kind, retry_after_ms=wait
+                )
             raise Throttled(self.limit, wait, f"provider {signal.status or signal.kind}") from exc
 
     def __repr__(self) -> str:

@@ -28,6 +28,7 @@ While a rescheduled task waits for its countdown, its state in the result backen
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -42,10 +43,12 @@ from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
 from .run import Run, Throttling, current_run
-from .signals import task_rescheduled
+from .signals import task_rescheduled, task_throttled
 from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
 
 __all__ = ["FleetTask", "fleet_task", "ON_LIMIT", "THROTTLED", "Throttling"]
+
+log = logging.getLogger("celery_fleet")
 
 T = TypeVar("T")
 
@@ -316,7 +319,10 @@ class FleetTask(Task):  # type: ignore[misc]
             or self.request_stack.top is None
             or request.called_directly
         ):
+            task_throttled.send(sender=self, request=request, exc=exc, action="fail")
             raise exc
+        action = "wait" if request.is_eager else "reschedule"
+        task_throttled.send(sender=self, request=request, exc=exc, action=action)
         fleet = self.fleet
         past = self.throttling
         throttled_s = past.throttled_s + run.waited_s
@@ -377,6 +383,17 @@ class FleetTask(Task):  # type: ignore[misc]
             request, countdown=countdown, retries=request.retries, headers=headers
         )
         sig.apply_async()
+        log.info(
+            "celery-fleet: rescheduled task=%s id=%s limit=%s reason=%s wait_ms=%d "
+            "countdown_s=%.2f reschedules=%d",
+            self.name,
+            request.id,
+            exc.limit,
+            exc.reason,
+            exc.wait_ms,
+            countdown,
+            state.reschedules,
+        )
         task_rescheduled.send(
             sender=self,
             request=request,

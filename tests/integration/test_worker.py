@@ -279,3 +279,15 @@ def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
     assert 'fleet_in_flight{limit="gate2"} 1.0' in lines  # the fleet-wide state, not local
     assert 'fleet_in_flight_cap{limit="model"} 3.0' in lines
     assert 'fleet_breaker_state{limit="broken",state="closed"} 1.0' in lines
+
+
+def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:
+    """`celery inspect stats` (and Flower's worker page, "Other") show the fleet."""
+    deadline, mine = time.time() + 60, []
+    while not mine and time.time() < deadline:  # the worker may still be starting
+        stats = worker.app.control.inspect(timeout=2).stats() or {}
+        mine = [s for host, s in stats.items() if host.startswith("it-")]
+    assert mine
+    fleet = mine[0]["fleet"]
+    assert fleet["model"]["cap"] == 3 and fleet["broken"]["breaker"] == "closed"
+    assert fleet["slow"]["windows"][0]["window"] == "5 requests/1s"

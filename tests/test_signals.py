@@ -1,0 +1,111 @@
+"""Fleet signals for users' own metrics, and one structured log line per reschedule,
+breaker change and provider pause."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from celery import Celery
+from celery.exceptions import Ignore
+
+from celery_fleet import Fleet, Run, Throttled, fleet_task
+from celery_fleet.signals import slot_admitted, slot_refused, task_throttled
+
+from .test_providers import status_error
+
+
+@pytest.fixture
+def app(redis_url: str, namespace: str) -> Iterator[Celery]:
+    celery = Celery("signals", broker="memory://", backend="cache+memory://", set_as_current=False)
+    limits = {"llm": {"max_in_flight": 1}, "b": {"breaker": True, "max_in_flight": 5}}
+    celery.conf.update(fleet_redis_url=redis_url, fleet_namespace=namespace, fleet_limits=limits)
+    yield celery
+
+
+@pytest.fixture
+def seen() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    def admitted(sender: Any = None, **kw: Any) -> None:
+        got.append(("admitted", {k: v for k, v in kw.items() if k != "signal"}))
+
+    def refused(sender: Any = None, **kw: Any) -> None:
+        got.append(("refused", {k: v for k, v in kw.items() if k != "signal"}))
+
+    def throttled(sender: Any = None, exc: Any = None, action: str = "", **_: Any) -> None:
+        got.append(("throttled", {"limit": exc.limit, "action": action}))
+
+    slot_admitted.connect(admitted, weak=False)
+    slot_refused.connect(refused, weak=False)
+    task_throttled.connect(throttled, weak=False)
+    yield got
+    slot_admitted.disconnect(admitted)
+    slot_refused.disconnect(refused)
+    task_throttled.disconnect(throttled)
+
+
+def test_slots_tell_admissions_refusals_and_provider_pushback(
+    app: Celery, seen: list[tuple[str, dict[str, Any]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = Fleet(app)
+    caplog.set_level(logging.WARNING, logger="celery_fleet")
+    with fleet.slot("llm"):
+        with pytest.raises(Throttled):
+            with fleet.slot("llm", max_wait=0):  # the cap (1) is held
+                pass
+    assert seen[0][0] == "admitted" and seen[0][1]["limit"] == "llm"
+    assert seen[0][1]["attempts"] == 1 and 0 <= seen[0][1]["waited_s"] < 1
+    assert seen[1][0] == "refused" and seen[1][1]["limit"] == "llm"
+    assert seen[1][1]["reason"] == "in_flight"
+    seen.clear()
+    with pytest.raises(Throttled):
+        with fleet.slot("llm"):
+            raise status_error(openai.RateLimitError, 429, {"retry-after": "2"}, {}, "slow down")
+    assert seen[-1] == ("refused", {"limit": "llm", "reason": "provider 429", "wait_ms": 2000})
+    assert "celery-fleet: pause limit=llm status=429 retry_after_ms=2000" in caplog.text
+
+
+def test_a_breaker_change_is_one_log_line(app: Celery, caplog: pytest.LogCaptureFixture) -> None:
+    fleet = Fleet(app)
+    caplog.set_level(logging.WARNING, logger="celery_fleet")
+    fleet.admission.notify("b", "open")
+    assert "celery-fleet: breaker limit=b state=open" in caplog.text
+
+
+def test_a_throttled_task_says_what_it_does(
+    app: Celery, seen: list[tuple[str, dict[str, Any]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    Fleet(app)
+    caplog.set_level(logging.INFO, logger="celery_fleet")
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: Any) -> None: ...
+
+    @fleet_task(app=app, shared=False, on_limit="fail")
+    def strict() -> None: ...
+
+    agent.push_request(id="t-9", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("llm", 1500, "in_flight"), Run(since_ms=1))
+    finally:
+        agent.pop_request()
+    strict.push_request(id="t-10", args=[], kwargs={}, retries=0, delivery_info={},
+                        called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(Throttled):
+            strict._on_backpressure(Throttled("llm", 10, "in_flight"), Run())
+    finally:
+        strict.pop_request()
+    assert [s for s in seen if s[0] == "throttled"] == [
+        ("throttled", {"limit": "llm", "action": "reschedule"}),
+        ("throttled", {"limit": "llm", "action": "fail"}),
+    ]
+    line = [r.getMessage() for r in caplog.records if "rescheduled task=" in r.getMessage()]
+    assert len(line) == 1 and "id=t-9 limit=llm reason=in_flight wait_ms=1500" in line[0]
+    assert "reschedules=1" in line[0]
