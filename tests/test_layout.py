@@ -34,6 +34,7 @@ ORDER = [
     "stagger",
     "beat",
     "idempotency",
+    "reschedule",
     "fleet",
     "status",
     "metrics",

@@ -1,0 +1,170 @@
+"""How a FleetTask meets backpressure: reschedule, wait or fail (the Celery glue).
+
+:class:`Rescheduling` is the part of :class:`~celery_fleet.FleetTask` that decides, in one
+place, what a refused admission does to a task (:meth:`Rescheduling._on_backpressure`): it
+republishes the task under the same id with a countdown (not a Celery retry), sleeps in
+place (eager), or lets the refusal fail the task, past the task's patience too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.exceptions import Ignore
+
+from . import idempotency
+from .errors import Backpressure, ThrottledTooLong
+from .run import Run, Throttling
+from .signals import task_rescheduled, task_throttled
+
+__all__ = ["GUESSED_WAITS", "HEADER", "THROTTLED", "Rescheduling"]
+
+log = logging.getLogger("celery_fleet")
+
+#: The result-backend state of a task waiting out a reschedule countdown.
+THROTTLED = "THROTTLED"
+#: The message header that carries a task's place in line and its patience so far.
+HEADER = "fleet"
+
+#: Refusals whose wait nobody knows (an open breaker's reset, another attempt's claim of an
+#: idempotency key): their reschedules back off exponentially with the count.
+GUESSED_WAITS = frozenset({"circuit_open", "key_busy"})
+
+
+class Rescheduling:
+    """Mixin of :class:`~celery_fleet.FleetTask`: the reschedule path."""
+
+    # Provided by FleetTask / celery.Task.
+    fleet: Any
+    request: Any
+    request_stack: Any
+    name: str
+    ignore_result: bool
+    fleet_on_limit: str
+    fleet_max_reschedules: int | None
+    fleet_max_throttled: float | None
+    update_state: Any
+    signature_from_request: Any
+    send_event: Any
+
+    @property
+    def throttling(self) -> Throttling:
+        """What this run of the task has waited so far (its ``fleet`` header)."""
+        return Throttling.from_header(getattr(self.request, HEADER, None))
+
+    def _on_backpressure(self, exc: Backpressure, run: Run) -> None:
+        """Decide what a refused admission does to this task: reschedule, wait or fail.
+
+        Republishes the task (same id, same ``retries``: it does not count against
+        ``max_retries``) with a countdown of the wait plus jitter, or more: capped
+        exponential backoff with jitter over the reschedule count
+        (:meth:`Fleet.reschedule_countdown`), capped by
+        ``fleet_max_countdown`` so long waits (per-day budgets) become several short sleeps
+        rather than one ETA beyond the broker's visibility timeout, and by the task's
+        remaining patience. The copy carries the ``fleet`` header (age in line, reschedule
+        count, time throttled); the result backend says ``THROTTLED`` until it runs. Then
+        raises :class:`celery.exceptions.Ignore`: this message is done (acked), and no
+        RETRY state or traceback is stored for what is not a failure.
+
+        Past ``max_reschedules`` / ``max_throttled`` raises
+        :class:`~celery_fleet.errors.ThrottledTooLong` (the task fails). Called directly,
+        or with ``on_limit="fail"``, re-raises ``exc``. In eager mode it sleeps and
+        returns, and the caller tries again.
+        """
+        request = self.request
+        if (
+            self.fleet_on_limit == "fail"
+            or self.request_stack.top is None
+            or request.called_directly
+        ):
+            task_throttled.send(sender=self, request=request, exc=exc, action="fail")
+            raise exc
+        action = "wait" if request.is_eager else "reschedule"
+        task_throttled.send(sender=self, request=request, exc=exc, action=action)
+        fleet = self.fleet
+        past = self.throttling
+        throttled_s = past.throttled_s + run.waited_s
+        run.waited_s = 0.0
+        self._check_patience(exc, past.reschedules, throttled_s)
+        countdown = fleet.reschedule_countdown(
+            exc.wait_ms / 1000.0,
+            past.reschedules,
+            past.countdown_s,
+            guess=exc.reason in GUESSED_WAITS,
+        )
+        if self.fleet_max_throttled is not None:
+            countdown = max(0.05, min(countdown, self.fleet_max_throttled - throttled_s))
+        state = Throttling(
+            since_ms=run.since_ms,
+            reschedules=past.reschedules + 1,
+            throttled_s=round(throttled_s + countdown, 3),
+            limit=exc.limit,
+            reason=exc.reason,
+            wait_ms=exc.wait_ms,
+            countdown_s=round(countdown, 3),
+        )
+        if request.is_eager:
+            fleet.clock.sleep(countdown)
+            request.fleet = state.as_header()  # the next attempt sees it
+            return
+        self._reschedule(exc, state, countdown)
+
+    def _check_patience(self, exc: Backpressure, reschedules: int, throttled_s: float) -> None:
+        over_count = (
+            self.fleet_max_reschedules is not None and reschedules >= self.fleet_max_reschedules
+        )
+        over_time = self.fleet_max_throttled is not None and throttled_s >= self.fleet_max_throttled
+        if over_count or over_time:
+            raise ThrottledTooLong(
+                exc.limit, exc.wait_ms, exc.reason, reschedules, round(throttled_s, 3)
+            ) from exc
+
+    def _reschedule(self, exc: Backpressure, state: Throttling, countdown: float) -> None:
+        """Store THROTTLED, publish the copy, tell listeners, and end this message."""
+        request = self.request
+        header = state.as_header()
+        meta = {
+            **header,
+            "countdown_s": round(countdown, 3),
+            "resumes_at": round(time.time() + countdown, 3),
+            "exc": str(exc),
+        }
+        if not self.ignore_result:
+            # Before the copy exists, so it can never overwrite the copy's own state.
+            self.update_state(state=THROTTLED, meta=meta)
+        headers = {**(request.headers or {}), HEADER: header}
+        attempt = idempotency.current_attempt.get()
+        if attempt is not None:
+            attempt.finish("queued")  # before the copy exists: it must be able to claim
+            headers[idempotency.KEY_HEADER] = attempt.key
+        sig = self.signature_from_request(
+            request, countdown=countdown, retries=request.retries, headers=headers
+        )
+        sig.apply_async()
+        log.info(
+            "celery-fleet: rescheduled task=%s id=%s limit=%s reason=%s wait_ms=%d "
+            "countdown_s=%.2f reschedules=%d",
+            self.name,
+            request.id,
+            exc.limit,
+            exc.reason,
+            exc.wait_ms,
+            countdown,
+            state.reschedules,
+        )
+        task_rescheduled.send(
+            sender=self,
+            request=request,
+            exc=exc,
+            countdown=countdown,
+            reschedules=state.reschedules,
+        )
+        try:  # what Flower shows for it: a short reason, no traceback
+            self.send_event(
+                "task-retried", retry=False, exception=f"THROTTLED: {exc}", traceback=""
+            )
+        except Exception:  # monitoring must never lose the task
+            pass
+        raise Ignore(f"celery-fleet: rescheduled in {countdown:.2f} s ({exc})")
