@@ -291,3 +291,36 @@ def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:
     fleet = mine[0]["fleet"]
     assert fleet["model"]["cap"] == 3 and fleet["broken"]["breaker"] == "closed"
     assert fleet["slow"]["windows"][0]["window"] == "5 requests/1s"
+
+
+def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
+    """A real Flower process: its worker API and page ("Other") carry each limit's state."""
+    import json as _json
+    import urllib.request
+
+    port = free_port()
+    # Flower 2 serves its API without authentication only when told to
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.fleet_app", "flower",
+         f"--port={port}", "--address=127.0.0.1", "--inspect_timeout=5000"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline, workers = time.time() + 60, {}
+        while time.time() < deadline and not any(k.startswith("it-") for k in workers):
+            try:
+                url = f"http://127.0.0.1:{port}/api/workers?refresh=1"
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    workers = _json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)  # Flower is still starting
+        name = next(k for k in workers if k.startswith("it-"))
+        assert workers[name]["stats"]["fleet"]["model"]["cap"] == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{name}", timeout=30) as r:
+            page = r.read().decode()
+        other = page[page.index('id="tab-other"'):]
+        assert "Other statistics" in other and "fleet" in other and "model" in other
+    finally:
+        flower.terminate()  # by its pid: the one we started
+        flower.wait(timeout=30)
