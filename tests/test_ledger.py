@@ -266,3 +266,49 @@ def test_a_worker_started_with_events_makes_keyed_attempts_send_them() -> None:
         assert idempotency._worker_events[0] is False
     finally:
         idempotency._worker_events[0] = False
+
+
+def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:
+    """Random interleavings of enqueue / claim / renew / finish / lapse by 4 owners on one
+    key, checked against a model: one running owner at most, every write fenced, attempts
+    counting the claims that ran, and a succeeded key never runs again."""
+    rng = random.Random(17)
+    for _ in range(25):
+        run = run_id_for(uuid.uuid4().hex)
+        owners = ["a", "b", "c", "d"]
+        model: dict[str, Any] = {"state": None, "owner": None, "attempts": 0}
+        for _ in range(40):
+            op = rng.choice(["enqueue", "claim", "claim", "finish", "renew"])
+            who = rng.choice(owners)
+            if op == "enqueue":
+                new = ledger.enqueue(run, "k", "t")
+                released = model["state"] == "released"
+                assert new == (model["state"] is None or released), model
+                if new:
+                    model["state"] = "queued"
+            elif op == "claim":
+                c = ledger.claim(run, "k", "t", who, 30, singleton=False)
+                if model["state"] == "succeeded":
+                    assert c.verdict == "done"
+                elif model["state"] == "failed":
+                    assert c.verdict == "failed"
+                elif model["state"] == "running" and model["owner"] != who:
+                    assert c.verdict == "busy"
+                else:
+                    assert c.verdict == "run" and c.attempts == model["attempts"] + 1
+                    model.update(state="running", owner=who, attempts=c.attempts)
+            elif op == "renew":
+                ok = ledger.renew([(run, who)], 30) == [True]
+                assert ok == (model["state"] == "running" and model["owner"] == who)
+            else:
+                outcome = rng.choice(["succeeded", "failed", "released", "queued"])
+                ok = ledger.finish(run, who, outcome, "1")
+                assert ok == (model["state"] == "running" and model["owner"] == who), model
+                if ok:
+                    model.update(state=outcome, owner=None)
+            record = ledger.record(run)
+            if model["state"] is not None:
+                stored = {"released": "failed"}.get(model["state"], model["state"])
+                assert record["state"] == stored and int(record.get("attempts", 0)) == model[
+                    "attempts"
+                ], (record, model)
