@@ -32,6 +32,8 @@ from .backoff import decorrelated_jitter, full_jitter, spread
 from .breaker import Breaker
 from .checks import check_max_wait, number
 from .config import LimitConfig
+from .counters import Counters
+from .counters import watcher as counters_watcher
 from .errors import ConfigError
 from .ledger import ClaimKeeper, Ledger, run_id_for
 from .run import Run, current_run
@@ -98,6 +100,9 @@ class Fleet:
         self.store = RedisStore(self.redis_url, **options)
         self.admission = Admission(self.store, self.limits, self.namespace)
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
+        #: Event counts for metrics, flushed to Redis in the background (counters.py).
+        self.counters = Counters(self.store, self.namespace)
+        self.admission.watchers.append(counters_watcher(self.counters))
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
         if app is not None:

@@ -39,6 +39,7 @@ from typing import Any
 
 from celery import signals
 
+from .counters import KEYS_LIMIT
 from .errors import Backpressure, ConfigError
 from .ledger import check_key, run_id_for
 
@@ -236,6 +237,7 @@ def prepare_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) 
     options["task_id"] = run_id
     if not task.fleet.ledger.enqueue(run_id, key, task.name):
         log.info("celery-fleet: key %r is already queued, running or done: not published", key)
+        task.fleet.counters.add(KEYS_LIMIT, "dedupe|publish")
         return task.AsyncResult(run_id)
     return None
 
@@ -268,6 +270,7 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
     )
     if claim.verdict == "done":
         log.info("celery-fleet: key %r already succeeded: returning its stored result", key)
+        fleet.counters.add(KEYS_LIMIT, "dedupe|replay")
         return Replay(claim.result)
     if claim.verdict == "failed":
         from celery.exceptions import Ignore

@@ -18,6 +18,12 @@ Gauges (label ``limit``; windows also ``window``):
   half_open), ``fleet_breaker_forced`` (1 when an operator forced it);
 - ``fleet_waiting``: callers in line.
 
+Counters (:mod:`celery_fleet.counters`: counted in each process, added to Redis every 2 s):
+``fleet_admitted_total``, ``fleet_refused_total`` (``reason``),
+``fleet_provider_pushback_total`` (``status``), ``fleet_reschedules_total`` (``reason``),
+the histogram ``fleet_wait_seconds`` (admitted slots' time in line) and
+``fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
+
 Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
 :class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
 ``app.steps["worker"].add(MetricsStep)``) starts an HTTP server in the worker's main
@@ -34,6 +40,7 @@ from typing import Any
 from celery import bootsteps
 
 from . import checks
+from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
 from .errors import ConfigError, FleetError
 from .fleet import Fleet
 from .status import fleet_status
@@ -124,6 +131,47 @@ class FleetCollector:
                 g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
             g["waiting"].add_metric(lim, s.waiting)
         yield from g.values()
+        try:
+            yield from self._counters([s.limit for s in rows])
+        except FleetError as exc:
+            log.warning("celery-fleet: metrics scrape could not read the counters: %s", exc)
+
+    def _counters(self, limits: list[str]) -> Iterator[Any]:
+        """The fleet's event counters and wait histogram, from Redis (counters.py)."""
+        from prometheus_client.core import CounterMetricFamily as C
+        from prometheus_client.core import HistogramMetricFamily as H
+
+        c = {
+            "admitted": C("fleet_admitted", "Slots admitted", labels=["limit"]),
+            "refused": C("fleet_refused", "Slots that gave up", labels=["limit", "reason"]),
+            "pushback": C("fleet_provider_pushback", "Provider 429s/overloads on admitted calls",
+                          labels=["limit", "status"]),  # fmt: skip
+            "rescheduled": C("fleet_reschedules", "Task reschedules by backpressure",
+                             labels=["limit", "reason"]),  # fmt: skip
+        }
+        waits = H("fleet_wait_seconds", "Time admitted slots waited in line", labels=["limit"])
+        dedupe = C("fleet_dedupe_hits", "Duplicate publishes dropped, done keys replayed",
+                   labels=["kind"])  # fmt: skip
+        fleet = self.fleet
+        for limit in limits:
+            got = read_counters(fleet.store, fleet.namespace, limit)
+            for field, value in got.items():
+                name, _, label = field.partition("|")
+                if name == "admitted":
+                    c[name].add_metric([limit], value)
+                elif name in c:
+                    c[name].add_metric([limit, label], value)
+            if "admitted|" in got:
+                buckets, total = [], 0.0
+                for bound in (*(f"{b:g}" for b in WAIT_BUCKETS_S), "+Inf"):
+                    total += got.get(f"wait_in|{bound}", 0.0)
+                    buckets.append((bound, total))
+                waits.add_metric([limit], buckets, sum_value=got.get("wait_sum|", 0.0))
+        for field, value in read_counters(fleet.store, fleet.namespace, KEYS_LIMIT).items():
+            dedupe.add_metric([field.partition("|")[2]], value)
+        yield from c.values()
+        yield waits
+        yield dedupe
 
 
 def fleet_registry(fleet: Any) -> Any:

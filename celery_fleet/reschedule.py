@@ -143,6 +143,7 @@ class Rescheduling:
             request, countdown=countdown, retries=request.retries, headers=headers
         )
         sig.apply_async()
+        self.fleet.counters.add(exc.limit, f"rescheduled|{exc.reason}")
         log.info(
             "celery-fleet: rescheduled task=%s id=%s limit=%s reason=%s wait_ms=%d "
             "countdown_s=%.2f reschedules=%d",

@@ -26,6 +26,7 @@ ORDER = [
     "breaker",
     "run",
     "steps",
+    "counters",
     "ledger",
     "keeper",
     "slot",

@@ -9,7 +9,7 @@ import pytest
 from celery import Celery
 from prometheus_client import generate_latest
 
-from celery_fleet import ConfigError, Fleet
+from celery_fleet import ConfigError, Fleet, Throttled
 from celery_fleet.metrics import MetricsStep, fleet_registry
 
 MakeFleet = Callable[..., Fleet]
@@ -90,3 +90,39 @@ def test_a_port_in_use_does_not_stop_the_worker(caplog: pytest.LogCaptureFixture
         assert step.server is None and "cannot serve metrics" in caplog.text
     finally:
         taken.close()
+
+
+def test_counters_reach_redis_in_batches_and_the_scrape(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 1}})
+    for _ in range(5):
+        with fleet.slot("llm"):
+            pass
+    with fleet.slot("llm"):
+        with pytest.raises(Throttled):
+            with fleet.slot("llm", max_wait=0):
+                pass
+    assert fleet.counters.flush() > 0  # (or the background thread, within 2 s)
+    got = scrape(fleet)
+    assert got['fleet_admitted_total{limit="llm"}'] == 6
+    assert got['fleet_refused_total{limit="llm",reason="in_flight"}'] == 1
+    assert got['fleet_wait_seconds_count{limit="llm"}'] == 6
+    assert got['fleet_wait_seconds_bucket{le="+Inf",limit="llm"}'] == 6
+    bounds = ["0.01", "0.1", "0.5", "1", "5", "30", "120", "+Inf"]
+    cumulative = [got[f'fleet_wait_seconds_bucket{{le="{b}",limit="llm"}}'] for b in bounds]
+    assert cumulative == sorted(cumulative) and cumulative[2] >= 5  # uncontended: < 0.5 s
+    assert 0 <= got['fleet_wait_seconds_sum{limit="llm"}'] < 6
+    # a second process's counts add up (every process flushes its own deltas)
+    other = make_fleet({"llm": {"max_in_flight": 1}})
+    with other.slot("llm"):
+        pass
+    other.counters.flush()
+    assert scrape(fleet)['fleet_admitted_total{limit="llm"}'] == 7
+
+
+def test_counts_survive_a_failed_flush(make_fleet: MakeFleet) -> None:
+    from celery_fleet.counters import Counters
+
+    down = Counters(Fleet(redis_url="redis://127.0.0.1:1/0", limits={}).store, "x")
+    down.add("llm", "admitted|", 3)
+    down.flush()  # Redis away: kept for the next flush
+    assert down._counts == {("llm", "admitted|"): 3}

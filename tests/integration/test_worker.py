@@ -279,6 +279,20 @@ def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
     assert 'fleet_in_flight{limit="gate2"} 1.0' in lines  # the fleet-wide state, not local
     assert 'fleet_in_flight_cap{limit="model"} 3.0' in lines
     assert 'fleet_breaker_state{limit="broken",state="closed"} 1.0' in lines
+    # counters: the pool's children count, flush to Redis every 2 s; the scrape sums them
+    def admitted() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('fleet_admitted_total{limit="model"}'):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    start = admitted()
+    assert [r.get(timeout=60) for r in [worker.guarded.delay(0.01) for _ in range(6)]]
+    deadline = time.time() + 15
+    while admitted() < start + 6 and time.time() < deadline:
+        time.sleep(0.5)
+    assert admitted() >= start + 6
 
 
 def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:

@@ -1,0 +1,162 @@
+"""Fleet-wide event counters for metrics, counted in-process and flushed to Redis in batches.
+
+Admissions, refusals by reason, provider pushback, reschedules and idempotency hits are
+counted in a dict of this process (no Redis call on the hot path) and added to Redis by a
+daemon thread every :data:`FLUSH_S` seconds, with one ``HINCRBY`` per counter that moved,
+all in one pipeline, into a hash per limit, ``{<namespace>:<limit>}:counters`` (field
+``name|label``). Every process of the fleet adds its own deltas, so the hash holds the
+fleet's totals whichever worker Prometheus scrapes, under prefork too. A process killed
+with SIGKILL loses at most its last :data:`FLUSH_S` seconds of counts.
+
+Wait times of admitted slots are counted into fixed buckets (:data:`WAIT_BUCKETS_S`; each
+wait into the first bucket whose bound it does not exceed, made cumulative at scrape time),
+the form a Prometheus histogram needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from .errors import FleetError
+
+__all__ = ["Counters", "FLUSH_S", "KEYS_LIMIT", "WAIT_BUCKETS_S", "read_counters"]
+
+log = logging.getLogger("celery_fleet")
+
+#: Seconds between two flushes of a process's counts to Redis.
+FLUSH_S = 2.0
+#: Upper bounds (s) of the wait-time buckets of admitted slots (+Inf is implied).
+WAIT_BUCKETS_S = (0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
+#: The pseudo-limit idempotency counts are kept under (``dedupe|publish``, ``dedupe|replay``).
+KEYS_LIMIT = "_keys"
+#: The counter hashes expire this long after their last flush.
+TTL_MS = 7 * 86_400_000
+
+
+def counters_key(namespace: str, limit: str) -> str:
+    return f"{{{namespace}:{limit}}}:counters"
+
+
+class Counters:
+    """This process's counts not yet flushed (thread-safe), and the thread that flushes.
+
+    Cheap on the hot path: one lock and a few dict updates per event, no system call. A
+    forked child starts with no counts (its parent flushes its own) and its own thread.
+    """
+
+    def __init__(self, store: Any, namespace: str) -> None:
+        self.store = store
+        self.namespace = namespace
+        self._counts: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        _all.add(self)
+
+    def add(self, limit: str, field: str, n: float = 1) -> None:
+        """Count ``n`` more of ``field`` (``"admitted|"``, ``"refused|in_flight"``...)."""
+        with self._lock:
+            self._counts[limit, field] = self._counts.get((limit, field), 0) + n
+            if self._thread is None:
+                self._start()
+
+    def waited(self, limit: str, seconds: float) -> None:
+        """Count one admitted slot, its wait, and the wait's bucket (the first bound it is
+        under; the scrape makes them cumulative), under one lock."""
+        bucket = _BUCKET_FIELDS[bisect.bisect_left(WAIT_BUCKETS_S, seconds)]
+        counts = self._counts
+        with self._lock:
+            counts[limit, "admitted|"] = counts.get((limit, "admitted|"), 0) + 1
+            counts[limit, "wait_sum|"] = counts.get((limit, "wait_sum|"), 0) + seconds
+            counts[limit, bucket] = counts.get((limit, bucket), 0) + 1
+            if self._thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(
+            target=_flusher, args=(weakref.ref(self),), name="fleet-counters", daemon=True
+        )
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        self._counts, self._lock, self._thread = {}, threading.Lock(), None
+
+    def flush(self) -> int:
+        """Add the counts to Redis (one pipeline); returns how many fields moved."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+        if not counts:
+            return 0
+        try:
+            with self.store.client.pipeline(transaction=False) as pipe:
+                for (limit, field), n in counts.items():
+                    key = counters_key(self.namespace, limit)
+                    if float(n).is_integer():
+                        pipe.hincrby(key, field, int(n))
+                    else:
+                        pipe.hincrbyfloat(key, field, float(n))
+                    pipe.pexpire(key, TTL_MS)
+                pipe.execute()
+        except Exception as exc:  # Redis away: keep the counts for the next flush
+            with self._lock:
+                for k, n in counts.items():
+                    self._counts[k] = self._counts.get(k, 0) + n
+            log.debug("celery-fleet: could not flush counters: %s", exc)
+        return len(counts)
+
+
+#: The field of each wait bucket, and one past the last bound (+Inf).
+_BUCKET_FIELDS = (*(f"wait_in|{b:g}" for b in WAIT_BUCKETS_S), "wait_in|+Inf")
+_all: weakref.WeakSet[Counters] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for counters in list(_all):
+        counters._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _flusher(ref: weakref.ref[Counters]) -> None:
+    wait = threading.Event()
+    while True:
+        wait.wait(FLUSH_S)
+        counters = ref()
+        if counters is None:
+            return
+        counters.flush()
+        del counters
+
+
+def read_counters(store: Any, namespace: str, limit: str) -> dict[str, float]:
+    """The fleet's totals of ``limit`` (``{"admitted|": 12, "refused|in_flight": 3...}``)."""
+    try:
+        raw = store.call("HGETALL", counters_key(namespace, limit)) or {}
+    except FleetError:
+        raise
+    out = {}
+    for k, v in raw.items():
+        key = k.decode() if isinstance(k, bytes) else str(k)
+        out[key] = float(v)
+    return out
+
+
+def watcher(counters: Counters) -> Any:
+    """A slot watcher (``Admission.watchers``) that counts admissions with their waits,
+    refusals by reason and provider pushback by status."""
+
+    def count(event: str, limit: str, fields: dict[str, Any]) -> None:
+        if event == "admitted":
+            counters.waited(limit, float(fields.get("waited_s") or 0.0))
+        elif event == "refused":
+            counters.add(limit, f"refused|{fields.get('reason', '')}")
+        elif event == "pushback":
+            counters.add(limit, f"pushback|{fields.get('status', '')}")
+
+    return count
