@@ -95,5 +95,12 @@ OVERHEAD_ARGS ?=
 bench-overhead: $(STAMP)
 	$(PY) benchmarks/overhead.py --private-redis $(OVERHEAD_ARGS)
 
+## What an idempotency key and the metrics watchers cost (private Redis): appends to RESULTS.md.
+.PHONY: bench-idempotency bench-metrics
+bench-idempotency: $(STAMP)
+	$(PY) benchmarks/idempotency.py
+bench-metrics: $(STAMP)
+	$(PY) benchmarks/metrics_overhead.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png
