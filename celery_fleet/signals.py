@@ -67,6 +67,17 @@ log = logging.getLogger("celery_fleet")
 _on_process_init: list[Callable[[], None]] = []
 
 
+#: The worker's node name (``-n``), noted in its main process at start-up and inherited by
+#: its pool's children, so events they send name the worker, not ``gen<pid>@host``.
+_node: list[str | None] = [None]
+
+
+@signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _note_node(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None)
+    _node[0] = hostname if isinstance(hostname, str) else None
+
+
 def install(on_process_init: Callable[[], None]) -> None:
     """Call ``on_process_init()`` in every new worker child (idempotent per callback)."""
     if not _on_process_init:
@@ -94,7 +105,8 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
         log.warning("celery-fleet: breaker limit=%s state=%s", limit, state)
         breaker_state_changed.send(sender=app, limit=limit, state=state)
         try:
-            with app.events.default_dispatcher() as dispatcher:
+            # Under the worker's node name (a pool child would say gen<pid>@host).
+            with app.events.default_dispatcher(hostname=_node[0]) as dispatcher:
                 dispatcher.send("fleet-breaker", limit=limit, state=state)
         except Exception:
             log.warning("celery-fleet: could not send the fleet-breaker event", exc_info=True)

@@ -109,3 +109,32 @@ def test_a_throttled_task_says_what_it_does(
     line = [r.getMessage() for r in caplog.records if "rescheduled task=" in r.getMessage()]
     assert len(line) == 1 and "id=t-9 limit=llm reason=in_flight wait_ms=1500" in line[0]
     assert "reschedules=1" in line[0]
+
+
+def test_fleet_breaker_events_carry_the_worker_s_node_name(app: Celery) -> None:
+    from contextlib import contextmanager
+
+    from celery import signals as celery_signals
+
+    from celery_fleet import signals as fleet_signals
+
+    sent: list[tuple[str | None, str, dict[str, Any]]] = []
+
+    @contextmanager
+    def dispatcher(hostname: str | None = None, **_: Any) -> Iterator[Any]:
+        class D:
+            def send(self, type_: str, **fields: Any) -> None:
+                sent.append((hostname, type_, fields))
+
+        yield D()
+
+    class Worker:  # what worker_init sends: the WorkController, named by -n
+        hostname = "agents-1@vm"
+
+    app.events.default_dispatcher = dispatcher  # type: ignore[method-assign]
+    try:
+        celery_signals.worker_init.send(sender=Worker())
+        fleet_signals.breaker_announcer(app)("b", "open")
+    finally:
+        fleet_signals._node[0] = None
+    assert sent == [("agents-1@vm", "fleet-breaker", {"limit": "b", "state": "open"})]
