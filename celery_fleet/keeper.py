@@ -98,6 +98,11 @@ class LeaseKeeper:
         with self._lock:
             self._slots.discard(slot)
 
+    def held(self) -> list[HeldLease]:
+        """The slots this process holds now (none after a fork: the parent's are not ours)."""
+        with self._lock:
+            return list(self._slots) if self._pid == os.getpid() else []
+
     def _run(self) -> None:
         idle_since: float | None = None
         while True:

@@ -239,3 +239,41 @@ def install(app: Any) -> None:
     FleetTask meets the app, before a worker builds its blueprint."""
     app.steps["worker"].add(InfoStep)
     app.steps["worker"].add(MetricsStep)
+
+
+def held_slots(fleet: Any) -> list[dict[str, Any]]:
+    """The slots this process holds: limit, lease, tokens, seconds since the last renewal."""
+    now = fleet.clock.monotonic()
+    return [
+        {"limit": s.limit, "lease": s.lease_id, "tokens": getattr(s, "tokens", 0),
+         "renewed_s_ago": round(now - s.last_renewed, 3)}
+        for s in fleet.keeper.held()
+        if s.lease_id
+    ]  # fmt: skip
+
+
+def _inspect_fleet(state: Any) -> dict[str, Any]:
+    """``celery inspect fleet``: the slots the answering process holds, and each limit."""
+    app = state.consumer.app
+    fleet = Fleet.for_app(app)
+    pool = type(state.consumer.pool).__module__.rsplit(".", 1)[-1]  # prefork, thread...
+    try:
+        limits = {s.limit: s.as_dict() for s in fleet_status(fleet)}
+    except FleetError as exc:
+        limits = {"error": str(exc)}  # type: ignore[dict-item]
+    return {
+        "pool": pool,
+        "held": held_slots(fleet),
+        # prefork: slots are held in the pool's children, which control commands never reach
+        "held_in_children": pool == "prefork",
+        "limits": limits,
+    }
+
+
+def _register_inspect() -> None:
+    from celery.worker.control import inspect_command
+
+    inspect_command(name="fleet")(_inspect_fleet)
+
+
+_register_inspect()

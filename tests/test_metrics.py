@@ -126,3 +126,14 @@ def test_counts_survive_a_failed_flush(make_fleet: MakeFleet) -> None:
     down.add("llm", "admitted|", 3)
     down.flush()  # Redis away: kept for the next flush
     assert down._counts == {("llm", "admitted|"): 3}
+
+
+def test_held_slots_are_this_process_s(make_fleet: MakeFleet) -> None:
+    from celery_fleet.metrics import held_slots
+
+    fleet = make_fleet({"llm": {"max_in_flight": 3, "tpm": 10_000}})
+    assert held_slots(fleet) == []
+    with fleet.slot("llm", tokens=7) as slot:
+        held = held_slots(fleet)
+        assert [(h["limit"], h["lease"], h["tokens"]) for h in held] == [("llm", slot.lease_id, 7)]
+    assert held_slots(fleet) == []

@@ -338,3 +338,21 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
     finally:
         flower.terminate()  # by its pid: the one we started
         flower.wait(timeout=30)
+
+
+def test_celery_inspect_fleet_answers_from_each_worker(worker: Any) -> None:
+    deadline, replies = time.time() + 60, {}
+    while not replies and time.time() < deadline:
+        replies = worker.app.control.inspect(timeout=2)._request("fleet") or {}
+    mine = [r for host, r in replies.items() if host.startswith("it-")]
+    assert mine and mine[0]["pool"] == "prefork" and mine[0]["held_in_children"] is True
+    assert mine[0]["held"] == [] and mine[0]["limits"]["model"]["cap"] == 3
+    # and as an operator types it: Celery's own `inspect`, our command among its choices
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.fleet_app", "inspect",
+         "fleet", "--json", "--timeout", "10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert '"held_in_children": true' in done.stdout and '"model"' in done.stdout
