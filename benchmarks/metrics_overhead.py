@@ -24,23 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
-import redis.connection  # noqa: E402
 from celery import Celery  # noqa: E402
+from wire_count import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
 
 from celery_fleet import Fleet  # noqa: E402
 from celery_fleet.signals import slot_admitted  # noqa: E402
 from celery_fleet.testing.redis_server import RedisServer, find_binary  # noqa: E402
 
-_writes = [0]
-_send = redis.connection.AbstractConnection.send_packed_command
-
-
-def _counting(self: Any, command: Any, check_health: bool = True) -> None:
-    _writes[0] += 1
-    _send(self, command, check_health)
-
-
-redis.connection.AbstractConnection.send_packed_command = _counting  # type: ignore[method-assign]
 LIMITS = {"llm": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}}
 
 
