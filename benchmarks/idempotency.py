@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
-from wire_count import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
+from private_run import report as _report  # noqa: E402
+from private_run import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
 
 from celery_fleet import Fleet, fleet_task  # noqa: E402
 from celery_fleet.testing.redis_server import RedisServer, find_binary  # noqa: E402
@@ -135,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         got = measure(build(server.url), opts.ops, opts.rounds)
         hiredis = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure-Python"
         body = report(got, opts.ops, opts.rounds, hiredis)
-        print(body)
-        if not opts.no_write:
-            from admission import append_section  # benchmarks/ is on sys.path as a script
-
-            append_section(redis.Redis.from_url(server.url), body, title="Idempotency overhead")
+        _report(body, server.url, "Idempotency overhead", write=not opts.no_write)
     return 0
 
 

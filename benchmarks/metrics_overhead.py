@@ -23,9 +23,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
 from celery import Celery  # noqa: E402
-from wire_count import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
+from private_run import report as _report  # noqa: E402
+from private_run import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
 
 from celery_fleet import Fleet  # noqa: E402
 from celery_fleet.signals import slot_admitted  # noqa: E402
@@ -93,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in rates.items()
             )
         )
-        print(body)
-        if not opts.no_write:
-            from admission import append_section  # benchmarks/ is on sys.path as a script
-
-            append_section(redis.Redis.from_url(server.url), body, title="Metrics overhead")
+        _report(body, server.url, "Metrics overhead", write=not opts.no_write)
     return 0
 
 

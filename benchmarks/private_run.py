@@ -1,17 +1,18 @@
-"""Round trips of this process, counted as writes on redis-py connections.
+"""Shared by the one-process benchmarks on a private redis-server (``idempotency.py``,
+``metrics_overhead.py``): a round-trip counter and the report.
 
 Importing it wraps ``AbstractConnection.send_packed_command`` once; :data:`writes` counts
-every write since (a pipeline is one write, like a round trip). Used by
-``idempotency.py`` and ``metrics_overhead.py``.
+every write since (a pipeline is one write, like a round trip).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import redis
 import redis.connection
 
-__all__ = ["writes"]
+__all__ = ["writes", "report"]
 
 #: Writes so far (a one-element list, so importers see it move).
 writes = [0]
@@ -25,3 +26,12 @@ def _counting(self: Any, command: Any, check_health: bool = True) -> None:
 
 if getattr(_send, "__name__", "") != "_counting":
     redis.connection.AbstractConnection.send_packed_command = _counting  # type: ignore[method-assign]
+
+
+def report(body: str, url: str, title: str, write: bool) -> None:
+    """Print ``body``; unless ``write`` is false, append it to RESULTS.md as ``title``."""
+    print(body)
+    if write:
+        from admission import append_section  # benchmarks/ is on sys.path as a script
+
+        append_section(redis.Redis.from_url(url), body, title=title)
