@@ -18,6 +18,8 @@ import os
 
 from celery.schedules import crontab
 
+from celery_fleet import jittered
+
 _redis = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 _redis = _redis.rsplit("/", 1)[0] if _redis.count("/") > 2 else _redis
 _url = f"{_redis}/{os.environ.get('EXAMPLE_DB', '11')}"
@@ -82,10 +84,12 @@ fleet_limits = {
 }
 
 # -- beat ----------------------------------------------------------------------------------
+# Jittered: every night at 02:00 plus a fixed offset in [0, 10 min) for this entry (the same
+# after a beat restart), so entries added on the same crontab do not fire together.
 beat_schedule = {
     "nightly-research-batch": {
         "task": "example_project.tasks.nightly_batch",
-        "schedule": crontab(hour=2, minute=0),
+        "schedule": jittered(crontab(hour=2, minute=0), max_delay=600),
         "kwargs": {"topics": ["rate limiting", "circuit breakers", "token buckets"]},
     },
 }

@@ -57,5 +57,6 @@ def _search(query: str) -> list[str]:
 
 @fleet_task(app=app)
 def nightly_batch(topics: list[str]) -> list[str]:
-    """Fan the nightly batch out: one research agent per topic (beat runs this at 02:00)."""
-    return [research_agent.delay(topic).id for topic in topics]
+    """Fan the nightly batch out: one research agent per topic (beat runs this at 02:00),
+    spread over a minute so the agents do not start in the same millisecond."""
+    return [r.id for r in research_agent.fan_out(topics, over=60.0).results]

@@ -141,6 +141,16 @@ def test_the_example_project_chooses_at_least_once_with_a_consistent_timeout() -
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     visibility = conf.broker_transport_options["visibility_timeout"]
     assert conf.fleet_max_countdown < visibility
+    # its 02:00 entry is jittered (forward, under 10 min) and fans out over a minute
+    from celery_fleet import Jittered
+
+    nightly = conf.beat_schedule["nightly-research-batch"]["schedule"]
+    assert isinstance(nightly, Jittered) and 0 < nightly.max_delay < visibility
+    import inspect
+
+    from example_project import tasks
+
+    assert "fan_out(topics, over=60.0)" in inspect.getsource(tasks.nightly_batch)
 
 
 def test_a_staggered_fan_out_runs_each_task_at_its_countdown(worker: Any) -> None:
