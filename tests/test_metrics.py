@@ -137,3 +137,34 @@ def test_held_slots_are_this_process_s(make_fleet: MakeFleet) -> None:
         held = held_slots(fleet)
         assert [(h["limit"], h["lease"], h["tokens"]) for h in held] == [("llm", slot.lease_id, 7)]
     assert held_slots(fleet) == []
+
+
+def test_the_grafana_dashboard_queries_only_metrics_a_scrape_exposes(
+    make_fleet: MakeFleet,
+) -> None:
+    """docs/grafana-dashboard.json: every fleet_* series it names is in a real scrape (a
+    renamed metric would leave a panel silently empty)."""
+    import json
+    import re
+    from pathlib import Path
+
+    fleet = make_fleet({
+        "llm": {"rpm": 600, "max_in_flight": 2, "adaptive": True, "breaker": True},
+    })  # fmt: skip
+    with fleet.slot("llm"):
+        with pytest.raises(Throttled):
+            with fleet.slot("llm", max_wait=0):
+                pass
+    fleet.counters.add("llm", "pushback|429")
+    fleet.counters.add("llm", "rescheduled|in_flight")
+    fleet.counters.add("_keys", "dedupe|publish")
+    fleet.counters.flush()
+    with fleet.slot("llm"):  # a lease held: fleet_oldest_lease_seconds has a value
+        exposed = {re.sub(r"\{.*", "", name) for name in scrape(fleet)}
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for e in exprs for m in re.findall(r"\bfleet_[a-z_]+", e)}
+    assert len(dashboard["panels"]) >= 10 and named
+    assert named <= exposed, sorted(named - exposed)
