@@ -42,6 +42,7 @@ from celery import signals
 from .counters import KEYS_LIMIT
 from .errors import Backpressure, ConfigError
 from .ledger import check_key, run_id_for
+from .signals import sends_task_events
 
 __all__ = ["KEY_HEADER", "PARENT_HEADER", "KeyBusy", "KeyLogFilter", "current_key", "key_of"]
 
@@ -175,16 +176,6 @@ def new_owner(task_id: str | None) -> str:
     return f"{task_id or '-'}/{uuid.uuid4().hex[:12]}"
 
 
-#: Whether this worker sends task events (``-E``): set in the main process at start-up,
-#: inherited by its pool's children.
-_worker_events = [False]
-
-
-@signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
-def _note_worker_events(sender: Any = None, **_: Any) -> None:
-    _worker_events[0] = bool(getattr(sender, "task_events", False))
-
-
 @signals.before_task_publish.connect(weak=False)  # type: ignore[untyped-decorator]
 def _key_to_children(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """A task published from a keyed body carries its parent's key."""
@@ -284,7 +275,7 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
     # Monitors (Flower's task page) see the key and the attempt on the task, when the
     # worker sends task events at all: Task.send_event publishes whatever the settings say,
     # a broker round trip (~0.6 ms here, benchmarks/idempotency.py) no one would read.
-    if _worker_events[0] or task.app.conf.worker_send_task_events:
+    if sends_task_events(task.app):
         try:
             task.send_event(
                 "task-keyed", key=key, attempt=claim.attempts, taken_over=claim.taken_over

@@ -17,7 +17,7 @@ from celery.exceptions import Ignore
 from . import idempotency
 from .errors import Backpressure, ThrottledTooLong
 from .run import Run, Throttling
-from .signals import task_rescheduled, task_throttled
+from .signals import sends_task_events, task_rescheduled, task_throttled
 
 __all__ = ["GUESSED_WAITS", "HEADER", "THROTTLED", "Rescheduling"]
 
@@ -48,6 +48,7 @@ class Rescheduling:
     update_state: Any
     signature_from_request: Any
     send_event: Any
+    _get_app: Any
 
     @property
     def throttling(self) -> Throttling:
@@ -162,10 +163,12 @@ class Rescheduling:
             countdown=countdown,
             reschedules=state.reschedules,
         )
-        try:  # what Flower shows for it: a short reason, no traceback
-            self.send_event(
-                "task-retried", retry=False, exception=f"THROTTLED: {exc}", traceback=""
-            )
-        except Exception:  # monitoring must never lose the task
-            pass
+        if sends_task_events(self._get_app()):
+            try:  # Flower: state THROTTLED (a custom event state), a short reason, no traceback
+                fields = state.as_header()  # limit, reason, wait_ms, reschedules, countdown_s...
+                self.send_event(
+                    "task-throttled", exception=f"THROTTLED: {exc}", traceback="", **fields
+                )
+            except Exception:  # monitoring must never lose the task
+                log.debug("celery-fleet: could not send the task-throttled event", exc_info=True)
         raise Ignore(f"celery-fleet: rescheduled in {countdown:.2f} s ({exc})")

@@ -9,7 +9,7 @@ three long ones in flight (3/3), then drives headless Chromium (selenium) to sav
 
 - ``docs/flower-worker-fleet.png``: the worker page, "Other" tab: the ``fleet`` row
   (each limit's state, from ``celery_fleet.metrics.InfoStep``);
-- ``docs/flower-task-throttled.png``: the throttled task's page (its ``task-retried``
+- ``docs/flower-task-throttled.png``: the throttled task's page (its ``task-throttled``
   event's "THROTTLED: ..." exception).
 
 Needs Chromium and chromedriver (Debian: ``apt-get install chromium chromium-driver``) and

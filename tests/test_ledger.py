@@ -253,7 +253,7 @@ def test_an_attempt_that_claims_its_key_tells_monitors(app: Celery) -> None:
 def test_a_worker_started_with_events_makes_keyed_attempts_send_them() -> None:
     from celery import signals
 
-    from celery_fleet import idempotency
+    from celery_fleet import signals as fleet_signals
 
     class Worker:  # what worker_init sends: the WorkController, with -E as task_events
         def __init__(self, task_events: bool) -> None:
@@ -261,11 +261,12 @@ def test_a_worker_started_with_events_makes_keyed_attempts_send_them() -> None:
 
     try:
         signals.worker_init.send(sender=Worker(True))
-        assert idempotency._worker_events[0] is True
+        assert fleet_signals._task_events[0] is True
         signals.worker_init.send(sender=Worker(False))
-        assert idempotency._worker_events[0] is False
+        assert fleet_signals._task_events[0] is False
     finally:
-        idempotency._worker_events[0] = False
+        fleet_signals._task_events[0] = False
+        fleet_signals._node[0] = None
 
 
 def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:

@@ -138,3 +138,39 @@ def test_fleet_breaker_events_carry_the_worker_s_node_name(app: Celery) -> None:
     finally:
         fleet_signals._node[0] = None
     assert sent == [("agents-1@vm", "fleet-breaker", {"limit": "b", "state": "open"})]
+
+
+def test_a_reschedule_shows_as_throttled_to_event_monitors(app: Celery) -> None:
+    """With task events on, a reschedule sends task-throttled: Celery's event state (what
+    Flower keeps) then says THROTTLED, with the reason and no traceback."""
+    import time
+
+    from celery.events.state import State
+
+    Fleet(app)
+    app.conf.worker_send_task_events = True
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    @fleet_task(app=app, shared=False)
+    def agent() -> None: ...
+
+    agent.send_event = lambda type_, **fields: events.append((type_, fields))  # type: ignore[method-assign]
+    agent.push_request(id="t-11", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("llm", 1500, "in_flight"), Run(since_ms=5))
+    finally:
+        agent.pop_request()
+    assert [t for t, _ in events] == ["task-throttled"]
+    fields = events[0][1]
+    assert fields["exception"].startswith("THROTTLED: ") and fields["traceback"] == ""
+    assert fields["limit"] == "llm" and fields["reason"] == "in_flight"
+    assert fields["reschedules"] == 1 and 1.5 <= fields["countdown_s"] <= 2.0
+    monitor, now = State(), time.time()
+    for type_, extra in (("task-received", {"name": "agent"}), ("task-started", {}),
+                         ("task-throttled", fields)):  # fmt: skip
+        monitor.event({"type": type_, "uuid": "t-11", "hostname": "w@h", "timestamp": now,
+                       "clock": 1, "local_received": now, **extra})  # fmt: skip
+    task = monitor.tasks["t-11"]
+    assert task.state == "THROTTLED" and task.exception.startswith("THROTTLED")
