@@ -26,6 +26,17 @@ def app(redis_url: str, namespace: str) -> Iterator[Celery]:
     yield celery
 
 
+def refuse(task: Any, task_id: str, exc: Exception, raises: type[BaseException]) -> None:
+    """Hand ``exc`` to ``task``'s backpressure path as a worker would (a request pushed)."""
+    task.push_request(id=task_id, args=[], kwargs={}, retries=0, delivery_info={},
+                      called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(raises):
+            task._on_backpressure(exc, Run(since_ms=5))
+    finally:
+        task.pop_request()
+
+
 @pytest.fixture
 def seen() -> Iterator[list[tuple[str, dict[str, Any]]]]:
     got: list[tuple[str, dict[str, Any]]] = []
@@ -88,20 +99,8 @@ def test_a_throttled_task_says_what_it_does(
     @fleet_task(app=app, shared=False, on_limit="fail")
     def strict() -> None: ...
 
-    agent.push_request(id="t-9", args=[], kwargs={}, retries=0, delivery_info={},
-                       called_directly=False)  # fmt: skip
-    try:
-        with pytest.raises(Ignore):
-            agent._on_backpressure(Throttled("llm", 1500, "in_flight"), Run(since_ms=1))
-    finally:
-        agent.pop_request()
-    strict.push_request(id="t-10", args=[], kwargs={}, retries=0, delivery_info={},
-                        called_directly=False)  # fmt: skip
-    try:
-        with pytest.raises(Throttled):
-            strict._on_backpressure(Throttled("llm", 10, "in_flight"), Run())
-    finally:
-        strict.pop_request()
+    refuse(agent, "t-9", Throttled("llm", 1500, "in_flight"), Ignore)
+    refuse(strict, "t-10", Throttled("llm", 10, "in_flight"), Throttled)
     assert [s for s in seen if s[0] == "throttled"] == [
         ("throttled", {"limit": "llm", "action": "reschedule"}),
         ("throttled", {"limit": "llm", "action": "fail"}),
@@ -155,13 +154,7 @@ def test_a_reschedule_shows_as_throttled_to_event_monitors(app: Celery) -> None:
     def agent() -> None: ...
 
     agent.send_event = lambda type_, **fields: events.append((type_, fields))  # type: ignore[method-assign]
-    agent.push_request(id="t-11", args=[], kwargs={}, retries=0, delivery_info={},
-                       called_directly=False)  # fmt: skip
-    try:
-        with pytest.raises(Ignore):
-            agent._on_backpressure(Throttled("llm", 1500, "in_flight"), Run(since_ms=5))
-    finally:
-        agent.pop_request()
+    refuse(agent, "t-11", Throttled("llm", 1500, "in_flight"), Ignore)
     assert [t for t, _ in events] == ["task-throttled"]
     fields = events[0][1]
     assert fields["exception"].startswith("THROTTLED: ") and fields["traceback"] == ""
