@@ -29,7 +29,6 @@ drops subclass attributes) cannot keep it: for them, put the jitter in the entry
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import numbers
 from typing import Any
 
@@ -42,7 +41,6 @@ from .errors import ConfigError
 
 __all__ = ["Jittered", "jittered", "bind_entry_names"]
 
-log = logging.getLogger("celery_fleet")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 

@@ -22,8 +22,6 @@ import threading
 import weakref
 from typing import Any
 
-from .errors import FleetError
-
 __all__ = ["Counters", "FLUSH_S", "KEYS_LIMIT", "WAIT_BUCKETS_S", "read_counters"]
 
 log = logging.getLogger("celery_fleet")
@@ -136,10 +134,7 @@ def _flusher(ref: weakref.ref[Counters]) -> None:
 
 def read_counters(store: Any, namespace: str, limit: str) -> dict[str, float]:
     """The fleet's totals of ``limit`` (``{"admitted|": 12, "refused|in_flight": 3...}``)."""
-    try:
-        raw = store.call("HGETALL", counters_key(namespace, limit)) or {}
-    except FleetError:
-        raise
+    raw = store.call("HGETALL", counters_key(namespace, limit)) or {}
     out = {}
     for k, v in raw.items():
         key = k.decode() if isinstance(k, bytes) else str(k)

@@ -166,7 +166,6 @@ class ClaimKeeper:
         self.lease_s = lease_s
         self._held: dict[tuple[str, str], None] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
 

@@ -305,3 +305,40 @@ def test_a_task_backs_off_by_its_reschedule_count(app: Celery, redis_url: str) -
     throttled = [reschedule(7, Throttled("llm", 1000, "requests/60s")) for _ in range(15)]
     assert all(1.0 - 0.05 <= d < 2.0 + 0.5 for d in throttled), throttled
     assert max(throttled) - min(throttled) > 0.3  # spread over the window, not one instant
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["fleet_dedupe_ttl", "fleet_claim_lease", "fleet_backoff_base", "fleet_backoff_max",
+     "fleet_step_jitter", "fleet_metrics_port"],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [10**15, 10**400, float("nan"), -1, "5"])
+def test_absurd_values_of_the_new_settings_fail_at_start_up(
+    app: Celery, setting: str, value: object
+) -> None:
+    bad = Celery("bad", broker=app.conf.broker_url, set_as_current=False)
+    bad.conf.update(app.conf.table(), **{setting: value})
+    with pytest.raises(ConfigError, match=setting):
+        Fleet(bad)
+
+
+def test_absurd_windows_and_jitters_are_refused_before_publishing(
+    app: Celery, redis_url: str
+) -> None:
+    from celery.schedules import crontab
+
+    from celery_fleet import jittered
+
+    @fleet_task(app=app, shared=False)
+    def agent(i: int) -> None: ...
+
+    for value in (10**15, 10**400):
+        with pytest.raises(ConfigError):
+            jittered(crontab(), value)
+        with pytest.raises(ConfigError):
+            agent.fan_out(range(3), over=value)
+        with pytest.raises(ConfigError):
+            agent.apply_async((1,), fleet_jitter=value)
+        with pytest.raises(ConfigError):
+            fleet_task(app=app, shared=False, jitter=value)(lambda: None)
+    assert _published(app, redis_url) == []
