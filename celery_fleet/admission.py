@@ -51,7 +51,8 @@ from .decision import (
     new_lease_id,
     release_args,
 )
-from .errors import ConfigError, LeaseLost
+from .errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
+from .fallback import StoreDown, is_local_lease
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 from .store import RedisStore
@@ -85,9 +86,15 @@ class Admission:
     """
 
     def __init__(
-        self, store: RedisStore, limits: Mapping[str, LimitConfig], namespace: str = "fleet"
+        self,
+        store: RedisStore,
+        limits: Mapping[str, LimitConfig],
+        namespace: str = "fleet",
+        store_down: StoreDown | None = None,
     ) -> None:
         self.store = store
+        #: What admission does while Redis is unreachable (None: raise StoreUnavailable).
+        self.store_down = store_down
         self.namespace = check_name(namespace, "fleet_namespace")
         self.limits = dict(limits)
         self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
@@ -175,14 +182,63 @@ class Admission:
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
     ) -> Decision:
-        (reply,) = self.store.send(self.acquire_command(cfg.name, tokens, lease_id, since_ms, join))
+        down = self.store_down
+        if down is not None and down.skip_store():
+            return down.admit(cfg, tokens, lease_id)
+        try:
+            try:
+                (reply,) = self.store.send(
+                    self.acquire_command(cfg.name, tokens, lease_id, since_ms, join)
+                )
+            except StoreUnavailable as exc:
+                if not exc.dropped:
+                    raise
+                # The first ask may have admitted before the connection dropped: the
+                # resend answers with that lease instead of charging again.
+                (reply,) = self.store.send(
+                    self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, retry=True)
+                )
+        except StoreUnavailable as exc:
+            if down is None:
+                raise
+            down.failed(exc)
+            return down.admit(cfg, tokens, lease_id)
+        if down is not None and down.down_since is not None and down.answered():
+            self.empty_missing_windows()
         return self.decision(cfg.name, tokens, reply)
 
+    def empty_missing_windows(self) -> int:
+        """Start every window Redis no longer has (it restarted empty during an outage) as
+        an empty bucket rather than a full one; returns how many were missing. Errors are
+        logged: the next outage's end tries again."""
+        missing = 0
+        for name, cfg in self.limits.items():
+            args = [x for w in cfg.windows for x in (w.field, repr(w.tolerance_ms))]
+            try:
+                missing += int(
+                    self.store.run("empty_missing", keys=[self._keys[name].ctl], args=args)
+                )
+            except FleetError as exc:
+                log.warning("celery-fleet: could not check the windows of %r: %s", name, exc)
+        if missing:
+            log.warning(
+                "celery-fleet: Redis had lost %d window(s) during the outage; they start empty",
+                missing,
+            )
+        return missing
+
     def acquire_command(
-        self, name: str, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+        self,
+        name: str,
+        tokens: int,
+        lease_id: str,
+        since_ms: int = 0,
+        join: bool = False,
+        retry: bool = False,
     ) -> tuple[str, bytes]:
-        """The packed acquire of already checked arguments, for :meth:`RedisStore.send`."""
-        join_arg = b"1" if join else b"0"
+        """The packed acquire of already checked arguments, for :meth:`RedisStore.send`.
+        ``retry`` marks an ask sent again after the connection dropped under it."""
+        join_arg = (b"3" if join else b"2") if retry else (b"1" if join else b"0")
         packed = self._acquire_cmd[name].pack(
             lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
         )
@@ -259,6 +315,9 @@ class Admission:
         most 10 minutes: a longer wait is a quota running out, not a throttle).
         ``released`` is False when the lease had already expired.
         """
+        if is_local_lease(lease_id) and self.store_down is not None:
+            held = self.store_down.release(name, lease_id)
+            return Release(held, 0, 0.0)
         command = self.release_command(name, lease_id, outcome, retry_after_ms, clock=True)
         (reply,) = self.store.send(command)
         return self.released(name, reply)
@@ -319,11 +378,19 @@ class Admission:
                 units = min(max(0, int(remaining)), MAX_UNITS)
                 args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
         factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
-        lowered, held = self.store.run(
-            "observe",
-            keys=[k.ctl, k.leases],
-            args=[lease_id or "", factor, len(args) // 4, *args],
-        )
+        if is_local_lease(lease_id):
+            lease_id = None  # what the provider said still lowers the shared buckets
+        try:
+            lowered, held = self.store.run(
+                "observe",
+                keys=[k.ctl, k.leases],
+                args=[lease_id or "", factor, len(args) // 4, *args],
+            )
+        except StoreUnavailable as exc:
+            if self.store_down is None:
+                raise
+            self.store_down.failed(exc)
+            return 0  # the headers are lost; the next call's will say the same
         if not held:
             raise LeaseLost(name, lease_id or "", "gone when the provider's headers arrived")
         return int(lowered)
@@ -374,11 +441,27 @@ class Admission:
         actual = cfg.check_usage(actual, "settle(tokens=...)")
         reserved = cfg.check_usage(reserved, "settle(reserved=...)")
         k = self._keys[name]
-        known, delta, _now, held = self.store.run(
-            "settle",
-            keys=[k.ctl, k.settled, k.leases],
-            args=[lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
-        )
+        down = self.store_down
+        if down is not None and is_local_lease(lease_id):
+            return down.settle(cfg, lease_id, actual)
+        try:
+            known, delta, _now, held = self.store.run(
+                "settle",
+                keys=[k.ctl, k.settled, k.leases],
+                args=[lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
+            )
+        except StoreUnavailable as exc:
+            if down is None:
+                raise
+            # Not charged: the provider counted the tokens, the fleet cannot now. The
+            # budget is over-spent by the difference at most, once.
+            down.failed(exc)
+            log.warning(
+                "celery-fleet: could not settle %d tokens of %r (Redis unreachable)",
+                actual,
+                name,
+            )
+            return 0
         if known:
             self._remember_settled(lease_id)
         if must_hold and not held:
@@ -392,6 +475,7 @@ class Admission:
         no longer has was lost by Redis (restart, flush, eviction) and is put back while
         the in-flight cap has room. Returns ``(lost ids, restored ids)``.
         """
+        leases = [(lease, tokens) for lease, tokens in leases if not is_local_lease(lease)]
         if not leases:
             return [], []
         cfg = self.limit(name)

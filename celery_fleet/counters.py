@@ -47,9 +47,11 @@ class Counters:
     forked child starts with no counts (its parent flushes its own) and its own thread.
     """
 
-    def __init__(self, store: Any, namespace: str) -> None:
+    def __init__(self, store: Any, namespace: str, presence: Any = None) -> None:
         self.store = store
         self.namespace = namespace
+        #: Renewed at every flush: this process counts among the live ones while it admits.
+        self.presence = presence
         self._counts: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -123,12 +125,18 @@ if hasattr(os, "register_at_fork"):
 
 def _flusher(ref: weakref.ref[Counters]) -> None:
     wait = threading.Event()
+    first = True
     while True:
-        wait.wait(FLUSH_S)
+        if not first:  # the first round at once: the live count is known from the start
+            wait.wait(FLUSH_S)
         counters = ref()
         if counters is None:
             return
-        counters.flush()
+        if not first:
+            counters.flush()
+        first = False
+        if counters.presence is not None:
+            counters.presence.renew()
         del counters
 
 

@@ -40,7 +40,7 @@ from typing import Any
 from celery import signals
 
 from .counters import KEYS_LIMIT
-from .errors import Backpressure, ConfigError
+from .errors import Backpressure, ConfigError, StoreUnavailable
 from .ledger import check_key, run_id_for
 from .signals import sends_task_events
 
@@ -57,15 +57,23 @@ PARENT_HEADER = "fleet_parent_key"
 current_key: ContextVar[str | None] = ContextVar("celery_fleet_key", default=None)
 
 
+#: The wait a claim reports when Redis is away (a guess: the task backs off with jitter).
+STORE_DOWN_WAIT_MS = 1000
+
+
 class KeyBusy(Backpressure):
     """Another attempt holds this idempotency key under a live lease: try again later."""
 
-    def __init__(self, key: str, wait_ms: int) -> None:
-        super().__init__("idempotency", wait_ms, "key_busy")
+    def __init__(self, key: str, wait_ms: int, reason: str = "key_busy") -> None:
+        super().__init__("idempotency", wait_ms, reason)
         self.key = key
 
     def __str__(self) -> str:
-        return f"idempotency key {self.key!r} is running elsewhere; retry in {self.wait_ms} ms"
+        if self.reason == "store_down":
+            why = "cannot be claimed: the fleet's Redis is unreachable"
+        else:
+            why = "is running elsewhere"
+        return f"idempotency key {self.key!r} {why}; retry in {self.wait_ms} ms"
 
 
 KeySpec = str | Callable[..., Any] | None
@@ -256,9 +264,14 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
         return None
     fleet = task.fleet
     run_id, owner = run_id_for(key), new_owner(request.id)
-    claim = fleet.ledger.claim(
-        run_id, key, task.name, owner, fleet.claim_lease_s, task.fleet_singleton
-    )
+    try:
+        claim = fleet.ledger.claim(
+            run_id, key, task.name, owner, fleet.claim_lease_s, task.fleet_singleton
+        )
+    except StoreUnavailable as exc:
+        # Without the ledger a duplicate could run the work twice: wait for Redis instead
+        # (the task reschedules with backoff), whatever fleet_store_down says.
+        raise KeyBusy(key, STORE_DOWN_WAIT_MS, "store_down") from exc
     if claim.verdict == "done":
         log.info("celery-fleet: key %r already succeeded: returning its stored result", key)
         fleet.counters.add(KEYS_LIMIT, "dedupe|replay")

@@ -18,7 +18,7 @@ import weakref
 from typing import Protocol
 
 from .admission import Admission
-from .errors import FleetError, LeaseLost
+from .errors import FleetError, LeaseLost, StoreUnavailable
 
 __all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
 
@@ -74,6 +74,9 @@ class LeaseKeeper:
         self.clock = clock or SystemClock()
         self.tick_s = tick_s
         self._slots: set[HeldLease] = set()
+        # Slots whose renewal failed because Redis was unreachable: past their TTL they
+        # are renewed (put back) when it answers, not declared lost for the outage.
+        self._stranded: weakref.WeakSet[HeldLease] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,6 +105,17 @@ class LeaseKeeper:
         """The slots this process holds now (none after a fork: the parent's are not ours)."""
         with self._lock:
             return list(self._slots) if self._pid == os.getpid() else []
+
+    def describe(self) -> list[dict[str, object]]:
+        """The slots this process holds: limit, lease, tokens, seconds since the last
+        renewal (``celery inspect fleet``; recorded in Redis by presence.py)."""
+        now = self.clock.monotonic()
+        return [
+            {"limit": s.limit, "lease": s.lease_id, "tokens": s.tokens,
+             "renewed_s_ago": round(now - s.last_renewed, 3)}
+            for s in self.held()
+            if s.lease_id
+        ]  # fmt: skip
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -155,7 +169,7 @@ class LeaseKeeper:
                 ttl = self.admission.limit(slot.limit).lease_s
                 if slot.lost or not slot.lease_id:
                     continue
-                if now - slot.last_renewed >= ttl:
+                if now - slot.last_renewed >= ttl and slot not in self._stranded:
                     self.lose(slot, "not renewed within its TTL")
                 elif now - slot.last_renewed >= ttl / 3.0:
                     due.setdefault(slot.limit, []).append(slot)
@@ -163,9 +177,20 @@ class LeaseKeeper:
             leases = [(s.lease_id, s.tokens) for s in slots if s.lease_id]
             try:
                 lost, restored = self.admission.renew(limit, leases)
+            except StoreUnavailable as exc:
+                down = self.admission.store_down
+                if down is None:
+                    log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                else:  # the outage is logged once, by the policy
+                    self._stranded.update(slots)
+                    down.failed(exc)
+                continue
             except FleetError:
                 log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
                 continue
+            down = self.admission.store_down
+            if down is not None and down.down_since is not None and down.answered():
+                self.admission.empty_missing_windows()
             if restored:
                 log.warning(
                     "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "
@@ -174,6 +199,7 @@ class LeaseKeeper:
                     limit,
                 )
             for s in slots:
+                self._stranded.discard(s)
                 if s.lease_id in lost:
                     self.lose(s, "expired while held, or Redis lost it and the cap was full")
                 else:

@@ -31,8 +31,10 @@ from .errors import (
     FleetError,
     LeaseLost,
     QuotaExhausted,
+    StoreUnavailable,
     Throttled,
 )
+from .fallback import is_local_lease
 from .keeper import Clock, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
@@ -154,6 +156,11 @@ class Slot:
             raise FleetError(f"next() needs a held slot of {self.limit!r}")
         cfg = self.admission.limit(self.limit)
         tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
+        down = self.admission.store_down
+        if is_local_lease(self.lease_id) or (down is not None and down.down):
+            self.release(self.verdict or OK)  # the store is away: two steps, each local
+            self.attempts, self.verdict, self.tokens = 0, None, tokens
+            return self._acquire(new_lease_id())
         lease_id, signal = self._let_go(self.verdict or OK)
         ticket = new_lease_id()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
@@ -162,7 +169,13 @@ class Slot:
         ask = self.admission.acquire_command(self.limit, tokens, ticket, self.run.since_ms, join)
         self.attempts, self.verdict, self.tokens = 0, None, tokens
         asked_at = self.clock.monotonic()
-        released, answer = self.admission.store.send(release, ask)
+        try:
+            released, answer = self.admission.store.send(release, ask)
+        except StoreUnavailable as exc:
+            if down is None:
+                raise
+            down.failed(exc)  # the release is lost (the lease expires); ask by the policy
+            return self._acquire(ticket)
         self._check_released(lease_id, self.admission.released(self.limit, released))
         decision = self.admission.decision(self.limit, tokens, answer)
         if decision.allowed:  # the usual case: no wait, no second round trip
@@ -195,6 +208,9 @@ class Slot:
             if decision.allowed:
                 return decision, asked_at
             self.ahead = decision.ahead
+            if decision.reason == "store_down":  # fleet_store_down="closed": backpressure
+                self._refused(decision)
+                raise Throttled(self.limit, decision.wait_ms, decision.reason)
             if decision.reason == "circuit_open":
                 # Do not hold a worker for the reset timeout: a task reschedules instead.
                 self._refused(decision)
@@ -225,7 +241,21 @@ class Slot:
                 every = (
                     NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
                 )
-                self.admission.wait_turn(self.limit, ticket, min(remaining, every))
+                self._wait_for_wake_up(ticket, min(remaining, every), wait_s)
+
+    def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
+        """Block on this ticket's wake-up; while the store is away (a local refusal),
+        sleep the estimated wait instead, in short steps."""
+        down = self.admission.store_down
+        if down is not None and down.down:
+            self.clock.sleep(max(0.001, min(timeout_s, wait_s, 0.25)))
+            return
+        try:
+            self.admission.wait_turn(self.limit, ticket, timeout_s)
+        except StoreUnavailable as exc:
+            if down is None:
+                raise
+            down.failed(exc)  # the next ask goes by the policy
 
     def _refused(self, decision: Decision) -> None:
         if self.admission.watchers:
@@ -304,12 +334,20 @@ class Slot:
         lease_id = self.lease_id
         if lease_id is None:
             raise FleetError(f"ensure_held() on a slot for {self.limit!r} that is not held")
+        if is_local_lease(lease_id):
+            return  # held by this process alone
         now = self.clock.monotonic()
         ttl = self.admission.limit(self.limit).lease_s
         if not self.lost and now - self.last_renewed >= ttl:
             self.keeper.lose(self, "not renewed within its TTL")
         if not self.lost:
-            lost, _restored = self.admission.renew(self.limit, [(lease_id, self.tokens)])
+            try:
+                lost, _restored = self.admission.renew(self.limit, [(lease_id, self.tokens)])
+            except StoreUnavailable as exc:
+                if self.admission.store_down is None:
+                    raise
+                self.admission.store_down.failed(exc)
+                return  # nobody can say now; the keeper renews it when Redis is back
             if lost:
                 self.keeper.lose(self, "expired while held")
             else:
@@ -351,6 +389,12 @@ class Slot:
         if self.lease_id is None:
             return
         lease_id, signal = self._let_go(signal or Signal("other"))
+        down = self.admission.store_down
+        if down is not None and (is_local_lease(lease_id) or down.down):
+            if is_local_lease(lease_id):
+                down.release(self.limit, lease_id)
+            # else the store is away: the lease expires by itself within its TTL
+            return
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         command = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
 

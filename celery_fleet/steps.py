@@ -24,14 +24,20 @@ This module knows nothing about Celery.
 from __future__ import annotations
 
 import json
+import logging
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .checks import MAX_SECONDS, number
-from .errors import StepError
+from .errors import StepError, StoreUnavailable, Throttled
 from .store import RedisStore
+
+log = logging.getLogger("celery_fleet")
+
+#: The wait a step reports when Redis is away (a guess: the task backs off with jitter).
+STORE_DOWN_WAIT_MS = 1000
 
 __all__ = ["Steps", "DEFAULT_STEP_TTL_S", "DEFAULT_STEP_MAX_BYTES", "MAX_STEP_NAME"]
 
@@ -77,12 +83,22 @@ class Steps:
         store its result and return it (as JSON gives it back: a tuple comes back a list,
         on the first run too, so both runs see the same value)."""
         check_step(name, fn)
-        found, value = self.get(name)
+        try:
+            found, value = self.get(name)
+        except StoreUnavailable as exc:
+            # Calling fn now could pay for a step a first run already paid for: wait
+            # for Redis instead (a task reschedules with backoff).
+            raise Throttled("steps", STORE_DOWN_WAIT_MS, "store_down") from exc
         if found:
             return value  # type: ignore[no-any-return]
         result = fn(*args, **kwargs)
         text = self._encode(name, result)
-        if not self.store.run("step_put", keys=[self.key], args=[name, text, self.ttl_ms]):
+        try:
+            stored = self.store.run("step_put", keys=[self.key], args=[name, text, self.ttl_ms])
+        except StoreUnavailable as exc:
+            log.warning("celery-fleet: step %r ran but was not stored (%s)", name, exc)
+            return json.loads(text)  # type: ignore[no-any-return]
+        if not stored:
             # Another copy of this run stored it first: everyone goes on with that answer.
             found, value = self.get(name)
             if found:

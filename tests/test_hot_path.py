@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from celery_fleet import Fleet, keeper
+from celery_fleet.admission import Admission
 from celery_fleet.batch import Combiner, Packed
 from celery_fleet.errors import ConfigError, FleetError, StoreUnavailable
 from celery_fleet.testing.redis_server import RedisServer, find_binary
@@ -231,7 +232,7 @@ def test_a_dead_redis_fails_every_call_of_the_round_trip_cleanly() -> None:
 
     fleet = Fleet(redis_url=f"redis://127.0.0.1:{free_port()}/0", limits={"llm": BENCH})
     with pytest.raises(StoreUnavailable):
-        fleet.try_acquire("llm")
+        Admission(fleet.store, fleet.limits).try_acquire("llm")
     with pytest.raises(StoreUnavailable):
         fleet.store.send(fleet.admission.acquire_command("llm", 1, "b" * 24))
 

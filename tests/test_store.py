@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from celery_fleet import ConfigError, Fleet, StoreUnavailable
+from celery_fleet.admission import Admission
 from celery_fleet.store import RedisStore, eviction_risk, has_password, mask_url
 from celery_fleet.testing.redis_server import RedisServer
 
@@ -35,7 +36,7 @@ def test_mask_url_hides_every_password_and_never_raises(url: str, masked: str) -
 def test_no_repr_or_error_shows_the_password(url: str) -> None:
     fleet = Fleet(redis_url=url, limits={"llm": {"rpm": 60}})
     with pytest.raises(StoreUnavailable) as info:
-        fleet.try_acquire("llm")
+        fleet.check()
     shown = [repr(fleet), repr(fleet.store), str(info.value), repr(info.value.args)]
     assert all("s3cret" not in text for text in shown), shown
     assert "***" in str(info.value)
@@ -75,7 +76,7 @@ def test_a_full_noeviction_redis_is_store_unavailable() -> None:
             for i in range(10_000):
                 client.set(f"fill:{i}", "x" * 10_000)
         with pytest.raises(StoreUnavailable, match="OutOfMemoryError|OOM"):
-            fleet.try_acquire("llm")
+            Admission(fleet.store, fleet.limits).try_acquire("llm")
         client.close()
 
 
@@ -85,7 +86,7 @@ def test_a_read_only_replica_is_store_unavailable() -> None:
         store = RedisStore(srv.url)
         fleet = Fleet(redis_url=srv.url, limits={"llm": {"rpm": 600}})
         with pytest.raises(StoreUnavailable, match="ReadOnlyError|READONLY"):
-            fleet.try_acquire("llm")
+            Admission(fleet.store, fleet.limits).try_acquire("llm")
         fleet.store.client.close()
         store.reset()
 

@@ -19,7 +19,10 @@
 -- ARGV[1]  id: the caller's ticket while it waits, and the last part of its lease
 -- ARGV[2]  tokens this call reserves (cost in every "t:" window; "r:" windows cost 1)
 -- ARGV[3]  order: first-asked time (ms, Redis clock; 0 = now), the caller's age in line
--- ARGV[4]  join: 1 = a refused caller takes (or keeps) a ticket; 0 = ask once, no ticket
+-- ARGV[4]  join: 1 = a refused caller takes (or keeps) a ticket; 0 = ask once, no ticket;
+--          3 and 2 are the same asked again after the connection dropped under the first
+--          ask: if that one admitted (a lease ending in ".<id>" is held), its lease is the
+--          answer, so a resend never charges twice
 -- ARGV[5]  lane (0 for now: the order key leaves room for priority lanes)
 -- ARGV[6]  the limit's constants as little-endian doubles (struct.unpack: one call instead of
 --          a tonumber per argument): lease TTL (ms); max_in_flight (0 = no cap); adaptive
@@ -47,7 +50,17 @@ local now = now_us / 1000
 local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
-local join = ARGV[4] == '1'
+local join = ARGV[4] == '1' or ARGV[4] == '3'
+if ARGV[4] == '2' or ARGV[4] == '3' then
+  local suffix = '.' .. id
+  for _, held in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if string.sub(held, -#suffix) == suffix then
+      local probe = 0
+      if redis.call('HGET', KEYS[4], 'probe') == held then probe = 1 end
+      return {1, 0, held, redis.call('ZCARD', KEYS[2]), now_us, probe, 0, 0}
+    end
+  end
+end
 local lane = tonumber(ARGV[5])
 local consts = ARGV[6]
 local ttl, max_in_flight, init_cap, reset_ms, ticket_ttl, grace, nwin =
