@@ -279,6 +279,11 @@ class Combiner:
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
+                if conn._sock is None:
+                    # The class's own connect(): a Sentinel connection asks the sentinels
+                    # where the master is there; sending alone would dial its default
+                    # address (localhost:6379), a different Redis.
+                    conn.connect()
                 conn.send_packed_command([data])
             last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
             for call in pending[: last + 1]:
@@ -350,14 +355,19 @@ class Combiner:
         """With no reply due, a readable socket was closed by the server (a restart, a
         timeout) or is out of step: start a fresh connection before writing, as redis-py's
         pool does on checkout. A command written to a dead socket may or may not have run,
-        so it must never be written there (an acquire is not retried)."""
+        so it must never be written there (an acquire is not retried).
+
+        Nor is a connection its client's pool would no longer hand out: a Sentinel pool
+        disowns one to a master that failed over (as soon as any of its connections asked
+        the sentinels), while the old master may still take writes until it is demoted."""
         if self._unread or conn._sock is None:
             return
         try:
             stale = self._stale(conn)
         except (OSError, ValueError, redis.ConnectionError):
             stale = True
-        if stale:
+        pool = getattr(self._conn_of, "connection_pool", None)
+        if stale or (pool is not None and not pool.owns_connection(conn)):
             conn.disconnect()
 
     def _read(self, conn: Any, script: str) -> Any:
