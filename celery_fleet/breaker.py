@@ -91,9 +91,17 @@ class Breaker:
         """Forget everything: closed, no counts, no override."""
         return self._run("reset")
 
-    def _run(self, op: str) -> BreakerState:
+    def trip(self, half_open: bool = False) -> BreakerState:
+        """Open the breaker now as if its failure rate had tripped it: refused for
+        ``reset_timeout``, then one probe decides (no override: it recovers on its own).
+        With ``half_open``, as if it had opened ``reset_timeout`` ago: the next caller in
+        the fleet is the probe. Drops any override and a running probe's claim."""
+        ago_ms = self.config.reset_timeout_s * 1000 if half_open else 0
+        return self._run("trip", ago_ms)
+
+    def _run(self, op: str, *args: float) -> BreakerState:
         k = self.admission.keys(self.limit)
-        reply = self.admission.store.run("breaker_admin", keys=[k.breaker], args=[op])
+        reply = self.admission.store.run("breaker_admin", keys=[k.breaker], args=[op, *args])
         state, opened_at, forced, probe, probe_until, now, calls, failures = (
             x.decode() if isinstance(x, bytes) else str(x) for x in reply
         )
