@@ -8,18 +8,28 @@ place (eager), or lets the refusal fail the task, past the task's patience too.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
 from celery.exceptions import Ignore
+from kombu.serialization import dumps, loads, prepare_accept_content
 
 from . import idempotency
-from .errors import Backpressure, ThrottledTooLong
+from .errors import Backpressure, FleetError, ThrottledTooLong
 from .run import Run, Throttling
 from .signals import sends_task_events, task_rescheduled, task_throttled
 
-__all__ = ["GUESSED_WAITS", "HEADER", "THROTTLED", "Rescheduling"]
+__all__ = [
+    "GUESSED_WAITS",
+    "HEADER",
+    "THROTTLED",
+    "BACKUP_HEADER",
+    "Rescheduling",
+    "encode",
+    "decode",
+]
 
 log = logging.getLogger("celery_fleet")
 
@@ -27,10 +37,40 @@ log = logging.getLogger("celery_fleet")
 THROTTLED = "THROTTLED"
 #: The message header that carries a task's place in line and its patience so far.
 HEADER = "fleet"
+#: The header of the broker's backup of a copy deferred in Redis: the copy's item id.
+BACKUP_HEADER = "fleet_backup"
 
 #: Refusals whose wait nobody knows (an open breaker's reset, another attempt's claim of an
-#: idempotency key): their reschedules back off exponentially with the count.
-GUESSED_WAITS = frozenset({"circuit_open", "key_busy"})
+#: idempotency key, the fleet's Redis away): their reschedules back off exponentially with
+#: the count.
+GUESSED_WAITS = frozenset({"circuit_open", "key_busy", "store_down"})
+
+
+def backup_grace_s(fleet: Any) -> float:
+    """How long after its copy is due the broker's backup is delivered (and again, as long
+    as the copy still waits): two pump periods and two leader failovers."""
+    return 2.0 * (fleet.pump_period_s + fleet.pump_lease_s)
+
+
+def encode(app: Any, signature: Any) -> bytes:
+    """A signature as the bytes the pump can publish again (the app's task serializer)."""
+    serializer = app.conf.task_serializer
+    content_type, encoding, body = dumps(dict(signature), serializer=serializer)  # type: ignore[no-untyped-call]
+    if isinstance(body, bytes):
+        body = body.decode("latin-1")
+    return json.dumps({"ct": content_type, "enc": encoding, "body": body}).encode()
+
+
+def decode(app: Any, message: bytes) -> Any:
+    """The signature :func:`encode` stored."""
+    envelope = json.loads(message)
+    body = envelope["body"]
+    if envelope["enc"] == "binary":
+        body = body.encode("latin-1")
+    # what the worker takes from the broker, no more
+    accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
+    fields = loads(body, envelope["ct"], envelope["enc"], accept=accept)  # type: ignore[no-untyped-call]
+    return app.signature(fields)
 
 
 class Rescheduling:
@@ -112,6 +152,78 @@ class Rescheduling:
             return
         self._reschedule(exc, state, countdown)
 
+    def _publish_copy(self, headers: dict[str, Any], countdown: float, n: int) -> str:
+        """Publish the task's copy: kept in the fleet's Redis until due (``fleet_defer =
+        "redis"``), or, with ``"countdown"`` or while that Redis is away, as an ETA
+        message. Returns which it was."""
+        request = self.request
+        fleet = self.fleet
+        headers.pop(BACKUP_HEADER, None)
+        if fleet.defer == "redis":
+            sig = self.signature_from_request(request, retries=request.retries, headers=headers)
+            item = f"{request.id}:{n}"
+            try:
+                fleet.deferred.add(item, countdown, encode(self._get_app(), sig))
+            except FleetError as exc:
+                log.warning(
+                    "celery-fleet: could not defer task %s in Redis (%s); publishing it "
+                    "with a countdown",
+                    request.id,
+                    exc,
+                )
+            else:
+                self._publish_backup(item, countdown + backup_grace_s(fleet), headers)
+                return "redis"
+        sig = self.signature_from_request(
+            request, countdown=countdown, retries=request.retries, headers=headers
+        )
+        sig.apply_async()
+        return "countdown"
+
+    def _publish_backup(self, item: str, countdown: float, headers: dict[str, Any]) -> None:
+        """Publish the broker's backup of a copy deferred in Redis: delivered after the copy
+        is due, it runs only if Redis lost the copy (restarted empty; see
+        :meth:`_run_backup`). The copy is never lost, at the price of a duplicate when Redis
+        restarts empty after publishing it."""
+        request = self.request
+        backup = self.signature_from_request(
+            request,
+            countdown=countdown,
+            retries=request.retries,
+            headers={**headers, BACKUP_HEADER: item},
+        )
+        backup.apply_async()
+
+    def _drop_needless_backup(self) -> None:
+        """Called as a task starts; returns for anything but a backup copy. A backup whose
+        copy Redis published raises ``Ignore`` (acked, not run); one whose copy still waits
+        is published again for later, then ``Ignore`` (the pump will publish the copy); one
+        whose copy is unknown (Redis lost it) returns: it runs."""
+        request = self.request
+        if self.request_stack.top is None or request.called_directly or request.is_eager:
+            return
+        item = getattr(request, BACKUP_HEADER, None) or (request.headers or {}).get(BACKUP_HEADER)
+        if not item:
+            return
+        try:
+            fate = self.fleet.deferred.fate(str(item))
+        except FleetError:
+            fate = "waiting"  # the fleet's Redis is away: ask again later
+        if fate == "unknown":
+            log.warning(
+                "celery-fleet: the deferred copy %s of task %s is not in the fleet's Redis "
+                "(restarted empty?): running its backup from the broker",
+                item,
+                request.id,
+            )
+            return
+        if fate == "waiting":
+            headers = dict(request.headers or {})
+            if getattr(request, HEADER, None) is not None:
+                headers[HEADER] = getattr(request, HEADER)
+            self._publish_backup(str(item), backup_grace_s(self.fleet), headers)
+        raise Ignore()
+
     def _check_patience(self, exc: Backpressure, reschedules: int, throttled_s: float) -> None:
         over_count = (
             self.fleet_max_reschedules is not None and reschedules >= self.fleet_max_reschedules
@@ -140,14 +252,11 @@ class Rescheduling:
         if attempt is not None:
             attempt.finish("queued")  # before the copy exists: it must be able to claim
             headers[idempotency.KEY_HEADER] = attempt.key
-        sig = self.signature_from_request(
-            request, countdown=countdown, retries=request.retries, headers=headers
-        )
-        sig.apply_async()
+        via = self._publish_copy(headers, countdown, state.reschedules)
         self.fleet.counters.add(exc.limit, f"rescheduled|{exc.reason}")
         log.info(
             "celery-fleet: rescheduled task=%s id=%s limit=%s reason=%s wait_ms=%d "
-            "countdown_s=%.2f reschedules=%d",
+            "countdown_s=%.2f reschedules=%d via=%s",
             self.name,
             request.id,
             exc.limit,
@@ -155,6 +264,7 @@ class Rescheduling:
             exc.wait_ms,
             countdown,
             state.reschedules,
+            via,
         )
         task_rescheduled.send(
             sender=self,

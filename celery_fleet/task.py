@@ -37,7 +37,7 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import GroupResult
 
-from . import idempotency, metrics
+from . import idempotency, metrics, pump
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
@@ -151,6 +151,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         # exceptions): a worker whose task names an unknown limit fails at start-up.
         super().on_bound(app)
         metrics.install(app)  # serves /metrics only when fleet_metrics_port is set
+        pump.install(app)  # publishes deferred reschedules when fleet_defer = "redis"
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
             fleet.check_task_options(cls.name, cls.fleet_limit, cls.fleet_tokens)
@@ -202,6 +203,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return self.fleet.steps(task_id).run(name, fn, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._drop_needless_backup()  # the broker's backup of a copy Redis published
         run = self._new_run()
         token = current_run.set(run)
         try:

@@ -277,6 +277,8 @@ def test_a_task_backs_off_by_its_reschedule_count(app: Celery, redis_url: str) -
     from celery_fleet import CircuitOpen, Throttled
     from celery_fleet.run import Run
 
+    app.conf.fleet_defer = "countdown"  # read the countdowns off the broker's ETA messages
+
     @fleet_task(app=app, shared=False, ignore_result=True)
     def agent() -> None: ...
 

@@ -243,6 +243,7 @@ def test_a_reschedule_stores_throttled_publishes_and_tells_monitors(app: Celery)
     from celery_fleet import THROTTLED, Run
     from celery_fleet.signals import task_rescheduled
 
+    app.conf.fleet_defer = "countdown"  # the copy is an ETA message (see the next test)
     Fleet(app)
     events: list[tuple[str, dict]] = []
     published: list[dict] = []
@@ -282,3 +283,42 @@ def test_a_reschedule_stores_throttled_publishes_and_tells_monitors(app: Celery)
     # no event: the worker sends no task events (no -E), so nobody would read it
     assert events == []
     assert signalled == [1]
+
+
+def test_by_default_a_reschedule_keeps_the_copy_in_redis_until_due(app: Celery) -> None:
+    from celery.exceptions import Ignore
+
+    from celery_fleet import Run
+    from celery_fleet.reschedule import decode
+
+    fleet = Fleet(app)
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: FleetTask, doc: int) -> None: ...
+
+    published: list[object] = []
+    agent.apply_async = lambda *a, **kw: published.append(kw)  # type: ignore[method-assign]
+    agent.push_request(
+        id="t-2", args=[7], kwargs={}, retries=0, delivery_info={}, called_directly=False
+    )
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("openai", 5000, "requests/60s"), Run(since_ms=42))
+    finally:
+        agent.pop_request()
+    # the broker only gets the backup, due after the copy (run only if Redis loses it)
+    (backup,) = published
+    assert backup["headers"]["fleet_backup"] == "t-2:1"  # type: ignore[index]
+    grace = 2 * (1.0 + 15.0)  # two pump periods and two pump leases
+    assert 5 + grace <= backup["countdown"] <= 6.1 + grace  # type: ignore[index]
+    due = fleet.deferred.due_in_ms("t-2:1")
+    now_s, now_us = fleet.store.call("TIME")
+    assert due is not None and 5000 <= due - (int(now_s) * 1000 + int(now_us) / 1000) <= 6100
+    assert fleet.deferred.take(10) == []  # not due yet
+    fleet.deferred.add("t-2:1", 0.0, fleet.store.call("HGET", fleet.deferred.items_key, "t-2:1"))
+    ((item, message),) = fleet.deferred.take(10)
+    copy = decode(app, message)
+    assert copy.task == agent.name and list(copy.args) == [7]
+    assert copy.options["task_id"] == "t-2"
+    assert copy.options["headers"]["fleet"]["since_ms"] == 42
+    assert copy.options["headers"]["fleet"]["reschedules"] == 1

@@ -6,6 +6,7 @@ that concurrent runs never share keys or queues.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_fleet import Fleet, FleetTask, fleet_task
+from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
 from celery_fleet.ledger import run_id_for  # noqa: F401  (the tests read it from here)
 from celery_fleet.signals import task_rescheduled
 
@@ -42,11 +43,16 @@ app.conf.update(
     fleet_metrics_port=int(os.environ["FLEET_IT_METRICS_PORT"])
     if os.environ.get("FLEET_IT_METRICS_PORT")
     else None,
+    # test_pump.py: a killed pump leader is replaced within this many seconds
+    fleet_pump_lease=float(os.environ.get("FLEET_IT_PUMP_LEASE", "15")),
     broker_connection_retry_on_startup=True,
     result_expires=600,
 )
 fleet = Fleet(app)
-_probe = redis.Redis.from_url(os.environ.get("FLEET_IT_REDIS", BROKER))
+# What the tasks record for the tests; test_outage.py keeps it off the fleet's Redis.
+_probe = redis.Redis.from_url(
+    os.environ.get("FLEET_IT_PROBE") or os.environ.get("FLEET_IT_REDIS", BROKER)
+)
 
 
 def key(name: str) -> str:
@@ -293,3 +299,41 @@ def keyed_single(tag: str, n: int) -> int:
 def keyed_gated(tag: str) -> int:
     """Rescheduled while the test holds 'gate' shut; its body runs once it is let in."""
     return int(_probe.incr(key(f"gated:{tag}")))
+
+
+# -- test_outage.py: the fleet's Redis stops mid-burst -----------------------------------
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def through_outage(self: FleetTask, tag: str, hold_s: float) -> dict[str, Any]:
+    """Holds a slot of 'model' for ``hold_s`` and records when, where, and whether the
+    slot was the store-down policy's (local) or Redis's."""
+    with self.fleet.slot("model", max_wait=60) as slot:
+        start = time.time()
+        time.sleep(hold_s)
+        record = {
+            "pid": os.getpid(),
+            "local": bool(slot.lease_id and slot.lease_id.startswith("local.")),
+            "start": start,
+            "end": time.time(),
+            "share": self.fleet.store_down.local.share,
+        }
+    _probe.rpush(key(f"outage:{tag}"), json.dumps(record))
+    return record
+
+
+# -- test_pump.py: deferred reschedules survive the pump leader's death --------------------
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def deferred_once(self: FleetTask, tag: str, i: int) -> dict[str, Any]:
+    """Refused on its first run (rescheduled ~3 s later, deferred in Redis); the second run
+    records itself, with how late it ran after it was due."""
+    past = self.throttling
+    if not past.reschedules:
+        _probe.set(key(f"first:{tag}:{i}"), time.time())
+        raise Throttled("model", 3000, "in_flight")
+    first = float(_probe.get(key(f"first:{tag}:{i}")) or 0)
+    late = time.time() - (first + past.countdown_s)
+    _probe.rpush(key(f"ran:{tag}"), json.dumps({"i": i, "late_s": late, "pid": os.getpid()}))
+    return {"i": i, "late_s": late}
