@@ -102,5 +102,13 @@ bench-idempotency: $(STAMP)
 bench-metrics: $(STAMP)
 	$(PY) benchmarks/metrics_overhead.py
 
+## The herd with the fleet's Redis down 10 s mid-run (a private redis-server, restarted empty),
+## under fleet_store_down local, open and closed (~3-4 minutes; OUTAGE_ARGS=--quick for ~2):
+## appends to benchmarks/RESULTS.md. Broker and results in Redis DB 13 (its own keys, deleted).
+OUTAGE_ARGS ?=
+.PHONY: bench-outage
+bench-outage: $(DEMO_STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/outage.py $(OUTAGE_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

@@ -17,12 +17,15 @@ from .admission import Decision, Release
 from .beat import Jittered, jittered
 from .breaker import Breaker, BreakerState
 from .config import LimitConfig
+from .election import Leader
 from .errors import (
     Backpressure,
     CircuitOpen,
     ConfigError,
     FleetError,
     LeaseLost,
+    LockLost,
+    LockNotAcquired,
     QuotaExhausted,
     StepError,
     StoreUnavailable,
@@ -30,6 +33,8 @@ from .errors import (
     ThrottledTooLong,
 )
 from .fleet import FOREVER, Fleet
+from .locks import Lock
+from .records import Record
 from .run import Run, running
 from .slot import Slot
 from .stagger import jitter_options
@@ -51,8 +56,13 @@ __all__ = [
     "FleetTask",
     "Jittered",
     "LeaseLost",
+    "Leader",
     "LimitConfig",
+    "Lock",
+    "LockLost",
+    "LockNotAcquired",
     "QuotaExhausted",
+    "Record",
     "Release",
     "Run",
     "Slot",

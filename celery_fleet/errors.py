@@ -15,6 +15,8 @@ __all__ = [
     "QuotaExhausted",
     "StoreUnavailable",
     "LeaseLost",
+    "LockLost",
+    "LockNotAcquired",
     "StepError",
     "ThrottledTooLong",
 ]
@@ -123,12 +125,15 @@ class StoreUnavailable(FleetError):
     """The Redis that holds the fleet's shared state did not answer.
 
     ``url`` is the Redis URL (password masked) so the operator knows which one.
+    ``dropped`` is True when an established connection was lost (a reset, ``CLIENT KILL``):
+    the call may or may not have run, and a second try on a new connection may well work.
     """
 
-    def __init__(self, url: str, cause: object = None) -> None:
+    def __init__(self, url: str, cause: object = None, dropped: bool = False) -> None:
         super().__init__(url, str(cause) if cause else "")
         self.url = url
         self.cause = cause
+        self.dropped = dropped
 
     def __str__(self) -> str:
         why = f": {self.cause}" if self.cause else ""
@@ -159,3 +164,45 @@ class LeaseLost(FleetError):
 class StepError(ConfigError):
     """A durable step cannot be stored: a bad name, or a result that is not plain JSON data
     (or too large). Raised before the step's function runs whenever that can be known."""
+
+
+class LockNotAcquired(FleetError):
+    """A lock (or leadership) was not acquired: another owner holds it.
+
+    Raised by ``lock.acquire(blocking=False)`` at once, and by a blocking acquire whose
+    ``timeout`` passed. ``wait_ms`` is how long the current holder's lease lasts at most
+    unless renewed (a holder that renews keeps it longer).
+    """
+
+    def __init__(self, name: str, wait_ms: int = 0, timeout_s: float | None = None) -> None:
+        super().__init__(name, int(wait_ms), timeout_s)
+        self.name = name
+        self.wait_ms = int(wait_ms)
+        self.timeout_s = timeout_s
+
+    def __str__(self) -> str:
+        waited = f" within {self.timeout_s:g} s" if self.timeout_s else ""
+        return (
+            f"lock {self.name!r} was not acquired{waited}: another owner holds it "
+            f"(its lease ends in {self.wait_ms} ms unless renewed)"
+        )
+
+
+class LockLost(FleetError):
+    """A lock this process held is no longer its own: its lease lapsed (the process stalled
+    past the TTL, or Redis was unreachable) and it may already belong to somebody else.
+
+    Raised by ``lock.release()`` (nothing was released: the lock is not ours to release) and
+    ``lock.ensure_held()``. ``token`` is the fencing token of the lost hold: a store that
+    has seen a larger token for ``name`` must refuse writes carrying this one.
+    """
+
+    def __init__(self, name: str, token: int | None = None, why: str = "") -> None:
+        super().__init__(name, token, why)
+        self.name = name
+        self.token = token
+        self.why = why
+
+    def __str__(self) -> str:
+        why = f" ({self.why})" if self.why else ""
+        return f"lock {self.name!r} (fencing token {self.token}) was lost{why}"

@@ -20,6 +20,7 @@ once, and connects the worker signals that keep Redis connections per process.
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections import OrderedDict
@@ -32,10 +33,18 @@ from .backoff import decorrelated_jitter, full_jitter, spread
 from .breaker import Breaker
 from .checks import check_max_wait, number
 from .config import LimitConfig
+from .connect import ClientSource
 from .counters import Counters
 from .counters import watcher as counters_watcher
+from .deferred import Deferred
+from .election import DEFAULT_LEADER_LEASE_S, Callback, Leader
 from .errors import ConfigError
+from .fallback import StoreDown, is_local_lease
+from .guarded import Guard, guarded
 from .ledger import ClaimKeeper, Ledger, run_id_for
+from .locks import DEFAULT_LOCK_TTL_S, Lock
+from .presence import Presence
+from .records import DEFAULT_RECORD_MAX_BYTES, Record
 from .run import Run, current_run
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
 from .slot import Clock, LeaseKeeper, Slot, SystemClock
@@ -45,7 +54,11 @@ from .store import RedisStore
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .circuit import FleetCircuitBreaker
+
 __all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
+
+log = logging.getLogger("celery_fleet")
 
 _SETTLED_MEMORY = 10_000  # leases whose last settled figure Fleet.settle remembers
 
@@ -58,7 +71,13 @@ class Fleet:
 
     Args:
         app: the Celery app whose ``app.conf`` holds the ``fleet_*`` settings; optional.
-        redis_url: overrides ``fleet_redis_url`` (default: the broker URL when it is Redis).
+        redis_url: overrides ``fleet_redis_url`` (default: the broker URL when it is Redis):
+            ``redis://``, ``sentinel://`` (master name in ``fleet_redis_transport_options``)
+            or ``redis+cluster://`` (see :mod:`celery_fleet.connect`).
+        redis_client: overrides ``fleet_redis_client``: a ``redis.Redis`` or ``RedisCluster``,
+            or a zero-argument factory of one, called again in each process after a fork.
+        redis_transport_options: overrides ``fleet_redis_transport_options`` (``master_name``
+            of a ``sentinel://`` URL, ``sentinel_kwargs``, socket timeouts).
         limits: overrides ``fleet_limits``.
         namespace: overrides ``fleet_namespace`` (default ``"fleet"``), the key prefix.
         max_wait: default seconds ``slot()`` waits for admission (``fleet_max_wait``, 30).
@@ -74,11 +93,21 @@ class Fleet:
         namespace: str | None = None,
         max_wait: float | None = None,
         clock: Clock | None = None,
+        store_down: str | None = None,
+        redis_client: ClientSource | None = None,
+        redis_transport_options: Mapping[str, Any] | None = None,
     ) -> None:
         conf: Mapping[str, Any] = app.conf if app is not None else {}
         self.app = app
         settings = load_settings(
-            conf, redis_url=redis_url, limits=limits, namespace=namespace, max_wait=max_wait
+            conf,
+            redis_url=redis_url,
+            limits=limits,
+            namespace=namespace,
+            max_wait=max_wait,
+            store_down=store_down,
+            redis_client=redis_client,
+            redis_transport_options=redis_transport_options,
         )
         self.redis_url = settings.redis_url
         self.namespace = settings.namespace
@@ -93,15 +122,34 @@ class Fleet:
         self.step_jitter_s = settings.step_jitter_s
         self.dedupe_ttl_s = settings.dedupe_ttl_s
         self.claim_lease_s = settings.claim_lease_s
+        self.defer = settings.defer
+        self.pump_period_s = settings.pump_period_s
+        self.pump_lease_s = settings.pump_lease_s
         self._ledger: Ledger | None = None
         self._claims: ClaimKeeper | None = None
         self.clock: Clock = clock or SystemClock()
-        options = {"password": settings.redis_password} if settings.redis_password else {}
-        self.store = RedisStore(self.redis_url, **options)
-        self.admission = Admission(self.store, self.limits, self.namespace)
+        if settings.redis_client is not None:
+            self.store = RedisStore(client=settings.redis_client)
+        else:
+            self.store = RedisStore(
+                self.redis_url,
+                transport_options=settings.redis_transport_options,
+                password=settings.redis_password,
+            )
+        #: This process's record among the live fleet processes (presence.py).
+        self.presence = Presence(self.store, self.namespace)
+        self.expected_processes = settings.expected_processes
+        #: What admission does while Redis is unreachable (``fleet_store_down``).
+        self.store_down = StoreDown(
+            settings.store_down, self.limits, self.share_of_budgets, held=self._held_via_redis
+        )
+        self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
+        self.presence.held = self.keeper.describe
+        #: Rescheduled tasks waiting in Redis until due (deferred.py; see pump.py).
+        self.deferred = Deferred(self.store, self.namespace)
         #: Event counts for metrics, flushed to Redis in the background (counters.py).
-        self.counters = Counters(self.store, self.namespace)
+        self.counters = Counters(self.store, self.namespace, self.presence)
         self.admission.watchers.append(counters_watcher(self.counters))
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
@@ -179,6 +227,27 @@ class Fleet:
             run=run if run is not None else Run(),
             jitter_s=jitter_s,
         )
+
+    def guarded(
+        self,
+        name: str,
+        *,
+        tokens: int | Callable[..., int] = 0,
+        max_wait: float | None = None,
+        validate: Callable[[Any], object] | None = None,
+        usage: Callable[[Any], int] | None = None,
+    ) -> Guard:
+        """A decorator running each call of a plain function in ``slot(name, ...)``: a
+        bulkhead for a tool. ``tokens`` is an int or a callable of the function's
+        arguments; ``usage(result)`` settles the reservation (see
+        :func:`celery_fleet.guarded.guarded`). Arguments are checked here.
+
+        Example::
+
+            @fleet.guarded("search-api", max_wait=5)
+            def search(query): ...
+        """
+        return guarded(self, name, tokens=tokens, max_wait=max_wait, validate=validate, usage=usage)
 
     # -- idempotency ------------------------------------------------------------------
 
@@ -265,6 +334,40 @@ class Fleet:
         """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""
         return Breaker(self.admission, name)
 
+    def circuit_breaker(
+        self,
+        name: str,
+        *,
+        exclude: Iterable[type[BaseException] | Callable[[Any], bool]] | None = None,
+        listeners: Iterable[Any] | None = None,
+        throw_new_error_on_trip: bool = True,
+        tokens: int = 0,
+        max_wait: float | None = None,
+        **pybreaker_options: Any,
+    ) -> FleetCircuitBreaker:
+        """A ``pybreaker.CircuitBreaker`` whose state is the fleet-wide breaker of limit
+        ``name`` (see :mod:`celery_fleet.circuit`; needs the ``[pybreaker]`` extra).
+
+        Example::
+
+            breaker = fleet.circuit_breaker("search-api", exclude=[NotFound])
+
+            @breaker
+            def search(query): ...
+        """
+        from .circuit import FleetCircuitBreaker
+
+        return FleetCircuitBreaker(
+            self,
+            name,
+            exclude=exclude,
+            listeners=list(listeners or []),
+            throw_new_error_on_trip=throw_new_error_on_trip,
+            tokens=tokens,
+            max_wait=max_wait,
+            **pybreaker_options,
+        )
+
     def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
         """Call ``listener(limit, state)`` when this process changes a breaker's state
         (``"open"``, ``"half_open"``, ``"closed"``). Usable as a decorator."""
@@ -302,6 +405,26 @@ class Fleet:
             self._settled.popitem(last=False)
         return delta
 
+    def _held_via_redis(self, limit: str) -> int:
+        """Slots of ``limit`` this process holds through Redis (the local limiter counts them)."""
+        return sum(
+            1 for s in self.keeper.held() if s.limit == limit and not is_local_lease(s.lease_id)
+        )
+
+    def share_of_budgets(self) -> int:
+        """How many processes share the budgets while Redis is unreachable:
+        ``fleet_expected_processes``, else the live count this process last read, else 1
+        (logged: set ``fleet_expected_processes`` when processes start with Redis away)."""
+        if self.expected_processes is not None:
+            return self.expected_processes
+        if self.presence.last_count is not None:
+            return self.presence.last_count
+        log.warning(
+            "celery-fleet: no count of live fleet processes yet; the local limiter takes "
+            "every budget whole in this process. Set fleet_expected_processes."
+        )
+        return 1
+
     def check(self) -> None:
         """Raise :class:`~celery_fleet.StoreUnavailable` (naming the URL) unless Redis answers."""
         self.store.ping()
@@ -334,6 +457,34 @@ class Fleet:
             self.admission.limit(limit).check_tokens(tokens)
         except ConfigError as exc:
             raise ConfigError(f"task {task_name!r}: {exc}") from None
+
+    # -- coordination -----------------------------------------------------------------
+
+    def lock(self, name: str, ttl: float = DEFAULT_LOCK_TTL_S) -> Lock:
+        """A lease lock on ``name`` shared by every process on this fleet's Redis, renewed
+        while held, with a fencing token per acquisition (see :class:`~celery_fleet.locks.
+        Lock`): ``with fleet.lock("reindex", ttl=30) as lock: write(fence=lock.token)``."""
+        return Lock(self.store, self.namespace, name, ttl, clock=self.clock)
+
+    def leader(
+        self,
+        name: str,
+        lease: float = DEFAULT_LEADER_LEASE_S,
+        on_elected: Callback | None = None,
+        on_lost: Callback | None = None,
+    ) -> Leader:
+        """A candidate in the leader election of ``name`` (not started: ``start()`` it, or
+        use it as a context manager); see :class:`~celery_fleet.election.Leader`."""
+        return Leader(
+            self.store, self.namespace, name, lease, on_elected, on_lost, clock=self.clock
+        )
+
+    def record(
+        self, name: str, ttl: float | None = None, max_bytes: int = DEFAULT_RECORD_MAX_BYTES
+    ) -> Record:
+        """The versioned record ``name``: ``get()`` -> ``(value, version)``,
+        ``compare_and_set(version, value)`` (see :class:`~celery_fleet.records.Record`)."""
+        return Record(self.store, self.namespace, name, ttl, max_bytes)
 
     def reset_connections(self) -> None:
         """Drop this process's Redis client (after a fork); the next call makes a new one."""

@@ -243,13 +243,15 @@ def install(app: Any) -> None:
 
 def held_slots(fleet: Any) -> list[dict[str, Any]]:
     """The slots this process holds: limit, lease, tokens, seconds since the last renewal."""
-    now = fleet.clock.monotonic()
-    return [
-        {"limit": s.limit, "lease": s.lease_id, "tokens": getattr(s, "tokens", 0),
-         "renewed_s_ago": round(now - s.last_renewed, 3)}
-        for s in fleet.keeper.held()
-        if s.lease_id
-    ]  # fmt: skip
+    return fleet.keeper.describe()  # type: ignore[no-any-return]
+
+
+def pool_pids(pool: Any) -> list[int]:
+    """The pids of a prefork pool's processes (none for other pools)."""
+    try:
+        return [int(p.pid) for p in pool._pool._pool]
+    except AttributeError:
+        return []
 
 
 def _inspect_fleet(state: Any) -> dict[str, Any]:
@@ -261,13 +263,16 @@ def _inspect_fleet(state: Any) -> dict[str, Any]:
         limits = {s.limit: s.as_dict() for s in fleet_status(fleet)}
     except FleetError as exc:
         limits = {"error": str(exc)}  # type: ignore[dict-item]
-    return {
-        "pool": pool,
-        "held": held_slots(fleet),
-        # prefork: slots are held in the pool's children, which control commands never reach
-        "held_in_children": pool == "prefork",
-        "limits": limits,
-    }
+    answer: dict[str, Any] = {"pool": pool, "held": held_slots(fleet), "limits": limits}
+    if pool == "prefork":
+        # The pool's processes hold the slots, and control commands never reach them: what
+        # each recorded in Redis at its last presence renewal (every 2 s while it admits).
+        try:
+            by_pid = fleet.presence.held_by(pool_pids(state.consumer.pool))
+        except FleetError as exc:
+            by_pid = {"error": str(exc)}  # type: ignore[dict-item]
+        answer["held_in_children"] = {str(pid): slots for pid, slots in by_pid.items()}
+    return answer
 
 
 def _register_inspect() -> None:

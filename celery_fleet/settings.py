@@ -21,7 +21,9 @@ from typing import Any
 
 from .checks import MAX_SECONDS, check_max_wait, check_name, check_port, number, suggest
 from .config import LimitConfig, parse_limits
+from .connect import SCHEMES, check_transport_options, own_client, sentinel_options_of
 from .errors import ConfigError
+from .fallback import check_policy
 from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
 from .store import has_password, mask_url
 
@@ -32,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_WAIT_S",
     "DEFAULT_MAX_COUNTDOWN_S",
     "BACKOFF",
+    "DEFER_MODES",
     "visibility_timeout",
 ]
 
@@ -41,11 +44,14 @@ DEFAULT_MAX_WAIT_S = 30.0
 DEFAULT_MAX_COUNTDOWN_S = 300.0
 DEFAULT_BACKOFF_BASE_S = 0.1
 DEFAULT_BACKOFF_MAX_S = 30.0
+#: ``fleet_defer``: keep rescheduled tasks in the fleet's Redis until due (published by the
+#: leader's pump, see pump.py), or publish them at once with a countdown (an ETA message).
+DEFER_MODES = ("redis", "countdown")
 #: How reschedule countdowns grow with the reschedule count (``fleet_backoff``).
 BACKOFF = ("full", "decorrelated")
 #: Kombu's default visibility timeout of the Redis and SQS transports (seconds).
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = SCHEMES  # redis, rediss, unix, sentinel, redis+cluster, rediss+cluster
 # Brokers that hand an unacknowledged message to another consumer after a visibility
 # timeout: an ETA longer than that is delivered again and again (kombu#337).
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sentinel://", "sqs://", "unix://")
@@ -54,6 +60,11 @@ _VISIBILITY_BROKERS = ("redis://", "rediss://", "sentinel://", "sqs://", "unix:/
 SETTINGS = {
     "fleet_redis_url": "Redis URL of the fleet's shared state (default: the broker URL)",
     "fleet_redis_password": "password for fleet_redis_url, kept out of the URL",
+    "fleet_redis_transport_options": "for fleet_redis_url: Sentinel master_name, sentinel_kwargs, "
+    "min_other_sentinels, socket timeouts (default with the broker's sentinel:// URL: "
+    "its broker_transport_options' Sentinel options)",
+    "fleet_redis_client": "a redis.Redis or RedisCluster client, or a zero-argument factory "
+    "of one (called in each process), instead of fleet_redis_url",
     "fleet_namespace": "prefix of every Redis key (default 'fleet')",
     "fleet_limits": "limit name -> options",
     "fleet_max_wait": "seconds fleet.slot() waits for admission in place (default 30)",
@@ -67,6 +78,14 @@ SETTINGS = {
     "fleet_dedupe_ttl": "seconds an idempotency key's record is kept after its last event (1 day)",
     "fleet_claim_lease": "seconds a running key's claim lives without renewal (default 15)",
     "fleet_metrics_port": "TCP port a worker serves Prometheus /metrics on (default: none)",
+    "fleet_defer": "where rescheduled tasks wait: 'redis' (default; published when due by the "
+    "fleet's leader) or 'countdown' (an ETA message)",
+    "fleet_pump_period": "seconds between two rounds of the deferred-task pump (default 1)",
+    "fleet_pump_lease": "seconds of the pump leader's lease: the failover time (default 15)",
+    "fleet_store_down": "while the fleet's Redis is unreachable: 'local' (default), 'open', "
+    "'closed'",
+    "fleet_expected_processes": "fleet processes sharing the budgets when Redis is unreachable "
+    "(default: the number last seen live)",
 }
 
 
@@ -88,6 +107,15 @@ class FleetSettings:
     step_jitter_s: float = 0.0
     dedupe_ttl_s: float = 86_400.0
     claim_lease_s: float = 15.0
+    store_down: str = "local"
+    defer: str = "redis"
+    pump_period_s: float = 1.0
+    pump_lease_s: float = 15.0
+    expected_processes: int | None = None
+    redis_transport_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The user's own client or factory (``fleet_redis_client``); ``redis_url`` then
+    #: describes where it connects.
+    redis_client: Any = field(default=None, repr=False)
 
 
 def load_settings(
@@ -97,13 +125,22 @@ def load_settings(
     limits: Mapping[str, Any] | None = None,
     namespace: str | None = None,
     max_wait: float | None = None,
+    store_down: str | None = None,
+    redis_client: Any = None,
+    redis_transport_options: Mapping[str, Any] | None = None,
 ) -> FleetSettings:
     """Read and validate the ``fleet_*`` settings of ``conf``; keyword arguments win."""
     reject_unknown_settings(conf)
     password = conf.get("fleet_redis_password")
     if password is not None and not isinstance(password, str):
         raise ConfigError("fleet_redis_password must be a string")
-    url = _resolve_redis_url(redis_url, conf)
+    client = redis_client if redis_client is not None else conf.get("fleet_redis_client")
+    transport_options = (
+        redis_transport_options
+        if redis_transport_options is not None
+        else conf.get("fleet_redis_transport_options")
+    )
+    url, transport = _resolve_redis(redis_url, client, conf, password, transport_options)
     configured = conf.get("fleet_redis_url")
     if isinstance(configured, str) and has_password(configured):
         log.warning(
@@ -130,7 +167,16 @@ def load_settings(
         lo_open=0.0,
         hi=MAX_SECONDS,
     )
+    expected = conf.get("fleet_expected_processes")
+    if expected is not None:
+        if isinstance(expected, bool) or not isinstance(expected, int):
+            raise ConfigError(f"fleet_expected_processes must be an int, got {expected!r}")
+        expected = int(number(expected, "fleet_expected_processes", lo=1.0, hi=1_000_000.0))
     return FleetSettings(
+        store_down=check_policy(
+            store_down if store_down is not None else conf.get("fleet_store_down", "local")
+        ),
+        expected_processes=expected,
         backoff=backoff,
         backoff_max_s=min(backoff_max, max_countdown),
         backoff_base_s=number(
@@ -148,6 +194,13 @@ def load_settings(
         step_jitter_s=number(
             conf.get("fleet_step_jitter", 0.0), "fleet_step_jitter", lo=0.0, hi=60.0
         ),
+        defer=_check_defer(conf.get("fleet_defer", "redis")),
+        pump_period_s=number(
+            conf.get("fleet_pump_period", 1.0), "fleet_pump_period", lo=0.05, hi=60.0
+        ),
+        pump_lease_s=number(
+            conf.get("fleet_pump_lease", 15.0), "fleet_pump_lease", lo=1.0, hi=600.0
+        ),
         redis_url=url,
         namespace=check_name(
             namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
@@ -163,6 +216,8 @@ def load_settings(
         ),
         max_countdown_s=max_countdown,
         redis_password=password,
+        redis_transport_options=transport,
+        redis_client=client,
         step_ttl_s=number(
             conf.get("fleet_step_ttl", DEFAULT_STEP_TTL_S), "fleet_step_ttl", lo=1.0, hi=MAX_SECONDS
         ),
@@ -175,6 +230,12 @@ def load_settings(
             )
         ),
     )
+
+
+def _check_defer(value: object) -> str:
+    if value not in DEFER_MODES:
+        raise ConfigError(f"fleet_defer must be one of {DEFER_MODES}, got {value!r}")
+    return str(value)
 
 
 def reject_unknown_settings(conf: Mapping[str, Any]) -> None:
@@ -221,6 +282,42 @@ def check_visibility_timeout(conf: Mapping[str, Any], max_countdown_s: float) ->
         )
 
 
+def _resolve_redis(
+    explicit: str | None,
+    client: object,
+    conf: Mapping[str, Any],
+    password: str | None,
+    options: object,
+) -> tuple[str, dict[str, Any]]:
+    """The fleet's Redis URL (a description for an own client) and its transport options.
+
+    A fleet on the broker's ``sentinel://`` URL takes the broker's Sentinel options
+    (``master_name``...) unless ``fleet_redis_transport_options`` is set.
+    """
+    if client is not None:
+        given = [
+            name
+            for name, value in (
+                ("fleet_redis_url / redis_url", explicit or conf.get("fleet_redis_url")),
+                ("fleet_redis_transport_options", options),
+                ("fleet_redis_password", password),
+            )
+            if value
+        ]
+        if given:
+            raise ConfigError(
+                f"fleet_redis_client is set, and so is {', '.join(given)}: configure the "
+                f"client itself, or set a URL instead of the client"
+            )
+        return own_client(client, "fleet_redis_client").url, {}
+    url = _resolve_redis_url(explicit, conf)
+    if options is not None:
+        return url, check_transport_options(options, "fleet_redis_transport_options")
+    if explicit is None and not conf.get("fleet_redis_url") and url.startswith("sentinel://"):
+        return url, sentinel_options_of(conf.get("broker_transport_options"))
+    return url, {}
+
+
 def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:
     if explicit is not None:
         return _check_url(explicit, "redis_url")
@@ -240,7 +337,7 @@ def _resolve_redis_url(explicit: str | None, conf: Mapping[str, Any]) -> str:
 def _check_url(url: object, setting: str) -> str:
     if not isinstance(url, str) or not url.startswith(_REDIS_SCHEMES):
         raise ConfigError(
-            f"{setting} must be a redis://, rediss:// or unix:// URL, got "
+            f"{setting} must be a {', '.join(_REDIS_SCHEMES)} URL, got "
             f"{mask_url(url) if isinstance(url, str) else url!r}"
         )
     return url

@@ -25,19 +25,36 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis
 from redis.exceptions import NoScriptError
 
 from .batch import Combiner, Packed
+from .cluster import ClusterCombiner
+from .connect import (
+    Client,
+    ClientSource,
+    Target,
+    is_cluster,
+    make_client,
+    own_client,
+    parse_url,
+)
 from .errors import ConfigError, FleetError, StoreUnavailable
 
-__all__ = ["RedisStore", "mask_url", "has_password", "script_source", "eviction_risk"]
+__all__ = [
+    "RedisStore",
+    "mask_url",
+    "has_password",
+    "script_source",
+    "eviction_risk",
+    "IDEMPOTENT",
+]
 
 log = logging.getLogger("celery_fleet")
 
@@ -45,6 +62,13 @@ log = logging.getLogger("celery_fleet")
 MAX_CONNECTIONS = 10_000
 #: The longest single blocking wait (BLPOP) for a wake-up.
 MAX_BLOCK_S = 10.0
+
+#: Scripts that may run twice with the effect of once: the store sends them again when
+#: the connection drops under them. ``acquire`` is not here: its resend marks itself a
+#: retry so the script answers with the lease the first send may have made (admission.py).
+IDEMPOTENT = frozenset(
+    {"release", "leave", "settle", "renew", "observe", "presence", "empty_missing"}
+)
 
 SCRIPTS = (
     "acquire",
@@ -59,6 +83,16 @@ SCRIPTS = (
     "ledger_claim",
     "ledger_renew",
     "ledger_finish",
+    "presence",
+    "lock_acquire",
+    "lock_renew",
+    "lock_release",
+    "record_cas",
+    "defer_add",
+    "defer_take",
+    "defer_ack",
+    "empty_missing",
+    "defer_fate",
 )
 
 
@@ -153,9 +187,14 @@ class RedisStore:
         reply = store.run("acquire", keys=[...], args=[...])
     """
 
-    def __init__(self, url: str, **client_options: Any) -> None:
-        self.url = url
-        self.safe_url = mask_url(url)
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: ClientSource | None = None,
+        transport_options: Mapping[str, Any] | None = None,
+        **client_options: Any,
+    ) -> None:
         # redis-py 8 caps a pool at 100 connections; every waiter blocked on its wake-up
         # holds one, so a worker with 200 threads would fail with "Too many connections".
         # A max_connections in the URL's query still wins.
@@ -165,18 +204,26 @@ class RedisStore:
             "max_connections": MAX_CONNECTIONS,
             **client_options,
         }
-        try:  # parse now (no connection): a bad port or option is a ConfigError at start-up
-            redis.ConnectionPool.from_url(url, **self._options).disconnect()
-        except (ValueError, TypeError) as exc:
-            message = str(exc).replace(url, self.safe_url)
-            raise ConfigError(f"invalid Redis URL {self.safe_url}: {message}") from None
+        # Parsed now, nothing connects: a bad URL, port or option is a ConfigError at
+        # start-up (connect.py: plain, sentinel:// and redis+cluster:// URLs, own clients).
+        if client is not None:
+            if url is not None or transport_options:
+                raise ConfigError("give the fleet's store a Redis URL or a client, not both")
+            self.target: Target = own_client(client)
+        elif url is None:
+            raise ConfigError("the fleet's store needs a Redis URL or a client")
+        else:
+            safe = ";".join(mask_url(part) for part in url.split(";"))
+            self.target = parse_url(url, safe, self._options, transport_options)
+        self.url = self.target.url
+        self.safe_url = self.target.safe_url
         self._checked_pid: int | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._client: redis.Redis | None = None
-        self._blocking: redis.Redis | None = None
+        self._client: Client | None = None
+        self._blocking: Client | None = None
         self._blocking_pid: int | None = None
-        self._combiner: Combiner | None = None
+        self._combiner: Combiner | ClusterCombiner | None = None
         self._combiner_pid: int | None = None
         _live_stores.add(self)
         self._shas = {name: _sha1(script_source(name)) for name in SCRIPTS}
@@ -189,20 +236,21 @@ class RedisStore:
         self._combiner, self._combiner_pid = None, None
 
     @property
-    def client(self) -> redis.Redis:
-        """This process's client (created on first use, and again after a fork)."""
+    def client(self) -> Client:
+        """This process's client (created on first use, and again after a fork): a
+        ``redis.Redis`` (one server, or a Sentinel-managed master) or a ``RedisCluster``."""
         pid = os.getpid()
         if self._pid != pid or self._client is None:
             with self._lock:
                 if self._pid != pid or self._client is None:
-                    client = redis.Redis.from_url(self.url, **self._options)
+                    client = make_client(self.target)
                     self._client, self._pid = client, pid
                     if self._checked_pid != pid:
                         self._checked_pid = pid
                         self._warn_if_evicting(client)
         return self._client
 
-    def _warn_if_evicting(self, client: redis.Redis) -> None:
+    def _warn_if_evicting(self, client: Client) -> None:
         """Log loudly, once per process, when this Redis may evict the fleet's keys."""
         try:
             conf = client.config_get("maxmemory*")
@@ -230,7 +278,17 @@ class RedisStore:
         Called directly rather than through redis-py's ``Script`` wrapper, which copies the
         arguments on every call: this is the hot path. When the server answers NOSCRIPT
         (flush, failover, a fresh server) the source is loaded and the call made again.
+        A script in :data:`IDEMPOTENT` is sent once more, on a new connection, when the
+        connection drops under it (running it twice changes nothing).
         """
+        try:
+            return self._run(script, keys, args)
+        except StoreUnavailable as exc:
+            if not (exc.dropped and script in IDEMPOTENT):
+                raise
+            return self._run(script, keys, args)
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         self.drain()
         try:
             client = self.client
@@ -256,8 +314,17 @@ class RedisStore:
         coalesced with those other threads of this process send at the same moment.
 
         Returns the replies in order; the first error among them is raised, translated as
-        in :meth:`run`.
+        in :meth:`run`. When the connection drops under calls that are all
+        :data:`IDEMPOTENT`, they are sent once more.
         """
+        try:
+            return self._send(commands)
+        except StoreUnavailable as exc:
+            if not (exc.dropped and all(script in IDEMPOTENT for script, _ in commands)):
+                raise
+            return self._send(commands)
+
+    def _send(self, commands: tuple[tuple[str, bytes], ...]) -> list[Any]:
         combiner = self.combiner
         try:
             replies = combiner.send(list(commands))
@@ -299,33 +366,51 @@ class RedisStore:
             combiner.drain()
 
     @property
-    def combiner(self) -> Combiner:
-        """This process's :class:`~celery_fleet.batch.Combiner` (again after a fork)."""
+    def combiner(self) -> Combiner | ClusterCombiner:
+        """This process's :class:`~celery_fleet.batch.Combiner` (again after a fork), or for
+        a Redis Cluster a :class:`~celery_fleet.cluster.ClusterCombiner` (same interface)."""
         pid = os.getpid()
         if self._combiner_pid != pid or self._combiner is None:
+            cluster = self.target.cluster
+            if self.target.kind == "client":  # a factory's client tells what it is
+                try:
+                    cluster = is_cluster(self.client)
+                except redis.RedisError as exc:
+                    raise self._translate(exc, "connect") from exc
             with self._lock:
                 if self._combiner_pid != pid or self._combiner is None:
-                    self._combiner = Combiner(lambda: self.client, self._load)
+                    if cluster:
+                        self._combiner = ClusterCombiner(lambda: self.client, self._load)
+                    else:
+                        plain = lambda: cast(redis.Redis, self.client)  # noqa: E731
+                        self._combiner = Combiner(plain, self._load)
                     self._combiner_pid = pid
         return self._combiner
 
-    def _load(self, client: redis.Redis, script: str) -> None:
+    def _load(self, client: Client, script: str) -> None:
         client.script_load(script_source(script))
 
     def call(self, command: str, *args: Any) -> Any:
-        """Run one plain Redis command with the same error translation as :meth:`run`."""
-        self.drain()
-        try:
-            return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-        except redis.RedisError as exc:
-            raise self._translate(exc, command) from exc
+        """Run one plain Redis command with the same error translation as :meth:`run`,
+        once more when the connection drops under it (the fleet only sends idempotent
+        plain commands: reads, ``HDEL``, ``DEL``)."""
+        for last in (False, True):
+            self.drain()
+            try:
+                return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+            except redis.RedisError as exc:
+                error = self._translate(exc, command)
+                if last or not getattr(error, "dropped", False):
+                    raise error from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _translate(self, exc: redis.RedisError, what: str) -> FleetError:
         """The fleet error for a Redis error: unreachable or unwritable Redis is
         :class:`StoreUnavailable`; anything else a :class:`FleetError` naming ``what``."""
         message = str(exc).replace(self.url, self.safe_url)
         if isinstance(exc, _UNAVAILABLE_ERRORS) or _UNAVAILABLE_REPLY.search(message):
-            return StoreUnavailable(self.safe_url, f"{type(exc).__name__}: {message}")
+            dropped = isinstance(exc, redis.ConnectionError)  # not a timeout: not frozen
+            return StoreUnavailable(self.safe_url, f"{type(exc).__name__}: {message}", dropped)
         return FleetError(f"celery-fleet {what} failed on {self.safe_url}: {message}")
 
     def blpop(self, key: str, timeout_s: float) -> bool:
@@ -342,18 +427,30 @@ class RedisStore:
                 "BLPOP", key, f"{timeout:.3f}"
             )
         except redis.RedisError as exc:
-            raise self._translate(exc, "BLPOP") from exc
+            error = self._translate(exc, "BLPOP")
+            if getattr(error, "dropped", False) and self.ping_once():
+                # The pop may have happened with its reply lost: say "woken", so the
+                # waiter asks again now (asking is always safe; a lost wake-up is not).
+                return True
+            raise error from exc
         return reply is not None
 
+    def ping_once(self) -> bool:
+        """True when Redis answers one PING (no retry), False when it does not."""
+        try:
+            self.client.execute_command("PING")  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            return False
+        return True
+
     @property
-    def blocking_client(self) -> redis.Redis:
+    def blocking_client(self) -> Client:
         """This process's client for blocking calls (socket timeout beyond ``MAX_BLOCK_S``)."""
         pid = os.getpid()
         if self._blocking_pid != pid or self._blocking is None:
             with self._lock:
                 if self._blocking_pid != pid or self._blocking is None:
-                    options = {**self._options, "socket_timeout": MAX_BLOCK_S + 5.0}
-                    self._blocking = redis.Redis.from_url(self.url, **options)
+                    self._blocking = make_client(self.target, socket_timeout=MAX_BLOCK_S + 5.0)
                     self._blocking_pid = pid
         return self._blocking
 

@@ -16,20 +16,30 @@ ORDER = [
     "checks",
     "config",
     "batch",
+    "cluster",
+    "connect",
     "store",
     "providers",
     "backoff",
     "line",
     "decision",
+    "fallback",
     "admission",
     "adaptive",
     "breaker",
     "run",
     "steps",
     "counters",
+    "presence",
+    "deferred",
     "ledger",
     "keeper",
+    "locks",
+    "election",
+    "records",
     "slot",
+    "guarded",
+    "circuit",
     "settings",
     "signals",
     "stagger",
@@ -39,10 +49,11 @@ ORDER = [
     "fleet",
     "status",
     "metrics",
+    "pump",
     "task",
     "cli",
 ]
-CORE = ORDER[: ORDER.index("slot") + 1]
+CORE = ORDER[: ORDER.index("circuit") + 1]  # the last Celery-independent module
 PACKAGE = Path(celery_fleet.__file__).parent
 
 
