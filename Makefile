@@ -110,5 +110,10 @@ OUTAGE_ARGS ?=
 bench-outage: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/outage.py $(OUTAGE_ARGS)
 
+## 1,000 coroutines (fleet.aslot) against 1,000 threads (fleet.slot) in one process.
+.PHONY: bench-aio
+bench-aio: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/aio.py $(AIO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

@@ -39,6 +39,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .calls import PackedCalls, ScriptCall, Steps, drive
 from .checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from .config import REQUESTS, LimitConfig
 from .decision import (
@@ -56,6 +57,7 @@ from .fallback import StoreDown, is_local_lease
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 from .store import RedisStore
+from .wakeups import listener_for
 
 log = logging.getLogger("celery_fleet")
 
@@ -182,21 +184,28 @@ class Admission:
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
     ) -> Decision:
+        return drive(self.acquire_steps(cfg, tokens, lease_id, since_ms, join), self.store)
+
+    def acquire_steps(
+        self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+    ) -> Steps[Decision]:
+        """One ask of checked arguments, as calls (see :mod:`celery_fleet.calls`): the
+        store-down policy and the resend after a dropped connection included."""
         down = self.store_down
         if down is not None and down.skip_store():
             return down.admit(cfg, tokens, lease_id)
         try:
             try:
-                (reply,) = self.store.send(
-                    self.acquire_command(cfg.name, tokens, lease_id, since_ms, join)
+                (reply,) = yield PackedCalls(
+                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join),)
                 )
             except StoreUnavailable as exc:
                 if not exc.dropped:
                     raise
                 # The first ask may have admitted before the connection dropped: the
                 # resend answers with that lease instead of charging again.
-                (reply,) = self.store.send(
-                    self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, retry=True)
+                (reply,) = yield PackedCalls(
+                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, True),)
                 )
         except StoreUnavailable as exc:
             if down is None:
@@ -204,20 +213,21 @@ class Admission:
             down.failed(exc)
             return down.admit(cfg, tokens, lease_id)
         if down is not None and down.down_since is not None and down.answered():
-            self.empty_missing_windows()
+            yield from self.empty_missing_steps()
         return self.decision(cfg.name, tokens, reply)
 
     def empty_missing_windows(self) -> int:
         """Start every window Redis no longer has (it restarted empty during an outage) as
         an empty bucket rather than a full one; returns how many were missing. Errors are
         logged: the next outage's end tries again."""
+        return drive(self.empty_missing_steps(), self.store)
+
+    def empty_missing_steps(self) -> Steps[int]:
         missing = 0
         for name, cfg in self.limits.items():
             args = [x for w in cfg.windows for x in (w.field, repr(w.tolerance_ms))]
             try:
-                missing += int(
-                    self.store.run("empty_missing", keys=[self._keys[name].ctl], args=args)
-                )
+                missing += int((yield ScriptCall("empty_missing", [self._keys[name].ctl], args)))
             except FleetError as exc:
                 log.warning("celery-fleet: could not check the windows of %r: %s", name, exc)
         if missing:
@@ -239,6 +249,16 @@ class Admission:
         """The packed acquire of already checked arguments, for :meth:`RedisStore.send`.
         ``retry`` marks an ask sent again after the connection dropped under it."""
         join_arg = (b"3" if join else b"2") if retry else (b"1" if join else b"0")
+        return self._pack_acquire(name, tokens, lease_id, since_ms, join_arg)
+
+    def lookup_command(self, name: str, lease_id: str) -> tuple[str, bytes]:
+        """The packed look-up of the lease an ask with ``lease_id`` may have made (an ask
+        cancelled in flight): admitted with it, or refused as ``gone``; nothing changes."""
+        return self._pack_acquire(name, 0, lease_id, 0, b"4")
+
+    def _pack_acquire(
+        self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
+    ) -> tuple[str, bytes]:
         packed = self._acquire_cmd[name].pack(
             lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
         )
@@ -282,22 +302,23 @@ class Admission:
     def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
         """Block until ``ticket`` is woken (its turn may have come) or ``timeout_s`` passes.
 
-        One BLPOP on the ticket's own list: no polling, and a release wakes exactly the
-        waiter whose turn it is. True when woken. Ask again either way (the ask also keeps
+        The release that makes its turn pushes onto the ticket's own list; this process's
+        one listener of the limit (:mod:`celery_fleet.wakeups`) pops it and wakes exactly
+        this waiter: no polling, one blocking connection per process and limit, whatever
+        the number of waiters. True when woken. Ask again either way (the ask also keeps
         the ticket alive).
         """
-        return self.store.blpop(self.keys(name).wake + ticket, timeout_s)
+        return listener_for(self.store, self.keys(name).wake).wait(ticket, timeout_s)
 
     def leave(self, name: str, ticket: str) -> bool:
         """Give up ``ticket``'s place in line (the caller stopped waiting), waking the next
         waiter if it was first. True if it was in line. Idempotent."""
+        return drive(self.leave_steps(name, ticket), self.store)
+
+    def leave_steps(self, name: str, ticket: str) -> Steps[bool]:
         k = self.keys(name)
-        reply = self.store.run(
-            "leave",
-            keys=[k.line, k.waiting, k.wake],
-            args=[ticket, TICKET_TTL_MS, WAKE_GRACE_MS],
-        )
-        return bool(reply)
+        args = [ticket, TICKET_TTL_MS, WAKE_GRACE_MS]
+        return bool((yield ScriptCall("leave", [k.line, k.waiting, k.wake], args)))
 
     def line(self, name: str) -> list[tuple[str, float]]:
         """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""
@@ -315,11 +336,16 @@ class Admission:
         most 10 minutes: a longer wait is a quota running out, not a throttle).
         ``released`` is False when the lease had already expired.
         """
+        return drive(self.release_steps(name, lease_id, outcome, retry_after_ms), self.store)
+
+    def release_steps(
+        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+    ) -> Steps[Release]:
         if is_local_lease(lease_id) and self.store_down is not None:
             held = self.store_down.release(name, lease_id)
             return Release(held, 0, 0.0)
         command = self.release_command(name, lease_id, outcome, retry_after_ms, clock=True)
-        (reply,) = self.store.send(command)
+        (reply,) = yield PackedCalls((command,))
         return self.released(name, reply)
 
     def release_command(
@@ -362,6 +388,9 @@ class Admission:
         With ``lease_id``, raises :class:`~celery_fleet.LeaseLost` (after lowering: what the
         provider said is true either way) when that lease is no longer held.
         """
+        return drive(self.observe_steps(name, obs, lease_id), self.store)
+
+    def observe_steps(self, name: str, obs: Observation, lease_id: str | None = None) -> Steps[int]:
         cfg = self.limit(name)
         k = self._keys[name]
         args: list[object] = []
@@ -381,10 +410,8 @@ class Admission:
         if is_local_lease(lease_id):
             lease_id = None  # what the provider said still lowers the shared buckets
         try:
-            lowered, held = self.store.run(
-                "observe",
-                keys=[k.ctl, k.leases],
-                args=[lease_id or "", factor, len(args) // 4, *args],
+            lowered, held = yield ScriptCall(
+                "observe", [k.ctl, k.leases], [lease_id or "", factor, len(args) // 4, *args]
             )
         except StoreUnavailable as exc:
             if self.store_down is None:
@@ -437,6 +464,11 @@ class Admission:
         in tokens. With ``must_hold``, raises :class:`~celery_fleet.LeaseLost` (after
         charging: the provider counted the tokens either way) when the lease is gone.
         """
+        return drive(self.settle_steps(name, lease_id, actual, reserved, must_hold), self.store)
+
+    def settle_steps(
+        self, name: str, lease_id: str, actual: int, reserved: int, must_hold: bool = False
+    ) -> Steps[int]:
         cfg = self.limit(name)
         actual = cfg.check_usage(actual, "settle(tokens=...)")
         reserved = cfg.check_usage(reserved, "settle(reserved=...)")
@@ -445,10 +477,10 @@ class Admission:
         if down is not None and is_local_lease(lease_id):
             return down.settle(cfg, lease_id, actual)
         try:
-            known, delta, _now, held = self.store.run(
+            known, delta, _now, held = yield ScriptCall(
                 "settle",
-                keys=[k.ctl, k.settled, k.leases],
-                args=[lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
+                [k.ctl, k.settled, k.leases],
+                [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
             )
         except StoreUnavailable as exc:
             if down is None:
@@ -475,15 +507,20 @@ class Admission:
         no longer has was lost by Redis (restart, flush, eviction) and is put back while
         the in-flight cap has room. Returns ``(lost ids, restored ids)``.
         """
+        return drive(self.renew_steps(name, leases), self.store)
+
+    def renew_steps(
+        self, name: str, leases: list[tuple[str, int]]
+    ) -> Steps[tuple[list[str], list[str]]]:
         leases = [(lease, tokens) for lease, tokens in leases if not is_local_lease(lease)]
         if not leases:
             return [], []
         cfg = self.limit(name)
         k = self._keys[name]
-        reply = self.store.run(
+        reply = yield ScriptCall(
             "renew",
-            keys=[k.leases, k.settled, k.breaker, k.ctl],
-            args=[
+            [k.leases, k.settled, k.breaker, k.ctl],
+            [
                 int(cfg.lease_s * 1000),
                 cfg.max_in_flight or 0,
                 cfg.adaptive.initial_in_flight if cfg.adaptive else 0,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import adaptive, signals
 from .admission import Admission, Decision, Release
+from .aslot import AsyncMethods
 from .backoff import decorrelated_jitter, full_jitter, spread
 from .breaker import Breaker
 from .checks import check_max_wait, number
@@ -66,7 +67,7 @@ _by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
 _all: weakref.WeakSet[Fleet] = weakref.WeakSet()
 
 
-class Fleet:
+class Fleet(AsyncMethods):
     """Admission control for a Celery app (or a plain process), backed by one Redis.
 
     Args:

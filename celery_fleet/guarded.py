@@ -36,7 +36,7 @@ from .checks import check_max_wait
 from .errors import ConfigError
 from .slot import Slot
 
-__all__ = ["guarded", "Guard", "SlotSource"]
+__all__ = ["guarded", "aguarded", "Guard", "SlotSource"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -87,26 +87,7 @@ def guarded(
     429 / overload (``Throttled``) or an exhausted quota (``QuotaExhausted``); any other
     exception of the function propagates unchanged after the breaker has seen it.
     """
-    if callable(name) and not isinstance(name, str):
-        raise ConfigError(
-            f"guarded needs the limit's name: write @fleet.guarded('limit'), with "
-            f"parentheses (got the function {name!r})"
-        )
-    cfg = fleet.admission.limit(name)
-    if not callable(tokens):
-        cfg.check_tokens(tokens)
-    if max_wait is not None:
-        check_max_wait(max_wait)
-    if validate is not None and not callable(validate):
-        raise ConfigError(f"validate must be a callable result -> bool, got {validate!r}")
-    if usage is not None:
-        if not callable(usage):
-            raise ConfigError(f"usage must be a callable result -> tokens, got {usage!r}")
-        if not cfg.token_windows:
-            raise ConfigError(
-                f"usage settles tokens, but limit {name!r} has no token budget "
-                f"(set 'tpm' or 'tokens' in fleet_limits[{name!r}], or drop usage=)"
-            )
+    cfg = _check_guard(fleet, name, tokens, max_wait, validate, usage)
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         _check_plain_function(func, name)
@@ -127,6 +108,78 @@ def guarded(
         return call
 
     return decorate
+
+
+def aguarded(
+    fleet: Any,
+    name: str,
+    *,
+    tokens: int | Callable[..., int] = 0,
+    max_wait: float | None = None,
+    validate: Callable[[Any], object] | None = None,
+    usage: Callable[[Any], int] | None = None,
+) -> Any:
+    """:func:`guarded` for coroutine functions: each call awaited inside
+    ``fleet.aslot(name, ...)``, the loop never blocked. Same arguments and checks;
+    ``validate`` may be a coroutine function."""
+    cfg = _check_guard(fleet, name, tokens, max_wait, validate, usage)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.iscoroutinefunction(inspect.unwrap(func)):
+            raise ConfigError(
+                f"@fleet.aguarded({name!r}) takes coroutine functions (async def); "
+                f"{func!r} is not one: use @fleet.guarded for plain functions"
+            )
+
+        @functools.wraps(func)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if callable(tokens):
+                reserve = cfg.check_tokens(tokens(*args, **kwargs), "tokens(...)")
+            else:
+                reserve = tokens
+            slot = fleet.aslot(name, tokens=reserve, max_wait=max_wait, validate=validate)
+            async with slot:
+                result = await func(*args, **kwargs)
+                await slot.validate(result)
+                if usage is not None:
+                    await slot.settle(usage(result))
+            return result
+
+        return call
+
+    return decorate
+
+
+def _check_guard(
+    fleet: Any,
+    name: str,
+    tokens: object,
+    max_wait: float | None,
+    validate: object,
+    usage: object,
+) -> Any:
+    """Everything a guard can check when it is applied; the limit's configuration."""
+    if callable(name) and not isinstance(name, str):
+        raise ConfigError(
+            f"guarded needs the limit's name: write @fleet.guarded('limit'), with "
+            f"parentheses (got the function {name!r})"
+        )
+    cfg = fleet.admission.limit(name)
+    if not callable(tokens):
+        cfg.check_tokens(tokens)
+    if max_wait is not None:
+        check_max_wait(max_wait)
+    if validate is not None and not callable(validate):
+        raise ConfigError(f"validate must be a callable result -> bool, got {validate!r}")
+    if usage is not None:
+        if not callable(usage):
+            raise ConfigError(f"usage must be a callable result -> tokens, got {usage!r}")
+        if not cfg.token_windows:
+            raise ConfigError(
+                f"usage settles tokens, but limit {name!r} has no token budget "
+                f"(set 'tpm' or 'tokens' in fleet_limits[{name!r}], or drop usage=)"
+            )
+    return cfg
 
 
 def _check_plain_function(func: object, name: str) -> None:

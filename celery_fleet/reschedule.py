@@ -49,7 +49,7 @@ GUESSED_WAITS = frozenset({"circuit_open", "key_busy", "store_down"})
 def backup_grace_s(fleet: Any) -> float:
     """How long after its copy is due the broker's backup is delivered (and again, as long
     as the copy still waits): two pump periods and two leader failovers."""
-    return 2.0 * (fleet.pump_period_s + fleet.pump_lease_s)
+    return float(2.0 * (fleet.pump_period_s + fleet.pump_lease_s))
 
 
 def encode(app: Any, signature: Any) -> bytes:

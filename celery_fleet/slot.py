@@ -207,41 +207,49 @@ class Slot:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line
             if decision.allowed:
                 return decision, asked_at
-            self.ahead = decision.ahead
-            if decision.reason == "store_down":  # fleet_store_down="closed": backpressure
-                self._refused(decision)
-                raise Throttled(self.limit, decision.wait_ms, decision.reason)
-            if decision.reason == "circuit_open":
-                # Do not hold a worker for the reset timeout: a task reschedules instead.
-                self._refused(decision)
-                raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
-            if decision.reason == "in_flight" and self.max_wait_s == math.inf:
-                self._refuse_self_deadlock()
-            remaining = self.max_wait_s - (self.clock.monotonic() - start)
-            wait_s = decision.wait_ms / 1000.0
-            # A rate or pause wait is exact: when it ends past the deadline, give up now.
-            # The in-flight wait is a guess (a holder may finish any moment): keep waiting.
-            # A place in line is an estimate good enough to give up on when far off.
-            exact = decision.reason not in ("in_flight", "queued")
-            hopeless = wait_s > (remaining if exact else 2 * remaining)
-            self._warn_if_line_too_long(decision)
-            if remaining <= 0 or (decision.reason != "in_flight" and hopeless):
-                self._refused(decision)
-                raise Throttled(self.limit, decision.wait_ms, decision.reason)
-            if exact:
-                # First in line (or paused): nobody can shorten this wait, so sleep it out,
-                # in pieces shorter than the grace a woken ticket has to ask again.
-                self.clock.sleep(min(remaining, NEXT_IN_LINE_S - 1.0, wait_s + 0.001))
+            move, seconds = self.next_move(decision, start)
+            if move == "sleep":
+                self.clock.sleep(seconds)
             else:
-                # Woken when a release or the admission before it makes this ticket's turn.
-                # Second in line asks more often: a first that died after being woken is
-                # dropped by the next ask past its grace, and nobody else is asking then.
-                # The others re-ask at a jittered interval: tickets that joined together
-                # do not keep asking together.
-                every = (
-                    NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
-                )
-                self._wait_for_wake_up(ticket, min(remaining, every), wait_s)
+                self._wait_for_wake_up(ticket, seconds, decision.wait_ms / 1000.0)
+
+    def next_move(self, decision: Decision, start: float) -> tuple[str, float]:
+        """What a refused ask does next: ``("sleep", s)`` (an exact wait), ``("wait", s)``
+        (for a wake-up, at most ``s``), or raise ``Throttled``/``CircuitOpen`` (give up
+        now). The one decision :class:`Slot` and :class:`~celery_fleet.aslot.AsyncSlot`
+        share; they differ only in how they sleep and wait."""
+        self.ahead = decision.ahead
+        if decision.reason == "store_down":  # fleet_store_down="closed": backpressure
+            self._refused(decision)
+            raise Throttled(self.limit, decision.wait_ms, decision.reason)
+        if decision.reason == "circuit_open":
+            # Do not hold a worker for the reset timeout: a task reschedules instead.
+            self._refused(decision)
+            raise CircuitOpen(self.limit, decision.wait_ms, decision.reason)
+        if decision.reason == "in_flight" and self.max_wait_s == math.inf:
+            self._refuse_self_deadlock()
+        remaining = self.max_wait_s - (self.clock.monotonic() - start)
+        wait_s = decision.wait_ms / 1000.0
+        # A rate or pause wait is exact: when it ends past the deadline, give up now.
+        # The in-flight wait is a guess (a holder may finish any moment): keep waiting.
+        # A place in line is an estimate good enough to give up on when far off.
+        exact = decision.reason not in ("in_flight", "queued")
+        hopeless = wait_s > (remaining if exact else 2 * remaining)
+        self._warn_if_line_too_long(decision)
+        if remaining <= 0 or (decision.reason != "in_flight" and hopeless):
+            self._refused(decision)
+            raise Throttled(self.limit, decision.wait_ms, decision.reason)
+        if exact:
+            # First in line (or paused): nobody can shorten this wait, so sleep it out,
+            # in pieces shorter than the grace a woken ticket has to ask again.
+            return "sleep", min(remaining, NEXT_IN_LINE_S - 1.0, wait_s + 0.001)
+        # Woken when a release or the admission before it makes this ticket's turn.
+        # Second in line asks more often: a first that died after being woken is
+        # dropped by the next ask past its grace, and nobody else is asking then.
+        # The others re-ask at a jittered interval: tickets that joined together
+        # do not keep asking together.
+        every = NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
+        return "wait", min(remaining, every)
 
     def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
         """Block on this ticket's wake-up; while the store is away (a local refusal),
@@ -388,15 +396,9 @@ class Slot:
         """Give the slot back (idempotent), reporting ``signal`` (default: no verdict)."""
         if self.lease_id is None:
             return
-        lease_id, signal = self._let_go(signal or Signal("other"))
-        down = self.admission.store_down
-        if down is not None and (is_local_lease(lease_id) or down.down):
-            if is_local_lease(lease_id):
-                down.release(self.limit, lease_id)
-            # else the store is away: the lease expires by itself within its TTL
+        lease_id, command = self.release_command(signal)
+        if command is None:
             return
-        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
-        command = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
 
         def done(reply: Any) -> None:
             if isinstance(reply, FleetError):
@@ -413,6 +415,21 @@ class Slot:
         if not self.admission.store.post(command, done):
             (reply,) = self.admission.store.send(command)
             self._check_released(lease_id, self.admission.released(self.limit, reply))
+
+    def release_command(self, signal: Signal | None) -> tuple[str, tuple[str, bytes] | None]:
+        """Let the held lease go in this process; the release for Redis to run (None when
+        there is nothing to tell Redis: a local lease, or Redis is away)."""
+        lease_id, signal = self._let_go(signal or Signal("other"))
+        down = self.admission.store_down
+        if down is not None and (is_local_lease(lease_id) or down.down):
+            if is_local_lease(lease_id):
+                down.release(self.limit, lease_id)
+            # else the store is away: the lease expires by itself within its TTL
+            return lease_id, None
+        wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
+        return lease_id, self.admission.release_command(
+            self.limit, lease_id, signal.outcome, wait or 0
+        )
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""
@@ -447,16 +464,7 @@ class Slot:
         """Release, telling the fleet how the call ended; turn provider pushback into
         fleet errors: a 429 or an overload becomes :class:`Throttled` (a task reschedules),
         an exhausted quota :class:`QuotaExhausted` (fails fast, never loops)."""
-        if exc is None:
-            signal = self.verdict or OK
-        elif isinstance(exc, FleetError):
-            signal = Signal("other")  # a nested slot's refusal says nothing about this call
-        else:
-            try:
-                signal = classify(exc)
-            except Exception:  # never let reading an error keep the slot from its release
-                log.warning("celery-fleet: could not classify %r", exc, exc_info=True)
-                signal = Signal("other")
+        signal = self.exit_signal(exc)
         try:
             self.release(signal)
         except FleetError as release_error:
@@ -466,6 +474,22 @@ class Slot:
                 self.limit,
                 release_error,
             )
+        self.raise_pushback(signal, exc)
+
+    def exit_signal(self, exc: BaseException | None) -> Signal:
+        """What leaving the block with ``exc`` (or none) tells the fleet about the call."""
+        if exc is None:
+            return self.verdict or OK
+        if isinstance(exc, FleetError):
+            return Signal("other")  # a nested slot's refusal says nothing about this call
+        try:
+            return classify(exc)
+        except Exception:  # never let reading an error keep the slot from its release
+            log.warning("celery-fleet: could not classify %r", exc, exc_info=True)
+            return Signal("other")
+
+    def raise_pushback(self, signal: Signal, exc: BaseException | None) -> None:
+        """After the release: a provider's pushback as the fleet error a task understands."""
         if signal.kind == "quota":
             raise QuotaExhausted(self.limit, signal.detail) from exc
         if signal.kind in ("rate_limited", "overloaded"):

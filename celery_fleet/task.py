@@ -28,6 +28,8 @@ While a rescheduled task waits for its countdown, its state in the result backen
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -41,6 +43,7 @@ from . import idempotency, metrics, pump
 from .checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from .errors import Backpressure, ConfigError, ThrottledTooLong
 from .fleet import Fleet
+from .loops import run_async
 from .reschedule import THROTTLED, Rescheduling
 from .run import Run, Throttling, current_run
 from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
@@ -282,6 +285,17 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return super().retry(*args, exc=exc, **kwargs)
 
 
+def _on_thread_loop(fun: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``async def`` body as the plain function Celery calls: awaited on the worker
+    thread's own loop (:func:`celery_fleet.loops.run_async`), kept across tasks."""
+
+    @functools.wraps(fun)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        return run_async(fun(*args, **kwargs))
+
+    return body
+
+
 def _known_options(base: type[Task]) -> frozenset[str]:
     attrs = {k for k in dir(base) if not k.startswith("_")}
     return frozenset(attrs | _DECORATOR_OPTIONS)
@@ -359,6 +373,8 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     )
 
     def decorator(fun: Callable[..., Any]) -> Any:
+        if inspect.iscoroutinefunction(fun):
+            fun = _on_thread_loop(fun)
         fleet = Fleet.registered(app) if app is not None else None
         if fleet is not None:
             name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)

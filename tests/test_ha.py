@@ -25,6 +25,7 @@ from celery_fleet.status import limit_status
 from celery_fleet.store import RedisStore
 from celery_fleet.testing.redis_ha import LocalCluster, SentinelSet, find_cli
 from celery_fleet.testing.redis_server import NoRedisServer, find_binary
+from celery_fleet.wakeups import listener_for
 
 
 def _missing(cli: bool) -> str | None:
@@ -306,14 +307,14 @@ def test_cluster_release_settle_renew_and_scripts_lost(cluster: LocalCluster) ->
 def test_cluster_line_wakes_the_waiter(cluster: LocalCluster) -> None:
     fleet = Fleet(redis_url=cluster.url, namespace="line", limits={"one": {"max_in_flight": 1}})
     pops: list[tuple[bool, float]] = []
-    blpop = fleet.store.blpop
+    listener = listener_for(fleet.store, fleet.admission.keys("one").wake)
+    wake = listener._wake
 
-    def spy(key: str, timeout_s: float) -> bool:
-        woken = blpop(key, timeout_s)
-        pops.append((woken, time.monotonic()))
-        return woken
+    def spy(ticket: str) -> None:  # the process's listener popped this ticket's wake-up
+        pops.append((True, time.monotonic()))
+        wake(ticket)
 
-    fleet.store.blpop = spy  # type: ignore[method-assign]
+    listener._wake = spy  # type: ignore[method-assign]
     admitted: list[float] = []
     holder = fleet.slot("one", max_wait=0)
     holder.acquire()
@@ -334,7 +335,7 @@ def test_cluster_line_wakes_the_waiter(cluster: LocalCluster) -> None:
     t.join(20)
     assert admitted and admitted[0] - released_at < 1.0
     woken = [at for ok, at in pops if ok]
-    assert woken and released_at <= woken[0] <= admitted[0]  # a BLPOP wake-up, not a re-ask
+    assert woken and released_at <= woken[0] <= admitted[0]  # a wake-up, not a re-ask
     assert fleet.line("one") == []
 
 

@@ -22,7 +22,8 @@
 -- ARGV[4]  join: 1 = a refused caller takes (or keeps) a ticket; 0 = ask once, no ticket;
 --          3 and 2 are the same asked again after the connection dropped under the first
 --          ask: if that one admitted (a lease ending in ".<id>" is held), its lease is the
---          answer, so a resend never charges twice
+--          answer, so a resend never charges twice; 4 only looks that lease up (an ask
+--          cancelled in flight): its lease, or a refusal ("gone") that changes nothing
 -- ARGV[5]  lane (0 for now: the order key leaves room for priority lanes)
 -- ARGV[6]  the limit's constants as little-endian doubles (struct.unpack: one call instead of
 --          a tonumber per argument): lease TTL (ms); max_in_flight (0 = no cap); adaptive
@@ -51,7 +52,7 @@ local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
 local join = ARGV[4] == '1' or ARGV[4] == '3'
-if ARGV[4] == '2' or ARGV[4] == '3' then
+if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
   local suffix = '.' .. id
   for _, held in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
     if string.sub(held, -#suffix) == suffix then
@@ -60,6 +61,7 @@ if ARGV[4] == '2' or ARGV[4] == '3' then
       return {1, 0, held, redis.call('ZCARD', KEYS[2]), now_us, probe, 0, 0}
     end
   end
+  if ARGV[4] == '4' then return {0, 0, 'gone', redis.call('ZCARD', KEYS[2]), now_us, 0, 0, 0} end
 end
 local lane = tonumber(ARGV[5])
 local consts = ARGV[6]

@@ -337,3 +337,23 @@ def deferred_once(self: FleetTask, tag: str, i: int) -> dict[str, Any]:
     late = time.time() - (first + past.countdown_s)
     _probe.rpush(key(f"ran:{tag}"), json.dumps({"i": i, "late_s": late, "pid": os.getpid()}))
     return {"i": i, "late_s": late}
+
+
+# -- test_worker.py: an async agent body in a prefork worker -------------------------------
+
+
+@fleet_task(app=app, shared=False, bind=True)
+async def async_agent(self: FleetTask, n: int) -> dict[str, Any]:
+    """``n`` coroutines share the 'model' cap (3) through fleet.aslot on the worker
+    process's own loop; returns that loop's id, to show it is kept across tasks."""
+    import asyncio
+
+    async def one() -> None:
+        async with self.fleet.aslot("model", max_wait=60):
+            now = _probe.incr(key("inside"))
+            _probe.rpush(key("observed"), now)
+            await asyncio.sleep(0.05)
+            _probe.decr(key("inside"))
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    return {"pid": os.getpid(), "loop": id(asyncio.get_running_loop())}

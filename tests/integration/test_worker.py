@@ -386,3 +386,16 @@ def test_celery_inspect_fleet_answers_from_each_worker(worker: Any) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert '"held_in_children"' in done.stdout and '"model"' in done.stdout
+
+
+def test_an_async_task_body_runs_on_one_loop_per_process_within_the_cap(worker: Any) -> None:
+    probe = _probe(worker)
+    probe.delete(worker.key("observed"), worker.key("inside"))
+    results = [worker.async_agent.delay(8) for _ in range(6)]
+    done = [r.get(timeout=120) for r in results]
+    observed = [int(x) for x in probe.lrange(worker.key("observed"), 0, -1)]
+    assert len(observed) == 48 and max(observed) <= 3  # the cap held across processes
+    loops: dict[int, set[int]] = {}
+    for d in done:
+        loops.setdefault(d["pid"], set()).add(d["loop"])
+    assert all(len(ids) == 1 for ids in loops.values()), loops  # one loop per process
