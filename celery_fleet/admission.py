@@ -16,7 +16,8 @@ scripts also run on Redis Cluster:
 ``{ns:limit}:line``                zset: ticket id -> order key; callers waiting for
                                    admission, served oldest first (see below)
 ``{ns:limit}:waiting``             zset: ticket id -> expiry (ms); a ticket is a lease
-``{ns:limit}:wake:<ticket>``       list: pushed to wake that waiter (it blocks on BLPOP)
+``{ns:limit}:wake:<tag>``          list: tickets of one process (tag: a ticket's first 8
+                                   characters) to wake; its listener blocks on it
 ``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
 =================================  =========================================================
 
@@ -302,13 +303,13 @@ class Admission:
     def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
         """Block until ``ticket`` is woken (its turn may have come) or ``timeout_s`` passes.
 
-        The release that makes its turn pushes onto the ticket's own list; this process's
-        one listener of the limit (:mod:`celery_fleet.wakeups`) pops it and wakes exactly
-        this waiter: no polling, one blocking connection per process and limit, whatever
-        the number of waiters. True when woken. Ask again either way (the ask also keeps
-        the ticket alive).
+        The release that makes its turn pushes the ticket onto its process's wake list;
+        this process's one listener of the limit (:mod:`celery_fleet.wakeups`) pops it and
+        wakes exactly this waiter: no polling, one blocking connection per process and
+        limit, whatever the number of waiters. True when woken. Ask again either way (the
+        ask also keeps the ticket alive).
         """
-        return listener_for(self.store, self.keys(name).wake).wait(ticket, timeout_s)
+        return listener_for(self.store, self.keys(name).wake, ticket).wait(ticket, timeout_s)
 
     def leave(self, name: str, ticket: str) -> bool:
         """Give up ``ticket``'s place in line (the caller stopped waiting), waking the next

@@ -124,15 +124,6 @@ class AsyncStore:
         if client is not None:
             await client[1].aclose()
 
-    async def interrupt(self, key: str) -> None:
-        """Push onto a wake-up listener's control list (see :mod:`celery_fleet.wakeups`),
-        on the loop's wire (no connection of its own)."""
-        try:
-            await self.wire.send((("rpush", _resp("RPUSH", key, "1")),
-                                  ("pexpire", _resp("PEXPIRE", key, "20000"))))  # fmt: skip
-        except redis.RedisError:
-            pass  # the waiter still wakes at its timeout and asks again
-
 
 class _Wire:
     """One connection per event loop on which every coroutine's packed calls go, coalesced.
@@ -211,11 +202,3 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
-
-def _resp(*words: str) -> bytes:
-    """One plain command as RESP bytes, for the wire."""
-    parts = [b"*%d\r\n" % len(words)]
-    for word in words:
-        data = word.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)

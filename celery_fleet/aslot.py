@@ -124,8 +124,8 @@ class AsyncSlot:
             return
         from .wakeups import listener_for
 
-        listener = listener_for(s.admission.store, s.admission.keys(s.limit).wake)
-        await listener.await_wake(ticket, timeout_s, self.store.interrupt)
+        listener = listener_for(s.admission.store, s.admission.keys(s.limit).wake, ticket)
+        await listener.await_wake(ticket, timeout_s)
 
     async def _leave(self, ticket: str) -> None:
         s = self.slot

@@ -21,6 +21,8 @@ __all__ = [
     "Release",
     "LimitKeys",
     "new_lease_id",
+    "process_tag",
+    "ticket_tag",
     "clamp_wait_ms",
     "acquire_args",
     "release_args",
@@ -41,7 +43,7 @@ class LimitKeys:
     line: str
     breaker: str
     waiting: str
-    wake: str  # a prefix: wake + ticket id is that ticket's wake-up list
+    wake: str  # a prefix: wake + a ticket's process tag is that process's wake-up list
 
     @classmethod
     def build(cls, namespace: str, limit: str) -> LimitKeys:
@@ -91,9 +93,27 @@ class Release:
     cap: float = 0.0
 
 
+#: This process's tag (pid, 8 hex characters): the first part of every ticket it makes.
+_tag: list[object] = [None, ""]
+
+
+def process_tag() -> str:
+    """8 random hex characters naming this process (new after a fork): a ticket starts with
+    it, and the line wakes a ticket on its process's list (scripts/_wake.lua)."""
+    if _tag[0] != os.getpid():
+        _tag[0], _tag[1] = os.getpid(), os.urandom(4).hex()
+    return str(_tag[1])
+
+
 def new_lease_id() -> str:
-    """A random lease id (96 bits: unique enough, cheaper than uuid4 on the hot path)."""
-    return os.urandom(12).hex()
+    """A ticket / lease id: this process's tag and 64 random bits (unique enough, cheaper
+    than uuid4 on the hot path)."""
+    return process_tag() + os.urandom(8).hex()
+
+
+def ticket_tag(ticket: str) -> str:
+    """The process tag of a ticket: its first 8 characters (all of a shorter one)."""
+    return ticket[:8]
 
 
 def _reason(field: str) -> str:

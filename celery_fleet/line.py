@@ -3,8 +3,8 @@
 A caller that means to wait (``join=True``) and is refused takes a ticket,
 ordered by ``(lane, first-asked time)``, and from then on nobody younger passes it: a
 budget that frees up goes to the oldest ticket, whoever asks first. The waiter blocks on
-its own wake-up list; the release that frees an in-flight slot, or the admission of the
-ticket before it, wakes it, so waiters do not poll. A ticket is a lease: it expires
+its wake-up; the release that frees an in-flight slot, or the admission of the ticket
+before it, wakes it, so waiters do not poll. A ticket is a lease: it expires
 ``TICKET_TTL_MS`` after its holder last asked, and a woken holder that does not ask within
 ``WAKE_GRACE_MS`` loses it, so a SIGKILLed waiter stops blocking the line. The age travels
 with the caller (``since_ms``): asking again with it, even after the ticket expired or a
@@ -16,7 +16,9 @@ Where it lives (all under the limit's hash tag, beside the admission keys):
 - ``{ns:limit}:line``: zset, ticket id -> order key ``lane * LANE_SPAN + first-asked ms``.
   Every caller is in lane 0 today; priority lanes fit without changing the key.
 - ``{ns:limit}:waiting``: zset, ticket id -> expiry (ms).
-- ``{ns:limit}:wake:<ticket>``: list, at most one pending wake-up; the waiter BLPOPs it.
+- ``{ns:limit}:wake:<tag>``: list of the tickets of one process to wake (a ticket's first 8
+  characters are its process's tag); the process's one listener of the limit pops it
+  (:mod:`celery_fleet.wakeups`).
 
 The decisions are made inside ``acquire.lua`` (who may pass), ``release.lua`` (wake the first
 when a slot frees up) and ``leave.lua``; the wake-up itself is ``scripts/_wake.lua``. This

@@ -1,18 +1,17 @@
 """Wake-ups shared by every waiter of one limit in one process: one listener, one connection.
 
-A waiter in a limit's line is woken by an element pushed onto its ticket's own list
-(``{ns:limit}:wake:<ticket>``, see :mod:`celery_fleet.line`). Blocking on that list costs
-one Redis connection per waiter: a gevent or asyncio worker with 1,000 waiters would hold
-1,000 connections. Here one daemon thread per process and limit (a :class:`Listener`)
-blocks on the lists of all its process's waiters at once (``BLPOP`` takes many keys, all
-under the limit's hash tag, so also on Redis Cluster) and hands each wake-up to its waiter:
-a ``threading.Event`` for a blocking caller, an ``asyncio`` future (set from the listener
-thread with ``call_soon_threadsafe``) for a coroutine. A process holds one blocking
-connection per limit it waits on, whatever the number of waiters.
+A waiter in a limit's line is woken when the release (or admission, or leave) that makes
+its turn pushes its ticket id onto its *process's* wake list, ``{ns:limit}:wake:<tag>``
+(a ticket starts with its process's tag, see :func:`celery_fleet.decision.new_lease_id`
+and ``scripts/_wake.lua``). One daemon thread per process and limit (a :class:`Listener`)
+blocks on that one list (``BLPOP``, then ``LPOP`` of whatever else is there, in the same
+loop) and hands each ticket's wake-up to its waiter: a ``threading.Event`` for a blocking
+caller, an ``asyncio`` future (set from the listener thread with ``call_soon_threadsafe``)
+for a coroutine. A process holds one blocking connection per limit it waits on, whatever
+the number of waiters; a wake-up costs one pop, not a scan of every waiter.
 
-A new waiter interrupts the listener's current ``BLPOP`` (which does not name its list) by
-pushing onto the listener's own control list; a wake-up pushed before the listener names
-the new list stays in it and is popped at the next ``BLPOP``, so none is lost. A listener
+A wake-up that arrives before its waiter has registered (it was refused, and has not
+started waiting yet) is kept for :data:`KEEP_S` and delivered at registration. A listener
 with no waiter for :data:`IDLE_EXIT_S` ends (and starts again with the next waiter).
 
 This module knows nothing about Celery.
@@ -27,7 +26,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from .errors import FleetError
 from .store import MAX_BLOCK_S, RedisStore
@@ -40,50 +38,48 @@ log = logging.getLogger("celery_fleet")
 IDLE_EXIT_S = 30.0
 #: After a Redis error the listener wakes every waiter (they ask again) and pauses this long.
 ERROR_PAUSE_S = 0.2
+#: A wake-up for a ticket not (yet) waiting is kept this long (a woken waiter's grace).
+KEEP_S = 2.0
+#: Wake-ups popped at most per round trip after the blocking pop.
+DRAIN = 256
 
 Notify = Callable[[], None]
 
 
 class Listener:
-    """The wake-up listener of one limit (its wake-list ``prefix``) in this process."""
+    """The wake-up listener of one limit's line for the tickets tagged ``tag``."""
 
-    def __init__(self, store: RedisStore, prefix: str) -> None:
+    def __init__(self, store: RedisStore, key: str) -> None:
         self.store = store
-        self.prefix = prefix
-        self.control = f"{prefix}_listener:{os.getpid()}:{os.urandom(4).hex()}"
+        self.key = key  # the process's wake list: {ns:limit}:wake:<tag>
         self._lock = threading.Lock()
         self._waiters: dict[str, list[Notify]] = {}
+        self._early: dict[str, float] = {}  # ticket -> when its wake-up came, unclaimed
         self._thread: threading.Thread | None = None
         self._arrived = threading.Event()  # a waiter registered (wakes an idle listener)
-        self._named: frozenset[str] = frozenset()  # the tickets the current BLPOP names
-        self._interrupted = False  # an interrupt is on its way: the next round names all
 
     # -- waiters ------------------------------------------------------------------------
 
     def wait(self, ticket: str, timeout_s: float) -> bool:
         """Block until ``ticket`` is woken (True) or ``timeout_s`` passes (False)."""
         event = threading.Event()
-        if self._register(ticket, event.set):
-            self._interrupt()
+        self._register(ticket, event.set)
         try:
             return event.wait(max(0.0, timeout_s))
         finally:
             self._unregister(ticket, event.set)
 
-    async def await_wake(self, ticket: str, timeout_s: float, interrupt: Any) -> bool:
-        """Wait in the running loop until ``ticket`` is woken (True) or ``timeout_s`` passes.
-        ``interrupt`` is an awaitable factory that pushes onto :attr:`control` (the async
-        store's), so the loop is never blocked by a Redis call."""
+    async def await_wake(self, ticket: str, timeout_s: float) -> bool:
+        """Wait in the running loop until ``ticket`` is woken (True) or ``timeout_s`` passes;
+        the loop is never blocked."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
 
         def notify() -> None:
             loop.call_soon_threadsafe(_resolve, future)
 
-        must_interrupt = self._register(ticket, notify)
+        self._register(ticket, notify)
         try:
-            if must_interrupt:
-                await interrupt(self.control)
             done, _ = await asyncio.wait([future], timeout=max(0.0, timeout_s))
             return bool(done)
         finally:
@@ -91,21 +87,18 @@ class Listener:
             if not future.done():
                 future.cancel()
 
-    def _register(self, ticket: str, notify: Notify) -> bool:
-        """Add a waiter; True when the caller must interrupt the listener's BLPOP (it does
-        not name this ticket and no interrupt is on its way already)."""
+    def _register(self, ticket: str, notify: Notify) -> None:
         with self._lock:
+            early = self._early.pop(ticket, None)
             self._waiters.setdefault(ticket, []).append(notify)
             self._arrived.set()
-            must = ticket not in self._named and not self._interrupted
-            if must:
-                self._interrupted = True
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=_listen, args=(weakref.ref(self),), name="fleet-wakeups", daemon=True
                 )
                 self._thread.start()
-        return must
+        if early is not None and time.monotonic() - early < KEEP_S:
+            notify()
 
     def _unregister(self, ticket: str, notify: Notify) -> None:
         with self._lock:
@@ -115,16 +108,6 @@ class Listener:
                 if not notifies:
                     del self._waiters[ticket]
 
-    def _interrupt(self) -> None:
-        """Make the listener's current BLPOP return, so the next one names the new list."""
-        try:
-            with self.store.client.pipeline(transaction=False) as pipe:
-                pipe.rpush(self.control, 1)
-                pipe.pexpire(self.control, int(MAX_BLOCK_S * 2000))
-                pipe.execute()
-        except Exception as exc:  # the waiter still wakes at its timeout and asks again
-            log.debug("celery-fleet: could not interrupt the wake-up listener: %s", exc)
-
     def waiting(self) -> int:
         """How many waiters are registered now."""
         with self._lock:
@@ -133,32 +116,36 @@ class Listener:
     # -- the listener thread -------------------------------------------------------------
 
     def _round(self) -> bool:
-        """One BLPOP over every waiter's list; False when the listener should end."""
+        """One blocking pop (and a drain of what else is there); False when idle."""
         with self._lock:
-            tickets = list(self._waiters)
-            self._named = frozenset(tickets)
-            self._interrupted = False  # this round names every waiter registered so far
-        if not tickets:
-            return False
-        keys = [self.control, *(self.prefix + t for t in tickets)]
+            if not self._waiters:
+                return False
+        client = self.store.blocking_client
         try:
-            reply = self.store.blocking_client.execute_command(  # type: ignore[no-untyped-call]
-                "BLPOP", *keys, f"{MAX_BLOCK_S:.3f}"
+            reply = client.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", self.key, f"{MAX_BLOCK_S:.3f}"
             )
+            tickets = [reply[1]] if reply else []
+            if reply:
+                more = client.execute_command("LPOP", self.key, DRAIN)  # type: ignore[no-untyped-call]
+                tickets += more or []
         except Exception as exc:
             log.debug("celery-fleet: the wake-up listener's BLPOP failed: %s", exc)
             self._wake_all()  # they ask again: the store-down policy decides
             time.sleep(ERROR_PAUSE_S)
             return True
-        if reply:
-            key = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-            if key != self.control:
-                self._wake(key[len(self.prefix) :])
+        for raw in tickets:
+            self._wake(raw.decode() if isinstance(raw, bytes) else str(raw))
         return True
 
     def _wake(self, ticket: str) -> None:
+        now = time.monotonic()
         with self._lock:
             notifies = list(self._waiters.get(ticket, ()))
+            if not notifies:
+                self._early[ticket] = now
+                if len(self._early) > 1024:  # drop the stale ones
+                    self._early = {t: at for t, at in self._early.items() if now - at < KEEP_S}
         for notify in notifies:
             notify()
 
@@ -204,13 +191,13 @@ _listeners: weakref.WeakKeyDictionary[RedisStore, dict[tuple[int, str], Listener
 _registry_lock = threading.Lock()
 
 
-def listener_for(store: RedisStore, prefix: str) -> Listener:
-    """This process's listener for the wake lists under ``prefix`` (one per store and
-    limit; a new one after a fork)."""
-    key = (os.getpid(), prefix)
+def listener_for(store: RedisStore, prefix: str, ticket: str) -> Listener:
+    """This process's listener for ``ticket``'s wake-ups in the line whose wake lists start
+    with ``prefix``: one per store, limit and ticket tag (a new one after a fork)."""
+    key = prefix + ticket[:8]
     with _registry_lock:
         mine = _listeners.setdefault(store, {})
-        listener = mine.get(key)
+        listener = mine.get((os.getpid(), key))
         if listener is None:
-            listener = mine[key] = Listener(store, prefix)
+            listener = mine[(os.getpid(), key)] = Listener(store, key)
     return listener

@@ -307,7 +307,9 @@ def test_cluster_release_settle_renew_and_scripts_lost(cluster: LocalCluster) ->
 def test_cluster_line_wakes_the_waiter(cluster: LocalCluster) -> None:
     fleet = Fleet(redis_url=cluster.url, namespace="line", limits={"one": {"max_in_flight": 1}})
     pops: list[tuple[bool, float]] = []
-    listener = listener_for(fleet.store, fleet.admission.keys("one").wake)
+    from celery_fleet.decision import process_tag
+
+    listener = listener_for(fleet.store, fleet.admission.keys("one").wake, process_tag())
     wake = listener._wake
 
     def spy(ticket: str) -> None:  # the process's listener popped this ticket's wake-up

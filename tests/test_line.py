@@ -70,12 +70,13 @@ def test_a_release_wakes_exactly_the_first_in_line(
     (held,) = _full(fleet)
     for t in ("1", "2"):
         fleet.admission.try_acquire("m", lease_id=t * 24, join=True)
-    wake = fleet.admission.keys("m").wake
-    assert not rclient.exists(wake + "1" * 24)
+    wake = fleet.admission.keys("m").wake  # + a ticket's first 8 characters: its process
+    assert not rclient.exists(wake + "1" * 8)
     fleet.release(held)
-    assert rclient.llen(wake + "1" * 24) == 1
-    assert not rclient.exists(wake + "2" * 24)
-    assert fleet.admission.wait_turn("m", "1" * 24, 0.05)  # the wake-up is there to take
+    assert rclient.lrange(wake + "1" * 8, 0, -1) == [b"1" * 24]
+    assert not rclient.exists(wake + "2" * 8)
+    assert fleet.admission.wait_turn("m", "1" * 24, 0.5)  # the wake-up is there to take
+    assert not rclient.exists(wake + "1" * 8)  # taken by the process's listener
 
 
 def test_leaving_first_passes_the_turn_on(make_fleet: MakeFleet, rclient: redis.Redis) -> None:
@@ -85,7 +86,7 @@ def test_leaving_first_passes_the_turn_on(make_fleet: MakeFleet, rclient: redis.
         fleet.admission.try_acquire("m", lease_id=t * 24, join=True)
     assert fleet.admission.leave("m", "1" * 24)
     assert not fleet.admission.leave("m", "1" * 24)  # idempotent
-    assert rclient.llen(fleet.admission.keys("m").wake + "2" * 24) == 1
+    assert rclient.lrange(fleet.admission.keys("m").wake + "2" * 8, 0, -1) == [b"2" * 24]
     assert [t for t, _ in fleet.line("m")] == ["2" * 24]
 
 

@@ -12,9 +12,10 @@
 -- KEYS[3]  line     zset   ticket id -> order key (lane * 2^42 + first-asked ms): the waiters
 -- KEYS[4]  breaker  hash   state ("open"), opened_at, forced ("open"/"closed"), probe, probe_until
 -- KEYS[5]  waiting  zset   ticket id -> expiry (ms): a ticket is a lease on a place in line
--- KEYS[6]  wake     prefix of the per-ticket wake-up lists: KEYS[6] .. ticket id. The lists
---                    share the limit's hash tag (so the slot is KEYS[6]'s); which ticket to
---                    wake is only known in here, hence a prefix rather than a full key.
+-- KEYS[6]  wake     prefix of the per-process wake-up lists: KEYS[6] .. the ticket's first
+--                    8 characters (its process's tag, see _wake.lua). The lists share the
+--                    limit's hash tag (so the slot is KEYS[6]'s); which one to push to is
+--                    only known in here, hence a prefix rather than a full key.
 -- KEYS[7]  settled  hash   lease -> tokens it was settled to (only leases settled so far)
 -- ARGV[1]  id: the caller's ticket while it waits, and the last part of its lease
 -- ARGV[2]  tokens this call reserves (cost in every "t:" window; "r:" windows cost 1)
@@ -287,7 +288,7 @@ end
 if mine then
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZREM', KEYS[5], id)
-  redis.call('DEL', KEYS[6] .. id)
+  redis.call('LREM', wake_list(KEYS[6], id), 0, id)
   nline = nline - 1
 end
 if nline > 0 then

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  line     zset   ticket id -> order key
 -- KEYS[2]  waiting  zset   ticket id -> expiry (ms)
--- KEYS[3]  wake     prefix of the per-ticket wake-up lists (KEYS[3] .. ticket id)
+-- KEYS[3]  wake     prefix of the per-process wake-up lists (see _wake.lua)
 -- ARGV[1]  ticket id
 -- ARGV[2]  ticket TTL (ms)
 -- ARGV[3]  wake grace (ms)
@@ -16,7 +16,7 @@ local id = ARGV[1]
 local rank = redis.call('ZRANK', KEYS[1], id)
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
-redis.call('DEL', KEYS[3] .. id)
+redis.call('LREM', wake_list(KEYS[3], id), 0, id)
 if rank == false then return 0 end
 if rank == 0 then
   local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]

@@ -11,7 +11,7 @@
 -- KEYS[4]  line     zset   ticket id -> order key: callers waiting (see acquire.lua)
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- KEYS[6]  waiting  zset   ticket id -> expiry (ms)
--- KEYS[7]  wake     prefix of the per-ticket wake-up lists (KEYS[7] .. ticket id)
+-- KEYS[7]  wake     prefix of the per-process wake-up lists (see _wake.lua)
 -- ARGV[1]  lease
 -- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
 --          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |

@@ -29,7 +29,14 @@ from typing import Any
 
 import redis
 
-from .redis_server import NoRedisServer, RedisServer, answers, find_binary, free_port
+from .redis_server import (
+    NoRedisServer,
+    RedisServer,
+    answers,
+    find_binary,
+    free_port,
+    stop_process,
+)
 
 __all__ = ["LocalCluster", "SentinelSet", "find_cli", "free_port_pair"]
 
@@ -175,13 +182,7 @@ class _Sentinel:
         )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.proc = None
         self._dir.cleanup()
 
