@@ -19,6 +19,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 from . import idempotency
 from .errors import Backpressure, FleetError, ThrottledTooLong
 from .run import Run, Throttling
+from .settings import visibility_timeout
 from .signals import sends_task_events, task_rescheduled, task_throttled
 
 __all__ = [
@@ -183,9 +184,14 @@ class Rescheduling:
     def _publish_backup(self, item: str, countdown: float, headers: dict[str, Any]) -> None:
         """Publish the broker's backup of a copy deferred in Redis: delivered after the copy
         is due, it runs only if Redis lost the copy (restarted empty; see
-        :meth:`_run_backup`). The copy is never lost, at the price of a duplicate when Redis
-        restarts empty after publishing it."""
+        :meth:`_drop_needless_backup`). The copy is never lost, at the price of a duplicate
+        when Redis restarts empty after publishing it. Its countdown stays under the
+        broker's ``visibility_timeout`` (an ETA beyond it would be delivered twice); one that
+        comes before its copy is due finds it waiting and is published again for later."""
         request = self.request
+        visibility = visibility_timeout(self._get_app().conf)
+        if visibility is not None:
+            countdown = min(countdown, 0.9 * visibility)
         backup = self.signature_from_request(
             request,
             countdown=countdown,

@@ -322,3 +322,29 @@ def test_by_default_a_reschedule_keeps_the_copy_in_redis_until_due(app: Celery) 
     assert copy.options["task_id"] == "t-2"
     assert copy.options["headers"]["fleet"]["since_ms"] == 42
     assert copy.options["headers"]["fleet"]["reschedules"] == 1
+
+
+def test_the_backup_stays_under_the_broker_s_visibility_timeout(app: Celery) -> None:
+    from celery.exceptions import Ignore
+
+    from celery_fleet import Run
+
+    app.conf.broker_url = "redis://127.0.0.1:6379/10"
+    app.conf.broker_transport_options = {"visibility_timeout": 100}
+    app.conf.fleet_max_countdown = 89
+    Fleet(app)
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: FleetTask) -> None: ...
+
+    published: list[dict[str, object]] = []
+    agent.apply_async = lambda *a, **kw: published.append(kw)  # type: ignore[method-assign]
+    agent.push_request(id="t-3", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("openai", 80_000, "requests/60s"), Run())
+    finally:
+        agent.pop_request()
+    (backup,) = published
+    assert float(backup["countdown"]) <= 90  # type: ignore[arg-type]  # not 80 s + the 32 s grace: the broker would redeliver it
