@@ -214,7 +214,8 @@ class Admission:
             down.failed(exc)
             return down.admit(cfg, tokens, lease_id)
         if down is not None and down.down_since is not None and down.answered():
-            yield from self.empty_missing_steps()
+            if down.restarted is not None and down.restarted():
+                yield from self.empty_missing_steps()
         return self.decision(cfg.name, tokens, reply)
 
     def empty_missing_windows(self) -> int:

@@ -56,7 +56,8 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         found = self._clients.get(loop)
         if found is None or found[0] != os.getpid():
-            client = aioredis.Redis.from_url(self.store.url, **self.store._options)
+            target = self.store.target  # the same options as the blocking client's
+            client = aioredis.Redis.from_url(target.url, **target.options)
             found = self._clients[loop] = (os.getpid(), client)
         return found[1]
 
@@ -165,11 +166,13 @@ class _Wire:
                         replies.append(exc)
             except (redis.RedisError, OSError) as exc:
                 await self._drop()
-                error = (
-                    exc
-                    if isinstance(exc, redis.ConnectionError)
-                    else redis.ConnectionError(f"{type(exc).__name__}: {exc}")
-                )
+                error: redis.RedisError
+                if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+                    error = redis.TimeoutError(str(exc))  # a frozen Redis: not resent
+                elif isinstance(exc, redis.ConnectionError):
+                    error = exc
+                else:
+                    error = redis.ConnectionError(f"{type(exc).__name__}: {exc}")
                 for _c, f, _n in batch:
                     _resolve(f, error)
                 continue
@@ -201,4 +204,3 @@ class _Wire:
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
-

@@ -91,6 +91,7 @@ class AsyncSlot:
             s.waited_s = s.clock.monotonic() - start
             s.run.waited_s += s.waited_s
         s.decision, s.lease_id, s.last_renewed = decision, decision.lease_id, asked_at
+        s.lost = False  # a new lease: the last one's fate is not this one's
         s.keeper.track(s)
         if s.admission.watchers:
             s.admission.tell("admitted", s.limit, waited_s=s.waited_s, attempts=s.attempts)
@@ -259,7 +260,8 @@ async def _shielded(awaitable: Any) -> Any:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        return await task
+        await task  # finish the cleanup, then honour the cancellation
+        raise
 
 
 class AsyncMethods:

@@ -198,12 +198,15 @@ class StoreDown:
         share: Callable[[], int],
         clock: Callable[[], float] = time.monotonic,
         held: Callable[[str], int] | None = None,
+        restarted: Callable[[], bool] | None = None,
     ) -> None:
         self.policy = check_policy(policy)
         self.limits = limits
         self.share = share
         #: How many slots of a limit this process holds through Redis (they count locally).
         self.held = held
+        #: Whether Redis restarted during the outage (then its lost windows start empty).
+        self.restarted = restarted
         self.clock = clock
         self.local = LocalLimiter(limits, 1)
         self._lock = threading.Lock()
@@ -240,7 +243,12 @@ class StoreDown:
             if self.down_since is not None:
                 return
             share = max(1, int(self.share()))
+            held = self.local._buckets  # local leases still held from an earlier outage
             self.local = LocalLimiter(self.limits, share, self.held)
+            for limit, bucket in held.items():
+                if bucket.leases:
+                    now_ms = time.time() * 1000.0
+                    self.local._bucket(self.limits[limit], now_ms).leases.update(bucket.leases)
             self.down_since = now
             self.outages += 1
         how = {

@@ -142,7 +142,11 @@ class Fleet(AsyncMethods):
         self.expected_processes = settings.expected_processes
         #: What admission does while Redis is unreachable (``fleet_store_down``).
         self.store_down = StoreDown(
-            settings.store_down, self.limits, self.share_of_budgets, held=self._held_via_redis
+            settings.store_down,
+            self.limits,
+            self.share_of_budgets,
+            held=self._held_via_redis,
+            restarted=self.presence.redis_restarted,
         )
         self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)

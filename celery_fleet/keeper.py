@@ -19,6 +19,7 @@ from typing import Protocol
 
 from .admission import Admission
 from .errors import FleetError, LeaseLost, StoreUnavailable
+from .fallback import is_local_lease
 
 __all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
 
@@ -100,6 +101,10 @@ class LeaseKeeper:
     def untrack(self, slot: HeldLease) -> None:
         with self._lock:
             self._slots.discard(slot)
+
+    def stranded(self, slot: HeldLease) -> bool:
+        """True when ``slot``'s last renewal failed because Redis was unreachable."""
+        return slot in self._stranded
 
     def held(self) -> list[HeldLease]:
         """The slots this process holds now (none after a fork: the parent's are not ours)."""
@@ -189,8 +194,10 @@ class LeaseKeeper:
                 log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
                 continue
             down = self.admission.store_down
-            if down is not None and down.down_since is not None and down.answered():
-                self.admission.empty_missing_windows()
+            asked = any(not is_local_lease(lease) for lease, _tokens in leases)
+            if asked and down is not None and down.down_since is not None and down.answered():
+                if down.restarted is not None and down.restarted():
+                    self.admission.empty_missing_windows()
             if restored:
                 log.warning(
                     "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "

@@ -59,7 +59,20 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     else:
         coro.close()
         raise FleetError("run_async() called inside a running event loop: await the coroutine")
-    return thread_loop().run_until_complete(coro)
+    loop = thread_loop()
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        # Interrupted from outside (a soft time limit, Ctrl-C): the coroutine must not stay
+        # pending on the loop, holding slots, to resume under the next task.
+        if not task.done():
+            task.cancel()
+            try:
+                loop.run_until_complete(task)
+            except BaseException:  # its own cancellation, or what it raised on the way out
+                pass
+        raise
 
 
 @atexit.register

@@ -54,6 +54,9 @@ class Presence:
         self.held = held
         #: Live fleet processes at the last renewal (None: never read).
         self.last_count: int | None = None
+        #: The Redis server's ``run_id`` when this process first recorded itself: a
+        #: different one later means Redis restarted (and may have lost the fleet's state).
+        self.run_id: str | None = None
         self._id: str | None = None
         self._pid: int | None = None
 
@@ -82,7 +85,27 @@ class Presence:
             log.debug("celery-fleet: could not record this process as live: %s", exc)
             return None
         self.last_count = count
+        if self.run_id is None:
+            self.run_id = self._read_run_id()
         return count
+
+    def _read_run_id(self) -> str | None:
+        try:
+            info = self.store.call("INFO", "server")
+        except Exception:  # not this round
+            return None
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
+    def redis_restarted(self) -> bool:
+        """True when Redis's ``run_id`` differs from the one first recorded (it restarted
+        since); remembers the new one. False when either is unknown."""
+        now = self._read_run_id()
+        before, self.run_id = self.run_id, now or self.run_id
+        return before is not None and now is not None and now != before
 
     def held_by(self, pids: Iterable[int], host: str | None = None) -> dict[int, list[Any]]:
         """The slots the live processes ``pids`` of ``host`` (default: this one) held at

@@ -52,6 +52,9 @@ class Pump:
         self._thread: threading.Thread | None = None
         #: Messages this pump published (for tests and the worker's stats).
         self.published = 0
+        # Published but not acknowledged (Redis blipped): acknowledged first next round, so
+        # their lapsed claims do not publish them again.
+        self._unacked: list[str] = []
 
     def start(self) -> Pump:
         self.leader.start()
@@ -78,8 +81,11 @@ class Pump:
 
     def pump_once(self) -> int:
         """Publish every due message (up to :data:`BATCH`); returns how many."""
+        if self._unacked:
+            self.deferred.ack(self._unacked)
+            self._unacked = []
         taken = self.deferred.take(BATCH)
-        done = []
+        done: list[str] = []
         try:
             for item_id, message in taken:
                 try:
@@ -91,7 +97,11 @@ class Pump:
                     continue
                 done.append(item_id)
         finally:
-            self.deferred.ack(done)
+            try:
+                self.deferred.ack(done)
+            except FleetError:
+                self._unacked += done
+                raise
         self.published += len(done)
         if done:
             log.debug("celery-fleet: published %d deferred task(s)", len(done))

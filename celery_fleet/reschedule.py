@@ -40,6 +40,9 @@ THROTTLED = "THROTTLED"
 HEADER = "fleet"
 #: The header of the broker's backup of a copy deferred in Redis: the copy's item id.
 BACKUP_HEADER = "fleet_backup"
+#: Set on a backup sent instead of a copy whose deferral in Redis failed (it may or may not
+#: have been stored): it runs unless Redis has the copy, also when Redis cannot be asked.
+FALLBACK_HEADER = "fleet_backup_fallback"
 
 #: Refusals whose wait nobody knows (an open breaker's reset, another attempt's claim of an
 #: idempotency key, the fleet's Redis away): their reschedules back off exponentially with
@@ -160,21 +163,26 @@ class Rescheduling:
         request = self.request
         fleet = self.fleet
         headers.pop(BACKUP_HEADER, None)
-        if fleet.defer == "redis":
+        headers.pop(FALLBACK_HEADER, None)
+        # While the store is known to be away, no socket timeout: straight to a countdown.
+        if fleet.defer == "redis" and not fleet.store_down.down:
             sig = self.signature_from_request(request, retries=request.retries, headers=headers)
             item = f"{request.id}:{n}"
             try:
                 fleet.deferred.add(item, countdown, encode(self._get_app(), sig))
             except FleetError as exc:
+                # The add may have run with its reply lost: the copy goes out as a fallback
+                # that runs unless Redis has the copy (never both).
                 log.warning(
                     "celery-fleet: could not defer task %s in Redis (%s); publishing it "
                     "with a countdown",
                     request.id,
                     exc,
                 )
-            else:
-                self._publish_backup(item, countdown + backup_grace_s(fleet), headers)
-                return "redis"
+                self._publish_backup(item, countdown, {**headers, FALLBACK_HEADER: True})
+                return "countdown"
+            self._publish_backup(item, countdown + backup_grace_s(fleet), headers)
+            return "redis"
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers
         )
@@ -211,10 +219,15 @@ class Rescheduling:
         item = getattr(request, BACKUP_HEADER, None) or (request.headers or {}).get(BACKUP_HEADER)
         if not item:
             return
+        fallback = bool(
+            getattr(request, FALLBACK_HEADER, None) or (request.headers or {}).get(FALLBACK_HEADER)
+        )
         try:
             fate = self.fleet.deferred.fate(str(item))
         except FleetError:
-            fate = "waiting"  # the fleet's Redis is away: ask again later
+            # The fleet's Redis is away. A fallback (its copy may never have reached Redis)
+            # runs; a backup asks again later.
+            fate = "unknown" if fallback else "waiting"
         if fate == "unknown":
             log.warning(
                 "celery-fleet: the deferred copy %s of task %s is not in the fleet's Redis "
@@ -227,7 +240,19 @@ class Rescheduling:
             headers = dict(request.headers or {})
             if getattr(request, HEADER, None) is not None:
                 headers[HEADER] = getattr(request, HEADER)
-            self._publish_backup(str(item), backup_grace_s(self.fleet), headers)
+            headers.pop(FALLBACK_HEADER, None)
+            grace = backup_grace_s(self.fleet)
+            later = grace
+            try:  # come back after the copy is due, not every grace period until then
+                due_ms = self.fleet.deferred.due_in_ms(str(item))
+                now_s, now_us = self.fleet.store.call("TIME")
+                if due_ms is not None:
+                    later = max(
+                        grace, (due_ms - int(now_s) * 1000 - int(now_us) / 1000) / 1000 + grace
+                    )
+            except FleetError:
+                pass
+            self._publish_backup(str(item), later, headers)
         raise Ignore()
 
     def _check_patience(self, exc: Backpressure, reschedules: int, throttled_s: float) -> None:

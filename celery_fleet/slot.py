@@ -131,6 +131,7 @@ class Slot:
             self.run.waited_s += self.waited_s
         self.decision = decision
         self.lease_id = decision.lease_id
+        self.lost = False  # a new lease: the last one's fate is not this one's
         # Taken before the round trip, so the local deadline never outlives Redis's.
         self.last_renewed = asked_at
         self.keeper.track(self)
@@ -170,7 +171,17 @@ class Slot:
         self.attempts, self.verdict, self.tokens = 0, None, tokens
         asked_at = self.clock.monotonic()
         try:
-            released, answer = self.admission.store.send(release, ask)
+            try:
+                released, answer = self.admission.store.send(release, ask)
+            except StoreUnavailable as exc:
+                if not exc.dropped:
+                    raise
+                # Both again: the release is idempotent, and the flagged ask answers with
+                # the lease the first one made, if it made one (nothing charged twice).
+                retry = self.admission.acquire_command(
+                    self.limit, tokens, ticket, self.run.since_ms, join, retry=True
+                )
+                released, answer = self.admission.store.send(release, retry)
         except StoreUnavailable as exc:
             if down is None:
                 raise
@@ -182,6 +193,7 @@ class Slot:
             self.attempts = 1
             self.waited_s = 0.0
             self.decision, self.lease_id, self.last_renewed = decision, decision.lease_id, asked_at
+            self.lost = False
             self.keeper.track(self)
             self._held_in = _held_here()
             self._held_in.append(self)
@@ -346,7 +358,9 @@ class Slot:
             return  # held by this process alone
         now = self.clock.monotonic()
         ttl = self.admission.limit(self.limit).lease_s
-        if not self.lost and now - self.last_renewed >= ttl:
+        down = self.admission.store_down
+        outage = down is not None and (down.down or self.keeper.stranded(self))
+        if not self.lost and not outage and now - self.last_renewed >= ttl:
             self.keeper.lose(self, "not renewed within its TTL")
         if not self.lost:
             try:

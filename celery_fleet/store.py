@@ -67,7 +67,17 @@ MAX_BLOCK_S = 10.0
 #: the connection drops under them. ``acquire`` is not here: its resend marks itself a
 #: retry so the script answers with the lease the first send may have made (admission.py).
 IDEMPOTENT = frozenset(
-    {"release", "leave", "settle", "renew", "observe", "presence", "empty_missing"}
+    {
+        "release",
+        "leave",
+        "settle",
+        "renew",
+        "observe",
+        "presence",
+        "empty_missing",
+        "defer_add",
+        "defer_ack",
+    }
 )
 
 SCRIPTS = (

@@ -49,7 +49,7 @@ Notify = Callable[[], None]
 class Listener:
     """The wake-up listener of one limit's line for the tickets tagged ``tag``."""
 
-    def __init__(self, store: RedisStore, key: str) -> None:
+    def __init__(self, store: RedisStore, key: bytes) -> None:
         self.store = store
         self.key = key  # the process's wake list: {ns:limit}:wake:<tag>
         self._lock = threading.Lock()
@@ -98,7 +98,7 @@ class Listener:
                 )
                 self._thread.start()
         if early is not None and time.monotonic() - early < KEEP_S:
-            notify()
+            _notify_all([notify])
 
     def _unregister(self, ticket: str, notify: Notify) -> None:
         with self._lock:
@@ -120,8 +120,8 @@ class Listener:
         with self._lock:
             if not self._waiters:
                 return False
-        client = self.store.blocking_client
         try:
+            client = self.store.blocking_client
             reply = client.execute_command(  # type: ignore[no-untyped-call]
                 "BLPOP", self.key, f"{MAX_BLOCK_S:.3f}"
             )
@@ -146,14 +146,21 @@ class Listener:
                 self._early[ticket] = now
                 if len(self._early) > 1024:  # drop the stale ones
                     self._early = {t: at for t, at in self._early.items() if now - at < KEEP_S}
-        for notify in notifies:
-            notify()
+        _notify_all(notifies)
 
     def _wake_all(self) -> None:
         with self._lock:
             notifies = [n for v in self._waiters.values() for n in v]
-        for notify in notifies:
+        _notify_all(notifies)
+
+
+def _notify_all(notifies: list[Notify]) -> None:
+    """Wake each waiter; one that cannot be woken (its loop closed) never stops the rest."""
+    for notify in notifies:
+        try:
             notify()
+        except Exception:
+            log.debug("celery-fleet: a waiter could not be woken", exc_info=True)
 
 
 def _resolve(future: asyncio.Future[bool]) -> None:
@@ -185,19 +192,28 @@ def _listen(ref: weakref.ref[Listener]) -> None:
         del listener
 
 
-_listeners: weakref.WeakKeyDictionary[RedisStore, dict[tuple[int, str], Listener]] = (
-    weakref.WeakKeyDictionary()
-)
+#: (pid, Redis, wake list) -> its listener: two stores (two Fleets) on one Redis and
+#: namespace share one, so they never pop each other's wake-ups.
+_listeners: dict[tuple[int, str, bytes], Listener] = {}
 _registry_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def listener_for(store: RedisStore, prefix: str, ticket: str) -> Listener:
     """This process's listener for ``ticket``'s wake-ups in the line whose wake lists start
-    with ``prefix``: one per store, limit and ticket tag (a new one after a fork)."""
-    key = prefix + ticket[:8]
+    with ``prefix``: one per Redis, limit and ticket tag (a new one after a fork). The tag
+    is the ticket's first 8 *bytes*, as the scripts cut it."""
+    key = prefix.encode() + ticket.encode()[:8]
+    ident = (os.getpid(), store.url, key)
     with _registry_lock:
-        mine = _listeners.setdefault(store, {})
-        listener = mine.get((os.getpid(), key))
+        listener = _listeners.get(ident)
         if listener is None:
-            listener = mine[(os.getpid(), key)] = Listener(store, key)
+            listener = _listeners[ident] = Listener(store, key)
     return listener

@@ -337,3 +337,24 @@ def test_an_async_fleet_task_body_is_awaited_on_the_thread_loop(make_fleet: Make
     assert agent.__name__ == "agent"
     assert agent(21) == 42  # called directly
     assert agent.apply(args=(5,)).get() == 10  # run as a task (eager)
+
+
+def test_an_async_body_interrupted_from_outside_does_not_stay_on_the_loop() -> None:
+    from celery_fleet.loops import run_async, thread_loop
+
+    cleaned: list[str] = []
+
+    async def agent() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append("released")
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt  # as a soft time limit's signal handler would
+
+    thread_loop().call_later(0.05, interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_async(agent())
+    assert cleaned == ["released"]  # cancelled and finished, not left pending
+    assert not asyncio.all_tasks(thread_loop())

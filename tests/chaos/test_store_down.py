@@ -198,3 +198,81 @@ def test_bad_store_down_settings_are_config_errors(setting: str, value: object) 
     app.conf[setting] = value
     with pytest.raises(ConfigError, match=setting):
         Fleet(app, limits={"llm": {"rpm": 60}})
+
+
+def test_a_local_slot_held_through_the_outage_does_not_end_it(server: RedisServer) -> None:
+    """The renewal thread renews nothing for a local lease: that is not Redis answering."""
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 4, "lease": 1}}, store_down="local")
+    fleet.expected_processes = 2
+    server.stop()
+    with fleet.slot("tool") as slot:
+        assert is_local_lease(slot.lease_id)
+        time.sleep(2.0)  # several renewal periods (a third of 1 s)
+        assert fleet.store_down.down and fleet.store_down.outages == 1
+
+
+def test_a_new_lease_is_not_born_lost(server: RedisServer) -> None:
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 4}})
+    with fleet.slot("tool") as slot:
+        slot.lost = True  # e.g. the last release answered "already gone"
+        slot.next()
+        assert not slot.lost and slot.lease_id
+
+
+def test_a_reschedule_whose_deferral_failed_runs_once_from_its_fallback(
+    server: RedisServer,
+) -> None:
+    from celery import Celery
+    from celery.exceptions import Ignore
+
+    from celery_fleet import FleetTask, Run, StoreUnavailable, fleet_task
+
+    app = Celery("fb", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(fleet_redis_url=server.url, fleet_namespace="down",
+                    fleet_limits={"tool": {"max_in_flight": 1}})  # fmt: skip
+    fleet = Fleet(app)
+
+    @fleet_task(app=app, shared=False, bind=True)
+    def agent(self: FleetTask) -> str:
+        return "ran"
+
+    published: list[dict[str, object]] = []
+    agent.apply_async = lambda *a, **kw: published.append(kw)  # type: ignore[method-assign]
+
+    def lost_reply(*args: object) -> float:
+        raise StoreUnavailable(server.url, "reply lost", dropped=False)
+
+    fleet.deferred.add = lost_reply  # type: ignore[method-assign]
+    agent.push_request(id="t-f", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False)  # fmt: skip
+    try:
+        with pytest.raises(Ignore):
+            agent._on_backpressure(Throttled("tool", 2000, "in_flight"), Run())
+    finally:
+        agent.pop_request()
+    (fallback,) = published  # one message, not a copy and a countdown copy
+    headers = fallback["headers"]
+    assert headers["fleet_backup_fallback"] is True and headers["fleet_backup"] == "t-f:1"  # type: ignore[index]
+    # Delivered while Redis cannot be asked: a fallback runs (a backup would wait)
+    server.stop()
+    agent.push_request(id="t-f", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False, headers=headers)  # fmt: skip
+    try:
+        agent._drop_needless_backup()  # returns: it runs
+        headers2 = {**headers, "fleet_backup_fallback": False}  # type: ignore[dict-item]
+        agent.request.headers = headers2
+        with pytest.raises(Ignore):
+            agent._drop_needless_backup()  # a plain backup asks again later
+    finally:
+        agent.pop_request()
+
+
+def test_two_fleets_on_one_redis_share_one_wake_listener(server: RedisServer) -> None:
+    from celery_fleet.decision import process_tag
+    from celery_fleet.wakeups import listener_for
+
+    a, b = (fleet_on(server, {"tool": {"max_in_flight": 1}}) for _ in range(2))
+    prefix = a.admission.keys("tool").wake
+    assert listener_for(a.store, prefix, process_tag()) is listener_for(
+        b.store, prefix, process_tag()
+    )
