@@ -33,7 +33,7 @@ __all__ = ["AsyncStore"]
 
 
 class AsyncStore:
-    """Awaitable ``run``/``send``/``call`` on the Redis of a :class:`RedisStore`."""
+    """Awaitable ``run``/``send`` on the Redis of a :class:`RedisStore`."""
 
     def __init__(self, store: RedisStore) -> None:
         if store.target.kind != "redis":
@@ -102,17 +102,6 @@ class AsyncStore:
         if found is None or found[0] != os.getpid():
             found = self._wires[loop] = (os.getpid(), _Wire(self.client))
         return found[1]
-
-    async def call(self, command: str, *args: Any) -> Any:
-        """One plain command, translated errors (sent once more if the connection drops)."""
-        for last in (False, True):
-            try:
-                return await self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
-            except redis.RedisError as exc:
-                error = self.store._translate(exc, command)
-                if last or not getattr(error, "dropped", False):
-                    raise error from exc
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         """Close the running loop's connections (before the loop ends, e.g. at the end of

@@ -108,11 +108,6 @@ class Listener:
                 if not notifies:
                     del self._waiters[ticket]
 
-    def waiting(self) -> int:
-        """How many waiters are registered now."""
-        with self._lock:
-            return sum(len(v) for v in self._waiters.values())
-
     # -- the listener thread -------------------------------------------------------------
 
     def _round(self) -> bool:

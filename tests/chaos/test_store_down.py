@@ -276,3 +276,40 @@ def test_two_fleets_on_one_redis_share_one_wake_listener(server: RedisServer) ->
     assert listener_for(a.store, prefix, process_tag()) is listener_for(
         b.store, prefix, process_tag()
     )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_local_limiter_holds_its_share_over_random_sequences(seed: int) -> None:
+    """Random asks and releases, with time moving at random: a process's local
+    limiter never holds more than its cap, and never admits more than its share of a
+    window's budget plus one unit per window of time (it starts empty)."""
+    import random
+
+    from celery_fleet.config import parse_limits
+    from celery_fleet.fallback import LocalLimiter
+
+    rnd = random.Random(seed)
+    limits = parse_limits({"llm": {"max_in_flight": 12, "rpm": 600}})  # the rate binds
+    cfg = limits["llm"]
+    share = rnd.choice([2, 3, 4, 7])
+    local = LocalLimiter(limits, share)
+    now, held, admitted = 1_000_000.0, [], []
+    for _ in range(3000):
+        op = rnd.random()
+        if op < 0.5:
+            tokens = 0
+            d = local.acquire(cfg, tokens, f"t{rnd.random()}", now)
+            if d:
+                held.append((d.lease_id, tokens))
+                admitted.append(now)
+            else:
+                assert d.wait_ms > 0 and d.reason in ("in_flight", "requests/60s")
+        elif op < 0.75 and held:
+            lease, _tokens = held.pop(rnd.randrange(len(held)))
+            assert local.release("llm", lease)
+        now += rnd.expovariate(1 / 2.0)  # ms: asks far faster than the share allows
+        assert local.in_flight("llm") <= local.cap(cfg) == max(1, 12 // share)
+    # the requests window: 600/min shared -> one per 100 * share ms, burst at least one
+    span = now - 1_000_000.0
+    most = span / (100.0 * share) + max(1.0, 60.0 / share) + 1
+    assert len(admitted) <= most, (len(admitted), most)
