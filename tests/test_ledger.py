@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet, fleet_task
-from celery_fleet.ledger import Ledger, run_id_for
+from celery_fleet.ledger import Ledger, record_id_for
 
 from .test_beat import _published
 
@@ -31,9 +31,11 @@ def ledger(make_fleet: MakeFleet) -> Ledger:
 
 
 def test_a_key_runs_once_then_replays(ledger: Ledger) -> None:
-    run = run_id_for(f"doc-{uuid.uuid4().hex}")
-    assert ledger.enqueue(run, "k", "t") is True
-    assert ledger.enqueue(run, "k", "t") is False  # a duplicate publish
+    run = record_id_for(f"doc-{uuid.uuid4().hex}")
+    started = ledger.enqueue(run, "k", "t")
+    assert started.new and started.state == "queued"
+    again = ledger.enqueue(run, "k", "t")  # a duplicate publish: names the live run
+    assert not again.new and again.run_id == started.run_id
     first = ledger.claim(run, "k", "t", "a", 10, singleton=False)
     assert first.verdict == "run" and first.attempts == 1 and not first.taken_over
     busy = ledger.claim(run, "k", "t", "b", 10, singleton=False)
@@ -48,7 +50,7 @@ def test_a_key_runs_once_then_replays(ledger: Ledger) -> None:
 
 
 def test_a_lapsed_claim_is_taken_over_and_the_old_owner_is_fenced(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     assert ledger.claim(run, "k", "t", "dead", 0.2, singleton=False).verdict == "run"
     time.sleep(0.25)  # its worker died: nobody renews
     took = ledger.claim(run, "k", "t", "alive", 10, singleton=False)
@@ -60,20 +62,20 @@ def test_a_lapsed_claim_is_taken_over_and_the_old_owner_is_fenced(ledger: Ledger
 
 
 def test_release_on_failure_frees_the_key_and_keep_does_not(ledger: Ledger) -> None:
-    freed, kept = run_id_for(uuid.uuid4().hex), run_id_for(uuid.uuid4().hex)
+    freed, kept = record_id_for(uuid.uuid4().hex), record_id_for(uuid.uuid4().hex)
     for run, outcome in ((freed, "released"), (kept, "failed")):
         ledger.enqueue(run, "k", "t")
         ledger.claim(run, "k", "t", "a", 10, singleton=False)
         ledger.finish(run, "a", outcome, "ValueError: no")
-    assert ledger.enqueue(freed, "k", "t") is True
+    assert ledger.enqueue(freed, "k", "t").new
     assert ledger.claim(freed, "k", "t", "b", 10, singleton=False).verdict == "run"
-    assert ledger.enqueue(kept, "k", "t") is False
+    assert not ledger.enqueue(kept, "k", "t").new
     verdict = ledger.claim(kept, "k", "t", "b", 10, singleton=False)
     assert verdict.verdict == "failed" and "ValueError" in verdict.error
 
 
 def test_a_retry_requeues_the_same_run(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     ledger.claim(run, "k", "t", "a", 10, singleton=False)
     assert ledger.finish(run, "a", "queued") is True
     again = ledger.claim(run, "k", "t", "b", 10, singleton=False)
@@ -81,7 +83,7 @@ def test_a_retry_requeues_the_same_run(ledger: Ledger) -> None:
 
 
 def test_singleton_runs_one_at_a_time_and_again_after(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     assert ledger.claim(run, "k", "t", "a", 10, singleton=True).verdict == "run"
     assert ledger.claim(run, "k", "t", "b", 10, singleton=True).verdict == "busy"
     ledger.finish(run, "a", "succeeded", "1")
@@ -93,7 +95,7 @@ def test_concurrent_claims_admit_exactly_one(make_fleet: MakeFleet) -> None:
     fleet = make_fleet({})
     rng = random.Random(3)
     for _ in range(20):
-        run = run_id_for(uuid.uuid4().hex)
+        run = record_id_for(uuid.uuid4().hex)
         verdicts: list[str] = []
         barrier = threading.Barrier(8)
 
@@ -137,13 +139,15 @@ def test_a_duplicate_publish_publishes_nothing(app: Celery, redis_url: str) -> N
     first = summarize.delay(1)
     again = summarize.apply_async((1,), {"style": "short"})
     other = summarize.delay(2)
-    assert first.id == again.id == run_id_for(f"summarize:{tag}:1") != other.id
+    record = Fleet.for_app(app).key_record(f"summarize:{tag}:1")
+    assert first.id == again.id == record["run_id"] != other.id
+    assert record["publish_until"] == "0"  # the broker took it: confirmed
     messages = _published(app, redis_url)
     assert [m["id"] for m in messages] == [first.id, other.id]
     assert messages[0]["fleet_key"] == f"summarize:{tag}:1"
     # per call, and a retry of the same run (retries given) publishes under the same id
     per_call = summarize.apply_async((3,), idempotency_key=f"custom-{tag}")
-    assert per_call.id == run_id_for(f"custom-{tag}")
+    assert per_call.id == Fleet.for_app(app).key_record(f"custom-{tag}")["run_id"]
     summarize.apply_async((1,), task_id=first.id, retries=1)
     assert [m["id"] for m in _published(app, redis_url)][-2:] == [per_call.id, first.id]
 
@@ -275,14 +279,14 @@ def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:
     counting the claims that ran, and a succeeded key never runs again."""
     rng = random.Random(17)
     for _ in range(25):
-        run = run_id_for(uuid.uuid4().hex)
+        run = record_id_for(uuid.uuid4().hex)
         owners = ["a", "b", "c", "d"]
         model: dict[str, Any] = {"state": None, "owner": None, "attempts": 0}
         for _ in range(40):
             op = rng.choice(["enqueue", "claim", "claim", "finish", "renew"])
             who = rng.choice(owners)
             if op == "enqueue":
-                new = ledger.enqueue(run, "k", "t")
+                new = ledger.enqueue(run, "k", "t").new
                 released = model["state"] == "released"
                 assert new == (model["state"] is None or released), model
                 if new:
