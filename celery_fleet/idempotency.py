@@ -308,7 +308,12 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
     record_id, owner = record_id_for(key), new_owner(request.id)
     try:
         claim = fleet.ledger.claim(
-            record_id, key, task.name, owner, fleet.claim_lease_s, task.fleet_singleton,
+            record_id,
+            key,
+            task.name,
+            owner,
+            fleet.claim_lease_s,
+            task.fleet_singleton,
             request.id or "",
         )
     except StoreUnavailable as exc:
