@@ -221,11 +221,14 @@ def publish(
     A publish that starts a run is recorded, sent under the run's id, then confirmed; if
     ``send`` raises (the broker is down) the run is undone so the key is free, and the
     error propagates. A retry or reschedule (``retries`` given, or the ``fleet`` header) is
-    the same run: it keeps its id and key and is not deduplicated.
+    the same run: it keeps its id and key and is not deduplicated (but undone the same way
+    when its publish raises).
     """
     key = _key_for_publish(task, args, kwargs, options)
-    if key is None or _is_same_run(options) or task.fleet_singleton:
+    if key is None or task.fleet_singleton:
         return send(args, kwargs, **options)
+    if _is_same_run(options):
+        return _send_same_run(task, key, args, kwargs, options, send)
     ledger, record_id = task.fleet.ledger, record_id_for(key)
     run = ledger.enqueue(record_id, key, task.name)
     if not run.new:
@@ -240,6 +243,22 @@ def publish(
         raise
     _publish_ended(ledger, key, record_id, run.run_id, True)
     return result
+
+
+def _send_same_run(
+    task: Any, key: str, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
+) -> Any:
+    """A retry's or reschedule's copy: its attempt already left the key ``queued`` for it,
+    so when the copy cannot be published the run is undone (failed, released), or the key
+    would stay queued with no message behind it."""
+    try:
+        return send(args, kwargs, **options)
+    except BaseException as exc:
+        run_id = options.get("task_id")
+        if isinstance(run_id, str) and run_id:
+            error = f"{type(exc).__name__}: {exc}"
+            _publish_ended(task.fleet.ledger, key, record_id_for(key), run_id, False, error)
+        raise
 
 
 def _key_for_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> str | None:
