@@ -16,7 +16,6 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
-from celery_fleet.ledger import record_id_for  # noqa: F401  (the tests read it from here)
 from celery_fleet.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
