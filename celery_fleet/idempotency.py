@@ -250,12 +250,13 @@ def _send_same_run(
 ) -> Any:
     """A retry's or reschedule's copy: its attempt already left the key ``queued`` for it,
     so when the copy cannot be published the run is undone (failed, released), or the key
-    would stay queued with no message behind it."""
+    would stay queued with no message behind it. Not for the broker backup of a copy
+    deferred in Redis (``fleet_backup``, :mod:`celery_fleet.reschedule`): the copy exists."""
     try:
         return send(args, kwargs, **options)
     except BaseException as exc:
         run_id = options.get("task_id")
-        if isinstance(run_id, str) and run_id:
+        if isinstance(run_id, str) and run_id and "fleet_backup" not in options["headers"]:
             error = f"{type(exc).__name__}: {exc}"
             _publish_ended(task.fleet.ledger, key, record_id_for(key), run_id, False, error)
         raise
