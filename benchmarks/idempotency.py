@@ -3,8 +3,9 @@
 One run, one private redis-server (broker and fleet state), in one process:
 
 - **publish**: ``apply_async`` of a plain ``@app.task``, of a ``@fleet_task`` with no key, of
-  a keyed ``@fleet_task`` with a new key each time (the ledger's enqueue script + the
-  publish), and of a duplicate of an already published key (the script, no publish);
+  a keyed ``@fleet_task`` with a new key each time (the ledger's enqueue script, the
+  publish and its confirmation), and of a duplicate of an already published key (the
+  script, no publish);
 - **execution**: ``task.apply()`` (Celery's tracer with a request, as in a worker, no
   broker) of the same three tasks, and of a key that already succeeded (claim answers
   "done": the stored result, no body).

@@ -42,7 +42,7 @@ from .election import DEFAULT_LEADER_LEASE_S, Callback, Leader
 from .errors import ConfigError
 from .fallback import StoreDown, is_local_lease
 from .guarded import Guard, guarded
-from .ledger import ClaimKeeper, Ledger, run_id_for
+from .ledger import ClaimKeeper, Ledger, record_id_for
 from .locks import DEFAULT_LOCK_TTL_S, Lock
 from .presence import Presence
 from .records import DEFAULT_RECORD_MAX_BYTES, Record
@@ -273,11 +273,11 @@ class Fleet(AsyncMethods):
     def history(self, key: str) -> list[dict[str, str]]:
         """Every recorded event of idempotency key ``key``, oldest first: queued, running,
         taken_over, succeeded, failed, released, queued (again, by a retry or reschedule)."""
-        return self.ledger.history(run_id_for(key))
+        return self.ledger.history(record_id_for(key))
 
     def key_record(self, key: str) -> dict[str, str]:
         """The ledger record of ``key``: state, attempts, owner, times, result or error."""
-        return self.ledger.record(run_id_for(key))
+        return self.ledger.record(record_id_for(key))
 
     def stagger(self, signatures: Iterable[Any], over: float, *, seed: int | None = None) -> Any:
         """Publish ``signatures`` with countdowns spread evenly over ``over`` seconds and

@@ -3,17 +3,21 @@
 ``@fleet_task(idempotency_key="summarize:{doc_id}")`` (a format string over the task's
 arguments, or a callable taking them) or ``task.apply_async(args, idempotency_key="...")``:
 
-- **Publish.** The task id is derived from the key (:func:`~celery_fleet.ledger.run_id_for`)
-  and the ledger records the publish atomically: a second publish of a key that is queued,
-  running or done publishes nothing and returns the first one's ``AsyncResult``. Retries
-  and reschedules are the same run: they publish (same id) without asking.
+- **Publish.** The ledger records the publish atomically and names the run's task id, new
+  for each run: a second publish of a key that is queued, running or done publishes
+  nothing and returns the first one's ``AsyncResult``. The publish is confirmed once the
+  broker took the message and undone when it raised; one never confirmed (the publisher
+  died, or Redis froze under the call) frees the key after the publish lease. Retries and
+  reschedules are the same run: they publish (same id) without asking.
 - **Execution.** Before the body, the attempt claims the key: a key that already succeeded
   returns its stored result without running the body (a redelivery, a duplicate message);
   one running under a live lease elsewhere is rescheduled (:class:`KeyBusy`, backpressure);
   a lapsed lease (its worker died) is taken over. The claim's lease is renewed while the body
   runs. The outcome is recorded: succeeded (with the result as JSON), queued again (a
   ``retry()`` or a reschedule), failed; a final failure releases the key by default
-  (``release_on_failure=True``) so it can be submitted again.
+  (``release_on_failure=True``) so it can be submitted again. A child the worker lost
+  (SIGKILL, OOM) whose message is not redelivered fails the same way, recorded by the
+  worker's main process (Celery's ``task_failure`` with ``WorkerLostError``).
 - **Singleton** (``singleton=True``): the key is a lock, not a dedupe. Publishes keep their
   own task ids and are all accepted; at most one runs at a time per key, the others are
   rescheduled until it ends; each runs its body.
@@ -40,8 +44,8 @@ from typing import Any
 from celery import signals
 
 from .counters import KEYS_LIMIT
-from .errors import Backpressure, ConfigError, StoreUnavailable
-from .ledger import check_key, run_id_for
+from .errors import Backpressure, ConfigError, FleetError, StoreUnavailable
+from .ledger import check_key, record_id_for
 from .signals import sends_task_events
 
 __all__ = ["KEY_HEADER", "PARENT_HEADER", "KeyBusy", "KeyLogFilter", "current_key", "key_of"]
@@ -141,7 +145,7 @@ class Attempt:
     """One execution's claim of a key: finished exactly once."""
 
     fleet: Any
-    run_id: str
+    record_id: str
     key: str
     owner: str
     release_on_failure: bool
@@ -151,11 +155,11 @@ class Attempt:
         if self.finished:
             return
         self.finished = True
-        self.fleet.claims.drop(self.run_id, self.owner)
+        self.fleet.claims.drop(self.record_id, self.owner)
         if outcome == "failed" and self.release_on_failure:
             outcome = "released"
         try:
-            if not self.fleet.ledger.finish(self.run_id, self.owner, outcome, payload):
+            if not self.fleet.ledger.finish(self.record_id, self.owner, outcome, payload):
                 log.warning(
                     "celery-fleet: key %r: this attempt's claim was taken over before it "
                     "ended; its %s was not recorded",
@@ -201,26 +205,70 @@ class KeyLogFilter(logging.Filter):
         return True
 
 
-__all__ += ["Attempt", "check_key_spec", "encode_result", "new_owner", "run_id_for"]
+__all__ += ["Attempt", "check_key_spec", "encode_result", "new_owner", "publish"]
 
 
 #: The claim the running body holds (finished before a retry or reschedule publishes).
 current_attempt: ContextVar[Attempt | None] = ContextVar("celery_fleet_attempt", default=None)
 
 
-def prepare_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> Any:
-    """Apply a keyed task's idempotency to one publish, in ``options`` (in place).
+def publish(
+    task: Any, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
+) -> Any:
+    """Publish one call of a keyed task through ``send`` (Celery's ``apply_async``), or
+    not: the ``AsyncResult`` of the key's live run when this publish is a duplicate.
 
-    Returns None to publish, or the ``AsyncResult`` of the key's first publish when this
-    one is a duplicate (publish nothing). A retry or reschedule (``retries`` given, or the
-    ``fleet`` header) is the same run: it keeps its id and key and is not deduplicated.
+    A publish that starts a run is recorded, sent under the run's id, then confirmed; if
+    ``send`` raises (the broker is down) the run is undone so the key is free, and the
+    error propagates. A retry or reschedule (``retries`` given, or the ``fleet`` header) is
+    the same run: it keeps its id and key and is not deduplicated (but undone the same way
+    when its publish raises).
     """
+    key = _key_for_publish(task, args, kwargs, options)
+    if key is None or task.fleet_singleton:
+        return send(args, kwargs, **options)
+    if _is_same_run(options):
+        return _send_same_run(task, key, args, kwargs, options, send)
+    ledger, record_id = task.fleet.ledger, record_id_for(key)
+    run = ledger.enqueue(record_id, key, task.name)
+    if not run.new:
+        log.info("celery-fleet: key %r is already %s: not published", key, run.state)
+        task.fleet.counters.add(KEYS_LIMIT, "dedupe|publish")
+        return task.AsyncResult(run.run_id)
+    options["task_id"] = run.run_id
+    try:
+        result = send(args, kwargs, **options)
+    except BaseException as exc:
+        _publish_ended(ledger, key, record_id, run.run_id, False, f"{type(exc).__name__}: {exc}")
+        raise
+    _publish_ended(ledger, key, record_id, run.run_id, True)
+    return result
+
+
+def _send_same_run(
+    task: Any, key: str, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
+) -> Any:
+    """A retry's or reschedule's copy: its attempt already left the key ``queued`` for it,
+    so when the copy cannot be published the run is undone (failed, released), or the key
+    would stay queued with no message behind it. Not for the broker backup of a copy
+    deferred in Redis (``fleet_backup``, :mod:`celery_fleet.reschedule`): the copy exists."""
+    try:
+        return send(args, kwargs, **options)
+    except BaseException as exc:
+        run_id = options.get("task_id")
+        if isinstance(run_id, str) and run_id and "fleet_backup" not in options["headers"]:
+            error = f"{type(exc).__name__}: {exc}"
+            _publish_ended(task.fleet.ledger, key, record_id_for(key), run_id, False, error)
+        raise
+
+
+def _key_for_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> str | None:
+    """The key of this publish (put in the ``fleet_key`` header), or None when unkeyed."""
     key = options.pop("idempotency_key", None)
     if key is not None:
         check_key(key, "idempotency_key option")
     headers = dict(options.get("headers") or {})
-    again = "retries" in options or "fleet" in headers
-    if key is None and again:
+    if key is None and _is_same_run(options):
         key = headers.get(KEY_HEADER) or (
             current_key.get() if options.get("task_id") == task.request.id else None
         )
@@ -230,15 +278,29 @@ def prepare_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) 
         return None
     headers[KEY_HEADER] = key
     options["headers"] = headers
-    if again or task.fleet_singleton:
-        return None
-    run_id = run_id_for(key)
-    options["task_id"] = run_id
-    if not task.fleet.ledger.enqueue(run_id, key, task.name):
-        log.info("celery-fleet: key %r is already queued, running or done: not published", key)
-        task.fleet.counters.add(KEYS_LIMIT, "dedupe|publish")
-        return task.AsyncResult(run_id)
-    return None
+    return key
+
+
+def _is_same_run(options: dict[str, Any]) -> bool:
+    """A retry (``retries`` given) or a reschedule (the ``fleet`` header) of a run."""
+    return "retries" in options or "fleet" in (options.get("headers") or {})
+
+
+def _publish_ended(
+    ledger: Any, key: str, record_id: str, run_id: str, sent: bool, error: str = ""
+) -> None:
+    """Confirm or undo a run's publish. If Redis cannot hear it, the publish lease lapses
+    and frees the key anyway (a second message then is harmless: the claim dedupes)."""
+    try:
+        ledger.published(record_id, run_id, sent, error[:1000])
+    except FleetError:
+        log.warning(
+            "celery-fleet: key %r: could not record that its publish %s; the key is free "
+            "again once the publish lease lapses",
+            key,
+            "went out" if sent else "failed",
+            exc_info=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -263,10 +325,16 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
     if key is None:
         return None
     fleet = task.fleet
-    run_id, owner = run_id_for(key), new_owner(request.id)
+    record_id, owner = record_id_for(key), new_owner(request.id)
     try:
         claim = fleet.ledger.claim(
-            run_id, key, task.name, owner, fleet.claim_lease_s, task.fleet_singleton
+            record_id,
+            key,
+            task.name,
+            owner,
+            fleet.claim_lease_s,
+            task.fleet_singleton,
+            request.id or "",
         )
     except StoreUnavailable as exc:
         # Without the ledger a duplicate could run the work twice: wait for Redis instead
@@ -284,7 +352,7 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
         raise KeyBusy(key, max(claim.wait_ms, 50))
     if claim.taken_over:
         log.warning("celery-fleet: key %r: took over the claim of an attempt that died", key)
-    fleet.claims.hold(run_id, owner)
+    fleet.claims.hold(record_id, owner)
     # Monitors (Flower's task page) see the key and the attempt on the task, when the
     # worker sends task events at all: Task.send_event publishes whatever the settings say,
     # a broker round trip (~0.6 ms here, benchmarks/idempotency.py) no one would read.
@@ -295,4 +363,39 @@ def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
             )
         except Exception:  # monitoring must never lose the task
             log.debug("celery-fleet: could not send the task-keyed event", exc_info=True)
-    return Attempt(fleet, run_id, key, owner, task.fleet_release_on_failure)
+    return Attempt(fleet, record_id, key, owner, task.fleet_release_on_failure)
+
+
+@signals.task_failure.connect(weak=False)  # type: ignore[untyped-decorator]
+def _worker_lost(
+    sender: Any = None, task_id: str | None = None, exception: Any = None, **_: Any
+) -> None:
+    """In the worker's main process: a keyed attempt's child was lost (SIGKILL, OOM) and its
+    message will not run again (early ack, or acks_late without reject_on_worker_lost).
+
+    Nothing in the dead child recorded the end of its claim, so the key would stay
+    ``running`` until its lease lapsed. Celery (5.7) sends ``task_failure`` here, with the
+    lost request on the task's request stack: end the claim as failed, under the task's
+    ``release_on_failure``.
+    """
+    from billiard.exceptions import WorkerLostError
+
+    if not isinstance(exception, WorkerLostError) or not task_id:
+        return
+    if not hasattr(sender, "fleet_release_on_failure"):
+        return  # not a FleetTask; a FleetTask is keyed when its message carries a key
+    request = sender.request
+    key = getattr(request, KEY_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        KEY_HEADER
+    )
+    if not isinstance(key, str) or not key:
+        return
+    try:
+        ended = sender.fleet.ledger.lost(
+            record_id_for(key), task_id, sender.fleet_release_on_failure, repr(exception)[:1000]
+        )
+    except FleetError:
+        log.warning("celery-fleet: could not record that key %r's worker was lost", key)
+        return
+    if ended:
+        log.warning("celery-fleet: key %r: its worker process was lost; recorded as failed", key)

@@ -1,27 +1,34 @@
 """The idempotency ledger: one record per idempotency key, so a key's work runs once.
 
-A key (``"summarize:doc-42"``) names a unit of work. Its run id is a UUID derived from it
-(:func:`run_id_for`), which a Celery task uses as its task id, so every publish, retry,
-reschedule and redelivery of the key is one run. The ledger of a run is a Redis hash beside
-its durable steps, under the same hash tag ``{<namespace>:run:<run id>}``:
+A key (``"summarize:doc-42"``) names a unit of work. Its record lives under a hash tag
+derived from the key and the namespace, ``{<namespace>:run:<record id>}``
+(:func:`record_id_for`):
 
 - ``...:ledger``: ``state`` (``queued`` -> ``running`` -> ``succeeded`` | ``failed``), the
-  key, the task, ``attempts``, the running attempt's ``owner`` and ``lease_until``, times
-  (ms), the stored ``result`` (JSON) or ``error``, and ``released`` (a failure gave the key
-  up, so it may be published and run again);
+  key, the task, ``run_id`` (the Celery task id of the key's current run), ``attempts``,
+  the running attempt's ``owner`` and ``lease_until``, ``publish_until`` (the lease of a
+  publish not confirmed yet), times (ms), the stored ``result`` (JSON) or ``error``, and
+  ``released`` (a failure gave the key up, so it may be published and run again);
 - ``...:history``: a capped stream of every event (queued, running, taken_over, succeeded,
-  failed, released, queued again), :meth:`Ledger.history`;
-- ``...:steps``: the durable steps (:mod:`celery_fleet.steps`).
+  failed, released, publish_failed, worker_lost), :meth:`Ledger.history`.
 
-All three expire ``ttl_s`` after their last write: that is how long a key dedupes.
+Both expire ``ttl_s`` after their last write: that is how long a key dedupes.
 
-- :meth:`Ledger.enqueue`: a publish is new only if the key is not queued, running or done
-  (atomic across processes: one script).
+A run's task id is new each time a publish starts one (a random UUID the publisher offers,
+kept by the script only when the key is free): publishes, retries, reschedules and
+redeliveries of one run share it, but a key run again (released after a failure, or its
+record lost with a flushed Redis) never inherits an old run's result from the backend.
+
+- :meth:`Ledger.enqueue`: a publish starts a run only if the key is free (atomic across
+  processes: one script). The run is queued under a publish lease (``publish_lease_s``)
+  until :meth:`Ledger.published` confirms the broker took the message, or undoes the run
+  when the publish raised; an unconfirmed run whose lease lapsed frees the key again.
 - :meth:`Ledger.claim`: an attempt may run the body when the key is not done and no live
   lease of another attempt holds it; it then holds a lease (ms) that :class:`ClaimKeeper`
-  renews, so an attempt whose process died is taken over once the lease lapses.
+  renews, so an attempt whose process died is taken over once the lease lapses (and a key
+  whose claim lapsed may be published again).
 - :meth:`Ledger.finish`: fenced by the owner: an attempt whose claim was taken over
-  records nothing.
+  records nothing. :meth:`Ledger.lost`: the worker lost the attempt's process.
 
 This module knows nothing about Celery.
 """
@@ -41,16 +48,29 @@ from .checks import MAX_SECONDS, number
 from .errors import ConfigError, FleetError
 from .store import RedisStore
 
-__all__ = ["Claim", "ClaimKeeper", "Ledger", "run_id_for", "MAX_KEY", "DEFAULT_LEASE_S"]
+__all__ = [
+    "Claim",
+    "ClaimKeeper",
+    "Enqueued",
+    "Ledger",
+    "record_id_for",
+    "MAX_KEY",
+    "DEFAULT_LEASE_S",
+    "PUBLISH_LEASE_S",
+]
 
 log = logging.getLogger("celery_fleet")
 
-#: The namespace of the UUIDs derived from idempotency keys (fixed: ids must not change).
+#: The namespace of the record ids derived from idempotency keys (fixed: records must be
+#: found again; before run ids were per run, this was also the task id).
 KEY_NAMESPACE = uuid.UUID("5b8e3f0c-7d1a-4f58-9a55-6c0f1e2d3b4a")
 #: The longest idempotency key (it travels in headers and Redis fields).
 MAX_KEY = 500
 #: How long an attempt's claim lives without renewal; the keeper renews it every third.
 DEFAULT_LEASE_S = 15.0
+#: How long a publish holds its key before the publisher confirms it (the broker took the
+#: message): a publisher that died, or gave up on a frozen Redis, frees the key after it.
+PUBLISH_LEASE_S = 30.0
 #: Outcomes :meth:`Ledger.finish` records.
 OUTCOMES = ("succeeded", "failed", "released", "queued")
 
@@ -65,9 +85,20 @@ def check_key(key: object, where: str = "idempotency key") -> str:
     return key
 
 
-def run_id_for(key: str) -> str:
-    """The run id (a Celery task id) of idempotency key ``key``: the same everywhere."""
+def record_id_for(key: str) -> str:
+    """Where the ledger record of idempotency key ``key`` lives (the same everywhere; the
+    namespace is in the hash tag). Not a task id: each run has its own (``run_id``)."""
     return str(uuid.uuid5(KEY_NAMESPACE, check_key(key)))
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """What :meth:`Ledger.enqueue` answered: ``new`` (this publish starts run ``run_id``:
+    publish it, then confirm) or not (the key is ``state``, run ``run_id``: publish nothing)."""
+
+    new: bool
+    run_id: str
+    state: str
 
 
 @dataclass(frozen=True)
@@ -90,27 +121,66 @@ class Claim:
 class Ledger:
     """The ledger records of one fleet's namespace (see the module docstring)."""
 
-    def __init__(self, store: RedisStore, namespace: str, ttl_s: float) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        namespace: str,
+        ttl_s: float,
+        publish_lease_s: float = PUBLISH_LEASE_S,
+    ) -> None:
         self.store = store
         self.namespace = namespace
         self.ttl_ms = int(number(ttl_s, "fleet_dedupe_ttl", lo=1.0, hi=MAX_SECONDS) * 1000)
+        self.publish_lease_s = publish_lease_s
 
-    def keys(self, run_id: str) -> list[str]:
-        tag = f"{{{self.namespace}:run:{run_id}}}"
+    def keys(self, record_id: str) -> list[str]:
+        tag = f"{{{self.namespace}:run:{record_id}}}"
         return [f"{tag}:ledger", f"{tag}:history"]
 
-    def enqueue(self, run_id: str, key: str, task: str) -> bool:
-        """Record a publish of ``key``; False when the key is already queued, running or
-        done (publish nothing then)."""
-        new, _ = self.store.run("ledger_enqueue", self.keys(run_id), [key, task, self.ttl_ms])
-        return bool(new)
+    def enqueue(self, record_id: str, key: str, task: str, run_id: str | None = None) -> Enqueued:
+        """Start a run of ``key`` under ``run_id`` (default: a new UUID) if the key is free.
+
+        Not new when the key is queued (confirmed, or under a live publish lease), running
+        under a live claim, succeeded, or failed and kept: publish nothing then, the answer
+        names the live run. A new run holds the key ``publish_lease_s`` unless
+        :meth:`published` confirms it.
+        """
+        run_id = run_id or str(uuid.uuid4())
+        lease_ms = max(1, int(self.publish_lease_s * 1000))
+        args = [key, task, self.ttl_ms, run_id, lease_ms]
+        reply = self.store.run("ledger_enqueue", self.keys(record_id), args)
+        if int(reply[0]):
+            return Enqueued(True, _text(reply[1]), "queued")
+        # a record written before run ids were per run: its run id was the record id
+        return Enqueued(False, _text(reply[2]) or record_id, _text(reply[1]))
+
+    def published(self, record_id: str, run_id: str, sent: bool, error: str = "") -> bool:
+        """Confirm (``sent``) or undo (the publish raised: failed and released) the run
+        :meth:`enqueue` started; False when the key is no longer queued under ``run_id``."""
+        args = [run_id, "sent" if sent else "failed", error, self.ttl_ms]
+        return bool(self.store.run("ledger_published", self.keys(record_id), args))
+
+    def lost(self, record_id: str, task_id: str, release: bool, error: str) -> bool:
+        """End the claim an attempt of task ``task_id`` holds, its process lost (SIGKILL,
+        OOM) and its message not redelivered: failed, released when ``release``."""
+        args = [task_id, "1" if release else "0", error, self.ttl_ms]
+        return bool(self.store.run("ledger_lost", self.keys(record_id), args))
 
     def claim(
-        self, run_id: str, key: str, task: str, owner: str, lease_s: float, singleton: bool
+        self,
+        record_id: str,
+        key: str,
+        task: str,
+        owner: str,
+        lease_s: float,
+        singleton: bool,
+        task_id: str = "",
     ) -> Claim:
-        """May attempt ``owner`` run the body of ``key``? (See :class:`Claim`.)"""
+        """May attempt ``owner`` (of task ``task_id``) run the body of ``key``? (See
+        :class:`Claim`.)"""
         args = [owner, int(lease_s * 1000), self.ttl_ms, key, task, "1" if singleton else "0"]
-        reply = self.store.run("ledger_claim", self.keys(run_id), args)
+        args.append(task_id or owner.split("/", 1)[0])
+        reply = self.store.run("ledger_claim", self.keys(record_id), args)
         verdict = _text(reply[0])
         if verdict == "run":
             return Claim("run", attempts=int(reply[1]), taken_over=bool(int(reply[2])))
@@ -121,29 +191,29 @@ class Ledger:
             return Claim("failed", error=_text(reply[1]))
         return Claim("busy", wait_ms=int(reply[1]))
 
-    def finish(self, run_id: str, owner: str, outcome: str, payload: str = "") -> bool:
+    def finish(self, record_id: str, owner: str, outcome: str, payload: str = "") -> bool:
         """Record how attempt ``owner`` ended; False when its claim was no longer its own."""
         if outcome not in OUTCOMES:
             raise FleetError(f"ledger outcome must be one of {OUTCOMES}, got {outcome!r}")
         args = [owner, outcome, payload, self.ttl_ms]
-        return bool(self.store.run("ledger_finish", self.keys(run_id), args))
+        return bool(self.store.run("ledger_finish", self.keys(record_id), args))
 
     def renew(self, claims: list[tuple[str, str]], lease_s: float) -> list[bool]:
-        """Extend the leases of ``(run_id, owner)`` claims in one round trip."""
+        """Extend the leases of ``(record_id, owner)`` claims in one round trip."""
         if not claims:
             return []
-        keys = [self.keys(run_id)[0] for run_id, _ in claims]
+        keys = [self.keys(record_id)[0] for record_id, _ in claims]
         args = [owner for _, owner in claims] + [int(lease_s * 1000)]
         return [bool(x) for x in self.store.run("ledger_renew", keys, args)]
 
-    def record(self, run_id: str) -> dict[str, str]:
-        """The ledger hash of ``run_id`` as text (empty when unknown or expired)."""
-        raw = self.store.call("HGETALL", self.keys(run_id)[0]) or {}
+    def record(self, record_id: str) -> dict[str, str]:
+        """The ledger hash of ``record_id`` as text (empty when unknown or expired)."""
+        raw = self.store.call("HGETALL", self.keys(record_id)[0]) or {}
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    def history(self, run_id: str) -> list[dict[str, str]]:
-        """Every event of the run, oldest first: ``{"id", "event", "at", ...}``."""
-        entries = self.store.call("XRANGE", self.keys(run_id)[1], "-", "+") or []
+    def history(self, record_id: str) -> list[dict[str, str]]:
+        """Every event of the key, oldest first: ``{"id", "event", "at", ...}``."""
+        entries = self.store.call("XRANGE", self.keys(record_id)[1], "-", "+") or []
         return [
             {"id": _text(entry_id), **{_text(k): _text(v) for k, v in fields.items()}}
             for entry_id, fields in entries
@@ -169,9 +239,9 @@ class ClaimKeeper:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def hold(self, run_id: str, owner: str) -> None:
+    def hold(self, record_id: str, owner: str) -> None:
         with self._lock:
-            self._held[run_id, owner] = None
+            self._held[record_id, owner] = None
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
@@ -179,9 +249,9 @@ class ClaimKeeper:
                 )
                 self._thread.start()
 
-    def drop(self, run_id: str, owner: str) -> None:
+    def drop(self, record_id: str, owner: str) -> None:
         with self._lock:
-            self._held.pop((run_id, owner), None)
+            self._held.pop((record_id, owner), None)
 
     def renew_now(self) -> None:
         with self._lock:

@@ -93,6 +93,8 @@ SCRIPTS = (
     "ledger_claim",
     "ledger_renew",
     "ledger_finish",
+    "ledger_published",
+    "ledger_lost",
     "presence",
     "lock_acquire",
     "lock_renew",

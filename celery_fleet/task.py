@@ -170,10 +170,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         jitter_publish(options, self.fleet_jitter)
         if task_id is not None:
             options["task_id"] = task_id
-        duplicate = idempotency.prepare_publish(self, args, kwargs, options)
-        if duplicate is not None:
-            return duplicate
-        return super().apply_async(args, kwargs, **options)
+        return idempotency.publish(self, args, kwargs, options, super().apply_async)
 
     def fan_out(
         self, items: Iterable[Any], over: float, *, seed: int | None = None, **options: Any

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 
 from celery_fleet import Fleet
 from celery_fleet.cli import fleet as fleet_cli
-from celery_fleet.ledger import run_id_for
+from celery_fleet.ledger import record_id_for
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {
@@ -85,7 +85,7 @@ def test_breaker_switches_and_reset(app: Celery) -> None:
 def test_history_of_a_key(app: Celery) -> None:
     fleet = Fleet(app)
     key = f"cli:{uuid.uuid4().hex[:8]}"
-    run_id = run_id_for(key)
+    run_id = record_id_for(key)
     fleet.ledger.enqueue(run_id, key, "proj.summarize")
     fleet.ledger.claim(run_id, key, "proj.summarize", "me", 10, False)
     fleet.ledger.finish(run_id, "me", "succeeded", "42")

@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet, fleet_task
-from celery_fleet.ledger import Ledger, run_id_for
+from celery_fleet.ledger import Ledger, record_id_for
 
 from .test_beat import _published
 
@@ -31,9 +31,11 @@ def ledger(make_fleet: MakeFleet) -> Ledger:
 
 
 def test_a_key_runs_once_then_replays(ledger: Ledger) -> None:
-    run = run_id_for(f"doc-{uuid.uuid4().hex}")
-    assert ledger.enqueue(run, "k", "t") is True
-    assert ledger.enqueue(run, "k", "t") is False  # a duplicate publish
+    run = record_id_for(f"doc-{uuid.uuid4().hex}")
+    started = ledger.enqueue(run, "k", "t")
+    assert started.new and started.state == "queued"
+    again = ledger.enqueue(run, "k", "t")  # a duplicate publish: names the live run
+    assert not again.new and again.run_id == started.run_id
     first = ledger.claim(run, "k", "t", "a", 10, singleton=False)
     assert first.verdict == "run" and first.attempts == 1 and not first.taken_over
     busy = ledger.claim(run, "k", "t", "b", 10, singleton=False)
@@ -48,7 +50,7 @@ def test_a_key_runs_once_then_replays(ledger: Ledger) -> None:
 
 
 def test_a_lapsed_claim_is_taken_over_and_the_old_owner_is_fenced(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     assert ledger.claim(run, "k", "t", "dead", 0.2, singleton=False).verdict == "run"
     time.sleep(0.25)  # its worker died: nobody renews
     took = ledger.claim(run, "k", "t", "alive", 10, singleton=False)
@@ -59,21 +61,101 @@ def test_a_lapsed_claim_is_taken_over_and_the_old_owner_is_fenced(ledger: Ledger
     assert [e["event"] for e in ledger.history(run)] == ["running", "taken_over", "succeeded"]
 
 
+def test_an_unconfirmed_publish_frees_its_key_when_its_lease_lapses(ledger: Ledger) -> None:
+    """A publisher that died or gave up (Redis froze under the call) never confirms: the
+    key is free again after the publish lease, under a new run id. A confirmed one stays."""
+    ledger.publish_lease_s = 0.3
+    lapses, confirmed = record_id_for(uuid.uuid4().hex), record_id_for(uuid.uuid4().hex)
+    first = ledger.enqueue(lapses, "k", "t")
+    sent = ledger.enqueue(confirmed, "k2", "t")
+    assert ledger.published(confirmed, sent.run_id, sent=True)
+    assert not ledger.enqueue(lapses, "k", "t").new  # its publish may still be under way
+    time.sleep(0.4)
+    again = ledger.enqueue(lapses, "k", "t")
+    assert again.new and again.run_id != first.run_id
+    assert not ledger.published(lapses, first.run_id, sent=True)  # the old token is fenced
+    assert not ledger.enqueue(confirmed, "k2", "t").new  # a confirmed message is queued
+
+
+def test_a_failed_publish_is_undone_by_its_own_token_only(ledger: Ledger) -> None:
+    run = record_id_for(uuid.uuid4().hex)
+    started = ledger.enqueue(run, "k", "t")
+    assert not ledger.published(run, "another-publish", sent=False)
+    assert ledger.enqueue(run, "k", "t").new is False
+    assert ledger.published(run, started.run_id, sent=False, error="OperationalError: down")
+    record = ledger.record(run)
+    assert (record["state"], record["released"]) == ("failed", "1")
+    assert "OperationalError" in record["error"]
+    assert ledger.enqueue(run, "k", "t").new
+    # a worker that claimed before the publisher heard back: its undo changes nothing
+    claimed = record_id_for(uuid.uuid4().hex)
+    publish = ledger.enqueue(claimed, "k", "t")
+    assert ledger.claim(claimed, "k", "t", f"{publish.run_id}/a", 10, False).verdict == "run"
+    assert not ledger.published(claimed, publish.run_id, sent=False)
+    assert ledger.record(claimed)["state"] == "running"
+
+
+def test_a_lapsed_claim_does_not_block_a_new_publish(ledger: Ledger) -> None:
+    run = record_id_for(uuid.uuid4().hex)
+    first = ledger.enqueue(run, "k", "t")
+    assert ledger.claim(run, "k", "t", "dead", 0.2, singleton=False).verdict == "run"
+    assert not ledger.enqueue(run, "k", "t").new  # a live claim: running
+    time.sleep(0.3)  # its worker died (early ack: no message left to redeliver)
+    again = ledger.enqueue(run, "k", "t")
+    assert again.new and again.run_id != first.run_id
+    assert ledger.finish(run, "dead", "succeeded", "1") is False  # the dead attempt is fenced
+    assert ledger.history(run)[-1]["lapsed"] == "running"
+
+
+def test_a_lost_worker_ends_the_claim_of_its_task_only(ledger: Ledger) -> None:
+    run = record_id_for(uuid.uuid4().hex)
+    started = ledger.enqueue(run, "k", "t")
+    owner = f"{started.run_id}/abc"
+    assert ledger.claim(run, "k", "t", owner, 30, singleton=False).verdict == "run"
+    assert not ledger.lost(run, "some-other-task", True, "WorkerLostError")
+    assert not ledger.enqueue(run, "k", "t").new
+    assert ledger.lost(run, started.run_id, True, "WorkerLostError('SIGKILL')")
+    record = ledger.record(run)
+    assert (record["state"], record["released"], record["owner"]) == ("failed", "1", "")
+    assert ledger.finish(run, owner, "succeeded", "1") is False
+    assert ledger.enqueue(run, "k", "t").new
+    kept = record_id_for(uuid.uuid4().hex)
+    ledger.claim(kept, "k", "t", "tid/x", 30, singleton=False)
+    assert ledger.lost(kept, "tid", False, "WorkerLostError")
+    assert not ledger.enqueue(kept, "k", "t").new  # release_on_failure=False: kept
+
+
+def test_each_run_has_its_own_id_in_each_namespace(make_fleet: MakeFleet, namespace: str) -> None:
+    """A key's run id is new per run: not shared across namespaces, nor with the run before
+    its record was lost, so a result backend's old SUCCESS is never the new run's."""
+    one, two = make_fleet({}).ledger, make_fleet({}, namespace=f"{namespace}-b").ledger
+    run = record_id_for("summarize:1")
+    a, b = one.enqueue(run, "summarize:1", "t"), two.enqueue(run, "summarize:1", "t")
+    assert a.new and b.new and a.run_id != b.run_id
+    one.store.call("DEL", *one.keys(run))  # the ledger is lost (an empty restart)
+    again = one.enqueue(run, "summarize:1", "t")
+    assert again.new and again.run_id not in (a.run_id, b.run_id, run)
+    # a message still in flight when the record was lost names its run when it claims
+    lost = record_id_for("summarize:2")
+    one.claim(lost, "summarize:2", "t", "old-id/x", 30, singleton=False)
+    assert one.enqueue(lost, "summarize:2", "t").run_id == "old-id"
+
+
 def test_release_on_failure_frees_the_key_and_keep_does_not(ledger: Ledger) -> None:
-    freed, kept = run_id_for(uuid.uuid4().hex), run_id_for(uuid.uuid4().hex)
+    freed, kept = record_id_for(uuid.uuid4().hex), record_id_for(uuid.uuid4().hex)
     for run, outcome in ((freed, "released"), (kept, "failed")):
         ledger.enqueue(run, "k", "t")
         ledger.claim(run, "k", "t", "a", 10, singleton=False)
         ledger.finish(run, "a", outcome, "ValueError: no")
-    assert ledger.enqueue(freed, "k", "t") is True
+    assert ledger.enqueue(freed, "k", "t").new
     assert ledger.claim(freed, "k", "t", "b", 10, singleton=False).verdict == "run"
-    assert ledger.enqueue(kept, "k", "t") is False
+    assert not ledger.enqueue(kept, "k", "t").new
     verdict = ledger.claim(kept, "k", "t", "b", 10, singleton=False)
     assert verdict.verdict == "failed" and "ValueError" in verdict.error
 
 
 def test_a_retry_requeues_the_same_run(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     ledger.claim(run, "k", "t", "a", 10, singleton=False)
     assert ledger.finish(run, "a", "queued") is True
     again = ledger.claim(run, "k", "t", "b", 10, singleton=False)
@@ -81,7 +163,7 @@ def test_a_retry_requeues_the_same_run(ledger: Ledger) -> None:
 
 
 def test_singleton_runs_one_at_a_time_and_again_after(ledger: Ledger) -> None:
-    run = run_id_for(uuid.uuid4().hex)
+    run = record_id_for(uuid.uuid4().hex)
     assert ledger.claim(run, "k", "t", "a", 10, singleton=True).verdict == "run"
     assert ledger.claim(run, "k", "t", "b", 10, singleton=True).verdict == "busy"
     ledger.finish(run, "a", "succeeded", "1")
@@ -93,7 +175,7 @@ def test_concurrent_claims_admit_exactly_one(make_fleet: MakeFleet) -> None:
     fleet = make_fleet({})
     rng = random.Random(3)
     for _ in range(20):
-        run = run_id_for(uuid.uuid4().hex)
+        run = record_id_for(uuid.uuid4().hex)
         verdicts: list[str] = []
         barrier = threading.Barrier(8)
 
@@ -103,8 +185,7 @@ def test_concurrent_claims_admit_exactly_one(make_fleet: MakeFleet) -> None:
             out.append(fleet.ledger.claim(run, "k", "t", owner, 5, False).verdict)
 
         threads = [
-            threading.Thread(target=claim, args=(f"o{i}", run, barrier, verdicts))
-            for i in range(8)
+            threading.Thread(target=claim, args=(f"o{i}", run, barrier, verdicts)) for i in range(8)
         ]
         for t in threads:
             t.start()
@@ -137,13 +218,15 @@ def test_a_duplicate_publish_publishes_nothing(app: Celery, redis_url: str) -> N
     first = summarize.delay(1)
     again = summarize.apply_async((1,), {"style": "short"})
     other = summarize.delay(2)
-    assert first.id == again.id == run_id_for(f"summarize:{tag}:1") != other.id
+    record = Fleet.for_app(app).key_record(f"summarize:{tag}:1")
+    assert first.id == again.id == record["run_id"] != other.id
+    assert record["publish_until"] == "0"  # the broker took it: confirmed
     messages = _published(app, redis_url)
     assert [m["id"] for m in messages] == [first.id, other.id]
     assert messages[0]["fleet_key"] == f"summarize:{tag}:1"
     # per call, and a retry of the same run (retries given) publishes under the same id
     per_call = summarize.apply_async((3,), idempotency_key=f"custom-{tag}")
-    assert per_call.id == run_id_for(f"custom-{tag}")
+    assert per_call.id == Fleet.for_app(app).key_record(f"custom-{tag}")["run_id"]
     summarize.apply_async((1,), task_id=first.id, retries=1)
     assert [m["id"] for m in _published(app, redis_url)][-2:] == [per_call.id, first.id]
 
@@ -185,9 +268,7 @@ def test_bad_options_fail_at_decoration(app: Celery, options: dict[str, Any]) ->
         fleet_task(app=app, shared=False, **options)(lambda x: None)
 
 
-def test_a_final_failure_releases_the_key_for_a_new_submission(
-    app: Celery, redis_url: str
-) -> None:
+def test_a_final_failure_releases_the_key_for_a_new_submission(app: Celery, redis_url: str) -> None:
     tag = uuid.uuid4().hex[:8]
     calls: list[int] = []
 
@@ -275,14 +356,14 @@ def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:
     counting the claims that ran, and a succeeded key never runs again."""
     rng = random.Random(17)
     for _ in range(25):
-        run = run_id_for(uuid.uuid4().hex)
+        run = record_id_for(uuid.uuid4().hex)
         owners = ["a", "b", "c", "d"]
         model: dict[str, Any] = {"state": None, "owner": None, "attempts": 0}
         for _ in range(40):
             op = rng.choice(["enqueue", "claim", "claim", "finish", "renew"])
             who = rng.choice(owners)
             if op == "enqueue":
-                new = ledger.enqueue(run, "k", "t")
+                new = ledger.enqueue(run, "k", "t").new
                 released = model["state"] == "released"
                 assert new == (model["state"] is None or released), model
                 if new:
@@ -310,6 +391,7 @@ def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:
             record = ledger.record(run)
             if model["state"] is not None:
                 stored = {"released": "failed"}.get(model["state"], model["state"])
-                assert record["state"] == stored and int(record.get("attempts", 0)) == model[
-                    "attempts"
-                ], (record, model)
+                assert (
+                    record["state"] == stored
+                    and int(record.get("attempts", 0)) == model["attempts"]
+                ), (record, model)

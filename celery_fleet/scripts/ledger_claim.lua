@@ -8,6 +8,8 @@
 -- ARGV[4]  the idempotency key
 -- ARGV[5]  the task name
 -- ARGV[6]  '1': singleton (at most one running; a finished key may run again)
+-- ARGV[7]  the attempt's task id: the key's run id when the record has none (its ledger
+--          was lost while the message waited)
 --
 -- Reply: {'done', result} (succeeded: do not run, return the stored result);
 -- {'failed', error} (failed and kept: do not run); {'busy', ms} (running under a live lease
@@ -35,7 +37,9 @@ if state == 'running' and owner ~= ARGV[1] then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1],
-  'lease_until', now + tonumber(ARGV[2]), 'started', now, 'key', ARGV[4], 'task', ARGV[5])
+  'lease_until', now + tonumber(ARGV[2]), 'started', now, 'key', ARGV[4], 'task', ARGV[5],
+  'publish_until', 0)
+redis.call('HSETNX', KEYS[1], 'run_id', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 note(KEYS[2], ttl, 'event', taken == 1 and 'taken_over' or 'running', 'attempt', attempts,
   'owner', ARGV[1], 'at', now)

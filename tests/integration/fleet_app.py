@@ -16,7 +16,6 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
-from celery_fleet.ledger import run_id_for  # noqa: F401  (the tests read it from here)
 from celery_fleet.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
@@ -299,6 +298,30 @@ def keyed_single(tag: str, n: int) -> int:
 def keyed_gated(tag: str) -> int:
     """Rescheduled while the test holds 'gate' shut; its body runs once it is let in."""
     return int(_probe.incr(key(f"gated:{tag}")))
+
+
+# -- test_idempotency_faults.py ----------------------------------------------------------
+
+
+@fleet_task(app=app, shared=False, idempotency_key="lost:{tag}")
+def keyed_lost(tag: str) -> int:
+    """Early ack (Celery's default): the first run SIGKILLs its own pool process, so its
+    message is gone; returns how many times the body started."""
+    runs = int(_probe.incr(key(f"keyed_lost:{tag}")))
+    if runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return runs
+
+
+@fleet_task(app=app, shared=False, acks_late=True, reject_on_worker_lost=True,
+            idempotency_key="rerun:{tag}")  # fmt: skip
+def keyed_rerun(tag: str) -> int:
+    """Returns how many times the body started; its second run SIGKILLs its own pool
+    process (redelivered: acks_late + reject_on_worker_lost)."""
+    runs = int(_probe.incr(key(f"keyed_rerun:{tag}")))
+    if runs == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return runs
 
 
 # -- test_outage.py: the fleet's Redis stops mid-burst -----------------------------------

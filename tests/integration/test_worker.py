@@ -211,7 +211,7 @@ def test_a_thousand_publishes_of_a_hundred_keys_run_a_hundred_times(worker: Any)
     for p in procs:
         p.join(timeout=120)
         assert p.exitcode == 0
-    results = [worker.keyed_count.AsyncResult(worker.run_id_for(f"count:{tag}:{d}"))
+    results = [worker.keyed_count.AsyncResult(worker.fleet.key_record(f"count:{tag}:{d}")["run_id"])
                for d in range(100)]  # fmt: skip
     assert sorted(r.get(timeout=120) for r in results) == list(range(100))
     assert int(_probe(worker).get(worker.key(f"keyed_count:{tag}"))) == 100
@@ -243,7 +243,7 @@ def test_a_retry_keeps_the_key_and_children_carry_it(worker: Any) -> None:
     tag = uuid.uuid4().hex[:6]
     value = worker.keyed_retry.delay(tag).get(timeout=60)
     assert value["retries"] == 1 and value["key"] == f"retry:{tag}"
-    assert value["id"] == worker.run_id_for(f"retry:{tag}")
+    assert value["id"] == worker.fleet.key_record(f"retry:{tag}")["run_id"]
     events = [e["event"] for e in worker.fleet.history(f"retry:{tag}")]
     assert events == ["queued", "running", "queued", "running", "succeeded"], events
     child_id = worker.keyed_parent.delay(tag).get(timeout=60)
