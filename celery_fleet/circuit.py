@@ -441,6 +441,11 @@ def _check_options(options: dict[str, Any], limit: str) -> None:
     """Refuse pybreaker's constructor options that the fleet configures in ``fleet_limits``
     (naming where), and any other unknown option."""
     for option in options:
+        if option in ("name", "limit", "fleet"):
+            raise ConfigError(
+                f"circuit_breaker({limit!r}, {option}=...): the breaker's name is its limit, "
+                f"given once as the first argument"
+            )
         if option in _CONFIGURED_IN_LIMITS:
             raise ConfigError(_not_an_option(option, limit))
     if options:

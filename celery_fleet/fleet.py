@@ -303,7 +303,15 @@ class Fleet(AsyncMethods):
         it ends): capped exponential backoff with jitter over the count (``fleet_backoff``:
         full or decorrelated, from ``fleet_backoff_base`` up to ``fleet_backoff_max``).
         """
-        n = min(max(reschedules, 0), 30)
+        wait_s = number(wait_s, "reschedule_countdown(wait_s=...)", lo=0.0)
+        previous_s = number(previous_s, "reschedule_countdown(previous_s=...)", lo=0.0)
+        if isinstance(reschedules, bool) or not isinstance(reschedules, int) or reschedules < 0:
+            raise ConfigError(
+                f"reschedule_countdown(reschedules=...) must be an int >= 0, got {reschedules!r}"
+            )
+        if not isinstance(guess, bool):
+            raise ConfigError(f"reschedule_countdown(guess=...) must be a bool, got {guess!r}")
+        n = min(reschedules, 30)
         if not guess:
             fraction = min(1.0, 0.2 * 2.0**n)
             return min(spread(wait_s, fraction=fraction, floor_s=0.05), self.max_countdown_s)
@@ -331,8 +339,7 @@ class Fleet(AsyncMethods):
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
         went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``)."""
-        if not decision.allowed or decision.lease_id is None:
-            raise ConfigError("release() needs an admitted decision (it holds no lease)")
+        _check_decision(decision, "release")
         return self.admission.release(decision.limit, decision.lease_id, outcome)
 
     def breaker(self, name: str) -> Breaker:
@@ -341,7 +348,8 @@ class Fleet(AsyncMethods):
 
     def circuit_breaker(
         self,
-        name: str,
+        name: str | None = None,
+        /,
         *,
         exclude: Iterable[type[BaseException] | Callable[[Any], bool]] | None = None,
         listeners: Iterable[Any] | None = None,
@@ -362,6 +370,12 @@ class Fleet(AsyncMethods):
         """
         from .circuit import FleetCircuitBreaker
 
+        # ``name`` is positional-only so that ``circuit_breaker("x", name="x")`` reaches the
+        # option check (a ConfigError) instead of Python's TypeError; ``name=`` still works.
+        if name is None and "name" in pybreaker_options:
+            name = pybreaker_options.pop("name")
+        if name is None:
+            raise ConfigError("circuit_breaker() needs the name of a limit with a breaker")
         return FleetCircuitBreaker(
             self,
             name,
@@ -376,6 +390,8 @@ class Fleet(AsyncMethods):
     def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
         """Call ``listener(limit, state)`` when this process changes a breaker's state
         (``"open"``, ``"half_open"``, ``"closed"``). Usable as a decorator."""
+        if not callable(listener):
+            raise ConfigError(f"on_breaker_change needs a callable, got {listener!r}")
         self.admission.listeners.append(listener)
         return listener
 
@@ -400,8 +416,7 @@ class Fleet(AsyncMethods):
         Settling again with the same figure changes nothing, also after release (this
         process remembers the last figure it settled each recent lease to).
         """
-        if not decision.allowed or decision.lease_id is None:
-            raise ConfigError("settle() needs an admitted decision (it holds no lease)")
+        _check_decision(decision, "settle")
         lease = decision.lease_id
         reserved = self._settled.pop(lease, decision.tokens)
         delta = self.admission.settle(decision.limit, lease, tokens, reserved)
@@ -497,6 +512,17 @@ class Fleet(AsyncMethods):
 
     def __repr__(self) -> str:
         return f"<Fleet {self.store.safe_url} ns={self.namespace!r} limits={sorted(self.limits)}>"
+
+
+def _check_decision(decision: object, what: str) -> None:
+    """Refuse anything but an admitted :class:`Decision` (it names the lease to act on)."""
+    if not isinstance(decision, Decision):
+        raise ConfigError(
+            f"{what}() needs the Decision fleet.try_acquire() returned, got "
+            f"{type(decision).__name__}"
+        )
+    if not decision.allowed or decision.lease_id is None:
+        raise ConfigError(f"{what}() needs an admitted decision (it holds no lease)")
 
 
 def _reset_all_connections() -> None:
