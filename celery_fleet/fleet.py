@@ -47,7 +47,12 @@ from .locks import DEFAULT_LOCK_TTL_S, Lock
 from .presence import Presence
 from .records import DEFAULT_RECORD_MAX_BYTES, Record
 from .run import Run, current_run
-from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
+from .settings import (
+    DEFAULT_MAX_COUNTDOWN_S,
+    DEFAULT_MAX_WAIT_S,
+    hide_url_password,
+    load_settings,
+)
 from .slot import Clock, LeaseKeeper, Slot, SystemClock
 from .steps import Steps
 from .store import RedisStore
@@ -158,6 +163,8 @@ class Fleet(AsyncMethods):
         self.admission.watchers.append(counters_watcher(self.counters))
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
+        if app is not None and redis_url is None:
+            hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none
         if app is not None:
             _by_app[app] = self
             signals.install(_reset_all_connections)

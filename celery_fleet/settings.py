@@ -15,9 +15,10 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .checks import MAX_SECONDS, check_max_wait, check_name, check_port, number, suggest
 from .config import LimitConfig, parse_limits
@@ -25,7 +26,7 @@ from .connect import SCHEMES, check_transport_options, own_client, sentinel_opti
 from .errors import ConfigError
 from .fallback import check_policy
 from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
-from .store import has_password, mask_url
+from .store import mask_url
 
 __all__ = [
     "FleetSettings",
@@ -36,6 +37,8 @@ __all__ = [
     "BACKOFF",
     "DEFER_MODES",
     "visibility_timeout",
+    "hide_url_password",
+    "split_password",
 ]
 
 log = logging.getLogger("celery_fleet")
@@ -141,15 +144,6 @@ def load_settings(
         else conf.get("fleet_redis_transport_options")
     )
     url, transport = _resolve_redis(redis_url, client, conf, password, transport_options)
-    configured = conf.get("fleet_redis_url")
-    if isinstance(configured, str) and has_password(configured):
-        log.warning(
-            "celery-fleet: the fleet's Redis URL %s holds a password, which `celery report` "
-            "and `celery inspect conf` print as is (Celery censors only settings it knows, "
-            "or whose names contain PASS, KEY, SECRET, TOKEN): set fleet_redis_password "
-            "instead",
-            mask_url(configured),
-        )
     max_countdown = number(
         conf.get("fleet_max_countdown", DEFAULT_MAX_COUNTDOWN_S),
         "fleet_max_countdown",
@@ -341,3 +335,72 @@ def _check_url(url: object, setting: str) -> str:
             f"{mask_url(url) if isinstance(url, str) else url!r}"
         )
     return url
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` without its password, and the password (unquoted), or ``(url, None)``.
+
+    The password may be in the netloc (``redis://user:pw@host``) or a ``password=`` query
+    option; every ``;``-separated part of a ``sentinel://`` URL loses its own. The user
+    name stays. Example::
+
+        split_password("redis://:s3cret@h:6379/1")   # ("redis://h:6379/1", "s3cret")
+    """
+    found: str | None = None
+    parts = []
+    for part in url.split(";"):
+        try:
+            pieces = urlsplit(part)
+        except ValueError:
+            return url, None  # the URL check names what is wrong with it
+        netloc, query = pieces.netloc, pieces.query
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user, _, secret = userinfo.partition(":")
+            found = found if found is not None else unquote(secret)
+            netloc = f"{user}@{hosts}" if user else hosts
+        pairs = parse_qsl(query, keep_blank_values=True)
+        secrets = [value for key, value in pairs if key.lower() == "password"]
+        if secrets:
+            found = found if found is not None else secrets[0]
+            query = urlencode([(k, v) for k, v in pairs if k.lower() != "password"])
+        # not urlunsplit: it turns unix:///path into unix:/path
+        rebuilt = f"{pieces.scheme}://{netloc}{pieces.path}" + (f"?{query}" if query else "")
+        parts.append(rebuilt + (f"#{pieces.fragment}" if pieces.fragment else ""))
+    if found is None:
+        return url, None
+    return ";".join(parts), found
+
+
+def hide_url_password(conf: MutableMapping[str, Any]) -> bool:
+    """Move a password out of ``conf["fleet_redis_url"]`` into ``fleet_redis_password``.
+
+    Why: ``celery report`` and ``celery inspect conf`` print the app's configuration,
+    censoring the broker's and the result backend's URLs and settings whose names contain
+    PASS, KEY, SECRET or TOKEN, but not the URL of a setting Celery does not know. Once
+    ``Fleet(app)`` has read the URL (its store keeps the real one), the password moves
+    to ``fleet_redis_password``, which Celery censors, and the URL stays without it; a
+    later ``Fleet(app)`` in the same process, or a forked child, reads the two back. A
+    password in the URL wins over ``fleet_redis_password`` (as in redis-py), so the
+    moved one replaces it. Returns True when something moved.
+    """
+    url = conf.get("fleet_redis_url")
+    if not isinstance(url, str):
+        return False
+    bare, password = split_password(url)
+    if password is None:
+        return False
+    options = conf.get("fleet_redis_transport_options")
+    other = options.get("password") if isinstance(options, Mapping) else None
+    if other is not None and other != password:
+        # The transport options' password would win once the URL's is gone: leave both.
+        log.warning(
+            "celery-fleet: fleet_redis_url %s holds a password, which `celery report` and "
+            "`celery inspect conf` print as is, and fleet_redis_transport_options another: "
+            "keep only one, in fleet_redis_password",
+            mask_url(url),
+        )
+        return False
+    conf["fleet_redis_password"] = password
+    conf["fleet_redis_url"] = bare
+    return True
