@@ -157,7 +157,7 @@ class Fleet(AsyncMethods):
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self.presence.held = self.keeper.describe
         #: Rescheduled tasks waiting in Redis until due (deferred.py; see pump.py).
-        self.deferred = Deferred(self.store, self.namespace)
+        self.deferred = Deferred(self.store, self.namespace, settings.defer_signing_key)
         #: Event counts for metrics, flushed to Redis in the background (counters.py).
         self.counters = Counters(self.store, self.namespace, self.presence)
         self.admission.watchers.append(counters_watcher(self.counters))

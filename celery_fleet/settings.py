@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "DEFER_MODES",
     "visibility_timeout",
     "hide_url_password",
+    "defer_signing_key",
     "split_password",
 ]
 
@@ -85,6 +87,8 @@ SETTINGS = {
     "fleet's leader) or 'countdown' (an ETA message)",
     "fleet_pump_period": "seconds between two rounds of the deferred-task pump (default 1)",
     "fleet_pump_lease": "seconds of the pump leader's lease: the failover time (default 15)",
+    "fleet_defer_signing_key": "secret (str or bytes) the deferred tasks in the fleet's Redis "
+    "are signed with (default: derived from the broker URL, password included)",
     "fleet_store_down": "while the fleet's Redis is unreachable: 'local' (default), 'open', "
     "'closed'",
     "fleet_expected_processes": "fleet processes sharing the budgets when Redis is unreachable "
@@ -115,6 +119,8 @@ class FleetSettings:
     pump_period_s: float = 1.0
     pump_lease_s: float = 15.0
     expected_processes: int | None = None
+    #: The HMAC key of deferred items (:func:`defer_signing_key`).
+    defer_signing_key: bytes | None = field(default=None, repr=False)
     redis_transport_options: dict[str, Any] = field(default_factory=dict, repr=False)
     #: The user's own client or factory (``fleet_redis_client``); ``redis_url`` then
     #: describes where it connects.
@@ -195,6 +201,7 @@ def load_settings(
         pump_lease_s=number(
             conf.get("fleet_pump_lease", 15.0), "fleet_pump_lease", lo=1.0, hi=600.0
         ),
+        defer_signing_key=defer_signing_key(conf),
         redis_url=url,
         namespace=check_name(
             namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
@@ -224,6 +231,31 @@ def load_settings(
             )
         ),
     )
+
+
+def defer_signing_key(conf: Mapping[str, Any]) -> bytes | None:
+    """The key deferred items are signed with: from ``fleet_defer_signing_key``, else from
+    the broker URL (its password, if any, is the secret), else None.
+
+    Every process of the app (workers, and whatever reschedules) derives the same key. A
+    key derived from a broker URL without a password only proves integrity: someone who
+    can write to the fleet's Redis and knows that URL can sign; set
+    ``fleet_defer_signing_key`` when the fleet's Redis is not the broker's.
+    """
+    given = conf.get("fleet_defer_signing_key")
+    if given is not None:
+        if isinstance(given, str):
+            given = given.encode()
+        if not isinstance(given, bytes) or len(given) < 16:
+            raise ConfigError(
+                "fleet_defer_signing_key must be a str or bytes of at least 16 characters "
+                "(a random secret, the same in every process of the app)"
+            )
+        return hashlib.sha256(b"celery-fleet defer key\0" + given).digest()
+    broker = conf.get("broker_url")
+    if isinstance(broker, str) and broker:
+        return hashlib.sha256(b"celery-fleet defer broker\0" + broker.encode()).digest()
+    return None
 
 
 def _check_defer(value: object) -> str:
