@@ -26,6 +26,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from . import pools
 from .deferred import Deferred
 from .errors import FleetError
 from .fleet import Fleet
@@ -142,5 +143,7 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def install(app: Any) -> None:
-    """Add :class:`PumpStep` to ``app``'s worker blueprint (idempotent)."""
+    """Add :class:`PumpStep` to ``app``'s worker blueprint (idempotent), and the check that
+    refuses async task bodies on a green pool (:mod:`celery_fleet.pools`)."""
     app.steps["worker"].add(PumpStep)
+    pools.install(app)
