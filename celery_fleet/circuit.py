@@ -191,7 +191,12 @@ class FleetCircuitBreaker(pybreaker.CircuitBreaker):
             self.add_excluded_exception(exclusion)
         self._listeners: list[Any] = list(listeners or [])
         self._name = limit
-        self._throw_new_error_on_trip = bool(throw_new_error_on_trip)
+        if not isinstance(throw_new_error_on_trip, bool):
+            raise ConfigError(
+                f"circuit_breaker({limit!r}): throw_new_error_on_trip must be a bool, "
+                f"got {throw_new_error_on_trip!r}"
+            )
+        self._throw_new_error_on_trip = throw_new_error_on_trip
         self._known: str | None = None  # the state this object last saw
         self._events = _listeners_of(fleet.admission)
         self._events.breakers.add(self)

@@ -38,6 +38,7 @@ import hmac
 import logging
 
 from .checks import MAX_SECONDS, check_name, number
+from .errors import ConfigError
 from .store import RedisStore
 
 __all__ = ["Deferred", "DEFAULT_CLAIM_S", "SIGNATURE_PREFIX"]
@@ -53,6 +54,8 @@ _SIGNED_HEAD = len(SIGNATURE_PREFIX) + 64 + 1
 DEFAULT_CLAIM_S = 30.0
 #: The longest item id (a task id and a reschedule count are far shorter).
 MAX_ITEM_ID = 512
+#: The most items one :meth:`Deferred.take` claims.
+MAX_TAKE = 10_000
 
 
 class Deferred:
@@ -86,8 +89,9 @@ class Deferred:
     def add(self, item_id: str, delay_s: float, message: bytes) -> float:
         """Keep ``message`` until ``delay_s`` from now (Redis clock); returns the due time
         in ms. Adding the same ``item_id`` again replaces it."""
-        if not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID:
-            raise ValueError(f"a deferred item id must be a str of 1..{MAX_ITEM_ID} characters")
+        _check_ids([item_id])
+        if not isinstance(message, bytes):
+            raise ConfigError(f"a deferred message must be bytes, got {type(message).__name__}")
         delay = number(delay_s, "deferral delay", lo=0.0, hi=MAX_SECONDS)
         due = self.store.run(
             "defer_add",
@@ -119,10 +123,13 @@ class Deferred:
     def take(self, limit: int = 100, claim_s: float = DEFAULT_CLAIM_S) -> list[tuple[str, bytes]]:
         """Claim up to ``limit`` due items, oldest first: ``[(item id, message), ...]``.
         Nobody else gets them unless this claim lapses (``claim_s``) unacknowledged."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_TAKE:
+            raise ConfigError(f"take(limit=...) must be an int from 1 to {MAX_TAKE}, got {limit!r}")
+        claim = number(claim_s, "take(claim_s=...)", lo=0.001, hi=MAX_SECONDS)
         reply = self.store.run(
             "defer_take",
             keys=[self.due_key, self.items_key, self.taken_key],
-            args=[int(limit), int(claim_s * 1000)],
+            args=[limit, max(1, round(claim * 1000))],
         )
         out, forged = [], []
         for i in range(0, len(reply), 2):
@@ -148,6 +155,7 @@ class Deferred:
     def drop(self, item_ids: list[str]) -> int:
         """Forget items without publishing them (forged, or refused by the broker);
         returns how many were still claimed. Their fate reads ``"unknown"``."""
+        _check_ids(item_ids)
         if not item_ids:
             return 0
         # Three commands, not a script: a rare path, and each step alone is safe (an item
@@ -158,6 +166,7 @@ class Deferred:
 
     def ack(self, item_ids: list[str]) -> int:
         """Forget published items; returns how many were still claimed."""
+        _check_ids(item_ids)
         if not item_ids:
             return 0
         keys = [self.taken_key, self.items_key, self.published_key]
@@ -166,6 +175,7 @@ class Deferred:
     def fate(self, item_id: str) -> str:
         """``"waiting"`` (due, or being published), ``"published"`` (within the last day),
         or ``"unknown"``: never deferred here, or lost (Redis restarted empty)."""
+        _check_ids([item_id])
         keys = [self.due_key, self.taken_key, self.published_key]
         reply = self.store.run("defer_fate", keys=keys, args=[item_id])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
@@ -176,5 +186,17 @@ class Deferred:
 
     def due_in_ms(self, item_id: str) -> float | None:
         """When ``item_id`` is due (Redis ms), or None if it is not waiting."""
+        _check_ids([item_id])
         score = self.store.call("ZSCORE", self.due_key, item_id)
         return None if score is None else float(score)
+
+
+def _check_ids(item_ids: object) -> None:
+    """Refuse anything but a list of item ids, each a str of 1..MAX_ITEM_ID characters."""
+    if not isinstance(item_ids, (list, tuple)) or not all(
+        isinstance(i, str) and 0 < len(i) <= MAX_ITEM_ID for i in item_ids
+    ):
+        raise ConfigError(
+            f"deferred item ids must be a list of str of 1..{MAX_ITEM_ID} characters, "
+            f"got {str(item_ids)[:60]!r}"
+        )

@@ -52,6 +52,8 @@ def thread_loop() -> asyncio.AbstractEventLoop:
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on this thread's loop and return its result (or raise
     its exception). Refused inside a running loop: there, ``await`` it."""
+    if not asyncio.iscoroutine(coro):
+        raise FleetError(f"run_async() needs a coroutine, got {type(coro).__name__}")
     try:
         asyncio.get_running_loop()
     except RuntimeError:

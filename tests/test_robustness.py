@@ -14,6 +14,7 @@ from celery_fleet import (
     CircuitOpen,
     ConfigError,
     Fleet,
+    FleetError,
     FleetTask,
     QuotaExhausted,
     StoreUnavailable,
@@ -21,6 +22,7 @@ from celery_fleet import (
     fleet_task,
 )
 from celery_fleet.config import parse_limit
+from celery_fleet.loops import run_async
 
 MakeFleet = Callable[..., Fleet]
 
@@ -178,15 +180,24 @@ def test_listener_errors_are_logged_not_raised(
         (lambda f: f.circuit_breaker("llm", name="llm"), "given once as the first argument"),
         (lambda f: f.circuit_breaker(), "needs the name of a limit"),
         (lambda f: f.on_breaker_change(5), "needs a callable"),
+        (lambda f: f.circuit_breaker("llm", throw_new_error_on_trip=math.nan), "must be a bool"),
+        (lambda f: f.deferred.take(math.nan), "take\\(limit=...\\) must be an int"),
+        (lambda f: f.deferred.take(-1), "take\\(limit=...\\) must be an int"),
+        (lambda f: f.deferred.take(10, claim_s=math.inf), "claim_s=...\\) must be"),
+        (lambda f: f.deferred.add("i", 1.0, "not bytes"), "must be bytes"),
+        (lambda f: f.deferred.ack([5]), "item ids must be a list of str"),
+        (lambda f: f.deferred.fate(None), "item ids must be a list of str"),
+        (lambda f: run_async(5), "needs a coroutine"),
     ],
 )
 def test_misuse_of_the_public_api_is_a_config_error(
     make_fleet: MakeFleet, call: Callable[[Fleet], object], needle: str
 ) -> None:
-    """Each raised a raw AttributeError, OverflowError or TypeError (or passed silently)."""
+    """Each raised a raw AttributeError, OverflowError, TypeError or ValueError (or passed
+    silently: take(-1) took every item)."""
     pytest.importorskip("pybreaker")
     fleet = make_fleet({"llm": {"max_in_flight": 2, "breaker": {}}})
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(FleetError, match=needle):
         call(fleet)
 
 
