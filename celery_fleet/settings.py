@@ -27,7 +27,7 @@ from .connect import SCHEMES, check_transport_options, own_client, sentinel_opti
 from .errors import ConfigError
 from .fallback import check_policy
 from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
-from .store import mask_url
+from .store import has_password, mask_url
 
 __all__ = [
     "FleetSettings",
@@ -201,7 +201,7 @@ def load_settings(
         pump_lease_s=number(
             conf.get("fleet_pump_lease", 15.0), "fleet_pump_lease", lo=1.0, hi=600.0
         ),
-        defer_signing_key=defer_signing_key(conf),
+        defer_signing_key=defer_signing_key(conf, url),
         redis_url=url,
         namespace=check_name(
             namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
@@ -233,7 +233,7 @@ def load_settings(
     )
 
 
-def defer_signing_key(conf: Mapping[str, Any]) -> bytes | None:
+def defer_signing_key(conf: Mapping[str, Any], fleet_url: str = "") -> bytes | None:
     """The key deferred items are signed with: from ``fleet_defer_signing_key``, else from
     the broker URL (its password, if any, is the secret), else None.
 
@@ -253,9 +253,30 @@ def defer_signing_key(conf: Mapping[str, Any]) -> bytes | None:
             )
         return hashlib.sha256(b"celery-fleet defer key\0" + given).digest()
     broker = conf.get("broker_url")
-    if isinstance(broker, str) and broker:
-        return hashlib.sha256(b"celery-fleet defer broker\0" + broker.encode()).digest()
-    return None
+    if not isinstance(broker, str) or not broker:
+        return None
+    if (
+        conf.get("fleet_defer", "redis") == "redis"
+        and not has_password(broker)
+        and _server(broker) != _server(fleet_url)
+    ):
+        log.warning(
+            "celery-fleet: the fleet's Redis (%s) is not the broker's, and deferred tasks are "
+            "signed with a key derived from the broker URL, which has no password: whoever "
+            "can write to the fleet's Redis and knows that URL could add a task the pump "
+            "publishes. Set fleet_defer_signing_key to a random secret",
+            mask_url(fleet_url),
+        )
+    return hashlib.sha256(b"celery-fleet defer broker\0" + broker.encode()).digest()
+
+
+def _server(url: str) -> str:
+    """``host:port`` of a URL (its first part), without credentials: which server it is."""
+    try:
+        netloc = urlsplit(url.split(";")[0]).netloc
+    except ValueError:
+        return url
+    return netloc.rpartition("@")[2].lower()
 
 
 def _check_defer(value: object) -> str:

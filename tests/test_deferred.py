@@ -192,3 +192,19 @@ def test_the_signing_key_setting_is_checked_and_censored() -> None:
     assert filter_hidden_settings({"fleet_defer_signing_key": "x" * 32}) == {
         "fleet_defer_signing_key": "********"
     }
+
+
+def test_a_guessable_signing_key_on_a_separate_fleet_redis_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Celery("weak", broker="redis://broker-host:6379/0", set_as_current=False)
+    app.conf.fleet_redis_url = "redis://fleet-host:6379/0"
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        Fleet(app, limits={})
+    assert "Set fleet_defer_signing_key" in caplog.text
+    caplog.clear()
+    app.conf.fleet_defer_signing_key = "s" * 32
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        Fleet(app, limits={})
+    assert "fleet_defer_signing_key" not in caplog.text
+    app.close()
