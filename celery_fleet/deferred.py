@@ -74,7 +74,7 @@ class Deferred:
         self.store = store
         ns = check_name(namespace, "fleet_namespace")
         if signing_key is not None and (not isinstance(signing_key, bytes) or not signing_key):
-            raise ValueError("a deferred signing key must be non-empty bytes")
+            raise ConfigError("a deferred signing key must be non-empty bytes")
         #: The HMAC key of this fleet's items; without one (tests, a Fleet with no app) a
         #: key anyone can derive from the namespace: it only checks integrity.
         self.signing_key = signing_key or hashlib.sha256(b"celery-fleet:" + ns.encode()).digest()

@@ -346,8 +346,8 @@ class Fleet(AsyncMethods):
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
         went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``)."""
-        _check_decision(decision, "release")
-        return self.admission.release(decision.limit, decision.lease_id, outcome)
+        lease = _check_decision(decision, "release")
+        return self.admission.release(decision.limit, lease, outcome)
 
     def breaker(self, name: str) -> Breaker:
         """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""
@@ -423,8 +423,7 @@ class Fleet(AsyncMethods):
         Settling again with the same figure changes nothing, also after release (this
         process remembers the last figure it settled each recent lease to).
         """
-        _check_decision(decision, "settle")
-        lease = decision.lease_id
+        lease = _check_decision(decision, "settle")
         reserved = self._settled.pop(lease, decision.tokens)
         delta = self.admission.settle(decision.limit, lease, tokens, reserved)
         self._settled[lease] = tokens
@@ -521,8 +520,8 @@ class Fleet(AsyncMethods):
         return f"<Fleet {self.store.safe_url} ns={self.namespace!r} limits={sorted(self.limits)}>"
 
 
-def _check_decision(decision: object, what: str) -> None:
-    """Refuse anything but an admitted :class:`Decision` (it names the lease to act on)."""
+def _check_decision(decision: object, what: str) -> str:
+    """The lease id of an admitted :class:`Decision`; anything else is refused."""
     if not isinstance(decision, Decision):
         raise ConfigError(
             f"{what}() needs the Decision fleet.try_acquire() returned, got "
@@ -530,6 +529,7 @@ def _check_decision(decision: object, what: str) -> None:
         )
     if not decision.allowed or decision.lease_id is None:
         raise ConfigError(f"{what}() needs an admitted decision (it holds no lease)")
+    return decision.lease_id
 
 
 def _reset_all_connections() -> None:

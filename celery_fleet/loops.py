@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -60,7 +61,16 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         pass
     else:
         coro.close()
-        raise FleetError("run_async() called inside a running event loop: await the coroutine")
+        green = [name for name in ("gevent", "eventlet") if name in sys.modules]
+        hint = (
+            f" (under {green[0]}, greenlets share one thread and its loop: use -P prefork or "
+            f"-P threads for async bodies, or the blocking API)"
+            if green
+            else ""
+        )
+        raise FleetError(
+            f"run_async() called inside a running event loop: await the coroutine{hint}"
+        )
     loop = thread_loop()
     task = loop.create_task(coro)
     try:
