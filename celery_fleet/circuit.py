@@ -191,7 +191,12 @@ class FleetCircuitBreaker(pybreaker.CircuitBreaker):
             self.add_excluded_exception(exclusion)
         self._listeners: list[Any] = list(listeners or [])
         self._name = limit
-        self._throw_new_error_on_trip = bool(throw_new_error_on_trip)
+        if not isinstance(throw_new_error_on_trip, bool):
+            raise ConfigError(
+                f"circuit_breaker({limit!r}): throw_new_error_on_trip must be a bool, "
+                f"got {throw_new_error_on_trip!r}"
+            )
+        self._throw_new_error_on_trip = throw_new_error_on_trip
         self._known: str | None = None  # the state this object last saw
         self._events = _listeners_of(fleet.admission)
         self._events.breakers.add(self)
@@ -441,6 +446,11 @@ def _check_options(options: dict[str, Any], limit: str) -> None:
     """Refuse pybreaker's constructor options that the fleet configures in ``fleet_limits``
     (naming where), and any other unknown option."""
     for option in options:
+        if option in ("name", "limit", "fleet"):
+            raise ConfigError(
+                f"circuit_breaker({limit!r}, {option}=...): the breaker's name is its limit, "
+                f"given once as the first argument"
+            )
         if option in _CONFIGURED_IN_LIMITS:
             raise ConfigError(_not_an_option(option, limit))
     if options:

@@ -20,6 +20,7 @@ status 1 (2 for usage errors, as click does), never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +35,17 @@ from .status import LimitStatus, fleet_status
 __all__ = ["fleet"]
 
 T = TypeVar("T")
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in a range: click's FloatRange lets ``nan`` through
+    (every comparison with it is False), and ``time.sleep(nan)`` then raises a traceback."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return seconds
 
 
 def _fleet(ctx: click.Context) -> Fleet:
@@ -99,7 +111,7 @@ def status(ctx: click.Context, limits: tuple[str, ...], as_json: bool) -> None:
 
 @fleet.command()
 @click.argument("limits", nargs=-1)
-@click.option("--interval", type=click.FloatRange(min=0.1, max=3600), default=2.0)
+@click.option("--interval", type=Seconds(min=0.1, max=3600), default=2.0)
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per refresh.")
 @click.pass_context

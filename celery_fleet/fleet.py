@@ -47,7 +47,12 @@ from .locks import DEFAULT_LOCK_TTL_S, Lock
 from .presence import Presence
 from .records import DEFAULT_RECORD_MAX_BYTES, Record
 from .run import Run, current_run
-from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
+from .settings import (
+    DEFAULT_MAX_COUNTDOWN_S,
+    DEFAULT_MAX_WAIT_S,
+    hide_url_password,
+    load_settings,
+)
 from .slot import Clock, LeaseKeeper, Slot, SystemClock
 from .steps import Steps
 from .store import RedisStore
@@ -152,12 +157,14 @@ class Fleet(AsyncMethods):
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self.presence.held = self.keeper.describe
         #: Rescheduled tasks waiting in Redis until due (deferred.py; see pump.py).
-        self.deferred = Deferred(self.store, self.namespace)
+        self.deferred = Deferred(self.store, self.namespace, settings.defer_signing_key)
         #: Event counts for metrics, flushed to Redis in the background (counters.py).
         self.counters = Counters(self.store, self.namespace, self.presence)
         self.admission.watchers.append(counters_watcher(self.counters))
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
+        if app is not None and redis_url is None:
+            hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none
         if app is not None:
             _by_app[app] = self
             signals.install(_reset_all_connections)
@@ -303,7 +310,15 @@ class Fleet(AsyncMethods):
         it ends): capped exponential backoff with jitter over the count (``fleet_backoff``:
         full or decorrelated, from ``fleet_backoff_base`` up to ``fleet_backoff_max``).
         """
-        n = min(max(reschedules, 0), 30)
+        wait_s = number(wait_s, "reschedule_countdown(wait_s=...)", lo=0.0)
+        previous_s = number(previous_s, "reschedule_countdown(previous_s=...)", lo=0.0)
+        if isinstance(reschedules, bool) or not isinstance(reschedules, int) or reschedules < 0:
+            raise ConfigError(
+                f"reschedule_countdown(reschedules=...) must be an int >= 0, got {reschedules!r}"
+            )
+        if not isinstance(guess, bool):
+            raise ConfigError(f"reschedule_countdown(guess=...) must be a bool, got {guess!r}")
+        n = min(reschedules, 30)
         if not guess:
             fraction = min(1.0, 0.2 * 2.0**n)
             return min(spread(wait_s, fraction=fraction, floor_s=0.05), self.max_countdown_s)
@@ -331,9 +346,8 @@ class Fleet(AsyncMethods):
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
         went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``)."""
-        if not decision.allowed or decision.lease_id is None:
-            raise ConfigError("release() needs an admitted decision (it holds no lease)")
-        return self.admission.release(decision.limit, decision.lease_id, outcome)
+        lease = _check_decision(decision, "release")
+        return self.admission.release(decision.limit, lease, outcome)
 
     def breaker(self, name: str) -> Breaker:
         """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""
@@ -341,7 +355,8 @@ class Fleet(AsyncMethods):
 
     def circuit_breaker(
         self,
-        name: str,
+        name: str | None = None,
+        /,
         *,
         exclude: Iterable[type[BaseException] | Callable[[Any], bool]] | None = None,
         listeners: Iterable[Any] | None = None,
@@ -362,6 +377,12 @@ class Fleet(AsyncMethods):
         """
         from .circuit import FleetCircuitBreaker
 
+        # ``name`` is positional-only so that ``circuit_breaker("x", name="x")`` reaches the
+        # option check (a ConfigError) instead of Python's TypeError; ``name=`` still works.
+        if name is None and "name" in pybreaker_options:
+            name = pybreaker_options.pop("name")
+        if name is None:
+            raise ConfigError("circuit_breaker() needs the name of a limit with a breaker")
         return FleetCircuitBreaker(
             self,
             name,
@@ -376,6 +397,8 @@ class Fleet(AsyncMethods):
     def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
         """Call ``listener(limit, state)`` when this process changes a breaker's state
         (``"open"``, ``"half_open"``, ``"closed"``). Usable as a decorator."""
+        if not callable(listener):
+            raise ConfigError(f"on_breaker_change needs a callable, got {listener!r}")
         self.admission.listeners.append(listener)
         return listener
 
@@ -400,9 +423,7 @@ class Fleet(AsyncMethods):
         Settling again with the same figure changes nothing, also after release (this
         process remembers the last figure it settled each recent lease to).
         """
-        if not decision.allowed or decision.lease_id is None:
-            raise ConfigError("settle() needs an admitted decision (it holds no lease)")
-        lease = decision.lease_id
+        lease = _check_decision(decision, "settle")
         reserved = self._settled.pop(lease, decision.tokens)
         delta = self.admission.settle(decision.limit, lease, tokens, reserved)
         self._settled[lease] = tokens
@@ -497,6 +518,18 @@ class Fleet(AsyncMethods):
 
     def __repr__(self) -> str:
         return f"<Fleet {self.store.safe_url} ns={self.namespace!r} limits={sorted(self.limits)}>"
+
+
+def _check_decision(decision: object, what: str) -> str:
+    """The lease id of an admitted :class:`Decision`; anything else is refused."""
+    if not isinstance(decision, Decision):
+        raise ConfigError(
+            f"{what}() needs the Decision fleet.try_acquire() returned, got "
+            f"{type(decision).__name__}"
+        )
+    if not decision.allowed or decision.lease_id is None:
+        raise ConfigError(f"{what}() needs an admitted decision (it holds no lease)")
+    return decision.lease_id
 
 
 def _reset_all_connections() -> None:

@@ -8,8 +8,10 @@ Example::
 A name's lease is a hash ``{<namespace>:lock:<name>}:lease`` (``owner``, ``token``) that
 expires on Redis's clock unless its owner renews it; a daemon thread renews it every third
 of its TTL while held, so a holder killed with SIGKILL frees it within one TTL. Acquiring
-increments the name's counter ``...:fence`` (which never expires) and stores the result
-with the lease: the *fencing token*, strictly increasing per name across every process.
+takes the name's next *fencing token*, ``max(last + 1, Redis TIME in µs)``, kept in
+``...:fence`` (which never expires) and with the lease: strictly increasing per name across
+every process, and still above every earlier token when Redis lost the counter (restarted
+empty, failed over, evicted it). Tokens are large (~1.8e15), not consecutive, below 2**53.
 Renewal and release compare the owner id inside the script, so a holder that stalled past
 its lease (SIGSTOP, a suspended VM, a long GIL-holding call) can neither extend nor release
 its successor's lock: it learns it lost the lock instead (:class:`~celery_fleet.LockLost`).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -52,13 +53,24 @@ def thread_loop() -> asyncio.AbstractEventLoop:
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on this thread's loop and return its result (or raise
     its exception). Refused inside a running loop: there, ``await`` it."""
+    if not asyncio.iscoroutine(coro):
+        raise FleetError(f"run_async() needs a coroutine, got {type(coro).__name__}")
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
         coro.close()
-        raise FleetError("run_async() called inside a running event loop: await the coroutine")
+        green = [name for name in ("gevent", "eventlet") if name in sys.modules]
+        hint = (
+            f" (under {green[0]}, greenlets share one thread and its loop: use -P prefork or "
+            f"-P threads for async bodies, or the blocking API)"
+            if green
+            else ""
+        )
+        raise FleetError(
+            f"run_async() called inside a running event loop: await the coroutine{hint}"
+        )
     loop = thread_loop()
     task = loop.create_task(coro)
     try:

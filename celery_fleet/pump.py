@@ -13,7 +13,9 @@ one leader lease when the leader's whole worker is killed. ``fleet_defer = "coun
 keeps Celery's countdown instead, as does any reschedule while the fleet's Redis is away.
 
 A message is stored serialized with the app's ``task_serializer``: the task's name, its
-arguments and its publish options (id, headers, routing).
+arguments and its publish options (id, headers, routing), and signed with the fleet's key
+(``fleet_defer_signing_key``): the pump publishes only items whose signature checks out,
+and drops, with a logged error, both those and items it fails to publish, after one try.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from . import pools
 from .deferred import Deferred
 from .errors import FleetError
 from .fleet import Fleet
@@ -84,21 +87,29 @@ class Pump:
         if self._unacked:
             self.deferred.ack(self._unacked)
             self._unacked = []
-        taken = self.deferred.take(BATCH)
+        taken = self.deferred.take(BATCH)  # only items whose signature checks out
         done: list[str] = []
+        refused: list[str] = []
         try:
             for item_id, message in taken:
                 try:
                     decode(self.app, message).apply_async()
                 except Exception:
-                    # A message that cannot be published now stays claimed, and is due
-                    # again when the claim lapses.
-                    log.exception("celery-fleet: could not publish deferred task %s", item_id)
+                    # Dropped after this one try, not retried every claim period forever:
+                    # a genuine task still runs from its broker backup (its copy is then
+                    # unknown here), so nothing is lost.
+                    log.exception(
+                        "celery-fleet: could not publish deferred task %s; dropped it (its "
+                        "broker backup runs it, if it has one)",
+                        item_id,
+                    )
+                    refused.append(item_id)
                     continue
                 done.append(item_id)
         finally:
             try:
                 self.deferred.ack(done)
+                self.deferred.drop(refused)
             except FleetError:
                 self._unacked += done
                 raise
@@ -132,5 +143,7 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def install(app: Any) -> None:
-    """Add :class:`PumpStep` to ``app``'s worker blueprint (idempotent)."""
+    """Add :class:`PumpStep` to ``app``'s worker blueprint (idempotent), and the check that
+    refuses async task bodies on a green pool (:mod:`celery_fleet.pools`)."""
     app.steps["worker"].add(PumpStep)
+    pools.install(app)

@@ -14,10 +14,12 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .checks import MAX_SECONDS, check_max_wait, check_name, check_port, number, suggest
 from .config import LimitConfig, parse_limits
@@ -36,6 +38,9 @@ __all__ = [
     "BACKOFF",
     "DEFER_MODES",
     "visibility_timeout",
+    "hide_url_password",
+    "defer_signing_key",
+    "split_password",
 ]
 
 log = logging.getLogger("celery_fleet")
@@ -82,6 +87,8 @@ SETTINGS = {
     "fleet's leader) or 'countdown' (an ETA message)",
     "fleet_pump_period": "seconds between two rounds of the deferred-task pump (default 1)",
     "fleet_pump_lease": "seconds of the pump leader's lease: the failover time (default 15)",
+    "fleet_defer_signing_key": "secret (str or bytes) the deferred tasks in the fleet's Redis "
+    "are signed with (default: derived from the broker URL, password included)",
     "fleet_store_down": "while the fleet's Redis is unreachable: 'local' (default), 'open', "
     "'closed'",
     "fleet_expected_processes": "fleet processes sharing the budgets when Redis is unreachable "
@@ -112,6 +119,8 @@ class FleetSettings:
     pump_period_s: float = 1.0
     pump_lease_s: float = 15.0
     expected_processes: int | None = None
+    #: The HMAC key of deferred items (:func:`defer_signing_key`).
+    defer_signing_key: bytes | None = field(default=None, repr=False)
     redis_transport_options: dict[str, Any] = field(default_factory=dict, repr=False)
     #: The user's own client or factory (``fleet_redis_client``); ``redis_url`` then
     #: describes where it connects.
@@ -141,15 +150,6 @@ def load_settings(
         else conf.get("fleet_redis_transport_options")
     )
     url, transport = _resolve_redis(redis_url, client, conf, password, transport_options)
-    configured = conf.get("fleet_redis_url")
-    if isinstance(configured, str) and has_password(configured):
-        log.warning(
-            "celery-fleet: the fleet's Redis URL %s holds a password, which `celery report` "
-            "and `celery inspect conf` print as is (Celery censors only settings it knows, "
-            "or whose names contain PASS, KEY, SECRET, TOKEN): set fleet_redis_password "
-            "instead",
-            mask_url(configured),
-        )
     max_countdown = number(
         conf.get("fleet_max_countdown", DEFAULT_MAX_COUNTDOWN_S),
         "fleet_max_countdown",
@@ -201,6 +201,7 @@ def load_settings(
         pump_lease_s=number(
             conf.get("fleet_pump_lease", 15.0), "fleet_pump_lease", lo=1.0, hi=600.0
         ),
+        defer_signing_key=defer_signing_key(conf, url),
         redis_url=url,
         namespace=check_name(
             namespace if namespace is not None else conf.get("fleet_namespace") or "fleet",
@@ -230,6 +231,52 @@ def load_settings(
             )
         ),
     )
+
+
+def defer_signing_key(conf: Mapping[str, Any], fleet_url: str = "") -> bytes | None:
+    """The key deferred items are signed with: from ``fleet_defer_signing_key``, else from
+    the broker URL (its password, if any, is the secret), else None.
+
+    Every process of the app (workers, and whatever reschedules) derives the same key. A
+    key derived from a broker URL without a password only proves integrity: someone who
+    can write to the fleet's Redis and knows that URL can sign; set
+    ``fleet_defer_signing_key`` when the fleet's Redis is not the broker's.
+    """
+    given = conf.get("fleet_defer_signing_key")
+    if given is not None:
+        if isinstance(given, str):
+            given = given.encode()
+        if not isinstance(given, bytes) or len(given) < 16:
+            raise ConfigError(
+                "fleet_defer_signing_key must be a str or bytes of at least 16 characters "
+                "(a random secret, the same in every process of the app)"
+            )
+        return hashlib.sha256(b"celery-fleet defer key\0" + given).digest()
+    broker = conf.get("broker_url")
+    if not isinstance(broker, str) or not broker:
+        return None
+    if (
+        conf.get("fleet_defer", "redis") == "redis"
+        and not has_password(broker)
+        and _server(broker) != _server(fleet_url)
+    ):
+        log.warning(
+            "celery-fleet: the fleet's Redis (%s) is not the broker's, and deferred tasks are "
+            "signed with a key derived from the broker URL, which has no password: whoever "
+            "can write to the fleet's Redis and knows that URL could add a task the pump "
+            "publishes. Set fleet_defer_signing_key to a random secret",
+            mask_url(fleet_url),
+        )
+    return hashlib.sha256(b"celery-fleet defer broker\0" + broker.encode()).digest()
+
+
+def _server(url: str) -> str:
+    """``host:port`` of a URL (its first part), without credentials: which server it is."""
+    try:
+        netloc = urlsplit(url.split(";")[0]).netloc
+    except ValueError:
+        return url
+    return netloc.rpartition("@")[2].lower()
 
 
 def _check_defer(value: object) -> str:
@@ -341,3 +388,72 @@ def _check_url(url: object, setting: str) -> str:
             f"{mask_url(url) if isinstance(url, str) else url!r}"
         )
     return url
+
+
+def split_password(url: str) -> tuple[str, str | None]:
+    """``url`` without its password, and the password (unquoted), or ``(url, None)``.
+
+    The password may be in the netloc (``redis://user:pw@host``) or a ``password=`` query
+    option; every ``;``-separated part of a ``sentinel://`` URL loses its own. The user
+    name stays. Example::
+
+        split_password("redis://:s3cret@h:6379/1")   # ("redis://h:6379/1", "s3cret")
+    """
+    found: str | None = None
+    parts = []
+    for part in url.split(";"):
+        try:
+            pieces = urlsplit(part)
+        except ValueError:
+            return url, None  # the URL check names what is wrong with it
+        netloc, query = pieces.netloc, pieces.query
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            user, _, secret = userinfo.partition(":")
+            found = found if found is not None else unquote(secret)
+            netloc = f"{user}@{hosts}" if user else hosts
+        pairs = parse_qsl(query, keep_blank_values=True)
+        secrets = [value for key, value in pairs if key.lower() == "password"]
+        if secrets:
+            found = found if found is not None else secrets[0]
+            query = urlencode([(k, v) for k, v in pairs if k.lower() != "password"])
+        # not urlunsplit: it turns unix:///path into unix:/path
+        rebuilt = f"{pieces.scheme}://{netloc}{pieces.path}" + (f"?{query}" if query else "")
+        parts.append(rebuilt + (f"#{pieces.fragment}" if pieces.fragment else ""))
+    if found is None:
+        return url, None
+    return ";".join(parts), found
+
+
+def hide_url_password(conf: MutableMapping[str, Any]) -> bool:
+    """Move a password out of ``conf["fleet_redis_url"]`` into ``fleet_redis_password``.
+
+    Why: ``celery report`` and ``celery inspect conf`` print the app's configuration,
+    censoring the broker's and the result backend's URLs and settings whose names contain
+    PASS, KEY, SECRET or TOKEN, but not the URL of a setting Celery does not know. Once
+    ``Fleet(app)`` has read the URL (its store keeps the real one), the password moves
+    to ``fleet_redis_password``, which Celery censors, and the URL stays without it; a
+    later ``Fleet(app)`` in the same process, or a forked child, reads the two back. A
+    password in the URL wins over ``fleet_redis_password`` (as in redis-py), so the
+    moved one replaces it. Returns True when something moved.
+    """
+    url = conf.get("fleet_redis_url")
+    if not isinstance(url, str):
+        return False
+    bare, password = split_password(url)
+    if password is None:
+        return False
+    options = conf.get("fleet_redis_transport_options")
+    other = options.get("password") if isinstance(options, Mapping) else None
+    if other is not None and other != password:
+        # The transport options' password would win once the URL's is gone: leave both.
+        log.warning(
+            "celery-fleet: fleet_redis_url %s holds a password, which `celery report` and "
+            "`celery inspect conf` print as is, and fleet_redis_transport_options another: "
+            "keep only one, in fleet_redis_password",
+            mask_url(url),
+        )
+        return False
+    conf["fleet_redis_password"] = password
+    conf["fleet_redis_url"] = bare
+    return True

@@ -52,7 +52,10 @@ OURS = {f"{__name__}.agent": "agent", f"{__name__}.kickoff": "kickoff"}
 
 @functools.lru_cache(maxsize=2)
 def _client(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(app.conf.fleet_redis_url)
+    # Fleet(app) moved any password out of the URL (it stays out of `celery report`)
+    return redis.Redis.from_url(
+        app.conf.fleet_redis_url, password=app.conf.get("fleet_redis_password")
+    )
 
 
 def note(ev: str, task_id: str | None, **fields: Any) -> None:

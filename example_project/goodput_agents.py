@@ -50,7 +50,10 @@ PREFIX = __name__ + "."
 
 @functools.lru_cache(maxsize=2)
 def _client(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(app.conf.fleet_redis_url)
+    # Fleet(app) moved any password out of the URL (it stays out of `celery report`)
+    return redis.Redis.from_url(
+        app.conf.fleet_redis_url, password=app.conf.get("fleet_redis_password")
+    )
 
 
 #: HSETNX of the Redis clock (ms): the age of a task on the clock admission decisions use.

@@ -111,6 +111,13 @@ def test_mistakes_are_one_line_and_exit_1(app: Celery, args: tuple[str, ...], me
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("interval", ["nan", "inf", "-inf", "0", "1e400", "x"])
+def test_a_bad_watch_interval_is_a_usage_error(app: Celery, interval: str) -> None:
+    result = run(app, "watch", "--interval", interval, "--count", "1")
+    assert result.exit_code == 2 and "Invalid value for '--interval'" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
 def test_an_unreachable_redis_is_one_line(app: Celery) -> None:
     app.conf.fleet_redis_url = "redis://127.0.0.1:1/0"
     result = run(app, "status")

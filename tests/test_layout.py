@@ -54,6 +54,7 @@ ORDER = [
     "fleet",
     "status",
     "metrics",
+    "pools",
     "pump",
     "task",
     "cli",

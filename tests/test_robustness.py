@@ -14,6 +14,7 @@ from celery_fleet import (
     CircuitOpen,
     ConfigError,
     Fleet,
+    FleetError,
     FleetTask,
     QuotaExhausted,
     StoreUnavailable,
@@ -21,6 +22,7 @@ from celery_fleet import (
     fleet_task,
 )
 from celery_fleet.config import parse_limit
+from celery_fleet.loops import run_async
 
 MakeFleet = Callable[..., Fleet]
 
@@ -160,3 +162,47 @@ def test_listener_errors_are_logged_not_raised(
             raise TimeoutError("provider timed out")
     assert fleet.breaker("llm").state().state == "open"
     assert "breaker listener" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda f: f.release(object()), "needs the Decision fleet.try_acquire"),
+        (lambda f: f.release(None), "needs the Decision fleet.try_acquire"),
+        (lambda f: f.settle("lease-id", 10), "needs the Decision fleet.try_acquire"),
+        (lambda f: f.reschedule_countdown(10**400, 1), "wait_s=...\\) must be >= 0.0 \\(finite"),
+        (lambda f: f.reschedule_countdown(math.nan, 1), "wait_s=...\\) must be >= 0.0 \\(finite"),
+        (lambda f: f.reschedule_countdown(-1, 1), "wait_s=...\\) must be >= 0.0"),
+        (lambda f: f.reschedule_countdown(1, -1), "reschedules=...\\) must be an int >= 0"),
+        (lambda f: f.reschedule_countdown(1, "2"), "reschedules=...\\) must be an int >= 0"),
+        (lambda f: f.reschedule_countdown(1, 1, math.inf, True), "previous_s=...\\) must be"),
+        (lambda f: f.reschedule_countdown(1, 1, 0, "yes"), "guess=...\\) must be a bool"),
+        (lambda f: f.circuit_breaker("llm", name="llm"), "given once as the first argument"),
+        (lambda f: f.circuit_breaker(), "needs the name of a limit"),
+        (lambda f: f.on_breaker_change(5), "needs a callable"),
+        (lambda f: f.circuit_breaker("llm", throw_new_error_on_trip=math.nan), "must be a bool"),
+        (lambda f: f.deferred.take(math.nan), "take\\(limit=...\\) must be an int"),
+        (lambda f: f.deferred.take(-1), "take\\(limit=...\\) must be an int"),
+        (lambda f: f.deferred.take(10, claim_s=math.inf), "claim_s=...\\) must be"),
+        (lambda f: f.deferred.add("i", 1.0, "not bytes"), "must be bytes"),
+        (lambda f: f.deferred.ack([5]), "item ids must be a list of str"),
+        (lambda f: f.deferred.fate(None), "item ids must be a list of str"),
+        (lambda f: run_async(5), "needs a coroutine"),
+    ],
+)
+def test_misuse_of_the_public_api_is_a_config_error(
+    make_fleet: MakeFleet, call: Callable[[Fleet], object], needle: str
+) -> None:
+    """Each raised a raw AttributeError, OverflowError, TypeError or ValueError (or passed
+    silently: take(-1) took every item)."""
+    pytest.importorskip("pybreaker")
+    fleet = make_fleet({"llm": {"max_in_flight": 2, "breaker": {}}})
+    with pytest.raises(FleetError, match=needle):
+        call(fleet)
+
+
+def test_circuit_breaker_still_takes_its_name_as_a_keyword(make_fleet: MakeFleet) -> None:
+    pytest.importorskip("pybreaker")
+    fleet = make_fleet({"llm": {"max_in_flight": 2, "breaker": {}}})
+    assert fleet.circuit_breaker(name="llm").limit == "llm"
+    assert 1.0 <= fleet.reschedule_countdown(1.0, 10**400) <= fleet.max_countdown_s

@@ -9,7 +9,8 @@ import pytest
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet
-from celery_fleet.testing.redis_server import free_port
+from celery_fleet.settings import split_password
+from celery_fleet.testing.redis_server import RedisServer, free_port
 
 
 @pytest.fixture
@@ -74,11 +75,59 @@ def test_fleet_redis_password_is_used_and_censored_by_celery(redis_url: str) -> 
     app.close()
 
 
-def test_a_password_in_fleet_redis_url_is_warned_about(
+@pytest.mark.parametrize(
+    ("url", "bare", "password"),
+    [
+        ("redis://:s3cret@h:6379/1", "redis://h:6379/1", "s3cret"),
+        ("redis://user:p%40ss@h/0?socket_timeout=3", "redis://user@h/0?socket_timeout=3", "p@ss"),
+        ("redis://h/0?password=x&socket_timeout=2", "redis://h/0?socket_timeout=2", "x"),
+        ("unix:///tmp/r.sock?password=x&db=1", "unix:///tmp/r.sock?db=1", "x"),
+        (
+            "sentinel://:pw@h1:26379;sentinel://:pw@h2:26379",
+            "sentinel://h1:26379;sentinel://h2:26379",
+            "pw",
+        ),
+        ("redis+cluster://u:pw@h1:1,h2:2/0", "redis+cluster://u@h1:1,h2:2/0", "pw"),
+        ("redis://user@h:6379", "redis://user@h:6379", None),
+    ],
+)
+def test_split_password(url: str, bare: str, password: str | None) -> None:
+    assert split_password(url) == (bare, password)
+
+
+def test_a_password_in_fleet_redis_url_is_moved_out_of_the_printed_configuration() -> None:
+    """`celery report` / `celery inspect conf` printed fleet_redis_url with its password:
+    Celery censors only the broker's and backend's URLs and names with PASS, KEY..."""
+    from celery.app.utils import bugreport
+
+    with RedisServer(password="s3cr3t-pw") as server:
+        app = Celery("pw", broker="memory://", set_as_current=False)
+        app.conf.fleet_redis_url = f"{server.url}/0"
+        app.conf.fleet_redis_transport_options = {"socket_timeout": 5}
+        fleet = Fleet(app)
+        fleet.check()  # the store kept the real URL
+        assert app.conf.fleet_redis_url == f"redis://127.0.0.1:{server.port}/0"
+        assert app.conf.fleet_redis_password == "s3cr3t-pw"
+        shown = bugreport(app) + str(app.conf.table(with_defaults=False)) + app.conf.humanize()
+        assert "s3cr3t-pw" not in shown
+        assert f"127.0.0.1:{server.port}" in shown
+        # Celery censors a password inside the transport options itself (nested keys).
+        app.conf.fleet_redis_transport_options = {"sentinel_kwargs": {"password": "sentinel-pw"}}
+        assert "sentinel-pw" not in bugreport(app) + str(app.conf.table(with_defaults=False))
+        app.conf.fleet_redis_transport_options = {"socket_timeout": 5}
+        Fleet(app).check()  # a later Fleet(app) reads the two settings back and connects
+        fleet.reset_connections()  # as a forked child does
+        fleet.check()
+        app.close()
+
+
+def test_a_password_also_in_the_transport_options_is_left_with_a_warning(
     app: Celery, caplog: pytest.LogCaptureFixture
 ) -> None:
     app.conf.fleet_redis_url = "redis://:s3cret@127.0.0.1:6379/9"
+    app.conf.fleet_redis_transport_options = {"password": "other"}
     with caplog.at_level(logging.WARNING, logger="celery_fleet"):
         Fleet(app)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "fleet_redis_password" in messages and "s3cret" not in messages
+    assert app.conf.fleet_redis_url == "redis://:s3cret@127.0.0.1:6379/9"  # the URL's wins

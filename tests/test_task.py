@@ -315,7 +315,10 @@ def test_by_default_a_reschedule_keeps_the_copy_in_redis_until_due(app: Celery) 
     now_s, now_us = fleet.store.call("TIME")
     assert due is not None and 5000 <= due - (int(now_s) * 1000 + int(now_us) / 1000) <= 6100
     assert fleet.deferred.take(10) == []  # not due yet
-    fleet.deferred.add("t-2:1", 0.0, fleet.store.call("HGET", fleet.deferred.items_key, "t-2:1"))
+    stored = fleet.store.call("HGET", fleet.deferred.items_key, "t-2:1")
+    message = fleet.deferred.verify("t-2:1", stored)  # stored signed with the fleet's key
+    assert message is not None
+    fleet.deferred.add("t-2:1", 0.0, message)
     ((item, message),) = fleet.deferred.take(10)
     copy = decode(app, message)
     assert copy.task == agent.name and list(copy.args) == [7]
