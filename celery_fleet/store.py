@@ -12,6 +12,11 @@ become :class:`~celery_fleet.errors.StoreUnavailable` naming the URL (password m
 anything else a :class:`~celery_fleet.errors.FleetError`; no raw ``redis.exceptions``
 reach the API.
 
+A frozen Redis (SIGSTOP, ``DEBUG SLEEP``, a stalled host) is an outage like a dead one:
+every script call waits for its reply no longer than :attr:`RedisStore.health_s` (and no
+longer than the caller's own deadline, :meth:`RedisStore.deadline`), then fails with a
+:class:`~celery_fleet.errors.StoreUnavailable` that is not ``dropped`` (not sent again).
+
 The fleet's keys must never be evicted: a lost lease lets the cap be exceeded, a lost
 bucket admits a burst. On its first connection in a process the store reads
 ``maxmemory`` and ``maxmemory-policy`` and logs a loud warning when Redis may evict them.
@@ -24,8 +29,11 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from importlib import resources
 from typing import Any, cast
@@ -62,6 +70,14 @@ log = logging.getLogger("celery_fleet")
 MAX_CONNECTIONS = 10_000
 #: The longest single blocking wait (BLPOP) for a wake-up.
 MAX_BLOCK_S = 10.0
+#: The longest a script call waits for its reply before Redis counts as away (s): a
+#: frozen Redis accepts the call and answers nothing. ``RedisStore(health_s=...)``.
+HEALTH_S = 1.5
+#: The shortest wait a call gets, whatever its caller's deadline says (s).
+MIN_WAIT_S = 0.05
+
+#: The monotonic time by which the current caller (thread or task) needs its answer.
+_deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=float("inf"))
 
 #: Scripts that may run twice with the effect of once: the store sends them again when
 #: the connection drops under them. ``acquire`` is not here: its resend marks itself a
@@ -203,6 +219,7 @@ class RedisStore:
         *,
         client: ClientSource | None = None,
         transport_options: Mapping[str, Any] | None = None,
+        health_s: float = HEALTH_S,
         **client_options: Any,
     ) -> None:
         # redis-py 8 caps a pool at 100 connections; every waiter blocked on its wake-up
@@ -227,6 +244,10 @@ class RedisStore:
             self.target = parse_url(url, safe, self._options, transport_options)
         self.url = self.target.url
         self.safe_url = self.target.safe_url
+        if not 0 < health_s < float("inf"):
+            raise ConfigError(f"health_s must be a positive number of seconds, got {health_s!r}")
+        #: The longest a script call waits for its reply (s); past it Redis counts as away.
+        self.health_s = float(health_s)
         self._checked_pid: int | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -282,6 +303,25 @@ class RedisStore:
             self._blocking, self._blocking_pid = None, None
             self._combiner, self._combiner_pid = None, None
 
+    @staticmethod
+    @contextmanager
+    def deadline(seconds: float) -> Iterator[None]:
+        """Within the block, no call of this thread (or task) waits for Redis longer than
+        ``seconds`` from now (a caller's remaining ``max_wait``); nested blocks keep the
+        earlier deadline."""
+        until = min(_deadline.get(), time.monotonic() + max(seconds, 0.0))
+        token = _deadline.set(until)
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
+
+    def wait_s(self) -> float:
+        """How long a call made now may wait for its reply: :attr:`health_s`, or less when
+        the caller's deadline is nearer (never below :data:`MIN_WAIT_S`)."""
+        left = _deadline.get() - time.monotonic()
+        return max(MIN_WAIT_S, min(self.health_s, left))
+
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
 
@@ -299,6 +339,11 @@ class RedisStore:
             return self._run(script, keys, args)
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if self._plain():
+            # On the combiner's wire, so a frozen Redis costs this call its deadline, not
+            # the socket timeout (and it is ordered after this process's posted calls).
+            (reply,) = self._send(((script, Packed(script, self._shas[script], keys, 0, args).pack()),))
+            return reply
         self.drain()
         try:
             client = self.client
@@ -393,9 +438,13 @@ class RedisStore:
                         self._combiner = ClusterCombiner(lambda: self.client, self._load)
                     else:
                         plain = lambda: cast(redis.Redis, self.client)  # noqa: E731
-                        self._combiner = Combiner(plain, self._load)
+                        self._combiner = Combiner(plain, self._load, self.wait_s)
                     self._combiner_pid = pid
         return self._combiner
+
+    def _plain(self) -> bool:
+        """True when this process's combiner is the plain one (not a Cluster's)."""
+        return isinstance(self.combiner, Combiner)
 
     def _load(self, client: Client, script: str) -> None:
         client.script_load(script_source(script))
