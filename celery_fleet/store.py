@@ -342,7 +342,8 @@ class RedisStore:
         if self._plain():
             # On the combiner's wire, so a frozen Redis costs this call its deadline, not
             # the socket timeout (and it is ordered after this process's posted calls).
-            (reply,) = self._send(((script, Packed(script, self._shas[script], keys, 0, args).pack()),))
+            packed = Packed(script, self._shas[script], keys, 0, args).pack()
+            (reply,) = self._send(((script, packed),))
             return reply
         self.drain()
         try:
