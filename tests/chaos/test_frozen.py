@@ -193,3 +193,21 @@ def test_the_first_in_line_is_admitted_soon_after_a_lease_nobody_releases_expire
     with fleet.slot("tool", max_wait=20) as slot:
         assert not is_local_lease(slot.lease_id)
     assert slot.waited_s < 1.5 + 2.5 + 1.0, slot.waited_s
+
+
+def test_an_async_slot_under_sigstop_ends_within_its_max_wait(server: RedisServer) -> None:
+    import asyncio
+
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 2}}, "local")
+
+    async def main() -> tuple[bool, float]:
+        async with fleet.aslot("tool", max_wait=2):
+            pass
+        freeze(server)
+        began = time.monotonic()
+        async with fleet.aslot("tool", max_wait=2) as slot:
+            local = is_local_lease(slot.lease_id)
+        return local, time.monotonic() - began
+
+    local, took = asyncio.run(main())
+    assert local and took < 2 + 1.5, took
