@@ -479,6 +479,12 @@ class Slot:
     def _owe_release(self, lease_id: str, error: StoreUnavailable) -> None:
         """A release that may not have reached Redis: sent again when Redis answers (as
         ``neutral``: if it did run, the breaker must not count the call twice)."""
+        log.warning(
+            "celery-fleet: releasing %r failed (%s); it is sent again when Redis answers, "
+            "or its lease will expire",
+            self.limit,
+            error,
+        )
         self.admission.replays.add("release", self.limit, lease_id)
         down = self.admission.store_down
         if down is not None:

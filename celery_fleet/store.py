@@ -483,9 +483,7 @@ class RedisStore:
         timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
         self.drain()
         try:
-            reply = self.blocking_client.execute_command(  # type: ignore[no-untyped-call]
-                "BLPOP", key, f"{timeout:.3f}"
-            )
+            reply = self._blpop(key, timeout)
         except redis.RedisError as exc:
             error = self._translate(exc, "BLPOP")
             if getattr(error, "dropped", False) and self.ping_once():
@@ -494,6 +492,20 @@ class RedisStore:
                 return True
             raise error from exc
         return reply is not None
+
+    def _blpop(self, key: str, timeout: float) -> Any:
+        """BLPOP, waiting for its reply no longer than the block plus :attr:`health_s`: a
+        frozen Redis answers nothing, and the socket timeout would hold the caller 15 s."""
+        client = self.blocking_client
+        if not isinstance(client, redis.Redis):  # a Cluster: its own connection handling
+            return client.execute_command("BLPOP", key, f"{timeout:.3f}")  # type: ignore[no-untyped-call]
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("BLPOP", key, f"{timeout:.3f}")
+            return conn.read_response(timeout=timeout + self.health_s)
+        finally:
+            pool.release(conn)  # a connection that timed out was disconnected by redis-py
 
     def ping_once(self) -> bool:
         """True when Redis answers one PING (no retry), False when it does not."""

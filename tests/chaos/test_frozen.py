@@ -211,3 +211,18 @@ def test_an_async_slot_under_sigstop_ends_within_its_max_wait(server: RedisServe
 
     local, took = asyncio.run(main())
     assert local and took < 2 + 1.5, took
+
+
+def test_a_blocking_pop_on_a_frozen_redis_ends_after_its_block_and_the_health_deadline(
+    server: RedisServer,
+) -> None:
+    from celery_fleet import StoreUnavailable
+
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 2}}, "local")
+    assert fleet.store.blpop("{frz}:nothing", 0.2) is False  # Redis answers: the block ends
+    freeze(server)
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        fleet.store.blpop("{frz}:nothing", 0.5)  # locks and elections wait like this
+    took = time.monotonic() - began
+    assert took < 0.5 + HEALTH_S + 1.0, took  # before: the 15 s socket timeout
