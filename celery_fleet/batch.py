@@ -324,18 +324,15 @@ class Combiner:
         pending = self._unread + batch  # wire order: the unread ones were written before
         self._unread = []
         error: BaseException | None = None
+        # Nobody waits past the batch's last deadline: read no longer than that.
+        self._until = max((c.until for c in pending), default=math.inf)
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
                 if conn._sock is None:
-                    # The class's own connect(): a Sentinel connection asks the sentinels
-                    # where the master is there; sending alone would dial its default
-                    # address (localhost:6379), a different Redis.
-                    conn.connect()
+                    self._connect(conn)
                 conn.send_packed_command([data])
             last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
-            # Nobody waits past the batch's last deadline: read no longer than that.
-            self._until = max((c.until for c in pending), default=math.inf)
             for call in pending[: last + 1]:
                 call.replies = [self._read(conn, script) for script, _p in call.commands]
                 call.finished = True
@@ -364,6 +361,29 @@ class Combiner:
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
+
+    def _connect(self, conn: Any) -> None:
+        """Open the connection within the batch's deadline: a frozen Redis completes the
+        TCP handshake (the kernel does) but never answers redis-py's opening commands,
+        which would otherwise wait the whole socket timeout.
+
+        The class's own connect(): a Sentinel connection asks the sentinels where the
+        master is there; sending alone would dial its default address (localhost:6379),
+        a different Redis."""
+        if self._until == math.inf:
+            conn.connect()
+            return
+        left = max(self._until - time.monotonic(), 0.001)
+        saved = conn.socket_timeout, conn.socket_connect_timeout
+        conn.socket_timeout = min(left, saved[0] or math.inf)
+        conn.socket_connect_timeout = min(left, saved[1] or math.inf)
+        try:
+            conn.connect()
+        finally:
+            conn.socket_timeout, conn.socket_connect_timeout = saved
+        # Replies are read with their own deadline; a write gets the usual timeout.
+        if conn._sock is not None:
+            conn._sock.settimeout(saved[0])
 
     def _send_again_what_redis_lost(
         self, client: redis.Redis, conn: Any, calls: list[_Call]
