@@ -81,7 +81,7 @@ class AsyncSlot:
         try:
             decision, asked_at = await self._wait_turn(ticket, join, start)
         except asyncio.CancelledError:
-            await _shielded(self._give_up(ticket, join, self._asking))
+            await _shielded(self._give_up(self.slot.ticket, join, self._asking))
             raise
         except BaseException as exc:
             if join:
@@ -100,16 +100,17 @@ class AsyncSlot:
     async def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
         s = self.slot
         cfg = s.admission.limit(s.limit)
-        s.ticket = ticket
+        s.ticket, s.in_line = ticket, False
         while True:
             s.attempts += 1
             asked_at = s.clock.monotonic()
             steps = s.admission.acquire_steps(cfg, s.tokens, ticket, s.run.since_ms, join)
             self._asking = True
+            was_in_line, s.in_line = s.in_line, join
             with s.admission.store.deadline(s.remaining_s(start)):
                 decision = await adrive(steps, self.store)
             self._asking = False
-            ticket = s.ticket = s.fresh_ticket(ticket)  # a new one while Redis is away
+            ticket = s.ticket = s.fresh_ticket(ticket, was_in_line)  # new if it met an outage
             if not s.run.since_ms:
                 s.run.since_ms = int(decision.at_ms)
             if decision.allowed:
@@ -133,6 +134,9 @@ class AsyncSlot:
 
     async def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         s = self.slot
+        if not s.in_line:  # only ever asked the store-down policy: nothing to tell Redis
+            return
+        s.in_line = False
         down = s.admission.store_down
         if isinstance(why, StoreUnavailable) or (down is not None and down.down):
             s.admission.replays.add("leave", s.limit, ticket)  # sent when Redis answers

@@ -30,13 +30,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
 from .calls import PackedCalls, ScriptCall, Steps
 from .errors import FleetError, StoreUnavailable
 
-__all__ = ["Owed", "Replays", "replay_steps", "MAX_PENDING", "WATCH_S", "EVERY_S"]
+__all__ = ["Owed", "Replays", "replay_steps", "met_outage", "MAX_PENDING", "WATCH_S", "EVERY_S"]
 
 log = logging.getLogger("celery_fleet")
 
@@ -46,6 +47,15 @@ MAX_PENDING = 10_000
 WATCH_S = 3.0
 #: Replays are attempted at most this often per process (s): one caller at a time.
 EVERY_S = 0.2
+
+#: The ticket of the last ask of this thread (or task) that met an outage.
+_met: ContextVar[str] = ContextVar("celery_fleet_met_outage", default="")
+
+
+def met_outage(ticket: str) -> bool:
+    """True when this thread's (or task's) last ask that failed for want of Redis was
+    ``ticket``'s: it may still run (and join the line) when Redis comes back."""
+    return bool(ticket) and _met.get() == ticket
 
 
 @dataclass
@@ -86,6 +96,8 @@ class Replays:
 
     def add(self, kind: str, limit: str, key: str, outcome: str = "neutral") -> None:
         """Remember one item to send when Redis answers."""
+        if kind == "ask":
+            _met.set(key)
         with self._lock:
             self._items.append(Owed(kind, limit, key, outcome))
             self._next_at = 0.0  # worth trying at the next chance

@@ -37,6 +37,7 @@ from .errors import (
 from .fallback import is_local_lease
 from .keeper import Clock, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
+from .replay import met_outage
 from .run import Run
 
 __all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
@@ -105,8 +106,10 @@ class Slot:
         self.run = run if run is not None else Run()
         self.ahead = 0
         self.jitter_s = jitter_s
-        #: The ticket this slot waits (or last waited) with.
+        #: The ticket this slot waits (or last waited) with, and whether Redis may hold
+        #: it in the limit's line (then leaving sends a leave).
         self.ticket = ""
+        self.in_line = False
         self._held_in: list[Slot] = []
 
     def acquire(self) -> Slot:
@@ -122,7 +125,7 @@ class Slot:
         answer ``first`` to an ask already made, or from a first ask."""
         start = self.clock.monotonic()
         join = self.max_wait_s > 0
-        self.ticket = ticket
+        self.ticket, self.in_line = ticket, join and first is not None
         try:
             decision, asked_at = self._wait_turn(ticket, join, start, first)
         except BaseException as exc:
@@ -220,11 +223,12 @@ class Slot:
             if first is not None:
                 decision, first = first, None
             else:
+                was_in_line, self.in_line = self.in_line, join  # asking: it may join
                 with self.admission.store.deadline(self.remaining_s(start)):
                     decision = self.admission.try_acquire(
                         self.limit, self.tokens, ticket, self.run.since_ms, join
                     )
-                ticket = self.ticket = self.fresh_ticket(ticket)
+                ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
             if not self.run.since_ms:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line
             if decision.allowed:
@@ -243,16 +247,20 @@ class Slot:
             return math.inf
         return self.max_wait_s - (self.clock.monotonic() - start)
 
-    def fresh_ticket(self, ticket: str) -> str:
-        """The ticket for the next ask: a new one while Redis is away, since the ask that
-        met the outage may still make a lease under the old one when Redis thaws, and that
-        lease is released by its ticket when Redis answers (replay.py)."""
+    def fresh_ticket(self, ticket: str, was_in_line: bool) -> str:
+        """The ticket for the next ask, after an ask with ``ticket``: a new one when that
+        ask met an outage, since it may still run when Redis thaws (making a lease that is
+        released by its ticket when Redis answers, or joining the line: it leaves then).
+        Keeps :attr:`in_line` true only while Redis may hold the ticket in line."""
+        if met_outage(ticket):
+            if self.in_line:
+                self.admission.replays.add("leave", self.limit, ticket)
+            self.in_line = False
+            return new_lease_id()
         down = self.admission.store_down
-        if down is None or not down.down:
-            return ticket
-        if self.max_wait_s > 0:  # the ask may have joined the line: leave it when back
-            self.admission.replays.add("leave", self.limit, ticket)
-        return new_lease_id()
+        if down is not None and down.down:  # answered by the policy: Redis saw nothing
+            self.in_line = was_in_line
+        return ticket
 
     def next_move(self, decision: Decision, start: float) -> tuple[str, float]:
         """What a refused ask does next: ``("sleep", s)`` (an exact wait), ``("wait", s)``
@@ -318,6 +326,9 @@ class Slot:
     def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         """Give up ``ticket``'s place in line; while Redis is away (or the wait ended
         because it did not answer) not now, but when it answers again (replay.py)."""
+        if not self.in_line:  # only ever asked the store-down policy: nothing to tell
+            return
+        self.in_line = False
         down = self.admission.store_down
         if isinstance(why, StoreUnavailable) or (down is not None and down.down):
             self.admission.replays.add("leave", self.limit, ticket)

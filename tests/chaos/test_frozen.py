@@ -260,3 +260,17 @@ def test_calls_queued_behind_a_timed_out_call_are_not_sent_to_the_frozen_redis(
     held = [x.decode() for x in client.zrange("{frz:tool}:leases", 0, -1)]
     client.close()
     assert not any(x.endswith("queued-ask-002") for x in held), held  # never written
+
+
+def test_slots_refused_by_the_policy_owe_redis_nothing(server: RedisServer) -> None:
+    """Only the ask that met the outage may be in Redis (its lease and its place in line);
+    the many asks the policy answered meanwhile never reached Redis: nothing to replay."""
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 2}}, "closed")
+    with fleet.slot("tool"):
+        pass
+    freeze(server)
+    for _ in range(20):
+        with pytest.raises(Throttled):
+            fleet.slot("tool", max_wait=2).acquire()
+    owed = sorted(item.kind for item in fleet.admission.replays.take())
+    assert owed == ["ask", "leave"], owed
