@@ -255,7 +255,7 @@ def test_calls_queued_behind_a_timed_out_call_are_not_sent_to_the_frozen_redis(
     behind.join(10)
     thaw(server)
     assert took["first-ask-0001"] < 2.0, took
-    assert took["queued-ask-002"] < 1.5, took  # failed with the first, not after 3 s
+    assert took["queued-ask-002"] < 2.5, took  # failed with the first, not 3 s after it
     client = redis.Redis.from_url(server.url)
     held = [x.decode() for x in client.zrange("{frz:tool}:leases", 0, -1)]
     client.close()
