@@ -247,7 +247,11 @@ class RedisStore:
         if not 0 < health_s < float("inf"):
             raise ConfigError(f"health_s must be a positive number of seconds, got {health_s!r}")
         #: The longest a script call waits for its reply (s); past it Redis counts as away.
+        #: A shorter ``socket_timeout`` of the client's options wins.
         self.health_s = float(health_s)
+        socket_timeout = self.target.options.get("socket_timeout")
+        if isinstance(socket_timeout, int | float) and 0 < socket_timeout < self.health_s:
+            self.health_s = float(socket_timeout)
         self._checked_pid: int | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
