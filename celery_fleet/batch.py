@@ -54,6 +54,10 @@ __all__ = ["Packed", "Combiner", "encode"]
 
 log = logging.getLogger("celery_fleet")
 
+#: A read waits on the socket's own timeout when the batch's deadline is at most this much
+#: nearer (s): setting a timeout per read costs two syscalls on the hot path.
+READ_SLACK_S = 0.1
+
 
 def encode(value: object) -> bytes:
     """One argument as redis-py would send it (bytes as is, str as UTF-8, numbers by repr)."""
@@ -135,7 +139,8 @@ class Combiner:
     as the exception instance (raising is the caller's choice). ``bound()`` is how long (s)
     a call made now may wait for its reply, read in the caller's thread (default: no bound
     but the connection's socket timeout); past it the call's reply is a
-    ``redis.TimeoutError``.
+    ``redis.TimeoutError``. ``health()`` is the longest any call waits (the socket timeout
+    of the combiner's connection).
     """
 
     def __init__(
@@ -143,10 +148,12 @@ class Combiner:
         client: Callable[[], redis.Redis],
         load: Callable[[redis.Redis, str], None],
         bound: Callable[[], float] | None = None,
+        health: Callable[[], float] | None = None,
     ) -> None:
         self._client = client
         self._load = load
         self._bound = bound or (lambda: math.inf)
+        self._health = health or (lambda: math.inf)
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
         self._busy = False
@@ -163,6 +170,8 @@ class Combiner:
         self._loaded: set[str] = set()
         #: Monotonic time the carrier reads the current batch's replies until.
         self._until = math.inf
+        #: The socket timeout of the combiner's connection (s).
+        self._conn_timeout = math.inf
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads')
@@ -308,8 +317,15 @@ class Combiner:
         client = self._client()
         if self._conn is None or self._conn_of is not client:
             pool = client.connection_pool
-            self._conn = pool.connection_class(**pool.connection_kwargs)
+            options = dict(pool.connection_kwargs)
+            # Its socket timeout is the health deadline: a read needs no timeout of its
+            # own (two more syscalls) unless its caller's deadline is nearer.
+            timeout = min(options.get("socket_timeout") or math.inf, self._health())
+            if timeout < math.inf:
+                options["socket_timeout"] = timeout
+            self._conn = pool.connection_class(**options)
             self._conn_of = client
+            self._conn_timeout = timeout
         return client, self._conn
 
     def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
@@ -445,13 +461,15 @@ class Combiner:
     def _read(self, conn: Any, script: str) -> Any:
         """One reply, waiting no later than the batch's deadline: past it a
         ``redis.TimeoutError`` (redis-py then drops the connection, out of step)."""
-        until = self._until
+        left = self._until - time.monotonic()
         try:
-            if until == math.inf:
+            # The socket's own timeout (the health deadline) unless the batch's deadline
+            # is clearly nearer: a caller's remaining max_wait (READ_SLACK_S: what a
+            # round trip's own work may have used of a health-long deadline).
+            if left == math.inf or left > self._conn_timeout - READ_SLACK_S:
                 reply = conn.read_response()
             else:
-                left = max(until - time.monotonic(), 0.001)
-                reply = conn.read_response(timeout=left)
+                reply = conn.read_response(timeout=max(left, 0.001))
         except redis.ResponseError as exc:
             return exc  # an error reply: the connection is still in step
         self._loaded.add(script)

@@ -443,7 +443,8 @@ class RedisStore:
                         self._combiner = ClusterCombiner(lambda: self.client, self._load)
                     else:
                         plain = lambda: cast(redis.Redis, self.client)  # noqa: E731
-                        self._combiner = Combiner(plain, self._load, self.wait_s)
+                        health = lambda: self.health_s  # noqa: E731
+                        self._combiner = Combiner(plain, self._load, self.wait_s, health)
                     self._combiner_pid = pid
         return self._combiner
 
