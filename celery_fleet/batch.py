@@ -170,8 +170,10 @@ class Combiner:
         self._loaded: set[str] = set()
         #: Monotonic time the carrier reads the current batch's replies until.
         self._until = math.inf
-        #: The socket timeout of the combiner's connection (s).
+        #: The socket timeout of the combiner's connection (s), and whether the current
+        #: batch's reads need a nearer one of their own.
         self._conn_timeout = math.inf
+        self._own_timeout = False
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads')
@@ -340,8 +342,13 @@ class Combiner:
         pending = self._unread + batch  # wire order: the unread ones were written before
         self._unread = []
         error: BaseException | None = None
-        # Nobody waits past the batch's last deadline: read no longer than that.
-        self._until = max((c.until for c in pending), default=math.inf)
+        # Nobody waits past the batch's last deadline: read no longer than that (on the
+        # socket's own timeout, the health deadline, unless the deadline is clearly
+        # nearer: a caller's remaining max_wait; READ_SLACK_S is what a round trip's own
+        # work may have used of a health-long deadline).
+        until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
+        self._until = until
+        self._own_timeout = until - time.monotonic() <= self._conn_timeout - READ_SLACK_S
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
@@ -461,14 +468,11 @@ class Combiner:
     def _read(self, conn: Any, script: str) -> Any:
         """One reply, waiting no later than the batch's deadline: past it a
         ``redis.TimeoutError`` (redis-py then drops the connection, out of step)."""
-        left = self._until - time.monotonic()
         try:
-            # The socket's own timeout (the health deadline) unless the batch's deadline
-            # is clearly nearer: a caller's remaining max_wait (READ_SLACK_S: what a
-            # round trip's own work may have used of a health-long deadline).
-            if left == math.inf or left > self._conn_timeout - READ_SLACK_S:
+            if not self._own_timeout:
                 reply = conn.read_response()
             else:
+                left = self._until - time.monotonic()
                 reply = conn.read_response(timeout=max(left, 0.001))
         except redis.ResponseError as exc:
             return exc  # an error reply: the connection is still in step

@@ -77,7 +77,8 @@ HEALTH_S = 1.5
 MIN_WAIT_S = 0.05
 
 #: The monotonic time by which the current caller (thread or task) needs its answer.
-_deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=float("inf"))
+_NO_DEADLINE = float("inf")
+_deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=_NO_DEADLINE)
 
 #: Scripts that may run twice with the effect of once: the store sends them again when
 #: the connection drops under them. ``acquire`` is not here: its resend marks itself a
@@ -323,8 +324,10 @@ class RedisStore:
     def wait_s(self) -> float:
         """How long a call made now may wait for its reply: :attr:`health_s`, or less when
         the caller's deadline is nearer (never below :data:`MIN_WAIT_S`)."""
-        left = _deadline.get() - time.monotonic()
-        return max(MIN_WAIT_S, min(self.health_s, left))
+        until = _deadline.get()
+        if until == _NO_DEADLINE:  # the usual case: no clock read
+            return self.health_s
+        return max(MIN_WAIT_S, min(self.health_s, until - time.monotonic()))
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
