@@ -348,7 +348,8 @@ class Combiner:
         # work may have used of a health-long deadline).
         until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
         self._until = until
-        self._own_timeout = until - time.monotonic() <= self._conn_timeout - READ_SLACK_S
+        left = until - time.monotonic()
+        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
