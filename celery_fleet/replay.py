@@ -26,8 +26,10 @@ calls (:mod:`celery_fleet.calls`), so the blocking and the asyncio stores run it
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -90,6 +92,12 @@ class Replays:
         self._warned = False
         #: How many were dropped for room (a counter for tests and metrics).
         self.dropped = 0
+        _live.add(self)
+
+    def _after_fork(self) -> None:
+        # The parent sends what it owes; a lock held by another thread at fork stays held.
+        self._lock = threading.Lock()
+        self._items = deque()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -148,6 +156,17 @@ class Replays:
         if item.answered_at is None:
             item.answered_at = now
         return now - item.answered_at < WATCH_S
+
+
+_live: weakref.WeakSet[Replays] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for replays in list(_live):
+        replays._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class _Admission(Protocol):
