@@ -57,6 +57,7 @@ from .errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
 from .fallback import StoreDown, is_local_lease
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
+from .replay import Replays, replay_steps
 from .store import RedisStore
 from .wakeups import listener_for
 
@@ -124,6 +125,8 @@ class Admission:
         }
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
+        #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
+        self.replays = Replays()
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
         #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
         self.listeners: list[Callable[[str, str], None]] = []
@@ -195,7 +198,11 @@ class Admission:
         down = self.store_down
         if down is not None and down.skip_store():
             return down.admit(cfg, tokens, lease_id)
+        asked = False
         try:
+            if self.replays.due():  # what an outage left owed goes first (recovery only)
+                yield from replay_steps(self)
+            asked = True
             try:
                 (reply,) = yield PackedCalls(
                     (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join),)
@@ -209,6 +216,10 @@ class Admission:
                     (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, True),)
                 )
         except StoreUnavailable as exc:
+            if asked:
+                # A frozen Redis runs the ask when it thaws (a dropped one may have run):
+                # its lease is looked up and released once Redis answers (replay.py).
+                self.replays.add("ask", cfg.name, lease_id)
             if down is None:
                 raise
             down.failed(exc)
@@ -318,9 +329,18 @@ class Admission:
         return drive(self.leave_steps(name, ticket), self.store)
 
     def leave_steps(self, name: str, ticket: str) -> Steps[bool]:
+        return bool((yield self.leave_call(name, ticket)))
+
+    def leave_call(self, name: str, ticket: str) -> ScriptCall:
+        """The script call that takes ``ticket`` out of ``name``'s line."""
         k = self.keys(name)
         args = [ticket, TICKET_TTL_MS, WAKE_GRACE_MS]
-        return bool((yield ScriptCall("leave", [k.line, k.waiting, k.wake], args)))
+        return ScriptCall("leave", [k.line, k.waiting, k.wake], args)
+
+    def replay(self) -> int:
+        """Send the releases, leaves and look-ups an outage left owed (replay.py); returns
+        how many leases were released. Raises StoreUnavailable while Redis is away."""
+        return drive(replay_steps(self), self.store)
 
     def line(self, name: str) -> list[tuple[str, float]]:
         """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -100,7 +102,7 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         found = self._wires.get(loop)
         if found is None or found[0] != os.getpid():
-            found = self._wires[loop] = (os.getpid(), _Wire(self.client))
+            found = self._wires[loop] = (os.getpid(), _Wire(self.client, self.store.wait_s))
         return found[1]
 
     async def aclose(self) -> None:
@@ -126,8 +128,11 @@ class _Wire:
     reply) and the next batch opens a new one.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, wait_s: Callable[[], float]) -> None:
         self.client = client
+        #: How long the carrier reads a batch's replies (its caller's deadline, at most
+        #: the store's health deadline): a frozen Redis is an outage, not a long wait.
+        self.wait_s = wait_s
         self.conn: Any = None
         self.pending: list[tuple[tuple[str, bytes], asyncio.Future[Any], int]] = []
         self.carrier: asyncio.Task[None] | None = None
@@ -148,9 +153,11 @@ class _Wire:
                     self.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
                 await self.conn.send_packed_command(b"".join(c[1] for c, _f, _n in batch))
                 replies: list[Any] = []
+                until = time.monotonic() + self.wait_s()
                 for _ in batch:
                     try:
-                        replies.append(await self.conn.read_response())
+                        left = max(until - time.monotonic(), 0.001)
+                        replies.append(await asyncio.wait_for(self.conn.read_response(), left))
                     except redis.ResponseError as exc:  # an error reply: still in step
                         replies.append(exc)
             except (redis.RedisError, OSError) as exc:
@@ -162,6 +169,9 @@ class _Wire:
                     error = exc
                 else:
                     error = redis.ConnectionError(f"{type(exc).__name__}: {exc}")
+                if isinstance(error, redis.TimeoutError):
+                    # Not written to the server that just did not answer: they fail too.
+                    batch, self.pending = batch + self.pending, []
                 for _c, f, _n in batch:
                     _resolve(f, error)
                 continue

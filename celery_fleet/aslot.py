@@ -81,11 +81,11 @@ class AsyncSlot:
         try:
             decision, asked_at = await self._wait_turn(ticket, join, start)
         except asyncio.CancelledError:
-            await _shielded(self._give_up(ticket, join, self._asking))
+            await _shielded(self._give_up(self.slot.ticket, join, self._asking))
             raise
-        except BaseException:
+        except BaseException as exc:
             if join:
-                await _shielded(self._leave(ticket))
+                await _shielded(self._leave(self.slot.ticket, exc))
             raise
         finally:
             s.waited_s = s.clock.monotonic() - start
@@ -100,13 +100,17 @@ class AsyncSlot:
     async def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
         s = self.slot
         cfg = s.admission.limit(s.limit)
+        s.ticket, s.in_line = ticket, False
         while True:
             s.attempts += 1
             asked_at = s.clock.monotonic()
             steps = s.admission.acquire_steps(cfg, s.tokens, ticket, s.run.since_ms, join)
             self._asking = True
-            decision = await adrive(steps, self.store)
+            was_in_line, s.in_line = s.in_line, join
+            with s.admission.store.deadline(s.remaining_s(start)):
+                decision = await adrive(steps, self.store)
             self._asking = False
+            ticket = s.ticket = s.fresh_ticket(ticket, was_in_line)  # new if it met an outage
             if not s.run.since_ms:
                 s.run.since_ms = int(decision.at_ms)
             if decision.allowed:
@@ -128,10 +132,19 @@ class AsyncSlot:
         listener = listener_for(s.admission.store, s.admission.keys(s.limit).wake, ticket)
         await listener.await_wake(ticket, timeout_s)
 
-    async def _leave(self, ticket: str) -> None:
+    async def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         s = self.slot
+        if not s.in_line:  # only ever asked the store-down policy: nothing to tell Redis
+            return
+        s.in_line = False
+        down = s.admission.store_down
+        if isinstance(why, StoreUnavailable) or (down is not None and down.down):
+            s.admission.replays.add("leave", s.limit, ticket)  # sent when Redis answers
+            return
         try:
             await adrive(s.admission.leave_steps(s.limit, ticket), self.store)
+        except StoreUnavailable:
+            s.admission.replays.add("leave", s.limit, ticket)
         except FleetError:  # the ticket expires by itself
             log.debug("celery-fleet: could not leave the line of %r", s.limit)
 
@@ -211,7 +224,11 @@ class AsyncSlot:
         lease_id, command = s.release_command(signal)
         if command is None:
             return
-        (reply,) = await self.store.send(command)
+        try:
+            (reply,) = await self.store.send(command)
+        except StoreUnavailable as exc:
+            s._owe_release(lease_id, exc)  # sent again when Redis answers
+            return
         s._check_released(lease_id, s.admission.released(s.limit, reply))
 
     async def next(self, tokens: int | None = None) -> AsyncSlot:

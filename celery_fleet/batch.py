@@ -25,6 +25,14 @@ fails the calls of that round trip (nothing is retried: an acquire must not be c
 twice), and a script Redis no longer has (NOSCRIPT after a restart or ``SCRIPT FLUSH``) is
 loaded and its calls sent again.
 
+**A frozen Redis** (SIGSTOP, a long ``DEBUG SLEEP``, a stalled VM) accepts connections and
+writes but answers nothing. Every call carries a deadline (``bound()``, taken in the
+caller's thread: the caller's remaining ``max_wait``, at most a short health deadline),
+the carrier reads replies no later than the batch's last deadline, and a waiter stops
+waiting at its own. A round trip that times out fails every call queued behind it at
+once, with the same timeout, rather than writing them to the server that just did not
+answer.
+
 This module knows nothing about admission; :class:`~celery_fleet.store.RedisStore` owns one
 :class:`Combiner` per process.
 """
@@ -32,6 +40,7 @@ This module knows nothing about admission; :class:`~celery_fleet.store.RedisStor
 from __future__ import annotations
 
 import logging
+import math
 import select
 import threading
 import time
@@ -44,6 +53,10 @@ from redis.exceptions import NoScriptError
 __all__ = ["Packed", "Combiner", "encode"]
 
 log = logging.getLogger("celery_fleet")
+
+#: A read waits on the socket's own timeout when the batch's deadline is at most this much
+#: nearer (s): setting a timeout per read costs two syscalls on the hot path.
+READ_SLACK_S = 0.1
 
 
 def encode(value: object) -> bytes:
@@ -94,14 +107,17 @@ class _Call:
     """Some commands of one caller, sent together, and their replies or errors. A call
     with a ``callback`` is posted: nobody waits for it; the callback gets its replies."""
 
-    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback")
+    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback", "until")
 
     def __init__(
         self,
         commands: list[tuple[str, bytes]],
         callback: Callable[[list[Any]], None] | None = None,
+        until: float = math.inf,
     ) -> None:
         self.commands = commands  # (script name, packed EVALSHA)
+        #: Monotonic time after which nobody waits for these replies any more.
+        self.until = until
         self.replies: list[Any] = []
         self.lead = False
         self.finished = False
@@ -120,14 +136,24 @@ class Combiner:
     ``client`` returns this process's redis-py client (its connection settings are used for
     the combiner's own connection); ``load(client, script)`` loads a script's source after
     NOSCRIPT. Replies are returned in the order of the commands; an error reply is returned
-    as the exception instance (raising is the caller's choice).
+    as the exception instance (raising is the caller's choice). ``bound()`` is how long (s)
+    a call made now may wait for its reply, read in the caller's thread (default: no bound
+    but the connection's socket timeout); past it the call's reply is a
+    ``redis.TimeoutError``. ``health()`` is the longest any call waits (the socket timeout
+    of the combiner's connection).
     """
 
     def __init__(
-        self, client: Callable[[], redis.Redis], load: Callable[[redis.Redis, str], None]
+        self,
+        client: Callable[[], redis.Redis],
+        load: Callable[[redis.Redis, str], None],
+        bound: Callable[[], float] | None = None,
+        health: Callable[[], float] | None = None,
     ) -> None:
         self._client = client
         self._load = load
+        self._bound = bound or (lambda: math.inf)
+        self._health = health or (lambda: math.inf)
         self._lock = threading.Lock()
         self._queue: list[_Call] = []
         self._busy = False
@@ -142,17 +168,25 @@ class Combiner:
         self._polled_sock: Any = None
         #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
         self._loaded: set[str] = set()
+        #: Monotonic time the carrier reads the current batch's replies until.
+        self._until = math.inf
+        #: The socket timeout of the combiner's connection (s), and whether the current
+        #: batch's reads need a nearer one of their own.
+        self._conn_timeout = math.inf
+        self._own_timeout = False
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads')
         and return their replies, each a value or a ``redis.RedisError`` instance."""
-        me = _Call(commands)
+        me = _Call(commands, until=time.monotonic() + self._bound())
         with self._lock:
             self._queue.append(me)
             waiting, self._busy = self._busy, True
         if waiting:
             try:
-                me.done.acquire()
+                left = me.until - time.monotonic()
+                if not me.done.acquire(timeout=min(max(left, 0.0), threading.TIMEOUT_MAX)):
+                    return self._give_up(me)
             except BaseException:  # Ctrl-C, a gevent Timeout: never leave the wire stuck
                 self._abandon(me)
                 raise
@@ -160,6 +194,16 @@ class Combiner:
                 return me.replies
         self._carry()
         return me.replies
+
+    def _give_up(self, me: _Call) -> list[Any]:
+        """A waiter's deadline passed before its replies came: its replies if they came
+        meanwhile, else a timeout each (a call already written may still run)."""
+        self._abandon(me)
+        with self._lock:
+            if me.finished and not (me.lead and me in self._queue):
+                return me.replies
+        error = redis.TimeoutError("no reply within the caller's deadline (Redis frozen?)")
+        return [error] * len(me.commands)
 
     def _abandon(self, me: _Call) -> None:
         """A caller stopped waiting: take its call out of the queue, or, if it had just been
@@ -191,7 +235,7 @@ class Combiner:
         """
         if not all(script in self._loaded for script, _packed in commands):
             return False
-        call = _Call(commands, callback)
+        call = _Call(commands, callback, time.monotonic() + self._bound())
         with self._lock:
             self._queue.append(call)
             if not self._open:
@@ -223,7 +267,9 @@ class Combiner:
                     batch, self._queue = self._queue, []
                 error: BaseException | None = None
                 try:
-                    self._round_trip(batch, answered)
+                    timed_out = self._round_trip(batch, answered)
+                    if timed_out is not None:
+                        self._fail_queued(timed_out, answered)
                 except BaseException as exc:  # the callers in the batch must not wait forever
                     error = exc
                     raise
@@ -254,6 +300,18 @@ class Combiner:
                 except Exception:  # never into the unrelated caller that read it
                     log.exception("celery-fleet: handling a posted reply failed")
 
+    def _fail_queued(self, error: redis.TimeoutError, answered: list[_Call]) -> None:
+        """Redis did not answer in time: fail every call queued meanwhile with the same
+        timeout instead of writing it to the server that just did not answer (a frozen
+        Redis would make each batch wait its whole deadline again)."""
+        with self._lock:
+            stuck, self._queue = self._queue, []
+        for call in stuck:
+            call.fail(error)
+            if call.callback is not None:
+                answered.append(call)
+            call.done.release()
+
     def _connection(self) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
         a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
@@ -261,14 +319,22 @@ class Combiner:
         client = self._client()
         if self._conn is None or self._conn_of is not client:
             pool = client.connection_pool
-            self._conn = pool.connection_class(**pool.connection_kwargs)
+            options = dict(pool.connection_kwargs)
+            # Its socket timeout is the health deadline: a read needs no timeout of its
+            # own (two more syscalls) unless its caller's deadline is nearer.
+            timeout = min(options.get("socket_timeout") or math.inf, self._health())
+            if timeout < math.inf:
+                options["socket_timeout"] = timeout
+            self._conn = pool.connection_class(**options)
             self._conn_of = client
+            self._conn_timeout = timeout
         return client, self._conn
 
-    def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> None:
+    def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
         """Write ``batch``, then read replies up to the last call someone waits for; posted
         calls after it stay unread. Posted calls whose replies were read (or that failed)
-        are added to ``answered``, whatever happens."""
+        are added to ``answered``, whatever happens. Returns the timeout when Redis did not
+        answer by the batch's last deadline (the calls of the batch failed with it)."""
         client, conn = self._connection()
         self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
@@ -276,14 +342,19 @@ class Combiner:
         pending = self._unread + batch  # wire order: the unread ones were written before
         self._unread = []
         error: BaseException | None = None
+        # Nobody waits past the batch's last deadline: read no longer than that (on the
+        # socket's own timeout, the health deadline, unless the deadline is clearly
+        # nearer: a caller's remaining max_wait; READ_SLACK_S is what a round trip's own
+        # work may have used of a health-long deadline).
+        until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
+        self._until = until
+        left = until - time.monotonic()
+        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
         try:
             data = b"".join(p for c in batch for _s, p in c.commands)
             if data:
                 if conn._sock is None:
-                    # The class's own connect(): a Sentinel connection asks the sentinels
-                    # where the master is there; sending alone would dial its default
-                    # address (localhost:6379), a different Redis.
-                    conn.connect()
+                    self._connect(conn)
                 conn.send_packed_command([data])
             last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
             for call in pending[: last + 1]:
@@ -297,7 +368,8 @@ class Combiner:
                     call.finished = True
                 rest = []
             self._unread = rest
-            self._send_again_what_redis_lost(client, conn, [c for c in pending if c.finished])
+            done = [c for c in pending if c.finished]
+            self._send_again_what_redis_lost(client, conn, done)
         except BaseException as exc:
             # Whatever broke off the round trip, replies may still be on their way: this
             # socket is out of step for good, and every call not answered fails with it.
@@ -312,6 +384,30 @@ class Combiner:
                     call.fail(error if error is not None else RuntimeError("not sent"))
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
+        return error if isinstance(error, redis.TimeoutError) else None
+
+    def _connect(self, conn: Any) -> None:
+        """Open the connection within the batch's deadline: a frozen Redis completes the
+        TCP handshake (the kernel does) but never answers redis-py's opening commands,
+        which would otherwise wait the whole socket timeout.
+
+        The class's own connect(): a Sentinel connection asks the sentinels where the
+        master is there; sending alone would dial its default address (localhost:6379),
+        a different Redis."""
+        if self._until == math.inf:
+            conn.connect()
+            return
+        left = max(self._until - time.monotonic(), 0.001)
+        saved = conn.socket_timeout, conn.socket_connect_timeout
+        conn.socket_timeout = min(left, saved[0] or math.inf)
+        conn.socket_connect_timeout = min(left, saved[1] or math.inf)
+        try:
+            conn.connect()
+        finally:
+            conn.socket_timeout, conn.socket_connect_timeout = saved
+        # Replies are read with their own deadline; a write gets the usual timeout.
+        if conn._sock is not None:
+            conn._sock.settimeout(saved[0])
 
     def _send_again_what_redis_lost(
         self, client: redis.Redis, conn: Any, calls: list[_Call]
@@ -371,8 +467,14 @@ class Combiner:
             conn.disconnect()
 
     def _read(self, conn: Any, script: str) -> Any:
+        """One reply, waiting no later than the batch's deadline: past it a
+        ``redis.TimeoutError`` (redis-py then drops the connection, out of step)."""
         try:
-            reply = conn.read_response()
+            if not self._own_timeout:
+                reply = conn.read_response()
+            else:
+                left = self._until - time.monotonic()
+                reply = conn.read_response(timeout=max(left, 0.001))
         except redis.ResponseError as exc:
             return exc  # an error reply: the connection is still in step
         self._loaded.add(script)

@@ -141,6 +141,7 @@ class LeaseKeeper:
                     timeout = self.tick_s
             if leaving:  # outside the lock: callbacks may take slots (and so this lock)
                 self._drain(0.0)
+                self.replay()
                 return
             self._wake.wait(timeout)
             try:
@@ -148,6 +149,7 @@ class LeaseKeeper:
             except Exception:  # keep renewing: nothing may end the thread
                 log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
             self._drain(POSTED_READ_AFTER_S)
+            self.replay()
 
     def _drain(self, older_than_s: float) -> None:
         """Read posted releases' replies that nobody read for a while (an idle process):
@@ -158,6 +160,26 @@ class LeaseKeeper:
                 store.drain()
         except Exception:
             log.warning("celery-fleet: reading posted replies failed", exc_info=True)
+
+    def replay(self) -> None:
+        """Send what an outage left owed to Redis (releases, leaves, look-ups of asks that
+        timed out: replay.py) once it answers, so their slots free now, not at their TTL.
+        While the outage lasts, the admission's own retry (one caller a second) asks."""
+        admission = self.admission
+        down = admission.store_down
+        if (down is not None and down.down) or not admission.replays.due():
+            return
+        try:
+            released = admission.replay()
+        except StoreUnavailable as exc:
+            if down is not None:
+                down.failed(exc)
+            return
+        except Exception:
+            log.warning("celery-fleet: replaying owed releases failed", exc_info=True)
+            return
+        if released:
+            log.info("celery-fleet: released %d lease(s) an outage had left in Redis", released)
 
     def renew_due(self) -> None:
         """Renew every lease older than a third of its TTL (one round trip per limit).

@@ -37,6 +37,7 @@ from .errors import (
 from .fallback import is_local_lease
 from .keeper import Clock, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
+from .replay import met_outage
 from .run import Run
 
 __all__ = ["Clock", "SystemClock", "Slot", "LeaseKeeper", "check_max_wait"]
@@ -105,6 +106,10 @@ class Slot:
         self.run = run if run is not None else Run()
         self.ahead = 0
         self.jitter_s = jitter_s
+        #: The ticket this slot waits (or last waited) with, and whether Redis may hold
+        #: it in the limit's line (then leaving sends a leave).
+        self.ticket = ""
+        self.in_line = False
         self._held_in: list[Slot] = []
 
     def acquire(self) -> Slot:
@@ -120,11 +125,12 @@ class Slot:
         answer ``first`` to an ask already made, or from a first ask."""
         start = self.clock.monotonic()
         join = self.max_wait_s > 0
+        self.ticket, self.in_line = ticket, join and first is not None
         try:
             decision, asked_at = self._wait_turn(ticket, join, start, first)
-        except BaseException:
+        except BaseException as exc:
             if join:  # whatever ended the wait (Throttled, Ctrl-C, Redis): give the place up
-                self._leave(ticket)
+                self._leave(self.ticket, exc)
             raise
         finally:
             self.waited_s = self.clock.monotonic() - start
@@ -172,7 +178,8 @@ class Slot:
         asked_at = self.clock.monotonic()
         try:
             try:
-                released, answer = self.admission.store.send(release, ask)
+                with self.admission.store.deadline(self.remaining_s(asked_at)):
+                    released, answer = self.admission.store.send(release, ask)
             except StoreUnavailable as exc:
                 if not exc.dropped:
                     raise
@@ -183,10 +190,14 @@ class Slot:
                 )
                 released, answer = self.admission.store.send(release, retry)
         except StoreUnavailable as exc:
+            # Both may have run (a frozen Redis runs them when it thaws): the release is
+            # sent again and the ask's lease looked up and released when Redis answers.
+            self.admission.replays.add("release", self.limit, lease_id)
+            self.admission.replays.add("ask", self.limit, ticket)
             if down is None:
                 raise
-            down.failed(exc)  # the release is lost (the lease expires); ask by the policy
-            return self._acquire(ticket)
+            down.failed(exc)
+            return self._acquire(new_lease_id())
         self._check_released(lease_id, self.admission.released(self.limit, released))
         decision = self.admission.decision(self.limit, tokens, answer)
         if decision.allowed:  # the usual case: no wait, no second round trip
@@ -212,9 +223,12 @@ class Slot:
             if first is not None:
                 decision, first = first, None
             else:
-                decision = self.admission.try_acquire(
-                    self.limit, self.tokens, ticket, self.run.since_ms, join
-                )
+                was_in_line, self.in_line = self.in_line, join  # asking: it may join
+                with self.admission.store.deadline(self.remaining_s(start)):
+                    decision = self.admission.try_acquire(
+                        self.limit, self.tokens, ticket, self.run.since_ms, join
+                    )
+                ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
             if not self.run.since_ms:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line
             if decision.allowed:
@@ -224,6 +238,29 @@ class Slot:
                 self.clock.sleep(seconds)
             else:
                 self._wait_for_wake_up(ticket, seconds, decision.wait_ms / 1000.0)
+
+    def remaining_s(self, start: float) -> float:
+        """How long this wait may still take (s): a Redis call waits no longer than that
+        (``math.inf`` when there is no deadline; ``max_wait=0`` asks once, bounded by the
+        store's health deadline alone)."""
+        if self.max_wait_s <= 0:
+            return math.inf
+        return self.max_wait_s - (self.clock.monotonic() - start)
+
+    def fresh_ticket(self, ticket: str, was_in_line: bool) -> str:
+        """The ticket for the next ask, after an ask with ``ticket``: a new one when that
+        ask met an outage, since it may still run when Redis thaws (making a lease that is
+        released by its ticket when Redis answers, or joining the line: it leaves then).
+        Keeps :attr:`in_line` true only while Redis may hold the ticket in line."""
+        if met_outage(ticket):
+            if self.in_line:
+                self.admission.replays.add("leave", self.limit, ticket)
+            self.in_line = False
+            return new_lease_id()
+        down = self.admission.store_down
+        if down is not None and down.down:  # answered by the policy: Redis saw nothing
+            self.in_line = was_in_line
+        return ticket
 
     def next_move(self, decision: Decision, start: float) -> tuple[str, float]:
         """What a refused ask does next: ``("sleep", s)`` (an exact wait), ``("wait", s)``
@@ -260,7 +297,10 @@ class Slot:
         # dropped by the next ask past its grace, and nobody else is asking then.
         # The others re-ask at a jittered interval: tickets that joined together
         # do not keep asking together.
-        every = NEXT_IN_LINE_S if decision.ahead == 1 else REFRESH_S * random.uniform(0.5, 1)
+        # The first in line asks as often: a cap full of leases nobody releases (their
+        # holders died, or their releases were lost) frees only as they expire, and
+        # nobody is woken for that; its ask sweeps them and wakes the ones behind it.
+        every = NEXT_IN_LINE_S if decision.ahead <= 1 else REFRESH_S * random.uniform(0.5, 1)
         return "wait", min(remaining, every)
 
     def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
@@ -283,9 +323,20 @@ class Slot:
                 "refused", self.limit, reason=decision.reason, wait_ms=decision.wait_ms
             )
 
-    def _leave(self, ticket: str) -> None:
+    def _leave(self, ticket: str, why: BaseException | None = None) -> None:
+        """Give up ``ticket``'s place in line; while Redis is away (or the wait ended
+        because it did not answer) not now, but when it answers again (replay.py)."""
+        if not self.in_line:  # only ever asked the store-down policy: nothing to tell
+            return
+        self.in_line = False
+        down = self.admission.store_down
+        if isinstance(why, StoreUnavailable) or (down is not None and down.down):
+            self.admission.replays.add("leave", self.limit, ticket)
+            return
         try:
             self.admission.leave(self.limit, ticket)
+        except StoreUnavailable:
+            self.admission.replays.add("leave", self.limit, ticket)
         except FleetError:  # the ticket expires by itself
             log.debug("celery-fleet: could not leave the line of %r", self.limit)
 
@@ -415,7 +466,9 @@ class Slot:
             return
 
         def done(reply: Any) -> None:
-            if isinstance(reply, FleetError):
+            if isinstance(reply, StoreUnavailable):
+                self._owe_release(lease_id, reply)
+            elif isinstance(reply, FleetError):
                 log.warning(
                     "celery-fleet: releasing %r failed (%s); its lease will expire",
                     self.limit,
@@ -427,8 +480,26 @@ class Slot:
         # Written now, its reply read later: nobody on the caller's path needs it, and a
         # task pays one round trip for its slot instead of two (see batch.Combiner.post).
         if not self.admission.store.post(command, done):
-            (reply,) = self.admission.store.send(command)
+            try:
+                (reply,) = self.admission.store.send(command)
+            except StoreUnavailable as exc:
+                self._owe_release(lease_id, exc)
+                return
             self._check_released(lease_id, self.admission.released(self.limit, reply))
+
+    def _owe_release(self, lease_id: str, error: StoreUnavailable) -> None:
+        """A release that may not have reached Redis: sent again when Redis answers (as
+        ``neutral``: if it did run, the breaker must not count the call twice)."""
+        log.warning(
+            "celery-fleet: releasing %r failed (%s); it is sent again when Redis answers, "
+            "or its lease will expire",
+            self.limit,
+            error,
+        )
+        self.admission.replays.add("release", self.limit, lease_id)
+        down = self.admission.store_down
+        if down is not None:
+            down.failed(error)
 
     def release_command(self, signal: Signal | None) -> tuple[str, tuple[str, bytes] | None]:
         """Let the held lease go in this process; the release for Redis to run (None when
@@ -438,7 +509,8 @@ class Slot:
         if down is not None and (is_local_lease(lease_id) or down.down):
             if is_local_lease(lease_id):
                 down.release(self.limit, lease_id)
-            # else the store is away: the lease expires by itself within its TTL
+            else:  # the store is away: no call now, the release is sent when it answers
+                self.admission.replays.add("release", self.limit, lease_id, signal.outcome)
             return lease_id, None
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         return lease_id, self.admission.release_command(

@@ -12,6 +12,11 @@ become :class:`~celery_fleet.errors.StoreUnavailable` naming the URL (password m
 anything else a :class:`~celery_fleet.errors.FleetError`; no raw ``redis.exceptions``
 reach the API.
 
+A frozen Redis (SIGSTOP, ``DEBUG SLEEP``, a stalled host) is an outage like a dead one:
+every script call waits for its reply no longer than :attr:`RedisStore.health_s` (and no
+longer than the caller's own deadline, :meth:`RedisStore.deadline`), then fails with a
+:class:`~celery_fleet.errors.StoreUnavailable` that is not ``dropped`` (not sent again).
+
 The fleet's keys must never be evicted: a lost lease lets the cap be exceeded, a lost
 bucket admits a burst. On its first connection in a process the store reads
 ``maxmemory`` and ``maxmemory-policy`` and logs a loud warning when Redis may evict them.
@@ -24,8 +29,11 @@ import logging
 import os
 import re
 import threading
+import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from importlib import resources
 from typing import Any, cast
@@ -62,6 +70,15 @@ log = logging.getLogger("celery_fleet")
 MAX_CONNECTIONS = 10_000
 #: The longest single blocking wait (BLPOP) for a wake-up.
 MAX_BLOCK_S = 10.0
+#: The longest a script call waits for its reply before Redis counts as away (s): a
+#: frozen Redis accepts the call and answers nothing. ``RedisStore(health_s=...)``.
+HEALTH_S = 1.5
+#: The shortest wait a call gets, whatever its caller's deadline says (s).
+MIN_WAIT_S = 0.05
+
+#: The monotonic time by which the current caller (thread or task) needs its answer.
+_NO_DEADLINE = float("inf")
+_deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=_NO_DEADLINE)
 
 #: Scripts that may run twice with the effect of once: the store sends them again when
 #: the connection drops under them. ``acquire`` is not here: its resend marks itself a
@@ -205,6 +222,7 @@ class RedisStore:
         *,
         client: ClientSource | None = None,
         transport_options: Mapping[str, Any] | None = None,
+        health_s: float = HEALTH_S,
         **client_options: Any,
     ) -> None:
         # redis-py 8 caps a pool at 100 connections; every waiter blocked on its wake-up
@@ -229,6 +247,14 @@ class RedisStore:
             self.target = parse_url(url, safe, self._options, transport_options)
         self.url = self.target.url
         self.safe_url = self.target.safe_url
+        if not 0 < health_s < float("inf"):
+            raise ConfigError(f"health_s must be a positive number of seconds, got {health_s!r}")
+        #: The longest a script call waits for its reply (s); past it Redis counts as away.
+        #: A shorter ``socket_timeout`` of the client's options wins.
+        self.health_s = float(health_s)
+        socket_timeout = self.target.options.get("socket_timeout")
+        if isinstance(socket_timeout, int | float) and 0 < socket_timeout < self.health_s:
+            self.health_s = float(socket_timeout)
         self._checked_pid: int | None = None
         self._lock = threading.Lock()
         self._pid: int | None = None
@@ -284,6 +310,27 @@ class RedisStore:
             self._blocking, self._blocking_pid = None, None
             self._combiner, self._combiner_pid = None, None
 
+    @staticmethod
+    @contextmanager
+    def deadline(seconds: float) -> Iterator[None]:
+        """Within the block, no call of this thread (or task) waits for Redis longer than
+        ``seconds`` from now (a caller's remaining ``max_wait``); nested blocks keep the
+        earlier deadline."""
+        until = min(_deadline.get(), time.monotonic() + max(seconds, 0.0))
+        token = _deadline.set(until)
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
+
+    def wait_s(self) -> float:
+        """How long a call made now may wait for its reply: :attr:`health_s`, or less when
+        the caller's deadline is nearer (never below :data:`MIN_WAIT_S`)."""
+        until = _deadline.get()
+        if until == _NO_DEADLINE:  # the usual case: no clock read
+            return self.health_s
+        return max(MIN_WAIT_S, min(self.health_s, until - time.monotonic()))
+
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script by EVALSHA: exactly one round trip (two after SCRIPT FLUSH).
 
@@ -301,6 +348,12 @@ class RedisStore:
             return self._run(script, keys, args)
 
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        if self._plain():
+            # On the combiner's wire, so a frozen Redis costs this call its deadline, not
+            # the socket timeout (and it is ordered after this process's posted calls).
+            packed = Packed(script, self._shas[script], keys, 0, args).pack()
+            (reply,) = self._send(((script, packed),))
+            return reply
         self.drain()
         try:
             client = self.client
@@ -395,9 +448,14 @@ class RedisStore:
                         self._combiner = ClusterCombiner(lambda: self.client, self._load)
                     else:
                         plain = lambda: cast(redis.Redis, self.client)  # noqa: E731
-                        self._combiner = Combiner(plain, self._load)
+                        health = lambda: self.health_s  # noqa: E731
+                        self._combiner = Combiner(plain, self._load, self.wait_s, health)
                     self._combiner_pid = pid
         return self._combiner
+
+    def _plain(self) -> bool:
+        """True when this process's combiner is the plain one (not a Cluster's)."""
+        return isinstance(self.combiner, Combiner)
 
     def _load(self, client: Client, script: str) -> None:
         client.script_load(script_source(script))
@@ -435,9 +493,7 @@ class RedisStore:
         timeout = min(max(timeout_s, 0.01), MAX_BLOCK_S)  # 0 would block forever
         self.drain()
         try:
-            reply = self.blocking_client.execute_command(  # type: ignore[no-untyped-call]
-                "BLPOP", key, f"{timeout:.3f}"
-            )
+            reply = self._blpop(key, timeout)
         except redis.RedisError as exc:
             error = self._translate(exc, "BLPOP")
             if getattr(error, "dropped", False) and self.ping_once():
@@ -446,6 +502,20 @@ class RedisStore:
                 return True
             raise error from exc
         return reply is not None
+
+    def _blpop(self, key: str, timeout: float) -> Any:
+        """BLPOP, waiting for its reply no longer than the block plus :attr:`health_s`: a
+        frozen Redis answers nothing, and the socket timeout would hold the caller 15 s."""
+        client = self.blocking_client
+        if not isinstance(client, redis.Redis):  # a Cluster: its own connection handling
+            return client.execute_command("BLPOP", key, f"{timeout:.3f}")  # type: ignore[no-untyped-call]
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("BLPOP", key, f"{timeout:.3f}")
+            return conn.read_response(timeout=timeout + self.health_s)
+        finally:
+            pool.release(conn)  # a connection that timed out was disconnected by redis-py
 
     def ping_once(self) -> bool:
         """True when Redis answers one PING (no retry), False when it does not."""

@@ -27,6 +27,7 @@ ORDER = [
     "line",
     "decision",
     "fallback",
+    "replay",
     "admission",
     "adaptive",
     "breaker",
