@@ -8,8 +8,10 @@ cluster, ``redis-cli``) is not installed.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ from redis.cluster import RedisCluster
 
 from celery_fleet import ConfigError, Fleet, FleetError
 from celery_fleet.cluster import ClusterCombiner, unpack
+from celery_fleet.connect import SCHEMES
 from celery_fleet.status import limit_status
 from celery_fleet.store import RedisStore
 from celery_fleet.testing.redis_ha import LocalCluster, SentinelSet, find_cli
@@ -57,7 +60,7 @@ needs_cluster_tools = pytest.mark.skipif(
         ("sentinel://:s3cret@h1:26379/zero", "database number"),
         ("sentinel://:s3cret@h1:26379/0?master_name=m", "transport options"),
         ("sentinel://:s3cret@:26379", "no host"),
-        ("sentinel://:s3cret@h1:26379;sentinel://h2:26379/2", "different databases"),
+        ("sentinel://:s3cret@h1:26379/1;sentinel://h2:26379/2", "different databases"),
         ("sentinel://h1:26379;sentinel://:s3cret@h2:26379", "first URL's password"),
     ],
 )
@@ -67,6 +70,46 @@ def test_a_bad_sentinel_url_is_a_config_error(url: str, says: str) -> None:
             redis_url=url, limits={"llm": {"rpm": 60}}, redis_transport_options={"master_name": "m"}
         )
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "db"),
+    [
+        ("sentinel://s1:26379;sentinel://s2:26379/1", 1),  # the README's, Celery's habit
+        ("sentinel://s1:26379/2;sentinel://s2:26379", 2),  # kombu reads the first part's
+        ("sentinel://s1:26379/3;sentinel://s2:26379/3", 3),
+        ("sentinel://s1:26379;sentinel://s2:26379", 0),
+    ],
+)
+def test_a_sentinel_url_names_its_database_on_any_part(url: str, db: int) -> None:
+    store = RedisStore(url, transport_options={"master_name": "m"})
+    assert store.target.options["db"] == db
+    assert store.target.nodes == (("s1", 26379), ("s2", 26379))
+
+
+def _readme_urls() -> list[str]:
+    """Every Redis URL in a code string of README.md (``"sentinel://..."`` and the like)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+    schemes = "|".join(re.escape(s.split("://")[0]) for s in SCHEMES)
+    return re.findall(rf'"((?:{schemes})://[^"\s]+)"', text)
+
+
+def test_every_redis_url_in_the_readme_parses() -> None:
+    """Each URL the README shows (fleet_redis_url, broker_url, Celery(broker=...)) is
+    accepted as given, nothing connecting; the Sentinel ones with a master name."""
+    urls = _readme_urls()
+    assert any(u.startswith("sentinel://") for u in urls) and len(urls) >= 4, urls
+    for url in urls:
+        sentinel = url.startswith("sentinel://")
+        store = RedisStore(url, transport_options={"master_name": "m"} if sentinel else None)
+        assert store.target.kind in ("redis", "sentinel", "cluster"), url
+    fleet_url = "sentinel://s1:26379;sentinel://s2:26379/1"
+    assert fleet_url in urls  # the README's own fleet_redis_url example, database 1
+    app = Celery("readme", set_as_current=False)
+    app.conf.fleet_redis_url = fleet_url
+    app.conf.fleet_redis_transport_options = {"master_name": "fleet", "socket_timeout": 2.0}
+    app.conf.fleet_limits = {"llm": {"rpm": 60}}
+    assert Fleet(app).store.target.options["db"] == 1
 
 
 def test_a_sentinel_url_needs_a_master_name() -> None:
