@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -579,3 +579,95 @@ def test_sentinel_failover_is_followed_and_the_cap_holds(failure: str) -> None:
         combiner = fleet.store.combiner
         assert combiner._conn.port == port  # type: ignore[union-attr]
         assert fleet.store.client.connection_pool.get_master_address()[1] == port  # type: ignore[union-attr]
+
+
+def _evalsha_calls(port: int) -> tuple[int, str]:
+    """EVALSHA calls the server on ``port`` has run (INFO commandstats), and its role."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        stats: Any = client.info("commandstats")
+        role: Any = client.info("replication")["role"]
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)), str(role)
+    finally:
+        client.close()
+
+
+@needs_server
+@pytest.mark.slow
+def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
+    """Defect 12: with the master SIGSTOPped, the sentinels promote the replica; the old
+    master, resumed, takes writes until they demote it (seconds later). With the fleet's
+    defaults (socket timeout 5 s, lease 60 s, ``store_down="local"``) no EVALSHA may reach
+    it after it resumes, admissions go on through the new master, and the cap holds
+    (an independent counter)."""
+    cap = 4
+    with SentinelSet(master_name="frozen", down_after_ms=1000, failover_timeout_ms=3000) as ha:
+        fleet = Fleet(
+            redis_url=ha.url,
+            redis_transport_options={"master_name": ha.master_name},
+            namespace="frozen",
+            limits={"llm": {"max_in_flight": cap}},
+        )
+        key = fleet.admission.keys("llm").leases
+        old = ha.master()
+        replica = next(s for s in ha.servers if s is not old)
+        admitted: list[tuple[float, str]] = []  # (monotonic time, lease id)
+        burst = Burst(fleet, "llm", threads=8, hold_s=lambda n: 0.05)
+        enter = burst.meter.enter
+
+        def noted() -> None:
+            enter()
+            admitted.append((time.monotonic(), next(iter(burst.held.values()), "")))
+
+        burst.meter.enter = noted  # type: ignore[method-assign]
+        pool = burst.run()
+        time.sleep(1.5)
+        ha.pause(old)
+        time.sleep(0.1)
+        held_at_failure = set(burst.held.values())
+        lost = len(held_at_failure - _leases(replica.port, key))
+        _host, port = ha.wait_for_failover(old.port, timeout=30)
+        assert port == replica.port
+        ha.resume(old)  # within the socket timeout of calls blocked on it, on most runs
+        resumed_at = time.monotonic()
+        # Commands the old master had buffered while frozen run as it resumes, before this
+        # later connection's INFO: what comes after is what the fleet sent it since.
+        at_resume, _role = _evalsha_calls(old.port)
+        deadline = time.monotonic() + 30
+        while _evalsha_calls(old.port)[1] == "master" and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the sentinels demote it: its window for split writes
+        time.sleep(1.0)
+        later, role = _evalsha_calls(old.port)
+        burst.stop.set()
+        for t in pool:
+            t.join(10)
+        through_redis = [at for at, lease in admitted if at > resumed_at and "local." not in lease]
+        figure = (
+            f"EVALSHA on the old master after it resumed: {later - at_resume} (role now "
+            f"{role}); admitted after it resumed: {len(through_redis)} through Redis; max in "
+            f"flight {burst.meter.most} (cap {cap}, holders' leases lost {lost})"
+        )
+        print("\n" + figure)
+        assert role == "slave", figure
+        assert later - at_resume == 0, "split writes: " + figure
+        assert len(through_redis) >= 3 * cap, "did not go on through the new master: " + figure
+        assert burst.meter.most <= cap + lost, figure
+
+
+@needs_server
+@pytest.mark.slow
+def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> None:
+    """A connection checks ROLE when it connects: a replica the sentinels name (a promotion
+    not finished, or their answer stale) is refused, not written to."""
+    with SentinelSet(master_name="role") as ha:
+        store = RedisStore(ha.url, transport_options={"master_name": ha.master_name})
+        client = store.client
+        pool: Any = client.connection_pool
+        replica = next(s for s in ha.servers if s.port != ha.master_address()[1])
+        manager = pool.sentinel_manager
+        manager.discover_master = lambda name: ("127.0.0.1", replica.port)
+        pool.disconnect()  # the store's first call (its maxmemory check) connected one
+        with pytest.raises(redis.ConnectionError, match="says it is a slave"):
+            client.ping()
+        del manager.discover_master  # the sentinels' answer again
+        assert client.ping()
