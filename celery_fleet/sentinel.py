@@ -91,7 +91,8 @@ class FleetSentinel(Sentinel):
         self._lock = threading.Lock()
         self._recheck = threading.Lock()
         self.masters: dict[str, Address] = {}
-        self._asked_at: dict[str, float] = {}
+        #: The last :meth:`recheck` of each service: when, and what it found.
+        self._answers: dict[str, tuple[float, Address | None]] = {}
         self._connections: weakref.WeakSet[FleetSentinelConnection] = weakref.WeakSet()
         #: Failovers this manager followed (for tests and logs).
         self.moves = 0
@@ -108,7 +109,6 @@ class FleetSentinel(Sentinel):
         with self._lock:
             old = self.masters.get(service_name)
             self.masters[service_name] = address
-            self._asked_at[service_name] = time.monotonic()
             if old is None or old == address:
                 return address
             self.moves += 1
@@ -129,16 +129,15 @@ class FleetSentinel(Sentinel):
         """The master the sentinels name now (asked again unless they were just asked),
         or None when none is named (a failover under way) or no sentinel answers."""
         with self._recheck:
-            asked = self._asked_at.get(service_name)
+            asked, answer = self._answers.get(service_name, (None, None))
             if asked is not None and time.monotonic() - asked < RECHECK_S:
-                return self.masters.get(service_name)
+                return answer
             try:
-                return self.discover_master(service_name)
+                answer = self.discover_master(service_name)
             except (MasterNotFoundError, ConnectionError, TimeoutError):
-                with self._lock:
-                    self._asked_at[service_name] = time.monotonic()
-                    self.masters.pop(service_name, None)
-                return None
+                answer = None  # the last master found stays known, to compare the next with
+            self._answers[service_name] = (time.monotonic(), answer)
+            return answer
 
 
 class FleetSentinelPool(SentinelConnectionPool):
