@@ -15,7 +15,8 @@ opened to it while it was frozen, splits the fleet's writes between two masters.
   a dropped connection, a demoted master) or is slow (the master may have been frozen
   meanwhile); a slow reply from a master the sentinels have since replaced is discarded
   (``ConnectionError``: it was written to a master that will be demoted and resynced),
-  and one they cannot confirm (a failover under way) closes the connection after it;
+  and one they cannot confirm (a failover under way) has its connection dropped before
+  anything is written to it again;
 - a new connection checks that the server it reached says ``ROLE`` master (the sentinels
   name a promoted replica before it has finished taking the role, and a demoted master can
   still be named for a moment).
@@ -142,7 +143,9 @@ class FleetSentinel(Sentinel):
 
 class FleetSentinelPool(SentinelConnectionPool):
     """``SentinelConnectionPool`` with :class:`FleetSentinelConnection`, that owns a
-    connection only while it goes to the master its manager last found."""
+    connection only while it goes to the master its manager last found (and the sentinels
+    did not fail to confirm it after a slow reply): one it does not own is dropped when it
+    comes back to the pool, and by the combiner before it writes."""
 
     def __init__(self, service_name: str, sentinel_manager: FleetSentinel, **kwargs: Any):
         ssl = kwargs.pop("ssl", False)
@@ -152,6 +155,8 @@ class FleetSentinelPool(SentinelConnectionPool):
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
 
     def owns_connection(self, connection: Any) -> bool:
+        if getattr(connection, "unconfirmed", False):
+            return False
         master = self.sentinel_manager.masters.get(self.service_name)
         if master is not None and (connection.host, connection.port) != master:
             return False
@@ -168,6 +173,8 @@ class FleetSentinelConnection(SentinelManagedConnection):
 
     def __init__(self, **kwargs: Any) -> None:
         self.slow_reply_s: float | None = kwargs.pop("slow_reply_s", SLOW_REPLY_S)
+        #: A slow reply came and the sentinels named no master then: drop before writing.
+        self.unconfirmed = False
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         manager = self.connection_pool.sentinel_manager
         self._manager: FleetSentinel | None = None
@@ -177,6 +184,7 @@ class FleetSentinelConnection(SentinelManagedConnection):
 
     def connect_to(self, address: Address) -> None:
         """Connect to ``address`` and check that it says it is the master."""
+        self.unconfirmed = False
         super().connect_to(address)  # type: ignore[no-untyped-call]
         if not self.connection_pool.is_master:
             return
@@ -186,8 +194,8 @@ class FleetSentinelConnection(SentinelManagedConnection):
         except ResponseError:  # ROLE not allowed (ACL): redis-py's own check only
             return
         name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
-        if name != "master" or self._sock is None:  # None: a slow ROLE the sentinels
-            self.disconnect()  # could not confirm (see read_response)
+        if name != "master" or self.unconfirmed:  # a slow ROLE the sentinels did not confirm
+            self.disconnect()
             raise ConnectionError(
                 f"{address[0]}:{address[1]}, named master {self.connection_pool.service_name!r} "
                 f"by the sentinels, says it is a {name}"
@@ -204,13 +212,16 @@ class FleetSentinelConnection(SentinelManagedConnection):
         if slow is not None and time.monotonic() - started > slow and self._sock is not None:
             address = (self.host, self.port)
             master = self._ask_again()
-            if master != address:
+            if master is None:
+                # Not confirmed (a failover under way): its pool, and the combiner, drop it
+                # before it is written to again. Not now: more replies may be due on it.
+                self.unconfirmed = True
+            elif master != address:
                 self.disconnect()  # whatever else is on the wire came from there too
-                if master is not None:
-                    raise ConnectionError(
-                        f"a reply from {address[0]}:{address[1]} came after the sentinels "
-                        f"made {master[0]}:{master[1]} the master: discarded"
-                    )
+                raise ConnectionError(
+                    f"a reply from {address[0]}:{address[1]} came after the sentinels "
+                    f"made {master[0]}:{master[1]} the master: discarded"
+                )
         return reply
 
     def _ask_again(self) -> Address | None:

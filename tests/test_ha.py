@@ -20,6 +20,7 @@ import pytest
 import redis
 from celery import Celery
 from redis.cluster import RedisCluster
+from redis.sentinel import MasterNotFoundError
 
 from celery_fleet import ConfigError, Fleet, FleetError
 from celery_fleet.cluster import ClusterCombiner, unpack
@@ -702,3 +703,30 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
             client.ping()
         del manager.discover_master  # the sentinels' answer again
         assert client.ping()
+
+        # A slow reply (any, here) the sentinels cannot confirm, a failover under way: kept,
+        # and its connection dropped when it comes back to the pool, before another write.
+        def no_master(name: str) -> Any:
+            raise MasterNotFoundError(f"no master for {name!r} (failover under way)")
+
+        conn = pool.get_connection()
+        conn.slow_reply_s = 0.0
+        manager.discover_master = no_master
+        manager._answers.clear()
+        conn.send_command("PING")
+        assert conn.read_response() == b"PONG"
+        assert conn.unconfirmed and not pool.owns_connection(conn)
+        pool.release(conn)
+        assert conn._sock is None
+        del manager.discover_master
+        # One the sentinels say came from a replaced master: discarded, connection closed.
+        conn = pool.get_connection()
+        conn.slow_reply_s = 0.0
+        manager.discover_master = lambda name: ("127.0.0.1", replica.port)
+        manager._answers.clear()
+        conn.send_command("PING")
+        with pytest.raises(redis.ConnectionError, match="discarded"):
+            conn.read_response()
+        assert conn._sock is None
+        pool.release(conn)
+        del manager.discover_master
