@@ -668,7 +668,7 @@ def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
         deadline = time.monotonic() + 30
         while _evalsha_calls(old.port)[1] == "master" and time.monotonic() < deadline:
             time.sleep(0.2)  # until the sentinels demote it: its window for split writes
-        time.sleep(1.0)
+        time.sleep(max(1.0, resumed_at + 4.0 - time.monotonic()))
         later, role = _evalsha_calls(old.port)
         burst.stop.set()
         for t in pool:
