@@ -13,16 +13,18 @@ opened to it while it was frozen, splits the fleet's writes between two masters.
   sentinels again;
 - a :class:`FleetSentinelConnection` asks the sentinels again when a reply fails (a timeout,
   a dropped connection, a demoted master) or is slow (the master may have been frozen
-  meanwhile); a slow reply from a master the sentinels have since replaced is discarded
-  (``ConnectionError``: it was written to a master that will be demoted and resynced),
-  and one they cannot confirm (a failover under way) has its connection dropped before
-  anything is written to it again;
+  meanwhile), and before it writes after sitting idle as long (a process that made no call
+  during the freeze would write to the old master when it resumes); a slow reply from a
+  master the sentinels have since replaced is discarded (``ConnectionError``: it was
+  written to a master that will be demoted and resynced), and one they cannot confirm (a
+  failover under way) has its connection dropped before anything is written to it again;
 - a new connection checks that the server it reached says ``ROLE`` master (the sentinels
   name a promoted replica before it has finished taking the role, and a demoted master can
   still be named for a moment).
 
-Nothing here adds a round trip to a call: the checks run on a new connection, an error or
-a slow reply only.
+Nothing here adds a Redis round trip to a call: the checks run on a new connection, an
+error, a slow reply, or the first write after a second idle (then one question to a
+sentinel: a process calling more often than that never asks).
 
 Example::
 
@@ -167,14 +169,17 @@ class FleetSentinelConnection(SentinelManagedConnection):
     """A connection to a Sentinel-managed master that asks the sentinels again after an
     error or a slow reply, and checks ``ROLE`` when it connects (see the module).
 
-    ``slow_reply_s`` (None: never) is how slow a reply must be to make it ask; the
-    store's blocking client passes None (its replies are slow by design).
+    ``slow_reply_s`` (None: never) is how slow a reply must be to make it ask, and how
+    long the connection may sit idle before a write makes it ask first; the store's
+    blocking client passes None (its replies are slow by design).
     """
 
     def __init__(self, **kwargs: Any) -> None:
         self.slow_reply_s: float | None = kwargs.pop("slow_reply_s", SLOW_REPLY_S)
         #: A slow reply came and the sentinels named no master then: drop before writing.
         self.unconfirmed = False
+        #: When this connection last connected or read a reply (monotonic).
+        self.last_reply_at = 0.0
         super().__init__(**kwargs)  # type: ignore[no-untyped-call]
         manager = self.connection_pool.sentinel_manager
         self._manager: FleetSentinel | None = None
@@ -185,6 +190,7 @@ class FleetSentinelConnection(SentinelManagedConnection):
     def connect_to(self, address: Address) -> None:
         """Connect to ``address`` and check that it says it is the master."""
         self.unconfirmed = False
+        self.last_reply_at = time.monotonic()
         super().connect_to(address)  # type: ignore[no-untyped-call]
         if not self.connection_pool.is_master:
             return
@@ -209,7 +215,8 @@ class FleetSentinelConnection(SentinelManagedConnection):
             self._ask_again()
             raise
         slow = self.slow_reply_s
-        if slow is not None and time.monotonic() - started > slow and self._sock is not None:
+        self.last_reply_at = now = time.monotonic()
+        if slow is not None and now - started > slow and self._sock is not None:
             address = (self.host, self.port)
             master = self._ask_again()
             if master is None:
@@ -223,6 +230,27 @@ class FleetSentinelConnection(SentinelManagedConnection):
                     f"made {master[0]}:{master[1]} the master: discarded"
                 )
         return reply
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        """Send, unless the connection sat idle (``slow_reply_s``) through a failover: a
+        process that made no call while its master was frozen would otherwise write to it
+        when it resumes. Then ``ConnectionError``, nothing sent, and the caller's next
+        connection goes to the new master."""
+        idle = self.slow_reply_s
+        if (
+            idle is not None
+            and self._sock is not None
+            and time.monotonic() - self.last_reply_at > idle
+        ):
+            address = (self.host, self.port)
+            master = self._ask_again()
+            if master is not None and master != address:
+                self.disconnect()
+                raise ConnectionError(
+                    f"the sentinels made {master[0]}:{master[1]} the master while this "
+                    f"connection to {address[0]}:{address[1]} was idle: not sent"
+                )
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
     def _ask_again(self) -> Address | None:
         manager = self._manager

@@ -26,6 +26,7 @@ from celery_fleet import ConfigError, Fleet, FleetError
 from celery_fleet.cluster import ClusterCombiner, unpack
 from celery_fleet.connect import SCHEMES
 from celery_fleet.fallback import is_local_lease
+from celery_fleet.sentinel import SLOW_REPLY_S
 from celery_fleet.status import limit_status
 from celery_fleet.store import RedisStore
 from celery_fleet.testing.redis_ha import LocalCluster, SentinelSet, find_cli
@@ -648,6 +649,18 @@ def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
             namespace="frozen",
             limits={"llm": {"max_in_flight": cap}},
         )
+        # As another process would be: its own Sentinel manager (other sentinel options),
+        # and no call while the master is frozen, so nothing of it times out or is slow.
+        quiet = Fleet(
+            redis_url=ha.url,
+            redis_transport_options={
+                "master_name": ha.master_name,
+                "sentinel_kwargs": {"socket_timeout": 2.0},
+            },
+            namespace="frozen",
+            limits={"quiet": {"max_in_flight": 100}},
+        )
+        assert quiet.release(quiet.try_acquire("quiet")).released  # connected to the old one
         key = fleet.admission.keys("llm").leases
         old = ha.master()
         replica = next(s for s in ha.servers if s is not old)
@@ -665,6 +678,11 @@ def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
         # Commands the old master had buffered while frozen run as it resumes, before this
         # later connection's INFO: what comes after is what the fleet sent it since.
         at_resume, _role = _evalsha_calls(old.port)
+        quiet_leases = []
+        for _ in range(5):  # its first calls after the resume: to the new master only
+            decision = quiet.try_acquire("quiet")
+            quiet_leases.append(decision.lease_id or "")
+            quiet.release(decision)
         deadline = time.monotonic() + 30
         while _evalsha_calls(old.port)[1] == "master" and time.monotonic() < deadline:
             time.sleep(0.2)  # until the sentinels demote it: its window for split writes
@@ -683,6 +701,7 @@ def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
         assert role == "slave", figure
         assert later - at_resume == 0, "split writes: " + figure
         assert len(through_redis) >= 3 * cap, "did not go on through the new master: " + figure
+        assert not any(is_local_lease(lease) for lease in quiet_leases), quiet_leases
         assert burst.meter.most <= cap + lost, figure
 
 
@@ -690,7 +709,9 @@ def test_a_frozen_master_gets_no_write_after_it_resumes() -> None:
 @pytest.mark.slow
 def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> None:
     """A connection checks ROLE when it connects: a replica the sentinels name (a promotion
-    not finished, or their answer stale) is refused, not written to."""
+    not finished, or their answer stale) is refused, not written to. And it asks the
+    sentinels again after a slow reply (kept when they name no master, but its connection
+    dropped; discarded when they name another) and before a write after sitting idle."""
     with SentinelSet(master_name="role") as ha:
         store = RedisStore(ha.url, transport_options={"master_name": ha.master_name})
         client = store.client
@@ -716,17 +737,33 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         conn.send_command("PING")
         assert conn.read_response() == b"PONG"
         assert conn.unconfirmed and not pool.owns_connection(conn)
+        conn.slow_reply_s = SLOW_REPLY_S
         pool.release(conn)
         assert conn._sock is None
         del manager.discover_master
+        manager._answers.clear()
         # One the sentinels say came from a replaced master: discarded, connection closed.
+        conn = pool.get_connection()
+        manager.discover_master = lambda name: ("127.0.0.1", replica.port)
+        manager._answers.clear()
+        conn.send_command("PING")
+        conn.slow_reply_s = 0.0
+        with pytest.raises(redis.ConnectionError, match="discarded"):
+            conn.read_response()
+        assert conn._sock is None
+        conn.slow_reply_s = SLOW_REPLY_S
+        pool.release(conn)
+        # A write after sitting idle (any time, here) through a failover: not sent.
+        del manager.discover_master
+        manager._answers.clear()
         conn = pool.get_connection()
         conn.slow_reply_s = 0.0
         manager.discover_master = lambda name: ("127.0.0.1", replica.port)
         manager._answers.clear()
-        conn.send_command("PING")
-        with pytest.raises(redis.ConnectionError, match="discarded"):
-            conn.read_response()
+        with pytest.raises(redis.ConnectionError, match="not sent"):
+            conn.send_command("PING")
         assert conn._sock is None
+        conn.slow_reply_s = SLOW_REPLY_S
         pool.release(conn)
         del manager.discover_master
+        manager._answers.clear()
