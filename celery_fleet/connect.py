@@ -14,9 +14,9 @@ it again after a fork, and once more for its blocking client with a longer socke
   sentinels' own connection options, e.g. their password) and ``min_other_sentinels`` from
   the transport options. Every new connection asks the sentinels where the master is and
   checks that it says ``ROLE`` master; a failover noticed by any connection of the process
-  (an error, a slow reply) drops every connection to the old master
-  (:mod:`celery_fleet.sentinel`), so after a failover the store writes to the new master
-  only, also when the old one comes back from a freeze.
+  (an error, a slow reply, a write after an idle second) drops every connection to the old
+  master (:mod:`celery_fleet.sentinel`), so after a failover the store writes to the new
+  master only, also when the old one comes back from a freeze.
 - ``redis+cluster://host:7000,host2:7001`` (``rediss+cluster://`` with TLS): Redis Cluster with
   ``redis.cluster.RedisCluster``. Asked for by a scheme of its own rather than a flag beside
   the URL: a cluster node also answers a plain ``redis://`` client (until the first key of
@@ -446,9 +446,9 @@ def make_client(target: Target, **overrides: Any) -> Client:
 
 def _sentinel_master(target: Target, overrides: Mapping[str, Any]) -> redis.Redis:
     """The master's client: its pool asks the sentinels on every new connection, and all
-    of this process's clients of ``target`` share one :class:`~celery_fleet.sentinel.
-    FleetSentinel`, so a failover one of them notices drops every connection to the old
-    master (see :mod:`celery_fleet.sentinel`)."""
+    of this process's clients of ``target`` share one
+    :class:`~celery_fleet.sentinel.FleetSentinel`, so a failover one of them notices drops
+    every connection to the old master (see :mod:`celery_fleet.sentinel`)."""
     sentinel_kwargs = target.sentinel_kwargs
     if sentinel_kwargs is None:  # redis-py's default, from the base (not blocking) options
         sentinel_kwargs = {k: v for k, v in target.options.items() if k.startswith("socket_")}
@@ -456,8 +456,7 @@ def _sentinel_master(target: Target, overrides: Mapping[str, Any]) -> redis.Redi
     options = {**target.options, **overrides}
     # A client with a longer socket timeout than the store's is for blocking waits: its
     # replies are slow by design, so only its errors make it ask the sentinels again.
-    base = target.options.get("socket_timeout")
-    blocking = base is not None and (options.get("socket_timeout") or 0) > base
+    blocking = (options.get("socket_timeout") or 0) > (target.options.get("socket_timeout") or 0)
     assert target.master_name is not None
     client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
         target.master_name,

@@ -115,7 +115,11 @@ class FleetSentinel(Sentinel):
             if old is None or old == address:
                 return address
             self.moves += 1
-            stale = [c for c in self._connections if (c.host, c.port) != address]
+            stale = [
+                c
+                for c in self._connections
+                if c.connection_pool.service_name == service_name and (c.host, c.port) != address
+            ]
         log.warning(
             "celery-fleet: Sentinel master %r moved from %s:%s to %s:%s; dropping %d "
             "connection(s) to the old one",
