@@ -66,6 +66,9 @@ log = logging.getLogger("celery_fleet")
 #: A reply slower than this (s) makes the connection ask the sentinels whether its master
 #: is still the master (it may have been frozen while they promoted another).
 SLOW_REPLY_S = 1.0
+#: How long a new connection waits for the master's answer to ROLE (s, at most the
+#: socket timeout).
+ROLE_TIMEOUT_S = 1.0
 #: Asking the sentinels again within this time (s) reuses the last answer: many
 #: connections failing at once ask once.
 RECHECK_S = 0.2
@@ -199,10 +202,19 @@ class FleetSentinelConnection(SentinelManagedConnection):
         if not self.connection_pool.is_master:
             return
         self.send_command("ROLE")
+        # A short wait: a master that does not answer ROLE at once may be frozen, and the
+        # next try asks the sentinels again (they may have promoted another meanwhile).
+        timeout = min(self.socket_timeout or ROLE_TIMEOUT_S, ROLE_TIMEOUT_S)
         try:
-            role = self.read_response()
+            role = self.read_response(timeout=timeout)
         except ResponseError:  # ROLE not allowed (ACL): redis-py's own check only
             return
+        except TimeoutError:
+            self.disconnect()
+            raise TimeoutError(
+                f"{address[0]}:{address[1]}, named master {self.connection_pool.service_name!r} "
+                f"by the sentinels, did not answer ROLE within {timeout:g} s"
+            ) from None
         name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
         if name != "master" or self.unconfirmed:  # a slow ROLE the sentinels did not confirm
             self.disconnect()

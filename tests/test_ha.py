@@ -529,20 +529,27 @@ def _probe(fleet: Fleet, meter: Meter, stop: threading.Event) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("failure", ["kill", "pause", "pause-held", "kill-leases-lost"])
+@pytest.mark.parametrize(
+    "failure", ["kill", "pause", "pause-held", "pause-held-slow", "kill-leases-lost"]
+)
 @needs_server
 @pytest.mark.slow
 def test_sentinel_failover_is_followed_and_the_cap_holds(failure: str) -> None:
     """Agents hold a cap of 4 (some for 3.5 s, longer than the failover) while the master is
-    killed (SIGKILL), paused (SIGSTOP) and resumed after the failover, paused for good, or
-    killed with the replica missing the limit's keys (leases and line, as if the writes had
+    killed (SIGKILL), paused (SIGSTOP) and resumed after the failover, paused for good (with
+    sentinels quicker or slower than the socket timeout), or killed with the replica
+    missing the limit's keys (leases and line, as if the writes had
     not reached it: deleted on the replica before its promotion). The fleet's defaults
     throughout (socket timeout 5 s, lease 60 s, ``store_down="local"``).
     The fleet must follow the new master, and the cap may be exceeded after the failover by
     at most the holders whose leases the failover lost."""
     cap = 4
     lossy = failure == "kill-leases-lost"
-    with SentinelSet(master_name="fleet-ha", down_after_ms=1000, failover_timeout_ms=3000) as ha:
+    # "-slow": sentinels slower to act than the 5 s socket timeout, as in production
+    down_after_ms = 6000 if failure.endswith("-slow") else 1000
+    with SentinelSet(
+        master_name="fleet-ha", down_after_ms=down_after_ms, failover_timeout_ms=3000
+    ) as ha:
         fleet = Fleet(
             redis_url=ha.url,
             redis_transport_options={"master_name": ha.master_name},
@@ -586,7 +593,7 @@ def test_sentinel_failover_is_followed_and_the_cap_holds(failure: str) -> None:
         probe_stop.set()
         for t in [*pool, prober]:
             t.join(10)
-        if failure == "pause-held":
+        if failure.startswith("pause-held"):
             ha.resume(old)
         after = [(n, entered) for at, n, entered in burst.meter.events if at >= followed_at]
         redis_after = burst.meter.through_redis(followed_at)
