@@ -18,6 +18,9 @@ opened to it while it was frozen, splits the fleet's writes between two masters.
   master the sentinels have since replaced is discarded (``ConnectionError``: it was
   written to a master that will be demoted and resynced), and one they cannot confirm (a
   failover under way) has its connection dropped before anything is written to it again;
+  a failed reply from a master the sentinels still name (frozen, not failed over yet)
+  closes the pool's idle connections to it and marks the others so, so that each call
+  does not wait its own socket timeout there;
 - a new connection checks that the server it reached says ``ROLE`` master (the sentinels
   name a promoted replica before it has finished taking the role, and a demoted master can
   still be named for a moment).
@@ -66,9 +69,6 @@ log = logging.getLogger("celery_fleet")
 #: A reply slower than this (s) makes the connection ask the sentinels whether its master
 #: is still the master (it may have been frozen while they promoted another).
 SLOW_REPLY_S = 1.0
-#: How long a new connection waits for the master's answer to ROLE (s, at most the
-#: socket timeout).
-ROLE_TIMEOUT_S = 1.0
 #: Asking the sentinels again within this time (s) reuses the last answer: many
 #: connections failing at once ask once.
 RECHECK_S = 0.2
@@ -100,12 +100,34 @@ class FleetSentinel(Sentinel):
         #: The last :meth:`recheck` of each service: when, and what it found.
         self._answers: dict[str, tuple[float, Address | None]] = {}
         self._connections: weakref.WeakSet[FleetSentinelConnection] = weakref.WeakSet()
+        self._pools: weakref.WeakSet[FleetSentinelPool] = weakref.WeakSet()
         #: Failovers this manager followed (for tests and logs).
         self.moves = 0
 
     def register(self, connection: FleetSentinelConnection) -> None:
         with self._lock:
             self._connections.add(connection)
+
+    def register_pool(self, pool: FleetSentinelPool) -> None:
+        with self._lock:
+            self._pools.add(pool)
+
+    def unreachable(self, service_name: str, address: Address) -> None:
+        """A call to the master at ``address`` timed out or dropped, and the sentinels still
+        name it (or none): every idle connection of the service's pools is closed, and every
+        other connection to it is dropped before it is written to again, so each call does
+        not wait its own socket timeout on a frozen master."""
+        with self._lock:
+            pools = [p for p in self._pools if p.service_name == service_name]
+            suspects = [
+                c
+                for c in self._connections
+                if c.connection_pool.service_name == service_name and (c.host, c.port) == address
+            ]
+        for connection in suspects:
+            connection.unconfirmed = True
+        for pool in pools:
+            pool.disconnect(inuse_connections=False)
 
     def discover_master(self, service_name: str) -> Address:
         """Ask the sentinels (redis-py's rules); when the master moved, sever every
@@ -162,6 +184,8 @@ class FleetSentinelPool(SentinelConnectionPool):
             "connection_class", FleetSentinelSSLConnection if ssl else FleetSentinelConnection
         )
         super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        if isinstance(sentinel_manager, FleetSentinel):
+            sentinel_manager.register_pool(self)
 
     def owns_connection(self, connection: Any) -> bool:
         if getattr(connection, "unconfirmed", False):
@@ -202,19 +226,10 @@ class FleetSentinelConnection(SentinelManagedConnection):
         if not self.connection_pool.is_master:
             return
         self.send_command("ROLE")
-        # A short wait: a master that does not answer ROLE at once may be frozen, and the
-        # next try asks the sentinels again (they may have promoted another meanwhile).
-        timeout = min(self.socket_timeout or ROLE_TIMEOUT_S, ROLE_TIMEOUT_S)
         try:
-            role = self.read_response(timeout=timeout)
+            role = self.read_response()
         except ResponseError:  # ROLE not allowed (ACL): redis-py's own check only
             return
-        except TimeoutError:
-            self.disconnect()
-            raise TimeoutError(
-                f"{address[0]}:{address[1]}, named master {self.connection_pool.service_name!r} "
-                f"by the sentinels, did not answer ROLE within {timeout:g} s"
-            ) from None
         name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
         if name != "master" or self.unconfirmed:  # a slow ROLE the sentinels did not confirm
             self.disconnect()
@@ -228,7 +243,10 @@ class FleetSentinelConnection(SentinelManagedConnection):
         try:
             reply = super().read_response(*args, **kwargs)  # type: ignore[no-untyped-call]
         except (ConnectionError, TimeoutError):
-            self._ask_again()
+            address = (self.host, self.port)
+            master = self._ask_again()
+            if self._manager is not None and master in (None, address):
+                self._manager.unreachable(self.connection_pool.service_name, address)
             raise
         slow = self.slow_reply_s
         self.last_reply_at = now = time.monotonic()

@@ -774,3 +774,16 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         pool.release(conn)
         del manager.discover_master
         manager._answers.clear()
+        # A timeout while the sentinels still name the same master (frozen, not yet failed
+        # over): the pool's idle connections are closed, the others dropped before their
+        # next write, so each call does not wait its own socket timeout there.
+        busy, idle = pool.get_connection(), pool.get_connection()
+        idle.send_command("PING")
+        assert idle.read_response() == b"PONG"
+        pool.release(idle)
+        busy.send_command("BLPOP", "{role}:nothing", "0.5")  # no reply within 0.05 s
+        with pytest.raises(redis.TimeoutError):
+            busy.read_response(timeout=0.05)
+        assert idle._sock is None  # closed in the pool
+        pool.release(busy)
+        assert client.ping()  # a new connection, to the master the sentinels name
