@@ -9,11 +9,14 @@ it again after a fork, and once more for its blocking client with a longer socke
 
 - ``redis://``, ``rediss://``, ``unix://``: one Redis, with ``redis.Redis.from_url``.
 - ``sentinel://host:26379;sentinel://host2:26379/0``: Celery's (kombu's) syntax for a master
-  watched by Sentinels. The password and database come from the first URL, as kombu reads
-  them; ``master_name``, ``sentinel_kwargs`` (the sentinels' own connection options, e.g. their
-  password) and ``min_other_sentinels`` from the transport options. Every new connection asks
-  the sentinels where the master is, and one that finds a demoted master (``READONLY``) is
-  dropped, so after a failover the store writes to the new master.
+  watched by Sentinels. The password comes from the first URL, as kombu reads it, the
+  database from whichever part names it; ``master_name``, ``sentinel_kwargs`` (the
+  sentinels' own connection options, e.g. their password) and ``min_other_sentinels`` from
+  the transport options. Every new connection asks the sentinels where the master is and
+  checks that it says ``ROLE`` master; a failover noticed by any connection of the process
+  (an error, a slow reply, a write after an idle second) drops every connection to the old
+  master (:mod:`celery_fleet.sentinel`), so after a failover the store writes to the new
+  master only, also when the old one comes back from a freeze.
 - ``redis+cluster://host:7000,host2:7001`` (``rediss+cluster://`` with TLS): Redis Cluster with
   ``redis.cluster.RedisCluster``. Asked for by a scheme of its own rather than a flag beside
   the URL: a cluster node also answers a plain ``redis://`` client (until the first key of
@@ -42,11 +45,12 @@ from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from redis.cluster import REDIS_ALLOWED_KEYS, ClusterNode, RedisCluster
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import SentinelConnectionPool
 
 from .checks import number, suggest
 from .cluster import ClusterCombiner, FleetCluster, new_cluster
 from .errors import ConfigError
+from .sentinel import SLOW_REPLY_S, FleetSentinelPool, manager_for
 
 __all__ = [
     "Client",
@@ -254,8 +258,10 @@ def _sentinel_target(
 ) -> Target:
     """kombu's ``sentinel://[:password@]host:port[/db];sentinel://host2:port2...``.
 
-    kombu reads the database and password of the first URL only: a later part that names
-    another database or password is refused rather than silently ignored.
+    The database is the one the parts name, on any part (Celery's examples put it on the
+    last: ``sentinel://s1:26379;sentinel://s2:26379/1``), 0 when none does; parts naming
+    different databases are refused. The password is the first URL's, as kombu reads it: a
+    later part naming another is refused rather than silently ignored.
     """
     nodes: list[tuple[str, int]] = []
     first = None
@@ -278,7 +284,7 @@ def _sentinel_target(
             )
         nodes.append(_host_port(parts.netloc.rsplit("@", 1)[-1], SENTINEL_PORT, safe_url))
         first = first or parts
-        if parts.path.strip("/") or parts is first:
+        if parts.path.strip("/"):
             dbs.add(_db(parts.path, safe_url))
         if parts.password and parts.password != first.password:
             raise ConfigError(
@@ -289,7 +295,7 @@ def _sentinel_target(
     if len(dbs) > 1:
         raise ConfigError(
             f"invalid Sentinel URL {safe_url}: its parts name different databases "
-            f"{sorted(dbs)}; kombu uses the first URL's, so give it there (or on none)"
+            f"{sorted(dbs)}; name it once (kombu reads the first part's)"
         )
     master_name = transport.get("master_name")
     if not master_name:
@@ -298,7 +304,7 @@ def _sentinel_target(
             f"fleet_redis_transport_options = {{'master_name': 'mymaster'}} (a fleet that uses "
             f"the broker's URL reads broker_transport_options['master_name'])"
         )
-    master = {**options, "db": _db(first.path, safe_url)}
+    master = {**options, "db": dbs.pop() if dbs else 0}
     if first.username:
         master["username"] = unquote(first.username)
     if first.password:
@@ -439,18 +445,24 @@ def make_client(target: Target, **overrides: Any) -> Client:
 
 
 def _sentinel_master(target: Target, overrides: Mapping[str, Any]) -> redis.Redis:
-    """The master's client: its pool asks the sentinels on every new connection."""
+    """The master's client: its pool asks the sentinels on every new connection, and all
+    of this process's clients of ``target`` share one
+    :class:`~celery_fleet.sentinel.FleetSentinel`, so a failover one of them notices drops
+    every connection to the old master (see :mod:`celery_fleet.sentinel`)."""
     sentinel_kwargs = target.sentinel_kwargs
     if sentinel_kwargs is None:  # redis-py's default, from the base (not blocking) options
         sentinel_kwargs = {k: v for k, v in target.options.items() if k.startswith("socket_")}
-    manager = Sentinel(  # type: ignore[no-untyped-call]
-        list(target.nodes),
-        min_other_sentinels=target.min_other_sentinels,
-        sentinel_kwargs=dict(sentinel_kwargs),
-    )
+    manager = manager_for(target.nodes, target.min_other_sentinels, dict(sentinel_kwargs))
+    options = {**target.options, **overrides}
+    # A client with a longer socket timeout than the store's is for blocking waits: its
+    # replies are slow by design, so only its errors make it ask the sentinels again.
+    blocking = (options.get("socket_timeout") or 0) > (target.options.get("socket_timeout") or 0)
     assert target.master_name is not None
     client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
-        target.master_name, **{**target.options, **overrides}
+        target.master_name,
+        connection_pool_class=FleetSentinelPool,
+        slow_reply_s=None if blocking else SLOW_REPLY_S,
+        **options,
     )
     return client
 

@@ -17,6 +17,7 @@ ORDER = [
     "config",
     "batch",
     "cluster",
+    "sentinel",
     "connect",
     "store",
     "aio",
