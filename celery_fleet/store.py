@@ -75,6 +75,7 @@ IDEMPOTENT = frozenset(
         "observe",
         "presence",
         "empty_missing",
+        "handover",
         "defer_add",
         "defer_ack",
     }
@@ -103,6 +104,8 @@ SCRIPTS = (
     "defer_ack",
     "empty_missing",
     "defer_fate",
+    "handover",
+    "charge",
 )
 
 

@@ -26,6 +26,7 @@ ORDER = [
     "backoff",
     "line",
     "decision",
+    "local_limiter",
     "fallback",
     "admission",
     "adaptive",
