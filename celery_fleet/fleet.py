@@ -458,9 +458,9 @@ class Fleet(AsyncMethods):
             self.check(timeout=1.0)
         except FleetError as exc:
             log.error(
-                "celery-fleet: %s. Check fleet_redis_url (fleet.check() tells); until it "
-                "answers, admission follows fleet_store_down=%r, at a conservative share",
-                exc,
+                "celery-fleet: at worker start, %s -- check fleet_redis_url (fleet.check() "
+                "tells); until it answers, admission follows fleet_store_down=%r",
+                str(exc).rstrip("."),
                 self.store_down.policy,
             )
 

@@ -213,11 +213,11 @@ def test_a_fleet_whose_redis_never_answered_admits_a_conservative_share(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"  # nothing listens: a wrong URL
-    fleet = Fleet(redis_url=url, limits={"llm": {"requests": "80/second", "max_in_flight": 16}})
+    limits = {"llm": {"requests": "80/second"}, "tool": {"max_in_flight": 16}}
+    fleet = Fleet(redis_url=url, limits=limits)
     with caplog.at_level(logging.WARNING, logger="celery_fleet"):
-        held = [fleet.try_acquire("llm") for _ in range(5)]
-    cap = 16 // UNKNOWN_SHARE  # 2 at once, not 16
-    assert sum(1 for d in held if d) <= cap
+        held = [fleet.try_acquire("tool") for _ in range(5)]
+    assert sum(1 for d in held if d) == 16 // UNKNOWN_SHARE  # 2 at once, not 16
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and "127.0.0.1" in errors[0].getMessage()
     assert "has not answered" in errors[0].getMessage()
