@@ -19,8 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_fleet import Fleet, StoreUnavailable
-from celery_fleet.fallback import HANDOVER_S, RETRY_S, UNKNOWN_SHARE, handover_key
-from celery_fleet.fallback import is_local_lease
+from celery_fleet.fallback import HANDOVER_S, RETRY_S, UNKNOWN_SHARE, handover_key, is_local_lease
 from celery_fleet.testing.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
