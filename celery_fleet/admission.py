@@ -267,7 +267,7 @@ class Admission:
         """The :class:`Decision` an acquire's reply means."""
         allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
         if self.store_down is not None:
-            self.store_down.saw(name, int(in_flight))  # sizes the allotment of an outage
+            self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
             if probe:

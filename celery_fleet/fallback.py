@@ -197,8 +197,9 @@ class StoreDown:
         #: Whether Redis ever answered this process (a never-answering one is logged as an
         #: error: more likely a wrong ``fleet_redis_url`` than an outage).
         self.ever_answered = False
-        # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it)
-        self._seen: dict[str, tuple[int, float]] = {}
+        # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it,
+        # whether that reply admitted this process)
+        self._seen: dict[str, tuple[int, float, bool]] = {}
 
     @property
     def down(self) -> bool:
@@ -212,10 +213,10 @@ class StoreDown:
         during the hand-over wait it goes to Redis)."""
         return self.down_since is not None and not self._reachable
 
-    def saw(self, limit: str, in_flight: int) -> None:
+    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
         """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count (hot
         path: a dict write). The count sizes this process's allotment if Redis goes away."""
-        self._seen[limit] = (in_flight, self.clock())
+        self._seen[limit] = (in_flight, self.clock(), admitted)
         self.ever_answered = True
 
     def failed(self, error: Exception) -> None:
@@ -255,7 +256,13 @@ class StoreDown:
 
     def _allotments(self, share: int) -> dict[str, int]:
         """Each capped limit's in-flight cap for this outage, from the fleet-wide count of
-        the last reply (see :func:`allotment`); limits without a fresh count are absent."""
+        the last reply (see :func:`allotment`); limits without a fresh count are absent.
+
+        The slots this process holds are those held now, and at least the one the last
+        reply admitted: a process usually finds Redis away at its next ask, just after
+        giving that slot back, and the count still includes it. Without it, every process
+        between two calls would get nothing while the cap was full.
+        """
         out = {}
         now = self.clock()
         for name, cfg in self.limits.items():
@@ -264,7 +271,7 @@ class StoreDown:
             if not cap or seen is None or now - seen[1] > FLEET_COUNT_FRESH_S:
                 continue
             held = self.held(name) if self.held is not None else 0
-            out[name] = allotment(cap, seen[0], held, share)
+            out[name] = allotment(cap, seen[0], max(held, int(seen[2])), share)
         return out
 
     def answered(self) -> bool:
