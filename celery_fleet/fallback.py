@@ -337,6 +337,8 @@ class StoreDown:
             return None
         self.ever_answered = self._reachable = True
         wait_s = max(0.0, (float(moment) - float(redis_now)) / 1000.0)
+        if self.policy != "local":
+            wait_s = 0.0  # "open" admits without limit, "closed" refuses: switch at once
         log.warning(
             "celery-fleet: the fleet's Redis answers again after %.1f s; leaving the local "
             "limiter with the rest of the fleet in %.1f s",

@@ -163,6 +163,23 @@ def test_the_fleet_hands_over_at_one_moment_and_charges_its_local_calls(
     client.close()
 
 
+def test_closed_and_open_go_back_to_redis_without_waiting_for_the_moment(
+    server: RedisServer,
+) -> None:
+    closed, opened = (
+        Fleet(redis_url=server.url, limits={"llm": {"rpm": 600}}, namespace="edge", store_down=p)
+        for p in ("closed", "open")
+    )
+    server.stop()
+    assert closed.try_acquire("llm").reason == "store_down"
+    assert (opened.try_acquire("llm").lease_id or "").startswith("open.")
+    server.start()
+    time.sleep(RETRY_S + 0.1)
+    for fleet in (closed, opened):
+        d = fleet.try_acquire("llm")
+        assert d and not is_local_lease(d.lease_id) and not fleet.store_down.down
+
+
 def test_a_moment_left_from_an_earlier_outage_is_not_reused(server: RedisServer) -> None:
     (fleet,) = fleets_on(server, 1, {"llm": {"rpm": 600}})
     client = redis.Redis.from_url(server.url)
