@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from celery_fleet import Fleet, StoreUnavailable
+from celery_fleet import ConfigError, Fleet, StoreUnavailable
 from celery_fleet.fallback import HANDOVER_S, RETRY_S, UNKNOWN_SHARE, handover_key, is_local_lease
 from celery_fleet.testing.redis_server import RedisServer, free_port
 
@@ -265,3 +265,13 @@ def test_check_reports_a_redis_that_answers_and_names_one_that_does_not(
     with pytest.raises(StoreUnavailable) as info:
         wrong.check(timeout=0.5)
     assert f"127.0.0.1:{port}" in str(info.value) and "s3cret" not in str(info.value)
+    # a Redis that answers but refuses scripts (an ACL): a ConfigError naming the URL
+    admin = redis.Redis.from_url(server.url)
+    admin.acl_setuser("noscript", enabled=True, passwords=["+s3cret"], keys=["*"],
+                      commands=["+@all", "-script", "-evalsha", "-eval"])  # fmt: skip
+    admin.close()
+    acl_url = server.url.replace("redis://", "redis://noscript:s3cret@")
+    limited = Fleet(redis_url=acl_url, limits={"llm": {"rpm": 60}})
+    with pytest.raises(ConfigError) as refused:
+        limited.check()
+    assert "noscript:***@127.0.0.1" in str(refused.value) and "s3cret" not in str(refused.value)
