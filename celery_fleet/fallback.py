@@ -14,10 +14,10 @@ fleet's Redis is unreachable (``fleet_store_down``):
     each at a random point of its first interval: a burst the shared bucket may already
     have spent is not granted again, and the processes, which all lose Redis at the same
     moment, do not ask in step. The in-flight cap is this process's *allotment*: the slots
-    it held through Redis when the outage began plus its share of the slots the fleet left
-    free, from the fleet-wide count the last reply of Redis carried (the others' slots are
-    still held, and nobody can see them go). Without such a count it is its share of the
-    cap, at least one.
+    it held through Redis when the outage began (at least the one its last ask was given)
+    plus its share of the slots the fleet left free, from the fleet-wide count the last
+    reply of Redis carried (the others' slots are still held, and nobody can see them go).
+    Without such a count from the last minute it is its share of the cap, at least one.
 ``"open"``
     Admit everything: the dependency's own limits are the only ones left.
 ``"closed"``
