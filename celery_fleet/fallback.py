@@ -262,9 +262,10 @@ class StoreDown:
         the last reply (see :func:`allotment`); limits without a fresh count are absent.
 
         The slots this process holds are those held now, and at least the one the last
-        reply admitted: a process usually finds Redis away at its next ask, just after
-        giving that slot back, and the count still includes it. Without it, every process
-        between two calls would get nothing while the cap was full.
+        reply admitted when that filled the cap: a process usually finds Redis away at its
+        next ask, just after giving that slot back, and the full count still includes it
+        (without it, every process between two calls would get nothing while the cap was
+        full). Below the cap it does not count: the free slots are shared instead.
         """
         out = {}
         now = self.clock()
@@ -274,7 +275,9 @@ class StoreDown:
             if not cap or seen is None or now - seen[1] > FLEET_COUNT_FRESH_S:
                 continue
             held = self.held(name) if self.held is not None else 0
-            out[name] = allotment(cap, seen[0], max(held, int(seen[2])), share)
+            if seen[2] and seen[0] >= cap:
+                held = max(held, 1)
+            out[name] = allotment(cap, seen[0], held, share)
         return out
 
     def answered(self) -> bool:

@@ -222,6 +222,19 @@ def test_processes_holding_the_whole_cap_admit_nothing_more_while_it_is_held(
     assert not c.try_acquire("tool") and not d.try_acquire("tool")
 
 
+def test_slots_given_back_below_the_cap_are_not_counted_twice(server: RedisServer) -> None:
+    """Cap 2 over 4 processes that each made a call and gave its slot back (the fleet
+    never full): none keeps a claim on the slot it gave back, the free ones are shared."""
+    fleets = fleets_on(server, 4, {"tool": {"max_in_flight": 2}})
+    for f in fleets:
+        d = f.try_acquire("tool")
+        assert d
+        f.release(d)
+    server.stop()
+    admitted = sum(1 for f in fleets for _ in range(2) if f.try_acquire("tool"))
+    assert admitted <= 2, admitted
+
+
 # -- a Redis that never answered (defect 8) -------------------------------------------------
 
 
