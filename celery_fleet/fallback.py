@@ -177,8 +177,11 @@ class StoreDown:
         clock: Callable[[], float] = time.monotonic,
         held: Callable[[str], int] | None = None,
         restarted: Callable[[], bool] | None = None,
+        rank: Callable[[], int | None] | None = None,
     ) -> None:
         self.policy = check_policy(policy)
+        #: This process's rank among the live ones (who gets the free slots' remainder).
+        self.rank = rank
         self.limits = limits
         self.share = share
         #: How many slots of a limit this process holds through Redis (they count locally).
@@ -269,6 +272,7 @@ class StoreDown:
         """
         out = {}
         now = self.clock()
+        rank = self.rank() if self.rank is not None else None
         for name, cfg in self.limits.items():
             cap = fleet_cap(cfg)
             seen = self._seen.get(name)
@@ -277,7 +281,7 @@ class StoreDown:
             held = self.held(name) if self.held is not None else 0
             if seen[2] and seen[0] >= cap:
                 held = max(held, 1)
-            out[name] = allotment(cap, seen[0], held, share)
+            out[name] = allotment(cap, seen[0], held, share, rank)
         return out
 
     def answered(self) -> bool:

@@ -147,6 +147,7 @@ class Fleet(AsyncMethods):
             self.share_of_budgets,
             held=self._held_via_redis,
             restarted=self.presence.redis_restarted,
+            rank=lambda: self.presence.rank,
         )
         self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)

@@ -184,13 +184,21 @@ def fleet_cap(cfg: LimitConfig) -> int:
     return int(cap)
 
 
-def allotment(cap: int, fleet_in_flight: int, held: int, share: int) -> int:
+def allotment(
+    cap: int, fleet_in_flight: int, held: int, share: int, rank: int | None = None
+) -> int:
     """A process's in-flight cap for an outage: the ``held`` slots it holds through Redis
-    plus its ``1/share`` of the slots the fleet left free (``cap - fleet_in_flight``).
+    plus its ``1/share`` of the slots the fleet left free (``cap - fleet_in_flight``), one
+    more of the remainder when its ``rank`` among the processes is below it.
 
     Summed over the processes this never exceeds the cap, however the fleet's slots were
-    spread: each keeps what it holds and the free ones are divided. A process that held
-    none while the cap was full gets none until Redis answers again (backpressure), where
-    a plain share would put the fleet over its cap by the slots the others still hold.
+    spread: each keeps what it holds and the free ones are divided (the remainder by rank,
+    so with more processes than free slots, those slots still serve one process each). A
+    process that held none while the cap was full gets none until Redis answers again
+    (backpressure), where a plain share would put the fleet over its cap by the slots the
+    others still hold.
     """
-    return held + max(0, cap - fleet_in_flight) // max(1, share)
+    share = max(1, share)
+    free = max(0, cap - fleet_in_flight)
+    extra = 1 if rank is not None and rank % share < free % share else 0
+    return held + free // share + extra

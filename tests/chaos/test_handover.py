@@ -203,9 +203,11 @@ def test_processes_holding_the_whole_cap_admit_nothing_more_while_it_is_held(
     Redis goes away: none of them admits over the cap while those slots are held (a
     plain share, 1 each, let the two empty-handed ones in: 6 of 4)."""
     a, b, c, d = fleets_on(server, 4, {"tool": {"max_in_flight": 4, "lease": 30}})
+    for f in (a, b, c, d, a, b, c, d):
+        f.presence.renew()  # each knows its rank among the 4 live processes
     held = [f.slot("tool", max_wait=0).acquire() for f in (a, a, b, b)]
-    for f in (c, d):
-        assert not f.try_acquire("tool")  # refused: the cap is full
+    for f in (a, b, c, d):
+        assert not f.try_acquire("tool")  # refused: the cap is full (8 callers, cap 4)
     server.stop()
     holders = len(held)
     for f in (a, b, c, d):
@@ -220,6 +222,27 @@ def test_processes_holding_the_whole_cap_admit_nothing_more_while_it_is_held(
     again = [a.try_acquire("tool") for _ in range(3)]
     assert sum(1 for x in again if x) == 2
     assert not c.try_acquire("tool") and not d.try_acquire("tool")
+
+
+def test_free_slots_that_do_not_divide_evenly_go_to_the_lowest_ranks(
+    server: RedisServer,
+) -> None:
+    """Cap 3 over 4 processes, one slot held: the 2 free slots divide as 0 each, and the
+    remainder goes by rank, so the fleet keeps using its cap, and never more."""
+    fleets = fleets_on(server, 4, {"tool": {"max_in_flight": 3, "lease": 30}})
+    for f in fleets + fleets:  # twice: the first ones renewed before the others existed
+        f.presence.renew()
+    ranks = sorted(f.presence.rank for f in fleets if f.presence.rank is not None)
+    assert ranks == [0, 1, 2, 3]
+    holder = fleets[0].slot("tool", max_wait=0).acquire()
+    for f in fleets[1:]:
+        d = f.try_acquire("tool")  # the fleet at 2 of 3: this one's own is given back
+        assert d
+        f.release(d)
+    server.stop()
+    admitted = sum(1 for f in fleets for _ in range(3) if f.try_acquire("tool"))
+    assert 1 <= admitted and 1 + admitted <= 3, admitted  # the holder's slot, free ones
+    holder.release()
 
 
 def test_slots_given_back_below_the_cap_are_not_counted_twice(server: RedisServer) -> None:
