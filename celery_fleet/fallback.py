@@ -99,10 +99,15 @@ def handover_key(namespace: str) -> str:
     return f"{{{namespace}:_procs}}:handover"
 
 
+class _Store(Protocol):
+    def call(self, command: str, *args: Any) -> Any: ...
+
+
 class _Admission(Protocol):
     """What the hand-over needs of :class:`~celery_fleet.admission.Admission`."""
 
     namespace: str
+    store: _Store
 
     def keys(self, name: str) -> LimitKeys: ...
 
@@ -203,6 +208,9 @@ class StoreDown:
         #: Whether Redis ever answered this process (a never-answering one is logged as an
         #: error: more likely a wrong ``fleet_redis_url`` than an outage).
         self.ever_answered = False
+        # local lease -> (leases key, the lease entered for it in Redis at the hand-over)
+        self._entered: dict[str, tuple[str, str]] = {}
+        self._store: _Store | None = None
         # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it,
         # whether that reply admitted this process)
         self._seen: dict[str, tuple[int, float, bool]] = {}
@@ -358,14 +366,27 @@ class StoreDown:
         return wait_s
 
     def _switch(self, admission: _Admission) -> Steps[bool]:
-        """Charge what this process admitted locally, end the outage; True when done."""
+        """Charge what this process admitted locally and the local slots it still holds
+        (entered into Redis's semaphore until they are given back), end the outage; True
+        when done."""
         charged = 0
+        self._store = admission.store
         try:
             if self.restarted is not None and self.restarted():
                 yield from admission.empty_missing_steps()
-            for name, args in self.local.owed(time.time() * 1000.0).items():
-                ctl = admission.keys(name).ctl
-                charged += int((yield ScriptCall("charge", [ctl], args)))
+            owed = self.local.owed(time.time() * 1000.0)
+            for name, cfg in self.limits.items():
+                windows, held = owed.get(name, []), self.local.leases(name)
+                if not windows and not held:
+                    continue
+                keys = admission.keys(name)
+                args = [len(windows) // 2, *windows, int(cfg.lease_s * 1000)]
+                args += [x for lease, tokens in held for x in (lease, tokens)]
+                reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+                charged += int(reply[0])
+                for (lease, _tokens), entered in zip(held, reply[1:], strict=True):
+                    name_ = entered.decode() if isinstance(entered, bytes) else str(entered)
+                    self._entered[lease] = (keys.leases, name_)
         except FleetError as exc:
             with self._lock:
                 self._switching, self._switch_at = False, None
@@ -395,9 +416,16 @@ class StoreDown:
         return self.local.acquire(cfg, tokens, lease_id, now_ms)
 
     def release(self, limit: str, lease_id: str) -> bool:
-        """Give back a lease the policy handed out (local leases only count)."""
+        """Give back a lease the policy handed out (local leases only count); one still
+        held at the hand-over also leaves Redis's semaphore (else it expires there)."""
         if lease_id.startswith("open."):
             return True
+        entered = self._entered.pop(lease_id, None)
+        if entered is not None and self._store is not None:
+            try:
+                self._store.call("ZREM", *entered)
+            except FleetError as exc:
+                log.debug("celery-fleet: %s stays in Redis until it expires: %s", lease_id, exc)
         return self.local.release(limit, lease_id)
 
     def settle(self, cfg: LimitConfig, lease_id: str, actual: int) -> int:

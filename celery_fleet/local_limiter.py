@@ -176,6 +176,12 @@ class LocalLimiter:
             bucket = self._buckets.get(limit)
             return len(bucket.leases) if bucket else 0
 
+    def leases(self, limit: str) -> list[tuple[str, int]]:
+        """The local leases of ``limit`` held now, with their reserved tokens."""
+        with self._lock:
+            bucket = self._buckets.get(limit)
+            return list(bucket.leases.items()) if bucket else []
+
 
 def fleet_cap(cfg: LimitConfig) -> int:
     """The fleet-wide in-flight cap of ``cfg`` (0: none): ``max_in_flight``, else the

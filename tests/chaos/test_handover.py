@@ -163,6 +163,31 @@ def test_the_fleet_hands_over_at_one_moment_and_charges_its_local_calls(
     client.close()
 
 
+def test_local_slots_held_at_the_hand_over_count_in_redis_until_given_back(
+    server: RedisServer,
+) -> None:
+    a, b = fleets_on(server, 2, {"tool": {"max_in_flight": 2}})  # 1 each while away
+    server.stop()
+    held = a.slot("tool", max_wait=0).acquire()
+    assert is_local_lease(held.lease_id)
+    server.start()
+    time.sleep(RETRY_S + 0.1)
+    assert not a.try_acquire("tool")  # finds Redis back; its local cap (1) is taken
+    switch_at = a.store_down._switch_at
+    assert switch_at is not None
+    time.sleep(max(0.0, switch_at + 0.05 - time.monotonic()))
+    d = a.try_acquire("tool")  # the hand-over: its local slot enters Redis's semaphore
+    assert d and not is_local_lease(d.lease_id)
+    a.release(d)
+    got = b.try_acquire("tool")
+    assert got and not b.try_acquire("tool")  # 2 of 2: b's and a's local slot
+    held.release()  # leaves Redis's semaphore too
+    again = b.try_acquire("tool")
+    assert again
+    for x in (got, again):
+        b.release(x)
+
+
 def test_closed_and_open_go_back_to_redis_without_waiting_for_the_moment(
     server: RedisServer,
 ) -> None:
