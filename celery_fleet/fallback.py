@@ -102,6 +102,8 @@ def handover_key(namespace: str) -> str:
 class _Store(Protocol):
     def call(self, command: str, *args: Any) -> Any: ...
 
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+
 
 class _Admission(Protocol):
     """What the hand-over needs of :class:`~celery_fleet.admission.Admission`."""
@@ -335,6 +337,11 @@ class StoreDown:
                     return self.down_since is None
                 self._switch_at = self.clock() + wait_s
                 if wait_s > 0:
+                    # A process busy with its local slots may not ask again for a while:
+                    # they enter Redis's semaphore at the moment all the same.
+                    timer = threading.Timer(wait_s, self._enter_at_moment, (admission,))
+                    timer.daemon = True
+                    timer.start()
                     return False
                 self._switching = True
         return (yield from self._switch(admission))
@@ -376,7 +383,7 @@ class StoreDown:
                 yield from admission.empty_missing_steps()
             owed = self.local.owed(time.time() * 1000.0)
             for name, cfg in self.limits.items():
-                windows, held = owed.get(name, []), self.local.leases(name)
+                windows, held = owed.get(name, []), self._not_entered(name)
                 if not windows and not held:
                     continue
                 keys = admission.keys(name)
@@ -384,9 +391,7 @@ class StoreDown:
                 args += [x for lease, tokens in held for x in (lease, tokens)]
                 reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
                 charged += int(reply[0])
-                for (lease, _tokens), entered in zip(held, reply[1:], strict=True):
-                    name_ = entered.decode() if isinstance(entered, bytes) else str(entered)
-                    self._entered[lease] = (keys.leases, name_)
+                self._record_entered(name, keys.leases, held, reply[1:])
         except FleetError as exc:
             with self._lock:
                 self._switching, self._switch_at = False, None
@@ -405,6 +410,40 @@ class StoreDown:
             charged,
         )
         return True
+
+    def _enter_at_moment(self, admission: _Admission) -> None:
+        """At the hand-over moment (a timer thread): enter the local slots held now into
+        Redis's semaphore, also when nobody in this process asks (all busy with them)."""
+        self._store = admission.store
+        for name, cfg in self.limits.items():
+            with self._lock:
+                if self.down_since is None or self._switching:
+                    return
+            held = self._not_entered(name)
+            if not held:
+                continue
+            keys = admission.keys(name)
+            args = [0, int(cfg.lease_s * 1000), *(x for lease, t in held for x in (lease, t))]
+            try:
+                reply = admission.store.run("charge", [keys.ctl, keys.leases], args)
+            except FleetError as exc:  # the switch at the next ask enters them
+                log.debug("celery-fleet: could not enter local slots of %r: %s", name, exc)
+                return
+            self._record_entered(name, keys.leases, held, reply[1:])
+
+    def _not_entered(self, limit: str) -> list[tuple[str, int]]:
+        return [(lease, t) for lease, t in self.local.leases(limit) if lease not in self._entered]
+
+    def _record_entered(
+        self, limit: str, key: str, held: list[tuple[str, int]], entered: list[Any]
+    ) -> None:
+        """Remember the Redis lease entered for each local one; one given back meanwhile
+        leaves Redis again at once."""
+        still = {lease for lease, _tokens in self.local.leases(limit)}
+        for (lease, _tokens), value in zip(held, entered, strict=True):
+            self._entered[lease] = (key, value.decode() if isinstance(value, bytes) else value)
+            if lease not in still:
+                self.release(limit, lease)
 
     def admit(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
         """The policy's answer to one admission while the store is away."""
