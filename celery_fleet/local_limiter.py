@@ -41,9 +41,11 @@ class LocalLimiter:
     """Per-process admission at ``1/share`` of every budget of each limit (thread-safe).
 
     GCRA as in ``acquire.lua``, with each window's emission interval multiplied by
-    ``share`` (the rate divided among the processes) and its tolerance kept (so the burst
-    is divided too, but never below one call), and the in-flight cap: ``allotted[limit]``
-    when given (see :meth:`StoreDown.failed`), else ``max(1, cap // share)``.
+    ``share`` (the rate divided among the processes; among at most ``cap`` of them for a
+    limit with an in-flight allotment, since only those with a slot can use it) and its
+    tolerance kept (so the burst is divided too, but never below one call), and the
+    in-flight cap: ``allotted[limit]`` when given (see :meth:`StoreDown.failed`), else
+    ``max(1, cap // share)``.
     """
 
     def __init__(
@@ -58,6 +60,12 @@ class LocalLimiter:
         self.held = held
         #: In-flight cap per limit, slots still held through Redis included (may be 0).
         self.allotted = dict(allotted or {})
+        # A limit with allotments is used by at most `cap` processes (the allotments sum to
+        # the cap; one of 0 admits nothing): its rate is divided among min(share, cap).
+        self._rate_share = {
+            name: max(1, min(self.share, fleet_cap(limits[name]) or self.share))
+            for name in self.allotted
+        }
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
 
@@ -72,10 +80,15 @@ class LocalLimiter:
             return self.allotted[cfg.name]
         return max(1, cap // self.share)
 
-    def _window(self, w: Window) -> tuple[float, float]:
+    def rate_share(self, limit: str) -> int:
+        """How many processes share ``limit``'s rates here: the share, or fewer when only
+        the processes with an in-flight allotment can use them."""
+        return self._rate_share.get(limit, self.share)
+
+    def _window(self, w: Window, share: int) -> tuple[float, float]:
         """A window's local emission interval and tolerance (ms): the rate divided by the
         share, the burst too, but never below one unit (or nothing would ever pass)."""
-        emission = w.emission_ms * self.share
+        emission = w.emission_ms * share
         return emission, max(w.tolerance_ms, emission)
 
     def _bucket(self, cfg: LimitConfig, now_ms: float) -> _Bucket:
@@ -85,8 +98,9 @@ class LocalLimiter:
             # rate did not earn, and the processes of the fleet, which all start their
             # buckets at the same moment, do not then ask in step.
             tats = []
+            share = self.rate_share(cfg.name)
             for w in cfg.windows:
-                emission, tolerance = self._window(w)
+                emission, tolerance = self._window(w, share)
                 tats.append(now_ms + tolerance - emission + random.random() * emission)
             bucket = _Bucket(tats, [0.0] * len(tats))
             self._buckets[cfg.name] = bucket
@@ -101,9 +115,10 @@ class LocalLimiter:
             in_flight = len(bucket.leases) + (self.held(cfg.name) if self.held else 0)
             if cap is not None and in_flight >= cap:
                 return self._refused(cfg, tokens, LOCAL_POLL_MS, "in_flight", in_flight, now_ms)
+            share = self.rate_share(cfg.name)
             new_tats = []
             for i, w in enumerate(cfg.windows):
-                emission, tolerance = self._window(w)
+                emission, tolerance = self._window(w, share)
                 cost = tokens if w.dimension == TOKENS else 1
                 tat = max(bucket.tats[i], now_ms)
                 new_tat = tat + cost * emission
@@ -115,7 +130,7 @@ class LocalLimiter:
             bucket.tats = new_tats
             for i, w in enumerate(cfg.windows):
                 cost = tokens if w.dimension == TOKENS else 1
-                bucket.spent[i] = max(bucket.spent[i], now_ms) + cost * self._window(w)[0]
+                bucket.spent[i] = max(bucket.spent[i], now_ms) + cost * self._window(w, share)[0]
             lease = f"local.{lease_id}"
             bucket.leases[lease] = tokens
             return Decision(cfg.name, True, 0, lease, "", in_flight + 1, tokens, now_ms)
@@ -143,10 +158,11 @@ class LocalLimiter:
                 return 0
             delta = actual - bucket.leases[lease_id]
             bucket.leases[lease_id] = actual
+            share = self.rate_share(cfg.name)
             for i, w in enumerate(cfg.windows):
                 if w.dimension == TOKENS:
-                    bucket.tats[i] += delta * w.emission_ms * self.share
-                    bucket.spent[i] += delta * w.emission_ms * self.share
+                    bucket.tats[i] += delta * w.emission_ms * share
+                    bucket.spent[i] += delta * w.emission_ms * share
             return delta
 
     def owed(self, now_ms: float) -> dict[str, list[object]]:
@@ -154,16 +170,17 @@ class LocalLimiter:
         at ``now_ms``: per limit, ``charge.lua``'s arguments (window field, ms to move its
         arrival time), only for limits with something to charge.
 
-        A local call cost ``share`` emission intervals here and costs one in Redis, hence
-        the division; at most one period plus the burst, as a settle is capped.
+        A local call cost ``rate_share`` emission intervals here and costs one in Redis,
+        hence the division; at most one period plus the burst, as a settle is capped.
         """
         out: dict[str, list[object]] = {}
         with self._lock:
             for name, bucket in self._buckets.items():
                 cfg = self.limits[name]
+                share = self.rate_share(name)
                 args: list[object] = []
                 for i, w in enumerate(cfg.windows):
-                    ms = max(0.0, bucket.spent[i] - now_ms) / self.share
+                    ms = max(0.0, bucket.spent[i] - now_ms) / share
                     ms = min(ms, w.tolerance_ms + w.period_s * 1000.0)
                     if ms > 0:
                         args += [w.field, repr(ms)]

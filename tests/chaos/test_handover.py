@@ -270,6 +270,27 @@ def test_free_slots_that_do_not_divide_evenly_go_to_the_lowest_ranks(
     holder.release()
 
 
+def test_with_allotments_the_rate_is_shared_by_at_most_cap_processes() -> None:
+    """Only the processes with a slot can use a capped limit's rate while Redis is away
+    (the allotments sum to the cap): it is divided among min(processes, cap) of them, so
+    16 processes with a cap of 8 keep the whole rate, not half of it."""
+    from celery_fleet.config import parse_limits
+    from celery_fleet.fallback import LocalLimiter
+
+    limits = parse_limits({"llm": {"rpm": 600, "max_in_flight": 8}, "free": {"rpm": 600}})
+    local = LocalLimiter(limits, 16, allotted={"llm": 1})
+    assert local.rate_share("llm") == 8 and local.rate_share("free") == 16
+    assert LocalLimiter(limits, 16).rate_share("llm") == 16  # no allotment: every process
+    now, admitted = 1_000_000.0, 0
+    for _ in range(2000):  # 20 s of asks every 10 ms, one slot at a time
+        d = local.acquire(limits["llm"], 0, f"x{now}", now)
+        if d:
+            admitted += 1
+            local.release("llm", d.lease_id or "")
+        now += 10.0
+    assert 20 * 10 / 8 - 2 <= admitted <= 20 * 10 / 8 + 4, admitted  # 1/8 of 10/s
+
+
 def test_slots_given_back_below_the_cap_are_not_counted_twice(server: RedisServer) -> None:
     """Cap 2 over 4 processes that each made a call and gave its slot back (the fleet
     never full): none keeps a claim on the slot it gave back, the free ones are shared."""
