@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import redis
 
-from .calls import ScriptCall, Steps
+from .calls import ScriptCall, Steps, drive
 from .config import LimitConfig
 from .connect import Target, make_client
 from .decision import Decision, LimitKeys
@@ -109,7 +109,7 @@ class _Admission(Protocol):
     """What the hand-over needs of :class:`~celery_fleet.admission.Admission`."""
 
     namespace: str
-    store: _Store
+    store: Any  # a RedisStore: call, run, send
 
     def keys(self, name: str) -> LimitKeys: ...
 
@@ -213,6 +213,9 @@ class StoreDown:
         # local lease -> (leases key, the lease entered for it in Redis at the hand-over)
         self._entered: dict[str, tuple[str, str]] = {}
         self._store: _Store | None = None
+        #: The admission whose asks this policy answers (set by Fleet, or the first ask):
+        #: answered() looks for the hand-over through it.
+        self.admission: _Admission | None = None
         # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it,
         # whether that reply admitted this process)
         self._seen: dict[str, tuple[int, float, bool]] = {}
@@ -295,13 +298,22 @@ class StoreDown:
         return out
 
     def answered(self) -> bool:
-        """Redis answered a call that is not an ask (a renewal): the next ask looks for the
-        hand-over at once. Returns False: the outage ends only at the hand-over."""
+        """Redis answered a call that is not an ask (a lease renewal, the presence record,
+        from a background thread): look for the hand-over now, in this thread, so a
+        process too busy with its local slots to ask still learns the moment (and enters
+        them into Redis at it). Returns False: the outage ends only at the hand-over."""
         self.ever_answered = True
         with self._lock:
             self._reachable = True
-            if self.down_since is not None and self._switch_at is None:
-                self._retry_at = 0.0
+            admission = self.admission
+            if self.down_since is None or self._switch_at is not None:
+                return False
+            self._retry_at = 0.0
+        if admission is not None:
+            try:
+                drive(self.back_steps(admission), admission.store)
+            except FleetError as exc:  # the next ask looks again
+                log.debug("celery-fleet: could not look for the hand-over: %s", exc)
         return False
 
     def back_steps(self, admission: _Admission) -> Steps[bool]:
@@ -314,6 +326,7 @@ class StoreDown:
         as empty ones) and ends the outage; the others use the policy until it is done.
         """
         now = self.clock()
+        self.admission = admission
         with self._lock:
             if self.down_since is None:
                 return True

@@ -150,8 +150,10 @@ class Fleet(AsyncMethods):
             rank=lambda: self.presence.rank,
         )
         self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
+        self.store_down.admission = self.admission
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self.presence.held = self.keeper.describe
+        self.presence.on_answer = self.store_down.answered
         #: Rescheduled tasks waiting in Redis until due (deferred.py; see pump.py).
         self.deferred = Deferred(self.store, self.namespace)
         #: Event counts for metrics, flushed to Redis in the background (counters.py).

@@ -58,6 +58,9 @@ class Presence:
         self.last_count: int | None = None
         #: This process's place among them, in the order of their ids (None: never read).
         self.rank: int | None = None
+        #: Called after each recorded renewal: Redis answered (the store-down policy may be
+        #: waiting to hear it, see :meth:`celery_fleet.fallback.StoreDown.answered`).
+        self.on_answer: Callable[[], object] | None = None
         #: The Redis server's ``run_id`` when this process first recorded itself: a
         #: different one later means Redis restarted (and may have lost the fleet's state).
         self.run_id: str | None = None
@@ -90,6 +93,8 @@ class Presence:
         self.last_count = count
         if self.run_id is None:
             self.run_id = self._read_run_id()
+        if self.on_answer is not None:
+            self.on_answer()
         return count
 
     def _read_run_id(self) -> str | None:

@@ -188,6 +188,26 @@ def test_local_slots_held_at_the_hand_over_count_in_redis_until_given_back(
         b.release(x)
 
 
+def test_a_process_that_does_not_ask_learns_the_moment_from_its_presence_record(
+    server: RedisServer,
+) -> None:
+    """Its only caller is busy with a local slot: the background renewal of its presence
+    record finds Redis back, learns the moment, and the slot enters Redis at it."""
+    a, b = fleets_on(server, 2, {"tool": {"max_in_flight": 2}})
+    server.stop()
+    held = a.slot("tool", max_wait=0).acquire()
+    assert is_local_lease(held.lease_id)
+    server.start()
+    a.presence.renew()  # what the counters thread does every 2 s
+    switch_at = a.store_down._switch_at
+    assert switch_at is not None
+    time.sleep(max(0.0, switch_at + 0.3 - time.monotonic()))
+    got = b.try_acquire("tool")
+    assert got and not b.try_acquire("tool")  # a's local slot is in Redis's semaphore
+    held.release()
+    b.release(got)
+
+
 def test_closed_and_open_go_back_to_redis_without_waiting_for_the_moment(
     server: RedisServer,
 ) -> None:
