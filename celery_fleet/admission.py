@@ -196,7 +196,7 @@ class Admission:
         """One ask of checked arguments, as calls (see :mod:`celery_fleet.calls`): the
         store-down policy and the resend after a dropped connection included."""
         down = self.store_down
-        if down is not None and down.skip_store():
+        if down is not None and down.down and not (yield from down.back_steps(self)):
             return down.admit(cfg, tokens, lease_id)
         asked = False
         try:
@@ -224,9 +224,6 @@ class Admission:
                 raise
             down.failed(exc)
             return down.admit(cfg, tokens, lease_id)
-        if down is not None and down.down_since is not None and down.answered():
-            if down.restarted is not None and down.restarted():
-                yield from self.empty_missing_steps()
         return self.decision(cfg.name, tokens, reply)
 
     def empty_missing_windows(self) -> int:
@@ -280,6 +277,8 @@ class Admission:
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
         allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
+        if self.store_down is not None:
+            self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
             if probe:

@@ -39,8 +39,8 @@ from .counters import Counters
 from .counters import watcher as counters_watcher
 from .deferred import Deferred
 from .election import DEFAULT_LEADER_LEASE_S, Callback, Leader
-from .errors import ConfigError
-from .fallback import StoreDown, is_local_lease
+from .errors import ConfigError, FleetError
+from .fallback import UNKNOWN_SHARE, StoreDown, check_store, is_local_lease
 from .guarded import Guard, guarded
 from .ledger import ClaimKeeper, Ledger, record_id_for
 from .locks import DEFAULT_LOCK_TTL_S, Lock
@@ -152,10 +152,13 @@ class Fleet(AsyncMethods):
             self.share_of_budgets,
             held=self._held_via_redis,
             restarted=self.presence.redis_restarted,
+            rank=lambda: self.presence.rank,
         )
         self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
+        self.store_down.admission = self.admission
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self.presence.held = self.keeper.describe
+        self.presence.on_answer = self.store_down.answered
         #: Rescheduled tasks waiting in Redis until due (deferred.py; see pump.py).
         self.deferred = Deferred(self.store, self.namespace, settings.defer_signing_key)
         #: Event counts for metrics, flushed to Redis in the background (counters.py).
@@ -168,6 +171,7 @@ class Fleet(AsyncMethods):
         if app is not None:
             _by_app[app] = self
             signals.install(_reset_all_connections)
+            signals.at_worker_ready(_check_at_start)
             self.check_app_tasks(app)
             self.on_breaker_change(signals.breaker_announcer(app))
             self.admission.watchers.append(signals.slot_watcher(app))
@@ -439,21 +443,50 @@ class Fleet(AsyncMethods):
 
     def share_of_budgets(self) -> int:
         """How many processes share the budgets while Redis is unreachable:
-        ``fleet_expected_processes``, else the live count this process last read, else 1
-        (logged: set ``fleet_expected_processes`` when processes start with Redis away)."""
+        ``fleet_expected_processes``, else the live count this process last read, else a
+        conservative guess, :data:`~celery_fleet.fallback.UNKNOWN_SHARE` or the worker's
+        pool concurrency if larger (logged: never a whole budget per process)."""
         if self.expected_processes is not None:
             return self.expected_processes
         if self.presence.last_count is not None:
             return self.presence.last_count
+        share = max(UNKNOWN_SHARE, signals.pool_concurrency())
         log.warning(
             "celery-fleet: no count of live fleet processes yet; the local limiter takes "
-            "every budget whole in this process. Set fleet_expected_processes."
+            "1/%d of each budget in this process. Set fleet_expected_processes.",
+            share,
         )
-        return 1
+        return share
 
-    def check(self) -> None:
-        """Raise :class:`~celery_fleet.StoreUnavailable` (naming the URL) unless Redis answers."""
-        self.store.ping()
+    def check(self, timeout: float = 2.0) -> dict[str, Any]:
+        """Check the fleet's Redis now: it answers, and takes the fleet's scripts.
+
+        Returns a small report (``url`` with the password masked, ``redis_version``,
+        ``ping_ms``, ``scripts`` loaded, ``namespace``, ``store_down``); raises
+        :class:`~celery_fleet.StoreUnavailable` naming the URL when Redis does not answer
+        within ``timeout`` seconds, :class:`~celery_fleet.ConfigError` when it answers but
+        refuses the scripts (ACL, scripting disabled). Run it once at deploy time: a wrong
+        ``fleet_redis_url`` otherwise only shows as admission by the store-down policy.
+
+        Example::
+
+            fleet.check()  # {'url': 'redis://:***@redis:6379/1', 'ping_ms': 0.4, ...}
+        """
+        report = check_store(self.store.target, self.store.safe_url, number(timeout, "timeout"))
+        return {**report, "namespace": self.namespace, "store_down": self.store_down.policy}
+
+    def check_at_start(self) -> None:
+        """At worker start: log an error naming the URL if the fleet's Redis does not answer
+        (the worker still starts; admission follows ``fleet_store_down``)."""
+        try:
+            self.check(timeout=1.0)
+        except FleetError as exc:
+            log.error(
+                "celery-fleet: at worker start, %s -- check fleet_redis_url (fleet.check() "
+                "tells); until it answers, admission follows fleet_store_down=%r",
+                str(exc).rstrip("."),
+                self.store_down.policy,
+            )
 
     def check_app_tasks(self, app: Celery) -> None:
         """Validate every fleet task of ``app`` if it is already finalized, naming all bad ones.
@@ -530,6 +563,14 @@ def _check_decision(decision: object, what: str) -> str:
     if not decision.allowed or decision.lease_id is None:
         raise ConfigError(f"{what}() needs an admitted decision (it holds no lease)")
     return decision.lease_id
+
+
+def _check_at_start(app: Any) -> None:
+    """In a worker's main process, once ready: log each of its app's Fleets whose Redis
+    does not answer (a wrong ``fleet_redis_url`` otherwise shows only as warnings)."""
+    for fleet in Fleet.all():
+        if fleet.app is app:
+            fleet.check_at_start()
 
 
 def _reset_all_connections() -> None:

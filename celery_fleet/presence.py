@@ -3,7 +3,9 @@
 Every process that admits records itself in one sorted set, ``{<namespace>:_procs}:live``
 (process id -> expiry), every time its counters are flushed (:data:`RENEW_S`), with the
 slots it holds then (``{<namespace>:_procs}:held``, for ``celery inspect fleet``, which
-cannot ask a prefork pool's processes), and reads back how many records are live. When
+cannot ask a prefork pool's processes), and reads back how many records are live and its
+own rank among them (by id: the free in-flight slots that do not divide evenly during an
+outage go to the lowest ranks). When
 Redis later becomes unreachable, the local limiter gives each process ``1 / that count``
 of every budget (see :mod:`celery_fleet.fallback`). A process that stops admitting drops
 out after :data:`TTL_S`: the processes sharing the budgets are the ones that were using
@@ -54,6 +56,11 @@ class Presence:
         self.held = held
         #: Live fleet processes at the last renewal (None: never read).
         self.last_count: int | None = None
+        #: This process's place among them, in the order of their ids (None: never read).
+        self.rank: int | None = None
+        #: Called after each recorded renewal: Redis answered (the store-down policy may be
+        #: waiting to hear it, see :meth:`celery_fleet.fallback.StoreDown.answered`).
+        self.on_answer: Callable[[], object] | None = None
         #: The Redis server's ``run_id`` when this process first recorded itself: a
         #: different one later means Redis restarted (and may have lost the fleet's state).
         self.run_id: str | None = None
@@ -74,19 +81,20 @@ class Presence:
 
         held = json.dumps(self.held()) if self.held is not None else "[]"
         try:
-            count = int(
-                self.store.run(
-                    "presence",
-                    keys=[live_key(self.namespace), held_key(self.namespace)],
-                    args=[self.process_id, int(TTL_S * 1000), "" if held == "[]" else held],
-                )
+            count, rank = self.store.run(
+                "presence",
+                keys=[live_key(self.namespace), held_key(self.namespace)],
+                args=[self.process_id, int(TTL_S * 1000), "" if held == "[]" else held],
             )
         except FleetError as exc:
             log.debug("celery-fleet: could not record this process as live: %s", exc)
             return None
+        count, self.rank = int(count), int(rank)
         self.last_count = count
         if self.run_id is None:
             self.run_id = self._read_run_id()
+        if self.on_answer is not None:
+            self.on_answer()
         return count
 
     def _read_run_id(self) -> str | None:

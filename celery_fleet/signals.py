@@ -5,6 +5,10 @@
   across ``fork()``). It must only forget clients (the next call creates one lazily)
   because Celery kills a child whose init takes more than 4 s. Pools without this signal
   (threads, gevent) are covered by the pid check in :class:`~celery_fleet.store.RedisStore`.
+- ``worker_ready`` (the worker's main process): run the callbacks :func:`at_worker_ready`
+  was given with the app (the Fleet checks its Redis once and logs an error naming the URL
+  when it does not answer: a wrong ``fleet_redis_url`` should not look like a working
+  worker).
 - :data:`breaker_state_changed` and the ``fleet-breaker`` event, sent by
   :func:`breaker_announcer` when this process sees a breaker change.
 
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "install",
+    "at_worker_ready",
+    "pool_concurrency",
     "breaker_state_changed",
     "breaker_announcer",
     "slot_admitted",
@@ -76,12 +82,42 @@ _node: list[str | None] = [None]
 #: Whether this worker sends task events (``-E``), noted the same way.
 _task_events = [False]
 
+#: The worker's pool concurrency (``-c``), noted the same way (0: not a worker).
+_concurrency = [0]
+
+_on_worker_ready: list[Callable[[Any], None]] = []
+
 
 @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
 def _note_worker(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None)
     _node[0] = hostname if isinstance(hostname, str) else None
     _task_events[0] = bool(getattr(sender, "task_events", False))
+    concurrency = getattr(sender, "concurrency", 0)
+    _concurrency[0] = concurrency if isinstance(concurrency, int) else 0
+
+
+def pool_concurrency() -> int:
+    """This worker's pool concurrency (0 outside a worker): at least that many processes
+    or threads share the fleet's budgets here."""
+    return _concurrency[0]
+
+
+def at_worker_ready(callback: Callable[[Any], None]) -> None:
+    """Call ``callback(app)`` in the worker's main process once it is ready (idempotent)."""
+    if not _on_worker_ready:
+        signals.worker_ready.connect(_worker_ready, weak=False)
+    if callback not in _on_worker_ready:
+        _on_worker_ready.append(callback)
+
+
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    for callback in list(_on_worker_ready):
+        try:
+            callback(app)
+        except Exception:  # a check must never stop the worker
+            log.exception("celery-fleet: the worker-start check failed")
 
 
 def sends_task_events(app: Any) -> bool:

@@ -506,7 +506,7 @@ class Slot:
         there is nothing to tell Redis: a local lease, or Redis is away)."""
         lease_id, signal = self._let_go(signal or Signal("other"))
         down = self.admission.store_down
-        if down is not None and (is_local_lease(lease_id) or down.down):
+        if down is not None and (is_local_lease(lease_id) or down.unreachable):
             if is_local_lease(lease_id):
                 down.release(self.limit, lease_id)
             else:  # the store is away: no call now, the release is sent when it answers

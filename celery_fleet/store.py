@@ -92,6 +92,7 @@ IDEMPOTENT = frozenset(
         "observe",
         "presence",
         "empty_missing",
+        "handover",
         "defer_add",
         "defer_ack",
     }
@@ -122,6 +123,8 @@ SCRIPTS = (
     "defer_ack",
     "empty_missing",
     "defer_fate",
+    "handover",
+    "charge",
 )
 
 

@@ -27,6 +27,7 @@ ORDER = [
     "backoff",
     "line",
     "decision",
+    "local_limiter",
     "fallback",
     "replay",
     "admission",

@@ -6,9 +6,11 @@
 -- ARGV[2]  how long the record lives without renewal (ms)
 -- ARGV[3]  the slots it holds, as JSON ("" when none)
 --
--- Reply: the number of live processes, this one included. The store-down policy divides
--- the budgets among them when Redis becomes unreachable (see fallback.py); `celery inspect
--- fleet` reads the held slots of a worker's pool processes from KEYS[2].
+-- Reply: {live, rank}: the number of live processes, this one included, and this one's
+-- place among them in the order of their ids (0-based). The store-down policy divides the
+-- budgets among them when Redis becomes unreachable, and the rank decides which processes
+-- get the free in-flight slots that do not divide evenly (see fallback.py); `celery
+-- inspect fleet` reads the held slots of a worker's pool processes from KEYS[2].
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -26,4 +28,9 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return redis.call('ZCARD', KEYS[1])
+local rank = 0
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, other in ipairs(ids) do
+  if other < ARGV[1] then rank = rank + 1 end
+end
+return {#ids, rank}

@@ -15,7 +15,7 @@ import redis
 
 from celery_fleet import ConfigError, Fleet, Throttled
 from celery_fleet.admission import Admission
-from celery_fleet.fallback import RETRY_S, is_local_lease
+from celery_fleet.fallback import HANDOVER_S, RETRY_S, is_local_lease
 from celery_fleet.presence import Presence
 from celery_fleet.testing.redis_server import RedisServer
 
@@ -63,9 +63,15 @@ def test_local_admits_a_fair_share_of_the_rate_then_returns_to_redis(
     time.sleep(RETRY_S + 0.1)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        first = fleet.try_acquire("llm")  # finds Redis back: still local until the hand-over
+        assert not first or is_local_lease(first.lease_id)
+        assert "answers again" in caplog.text and fleet.store_down.down
+        if first:
+            fleet.release(first)
+        time.sleep(HANDOVER_S + 0.1)
         d = fleet.try_acquire("llm")
     assert d and not is_local_lease(d.lease_id)  # back on Redis, on its own
-    assert "answers again" in caplog.text and not fleet.store_down.down
+    assert "back on the fleet's Redis" in caplog.text and not fleet.store_down.down
     fleet.release(d)
 
 

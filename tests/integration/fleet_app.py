@@ -340,6 +340,10 @@ def through_outage(self: FleetTask, tag: str, hold_s: float) -> dict[str, Any]:
             "start": start,
             "end": time.time(),
             "share": self.fleet.store_down.local.share,
+            # this process's local in-flight cap, and whether it is an allotment of the
+            # fleet's count (else a plain share of the cap)
+            "cap": self.fleet.store_down.local.cap(self.fleet.limits["model"]),
+            "allotted": "model" in self.fleet.store_down.local.allotted,
         }
     _probe.rpush(key(f"outage:{tag}"), json.dumps(record))
     return record
