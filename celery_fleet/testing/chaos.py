@@ -107,7 +107,9 @@ class Figures:
         """The row and every check, as pytest prints it (``-s``) and the benchmark logs it."""
         lines = [format_table([self])]
         for name, ok, detail in self.checks:
-            lines.append(f"  [{'ok' if ok else 'FAIL'}] {name}" + (f" ({detail})" if detail else ""))
+            lines.append(
+                f"  [{'ok' if ok else 'FAIL'}] {name}" + (f" ({detail})" if detail else "")
+            )
         if self.extra:
             lines.append("  " + ", ".join(f"{k}={v}" for k, v in self.extra.items()))
         return "\n".join(lines)
@@ -239,6 +241,7 @@ class ChaosWorkers:
 
     def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """True once every worker has its full pool and logged ``ready``."""
+
         def ready() -> bool:
             text = Path(self._log.name).read_text(errors="replace")
             return text.count(" ready.") >= self.workers and len(self.children()) >= (

@@ -85,7 +85,7 @@ def _check_probes(fig: Figures, log: list, opened_s: float, end_s: float, reset_
     """After the breaker opened (plus the calls already on the wire), the 503s that reach
     the provider are probes: at most one per reset interval."""
     probes = [rec.t_s for rec in log if rec.outcome == "503" and rec.t_s > opened_s + 0.5]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     most = int((end_s - opened_s) / reset_s) + 1
     fig.extra["probes"] = len(probes)
     fig.extra["opened_at_s"] = round(opened_s, 1)
@@ -178,9 +178,9 @@ def fencing(p: FencingParams) -> Figures:
 
 
 def _increasing(values: list[int]) -> bool:
-    return all(b > a for a, b in zip(values, values[1:]))
+    return all(b > a for a, b in zip(values, values[1:], strict=False))
 
 
 def _drops(values: list[int]) -> str:
-    drops = [f"{a}->{b}" for a, b in zip(values, values[1:]) if b <= a]
+    drops = [f"{a}->{b}" for a, b in zip(values, values[1:], strict=False) if b <= a]
     return f"{len(values)} values; went back: {', '.join(drops[:4]) or 'never'}"
