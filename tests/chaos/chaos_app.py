@@ -77,8 +77,13 @@ def keyed_early(tag: str, i: int, hold_s: float) -> int:
     return i
 
 
-@fleet_task(app=app, shared=False, idempotency_key="late:{tag}:{i}", acks_late=True,
-            reject_on_worker_lost=True)  # fmt: skip
+@fleet_task(
+    app=app,
+    shared=False,
+    idempotency_key="late:{tag}:{i}",
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
 def keyed_late(tag: str, i: int, hold_s: float) -> int:
     """At-least-once delivery: a SIGKILLed run is redelivered by the broker."""
     _guarded(f"late:{i}", hold_s)
@@ -115,8 +120,13 @@ def patient(i: int, hold_s: float, max_wait: float) -> int:
 
 
 def _record_wait(waited_s: float, max_wait: float, outcome: str, local: bool) -> None:
-    record = {"waited_s": round(waited_s, 3), "max_wait": max_wait, "outcome": outcome,
-              "local": local, "pid": os.getpid()}  # fmt: skip
+    record = {
+        "waited_s": round(waited_s, 3),
+        "max_wait": max_wait,
+        "outcome": outcome,
+        "local": local,
+        "pid": os.getpid(),
+    }
     probe.client.rpush(probe.key("waits"), json.dumps(record))
 
 

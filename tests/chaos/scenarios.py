@@ -29,6 +29,7 @@ DEPENDS_ON: dict[str, str] = {
     "provider_outage": "none known",
     "time_limits": "none known",
     "fencing": "6 (fencing tokens and leader terms go back after an empty restart)",
+    "fuzz": "10 (raw exceptions: release/settle of a non-Decision, and siblings)",
 }
 
 
@@ -101,9 +102,12 @@ def _check_keys(fig: Figures, r: Rig, keys: int, settle_s: float) -> None:
     never = [i for i, c in enumerate(counts) if c == 0]
     twice = sum(c > 1 for c in counts)
     early = sum(i % 2 == 0 for i in never)
-    fig.check("every key completed exactly once", not never and twice == 0,
-              f"{len(never)} never ({early} early-ack, {len(never) - early} late-ack), "
-              f"{twice} more than once, of {keys}")  # fmt: skip
+    fig.check(
+        "every key completed exactly once",
+        not never and twice == 0,
+        f"{len(never)} never ({early} early-ack, {len(never) - early} late-ack), "
+        f"{twice} more than once, of {keys}",
+    )
     fig.leaks = r.in_flight("cap")
     fig.check("0 slots held after the lease TTL", fig.leaks == 0, f"{fig.leaks} held")
     states: dict[str, int] = {}
@@ -125,8 +129,9 @@ def _storm(name: str, p: StormParams) -> Figures:
         republished = 0
         publisher.join(p.timeout_s)
         while time.monotonic() < deadline:
-            if wait_until(lambda: killer.done() and len(r.probe.done()) >= p.keys,
-                          p.republish_every_s, 0.2):  # fmt: skip
+            if wait_until(
+                lambda: killer.done() and len(r.probe.done()) >= p.keys, p.republish_every_s, 0.2
+            ):
                 break
             republished += _republish_missing(r, p)
         killer.stop()
@@ -250,15 +255,21 @@ def fleet_redis_faults(p: RedisFaultParams) -> Figures:
         fig.executions = sum(done.values())
         errors = [e.decode() for e in r.probe.client.lrange(r.probe.key("errors"), 0, -1)]
         missing = sum(done.get(f"patient:{i}", 0) == 0 for i in range(fig.tasks))
-        fig.check("0 tasks failed or stuck", missing == 0 and not errors,
-                  f"{missing} not completed, {len(errors)} errors {errors[:2]}")  # fmt: skip
+        fig.check(
+            "0 tasks failed or stuck",
+            missing == 0 and not errors,
+            f"{missing} not completed, {len(errors)} errors {errors[:2]}",
+        )
         waits = [json.loads(w) for w in r.probe.client.lrange(r.probe.key("waits"), 0, -1)]
         over = [w["waited_s"] - w["max_wait"] for w in waits]
         worst = max(over, default=0.0)
         fig.extra["asks"] = len(waits)
         fig.extra["local_admissions"] = sum(w["local"] for w in waits)
-        fig.check("no caller waits past max_wait + 1 s", worst <= 1.0,
-                  f"worst {worst + p.max_wait:.1f} s with max_wait {p.max_wait}")  # fmt: skip
+        fig.check(
+            "no caller waits past max_wait + 1 s",
+            worst <= 1.0,
+            f"worst {worst + p.max_wait:.1f} s with max_wait {p.max_wait}",
+        )
         local = r.probe.most("local")
         fig.check("local admission within the cap", local <= p.cap, f"{local} local at once")
         fig.extra["max_redis_holders"] = r.probe.most()

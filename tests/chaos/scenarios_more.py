@@ -37,8 +37,15 @@ def provider_outage(p: OutageParams) -> Figures:
     port = free_port()
     env = {"CHAOS_PROVIDER": f"http://127.0.0.1:{port}/v1", "CHAOS_RESET": str(p.reset_s)}
     end = p.outage_start_s + p.outage_s
-    sim = ProviderSim(rpm=None, tpm=None, max_in_flight=None, latency=0.05, port=port, seed=1,
-                      phases=[Phase(start=p.outage_start_s, end=end, status=503)])  # fmt: skip
+    sim = ProviderSim(
+        rpm=None,
+        tpm=None,
+        max_in_flight=None,
+        latency=0.05,
+        port=port,
+        seed=1,
+        phases=[Phase(start=p.outage_start_s, end=end, status=503)],
+    )
     with rig(cap=4, lease_s=5.0, extra_env=env) as r:
         sim.start()
         try:
@@ -68,8 +75,11 @@ def provider_outage(p: OutageParams) -> Figures:
         done = r.probe.done()
         fig.executions = sum(done.values())
         missing = sum(done.get(f"call:{i}", 0) != 1 for i in range(n))
-        fig.check("0 tasks failed, all complete after recovery", missing == 0,
-                  f"{missing} of {n} not completed once")  # fmt: skip
+        fig.check(
+            "0 tasks failed, all complete after recovery",
+            missing == 0,
+            f"{missing} of {n} not completed once",
+        )
         opened = [t for t, s in states if s != "closed" and p.outage_start_s <= t <= end]
         fig.check("the breaker opened", bool(opened), "never seen open during the outage")
         if opened:
@@ -89,10 +99,12 @@ def _check_probes(fig: Figures, log: list, opened_s: float, end_s: float, reset_
     most = int((end_s - opened_s) / reset_s) + 1
     fig.extra["probes"] = len(probes)
     fig.extra["opened_at_s"] = round(opened_s, 1)
-    fig.check("at most 1 probe per reset interval",
-              len(probes) <= most and all(g >= 0.8 * reset_s for g in gaps),
-              f"{len(probes)} probes (most {most}), shortest gap "
-              f"{min(gaps, default=reset_s):.2f} s, reset {reset_s} s")  # fmt: skip
+    fig.check(
+        "at most 1 probe per reset interval",
+        len(probes) <= most and all(g >= 0.8 * reset_s for g in gaps),
+        f"{len(probes)} probes (most {most}), shortest gap "
+        f"{min(gaps, default=reset_s):.2f} s, reset {reset_s} s",
+    )
 
 
 # -- Celery time limits inside fleet.slot --------------------------------------------------
@@ -117,23 +129,33 @@ def time_limits(p: TimeLimitParams) -> Figures:
         for res in soft:
             res.get(timeout=p.timeout_s, propagate=False)
         held = r.in_flight()
-        fig.check("a soft time limit releases the slot", held == 0,
-                  f"{held} held right after the soft limits")  # fmt: skip
+        fig.check(
+            "a soft time limit releases the slot",
+            held == 0,
+            f"{held} held right after the soft limits",
+        )
         hard = [r.app.hard_overrun.delay(i, p.hold_s) for i in range(p.hard)]
         for res in hard:
             res.get(timeout=p.timeout_s, propagate=False)
         states = [res.state for res in soft + hard]
         limits_hit = int(r.probe.client.get(r.probe.key("soft_limits")) or 0)
-        limits_hit += sum(type(res.result).__name__ in ("TimeLimitExceeded", "WorkerLostError")
-                          for res in hard)  # fmt: skip
+        limits_hit += sum(
+            type(res.result).__name__ in ("TimeLimitExceeded", "WorkerLostError") for res in hard
+        )
         fig.faults = limits_hit
         fig.executions = sum(r.probe.done().values())
-        fig.check("every time limit hit", limits_hit == p.soft + p.hard,
-                  f"{limits_hit} of {p.soft + p.hard}; states {sorted(set(states))}")  # fmt: skip
+        fig.check(
+            "every time limit hit",
+            limits_hit == p.soft + p.hard,
+            f"{limits_hit} of {p.soft + p.hard}; states {sorted(set(states))}",
+        )
         reclaimed = wait_until(lambda: r.in_flight() == 0, p.lease_s + 3.0, 0.1)
         fig.leaks = r.in_flight()
-        fig.check("a hard limit's slot is reclaimed within the lease TTL", reclaimed,
-                  f"{fig.leaks} held {p.lease_s + 3.0:.0f} s later")  # fmt: skip
+        fig.check(
+            "a hard limit's slot is reclaimed within the lease TTL",
+            reclaimed,
+            f"{fig.leaks} held {p.lease_s + 3.0:.0f} s later",
+        )
     fig.seconds = time.monotonic() - started
     return fig
 

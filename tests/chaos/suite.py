@@ -10,6 +10,7 @@ from typing import Any
 from celery_fleet.testing.chaos import Figures
 
 from . import scenarios as s
+from . import scenarios_fuzz as z
 from . import scenarios_more as m
 
 
@@ -84,6 +85,13 @@ SCENARIOS: dict[str, Scenario] = {
             m.FencingParams(),
             m.FencingParams(restarts=2, locks=200, terms=10),
             s.DEPENDS_ON["fencing"],
+        ),
+        Scenario(
+            "fuzz",
+            z.fuzz,
+            z.FuzzParams(examples=150),
+            z.FuzzParams(examples=2000),
+            s.DEPENDS_ON["fuzz"],
         ),
     ]
 }
