@@ -29,6 +29,8 @@ DEPENDS_ON: dict[str, str] = {
     "provider_outage": "none known",
     "time_limits": "none known",
     "fencing": "6 (fencing tokens and leader terms go back after an empty restart)",
+    "sentinel_failover": "12 (releases lost in the outage freeze the cap for a lease; writes to "
+    "a demoted master after SIGCONT), 4 (SIGSTOP: no local admission)",
     "fuzz": "10 (raw exceptions: release/settle of a non-Decision, and siblings)",
 }
 

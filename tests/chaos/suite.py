@@ -11,6 +11,7 @@ from celery_fleet.testing.chaos import Figures
 
 from . import scenarios as s
 from . import scenarios_fuzz as z
+from . import scenarios_ha as h
 from . import scenarios_more as m
 
 
@@ -92,6 +93,13 @@ SCENARIOS: dict[str, Scenario] = {
             z.FuzzParams(examples=150),
             z.FuzzParams(examples=2000),
             s.DEPENDS_ON["fuzz"],
+        ),
+        Scenario(
+            "sentinel_failover",
+            h.sentinel_failover,
+            h.FailoverParams(),
+            h.FailoverParams(threads=16, after_s=12.0),
+            s.DEPENDS_ON["sentinel_failover"],
         ),
     ]
 }
