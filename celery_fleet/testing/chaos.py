@@ -44,6 +44,7 @@ __all__ = [
     "KeptRedisServer",
     "Probe",
     "format_table",
+    "wait_progress",
     "wait_until",
 ]
 
@@ -136,6 +137,23 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, every_s: float =
             return True
         time.sleep(every_s)
     return bool(predicate())
+
+
+def wait_progress(
+    count: Callable[[], int], target: int, stall_s: float, timeout_s: float, every_s: float = 0.5
+) -> bool:
+    """Wait until ``count()`` reaches ``target``; give up after ``timeout_s``, or earlier when
+    it has not moved for ``stall_s`` (a stuck task never completes: no need to wait more)."""
+    deadline = time.monotonic() + timeout_s
+    last, moved = count(), time.monotonic()
+    while last < target and time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = count()
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            break
+    return last >= target
 
 
 class Probe:

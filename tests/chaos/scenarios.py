@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from celery_fleet.testing.chaos import Figures, Killer, wait_until
+from celery_fleet.testing.chaos import Figures, Killer, wait_progress, wait_until
 
 from .rig import Rig, load_app, rig
 
@@ -50,6 +50,7 @@ class StormParams:
     lease_s: float = 2.0
     hold_s: float = 0.3
     republish_every_s: float = 3.0
+    stall_s: float = 20.0  # after the storm: no completion for this long is a stuck key
     timeout_s: float = 150.0
 
 
@@ -130,11 +131,17 @@ def _storm(name: str, p: StormParams) -> Figures:
         deadline = time.monotonic() + p.timeout_s
         republished = 0
         publisher.join(p.timeout_s)
+        last, moved = (-1, -1), time.monotonic()
         while time.monotonic() < deadline:
             if wait_until(
                 lambda: killer.done() and len(r.probe.done()) >= p.keys, p.republish_every_s, 0.2
             ):
                 break
+            now = (len(r.probe.done()), killer.kills)
+            if now != last:
+                last, moved = now, time.monotonic()
+            elif time.monotonic() - moved > p.stall_s:
+                break  # the keys left never complete, however often they are published
             republished += _republish_missing(r, p)
         killer.stop()
         fig.faults = killer.kills
@@ -196,7 +203,7 @@ def broker_down(p: BrokerParams) -> Figures:
         fig.check("some publishes failed", bool(failed), "the outage must hit publishes")
         for i in failed:  # after recovery: the caller publishes again what raised
             _keyed_task(r.app, i).delay(r.tag, i, p.hold_s)
-        wait_until(lambda: len(r.probe.done()) >= p.keys, p.timeout_s, 0.5)
+        wait_progress(lambda: len(r.probe.done()), p.keys, 15.0, p.timeout_s)
         _check_keys(fig, r, p.keys, 2.0)
     fig.seconds = time.monotonic() - started
     return fig
@@ -252,7 +259,7 @@ def fleet_redis_faults(p: RedisFaultParams) -> Figures:
         stop.set()
         feeder.join(10)
         fig.tasks = published[0]
-        wait_until(lambda: len(r.probe.done()) >= fig.tasks, p.timeout_s, 0.5)
+        wait_progress(lambda: len(r.probe.done()), fig.tasks, 30.0, p.timeout_s)
         done = r.probe.done()
         fig.executions = sum(done.values())
         errors = [e.decode() for e in r.probe.client.lrange(r.probe.key("errors"), 0, -1)]

@@ -9,7 +9,7 @@ import time
 
 from celery_fleet import Fleet
 from celery_fleet.testing import ProviderSim
-from celery_fleet.testing.chaos import Figures, KeptRedisServer, wait_until
+from celery_fleet.testing.chaos import Figures, KeptRedisServer, wait_progress, wait_until
 from celery_fleet.testing.phases import Phase
 from celery_fleet.testing.redis_server import free_port
 
@@ -66,7 +66,7 @@ def provider_outage(p: OutageParams) -> Figures:
                 n += 1
                 time.sleep(1.0 / p.rate_per_s)
             fig.tasks = n
-            wait_until(lambda: len(r.probe.done()) >= n, p.timeout_s, 0.5)
+            wait_progress(lambda: len(r.probe.done()), n, 30.0, p.timeout_s)
             stop.set()
             watcher.join(5)
             log = sim.log

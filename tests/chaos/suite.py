@@ -30,7 +30,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "sigkill_storm",
             s.sigkill_storm,
-            s.StormParams(keys=60, kills=30, timeout_s=90),
+            s.StormParams(keys=60, kills=30, timeout_s=120),
             s.StormParams(keys=400, kills=220, every_s=0.15, workers=2, cap=6, timeout_s=420),
             s.DEPENDS_ON["sigkill_storm"],
         ),
