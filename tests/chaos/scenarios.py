@@ -22,8 +22,8 @@ from .rig import Rig, load_app, rig
 
 # Which issue-20 defects each scenario exposes (numbers as in the issue).
 DEPENDS_ON: dict[str, str] = {
-    "sigkill_storm": "2 (early-ack key stays running), 3 (reused task id acked as succeeded)",
-    "duplicate_storm": "2, 3 (as the SIGKILL storm)",
+    "sigkill_storm": "2 (a SIGKILLed early-ack key stays running; a new publish runs nothing)",
+    "duplicate_storm": "2 (as the SIGKILL storm)",
     "broker_down": "1 (a failed keyed publish leaves the key queued)",
     "fleet_redis_faults": "4 (frozen/slow Redis defeats store_down), 5 (orphaned leases), 7",
     "provider_outage": "none known",
