@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from celery_fleet.testing.chaos import ChaosWorkers, KeptRedisServer, Probe
+from celery_fleet.testing.chaos import ChaosWorkers, Probe
+from celery_fleet.testing.faults import KeptRedisServer
 
 APP_MODULE = "tests.chaos.chaos_app"
 

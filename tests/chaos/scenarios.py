@@ -16,7 +16,8 @@ import threading
 import time
 from typing import Any
 
-from celery_fleet.testing.chaos import Figures, Killer, wait_progress, wait_until
+from celery_fleet.testing.chaos import Figures, wait_progress, wait_until
+from celery_fleet.testing.faults import Killer
 
 from .rig import Rig, load_app, rig
 

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from celery_fleet import Fleet, FleetError
-from celery_fleet.testing.chaos import Figures, KeptRedisServer
+from celery_fleet.testing.chaos import Figures
+from celery_fleet.testing.faults import KeptRedisServer
 
 from .scenarios import _describe
 

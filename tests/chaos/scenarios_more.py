@@ -9,7 +9,8 @@ import time
 
 from celery_fleet import Fleet
 from celery_fleet.testing import ProviderSim
-from celery_fleet.testing.chaos import Figures, KeptRedisServer, wait_progress, wait_until
+from celery_fleet.testing.chaos import Figures, wait_progress, wait_until
+from celery_fleet.testing.faults import KeptRedisServer
 from celery_fleet.testing.phases import Phase
 from celery_fleet.testing.redis_server import free_port
 
