@@ -146,7 +146,9 @@ def _fuzz_calls(fleet: Fleet, p: FuzzParams, run: _Run) -> None:
     @seed(p.seed)
     @_settings(p)
     @given(
-        op=st.sampled_from(["slot", "try_acquire", "release_junk", "settle"]),
+        op=st.sampled_from(
+            ["slot", "try_acquire", "release_junk", "settle", "countdown", "circuit_breaker"]
+        ),
         name=NAMES,
         tokens=NUMBERS,
         max_wait=WAITS,
@@ -169,6 +171,10 @@ def _fuzz_calls(fleet: Fleet, p: FuzzParams, run: _Run) -> None:
                     fleet.release(decision)  # the bad outcome was refused: give it back
         elif op == "release_junk":
             run.call(fleet.release, junk, outcome)
+        elif op == "countdown":
+            run.call(fleet.reschedule_countdown, tokens, settle)
+        elif op == "circuit_breaker":
+            run.call(fleet.circuit_breaker, name, **({"name": name} if junk == "x" else {}))
         else:
             run.call(fleet.settle, junk, settle)
 
@@ -179,7 +185,9 @@ def _in_slot(fleet: Fleet, run: _Run, name: Any, tokens: Any, max_wait: Any, set
     def body() -> None:
         started = time.monotonic()
         with fleet.slot(name, tokens=tokens, max_wait=max_wait) as slot:
+            slot.observe({"x-ratelimit-remaining-requests": str(settle)})
             slot.settle(settle)
+            slot.next(tokens=tokens if isinstance(tokens, int) else None)
         if time.monotonic() - started > 10:
             run.found("slot", _short((name,), {"max_wait": max_wait}), TimeoutError("> 10 s"))
 
