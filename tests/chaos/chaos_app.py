@@ -104,10 +104,12 @@ def patient(i: int, hold_s: float, max_wait: float) -> int:
             local = bool(slot.lease_id and str(slot.lease_id).startswith("local."))
             section = "local" if local else "inside"
             probe.enter(section)
+            probe.enter("all")  # Redis and local holders together (the hand-over's overlap)
             try:
                 time.sleep(hold_s)
             finally:
                 probe.out(section)
+                probe.out("all")
     except Throttled:
         _record_wait(time.monotonic() - asked, max_wait, "throttled", False)
         raise

@@ -283,6 +283,7 @@ def fleet_redis_faults(p: RedisFaultParams) -> Figures:
         local = r.probe.most("local")
         fig.check("local admission within the cap", local <= p.cap, f"{local} local at once")
         fig.extra["max_redis_holders"] = r.probe.most()
+        fig.extra["max_holders_redis_and_local"] = r.probe.most("all")
         time.sleep(6.0 + 2.0)  # the lease TTL: what is still held now leaked
         fig.leaks = r.in_flight("cap")
         fig.check("0 slots held after the lease TTL", fig.leaks == 0, f"{fig.leaks} held")
