@@ -219,30 +219,42 @@ class ChaosWorkers:
         self.root = root or Path(__file__).resolve().parents[2]
         self.extra_args = extra_args
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
         self._log: Any = None
 
     def start(self) -> ChaosWorkers:
-        env = {**os.environ, **self.env, "PYTHONPATH": str(self.root)}
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
             prefix="chaos-worker-", suffix=".log", delete=False
         )
-        tag = self.env.get("CHAOS_NS", "chaos")
-        for k in range(self.workers):
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        *(sys.executable, "-m", "celery", "-A", self.app_module, "worker"),
-                        *("-P", "prefork", "-c", str(self.concurrency), "-n", f"{tag}-{k}@%h"),
-                        *("--without-gossip", "--without-mingle", "--without-heartbeat"),
-                        *("-l", "INFO", *self.extra_args),
-                    ],
-                    cwd=self.root,
-                    env=env,
-                    stdout=self._log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        self.procs = [self._spawn(k) for k in range(self.workers)]
         return self
+
+    def _spawn(self, k: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **self.env, "PYTHONPATH": str(self.root)}
+        tag = self.env.get("CHAOS_NS", "chaos")
+        return subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", self.app_module, "worker"),
+                *("-P", "prefork", "-c", str(self.concurrency), "-n", f"{tag}-{k}@%h"),
+                *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+                *("-l", "INFO", *self.extra_args),
+            ],
+            cwd=self.root,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def revive(self) -> int:
+        """Start again every worker that exited, as a supervisor (systemd, Kubernetes)
+        would; returns how many. Counted in :attr:`restarts`."""
+        revived = 0
+        for k, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                self.procs[k] = self._spawn(k)
+                revived += 1
+        self.restarts += revived
+        return revived
 
     def children(self) -> set[int]:
         """Pids of the pool processes of the workers started here (live ones)."""
@@ -277,7 +289,9 @@ class ChaosWorkers:
                     kill_quietly(pid)
                 proc.kill()
                 proc.wait()
-        clean = all(p.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) for p in self.procs)
+        clean = not self.restarts and all(
+            p.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) for p in self.procs
+        )
         if self._log is not None:
             self._log.close()
             if clean and not os.environ.get("CHAOS_KEEP_LOGS"):
