@@ -105,7 +105,7 @@ def _one_failover(kind: str, p: FailoverParams, fig: Figures) -> None:
         if kind == "pause":
             demoted_writes = _evalsha_calls(old.port) - before
         load.join()
-        resumed = [t for t in load.redis_admissions if t >= failed_at]
+        resumed = [t for t in load.redis_admissions if t >= promoted_at]  # the new master's
         gap = (resumed[0] - promoted_at) if resumed else float("inf")
         failover_s = promoted_at - failed_at
         fig.tasks += len(load.redis_admissions) + load.local_admissions
