@@ -18,7 +18,6 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
-from celery_fleet.ledger import run_id_for  # noqa: F401  (scenarios read it from here)
 from celery_fleet.testing.chaos import Probe
 
 BROKER = os.environ.get("CHAOS_BROKER", "redis://127.0.0.1:6379/10")
