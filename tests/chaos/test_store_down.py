@@ -228,11 +228,8 @@ def test_a_reschedule_whose_deferral_failed_runs_once_from_its_fallback(
     from celery_fleet import FleetTask, Run, StoreUnavailable, fleet_task
 
     app = Celery("fb", broker="memory://", backend="cache+memory://", set_as_current=False)
-    app.conf.update(
-        fleet_redis_url=server.url,
-        fleet_namespace="down",
-        fleet_limits={"tool": {"max_in_flight": 1}},
-    )
+    app.conf.update(fleet_redis_url=server.url, fleet_namespace="down",
+                    fleet_limits={"tool": {"max_in_flight": 1}})  # fmt: skip
     fleet = Fleet(app)
 
     @fleet_task(app=app, shared=False, bind=True)
@@ -246,9 +243,8 @@ def test_a_reschedule_whose_deferral_failed_runs_once_from_its_fallback(
         raise StoreUnavailable(server.url, "reply lost", dropped=False)
 
     fleet.deferred.add = lost_reply  # type: ignore[method-assign]
-    agent.push_request(
-        id="t-f", args=[], kwargs={}, retries=0, delivery_info={}, called_directly=False
-    )
+    agent.push_request(id="t-f", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False)  # fmt: skip
     try:
         with pytest.raises(Ignore):
             agent._on_backpressure(Throttled("tool", 2000, "in_flight"), Run())
@@ -259,15 +255,8 @@ def test_a_reschedule_whose_deferral_failed_runs_once_from_its_fallback(
     assert headers["fleet_backup_fallback"] is True and headers["fleet_backup"] == "t-f:1"  # type: ignore[index]
     # Delivered while Redis cannot be asked: a fallback runs (a backup would wait)
     server.stop()
-    agent.push_request(
-        id="t-f",
-        args=[],
-        kwargs={},
-        retries=0,
-        delivery_info={},
-        called_directly=False,
-        headers=headers,
-    )
+    agent.push_request(id="t-f", args=[], kwargs={}, retries=0, delivery_info={},
+                       called_directly=False, headers=headers)  # fmt: skip
     try:
         agent._drop_needless_backup()  # returns: it runs
         headers2 = {**headers, "fleet_backup_fallback": False}  # type: ignore[dict-item]
