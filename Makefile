@@ -112,7 +112,7 @@ bench-outage: $(DEMO_STAMP)
 
 ## The chaos suite, long: SIGKILL storms, duplicate publishes, the broker down, the fleet's
 ## Redis restarted empty / frozen / slowed, a provider outage, time limits, fencing across
-## restarts (private redis-servers only; ~10-15 minutes; CHAOS_ARGS=--short for the CI
+## restarts, a fuzz, a Sentinel failover (private redis-servers only; ~12 minutes; CHAOS_ARGS=--short for the CI
 ## parameters, --only NAME...): appends to benchmarks/RESULTS.md.
 CHAOS_ARGS ?=
 .PHONY: chaos
