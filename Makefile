@@ -110,6 +110,15 @@ OUTAGE_ARGS ?=
 bench-outage: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/outage.py $(OUTAGE_ARGS)
 
+## The chaos suite, long: SIGKILL storms, duplicate publishes, the broker down, the fleet's
+## Redis restarted empty / frozen / slowed, a provider outage, time limits, fencing across
+## restarts, a fuzz, a Sentinel failover (private redis-servers only; ~12 minutes; CHAOS_ARGS=--short for the CI
+## parameters, --only NAME...): appends to benchmarks/RESULTS.md.
+CHAOS_ARGS ?=
+.PHONY: chaos
+chaos: $(STAMP)
+	$(PY) benchmarks/chaos.py $(CHAOS_ARGS)
+
 ## 1,000 coroutines (fleet.aslot) against 1,000 threads (fleet.slot) in one process.
 .PHONY: bench-aio
 bench-aio: $(STAMP)

@@ -16,7 +16,9 @@ Example::
 In pytest: ``pytest_plugins = ["celery_fleet.testing.pytest_plugin"]`` in a conftest gives
 the ``provider_sim`` and ``make_provider_sim`` fixtures. From a shell:
 ``python -m celery_fleet.testing.provider --help``. (:mod:`celery_fleet.testing.redis_server`
-finds or starts a Redis for the same tests and benchmarks.)
+finds or starts a Redis for the same tests and benchmarks; :mod:`celery_fleet.testing.chaos`
+and :mod:`celery_fleet.testing.faults` are the chaos suite's harness and fault injectors,
+Linux only, not imported here.)
 """
 
 from __future__ import annotations
