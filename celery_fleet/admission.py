@@ -226,13 +226,10 @@ class Admission:
             return down.admit(cfg, tokens, lease_id)
         return self.decision(cfg.name, tokens, reply)
 
-    def empty_missing_windows(self) -> int:
-        """Start every window Redis no longer has (it restarted empty during an outage) as
-        an empty bucket rather than a full one; returns how many were missing. Errors are
-        logged: the next outage's end tries again."""
-        return drive(self.empty_missing_steps(), self.store)
-
     def empty_missing_steps(self) -> Steps[int]:
+        """Start every window Redis no longer has (it restarted empty during an outage) as
+        an empty bucket rather than a full one (run at the hand-over); yields how many
+        were missing."""
         missing = 0
         for name, cfg in self.limits.items():
             args = [x for w in cfg.windows for x in (w.field, repr(w.tolerance_ms))]

@@ -135,12 +135,15 @@ class Fleet(AsyncMethods):
         self._claims: ClaimKeeper | None = None
         self.clock: Clock = clock or SystemClock()
         if settings.redis_client is not None:
-            self.store = RedisStore(client=settings.redis_client)
+            self.store = RedisStore(
+                client=settings.redis_client, health_s=settings.health_timeout_s
+            )
         else:
             self.store = RedisStore(
                 self.redis_url,
                 transport_options=settings.redis_transport_options,
                 password=settings.redis_password,
+                health_s=settings.health_timeout_s,
             )
         #: This process's record among the live fleet processes (presence.py).
         self.presence = Presence(self.store, self.namespace)

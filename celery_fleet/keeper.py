@@ -217,9 +217,8 @@ class LeaseKeeper:
                 continue
             down = self.admission.store_down
             asked = any(not is_local_lease(lease) for lease, _tokens in leases)
-            if asked and down is not None and down.down_since is not None and down.answered():
-                if down.restarted is not None and down.restarted():
-                    self.admission.empty_missing_windows()
+            if asked and down is not None and down.down_since is not None:
+                down.answered()  # looks for the hand-over (which empties lost windows)
             if restored:
                 log.warning(
                     "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "

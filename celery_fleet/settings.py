@@ -27,7 +27,7 @@ from .connect import SCHEMES, check_transport_options, own_client, sentinel_opti
 from .errors import ConfigError
 from .fallback import check_policy
 from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
-from .store import has_password, mask_url
+from .store import HEALTH_S, has_password, mask_url
 
 __all__ = [
     "FleetSettings",
@@ -70,6 +70,9 @@ SETTINGS = {
     "its broker_transport_options' Sentinel options)",
     "fleet_redis_client": "a redis.Redis or RedisCluster client, or a zero-argument factory "
     "of one (called in each process), instead of fleet_redis_url",
+    "fleet_redis_health_timeout": "seconds a call to the fleet's Redis may go unanswered "
+    "before Redis counts as away and fleet_store_down answers (default 1.5; a frozen Redis "
+    "is an outage like a dead one)",
     "fleet_namespace": "prefix of every Redis key (default 'fleet')",
     "fleet_limits": "limit name -> options",
     "fleet_max_wait": "seconds fleet.slot() waits for admission in place (default 30)",
@@ -119,6 +122,8 @@ class FleetSettings:
     pump_period_s: float = 1.0
     pump_lease_s: float = 15.0
     expected_processes: int | None = None
+    #: ``fleet_redis_health_timeout``: the longest a call waits for Redis's reply (s).
+    health_timeout_s: float = HEALTH_S
     #: The HMAC key of deferred items (:func:`defer_signing_key`).
     defer_signing_key: bytes | None = field(default=None, repr=False)
     redis_transport_options: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -177,6 +182,12 @@ def load_settings(
             store_down if store_down is not None else conf.get("fleet_store_down", "local")
         ),
         expected_processes=expected,
+        health_timeout_s=number(
+            conf.get("fleet_redis_health_timeout", HEALTH_S),
+            "fleet_redis_health_timeout",
+            lo=0.05,
+            hi=60.0,
+        ),
         backoff=backoff,
         backoff_max_s=min(backoff_max, max_countdown),
         backoff_base_s=number(

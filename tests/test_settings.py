@@ -48,6 +48,18 @@ def test_a_countdown_the_broker_would_redeliver_is_refused(app: Celery) -> None:
     assert Fleet(app).max_countdown_s == 60
 
 
+def test_fleet_redis_health_timeout_bounds_every_call_and_refuses_absurd_values(
+    app: Celery,
+) -> None:
+    assert Fleet(app).store.health_s == 1.5
+    app.conf.fleet_redis_health_timeout = 0.3
+    assert Fleet(app).store.health_s == 0.3
+    for bad in (0, -1, float("nan"), float("inf"), 10**400, "soon"):
+        app.conf.fleet_redis_health_timeout = bad
+        with pytest.raises(ConfigError, match="fleet_redis_health_timeout"):
+            Fleet(app)
+
+
 def test_the_default_visibility_timeout_is_checked_too(app: Celery) -> None:
     app.conf.fleet_max_countdown = 3600  # kombu's default visibility_timeout is 3600 s
     with pytest.raises(ConfigError, match="visibility_timeout = 3600 s"):
