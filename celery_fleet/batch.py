@@ -50,7 +50,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-__all__ = ["Packed", "Combiner", "encode"]
+__all__ = ["Packed", "Combiner", "encode", "pack_command"]
 
 log = logging.getLogger("celery_fleet")
 
@@ -74,6 +74,11 @@ def encode(value: object) -> bytes:
 
 def _bulk(arg: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def pack_command(*args: object) -> bytes:
+    """A plain command (``pack_command("HGETALL", key)``) as RESP, for the combiner's wire."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(encode(a)) for a in args)
 
 
 class Packed:

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.exceptions import NoScriptError
 
-from .batch import Combiner, Packed
+from .batch import Combiner, Packed, pack_command
 from .cluster import ClusterCombiner
 from .connect import (
     Client,
@@ -288,14 +288,22 @@ class RedisStore:
                     self._client, self._pid = client, pid
                     if self._checked_pid != pid:
                         self._checked_pid = pid
-                        self._warn_if_evicting(client)
+                        # Off the caller's path: a process's first call may meet a frozen
+                        # Redis, and CONFIG GET would cost it the socket timeout.
+                        threading.Thread(
+                            target=self._warn_if_evicting,
+                            args=(client,),
+                            name="fleet-eviction-check",
+                            daemon=True,
+                        ).start()
         return self._client
 
     def _warn_if_evicting(self, client: Client) -> None:
-        """Log loudly, once per process, when this Redis may evict the fleet's keys."""
+        """Log loudly, once per process, when this Redis may evict the fleet's keys (in a
+        thread of its own, started with the process's client)."""
         try:
             conf = client.config_get("maxmemory*")
-        except redis.RedisError:  # CONFIG is disabled on many managed Redis services
+        except Exception:  # CONFIG is disabled on many managed Redis services; or Redis away
             log.debug("celery-fleet: cannot read maxmemory-policy of %s", self.safe_url)
             return
         maxmemory = int(conf.get("maxmemory") or 0)
@@ -466,11 +474,23 @@ class RedisStore:
     def call(self, command: str, *args: Any) -> Any:
         """Run one plain Redis command with the same error translation as :meth:`run`,
         once more when the connection drops under it (the fleet only sends idempotent
-        plain commands: reads, ``HDEL``, ``DEL``)."""
+        plain commands: reads, ``HDEL``, ``DEL``).
+
+        On a plain Redis it goes on the combiner's wire, so like a script call it waits no
+        longer than the caller's deadline and the health deadline: a status read or the
+        ``INFO`` of a hand-over on a frozen Redis must not cost the socket timeout. The
+        reply is parsed as redis-py would (its response callback for ``command``)."""
         for last in (False, True):
-            self.drain()
             try:
+                if self._plain():
+                    (reply,) = self._send(((command, pack_command(command, *args)),))
+                    parse = self.client.response_callbacks.get(command.upper())
+                    return parse(reply) if parse is not None else reply
+                self.drain()
                 return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
+            except StoreUnavailable as error:
+                if last or not error.dropped:
+                    raise
             except redis.RedisError as exc:
                 error = self._translate(exc, command)
                 if last or not getattr(error, "dropped", False):

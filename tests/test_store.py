@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import redis
@@ -56,14 +57,23 @@ def test_eviction_risk_by_policy() -> None:
 
 
 @pytest.mark.slow
+def warned(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
 def test_an_evicting_redis_is_reported_loudly_once(caplog: pytest.LogCaptureFixture) -> None:
     with RedisServer(args=["--maxmemory", "50mb", "--maxmemory-policy", "volatile-ttl"]) as srv:
         fleet = Fleet(redis_url=srv.url, limits={"llm": {"rpm": 600}})
         with caplog.at_level(logging.WARNING, logger="celery_fleet"):
             fleet.try_acquire("llm")
+            # The check runs in a thread of its own (a frozen Redis must not hold the
+            # process's first call for the socket timeout): wait for its word.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not warned(caplog, "volatile-ttl"):
+                time.sleep(0.05)
             fleet.try_acquire("llm")
-        warnings = [r for r in caplog.records if "volatile-ttl" in r.getMessage()]
-        assert len(warnings) == 1
+            time.sleep(0.2)
+        assert len(warned(caplog, "volatile-ttl")) == 1
         fleet.store.client.close()
 
 

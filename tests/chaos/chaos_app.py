@@ -127,6 +127,7 @@ def _record_wait(waited_s: float, max_wait: float, outcome: str, local: bool) ->
         "outcome": outcome,
         "local": local,
         "pid": os.getpid(),
+        "ended": round(time.time(), 3),  # wall clock: matched against the faults' times
     }
     probe.client.rpush(probe.key("waits"), json.dumps(record))
 

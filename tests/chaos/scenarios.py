@@ -255,14 +255,18 @@ def fleet_redis_faults(p: RedisFaultParams) -> Figures:
         feeder = threading.Thread(target=publish, daemon=True)
         feeder.start()
         time.sleep(p.gap_s)
+        timeline: list[tuple[float, str]] = []  # (wall clock, fault) for the worst wait
         for _ in range(p.restarts):
+            timeline.append((time.time(), "restart"))
             r.fleet_redis.restart_empty()
             fig.faults += 1
             time.sleep(p.gap_s)
+        timeline.append((time.time(), "freeze"))
         r.fleet_redis.freeze(p.freeze_s)
         fig.faults += 1
         time.sleep(p.gap_s)
         for _ in range(p.slows):
+            timeline.append((time.time(), "slow"))
             r.fleet_redis.slow(p.slow_s)
             fig.faults += 1
             time.sleep(p.gap_s / 2)
@@ -283,6 +287,13 @@ def fleet_redis_faults(p: RedisFaultParams) -> Figures:
         waits = [json.loads(w) for w in r.probe.client.lrange(r.probe.key("waits"), 0, -1)]
         over = [w["waited_s"] - w["max_wait"] for w in waits]
         worst = max(over, default=0.0)
+        if waits:
+            slowest = max(waits, key=lambda w: w["waited_s"] - w["max_wait"])
+            began = slowest.get("ended", 0.0) - slowest["waited_s"]
+            since = [f"{began - at:+.1f} s after {what}" for at, what in timeline if at <= began]
+            fig.extra["slowest"] = f"{slowest['outcome']}, local={slowest['local']}, " + (
+                since[-1] if since else "before the first fault"
+            )
         fig.extra["asks"] = len(waits)
         fig.extra["local_admissions"] = sum(w["local"] for w in waits)
         fig.check(

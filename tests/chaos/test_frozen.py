@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_fleet import Fleet, Throttled
+from celery_fleet import Fleet, StoreUnavailable, Throttled
 from celery_fleet.fallback import RETRY_S, is_local_lease
 from celery_fleet.store import HEALTH_S
 from celery_fleet.testing.redis_server import RedisServer
@@ -274,3 +274,38 @@ def test_slots_refused_by_the_policy_owe_redis_nothing(server: RedisServer) -> N
             fleet.slot("tool", max_wait=2).acquire()
     owed = sorted(item.kind for item in fleet.admission.replays.take())
     assert owed == ["ask", "leave"], owed
+
+
+def test_a_plain_command_on_a_frozen_redis_waits_the_health_deadline_not_the_socket_timeout(
+    server: RedisServer,
+) -> None:
+    """Status reads and the INFO a hand-over reads (did Redis restart?) are plain commands:
+    on a frozen Redis they used to wait the 5 s socket timeout, past any caller's max_wait
+    (the chaos suite saw a slot wait 3.7 s with max_wait 2, held by that INFO)."""
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 2}}, "local")
+    assert fleet.store.call("TIME")  # connected; parsed as redis-py parses it
+    assert isinstance(fleet.store.call("INFO", "server"), dict)
+    freeze(server)
+    for command in (("TIME",), ("INFO", "server")):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            fleet.store.call(*command)
+        assert time.monotonic() - started < HEALTH_S + 0.9, command
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable), fleet.store.deadline(0.3):
+        fleet.store.call("TIME")
+    assert time.monotonic() - started < 0.3 + 0.9  # the caller's deadline, when nearer
+
+
+def test_a_process_whose_first_call_meets_a_frozen_redis_waits_no_longer(
+    server: RedisServer,
+) -> None:
+    """A new process (a prefork child's first task) creates its client then; reading the
+    eviction policy (CONFIG GET) on the caller's path cost the socket timeout (chaos suite:
+    a slot waited 3.7 s with max_wait 2, until the thaw)."""
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 2}}, "local")
+    freeze(server)
+    started = time.monotonic()
+    with fleet.slot("tool", max_wait=2) as slot:
+        assert is_local_lease(slot.lease_id)
+    assert time.monotonic() - started < HEALTH_S + 0.9
