@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_fleet import Fleet, Throttled
+from celery_fleet import Fleet, Slot, Throttled
 from celery_fleet.fallback import RETRY_S, is_local_lease
 from celery_fleet.store import HEALTH_S
 from celery_fleet.testing.redis_server import RedisServer
@@ -274,3 +274,54 @@ def test_slots_refused_by_the_policy_owe_redis_nothing(server: RedisServer) -> N
             fleet.slot("tool", max_wait=2).acquire()
     owed = sorted(item.kind for item in fleet.admission.replays.take())
     assert owed == ["ask", "leave"], owed
+
+
+def test_a_local_slot_entered_at_the_hand_over_is_not_released_by_the_replay(
+    server: RedisServer,
+) -> None:
+    """Asks that met the frozen Redis are admitted locally as ``local.<ticket>``; at the
+    hand-over those slots, still held, enter Redis's semaphore as leases ending in
+    ``.local.<ticket>``. The replay then looks up each ask's own lease by its ticket: it
+    must not take the entered lease for it and release a slot that is still held (the cap
+    would be exceeded by every such slot: Sentinel failovers ran 7-8 calls against 4)."""
+    cap = 4
+    fleet = fleet_on(server, {"tool": {"max_in_flight": cap, "lease": 30}}, "local")
+    fleet.release(fleet.try_acquire("tool"))  # connected; the last count seen: 1 of 4
+    freeze(server)
+    held: list[Slot] = []
+    start = threading.Barrier(3)
+
+    def enter() -> None:
+        start.wait()  # one ask carries the round trip; the others queue behind it
+        held.append(fleet.slot("tool", max_wait=5).acquire())
+
+    threads = [threading.Thread(target=enter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(held) == 3 and all(is_local_lease(s.lease_id) for s in held), held
+    thaw(server)
+    # Asks go on until the fleet has handed over and the replay has sent what it owed.
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        if not fleet.store_down.down and not len(fleet.admission.replays):
+            break
+        decision = fleet.try_acquire("tool")
+        if decision:
+            fleet.release(decision)
+        time.sleep(0.1)
+    assert not fleet.store_down.down and not len(fleet.admission.replays)
+    admitted = []
+    for _ in range(cap):  # as many as Redis lets through next to the 3 still held
+        decision = fleet.try_acquire("tool")
+        if decision:
+            admitted.append(decision)
+    in_redis = leases(server, "tool")
+    for decision in admitted:
+        fleet.release(decision)
+    for slot in held:
+        slot.release()
+    assert len(admitted) + len(held) <= cap, f"{len(admitted)} admitted next to 3 held"
+    assert in_redis == cap, in_redis
+    assert leases(server, "tool") == 0  # the entered slots left Redis as they were given back
