@@ -22,7 +22,7 @@
 -- ARGV[3]  order: first-asked time (ms, Redis clock; 0 = now), the caller's age in line
 -- ARGV[4]  join: 1 = a refused caller takes (or keeps) a ticket; 0 = ask once, no ticket;
 --          3 and 2 are the same asked again after the connection dropped under the first
---          ask: if that one admitted (a lease ending in ".<id>" is held), its lease is the
+--          ask: if that one admitted (a lease "<record>.<id>" is held), its lease is the
 --          answer, so a resend never charges twice; 4 only looks that lease up (an ask
 --          cancelled in flight): its lease, or a refusal ("gone") that changes nothing
 -- ARGV[5]  lane (0 for now: the order key leaves room for priority lanes)
@@ -54,9 +54,13 @@ local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
 local join = ARGV[4] == '1' or ARGV[4] == '3'
 if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
+  -- Its lease is "<µs>.<n>.<tokens>.<id>": the id must be all that follows the record.
+  -- A local slot entered at a hand-over (charge.lua) is "<µs>.<n>.<tokens>.local.<id>",
+  -- held by the caller that was admitted locally: never the answer to this ask.
   local suffix = '.' .. id
   for _, held in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if string.sub(held, -#suffix) == suffix then
+    if string.sub(held, -#suffix) == suffix
+        and string.find(string.sub(held, 1, -#id - 1), '^%d+%.%d+%.%d+%.$') then
       local probe = 0
       if redis.call('HGET', KEYS[4], 'probe') == held then probe = 1 end
       return {1, 0, held, redis.call('ZCARD', KEYS[2]), now_us, probe, 0, 0}

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_fleet import Fleet, StoreUnavailable, Throttled
-from celery_fleet.fallback import RETRY_S, is_local_lease
+from celery_fleet import Fleet, Slot, StoreUnavailable, Throttled
+from celery_fleet.decision import new_lease_id
+from celery_fleet.fallback import HANDOVER_S, RETRY_S, is_local_lease
 from celery_fleet.store import HEALTH_S
 from celery_fleet.testing.redis_server import RedisServer
 
@@ -141,10 +142,11 @@ def test_an_ask_that_timed_out_is_released_when_redis_thaws(server: RedisServer)
         assert is_local_lease(slot.lease_id)  # the ask to Redis timed out
     thaw(server)
     time.sleep(RETRY_S + 0.1)
-    deadline, held = time.monotonic() + 5.0, -1
+    deadline, held = time.monotonic() + RETRY_S + HANDOVER_S + 5.0, -1
     while time.monotonic() < deadline:
         with fleet.slot("tool", max_wait=2) as slot:  # traffic goes on after the thaw
-            assert not is_local_lease(slot.lease_id)
+            # local only until the fleet's hand-over, 2 s after Redis first answers
+            assert not is_local_lease(slot.lease_id) or fleet.store_down.down
         held = leases(server, "tool")
         if held == 0:
             break
@@ -168,14 +170,18 @@ def test_releases_made_during_the_outage_are_replayed_when_it_answers(
     assert time.monotonic() - began < 0.5  # a known outage: no Redis call on the way out
     thaw(server)
     assert leases(server, "tool") == 2  # Redis never heard of the releases
+    thawed = time.monotonic()
     time.sleep(RETRY_S + 0.1)
-    began = time.monotonic()
+    while fleet.store_down.down and time.monotonic() - thawed < 15.0:
+        fleet.slot("tool", max_wait=2).acquire().release()  # local until the hand-over
+        time.sleep(0.1)
     a = fleet.slot("tool", max_wait=5).acquire()
     b = fleet.slot("tool", max_wait=5).acquire()
     try:
-        # Both through Redis, at once: the cap freed when Redis answered, not at the TTL.
+        # Both through Redis, at once: the cap freed when Redis answered (and the fleet
+        # handed over), not at the lease TTL (30 s).
         assert not is_local_lease(a.lease_id) and not is_local_lease(b.lease_id)
-        assert time.monotonic() - began < 3.0
+        assert time.monotonic() - thawed < RETRY_S + HANDOVER_S + 5.0
         assert leases(server, "tool") == 2
     finally:
         a.release()
@@ -309,3 +315,72 @@ def test_a_process_whose_first_call_meets_a_frozen_redis_waits_no_longer(
     with fleet.slot("tool", max_wait=2) as slot:
         assert is_local_lease(slot.lease_id)
     assert time.monotonic() - started < HEALTH_S + 0.9
+
+
+def test_a_local_slot_entered_at_the_hand_over_is_not_released_by_the_replay(
+    server: RedisServer,
+) -> None:
+    """Asks that met the frozen Redis are admitted locally as ``local.<ticket>``; at the
+    hand-over those slots, still held, enter Redis's semaphore as leases ending in
+    ``.local.<ticket>``. The replay then looks up each ask's own lease by its ticket: it
+    must not take the entered lease for it and release a slot that is still held (the cap
+    would be exceeded by every such slot: Sentinel failovers ran 7-8 calls against 4)."""
+    cap = 4
+    fleet = fleet_on(server, {"tool": {"max_in_flight": cap, "lease": 30}}, "local")
+    fleet.release(fleet.try_acquire("tool"))  # connected; the last count seen: 1 of 4
+    freeze(server)
+    held: list[Slot] = []
+    start = threading.Barrier(3)
+
+    def enter() -> None:
+        start.wait()  # one ask carries the round trip; the others queue behind it
+        held.append(fleet.slot("tool", max_wait=5).acquire())
+
+    threads = [threading.Thread(target=enter) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(held) == 3 and all(is_local_lease(s.lease_id) for s in held), held
+    thaw(server)
+    # Asks go on until the fleet has handed over and the replay has sent what it owed.
+    deadline = time.monotonic() + 20.0
+    while time.monotonic() < deadline:
+        if not fleet.store_down.down and not len(fleet.admission.replays):
+            break
+        decision = fleet.try_acquire("tool")
+        if decision:
+            fleet.release(decision)
+        time.sleep(0.1)
+    assert not fleet.store_down.down and not len(fleet.admission.replays)
+    admitted = []
+    for _ in range(cap):  # as many as Redis lets through next to the 3 still held
+        decision = fleet.try_acquire("tool")
+        if decision:
+            admitted.append(decision)
+    in_redis = leases(server, "tool")
+    for decision in admitted:
+        fleet.release(decision)
+    for slot in held:
+        slot.release()
+    assert len(admitted) + len(held) <= cap, f"{len(admitted)} admitted next to 3 held"
+    assert in_redis >= len(admitted) + len(held), in_redis  # the held slots still count
+
+
+def test_an_asks_look_up_and_resend_find_only_its_own_lease(server: RedisServer) -> None:
+    """The look-up (and the resend after a dropped connection) of ticket T answers with
+    the lease T's ask made, not with a local slot ``local.T`` entered at a hand-over."""
+    fleet = fleet_on(server, {"tool": {"max_in_flight": 4}}, "local")
+    keys = fleet.admission.keys("tool")
+    ticket = new_lease_id()
+    # the local slot of T's caller, entered into the semaphore as charge.lua does it
+    fleet.store.run("charge", [keys.ctl, keys.leases], [0, 30_000, f"local.{ticket}", 0])
+    (gone,) = fleet.store.send(fleet.admission.lookup_command("tool", ticket))
+    assert gone[0] == 0 and gone[2] == b"gone", gone
+    ask = fleet.admission.acquire_command("tool", 0, ticket, retry=True)
+    (admitted,) = fleet.store.send(ask)
+    lease = admitted[2].decode()
+    assert admitted[0] == 1 and lease.endswith(f".0.{ticket}"), admitted  # a new one
+    (found,) = fleet.store.send(fleet.admission.lookup_command("tool", ticket))
+    assert found[0] == 1 and found[2].decode() == lease, found
+    assert leases(server, "tool") == 2
