@@ -211,7 +211,9 @@ class StoreDown:
         #: error: more likely a wrong ``fleet_redis_url`` than an outage).
         self.ever_answered = False
         # local lease -> (leases key, the lease entered for it in Redis at the hand-over)
-        self._entered: dict[str, tuple[str, str]] = {}
+        #: Local lease -> the Redis lease entered for it at the hand-over (None: being
+        #: entered now, by the switch or the moment's timer: never both).
+        self._entered: dict[str, tuple[str, str] | None] = {}
         self._store: _Store | None = None
         #: The admission whose asks this policy answers (set by Fleet, or the first ask):
         #: answered() looks for the hand-over through it.
@@ -396,13 +398,17 @@ class StoreDown:
                 yield from admission.empty_missing_steps()
             owed = self.local.owed(time.time() * 1000.0)
             for name, cfg in self.limits.items():
-                windows, held = owed.get(name, []), self._not_entered(name)
+                windows, held = owed.get(name, []), self._reserve(name)
                 if not windows and not held:
                     continue
                 keys = admission.keys(name)
                 args = [len(windows) // 2, *windows, int(cfg.lease_s * 1000)]
                 args += [x for lease, tokens in held for x in (lease, tokens)]
-                reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+                try:
+                    reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+                except BaseException:
+                    self._unreserve(held)
+                    raise
                 charged += int(reply[0])
                 self._record_entered(name, keys.leases, held, reply[1:])
         except FleetError as exc:
@@ -416,6 +422,9 @@ class StoreDown:
         with self._lock:
             since, self.down_since = self.down_since, None
             self._switching, self._switch_at = False, None
+        # Slots other threads took locally while the charge was on its way: from now on
+        # every ask goes to Redis, so these are the last; they enter its semaphore too.
+        yield from self._enter_steps(admission)
         log.warning(
             "celery-fleet: back on the fleet's Redis after %.1f s; admission is shared "
             "again (%d window(s) charged with this process's local calls)",
@@ -428,24 +437,44 @@ class StoreDown:
         """At the hand-over moment (a timer thread): enter the local slots held now into
         Redis's semaphore, also when nobody in this process asks (all busy with them)."""
         self._store = admission.store
+        with self._lock:
+            if self.down_since is None or self._switching:
+                return
+        drive(self._enter_steps(admission), admission.store)
+
+    def _enter_steps(self, admission: _Admission) -> Steps[None]:
+        """Enter the local slots held now (each once) into Redis's semaphore, until they
+        are given back; on an error the rest wait for the next try (or end locally)."""
         for name, cfg in self.limits.items():
-            with self._lock:
-                if self.down_since is None or self._switching:
-                    return
-            held = self._not_entered(name)
+            held = self._reserve(name)
             if not held:
                 continue
             keys = admission.keys(name)
             args = [0, int(cfg.lease_s * 1000), *(x for lease, t in held for x in (lease, t))]
             try:
-                reply = admission.store.run("charge", [keys.ctl, keys.leases], args)
-            except FleetError as exc:  # the switch at the next ask enters them
+                reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+            except FleetError as exc:
+                self._unreserve(held)
                 log.debug("celery-fleet: could not enter local slots of %r: %s", name, exc)
                 return
             self._record_entered(name, keys.leases, held, reply[1:])
 
-    def _not_entered(self, limit: str) -> list[tuple[str, int]]:
-        return [(lease, t) for lease, t in self.local.leases(limit) if lease not in self._entered]
+    def _reserve(self, limit: str) -> list[tuple[str, int]]:
+        """The local slots of ``limit`` not entered into Redis yet, marked as being entered
+        (the switch and the moment's timer may run at once: each slot is entered once)."""
+        with self._lock:
+            leases = self.local.leases(limit)
+            held = [(lease, t) for lease, t in leases if lease not in self._entered]
+            for lease, _tokens in held:
+                self._entered[lease] = None
+        return held
+
+    def _unreserve(self, held: list[tuple[str, int]]) -> None:
+        """Slots whose entering failed: the next switch enters them."""
+        with self._lock:
+            for lease, _tokens in held:
+                if lease in self._entered and self._entered[lease] is None:
+                    del self._entered[lease]
 
     def _record_entered(
         self, limit: str, key: str, held: list[tuple[str, int]], entered: list[Any]

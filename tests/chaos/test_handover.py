@@ -176,7 +176,7 @@ def test_local_slots_held_at_the_hand_over_count_in_redis_until_given_back(
     switch_at = a.store_down._switch_at
     assert switch_at is not None
     # a asks nothing more (busy with its slot): at the moment the slot enters Redis anyway
-    time.sleep(max(0.0, switch_at + 0.3 - time.monotonic()))
+    time.sleep(max(0.0, switch_at + 1.0 - time.monotonic()))  # the timer may run late
     got = b.try_acquire("tool")
     assert got and not b.try_acquire("tool")  # 2 of 2: b's and a's local slot
     refused = a.try_acquire("tool")  # a's own switch: its slot is not entered twice
@@ -186,6 +186,70 @@ def test_local_slots_held_at_the_hand_over_count_in_redis_until_given_back(
     assert again
     for x in (got, again):
         b.release(x)
+
+
+def test_the_timer_entering_as_the_switch_starts_enters_nothing_twice(
+    server: RedisServer,
+) -> None:
+    """The moment's timer passed its check just before an ask began the switch: both look
+    for local slots not entered yet, and each slot must be entered once (twice, it would
+    hold two units of the cap until its lease TTL)."""
+    (a,) = fleets_on(server, 1, {"tool": {"max_in_flight": 4, "lease": 30}})
+    a.expected_processes = 1
+    server.stop()
+    held = [a.slot("tool", max_wait=0).acquire() for _ in range(2)]
+    server.start()
+    switch = a.store_down._switch(a.admission)
+    call = next(switch)  # the switch's charge, with both slots, not sent yet
+    a.store_down._enter_at_moment(a.admission)  # the timer, past its check
+    try:
+        while True:
+            call = switch.send(a.store.run(call.script, call.keys, call.args))
+    except StopIteration:
+        pass
+    client = redis.Redis.from_url(server.url)
+    try:
+        assert client.zcard("{edge:tool}:leases") == 2  # not 4
+    finally:
+        client.close()
+    for slot in held:
+        slot.release()
+
+
+def test_a_slot_taken_locally_during_the_switch_enters_redis_too(
+    server: RedisServer,
+) -> None:
+    """A slot another thread takes locally while the switch's charge is on its way (asks
+    still go by the policy until the switch is done) must enter Redis too, or the cap is
+    exceeded by it; the timer, finding the switch under way, enters nothing."""
+    (a,) = fleets_on(server, 1, {"tool": {"max_in_flight": 4, "lease": 30}})
+    a.expected_processes = 1
+    server.stop()
+    held = [a.slot("tool", max_wait=0).acquire() for _ in range(2)]
+    assert all(is_local_lease(s.lease_id) for s in held)
+    server.start()
+    down = a.store_down
+    down._switching = True  # as back_steps sets it for the ask that switches
+    switch = down._switch(a.admission)
+    call = next(switch)  # the charge, with both slots, not sent yet
+    assert call.script == "charge"
+    down._enter_at_moment(a.admission)  # the timer, meanwhile
+    # another thread's ask meanwhile: still answered locally (the switch is not done)
+    held.append(a.slot("tool", max_wait=0).acquire())
+    assert is_local_lease(held[-1].lease_id)
+    try:
+        while True:
+            call = switch.send(a.store.run(call.script, call.keys, call.args))
+    except StopIteration:
+        pass
+    client = redis.Redis.from_url(server.url)
+    try:
+        # each local slot once: not 4 (entered twice), not 2 (the last one left out)
+        assert client.zcard("{edge:tool}:leases") == 3
+    finally:
+        client.close()
+    for slot in held:
+        slot.release()
 
 
 def test_a_process_that_does_not_ask_learns_the_moment_from_its_presence_record(
