@@ -102,6 +102,9 @@ class Presence:
             info = self.store.call("INFO", "server")
         except Exception:  # not this round
             return None
+        if isinstance(info, dict):  # redis-py parses INFO into a dict
+            run_id = info.get("run_id")
+            return str(run_id) if run_id else None
         text = info.decode() if isinstance(info, bytes) else str(info)
         for line in text.splitlines():
             if line.startswith("run_id:"):

@@ -336,6 +336,11 @@ def test_connection_killed_with_posted_replies_unread(
     admin = redis.Redis.from_url(url)
     with fleet.slot("llm"):
         pass
+    # The first admission starts the presence record in the background; once it has read
+    # Redis's run_id its calls (which would read the posted reply) are 2 s apart.
+    deadline = time.monotonic() + 10
+    while fleet.presence.run_id is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     with fleet.slot("llm"):
         pass  # posted
     assert fleet.store.combiner._unread

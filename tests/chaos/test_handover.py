@@ -302,6 +302,22 @@ def test_a_moment_left_from_an_earlier_outage_is_not_reused(server: RedisServer)
     client.close()
 
 
+def test_a_redis_restarted_empty_is_told_from_one_that_was_only_away(
+    server: RedisServer,
+) -> None:
+    """Redis's run_id tells a restart (its windows are lost: they start empty at the
+    hand-over) from a pause. redis-py parses INFO into a dict, which the reader once took
+    for text: no restart was ever seen, and a restarted Redis granted full buckets."""
+    (fleet,) = fleets_on(server, 1, {"llm": {"rpm": 600}})
+    assert fleet.presence.renew() is not None  # records this process, and Redis's run_id
+    assert fleet.presence.run_id
+    assert not fleet.presence.redis_restarted()
+    server.stop()
+    server.start()  # the same port, empty
+    assert fleet.presence.redis_restarted()
+    assert not fleet.presence.redis_restarted()  # the new one is remembered
+
+
 # -- the start of an outage (defect 12, part) ----------------------------------------------
 
 
