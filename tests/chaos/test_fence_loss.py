@@ -6,21 +6,12 @@ Each test runs its own redis-server (no persistence) on a free port and restarts
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from celery_fleet import Fleet
 from celery_fleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 def test_lock_tokens_stay_above_every_earlier_one_after_an_empty_restart(

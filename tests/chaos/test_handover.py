@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -23,13 +24,6 @@ from celery_fleet.fallback import HANDOVER_S, RETRY_S, UNKNOWN_SHARE, handover_k
 from celery_fleet.testing.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 def fleets_on(server: RedisServer, n: int, limits: dict, **kw: object) -> list[Fleet]:  # type: ignore[type-arg]
@@ -188,6 +182,23 @@ def test_local_slots_held_at_the_hand_over_count_in_redis_until_given_back(
         b.release(x)
 
 
+def finish(switch: Any, call: Any, fleet: Fleet) -> None:
+    """Drive a hand-over's switch (a generator of script calls) from ``call`` to its end."""
+    try:
+        while True:
+            call = switch.send(fleet.store.run(call.script, call.keys, call.args))
+    except StopIteration:
+        pass
+
+
+def leases_in_redis(server: RedisServer, limit: str) -> int:
+    client = redis.Redis.from_url(server.url)
+    try:
+        return int(client.zcard(f"{{edge:{limit}}}:leases"))
+    finally:
+        client.close()
+
+
 def test_the_timer_entering_as_the_switch_starts_enters_nothing_twice(
     server: RedisServer,
 ) -> None:
@@ -202,16 +213,8 @@ def test_the_timer_entering_as_the_switch_starts_enters_nothing_twice(
     switch = a.store_down._switch(a.admission)
     call = next(switch)  # the switch's charge, with both slots, not sent yet
     a.store_down._enter_at_moment(a.admission)  # the timer, past its check
-    try:
-        while True:
-            call = switch.send(a.store.run(call.script, call.keys, call.args))
-    except StopIteration:
-        pass
-    client = redis.Redis.from_url(server.url)
-    try:
-        assert client.zcard("{edge:tool}:leases") == 2  # not 4
-    finally:
-        client.close()
+    finish(switch, call, a)
+    assert leases_in_redis(server, "tool") == 2  # not 4
     for slot in held:
         slot.release()
 
@@ -237,17 +240,9 @@ def test_a_slot_taken_locally_during_the_switch_enters_redis_too(
     # another thread's ask meanwhile: still answered locally (the switch is not done)
     held.append(a.slot("tool", max_wait=0).acquire())
     assert is_local_lease(held[-1].lease_id)
-    try:
-        while True:
-            call = switch.send(a.store.run(call.script, call.keys, call.args))
-    except StopIteration:
-        pass
-    client = redis.Redis.from_url(server.url)
-    try:
-        # each local slot once: not 4 (entered twice), not 2 (the last one left out)
-        assert client.zcard("{edge:tool}:leases") == 3
-    finally:
-        client.close()
+    finish(switch, call, a)
+    # each local slot once: not 4 (entered twice), not 2 (the last one left out)
+    assert leases_in_redis(server, "tool") == 3
     for slot in held:
         slot.release()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,13 +19,6 @@ from celery_fleet.presence import Presence
 from celery_fleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 def fleet_on(server: RedisServer, limits: dict, **kw: object) -> Fleet:  # type: ignore[type-arg]

@@ -6,7 +6,6 @@ Each test runs its own redis-server on a free port and restarts it; 6379 is neve
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,13 +14,6 @@ from celery_fleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 LIMITS = {"tool": {"max_in_flight": 4, "lease": 3}}  # renewed every 1 s
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    yield srv
-    srv.stop()
 
 
 def restart_empty(server: RedisServer) -> None:
