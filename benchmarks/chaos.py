@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from provenance import machine as _machine  # noqa: E402  (benchmarks/ is on sys.path)
+from provenance import out  # noqa: E402
 
 from celery_fleet.testing.chaos import Figures, format_table  # noqa: E402
 from tests.chaos.suite import SCENARIOS  # noqa: E402
@@ -49,21 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> str:
-    def out(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        except OSError:
-            return "?"
-
-    import celery
-
-    dirty = " + uncommitted changes" if out("git", "status", "--porcelain", "-uno") else ""
     redis_version = out("redis-server", "--version").split("v=")[-1].split(" ")[0] or "?"
-    return (
-        f"nproc {os.cpu_count()} ({platform.machine()}), Python {platform.python_version()}, "
-        f"Redis {redis_version}, celery {celery.__version__}, "
-        f"commit {out('git', 'rev-parse', '--short', 'HEAD')}{dirty}"
-    )
+    return _machine(redis_version)
 
 
 def markdown(rows: list[Figures], command: str, started: str) -> str:

@@ -45,8 +45,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -54,6 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from provenance import machine as _machine  # noqa: E402  (benchmarks/ is on sys.path)
 
 from example_project.demo import progress  # noqa: E402
 from example_project.goodput import (  # noqa: E402
@@ -229,30 +229,14 @@ def verdict(outcomes: list[Outcome]) -> list[str]:
 
 
 def machine() -> str:
-    def out(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        except OSError:
-            return "?"
-
-    import celery
     import redis
 
-    dirty = (
-        " + uncommitted changes"
-        if out("git", "status", "--porcelain", "--untracked-files=no")
-        else ""
-    )
     client = redis.Redis.from_url(redis_base())
     try:
         server = client.info("server").get("redis_version", "?")
     finally:
         client.close()
-    return (
-        f"nproc {os.cpu_count()} ({platform.machine()}), Python {platform.python_version()}, "
-        f"Redis {server}, celery {celery.__version__}, "
-        f"commit {out('git', 'rev-parse', '--short', 'HEAD')}{dirty}"
-    )
+    return _machine(server)
 
 
 def redis_base() -> str:
