@@ -52,8 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by path (its tests)
 
-from provenance import machine as _machine  # noqa: E402  (benchmarks/ is on sys.path)
+from provenance import machine as _machine  # noqa: E402
 
 from example_project.demo import progress  # noqa: E402
 from example_project.goodput import (  # noqa: E402
