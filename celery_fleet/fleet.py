@@ -285,8 +285,11 @@ class Fleet(AsyncMethods):
         return self._claims
 
     def history(self, key: str) -> list[dict[str, str]]:
-        """Every recorded event of idempotency key ``key``, oldest first: queued, running,
-        taken_over, succeeded, failed, released, queued (again, by a retry or reschedule)."""
+        """Every recorded event of idempotency key ``key``, oldest first: queued (with the
+        run's ``run_id``; ``lapsed`` when it replaced a publish never confirmed or a claim
+        whose worker died), publish_failed (the broker refused it: the key is free),
+        running, taken_over, succeeded, failed, released, worker_lost (its pool child died),
+        queued again (a retry or reschedule)."""
         return self.ledger.history(record_id_for(key))
 
     def key_record(self, key: str) -> dict[str, str]:
