@@ -63,7 +63,7 @@ import redis
 from peers import BUDGETS, LIMIT, TOKENS, Lean, LimitsIncr, LimitsLock
 
 from celery_fleet import Fleet
-from celery_fleet.store import mask_url, script_source
+from celery_fleet.store.sync import mask_url, script_source
 
 DB = 12
 HELD = "held"

@@ -100,7 +100,7 @@ def worker(cfg: dict[str, Any]) -> None:
         sys.path.insert(0, cfg["code"])
     import celery_fleet
     from celery_fleet import Fleet
-    from celery_fleet.admission import Admission
+    from celery_fleet.admission.core import Admission
 
     tl = threading.local()
     counts: Counter[str] = Counter()  # refusal reasons, errors, script calls; this process

@@ -28,7 +28,7 @@ from private_run import report as _report  # noqa: E402
 from private_run import writes as _writes  # noqa: E402  (benchmarks/ is on sys.path)
 
 from celery_fleet import Fleet  # noqa: E402
-from celery_fleet.signals import slot_admitted  # noqa: E402
+from celery_fleet.celery.signals import slot_admitted  # noqa: E402
 from celery_fleet.testing.redis_server import RedisServer, find_binary  # noqa: E402
 
 LIMITS = {"llm": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}}

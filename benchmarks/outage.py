@@ -112,8 +112,8 @@ def worker_app() -> Celery:
     from celery import signals
 
     from celery_fleet import Fleet, FleetTask, fleet_task
-    from celery_fleet.fallback import is_local_lease
-    from celery_fleet.signals import task_rescheduled
+    from celery_fleet.celery.signals import task_rescheduled
+    from celery_fleet.resilience.fallback import is_local_lease
     from example_project import model
 
     env = os.environ

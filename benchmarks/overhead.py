@@ -69,7 +69,7 @@ from overhead_ceiling import (
 )
 
 from celery_fleet import Fleet
-from celery_fleet.store import mask_url
+from celery_fleet.store.sync import mask_url
 
 DB = 15
 LIMIT, TOKENS = "llm", 100

@@ -43,7 +43,7 @@ import redis
 from peers import Lean
 
 from celery_fleet import Fleet
-from celery_fleet.store import SCRIPTS, script_source
+from celery_fleet.store.sync import SCRIPTS, script_source
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 Stats = tuple[dict[str, tuple[int, int]], float]  # command -> (calls, usec); Redis CPU s

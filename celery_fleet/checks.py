@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import re
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
+from typing import Any
 
 from .errors import ConfigError
 
@@ -158,3 +160,17 @@ def number(
         )
         raise ConfigError(f"{where} must be {bounds} (finite), got {_short(value)}")
     return v
+
+
+def import_object(path: str) -> Any:
+    """The object a dotted path names: ``"pkg.mod:attr"`` or ``"pkg.mod.attr"`` (as Celery
+    and kombu read them), imported now so that a typo fails where it is configured."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"{path!r} is not a 'module.attribute' path")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -27,40 +27,35 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import adaptive, signals
-from .admission import Admission, Decision, Release
-from .aslot import AsyncMethods
-from .backoff import decorrelated_jitter, full_jitter, spread
-from .breaker import Breaker
+from .admission import adaptive
+from .admission.aslot import AsyncMethods
+from .admission.backoff import decorrelated_jitter, full_jitter, spread
+from .admission.breaker import Breaker
+from .admission.config import LimitConfig
+from .admission.core import Admission, Decision, Release
+from .admission.guarded import Guard, guarded
+from .admission.run import Run, current_run
+from .admission.slot import Clock, LeaseKeeper, Slot, SystemClock
 from .checks import check_max_wait, number
-from .config import LimitConfig
-from .connect import ClientSource
-from .counters import Counters
-from .counters import watcher as counters_watcher
-from .deferred import Deferred
-from .election import DEFAULT_LEADER_LEASE_S, Callback, Leader
+from .coordination.election import DEFAULT_LEADER_LEASE_S, Callback, Leader
+from .coordination.locks import DEFAULT_LOCK_TTL_S, Lock
+from .coordination.records import DEFAULT_RECORD_MAX_BYTES, Record
+from .durability.deferred import Deferred
+from .durability.ledger import ClaimKeeper, Ledger, record_id_for
+from .durability.steps import Steps
 from .errors import ConfigError, FleetError
-from .fallback import UNKNOWN_SHARE, StoreDown, check_store, is_local_lease
-from .guarded import Guard, guarded
-from .ledger import ClaimKeeper, Ledger, record_id_for
-from .locks import DEFAULT_LOCK_TTL_S, Lock
-from .presence import Presence
-from .records import DEFAULT_RECORD_MAX_BYTES, Record
-from .run import Run, current_run
-from .settings import (
-    DEFAULT_MAX_COUNTDOWN_S,
-    DEFAULT_MAX_WAIT_S,
-    hide_url_password,
-    load_settings,
-)
-from .slot import Clock, LeaseKeeper, Slot, SystemClock
-from .steps import Steps
-from .store import RedisStore
+from .observability.counters import Counters
+from .observability.counters import watcher as counters_watcher
+from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store, is_local_lease
+from .resilience.presence import Presence
+from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
+from .store.connect import ClientSource
+from .store.sync import RedisStore
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .circuit import FleetCircuitBreaker
+    from .contrib.pybreaker import FleetCircuitBreaker
 
 __all__ = ["Fleet", "DEFAULT_MAX_WAIT_S", "DEFAULT_MAX_COUNTDOWN_S"]
 
@@ -68,7 +63,6 @@ log = logging.getLogger("celery_fleet")
 
 _SETTLED_MEMORY = 10_000  # leases whose last settled figure Fleet.settle remembers
 
-_by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
 _all: weakref.WeakSet[Fleet] = weakref.WeakSet()
 
 
@@ -79,7 +73,7 @@ class Fleet(AsyncMethods):
         app: the Celery app whose ``app.conf`` holds the ``fleet_*`` settings; optional.
         redis_url: overrides ``fleet_redis_url`` (default: the broker URL when it is Redis):
             ``redis://``, ``sentinel://`` (master name in ``fleet_redis_transport_options``)
-            or ``redis+cluster://`` (see :mod:`celery_fleet.connect`).
+            or ``redis+cluster://`` (see :mod:`celery_fleet.store.connect`).
         redis_client: overrides ``fleet_redis_client``: a ``redis.Redis`` or ``RedisCluster``,
             or a zero-argument factory of one, called again in each process after a fork.
         redis_transport_options: overrides ``fleet_redis_transport_options`` (``master_name``
@@ -169,28 +163,30 @@ class Fleet(AsyncMethods):
         self.admission.watchers.append(counters_watcher(self.counters))
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
-        if app is not None and redis_url is None:
-            hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none
+        #: How many processes or threads of this worker share the budgets (0: not a
+        #: worker); the Celery binding sets it, the store-down policy reads it.
+        self.local_concurrency: Callable[[], int] = lambda: 0
         if app is not None:
-            _by_app[app] = self
-            signals.install(_reset_all_connections)
-            signals.at_worker_ready(_check_at_start)
-            self.check_app_tasks(app)
-            self.on_breaker_change(signals.breaker_announcer(app))
-            self.admission.watchers.append(signals.slot_watcher(app))
+            from .celery.app import bind  # the only way in to the Celery glue
+
+            bind(self, app, url_given=redis_url is not None)
 
     # -- lookup -----------------------------------------------------------------------
 
     @classmethod
     def for_app(cls, app: Celery) -> Fleet:
-        """The Fleet created for ``app``, or a new one built from ``app.conf``."""
-        fleet = _by_app.get(app)
-        return fleet if fleet is not None else cls(app)
+        """The Fleet created for ``app``, or a new one built from ``app.conf``
+        (see :func:`celery_fleet.celery.app.fleet_for`)."""
+        from .celery.app import fleet_for
+
+        return fleet_for(app)
 
     @classmethod
     def registered(cls, app: Celery) -> Fleet | None:
         """The Fleet created for ``app``, if any (never creates one)."""
-        return _by_app.get(app)
+        from .celery.app import registered
+
+        return registered(app)
 
     @staticmethod
     def all() -> list[Fleet]:
@@ -259,7 +255,7 @@ class Fleet(AsyncMethods):
         """A decorator running each call of a plain function in ``slot(name, ...)``: a
         bulkhead for a tool. ``tokens`` is an int or a callable of the function's
         arguments; ``usage(result)`` settles the reservation (see
-        :func:`celery_fleet.guarded.guarded`). Arguments are checked here.
+        :func:`celery_fleet.admission.guarded.guarded`). Arguments are checked here.
 
         Example::
 
@@ -298,9 +294,9 @@ class Fleet(AsyncMethods):
 
     def stagger(self, signatures: Iterable[Any], over: float, *, seed: int | None = None) -> Any:
         """Publish ``signatures`` with countdowns spread evenly over ``over`` seconds and
-        return their :class:`celery.result.GroupResult` (see :func:`celery_fleet.stagger.
+        return their :class:`celery.result.GroupResult` (see :func:`celery_fleet.celery.stagger.
         stagger`): a fan-out that reaches the workers at a steady rate, not as a herd."""
-        from .stagger import stagger
+        from .celery.app import stagger
 
         return stagger(signatures, over, seed=seed, app=self.app)
 
@@ -376,7 +372,7 @@ class Fleet(AsyncMethods):
         **pybreaker_options: Any,
     ) -> FleetCircuitBreaker:
         """A ``pybreaker.CircuitBreaker`` whose state is the fleet-wide breaker of limit
-        ``name`` (see :mod:`celery_fleet.circuit`; needs the ``[pybreaker]`` extra).
+        ``name`` (see :mod:`celery_fleet.contrib.pybreaker`; needs the ``[pybreaker]`` extra).
 
         Example::
 
@@ -385,7 +381,7 @@ class Fleet(AsyncMethods):
             @breaker
             def search(query): ...
         """
-        from .circuit import FleetCircuitBreaker
+        from .contrib.pybreaker import FleetCircuitBreaker
 
         # ``name`` is positional-only so that ``circuit_breaker("x", name="x")`` reaches the
         # option check (a ConfigError) instead of Python's TypeError; ``name=`` still works.
@@ -450,13 +446,13 @@ class Fleet(AsyncMethods):
     def share_of_budgets(self) -> int:
         """How many processes share the budgets while Redis is unreachable:
         ``fleet_expected_processes``, else the live count this process last read, else a
-        conservative guess, :data:`~celery_fleet.fallback.UNKNOWN_SHARE` or the worker's
+        conservative guess, :data:`~celery_fleet.resilience.fallback.UNKNOWN_SHARE` or the worker's
         pool concurrency if larger (logged: never a whole budget per process)."""
         if self.expected_processes is not None:
             return self.expected_processes
         if self.presence.last_count is not None:
             return self.presence.last_count
-        share = max(UNKNOWN_SHARE, signals.pool_concurrency())
+        share = max(UNKNOWN_SHARE, self.local_concurrency())
         log.warning(
             "celery-fleet: no count of live fleet processes yet; the local limiter takes "
             "1/%d of each budget in this process. Set fleet_expected_processes.",
@@ -494,24 +490,6 @@ class Fleet(AsyncMethods):
                 self.store_down.policy,
             )
 
-    def check_app_tasks(self, app: Celery) -> None:
-        """Validate every fleet task of ``app`` if it is already finalized, naming all bad ones.
-
-        Tasks bound later are checked by ``FleetTask.on_bound`` as the app finalizes.
-        """
-        if not app.finalized:
-            return
-        problems = []
-        for task in list(app.tasks.values()):
-            limit = getattr(task, "fleet_limit", None)
-            tokens = getattr(task, "fleet_tokens", 0)
-            try:
-                self.check_task_options(task.name, limit, tokens)
-            except ConfigError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise ConfigError("; ".join(problems))
-
     def check_task_options(self, task_name: str, limit: str | None, tokens: int) -> None:
         """Validate a task's ``limit``/``tokens`` against this fleet's limits."""
         if limit is None:
@@ -527,8 +505,9 @@ class Fleet(AsyncMethods):
 
     def lock(self, name: str, ttl: float = DEFAULT_LOCK_TTL_S) -> Lock:
         """A lease lock on ``name`` shared by every process on this fleet's Redis, renewed
-        while held, with a fencing token per acquisition (see :class:`~celery_fleet.locks.
-        Lock`): ``with fleet.lock("reindex", ttl=30) as lock: write(fence=lock.token)``."""
+        while held, with a fencing token per acquisition (see
+        :class:`~celery_fleet.coordination.locks.Lock`):
+        ``with fleet.lock("reindex", ttl=30) as lock: write(fence=lock.token)``."""
         return Lock(self.store, self.namespace, name, ttl, clock=self.clock)
 
     def leader(
@@ -539,7 +518,7 @@ class Fleet(AsyncMethods):
         on_lost: Callback | None = None,
     ) -> Leader:
         """A candidate in the leader election of ``name`` (not started: ``start()`` it, or
-        use it as a context manager); see :class:`~celery_fleet.election.Leader`."""
+        use it as a context manager); see :class:`~celery_fleet.coordination.election.Leader`."""
         return Leader(
             self.store, self.namespace, name, lease, on_elected, on_lost, clock=self.clock
         )
@@ -548,7 +527,8 @@ class Fleet(AsyncMethods):
         self, name: str, ttl: float | None = None, max_bytes: int = DEFAULT_RECORD_MAX_BYTES
     ) -> Record:
         """The versioned record ``name``: ``get()`` -> ``(value, version)``,
-        ``compare_and_set(version, value)`` (see :class:`~celery_fleet.records.Record`)."""
+        ``compare_and_set(version, value)`` (see
+        :class:`~celery_fleet.coordination.records.Record`)."""
         return Record(self.store, self.namespace, name, ttl, max_bytes)
 
     def reset_connections(self) -> None:
@@ -569,20 +549,6 @@ def _check_decision(decision: object, what: str) -> str:
     if not decision.allowed or decision.lease_id is None:
         raise ConfigError(f"{what}() needs an admitted decision (it holds no lease)")
     return decision.lease_id
-
-
-def _check_at_start(app: Any) -> None:
-    """In a worker's main process, once ready: log each of its app's Fleets whose Redis
-    does not answer (a wrong ``fleet_redis_url`` otherwise shows only as warnings)."""
-    for fleet in Fleet.all():
-        if fleet.app is app:
-            fleet.check_at_start()
-
-
-def _reset_all_connections() -> None:
-    """In a new worker child: every Fleet forgets the Redis client it inherited."""
-    for fleet in Fleet.all():
-        fleet.reset_connections()
 
 
 FOREVER = math.inf

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from .admission.config import LimitConfig, parse_limits
 from .checks import MAX_SECONDS, check_max_wait, check_name, check_port, number, suggest
-from .config import LimitConfig, parse_limits
-from .connect import SCHEMES, check_transport_options, own_client, sentinel_options_of
+from .durability.steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
 from .errors import ConfigError
-from .fallback import check_policy
-from .steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
-from .store import HEALTH_S, has_password, mask_url
+from .resilience.fallback import check_policy
+from .store.connect import SCHEMES, check_transport_options, own_client, sentinel_options_of
+from .store.sync import HEALTH_S, has_password, mask_url
 
 __all__ = [
     "FleetSettings",

@@ -8,7 +8,7 @@ rescheduled (THROTTLED) a few times, runs a few ``model`` tasks to completion an
 three long ones in flight (3/3), then drives headless Chromium (selenium) to save:
 
 - ``docs/flower-worker-fleet.png``: the worker page, "Other" tab: the ``fleet`` row
-  (each limit's state, from ``celery_fleet.metrics.InfoStep``);
+  (each limit's state, from ``celery_fleet.observability.metrics.InfoStep``);
 - ``docs/flower-task-throttled.png``: the throttled task's page (its ``task-throttled``
   event's "THROTTLED: ..." exception).
 
@@ -35,7 +35,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, fleet_task
-from celery_fleet.status import fleet_status
+from celery_fleet.observability.status import fleet_status
 from celery_fleet.testing.redis_server import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/7"

@@ -37,7 +37,7 @@ from celery import signals
 from celery.schedules import crontab
 
 from celery_fleet import FleetTask, fleet_task, jittered
-from celery_fleet.signals import task_rescheduled
+from celery_fleet.celery.signals import task_rescheduled
 
 from . import model
 from .app import app

@@ -151,7 +151,7 @@ def _count_reschedule(sender: Any = None, **_: Any) -> None:
 
 
 try:  # the new package announces reschedules; the old one raised Celery's Retry
-    from celery_fleet.signals import task_rescheduled
+    from celery_fleet.celery.signals import task_rescheduled
 except ImportError:
     signals.task_retry.connect(_count_reschedule, weak=False)
 else:

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from celery_fleet import ConfigError, Fleet, QuotaExhausted, Throttled
-from celery_fleet.config import parse_limits
+from celery_fleet.admission.config import parse_limits
 
 MakeFleet = Callable[..., Fleet]
 REQ = httpx.Request("POST", "http://sim/v1/chat/completions")

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from celery_fleet import ConfigError, Fleet, StoreUnavailable
-from celery_fleet.admission import Admission
+from celery_fleet.admission.core import Admission
 from celery_fleet.testing.redis_server import free_port
 
 MakeFleet = Callable[..., Fleet]
@@ -221,7 +221,7 @@ def test_a_wait_beyond_any_int_is_clamped_not_an_overflow(
     """A TAT or pause far in the future (written by an older version, or by hand) gives a
     long but finite wait_ms; slot() raises Throttled, not OverflowError."""
     from celery_fleet import Throttled
-    from celery_fleet.decision import MAX_WAIT_MS
+    from celery_fleet.admission.decision import MAX_WAIT_MS
 
     fleet = make_fleet({"llm": {"tpm": 100_000}})
     rclient.hset(fleet.admission.keys("llm").ctl, "t:60", "1e300")
@@ -242,7 +242,7 @@ def test_a_huge_retry_after_pauses_ten_minutes_at_most(make_fleet: MakeFleet) ->
 
 
 def test_absurd_provider_headers_cannot_block_for_long(make_fleet: MakeFleet) -> None:
-    from celery_fleet.providers import Observation
+    from celery_fleet.admission.providers import Observation
 
     fleet = make_fleet({"llm": {"rpm": 600, "tpm": 60_000}})
     obs = Observation(

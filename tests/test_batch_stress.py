@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from celery_fleet import Fleet
-from celery_fleet.batch import Combiner
 from celery_fleet.errors import StoreUnavailable, Throttled
+from celery_fleet.store.combiner import Combiner
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 

@@ -23,7 +23,7 @@ from celery import Celery, beat, signals
 from celery.schedules import crontab, schedule
 
 from celery_fleet import ConfigError, jitter_options, jittered
-from celery_fleet.beat import Jittered
+from celery_fleet.celery.beat import Jittered
 
 UTC = dt.timezone.utc
 START = dt.datetime(2026, 11, 26, 1, 59, 0, tzinfo=UTC)

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from celery_fleet import CircuitOpen, ConfigError, Fleet, Throttled
-from celery_fleet.config import parse_limits
+from celery_fleet.admission.config import parse_limits
 
 MakeFleet = Callable[..., Fleet]
 REQ = httpx.Request("POST", "http://sim/v1/chat/completions")
@@ -247,7 +247,7 @@ def test_a_breaker_change_is_sent_as_a_fleet_breaker_event(redis_url: str, names
     """The README's promise: an event receiver (as Flower or `celery events` run) sees it."""
     from celery import Celery
 
-    from celery_fleet.signals import breaker_state_changed
+    from celery_fleet.celery.signals import breaker_state_changed
     from example_project.herd import BreakerEvents, close_app
 
     app = Celery("events-test", broker=redis_url, set_as_current=False)

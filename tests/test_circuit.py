@@ -18,7 +18,7 @@ import pybreaker
 import pytest
 
 from celery_fleet import CircuitOpen, ConfigError, Fleet
-from celery_fleet.circuit import CircuitBreakerOpen, FleetCircuitBreaker
+from celery_fleet.contrib.pybreaker import CircuitBreakerOpen, FleetCircuitBreaker
 
 MakeFleet = Callable[..., Fleet]
 REQ = httpx.Request("POST", "http://sim/v1/search")

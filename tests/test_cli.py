@@ -19,8 +19,8 @@ from celery import Celery
 from click.testing import CliRunner, Result
 
 from celery_fleet import Fleet
-from celery_fleet.cli import fleet as fleet_cli
-from celery_fleet.ledger import record_id_for
+from celery_fleet.durability.ledger import record_id_for
+from celery_fleet.observability.cli import fleet as fleet_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from celery_fleet import ConfigError
-from celery_fleet.config import parse_limits
+from celery_fleet.admission.config import parse_limits
 
 
 def test_shorthands_and_rate_strings() -> None:
@@ -115,7 +115,7 @@ def test_tokens_on_a_limit_without_token_budget() -> None:
 
 
 def test_default_burst_is_a_tenth_of_a_window_and_never_below_one_request() -> None:
-    from celery_fleet.config import DEFAULT_BURST
+    from celery_fleet.admission.config import DEFAULT_BURST
 
     assert DEFAULT_BURST == 0.1
     cfg = parse_limits({"x": {"rpm": 60, "tpm": 90_000}, "y": {"rpm": 5}})

@@ -14,9 +14,9 @@ import pytest
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet
-from celery_fleet.deferred import Deferred
-from celery_fleet.reschedule import decode, encode
-from celery_fleet.store import RedisStore
+from celery_fleet.celery.reschedule import decode, encode
+from celery_fleet.durability.deferred import Deferred
+from celery_fleet.store.sync import RedisStore
 
 MakeFleet = Callable[..., Fleet]
 
@@ -135,7 +135,7 @@ def test_a_forged_item_is_never_published_and_dropped_at_once(
 ) -> None:
     """Anyone who could write to the fleet's Redis made the pump publish any task with any
     arguments; now an item without the fleet's signature is dropped with an error."""
-    from celery_fleet.pump import Pump
+    from celery_fleet.celery.pump import Pump
 
     app = _pump_app(redis_url, namespace)
     fleet = Fleet(app)
@@ -166,7 +166,7 @@ def test_an_item_the_broker_refuses_is_dropped_after_one_try(
     redis_url: str, namespace: str, rclient: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A refused item came back every claim period (30 s) forever."""
-    from celery_fleet.pump import Pump
+    from celery_fleet.celery.pump import Pump
 
     app = _pump_app(redis_url, namespace)
     fleet = Fleet(app)

@@ -23,15 +23,15 @@ from redis.cluster import RedisCluster
 from redis.sentinel import MasterNotFoundError
 
 from celery_fleet import ConfigError, Fleet, FleetError
-from celery_fleet.cluster import ClusterCombiner, unpack
-from celery_fleet.connect import SCHEMES
-from celery_fleet.fallback import is_local_lease
-from celery_fleet.sentinel import SLOW_REPLY_S
-from celery_fleet.status import limit_status
-from celery_fleet.store import RedisStore
+from celery_fleet.observability.status import limit_status
+from celery_fleet.resilience.fallback import is_local_lease
+from celery_fleet.store.cluster import ClusterCombiner, unpack
+from celery_fleet.store.connect import SCHEMES
+from celery_fleet.store.sentinel import SLOW_REPLY_S
+from celery_fleet.store.sync import RedisStore
+from celery_fleet.store.wakeups import listener_for
 from celery_fleet.testing.redis_ha import LocalCluster, SentinelSet, find_cli
 from celery_fleet.testing.redis_server import NoRedisServer, find_binary
-from celery_fleet.wakeups import listener_for
 
 
 def _missing(cli: bool) -> str | None:
@@ -361,7 +361,7 @@ def test_cluster_release_settle_renew_and_scripts_lost(cluster: LocalCluster) ->
 def test_cluster_line_wakes_the_waiter(cluster: LocalCluster) -> None:
     fleet = Fleet(redis_url=cluster.url, namespace="line", limits={"one": {"max_in_flight": 1}})
     pops: list[tuple[bool, float]] = []
-    from celery_fleet.decision import process_tag
+    from celery_fleet.admission.decision import process_tag
 
     listener = listener_for(fleet.store, fleet.admission.keys("one").wake, process_tag())
     wake = listener._wake

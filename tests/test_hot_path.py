@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import redis
 
-from celery_fleet import Fleet, keeper
-from celery_fleet.admission import Admission
-from celery_fleet.batch import Combiner, Packed
+from celery_fleet import Fleet
+from celery_fleet.admission import keeper
+from celery_fleet.admission.core import Admission
 from celery_fleet.errors import ConfigError, FleetError, StoreUnavailable
+from celery_fleet.store.combiner import Combiner, Packed
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 MakeFleet = Callable[..., Fleet]

@@ -22,8 +22,8 @@ import redis
 from celery import Celery, beat, signals
 
 from celery_fleet import ConfigError, Fleet, fleet_task, jitter_options
-from celery_fleet.backoff import decorrelated_jitter, full_jitter, offset, stagger_offsets
-from celery_fleet.stagger import stagger
+from celery_fleet.admission.backoff import decorrelated_jitter, full_jitter, offset, stagger_offsets
+from celery_fleet.celery.stagger import stagger
 
 from .test_beat import _published
 from .test_slot import FakeClock
@@ -275,7 +275,7 @@ def test_a_task_backs_off_by_its_reschedule_count(app: Celery, redis_url: str) -
     from celery.exceptions import Ignore
 
     from celery_fleet import CircuitOpen, Throttled
-    from celery_fleet.run import Run
+    from celery_fleet.admission.run import Run
 
     app.conf.fleet_defer = "countdown"  # read the countdowns off the broker's ETA messages
 

@@ -1,108 +1,179 @@
-"""The package reads top-down: each module imports only modules listed before it.
+"""The package's shape, as rules on its imports (read from the source, not run).
 
-The order is the README's (Development, Layout); a cycle, or the core reaching up into the
-Celery glue, fails here, counting imports under TYPE_CHECKING too.
+Each subpackage may import only the packages listed for it below; the Celery-independent
+core (``store``, ``resilience``, ``admission``, ``coordination``, ``durability`` and the
+shared ``errors``/``checks``/``settings``) never imports Celery, not even lazily; the
+facade (``fleet.py``) reaches the Celery glue only through ``celery/app.py`` when it is
+given an app; only the glue, ``observability`` and the public aliases import the facade;
+and the modules' top-level imports have no cycle. Imports under ``TYPE_CHECKING`` count
+for the package rules (a type is a dependency too) but not for cycles, nor as importing
+Celery (``Fleet(app: Celery)`` is an annotation).
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import celery_fleet
 
-ORDER = [
-    "errors",
-    "checks",
-    "config",
-    "batch",
-    "cluster",
-    "sentinel",
-    "connect",
-    "store",
-    "aio",
-    "wakeups",
-    "calls",
-    "providers",
-    "backoff",
-    "line",
-    "decision",
-    "local_limiter",
-    "fallback",
-    "replay",
-    "admission",
-    "adaptive",
-    "breaker",
-    "run",
-    "steps",
-    "counters",
-    "presence",
-    "deferred",
-    "ledger",
-    "keeper",
-    "locks",
-    "election",
-    "records",
-    "slot",
-    "guarded",
-    "aslot",
-    "loops",
-    "circuit",
-    "settings",
-    "signals",
-    "stagger",
-    "beat",
-    "idempotency",
-    "reschedule",
-    "fleet",
-    "status",
-    "metrics",
-    "pools",
-    "pump",
-    "task",
-    "cli",
-]
-CORE = ORDER[: ORDER.index("circuit") + 1]  # the last Celery-independent module
 PACKAGE = Path(celery_fleet.__file__).parent
+SHARED = {"errors", "checks"}
+CORE = ["store", "resilience", "admission", "coordination", "durability"]
+# What each part may import besides itself and SHARED. A dotted entry allows one module.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "checks": set(),
+    "store": set(),
+    # the store-down strategies answer with the limiter's own value types
+    "resilience": {"store", "admission.config", "admission.decision"},
+    "admission": {"store", "resilience"},
+    "coordination": {"store", "admission.keeper"},
+    "durability": {"store"},
+    "settings": {"store", "admission", "resilience", "durability"},
+    "fleet": {*CORE, "settings", "observability.counters", "contrib", "celery.app"},
+    "observability": {*CORE, "settings", "fleet"},
+    "contrib": {"admission"},
+    "celery": {*CORE, "settings", "fleet", "observability"},
+    "testing": {*CORE, "settings", "fleet", "observability", "celery"},
+    "signals": {"celery"},  # public aliases of the glue's modules
+    "metrics": {"observability"},
+    "__init__": {*CORE, "fleet", "celery"},
+}
+NO_CELERY = {*CORE, "errors", "checks", "settings", "fleet"}
 
 
-def _imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool, bool]]:
+    """(absolute module, at module level, under TYPE_CHECKING) for each import in ``path``."""
+    name = _module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found: list[tuple[str, bool, bool]] = []
+
+    def visit(node: ast.AST, top: bool, typing_only: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = ".".join(package[: len(package) - child.level + 1])
+                    target = f"{base}.{child.module}" if child.module else base
+                    names = [f"{base}.{a.name}" for a in child.names]
+                    targets = [target] if child.module else names
+                else:
+                    targets = [child.module or ""]
+                found.extend((t, top, typing_only) for t in targets)
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, top, typing_only) for a in child.names)
+            elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                visit(child, top, True)
+            elif isinstance(child, ast.If) and "__name__" in ast.unparse(child.test):
+                visit(child, False, typing_only)  # runs as a script only
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child, False, typing_only)
             else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = (
-                [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else [a.name for a in node.names]
-            )
-            found.update(n.split(".")[1] for n in names if n.startswith("celery_fleet."))
-    return found & set(ORDER)
+                visit(child, top, typing_only)
+
+    visit(ast.parse(path.read_text()), True, False)
+    return found
 
 
-def test_every_module_is_placed() -> None:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert modules == set(ORDER)
+def _part(module: str) -> str:
+    """The part a module belongs to: its subpackage, or its own name at the top."""
+    return module.split(".")[1] if module.count(".") else "__init__"
 
 
-def test_each_module_imports_only_modules_before_it() -> None:
-    for i, module in enumerate(ORDER):
-        later = _imports(module) - set(ORDER[:i])
-        assert not later, f"{module} imports {sorted(later)}, which come after it"
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def test_the_core_needs_no_celery() -> None:
-    for module in CORE:
-        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-        names = {
-            (n.module or "") if isinstance(n, ast.ImportFrom) else a.name
-            for n in ast.walk(tree)
-            if isinstance(n, (ast.Import, ast.ImportFrom))
-            for a in (n.names if isinstance(n, ast.Import) else [None])  # type: ignore[list-item]
-        }
-        assert not any(name == "celery" or name.startswith("celery.") for name in names), module
+def _allowed(part: str, target: str) -> bool:
+    inner = target.split(".", 1)[1]  # without "celery_fleet."
+    rules = ALLOWED[part] | SHARED | {part}
+    return any(inner == r or inner.startswith(r + ".") for r in rules)
+
+
+def test_every_part_has_rules_and_a_docstring() -> None:
+    parts = {_part(m) for m in _modules()}
+    assert parts <= set(ALLOWED), f"no import rules for {sorted(parts - set(ALLOWED))}"
+    for sub in PACKAGE.iterdir():
+        init = sub / "__init__.py"
+        if sub.is_dir() and init.exists():
+            doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+            assert "import" in doc, f"{sub.name}/__init__.py must say what it may import"
+
+
+def test_each_part_imports_only_what_its_rules_allow() -> None:
+    bad = [
+        f"{module} imports {target}"
+        for module, path in _modules().items()
+        for target, _top, _typing in _imports(path)
+        if target.startswith("celery_fleet.") and not _allowed(_part(module), target)
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_core_never_imports_celery() -> None:
+    bad = [
+        f"{module} imports {target}"
+        for module, path in _modules().items()
+        if _part(module) in NO_CELERY
+        for target, _top, typing_only in _imports(path)
+        if target.split(".")[0] in ("celery", "kombu") and not typing_only
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_facade_reaches_the_glue_only_lazily() -> None:
+    eager = [
+        t
+        for t, top, typing_only in _imports(PACKAGE / "fleet.py")
+        if top and not typing_only and t.startswith("celery_fleet.celery")
+    ]
+    assert not eager, f"fleet.py imports the Celery glue at module level: {eager}"
+
+
+def test_top_level_imports_have_no_cycle() -> None:
+    modules = _modules()
+    graph = {
+        m: {t for t, top, typing_only in _imports(p) if top and not typing_only and t in modules}
+        for m, p in modules.items()
+    }
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_fleet_runs_where_celery_cannot_be_imported(redis_url: str) -> None:
+    """The facade works in a plain process: a slot is taken with Celery made unimportable."""
+    code = (
+        "import sys; sys.modules['celery'] = None; sys.modules['kombu'] = None\n"
+        "from celery_fleet import Fleet, Throttled\n"
+        f"f = Fleet(redis_url={redis_url!r}, namespace='layout-{os.getpid()}',\n"
+        "          limits={'x': {'rpm': 60, 'max_in_flight': 1}})\n"
+        "with f.slot('x'):\n"
+        "    print('admitted')\n"
+        "f.reset_buckets('x')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "admitted"

@@ -18,7 +18,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet, fleet_task
-from celery_fleet.ledger import Ledger, record_id_for
+from celery_fleet.durability.ledger import Ledger, record_id_for
 
 from .test_beat import _published
 
@@ -301,7 +301,7 @@ def test_a_final_failure_releases_the_key_for_a_new_submission(app: Celery, redi
 def test_the_running_key_reaches_log_records() -> None:
     import logging
 
-    from celery_fleet.idempotency import KeyLogFilter, current_key
+    from celery_fleet.celery.idempotency import KeyLogFilter, current_key
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
     KeyLogFilter().filter(record)
@@ -334,7 +334,7 @@ def test_an_attempt_that_claims_its_key_tells_monitors(app: Celery) -> None:
 def test_a_worker_started_with_events_makes_keyed_attempts_send_them() -> None:
     from celery import signals
 
-    from celery_fleet import signals as fleet_signals
+    from celery_fleet.celery import signals as fleet_signals
 
     class Worker:  # what worker_init sends: the WorkController, with -E as task_events
         def __init__(self, task_events: bool) -> None:

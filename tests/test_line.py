@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from celery_fleet import Fleet, Throttled
-from celery_fleet.line import LANE_SPAN, WAKE_GRACE_MS
+from celery_fleet.admission.line import LANE_SPAN, WAKE_GRACE_MS
 
 MakeFleet = Callable[..., Fleet]
 

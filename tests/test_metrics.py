@@ -10,7 +10,7 @@ from celery import Celery
 from prometheus_client import generate_latest
 
 from celery_fleet import ConfigError, Fleet, Throttled
-from celery_fleet.metrics import MetricsStep, fleet_registry
+from celery_fleet.observability.metrics import MetricsStep, fleet_registry
 
 MakeFleet = Callable[..., Fleet]
 
@@ -120,7 +120,7 @@ def test_counters_reach_redis_in_batches_and_the_scrape(make_fleet: MakeFleet) -
 
 
 def test_counts_survive_a_failed_flush(make_fleet: MakeFleet) -> None:
-    from celery_fleet.counters import Counters
+    from celery_fleet.observability.counters import Counters
 
     down = Counters(Fleet(redis_url="redis://127.0.0.1:1/0", limits={}).store, "x")
     down.add("llm", "admitted|", 3)
@@ -129,7 +129,7 @@ def test_counts_survive_a_failed_flush(make_fleet: MakeFleet) -> None:
 
 
 def test_held_slots_are_this_process_s(make_fleet: MakeFleet) -> None:
-    from celery_fleet.metrics import held_slots
+    from celery_fleet.observability.metrics import held_slots
 
     fleet = make_fleet({"llm": {"max_in_flight": 3, "tpm": 10_000}})
     assert held_slots(fleet) == []

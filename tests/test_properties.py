@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from celery_fleet.config import parse_limits
+from celery_fleet.admission.config import parse_limits
 
 HAMMER = textwrap.dedent(
     """

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from celery_fleet.providers import classify, parse_duration, parse_headers, retry_after_ms
+from celery_fleet.admission.providers import classify, parse_duration, parse_headers, retry_after_ms
 
 REQ = httpx.Request("POST", "http://sim/v1/chat/completions")
 

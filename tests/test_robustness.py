@@ -21,8 +21,8 @@ from celery_fleet import (
     Throttled,
     fleet_task,
 )
-from celery_fleet.config import parse_limit
-from celery_fleet.loops import run_async
+from celery_fleet.admission.config import parse_limit
+from celery_fleet.celery.loops import run_async
 
 MakeFleet = Callable[..., Fleet]
 

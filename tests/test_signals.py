@@ -13,7 +13,7 @@ from celery import Celery
 from celery.exceptions import Ignore
 
 from celery_fleet import Fleet, Run, Throttled, fleet_task
-from celery_fleet.signals import slot_admitted, slot_refused, task_throttled
+from celery_fleet.celery.signals import slot_admitted, slot_refused, task_throttled
 
 from .test_providers import status_error
 
@@ -115,7 +115,7 @@ def test_fleet_breaker_events_carry_the_worker_s_node_name(app: Celery) -> None:
 
     from celery import signals as celery_signals
 
-    from celery_fleet import signals as fleet_signals
+    from celery_fleet.celery import signals as fleet_signals
 
     sent: list[tuple[str | None, str, dict[str, Any]]] = []
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from celery_fleet import ConfigError, Fleet, Run, StepError
-from celery_fleet.steps import json_type
+from celery_fleet.durability.steps import json_type
 
 MakeFleet = Callable[..., Fleet]
 

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from celery_fleet import ConfigError, Fleet, StoreUnavailable
-from celery_fleet.admission import Admission
-from celery_fleet.store import RedisStore, eviction_risk, has_password, mask_url
+from celery_fleet.admission.core import Admission
+from celery_fleet.store.sync import RedisStore, eviction_risk, has_password, mask_url
 from celery_fleet.testing.redis_server import RedisServer
 
 

@@ -241,7 +241,7 @@ def test_a_reschedule_stores_throttled_publishes_and_tells_monitors(app: Celery)
     from celery.exceptions import Ignore
 
     from celery_fleet import THROTTLED, Run
-    from celery_fleet.signals import task_rescheduled
+    from celery_fleet.celery.signals import task_rescheduled
 
     app.conf.fleet_defer = "countdown"  # the copy is an ETA message (see the next test)
     Fleet(app)
@@ -289,7 +289,7 @@ def test_by_default_a_reschedule_keeps_the_copy_in_redis_until_due(app: Celery) 
     from celery.exceptions import Ignore
 
     from celery_fleet import Run
-    from celery_fleet.reschedule import decode
+    from celery_fleet.celery.reschedule import decode
 
     fleet = Fleet(app)
 

@@ -29,14 +29,7 @@ from typing import Any
 
 import redis
 
-from .redis_server import (
-    NoRedisServer,
-    RedisServer,
-    answers,
-    find_binary,
-    free_port,
-    stop_process,
-)
+from .redis_server import NoRedisServer, RedisServer, answers, find_binary, free_port, stop_process
 
 __all__ = ["LocalCluster", "SentinelSet", "find_cli", "free_port_pair"]
 

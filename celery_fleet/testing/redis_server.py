@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from urllib.parse import quote, unquote, urlsplit
 
-from celery_fleet.store import mask_url
+from celery_fleet.store.sync import mask_url
 
 __all__ = ["NoRedisServer", "RedisServer", "answers", "find_binary", "free_port", "main", "probe"]
 

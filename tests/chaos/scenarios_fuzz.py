@@ -198,7 +198,7 @@ def _fuzz_cli(url: str, p: FuzzParams, run: _Run) -> None:
     from celery import Celery
     from click.testing import CliRunner
 
-    from celery_fleet.cli import fleet as fleet_cli
+    from celery_fleet.observability.cli import fleet as fleet_cli
 
     app = Celery("fuzz_cli", broker=url, set_as_current=False)
     app.conf.update(fleet_redis_url=url, fleet_namespace="fuzz", fleet_limits=LIMITS)

@@ -13,7 +13,7 @@ import threading
 import time
 
 from celery_fleet import Fleet, FleetError
-from celery_fleet.fallback import HANDOVER_S, RETRY_S
+from celery_fleet.resilience.fallback import HANDOVER_S, RETRY_S
 from celery_fleet.testing.chaos import Figures
 from celery_fleet.testing.redis_ha import SentinelSet
 

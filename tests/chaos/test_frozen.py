@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from celery_fleet import Fleet, Slot, StoreUnavailable, Throttled
-from celery_fleet.decision import new_lease_id
-from celery_fleet.fallback import HANDOVER_S, RETRY_S, is_local_lease
-from celery_fleet.store import HEALTH_S
+from celery_fleet.admission.decision import new_lease_id
+from celery_fleet.resilience.fallback import HANDOVER_S, RETRY_S, is_local_lease
+from celery_fleet.store.sync import HEALTH_S
 from celery_fleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow

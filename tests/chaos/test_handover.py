@@ -20,7 +20,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from celery_fleet import ConfigError, Fleet, StoreUnavailable
-from celery_fleet.fallback import HANDOVER_S, RETRY_S, UNKNOWN_SHARE, handover_key, is_local_lease
+from celery_fleet.resilience.fallback import (
+    HANDOVER_S,
+    RETRY_S,
+    UNKNOWN_SHARE,
+    handover_key,
+    is_local_lease,
+)
 from celery_fleet.testing.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -369,8 +375,8 @@ def test_with_allotments_the_rate_is_shared_by_at_most_cap_processes() -> None:
     """Only the processes with a slot can use a capped limit's rate while Redis is away
     (the allotments sum to the cap): it is divided among min(processes, cap) of them, so
     16 processes with a cap of 8 keep the whole rate, not half of it."""
-    from celery_fleet.config import parse_limits
-    from celery_fleet.fallback import LocalLimiter
+    from celery_fleet.admission.config import parse_limits
+    from celery_fleet.resilience.fallback import LocalLimiter
 
     limits = parse_limits({"llm": {"rpm": 600, "max_in_flight": 8}, "free": {"rpm": 600}})
     local = LocalLimiter(limits, 16, allotted={"llm": 1})

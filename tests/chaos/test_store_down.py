@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from celery_fleet import ConfigError, Fleet, Throttled
-from celery_fleet.admission import Admission
-from celery_fleet.fallback import HANDOVER_S, RETRY_S, is_local_lease
-from celery_fleet.presence import Presence
+from celery_fleet.admission.core import Admission
+from celery_fleet.resilience.fallback import HANDOVER_S, RETRY_S, is_local_lease
+from celery_fleet.resilience.presence import Presence
 from celery_fleet.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -266,8 +266,8 @@ def test_a_reschedule_whose_deferral_failed_runs_once_from_its_fallback(
 
 
 def test_two_fleets_on_one_redis_share_one_wake_listener(server: RedisServer) -> None:
-    from celery_fleet.decision import process_tag
-    from celery_fleet.wakeups import listener_for
+    from celery_fleet.admission.decision import process_tag
+    from celery_fleet.store.wakeups import listener_for
 
     a, b = (fleet_on(server, {"tool": {"max_in_flight": 1}}) for _ in range(2))
     prefix = a.admission.keys("tool").wake
@@ -283,8 +283,8 @@ def test_the_local_limiter_holds_its_share_over_random_sequences(seed: int) -> N
     window's budget plus one unit per window of time (it starts empty)."""
     import random
 
-    from celery_fleet.config import parse_limits
-    from celery_fleet.fallback import LocalLimiter
+    from celery_fleet.admission.config import parse_limits
+    from celery_fleet.resilience.fallback import LocalLimiter
 
     rnd = random.Random(seed)
     limits = parse_limits({"llm": {"max_in_flight": 12, "rpm": 600}})  # the rate binds

@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
-from celery_fleet.signals import task_rescheduled
+from celery_fleet.celery.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
 NAMESPACE = os.environ.get("FLEET_IT_NS", "it")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from celery_fleet import ConfigError
-from celery_fleet.pools import check_pool
+from celery_fleet.celery.pools import check_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

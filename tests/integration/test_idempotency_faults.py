@@ -19,7 +19,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from celery_fleet import Fleet, StoreUnavailable, fleet_task
-from celery_fleet.ledger import record_id_for
+from celery_fleet.durability.ledger import record_id_for
 from celery_fleet.testing.redis_server import RedisServer, free_port
 from tests.test_beat import _published
 

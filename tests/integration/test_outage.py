@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from celery_fleet.fallback import HANDOVER_S, RETRY_S
+from celery_fleet.resilience.fallback import HANDOVER_S, RETRY_S
 from celery_fleet.testing.redis_server import RedisServer
 from tests.integration.test_worker import start_worker
 

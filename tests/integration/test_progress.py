@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from celery.result import AsyncResult
 
+from celery_fleet.celery.task import THROTTLED
 from celery_fleet.errors import ThrottledTooLong
-from celery_fleet.task import THROTTLED
 from tests.integration import test_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_fleet.pump import PUMP_ELECTION
+from celery_fleet.celery.pump import PUMP_ELECTION
 from tests.integration.test_worker import start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

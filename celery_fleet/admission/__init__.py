@@ -1,0 +1,12 @@
+"""The limiter: admission to a limit in one Redis round trip, and what rides on it.
+
+Holds the limits' configuration and checks (``config``), the decision a caller gets
+(``decision``), the fair line of waiters (``line``), the running call (``run``), the
+blocking and asyncio slots (``slot``, ``aslot``) with the lease keeper that renews them
+(``keeper``), adaptive limits (``adaptive``), the fleet-wide breaker (``breaker``),
+providers' headers (``providers``), guarded functions (``guarded``), backoff math
+(``backoff``) and the engine that runs the admission scripts (``core``).
+
+May import: ``store``, ``resilience`` (the store-down strategy), ``errors``, ``checks``.
+Never Celery.
+"""

@@ -1,0 +1,567 @@
+"""Admission: one Redis round trip that says "go" or "wait N ms" for a limit.
+
+Each limit's state lives under one Redis hash tag, ``{<namespace>:<limit>}``, so that the
+scripts also run on Redis Cluster:
+
+=================================  =========================================================
+``{ns:limit}:ctl``                 hash: everything read on every admission, in one
+                                   HMGET: each window ("r:60", "t:86400") -> GCRA
+                                   arrival time (ms), and the control state
+                                   (``pause_until``, ``cap``, ``hold_ms``, ...);
+                                   expires after a day without calls
+``{ns:limit}:leases``              zset: lease -> expiry (ms); the in-flight semaphore.
+                                   A lease carries its own record:
+                                   ``<acquired µs>.<in flight then>.<tokens>.<id>``
+``{ns:limit}:settled``             hash: lease -> tokens, for leases settled so far
+``{ns:limit}:line``                zset: ticket id -> order key; callers waiting for
+                                   admission, served oldest first (see below)
+``{ns:limit}:waiting``             zset: ticket id -> expiry (ms); a ticket is a lease
+``{ns:limit}:wake:<tag>``          list: tickets of one process (tag: a ticket's first 8
+                                   characters) to wake; its listener blocks on it
+``{ns:limit}:breaker``             hash: the limit's circuit breaker (see breaker.py)
+=================================  =========================================================
+
+**The line** (who waits, in which order, how they are woken) is described in
+:mod:`celery_fleet.admission.line`.
+
+Every request/token window of the limit is a GCRA bucket (burst = a tenth of the window's
+budget by default) and the in-flight cap is a semaphore of leases that expire unless
+renewed, so a holder killed with SIGKILL gives its slot back within the lease TTL, and that
+live holders put back when Redis loses them (see :meth:`Admission.renew`). ``ctl`` is where
+fleet-wide control written by other components (adaptive caps, Retry-After pauses) is read
+by the same script, at no extra round trip.
+
+This module knows nothing about Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
+from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
+from ..resilience.fallback import StoreDown, is_local_lease
+from ..resilience.replay import Replays, replay_steps
+from ..store.calls import PackedCalls, ScriptCall, Steps, drive
+from ..store.sync import RedisStore
+from ..store.wakeups import listener_for
+from .config import REQUESTS, LimitConfig
+from .decision import (
+    Decision,
+    LimitKeys,
+    Release,
+    _reason,
+    acquire_args,
+    clamp_wait_ms,
+    new_lease_id,
+    release_args,
+)
+from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
+from .providers import LONG_WAIT_MS, Observation
+
+log = logging.getLogger("celery_fleet")
+
+#: What a call's ending can teach the release script.
+OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
+
+__all__ = ["Admission", "Decision", "LimitKeys", "Release", "REFRESH_S", "WAKE_GRACE_MS"]
+
+#: Leases settled and not yet released that one Admission remembers (to drop their record).
+SETTLED_MEMORY = 100_000
+#: The lowest rate factor a provider's headers may impose (its limit / the declared one).
+MIN_PROVIDER_FACTOR = 0.05
+
+
+class Admission:
+    """Admission control for a set of limits, backed by one Redis.
+
+    Example::
+
+        admission = Admission(RedisStore("redis://127.0.0.1:6379/1"), parse_limits({...}))
+        decision = admission.try_acquire("openai", tokens=1500)
+        if decision:
+            try:
+                ...  # call the model
+                admission.settle("openai", decision.lease_id, actual=1320, reserved=1500)
+            finally:
+                admission.release("openai", decision.lease_id)
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        limits: Mapping[str, LimitConfig],
+        namespace: str = "fleet",
+        store_down: StoreDown | None = None,
+    ) -> None:
+        self.store = store
+        #: What admission does while Redis is unreachable (None: raise StoreUnavailable).
+        self.store_down = store_down
+        self.namespace = check_name(namespace, "fleet_namespace")
+        self.limits = dict(limits)
+        self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
+        # Everything but the lease id, tokens, age, join and lane is fixed per limit:
+        # encoded once (the hot path is one EVALSHA; redis-py's packer is pure Python).
+        self._acquire_keys = {
+            name: [k.ctl, k.leases, k.line, k.breaker, k.waiting, k.wake, k.settled]
+            for name, k in self._keys.items()
+        }
+        self._acquire_tail = {name: acquire_args(cfg) for name, cfg in self.limits.items()}
+        self._release_tail = {name: release_args(cfg) for name, cfg in self.limits.items()}
+        self._acquire_cmd = {
+            name: store.packed("acquire", self._acquire_keys[name], 5, self._acquire_tail[name])
+            for name in self.limits
+        }
+        self._release_cmd = {
+            name: store.packed(
+                "release",
+                [k.leases, k.settled, k.ctl, k.line, k.breaker, k.waiting, k.wake],
+                5,
+                self._release_tail[name],
+            )
+            for name, k in self._keys.items()
+        }
+        # Leases this process settled and has not released: their release drops the record.
+        self._settled: dict[str, None] = {}
+        #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
+        self.replays = Replays()
+        #: Called as ``listener(limit, state)`` when this process sees the breaker of a
+        #: limit change: ``"open"``, ``"half_open"`` (a probe was let through), ``"closed"``.
+        self.listeners: list[Callable[[str, str], None]] = []
+        #: Called as ``watcher(event, limit, fields)`` when a slot of this process is
+        #: admitted (``"admitted"``: waited_s, attempts), gives up (``"refused"``: reason,
+        #: wait_ms) or is pushed back by the provider (``"pushback"``: status, retry_after_ms).
+        self.watchers: list[Callable[[str, str, dict[str, Any]], None]] = []
+        #: Limits whose over-long line this process has logged (once each).
+        self.warned_lines: set[str] = set()
+        # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
+        # whole period of debt)
+        self._token_args = {
+            name: [
+                arg
+                for w in cfg.token_windows
+                for arg in (
+                    w.field,
+                    repr(w.emission_ms),
+                    repr(w.tolerance_ms + w.period_s * 1000.0),
+                )
+            ]
+            for name, cfg in self.limits.items()
+        }
+
+    def limit(self, name: str) -> LimitConfig:
+        """The configuration of ``name``; :class:`ConfigError` listing the known ones if unknown."""
+        try:
+            return self.limits[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self.limits)) or "none configured (set fleet_limits)"
+            raise ConfigError(f"unknown limit {name!r}; known limits: {known}") from None
+
+    def keys(self, name: str) -> LimitKeys:
+        self.limit(name)
+        return self._keys[name]
+
+    def try_acquire(
+        self,
+        name: str,
+        tokens: int = 0,
+        lease_id: str | None = None,
+        since_ms: float = 0,
+        join: bool = False,
+    ) -> Decision:
+        """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
+
+        ``lease_id`` names the lease to create (default: a new random one); it is also the
+        caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
+        first ask; 0 = now): nobody younger is admitted before it while it waits. With
+        ``join`` a refused caller takes (or keeps) a ticket and should wait for its wake-up
+        (:meth:`wait_turn`) or :meth:`leave`; without, it is told to wait but holds no place.
+        """
+        cfg = self.limit(name)
+        tokens = cfg.check_tokens(tokens)
+        since = check_since(since_ms)
+        lease = new_lease_id() if lease_id is None else check_lease_id(lease_id)
+        return self._do_acquire(cfg, tokens, lease, since, join)
+
+    def _do_acquire(
+        self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+    ) -> Decision:
+        return drive(self.acquire_steps(cfg, tokens, lease_id, since_ms, join), self.store)
+
+    def acquire_steps(
+        self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+    ) -> Steps[Decision]:
+        """One ask of checked arguments, as calls (see :mod:`celery_fleet.store.calls`): the
+        store-down policy and the resend after a dropped connection included."""
+        down = self.store_down
+        if down is not None and down.down and not (yield from down.back_steps(self)):
+            return down.admit(cfg, tokens, lease_id)
+        asked = False
+        try:
+            if self.replays.due():  # what an outage left owed goes first (recovery only)
+                yield from replay_steps(self)
+            asked = True
+            try:
+                (reply,) = yield PackedCalls(
+                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join),)
+                )
+            except StoreUnavailable as exc:
+                if not exc.dropped:
+                    raise
+                # The first ask may have admitted before the connection dropped: the
+                # resend answers with that lease instead of charging again.
+                (reply,) = yield PackedCalls(
+                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, True),)
+                )
+        except StoreUnavailable as exc:
+            if asked:
+                # A frozen Redis runs the ask when it thaws (a dropped one may have run):
+                # its lease is looked up and released once Redis answers (replay.py).
+                self.replays.add("ask", cfg.name, lease_id)
+            if down is None:
+                raise
+            down.failed(exc)
+            return down.admit(cfg, tokens, lease_id)
+        return self.decision(cfg.name, tokens, reply)
+
+    def empty_missing_steps(self) -> Steps[int]:
+        """Start every window Redis no longer has (it restarted empty during an outage) as
+        an empty bucket rather than a full one (run at the hand-over); yields how many
+        were missing."""
+        missing = 0
+        for name, cfg in self.limits.items():
+            args = [x for w in cfg.windows for x in (w.field, repr(w.tolerance_ms))]
+            try:
+                missing += int((yield ScriptCall("empty_missing", [self._keys[name].ctl], args)))
+            except FleetError as exc:
+                log.warning("celery-fleet: could not check the windows of %r: %s", name, exc)
+        if missing:
+            log.warning(
+                "celery-fleet: Redis had lost %d window(s) during the outage; they start empty",
+                missing,
+            )
+        return missing
+
+    def acquire_command(
+        self,
+        name: str,
+        tokens: int,
+        lease_id: str,
+        since_ms: int = 0,
+        join: bool = False,
+        retry: bool = False,
+    ) -> tuple[str, bytes]:
+        """The packed acquire of already checked arguments, for :meth:`RedisStore.send`.
+        ``retry`` marks an ask sent again after the connection dropped under it."""
+        join_arg = (b"3" if join else b"2") if retry else (b"1" if join else b"0")
+        return self._pack_acquire(name, tokens, lease_id, since_ms, join_arg)
+
+    def lookup_command(self, name: str, lease_id: str) -> tuple[str, bytes]:
+        """The packed look-up of the lease an ask with ``lease_id`` may have made (an ask
+        cancelled in flight): admitted with it, or refused as ``gone``; nothing changes."""
+        return self._pack_acquire(name, 0, lease_id, 0, b"4")
+
+    def _pack_acquire(
+        self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
+    ) -> tuple[str, bytes]:
+        packed = self._acquire_cmd[name].pack(
+            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
+        )
+        return ("acquire", packed)
+
+    def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
+        """The :class:`Decision` an acquire's reply means."""
+        allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
+        if self.store_down is not None:
+            self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
+        detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+        if allowed:
+            if probe:
+                self.notify(name, "half_open")
+            return Decision(
+                name,
+                True,
+                0,
+                detail,
+                "",
+                int(in_flight),
+                tokens,
+                int(now) / 1000,
+                bool(probe),
+                0,
+                int(line),
+            )
+        wait = clamp_wait_ms(wait_ms)
+        return Decision(
+            name,
+            False,
+            wait,
+            None,
+            _reason(detail),
+            int(in_flight),
+            tokens,
+            int(now) / 1000,
+            False,
+            int(ahead),
+            int(line),
+        )
+
+    def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
+        """Block until ``ticket`` is woken (its turn may have come) or ``timeout_s`` passes.
+
+        The release that makes its turn pushes the ticket onto its process's wake list;
+        this process's one listener of the limit (:mod:`celery_fleet.store.wakeups`) pops it and
+        wakes exactly this waiter: no polling, one blocking connection per process and
+        limit, whatever the number of waiters. True when woken. Ask again either way (the
+        ask also keeps the ticket alive).
+        """
+        return listener_for(self.store, self.keys(name).wake, ticket).wait(ticket, timeout_s)
+
+    def leave(self, name: str, ticket: str) -> bool:
+        """Give up ``ticket``'s place in line (the caller stopped waiting), waking the next
+        waiter if it was first. True if it was in line. Idempotent."""
+        return drive(self.leave_steps(name, ticket), self.store)
+
+    def leave_steps(self, name: str, ticket: str) -> Steps[bool]:
+        return bool((yield self.leave_call(name, ticket)))
+
+    def leave_call(self, name: str, ticket: str) -> ScriptCall:
+        """The script call that takes ``ticket`` out of ``name``'s line."""
+        k = self.keys(name)
+        args = [ticket, TICKET_TTL_MS, WAKE_GRACE_MS]
+        return ScriptCall("leave", [k.line, k.waiting, k.wake], args)
+
+    def replay(self) -> int:
+        """Send the releases, leaves and look-ups an outage left owed (replay.py); returns
+        how many leases were released. Raises StoreUnavailable while Redis is away."""
+        return drive(replay_steps(self), self.store)
+
+    def line(self, name: str) -> list[tuple[str, float]]:
+        """The tickets waiting for ``name``, oldest first, as ``(ticket, first-asked ms)``."""
+        k = self.keys(name)
+        return ages(self.store.call("ZRANGE", k.line, 0, -1, "WITHSCORES"))
+
+    def release(
+        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+    ) -> Release:
+        """Give the slot back, saying how the call went, in one round trip.
+
+        ``outcome`` feeds the adaptive limit and the breaker: ``ok``, ``fail``,
+        ``overload``, ``congestion``, ``rate`` or ``neutral`` (see :class:`Signal`);
+        ``retry_after_ms`` > 0 pauses admission to this limit fleet-wide until then (at
+        most 10 minutes: a longer wait is a quota running out, not a throttle).
+        ``released`` is False when the lease had already expired.
+        """
+        return drive(self.release_steps(name, lease_id, outcome, retry_after_ms), self.store)
+
+    def release_steps(
+        self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
+    ) -> Steps[Release]:
+        if is_local_lease(lease_id) and self.store_down is not None:
+            held = self.store_down.release(name, lease_id)
+            return Release(held, 0, 0.0)
+        command = self.release_command(name, lease_id, outcome, retry_after_ms, clock=True)
+        (reply,) = yield PackedCalls((command,))
+        return self.released(name, reply)
+
+    def release_command(
+        self,
+        name: str,
+        lease_id: str,
+        outcome: str = "neutral",
+        retry_after_ms: int = 0,
+        clock: bool = False,
+    ) -> tuple[str, bytes]:
+        """The packed release of ``lease_id``, for :meth:`RedisStore.send` or ``post``.
+        With ``clock`` the reply carries the Redis time and hold time (one more command)."""
+        self.limit(name)
+        # an admitted lease: the requested id after its record (acquired µs, in flight, tokens)
+        check_lease_id(lease_id, MAX_LEASE_ID + 64)
+        if outcome not in OUTCOMES:
+            raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
+        settled = b"0"
+        if self._settled:
+            settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
+        now = b"1" if clock else b"0"
+        packed = self._release_cmd[name].pack(
+            lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
+        )
+        return ("release", packed)
+
+    def released(self, name: str, reply: list[Any]) -> Release:
+        """The :class:`Release` a release's reply means (listeners told of a transition)."""
+        ok, now, held, transition, cap = reply
+        transition = transition.decode() if isinstance(transition, bytes) else str(transition)
+        if transition:
+            self.notify(name, transition)
+        return Release(bool(ok), int(held), int(now) / 1000, transition, float(cap))
+
+    def observe(self, name: str, obs: Observation, lease_id: str | None = None) -> int:
+        """Lower this limit's per-minute buckets (and rate factor) to what the provider's
+        headers say remain; never raises them. Returns how many windows were lowered.
+
+        With ``lease_id``, raises :class:`~celery_fleet.LeaseLost` (after lowering: what the
+        provider said is true either way) when that lease is no longer held.
+        """
+        return drive(self.observe_steps(name, obs, lease_id), self.store)
+
+    def observe_steps(self, name: str, obs: Observation, lease_id: str | None = None) -> Steps[int]:
+        cfg = self.limit(name)
+        k = self._keys[name]
+        args: list[object] = []
+        factors = []
+        for w in cfg.windows:
+            is_req = w.dimension == REQUESTS
+            limit = obs.requests_limit if is_req else obs.tokens_limit
+            remaining = obs.requests_remaining if is_req else obs.tokens_remaining
+            if w.period_s != 60:
+                continue
+            if limit is not None and limit > 0:
+                factors.append(min(1.0, limit / w.declared))
+            if remaining is not None:
+                units = min(max(0, int(remaining)), MAX_UNITS)
+                args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
+        factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
+        if is_local_lease(lease_id):
+            lease_id = None  # what the provider said still lowers the shared buckets
+        try:
+            lowered, held = yield ScriptCall(
+                "observe", [k.ctl, k.leases], [lease_id or "", factor, len(args) // 4, *args]
+            )
+        except StoreUnavailable as exc:
+            if self.store_down is None:
+                raise
+            self.store_down.failed(exc)
+            return 0  # the headers are lost; the next call's will say the same
+        if not held:
+            raise LeaseLost(name, lease_id or "", "gone when the provider's headers arrived")
+        return int(lowered)
+
+    def reset_buckets(self, name: str) -> None:
+        """Refill every request and token window of ``name`` to a full bucket, fleet-wide.
+
+        For operators: after a bad ``settle`` or a provider quota reset that the fleet
+        should not wait out. Leases, the breaker and adaptive state are untouched.
+        """
+        cfg, k = self.limit(name), self.keys(name)
+        fields = {w.field for w in cfg.windows}
+        for field in self.store.call("HKEYS", k.ctl) or []:
+            field = field.decode() if isinstance(field, bytes) else str(field)
+            if field[:2] in ("r:", "t:"):
+                fields.add(field)  # also windows an older configuration left
+        if fields:
+            self.store.call("HDEL", k.ctl, *sorted(fields))
+
+    def tell(self, event: str, limit: str, **fields: Any) -> None:
+        """Tell this process's slot watchers (errors are logged, never raised)."""
+        for watcher in list(self.watchers):
+            try:
+                watcher(event, limit, fields)
+            except Exception:
+                log.exception("celery-fleet: slot watcher %r failed", watcher)
+
+    def notify(self, limit: str, state: str) -> None:
+        """Tell this process's listeners that ``limit``'s breaker changed (errors are logged)."""
+        for listener in list(self.listeners):
+            try:
+                listener(limit, state)
+            except Exception:
+                log.exception("celery-fleet: breaker listener %r failed", listener)
+
+    def settle(
+        self, name: str, lease_id: str, actual: int, reserved: int, must_hold: bool = False
+    ) -> int:
+        """Charge or refund the difference between actual usage and the reservation.
+
+        ``reserved`` is only used when the lease is already gone (its own record wins
+        otherwise). A charge never puts a window more than one period in debt, so an
+        absurd figure blocks the limit for at most one period. Returns the delta applied,
+        in tokens. With ``must_hold``, raises :class:`~celery_fleet.LeaseLost` (after
+        charging: the provider counted the tokens either way) when the lease is gone.
+        """
+        return drive(self.settle_steps(name, lease_id, actual, reserved, must_hold), self.store)
+
+    def settle_steps(
+        self, name: str, lease_id: str, actual: int, reserved: int, must_hold: bool = False
+    ) -> Steps[int]:
+        cfg = self.limit(name)
+        actual = cfg.check_usage(actual, "settle(tokens=...)")
+        reserved = cfg.check_usage(reserved, "settle(reserved=...)")
+        k = self._keys[name]
+        down = self.store_down
+        if down is not None and is_local_lease(lease_id):
+            return down.settle(cfg, lease_id, actual)
+        try:
+            known, delta, _now, held = yield ScriptCall(
+                "settle",
+                [k.ctl, k.settled, k.leases],
+                [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
+            )
+        except StoreUnavailable as exc:
+            if down is None:
+                raise
+            # Not charged: the provider counted the tokens, the fleet cannot now. The
+            # budget is over-spent by the difference at most, once.
+            down.failed(exc)
+            log.warning(
+                "celery-fleet: could not settle %d tokens of %r (Redis unreachable)",
+                actual,
+                name,
+            )
+            return 0
+        if known:
+            self._remember_settled(lease_id)
+        if must_hold and not held:
+            raise LeaseLost(name, lease_id, "gone when the call was settled")
+        return int(delta)
+
+    def renew(self, name: str, leases: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
+        """Extend live leases ``(lease id, reserved tokens)`` by the limit's TTL.
+
+        Only pass leases renewed within their TTL by the caller's own clock: one that Redis
+        no longer has was lost by Redis (restart, flush, eviction) and is put back while
+        the in-flight cap has room. Returns ``(lost ids, restored ids)``.
+        """
+        return drive(self.renew_steps(name, leases), self.store)
+
+    def renew_steps(
+        self, name: str, leases: list[tuple[str, int]]
+    ) -> Steps[tuple[list[str], list[str]]]:
+        leases = [(lease, tokens) for lease, tokens in leases if not is_local_lease(lease)]
+        if not leases:
+            return [], []
+        cfg = self.limit(name)
+        k = self._keys[name]
+        reply = yield ScriptCall(
+            "renew",
+            [k.leases, k.settled, k.breaker, k.ctl],
+            [
+                int(cfg.lease_s * 1000),
+                cfg.max_in_flight or 0,
+                cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
+                *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
+            ],
+        )
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
+        split = ids.index("+")
+        return ids[:split], ids[split + 1 :]
+
+    def _remember_settled(self, lease_id: str) -> None:
+        # Bounded: a lease forgotten here keeps its record until the sweep of expired leases
+        # or the hash's TTL (a day without settles) removes it.
+        self._settled[lease_id] = None
+        if len(self._settled) > SETTLED_MEMORY:
+            try:
+                self._settled.pop(next(iter(self._settled)), None)
+            except (RuntimeError, StopIteration):  # another thread changed it meanwhile
+                pass
+
+    def in_flight(self, name: str) -> int:
+        """How many leases of ``name`` are live right now (expired ones excluded)."""
+        k = self.keys(name)
+        now_s, now_us = self.store.call("TIME")
+        now_ms = int(now_s) * 1000 + int(now_us) / 1000
+        return int(self.store.call("ZCOUNT", k.leases, f"({now_ms}", "+inf"))

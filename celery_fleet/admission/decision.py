@@ -1,0 +1,179 @@
+"""What admission answers, and where a limit's state lives: the types every layer shares.
+
+:class:`Decision` (go, or wait N ms and why), :class:`Release` (what giving a slot back
+found), :class:`LimitKeys` (a limit's Redis keys, all under one hash tag) and the helpers
+that read a script's raw numbers safely. Also each limit's fixed script
+arguments (:func:`acquire_args`, :func:`release_args`). Kept apart from
+:mod:`celery_fleet.admission.core`, which sends the script calls.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from .config import LimitConfig
+from .line import TICKET_TTL_MS, WAKE_GRACE_MS
+
+__all__ = [
+    "Decision",
+    "Release",
+    "LimitKeys",
+    "new_lease_id",
+    "process_tag",
+    "ticket_tag",
+    "clamp_wait_ms",
+    "acquire_args",
+    "release_args",
+    "MAX_WAIT_MS",
+]
+
+#: No wait reported to a caller is longer than this (a year), whatever Redis holds.
+MAX_WAIT_MS = 366 * 86_400_000
+
+
+@dataclass(frozen=True)
+class LimitKeys:
+    """The Redis keys of one limit, all in one hash slot."""
+
+    ctl: str
+    leases: str
+    settled: str
+    line: str
+    breaker: str
+    waiting: str
+    wake: str  # a prefix: wake + a ticket's process tag is that process's wake-up list
+
+    @classmethod
+    def build(cls, namespace: str, limit: str) -> LimitKeys:
+        tag = f"{{{namespace}:{limit}}}"
+        parts = ("ctl", "leases", "settled", "line", "breaker", "waiting", "wake:")
+        return cls(*(f"{tag}:{part}" for part in parts))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one admission request.
+
+    ``allowed`` with a ``lease_id`` when admitted; otherwise ``wait_ms`` until the same
+    request would be admitted and ``reason``: ``"circuit_open"``, ``"paused"``,
+    ``"in_flight"``, ``"queued"`` (older tickets come first) or the window that refused,
+    e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this one when
+    admitted); ``at_ms`` is the Redis clock at the decision; ``probe`` marks the one call a
+    half-open breaker lets through; ``ahead`` is how many tickets stand before the caller
+    and ``line`` how many wait in all.
+    """
+
+    limit: str
+    allowed: bool
+    wait_ms: int
+    lease_id: str | None
+    reason: str
+    in_flight: int
+    tokens: int
+    at_ms: float
+    probe: bool = False
+    ahead: int = 0
+    line: int = 0
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True)
+class Release:
+    """What release found: whether the lease was still held, for how long, the breaker
+    transition this call caused (``"open"``, ``"closed"`` or ``""``) and the adaptive cap."""
+
+    released: bool
+    held_ms: int
+    at_ms: float
+    transition: str = ""
+    cap: float = 0.0
+
+
+#: This process's tag (pid, 8 hex characters): the first part of every ticket it makes.
+_tag: list[object] = [None, ""]
+
+
+def process_tag() -> str:
+    """8 random hex characters naming this process (new after a fork): a ticket starts with
+    it, and the line wakes a ticket on its process's list (scripts/_wake.lua)."""
+    if _tag[0] != os.getpid():
+        _tag[0], _tag[1] = os.getpid(), os.urandom(4).hex()
+    return str(_tag[1])
+
+
+def new_lease_id() -> str:
+    """A ticket / lease id: this process's tag and 64 random bits (unique enough, cheaper
+    than uuid4 on the hot path)."""
+    return process_tag() + os.urandom(8).hex()
+
+
+def ticket_tag(ticket: str) -> str:
+    """The process tag of a ticket: its first 8 characters (all of a shorter one)."""
+    return ticket[:8]
+
+
+def _reason(field: str) -> str:
+    if ":" not in field:
+        return field
+    kind, period = field.split(":", 1)
+    return f"{'requests' if kind == 'r' else 'tokens'}/{period}s"
+
+
+def clamp_wait_ms(wait_ms: object) -> int:
+    """A wait from Redis as an int in ``[0, MAX_WAIT_MS]``, whatever the store held."""
+    try:
+        wait: int = int(wait_ms)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return MAX_WAIT_MS
+    return min(max(wait, 0), MAX_WAIT_MS)
+
+
+def _doubles(*values: float) -> bytes:
+    """Numbers a script reads with one ``struct.unpack`` (cheaper in Redis than a tonumber
+    per argument): little-endian IEEE doubles."""
+    return struct.pack(f"<{len(values)}d", *values)
+
+
+def acquire_args(cfg: LimitConfig) -> list[bytes]:
+    """The acquire script's fixed arguments for a limit: its constants, then its windows."""
+    constants = _doubles(
+        cfg.lease_s * 1000,
+        cfg.max_in_flight or 0,
+        cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
+        int(cfg.breaker.reset_timeout_s * 1000) if cfg.breaker else 0,
+        TICKET_TTL_MS,
+        WAKE_GRACE_MS,
+        len(cfg.windows),
+        *(x for w in cfg.windows for x in (w.emission_ms, w.tolerance_ms)),
+    )
+    return [constants, *(w.field.encode() for w in cfg.windows)]
+
+
+def release_args(cfg: LimitConfig) -> list[bytes]:
+    """The release script's fixed arguments for a limit: the line's, the adaptive and the
+    breaker parameters (zeros when the limit has none), as doubles."""
+    a, b = cfg.adaptive, cfg.breaker
+    adaptive = (
+        (
+            1,
+            cfg.max_in_flight or 0,
+            a.min_in_flight,
+            a.initial_in_flight,
+            a.increase,
+            a.decrease,
+            a.probe_interval_s * 1000,
+            (a.latency_target_s or 0) * 1000,
+        )
+        if a
+        else (0,) * 8
+    )
+    breaker = (
+        (1, b.failure_rate, b.min_calls, b.window_s * 1000, int(b.count_rate_limits))
+        if b
+        else (0,) * 5
+    )
+    return [_doubles(cfg.max_in_flight or 0, TICKET_TTL_MS, WAKE_GRACE_MS, *adaptive, *breaker)]

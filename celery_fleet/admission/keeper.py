@@ -1,0 +1,260 @@
+"""Keeping held leases alive: the per-process renewal thread, and injectable time.
+
+A slot's lease expires unless renewed, so that a holder killed with SIGKILL gives its slot
+back. :class:`LeaseKeeper` is the daemon thread that renews the leases of the slots this
+process holds (one round trip per limit), and marks a slot lost when it could not renew it
+in time. It knows a slot only by the few attributes in :class:`HeldLease`.
+
+Time is injectable (:class:`Clock`) so tests of waits and leases are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Protocol
+
+from ..errors import FleetError, LeaseLost, StoreUnavailable
+from ..resilience.fallback import is_local_lease
+from .core import Admission
+
+__all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
+
+#: The keeper thread ends after this long with no slot held (and starts again with one).
+IDLE_EXIT_S = 60.0
+#: Posted replies (releases) still unread after this are read by the keeper thread.
+POSTED_READ_AFTER_S = 0.5
+
+log = logging.getLogger("celery_fleet")
+
+
+class Clock(Protocol):
+    """Local time for waits: monotonic seconds and sleep."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic`` and ``time.sleep``."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class HeldLease(Protocol):
+    """What the keeper reads and writes on a held slot."""
+
+    limit: str
+    lease_id: str | None
+    tokens: int
+    lost: bool
+    last_renewed: float
+
+
+class LeaseKeeper:
+    """A daemon thread per process that renews the leases of held slots.
+
+    It wakes every ``tick_s`` and renews (one round trip per limit) every lease that has
+    not been renewed for a third of its TTL. A lease that was lost (the process stalled
+    past its TTL) is flagged on the slot and logged: the slot may already be someone
+    else's, which :class:`~celery_fleet.errors.LeaseLost` describes.
+    """
+
+    def __init__(
+        self, admission: Admission, clock: Clock | None = None, tick_s: float = 1.0
+    ) -> None:
+        self.admission = admission
+        self.clock = clock or SystemClock()
+        self.tick_s = tick_s
+        self._slots: set[HeldLease] = set()
+        # Slots whose renewal failed because Redis was unreachable: past their TTL they
+        # are renewed (put back) when it answers, not declared lost for the outage.
+        self._stranded: weakref.WeakSet[HeldLease] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        _live_keepers.add(self)
+
+    def track(self, slot: HeldLease) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A fork copied the parent's slots and a dead thread: start afresh.
+                self._slots = set()
+                self._thread = None
+                self._pid = os.getpid()
+            self._slots.add(slot)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-fleet-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def untrack(self, slot: HeldLease) -> None:
+        with self._lock:
+            self._slots.discard(slot)
+
+    def stranded(self, slot: HeldLease) -> bool:
+        """True when ``slot``'s last renewal failed because Redis was unreachable."""
+        return slot in self._stranded
+
+    def held(self) -> list[HeldLease]:
+        """The slots this process holds now (none after a fork: the parent's are not ours)."""
+        with self._lock:
+            return list(self._slots) if self._pid == os.getpid() else []
+
+    def describe(self) -> list[dict[str, object]]:
+        """The slots this process holds: limit, lease, tokens, seconds since the last
+        renewal (``celery inspect fleet``; recorded in Redis by presence.py)."""
+        now = self.clock.monotonic()
+        return [
+            {"limit": s.limit, "lease": s.lease_id, "tokens": s.tokens,
+             "renewed_s_ago": round(now - s.last_renewed, 3)}
+            for s in self.held()
+            if s.lease_id
+        ]  # fmt: skip
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        while True:
+            leaving = False
+            with self._lock:
+                if self._slots:
+                    idle_since = None
+                    ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
+                    # Wake often enough to renew at a third of the shortest TTL.
+                    timeout = min(self.tick_s, min(ttls) / 6.0)
+                else:
+                    # Linger: a loop of short slots must not start a thread per slot.
+                    idle_since = idle_since or time.monotonic()
+                    leaving = time.monotonic() - idle_since >= IDLE_EXIT_S
+                    if leaving:
+                        self._thread = None
+                    timeout = self.tick_s
+            if leaving:  # outside the lock: callbacks may take slots (and so this lock)
+                self._drain(0.0)
+                self.replay()
+                return
+            self._wake.wait(timeout)
+            try:
+                self.renew_due()
+            except Exception:  # keep renewing: nothing may end the thread
+                log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
+            self._drain(POSTED_READ_AFTER_S)
+            self.replay()
+
+    def _drain(self, older_than_s: float) -> None:
+        """Read posted releases' replies that nobody read for a while (an idle process):
+        their callbacks (lost leases, breaker changes) should not wait for the next call."""
+        store = self.admission.store
+        try:
+            if store._combiner is not None and store.combiner.pending() > older_than_s:
+                store.drain()
+        except Exception:
+            log.warning("celery-fleet: reading posted replies failed", exc_info=True)
+
+    def replay(self) -> None:
+        """Send what an outage left owed to Redis (releases, leaves, look-ups of asks that
+        timed out: replay.py) once it answers, so their slots free now, not at their TTL.
+        While the outage lasts, the admission's own retry (one caller a second) asks."""
+        admission = self.admission
+        down = admission.store_down
+        if (down is not None and down.down) or not admission.replays.due():
+            return
+        try:
+            released = admission.replay()
+        except StoreUnavailable as exc:
+            if down is not None:
+                down.failed(exc)
+            return
+        except Exception:
+            log.warning("celery-fleet: replaying owed releases failed", exc_info=True)
+            return
+        if released:
+            log.info("celery-fleet: released %d lease(s) an outage had left in Redis", released)
+
+    def renew_due(self) -> None:
+        """Renew every lease older than a third of its TTL (one round trip per limit).
+
+        A lease not renewed within its TTL (Redis was unreachable, the process stalled) is
+        marked lost here, without asking Redis: its slot may already be someone else's.
+        Lost slots are logged once and no longer renewed; renewal failures of one limit do
+        not stop the others.
+        """
+        now = self.clock.monotonic()
+        due: dict[str, list[HeldLease]] = {}
+        with self._lock:
+            for slot in self._slots:
+                ttl = self.admission.limit(slot.limit).lease_s
+                if slot.lost or not slot.lease_id:
+                    continue
+                if now - slot.last_renewed >= ttl and slot not in self._stranded:
+                    self.lose(slot, "not renewed within its TTL")
+                elif now - slot.last_renewed >= ttl / 3.0:
+                    due.setdefault(slot.limit, []).append(slot)
+        for limit, slots in due.items():
+            leases = [(s.lease_id, s.tokens) for s in slots if s.lease_id]
+            try:
+                lost, restored = self.admission.renew(limit, leases)
+            except StoreUnavailable as exc:
+                down = self.admission.store_down
+                if down is None:
+                    log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                else:  # the outage is logged once, by the policy
+                    self._stranded.update(slots)
+                    down.failed(exc)
+                continue
+            except FleetError:
+                log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                continue
+            down = self.admission.store_down
+            asked = any(not is_local_lease(lease) for lease, _tokens in leases)
+            if asked and down is not None and down.down_since is not None:
+                down.answered()  # looks for the hand-over (which empties lost windows)
+            if restored:
+                log.warning(
+                    "celery-fleet: Redis had lost %d live lease(s) of %r (restarted empty, "
+                    "flushed or evicted?); put them back",
+                    len(restored),
+                    limit,
+                )
+            for s in slots:
+                self._stranded.discard(s)
+                if s.lease_id in lost:
+                    self.lose(s, "expired while held, or Redis lost it and the cap was full")
+                else:
+                    s.last_renewed = now
+
+    @staticmethod
+    def lose(slot: HeldLease, why: str) -> None:
+        """Mark ``slot`` lost (its lease is gone) and log it once."""
+        if slot.lost:
+            return
+        slot.lost = True
+        log.error("celery-fleet: %s", LeaseLost(slot.limit, slot.lease_id or "", why))
+
+    def _after_fork(self) -> None:
+        # The child has the parent's slots and lock state but not its thread: start afresh.
+        self._lock = threading.Lock()
+        self._slots = set()
+        self._thread = None
+        self._pid = os.getpid()
+
+
+_live_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
+
+
+def _reset_keepers_after_fork() -> None:
+    for keeper in list(_live_keepers):
+        keeper._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_keepers_after_fork)

@@ -1,0 +1,96 @@
+"""Binding a :class:`~celery_fleet.Fleet` to a Celery app: the one place they meet.
+
+``Fleet(app)`` calls :func:`bind`, which does everything that needs the app: it remembers
+the Fleet as the app's (:func:`fleet_for`), connects the worker signals that drop Redis
+clients in each new child and check Redis once the worker is ready, validates the app's
+fleet tasks, announces breaker changes as Celery signals and events, and tells the
+store-down policy the pool's concurrency. The facade itself imports no Celery, so a plain
+process (a script, a FastAPI app) uses ``Fleet(redis_url=...)`` without it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from ..settings import hide_url_password
+from . import signals
+from .stagger import stagger
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..fleet import Fleet
+
+__all__ = ["bind", "fleet_for", "registered", "check_app_tasks", "stagger"]
+
+_by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
+
+
+def bind(fleet: Fleet, app: Celery, *, url_given: bool) -> None:
+    """Make ``fleet`` the Fleet of ``app`` and wire it into the app's worker signals."""
+    # The glue's own signal handlers (idempotency keys and stagger at publish, beat's
+    # jitter, the deferred-task pump) connect when their modules load: load them all.
+    from . import task  # noqa: F401
+    if not url_given:
+        hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none
+    _by_app[app] = fleet
+    fleet.local_concurrency = signals.pool_concurrency
+    signals.install(_reset_all_connections)
+    signals.at_worker_ready(_check_at_start)
+    check_app_tasks(fleet, app)
+    fleet.on_breaker_change(signals.breaker_announcer(app))
+    fleet.admission.watchers.append(signals.slot_watcher(app))
+
+
+def fleet_for(app: Celery) -> Fleet:
+    """The Fleet created for ``app``, or a new one built from ``app.conf``."""
+    fleet = _by_app.get(app)
+    if fleet is not None:
+        return fleet
+    from ..fleet import Fleet
+
+    return Fleet(app)
+
+
+def registered(app: Celery) -> Fleet | None:
+    """The Fleet created for ``app``, if any (never creates one)."""
+    return _by_app.get(app)
+
+
+def check_app_tasks(fleet: Fleet, app: Celery) -> None:
+    """Validate every fleet task of ``app`` if it is already finalized, naming all bad ones.
+
+    Tasks bound later are checked by ``FleetTask.on_bound`` as the app finalizes.
+    """
+    if not app.finalized:
+        return
+    problems = []
+    for task in list(app.tasks.values()):
+        limit = getattr(task, "fleet_limit", None)
+        tokens = getattr(task, "fleet_tokens", 0)
+        try:
+            fleet.check_task_options(task.name, limit, tokens)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _check_at_start(app: Any) -> None:
+    """In a worker's main process, once ready: log each of its app's Fleets whose Redis
+    does not answer (a wrong ``fleet_redis_url`` otherwise shows only as warnings)."""
+    from ..fleet import Fleet
+
+    for fleet in Fleet.all():
+        if fleet.app is app:
+            fleet.check_at_start()
+
+
+def _reset_all_connections() -> None:
+    """In a new worker child: every Fleet forgets the Redis client it inherited."""
+    from ..fleet import Fleet
+
+    for fleet in Fleet.all():
+        fleet.reset_connections()

@@ -1,0 +1,199 @@
+"""``celery -A proj fleet ...``: the fleet's state and its operator switches, from Redis only.
+
+Registered through Celery's ``celery.commands`` entry point, so it runs with the app of
+``-A`` and needs no worker:
+
+- ``fleet status [LIMIT...] [--json]``: a table per limit: each window's budget left now,
+  in flight / cap and the oldest lease's age, the adaptive cap and rate factor, a provider
+  pause, the breaker, callers waiting in line;
+- ``fleet watch [--interval 2] [--count N]``: the same, refreshed;
+- ``fleet breaker open|close|auto LIMIT``: force the fleet-wide breaker open or closed, or
+  give it back to the failure rate (``auto``);
+- ``fleet reset LIMIT [--what buckets|adaptive|breaker|all]``: refill the windows, forget
+  the adaptive state and pause, reset the breaker;
+- ``fleet history KEY [--json]``: every recorded event of an idempotency key.
+
+An unreachable Redis, an unknown limit or a bad argument is one line on stderr and exit
+status 1 (2 for usage errors, as click does), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import FleetError
+from ..fleet import Fleet
+from .status import LimitStatus, fleet_status
+
+__all__ = ["fleet"]
+
+T = TypeVar("T")
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in a range: click's FloatRange lets ``nan`` through
+    (every comparison with it is False), and ``time.sleep(nan)`` then raises a traceback."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return seconds
+
+
+def _fleet(ctx: click.Context) -> Fleet:
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        raise click.ClickException("no Celery app: run it as `celery -A proj fleet ...`")
+    try:
+        return Fleet.for_app(app)
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _guard(action: Callable[[], T]) -> T:
+    """Run ``action``; a fleet error (Redis down, unknown limit) becomes one clear line."""
+    try:
+        return action()
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _table(rows: list[LimitStatus]) -> str:
+    out = []
+    for s in rows:
+        cap = "-" if s.cap is None else str(s.cap)
+        oldest = "" if s.oldest_lease_s is None else f", oldest {s.oldest_lease_s:.1f} s"
+        lines = [f"{s.limit}", f"  in flight    {s.in_flight}/{cap}{oldest}"]
+        lines += [f"  {w.window:<12} {w.left} left now (holds {w.full})" for w in s.windows]
+        if s.adaptive_cap is not None:
+            factor = f"{s.rate_factor:.2f}" if s.rate_factor is not None else "-"
+            lines.append(f"  adaptive     cap {s.adaptive_cap:.2f}, rate factor {factor}")
+        if s.paused_s > 0:
+            lines.append(f"  paused       {s.paused_s:.1f} s more (the provider's Retry-After)")
+        if s.breaker is not None:
+            forced = f" (forced {s.breaker_forced})" if s.breaker_forced else ""
+            retry = f", probe in {s.breaker_retry_s:.1f} s" if s.breaker_retry_s > 0 else ""
+            lines.append(f"  breaker      {s.breaker}{forced}{retry}")
+        lines.append(f"  waiting      {s.waiting} in line")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def _status(fleet: Fleet, limits: tuple[str, ...], as_json: bool) -> str:
+    rows = _guard(lambda: fleet_status(fleet, list(limits) or None))
+    if as_json:
+        return json.dumps([r.as_dict() for r in rows], indent=2)
+    return _table(rows) if rows else "no limits configured (fleet_limits)"
+
+
+@click.group(name="fleet")
+@click.pass_context
+def fleet(ctx: click.Context) -> None:
+    """celery-fleet: the fleet's limits, breakers and idempotency keys (reads Redis)."""
+
+
+@fleet.command()
+@click.argument("limits", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, limits: tuple[str, ...], as_json: bool) -> None:
+    """Each limit's state now (default: every limit)."""
+    click.echo(_status(_fleet(ctx), limits, as_json))
+
+
+@fleet.command()
+@click.argument("limits", nargs=-1)
+@click.option("--interval", type=Seconds(min=0.1, max=3600), default=2.0)
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document per refresh.")
+@click.pass_context
+def watch(
+    ctx: click.Context, limits: tuple[str, ...], interval: float, count: int | None, as_json: bool
+) -> None:
+    """``status``, refreshed every ``--interval`` seconds (Ctrl-C stops)."""
+    fl, n = _fleet(ctx), 0
+    while count is None or n < count:
+        if n:
+            time.sleep(interval)
+        text = _status(fl, limits, as_json)
+        if not as_json:
+            click.clear()
+            text = f"{time.strftime('%H:%M:%S')}\n\n{text}"
+        click.echo(text)
+        n += 1
+
+
+@fleet.command()
+@click.argument("action", type=click.Choice(["open", "close", "auto"]))
+@click.argument("limit")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def breaker(ctx: click.Context, action: str, limit: str, as_json: bool) -> None:
+    """Force LIMIT's fleet-wide breaker open or closed, or back to automatic."""
+    fl = _fleet(ctx)
+    b = _guard(lambda: fl.breaker(limit))
+    op = {"open": b.force_open, "close": b.force_closed, "auto": b.unforce}[action]
+    state = _guard(op)
+    if as_json:
+        click.echo(json.dumps(asdict(state)))
+    else:
+        forced = f" (forced {state.forced})" if state.forced else " (automatic)"
+        click.echo(f"{limit}: breaker {state.state}{forced}")
+
+
+@fleet.command()
+@click.argument("limit")
+@click.option(
+    "--what",
+    type=click.Choice(["buckets", "adaptive", "breaker", "all"]),
+    default="all",
+    show_default=True,
+)
+@click.pass_context
+def reset(ctx: click.Context, limit: str, what: str) -> None:
+    """Refill LIMIT's windows, forget its adaptive state and pause, reset its breaker."""
+    fl = _fleet(ctx)
+    cfg = _guard(lambda: fl.admission.limit(limit))
+    done = []
+    if what in ("buckets", "all"):
+        _guard(lambda: fl.reset_buckets(limit))
+        done.append("windows refilled")
+    if what in ("adaptive", "all"):
+        _guard(lambda: fl.reset_adaptive(limit))
+        done.append("adaptive state and pause forgotten")
+    if what in ("breaker", "all") and cfg.breaker is not None:
+        _guard(lambda: fl.breaker(limit).reset())
+        done.append("breaker reset")
+    elif what == "breaker":
+        raise click.ClickException(f"limit {limit!r} has no breaker")
+    click.echo(f"{limit}: " + ", ".join(done))
+
+
+@fleet.command()
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx: click.Context, key: str, as_json: bool) -> None:
+    """Every recorded event of idempotency key KEY, oldest first, and its record."""
+    fl = _fleet(ctx)
+    events: list[dict[str, Any]] = _guard(lambda: fl.history(key))
+    record = _guard(lambda: fl.key_record(key))
+    if as_json:
+        click.echo(json.dumps({"key": key, "record": record, "events": events}, indent=2))
+        return
+    if not record and not events:
+        click.echo(f"no record of key {key!r} (never published, or expired: fleet_dedupe_ttl)")
+        return
+    click.echo(f"{key}: {record.get('state', '?')}, {record.get('attempts', '0')} attempt(s)")
+    for e in events:
+        at = time.strftime("%H:%M:%S", time.gmtime(int(e.get("at", "0")) / 1000))
+        extra = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("id", "event", "at"))
+        click.echo(f"  {at}Z  {e.get('event', '?'):<11} {extra}".rstrip())

@@ -1,0 +1,286 @@
+"""Prometheus metrics of the fleet, read from Redis at scrape time (``[prometheus]`` extra).
+
+:class:`FleetCollector` turns each limit's
+:func:`~celery_fleet.observability.status.limit_status` into
+gauges when Prometheus scrapes. It reads the fleet's shared state, so the numbers are the
+same whichever worker answers, it is correct under prefork (no per-child counters to
+merge), and the hot path pays nothing for it: admission stays one round trip.
+
+Gauges (label ``limit``; windows also ``window``):
+
+- ``fleet_up``: 1 when the fleet's Redis answered this scrape, else 0 (the scrape itself
+  never fails);
+- ``fleet_in_flight``, ``fleet_in_flight_cap`` (the cap in force: the adaptive one when the
+  limit is adaptive), ``fleet_oldest_lease_seconds``;
+- ``fleet_budget_left`` and ``fleet_budget_full``: units each window admits now, and holds;
+- ``fleet_adaptive_cap``, ``fleet_rate_factor``;
+- ``fleet_paused_seconds`` (a provider's Retry-After still running);
+- ``fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
+  half_open), ``fleet_breaker_forced`` (1 when an operator forced it);
+- ``fleet_waiting``: callers in line.
+
+Counters (:mod:`celery_fleet.observability.counters`: counted in each process, added to
+Redis every 2 s):
+``fleet_admitted_total``, ``fleet_refused_total`` (``reason``),
+``fleet_provider_pushback_total`` (``status``), ``fleet_reschedules_total`` (``reason``),
+the histogram ``fleet_wait_seconds`` (admitted slots' time in line) and
+``fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
+
+Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
+:class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
+``app.steps["worker"].add(MetricsStep)``) starts an HTTP server in the worker's main
+process, ``/metrics``. Elsewhere: ``prometheus_client.start_http_server(port,
+registry=fleet_registry(fleet))``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from celery import bootsteps
+
+from .. import checks
+from ..errors import ConfigError, FleetError
+from ..fleet import Fleet
+from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
+from .status import fleet_status
+
+__all__ = [
+    "FleetCollector",
+    "InfoStep",
+    "MetricsStep",
+    "fleet_registry",
+    "check_port",
+    "install",
+]
+
+log = logging.getLogger("celery_fleet")
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+def _prometheus() -> Any:
+    try:
+        import prometheus_client
+    except ImportError:  # the extra is not installed
+        raise ConfigError(
+            "fleet_metrics_port needs prometheus-client: pip install 'celery-fleet[prometheus]'"
+        ) from None
+    return prometheus_client
+
+
+def check_port(value: object) -> int | None:
+    """``fleet_metrics_port``: None (off) or a TCP port."""
+    return checks.check_port(value, "fleet_metrics_port")
+
+
+class FleetCollector:
+    """A Prometheus collector of one Fleet's limits (see the module docstring)."""
+
+    def __init__(self, fleet: Any) -> None:
+        self.fleet = fleet
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: the families depend on the limits configured
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily as Gauge
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("limit",)) -> Any:
+            return Gauge(f"fleet_{name}", doc, labels=list(labels))
+
+        up = Gauge("fleet_up", "1 when the fleet's Redis answered this scrape")
+        try:
+            rows = fleet_status(self.fleet)
+        except FleetError as exc:
+            log.warning("celery-fleet: metrics scrape without Redis: %s", exc)
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        g = {
+            "in_flight": gauge("in_flight", "Leases held now"),
+            "cap": gauge("in_flight_cap", "The in-flight cap in force (adaptive when learned)"),
+            "oldest": gauge("oldest_lease_seconds", "Age of the oldest lease held"),
+            "left": gauge("budget_left", "Units a window admits now", ("limit", "window")),
+            "full": gauge("budget_full", "Units a window holds when full", ("limit", "window")),
+            "acap": gauge("adaptive_cap", "The adaptive (AIMD) in-flight cap"),
+            "factor": gauge("rate_factor", "The adaptive rate factor (1: the full rate)"),
+            "paused": gauge("paused_seconds", "Seconds left of a provider's Retry-After pause"),
+            "breaker": gauge("breaker_state", "1 for the breaker's state", ("limit", "state")),
+            "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
+            "waiting": gauge("waiting", "Callers waiting in line"),
+        }
+        for s in rows:
+            lim = [s.limit]
+            g["in_flight"].add_metric(lim, s.in_flight)
+            if s.cap is not None:
+                g["cap"].add_metric(lim, s.cap)
+            if s.oldest_lease_s is not None:
+                g["oldest"].add_metric(lim, s.oldest_lease_s)
+            for w in s.windows:
+                g["left"].add_metric([s.limit, w.window], w.left)
+                g["full"].add_metric([s.limit, w.window], w.full)
+            if s.adaptive_cap is not None:
+                g["acap"].add_metric(lim, s.adaptive_cap)
+                g["factor"].add_metric(lim, s.rate_factor or 1.0)
+            g["paused"].add_metric(lim, s.paused_s)
+            if s.breaker is not None:
+                for state in BREAKER_STATES:
+                    g["breaker"].add_metric([s.limit, state], 1.0 if s.breaker == state else 0.0)
+                g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
+            g["waiting"].add_metric(lim, s.waiting)
+        yield from g.values()
+        try:
+            yield from self._counters([s.limit for s in rows])
+        except FleetError as exc:
+            log.warning("celery-fleet: metrics scrape could not read the counters: %s", exc)
+
+    def _counters(self, limits: list[str]) -> Iterator[Any]:
+        """The fleet's event counters and wait histogram, from Redis (counters.py)."""
+        from prometheus_client.core import CounterMetricFamily as C
+        from prometheus_client.core import HistogramMetricFamily as H
+
+        c = {
+            "admitted": C("fleet_admitted", "Slots admitted", labels=["limit"]),
+            "refused": C("fleet_refused", "Slots that gave up", labels=["limit", "reason"]),
+            "pushback": C("fleet_provider_pushback", "Provider 429s/overloads on admitted calls",
+                          labels=["limit", "status"]),  # fmt: skip
+            "rescheduled": C("fleet_reschedules", "Task reschedules by backpressure",
+                             labels=["limit", "reason"]),  # fmt: skip
+        }
+        waits = H("fleet_wait_seconds", "Time admitted slots waited in line", labels=["limit"])
+        dedupe = C("fleet_dedupe_hits", "Duplicate publishes dropped, done keys replayed",
+                   labels=["kind"])  # fmt: skip
+        fleet = self.fleet
+        for limit in limits:
+            got = read_counters(fleet.store, fleet.namespace, limit)
+            for field, value in got.items():
+                name, _, label = field.partition("|")
+                if name == "admitted":
+                    c[name].add_metric([limit], value)
+                elif name in c:
+                    c[name].add_metric([limit, label], value)
+            if "admitted|" in got:
+                buckets, total = [], 0.0
+                for bound in (*(f"{b:g}" for b in WAIT_BUCKETS_S), "+Inf"):
+                    total += got.get(f"wait_in|{bound}", 0.0)
+                    buckets.append((bound, total))
+                waits.add_metric([limit], buckets, sum_value=got.get("wait_sum|", 0.0))
+        for field, value in read_counters(fleet.store, fleet.namespace, KEYS_LIMIT).items():
+            dedupe.add_metric([field.partition("|")[2]], value)
+        yield from c.values()
+        yield waits
+        yield dedupe
+
+
+def fleet_registry(fleet: Any) -> Any:
+    """A Prometheus registry holding only the fleet's collector."""
+    prometheus = _prometheus()
+    registry = prometheus.CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet))
+    return registry
+
+
+class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: serve ``/metrics`` on ``fleet_metrics_port`` from the main process."""
+
+    label = "celery-fleet metrics"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.port = check_port(worker.app.conf.get("fleet_metrics_port"))
+        self.server: Any = None
+
+    def include_if(self, worker: Any) -> bool:
+        return self.port is not None
+
+    def start(self, worker: Any) -> None:
+        prometheus = _prometheus()
+        registry = fleet_registry(Fleet.for_app(worker.app))
+        try:
+            self.server, _ = prometheus.start_http_server(self.port, registry=registry)
+        except OSError as exc:  # a port in use must not stop the worker: it runs unwatched
+            log.error("celery-fleet: cannot serve metrics on port %d: %s", self.port, exc)
+            return
+        log.info("celery-fleet: metrics on :%d/metrics", self.port)
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep whose ``info()`` adds ``"fleet"``: each limit's state now (as
+    ``celery fleet status --json``) to the worker's stats, where ``celery inspect stats``
+    and Flower's worker page ("Other") show it."""
+
+    label = "celery-fleet info"
+
+    # A StartStopStep with nothing to start: only those are asked for info().
+    def start(self, worker: Any) -> None:
+        pass
+
+    def stop(self, worker: Any) -> None:
+        pass
+
+    def info(self, worker: Any) -> dict[str, Any]:
+        try:
+            rows = fleet_status(Fleet.for_app(worker.app))
+        except FleetError as exc:
+            return {"fleet": {"error": str(exc)}}
+        return {"fleet": {s.limit: s.as_dict() for s in rows}}
+
+
+def install(app: Any) -> None:
+    """Add :class:`InfoStep` and :class:`MetricsStep` to ``app``'s worker blueprint
+    (idempotent; metrics are served only when ``fleet_metrics_port`` is set). Called when a
+    FleetTask meets the app, before a worker builds its blueprint."""
+    app.steps["worker"].add(InfoStep)
+    app.steps["worker"].add(MetricsStep)
+
+
+def held_slots(fleet: Any) -> list[dict[str, Any]]:
+    """The slots this process holds: limit, lease, tokens, seconds since the last renewal."""
+    return fleet.keeper.describe()  # type: ignore[no-any-return]
+
+
+def pool_pids(pool: Any) -> list[int]:
+    """The pids of a prefork pool's processes (none for other pools)."""
+    try:
+        return [int(p.pid) for p in pool._pool._pool]
+    except AttributeError:
+        return []
+
+
+def _inspect_fleet(state: Any) -> dict[str, Any]:
+    """``celery inspect fleet``: the slots the answering process holds, and each limit."""
+    app = state.consumer.app
+    fleet = Fleet.for_app(app)
+    pool = type(state.consumer.pool).__module__.rsplit(".", 1)[-1]  # prefork, thread...
+    try:
+        limits = {s.limit: s.as_dict() for s in fleet_status(fleet)}
+    except FleetError as exc:
+        limits = {"error": str(exc)}  # type: ignore[dict-item]
+    answer: dict[str, Any] = {"pool": pool, "held": held_slots(fleet), "limits": limits}
+    if pool == "prefork":
+        # The pool's processes hold the slots, and control commands never reach them: what
+        # each recorded in Redis at its last presence renewal (every 2 s while it admits).
+        try:
+            by_pid = fleet.presence.held_by(pool_pids(state.consumer.pool))
+        except FleetError as exc:
+            by_pid = {"error": str(exc)}  # type: ignore[dict-item]
+        answer["held_in_children"] = {str(pid): slots for pid, slots in by_pid.items()}
+    return answer
+
+
+def _register_inspect() -> None:
+    from celery.worker.control import inspect_command
+
+    inspect_command(name="fleet")(_inspect_fleet)
+
+
+_register_inspect()

@@ -1,0 +1,10 @@
+"""How Redis is reached: URLs, clients, the coalescing combiner, the scripts.
+
+Holds URL parsing and client construction (``connect``, ``sentinel``, ``cluster``), the
+per-process sync store (``sync``) and its asyncio twin (``aio``), the combiner that sends
+concurrent callers' commands in one pipeline (``combiner``), the sans-IO call protocol
+the limiter drives (``calls``), wake-up listeners (``wakeups``) and the Lua scripts
+(``scripts/``).
+
+May import: ``errors``, ``checks``. Nothing of the limiter, and never Celery.
+"""

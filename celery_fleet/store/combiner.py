@@ -1,0 +1,486 @@
+"""The hot path's wire: script calls packed once, and coalesced across a process's threads.
+
+Two costs dominate a decision on the client side, and both are paid per call by redis-py:
+
+- **Packing.** ``execute_command`` encodes every argument of a 20-argument EVALSHA on every
+  call, although all but four of them (lease id, tokens, age, join) are fixed per limit.
+  :class:`Packed` encodes the fixed head and tail once, as RESP bytes, and a call only
+  encodes what varies.
+- **Round trips.** Sixteen threads of one process asking at once pay sixteen round trips,
+  each a syscall pair and a wake-up of Redis. :class:`Combiner` sends whatever calls are
+  ready in one write and reads their replies in order (flat combining): the first caller
+  to find the wire free carries everyone's calls that arrived meanwhile, then hands the
+  wire to the next waiting caller. A lone caller pays two uncontended lock operations.
+
+- **Waiting for a reply nobody needs now.** A release's answer (was the lease still held,
+  did the breaker change) matters to nobody on the task's path. :meth:`Combiner.post`
+  writes it at once, so Redis applies it as early as a waited-for call, and returns; its
+  reply is read by the next round trip on the wire (replies come back in order), or by
+  :meth:`Combiner.drain`, and handed to a callback. A task then pays one round trip for its
+  slot, not two. Anything else this process asks Redis is ordered after posted calls
+  (:class:`~celery_fleet.store.sync.RedisStore` drains them first).
+
+Errors stay per call: a script error answers only its own caller, a dropped connection
+fails the calls of that round trip (nothing is retried: an acquire must not be charged
+twice), and a script Redis no longer has (NOSCRIPT after a restart or ``SCRIPT FLUSH``) is
+loaded and its calls sent again.
+
+**A frozen Redis** (SIGSTOP, a long ``DEBUG SLEEP``, a stalled VM) accepts connections and
+writes but answers nothing. Every call carries a deadline (``bound()``, taken in the
+caller's thread: the caller's remaining ``max_wait``, at most a short health deadline),
+the carrier reads replies no later than the batch's last deadline, and a waiter stops
+waiting at its own. A round trip that times out fails every call queued behind it at
+once, with the same timeout, rather than writing them to the server that just did not
+answer.
+
+This module knows nothing about admission; :class:`~celery_fleet.store.sync.RedisStore` owns one
+:class:`Combiner` per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+__all__ = ["Packed", "Combiner", "encode", "pack_command"]
+
+log = logging.getLogger("celery_fleet")
+
+#: A read waits on the socket's own timeout when the batch's deadline is at most this much
+#: nearer (s): setting a timeout per read costs two syscalls on the hot path.
+READ_SLACK_S = 0.1
+
+
+def encode(value: object) -> bytes:
+    """One argument as redis-py would send it (bytes as is, str as UTF-8, numbers by repr)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        raise TypeError("a bool is not a Redis argument")  # redis-py refuses them too
+    if isinstance(value, int | float):
+        return repr(value).encode()
+    raise TypeError(f"cannot send {type(value).__name__} to Redis")
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def pack_command(*args: object) -> bytes:
+    """A plain command (``pack_command("HGETALL", key)``) as RESP, for the combiner's wire."""
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(encode(a)) for a in args)
+
+
+class Packed:
+    """An EVALSHA whose keys and trailing arguments are fixed, packed once as RESP.
+
+    ``Packed(script, sha, keys, n_varying, tail).pack(a, b, ...)`` returns the bytes of
+    ``EVALSHA sha len(keys) *keys a b ... *tail``: the ``n_varying`` arguments in front of
+    the tail are the only ones encoded per call.
+    """
+
+    __slots__ = ("script", "_head", "_tail", "_n")
+
+    def __init__(
+        self, script: str, sha: str, keys: Sequence[str], n_varying: int, tail: Sequence[object]
+    ) -> None:
+        self.script = script
+        self._n = n_varying
+        parts = 3 + len(keys) + n_varying + len(tail)
+        fixed = [b"EVALSHA", sha.encode(), str(len(keys)).encode(), *map(encode, keys)]
+        self._head = b"*%d\r\n" % parts + b"".join(map(_bulk, fixed))
+        self._tail = b"".join(_bulk(encode(x)) for x in tail)
+
+    def pack(self, *varying: bytes) -> bytes:
+        """The command with these arguments, already encoded (``str(n).encode()``...)."""
+        if len(varying) != self._n:
+            raise TypeError(f"{self.script}: {self._n} varying arguments, got {len(varying)}")
+        return self._head + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying]) + self._tail
+
+
+class _Call:
+    """Some commands of one caller, sent together, and their replies or errors. A call
+    with a ``callback`` is posted: nobody waits for it; the callback gets its replies."""
+
+    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback", "until")
+
+    def __init__(
+        self,
+        commands: list[tuple[str, bytes]],
+        callback: Callable[[list[Any]], None] | None = None,
+        until: float = math.inf,
+    ) -> None:
+        self.commands = commands  # (script name, packed EVALSHA)
+        #: Monotonic time after which nobody waits for these replies any more.
+        self.until = until
+        self.replies: list[Any] = []
+        self.lead = False
+        self.finished = False
+        self.callback = callback
+        self.done = threading.Lock()
+        self.done.acquire()  # released by whoever carried this call (or hands it the wire)
+
+    def fail(self, error: BaseException) -> None:
+        self.replies = [error] * len(self.commands)
+        self.finished = True
+
+
+class Combiner:
+    """Sends a process's packed script calls, coalescing those made at the same time.
+
+    ``client`` returns this process's redis-py client (its connection settings are used for
+    the combiner's own connection); ``load(client, script)`` loads a script's source after
+    NOSCRIPT. Replies are returned in the order of the commands; an error reply is returned
+    as the exception instance (raising is the caller's choice). ``bound()`` is how long (s)
+    a call made now may wait for its reply, read in the caller's thread (default: no bound
+    but the connection's socket timeout); past it the call's reply is a
+    ``redis.TimeoutError``. ``health()`` is the longest any call waits (the socket timeout
+    of the combiner's connection).
+    """
+
+    def __init__(
+        self,
+        client: Callable[[], redis.Redis],
+        load: Callable[[redis.Redis, str], None],
+        bound: Callable[[], float] | None = None,
+        health: Callable[[], float] | None = None,
+    ) -> None:
+        self._client = client
+        self._load = load
+        self._bound = bound or (lambda: math.inf)
+        self._health = health or (lambda: math.inf)
+        self._lock = threading.Lock()
+        self._queue: list[_Call] = []
+        self._busy = False
+        self._conn: Any = None
+        self._conn_of: redis.Redis | None = None
+        #: Posted calls written to the wire whose replies are not read yet, in wire order.
+        self._unread: list[_Call] = []
+        #: Posted calls not answered yet (queued, written or unread), and since when.
+        self._open = 0
+        self._open_since = 0.0
+        self._poll: Any = None
+        self._polled_sock: Any = None
+        #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
+        self._loaded: set[str] = set()
+        #: Monotonic time the carrier reads the current batch's replies until.
+        self._until = math.inf
+        #: The socket timeout of the combiner's connection (s), and whether the current
+        #: batch's reads need a nearer one of their own.
+        self._conn_timeout = math.inf
+        self._own_timeout = False
+
+    def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+        """Send ``(script, packed)`` commands in one round trip (shared with other threads')
+        and return their replies, each a value or a ``redis.RedisError`` instance."""
+        me = _Call(commands, until=time.monotonic() + self._bound())
+        with self._lock:
+            self._queue.append(me)
+            waiting, self._busy = self._busy, True
+        if waiting:
+            try:
+                left = me.until - time.monotonic()
+                if not me.done.acquire(timeout=min(max(left, 0.0), threading.TIMEOUT_MAX)):
+                    return self._give_up(me)
+            except BaseException:  # Ctrl-C, a gevent Timeout: never leave the wire stuck
+                self._abandon(me)
+                raise
+            if not me.lead:
+                return me.replies
+        self._carry()
+        return me.replies
+
+    def _give_up(self, me: _Call) -> list[Any]:
+        """A waiter's deadline passed before its replies came: its replies if they came
+        meanwhile, else a timeout each (a call already written may still run)."""
+        self._abandon(me)
+        with self._lock:
+            if me.finished and not (me.lead and me in self._queue):
+                return me.replies
+        error = redis.TimeoutError("no reply within the caller's deadline (Redis frozen?)")
+        return [error] * len(me.commands)
+
+    def _abandon(self, me: _Call) -> None:
+        """A caller stopped waiting: take its call out of the queue, or, if it had just been
+        handed the wire, hand the wire on (a call already being carried finishes alone)."""
+        with self._lock:
+            if me in self._queue:
+                self._queue.remove(me)
+                if me.lead:
+                    self._hand_on()
+
+    def _hand_on(self) -> None:
+        """(Under the lock) give the wire to the first waiting caller, or free it."""
+        heir = next((c for c in self._queue if c.callback is None), None)
+        if heir is not None:
+            heir.lead = True
+            heir.done.release()
+        else:
+            self._busy = False  # posted calls left are written by the next caller (or drain)
+
+    def post(
+        self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
+    ) -> bool:
+        """Write ``commands`` now (or with the round trip on the wire) and return without
+        waiting; ``callback(replies)`` runs, once, in whichever thread reads them later.
+
+        False, with nothing sent, while a script of theirs has not answered on this
+        connection yet: the caller should :meth:`send` instead (so a posted call never
+        meets NOSCRIPT on a fresh connection, e.g. after a Redis restart).
+        """
+        if not all(script in self._loaded for script, _packed in commands):
+            return False
+        call = _Call(commands, callback, time.monotonic() + self._bound())
+        with self._lock:
+            self._queue.append(call)
+            if not self._open:
+                self._open_since = time.monotonic()
+            self._open += 1
+            waiting, self._busy = self._busy, True
+        if not waiting:
+            self._carry()
+        return True
+
+    def pending(self) -> float:
+        """How long (s, monotonic) the oldest posted call has waited for its reply to be
+        read (queued, written or unread); 0 if none."""
+        return time.monotonic() - self._open_since if self._open else 0.0
+
+    def drain(self) -> None:
+        """Write and read every posted call now (their callbacks run): after it returns,
+        nothing this process posted is still on its way."""
+        if self._open:
+            self.send([])  # waits its turn, and reads everything written before it
+
+    def _carry(self) -> None:
+        """Send every queued call in one round trip, then pass the wire on to a caller that
+        waits (one carries at most one batch of its own), carrying posted calls itself."""
+        answered: list[_Call] = []
+        try:
+            while True:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                error: BaseException | None = None
+                try:
+                    timed_out = self._round_trip(batch, answered)
+                    if timed_out is not None:
+                        self._fail_queued(timed_out, answered)
+                except BaseException as exc:  # the callers in the batch must not wait forever
+                    error = exc
+                    raise
+                finally:
+                    for call in batch:
+                        if not call.finished and call not in self._unread:
+                            call.fail(error or RuntimeError("celery-fleet: call not sent"))
+                            if call.callback is not None and call not in answered:
+                                answered.append(call)
+                        call.done.release()
+                    with self._lock:
+                        more = error is None and bool(self._queue)
+                        more = more and all(c.callback is not None for c in self._queue)
+                        if not more:
+                            self._hand_on()
+                if not more:
+                    break
+                # only posted calls are queued, and nobody waits to carry them: carry on
+        finally:
+            # Off the wire: a callback may itself call Redis.
+            with self._lock:
+                self._open -= sum(1 for c in answered if c.callback is not None)
+            for call in answered:
+                if call.callback is None:
+                    continue
+                try:
+                    call.callback(call.replies)
+                except Exception:  # never into the unrelated caller that read it
+                    log.exception("celery-fleet: handling a posted reply failed")
+
+    def _fail_queued(self, error: redis.TimeoutError, answered: list[_Call]) -> None:
+        """Redis did not answer in time: fail every call queued meanwhile with the same
+        timeout instead of writing it to the server that just did not answer (a frozen
+        Redis would make each batch wait its whole deadline again)."""
+        with self._lock:
+            stuck, self._queue = self._queue, []
+        for call in stuck:
+            call.fail(error)
+            if call.callback is not None:
+                answered.append(call)
+            call.done.release()
+
+    def _connection(self) -> tuple[redis.Redis, Any]:
+        """The client, and the one connection this combiner writes on (only the carrier of
+        a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
+        than a round trip's own client work)."""
+        client = self._client()
+        if self._conn is None or self._conn_of is not client:
+            pool = client.connection_pool
+            options = dict(pool.connection_kwargs)
+            # Its socket timeout is the health deadline: a read needs no timeout of its
+            # own (two more syscalls) unless its caller's deadline is nearer.
+            timeout = min(options.get("socket_timeout") or math.inf, self._health())
+            if timeout < math.inf:
+                options["socket_timeout"] = timeout
+            self._conn = pool.connection_class(**options)
+            self._conn_of = client
+            self._conn_timeout = timeout
+        return client, self._conn
+
+    def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
+        """Write ``batch``, then read replies up to the last call someone waits for; posted
+        calls after it stay unread. Posted calls whose replies were read (or that failed)
+        are added to ``answered``, whatever happens. Returns the timeout when Redis did not
+        answer by the batch's last deadline (the calls of the batch failed with it)."""
+        client, conn = self._connection()
+        self._check(conn)  # before taking the unread ones: their replies are due
+        if conn._sock is None:
+            self._loaded = set()  # a new connection, maybe a new server: scripts unknown
+        pending = self._unread + batch  # wire order: the unread ones were written before
+        self._unread = []
+        error: BaseException | None = None
+        # Nobody waits past the batch's last deadline: read no longer than that (on the
+        # socket's own timeout, the health deadline, unless the deadline is clearly
+        # nearer: a caller's remaining max_wait; READ_SLACK_S is what a round trip's own
+        # work may have used of a health-long deadline).
+        until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
+        self._until = until
+        left = until - time.monotonic()
+        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
+        try:
+            data = b"".join(p for c in batch for _s, p in c.commands)
+            if data:
+                if conn._sock is None:
+                    self._connect(conn)
+                conn.send_packed_command([data])
+            last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
+            for call in pending[: last + 1]:
+                call.replies = [self._read(conn, script) for script, _p in call.commands]
+                call.finished = True
+            rest = pending[last + 1 :]
+            if rest and any(isinstance(r, NoScriptError) for c in pending for r in c.replies):
+                # Commands are about to be sent again: read what is on the wire first.
+                for call in rest:
+                    call.replies = [self._read(conn, script) for script, _p in call.commands]
+                    call.finished = True
+                rest = []
+            self._unread = rest
+            done = [c for c in pending if c.finished]
+            self._send_again_what_redis_lost(client, conn, done)
+        except BaseException as exc:
+            # Whatever broke off the round trip, replies may still be on their way: this
+            # socket is out of step for good, and every call not answered fails with it.
+            error = exc
+            conn.disconnect()
+            self._unread = []
+            if not isinstance(exc, redis.RedisError):
+                raise
+        finally:
+            for call in pending:
+                if not call.finished and call not in self._unread:
+                    call.fail(error if error is not None else RuntimeError("not sent"))
+                if call.callback is not None and call.finished and call not in answered:
+                    answered.append(call)
+        return error if isinstance(error, redis.TimeoutError) else None
+
+    def _connect(self, conn: Any) -> None:
+        """Open the connection within the batch's deadline: a frozen Redis completes the
+        TCP handshake (the kernel does) but never answers redis-py's opening commands,
+        which would otherwise wait the whole socket timeout.
+
+        The class's own connect(): a Sentinel connection asks the sentinels where the
+        master is there; sending alone would dial its default address (localhost:6379),
+        a different Redis."""
+        if self._until == math.inf:
+            conn.connect()
+            return
+        left = max(self._until - time.monotonic(), 0.001)
+        saved = conn.socket_timeout, conn.socket_connect_timeout
+        conn.socket_timeout = min(left, saved[0] or math.inf)
+        conn.socket_connect_timeout = min(left, saved[1] or math.inf)
+        try:
+            conn.connect()
+        finally:
+            conn.socket_timeout, conn.socket_connect_timeout = saved
+        # Replies are read with their own deadline; a write gets the usual timeout.
+        if conn._sock is not None:
+            conn._sock.settimeout(saved[0])
+
+    def _send_again_what_redis_lost(
+        self, client: redis.Redis, conn: Any, calls: list[_Call]
+    ) -> None:
+        """After NOSCRIPT (Redis restarted or flushed its scripts): load, send those again.
+
+        Commands after a lost one in the same round trip have run already: order between
+        them is not kept (a restart clears which scripts this connection saw, so a posted
+        release is not sent before its script answered again).
+        """
+        lost = [
+            (call, i)
+            for call in calls
+            for i, reply in enumerate(call.replies)
+            if isinstance(reply, NoScriptError)
+        ]
+        if not lost:
+            return
+        for call, _i in lost:
+            call.finished = False  # a failure from here on is theirs
+        for script in {call.commands[i][0] for call, i in lost}:
+            self._load(client, script)
+        conn.send_packed_command([b"".join(call.commands[i][1] for call, i in lost)])
+        for call, i in lost:
+            call.replies[i] = self._read(conn, call.commands[i][0])
+        for call, _i in lost:
+            call.finished = True
+
+    def _stale(self, conn: Any) -> bool:
+        """True when the socket has something to read (poll, no recv: a syscall)."""
+        if not hasattr(select, "poll"):  # Windows: redis-py's own (slower) check
+            return bool(conn.can_read(timeout=0))
+        sock = conn._sock
+        if sock is not self._polled_sock:
+            self._poll = select.poll()
+            self._poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            self._polled_sock = sock
+        return bool(self._poll.poll(0))
+
+    def _check(self, conn: Any) -> None:
+        """With no reply due, a readable socket was closed by the server (a restart, a
+        timeout) or is out of step: start a fresh connection before writing, as redis-py's
+        pool does on checkout. A command written to a dead socket may or may not have run,
+        so it must never be written there (an acquire is not retried).
+
+        Nor is a connection its client's pool would no longer hand out: a Sentinel pool
+        disowns one to a master that failed over (as soon as any of its connections asked
+        the sentinels), while the old master may still take writes until it is demoted."""
+        if self._unread or conn._sock is None:
+            return
+        try:
+            stale = self._stale(conn)
+        except (OSError, ValueError, redis.ConnectionError):
+            stale = True
+        pool = getattr(self._conn_of, "connection_pool", None)
+        if stale or (pool is not None and not pool.owns_connection(conn)):
+            conn.disconnect()
+
+    def _read(self, conn: Any, script: str) -> Any:
+        """One reply, waiting no later than the batch's deadline: past it a
+        ``redis.TimeoutError`` (redis-py then drops the connection, out of step)."""
+        try:
+            if not self._own_timeout:
+                reply = conn.read_response()
+            else:
+                left = self._until - time.monotonic()
+                reply = conn.read_response(timeout=max(left, 0.001))
+        except redis.ResponseError as exc:
+            return exc  # an error reply: the connection is still in step
+        self._loaded.add(script)
+        return reply

@@ -1,0 +1,214 @@
+"""Wake-ups shared by every waiter of one limit in one process: one listener, one connection.
+
+A waiter in a limit's line is woken when the release (or admission, or leave) that makes
+its turn pushes its ticket id onto its *process's* wake list, ``{ns:limit}:wake:<tag>``
+(a ticket starts with its process's tag, see :func:`celery_fleet.admission.decision.new_lease_id`
+and ``scripts/_wake.lua``). One daemon thread per process and limit (a :class:`Listener`)
+blocks on that one list (``BLPOP``, then ``LPOP`` of whatever else is there, in the same
+loop) and hands each ticket's wake-up to its waiter: a ``threading.Event`` for a blocking
+caller, an ``asyncio`` future (set from the listener thread with ``call_soon_threadsafe``)
+for a coroutine. A process holds one blocking connection per limit it waits on, whatever
+the number of waiters; a wake-up costs one pop, not a scan of every waiter.
+
+A wake-up that arrives before its waiter has registered (it was refused, and has not
+started waiting yet) is kept for :data:`KEEP_S` and delivered at registration. A listener
+with no waiter for :data:`IDLE_EXIT_S` ends (and starts again with the next waiter).
+
+This module knows nothing about Celery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from ..errors import FleetError
+from .sync import MAX_BLOCK_S, RedisStore
+
+__all__ = ["Listener", "listener_for", "IDLE_EXIT_S"]
+
+log = logging.getLogger("celery_fleet")
+
+#: A listener with no waiter for this long ends its thread.
+IDLE_EXIT_S = 30.0
+#: After a Redis error the listener wakes every waiter (they ask again) and pauses this long.
+ERROR_PAUSE_S = 0.2
+#: A wake-up for a ticket not (yet) waiting is kept this long (a woken waiter's grace).
+KEEP_S = 2.0
+#: Wake-ups popped at most per round trip after the blocking pop.
+DRAIN = 256
+
+Notify = Callable[[], None]
+
+
+class Listener:
+    """The wake-up listener of one limit's line for the tickets tagged ``tag``."""
+
+    def __init__(self, store: RedisStore, key: bytes) -> None:
+        self.store = store
+        self.key = key  # the process's wake list: {ns:limit}:wake:<tag>
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[Notify]] = {}
+        self._early: dict[str, float] = {}  # ticket -> when its wake-up came, unclaimed
+        self._thread: threading.Thread | None = None
+        self._arrived = threading.Event()  # a waiter registered (wakes an idle listener)
+
+    # -- waiters ------------------------------------------------------------------------
+
+    def wait(self, ticket: str, timeout_s: float) -> bool:
+        """Block until ``ticket`` is woken (True) or ``timeout_s`` passes (False)."""
+        event = threading.Event()
+        self._register(ticket, event.set)
+        try:
+            return event.wait(max(0.0, timeout_s))
+        finally:
+            self._unregister(ticket, event.set)
+
+    async def await_wake(self, ticket: str, timeout_s: float) -> bool:
+        """Wait in the running loop until ``ticket`` is woken (True) or ``timeout_s`` passes;
+        the loop is never blocked."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(_resolve, future)
+
+        self._register(ticket, notify)
+        try:
+            done, _ = await asyncio.wait([future], timeout=max(0.0, timeout_s))
+            return bool(done)
+        finally:
+            self._unregister(ticket, notify)
+            if not future.done():
+                future.cancel()
+
+    def _register(self, ticket: str, notify: Notify) -> None:
+        with self._lock:
+            early = self._early.pop(ticket, None)
+            self._waiters.setdefault(ticket, []).append(notify)
+            self._arrived.set()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=_listen, args=(weakref.ref(self),), name="fleet-wakeups", daemon=True
+                )
+                self._thread.start()
+        if early is not None and time.monotonic() - early < KEEP_S:
+            _notify_all([notify])
+
+    def _unregister(self, ticket: str, notify: Notify) -> None:
+        with self._lock:
+            notifies = self._waiters.get(ticket)
+            if notifies and notify in notifies:
+                notifies.remove(notify)
+                if not notifies:
+                    del self._waiters[ticket]
+
+    # -- the listener thread -------------------------------------------------------------
+
+    def _round(self) -> bool:
+        """One blocking pop (and a drain of what else is there); False when idle."""
+        with self._lock:
+            if not self._waiters:
+                return False
+        try:
+            client = self.store.blocking_client
+            reply = client.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", self.key, f"{MAX_BLOCK_S:.3f}"
+            )
+            tickets = [reply[1]] if reply else []
+            if reply:
+                more = client.execute_command("LPOP", self.key, DRAIN)  # type: ignore[no-untyped-call]
+                tickets += more or []
+        except Exception as exc:
+            log.debug("celery-fleet: the wake-up listener's BLPOP failed: %s", exc)
+            self._wake_all()  # they ask again: the store-down policy decides
+            time.sleep(ERROR_PAUSE_S)
+            return True
+        for raw in tickets:
+            self._wake(raw.decode() if isinstance(raw, bytes) else str(raw))
+        return True
+
+    def _wake(self, ticket: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            notifies = list(self._waiters.get(ticket, ()))
+            if not notifies:
+                self._early[ticket] = now
+                if len(self._early) > 1024:  # drop the stale ones
+                    self._early = {t: at for t, at in self._early.items() if now - at < KEEP_S}
+        _notify_all(notifies)
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            notifies = [n for v in self._waiters.values() for n in v]
+        _notify_all(notifies)
+
+
+def _notify_all(notifies: list[Notify]) -> None:
+    """Wake each waiter; one that cannot be woken (its loop closed) never stops the rest."""
+    for notify in notifies:
+        try:
+            notify()
+        except Exception:
+            log.debug("celery-fleet: a waiter could not be woken", exc_info=True)
+
+
+def _resolve(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(True)
+
+
+def _listen(ref: weakref.ref[Listener]) -> None:
+    while True:
+        listener = ref()
+        if listener is None:
+            return
+        listener._arrived.clear()  # before the round reads the waiters: none is missed
+        try:
+            busy = listener._round()
+        except FleetError:
+            busy = True
+        arrived = listener._arrived
+        del listener
+        if busy or arrived.wait(IDLE_EXIT_S):
+            continue
+        listener = ref()
+        if listener is None:
+            return
+        with listener._lock:
+            if not listener._waiters:
+                listener._thread = None
+                return
+        del listener
+
+
+#: (pid, Redis, wake list) -> its listener: two stores (two Fleets) on one Redis and
+#: namespace share one, so they never pop each other's wake-ups.
+_listeners: dict[tuple[int, str, bytes], Listener] = {}
+_registry_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def listener_for(store: RedisStore, prefix: str, ticket: str) -> Listener:
+    """This process's listener for ``ticket``'s wake-ups in the line whose wake lists start
+    with ``prefix``: one per Redis, limit and ticket tag (a new one after a fork). The tag
+    is the ticket's first 8 *bytes*, as the scripts cut it."""
+    key = prefix.encode() + ticket.encode()[:8]
+    ident = (os.getpid(), store.url, key)
+    with _registry_lock:
+        listener = _listeners.get(ident)
+        if listener is None:
+            listener = _listeners[ident] = Listener(store, key)
+    return listener
