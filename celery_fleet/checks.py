@@ -7,8 +7,9 @@ import difflib
 import importlib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
@@ -25,6 +26,11 @@ __all__ = [
     "suggest",
     "MAX_UNITS",
     "MAX_SECONDS",
+    "Number",
+    "Count",
+    "OneOf",
+    "Check",
+    "number_text",
 ]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.:/@+\-]+")
@@ -174,3 +180,100 @@ def import_object(path: str) -> Any:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+# -- rules of the settings table (celery_fleet.settings) -------------------------------
+#
+# Each rule is called as ``rule(value, where, parsed)``: ``where`` is the name an error
+# gives, ``parsed`` the settings checked before this one (by setting name), and
+# ``describe()`` says in the settings reference what the rule accepts.
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite number within closed (``lo``, ``hi``) or open (``lo_open``) bounds.
+
+    ``at_most`` names settings (earlier in the table) whose values bound this one from
+    above too; ``capped_by`` names settings whose values it is lowered to when above them;
+    ``whole`` keeps the int part (a byte count).
+    """
+
+    lo: float | None = None
+    lo_open: float | None = None
+    hi: float | None = None
+    at_most: tuple[str, ...] = ()
+    capped_by: tuple[str, ...] = ()
+    whole: bool = False
+
+    def __call__(self, value: object, where: str, parsed: Mapping[str, Any]) -> float:
+        bounds = [b for b in (self.hi, *(parsed[n] for n in self.at_most)) if b is not None]
+        hi = min(bounds, default=None)
+        checked = number(value, where, lo=self.lo, lo_open=self.lo_open, hi=hi)
+        checked = min([checked, *(parsed[n] for n in self.capped_by)])
+        return int(checked) if self.whole else checked
+
+    def describe(self) -> str:
+        parts = [f">= {number_text(self.lo)}" if self.lo is not None else ""]
+        parts.append(f"> {number_text(self.lo_open)}" if self.lo_open is not None else "")
+        parts.append(f"<= {number_text(self.hi)}" if self.hi is not None else "")
+        parts += [f"<= `{n}`" for n in self.at_most]
+        text = ", ".join(p for p in parts if p)
+        for name in self.capped_by:
+            text += f"; a value above `{name}` counts as `{name}`"
+        return text
+
+
+def number_text(value: float) -> str:
+    """``30`` for 30.0, ``0.05`` for 0.05: a bound or default as the docs show it."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+@dataclass(frozen=True)
+class Count:
+    """An int (not a bool) within ``lo``..``hi``, or None (unset)."""
+
+    lo: float
+    hi: float
+
+    def __call__(self, value: object, where: str, parsed: Mapping[str, Any]) -> int | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an int, got {value!r}")
+        return int(number(value, where, lo=self.lo, hi=self.hi))
+
+    def describe(self) -> str:
+        return f"an int >= {number_text(self.lo)}, <= {number_text(self.hi)}, or None"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few strings."""
+
+    choices: tuple[str, ...]
+
+    def __call__(self, value: object, where: str, parsed: Mapping[str, Any]) -> str:
+        if value not in self.choices:
+            raise ConfigError(f"{where} must be one of {self.choices}, got {value!r}")
+        return str(value)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(f"`{c!r}`" for c in self.choices)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A check of its own (``check(value, where)``), described in words for the docs.
+
+    ``check=None``: the value is taken as given here and checked together with the
+    settings it depends on (the Redis connection settings).
+    """
+
+    check: Callable[[Any, str], Any] | None
+    text: str
+
+    def __call__(self, value: object, where: str, parsed: Mapping[str, Any]) -> Any:
+        return value if self.check is None else self.check(value, where)
+
+    def describe(self) -> str:
+        return self.text

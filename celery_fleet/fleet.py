@@ -71,17 +71,18 @@ class Fleet(AsyncMethods):
 
     Args:
         app: the Celery app whose ``app.conf`` holds the ``fleet_*`` settings; optional.
-        redis_url: overrides ``fleet_redis_url`` (default: the broker URL when it is Redis):
-            ``redis://``, ``sentinel://`` (master name in ``fleet_redis_transport_options``)
-            or ``redis+cluster://`` (see :mod:`celery_fleet.store.connect`).
-        redis_client: overrides ``fleet_redis_client``: a ``redis.Redis`` or ``RedisCluster``,
-            or a zero-argument factory of one, called again in each process after a fork.
-        redis_transport_options: overrides ``fleet_redis_transport_options`` (``master_name``
-            of a ``sentinel://`` URL, ``sentinel_kwargs``, socket timeouts).
+        redis_url: overrides ``fleet_redis_url``.
         limits: overrides ``fleet_limits``.
-        namespace: overrides ``fleet_namespace`` (default ``"fleet"``), the key prefix.
-        max_wait: default seconds ``slot()`` waits for admission (``fleet_max_wait``, 30).
+        namespace: overrides ``fleet_namespace``.
+        max_wait: overrides ``fleet_max_wait``.
         clock: local time source for waits (tests inject a fake one).
+        store_down: overrides ``fleet_store_down``.
+        redis_client: overrides ``fleet_redis_client``.
+        redis_transport_options: overrides ``fleet_redis_transport_options``.
+
+    A keyword that is not None wins over its setting in ``app.conf``; the mapping is
+    :data:`celery_fleet.settings.KEYWORDS`, and the settings reference
+    (``docs/settings.md``) says what each setting accepts and its default.
     """
 
     def __init__(

@@ -1,16 +1,36 @@
-"""App settings: unknown names, the broker's visibility timeout, and a censored password."""
+"""App settings: the one table and what is made from it (the loader, the keyword
+overrides, the reference page), unknown names, the broker's visibility timeout, and a
+censored password."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet
-from celery_fleet.settings import split_password
+from celery_fleet.settings import (
+    ALL_SETTINGS,
+    KEYWORDS,
+    FleetSettings,
+    Setting,
+    load_settings,
+    settings_reference_markdown,
+    split_password,
+)
 from celery_fleet.testing.redis_server import RedisServer, free_port
+
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+REGENERATE = "regenerate it: python -m celery_fleet.settings > docs/settings.md"
+# A Redis broker: every setting then has a default, and nothing here connects.
+BASE = {"broker_url": "redis://127.0.0.1:6379/0"}
 
 
 @pytest.fixture
@@ -143,3 +163,59 @@ def test_a_password_also_in_the_transport_options_is_left_with_a_warning(
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "fleet_redis_password" in messages and "s3cret" not in messages
     assert app.conf.fleet_redis_url == "redis://:s3cret@127.0.0.1:6379/9"  # the URL's wins
+
+
+def _example(setting: Setting) -> Any:
+    """The table's example value of ``setting`` (Python source), evaluated."""
+    return eval(setting.example, {"redis": redis})  # our own table, not input
+
+
+def test_the_reference_page_names_every_setting() -> None:
+    page = REFERENCE.read_text()
+    missing = [s.name for s in ALL_SETTINGS if f"### `{s.name}`" not in page]
+    assert not missing, f"docs/settings.md lacks {missing}: {REGENERATE}"
+
+
+def test_the_reference_page_is_what_the_table_generates() -> None:
+    assert REFERENCE.read_text() == settings_reference_markdown(), f"stale: {REGENERATE}"
+
+
+@pytest.mark.parametrize("setting", ALL_SETTINGS, ids=lambda s: s.name)
+def test_every_setting_in_the_table_is_read_by_load_settings(setting: Setting) -> None:
+    """Its example value, set alone, reaches its FleetSettings field."""
+    default = getattr(load_settings(BASE), setting.field)
+    given = getattr(load_settings({**BASE, setting.name: _example(setting)}), setting.field)
+    assert given != default, f"load_settings ignores {setting.name}"
+
+
+def test_each_fleet_settings_field_comes_from_one_setting() -> None:
+    fields = [s.field for s in ALL_SETTINGS]
+    assert len(set(fields)) == len(fields)
+    assert set(fields) == {f.name for f in dataclasses.fields(FleetSettings)}
+    assert len({s.name for s in ALL_SETTINGS}) == len(ALL_SETTINGS)
+
+
+def test_fleet_takes_a_keyword_for_each_setting_that_has_one() -> None:
+    params = inspect.signature(Fleet.__init__).parameters
+    keywords = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"clock"}
+    assert keywords == set(KEYWORDS)
+
+
+@pytest.mark.parametrize("keyword", sorted(KEYWORDS))
+def test_a_keyword_override_fills_the_field_of_its_setting(keyword: str) -> None:
+    setting = KEYWORDS[keyword]
+    value = _example(setting)
+    from_conf = getattr(load_settings({**BASE, setting.name: value}), setting.field)
+    from_keyword = getattr(load_settings(BASE, **{keyword: value}), setting.field)
+    assert from_keyword == from_conf != getattr(load_settings(BASE), setting.field)
+
+
+def test_a_keyword_override_wins_over_app_conf() -> None:
+    conf = {**BASE, "fleet_namespace": "from-conf", "fleet_max_wait": 5}
+    settings = load_settings(conf, namespace="from-keyword", max_wait=None)
+    assert (settings.namespace, settings.max_wait_s) == ("from-keyword", 5)
+
+
+def test_load_settings_refuses_a_keyword_no_setting_has() -> None:
+    with pytest.raises(TypeError, match="namespaces"):
+        load_settings(BASE, namespaces="x")
