@@ -6,6 +6,7 @@ same on the front page and in the docs. (Running the Quick start for real is
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -68,11 +69,12 @@ def test_the_front_page_commands_name_real_make_targets_and_extras() -> None:
             assert set(wanted.split(",")) <= extras, line
 
 
-def test_the_front_page_python_compiles() -> None:
-    code = blocks(README.read_text("utf-8"), "python")
-    assert code
-    for block in code:
-        compile(block.text, "README.md", "exec")
+@pytest.mark.parametrize("page", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_python_blocks_compile(page: Path) -> None:
+    """Fragments may use names they do not define, but not invalid syntax (``await`` at the
+    top level is allowed: the async examples are bodies of a coroutine)."""
+    for block in blocks(page.read_text("utf-8"), "python"):
+        compile(block.text, page.name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
 
 def test_getting_started_repeats_the_quick_start_word_for_word() -> None:
