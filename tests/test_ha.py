@@ -506,7 +506,7 @@ class Burst:
                 time.sleep(0.05)
 
 
-#: Measured by the last run of the test below (docs/redis.md, "Redis HA"), per failure.
+#: Measured by the last run of the test below, per failure (recorded in benchmarks/RESULTS.md).
 FAILOVER_FIGURES: dict[str, str] = {}
 
 
