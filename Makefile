@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 DEMO_STAMP := $(VENV)/.installed-demo
+DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead clean
+.PHONY: venv test test-fast demo docs docs-serve lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead clean
 
 venv: $(STAMP)
 
@@ -43,6 +44,18 @@ $(DEMO_STAMP): $(STAMP)
 ## The herd demo: plain Celery vs celery-fleet against a simulated provider (writes demo-herd.png).
 demo: $(DEMO_STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m example_project.demo $(DEMO_ARGS)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[docs]'
+	@touch $(DOCS_STAMP)
+
+## The documentation site (mkdocs.yml, docs/) built into site/; --strict: a broken link fails.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+## The same site served on http://127.0.0.1:8000 while you edit it.
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 ## Run the whole test suite against a real Redis (REDIS_URL, else 127.0.0.1:6379, else a private one).
 test: venv
@@ -125,4 +138,4 @@ bench-aio: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/aio.py $(AIO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png
+	rm -rf $(VENV) site .pytest_cache .ruff_cache .mypy_cache *.egg-info .pytest-worker-*.log demo-herd.png

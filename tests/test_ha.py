@@ -78,7 +78,7 @@ def test_a_bad_sentinel_url_is_a_config_error(url: str, says: str) -> None:
 @pytest.mark.parametrize(
     ("url", "db"),
     [
-        ("sentinel://s1:26379;sentinel://s2:26379/1", 1),  # the README's, Celery's habit
+        ("sentinel://s1:26379;sentinel://s2:26379/1", 1),  # docs/redis.md's, Celery's habit
         ("sentinel://s1:26379/2;sentinel://s2:26379", 2),  # kombu reads the first part's
         ("sentinel://s1:26379/3;sentinel://s2:26379/3", 3),
         ("sentinel://s1:26379;sentinel://s2:26379", 0),
@@ -90,24 +90,27 @@ def test_a_sentinel_url_names_its_database_on_any_part(url: str, db: int) -> Non
     assert store.target.nodes == (("s1", 26379), ("s2", 26379))
 
 
-def _readme_urls() -> list[str]:
-    """Every Redis URL in a code string of README.md (``"sentinel://..."`` and the like)."""
-    text = (Path(__file__).parent.parent / "README.md").read_text("utf-8")
+def _docs_urls() -> list[str]:
+    """Every Redis URL in a code string of README.md and the docs pages (``"sentinel://..."``
+    and the like; the Sentinel examples are in docs/redis.md)."""
+    root = Path(__file__).parent.parent
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text("utf-8") for page in pages)
     schemes = "|".join(re.escape(s.split("://")[0]) for s in SCHEMES)
     return re.findall(rf'"((?:{schemes})://[^"\s]+)"', text)
 
 
-def test_every_redis_url_in_the_readme_parses() -> None:
-    """Each URL the README shows (fleet_redis_url, broker_url, Celery(broker=...)) is
+def test_every_redis_url_in_the_docs_parses() -> None:
+    """Each URL the docs show (fleet_redis_url, broker_url, Celery(broker=...)) is
     accepted as given, nothing connecting; the Sentinel ones with a master name."""
-    urls = _readme_urls()
+    urls = _docs_urls()
     assert any(u.startswith("sentinel://") for u in urls) and len(urls) >= 4, urls
     for url in urls:
         sentinel = url.startswith("sentinel://")
         store = RedisStore(url, transport_options={"master_name": "m"} if sentinel else None)
         assert store.target.kind in ("redis", "sentinel", "cluster"), url
     fleet_url = "sentinel://s1:26379;sentinel://s2:26379/1"
-    assert fleet_url in urls  # the README's own fleet_redis_url example, database 1
+    assert fleet_url in urls  # docs/redis.md's own fleet_redis_url example, database 1
     app = Celery("readme", set_as_current=False)
     app.conf.fleet_redis_url = fleet_url
     app.conf.fleet_redis_transport_options = {"master_name": "fleet", "socket_timeout": 2.0}
@@ -503,7 +506,7 @@ class Burst:
                 time.sleep(0.05)
 
 
-#: Measured by the last run of the test below (README, "Redis HA"), per failure.
+#: Measured by the last run of the test below, per failure (recorded in benchmarks/RESULTS.md).
 FAILOVER_FIGURES: dict[str, str] = {}
 
 

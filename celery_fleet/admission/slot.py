@@ -353,7 +353,7 @@ class Slot:
                 "celery-fleet: limit %r has %d callers in line; the middle one waits about "
                 "%.1f s, longer than max_wait=%.1f s: most will give up and reschedule. "
                 "Raise max_wait, lower worker concurrency, or use wait_after_call / "
-                "durable steps (README, Sizing).",
+                "durable steps (docs/tasks.md, Sizing).",
                 self.limit,
                 decision.line,
                 middle_s,

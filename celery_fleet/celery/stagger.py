@@ -79,7 +79,7 @@ def warn_if_beyond_visibility(seconds: float, what: str, conf: Mapping[str, Any]
             "celery-fleet: %s can delay a task by %g s, not below the broker's "
             "visibility_timeout of %g s: the broker would deliver the waiting message again "
             "and the task would run twice. Shorten it or raise "
-            "broker_transport_options['visibility_timeout'] (README, Jitter).",
+            "broker_transport_options['visibility_timeout'] (docs/jitter.md).",
             what,
             seconds,
             limit,
