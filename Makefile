@@ -42,7 +42,7 @@ $(DEMO_STAMP): $(STAMP)
 
 ## The herd demo: plain Celery vs celery-fleet against a simulated provider (writes demo-herd.png).
 demo: $(DEMO_STAMP)
-	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m example_project.demo $(DEMO_ARGS)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m benchmarks.harness.demo $(DEMO_ARGS)
 
 ## Run the whole test suite against a real Redis (REDIS_URL, else 127.0.0.1:6379, else a private one).
 test: venv

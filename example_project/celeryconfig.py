@@ -50,7 +50,7 @@ broker_transport_options = {"visibility_timeout": 900}
 worker_prefetch_multiplier = 1  # agents are long: do not hoard them in one process
 result_expires = 3600
 broker_connection_retry_on_startup = True
-imports = ("example_project.tasks", "example_project.baselines")
+imports = ("example_project.tasks",)
 
 # -- celery-fleet --------------------------------------------------------------------------
 fleet_redis_url = _url

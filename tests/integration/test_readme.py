@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from benchmarks.harness.herd import stop_processes
 from celery_fleet.testing.redis_server import free_port
-from example_project.herd import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
