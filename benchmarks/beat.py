@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + body)
     if not args.no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from admission import append_section
+        from results import append_section
 
         client = redis.Redis.from_url(herd.url)
         try:
