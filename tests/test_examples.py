@@ -101,7 +101,7 @@ def _registered(command: list[str]) -> set[str]:
     app_module = command[command.index("-A") + 1]
     includes = command[command.index("-I") + 1].split(",") if "-I" in command else []
     code = (
-        "import importlib, json, sys\n"
+        "import importlib, json\n"
         f"app = importlib.import_module({app_module!r}).app\n"
         "app.loader.import_default_modules()\n"
         f"for name in {includes!r}:\n"
@@ -131,7 +131,7 @@ SCENARIO = herd.Scenario(agents=1, steps=1)
 URL = "redis://127.0.0.1:1"  # never reached: nothing here connects
 
 
-def test_herd_workers_know_every_mode_s_task() -> None:
+def test_herd_workers_know_the_task_of_every_mode() -> None:
     command = herd.Herd(SCENARIO, URL)._worker_command("w@%h", "q")
     assert set(herd.TASKS.values()) <= _registered(command)
 
