@@ -43,7 +43,7 @@ $(DEMO_STAMP): $(STAMP)
 
 ## The herd demo: plain Celery vs celery-fleet against a simulated provider (writes demo-herd.png).
 demo: $(DEMO_STAMP)
-	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m example_project.demo $(DEMO_ARGS)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m benchmarks.harness.demo $(DEMO_ARGS)
 
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[docs]'

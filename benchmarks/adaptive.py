@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.harness.demo import progress  # noqa: E402
+from benchmarks.harness.herd import Herd, RunResult, Scenario  # noqa: E402
 from celery_fleet.testing import Phase  # noqa: E402
-from example_project.demo import progress  # noqa: E402
-from example_project.herd import Herd, RunResult, Scenario  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 CHANGES = [(0.0, 8), (10.0, 4), (25.0, 8)]  # (phase start, real capacity)

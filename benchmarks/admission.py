@@ -41,26 +41,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import multiprocessing as mp
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import limits
 import redis
 from peers import BUDGETS, LIMIT, TOKENS, Lean, LimitsIncr, LimitsLock
+from results import append_section, on_db
 
 from celery_fleet import Fleet
 from celery_fleet.store.sync import mask_url, script_source
@@ -68,7 +62,6 @@ from celery_fleet.store.sync import mask_url, script_source
 DB = 12
 HELD = "held"
 TARGET_LATENCY_X, TARGET_LEAN_X, TARGET_INCR_X = 1.5, 0.9, 1.5
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 class Ours:
@@ -361,54 +354,7 @@ def report(runs: list[Samples], srv: dict[str, float | None], rates: dict[int, R
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
-def header() -> str:
-    what = (__doc__ or "").split("\nUsage::")[0].split("\n\n", 1)[1]
-    return (
-        "# Admission benchmark results\n\nAppended by `benchmarks/admission.py`, one dated "
-        "section per run, each naming its machine, versions and exact command.\n\n"
-        f"{what}\nDefault run: `cd /work/main && .venv/bin/python benchmarks/admission.py`\n"
-    )
-
-
-def machine(client: redis.Redis) -> str:
-    git = ["git", "describe", "--always", "--dirty"]
-    try:
-        rev = subprocess.run(git, capture_output=True, text=True, cwd=RESULTS.parent, check=True)
-        commit = rev.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "?"
-    parser = "hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure-Python"
-    return (
-        f"nproc {os.cpu_count()} ({platform.machine()}), "
-        f"Redis {client.info('server')['redis_version']}, Python {platform.python_version()}, "
-        f"redis-py {redis.__version__} ({parser} parser), limits {limits.__version__}, "
-        f"commit {commit}"
-    )
-
-
-def append_section(client: redis.Redis, body: str, title: str = "") -> None:
-    """Append a dated section (``## <title> (<date>)``, or ``## <date>``) to RESULTS.md:
-    machine, exact command, then ``body`` (markdown)."""
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heading = f"{title} ({stamp})" if title else stamp
-    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    fresh = not RESULTS.exists() or RESULTS.stat().st_size == 0
-    with RESULTS.open("a", encoding="utf-8") as fh:
-        fh.write(header() if fresh else "")
-        fh.write(f"\n## {heading}\n\nMachine: {machine(client)}  \nCommand: `{command}`\n\n")
-        fh.write(body)
-    print(f"appended to {RESULTS}", file=sys.stderr)
-
-
 # -- main ---------------------------------------------------------------------------------------
-
-
-def on_db12(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme == "unix":  # unix:///path?db=N (urlunsplit would drop the empty host)
-        query = [q for q in parts.query.split("&") if q and not q.startswith("db=")]
-        return f"{url.split('?')[0]}?{'&'.join([*query, f'db={DB}'])}"
-    return urlunsplit(parts._replace(path=f"/{DB}"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -447,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return contention_main(argv[1:])
     opts = parse_args(argv)
-    url, run_id = on_db12(opts.redis_url), f"bench-{uuid.uuid4().hex[:12]}"
+    url, run_id = on_db(opts.redis_url, DB), f"bench-{uuid.uuid4().hex[:12]}"
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     try:
         client.ping()

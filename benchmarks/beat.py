@@ -5,7 +5,7 @@ minute, so a tick comes within a minute, not at 02:00); each runs a kickoff task
 publishes 20 agents (``--agents``); an agent makes one or two calls (alternately) to a
 ``ProviderSim`` through ``fleet.slot("model")`` and the ``openai`` SDK. Everything is
 real: a ``celery beat`` subprocess (default ``PersistentScheduler``, its schedule file in
-a temporary directory) and ``celery worker`` subprocesses (``example_project.beat_agents``).
+a temporary directory) and ``celery worker`` subprocesses (``benchmarks.harness.beat_agents``).
 Two variants run one after the other, each for ``--ticks`` ticks, on a flushed Redis DB 8:
 
 - ``plain``: the bare crontab; the kickoff publishes its agents with ``apply_async`` at once;
@@ -13,7 +13,7 @@ Two variants run one after the other, each for ``--ticks`` ticks, on a flushed R
   entry's name), and the kickoff publishes with ``agent.fan_out(items, over=W)``.
 
 Measured from records the tasks write to a Redis list (``before_task_publish``,
-``task_prerun``, admitted slots, ``task_rescheduled``: ``example_project/beat_agents.py``;
+``task_prerun``, admitted slots, ``task_rescheduled``: ``benchmarks/harness/beat_agents.py``;
 the wall clock of this one host) and from the provider's own log. Each agent belongs to the
 tick of its kickoff (kickoffs in publish order, ``--entries`` per tick). Per tick and series
 (agent publishes; their due times = publish + countdown; agent starts = the first
@@ -60,11 +60,11 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from example_project.goodput import flush_db  # noqa: E402
-from example_project.herd import Herd, Scenario, close_app, stop_processes  # noqa: E402
+from benchmarks.harness.goodput import flush_db  # noqa: E402
+from benchmarks.harness.herd import Herd, Scenario, close_app, stop_processes  # noqa: E402
 
 DB = 8
-AGENTS_MODULE = "example_project.beat_agents"
+AGENTS_MODULE = "benchmarks.harness.beat_agents"
 TARGET_RATIO = 1.5
 SERIES = ("publish", "due", "start")
 
@@ -207,6 +207,8 @@ def analyse(variant: str, events: list[dict[str, Any]], log: list[Any], entries:
 class BeatHerd(Herd):
     """A ProviderSim, ``celery worker``s running the beat agents, and a ``celery beat``."""
 
+    includes = (*Herd.includes, AGENTS_MODULE)
+
     def __init__(self, scenario: Scenario, redis_url: str, args: argparse.Namespace) -> None:
         super().__init__(scenario, redis_url, DB)
         self.args = args
@@ -218,9 +220,6 @@ class BeatHerd(Herd):
 
     def worker_env(self, run: str) -> dict[str, str]:
         return {**super().worker_env(run), **self.env}
-
-    def _worker_command(self, name: str, queue: str) -> list[str]:
-        return [*super()._worker_command(name, queue), "-I", AGENTS_MODULE]
 
     def run_variant(self, variant: str, tmp: Path) -> Outcome:
         """Workers, then beat until every tick's kickoffs are out, then until agents end."""
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + body)
     if not args.no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from admission import append_section
+        from results import append_section
 
         client = redis.Redis.from_url(herd.url)
         try:

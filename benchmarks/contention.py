@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 
 # Nothing imports celery_fleet at module level: a worker process first decides which one.
 ROOT = Path(__file__).resolve().parents[1]
+DB = 12  # the Redis DB of this benchmark (and of admission.py)
 LIMIT = "held"
 TARGET_RATE, TARGET_JAIN, TARGET_ATTEMPTS = 0.95, 0.95, 3.0
 TARGET_CALLERS = 1000
@@ -634,10 +635,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     import redis
-    from admission import append_section, on_db12
+    from results import append_section, on_db
 
     opts = parse_args(argv)
-    opts.url = on_db12(opts.redis_url)
+    opts.url = on_db(opts.redis_url, DB)
     client = redis.Redis.from_url(opts.url, socket_timeout=10)
     client.ping()
     given = bool(opts.baseline) and (Path(opts.baseline) / "celery_fleet").is_dir()

@@ -56,8 +56,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # also when loaded by path (its te
 
 from provenance import machine as _machine  # noqa: E402
 
-from example_project.demo import progress  # noqa: E402
-from example_project.goodput import (  # noqa: E402
+from benchmarks.harness.demo import progress  # noqa: E402
+from benchmarks.harness.goodput import (  # noqa: E402
     KINDS,
     GoodputHerd,
     Outcome,
@@ -66,7 +66,7 @@ from example_project.goodput import (  # noqa: E402
     ideal_s,
     percentile,
 )
-from example_project.herd import Scenario, add_scenario_args, scenario_from_args  # noqa: E402
+from benchmarks.harness.herd import Scenario, add_scenario_args, scenario_from_args  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DB = 14

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from example_project.demo import progress, table  # noqa: E402
-from example_project.herd import (  # noqa: E402
+from benchmarks.harness.demo import progress, table  # noqa: E402
+from benchmarks.harness.herd import (  # noqa: E402
     Herd,
     RunResult,
     Scenario,

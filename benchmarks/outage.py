@@ -67,8 +67,7 @@ if str(ROOT) not in sys.path:
 import redis  # noqa: E402
 from celery import Celery  # noqa: E402
 
-from celery_fleet.testing.redis_server import RedisServer  # noqa: E402
-from example_project.herd import (  # noqa: E402
+from benchmarks.harness.herd import (  # noqa: E402
     Herd,
     Scenario,
     add_scenario_args,
@@ -76,6 +75,7 @@ from example_project.herd import (  # noqa: E402
     scenario_from_args,
     stop_processes,
 )
+from celery_fleet.testing.redis_server import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DB = 13  # broker, results and what the agents report (the shared Redis); keys deleted after
@@ -316,6 +316,8 @@ class Outcome:
 class OutageHerd(Herd):
     """A :class:`Herd` whose workers keep the fleet's state in a private redis-server that
     this herd stops and starts again mid-run."""
+
+    includes = ()  # the workers' app is this module, which defines the agent itself
 
     def __init__(
         self, scenario: Scenario, redis_url: str, args: argparse.Namespace, db: int = DB
@@ -814,7 +816,7 @@ def scenario_of(args: argparse.Namespace) -> Scenario:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from example_project.demo import progress
+    from benchmarks.harness.demo import progress
 
     args = parse_args(argv)
     scenario = scenario_of(args)

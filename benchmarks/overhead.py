@@ -398,7 +398,7 @@ def run(opts: argparse.Namespace) -> int:
     body = "\n".join([*(h for part in sorted(heads) for h in heads[part]), *tables]) + "\n"
     print(body)
     if not opts.no_write:
-        from admission import append_section  # benchmarks/ is on sys.path when run as a script
+        from results import append_section  # benchmarks/ is on sys.path when run as a script
 
         append_section(client, body, title="Overhead benchmark")
     return 0

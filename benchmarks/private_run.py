@@ -32,6 +32,6 @@ def report(body: str, url: str, title: str, write: bool) -> None:
     """Print ``body``; unless ``write`` is false, append it to RESULTS.md as ``title``."""
     print(body)
     if write:
-        from admission import append_section  # benchmarks/ is on sys.path as a script
+        from results import append_section  # benchmarks/ is on sys.path as a script
 
         append_section(redis.Redis.from_url(url), body, title=title)

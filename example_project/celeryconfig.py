@@ -1,7 +1,7 @@
 """Celery settings of the example fleet, including its ``fleet_limits``.
 
-Environment variables (all optional) let the demo and the herd benchmark point the same
-project at their own Redis, queue and simulated provider:
+Environment variables (all optional) let the demo and the benchmarks (``benchmarks/harness/``)
+point the same project at their own Redis, queue and simulated provider:
 
 - ``REDIS_URL``: Redis for broker, results and fleet state (default 127.0.0.1:6379)
 - ``EXAMPLE_DB``: the Redis DB number (default 11)
@@ -11,6 +11,8 @@ project at their own Redis, queue and simulated provider:
   model limit has no such budget)
 - ``MODEL_BURST``, ``MODEL_HEADROOM``: the model limit's ``burst`` (default 1.0) and
   ``headroom`` (default 0)
+- ``MODEL_ADAPTIVE``: ``1`` makes the model limit adaptive (default ``0``);
+  ``MODEL_BREAKER_RESET``: its breaker's ``reset_timeout`` in seconds (default 10)
 - ``EXAMPLE_MAX_WAIT``: ``fleet_max_wait``, seconds a slot waits in place (default 30)
 """
 
@@ -35,9 +37,11 @@ result_backend = _url
 task_default_queue = os.environ.get("EXAMPLE_QUEUE", "example")
 # Delivery: at-least-once. A task is acknowledged when it ends, and one whose worker process
 # died (SIGKILL, OOM, hard time limit) goes back to the queue: an agent whose process is
-# killed runs again from the start, so its paid model calls may be repeated (the
-# idempotency ledger on the roadmap will make such reruns resume instead). The
-# alternative, at-most-once (both settings False), loses the agent instead.
+# killed runs again under the same task id, and its durable steps (``self.step`` in
+# tasks.py) return what they had stored, so only the step cut short is paid for again. (To
+# run a unit of work once however often it is published, give its task an idempotency
+# key: ``@fleet_task(idempotency_key=...)``.) The alternative, at-most-once (both
+# settings False), loses the agent instead.
 # task_acks_late alone does neither: a killed child's task is marked FAILED and acked.
 task_acks_late = True
 task_reject_on_worker_lost = True
@@ -50,7 +54,7 @@ broker_transport_options = {"visibility_timeout": 900}
 worker_prefetch_multiplier = 1  # agents are long: do not hoard them in one process
 result_expires = 3600
 broker_connection_retry_on_startup = True
-imports = ("example_project.tasks", "example_project.baselines")
+imports = ("example_project.tasks",)
 
 # -- celery-fleet --------------------------------------------------------------------------
 fleet_redis_url = _url

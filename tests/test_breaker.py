@@ -247,8 +247,8 @@ def test_a_breaker_change_is_sent_as_a_fleet_breaker_event(redis_url: str, names
     """The README's promise: an event receiver (as Flower or `celery events` run) sees it."""
     from celery import Celery
 
+    from benchmarks.harness.herd import BreakerEvents, close_app
     from celery_fleet.celery.signals import breaker_state_changed
-    from example_project.herd import BreakerEvents, close_app
 
     app = Celery("events-test", broker=redis_url, set_as_current=False)
     app.conf.fleet_limits = {"llm": BREAKER}

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from example_project.demo import table
-from example_project.herd import RunResult
-from example_project.plot import title
+from benchmarks.harness.demo import table
+from benchmarks.harness.herd import RunResult
+from benchmarks.harness.plot import title
 
 MAX_IN_FLIGHT = 8
 
@@ -62,7 +62,7 @@ def fig() -> Iterator[Any]:
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from example_project.plot import figure
+    from benchmarks.harness.plot import figure
 
     made = figure([PLAIN, FLEET], MAX_IN_FLIGHT)
     made.canvas.draw()
@@ -98,7 +98,7 @@ def test_the_legend_covers_no_panel(fig: Any) -> None:
 
 def test_plot_runs_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from example_project.plot import plot_runs
+    from benchmarks.harness.plot import plot_runs
 
     path = plot_runs([PLAIN, FLEET], MAX_IN_FLIGHT, tmp_path / "herd.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from example_project.goodput import (
+from benchmarks.harness.goodput import (
     Admission,
     Outcome,
     admissions_from,

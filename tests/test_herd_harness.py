@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks.harness import herd
+from benchmarks.harness.herd import Herd, Scenario
 from celery_fleet.testing.redis_server import RedisServer
-from example_project import herd
-from example_project.herd import Herd, Scenario
 
 SCENARIO = Scenario(agents=2, steps=1, workers=3, concurrency=1, timeout_s=5)
 TEST_DB = 13

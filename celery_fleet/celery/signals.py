@@ -144,9 +144,9 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
     """A breaker listener that sends the Celery signal and a ``fleet-breaker`` event.
 
     The event goes to the broker's event exchange, where any event receiver sees it
-    (``app.events.Receiver``, as ``example_project.herd.BreakerEvents`` does). Flower 2.x
-    receives it but shows nothing of it: its ``/metrics`` counts ``task-*`` events only
-    (``flower/events.py``, 2.2.0). Failing to send it is logged and never breaks the call
+    (``app.events.Receiver``, as ``BreakerEvents`` in ``benchmarks/harness/herd.py`` does).
+    Flower 2.x receives it but shows nothing of it: its ``/metrics`` counts ``task-*`` events
+    only (``flower/events.py``, 2.2.0). Failing to send it is logged and never breaks the call
     that changed the state.
     """
 

@@ -80,7 +80,7 @@ def rig(
                     raise RuntimeError("chaos workers did not start:\n" + pool.log_text()[-3000:])
                 yield Rig(fleet_redis, broker, pr, pool, app, app.probe, env)
         finally:
-            from example_project.herd import close_app
+            from benchmarks.harness.herd import close_app
 
             close_app(app.app)
             app.probe.close()

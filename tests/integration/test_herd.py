@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from example_project.herd import Herd, Scenario
+from benchmarks.harness.herd import Herd, Scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
+from benchmarks.harness.herd import close_app, stop_processes
 from celery_fleet.testing.redis_server import free_port
-from example_project.herd import close_app, stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.harness.herd import stop_processes
 from celery_fleet.testing.redis_server import free_port
-from example_project.herd import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,8 +20,8 @@ the wall-clock time ``t`` of this host (one host, so the clocks are the same):
   refused and waited in place) and ``waited_s``;
 - ``resched``: ``celery_fleet.signals.task_rescheduled`` (a refusal that republished the task).
 
-Run: ``celery -A example_project.beat_agents beat`` and
-``celery -A example_project.app worker -I example_project.beat_agents``.
+Run: ``celery -A benchmarks.harness.beat_agents beat`` and
+``celery -A example_project.app worker -I benchmarks.harness.beat_agents``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ from celery import signals
 from celery.schedules import crontab
 
 from celery_fleet import FleetTask, fleet_task, jittered
-from celery_fleet.celery.signals import task_rescheduled
-
-from . import model
-from .app import app
+from celery_fleet.signals import task_rescheduled
+from example_project import model
+from example_project.app import app
 
 __all__ = ["app", "agent", "kickoff"]
 

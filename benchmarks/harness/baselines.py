@@ -5,7 +5,8 @@
 - ``autoretry_agent``: Celery's ``autoretry_for`` + ``retry_backoff`` + ``retry_jitter``,
   SDK retries off; a retry starts the agent over, as such tasks usually do.
 
-Used by the demo and ``benchmarks/herd.py`` as the baselines.
+Used by the demo and ``benchmarks/herd.py`` as the baselines; their workers load this
+module with ``-I`` beside the example's app (``Herd.includes``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 import openai
 from celery import Task
 
-from . import model
-from .app import app
+from example_project import model
+from example_project.app import app
 
 RETRYABLE = (openai.RateLimitError, openai.APIStatusError, openai.APIConnectionError)
 

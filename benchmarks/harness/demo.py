@@ -4,7 +4,7 @@ Starts a simulated OpenAI-compatible provider and real ``celery worker`` process
 every agent in the same second, shows progress, and prints a side-by-side table of what
 the provider saw; writes ``demo-herd.png`` (in-flight requests and 429s over time).
 
-Run: ``python -m example_project.demo [--agents 60 --steps 5 ...]`` with REDIS_URL set,
+Run: ``python -m benchmarks.harness.demo [--agents 60 --steps 5 ...]`` with REDIS_URL set,
 or ``make demo``, which starts a Redis when none answers.
 """
 

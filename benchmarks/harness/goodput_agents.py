@@ -22,7 +22,7 @@ goes to the fleet's Redis under the worker's namespace (the ``{<ns>:goodput}`` h
   rescheduled with Celery's ``Retry``, so there ``task_retry`` counts them).
 
 A worker loads it with
-``celery -A example_project.app worker -I example_project.goodput_agents``.
+``celery -A example_project.app worker -I benchmarks.harness.goodput_agents``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from celery import signals
 
 import celery_fleet
 from celery_fleet import FleetTask, fleet_task
+from example_project import model
+from example_project.app import app
 
-from . import model
-from .app import app
 from .goodput import keys
 
 STEPS = 3
@@ -151,7 +151,7 @@ def _count_reschedule(sender: Any = None, **_: Any) -> None:
 
 
 try:  # the new package announces reschedules; the old one raised Celery's Retry
-    from celery_fleet.celery.signals import task_rescheduled
+    from celery_fleet.signals import task_rescheduled
 except ImportError:
     signals.task_retry.connect(_count_reschedule, weak=False)
 else:

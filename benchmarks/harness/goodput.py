@@ -1,8 +1,8 @@
 """Goodput under sustained overload: do agents get their work done without paying twice?
 
-:class:`GoodputHerd` is a :class:`~example_project.herd.Herd` (one ProviderSim, real
+:class:`GoodputHerd` is a :class:`~benchmarks.harness.herd.Herd` (one ProviderSim, real
 ``celery worker`` processes, workers stopped by pid) that runs the agents of
-:mod:`example_project.goodput_agents` in one configuration at a time: a package (the
+:mod:`benchmarks.harness.goodput_agents` in one configuration at a time: a package (the
 current one, or the code of an older commit exported to a directory, the baseline), an
 agent kind (``plain`` or ``durable``) and ``fleet_max_wait``. It fires every agent at
 once, waits until they are done or the timeout passes, and measures from the provider's
@@ -33,7 +33,7 @@ from celery import Celery
 
 from .herd import ROOT, Herd, Scenario, stop_processes
 
-AGENTS_MODULE = "example_project.goodput_agents"
+AGENTS_MODULE = "benchmarks.harness.goodput_agents"
 KINDS = {"baseline": "plain_agent", "plain": "plain_agent", "durable": "durable_agent"}
 #: Ties in :func:`ticket_order` (s): ``line`` ages are exact but first asks are estimated
 #: (``at_ms - waited_s``, early by a round trip plus thread scheduling); a ``stamp`` is
@@ -196,6 +196,8 @@ def export_commit(commit: str, into: Path) -> Path:
 class GoodputHerd(Herd):
     """A Herd that runs the goodput agents; ``burst`` and ``headroom``: the model limit's."""
 
+    includes = (*Herd.includes, AGENTS_MODULE)
+
     def __init__(
         self, scenario: Scenario, redis_url: str, db: int, burst: float, headroom: float
     ) -> None:
@@ -214,9 +216,6 @@ class GoodputHerd(Herd):
             "MODEL_HEADROOM": str(self.headroom),
             **self._extra_env,
         }
-
-    def _worker_command(self, name: str, queue: str) -> list[str]:
-        return [*super()._worker_command(name, queue), "-I", AGENTS_MODULE]
 
     def run_config(
         self,

@@ -6,9 +6,13 @@ all of them to end, stops the workers (by pid) and reads the provider's own log:
 
 - ``plain``: ``baselines.plain_agent`` (SDK default retries),
 - ``autoretry``: ``baselines.autoretry_agent`` (autoretry_for + retry_backoff + retry_jitter),
-- ``fleet``: ``tasks.research_agent`` (celery-fleet admission).
+- ``fleet``: ``example_project.tasks.research_agent`` (celery-fleet admission).
 
-Used by ``python -m example_project.demo`` and ``benchmarks/herd.py``.
+The workers run the example project's app (``celery -A example_project.app``); the
+baselines, which are no part of the example, are loaded beside it with ``-I``
+(:attr:`Herd.includes`).
+
+Used by ``python -m benchmarks.harness.demo`` and ``benchmarks/herd.py``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from celery import Celery
 
 from celery_fleet.testing import Phase, ProviderSim
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: example_project and benchmarks
+BASELINES = "benchmarks.harness.baselines"
 TASKS = {
-    "plain": "example_project.baselines.plain_agent",
-    "autoretry": "example_project.baselines.autoretry_agent",
+    "plain": f"{BASELINES}.plain_agent",
+    "autoretry": f"{BASELINES}.autoretry_agent",
     "fleet": "example_project.tasks.research_agent",
 }
 Progress = Callable[[str, int, int, int, int], None]  # mode, done, failed, total, 429s
@@ -117,6 +122,10 @@ class RunResult:
 
 class Herd:
     """A simulated provider plus the means to run the example fleet against it."""
+
+    #: Modules the workers import besides the app's own (``celery worker -I``): the tasks
+    #: of the harness that the example project does not define.
+    includes: tuple[str, ...] = (BASELINES,)
 
     def __init__(self, scenario: Scenario, redis_url: str, db: int = 11) -> None:
         self.scenario = scenario
@@ -201,7 +210,8 @@ class Herd:
         return procs
 
     def worker_env(self, run: str) -> dict[str, str]:
-        """The environment of the run's workers: example_project's settings for the scenario."""
+        """The environment of the run's workers: the example project's settings for the
+        scenario (its celeryconfig reads them)."""
         s = self.scenario
         return {
             **os.environ,
@@ -222,6 +232,7 @@ class Herd:
     def _worker_command(self, name: str, queue: str) -> list[str]:
         """The ``celery worker`` command line of the worker ``name`` consuming ``queue``."""
         s = self.scenario
+        include = ["-I", ",".join(self.includes)] if self.includes else []
         return [
             sys.executable,
             "-m",
@@ -229,6 +240,7 @@ class Herd:
             "-A",
             "example_project.app",
             "worker",
+            *include,
             "-P",
             s.pool,
             "-c",
