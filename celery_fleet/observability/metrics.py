@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import bootsteps
 
@@ -46,6 +46,9 @@ from ..errors import ConfigError, FleetError
 from ..fleet import Fleet
 from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
 from .status import StatusSource, fleet_status
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = [
     "FleetCollector",
@@ -255,7 +258,7 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return {"fleet": {s.limit: s.as_dict() for s in rows}}
 
 
-def install(app: Any) -> None:
+def install(app: Celery) -> None:
     """Add :class:`InfoStep` and :class:`MetricsStep` to ``app``'s worker blueprint
     (idempotent; metrics are served only when ``fleet_metrics_port`` is set). Called when a
     FleetTask meets the app, before a worker builds its blueprint."""
