@@ -36,7 +36,7 @@ from ..errors import ConfigError
 from ..settings import visibility_timeout
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from celery import Celery, Task
 
 __all__ = [
     "JITTER_OPTION",
@@ -154,7 +154,7 @@ def jitter_publish(options: dict[str, Any], task_jitter_s: float) -> None:
     add_countdown(options, random.uniform(0.0, seconds))
 
 
-def fan_out_signatures(task: Any, items: Iterable[Any]) -> list[Any]:
+def fan_out_signatures(task: Task, items: Iterable[Any]) -> list[Any]:
     """One signature of ``task`` per item: a tuple is its positional arguments, a dict its
     keyword arguments, anything else its one argument."""
     sigs = []
