@@ -29,21 +29,37 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from ..checks import check_max_wait
 from ..errors import ConfigError
-from .core import Admission
-from .slot import Slot
 
-__all__ = ["guarded", "aguarded", "Guard", "SlotSource"]
+if TYPE_CHECKING:
+    from .aslot import AsyncSlot
+    from .config import LimitConfig
+    from .core import Admission
+    from .slot import Slot
+
+__all__ = ["guarded", "aguarded", "ASlotSource", "Guard", "SlotSource"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
+class _Limits(Protocol):
+    def limit(self, name: str) -> LimitConfig: ...
+
+
+class _LimitSource(Protocol):
+    """What a guard checks when it is applied: the limit's configuration."""
+
+    @property
+    def admission(self) -> _Limits: ...
+
+
 class SlotSource(Protocol):
-    """What :func:`guarded` needs of a :class:`~celery_fleet.Fleet`."""
+    """What :func:`guarded` needs of a :class:`~celery_fleet.Fleet`: the limits, and
+    blocking slots (:mod:`celery_fleet.contrib.pybreaker` reaches the whole Admission)."""
 
     admission: Admission
 
@@ -55,6 +71,20 @@ class SlotSource(Protocol):
         validate: Callable[[Any], object] | None = None,
         jitter: float | None = None,
     ) -> Slot: ...
+
+
+class ASlotSource(_LimitSource, Protocol):
+    """What :func:`aguarded` needs of a :class:`~celery_fleet.Fleet`: the limits, and
+    slots for coroutines."""
+
+    def aslot(
+        self,
+        name: str,
+        tokens: int = 0,
+        max_wait: float | None = None,
+        validate: Callable[[Any], object] | None = None,
+        jitter: float | None = None,
+    ) -> AsyncSlot: ...
 
 
 class Guard(Protocol):
@@ -111,14 +141,14 @@ def guarded(
 
 
 def aguarded(
-    fleet: Any,
+    fleet: ASlotSource,
     name: str,
     *,
     tokens: int | Callable[..., int] = 0,
     max_wait: float | None = None,
     validate: Callable[[Any], object] | None = None,
     usage: Callable[[Any], int] | None = None,
-) -> Any:
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """:func:`guarded` for coroutine functions: each call awaited inside
     ``fleet.aslot(name, ...)``, the loop never blocked. Same arguments and checks;
     ``validate`` may be a coroutine function."""
@@ -151,13 +181,13 @@ def aguarded(
 
 
 def _check_guard(
-    fleet: Any,
+    fleet: _LimitSource,
     name: str,
     tokens: object,
     max_wait: float | None,
     validate: object,
     usage: object,
-) -> Any:
+) -> LimitConfig:
     """Everything a guard can check when it is applied; the limit's configuration."""
     if callable(name) and not isinstance(name, str):
         raise ConfigError(

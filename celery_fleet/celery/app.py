@@ -78,7 +78,7 @@ def check_app_tasks(fleet: Fleet, app: Celery) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _check_at_start(app: Any) -> None:
+def _check_at_start(app: Celery) -> None:
     """In a worker's main process, once ready: log each of its app's Fleets whose Redis
     does not answer (a wrong ``fleet_redis_url`` otherwise shows only as warnings)."""
     from ..fleet import Fleet

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery.schedules import BaseSchedule, crontab, schedstate, schedule
@@ -38,6 +38,9 @@ from celery.schedules import BaseSchedule, crontab, schedstate, schedule
 from ..admission.backoff import offset
 from ..checks import MAX_SECONDS, number
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["Jittered", "jittered", "bind_entry_names"]
 
@@ -70,11 +73,11 @@ class Jittered(BaseSchedule):  # type: ignore[misc]
     # -- Celery's schedule interface --------------------------------------------------
 
     @property
-    def app(self) -> Any:
+    def app(self) -> Celery:
         return self.inner.app
 
     @app.setter
-    def app(self, app: Any) -> None:
+    def app(self, app: Celery) -> None:
         # maybe_schedule() sets the entry's app: the wrapped schedule needs it (timezone).
         self.inner.app = app
 

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import signals
 
@@ -47,6 +47,10 @@ from ..durability.ledger import check_key, record_id_for
 from ..errors import Backpressure, ConfigError, FleetError, StoreUnavailable
 from ..observability.counters import KEYS_LIMIT
 from .signals import sends_task_events
+
+if TYPE_CHECKING:
+    from ..durability.ledger import Claim, Enqueued
+    from ..fleet import Fleet
 
 __all__ = ["KEY_HEADER", "PARENT_HEADER", "KeyBusy", "KeyLogFilter", "current_key", "key_of"]
 
@@ -81,6 +85,104 @@ class KeyBusy(Backpressure):
 
 
 KeySpec = str | Callable[..., Any] | None
+
+
+class _Ledger(Protocol):
+    """The ledger calls a keyed task makes (:class:`~celery_fleet.durability.ledger.Ledger`)."""
+
+    def enqueue(
+        self, record_id: str, key: str, task: str, run_id: str | None = None
+    ) -> Enqueued: ...
+
+    def published(self, record_id: str, run_id: str, sent: bool, error: str = "") -> bool: ...
+
+    def claim(
+        self,
+        record_id: str,
+        key: str,
+        task: str,
+        owner: str,
+        lease_s: float,
+        singleton: bool,
+        task_id: str = "",
+    ) -> Claim: ...
+
+    def finish(self, record_id: str, owner: str, outcome: str, payload: str = "") -> bool: ...
+
+    def lost(self, record_id: str, task_id: str, release: bool, error: str) -> bool: ...
+
+
+class _Claims(Protocol):
+    """Claims kept renewed while bodies run
+    (:class:`~celery_fleet.durability.ledger.ClaimKeeper`)."""
+
+    def hold(self, record_id: str, owner: str) -> None: ...
+
+    def drop(self, record_id: str, owner: str) -> None: ...
+
+
+class _Counting(Protocol):
+    def add(self, limit: str, field: str, n: float = 1) -> None: ...
+
+
+class KeyedFleet(Protocol):
+    """What idempotent tasks use of a :class:`~celery_fleet.Fleet`: the ledger, the claims
+    kept renewed, the claim lease, and the dedupe counters."""
+
+    @property
+    def ledger(self) -> _Ledger: ...
+
+    @property
+    def claims(self) -> _Claims: ...
+
+    @property
+    def claim_lease_s(self) -> float: ...
+
+    @property
+    def counters(self) -> _Counting: ...
+
+
+class KeyedTask(Protocol):
+    """What this module uses of a :class:`~celery_fleet.FleetTask`: its key options, its
+    fleet, and Celery's task members (``request``, ``app``...: Any, Celery has no hints)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fleet(self) -> KeyedFleet: ...
+
+    @property
+    def fleet_idempotency_key(self) -> KeySpec: ...
+
+    @property
+    def fleet_singleton(self) -> bool: ...
+
+    @property
+    def fleet_release_on_failure(self) -> bool: ...
+
+    @property
+    def request(self) -> Any: ...
+
+    @property
+    def request_stack(self) -> Any: ...
+
+    @property
+    def app(self) -> Any: ...
+
+    def run(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def AsyncResult(self, task_id: str) -> Any: ...  # noqa: N802 (Celery's name)
+
+    def send_event(self, type_: str, **fields: Any) -> Any: ...
+
+
+if TYPE_CHECKING:
+
+    def _fleet_is_keyed(fleet: Fleet) -> KeyedFleet:
+        """Where mypy checks that a Fleet has what keyed tasks use: FleetTask's base,
+        celery.Task, has no type hints, so passing a task to :func:`publish` checks none."""
+        return fleet
 
 
 def check_key_spec(spec: object) -> KeySpec:
@@ -144,7 +246,7 @@ def key_of(spec: KeySpec, fun: Callable[..., Any], args: Any, kwargs: Any) -> st
 class Attempt:
     """One execution's claim of a key: finished exactly once."""
 
-    fleet: Any
+    fleet: KeyedFleet
     record_id: str
     key: str
     owner: str
@@ -213,7 +315,7 @@ current_attempt: ContextVar[Attempt | None] = ContextVar("celery_fleet_attempt",
 
 
 def publish(
-    task: Any, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
+    task: KeyedTask, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
 ) -> Any:
     """Publish one call of a keyed task through ``send`` (Celery's ``apply_async``), or
     not: the ``AsyncResult`` of the key's live run when this publish is a duplicate.
@@ -246,7 +348,12 @@ def publish(
 
 
 def _send_same_run(
-    task: Any, key: str, args: Any, kwargs: Any, options: dict[str, Any], send: Callable[..., Any]
+    task: KeyedTask,
+    key: str,
+    args: Any,
+    kwargs: Any,
+    options: dict[str, Any],
+    send: Callable[..., Any],
 ) -> Any:
     """A retry's or reschedule's copy: its attempt already left the key ``queued`` for it,
     so when the copy cannot be published the run is undone (failed, released), or the key
@@ -262,9 +369,11 @@ def _send_same_run(
         raise
 
 
-def _key_for_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> str | None:
+def _key_for_publish(
+    task: KeyedTask, args: Any, kwargs: Any, options: dict[str, Any]
+) -> str | None:
     """The key of this publish (put in the ``fleet_key`` header), or None when unkeyed."""
-    key = options.pop("idempotency_key", None)
+    key: str | None = options.pop("idempotency_key", None)
     if key is not None:
         check_key(key, "idempotency_key option")
     headers = dict(options.get("headers") or {})
@@ -287,7 +396,7 @@ def _is_same_run(options: dict[str, Any]) -> bool:
 
 
 def _publish_ended(
-    ledger: Any, key: str, record_id: str, run_id: str, sent: bool, error: str = ""
+    ledger: _Ledger, key: str, record_id: str, run_id: str, sent: bool, error: str = ""
 ) -> None:
     """Confirm or undo a run's publish. If Redis cannot hear it, the publish lease lapses
     and frees the key anyway (a second message then is harmless: the claim dedupes)."""
@@ -310,7 +419,7 @@ class Replay:
     result: Any
 
 
-def claim_for(task: Any, args: Any, kwargs: Any) -> Attempt | Replay | None:
+def claim_for(task: KeyedTask, args: Any, kwargs: Any) -> Attempt | Replay | None:
     """Claim the running message's key, or None when it has none (or is called directly).
 
     Raises :class:`KeyBusy` when another attempt holds it under a live lease, and

@@ -17,16 +17,19 @@ Example::
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    from celery import Celery
+
 __all__ = ["GreenPoolCheck", "async_tasks", "check_pool", "install"]
 
 
-def async_tasks(app: Any) -> list[str]:
+def async_tasks(app: Celery) -> list[str]:
     """The names of ``app``'s tasks whose body is an ``async def`` (wrapped or not)."""
     names = []
     for name, task in sorted(app.tasks.items()):
@@ -42,7 +45,7 @@ def async_tasks(app: Any) -> list[str]:
     return names
 
 
-def check_pool(app: Any, pool_cls: Any) -> None:
+def check_pool(app: Celery, pool_cls: Any) -> None:
     """Raise :class:`~celery_fleet.ConfigError` when ``pool_cls`` is green (gevent,
     eventlet) and ``app`` has async task bodies."""
     if not getattr(pool_cls, "is_green", False):
@@ -71,6 +74,6 @@ class GreenPoolCheck(bootsteps.Step):  # type: ignore[misc]
         check_pool(worker.app, getattr(worker, "pool_cls", None))
 
 
-def install(app: Any) -> None:
+def install(app: Celery) -> None:
     """Add :class:`GreenPoolCheck` to ``app``'s worker blueprint (idempotent)."""
     app.steps["worker"].add(GreenPoolCheck)

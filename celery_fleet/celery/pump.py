@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
@@ -31,6 +31,9 @@ from ..errors import FleetError
 from ..fleet import Fleet
 from . import pools
 from .reschedule import decode
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["PumpStep", "Pump", "PUMP_ELECTION"]
 
@@ -45,7 +48,7 @@ BATCH = 500
 class Pump:
     """The pump of one app: a leader candidate, and a thread that publishes due messages."""
 
-    def __init__(self, app: Any, fleet: Fleet) -> None:
+    def __init__(self, app: Celery, fleet: Fleet) -> None:
         self.app = app
         self.fleet = fleet
         self.deferred: Deferred = fleet.deferred
@@ -142,7 +145,7 @@ class PumpStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.pump = None
 
 
-def install(app: Any) -> None:
+def install(app: Celery) -> None:
     """Add :class:`PumpStep` to ``app``'s worker blueprint (idempotent), and the check that
     refuses async task bodies on a green pool (:mod:`celery_fleet.celery.pools`)."""
     app.steps["worker"].add(PumpStep)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery.exceptions import Ignore
 from kombu.serialization import dumps, loads, prepare_accept_content
@@ -27,7 +28,9 @@ __all__ = [
     "HEADER",
     "THROTTLED",
     "BACKUP_HEADER",
+    "RescheduleSource",
     "Rescheduling",
+    "SerializingApp",
     "encode",
     "decode",
 ]
@@ -50,13 +53,96 @@ FALLBACK_HEADER = "fleet_backup_fallback"
 GUESSED_WAITS = frozenset({"circuit_open", "key_busy", "store_down"})
 
 
-def backup_grace_s(fleet: Any) -> float:
+class _PumpTimes(Protocol):
+    """The pump's period and its leader's lease: they bound how late a copy is published."""
+
+    @property
+    def pump_period_s(self) -> float: ...
+
+    @property
+    def pump_lease_s(self) -> float: ...
+
+
+class _Sleeper(Protocol):
+    def sleep(self, seconds: float) -> None: ...
+
+
+class _Commands(Protocol):
+    def call(self, command: str, *args: Any) -> Any: ...
+
+
+class _StoreDown(Protocol):
+    @property
+    def down(self) -> bool: ...
+
+
+class _Deferred(Protocol):
+    """Copies kept in Redis until due (:class:`~celery_fleet.durability.deferred.Deferred`)."""
+
+    def add(self, item_id: str, delay_s: float, message: bytes) -> float: ...
+
+    def fate(self, item_id: str) -> str: ...
+
+    def due_in_ms(self, item_id: str) -> float | None: ...
+
+
+class _Counting(Protocol):
+    def add(self, limit: str, field: str, n: float = 1) -> None: ...
+
+
+class RescheduleSource(_PumpTimes, Protocol):
+    """What the reschedule path uses of a :class:`~celery_fleet.Fleet`: the countdown rule,
+    where copies wait (``defer``, the deferred store, whether Redis is known to be away),
+    the clock an eager task sleeps on, Redis's time, and the reschedule counter."""
+
+    @property
+    def defer(self) -> str: ...
+
+    @property
+    def clock(self) -> _Sleeper: ...
+
+    @property
+    def store(self) -> _Commands: ...
+
+    @property
+    def store_down(self) -> _StoreDown: ...
+
+    @property
+    def deferred(self) -> _Deferred: ...
+
+    @property
+    def counters(self) -> _Counting: ...
+
+    def reschedule_countdown(
+        self, wait_s: float, reschedules: int, previous_s: float = 0.0, guess: bool = False
+    ) -> float: ...
+
+
+class _SerializerConf(Protocol):
+    @property
+    def task_serializer(self) -> str: ...
+
+    @property
+    def accept_content(self) -> Iterable[str] | None: ...
+
+
+class SerializingApp(Protocol):
+    """What :func:`encode` and :func:`decode` use of a Celery app: its serializer settings
+    and ``signature()``."""
+
+    @property
+    def conf(self) -> _SerializerConf: ...
+
+    def signature(self, fields: Mapping[str, Any]) -> Any: ...
+
+
+def backup_grace_s(fleet: _PumpTimes) -> float:
     """How long after its copy is due the broker's backup is delivered (and again, as long
     as the copy still waits): two pump periods and two leader failovers."""
     return float(2.0 * (fleet.pump_period_s + fleet.pump_lease_s))
 
 
-def encode(app: Any, signature: Any) -> bytes:
+def encode(app: SerializingApp, signature: Any) -> bytes:
     """A signature as the bytes the pump can publish again (the app's task serializer)."""
     serializer = app.conf.task_serializer
     content_type, encoding, body = dumps(dict(signature), serializer=serializer)  # type: ignore[no-untyped-call]
@@ -65,7 +151,7 @@ def encode(app: Any, signature: Any) -> bytes:
     return json.dumps({"ct": content_type, "enc": encoding, "body": body}).encode()
 
 
-def decode(app: Any, message: bytes) -> Any:
+def decode(app: SerializingApp, message: bytes) -> Any:
     """The signature :func:`encode` stored."""
     envelope = json.loads(message)
     body = envelope["body"]
@@ -80,8 +166,12 @@ def decode(app: Any, message: bytes) -> Any:
 class Rescheduling:
     """Mixin of :class:`~celery_fleet.FleetTask`: the reschedule path."""
 
-    # Provided by FleetTask / celery.Task.
-    fleet: Any
+    if TYPE_CHECKING:  # FleetTask's property: the Fleet of the task's app
+
+        @property
+        def fleet(self) -> RescheduleSource: ...
+
+    # Provided by FleetTask / celery.Task (Celery has no type hints).
     request: Any
     request_stack: Any
     name: str

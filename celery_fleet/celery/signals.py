@@ -120,7 +120,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
             log.exception("celery-fleet: the worker-start check failed")
 
 
-def sends_task_events(app: Any) -> bool:
+def sends_task_events(app: Celery) -> bool:
     """Whether task events are on here: a worker started with ``-E``, or
     ``worker_send_task_events``. ``Task.send_event`` publishes whatever the settings say,
     a broker round trip (~0.6 ms) nobody reads when they are off."""

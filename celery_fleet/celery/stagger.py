@@ -24,7 +24,7 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery.result import GroupResult
@@ -34,6 +34,9 @@ from ..admission.backoff import stagger_offsets
 from ..checks import MAX_SECONDS, number
 from ..errors import ConfigError
 from ..settings import visibility_timeout
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
 
 __all__ = [
     "JITTER_OPTION",
@@ -105,7 +108,7 @@ def stagger(
     over: float,
     *,
     seed: int | None = None,
-    app: Any = None,
+    app: Celery | None = None,
 ) -> GroupResult:
     """Publish ``signatures`` with countdowns spread evenly over ``over`` seconds.
 
@@ -151,7 +154,7 @@ def jitter_publish(options: dict[str, Any], task_jitter_s: float) -> None:
     add_countdown(options, random.uniform(0.0, seconds))
 
 
-def fan_out_signatures(task: Any, items: Iterable[Any]) -> list[Any]:
+def fan_out_signatures(task: Task, items: Iterable[Any]) -> list[Any]:
     """One signature of ``task`` per item: a tuple is its positional arguments, a dict its
     keyword arguments, anything else its one argument."""
     sigs = []
@@ -165,7 +168,7 @@ def fan_out_signatures(task: Any, items: Iterable[Any]) -> list[Any]:
     return sigs
 
 
-def check_entry_options(entries: Any, app: Any) -> None:
+def check_entry_options(entries: Any, app: Celery | None) -> None:
     """At beat start: log an error for an entry whose ``fleet_jitter`` option is bad (its
     publishes would go out without jitter) and warn when one can outlast the broker's
     visibility timeout."""

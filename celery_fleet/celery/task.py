@@ -33,7 +33,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject, Retry
@@ -48,6 +48,9 @@ from . import idempotency, pump
 from .loops import run_async
 from .reschedule import THROTTLED, Rescheduling
 from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = ["FleetTask", "fleet_task", "ON_LIMIT", "THROTTLED", "Throttling"]
 
@@ -150,7 +153,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return Fleet.for_app(self._get_app())
 
     @classmethod
-    def on_bound(cls, app: Any) -> None:
+    def on_bound(cls, app: Celery) -> None:
         # Runs in app.finalize(), outside any signal handler (Celery signals swallow
         # exceptions): a worker whose task names an unknown limit fails at start-up.
         super().on_bound(app)

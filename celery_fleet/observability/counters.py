@@ -20,7 +20,10 @@ import logging
 import os
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..store.connect import Client
 
 __all__ = ["Counters", "FLUSH_S", "KEYS_LIMIT", "WAIT_BUCKETS_S", "read_counters"]
 
@@ -36,6 +39,25 @@ KEYS_LIMIT = "_keys"
 TTL_MS = 7 * 86_400_000
 
 
+class _Pipelines(Protocol):
+    """A store whose client batches the flush in one pipeline (:class:`RedisStore`)."""
+
+    @property
+    def client(self) -> Client: ...
+
+
+class _Renewing(Protocol):
+    """This process's presence record, renewed with each flush (:class:`Presence`)."""
+
+    def renew(self) -> object: ...
+
+
+class _Commands(Protocol):
+    """A store that sends one Redis command (:meth:`RedisStore.call`)."""
+
+    def call(self, command: str, *args: Any) -> Any: ...
+
+
 def counters_key(namespace: str, limit: str) -> str:
     return f"{{{namespace}:{limit}}}:counters"
 
@@ -47,7 +69,9 @@ class Counters:
     forked child starts with no counts (its parent flushes its own) and its own thread.
     """
 
-    def __init__(self, store: Any, namespace: str, presence: Any = None) -> None:
+    def __init__(
+        self, store: _Pipelines, namespace: str, presence: _Renewing | None = None
+    ) -> None:
         self.store = store
         self.namespace = namespace
         #: Renewed at every flush: this process counts among the live ones while it admits.
@@ -140,7 +164,7 @@ def _flusher(ref: weakref.ref[Counters]) -> None:
         del counters
 
 
-def read_counters(store: Any, namespace: str, limit: str) -> dict[str, float]:
+def read_counters(store: _Commands, namespace: str, limit: str) -> dict[str, float]:
     """The fleet's totals of ``limit`` (``{"admitted|": 12, "refused|in_flight": 3...}``)."""
     raw = store.call("HGETALL", counters_key(namespace, limit)) or {}
     out = {}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from celery import bootsteps
 
@@ -45,11 +45,15 @@ from .. import checks
 from ..errors import ConfigError, FleetError
 from ..fleet import Fleet
 from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
-from .status import fleet_status
+from .status import StatusSource, fleet_status
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 __all__ = [
     "FleetCollector",
     "InfoStep",
+    "MetricsSource",
     "MetricsStep",
     "fleet_registry",
     "check_port",
@@ -75,10 +79,29 @@ def check_port(value: object) -> int | None:
     return checks.check_port(value, "fleet_metrics_port")
 
 
+class MetricsSource(StatusSource, Protocol):
+    """What :class:`FleetCollector` reads of a :class:`~celery_fleet.Fleet`: each limit's
+    status, and the event counters kept under its namespace in the same store."""
+
+    @property
+    def namespace(self) -> str: ...
+
+
+class _Keeper(Protocol):
+    def describe(self) -> list[dict[str, object]]: ...
+
+
+class _Holding(Protocol):
+    """A fleet whose lease keeper knows the slots this process holds."""
+
+    @property
+    def keeper(self) -> _Keeper: ...
+
+
 class FleetCollector:
     """A Prometheus collector of one Fleet's limits (see the module docstring)."""
 
-    def __init__(self, fleet: Any) -> None:
+    def __init__(self, fleet: MetricsSource) -> None:
         self.fleet = fleet
 
     def describe(self) -> list[Any]:
@@ -176,7 +199,7 @@ class FleetCollector:
         yield dedupe
 
 
-def fleet_registry(fleet: Any) -> Any:
+def fleet_registry(fleet: MetricsSource) -> Any:
     """A Prometheus registry holding only the fleet's collector."""
     prometheus = _prometheus()
     registry = prometheus.CollectorRegistry(auto_describe=False)
@@ -235,7 +258,7 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return {"fleet": {s.limit: s.as_dict() for s in rows}}
 
 
-def install(app: Any) -> None:
+def install(app: Celery) -> None:
     """Add :class:`InfoStep` and :class:`MetricsStep` to ``app``'s worker blueprint
     (idempotent; metrics are served only when ``fleet_metrics_port`` is set). Called when a
     FleetTask meets the app, before a worker builds its blueprint."""
@@ -243,9 +266,9 @@ def install(app: Any) -> None:
     app.steps["worker"].add(MetricsStep)
 
 
-def held_slots(fleet: Any) -> list[dict[str, Any]]:
+def held_slots(fleet: _Holding) -> list[dict[str, Any]]:
     """The slots this process holds: limit, lease, tokens, seconds since the last renewal."""
-    return fleet.keeper.describe()  # type: ignore[no-any-return]
+    return fleet.keeper.describe()
 
 
 def pool_pids(pool: Any) -> list[int]:

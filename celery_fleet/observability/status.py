@@ -16,10 +16,16 @@ The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["LimitStatus", "WindowStatus", "fleet_status", "limit_status"]
+if TYPE_CHECKING:
+    from ..admission.breaker import BreakerState
+    from ..admission.config import LimitConfig
+    from ..admission.decision import LimitKeys
+
+__all__ = ["LimitStatus", "StatusSource", "WindowStatus", "fleet_status", "limit_status"]
 
 #: At most this many leases are read to find the oldest (a cap of 10**6 stays cheap).
 OLDEST_SCAN = 1000
@@ -56,11 +62,47 @@ class LimitStatus:
         return asdict(self)
 
 
+class _Limits(Protocol):
+    """What status reads of :class:`~celery_fleet.admission.core.Admission`."""
+
+    def limit(self, name: str) -> LimitConfig: ...
+
+    def keys(self, name: str) -> LimitKeys: ...
+
+
+class _Commands(Protocol):
+    """A store that sends one Redis command (:meth:`RedisStore.call`)."""
+
+    def call(self, command: str, *args: Any) -> Any: ...
+
+
+class _BreakerReader(Protocol):
+    def state(self) -> BreakerState: ...
+
+
+class StatusSource(Protocol):
+    """What :func:`limit_status` reads of a :class:`~celery_fleet.Fleet`: the limits
+    configured, their keys, the store to read them from, and each limit's breaker.
+
+    Read-only members, so any object holding them fits (a Fleet, a test's stand-in)."""
+
+    @property
+    def admission(self) -> _Limits: ...
+
+    @property
+    def store(self) -> _Commands: ...
+
+    @property
+    def limits(self) -> Mapping[str, LimitConfig]: ...
+
+    def breaker(self, name: str) -> _BreakerReader: ...
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def limit_status(fleet: Any, name: str) -> LimitStatus:
+def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     """The state of limit ``name`` of ``fleet`` (a :class:`~celery_fleet.Fleet`) now: a few
     round trips, never on the hot path."""
     cfg = fleet.admission.limit(name)
@@ -123,6 +165,6 @@ def limit_status(fleet: Any, name: str) -> LimitStatus:
     )
 
 
-def fleet_status(fleet: Any, names: list[str] | None = None) -> list[LimitStatus]:
+def fleet_status(fleet: StatusSource, names: list[str] | None = None) -> list[LimitStatus]:
     """:func:`limit_status` of each limit named (default: every configured limit)."""
     return [limit_status(fleet, n) for n in (names or sorted(fleet.limits))]

@@ -100,16 +100,23 @@ def handover_key(namespace: str) -> str:
 
 
 class _Store(Protocol):
+    """What the hand-over sends (:class:`~celery_fleet.store.sync.RedisStore`): its
+    operations' scripts and packed commands, and a plain ``ZREM``."""
+
     def call(self, command: str, *args: Any) -> Any: ...
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+
+    def send(self, *commands: tuple[str, bytes]) -> list[Any]: ...
 
 
 class _Admission(Protocol):
     """What the hand-over needs of :class:`~celery_fleet.admission.core.Admission`."""
 
     namespace: str
-    store: Any  # a RedisStore: call, run, send
+
+    @property
+    def store(self) -> _Store: ...
 
     def keys(self, name: str) -> LimitKeys: ...
 

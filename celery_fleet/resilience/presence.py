@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = ["Presence", "TTL_S", "live_key", "held_key"]
 
@@ -31,6 +31,15 @@ log = logging.getLogger("celery_fleet")
 TTL_S = 30.0
 #: How often a process renews its record, at most (seconds; the counters' flush period).
 RENEW_S = 2.0
+
+
+class _Store(Protocol):
+    """What presence sends (:class:`~celery_fleet.store.sync.RedisStore`): its script,
+    and plain commands to read the held slots and the server's ``run_id``."""
+
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
+
+    def call(self, command: str, *args: Any) -> Any: ...
 
 
 def live_key(namespace: str) -> str:
@@ -46,7 +55,7 @@ class Presence:
 
     def __init__(
         self,
-        store: Any,
+        store: _Store,
         namespace: str,
         held: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
