@@ -124,8 +124,7 @@ class AsyncSlot:
 
     async def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
         s = self.slot
-        down = s.admission.store_down
-        if down is not None and down.down:
+        if s.admission.store_down.down:
             await asyncio.sleep(max(0.001, min(timeout_s, wait_s, 0.25)))
             return
         from ..store.wakeups import listener_for
@@ -138,8 +137,7 @@ class AsyncSlot:
         if not s.in_line:  # only ever asked the store-down policy: nothing to tell Redis
             return
         s.in_line = False
-        down = s.admission.store_down
-        if isinstance(why, StoreUnavailable) or (down is not None and down.down):
+        if isinstance(why, StoreUnavailable) or s.admission.store_down.down:
             s.admission.replays.add("leave", s.limit, ticket)  # sent when Redis answers
             return
         try:
