@@ -292,14 +292,21 @@ class Slot:
     def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
         """Block on this ticket's wake-up; while the store is away (a local refusal),
         sleep the estimated wait instead, in short steps."""
-        down = self.admission.store_down
-        if down.down:
-            self.clock.sleep(max(0.001, min(timeout_s, wait_s, 0.25)))
+        sleep_s = self.outage_sleep_s(timeout_s, wait_s)
+        if sleep_s is not None:
+            self.clock.sleep(sleep_s)
             return
         try:
             self.admission.wait_turn(self.limit, ticket, timeout_s)
         except StoreUnavailable as exc:
-            down.cover(exc)  # the next ask goes by the policy
+            self.admission.store_down.cover(exc)  # the next ask goes by the policy
+
+    def outage_sleep_s(self, timeout_s: float, wait_s: float) -> float | None:
+        """While the store is away nobody wakes a ticket: how long to sleep instead (the
+        estimated wait, in short steps); None while Redis answers."""
+        if not self.admission.store_down.down:
+            return None
+        return max(0.001, min(timeout_s, wait_s, 0.25))
 
     def _refused(self, decision: Decision) -> None:
         if self.admission.watchers:
@@ -310,11 +317,7 @@ class Slot:
     def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         """Give up ``ticket``'s place in line; while Redis is away (or the wait ended
         because it did not answer) not now, but when it answers again (replay.py)."""
-        if not self.in_line:  # only ever asked the store-down policy: nothing to tell
-            return
-        self.in_line = False
-        if isinstance(why, StoreUnavailable) or self.admission.store_down.down:
-            self.admission.replays.add("leave", self.limit, ticket)
+        if not self.leaving_now(ticket, why):
             return
         try:
             self.admission.leave(self.limit, ticket)
@@ -322,6 +325,18 @@ class Slot:
             self.admission.replays.add("leave", self.limit, ticket)
         except FleetError:  # the ticket expires by itself
             log.debug("celery-fleet: could not leave the line of %r", self.limit)
+
+    def leaving_now(self, ticket: str, why: BaseException | None) -> bool:
+        """Give up ``ticket``'s place here; True when the leave is to be sent to Redis now,
+        False when there is nothing to tell (only the store-down policy was asked) or it
+        is owed until Redis answers (it is away, or did not answer the wait)."""
+        if not self.in_line:
+            return False
+        self.in_line = False
+        if isinstance(why, StoreUnavailable) or self.admission.store_down.down:
+            self.admission.replays.add("leave", self.limit, ticket)
+            return False
+        return True
 
     def _warn_if_line_too_long(self, decision: Decision) -> None:
         """Log once per limit when the middle waiter's wait exceeds this slot's max_wait."""
