@@ -46,7 +46,7 @@ from .durability.steps import Steps
 from .errors import ConfigError, FleetError
 from .observability.counters import Counters
 from .observability.counters import watcher as counters_watcher
-from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store, is_local_lease
+from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store
 from .resilience.presence import Presence
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
 from .store.connect import ClientSource
@@ -440,9 +440,8 @@ class Fleet(AsyncMethods):
 
     def _held_via_redis(self, limit: str) -> int:
         """Slots of ``limit`` this process holds through Redis (the local limiter counts them)."""
-        return sum(
-            1 for s in self.keeper.held() if s.limit == limit and not is_local_lease(s.lease_id)
-        )
+        owns = self.store_down.owns
+        return sum(1 for s in self.keeper.held() if s.limit == limit and not owns(s.lease_id))
 
     def share_of_budgets(self) -> int:
         """How many processes share the budgets while Redis is unreachable:

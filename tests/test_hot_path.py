@@ -298,6 +298,76 @@ def test_next_waits_its_turn_when_the_next_admission_is_refused(make_fleet: Make
         slot.next()
 
 
+def _lose_pairs(fleet: Fleet, run: bool) -> list[list[Any]]:
+    """Make the store's sends of two commands (``Slot.next``'s release + ask) fail as if the
+    connection dropped: after Redis ran them (``run``: their replies are lost, the error is
+    ``dropped``) or before (an outage). Returns the lost replies, one list per loss."""
+    store, real = fleet.store, fleet.store.send
+    lost: list[list[Any]] = []
+
+    def send(*commands: tuple[str, bytes]) -> list[Any]:
+        if len(commands) == 2 and not lost:
+            lost.append(real(*commands) if run else [])
+            raise StoreUnavailable(store.safe_url, "connection dropped", dropped=run)
+        return real(*commands)
+
+    store.send = send  # type: ignore[method-assign]
+    return lost
+
+
+def test_next_whose_reply_a_dropped_connection_lost_is_not_charged_twice(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    """The release and the ask went through, the reply did not: the resend of both (the ask
+    flagged) answers with the lease the first ask made, and charges nothing again."""
+    fleet = make_fleet({"llm": {"max_in_flight": 4}})
+    with fleet.slot("llm") as slot:
+        first = slot.lease_id
+        lost = _lose_pairs(fleet, run=True)
+        slot.next()
+        assert lost, "next() did not send its release and ask together"
+        (_released, answer) = lost[0]
+        assert slot.lease_id == answer[2].decode() != first
+        leases = rclient.zrange(fleet.admission.keys("llm").leases, 0, -1)
+        assert leases == [slot.lease_id.encode()]  # type: ignore[union-attr]
+        assert not fleet.admission.replays  # nothing owed: Redis answered the resend
+    assert fleet.admission.in_flight("llm") == 0
+
+
+def test_next_meeting_an_outage_owes_both_and_asks_the_policy_afresh(
+    make_fleet: MakeFleet,
+) -> None:
+    """Redis does not answer next()'s round trip: the release and the ask are owed to it
+    (replay.py), and the store-down policy admits a fresh ask, with a new ticket."""
+    fleet = make_fleet({"llm": {"max_in_flight": 4}}, store_down="local")
+    fleet.expected_processes = 1
+    with fleet.slot("llm") as slot:
+        first = slot.lease_id
+        _lose_pairs(fleet, run=False)
+        slot.next()
+        owed = [(o.kind, o.key) for o in fleet.admission.replays.take()]
+        assert [kind for kind, _key in owed] == ["release", "ask"] and owed[0][1] == first
+        assert fleet.store_down.down and fleet.store_down.owns(slot.lease_id)
+        assert slot.lease_id and not slot.lease_id.endswith(owed[1][1])  # a new ticket
+
+
+def test_next_without_a_store_down_policy_raises_what_redis_did_not_answer(
+    make_fleet: MakeFleet,
+) -> None:
+    """An Admission made without a policy (RedisOnly) lets the outage reach the caller,
+    after owing Redis the release and the ask."""
+    from celery_fleet.resilience.strategy import RedisOnly
+
+    fleet = make_fleet({"llm": {"max_in_flight": 4}})
+    fleet.admission.store_down = RedisOnly()
+    with fleet.slot("llm") as slot:
+        _lose_pairs(fleet, run=False)
+        with pytest.raises(StoreUnavailable):
+            slot.next()
+        assert [o.kind for o in fleet.admission.replays.take()] == ["release", "ask"]
+        assert slot.lease_id is None
+
+
 # -- posted releases ------------------------------------------------------------------------
 
 

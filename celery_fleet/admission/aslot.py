@@ -124,9 +124,9 @@ class AsyncSlot:
 
     async def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
         s = self.slot
-        down = s.admission.store_down
-        if down is not None and down.down:
-            await asyncio.sleep(max(0.001, min(timeout_s, wait_s, 0.25)))
+        sleep_s = s.outage_sleep_s(timeout_s, wait_s)
+        if sleep_s is not None:
+            await asyncio.sleep(sleep_s)
             return
         from ..store.wakeups import listener_for
 
@@ -135,12 +135,7 @@ class AsyncSlot:
 
     async def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         s = self.slot
-        if not s.in_line:  # only ever asked the store-down policy: nothing to tell Redis
-            return
-        s.in_line = False
-        down = s.admission.store_down
-        if isinstance(why, StoreUnavailable) or (down is not None and down.down):
-            s.admission.replays.add("leave", s.limit, ticket)  # sent when Redis answers
+        if not s.leaving_now(ticket, why):  # nothing to tell Redis, or owed to it
             return
         try:
             await adrive(s.admission.leave_steps(s.limit, ticket), self.store)

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
-from ..resilience.fallback import StoreDown, is_local_lease
 from ..resilience.replay import Replays, replay_steps
+from ..resilience.strategy import RedisOnly, StoreStrategy
 from ..store.calls import PackedCalls, ScriptCall, Steps, drive
 from ..store.sync import RedisStore
 from ..store.wakeups import listener_for
@@ -74,6 +75,16 @@ SETTLED_MEMORY = 100_000
 MIN_PROVIDER_FACTOR = 0.05
 
 
+@dataclass(frozen=True)
+class ReleaseAhead:
+    """A release sent in the same round trip as an ask, just ahead of it (``Slot.next``):
+    the lease it gives back, its packed command, and who reads its :class:`Release`."""
+
+    lease_id: str
+    command: tuple[str, bytes]
+    done: Callable[[str, Release], None]
+
+
 class Admission:
     """Admission control for a set of limits, backed by one Redis.
 
@@ -94,11 +105,12 @@ class Admission:
         store: RedisStore,
         limits: Mapping[str, LimitConfig],
         namespace: str = "fleet",
-        store_down: StoreDown | None = None,
+        store_down: StoreStrategy | None = None,
     ) -> None:
         self.store = store
-        #: What admission does while Redis is unreachable (None: raise StoreUnavailable).
-        self.store_down = store_down
+        #: Who answers while Redis is unreachable, and what an unanswered call does (see
+        #: :mod:`celery_fleet.resilience.strategy`; None: :class:`RedisOnly`, it raises).
+        self.store_down: StoreStrategy = RedisOnly() if store_down is None else store_down
         self.namespace = check_name(namespace, "fleet_namespace")
         self.limits = dict(limits)
         self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
@@ -191,40 +203,57 @@ class Admission:
         return drive(self.acquire_steps(cfg, tokens, lease_id, since_ms, join), self.store)
 
     def acquire_steps(
-        self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
+        self,
+        cfg: LimitConfig,
+        tokens: int,
+        lease_id: str,
+        since_ms: int = 0,
+        join: bool = False,
+        ahead: ReleaseAhead | None = None,
     ) -> Steps[Decision]:
         """One ask of checked arguments, as calls (see :mod:`celery_fleet.store.calls`): the
-        store-down policy and the resend after a dropped connection included."""
+        store-down strategy and the resend after a dropped connection included.
+
+        With ``ahead`` (``Slot.next``) a release rides in the same round trip, resent with
+        the ask. Its caller has found Redis not known to be down, so neither the strategy
+        nor the owed replays are asked first; when Redis does not answer, both the release
+        and the ask are owed and the error is raised: the caller covers it
+        (:meth:`StoreStrategy.cover`) and asks again from the start.
+        """
         down = self.store_down
-        if down is not None and down.down and not (yield from down.back_steps(self)):
+        if ahead is None and down.down and not (yield from down.back_steps(self)):
             return down.admit(cfg, tokens, lease_id)
         asked = False
         try:
-            if self.replays.due():  # what an outage left owed goes first (recovery only)
+            if ahead is None and self.replays.due():  # what an outage left owed goes first
                 yield from replay_steps(self)
             asked = True
+            ask = self.acquire_command(cfg.name, tokens, lease_id, since_ms, join)
             try:
-                (reply,) = yield PackedCalls(
-                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join),)
-                )
+                replies = yield PackedCalls((ask,) if ahead is None else (ahead.command, ask))
             except StoreUnavailable as exc:
                 if not exc.dropped:
                     raise
                 # The first ask may have admitted before the connection dropped: the
-                # resend answers with that lease instead of charging again.
-                (reply,) = yield PackedCalls(
-                    (self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, True),)
-                )
+                # resend answers with that lease instead of charging again (a release
+                # ahead of it is idempotent).
+                ask = self.acquire_command(cfg.name, tokens, lease_id, since_ms, join, True)
+                replies = yield PackedCalls((ask,) if ahead is None else (ahead.command, ask))
         except StoreUnavailable as exc:
+            # A frozen Redis runs what it was sent when it thaws (a dropped call may have
+            # run): the release is sent again, the ask's lease looked up and released once
+            # Redis answers (replay.py).
+            if ahead is not None:
+                self.replays.add("release", cfg.name, ahead.lease_id)
             if asked:
-                # A frozen Redis runs the ask when it thaws (a dropped one may have run):
-                # its lease is looked up and released once Redis answers (replay.py).
                 self.replays.add("ask", cfg.name, lease_id)
-            if down is None:
+            if ahead is not None:
                 raise
-            down.failed(exc)
+            down.cover(exc)
             return down.admit(cfg, tokens, lease_id)
-        return self.decision(cfg.name, tokens, reply)
+        if ahead is not None:
+            ahead.done(ahead.lease_id, self.released(cfg.name, replies[0]))
+        return self.decision(cfg.name, tokens, replies[-1])
 
     def empty_missing_steps(self) -> Steps[int]:
         """Start every window Redis no longer has (it restarted empty during an outage) as
@@ -274,8 +303,7 @@ class Admission:
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
         allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
-        if self.store_down is not None:
-            self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
+        self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if allowed:
             if probe:
@@ -359,7 +387,7 @@ class Admission:
     def release_steps(
         self, name: str, lease_id: str, outcome: str = "neutral", retry_after_ms: int = 0
     ) -> Steps[Release]:
-        if is_local_lease(lease_id) and self.store_down is not None:
+        if self.store_down.owns(lease_id):
             held = self.store_down.release(name, lease_id)
             return Release(held, 0, 0.0)
         command = self.release_command(name, lease_id, outcome, retry_after_ms, clock=True)
@@ -425,16 +453,14 @@ class Admission:
                 units = min(max(0, int(remaining)), MAX_UNITS)
                 args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
         factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
-        if is_local_lease(lease_id):
+        if self.store_down.owns(lease_id):
             lease_id = None  # what the provider said still lowers the shared buckets
         try:
             lowered, held = yield ScriptCall(
                 "observe", [k.ctl, k.leases], [lease_id or "", factor, len(args) // 4, *args]
             )
         except StoreUnavailable as exc:
-            if self.store_down is None:
-                raise
-            self.store_down.failed(exc)
+            self.store_down.cover(exc)
             return 0  # the headers are lost; the next call's will say the same
         if not held:
             raise LeaseLost(name, lease_id or "", "gone when the provider's headers arrived")
@@ -492,7 +518,7 @@ class Admission:
         reserved = cfg.check_usage(reserved, "settle(reserved=...)")
         k = self._keys[name]
         down = self.store_down
-        if down is not None and is_local_lease(lease_id):
+        if down.owns(lease_id):
             return down.settle(cfg, lease_id, actual)
         try:
             known, delta, _now, held = yield ScriptCall(
@@ -501,11 +527,9 @@ class Admission:
                 [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
             )
         except StoreUnavailable as exc:
-            if down is None:
-                raise
             # Not charged: the provider counted the tokens, the fleet cannot now. The
             # budget is over-spent by the difference at most, once.
-            down.failed(exc)
+            down.cover(exc)
             log.warning(
                 "celery-fleet: could not settle %d tokens of %r (Redis unreachable)",
                 actual,
@@ -530,7 +554,8 @@ class Admission:
     def renew_steps(
         self, name: str, leases: list[tuple[str, int]]
     ) -> Steps[tuple[list[str], list[str]]]:
-        leases = [(lease, tokens) for lease, tokens in leases if not is_local_lease(lease)]
+        owns = self.store_down.owns
+        leases = [(lease, tokens) for lease, tokens in leases if not owns(lease)]
         if not leases:
             return [], []
         cfg = self.limit(name)

@@ -18,7 +18,6 @@ import weakref
 from typing import Protocol
 
 from ..errors import FleetError, LeaseLost, StoreUnavailable
-from ..resilience.fallback import is_local_lease
 from .core import Admission
 
 __all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
@@ -167,13 +166,12 @@ class LeaseKeeper:
         While the outage lasts, the admission's own retry (one caller a second) asks."""
         admission = self.admission
         down = admission.store_down
-        if (down is not None and down.down) or not admission.replays.due():
+        if down.down or not admission.replays.due():
             return
         try:
             released = admission.replay()
         except StoreUnavailable as exc:
-            if down is not None:
-                down.failed(exc)
+            down.failed(exc)
             return
         except Exception:
             log.warning("celery-fleet: replaying owed releases failed", exc_info=True)
@@ -206,7 +204,7 @@ class LeaseKeeper:
                 lost, restored = self.admission.renew(limit, leases)
             except StoreUnavailable as exc:
                 down = self.admission.store_down
-                if down is None:
+                if not down.fallback:
                     log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
                 else:  # the outage is logged once, by the policy
                     self._stranded.update(slots)
@@ -216,8 +214,8 @@ class LeaseKeeper:
                 log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
                 continue
             down = self.admission.store_down
-            asked = any(not is_local_lease(lease) for lease, _tokens in leases)
-            if asked and down is not None and down.down_since is not None:
+            asked = any(not down.owns(lease) for lease, _tokens in leases)
+            if asked and down.down:
                 down.answered()  # looks for the hand-over (which empties lost windows)
             if restored:
                 log.warning(

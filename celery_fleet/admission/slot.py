@@ -32,9 +32,9 @@ from ..errors import (
     StoreUnavailable,
     Throttled,
 )
-from ..resilience.fallback import is_local_lease
 from ..resilience.replay import met_outage
-from .core import REFRESH_S, WAKE_GRACE_MS, Admission
+from ..store.calls import drive
+from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release, new_lease_id
 from .keeper import Clock, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
@@ -164,7 +164,7 @@ class Slot:
         cfg = self.admission.limit(self.limit)
         tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
         down = self.admission.store_down
-        if is_local_lease(self.lease_id) or (down is not None and down.down):
+        if down.down or down.owns(self.lease_id):
             self.release(self.verdict or OK)  # the store is away: two steps, each local
             self.attempts, self.verdict, self.tokens = 0, None, tokens
             return self._acquire(new_lease_id())
@@ -172,34 +172,21 @@ class Slot:
         ticket = new_lease_id()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
+        ahead = ReleaseAhead(lease_id, release, self._check_released)
         join = self.max_wait_s > 0
-        ask = self.admission.acquire_command(self.limit, tokens, ticket, self.run.since_ms, join)
         self.attempts, self.verdict, self.tokens = 0, None, tokens
         asked_at = self.clock.monotonic()
+        # The ask of entering, with the release riding ahead of it (resent with it after a
+        # dropped connection): one round trip for both.
+        steps = self.admission.acquire_steps(cfg, tokens, ticket, self.run.since_ms, join, ahead)
         try:
-            try:
-                with self.admission.store.deadline(self.remaining_s(asked_at)):
-                    released, answer = self.admission.store.send(release, ask)
-            except StoreUnavailable as exc:
-                if not exc.dropped:
-                    raise
-                # Both again: the release is idempotent, and the flagged ask answers with
-                # the lease the first one made, if it made one (nothing charged twice).
-                retry = self.admission.acquire_command(
-                    self.limit, tokens, ticket, self.run.since_ms, join, retry=True
-                )
-                released, answer = self.admission.store.send(release, retry)
+            with self.admission.store.deadline(self.remaining_s(asked_at)):
+                decision = drive(steps, self.admission.store)
         except StoreUnavailable as exc:
-            # Both may have run (a frozen Redis runs them when it thaws): the release is
-            # sent again and the ask's lease looked up and released when Redis answers.
-            self.admission.replays.add("release", self.limit, lease_id)
-            self.admission.replays.add("ask", self.limit, ticket)
-            if down is None:
-                raise
-            down.failed(exc)
+            # Redis did not answer (both are owed to it now): the policy answers an ask
+            # made afresh, with a new ticket (Redis may still run this one when it thaws).
+            down.cover(exc)
             return self._acquire(new_lease_id())
-        self._check_released(lease_id, self.admission.released(self.limit, released))
-        decision = self.admission.decision(self.limit, tokens, answer)
         if decision.allowed:  # the usual case: no wait, no second round trip
             self.attempts = 1
             self.waited_s = 0.0
@@ -257,8 +244,7 @@ class Slot:
                 self.admission.replays.add("leave", self.limit, ticket)
             self.in_line = False
             return new_lease_id()
-        down = self.admission.store_down
-        if down is not None and down.down:  # answered by the policy: Redis saw nothing
+        if self.admission.store_down.down:  # answered by the policy: Redis saw nothing
             self.in_line = was_in_line
         return ticket
 
@@ -306,16 +292,21 @@ class Slot:
     def _wait_for_wake_up(self, ticket: str, timeout_s: float, wait_s: float) -> None:
         """Block on this ticket's wake-up; while the store is away (a local refusal),
         sleep the estimated wait instead, in short steps."""
-        down = self.admission.store_down
-        if down is not None and down.down:
-            self.clock.sleep(max(0.001, min(timeout_s, wait_s, 0.25)))
+        sleep_s = self.outage_sleep_s(timeout_s, wait_s)
+        if sleep_s is not None:
+            self.clock.sleep(sleep_s)
             return
         try:
             self.admission.wait_turn(self.limit, ticket, timeout_s)
         except StoreUnavailable as exc:
-            if down is None:
-                raise
-            down.failed(exc)  # the next ask goes by the policy
+            self.admission.store_down.cover(exc)  # the next ask goes by the policy
+
+    def outage_sleep_s(self, timeout_s: float, wait_s: float) -> float | None:
+        """While the store is away nobody wakes a ticket: how long to sleep instead (the
+        estimated wait, in short steps); None while Redis answers."""
+        if not self.admission.store_down.down:
+            return None
+        return max(0.001, min(timeout_s, wait_s, 0.25))
 
     def _refused(self, decision: Decision) -> None:
         if self.admission.watchers:
@@ -326,12 +317,7 @@ class Slot:
     def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         """Give up ``ticket``'s place in line; while Redis is away (or the wait ended
         because it did not answer) not now, but when it answers again (replay.py)."""
-        if not self.in_line:  # only ever asked the store-down policy: nothing to tell
-            return
-        self.in_line = False
-        down = self.admission.store_down
-        if isinstance(why, StoreUnavailable) or (down is not None and down.down):
-            self.admission.replays.add("leave", self.limit, ticket)
+        if not self.leaving_now(ticket, why):
             return
         try:
             self.admission.leave(self.limit, ticket)
@@ -339,6 +325,18 @@ class Slot:
             self.admission.replays.add("leave", self.limit, ticket)
         except FleetError:  # the ticket expires by itself
             log.debug("celery-fleet: could not leave the line of %r", self.limit)
+
+    def leaving_now(self, ticket: str, why: BaseException | None) -> bool:
+        """Give up ``ticket``'s place here; True when the leave is to be sent to Redis now,
+        False when there is nothing to tell (only the store-down policy was asked) or it
+        is owed until Redis answers (it is away, or did not answer the wait)."""
+        if not self.in_line:
+            return False
+        self.in_line = False
+        if isinstance(why, StoreUnavailable) or self.admission.store_down.down:
+            self.admission.replays.add("leave", self.limit, ticket)
+            return False
+        return True
 
     def _warn_if_line_too_long(self, decision: Decision) -> None:
         """Log once per limit when the middle waiter's wait exceeds this slot's max_wait."""
@@ -405,21 +403,19 @@ class Slot:
         lease_id = self.lease_id
         if lease_id is None:
             raise FleetError(f"ensure_held() on a slot for {self.limit!r} that is not held")
-        if is_local_lease(lease_id):
+        down = self.admission.store_down
+        if down.owns(lease_id):
             return  # held by this process alone
         now = self.clock.monotonic()
         ttl = self.admission.limit(self.limit).lease_s
-        down = self.admission.store_down
-        outage = down is not None and (down.down or self.keeper.stranded(self))
+        outage = down.down or self.keeper.stranded(self)
         if not self.lost and not outage and now - self.last_renewed >= ttl:
             self.keeper.lose(self, "not renewed within its TTL")
         if not self.lost:
             try:
                 lost, _restored = self.admission.renew(self.limit, [(lease_id, self.tokens)])
             except StoreUnavailable as exc:
-                if self.admission.store_down is None:
-                    raise
-                self.admission.store_down.failed(exc)
+                down.cover(exc)
                 return  # nobody can say now; the keeper renews it when Redis is back
             if lost:
                 self.keeper.lose(self, "expired while held")
@@ -497,17 +493,15 @@ class Slot:
             error,
         )
         self.admission.replays.add("release", self.limit, lease_id)
-        down = self.admission.store_down
-        if down is not None:
-            down.failed(error)
+        self.admission.store_down.failed(error)
 
     def release_command(self, signal: Signal | None) -> tuple[str, tuple[str, bytes] | None]:
         """Let the held lease go in this process; the release for Redis to run (None when
         there is nothing to tell Redis: a local lease, or Redis is away)."""
         lease_id, signal = self._let_go(signal or Signal("other"))
         down = self.admission.store_down
-        if down is not None and (is_local_lease(lease_id) or down.unreachable):
-            if is_local_lease(lease_id):
+        if down.owns(lease_id) or down.unreachable:
+            if down.owns(lease_id):
                 down.release(self.limit, lease_id)
             else:  # the store is away: no call now, the release is sent when it answers
                 self.admission.replays.add("release", self.limit, lease_id, signal.outcome)

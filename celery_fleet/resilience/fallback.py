@@ -178,10 +178,16 @@ def check_store(target: Target, safe_url: str, timeout_s: float) -> dict[str, An
 
 
 class StoreDown:
-    """This process's view of the fleet's Redis, and what admission does without it.
+    """This process's view of the fleet's Redis, and what admission does without it: the
+    :class:`~celery_fleet.resilience.strategy.StoreStrategy` of a fleet with a
+    ``fleet_store_down`` policy (Redis while it answers, the policy from its first failure
+    until the hand-over).
 
     ``share`` returns how many processes share the budgets now (called once per outage).
     """
+
+    #: An unanswered call falls back on the policy (see :meth:`cover`).
+    fallback = True
 
     def __init__(
         self,
@@ -240,6 +246,15 @@ class StoreDown:
         """True while Redis is away and not yet found back (a release is then dropped;
         during the hand-over wait it goes to Redis)."""
         return self.down_since is not None and not self._reachable
+
+    #: True for a lease this policy handed out (``local.<id>``, ``open.<id>``); the
+    #: function itself, so asking costs the hot path no more than it did before.
+    owns = staticmethod(is_local_lease)
+
+    def cover(self, error: Exception) -> None:
+        """A call its caller needs went unanswered: the outage starts (or goes on), and the
+        caller answers by the policy."""
+        self.failed(error)
 
     def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
         """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count (hot
