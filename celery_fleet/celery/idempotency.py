@@ -264,7 +264,7 @@ def _send_same_run(
 
 def _key_for_publish(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> str | None:
     """The key of this publish (put in the ``fleet_key`` header), or None when unkeyed."""
-    key = options.pop("idempotency_key", None)
+    key: str | None = options.pop("idempotency_key", None)
     if key is not None:
         check_key(key, "idempotency_key option")
     headers = dict(options.get("headers") or {})
