@@ -61,17 +61,24 @@ docs-serve: $(DOCS_STAMP)
 test: venv
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m pytest $(PYTEST_ARGS)
 
-## Unit and script tests only (no worker processes, no multi-second properties).
+## The fast tier (tests marked `fast`): the sans-IO call protocol on scripted replies, the
+## local limiter, configuration and settings, the layout rules. No Redis, no worker: seconds.
+## (Everything but the multi-second tests, with Redis: make test PYTEST_ARGS='-m "not slow"'.)
 test-fast: venv
-	$(PY) -m celery_fleet.testing.redis_server -- $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m fast $(PYTEST_ARGS)
 
-lint: venv
-	$(PY) -m pip install --quiet ruff
-	$(PY) -m ruff check celery_fleet tests benchmarks
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,lint]'
+	@touch $(LINT_STAMP)
 
-typecheck: venv
-	$(PY) -m pip install --quiet mypy
-	$(PY) -m mypy celery_fleet
+## ruff's lint rules (pyproject.toml) over the package, tests, benchmarks and the example.
+lint: $(LINT_STAMP)
+	$(PY) -m ruff check celery_fleet tests benchmarks example_project
+
+## mypy --strict over the package (pyproject.toml says which third-party modules are untyped).
+typecheck: $(LINT_STAMP)
+	$(PY) -m mypy --strict celery_fleet
 
 ## Admission micro-benchmark: appends a table to benchmarks/RESULTS.md.
 bench: venv

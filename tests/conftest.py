@@ -4,6 +4,9 @@ REDIS_URL (default redis://127.0.0.1:6379) names the Redis; `make test` starts o
 nothing answers. Tests use DB ``FLEET_TEST_DB`` (default 9) and a namespace of their own,
 deleted afterwards, so parallel runs never collide. Without Redis a test is skipped
 locally and fails in CI (CI=true).
+
+Tests marked ``fast`` (``make test-fast``, which starts no Redis) must not use it: a fast
+test that asks for the Redis fixtures stops the run at collection, naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,21 @@ from celery_fleet.testing.redis_server import answers
 
 BASE_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 TEST_DB = int(os.environ.get("FLEET_TEST_DB", "9"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a ``fast`` test that needs Redis: the fast tier runs without one, where such a
+    test would only be skipped, silently leaving what it checks out of the tier."""
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("fast") and "redis_url" in getattr(item, "fixturenames", ())
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            "tests marked fast must not use Redis (redis_url and the fixtures built on it): "
+            + ", ".join(wrong)
+        )
 
 
 def _with_db(url: str, db: int) -> str:

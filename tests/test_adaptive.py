@@ -242,6 +242,7 @@ def test_a_stale_provider_factor_is_ignored(make_fleet: MakeFleet, rclient) -> N
     assert rclient.hexists(ctl, "r:60")  # the buckets share the hash and are kept
 
 
+@pytest.mark.fast
 def test_adaptive_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="needs max_in_flight"):
         parse_limits({"llm": {"rpm": 10, "adaptive": True}})

@@ -101,11 +101,11 @@ def test_two_hundred_coroutines_hold_the_cap_and_the_rate_and_the_loop_stays_fre
     assert rate <= 50 * 1.1, rate
     # Never blocked by a wait: a coroutine that waited in line by blocking the thread
     # (a sync ask, a BLPOP for its wake-up) would stall every other one for up to its
-    # whole wait, seconds here. The bounds are generous on purpose: a loaded 2-core CI box
-    # delays 5 ms sleeps by tens of ms; the loop's lateness itself is measured by
-    # benchmarks/aio.py, not asserted here.
+    # whole wait, seconds here. The bounds only tell a stalled loop from a busy one: a
+    # loaded 2-core box delays 5 ms sleeps by tens of ms (an idle one by well under 10).
+    # How late the loop runs is a figure of benchmarks/aio.py, not asserted here.
     assert beat.beats > 100, beat.beats
-    assert beat.p99_s < 0.100 and beat.worst_s < 0.5, (beat.p99_s, beat.worst_s)
+    assert beat.p99_s < 0.25 and beat.worst_s < 1.0, (beat.p99_s, beat.worst_s)
 
 
 def test_cancelling_a_waiting_or_holding_coroutine_gives_everything_back(

@@ -178,6 +178,7 @@ def test_sixteen_processes_after_reset_timeout_make_exactly_one_probe(
     assert sorted(reason for allowed, _, reason in answers if not allowed) == ["circuit_open"] * 15
 
 
+@pytest.mark.fast
 def test_breaker_options_are_validated() -> None:
     with pytest.raises(ConfigError, match="unknown option"):
         parse_limits({"llm": {"rpm": 1, "breaker": {"failure_rat": 0.5}}})

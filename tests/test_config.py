@@ -7,6 +7,8 @@ import pytest
 from celery_fleet import ConfigError
 from celery_fleet.admission.config import parse_limits
 
+pytestmark = pytest.mark.fast
+
 
 def test_shorthands_and_rate_strings() -> None:
     limits = parse_limits(

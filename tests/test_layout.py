@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import celery_fleet
 
 PACKAGE = Path(celery_fleet.__file__).parent
@@ -98,6 +100,7 @@ def _allowed(part: str, target: str) -> bool:
     return any(inner == r or inner.startswith(r + ".") for r in rules)
 
 
+@pytest.mark.fast
 def test_every_part_has_rules_and_a_docstring() -> None:
     parts = {_part(m) for m in _modules()}
     assert parts <= set(ALLOWED), f"no import rules for {sorted(parts - set(ALLOWED))}"
@@ -108,6 +111,7 @@ def test_every_part_has_rules_and_a_docstring() -> None:
             assert "import" in doc, f"{sub.name}/__init__.py must say what it may import"
 
 
+@pytest.mark.fast
 def test_each_part_imports_only_what_its_rules_allow() -> None:
     bad = [
         f"{module} imports {target}"
@@ -118,6 +122,7 @@ def test_each_part_imports_only_what_its_rules_allow() -> None:
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.fast
 def test_the_core_never_imports_celery() -> None:
     bad = [
         f"{module} imports {target}"
@@ -129,6 +134,7 @@ def test_the_core_never_imports_celery() -> None:
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.fast
 def test_the_facade_reaches_the_glue_only_lazily() -> None:
     eager = [
         t
@@ -138,6 +144,7 @@ def test_the_facade_reaches_the_glue_only_lazily() -> None:
     assert not eager, f"fleet.py imports the Celery glue at module level: {eager}"
 
 
+@pytest.mark.fast
 def test_top_level_imports_have_no_cycle() -> None:
     modules = _modules()
     graph = {

@@ -91,7 +91,7 @@ def test_a_waiter_is_woken_by_the_release(make_fleet: MakeFleet) -> None:
     start = time.monotonic()
     token = fleet.lock("w", ttl=10).acquire(timeout=5)
     waited = time.monotonic() - start
-    assert token > first and 0.25 < waited < 0.6  # the lease had 9.7 s to go
+    assert token > first and 0.25 < waited < 3.0  # woken by the release: the lease had 9.7 s
 
 
 def test_a_timeout_raises_after_about_that_long(make_fleet: MakeFleet) -> None:
@@ -100,7 +100,8 @@ def test_a_timeout_raises_after_about_that_long(make_fleet: MakeFleet) -> None:
     start = time.monotonic()
     with pytest.raises(LockNotAcquired) as busy:
         fleet.lock("t", ttl=10).acquire(timeout=0.4)
-    assert 0.35 < time.monotonic() - start < 0.9 and busy.value.timeout_s == 0.4
+    # after its timeout, and long before the holder's lease (10 s) would end
+    assert 0.35 < time.monotonic() - start < 3.0 and busy.value.timeout_s == 0.4
 
 
 def test_a_dropped_lock_is_not_renewed_forever(make_fleet: MakeFleet) -> None:
@@ -108,7 +109,7 @@ def test_a_dropped_lock_is_not_renewed_forever(make_fleet: MakeFleet) -> None:
     fleet.lock("dropped", ttl=0.6).acquire()  # the Lock object is garbage at once
     start = time.monotonic()
     fleet.lock("dropped", ttl=0.6).acquire(timeout=3)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 2.5  # it lapsed (renewed, the acquire would time out)
 
 
 def test_a_stalled_holder_cannot_renew_or_release_its_successors_lock(

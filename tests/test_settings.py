@@ -107,6 +107,7 @@ def test_fleet_redis_password_is_used_and_censored_by_celery(redis_url: str) -> 
     app.close()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("url", "bare", "password"),
     [
@@ -127,6 +128,7 @@ def test_split_password(url: str, bare: str, password: str | None) -> None:
     assert split_password(url) == (bare, password)
 
 
+@pytest.mark.fast
 def test_a_password_in_fleet_redis_url_is_moved_out_of_the_printed_configuration() -> None:
     """`celery report` / `celery inspect conf` printed fleet_redis_url with its password:
     Celery censors only the broker's and backend's URLs and names with PASS, KEY..."""

@@ -458,7 +458,8 @@ def _sentinel_master(target: Target, overrides: Mapping[str, Any]) -> redis.Redi
     # replies are slow by design, so only its errors make it ask the sentinels again.
     blocking = (options.get("socket_timeout") or 0) > (target.options.get("socket_timeout") or 0)
     assert target.master_name is not None
-    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call]
+    # annotated in some redis-py versions only, hence both codes
+    client: redis.Redis = manager.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.master_name,
         connection_pool_class=FleetSentinelPool,
         slow_reply_s=None if blocking else SLOW_REPLY_S,

@@ -93,7 +93,8 @@ class FleetSentinel(Sentinel):
     at, and severs every connection it made to another address when that changes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # annotated in some redis-py versions only, hence both codes
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         self._lock = threading.Lock()
         self._recheck = threading.Lock()
         self.masters: dict[str, Address] = {}
@@ -225,14 +226,14 @@ class FleetSentinelConnection(SentinelManagedConnection):
         super().connect_to(address)  # type: ignore[no-untyped-call]
         if not self.connection_pool.is_master:
             return
-        self.send_command("ROLE")
+        self.send_command("ROLE")  # type: ignore[no-untyped-call]
         try:
             role = self.read_response()
         except ResponseError:  # ROLE not allowed (ACL): redis-py's own check only
             return
         name = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
         if name != "master" or self.unconfirmed:  # a slow ROLE the sentinels did not confirm
-            self.disconnect()
+            self.disconnect()  # type: ignore[no-untyped-call]
             raise ConnectionError(
                 f"{address[0]}:{address[1]}, named master {self.connection_pool.service_name!r} "
                 f"by the sentinels, says it is a {name}"
@@ -241,7 +242,8 @@ class FleetSentinelConnection(SentinelManagedConnection):
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         try:
-            reply = super().read_response(*args, **kwargs)  # type: ignore[no-untyped-call]
+            # annotated in some redis-py versions only, hence both codes
+            reply = super().read_response(*args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         except (ConnectionError, TimeoutError):
             address = (self.host, self.port)
             master = self._ask_again()

@@ -477,7 +477,10 @@ class RedisStore:
             try:
                 if self._plain():
                     (reply,) = self._send(((command, pack_command(command, *args)),))
-                    parse = self.client.response_callbacks.get(command.upper())
+                    # a plain combiner means a plain redis.Redis client, never a Cluster
+                    client = cast(redis.Redis, self.client)
+                    parsers: Mapping[str, Callable[[Any], Any]] = client.response_callbacks
+                    parse = parsers.get(command.upper())
                     return parse(reply) if parse is not None else reply
                 self.drain()
                 return self.client.execute_command(command, *args)  # type: ignore[no-untyped-call]
@@ -485,9 +488,9 @@ class RedisStore:
                 if last or not error.dropped:
                     raise
             except redis.RedisError as exc:
-                error = self._translate(exc, command)
-                if last or not getattr(error, "dropped", False):
-                    raise error from exc
+                translated = self._translate(exc, command)
+                if last or not getattr(translated, "dropped", False):
+                    raise translated from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _translate(self, exc: redis.RedisError, what: str) -> FleetError:
@@ -528,7 +531,7 @@ class RedisStore:
         pool = client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_command("BLPOP", key, f"{timeout:.3f}")
+            conn.send_command("BLPOP", key, f"{timeout:.3f}")  # type: ignore[no-untyped-call]
             return conn.read_response(timeout=timeout + self.health_s)
         finally:
             pool.release(conn)  # a connection that timed out was disconnected by redis-py

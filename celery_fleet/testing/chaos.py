@@ -189,7 +189,7 @@ class Probe:
 
     def done(self) -> dict[str, int]:
         raw = self.client.hgetall(self.key("done"))
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}
 
     def close(self) -> None:
         self.client.close()

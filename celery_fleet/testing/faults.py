@@ -128,8 +128,9 @@ class KeptRedisServer(RedisServer):
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
-        for name in os.listdir(self._dir.name) if self._dir else ():
-            os.unlink(os.path.join(self._dir.name, name))
+        if self._dir is not None:
+            for name in os.listdir(self._dir.name):
+                os.unlink(os.path.join(self._dir.name, name))
         self.start()
 
     def freeze(self, seconds: float) -> None:
@@ -145,7 +146,7 @@ class KeptRedisServer(RedisServer):
         """Block the server for ``seconds`` with ``DEBUG SLEEP`` (returns when it is over)."""
         client = redis.Redis(port=self.port, socket_timeout=seconds + 10)
         try:
-            client.execute_command("DEBUG", "SLEEP", seconds)
+            client.execute_command("DEBUG", "SLEEP", seconds)  # type: ignore[no-untyped-call]
         finally:
             client.close()
 

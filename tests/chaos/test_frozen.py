@@ -167,7 +167,7 @@ def test_releases_made_during_the_outage_are_replayed_when_it_answers(
     began = time.monotonic()
     first.release()
     second.release()
-    assert time.monotonic() - began < 0.5  # a known outage: no Redis call on the way out
+    assert time.monotonic() - began < 1.0  # known outage: no Redis call (HEALTH_S each) out
     thaw(server)
     assert leases(server, "tool") == 2  # Redis never heard of the releases
     thawed = time.monotonic()
