@@ -19,7 +19,7 @@ from celery_fleet.admission.config import parse_limits
 from celery_fleet.admission.core import Admission
 from celery_fleet.admission.decision import MAX_WAIT_MS, Decision, Release
 from celery_fleet.errors import FleetError, LeaseLost, StoreUnavailable
-from celery_fleet.resilience.fallback import RETRY_S, StoreDown
+from celery_fleet.resilience.fallback import RETRY_S, StoreDown, is_local_lease
 from celery_fleet.store.calls import PackedCalls, ScriptCall, Steps, adrive, drive
 from celery_fleet.store.sync import RedisStore
 
@@ -297,8 +297,10 @@ def test_a_settle_charges_and_raises_lease_lost_when_the_lease_must_be_held(
 
 
 def test_renew_splits_lost_from_restored_and_never_sends_local_leases(
-    admission: Admission,
+    admission: Admission, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Leases the store-down strategy handed out (the local limiter's) stay in this process.
+    monkeypatch.setattr(admission.store_down, "owns", is_local_lease)
     store = ScriptedStore([b"gone1", b"+", b"back1"])
     leases = [("gone1", 0), ("back1", 5), ("local.x", 0)]
     assert drive(admission.renew_steps("llm", leases), store) == (["gone1"], ["back1"])
