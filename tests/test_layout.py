@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     # the store-down strategies answer with the limiter's own value types
     "resilience": {"store", "admission.config", "admission.decision"},
     "admission": {"store", "resilience"},
-    "coordination": {"store", "admission.keeper"},
+    "coordination": {"store"},
     "durability": {"store"},
     "settings": {"store", "admission", "resilience", "durability"},
     "fleet": {*CORE, "settings", "observability.counters", "contrib", "celery.app"},
