@@ -281,7 +281,7 @@ class Lock:
         return f"<Lock {self.name!r} ttl={self.ttl_s:g}s {state}>"
 
 
-def _renewal(hold: LeaseHold, name: str, every_s: float) -> BackgroundLoop[LeaseHold]:
+def _renewal(owner: LeaseHold, name: str, every_s: float) -> BackgroundLoop[LeaseHold]:
     """The renewal thread of one hold: renew every ``every_s`` until released or lost.
 
     It holds the hold only weakly (and not the Lock): a Lock dropped while held stops
@@ -301,5 +301,7 @@ def _renewal(hold: LeaseHold, name: str, every_s: float) -> BackgroundLoop[Lease
             log.error("celery-fleet: %s", LockLost(name, hold.token, "renewal found it gone"))
         return None
 
-    loop = BackgroundLoop(hold, renew, f"fleet-lock-{name}", first_pause_s=every_s, retry_s=every_s)
+    loop = BackgroundLoop(
+        owner, renew, f"fleet-lock-{name}", first_pause_s=every_s, retry_s=every_s
+    )
     return loop
