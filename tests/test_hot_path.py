@@ -247,16 +247,17 @@ def test_the_keeper_thread_outlives_a_short_slot(
     fleet = make_fleet({"llm": BENCH})
     with fleet.slot("llm"):
         pass
-    thread = fleet.keeper._thread
+    background = fleet.keeper._background
+    thread = background.thread
     assert thread is not None and thread.is_alive()
     for _ in range(20):
         with fleet.slot("llm"):
             pass
-    assert fleet.keeper._thread is thread  # no new thread per slot
+    assert background.thread is thread  # no new thread per slot
     monkeypatch.setattr(keeper, "IDLE_EXIT_S", 0.0)
-    fleet.keeper._wake.set()
+    background.wake()
     thread.join(5)
-    assert not thread.is_alive() and fleet.keeper._thread is None
+    assert not thread.is_alive() and background.thread is None
 
 
 def test_next_releases_and_acquires_in_one_round_trip(

@@ -1,13 +1,13 @@
 """The package's shape, as rules on its imports (read from the source, not run).
 
 Each subpackage may import only the packages listed for it below; the Celery-independent
-core (``store``, ``resilience``, ``admission``, ``coordination``, ``durability`` and the
-shared ``errors``/``checks``/``settings``) never imports Celery, not even lazily; the
-facade (``fleet.py``) reaches the Celery glue only through ``celery/app.py`` when it is
-given an app; only the glue, ``observability`` and the public aliases import the facade;
-and the modules' top-level imports have no cycle. Imports under ``TYPE_CHECKING`` count
-for the package rules (a type is a dependency too) but not for cycles, nor as importing
-Celery (``Fleet(app: Celery)`` is an annotation).
+core (``store``, ``resilience``, ``admission``, ``coordination``, ``durability``, the
+shared ``errors``/``checks``/``clock``/``background`` and ``settings``) never imports
+Celery, not even lazily; the facade (``fleet.py``) reaches the Celery glue only through
+``celery/app.py`` when it is given an app; only the glue, ``observability`` and the
+public aliases import the facade; and the modules' top-level imports have no cycle.
+Imports under ``TYPE_CHECKING`` count for the package rules (a type is a dependency too)
+but not for cycles, nor as importing Celery (``Fleet(app: Celery)`` is an annotation).
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ import pytest
 import celery_fleet
 
 PACKAGE = Path(celery_fleet.__file__).parent
-SHARED = {"errors", "checks"}
+SHARED = {"errors", "checks", "clock", "background"}
 CORE = ["store", "resilience", "admission", "coordination", "durability"]
 # What each part may import besides itself and SHARED. A dotted entry allows one module.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "checks": set(),
+    "clock": set(),
+    "background": set(),
     "store": set(),
     # the store-down strategies answer with the limiter's own value types
     "resilience": {"store", "admission.config", "admission.decision"},
     "admission": {"store", "resilience"},
-    "coordination": {"store", "admission.keeper"},
+    "coordination": {"store"},
     "durability": {"store"},
     "settings": {"store", "admission", "resilience", "durability"},
     "fleet": {*CORE, "settings", "observability.counters", "contrib", "celery.app"},
@@ -45,7 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"observability"},
     "__init__": {*CORE, "fleet", "celery"},
 }
-NO_CELERY = {*CORE, "errors", "checks", "settings", "fleet"}
+NO_CELERY = {*CORE, *SHARED, "settings", "fleet"}
 
 
 def _module_name(path: Path) -> str:

@@ -118,7 +118,8 @@ def test_a_stalled_holder_cannot_renew_or_release_its_successors_lock(
     fleet = make_fleet({})
     stale = fleet.lock("s", ttl=0.6)
     old = stale.acquire()
-    stale._stop.set()  # its renewal thread stalls (as if the process were frozen)
+    assert stale._renewal is not None
+    stale._renewal.stop()  # its renewal thread stalls (as if the process were frozen)
     time.sleep(0.7)
     assert not stale.held  # noticed without Redis: the lease may have lapsed
     fresh = fleet.lock("s", ttl=5)
@@ -155,7 +156,8 @@ def test_leaving_the_block_with_an_error_keeps_that_error(make_fleet: MakeFleet)
     lock = make_fleet({}).lock("e", ttl=0.6)
     with pytest.raises(KeyError):
         with lock:
-            lock._stop.set()
+            assert lock._renewal is not None
+            lock._renewal.stop()
             time.sleep(0.7)
             make_fleet({}).lock("e", ttl=5).acquire(blocking=False)
             raise KeyError("the body's own error")  # the lost lock is logged, not raised

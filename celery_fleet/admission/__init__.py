@@ -7,6 +7,7 @@ blocking and asyncio slots (``slot``, ``aslot``) with the lease keeper that rene
 providers' headers (``providers``), guarded functions (``guarded``), backoff math
 (``backoff``) and the engine that runs the admission scripts (``core``).
 
-May import: ``store``, ``resilience`` (the store-down strategy), ``errors``, ``checks``.
+May import: ``store``, ``resilience`` (the store-down strategy), and the shared ``errors``,
+``checks``, ``clock``, ``background``.
 Never Celery.
 """

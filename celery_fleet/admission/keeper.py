@@ -5,7 +5,8 @@ back. :class:`LeaseKeeper` is the daemon thread that renews the leases of the sl
 process holds (one round trip per limit), and marks a slot lost when it could not renew it
 in time. It knows a slot only by the few attributes in :class:`HeldLease`.
 
-Time is injectable (:class:`Clock`) so tests of waits and leases are deterministic.
+Time is injectable (:class:`~celery_fleet.clock.Clock`, re-exported here) so tests of waits
+and leases are deterministic.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 import weakref
 from typing import Protocol
 
+from ..background import BackgroundLoop
+from ..clock import Clock, SystemClock
 from ..errors import FleetError, LeaseLost, StoreUnavailable
 from .core import Admission
 
@@ -28,24 +31,6 @@ IDLE_EXIT_S = 60.0
 POSTED_READ_AFTER_S = 0.5
 
 log = logging.getLogger("celery_fleet")
-
-
-class Clock(Protocol):
-    """Local time for waits: monotonic seconds and sleep."""
-
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock: ``time.monotonic`` and ``time.sleep``."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 class HeldLease(Protocol):
@@ -78,24 +63,26 @@ class LeaseKeeper:
         # are renewed (put back) when it answers, not declared lost for the outage.
         self._stranded: weakref.WeakSet[HeldLease] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        _live_keepers.add(self)
+        # When the thread found no slot held (it leaves after IDLE_EXIT_S of that).
+        self._idle_since: float | None = None
+        self._background = BackgroundLoop(
+            self,
+            LeaseKeeper._round,
+            "celery-fleet-lease-keeper",
+            retry_s=tick_s,
+            after_fork=LeaseKeeper._after_fork,
+        )
 
     def track(self, slot: HeldLease) -> None:
         with self._lock:
             if self._pid != os.getpid():
                 # A fork copied the parent's slots and a dead thread: start afresh.
                 self._slots = set()
-                self._thread = None
+                self._background.forget()
                 self._pid = os.getpid()
             self._slots.add(slot)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="celery-fleet-lease-keeper", daemon=True
-                )
-                self._thread.start()
+            self._background.start()
 
     def untrack(self, slot: HeldLease) -> None:
         with self._lock:
@@ -121,34 +108,35 @@ class LeaseKeeper:
             if s.lease_id
         ]  # fmt: skip
 
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while True:
-            leaving = False
-            with self._lock:
-                if self._slots:
-                    idle_since = None
-                    ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
-                    # Wake often enough to renew at a third of the shortest TTL.
-                    timeout = min(self.tick_s, min(ttls) / 6.0)
-                else:
-                    # Linger: a loop of short slots must not start a thread per slot.
-                    idle_since = idle_since or time.monotonic()
-                    leaving = time.monotonic() - idle_since >= IDLE_EXIT_S
-                    if leaving:
-                        self._thread = None
-                    timeout = self.tick_s
-            if leaving:  # outside the lock: callbacks may take slots (and so this lock)
-                self._drain(0.0)
-                self.replay()
-                return
-            self._wake.wait(timeout)
-            try:
-                self.renew_due()
-            except Exception:  # keep renewing: nothing may end the thread
-                log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
-            self._drain(POSTED_READ_AFTER_S)
-            self.replay()
+    def _round(self) -> float | None:
+        """One round of the keeper thread: renew what is due, read replies left unread,
+        replay what an outage owed; then the pause before the next round, or None when
+        no slot was held for :data:`IDLE_EXIT_S` (the thread ends; the next slot starts
+        another)."""
+        try:
+            self.renew_due()
+        except Exception:  # keep renewing: nothing may end the thread
+            log.warning("celery-fleet: lease renewal failed; will retry", exc_info=True)
+        self._drain(POSTED_READ_AFTER_S)
+        self.replay()
+        with self._lock:
+            if self._slots:
+                self._idle_since = None
+                ttls = [self.admission.limit(s.limit).lease_s for s in self._slots]
+                # Wake often enough to renew at a third of the shortest TTL.
+                return min(self.tick_s, min(ttls) / 6.0)
+            # Linger: a loop of short slots must not start a thread per slot.
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since < IDLE_EXIT_S:
+                return self.tick_s
+            self._idle_since = None
+            self._background.forget()  # under the lock: a slot tracked now starts a thread
+        # outside the lock: callbacks may take slots (and so this lock)
+        self._drain(0.0)
+        self.replay()
+        return None
 
     def _drain(self, older_than_s: float) -> None:
         """Read posted releases' replies that nobody read for a while (an idle process):
@@ -243,16 +231,5 @@ class LeaseKeeper:
         # The child has the parent's slots and lock state but not its thread: start afresh.
         self._lock = threading.Lock()
         self._slots = set()
-        self._thread = None
+        self._idle_since = None
         self._pid = os.getpid()
-
-
-_live_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
-
-
-def _reset_keepers_after_fork() -> None:
-    for keeper in list(_live_keepers):
-        keeper._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_keepers_after_fork)

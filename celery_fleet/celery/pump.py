@@ -21,11 +21,11 @@ and drops, with a logged error, both those and items it fails to publish, after 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 
+from ..background import BackgroundLoop
 from ..durability.deferred import Deferred
 from ..errors import FleetError
 from ..fleet import Fleet
@@ -54,8 +54,9 @@ class Pump:
         self.deferred: Deferred = fleet.deferred
         self.period_s: float = fleet.pump_period_s
         self.leader = fleet.leader(PUMP_ELECTION, lease=fleet.pump_lease_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._background = BackgroundLoop(
+            self, Pump._round, "fleet-pump", first_pause_s=self.period_s, retry_s=self.period_s
+        )
         #: Messages this pump published (for tests and the worker's stats).
         self.published = 0
         # Published but not acknowledged (Redis blipped): acknowledged first next round, so
@@ -63,27 +64,28 @@ class Pump:
         self._unacked: list[str] = []
 
     def start(self) -> Pump:
+        """Campaign for the pump's election, and start the thread that pumps while leader.
+
+        Keep the returned pump: the thread holds it only weakly, and stops without it."""
         self.leader.start()
-        self._thread = threading.Thread(target=self._run, name="fleet-pump", daemon=True)
-        self._thread.start()
+        self._background.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.period_s + 5.0)
+        """Stop pumping (waiting for a round under way) and step down."""
+        self._background.stop(join_s=self.period_s + 5.0)
         self.leader.stop()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            if not self.leader.is_leader:
-                continue
+    def _round(self) -> float:
+        """The thread's round, every period: publish what is due while leader."""
+        if self.leader.is_leader:
             try:
                 self.pump_once()
             except FleetError as exc:
                 log.warning("celery-fleet: the deferred-task pump could not run: %s", exc)
             except Exception:  # keep pumping: nothing may end the thread
                 log.exception("celery-fleet: the deferred-task pump failed")
+        return self.period_s
 
     def pump_once(self) -> int:
         """Publish every due message (up to :data:`BATCH`); returns how many."""

@@ -2,6 +2,6 @@
 (``locks``), leader election (``election``), versioned records with compare-and-set
 (``records``).
 
-May import: ``store``, the lease keeper (``admission.keeper``), ``errors``, ``checks``.
-Never Celery.
+May import: ``store`` and the shared modules (``errors``, ``checks``, ``clock``,
+``background``). Never Celery, nor the limiter.
 """

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 
-from ..admission.keeper import Clock, SystemClock
+from ..background import BackgroundLoop
 from ..checks import check_max_wait, check_name
+from ..clock import Clock, SystemClock
 from ..errors import ConfigError, FleetError
 from ..store.sync import RedisStore
 from .locks import EXPIRY_SLACK_S, LeaseHold, check_lease_s, lease_keys
@@ -90,7 +90,7 @@ class Leader:
         self._hold = self._new_hold()
         self._running = False
         self._generation = 0
-        self._stop = threading.Event()
+        self._campaign: BackgroundLoop[Leader] | None = None
         self._elected = threading.Event()
         self._tried = threading.Event()
 
@@ -114,12 +114,9 @@ class Leader:
                 raise FleetError(f"leader {self.name!r} is already started")
             self._running = True
             self._generation += 1
-            self._stop = threading.Event()
             self._tried = threading.Event()
-            args = (weakref.ref(self), self._generation, self._stop)
-        threading.Thread(
-            target=_campaign, args=args, name=f"fleet-leader-{self.name}", daemon=True
-        ).start()
+            self._campaign = campaign = _campaign(self, self._generation)
+        campaign.start()
         self._tried.wait(self.lease_s)
         return self
 
@@ -130,7 +127,8 @@ class Leader:
             if not self._running:
                 return
             self._running = False
-            self._stop.set()
+            if self._campaign is not None:
+                self._campaign.stop()
             self._step_down("stepped down")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -209,23 +207,21 @@ class Leader:
         return f"<Leader {self.name!r} lease={self.lease_s:g}s {state}>"
 
 
-def _campaign(ref: weakref.ref[Leader], generation: int, stop: threading.Event) -> None:
-    """The thread of one candidacy: renew or try every period; wait on wake-ups between
-    tries, on ``stop`` between renewals. It holds the Leader only weakly: a Leader dropped
-    without ``stop()`` stops renewing and its lease lapses."""
-    while True:
-        leader = ref()
-        if leader is None:
-            return
+def _campaign(owner: Leader, generation: int) -> BackgroundLoop[Leader]:
+    """The thread of one candidacy (one ``start()``): renew or try every period; wait on
+    wake-ups between tries, on ``stop`` between renewals. It holds the Leader only weakly
+    between rounds: a Leader dropped without ``stop()`` stops renewing and its lease lapses.
+    """
+
+    def round_(leader: Leader) -> float | None:
         pause = leader._step(generation)
-        if pause is None:
-            return
-        leading, store, wake = leader.is_leader, leader.store, leader.keys[2]
-        del leader
-        if leading or stop.is_set():
-            stop.wait(pause)
-            continue
-        try:
-            store.blpop(wake, pause)
+        if pause is None or leader.is_leader or loop.stopped:
+            return pause
+        try:  # not leader: a step-down's wake-up ends the pause at once
+            leader.store.blpop(leader.keys[2], pause)
         except FleetError:
-            stop.wait(pause)
+            return pause
+        return 0.0
+
+    loop = BackgroundLoop(owner, round_, f"fleet-leader-{owner.name}", retry_s=owner.period_s)
+    return loop

@@ -32,13 +32,12 @@ import logging
 import math
 import os
 import socket
-import threading
 import uuid
-import weakref
 from types import TracebackType
 
-from ..admission.keeper import Clock, SystemClock
+from ..background import BackgroundLoop
 from ..checks import MAX_SECONDS, check_max_wait, check_name, number
+from ..clock import Clock, SystemClock
 from ..errors import ConfigError, FleetError, LockLost, LockNotAcquired
 from ..store.sync import RedisStore
 
@@ -182,7 +181,7 @@ class Lock:
         self.keys = lease_keys(namespace, "lock", name)
         self.clock: Clock = clock or SystemClock()
         self._hold: LeaseHold | None = None
-        self._stop = threading.Event()
+        self._renewal: BackgroundLoop[LeaseHold] | None = None
 
     @property
     def token(self) -> int | None:
@@ -211,7 +210,8 @@ class Lock:
             wait_s = 0.0
         if self._hold is not None and self._hold.live:
             raise FleetError(f"lock {self.name!r} is already held here; a Lock is not reentrant")
-        self._stop.set()  # a lost hold's renewal thread, if it still runs
+        if self._renewal is not None:
+            self._renewal.stop()  # a lost hold's renewal thread, if it still runs
         hold = LeaseHold(self.store, self.keys, self.ttl_s, self.clock)
         deadline = self.clock.monotonic() + wait_s
         while True:
@@ -224,13 +224,8 @@ class Lock:
             until_lapse = wait_ms / 1000.0 + EXPIRY_SLACK_S
             self.store.blpop(self.keys[2], min(left, until_lapse, self.ttl_s / 3.0, MAX_POLL_S))
         self._hold = hold
-        self._stop = stop = threading.Event()
-        threading.Thread(
-            target=_keep,
-            args=(weakref.ref(hold), stop, self.name, self.ttl_s / 3.0),
-            name=f"fleet-lock-{self.name}",
-            daemon=True,
-        ).start()
+        self._renewal = _renewal(hold, self.name, self.ttl_s / 3.0)
+        self._renewal.start()
         assert hold.token is not None
         return hold.token
 
@@ -252,7 +247,8 @@ class Lock:
                 f"lock {self.name!r} was acquired in process {hold.pid}; only that process "
                 f"may release it"
             )
-        self._stop.set()
+        if self._renewal is not None:
+            self._renewal.stop()
         if not hold.release():
             raise LockLost(self.name, hold.token, "its lease lapsed before release()")
 
@@ -285,24 +281,27 @@ class Lock:
         return f"<Lock {self.name!r} ttl={self.ttl_s:g}s {state}>"
 
 
-def _keep(ref: weakref.ref[LeaseHold], stop: threading.Event, name: str, every_s: float) -> None:
+def _renewal(owner: LeaseHold, name: str, every_s: float) -> BackgroundLoop[LeaseHold]:
     """The renewal thread of one hold: renew every ``every_s`` until released or lost.
 
-    It holds the hold only weakly: a Lock dropped while held stops being renewed, and its
-    lease lapses, instead of being kept forever by nobody.
+    It holds the hold only weakly (and not the Lock): a Lock dropped while held stops
+    being renewed, and its lease lapses, instead of being kept forever by nobody.
     """
-    while not stop.wait(every_s):
-        hold = ref()
-        if hold is None:
-            return
+
+    def renew(hold: LeaseHold) -> float | None:
         try:
             if hold.renew():
-                continue
+                return every_s
         except FleetError as exc:
             if hold.live:
                 log.warning("celery-fleet: could not renew lock %r (will retry): %s", name, exc)
-                continue
+                return every_s
             hold.lost = True
-        if not stop.is_set():
+        if not loop.stopped:  # a release (or a new acquire) stopped it: not a loss
             log.error("celery-fleet: %s", LockLost(name, hold.token, "renewal found it gone"))
-        return
+        return None
+
+    loop = BackgroundLoop(
+        owner, renew, f"fleet-lock-{name}", first_pause_s=every_s, retry_s=every_s
+    )
+    return loop

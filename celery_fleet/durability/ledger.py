@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from ..background import BackgroundLoop
 from ..checks import MAX_SECONDS, number
 from ..errors import ConfigError, FleetError
 from ..store.sync import RedisStore
@@ -236,18 +235,14 @@ class ClaimKeeper:
         self.lease_s = lease_s
         self._held: dict[tuple[str, str], None] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._background = BackgroundLoop(
+            self, ClaimKeeper._renew_round, "fleet-claims", retry_s=lease_s / 3.0
+        )
 
     def hold(self, record_id: str, owner: str) -> None:
         with self._lock:
             self._held[record_id, owner] = None
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(
-                    target=_keep, args=(weakref.ref(self),), name="fleet-claims", daemon=True
-                )
-                self._thread.start()
+            self._background.start()
 
     def drop(self, record_id: str, owner: str) -> None:
         with self._lock:
@@ -272,13 +267,9 @@ class ClaimKeeper:
                     claim[0],
                 )
 
-
-def _keep(ref: weakref.ref[ClaimKeeper]) -> None:
-    while True:
-        keeper = ref()
-        if keeper is None:
-            return
-        every = keeper.lease_s / 3.0
-        keeper.renew_now()
-        del keeper
-        threading.Event().wait(every)
+    def _renew_round(self) -> float:
+        """The thread's round: renew every held claim at once, then pause a third of
+        the lease."""
+        every_s = self.lease_s / 3.0
+        self.renew_now()
+        return every_s

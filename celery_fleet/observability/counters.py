@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..store.connect import Client
+
+from ..background import BackgroundLoop
 
 __all__ = ["Counters", "FLUSH_S", "KEYS_LIMIT", "WAIT_BUCKETS_S", "read_counters"]
 
@@ -78,15 +78,20 @@ class Counters:
         self.presence = presence
         self._counts: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        _all.add(self)
+        self._first_round = True
+        self._background = BackgroundLoop(
+            self,
+            Counters._flush_round,
+            "fleet-counters",
+            retry_s=FLUSH_S,
+            after_fork=Counters._after_fork,
+        )
 
     def add(self, limit: str, field: str, n: float = 1) -> None:
         """Count ``n`` more of ``field`` (``"admitted|"``, ``"refused|in_flight"``...)."""
         with self._lock:
             self._counts[limit, field] = self._counts.get((limit, field), 0) + n
-            if self._thread is None:
-                self._start()
+            self._background.start()
 
     def waited(self, limit: str, seconds: float) -> None:
         """Count one admitted slot, its wait, and the wait's bucket (the first bound it is
@@ -97,17 +102,20 @@ class Counters:
             counts[limit, "admitted|"] = counts.get((limit, "admitted|"), 0) + 1
             counts[limit, "wait_sum|"] = counts.get((limit, "wait_sum|"), 0) + seconds
             counts[limit, bucket] = counts.get((limit, bucket), 0) + 1
-            if self._thread is None:
-                self._start()
+            self._background.start()
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(
-            target=_flusher, args=(weakref.ref(self),), name="fleet-counters", daemon=True
-        )
-        self._thread.start()
+    def _flush_round(self) -> float:
+        """The thread's round: flush (not in the first round, which runs at once so that
+        the live count is known from the start), renew presence; every :data:`FLUSH_S`."""
+        if not self._first_round:
+            self.flush()
+        self._first_round = False
+        if self.presence is not None:
+            self.presence.renew()
+        return FLUSH_S
 
     def _after_fork(self) -> None:
-        self._counts, self._lock, self._thread = {}, threading.Lock(), None
+        self._counts, self._lock, self._first_round = {}, threading.Lock(), True
 
     def flush(self) -> int:
         """Add the counts to Redis (one pipeline); returns how many fields moved."""
@@ -135,33 +143,6 @@ class Counters:
 
 #: The field of each wait bucket, and one past the last bound (+Inf).
 _BUCKET_FIELDS = (*(f"wait_in|{b:g}" for b in WAIT_BUCKETS_S), "wait_in|+Inf")
-_all: weakref.WeakSet[Counters] = weakref.WeakSet()
-
-
-def _reset_after_fork() -> None:
-    for counters in list(_all):
-        counters._after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _flusher(ref: weakref.ref[Counters]) -> None:
-    wait = threading.Event()
-    first = True
-    while True:
-        if not first:  # the first round at once: the live count is known from the start
-            wait.wait(FLUSH_S)
-        counters = ref()
-        if counters is None:
-            return
-        if not first:
-            counters.flush()
-        first = False
-        if counters.presence is not None:
-            counters.presence.renew()
-        del counters
 
 
 def read_counters(store: _Commands, namespace: str, limit: str) -> dict[str, float]:

@@ -6,5 +6,6 @@ concurrent callers' commands in one pipeline (``combiner``), the sans-IO call pr
 the limiter drives (``calls``), wake-up listeners (``wakeups``) and the Lua scripts
 (``scripts/``).
 
-May import: ``errors``, ``checks``. Nothing of the limiter, and never Celery.
+May import: the shared modules (``errors``, ``checks``, ``clock``, ``background``).
+Nothing of the limiter, and never Celery.
 """

@@ -24,9 +24,9 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 
+from ..background import BackgroundLoop
 from ..errors import FleetError
 from .sync import MAX_BLOCK_S, RedisStore
 
@@ -55,8 +55,10 @@ class Listener:
         self._lock = threading.Lock()
         self._waiters: dict[str, list[Notify]] = {}
         self._early: dict[str, float] = {}  # ticket -> when its wake-up came, unclaimed
-        self._thread: threading.Thread | None = None
-        self._arrived = threading.Event()  # a waiter registered (wakes an idle listener)
+        self._idle_since: float | None = None  # when the thread last found no waiter
+        self._background = BackgroundLoop(
+            self, Listener._listen_round, "fleet-wakeups", retry_s=ERROR_PAUSE_S
+        )
 
     # -- waiters ------------------------------------------------------------------------
 
@@ -91,12 +93,9 @@ class Listener:
         with self._lock:
             early = self._early.pop(ticket, None)
             self._waiters.setdefault(ticket, []).append(notify)
-            self._arrived.set()
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=_listen, args=(weakref.ref(self),), name="fleet-wakeups", daemon=True
-                )
-                self._thread.start()
+            self._idle_since = None
+            self._background.wake()  # an idle listener pops again at once
+            self._background.start()
         if early is not None and time.monotonic() - early < KEEP_S:
             _notify_all([notify])
 
@@ -109,6 +108,27 @@ class Listener:
                     del self._waiters[ticket]
 
     # -- the listener thread -------------------------------------------------------------
+
+    def _listen_round(self) -> float | None:
+        """The thread's round: one blocking pop while anyone waits. With no waiter it
+        pauses (a new waiter wakes it) and ends after :data:`IDLE_EXIT_S` of that."""
+        try:
+            if self._round():
+                return 0.0
+        except FleetError:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            if self._waiters:
+                return 0.0
+            if self._idle_since is None:
+                self._idle_since = now
+            idle_left_s = self._idle_since + IDLE_EXIT_S - now
+            if idle_left_s > 0:
+                return idle_left_s
+            self._idle_since = None
+            self._background.forget()  # under the lock: a waiter registering now starts one
+            return None
 
     def _round(self) -> bool:
         """One blocking pop (and a drain of what else is there); False when idle."""
@@ -161,30 +181,6 @@ def _notify_all(notifies: list[Notify]) -> None:
 def _resolve(future: asyncio.Future[bool]) -> None:
     if not future.done():
         future.set_result(True)
-
-
-def _listen(ref: weakref.ref[Listener]) -> None:
-    while True:
-        listener = ref()
-        if listener is None:
-            return
-        listener._arrived.clear()  # before the round reads the waiters: none is missed
-        try:
-            busy = listener._round()
-        except FleetError:
-            busy = True
-        arrived = listener._arrived
-        del listener
-        if busy or arrived.wait(IDLE_EXIT_S):
-            continue
-        listener = ref()
-        if listener is None:
-            return
-        with listener._lock:
-            if not listener._waiters:
-                listener._thread = None
-                return
-        del listener
 
 
 #: (pid, Redis, wake list) -> its listener: two stores (two Fleets) on one Redis and
