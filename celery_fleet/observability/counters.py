@@ -20,10 +20,10 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..background import BackgroundLoop
+
 if TYPE_CHECKING:
     from ..store.connect import Client
-
-from ..background import BackgroundLoop
 
 __all__ = ["Counters", "FLUSH_S", "KEYS_LIMIT", "WAIT_BUCKETS_S", "read_counters"]
 
