@@ -1,5 +1,5 @@
--- _wake: included (not run) by scripts that wake a waiter of the line: acquire, release,
--- leave. store.script_source() puts this text where a script says "--#include _wake".
+-- _lib/wake: included (not run) by scripts that wake a waiter of the line: acquire, release,
+-- leave. store.script_source() puts this text where a script says "--#include _lib/wake".
 --
 -- Wake-ups go to one list per process, not per ticket: a ticket id starts with its
 -- process's tag (its first 8 characters, see decision.new_lease_id), and the list

@@ -13,7 +13,7 @@
 -- KEYS[4]  breaker  hash   state ("open"), opened_at, forced ("open"/"closed"), probe, probe_until
 -- KEYS[5]  waiting  zset   ticket id -> expiry (ms): a ticket is a lease on a place in line
 -- KEYS[6]  wake     prefix of the per-process wake-up lists: KEYS[6] .. the ticket's first
---                    8 characters (its process's tag, see _wake.lua). The lists share the
+--                    8 characters (its process's tag, see _lib/wake.lua). The lists share the
 --                    limit's hash tag (so the slot is KEYS[6]'s); which one to push to is
 --                    only known in here, hence a prefix rather than a full key.
 -- KEYS[7]  settled  hash   lease -> tokens it was settled to (only leases settled so far)
@@ -220,8 +220,8 @@ if nline > 0 then
   end
 end
 
---#include _wake
---#include _ctl
+--#include _lib/wake
+--#include _lib/ctl
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
 local function wake_first(count)

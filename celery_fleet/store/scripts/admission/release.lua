@@ -7,11 +7,11 @@
 --                          rate_factor, ceiling (in-flight level that last failed), probe_ms,
 --                          probe_after, last_cut, last_rate_cut, rate_at (ms), lat_n/lat_slow
 --                          (calls and slow calls in the current block of 100, for the latency
---                          target); exp (see _ctl.lua)
+--                          target); exp (see _lib/ctl.lua)
 -- KEYS[4]  line     zset   ticket id -> order key: callers waiting (see acquire.lua)
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- KEYS[6]  waiting  zset   ticket id -> expiry (ms)
--- KEYS[7]  wake     prefix of the per-process wake-up lists (see _wake.lua)
+-- KEYS[7]  wake     prefix of the per-process wake-up lists (see _lib/wake.lua)
 -- ARGV[1]  lease
 -- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
 --          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |
@@ -53,8 +53,8 @@ local function clock()
   return now
 end
 local fmt = function(x) return string.format('%.3f', x) end
---#include _wake
---#include _ctl
+--#include _lib/wake
+--#include _lib/ctl
 local STATE_TTL_MS = 86400000
 -- ctl may have expired (or been reset) while the lease was held: a write here must not
 -- leave it without a TTL.
