@@ -1,0 +1,47 @@
+-- _lib/line: included (not run) by acquire, release and leave: the line of waiters.
+-- store.script_source() puts this text where a script says "--#include _lib/line".
+--
+-- A limit's line is two zsets: line (ticket id -> order key: lane * 2^42 + first-asked
+-- ms, oldest first) and waiting (ticket id -> expiry, ms: a ticket is a lease on a place).
+--
+-- Wake-ups go to one list per process, not per ticket: a ticket id starts with its
+-- process's tag (its first 8 characters, see decision.new_lease_id), and the list
+-- prefix .. tag is where that process's one listener blocks (wakeups.py). The element is
+-- the ticket id.
+--
+-- wake(waiting, prefix, id, ttl_ms, grace_until_ms): push one wake-up for ticket id onto
+-- its process's list, and shorten its ticket to grace_until_ms: a woken waiter asks again
+-- within a round trip, one that does not is taken for gone.
+local function wake_list(prefix, id)
+  return prefix .. string.sub(id, 1, 8)
+end
+
+local function wake(waiting, prefix, id, ttl_ms, grace_until_ms)
+  local key = wake_list(prefix, id)
+  redis.call('LREM', key, 0, id)  -- at most one pending per ticket
+  redis.call('RPUSH', key, id)
+  redis.call('LTRIM', key, -4096, -1)
+  redis.call('PEXPIRE', key, ttl_ms)
+  redis.call('ZADD', waiting, 'XX', 'LT', grace_until_ms, id)
+end
+
+-- line_sweep(line, waiting, now, most): drop up to `most` tickets whose holder stopped
+-- asking (expired in waiting) from both zsets; returns how many were dropped.
+local function line_sweep(line, waiting, now, most)
+  local dead = redis.call('ZRANGEBYSCORE', waiting, '-inf', now, 'LIMIT', 0, most)
+  if #dead > 0 then
+    redis.call('ZREM', line, unpack(dead))
+    redis.call('ZREM', waiting, unpack(dead))
+  end
+  return #dead
+end
+
+-- wake_first(line, waiting, prefix, count, except, ttl_ms, grace_until_ms): wake the first
+-- `count` tickets of the line (at most 16 per call), never the ticket `except`.
+local function wake_first(line, waiting, prefix, count, except, ttl_ms, grace_until_ms)
+  if count <= 0 then return end
+  if count > 16 then count = 16 end
+  for _, ticket in ipairs(redis.call('ZRANGE', line, 0, count - 1)) do
+    if ticket ~= except then wake(waiting, prefix, ticket, ttl_ms, grace_until_ms) end
+  end
+end
