@@ -12,7 +12,7 @@ one into the KEYS list. An argument whose name starts with ``*`` is a tail of an
 
 Nothing here costs the hot path anything: acquire and release are packed once per limit
 (:meth:`~celery_fleet.store.sync.RedisStore.packed`) with :meth:`ScriptSpec.keys_of`, and
-their replies are read with the reply type's ``_make`` (a C-level tuple constructor).
+their replies are read as the reply type with ``tuple.__new__`` (no Python frame).
 
 Example::
 
@@ -232,7 +232,11 @@ BREAKER_ADMIN: ScriptSpec[list[Any]] = ScriptSpec(
 # -- resilience -----------------------------------------------------------------------
 
 EMPTY_MISSING: ScriptSpec[int] = ScriptSpec(
-    "empty_missing", "resilience", keys=("ctl",), args=("*field_tolerance",), reply=int,
+    "empty_missing",
+    "resilience",
+    keys=("ctl",),
+    args=("*field_tolerance",),
+    reply=int,
     idempotent=True,
 )
 CHARGE: ScriptSpec[list[Any]] = ScriptSpec(
@@ -263,12 +267,18 @@ PRESENCE: ScriptSpec[list[Any]] = ScriptSpec(
 
 _LEDGER_KEYS = ("ledger", "history")
 LEDGER_ENQUEUE: ScriptSpec[list[Any]] = ScriptSpec(
-    "ledger_enqueue", "ledger", _LEDGER_KEYS,
-    ("key", "task", "ttl_ms", "run_id", "publish_lease_ms"), list,
+    "ledger_enqueue",
+    "ledger",
+    _LEDGER_KEYS,
+    ("key", "task", "ttl_ms", "run_id", "publish_lease_ms"),
+    list,
 )
 LEDGER_CLAIM: ScriptSpec[list[Any]] = ScriptSpec(
-    "ledger_claim", "ledger", _LEDGER_KEYS,
-    ("owner", "lease_ms", "ttl_ms", "key", "task", "singleton", "task_id"), list,
+    "ledger_claim",
+    "ledger",
+    _LEDGER_KEYS,
+    ("owner", "lease_ms", "ttl_ms", "key", "task", "singleton", "task_id"),
+    list,
 )
 LEDGER_RENEW: ScriptSpec[list[Any]] = ScriptSpec(
     "ledger_renew", "ledger", (), ("*owners_then_lease_ms",), list
@@ -286,7 +296,11 @@ STEP_PUT: ScriptSpec[bool] = ScriptSpec(
     "step_put", "ledger", ("steps",), ("step", "result", "ttl_ms"), bool
 )
 DEFER_ADD: ScriptSpec[int] = ScriptSpec(
-    "defer_add", "defer", ("due", "items"), ("item", "delay_ms", "message"), int,
+    "defer_add",
+    "defer",
+    ("due", "items"),
+    ("item", "delay_ms", "message"),
+    int,
     idempotent=True,
 )
 DEFER_TAKE: ScriptSpec[list[Any]] = ScriptSpec(

@@ -74,6 +74,7 @@ MIN_WAIT_S = 0.05
 _NO_DEADLINE = float("inf")
 _deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=_NO_DEADLINE)
 
+
 @cache
 def script_source(name: str) -> str:
     """The text of script ``name`` (``scripts/<folder>/<name>.lua``, its folder declared in
