@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from .calls import ScriptCall
 
@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 R = TypeVar("R")
+
+
+class _Runs(Protocol):
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
 
 
 def _text(value: Any) -> str:
@@ -95,6 +99,11 @@ class ScriptSpec(Generic[R]):
     def read(self, raw: Any) -> R:
         """The reply, read as declared."""
         return self.reply(raw)
+
+    def run(self, store: _Runs, keys: Sequence[str], args: Sequence[Any]) -> R:
+        """Run it on a blocking store (:meth:`RedisStore.run`) and read the reply."""
+        call = self.call(keys, args)
+        return self.reply(store.run(call.script, call.keys, call.args))
 
 
 # -- admission ------------------------------------------------------------------------
@@ -157,6 +166,8 @@ class PeekReply(NamedTuple):
     rate_factor: bytes  #: the stored adaptive rate factor, "" for none
     cap_in_force: int  #: the in-flight cap admissions are held to (0: none)
     factor: bytes  #: the rate factor in force (adaptive or provider's), as text
+    #: the breaker hash's state, opened_at, forced, probe, probe_until, calls, failures
+    breaker: list[Any]
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
 
 
@@ -167,7 +178,7 @@ def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
 
 
 def _peek_reply(raw: Any) -> PeekReply:
-    return PeekReply(*raw[:9], list(raw[9:]))
+    return PeekReply(*raw[:9], list(raw[9:16]), list(raw[16:]))
 
 
 ACQUIRE: ScriptSpec[AcquireReply] = ScriptSpec(
@@ -220,7 +231,7 @@ OBSERVE: ScriptSpec[ObserveReply] = ScriptSpec(
 PEEK: ScriptSpec[PeekReply] = ScriptSpec(
     "peek",
     "admission",
-    keys=("ctl", "leases", "line"),
+    keys=("ctl", "leases", "line", "breaker"),
     args=("oldest_scan", "constants", "*window_fields"),
     reply=_peek_reply,
     idempotent=True,

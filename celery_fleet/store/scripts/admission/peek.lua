@@ -6,6 +6,7 @@
 -- KEYS[1]  ctl      hash   the limit's state (see acquire.lua)
 -- KEYS[2]  leases   zset   lease -> expiry (ms); "<acquired µs>.<in flight then>.<tokens>.<id>"
 -- KEYS[3]  line     zset   ticket id -> order key: the waiters
+-- KEYS[4]  breaker  hash   the limit's circuit breaker (see _lib/breaker.lua)
 -- ARGV[1]  how many live leases at most are read to find the oldest
 -- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
 --          initial cap, the number of windows and each window's T and tau are read)
@@ -14,8 +15,9 @@
 -- Reply: {now (µs), in flight (live leases), oldest (its acquire time, µs; 0 for none),
 --         waiting (tickets in line), the pause still running (ms, text), cap and
 --         rate_factor (ctl's own values, "" when absent), the cap in force (0: none),
---         the rate factor in force (text), then per window: units admissible now,
---         units a full bucket holds (both at the factor in force)}
+--         the rate factor in force (text), the breaker's state, opened_at, forced,
+--         probe, probe_until, calls, failures ("" when absent), then per window: units
+--         admissible now, units a full bucket holds (both at the factor in force)}
 -- A unit is one request ("r:") or one token ("t:"). Time unit: milliseconds, Redis TIME.
 
 --#include _lib/gcra
@@ -50,6 +52,9 @@ local reply = {
   string.format('%.17g', pause_wait(ctl[1], now)), ctl[2] or '', ctl[3] or '',
   cap_in_force(max_in_flight, init_cap, ctl[2]), string.format('%.17g', factor),
 }
+local b = redis.call('HMGET', KEYS[4], 'state', 'opened_at', 'forced', 'probe', 'probe_until',
+                     'calls', 'failures')
+for i = 1, 7 do reply[#reply + 1] = b[i] or '' end
 for i = 1, nwin do
   local step, tau = win[6 + 2 * i] / factor, win[7 + 2 * i]
   local tat = gcra_check(ctl[5 + i], step, tau, now)
