@@ -86,14 +86,11 @@ class ScriptSpec(Generic[R]):
         """A :class:`~celery_fleet.store.calls.ScriptCall` of this script; the number of
         keys and arguments is checked against the declaration (a caller's slip fails here,
         not as a wrong position inside Lua)."""
-        fixed = len(self.args) - (1 if self.args and self.args[-1][:1] == "*" else 0)
-        if len(keys) != len(self.keys) or len(args) < fixed:
+        if not (_fits(self.keys, len(keys)) and _fits(self.args, len(args))):
             raise TypeError(
                 f"script {self.name!r} takes KEYS {self.keys} and ARGV {self.args}, "
                 f"got {len(keys)} keys and {len(args)} arguments"
             )
-        if fixed == len(self.args) and len(args) != fixed:
-            raise TypeError(f"script {self.name!r} takes {fixed} arguments, got {len(args)}")
         return ScriptCall(self.name, list(keys), list(args))
 
     def read(self, raw: Any) -> R:
@@ -104,6 +101,13 @@ class ScriptSpec(Generic[R]):
         """Run it on a blocking store (:meth:`RedisStore.run`) and read the reply."""
         call = self.call(keys, args)
         return self.reply(store.run(call.script, call.keys, call.args))
+
+
+def _fits(declared: tuple[str, ...], given: int) -> bool:
+    """Whether ``given`` values fit names ``declared`` (a last ``*name`` takes any number)."""
+    if declared and declared[-1][:1] == "*":
+        return given >= len(declared) - 1
+    return given == len(declared)
 
 
 # -- admission ------------------------------------------------------------------------
@@ -124,7 +128,7 @@ class AcquireReply(NamedTuple):
 
     allowed: int
     wait_ms: int
-    detail: bytes
+    detail: Any  #: bytes (str on a client that decodes replies)
     in_flight: int
     now_us: int
     probe: int
@@ -138,8 +142,8 @@ class ReleaseReply(NamedTuple):
     released: int
     now_us: int
     held_ms: int
-    transition: bytes
-    cap: bytes | int
+    transition: Any  #: bytes (str on a client that decodes replies): "", "open", "closed"
+    cap: Any  #: the adaptive cap as text, 0 for none
 
 
 class SettleReply(NamedTuple):
@@ -171,6 +175,67 @@ class PeekReply(NamedTuple):
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
 
 
+class HandoverReply(NamedTuple):
+    moment_ms: int
+    now_ms: int
+
+
+class ChargeReply(NamedTuple):
+    charged: int  #: windows charged
+    leases: list[Any]  #: the lease entered for each local slot, in order
+
+
+class PresenceReply(NamedTuple):
+    live: int  #: live processes, this one included
+    rank: int  #: this one's place among them
+
+
+class EnqueueReply(NamedTuple):
+    """ledger_enqueue's reply: ``started`` a new run under ``run_id``, or the key is live
+    in ``state`` (``run_id``: its run; "" for a record older than per-run ids)."""
+
+    started: bool
+    run_id: str
+    state: str
+
+
+class ClaimReply(NamedTuple):
+    """ledger_claim's reply: ``verdict`` ("run", "done", "failed", "busy") and its detail
+    (attempts, the stored result, the error, the wait in ms); ``taken_over`` for "run"."""
+
+    verdict: str
+    detail: Any
+    taken_over: bool
+
+
+class LockReply(NamedTuple):
+    acquired: int
+    value: int  #: the fencing token when acquired, else the ms the holder's lease lasts
+
+
+class CasReply(NamedTuple):
+    written: int
+    version: int  #: the record's version now
+
+
+def _enqueue_reply(raw: Any) -> EnqueueReply:
+    if int(raw[0]):
+        return EnqueueReply(True, _text(raw[1]), "queued")
+    return EnqueueReply(False, _text(raw[2]), _text(raw[1]))
+
+
+def _claim_reply(raw: Any) -> ClaimReply:
+    return ClaimReply(_text(raw[0]), raw[1], len(raw) > 2 and bool(int(raw[2])))
+
+
+def _pairs(raw: Any) -> list[tuple[str, Any]]:
+    return [(_text(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+
+
+def _bools(raw: Any) -> list[bool]:
+    return [bool(x) for x in raw]
+
+
 def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
     ids = [_text(x) for x in raw]
     split = ids.index("+")
@@ -178,7 +243,7 @@ def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
 
 
 def _peek_reply(raw: Any) -> PeekReply:
-    return PeekReply(*raw[:9], list(raw[9:16]), list(raw[16:]))
+    return PeekReply._make([*raw[:9], list(raw[9:16]), list(raw[16:])])
 
 
 ACQUIRE: ScriptSpec[AcquireReply] = ScriptSpec(
@@ -250,50 +315,51 @@ EMPTY_MISSING: ScriptSpec[int] = ScriptSpec(
     reply=int,
     idempotent=True,
 )
-CHARGE: ScriptSpec[list[Any]] = ScriptSpec(
+CHARGE: ScriptSpec[ChargeReply] = ScriptSpec(
     "charge",
     "resilience",
     keys=("ctl", "leases"),
     args=("n_windows", "*field_ms_then_ttl_then_slots"),
-    reply=list,
+    reply=lambda raw: ChargeReply(int(raw[0]), list(raw[1:])),
 )
-HANDOVER: ScriptSpec[list[Any]] = ScriptSpec(
+HANDOVER: ScriptSpec[HandoverReply] = ScriptSpec(
     "handover",
     "resilience",
     keys=("handover",),
     args=("down_ms", "ahead_ms", "keep_ms"),
-    reply=list,
+    reply=HandoverReply._make,
     idempotent=True,
 )
-PRESENCE: ScriptSpec[list[Any]] = ScriptSpec(
+PRESENCE: ScriptSpec[PresenceReply] = ScriptSpec(
     "presence",
     "resilience",
     keys=("live", "held"),
     args=("process", "ttl_ms", "slots_json"),
-    reply=list,
+    reply=PresenceReply._make,
     idempotent=True,
 )
 
 # -- durability -----------------------------------------------------------------------
 
 _LEDGER_KEYS = ("ledger", "history")
-LEDGER_ENQUEUE: ScriptSpec[list[Any]] = ScriptSpec(
+LEDGER_ENQUEUE: ScriptSpec[EnqueueReply] = ScriptSpec(
     "ledger_enqueue",
     "ledger",
     _LEDGER_KEYS,
     ("key", "task", "ttl_ms", "run_id", "publish_lease_ms"),
-    list,
+    _enqueue_reply,
 )
-LEDGER_CLAIM: ScriptSpec[list[Any]] = ScriptSpec(
+LEDGER_CLAIM: ScriptSpec[ClaimReply] = ScriptSpec(
     "ledger_claim",
     "ledger",
     _LEDGER_KEYS,
     ("owner", "lease_ms", "ttl_ms", "key", "task", "singleton", "task_id"),
-    list,
+    _claim_reply,
 )
-LEDGER_RENEW: ScriptSpec[list[Any]] = ScriptSpec(
-    "ledger_renew", "ledger", (), ("*owners_then_lease_ms",), list
-)  # KEYS: one ledger hash per claim (any number)
+#: KEYS: one ledger hash per claim, any number (``call`` takes the keys as given).
+LEDGER_RENEW: ScriptSpec[list[bool]] = ScriptSpec(
+    "ledger_renew", "ledger", ("*ledgers",), ("*owners_then_lease_ms",), _bools
+)
 LEDGER_FINISH: ScriptSpec[bool] = ScriptSpec(
     "ledger_finish", "ledger", _LEDGER_KEYS, ("owner", "outcome", "result", "ttl_ms"), bool
 )
@@ -314,8 +380,8 @@ DEFER_ADD: ScriptSpec[int] = ScriptSpec(
     int,
     idempotent=True,
 )
-DEFER_TAKE: ScriptSpec[list[Any]] = ScriptSpec(
-    "defer_take", "defer", ("due", "items", "taken"), ("count", "claim_ms"), list
+DEFER_TAKE: ScriptSpec[list[tuple[str, Any]]] = ScriptSpec(
+    "defer_take", "defer", ("due", "items", "taken"), ("count", "claim_ms"), _pairs
 )
 DEFER_ACK: ScriptSpec[int] = ScriptSpec(
     "defer_ack", "defer", ("taken", "items", "published"), ("*items",), int, idempotent=True
@@ -326,8 +392,8 @@ DEFER_FATE: ScriptSpec[str] = ScriptSpec(
 
 # -- coordination ---------------------------------------------------------------------
 
-LOCK_ACQUIRE: ScriptSpec[list[Any]] = ScriptSpec(
-    "lock_acquire", "coordination", ("lease", "fence"), ("owner", "lease_ms"), list
+LOCK_ACQUIRE: ScriptSpec[LockReply] = ScriptSpec(
+    "lock_acquire", "coordination", ("lease", "fence"), ("owner", "lease_ms"), LockReply._make
 )
 LOCK_RENEW: ScriptSpec[bool] = ScriptSpec(
     "lock_renew", "coordination", ("lease",), ("owner", "lease_ms"), bool
@@ -335,8 +401,8 @@ LOCK_RENEW: ScriptSpec[bool] = ScriptSpec(
 LOCK_RELEASE: ScriptSpec[bool] = ScriptSpec(
     "lock_release", "coordination", ("lease", "wake"), ("owner", "wake_keep_ms"), bool
 )
-RECORD_CAS: ScriptSpec[list[Any]] = ScriptSpec(
-    "record_cas", "coordination", ("record",), ("version", "value", "ttl_ms"), list
+RECORD_CAS: ScriptSpec[CasReply] = ScriptSpec(
+    "record_cas", "coordination", ("record",), ("version", "value", "ttl_ms"), CasReply._make
 )
 
 #: Every script, by the name the store runs it under.
