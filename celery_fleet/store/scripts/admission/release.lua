@@ -33,8 +33,9 @@
 -- breaker never). Reserved tokens are never refunded here: a failed or refused call's
 -- tokens stay spent, as providers count them. Time unit: milliseconds, Redis TIME.
 --
--- Read one part at a time: what the call teaches the adaptive limit (_lib/adaptive.lua),
--- the breaker's count (_lib/breaker.lua), the line's sweep and wake-ups (_lib/line.lua),
+-- Read one part at a time: what the call teaches the adaptive limit
+-- (_lib/adaptive_learn.lua), the cap in force (_lib/adaptive.lua), the breaker's count
+-- (_lib/breaker_count.lua), the line's sweep and wake-ups (_lib/line.lua),
 -- the ctl hash's TTL (_lib/ctl.lua).
 
 local id = ARGV[1]
@@ -60,8 +61,9 @@ local fmt = function(x) return string.format('%.3f', x) end
 
 --#include _lib/line
 --#include _lib/ctl
---#include _lib/breaker
+--#include _lib/breaker_count
 --#include _lib/adaptive
+--#include _lib/adaptive_learn
 
 -- ctl may have expired (or been reset) while the lease was held: a write here must not
 -- leave it without a TTL.
@@ -98,8 +100,8 @@ elseif acquired and (adaptive or breaker or now) then
   held = clock() - acquired
 end
 
--- Adaptive limit (_lib/adaptive.lua): the breaker below sees the caller's outcome, not
--- the rewrites of the latency target.
+-- Adaptive limit (_lib/adaptive_learn.lua): the breaker below sees the caller's outcome,
+-- not the rewrites of the latency target.
 local cap = 0
 local verdict = outcome
 if adaptive and acquired then
@@ -107,7 +109,7 @@ if adaptive and acquired then
                        min_cap, init_cap, increase, decrease, probe_base, target)
 end
 
--- Circuit breaker (_lib/breaker.lua): the call's outcome, as the caller said it.
+-- Circuit breaker (_lib/breaker_count.lua): the call's outcome, as the caller said it.
 local transition = ''
 if breaker then
   transition = breaker_count(KEYS[5], id, verdict, clock(), rate_limit, min_calls, window,
