@@ -8,11 +8,13 @@ written at the top of each ``.lua`` file is written once more here, and nowhere 
 
 A key is named as the attribute that holds it on the caller's key object (for a limit:
 :class:`~celery_fleet.admission.decision.LimitKeys`), so :meth:`ScriptSpec.keys_of` turns
-one into the KEYS list. An argument whose name starts with ``*`` is a tail of any length.
+one into the KEYS list. A last key or argument whose name starts with ``*`` stands for
+any number of them.
 
-Nothing here costs the hot path anything: acquire and release are packed once per limit
-(:meth:`~celery_fleet.store.sync.RedisStore.packed`) with :meth:`ScriptSpec.keys_of`, and
-their replies are read as the reply type with ``tuple.__new__`` (no Python frame).
+The hot path stays one EVALSHA and builds nothing per call: acquire and release are
+packed once per limit (:meth:`~celery_fleet.store.sync.RedisStore.packed`) with
+:meth:`ScriptSpec.keys_of`, and their replies are read as the reply type with
+``tuple.__new__`` (no Python frame; about 0.2 µs a reply more than bare unpacking).
 
 Example::
 
@@ -36,7 +38,16 @@ __all__ = [
     "AcquireMode",
     "AcquireReply",
     "ReleaseReply",
+    "SettleReply",
+    "ObserveReply",
     "PeekReply",
+    "HandoverReply",
+    "ChargeReply",
+    "PresenceReply",
+    "EnqueueReply",
+    "ClaimReply",
+    "LockReply",
+    "CasReply",
     "ACQUIRE",
     "RELEASE",
     "LEAVE",
@@ -45,6 +56,25 @@ __all__ = [
     "OBSERVE",
     "PEEK",
     "BREAKER_ADMIN",
+    "EMPTY_MISSING",
+    "CHARGE",
+    "HANDOVER",
+    "PRESENCE",
+    "LEDGER_ENQUEUE",
+    "LEDGER_CLAIM",
+    "LEDGER_RENEW",
+    "LEDGER_FINISH",
+    "LEDGER_PUBLISHED",
+    "LEDGER_LOST",
+    "STEP_PUT",
+    "DEFER_ADD",
+    "DEFER_TAKE",
+    "DEFER_ACK",
+    "DEFER_FATE",
+    "LOCK_ACQUIRE",
+    "LOCK_RENEW",
+    "LOCK_RELEASE",
+    "RECORD_CAS",
 ]
 
 R = TypeVar("R")
