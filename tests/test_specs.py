@@ -30,14 +30,15 @@ def _header(text: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_each_spec_names_as_many_keys_as_its_script_header(name: str) -> None:
+def test_each_spec_names_the_keys_its_script_header_names_in_order(name: str) -> None:
     spec = SPECS[name]
     header = _header(SCRIPTS.joinpath(f"{spec.path}.lua").read_text("utf-8"))
-    numbered = set(re.findall(r"^-- KEYS\[(\d+)\]", header, re.MULTILINE))
-    if not numbered:  # ledger_renew: "KEYS[i]", one per claim
+    named = re.findall(r"^-- KEYS\[(\d+)\]\s+(\w+)", header, re.MULTILINE)
+    if not named:  # ledger_renew: "KEYS[i]", one per claim
         assert spec.keys == ("*ledgers",) and "KEYS[i]" in header
         return
-    assert sorted(int(n) for n in numbered) == list(range(1, len(spec.keys) + 1))
+    assert [int(n) for n, _ in named] == list(range(1, len(named) + 1))
+    assert tuple(key for _, key in named) == spec.keys
     assert "Reply" in header
 
 
