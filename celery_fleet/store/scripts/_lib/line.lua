@@ -35,13 +35,3 @@ local function line_sweep(line, waiting, now, most)
   end
   return #dead
 end
-
--- wake_first(line, waiting, prefix, count, except, ttl_ms, grace_until_ms): wake the first
--- `count` tickets of the line (at most 16 per call), never the ticket `except`.
-local function wake_first(line, waiting, prefix, count, except, ttl_ms, grace_until_ms)
-  if count <= 0 then return end
-  if count > 16 then count = 16 end
-  for _, ticket in ipairs(redis.call('ZRANGE', line, 0, count - 1)) do
-    if ticket ~= except then wake(waiting, prefix, ticket, ttl_ms, grace_until_ms) end
-  end
-end

@@ -200,11 +200,20 @@ if nline > 0 then
   end
 end
 
+-- Wake the first `count` tickets (at most 16 per call), never the caller's own.
+local function wake_first(count)
+  if count <= 0 then return end
+  if count > 16 then count = 16 end
+  for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, count - 1)) do
+    if ticket ~= id then wake(KEYS[5], KEYS[6], ticket, ticket_ttl, now + grace) end
+  end
+end
+
 if reason ~= 'circuit_open' then
   if wait == 0 and ahead >= slack then
     -- Budget is free, but not for this caller: older tickets first. Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
-    wake_first(KEYS[3], KEYS[5], KEYS[6], math.min(slack, nline), id, ticket_ttl, now + grace)
+    wake_first(math.min(slack, nline))
   elseif wait > 0 and ahead > 0 then
     -- Behind others: its own wait comes after theirs (an estimate, hence "queued").
     wait = wait + ahead * unit
@@ -268,6 +277,6 @@ if nline > 0 then
   -- be told "in_flight": then the release that frees a slot wakes it.
   local after = slack - 1
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
-  wake_first(KEYS[3], KEYS[5], KEYS[6], math.min(after, nline), id, ticket_ttl, now + grace)
+  wake_first(math.min(after, nline))
 end
 return {1, 0, lease, in_flight + 1, now_us, probe, 0, nline}
