@@ -2,7 +2,7 @@
 
 A limit with ``adaptive=True`` keeps an effective in-flight cap (and a rate factor) in its
 ``ctl`` hash, where the admission script reads them at no extra round trip. The release
-script updates them from how each call ended (see ``scripts/release.lua``):
+script updates them from how each call ended (see ``scripts/_lib/adaptive.lua``):
 
 - additive increase: ``cap += increase / cap`` per success while the cap is in use
   (at least half of it was in flight when the call was admitted), up to ``max_in_flight``;

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..store.specs import BREAKER_ADMIN
 
 if TYPE_CHECKING:
     from .core import Admission
@@ -101,11 +102,25 @@ class Breaker:
 
     def _run(self, op: str, *args: float) -> BreakerState:
         k = self.admission.keys(self.limit)
-        reply = self.admission.store.run("breaker_admin", keys=[k.breaker], args=[op, *args])
+        reply = BREAKER_ADMIN.run(self.admission.store, BREAKER_ADMIN.keys_of(k), [op, *args])
         state, opened_at, forced, probe, probe_until, now, calls, failures = (
             x.decode() if isinstance(x, bytes) else str(x) for x in reply
         )
-        now_ms = float(now)
+        return self.seen(float(now), state, opened_at, forced, probe, probe_until, calls, failures)
+
+    def seen(
+        self,
+        now_ms: float,
+        state: str,
+        opened_at: str,
+        forced: str,
+        probe: str,
+        probe_until: str,
+        calls: str,
+        failures: str,
+    ) -> BreakerState:
+        """The :class:`BreakerState` the breaker hash's fields (as text, "" when absent)
+        mean at Redis time ``now_ms``: what ``breaker_admin.lua`` and ``peek.lua`` read."""
         reset_ms = self.config.reset_timeout_s * 1000
         retry_in = 0
         shown = "closed"

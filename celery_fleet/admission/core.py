@@ -46,6 +46,18 @@ from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
 from ..resilience.replay import Replays, replay_steps
 from ..resilience.strategy import RedisOnly, StoreStrategy
 from ..store.calls import PackedCalls, ScriptCall, Steps, drive
+from ..store.specs import (
+    ACQUIRE,
+    EMPTY_MISSING,
+    LEAVE,
+    OBSERVE,
+    RELEASE,
+    RENEW,
+    SETTLE,
+    AcquireMode,
+    AcquireReply,
+    ReleaseReply,
+)
 from ..store.sync import RedisStore
 from ..store.wakeups import listener_for
 from .config import REQUESTS, LimitConfig
@@ -63,6 +75,10 @@ from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 
 log = logging.getLogger("celery_fleet")
+
+#: Reads a script's reply as its NamedTuple (specs.py) without a Python frame: acquire
+#: and release are read on the hot path, where ``_make`` would cost a call.
+_as = tuple.__new__
 
 #: What a call's ending can teach the release script.
 OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
@@ -116,23 +132,14 @@ class Admission:
         self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
         # Everything but the lease id, tokens, age, join and lane is fixed per limit:
         # encoded once (the hot path is one EVALSHA; redis-py's packer is pure Python).
-        self._acquire_keys = {
-            name: [k.ctl, k.leases, k.line, k.breaker, k.waiting, k.wake, k.settled]
-            for name, k in self._keys.items()
-        }
         self._acquire_tail = {name: acquire_args(cfg) for name, cfg in self.limits.items()}
         self._release_tail = {name: release_args(cfg) for name, cfg in self.limits.items()}
         self._acquire_cmd = {
-            name: store.packed("acquire", self._acquire_keys[name], 5, self._acquire_tail[name])
-            for name in self.limits
+            name: store.packed(ACQUIRE.name, ACQUIRE.keys_of(k), 5, self._acquire_tail[name])
+            for name, k in self._keys.items()
         }
         self._release_cmd = {
-            name: store.packed(
-                "release",
-                [k.leases, k.settled, k.ctl, k.line, k.breaker, k.waiting, k.wake],
-                5,
-                self._release_tail[name],
-            )
+            name: store.packed(RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name])
             for name, k in self._keys.items()
         }
         # Leases this process settled and has not released: their release drops the record.
@@ -263,7 +270,8 @@ class Admission:
         for name, cfg in self.limits.items():
             args = [x for w in cfg.windows for x in (w.field, repr(w.tolerance_ms))]
             try:
-                missing += int((yield ScriptCall("empty_missing", [self._keys[name].ctl], args)))
+                call = EMPTY_MISSING.call(EMPTY_MISSING.keys_of(self._keys[name]), args)
+                missing += EMPTY_MISSING.read((yield call))
             except FleetError as exc:
                 log.warning("celery-fleet: could not check the windows of %r: %s", name, exc)
         if missing:
@@ -284,13 +292,16 @@ class Admission:
     ) -> tuple[str, bytes]:
         """The packed acquire of already checked arguments, for :meth:`RedisStore.send`.
         ``retry`` marks an ask sent again after the connection dropped under it."""
-        join_arg = (b"3" if join else b"2") if retry else (b"1" if join else b"0")
+        if retry:
+            join_arg = AcquireMode.RESEND_JOIN if join else AcquireMode.RESEND_ASK
+        else:
+            join_arg = AcquireMode.JOIN if join else AcquireMode.ASK
         return self._pack_acquire(name, tokens, lease_id, since_ms, join_arg)
 
     def lookup_command(self, name: str, lease_id: str) -> tuple[str, bytes]:
         """The packed look-up of the lease an ask with ``lease_id`` may have made (an ask
         cancelled in flight): admitted with it, or refused as ``gone``; nothing changes."""
-        return self._pack_acquire(name, 0, lease_id, 0, b"4")
+        return self._pack_acquire(name, 0, lease_id, 0, AcquireMode.LOOKUP)
 
     def _pack_acquire(
         self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
@@ -298,42 +309,33 @@ class Admission:
         packed = self._acquire_cmd[name].pack(
             lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
         )
-        return ("acquire", packed)
+        return (ACQUIRE.name, packed)
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
-        allowed, wait_ms, detail, in_flight, now, probe, ahead, line = reply
-        self.store_down.saw(name, int(in_flight), bool(allowed))  # an outage's allotment
-        detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+        r = _as(AcquireReply, reply)
+        allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
+        self.store_down.saw(name, in_flight, bool(allowed))  # an outage's allotment
+        detail = r.detail.decode() if isinstance(r.detail, bytes) else str(r.detail)
         if allowed:
+            probe = r.probe
             if probe:
                 self.notify(name, "half_open")
             return Decision(
-                name,
-                True,
-                0,
-                detail,
-                "",
-                int(in_flight),
-                tokens,
-                int(now) / 1000,
-                bool(probe),
-                0,
-                int(line),
+                name, True, 0, detail, "", in_flight, tokens, at_ms, bool(probe), 0, int(r.line)
             )
-        wait = clamp_wait_ms(wait_ms)
         return Decision(
             name,
             False,
-            wait,
+            clamp_wait_ms(r.wait_ms),
             None,
             _reason(detail),
-            int(in_flight),
+            in_flight,
             tokens,
-            int(now) / 1000,
+            at_ms,
             False,
-            int(ahead),
-            int(line),
+            int(r.ahead),
+            int(r.line),
         )
 
     def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
@@ -353,13 +355,11 @@ class Admission:
         return drive(self.leave_steps(name, ticket), self.store)
 
     def leave_steps(self, name: str, ticket: str) -> Steps[bool]:
-        return bool((yield self.leave_call(name, ticket)))
+        return LEAVE.read((yield self.leave_call(name, ticket)))
 
     def leave_call(self, name: str, ticket: str) -> ScriptCall:
         """The script call that takes ``ticket`` out of ``name``'s line."""
-        k = self.keys(name)
-        args = [ticket, TICKET_TTL_MS, WAKE_GRACE_MS]
-        return ScriptCall("leave", [k.line, k.waiting, k.wake], args)
+        return LEAVE.call(LEAVE.keys_of(self.keys(name)), [ticket, TICKET_TTL_MS, WAKE_GRACE_MS])
 
     def replay(self) -> int:
         """Send the releases, leaves and look-ups an outage left owed (replay.py); returns
@@ -417,15 +417,17 @@ class Admission:
         packed = self._release_cmd[name].pack(
             lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
         )
-        return ("release", packed)
+        return (RELEASE.name, packed)
 
     def released(self, name: str, reply: list[Any]) -> Release:
         """The :class:`Release` a release's reply means (listeners told of a transition)."""
-        ok, now, held, transition, cap = reply
+        r = _as(ReleaseReply, reply)
+        transition = r.transition
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
         if transition:
             self.notify(name, transition)
-        return Release(bool(ok), int(held), int(now) / 1000, transition, float(cap))
+        at_ms = int(r.now_us) / 1000
+        return Release(bool(r.released), int(r.held_ms), at_ms, transition, float(r.cap))
 
     def observe(self, name: str, obs: Observation, lease_id: str | None = None) -> int:
         """Lower this limit's per-minute buckets (and rate factor) to what the provider's
@@ -456,9 +458,8 @@ class Admission:
         if self.store_down.owns(lease_id):
             lease_id = None  # what the provider said still lowers the shared buckets
         try:
-            lowered, held = yield ScriptCall(
-                "observe", [k.ctl, k.leases], [lease_id or "", factor, len(args) // 4, *args]
-            )
+            call = OBSERVE.call(OBSERVE.keys_of(k), [lease_id or "", factor, len(args) // 4, *args])
+            lowered, held = OBSERVE.read((yield call))
         except StoreUnavailable as exc:
             self.store_down.cover(exc)
             return 0  # the headers are lost; the next call's will say the same
@@ -521,11 +522,8 @@ class Admission:
         if down.owns(lease_id):
             return down.settle(cfg, lease_id, actual)
         try:
-            known, delta, _now, held = yield ScriptCall(
-                "settle",
-                [k.ctl, k.settled, k.leases],
-                [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]],
-            )
+            args = [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]]
+            known, delta, _now, held = SETTLE.read((yield SETTLE.call(SETTLE.keys_of(k), args)))
         except StoreUnavailable as exc:
             # Not charged: the provider counted the tokens, the fleet cannot now. The
             # budget is over-spent by the difference at most, once.
@@ -560,19 +558,13 @@ class Admission:
             return [], []
         cfg = self.limit(name)
         k = self._keys[name]
-        reply = yield ScriptCall(
-            "renew",
-            [k.leases, k.settled, k.breaker, k.ctl],
-            [
-                int(cfg.lease_s * 1000),
-                cfg.max_in_flight or 0,
-                cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
-                *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
-            ],
-        )
-        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
-        split = ids.index("+")
-        return ids[:split], ids[split + 1 :]
+        args = [
+            int(cfg.lease_s * 1000),
+            cfg.max_in_flight or 0,
+            cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
+            *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
+        ]
+        return RENEW.read((yield RENEW.call(RENEW.keys_of(k), args)))
 
     def _remember_settled(self, lease_id: str) -> None:
         # Bounded: a lease forgotten here keeps its record until the sweep of expired leases

@@ -99,7 +99,7 @@ _tag: list[object] = [None, ""]
 
 def process_tag() -> str:
     """8 random hex characters naming this process (new after a fork): a ticket starts with
-    it, and the line wakes a ticket on its process's list (scripts/_wake.lua)."""
+    it, and the line wakes a ticket on its process's list (scripts/_lib/line.lua)."""
     if _tag[0] != os.getpid():
         _tag[0], _tag[1] = os.getpid(), os.urandom(4).hex()
     return str(_tag[1])

@@ -21,7 +21,7 @@ Where it lives (all under the limit's hash tag, beside the admission keys):
   (:mod:`celery_fleet.store.wakeups`).
 
 The decisions are made inside ``acquire.lua`` (who may pass), ``release.lua`` (wake the first
-when a slot frees up) and ``leave.lua``; the wake-up itself is ``scripts/_wake.lua``. This
+when a slot frees up) and ``leave.lua``; the sweep and wake-up are ``scripts/_lib/line.lua``. This
 module holds the constants the scripts are given and the helpers around them.
 """
 

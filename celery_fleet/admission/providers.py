@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["Signal", "Observation", "classify", "retry_after_ms", "parse_headers", "parse_duration"]
 
-# kind -> the outcome the release script learns from (see scripts/release.lua)
+# kind -> the outcome the release script learns from (see scripts/_lib/adaptive.lua)
 _OUTCOMES = {
     "ok": "ok",
     "overloaded": "overload",

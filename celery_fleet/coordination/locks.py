@@ -39,6 +39,7 @@ from ..background import BackgroundLoop
 from ..checks import MAX_SECONDS, check_max_wait, check_name, number
 from ..clock import Clock, SystemClock
 from ..errors import ConfigError, FleetError, LockLost, LockNotAcquired
+from ..store.specs import LOCK_ACQUIRE, LOCK_RELEASE, LOCK_RENEW
 from ..store.sync import RedisStore
 
 __all__ = [
@@ -102,17 +103,17 @@ class LeaseHold:
     def try_acquire(self) -> int:
         """0 when acquired (``token`` is set), else the ms the holder's lease lasts."""
         sent = self.clock.monotonic()
-        ok, value = self.store.run("lock_acquire", self.keys[:2], [self.owner, self.lease_ms])
-        if not ok:
-            return max(int(value), 1)
-        self.token = int(value)
+        reply = LOCK_ACQUIRE.run(self.store, self.keys[:2], [self.owner, self.lease_ms])
+        if not reply.acquired:
+            return max(int(reply.value), 1)
+        self.token = int(reply.value)
         self._valid_from(sent)
         return 0
 
     def renew(self) -> bool:
         """Extend the lease; False (and ``lost``) when it is gone or another owner's."""
         sent = self.clock.monotonic()
-        if not self.store.run("lock_renew", self.keys[:1], [self.owner, self.lease_ms]):
+        if not LOCK_RENEW.run(self.store, self.keys[:1], [self.owner, self.lease_ms]):
             self.lost = True
             return False
         self._valid_from(sent)
@@ -123,7 +124,7 @@ class LeaseHold:
         self.released = True
         self.valid_until = -math.inf
         keys = [self.keys[0], self.keys[2]]
-        return bool(self.store.run("lock_release", keys, [self.owner, self.lease_ms]))
+        return LOCK_RELEASE.run(self.store, keys, [self.owner, self.lease_ms])
 
     @property
     def live(self) -> bool:

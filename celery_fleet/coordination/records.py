@@ -28,6 +28,7 @@ from typing import Any
 
 from ..checks import MAX_SECONDS, MAX_UNITS, check_name, number, positive_int
 from ..errors import ConfigError
+from ..store.specs import RECORD_CAS
 from ..store.sync import RedisStore
 
 __all__ = ["Record", "DEFAULT_RECORD_MAX_BYTES", "MAX_RECORD_BYTES"]
@@ -93,8 +94,8 @@ class Record:
 
     def _do_compare_and_set(self, version: int, text: str) -> tuple[bool, int]:
         """Run the script: ``(written, version now)``."""
-        written, current = self.store.run("record_cas", [self.key], [version, text, self.ttl_ms])
-        return bool(written), int(current)
+        reply = RECORD_CAS.run(self.store, [self.key], [version, text, self.ttl_ms])
+        return bool(reply.written), int(reply.version)
 
     def _encode(self, value: Any) -> str:
         try:

@@ -39,6 +39,7 @@ import logging
 
 from ..checks import MAX_SECONDS, check_name, number
 from ..errors import ConfigError
+from ..store.specs import DEFER_ACK, DEFER_ADD, DEFER_FATE, DEFER_TAKE
 from ..store.sync import RedisStore
 
 __all__ = ["Deferred", "DEFAULT_CLAIM_S", "SIGNATURE_PREFIX"]
@@ -93,12 +94,9 @@ class Deferred:
         if not isinstance(message, bytes):
             raise ConfigError(f"a deferred message must be bytes, got {type(message).__name__}")
         delay = number(delay_s, "deferral delay", lo=0.0, hi=MAX_SECONDS)
-        due = self.store.run(
-            "defer_add",
-            keys=[self.due_key, self.items_key],
-            args=[item_id, int(delay * 1000), self.sign(item_id, message)],
-        )
-        return float(due)
+        keys = [self.due_key, self.items_key]
+        args = [item_id, int(delay * 1000), self.sign(item_id, message)]
+        return float(DEFER_ADD.run(self.store, keys, args))
 
     def sign(self, item_id: str, message: bytes) -> bytes:
         """``message`` as stored: prefixed with the HMAC of the item id and the message."""
@@ -126,16 +124,11 @@ class Deferred:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_TAKE:
             raise ConfigError(f"take(limit=...) must be an int from 1 to {MAX_TAKE}, got {limit!r}")
         claim = number(claim_s, "take(claim_s=...)", lo=0.001, hi=MAX_SECONDS)
-        reply = self.store.run(
-            "defer_take",
-            keys=[self.due_key, self.items_key, self.taken_key],
-            args=[limit, max(1, round(claim * 1000))],
-        )
+        keys = [self.due_key, self.items_key, self.taken_key]
+        taken = DEFER_TAKE.run(self.store, keys, [limit, max(1, round(claim * 1000))])
         out, forged = [], []
-        for i in range(0, len(reply), 2):
-            raw = reply[i]
-            item = raw.decode() if isinstance(raw, bytes) else str(raw)
-            message = self.verify(item, reply[i + 1])
+        for item, stored in taken:
+            message = self.verify(item, stored)
             if message is None:
                 forged.append(item)
             else:
@@ -170,15 +163,14 @@ class Deferred:
         if not item_ids:
             return 0
         keys = [self.taken_key, self.items_key, self.published_key]
-        return int(self.store.run("defer_ack", keys=keys, args=item_ids))
+        return DEFER_ACK.run(self.store, keys, item_ids)
 
     def fate(self, item_id: str) -> str:
         """``"waiting"`` (due, or being published), ``"published"`` (within the last day),
         or ``"unknown"``: never deferred here, or lost (Redis restarted empty)."""
         _check_ids([item_id])
         keys = [self.due_key, self.taken_key, self.published_key]
-        reply = self.store.run("defer_fate", keys=keys, args=[item_id])
-        return reply.decode() if isinstance(reply, bytes) else str(reply)
+        return DEFER_FATE.run(self.store, keys, [item_id])
 
     def pending(self) -> int:
         """How many items wait (due or not), not counting claimed ones."""

@@ -45,6 +45,14 @@ from typing import Any
 from ..background import BackgroundLoop
 from ..checks import MAX_SECONDS, number
 from ..errors import ConfigError, FleetError
+from ..store.specs import (
+    LEDGER_CLAIM,
+    LEDGER_ENQUEUE,
+    LEDGER_FINISH,
+    LEDGER_LOST,
+    LEDGER_PUBLISHED,
+    LEDGER_RENEW,
+)
 from ..store.sync import RedisStore
 
 __all__ = [
@@ -147,23 +155,23 @@ class Ledger:
         run_id = run_id or str(uuid.uuid4())
         lease_ms = max(1, int(self.publish_lease_s * 1000))
         args = [key, task, self.ttl_ms, run_id, lease_ms]
-        reply = self.store.run("ledger_enqueue", self.keys(record_id), args)
-        if int(reply[0]):
-            return Enqueued(True, _text(reply[1]), "queued")
+        reply = LEDGER_ENQUEUE.run(self.store, self.keys(record_id), args)
+        if reply.started:
+            return Enqueued(True, reply.run_id, reply.state)
         # a record written before run ids were per run: its run id was the record id
-        return Enqueued(False, _text(reply[2]) or record_id, _text(reply[1]))
+        return Enqueued(False, reply.run_id or record_id, reply.state)
 
     def published(self, record_id: str, run_id: str, sent: bool, error: str = "") -> bool:
         """Confirm (``sent``) or undo (the publish raised: failed and released) the run
         :meth:`enqueue` started; False when the key is no longer queued under ``run_id``."""
         args = [run_id, "sent" if sent else "failed", error, self.ttl_ms]
-        return bool(self.store.run("ledger_published", self.keys(record_id), args))
+        return LEDGER_PUBLISHED.run(self.store, self.keys(record_id), args)
 
     def lost(self, record_id: str, task_id: str, release: bool, error: str) -> bool:
         """End the claim an attempt of task ``task_id`` holds, its process lost (SIGKILL,
         OOM) and its message not redelivered: failed, released when ``release``."""
         args = [task_id, "1" if release else "0", error, self.ttl_ms]
-        return bool(self.store.run("ledger_lost", self.keys(record_id), args))
+        return LEDGER_LOST.run(self.store, self.keys(record_id), args)
 
     def claim(
         self,
@@ -179,23 +187,22 @@ class Ledger:
         :class:`Claim`.)"""
         args = [owner, int(lease_s * 1000), self.ttl_ms, key, task, "1" if singleton else "0"]
         args.append(task_id or owner.split("/", 1)[0])
-        reply = self.store.run("ledger_claim", self.keys(record_id), args)
-        verdict = _text(reply[0])
-        if verdict == "run":
-            return Claim("run", attempts=int(reply[1]), taken_over=bool(int(reply[2])))
-        if verdict == "done":
-            raw = _text(reply[1])
+        reply = LEDGER_CLAIM.run(self.store, self.keys(record_id), args)
+        if reply.verdict == "run":
+            return Claim("run", attempts=int(reply.detail), taken_over=reply.taken_over)
+        if reply.verdict == "done":
+            raw = _text(reply.detail)
             return Claim("done", result=json.loads(raw) if raw else None)
-        if verdict == "failed":
-            return Claim("failed", error=_text(reply[1]))
-        return Claim("busy", wait_ms=int(reply[1]))
+        if reply.verdict == "failed":
+            return Claim("failed", error=_text(reply.detail))
+        return Claim("busy", wait_ms=int(reply.detail))
 
     def finish(self, record_id: str, owner: str, outcome: str, payload: str = "") -> bool:
         """Record how attempt ``owner`` ended; False when its claim was no longer its own."""
         if outcome not in OUTCOMES:
             raise FleetError(f"ledger outcome must be one of {OUTCOMES}, got {outcome!r}")
         args = [owner, outcome, payload, self.ttl_ms]
-        return bool(self.store.run("ledger_finish", self.keys(record_id), args))
+        return LEDGER_FINISH.run(self.store, self.keys(record_id), args)
 
     def renew(self, claims: list[tuple[str, str]], lease_s: float) -> list[bool]:
         """Extend the leases of ``(record_id, owner)`` claims in one round trip."""
@@ -203,7 +210,7 @@ class Ledger:
             return []
         keys = [self.keys(record_id)[0] for record_id, _ in claims]
         args = [owner for _, owner in claims] + [int(lease_s * 1000)]
-        return [bool(x) for x in self.store.run("ledger_renew", keys, args)]
+        return LEDGER_RENEW.run(self.store, keys, args)
 
     def record(self, record_id: str) -> dict[str, str]:
         """The ledger hash of ``record_id`` as text (empty when unknown or expired)."""

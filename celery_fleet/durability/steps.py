@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from ..checks import MAX_SECONDS, number
 from ..errors import StepError, StoreUnavailable, Throttled
+from ..store.specs import STEP_PUT
 from ..store.sync import RedisStore
 
 log = logging.getLogger("celery_fleet")
@@ -94,7 +95,7 @@ class Steps:
         result = fn(*args, **kwargs)
         text = self._encode(name, result)
         try:
-            stored = self.store.run("step_put", keys=[self.key], args=[name, text, self.ttl_ms])
+            stored = STEP_PUT.run(self.store, [self.key], [name, text, self.ttl_ms])
         except StoreUnavailable as exc:
             log.warning("celery-fleet: step %r ran but was not stored (%s)", name, exc)
             return json.loads(text)  # type: ignore[no-any-return]

@@ -1,10 +1,12 @@
 """What each limit looks like right now, read from Redis only (no worker needed).
 
-:func:`limit_status` gathers one limit's fleet-wide state into a :class:`LimitStatus`:
+:func:`limit_status` gathers one limit's fleet-wide state into a :class:`LimitStatus` in
+one round trip, through the read-only ``peek`` script (``scripts/admission/peek.lua``).
+It is built from the same Lua parts the admission script decides with, so the figures
+are what an ask would meet, computed once, in Redis:
 
-- each window's budget left *now*, from its GCRA arrival time in the ``ctl`` hash: the
-  script admits ``n`` units while ``tat + n*T - tau <= now``, so ``floor((now + tau -
-  max(tat, now)) / T)`` units fit (T stretched by the rate factor in force);
+- each window's budget left *now* (how many units GCRA would admit, at the rate factor
+  in force) and the most it can hold (its burst);
 - the live leases (in flight) against the cap in force (the adaptive cap when there is
   one) and the age of the oldest (its acquire time is in its name);
 - the adaptive cap and rate factor, a provider pause still running, the breaker, and how
@@ -15,7 +17,6 @@ The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from ..admission.breaker import BreakerState
     from ..admission.config import LimitConfig
     from ..admission.decision import LimitKeys
+
+from ..admission.decision import acquire_args
+from ..store.specs import PEEK
 
 __all__ = ["LimitStatus", "StatusSource", "WindowStatus", "fleet_status", "limit_status"]
 
@@ -70,14 +74,28 @@ class _Limits(Protocol):
     def keys(self, name: str) -> LimitKeys: ...
 
 
-class _Commands(Protocol):
-    """A store that sends one Redis command (:meth:`RedisStore.call`)."""
+class _Store(Protocol):
+    """A store that runs one of the fleet's scripts (:meth:`RedisStore.run`: status reads
+    through ``peek``) and sends one command (:meth:`RedisStore.call`: metrics read the
+    counters)."""
+
+    def run(self, script: str, keys: list[str], args: list[Any]) -> Any: ...
 
     def call(self, command: str, *args: Any) -> Any: ...
 
 
 class _BreakerReader(Protocol):
-    def state(self) -> BreakerState: ...
+    def seen(
+        self,
+        now_ms: float,
+        state: str,
+        opened_at: str,
+        forced: str,
+        probe: str,
+        probe_until: str,
+        calls: str,
+        failures: str,
+    ) -> BreakerState: ...
 
 
 class StatusSource(Protocol):
@@ -90,7 +108,7 @@ class StatusSource(Protocol):
     def admission(self) -> _Limits: ...
 
     @property
-    def store(self) -> _Commands: ...
+    def store(self) -> _Store: ...
 
     @property
     def limits(self) -> Mapping[str, LimitConfig]: ...
@@ -102,66 +120,45 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(_text(value))
+    except ValueError:
+        return None
+
+
 def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
-    """The state of limit ``name`` of ``fleet`` (a :class:`~celery_fleet.Fleet`) now: a few
-    round trips, never on the hot path."""
+    """The state of limit ``name`` of ``fleet`` (a :class:`~celery_fleet.Fleet`) now: one
+    round trip (``peek.lua``: it writes nothing), never on the hot path."""
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
-    store = fleet.store
-    seconds, micros = store.call("TIME")
-    now_ms = int(seconds) * 1000 + int(micros) / 1000
-    raw = store.call("HGETALL", keys.ctl) or {}
-    ctl = {_text(k): _text(v) for k, v in raw.items()}
-
-    def num(key: str) -> float | None:
-        try:
-            return float(ctl[key])
-        except (KeyError, ValueError):
-            return None
-
-    factor = 1.0
-    if cfg.adaptive is not None and num("rate_factor") is not None:
-        factor = num("rate_factor") or 1.0
-    provider = num("provider_factor")
-    if provider is not None and (num("provider_factor_until") or 0) > now_ms:
-        factor = min(factor, provider)
-    factor = min(1.0, max(0.01, factor)) if factor > 0 else 1.0
-    windows = []
-    for w in cfg.windows:
-        step, tau = w.emission_ms / factor, w.tolerance_ms
-        tat = max(num(w.field) or now_ms, now_ms)
-        windows.append(
-            WindowStatus(
-                w.describe(),
-                left=max(0, math.floor((now_ms + tau - tat) / step)),
-                full=max(0, math.floor(tau / step)),
-            )
-        )
-    live = store.call("ZRANGEBYSCORE", keys.leases, f"({now_ms}", "+inf", "LIMIT", 0, OLDEST_SCAN)
-    acquired = [int(_text(m).split(".", 1)[0]) for m in live or [] if _text(m)[:1].isdigit()]
-    in_flight = int(store.call("ZCOUNT", keys.leases, f"({now_ms}", "+inf"))
-    adaptive_cap = None
-    if cfg.adaptive is not None:  # before the first admission the script starts from this
-        adaptive_cap = num("cap") or float(cfg.adaptive.initial_in_flight)
-    cap = cfg.max_in_flight
-    if adaptive_cap is not None:  # as the script does: the smaller of the two
-        learned = max(1, math.floor(adaptive_cap))
-        cap = learned if cap is None else min(cap, learned)
-    breaker = fleet.breaker(name).state() if cfg.breaker is not None else None
-    pause = num("pause_until") or 0.0
+    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
+    now_ms = int(peek.now_us) / 1000
+    windows = [
+        WindowStatus(w.describe(), left=int(peek.windows[2 * i]), full=int(peek.windows[2 * i + 1]))
+        for i, w in enumerate(cfg.windows)
+    ]
+    adaptive_cap = rate_factor = None
+    if cfg.adaptive is not None:  # before the first admission the script starts from these
+        adaptive_cap = _number(peek.cap) or float(cfg.adaptive.initial_in_flight)
+        rate_factor = _number(peek.rate_factor) or 1.0
+    breaker = None
+    if cfg.breaker is not None:
+        breaker = fleet.breaker(name).seen(now_ms, *(_text(x) for x in peek.breaker))
+    oldest = int(peek.oldest_us)
     return LimitStatus(
         limit=name,
         windows=windows,
-        in_flight=in_flight,
-        cap=cap,
-        oldest_lease_s=round((now_ms - min(acquired) / 1000) / 1000, 3) if acquired else None,
+        in_flight=int(peek.in_flight),
+        cap=int(peek.cap_in_force) or None,
+        oldest_lease_s=round((now_ms - oldest / 1000) / 1000, 3) if oldest else None,
         adaptive_cap=adaptive_cap,
-        rate_factor=(num("rate_factor") or 1.0) if cfg.adaptive is not None else None,
-        paused_s=round(max(0.0, pause - now_ms) / 1000, 3),
+        rate_factor=rate_factor,
+        paused_s=round(max(0.0, _number(peek.paused_ms) or 0.0) / 1000, 3),
         breaker=breaker.state if breaker else None,
         breaker_forced=breaker.forced if breaker else None,
         breaker_retry_s=round(breaker.retry_in_ms / 1000, 3) if breaker else 0.0,
-        waiting=int(store.call("ZCARD", keys.line)),
+        waiting=int(peek.waiting),
     )
 
 

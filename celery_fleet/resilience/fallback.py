@@ -53,8 +53,9 @@ import redis
 from ..admission.config import LimitConfig
 from ..admission.decision import Decision, LimitKeys
 from ..errors import ConfigError, FleetError, StoreUnavailable
-from ..store.calls import ScriptCall, Steps, drive
+from ..store.calls import Steps, drive
 from ..store.connect import Target, make_client
+from ..store.specs import CHARGE, HANDOVER
 from ..store.sync import SCRIPTS, script_source
 from .local_limiter import LocalLimiter, allotment, fleet_cap
 
@@ -388,9 +389,8 @@ class StoreDown:
         since = self.down_since if self.down_since is not None else now
         args = [int((now - since) * 1000), int(HANDOVER_S * 1000), int(HANDOVER_KEEP_S * 1000)]
         try:
-            moment, redis_now = yield ScriptCall(
-                "handover", [handover_key(admission.namespace)], args
-            )
+            call = HANDOVER.call([handover_key(admission.namespace)], args)
+            moment, redis_now = HANDOVER.read((yield call))
         except StoreUnavailable as exc:
             self.failed(exc)
             return None
@@ -427,12 +427,12 @@ class StoreDown:
                 args = [len(windows) // 2, *windows, int(cfg.lease_s * 1000)]
                 args += [x for lease, tokens in held for x in (lease, tokens)]
                 try:
-                    reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+                    reply = CHARGE.read((yield CHARGE.call(CHARGE.keys_of(keys), args)))
                 except BaseException:
                     self._unreserve(held)
                     raise
-                charged += int(reply[0])
-                self._record_entered(name, keys.leases, held, reply[1:])
+                charged += reply.charged
+                self._record_entered(name, keys.leases, held, reply.leases)
         except FleetError as exc:
             with self._lock:
                 self._switching, self._switch_at = False, None
@@ -474,12 +474,12 @@ class StoreDown:
             keys = admission.keys(name)
             args = [0, int(cfg.lease_s * 1000), *(x for lease, t in held for x in (lease, t))]
             try:
-                reply = yield ScriptCall("charge", [keys.ctl, keys.leases], args)
+                reply = CHARGE.read((yield CHARGE.call(CHARGE.keys_of(keys), args)))
             except FleetError as exc:
                 self._unreserve(held)
                 log.debug("celery-fleet: could not enter local slots of %r: %s", name, exc)
                 return
-            self._record_entered(name, keys.leases, held, reply[1:])
+            self._record_entered(name, keys.leases, held, reply.leases)
 
     def _reserve(self, limit: str) -> list[tuple[str, int]]:
         """The local slots of ``limit`` not entered into Redis yet, marked as being entered

@@ -23,6 +23,8 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from ..store.specs import PRESENCE
+
 __all__ = ["Presence", "TTL_S", "live_key", "held_key"]
 
 log = logging.getLogger("celery_fleet")
@@ -90,10 +92,10 @@ class Presence:
 
         held = json.dumps(self.held()) if self.held is not None else "[]"
         try:
-            count, rank = self.store.run(
-                "presence",
-                keys=[live_key(self.namespace), held_key(self.namespace)],
-                args=[self.process_id, int(TTL_S * 1000), "" if held == "[]" else held],
+            count, rank = PRESENCE.run(
+                self.store,
+                [live_key(self.namespace), held_key(self.namespace)],
+                [self.process_id, int(TTL_S * 1000), "" if held == "[]" else held],
             )
         except FleetError as exc:
             log.debug("celery-fleet: could not record this process as live: %s", exc)

@@ -38,6 +38,7 @@ from typing import Protocol
 
 from ..errors import FleetError, StoreUnavailable
 from ..store.calls import PackedCalls, ScriptCall, Steps
+from ..store.specs import AcquireReply
 
 __all__ = ["Owed", "Replays", "replay_steps", "met_outage", "MAX_PENDING", "WATCH_S", "EVERY_S"]
 
@@ -195,9 +196,11 @@ def replay_steps(admission: _Admission) -> Steps[int]:
     try:
         if asks:
             found = yield PackedCalls(tuple(admission.lookup_command(i.limit, i.key) for i in asks))
-            for item, reply in zip(asks, found, strict=True):
-                if reply[0]:  # the ask ran after all: its lease is held by nobody
-                    lease = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            for item, raw in zip(asks, found, strict=True):
+                reply = AcquireReply._make(raw)
+                if reply.allowed:  # the ask ran after all: its lease is held by nobody
+                    lease = reply.detail
+                    lease = lease.decode() if isinstance(lease, bytes) else str(lease)
                     releases.append(Owed("release", item.limit, lease))
                 elif admission.replays.still_watched(item):
                     watched.append(item)  # it may not have run yet

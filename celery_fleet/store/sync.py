@@ -46,6 +46,7 @@ from ..errors import ConfigError, FleetError, StoreUnavailable
 from .cluster import ClusterCombiner
 from .combiner import Combiner, Packed, pack_command
 from .connect import Client, ClientSource, Target, is_cluster, make_client, own_client, parse_url
+from .specs import IDEMPOTENT, SCRIPTS, SPECS
 
 __all__ = [
     "RedisStore",
@@ -54,6 +55,7 @@ __all__ = [
     "script_source",
     "eviction_risk",
     "IDEMPOTENT",
+    "SCRIPTS",
 ]
 
 log = logging.getLogger("celery_fleet")
@@ -72,64 +74,27 @@ MIN_WAIT_S = 0.05
 _NO_DEADLINE = float("inf")
 _deadline: ContextVar[float] = ContextVar("celery_fleet_deadline", default=_NO_DEADLINE)
 
-#: Scripts that may run twice with the effect of once: the store sends them again when
-#: the connection drops under them. ``acquire`` is not here: its resend marks itself a
-#: retry so the script answers with the lease the first send may have made (admission.py).
-IDEMPOTENT = frozenset(
-    {
-        "release",
-        "leave",
-        "settle",
-        "renew",
-        "observe",
-        "presence",
-        "empty_missing",
-        "handover",
-        "defer_add",
-        "defer_ack",
-    }
-)
-
-SCRIPTS = (
-    "acquire",
-    "release",
-    "leave",
-    "settle",
-    "renew",
-    "observe",
-    "breaker_admin",
-    "step_put",
-    "ledger_enqueue",
-    "ledger_claim",
-    "ledger_renew",
-    "ledger_finish",
-    "ledger_published",
-    "ledger_lost",
-    "presence",
-    "lock_acquire",
-    "lock_renew",
-    "lock_release",
-    "record_cas",
-    "defer_add",
-    "defer_take",
-    "defer_ack",
-    "empty_missing",
-    "defer_fate",
-    "handover",
-    "charge",
-)
-
 
 @cache
 def script_source(name: str) -> str:
-    """The text of ``celery_fleet/scripts/<name>.lua``, with each ``--#include _part`` line
-    replaced by ``scripts/_part.lua`` (Lua scripts in Redis cannot share functions)."""
+    """The text of script ``name`` (``scripts/<folder>/<name>.lua``, its folder declared in
+    :mod:`celery_fleet.store.specs`), with each ``--#include _lib/part`` line replaced by
+    ``scripts/_lib/part.lua``: Lua scripts in Redis cannot share functions, so the parts
+    are pasted in (a part may include another; each goes in once)."""
     files = resources.files("celery_fleet.store.scripts")
-    text = files.joinpath(f"{name}.lua").read_text("utf-8")
-    return _INCLUDE.sub(lambda m: files.joinpath(f"{m[1]}.lua").read_text("utf-8"), text)
+    done: set[str] = set()
+
+    def paste(match: re.Match[str]) -> str:
+        if match[1] in done:
+            return ""
+        done.add(match[1])
+        return _INCLUDE.sub(paste, files.joinpath(f"{match[1]}.lua").read_text("utf-8"))
+
+    text = files.joinpath(f"{SPECS[name].path}.lua").read_text("utf-8")
+    return _INCLUDE.sub(paste, text)
 
 
-_INCLUDE = re.compile(r"^--#include (_\w+)$", re.MULTILINE)
+_INCLUDE = re.compile(r"^--#include (_lib/\w+)$", re.MULTILINE)
 
 
 _live_stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()

@@ -3,7 +3,7 @@
 A waiter in a limit's line is woken when the release (or admission, or leave) that makes
 its turn pushes its ticket id onto its *process's* wake list, ``{ns:limit}:wake:<tag>``
 (a ticket starts with its process's tag, see :func:`celery_fleet.admission.decision.new_lease_id`
-and ``scripts/_wake.lua``). One daemon thread per process and limit (a :class:`Listener`)
+and ``scripts/_lib/line.lua``). One daemon thread per process and limit (a :class:`Listener`)
 blocks on that one list (``BLPOP``, then ``LPOP`` of whatever else is there, in the same
 loop) and hands each ticket's wake-up to its waiter: a ``threading.Event`` for a blocking
 caller, an ``asyncio`` future (set from the listener thread with ``call_soon_threadsafe``)

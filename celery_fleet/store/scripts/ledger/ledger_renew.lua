@@ -5,7 +5,7 @@
 --
 -- Reply: one 1 (renewed) or 0 (no longer this owner's: finished, or taken over) per claim.
 
---#include _ledger
+--#include _lib/ledger
 local now, lease = now_ms(), tonumber(ARGV[#KEYS + 1])
 local out = {}
 for i, key in ipairs(KEYS) do

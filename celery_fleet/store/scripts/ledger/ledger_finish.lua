@@ -11,7 +11,7 @@
 -- Reply: 1 when recorded; 0 when the claim was no longer this owner's (it lapsed and was
 -- taken over, or another copy finished first): nothing changes.
 
---#include _ledger
+--#include _lib/ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
 if f[1] ~= 'running' or f[2] ~= ARGV[1] then
   return 0

@@ -12,7 +12,7 @@
 --
 -- Reply: 1 when the claim was ended; 0 when no attempt of that task holds it.
 
---#include _ledger
+--#include _lib/ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'owner')
 local prefix = ARGV[1] .. '/'
 if f[1] ~= 'running' or string.sub(f[2] or '', 1, #prefix) ~= prefix then

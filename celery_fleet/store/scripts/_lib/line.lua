@@ -1,5 +1,8 @@
--- _wake: included (not run) by scripts that wake a waiter of the line: acquire, release,
--- leave. store.script_source() puts this text where a script says "--#include _wake".
+-- _lib/line: included (not run) by acquire, release and leave: the line of waiters.
+-- store.script_source() puts this text where a script says "--#include _lib/line".
+--
+-- A limit's line is two zsets: line (ticket id -> order key: lane * 2^42 + first-asked
+-- ms, oldest first) and waiting (ticket id -> expiry, ms: a ticket is a lease on a place).
 --
 -- Wake-ups go to one list per process, not per ticket: a ticket id starts with its
 -- process's tag (its first 8 characters, see decision.new_lease_id), and the list
@@ -20,4 +23,15 @@ local function wake(waiting, prefix, id, ttl_ms, grace_until_ms)
   redis.call('LTRIM', key, -4096, -1)
   redis.call('PEXPIRE', key, ttl_ms)
   redis.call('ZADD', waiting, 'XX', 'LT', grace_until_ms, id)
+end
+
+-- line_sweep(line, waiting, now, most): drop up to `most` tickets whose holder stopped
+-- asking (expired in waiting) from both zsets; returns how many were dropped.
+local function line_sweep(line, waiting, now, most)
+  local dead = redis.call('ZRANGEBYSCORE', waiting, '-inf', now, 'LIMIT', 0, most)
+  if #dead > 0 then
+    redis.call('ZREM', line, unpack(dead))
+    redis.call('ZREM', waiting, unpack(dead))
+  end
+  return #dead
 end

@@ -21,7 +21,7 @@
 -- Reply: {1, run_id} when this publish starts a run: publish under run_id, then confirm or
 -- undo (ledger_published); {0, state, run_id} when the key is live: publish nothing.
 
---#include _ledger
+--#include _lib/ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'released', 'publish_until', 'lease_until',
   'run_id')
 local state = f[1]

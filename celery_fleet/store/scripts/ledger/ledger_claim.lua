@@ -16,7 +16,7 @@
 -- elsewhere: wait that long at most); {'run', attempts, taken_over} (run it: attempts counts
 -- this one; taken_over = 1 when a lapsed lease of another owner was taken).
 
---#include _ledger
+--#include _lib/ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'owner', 'lease_until', 'released',
   'result', 'error')
 local state, owner, until_ms = f[1], f[2], tonumber(f[3]) or 0

@@ -11,7 +11,7 @@
 -- Reply: 1 when recorded; 0 when the key is no longer queued under this run (a worker
 -- already claimed it, or the lease lapsed and another publish started a run): nothing changes.
 
---#include _ledger
+--#include _lib/ledger
 local f = redis.call('HMGET', KEYS[1], 'state', 'run_id')
 if f[1] ~= 'queued' or f[2] ~= ARGV[1] then
   return 0

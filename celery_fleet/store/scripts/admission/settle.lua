@@ -1,6 +1,6 @@
 -- settle: replace a lease's token reservation by the actual usage.
 --
--- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms), exp (see _ctl.lua)
+-- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms), exp (see _lib/ctl.lua)
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to (absent: what the lease reserved)
 -- KEYS[3]  leases   zset   lease -> expiry (ms): says whether the lease is still held
 -- ARGV[1]  lease ("<acquired µs>.<in flight then>.<reserved tokens>.<id>", see acquire.lua)
@@ -21,7 +21,7 @@
 --   expired), settled against the client's figure. held 1: the lease is live right now.
 -- Time unit: milliseconds, Redis TIME.
 
---#include _ctl
+--#include _lib/ctl
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  ctl      hash   window field -> theoretical arrival time (ms); provider_factor,
 --                          provider_factor_until (ms): the provider's limit over the declared
---                          one, trusted for 60 s unless seen again; exp (see _ctl.lua)
+--                          one, trusted for 60 s unless seen again; exp (see _lib/ctl.lua)
 -- KEYS[2]  leases   zset   lease -> expiry (ms): says whether the caller's lease is held
 -- ARGV[1]  the caller's lease id ("" for none)
 -- ARGV[2]  rate factor the provider's own limit implies (its limit / the declared, already
@@ -16,7 +16,7 @@
 -- Reply: {windows lowered, held (1: the lease is live; also 1 when no lease was named)}
 -- Time unit: ms, Redis TIME.
 
---#include _ctl
+--#include _lib/ctl
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000

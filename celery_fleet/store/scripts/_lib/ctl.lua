@@ -1,4 +1,4 @@
--- _ctl: included (not run) by scripts that write a limit's ctl hash: acquire, release,
+-- _lib/ctl: included (not run) by scripts that write a limit's ctl hash: acquire, release,
 -- settle, observe. See store.script_source() and "--#include".
 --
 -- ctl_expiry(hset, exp, now, horizon): the hash lives a day past its last use and past

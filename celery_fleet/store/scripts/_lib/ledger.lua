@@ -1,4 +1,5 @@
--- Shared by the ledger scripts: the Redis clock in ms, and one capped history entry.
+-- _lib/ledger: included (not run) by the ledger_* scripts: the Redis clock in ms, and one
+-- capped history entry.
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -13,7 +13,7 @@
 -- KEYS[4]  breaker  hash   state ("open"), opened_at, forced ("open"/"closed"), probe, probe_until
 -- KEYS[5]  waiting  zset   ticket id -> expiry (ms): a ticket is a lease on a place in line
 -- KEYS[6]  wake     prefix of the per-process wake-up lists: KEYS[6] .. the ticket's first
---                    8 characters (its process's tag, see _wake.lua). The lists share the
+--                    8 characters (its process's tag, see _lib/line.lua). The lists share the
 --                    limit's hash tag (so the slot is KEYS[6]'s); which one to push to is
 --                    only known in here, hence a prefix rather than a full key.
 -- KEYS[7]  settled  hash   lease -> tokens it was settled to (only leases settled so far)
@@ -45,6 +45,18 @@
 -- Cost: the admitted path with nobody waiting and no breaker is TIME, one HMGET, ZCARD,
 -- HSET, ZADD. Expired leases are swept only when they could matter (the cap is reached, or
 -- a cap-less limit holds many), and TTLs are refreshed only when due.
+--
+-- Read one part at a time: the breaker (_lib/breaker.lua), the windows (_lib/gcra.lua),
+-- the pause (_lib/pause.lua), the cap in force (_lib/adaptive.lua), the wake-ups of the
+-- line (_lib/line.lua) and the ctl hash's TTL (_lib/ctl.lua); the order of the checks
+-- and the line are here.
+
+--#include _lib/breaker
+--#include _lib/gcra
+--#include _lib/pause
+--#include _lib/adaptive
+--#include _lib/line
+--#include _lib/ctl
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -86,20 +98,9 @@ end
 -- Circuit breaker: open refuses until reset; past it exactly one caller (a lease) probes.
 local probe = 0
 if reset_ms > 0 then
-  local b = redis.call('HMGET', KEYS[4], 'state', 'opened_at', 'forced', 'probe', 'probe_until')
-  if b[3] == 'open' then
-    refuse(reset_ms, 'circuit_open')
-  elseif b[3] ~= 'closed' and b[1] == 'open' then
-    local half_at = (tonumber(b[2]) or now) + reset_ms
-    local probe_until = tonumber(b[5])
-    if now < half_at then
-      refuse(half_at - now, 'circuit_open')
-    elseif b[4] and probe_until and probe_until > now then
-      refuse(math.max(1, math.min(probe_until - now, reset_ms)), 'circuit_open')
-    else
-      probe = 1
-    end
-  end
+  local shut
+  shut, probe = breaker_gate(KEYS[4], reset_ms, now)
+  if shut > 0 then refuse(shut, 'circuit_open') end
 end
 
 -- One read of all the state: the fixed fields, then each window's arrival time. Fields
@@ -118,21 +119,14 @@ for i = 1, nwin do fields[NFIXED + i] = ARGV[6 + i] end
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
 -- each window's emission interval and tolerance, from the constants
 local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
-local pause_until = tonumber(ctl[1])
-if pause_until and pause_until > now then
-  refuse(pause_until - now, 'paused')
-end
+local paused = pause_wait(ctl[1], now)
+if paused > 0 then refuse(paused, 'paused') end
 
 -- slack: how many calls like this one could pass right now; unit: the time one call's worth
 -- of the binding budget takes to come back (to estimate waits in line).
 local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
-local cap = max_in_flight
-if init_cap > 0 then
-  local ctl_cap = tonumber(ctl[I_CAP]) or init_cap
-  ctl_cap = math.max(1, math.floor(ctl_cap))
-  if cap == 0 or ctl_cap < cap then cap = ctl_cap end
-end
+local cap = cap_in_force(max_in_flight, init_cap, ctl[I_CAP])
 if (cap > 0 and in_flight >= cap) or in_flight >= SWEEP_AT then
   -- A holder killed with SIGKILL never releases: its lease simply expires here.
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
@@ -155,16 +149,10 @@ if cap > 0 then
   end
 end
 
--- A rate factor f < 1 stretches T to T/f and keeps tau in ms: both the rate and the burst
--- shrink by f. It is the adaptive one, or the headers' one while it is fresh, the smaller.
-local factor = 1
-if init_cap > 0 then factor = tonumber(ctl[I_RATE]) or 1 end
-local provider_factor = tonumber(ctl[2])
-if provider_factor and (tonumber(ctl[3]) or 0) > now and provider_factor < factor then
-  factor = provider_factor
-end
-if not (factor > 0 and factor <= 1) then factor = 1 end
-if factor < 0.01 then factor = 0.01 end
+-- The rate factor stretches every window (adaptive, or the provider's headers).
+local adaptive_factor = nil
+if init_cap > 0 then adaptive_factor = tonumber(ctl[I_RATE]) end
+local factor = rate_factor(adaptive_factor, tonumber(ctl[2]), tonumber(ctl[3]), now)
 local new_tats = {}
 local horizon = now
 for i = 1, nwin do
@@ -173,19 +161,16 @@ for i = 1, nwin do
   local tolerance = win[7 + 2 * i]
   local cost = 1
   if string.sub(field, 1, 1) == 't' then cost = tokens end
-  local tat = tonumber(ctl[NFIXED + i]) or now
-  if tat < now then tat = now end
   local step = cost * emission
-  local new_tat = tat + step
-  local allow_at = new_tat - tolerance
-  if allow_at > now then
-    refuse(allow_at - now, field)
+  local tat, over = gcra_check(ctl[NFIXED + i], step, tolerance, now)
+  if over > 0 then
+    refuse(over, field)
     new_tats[i] = tat
   else
-    new_tats[i] = new_tat
+    new_tats[i] = tat + step
     -- at least 1: this call fits (rounding must not turn "fits" into "queued")
     if step > 0 then
-      slack = math.min(slack, math.max(1, math.floor((now + tolerance - tat) / step)))
+      slack = math.min(slack, math.max(1, gcra_room(tat, step, tolerance, now)))
     end
   end
   if step > unit then unit = step end
@@ -200,12 +185,7 @@ local ahead = 0
 if (tonumber(ctl[4]) or 0) > now then
   nline = redis.call('ZCARD', KEYS[3])
   if nline > 0 then
-    local dead = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 64)
-    if #dead > 0 then
-      redis.call('ZREM', KEYS[3], unpack(dead))
-      redis.call('ZREM', KEYS[5], unpack(dead))
-      nline = redis.call('ZCARD', KEYS[3])
-    end
+    if line_sweep(KEYS[3], KEYS[5], now, 64) > 0 then nline = redis.call('ZCARD', KEYS[3]) end
   end
 end
 if since <= 0 then since = now end
@@ -219,9 +199,6 @@ if nline > 0 then
     ahead = redis.call('ZCOUNT', KEYS[3], '-inf', score)
   end
 end
-
---#include _wake
---#include _ctl
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
 local function wake_first(count)

@@ -2,7 +2,7 @@
 --
 -- KEYS[1]  line     zset   ticket id -> order key
 -- KEYS[2]  waiting  zset   ticket id -> expiry (ms)
--- KEYS[3]  wake     prefix of the per-process wake-up lists (see _wake.lua)
+-- KEYS[3]  wake     prefix of the per-process wake-up lists (see _lib/line.lua)
 -- ARGV[1]  ticket id
 -- ARGV[2]  ticket TTL (ms)
 -- ARGV[3]  wake grace (ms)
@@ -10,7 +10,7 @@
 -- Reply: 1 if the ticket was in line, else 0. A ticket at the head passes its turn on: the
 -- next one is woken, so the line never waits for a caller that left. Time unit: ms.
 
---#include _wake
+--#include _lib/line
 
 local id = ARGV[1]
 local rank = redis.call('ZRANK', KEYS[1], id)

@@ -1,0 +1,64 @@
+-- peek: a limit's state now, for `celery fleet status`; reads only, writes nothing.
+--
+-- Built from the parts acquire.lua admits with (_lib/gcra, _lib/pause, _lib/adaptive), so
+-- what it reports is what an ask would meet: nothing about GCRA is written twice.
+--
+-- KEYS[1]  ctl      hash   the limit's state (see acquire.lua)
+-- KEYS[2]  leases   zset   lease -> expiry (ms); "<acquired µs>.<in flight then>.<tokens>.<id>"
+-- KEYS[3]  line     zset   ticket id -> order key: the waiters
+-- KEYS[4]  breaker  hash   the limit's circuit breaker (see _lib/breaker.lua)
+-- ARGV[1]  how many live leases at most are read to find the oldest
+-- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
+--          initial cap, the number of windows and each window's T and tau are read)
+-- ARGV[3..2+n] the windows' fields ("r:60", "t:86400")
+--
+-- Reply: {now (µs), in flight (live leases), oldest (its acquire time, µs; 0 for none),
+--         waiting (tickets in line), the pause still running (ms, text), cap and
+--         rate_factor (ctl's own values, "" when absent), the cap in force (0: none),
+--         the rate factor in force (text), the breaker's state, opened_at, forced,
+--         probe, probe_until, calls, failures ("" when absent), then per window: units
+--         admissible now, units a full bucket holds (both at the factor in force)}
+-- A unit is one request ("r:") or one token ("t:"). Time unit: milliseconds, Redis TIME.
+
+--#include _lib/gcra
+--#include _lib/pause
+--#include _lib/adaptive
+
+local t = redis.call('TIME')
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = now_us / 1000
+local consts = ARGV[2]
+local _, max_in_flight, init_cap, _, _, _, nwin = struct.unpack('<ddddddd', consts)
+local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
+
+local fields = {'pause_until', 'cap', 'rate_factor', 'provider_factor', 'provider_factor_until'}
+for i = 1, nwin do fields[5 + i] = ARGV[2 + i] end
+local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
+
+local after_now = string.format('(%.17g', now)  -- live: expiring after now
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], after_now, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))
+local oldest = 0
+for _, lease in ipairs(live) do
+  local acquired = tonumber(string.match(lease, '^(%d+)'))
+  if acquired and (oldest == 0 or acquired < oldest) then oldest = acquired end
+end
+local in_flight = redis.call('ZCOUNT', KEYS[2], after_now, '+inf')
+
+local adaptive_factor = nil
+if init_cap > 0 then adaptive_factor = tonumber(ctl[3]) end
+local factor = rate_factor(adaptive_factor, tonumber(ctl[4]), tonumber(ctl[5]), now)
+local reply = {
+  now_us, in_flight, oldest, redis.call('ZCARD', KEYS[3]),
+  string.format('%.17g', pause_wait(ctl[1], now)), ctl[2] or '', ctl[3] or '',
+  cap_in_force(max_in_flight, init_cap, ctl[2]), string.format('%.17g', factor),
+}
+local b = redis.call('HMGET', KEYS[4], 'state', 'opened_at', 'forced', 'probe', 'probe_until',
+                     'calls', 'failures')
+for i = 1, 7 do reply[#reply + 1] = b[i] or '' end
+for i = 1, nwin do
+  local step, tau = win[6 + 2 * i] / factor, win[7 + 2 * i]
+  local tat = gcra_check(ctl[5 + i], step, tau, now)
+  reply[#reply + 1] = math.max(0, gcra_room(tat, step, tau, now))
+  reply[#reply + 1] = math.max(0, math.floor(tau / step))
+end
+return reply
