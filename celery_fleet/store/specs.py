@@ -201,7 +201,7 @@ class PeekReply(NamedTuple):
     cap_in_force: int  #: the in-flight cap admissions are held to (0: none)
     factor: bytes  #: the rate factor in force (adaptive or provider's), as text
     #: the breaker hash's state, opened_at, forced, probe, probe_until, calls, failures
-    breaker: list[Any]
+    breaker: list[bytes | str]
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
 
 
