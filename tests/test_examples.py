@@ -28,6 +28,7 @@ from types import ModuleType
 import pytest
 
 from benchmarks.harness import goodput, herd
+from tests.graphs import import_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -79,20 +80,8 @@ def test_the_example_imports_no_harness_and_the_package_neither() -> None:
 def test_the_benchmarks_import_one_another_without_a_cycle() -> None:
     modules = _benchmark_modules()
     graph = {m: {t for t in _imported(p) if t in modules and t != m} for m, p in modules.items()}
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*path, nxt]))
-            if nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[node] = 2
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def _registered(command: list[str]) -> set[str]:

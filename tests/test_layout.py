@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import celery_fleet
+from tests.graphs import import_cycle
 
 PACKAGE = Path(celery_fleet.__file__).parent
 SHARED = {"errors", "checks", "clock", "background"}
@@ -153,21 +154,8 @@ def test_top_level_imports_have_no_cycle() -> None:
         m: {t for t, top, typing_only in _imports(p) if top and not typing_only and t in modules}
         for m, p in modules.items()
     }
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[node] = 2
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_fleet_runs_where_celery_cannot_be_imported(redis_url: str) -> None:
