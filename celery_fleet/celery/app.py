@@ -14,7 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..settings import hide_url_password
+from ..store.urls import hide_url_password
 from . import signals
 from .stagger import stagger
 
