@@ -57,6 +57,7 @@ from peers import BUDGETS, LIMIT, TOKENS, Lean, LimitsIncr, LimitsLock
 from results import append_section, on_db
 
 from celery_fleet import Fleet
+from celery_fleet.store.specs import ACQUIRE, AcquireMode
 from celery_fleet.store.sync import mask_url, script_source
 
 DB = 12
@@ -130,9 +131,10 @@ def sample_latency(ours: Ours, lean: Lean, lock: LimitsLock, samples: int) -> Sa
     fleet = ours.fleet
     client = fleet.store.client
     # The exact KEYS and ARGV try_acquire sends (built by Admission, not copied here).
-    keys = fleet.admission._acquire_keys[LIMIT]
-    # After the lease id: tokens, since (0 = now), join (no), lane, then the per-limit tail.
-    args: list[Any] = [TOKENS, 0, b"0", b"0", *fleet.admission._acquire_tail[LIMIT]]
+    keys = ACQUIRE.keys_of(fleet.admission.keys(LIMIT))
+    # After the lease id: tokens, since (0 = now), join (ask once), lane, the limit's tail.
+    tail = fleet.admission._acquire_tail[LIMIT]
+    args: list[Any] = [TOKENS, 0, AcquireMode.ASK, b"0", *tail]
     noop, raw = client.register_script("return 1"), client.register_script(script_source("acquire"))
     got: dict[str, Any] = {}
     steps: dict[str, Callable[[], Any]] = {  # in this order, every sample

@@ -157,3 +157,22 @@ def test_a_harness_entry_point_still_answers_help(entry: str) -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("usage:")
+
+
+def test_the_admission_benchmark_runs_a_tiny_round(redis_url: str) -> None:
+    """``make bench`` reads the admission's own keys and arguments (not copies of them): a
+    tiny run catches an internal rename the benchmark was not told about."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/admission.py",
+            *("--redis-url", redis_url, "--samples", "20", "--seconds", "0.3"),
+            *("--rounds", "1", "--runs", "1", "--procs", "1", "--no-write"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "slot() / lean Lua" in out.stdout
