@@ -238,6 +238,56 @@ def test_celery_redbeat_with_jitter_options(
         client.close()
 
 
+def test_celery_redbeat_stores_a_jittered_entry_as_jitter_options(
+    app: Celery, clock: type[_Clock], redis_url: str
+) -> None:
+    # RedBeat used to crash at start: "Object of type Jittered is not JSON serializable".
+    import redbeat  # a test extra: this test must run, not skip
+
+    prefix = f"redbeat-test-{uuid.uuid4().hex[:8]}:"
+    app.conf.update(redbeat_redis_url=redis_url, redbeat_key_prefix=prefix,
+                    redbeat_lock_timeout=30)  # fmt: skip
+    app.now = _now  # type: ignore[method-assign]
+    app.conf.beat_schedule = _entries(10, jittered(crontab(minute=0, hour=2), 60))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        sent_at = dt.datetime.now(UTC)
+        service = beat.Service(app, max_interval=5, scheduler_cls=redbeat.RedBeatScheduler)
+        sched = service.scheduler  # stores the entries in Redis, as `celery beat` does first
+        signals.beat_init.send(sender=service)
+        stored = json.loads(client.hget(f"{prefix}agent-00", "definition"))
+        assert stored["schedule"]["__type__"] == "crontab"
+        assert stored["options"] == {"fleet_jitter": 60.0}
+        for _ in range(400):
+            sched.tick()
+            if len(_published(app, redis_url)) == 10:
+                break
+            clock.now += dt.timedelta(seconds=1)
+        sched.close()
+        messages = _published(app, redis_url)
+        assert len(messages) == 10
+        delays = [(dt.datetime.fromisoformat(m["eta"]) - sent_at).total_seconds() for m in messages]
+        assert all(-1 < d < 61 + 30 for d in delays), delays
+        assert max(delays) - min(delays) > 10, delays
+        assert all("fleet_jitter" not in m["properties"] for m in messages)
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+
+
+def test_an_explicit_fleet_jitter_option_wins_in_redbeat() -> None:
+    from celery_fleet.celery.redbeat_codec import redbeat_definition
+
+    inner = crontab(minute=0, hour=2)
+    stored = redbeat_definition(
+        {"name": "a", "schedule": jittered(inner, 60), "options": {"fleet_jitter": 5, "q": 1}}
+    )
+    assert stored["schedule"] is inner and stored["options"] == {"fleet_jitter": 5, "q": 1}
+    plain = {"name": "b", "schedule": inner, "options": {}}
+    assert redbeat_definition(plain) is plain
+
+
 def test_a_jittered_schedule_pickles_with_its_name() -> None:
     sched = jittered(crontab(minute=0, hour=2), max_delay=60, key="nightly")
     back = pickle.loads(pickle.dumps(sched.named("entry")))

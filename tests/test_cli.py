@@ -94,7 +94,32 @@ def test_history_of_a_key(app: Celery) -> None:
     assert out["record"]["state"] == "succeeded" and out["record"]["result"] == "42"
     text = run(app, "history", key).output
     assert text.startswith(f"{key}: succeeded, 1 attempt(s)") and "running" in text
-    assert "no record" in run(app, "history", "never-published").output
+
+
+@pytest.mark.parametrize("as_json", [(), ("--json",)])
+def test_history_of_an_unknown_key_is_one_line_on_stderr_and_exit_1(
+    app: Celery, as_json: tuple[str, ...]
+) -> None:
+    result = run(app, "history", f"never-published-{uuid.uuid4().hex[:8]}", *as_json)
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "no record of key" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_forced_open_breaker_shows_no_probe(app: Celery) -> None:
+    # A forced-open breaker sends no probe: a countdown to one would never reach zero.
+    assert run(app, "breaker", "open", "tool").exit_code == 0
+    text = run(app, "status", "tool").output
+    assert "breaker      open (forced open)\n" in text, text
+    assert "probe" not in text
+    assert status(app, "tool")["tool"]["breaker_retry_s"] == 0.0
+
+
+def test_every_json_option_has_help(app: Celery) -> None:
+    for name, command in fleet_cli.commands.items():
+        for param in command.params:
+            if "--json" in getattr(param, "opts", ()):
+                assert param.help, f"fleet {name} --json has no help text"
 
 
 @pytest.mark.parametrize(

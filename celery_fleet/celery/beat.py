@@ -19,11 +19,12 @@ Interval schedules (``timedelta``, seconds, ``schedule``) are aligned to the Uni
 (every ``run_every`` since 1970, as Temporal's interval specs are) instead of counting from
 the last run: counting from a jittered run would add half the jitter to every period.
 
-It pickles, so Celery's default ``PersistentScheduler`` stores it. Schedulers that store
-entries as JSON (celery-redbeat, whose encoder knows only interval, crontab and rrule and
-drops subclass attributes) cannot keep it: for them, put the jitter in the entry's options
-(``"options": jitter_options(600)``), applied at publish as a forward-only random countdown
-(:mod:`celery_fleet.celery.stagger`).
+It pickles, so Celery's default ``PersistentScheduler`` stores it. celery-redbeat, which
+stores entries as JSON, stores it as the wrapped schedule plus a ``fleet_jitter`` option
+(:mod:`celery_fleet.celery.redbeat_codec`): a random forward-only countdown at publish
+(:mod:`celery_fleet.celery.stagger`), without the deterministic, evenly shared offsets.
+Other JSON schedulers cannot keep it: put the jitter in the entry's options
+(``"options": jitter_options(600)``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class Jittered(BaseSchedule):  # type: ignore[misc]
     def app(self, app: Celery) -> None:
         # maybe_schedule() sets the entry's app: the wrapped schedule needs it (timezone).
         self.inner.app = app
+        # An entry is being built, maybe by celery-redbeat, about to store it as JSON.
+        from .redbeat_codec import teach_redbeat
+
+        teach_redbeat()
 
     def now(self) -> dt.datetime:
         now: dt.datetime = self.inner.now()

@@ -13,7 +13,7 @@ Registered through Celery's ``celery.commands`` entry point, so it runs with the
   the adaptive state and pause, reset the breaker;
 - ``fleet history KEY [--json]``: every recorded event of an idempotency key.
 
-An unreachable Redis, an unknown limit or a bad argument is one line on stderr and exit
+An unreachable Redis, an unknown limit or key, or a bad argument is one line on stderr and exit
 status 1 (2 for usage errors, as click does), never a traceback.
 """
 
@@ -134,7 +134,7 @@ def watch(
 @fleet.command()
 @click.argument("action", type=click.Choice(["open", "close", "auto"]))
 @click.argument("limit")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The breaker's new state as JSON.")
 @click.pass_context
 def breaker(ctx: click.Context, action: str, limit: str, as_json: bool) -> None:
     """Force LIMIT's fleet-wide breaker open or closed, or back to automatic."""
@@ -179,18 +179,19 @@ def reset(ctx: click.Context, limit: str, what: str) -> None:
 
 @fleet.command()
 @click.argument("key")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The record and its events as JSON.")
 @click.pass_context
 def history(ctx: click.Context, key: str, as_json: bool) -> None:
     """Every recorded event of idempotency key KEY, oldest first, and its record."""
     fl = _fleet(ctx)
     events: list[dict[str, Any]] = _guard(lambda: fl.history(key))
     record = _guard(lambda: fl.key_record(key))
+    if not record and not events:
+        raise click.ClickException(
+            f"no record of key {key!r} (never published, or expired: fleet_dedupe_ttl)"
+        )
     if as_json:
         click.echo(json.dumps({"key": key, "record": record, "events": events}, indent=2))
-        return
-    if not record and not events:
-        click.echo(f"no record of key {key!r} (never published, or expired: fleet_dedupe_ttl)")
         return
     click.echo(f"{key}: {record.get('state', '?')}, {record.get('attempts', '0')} attempt(s)")
     for e in events:

@@ -157,7 +157,10 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         paused_s=round(max(0.0, _number(peek.paused_ms) or 0.0) / 1000, 3),
         breaker=breaker.state if breaker else None,
         breaker_forced=breaker.forced if breaker else None,
-        breaker_retry_s=round(breaker.retry_in_ms / 1000, 3) if breaker else 0.0,
+        # A forced-open breaker sends no probe: its timer means nothing until `auto`.
+        breaker_retry_s=(
+            round(breaker.retry_in_ms / 1000, 3) if breaker and not breaker.forced else 0.0
+        ),
         waiting=int(peek.waiting),
     )
 
