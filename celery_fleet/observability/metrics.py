@@ -161,8 +161,10 @@ class FleetCollector:
                 g["cap"].add_metric(lim, s.cap)
             if s.oldest_lease_s is not None:
                 g["oldest"].add_metric(lim, s.oldest_lease_s)
-            for w in s.windows:  # labelled by what the window is, not its budget
-                labels = [*lim, w.dimension, str(w.period_s)]
+            # Labelled by what the window is, not its budget (status lists the windows in
+            # the config's order).
+            for cfg, w in zip(self.fleet.limits[s.limit].windows, s.windows, strict=True):
+                labels = [*lim, cfg.dimension, str(cfg.period_s)]
                 g["left"].add_metric(labels, w.left)
                 g["full"].add_metric(labels, w.full)
             if s.adaptive_cap is not None:

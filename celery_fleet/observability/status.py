@@ -37,16 +37,12 @@ OLDEST_SCAN = 1000
 
 @dataclass(frozen=True)
 class WindowStatus:
-    """One window: ``window`` its budget as configured (``"30 requests/60s"``), ``left``
-    units admissible now, ``full`` the most it can hold (its burst) at the rate factor in
-    force. ``dimension`` (``requests``, ``tokens``) and ``period_s`` name the window
-    without its budget: what metrics label it by, so a changed budget keeps its series."""
+    """One window: ``budget`` as configured, ``left`` units admissible now, ``full`` the
+    most it can hold (its burst) at the rate factor in force."""
 
     window: str
     left: int
     full: int
-    dimension: str = ""
-    period_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,13 +135,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
     now_ms = int(peek.now_us) / 1000
     windows = [
-        WindowStatus(
-            w.describe(),
-            left=int(peek.windows[2 * i]),
-            full=int(peek.windows[2 * i + 1]),
-            dimension=w.dimension,
-            period_s=w.period_s,
-        )
+        WindowStatus(w.describe(), left=int(peek.windows[2 * i]), full=int(peek.windows[2 * i + 1]))
         for i, w in enumerate(cfg.windows)
     ]
     adaptive_cap = rate_factor = None
