@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -13,16 +16,21 @@ from celery_fleet import ConfigError, Fleet, Throttled
 from celery_fleet.observability.metrics import MetricsStep, fleet_registry
 
 MakeFleet = Callable[..., Fleet]
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
 
 
 def scrape(fleet: Fleet) -> dict[str, float]:
-    """``{'name{labels}': value}`` of one scrape, as Prometheus would read it."""
+    """``{'name{labels}': value}`` of one scrape, as Prometheus would read it, without the
+    ``celery_fleet_`` prefix and the ``fleet`` label that every sample carries."""
     text = generate_latest(fleet_registry(fleet)).decode()
+    label = f'fleet="{fleet.namespace}"'
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
+            assert name.startswith("celery_fleet_") and label in name, name
+            name = name.removeprefix("celery_").replace(f"{label},", "").replace(label, "")
+            out[name.replace("{}", "")] = float(value)
     return out
 
 
@@ -36,8 +44,9 @@ def test_gauges_follow_the_shared_state(make_fleet: MakeFleet) -> None:
     got = scrape(fleet)
     assert got["fleet_up"] == 1
     assert got['fleet_in_flight{limit="llm"}'] == 3 and got['fleet_in_flight_cap{limit="llm"}'] == 5
-    assert got['fleet_budget_left{limit="llm",window="60 requests/60s"}'] == 7
-    assert got['fleet_budget_full{limit="llm",window="60 requests/60s"}'] == 10
+    window = 'dimension="requests",limit="llm",period_seconds="60"'
+    assert got[f"fleet_budget_left{{{window}}}"] == 7
+    assert got[f"fleet_budget_full{{{window}}}"] == 10
     assert got['fleet_breaker_state{limit="tool",state="open"}'] == 1
     assert got['fleet_breaker_state{limit="tool",state="closed"}'] == 0
     assert got['fleet_breaker_forced{limit="tool"}'] == 1
@@ -160,11 +169,120 @@ def test_the_grafana_dashboard_queries_only_metrics_a_scrape_exposes(
     fleet.counters.add("_keys", "dedupe|publish")
     fleet.counters.flush()
     with fleet.slot("llm"):  # a lease held: fleet_oldest_lease_seconds has a value
-        exposed = {re.sub(r"\{.*", "", name) for name in scrape(fleet)}
+        exposed = {"celery_" + re.sub(r"\{.*", "", name) for name in scrape(fleet)}
     dashboard = json.loads(
         (Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text()
     )
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    named = {m for e in exprs for m in re.findall(r"\bfleet_[a-z_]+", e)}
+    named = {m for e in exprs for m in re.findall(r"\bcelery_fleet_[a-z_]+", e)}
     assert len(dashboard["panels"]) >= 10 and named
     assert named <= exposed, sorted(named - exposed)
+
+
+def samples(fleet: Fleet, **target: str) -> list[tuple[str, dict[str, str], float]]:
+    """One scrape as Prometheus stores it: (name, labels, value), with the labels the
+    scrape target adds (``instance``...)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = generate_latest(fleet_registry(fleet)).decode()
+    return [
+        (s.name, {**s.labels, **target}, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
+
+
+AGGREGATION = re.compile(
+    r"^(?:histogram_quantile\([0-9.]+, )?(?P<op>max|min|sum) (?:by \((?P<by>[a-z_, ]+)\) )?"
+    r"\((?P<rate>rate\()?(?P<name>[a-z_]+)\{(?P<match>[^}]*)\}(?:\[\w+\]\))?\)\)?$"
+)
+
+
+def evaluate(expr: str, before: list, after: list) -> dict[tuple[str, ...], float]:
+    """The dashboard's ``expr`` over stored samples, as Prometheus would evaluate it with
+    every template variable at "All": the aggregation, with ``rate`` as the increase from
+    ``before`` to ``after`` (histogram_quantile's input: its per-``le`` series)."""
+    m = AGGREGATION.match(expr)
+    assert m, f"the dashboard has an expression this test cannot read: {expr}"
+    by = [b.strip() for b in (m["by"] or "").split(",") if b.strip()]
+    fixed = dict(re.findall(r'(\w+)="([^"$]*)"', m["match"]))
+
+    def series(scrape: list) -> dict[tuple, float]:
+        return {
+            tuple(sorted(labels.items())): value
+            for name, labels, value in scrape
+            if name == m["name"] and all(labels.get(k) == v for k, v in fixed.items())
+        }
+
+    now = series(after)
+    if m["rate"]:
+        then = series(before)
+        now = {k: v - then.get(k, 0.0) for k, v in now.items()}
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for key, value in now.items():
+        labels = dict(key)
+        groups.setdefault(tuple(labels.get(b, "") for b in by), []).append(value)
+    op = {"max": max, "min": min, "sum": sum}[m["op"]]
+    return {k: op(v) for k, v in groups.items()}
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in doc["panels"] for t in p["targets"]]
+
+
+def test_the_dashboard_shows_the_fleet_once_whatever_the_number_of_workers(
+    make_fleet: MakeFleet,
+) -> None:
+    """Two workers export the same fleet-wide series: every panel reads as with one (a
+    ``sum`` over instances showed 6 in flight against a cap of 3)."""
+    limits = {
+        "llm": {"rpm": 600, "max_in_flight": 5},
+        "tool": {"tpm": 10_000, "max_in_flight": 4, "breaker": True, "adaptive": True},
+    }
+    workers = [make_fleet(limits), make_fleet(limits)]  # two processes, one fleet
+
+    def scrape_all(n: int) -> list:
+        return [s for i, w in enumerate(workers[:n]) for s in samples(w, instance=f"w{i}:9808")]
+
+    held = [workers[0].try_acquire("llm") for _ in range(3)]
+    assert all(held)
+    before = {n: scrape_all(n) for n in (1, 2)}
+    for _ in range(4):
+        with workers[1].slot("llm"):
+            pass
+    for field in ("refused|in_flight", "pushback|429", "rescheduled|in_flight"):
+        workers[1].counters.add("llm", field)
+    workers[1].counters.add("_keys", "dedupe|publish")
+    workers[1].counters.flush()
+    after = {n: scrape_all(n) for n in (1, 2)}
+    for d in held:
+        workers[0].release(d)
+    exprs = dashboard_exprs()
+    in_flight = next(e for e in exprs if "celery_fleet_in_flight{" in e)
+    assert evaluate(in_flight, before[2], after[2])[(workers[0].namespace, "llm")] == 3.0
+    for expr in exprs:
+        one = evaluate(expr, before[1], after[1])
+        assert one, f"no series for {expr}"
+        # (approx: a lease ages between two workers' scrapes; counts double under a sum)
+        assert evaluate(expr, before[2], after[2]) == pytest.approx(one, abs=0.5), expr
+
+
+def test_window_labels_do_not_change_with_the_budget(make_fleet: MakeFleet) -> None:
+    """A window is labelled by what it is (dimension, period), not its budget: a changed
+    limit keeps its series (and the alerts on them)."""
+
+    def windows(fleet: Fleet) -> dict[tuple, float]:
+        return {
+            tuple(sorted(labels.items())): value
+            for name, labels, value in samples(fleet)
+            if name == "celery_fleet_budget_full"
+        }
+
+    before = windows(make_fleet({"llm": {"rpm": 30, "tpm": 10_000}}))
+    after = windows(make_fleet({"llm": {"rpm": 60, "tpm": 20_000}}))
+    assert before.keys() == after.keys() and before != after
+    assert {(dict(k)["dimension"], dict(k)["period_seconds"]) for k in before} == {
+        ("requests", "60"),
+        ("tokens", "60"),
+    }

@@ -6,25 +6,31 @@ gauges when Prometheus scrapes. It reads the fleet's shared state, so the number
 same whichever worker answers, it is correct under prefork (no per-child counters to
 merge), and the hot path pays nothing for it: admission stays one round trip.
 
-Gauges (label ``limit``; windows also ``window``):
+Every name starts ``celery_fleet_`` and every series carries ``fleet`` (the namespace).
+The figures are fleet-wide, so N workers export N copies of each: aggregate over
+instances with ``max by (fleet, limit, ...)`` (``sum`` would count the fleet N times).
 
-- ``fleet_up``: 1 when the fleet's Redis answered this scrape, else 0 (the scrape itself
-  never fails);
-- ``fleet_in_flight``, ``fleet_in_flight_cap`` (the cap in force: the adaptive one when the
-  limit is adaptive), ``fleet_oldest_lease_seconds``;
-- ``fleet_budget_left`` and ``fleet_budget_full``: units each window admits now, and holds;
-- ``fleet_adaptive_cap``, ``fleet_rate_factor``;
-- ``fleet_paused_seconds`` (a provider's Retry-After still running);
-- ``fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
-  half_open), ``fleet_breaker_forced`` (1 when an operator forced it);
-- ``fleet_waiting``: callers in line.
+Gauges (labels ``fleet``, ``limit``; windows also ``dimension`` and ``period_seconds``,
+which name the window and not its budget, so a changed budget keeps its series):
+
+- ``celery_fleet_up``: 1 when the fleet's Redis answered this scrape, else 0 (the scrape
+  itself never fails);
+- ``celery_fleet_in_flight``, ``celery_fleet_in_flight_cap`` (the cap in force: the
+  adaptive one when the limit is adaptive), ``celery_fleet_oldest_lease_seconds``;
+- ``celery_fleet_budget_left`` and ``celery_fleet_budget_full``: units each window admits
+  now, and holds;
+- ``celery_fleet_adaptive_cap``, ``celery_fleet_rate_factor``;
+- ``celery_fleet_paused_seconds`` (a provider's Retry-After still running);
+- ``celery_fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
+  half_open), ``celery_fleet_breaker_forced`` (1 when an operator forced it);
+- ``celery_fleet_waiting``: callers in line.
 
 Counters (:mod:`celery_fleet.observability.counters`: counted in each process, added to
-Redis every 2 s):
-``fleet_admitted_total``, ``fleet_refused_total`` (``reason``),
-``fleet_provider_pushback_total`` (``status``), ``fleet_reschedules_total`` (``reason``),
-the histogram ``fleet_wait_seconds`` (admitted slots' time in line) and
-``fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
+Redis every 2 s, so fleet totals too):
+``celery_fleet_admitted_total``, ``celery_fleet_refused_total`` (``reason``),
+``celery_fleet_provider_pushback_total`` (``status``), ``celery_fleet_reschedules_total``
+(``reason``), the histogram ``celery_fleet_wait_seconds`` (admitted slots' time in line)
+and ``celery_fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
 
 Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
 :class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
@@ -98,8 +104,17 @@ class _Holding(Protocol):
     def keeper(self) -> _Keeper: ...
 
 
+#: The prefix of every metric name the collector exports.
+PREFIX = "celery_fleet_"
+
+
 class FleetCollector:
-    """A Prometheus collector of one Fleet's limits (see the module docstring)."""
+    """A Prometheus collector of one Fleet's limits (see the module docstring).
+
+    Every series carries ``fleet`` (the fleet's namespace): the figures are the fleet's,
+    read from its Redis, so every worker exports the same ones. Aggregate them over
+    workers with ``max by (fleet, limit, ...)``, never ``sum`` (which counts the fleet
+    once per worker)."""
 
     def __init__(self, fleet: MetricsSource) -> None:
         self.fleet = fleet
@@ -110,49 +125,55 @@ class FleetCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily as Gauge
 
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("limit",)) -> Any:
-            return Gauge(f"fleet_{name}", doc, labels=list(labels))
+        fleet = [self.fleet.namespace]
 
-        up = Gauge("fleet_up", "1 when the fleet's Redis answered this scrape")
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            return Gauge(f"{PREFIX}{name}", doc, labels=["fleet", "limit", *labels])
+
+        up = Gauge(f"{PREFIX}up", "1 when the fleet's Redis answered this scrape", labels=["fleet"])
         try:
             rows = fleet_status(self.fleet)
         except FleetError as exc:
             log.warning("celery-fleet: metrics scrape without Redis: %s", exc)
-            up.add_metric([], 0.0)
+            up.add_metric(fleet, 0.0)
             yield up
             return
-        up.add_metric([], 1.0)
+        up.add_metric(fleet, 1.0)
         yield up
+        window = ("dimension", "period_seconds")
         g = {
             "in_flight": gauge("in_flight", "Leases held now"),
             "cap": gauge("in_flight_cap", "The in-flight cap in force (adaptive when learned)"),
             "oldest": gauge("oldest_lease_seconds", "Age of the oldest lease held"),
-            "left": gauge("budget_left", "Units a window admits now", ("limit", "window")),
-            "full": gauge("budget_full", "Units a window holds when full", ("limit", "window")),
+            "left": gauge("budget_left", "Units a window admits now", window),
+            "full": gauge("budget_full", "Units a window holds when full", window),
             "acap": gauge("adaptive_cap", "The adaptive (AIMD) in-flight cap"),
             "factor": gauge("rate_factor", "The adaptive rate factor (1: the full rate)"),
             "paused": gauge("paused_seconds", "Seconds left of a provider's Retry-After pause"),
-            "breaker": gauge("breaker_state", "1 for the breaker's state", ("limit", "state")),
+            "breaker": gauge("breaker_state", "1 for the breaker's state", ("state",)),
             "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
             "waiting": gauge("waiting", "Callers waiting in line"),
         }
         for s in rows:
-            lim = [s.limit]
+            lim = [*fleet, s.limit]
             g["in_flight"].add_metric(lim, s.in_flight)
             if s.cap is not None:
                 g["cap"].add_metric(lim, s.cap)
             if s.oldest_lease_s is not None:
                 g["oldest"].add_metric(lim, s.oldest_lease_s)
-            for w in s.windows:
-                g["left"].add_metric([s.limit, w.window], w.left)
-                g["full"].add_metric([s.limit, w.window], w.full)
+            # Labelled by what the window is, not its budget (status lists the windows in
+            # the config's order).
+            for cfg, w in zip(self.fleet.limits[s.limit].windows, s.windows, strict=True):
+                labels = [*lim, cfg.dimension, str(cfg.period_s)]
+                g["left"].add_metric(labels, w.left)
+                g["full"].add_metric(labels, w.full)
             if s.adaptive_cap is not None:
                 g["acap"].add_metric(lim, s.adaptive_cap)
                 g["factor"].add_metric(lim, s.rate_factor or 1.0)
             g["paused"].add_metric(lim, s.paused_s)
             if s.breaker is not None:
                 for state in BREAKER_STATES:
-                    g["breaker"].add_metric([s.limit, state], 1.0 if s.breaker == state else 0.0)
+                    g["breaker"].add_metric([*lim, state], 1.0 if s.breaker == state else 0.0)
                 g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
             g["waiting"].add_metric(lim, s.waiting)
         yield from g.values()
@@ -162,38 +183,45 @@ class FleetCollector:
             log.warning("celery-fleet: metrics scrape could not read the counters: %s", exc)
 
     def _counters(self, limits: list[str]) -> Iterator[Any]:
-        """The fleet's event counters and wait histogram, from Redis (counters.py)."""
+        """The fleet's event counters and wait histogram, from Redis (counters.py): fleet
+        totals (every process adds its counts there), so also the same on every worker."""
         from prometheus_client.core import CounterMetricFamily as C
         from prometheus_client.core import HistogramMetricFamily as H
 
+        def counter(name: str, doc: str, *labels: str) -> Any:
+            return C(f"{PREFIX}{name}", doc, labels=["fleet", *labels])
+
         c = {
-            "admitted": C("fleet_admitted", "Slots admitted", labels=["limit"]),
-            "refused": C("fleet_refused", "Slots that gave up", labels=["limit", "reason"]),
-            "pushback": C("fleet_provider_pushback", "Provider 429s/overloads on admitted calls",
-                          labels=["limit", "status"]),  # fmt: skip
-            "rescheduled": C("fleet_reschedules", "Task reschedules by backpressure",
-                             labels=["limit", "reason"]),  # fmt: skip
+            "admitted": counter("admitted", "Slots admitted", "limit"),
+            "refused": counter("refused", "Slots that gave up", "limit", "reason"),
+            "pushback": counter(
+                "provider_pushback", "Provider 429s/overloads on admitted calls", "limit", "status"
+            ),
+            "rescheduled": counter(
+                "reschedules", "Task reschedules by backpressure", "limit", "reason"
+            ),
         }
-        waits = H("fleet_wait_seconds", "Time admitted slots waited in line", labels=["limit"])
-        dedupe = C("fleet_dedupe_hits", "Duplicate publishes dropped, done keys replayed",
-                   labels=["kind"])  # fmt: skip
+        waits = H(f"{PREFIX}wait_seconds", "Time admitted slots waited in line",
+                  labels=["fleet", "limit"])  # fmt: skip
+        dedupe = counter("dedupe_hits", "Duplicate publishes dropped, done keys replayed", "kind")
         fleet = self.fleet
+        ns = fleet.namespace
         for limit in limits:
-            got = read_counters(fleet.store, fleet.namespace, limit)
+            got = read_counters(fleet.store, ns, limit)
             for field, value in got.items():
                 name, _, label = field.partition("|")
                 if name == "admitted":
-                    c[name].add_metric([limit], value)
+                    c[name].add_metric([ns, limit], value)
                 elif name in c:
-                    c[name].add_metric([limit, label], value)
+                    c[name].add_metric([ns, limit, label], value)
             if "admitted|" in got:
                 buckets, total = [], 0.0
                 for bound in (*(f"{b:g}" for b in WAIT_BUCKETS_S), "+Inf"):
                     total += got.get(f"wait_in|{bound}", 0.0)
                     buckets.append((bound, total))
-                waits.add_metric([limit], buckets, sum_value=got.get("wait_sum|", 0.0))
-        for field, value in read_counters(fleet.store, fleet.namespace, KEYS_LIMIT).items():
-            dedupe.add_metric([field.partition("|")[2]], value)
+                waits.add_metric([ns, limit], buckets, sum_value=got.get("wait_sum|", 0.0))
+        for field, value in read_counters(fleet.store, ns, KEYS_LIMIT).items():
+            dedupe.add_metric([ns, field.partition("|")[2]], value)
         yield from c.values()
         yield waits
         yield dedupe

@@ -298,15 +298,17 @@ def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
     finally:
         worker.fleet.release(held)
     lines = set(text.splitlines())
-    assert "fleet_up 1.0" in lines
-    assert 'fleet_in_flight{limit="gate2"} 1.0' in lines  # the fleet-wide state, not local
-    assert 'fleet_in_flight_cap{limit="model"} 3.0' in lines
-    assert 'fleet_breaker_state{limit="broken",state="closed"} 1.0' in lines
+    fleet = f'fleet="{worker.fleet.namespace}"'
+    assert f"celery_fleet_up{{{fleet}}} 1.0" in lines
+    # the fleet-wide state, not local
+    assert f'celery_fleet_in_flight{{{fleet},limit="gate2"}} 1.0' in lines
+    assert f'celery_fleet_in_flight_cap{{{fleet},limit="model"}} 3.0' in lines
+    assert f'celery_fleet_breaker_state{{{fleet},limit="broken",state="closed"}} 1.0' in lines
     # counters: the pool's children count, flush to Redis every 2 s; the scrape sums them
     def admitted() -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             for line in r.read().decode().splitlines():
-                if line.startswith('fleet_admitted_total{limit="model"}'):
+                if line.startswith(f'celery_fleet_admitted_total{{{fleet},limit="model"}}'):
                     return float(line.rsplit(" ", 1)[1])
         return 0.0
 
