@@ -270,6 +270,7 @@ class Rescheduling:
                     "with a countdown",
                     request.id,
                     exc,
+                    extra={"fleet_task_id": request.id},
                 )
                 self._publish_backup(item, countdown, {**headers, FALLBACK_HEADER: True})
                 return "countdown"
@@ -341,6 +342,7 @@ class Rescheduling:
                 "(restarted empty?): running its backup from the broker",
                 item,
                 request.id,
+                extra={"fleet_task_id": request.id},
             )
             return
         if fate == "waiting":
@@ -403,6 +405,13 @@ class Rescheduling:
             countdown,
             state.reschedules,
             via,
+            extra={
+                "fleet_task_id": request.id,
+                "fleet_limit": exc.limit,
+                "fleet_reason": exc.reason,
+                "fleet_wait_ms": exc.wait_ms,
+                **({"fleet_key": attempt.key} if attempt is not None else {}),
+            },
         )
         task_rescheduled.send(
             sender=self,
