@@ -126,6 +126,9 @@ def test_throttled_tasks_are_rescheduled_not_failed(worker: Any) -> None:
     # Same task id, retries not counted (max_retries=0 would have failed them otherwise).
     assert [v["id"] for v in values] == [r.id for r in results]
     assert all(v["retries"] == 0 for v in values)
+    # A copy is the task itself, not its child: published from outside any task, it keeps
+    # no parent and is its own root (Flower links Parent and Root by these).
+    assert all(v["parent"] is None and v["root"] == v["id"] for v in values)
     assert int(probe.get(worker.key("reschedules")) or 0) - before >= 4
 
 
