@@ -7,8 +7,8 @@ from here (``Fleet(app).try_acquire("gate")``) so a ``gate`` task is refused and
 rescheduled (THROTTLED) a few times, runs a few ``model`` tasks to completion and keeps
 three long ones in flight (3/3), then drives headless Chromium (selenium) to save:
 
-- ``docs/flower-worker-fleet.png``: the worker page, "Other" tab: the ``fleet`` row
-  (each limit's state, from ``celery_fleet.observability.metrics.InfoStep``);
+- ``docs/flower-worker-fleet.png``: the worker page, "Other" tab: a ``fleet: <limit>``
+  row per limit (one line of its state, from ``celery_fleet.observability.metrics.InfoStep``);
 - ``docs/flower-task-throttled.png``: the throttled task's page (its ``task-throttled``
   event's "THROTTLED: ..." exception).
 
@@ -121,7 +121,7 @@ def shoot(flower: str, node: str, task_id: str) -> None:
         pane = wait.until(ec.visibility_of_element_located((By.ID, "tab-other")))
         wait.until(lambda _: "show" in (pane.get_attribute("class") or "").split())
         time.sleep(0.5)  # Bootstrap's fade-in
-        assert "fleet" in pane.text and "gate" in pane.text, pane.text[:500]
+        assert "fleet: gate" in pane.text and "in flight" in pane.text, pane.text[:500]
         driver.save_screenshot(str(DOCS / "flower-worker-fleet.png"))
 
         driver.get(f"{flower}/task/{task_id}")

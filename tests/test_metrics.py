@@ -286,3 +286,28 @@ def test_window_labels_do_not_change_with_the_budget(make_fleet: MakeFleet) -> N
         ("requests", "60"),
         ("tokens", "60"),
     }
+
+
+def test_the_worker_stats_give_each_limit_a_readable_row(redis_url: str, namespace: str) -> None:
+    """Flower's "Other" tab prints each stats key as a row (a dict as its repr): a row per
+    limit that reads as a sentence, and the structured state beside it for programs."""
+    from types import SimpleNamespace
+
+    from celery_fleet.observability.metrics import InfoStep
+
+    app = Celery("stats", broker="memory://", set_as_current=False)
+    app.conf.fleet_redis_url = redis_url
+    app.conf.fleet_namespace = namespace
+    app.conf.fleet_limits = {
+        "openai": {"requests": "30/minute", "burst": 1.0, "max_in_flight": 3, "breaker": True},
+    }
+    fleet = Fleet(app)
+    held = [fleet.try_acquire("openai") for _ in range(2)]
+    worker = SimpleNamespace(app=app)
+    info = InfoStep(worker).info(worker)
+    assert info["fleet: openai"] == (
+        "in flight 2/3, 28 left of 30 requests/60s, breaker closed, 0 waiting"
+    )
+    assert info["fleet_state"]["openai"]["cap"] == 3
+    assert all(isinstance(v, str) for k, v in info.items() if k != "fleet_state")
+    assert all(held)  # the namespace's keys, these leases with them, go after the test

@@ -351,3 +351,41 @@ def test_the_backup_stays_under_the_broker_s_visibility_timeout(app: Celery) -> 
         agent.pop_request()
     (backup,) = published
     assert float(backup["countdown"]) <= 90  # type: ignore[arg-type]  # not 80 s + the 32 s grace: the broker would redeliver it
+
+
+@pytest.mark.parametrize("defer", ["countdown", "redis"])
+@pytest.mark.parametrize(
+    ("parent", "root"), [(None, "t-copy"), ("t-parent", "t-root")], ids=["top", "child"]
+)
+def test_a_rescheduled_copy_keeps_the_original_parent_and_root(
+    app: Celery, defer: str, parent: str | None, root: str
+) -> None:
+    """Run as the worker runs it (Celery's tracer puts it on the task stack): the copy (or
+    the broker's backup of a copy deferred in Redis) names the original's parent and root,
+    not itself, so Flower links the attempts to the task that started them."""
+    from celery.app.trace import build_tracer
+    from celery.signals import before_task_publish
+
+    app.conf.fleet_defer = defer
+    Fleet(app)
+
+    @fleet_task(app=app, shared=False, limit="once", max_wait=0, name="copy-lineage")
+    def once() -> str:
+        return "ok"
+
+    assert once() == "ok"  # the budget is spent: the worker's run reschedules
+    sent: list[dict] = []
+
+    def on_publish(headers: dict | None = None, **_: object) -> None:
+        sent.append(dict(headers or {}))
+
+    before_task_publish.connect(on_publish, weak=False)
+    try:
+        tracer = build_tracer(once.name, once, app=app, eager=False, propagate=False)
+        request = {"id": "t-copy", "root_id": root, "parent_id": parent, "delivery_info": {}}
+        tracer("t-copy", [], {}, request)
+    finally:
+        before_task_publish.disconnect(on_publish)
+    assert [h["id"] for h in sent] == ["t-copy"]
+    assert sent[0]["parent_id"] == parent
+    assert sent[0]["root_id"] == root

@@ -267,6 +267,7 @@ class Attempt:
                     "ended; its %s was not recorded",
                     self.key,
                     outcome,
+                    extra={"fleet_key": self.key},
                 )
         except Exception:
             log.exception("celery-fleet: could not record the end of key %r", self.key)
@@ -282,6 +283,7 @@ def encode_result(key: str, result: Any) -> str:
             "get None instead",
             key,
             type(result).__name__,
+            extra={"fleet_key": key},
         )
         return ""
 
@@ -334,7 +336,12 @@ def publish(
     ledger, record_id = task.fleet.ledger, record_id_for(key)
     run = ledger.enqueue(record_id, key, task.name)
     if not run.new:
-        log.info("celery-fleet: key %r is already %s: not published", key, run.state)
+        log.info(
+            "celery-fleet: key %r is already %s: not published",
+            key,
+            run.state,
+            extra={"fleet_key": key},
+        )
         task.fleet.counters.add(KEYS_LIMIT, "dedupe|publish")
         return task.AsyncResult(run.run_id)
     options["task_id"] = run.run_id
@@ -409,6 +416,7 @@ def _publish_ended(
             key,
             "went out" if sent else "failed",
             exc_info=True,
+            extra={"fleet_key": key},
         )
 
 
@@ -450,7 +458,11 @@ def claim_for(task: KeyedTask, args: Any, kwargs: Any) -> Attempt | Replay | Non
         # (the task reschedules with backoff), whatever fleet_store_down says.
         raise KeyBusy(key, STORE_DOWN_WAIT_MS, "store_down") from exc
     if claim.verdict == "done":
-        log.info("celery-fleet: key %r already succeeded: returning its stored result", key)
+        log.info(
+            "celery-fleet: key %r already succeeded: returning its stored result",
+            key,
+            extra={"fleet_key": key, "fleet_task_id": request.id},
+        )
         fleet.counters.add(KEYS_LIMIT, "dedupe|replay")
         return Replay(claim.result)
     if claim.verdict == "failed":
@@ -460,7 +472,11 @@ def claim_for(task: KeyedTask, args: Any, kwargs: Any) -> Attempt | Replay | Non
     if claim.verdict == "busy":
         raise KeyBusy(key, max(claim.wait_ms, 50))
     if claim.taken_over:
-        log.warning("celery-fleet: key %r: took over the claim of an attempt that died", key)
+        log.warning(
+            "celery-fleet: key %r: took over the claim of an attempt that died",
+            key,
+            extra={"fleet_key": key, "fleet_task_id": request.id},
+        )
     fleet.claims.hold(record_id, owner)
     # Monitors (Flower's task page) see the key and the attempt on the task, when the
     # worker sends task events at all: Task.send_event publishes whatever the settings say,
@@ -504,7 +520,15 @@ def _worker_lost(
             record_id_for(key), task_id, sender.fleet_release_on_failure, repr(exception)[:1000]
         )
     except FleetError:
-        log.warning("celery-fleet: could not record that key %r's worker was lost", key)
+        log.warning(
+            "celery-fleet: could not record that key %r's worker was lost",
+            key,
+            extra={"fleet_key": key, "fleet_task_id": task_id},
+        )
         return
     if ended:
-        log.warning("celery-fleet: key %r: its worker process was lost; recorded as failed", key)
+        log.warning(
+            "celery-fleet: key %r: its worker process was lost; recorded as failed",
+            key,
+            extra={"fleet_key": key, "fleet_task_id": task_id},
+        )

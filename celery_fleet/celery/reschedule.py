@@ -180,6 +180,8 @@ class Rescheduling:
     fleet_max_reschedules: int | None
     fleet_max_throttled: float | None
     update_state: Any
+    push_request: Any
+    pop_request: Any
     signature_from_request: Any
     send_event: Any
     _get_app: Any
@@ -268,6 +270,7 @@ class Rescheduling:
                     "with a countdown",
                     request.id,
                     exc,
+                    extra={"fleet_task_id": request.id},
                 )
                 self._publish_backup(item, countdown, {**headers, FALLBACK_HEADER: True})
                 return "countdown"
@@ -276,8 +279,23 @@ class Rescheduling:
         sig = self.signature_from_request(
             request, countdown=countdown, retries=request.retries, headers=headers
         )
-        sig.apply_async()
+        self._send_as_copy(sig)
         return "countdown"
+
+    def _send_as_copy(self, sig: Any) -> None:
+        """Publish a copy of the running task as the task itself, not as its child.
+
+        The copy carries the request's ``parent_id`` and ``root_id``, but Celery fills a
+        missing one (a task published from outside any task has no parent) with the id of
+        the task being run, so Flower's Parent and Root of the copy would point at itself.
+        While it publishes, a blank request (``called_directly``) hides this run from
+        Celery's "current worker task", as the pump publishing a deferred copy does; it also
+        keeps the copy out of this run's ``children``."""
+        self.push_request(called_directly=True)
+        try:
+            sig.apply_async()
+        finally:
+            self.pop_request()
 
     def _publish_backup(self, item: str, countdown: float, headers: dict[str, Any]) -> None:
         """Publish the broker's backup of a copy deferred in Redis: delivered after the copy
@@ -296,7 +314,7 @@ class Rescheduling:
             retries=request.retries,
             headers={**headers, BACKUP_HEADER: item},
         )
-        backup.apply_async()
+        self._send_as_copy(backup)
 
     def _drop_needless_backup(self) -> None:
         """Called as a task starts; returns for anything but a backup copy. A backup whose
@@ -324,6 +342,7 @@ class Rescheduling:
                 "(restarted empty?): running its backup from the broker",
                 item,
                 request.id,
+                extra={"fleet_task_id": request.id},
             )
             return
         if fate == "waiting":
@@ -386,6 +405,13 @@ class Rescheduling:
             countdown,
             state.reschedules,
             via,
+            extra={
+                "fleet_task_id": request.id,
+                "fleet_limit": exc.limit,
+                "fleet_reason": exc.reason,
+                "fleet_wait_ms": exc.wait_ms,
+                **({"fleet_key": attempt.key} if attempt is not None else {}),
+            },
         )
         task_rescheduled.send(
             sender=self,

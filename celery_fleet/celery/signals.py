@@ -151,7 +151,12 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
     """
 
     def announce(limit: str, state: str) -> None:
-        log.warning("celery-fleet: breaker limit=%s state=%s", limit, state)
+        log.warning(
+            "celery-fleet: breaker limit=%s state=%s",
+            limit,
+            state,
+            extra={"fleet_limit": limit, "fleet_state": state},
+        )
         breaker_state_changed.send(sender=app, limit=limit, state=state)
         try:
             # Under the worker's node name (a pool child would say gen<pid>@host).
@@ -178,6 +183,11 @@ def slot_watcher(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
                 limit,
                 fields["status"],
                 fields["retry_after_ms"],
+                extra={
+                    "fleet_limit": limit,
+                    "fleet_reason": f"provider {fields['status']}",
+                    "fleet_wait_ms": fields["retry_after_ms"],
+                },
             )
             fields = {"reason": f"provider {fields['status']}", "wait_ms": fields["retry_after_ms"]}
         if slot_refused.receivers:

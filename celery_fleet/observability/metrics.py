@@ -265,9 +265,13 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep whose ``info()`` adds ``"fleet"``: each limit's state now (as
-    ``celery fleet status --json``) to the worker's stats, where ``celery inspect stats``
-    and Flower's worker page ("Other") show it."""
+    """Worker bootstep whose ``info()`` adds each limit's state now to the worker's stats,
+    where ``celery inspect stats`` and Flower's worker page ("Other") show it.
+
+    Flower prints each stats key as one row, a dict as its Python repr: so each limit is a
+    row of its own, ``"fleet: <limit>"``, with a line a person reads
+    (:meth:`LimitStatus.summary`), and ``"fleet_state"`` holds the structured state (as
+    ``celery fleet status --json``) for programs."""
 
     label = "celery-fleet info"
 
@@ -282,8 +286,10 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             rows = fleet_status(Fleet.for_app(worker.app))
         except FleetError as exc:
-            return {"fleet": {"error": str(exc)}}
-        return {"fleet": {s.limit: s.as_dict() for s in rows}}
+            return {"fleet": f"unavailable: {exc}", "fleet_state": {"error": str(exc)}}
+        info: dict[str, Any] = {f"fleet: {s.limit}": s.summary() for s in rows}
+        info["fleet_state"] = {s.limit: s.as_dict() for s in rows}
+        return info
 
 
 def install(app: Celery) -> None:

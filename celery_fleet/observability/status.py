@@ -65,6 +65,23 @@ class LimitStatus:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """One line for a person, as Flower's worker page shows it: ``in flight 3/3, 17 left
+        of 30 requests/60s, breaker closed, 3 waiting`` (only what the limit has)."""
+        parts = [f"in flight {self.in_flight}" + ("" if self.cap is None else f"/{self.cap}")]
+        parts += [f"{w.left} left of {w.window}" for w in self.windows]
+        if self.adaptive_cap is not None:
+            parts.append(f"adaptive cap {self.adaptive_cap:.2f}")
+        if self.rate_factor is not None and self.rate_factor != 1:
+            parts.append(f"rate factor {self.rate_factor:.2f}")
+        if self.paused_s > 0:
+            parts.append(f"paused {self.paused_s:.1f} s more")
+        if self.breaker is not None:
+            forced = " (forced)" if self.breaker_forced else ""
+            parts.append(f"breaker {self.breaker}{forced}")
+        parts.append(f"{self.waiting} waiting")
+        return ", ".join(parts)
+
 
 class _Limits(Protocol):
     """What status reads of :class:`~celery_fleet.admission.core.Admission`."""

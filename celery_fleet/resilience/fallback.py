@@ -294,9 +294,15 @@ class StoreDown:
                 url,
                 error,
                 how,
+                extra={"fleet_reason": "store_down"},
             )
             return
-        log.warning("celery-fleet: the fleet's Redis is unreachable (%s); %s", error, how)
+        log.warning(
+            "celery-fleet: the fleet's Redis is unreachable (%s); %s",
+            error,
+            how,
+            extra={"fleet_reason": "store_down"},
+        )
 
     def _allotments(self, share: int) -> dict[str, int]:
         """Each capped limit's in-flight cap for this outage, from the fleet-wide count of
@@ -406,6 +412,7 @@ class StoreDown:
             "limiter with the rest of the fleet in %.1f s",
             self.clock() - since,
             wait_s,
+            extra={"fleet_reason": "store_back", "fleet_wait_ms": round(wait_s * 1000)},
         )
         return wait_s
 
@@ -452,6 +459,7 @@ class StoreDown:
             "again (%d window(s) charged with this process's local calls)",
             self.clock() - (since if since is not None else self.clock()),
             charged,
+            extra={"fleet_reason": "store_back"},
         )
         return True
 

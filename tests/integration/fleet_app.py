@@ -89,7 +89,8 @@ def guarded(hold_s: float) -> int:
     app=app, shared=False, limit="slow", max_wait=0, max_retries=0, base=CountingTask, bind=True
 )
 def throttled_whole(self: FleetTask, n: int) -> dict[str, Any]:
-    return {"n": n, "retries": self.request.retries, "id": self.request.id}
+    r = self.request
+    return {"n": n, "retries": r.retries, "id": r.id, "parent": r.parent_id, "root": r.root_id}
 
 
 @fleet_task(

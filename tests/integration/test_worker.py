@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,6 +126,9 @@ def test_throttled_tasks_are_rescheduled_not_failed(worker: Any) -> None:
     # Same task id, retries not counted (max_retries=0 would have failed them otherwise).
     assert [v["id"] for v in values] == [r.id for r in results]
     assert all(v["retries"] == 0 for v in values)
+    # A copy is the task itself, not its child: published from outside any task, it keeps
+    # no parent and is its own root (Flower links Parent and Root by these).
+    assert all(v["parent"] is None and v["root"] == v["id"] for v in values)
     assert int(probe.get(worker.key("reschedules")) or 0) - before >= 4
 
 
@@ -327,9 +331,11 @@ def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:
         stats = worker.app.control.inspect(timeout=2).stats() or {}
         mine = [s for host, s in stats.items() if host.startswith("it-")]
     assert mine
-    fleet = mine[0]["fleet"]
+    fleet = mine[0]["fleet_state"]
     assert fleet["model"]["cap"] == 3 and fleet["broken"]["breaker"] == "closed"
     assert fleet["slow"]["windows"][0]["window"] == "5 requests/1s"
+    assert mine[0]["fleet: model"].startswith("in flight ")
+    assert "breaker closed" in mine[0]["fleet: broken"]
 
 
 def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
@@ -355,11 +361,14 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
             except OSError:
                 time.sleep(0.5)  # Flower is still starting
         name = next(k for k in workers if k.startswith("it-"))
-        assert workers[name]["stats"]["fleet"]["model"]["cap"] == 3
+        assert workers[name]["stats"]["fleet_state"]["model"]["cap"] == 3
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{name}", timeout=30) as r:
             page = r.read().decode()
         other = page[page.index('id="tab-other"'):]
-        assert "Other statistics" in other and "fleet" in other and "model" in other
+        assert "Other statistics" in other
+        # a row per limit, a sentence rather than a dict's repr
+        row = re.search(r"<td>fleet: model</td>\s*<td[^>]*>([^<]*)</td>", other)
+        assert row is not None and row.group(1).startswith("in flight "), other[:2000]
     finally:
         flower.terminate()  # by its pid: the one we started
         flower.wait(timeout=30)

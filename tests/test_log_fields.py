@@ -1,0 +1,89 @@
+"""Log lines carry their fields as record attributes (``fleet_*``), not only in the text,
+so a JSON log formatter gets them (docs/observability.md, Logs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from celery_fleet import Fleet, fleet_task
+from celery_fleet.admission.config import parse_limits
+from celery_fleet.celery.signals import breaker_announcer, slot_watcher
+from celery_fleet.errors import StoreUnavailable
+from celery_fleet.resilience.fallback import StoreDown
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    yield Celery("logs", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+
+def _record(caplog: pytest.LogCaptureFixture, needle: str) -> logging.LogRecord:
+    (record,) = [r for r in caplog.records if needle in r.getMessage()]
+    return record
+
+
+def test_a_reschedule_line_carries_task_limit_reason_and_wait(
+    app: Celery, redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery.app.trace import build_tracer
+
+    app.conf.fleet_redis_url = redis_url
+    app.conf.fleet_namespace = namespace
+    app.conf.fleet_limits = {"once": {"requests": "1/minute"}}
+    app.conf.fleet_defer = "countdown"
+    Fleet(app)
+
+    @fleet_task(app=app, shared=False, limit="once", max_wait=0, name="logged")
+    def once() -> str:
+        return "ok"
+
+    assert once() == "ok"  # spends the budget: the worker's run below reschedules
+    tracer = build_tracer(once.name, once, app=app, eager=False, propagate=False)
+    with caplog.at_level(logging.INFO, logger="celery_fleet"):
+        tracer("t-log", [], {}, {"id": "t-log", "delivery_info": {}})
+    record = _record(caplog, "rescheduled task=")
+    assert record.fleet_task_id == "t-log"  # type: ignore[attr-defined]
+    assert record.fleet_limit == "once"  # type: ignore[attr-defined]
+    assert record.fleet_reason == "requests/60s"  # type: ignore[attr-defined]
+    assert 0 < record.fleet_wait_ms <= 60_000  # type: ignore[attr-defined]
+    assert "id=t-log limit=once reason=requests/60s" in record.getMessage()  # text unchanged
+
+
+def test_breaker_and_provider_pause_lines_carry_the_limit(
+    app: Celery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        breaker_announcer(app)("openai", "open")
+        slot_watcher(app)("pushback", "openai", {"status": 429, "retry_after_ms": 1500})
+    breaker = _record(caplog, "breaker limit=openai state=open")
+    assert breaker.fleet_limit == "openai"  # type: ignore[attr-defined]
+    assert breaker.fleet_state == "open"  # type: ignore[attr-defined]
+    pause = _record(caplog, "pause limit=openai status=429 retry_after_ms=1500")
+    assert pause.fleet_limit == "openai"  # type: ignore[attr-defined]
+    assert pause.fleet_reason == "provider 429"  # type: ignore[attr-defined]
+    assert pause.fleet_wait_ms == 1500  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("answered_before", [False, True])
+def test_the_store_down_line_says_store_down(
+    answered_before: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = StoreDown("local", parse_limits({"llm": {"rpm": 60}}), lambda: 1)
+    down.ever_answered = answered_before
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        down.failed(StoreUnavailable("redis://127.0.0.1:1/0", "Connection refused"))
+    (record,) = [r for r in caplog.records if "fleet's Redis" in r.getMessage()]
+    assert record.fleet_reason == "store_down"  # type: ignore[attr-defined]
+
+
+def test_an_idempotency_key_line_carries_the_key(caplog: pytest.LogCaptureFixture) -> None:
+    from celery_fleet.celery.idempotency import encode_result
+
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        assert encode_result("order-7", object()) == ""  # JSON cannot hold it
+    record = _record(caplog, "key 'order-7' returned a object")
+    assert record.fleet_key == "order-7"  # type: ignore[attr-defined]
