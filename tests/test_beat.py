@@ -200,80 +200,79 @@ def test_jitter_in_the_entry_options_delays_the_run_not_the_publish(
     assert all("fleet_jitter" not in m["properties"] for m in messages)
 
 
-def test_celery_redbeat_with_jitter_options(
-    app: Celery, clock: type[_Clock], redis_url: str
-) -> None:
-    import redbeat  # a test extra: this test must run, not skip
+@pytest.fixture
+def redbeat_prefix(app: Celery, redis_url: str) -> Iterator[str]:
+    """``app`` set up for celery-redbeat under a key prefix of its own (deleted after)."""
     prefix = f"redbeat-test-{uuid.uuid4().hex[:8]}:"
     app.conf.update(redbeat_redis_url=redis_url, redbeat_key_prefix=prefix,
                     redbeat_lock_timeout=30)  # fmt: skip
     # redbeat stores entries as JSON (no nowfun): the controlled clock is the app's.
     app.now = _now  # type: ignore[method-assign]
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def _tick_until_published(sched: Any, app: Celery, redis_url: str, clock: Any, n: int) -> None:
+    """Tick ``sched``, a second of the controlled clock at a time, until ``n`` are sent."""
+    for _ in range(400):
+        sched.tick()
+        if len(_published(app, redis_url)) == n:
+            return
+        clock.now += dt.timedelta(seconds=1)
+
+
+def _run_redbeat(
+    sched: Any, app: Celery, redis_url: str, clock: Any, sent_at: dt.datetime
+) -> list[dict[str, Any]]:
+    """Run the 10 jittered entries due at 02:00 and check they were sent spread forward
+    over the 60 s window (within 30 s of slack for the ticks); their messages."""
+    _tick_until_published(sched, app, redis_url, clock, 10)
+    sched.close()
+    messages = _published(app, redis_url)
+    assert len(messages) == 10
+    delays = [(dt.datetime.fromisoformat(m["eta"]) - sent_at).total_seconds() for m in messages]
+    assert all(-1 < d < 61 + 30 for d in delays), delays
+    assert max(delays) - min(delays) > 10, delays
+    return messages
+
+
+def test_celery_redbeat_with_jitter_options(
+    app: Celery, clock: type[_Clock], redis_url: str, redbeat_prefix: str
+) -> None:
+    import redbeat  # a test extra: this test must run, not skip
+
     entries = _entries(10, crontab(minute=0, hour=2))
     for entry in entries.values():
         entry["options"] = jitter_options(60)
     app.conf.beat_schedule = entries
-    try:
-        sent_at = dt.datetime.now(UTC)
-        service = beat.Service(app, max_interval=5, scheduler_cls=redbeat.RedBeatScheduler)
-        signals.beat_init.send(sender=service)  # redbeat takes its lock here
-        sched = service.scheduler
-        fired = 0
-        for _ in range(400):
-            sched.tick()
-            fired = len(_published(app, redis_url))
-            if fired == 10:
-                break
-            clock.now += dt.timedelta(seconds=1)
-        sched.close()
-        messages = _published(app, redis_url)
-        assert len(messages) == 10
-        delays = [(dt.datetime.fromisoformat(m["eta"]) - sent_at).total_seconds() for m in messages]
-        assert all(-1 < d < 61 + 30 for d in delays), delays
-        assert max(delays) - min(delays) > 10, delays
-    finally:
-        client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
-        client.close()
+    sent_at = dt.datetime.now(UTC)
+    service = beat.Service(app, max_interval=5, scheduler_cls=redbeat.RedBeatScheduler)
+    signals.beat_init.send(sender=service)  # redbeat takes its lock here
+    sched = service.scheduler
+    _run_redbeat(sched, app, redis_url, clock, sent_at)
 
 
 def test_celery_redbeat_stores_a_jittered_entry_as_jitter_options(
-    app: Celery, clock: type[_Clock], redis_url: str
+    app: Celery, clock: type[_Clock], redis_url: str, redbeat_prefix: str
 ) -> None:
     # RedBeat used to crash at start: "Object of type Jittered is not JSON serializable".
     import redbeat  # a test extra: this test must run, not skip
 
-    prefix = f"redbeat-test-{uuid.uuid4().hex[:8]}:"
-    app.conf.update(redbeat_redis_url=redis_url, redbeat_key_prefix=prefix,
-                    redbeat_lock_timeout=30)  # fmt: skip
-    app.now = _now  # type: ignore[method-assign]
     app.conf.beat_schedule = _entries(10, jittered(crontab(minute=0, hour=2), 60))
+    sent_at = dt.datetime.now(UTC)
+    service = beat.Service(app, max_interval=5, scheduler_cls=redbeat.RedBeatScheduler)
+    sched = service.scheduler  # stores the entries in Redis, as `celery beat` does first
+    signals.beat_init.send(sender=service)
     client = redis.Redis.from_url(redis_url)
-    try:
-        sent_at = dt.datetime.now(UTC)
-        service = beat.Service(app, max_interval=5, scheduler_cls=redbeat.RedBeatScheduler)
-        sched = service.scheduler  # stores the entries in Redis, as `celery beat` does first
-        signals.beat_init.send(sender=service)
-        stored = json.loads(client.hget(f"{prefix}agent-00", "definition"))
-        assert stored["schedule"]["__type__"] == "crontab"
-        assert stored["options"] == {"fleet_jitter": 60.0}
-        for _ in range(400):
-            sched.tick()
-            if len(_published(app, redis_url)) == 10:
-                break
-            clock.now += dt.timedelta(seconds=1)
-        sched.close()
-        messages = _published(app, redis_url)
-        assert len(messages) == 10
-        delays = [(dt.datetime.fromisoformat(m["eta"]) - sent_at).total_seconds() for m in messages]
-        assert all(-1 < d < 61 + 30 for d in delays), delays
-        assert max(delays) - min(delays) > 10, delays
-        assert all("fleet_jitter" not in m["properties"] for m in messages)
-    finally:
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
-        client.close()
+    stored = json.loads(client.hget(f"{redbeat_prefix}agent-00", "definition"))
+    client.close()
+    assert stored["schedule"]["__type__"] == "crontab"
+    assert stored["options"] == {"fleet_jitter": 60.0}
+    messages = _run_redbeat(sched, app, redis_url, clock, sent_at)
+    assert all("fleet_jitter" not in m["properties"] for m in messages)
 
 
 def test_an_explicit_fleet_jitter_option_wins_in_redbeat() -> None:
