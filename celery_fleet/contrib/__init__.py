@@ -3,5 +3,7 @@
 ``pybreaker``: ``fleet.circuit_breaker(name)``, pybreaker's interface on the fleet-wide
 breaker (``pip install celery-fleet[pybreaker]``).
 
+``usage``: the tokens every SDK adapter reserves before a call and settles after it.
+
 May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.
 """
