@@ -15,6 +15,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -272,3 +273,30 @@ def test_without_langchain_the_import_names_the_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'celery-fleet[langchain]'" in out.stdout, out
+
+
+def sim_streams() -> bool:
+    from celery_fleet.testing import wire
+
+    return hasattr(wire, "stream_frames")
+
+
+@pytest.mark.skipif(not sim_streams(), reason="this ProviderSim answers no stream=true")
+def test_real_sse_streams_from_threads_hold_the_cap_and_settle_from_the_usage_chunk(
+    make_fleet: MakeFleet, sim: ProviderSim
+) -> None:
+    fleet = make_fleet({"openai": {"max_in_flight": CAP, "tokens": SLOW_TOKENS}})
+    model = with_fleet(chat(sim, stream_usage=True), fleet, "openai", max_wait=FOREVER)
+
+    def read(i: int) -> Any:
+        whole = None
+        for chunk in model.stream(f"question {i}"):
+            whole = chunk if whole is None else whole + chunk
+        return whole
+
+    with ThreadPoolExecutor(HERD) as pool:
+        replies = list(pool.map(read, range(HERD)))
+    stats = sim.stats()
+    assert stats["ok"] == HERD and sum(stats["rate_limited"].values()) == 0, stats
+    assert stats["max_in_flight_observed"] == CAP, stats
+    assert_settled(fleet, replies, sim.elapsed_s())
