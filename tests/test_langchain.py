@@ -158,6 +158,20 @@ def test_a_consumer_that_stops_reading_gives_the_slot_back(
     assert fleet.admission.in_flight("openai") == 0
     model.invoke("the slot is free again")  # max_wait=0: would raise if still held
 
+    async def astream() -> int:
+        try:
+            chunks = model.astream("hello")
+            await anext(chunks)
+            held = fleet.admission.in_flight("openai")
+            await chunks.aclose()  # type: ignore[attr-defined]
+            await model.ainvoke("free again")
+            return held
+        finally:
+            await fleet.aclose()
+
+    assert asyncio.run(astream()) == 1
+    assert fleet.admission.in_flight("openai") == 0
+
 
 def test_a_provider_429_becomes_throttled_and_pauses_the_limit_fleet_wide(
     make_fleet: MakeFleet,

@@ -21,6 +21,8 @@ pytest.importorskip("langchain_openai")
 
 from celery_fleet.testing import ProviderSim
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[2]
 CALLS = 15
 
