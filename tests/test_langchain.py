@@ -26,7 +26,7 @@ pytest.importorskip("langchain_openai")
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 
-from celery_fleet import FOREVER, ConfigError, Fleet, Throttled
+from celery_fleet import FOREVER, CircuitOpen, ConfigError, Fleet, Throttled
 from celery_fleet.contrib.langchain import (
     FleetRateLimiter,
     FleetRunnable,
@@ -314,3 +314,23 @@ def test_real_sse_streams_from_threads_hold_the_cap_and_settle_from_the_usage_ch
     assert stats["ok"] == HERD and sum(stats["rate_limited"].values()) == 0, stats
     assert stats["max_in_flight_observed"] == CAP, stats
     assert_settled(fleet, replies, sim.elapsed_s())
+
+
+def test_a_provider_that_hangs_times_out_frees_the_slot_and_opens_the_breaker(
+    make_fleet: MakeFleet,
+) -> None:
+    sim = ProviderSim(rpm=None, tpm=None, max_in_flight=None, latency=2.0, latency_sigma=0).start()
+    try:
+        breaker = {"failure_rate": 0.5, "min_calls": 2, "reset_timeout": 60}
+        fleet = make_fleet({"openai": {"max_in_flight": 1, "breaker": breaker}}, max_wait=0)
+        model = with_fleet(chat(sim, timeout=0.2), fleet, "openai")
+        for _ in range(2):
+            with pytest.raises(openai.APITimeoutError):  # the SDK's own error, unchanged
+                model.invoke("are you there?")
+            assert fleet.admission.in_flight("openai") == 0
+        assert fleet.breaker("openai").state().state == "open"
+        with pytest.raises(CircuitOpen):  # refused by the fleet, never sent
+            model.invoke("are you there?")
+        assert sim.stats()["requests"] == 2
+    finally:
+        sim.stop()
