@@ -19,11 +19,12 @@ Two pieces, for two strengths:
 
 Why a wrapper and not a callback handler: a handler's ``on_chat_model_start`` could wait
 for admission, but LangChain catches and logs a handler's exceptions unless it sets
-``raise_error``, runs a sync handler of an async call in the default thread pool (a
-handful of threads: 40 waiting coroutines would queue behind them), and gives it no way to
-turn the SDK's 429 into a fleet-wide pause before the exception is raised. The wrapper is
-plain code around the call: the wait, the release and the classification of what went
-wrong all happen where the call does, in threads and in asyncio alike.
+``raise_error`` (an async handler's on a sync call even then), runs a sync handler of an
+async call in the default thread pool (a handful of threads: 40 waiting coroutines would
+queue behind them), and gives it no way to turn the SDK's 429 into a fleet-wide pause
+before the exception is raised. The wrapper is plain code around the call: the wait, the
+release and the classification of what went wrong all happen where the call does, in
+threads and in asyncio alike.
 
 Example::
 
