@@ -118,7 +118,10 @@ def classify(exc: BaseException | None) -> Signal:
         return Signal("overloaded", status, min(wait, LONG_WAIT_MS) if wait else wait, None, detail)
     if status is not None and status >= 500:
         return Signal("server_error", status, None, None, detail)
-    from_client = type(exc).__module__.split(".")[0] in _CLIENT_MODULES
+    package = type(exc).__module__.split(".")[0]
+    # LangChain's integrations re-raise the SDK's errors as their own subclasses
+    # (langchain_openai.OpenAITimeoutError): theirs are the provider's too.
+    from_client = package in _CLIENT_MODULES or package.startswith("langchain_")
     if isinstance(exc, TimeoutError) or (from_client and "Timeout" in names):
         return Signal("timeout", status, None, None, detail)
     if isinstance(exc, ConnectionError) or (from_client and "Connect" in names):

@@ -3,6 +3,11 @@
 ``pybreaker``: ``fleet.circuit_breaker(name)``, pybreaker's interface on the fleet-wide
 breaker (``pip install celery-fleet[pybreaker]``).
 
+``langchain``: ``with_fleet(model, fleet, limit)``, a chat model whose every call holds a
+slot, and ``FleetRateLimiter``, LangChain's rate limiter on a fleet limit
+(``pip install celery-fleet[langchain]``); ``langchain_usage`` reads a LangChain call's
+estimate and usage for it.
+
 ``usage``: the tokens every SDK adapter reserves before a call and settles after it.
 
 May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.
