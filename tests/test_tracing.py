@@ -174,6 +174,10 @@ def test_a_context_carried_in_headers_is_the_parent_where_they_are_published(
     assert publish.parent.span_id == attempt.get_span_context().span_id
     (finished,) = traced.named("attempt-1")
     assert [e.name for e in finished.events] == ["fleet.rescheduled"]
+    # A header someone mangled (or none at all) publishes as a new trace, never fails.
+    for bad in ({"traceparent": "00-garbage"}, {"traceparent": 7}, None):
+        with tracing.context_from(bad), traced.tracer.start_as_current_span("root") as root:
+            assert root.parent is None
 
 
 def test_settings_and_a_process_without_opentelemetry(redis_url: str) -> None:
