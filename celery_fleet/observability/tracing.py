@@ -2,7 +2,8 @@
 
 OpenTelemetry is optional (the ``otel`` extra) and imported lazily: without it nothing
 here is loaded past one ``find_spec`` when a Fleet is made, and no watcher sits on the
-admission path. With it, a Fleet adds :func:`admission_watcher` to its slot watchers:
+admission path. With it, a Fleet adds :func:`admission_watcher` to its slot watchers (it
+imports OpenTelemetry at its first span, not before):
 
 - a slot that waited for its turn (admitted after a refusal) or gave up (``Throttled``,
   ``CircuitOpen``) records one ``fleet.admission`` span over the wait, a child of the
@@ -92,12 +93,15 @@ def admission_watcher(mode: str | None = None, tracer_provider: Any = None) -> W
         raise ConfigError(
             f"fleet_trace_admissions={mode!r} needs OpenTelemetry: pip install 'celery-fleet[otel]'"
         )
-    from opentelemetry import trace
-
-    tracer = trace.get_tracer(SCOPE, tracer_provider=tracer_provider)
     every = mode == "all"
+    tracers: list[Any] = []  # made at the first span: a Fleet alone imports no OpenTelemetry
 
     def record(limit: str, fields: Mapping[str, Any]) -> None:
+        from opentelemetry import trace
+
+        if not tracers:
+            tracers.append(trace.get_tracer(SCOPE, tracer_provider=tracer_provider))
+        tracer = tracers[0]
         end_ns = time.time_ns()
         waited_s = float(fields.get("waited_s") or 0.0)
         attributes: dict[str, Any] = {
