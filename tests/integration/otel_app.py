@@ -63,6 +63,7 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "span_id": f"{ctx.span_id:016x}",
         "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
         "attributes": dict(span.attributes or {}),
+        "events": [{"name": e.name, **dict(e.attributes or {})} for e in span.events],
         "pid": os.getpid(),
     }
 

@@ -118,6 +118,11 @@ def test_a_task_refused_twice_then_run_is_one_trace(
 
     chain = sorted(previous_run(s) or "" for s in ran)
     assert chain[0] == "" and chain[1:] == sorted({*chain[1:]} - {""}), chain
+    # Each attempt that rescheduled says so on its span, with why.
+    events = [e for s in ran for e in s["events"] if e["name"] == "fleet.rescheduled"]
+    assert len(events) == out["reschedules"], events
+    assert {(e["fleet.limit"], e["fleet.reason"]) for e in events} == {("gate", "in_flight")}
+    assert sorted(e["fleet.reschedules"] for e in events) == list(range(1, len(events) + 1))
     # The refusals are in the trace too, one fleet.admission span each, inside its run.
     refused = [s for s in spans(m) if s["name"] == "fleet.admission" and s["trace_id"] == trace_id]
     assert sum(s["attributes"]["fleet.outcome"] == "refused" for s in refused) >= 2, refused
