@@ -46,6 +46,7 @@ from .durability.steps import Steps
 from .errors import ConfigError, FleetError
 from .observability.counters import Counters
 from .observability.counters import watcher as counters_watcher
+from .observability.tracing import admission_watcher
 from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store
 from .resilience.presence import Presence
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
@@ -162,6 +163,10 @@ class Fleet(AsyncMethods):
         #: Event counts for metrics, flushed to Redis in the background (counters.py).
         self.counters = Counters(self.store, self.namespace, self.presence)
         self.admission.watchers.append(counters_watcher(self.counters))
+        # fleet.admission spans (OpenTelemetry, optional): no watcher at all without it
+        tracer = admission_watcher(settings.trace_admissions)
+        if tracer is not None:
+            self.admission.watchers.append(tracer)
         self._settled: OrderedDict[str, int] = OrderedDict()
         _all.add(self)
         #: How many processes or threads of this worker share the budgets (0: not a

@@ -115,6 +115,16 @@ def _below_visibility_timeout(
     check_visibility_timeout(conf, parsed["fleet_max_countdown"])
 
 
+#: The values of ``fleet_trace_admissions`` (observability/tracing.py).
+TRACE_MODES = ("waits", "all", "off")
+
+
+def _trace_mode(value: object, where: str) -> str | None:
+    if value is not None and value not in TRACE_MODES:
+        raise ConfigError(f"{where} must be one of {TRACE_MODES}, got {value!r}")
+    return None if value is None else str(value)
+
+
 def _signing_key(
     parsed: dict[str, Any], conf: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> None:
@@ -465,6 +475,19 @@ ALL_SETTINGS: tuple[Setting, ...] = (
         doc="TCP port each worker serves Prometheus `/metrics` on (the `[prometheus]` extra).",
         example="9808",
     ),
+    Setting(
+        name="fleet_trace_admissions",
+        section=_METRICS,
+        type="str",
+        default=None,
+        rule=Check(_trace_mode, "one of `'waits'`, `'all'`, `'off'`"),
+        field="trace_admissions",
+        default_text="`'waits'` when OpenTelemetry is installed, else off",
+        doc="Which admissions record an OpenTelemetry `fleet.admission` span: those that "
+        "waited or were refused, every one, or none (the `[otel]` extra; "
+        "docs/integrations/opentelemetry.md).",
+        example='"all"',
+    ),
 )
 
 #: Each setting's one-line description, by name.
@@ -511,6 +534,8 @@ class FleetSettings:
     redis_client: Any = field(default=None, repr=False)
     #: ``fleet_metrics_port``: checked here, served by the worker's metrics bootstep.
     metrics_port: int | None = None
+    #: ``fleet_trace_admissions``: None is "waits" when OpenTelemetry is installed.
+    trace_admissions: str | None = None
 
 
 def load_settings(conf: Mapping[str, Any], **overrides: Any) -> FleetSettings:

@@ -39,7 +39,15 @@ ALLOWED: dict[str, set[str]] = {
     "coordination": {"store"},
     "durability": {"store"},
     "settings": {"store", "admission", "resilience", "durability"},
-    "fleet": {*CORE, "settings", "observability.counters", "contrib", "celery.app"},
+    # observability.tracing: the optional OpenTelemetry span of admission waits
+    "fleet": {
+        *CORE,
+        "settings",
+        "observability.counters",
+        "observability.tracing",
+        "contrib",
+        "celery.app",
+    },
     "observability": {*CORE, "settings", "fleet"},
     "contrib": {"admission"},
     "celery": {*CORE, "settings", "fleet", "observability"},

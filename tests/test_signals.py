@@ -72,6 +72,7 @@ def test_slots_tell_admissions_refusals_and_provider_pushback(
     assert seen[0][1]["attempts"] == 1 and 0 <= seen[0][1]["waited_s"] < 1
     assert seen[1][0] == "refused" and seen[1][1]["limit"] == "llm"
     assert seen[1][1]["reason"] == "in_flight"
+    assert len(seen) == 2  # once each: the "waited" event (tracing.py) sends no signal
     seen.clear()
     with pytest.raises(Throttled):
         with fleet.slot("llm"):

@@ -50,7 +50,8 @@ class AsyncSlot:
             await slot.settle(resp.usage.total_tokens)
 
     The attributes of :class:`~celery_fleet.admission.slot.Slot` (``lease_id``, ``tokens``,
-    ``waited_s``, ``attempts``, ``ahead``, ``lost``, ``decision``) read the same.
+    ``waited_s``, ``attempts``, ``ahead``, ``reason``, ``lost``, ``decision``) read the
+    same, and a wait past the first ask is told to the watchers as on a Slot.
     """
 
     def __init__(self, slot: Slot, store: AsyncStore) -> None:
@@ -79,18 +80,22 @@ class AsyncSlot:
         ticket = new_lease_id()
         start = s.clock.monotonic()
         join = s.max_wait_s > 0
+        s.reason = ""
         try:
             decision, asked_at = await self._wait_turn(ticket, join, start)
-        except asyncio.CancelledError:
-            await _shielded(self._give_up(self.slot.ticket, join, self._asking))
-            raise
         except BaseException as exc:
-            if join:
+            if isinstance(exc, asyncio.CancelledError):
+                await _shielded(self._give_up(self.slot.ticket, join, self._asking))
+            elif join:
                 await _shielded(self._leave(self.slot.ticket, exc))
-            raise
-        finally:
             s.waited_s = s.clock.monotonic() - start
             s.run.waited_s += s.waited_s
+            s.tell_waited(exc)  # the span of the wait (observability/tracing.py)
+            raise
+        s.waited_s = s.clock.monotonic() - start
+        s.run.waited_s += s.waited_s
+        if s.attempts > 1:
+            s.tell_waited(None)
         s.decision, s.lease_id, s.last_renewed = decision, decision.lease_id, asked_at
         s.lost = False  # a new lease: the last one's fate is not this one's
         s.keeper.track(s)
@@ -263,7 +268,10 @@ class AsyncSlot:
 
 #: The Slot attributes an AsyncSlot shows as its own.
 _STATE = frozenset(
-    {"lease_id", "tokens", "waited_s", "attempts", "ahead", "lost", "decision", "run", "verdict"}
+    {
+        *("lease_id", "tokens", "waited_s", "attempts", "ahead", "reason", "lost"),
+        *("decision", "run", "verdict"),
+    }
 )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..checks import check_max_wait
 from ..errors import (
+    Backpressure,
     CircuitOpen,
     FleetError,
     LeaseLost,
@@ -73,8 +74,14 @@ class Slot:
 
     Attributes after entering: ``lease_id``, ``tokens`` (the current reservation),
     ``waited_s`` (time spent waiting for admission), ``attempts`` (admission round trips),
-    ``ahead`` (tickets before this one at the last refusal) and ``lost`` (True if the lease
-    expired while held, e.g. the process was frozen).
+    ``ahead`` (tickets before this one at the last refusal), ``reason`` (the last refusal's,
+    "" when admitted at once) and ``lost`` (True if the lease expired while held, e.g. the
+    process was frozen).
+
+    A wait that did not end at the first ask (admitted after a refusal, or given up) is
+    told to the slot watchers as one ``"waited"`` event (:meth:`tell_waited`): the
+    OpenTelemetry span of the wait is made from it. An admission at once tells only
+    ``"admitted"``.
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class Slot:
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()
         self.ahead = 0
+        self.reason = ""
         self.jitter_s = jitter_s
         #: The ticket this slot waits (or last waited) with, and whether Redis may hold
         #: it in the limit's line (then leaving sends a leave).
@@ -126,15 +134,20 @@ class Slot:
         start = self.clock.monotonic()
         join = self.max_wait_s > 0
         self.ticket, self.in_line = ticket, join and first is not None
+        self.reason = ""
         try:
             decision, asked_at = self._wait_turn(ticket, join, start, first)
         except BaseException as exc:
             if join:  # whatever ended the wait (Throttled, Ctrl-C, Redis): give the place up
                 self._leave(self.ticket, exc)
-            raise
-        finally:
             self.waited_s = self.clock.monotonic() - start
             self.run.waited_s += self.waited_s
+            self.tell_waited(exc)
+            raise
+        self.waited_s = self.clock.monotonic() - start
+        self.run.waited_s += self.waited_s
+        if self.attempts > 1:
+            self.tell_waited(None)
         self.decision = decision
         self.lease_id = decision.lease_id
         self.lost = False  # a new lease: the last one's fate is not this one's
@@ -253,7 +266,7 @@ class Slot:
         (for a wake-up, at most ``s``), or raise ``Throttled``/``CircuitOpen`` (give up
         now). The one decision :class:`Slot` and :class:`~celery_fleet.admission.aslot.AsyncSlot`
         share; they differ only in how they sleep and wait."""
-        self.ahead = decision.ahead
+        self.ahead, self.reason = decision.ahead, decision.reason
         if decision.reason == "store_down":  # fleet_store_down="closed": backpressure
             self._refused(decision)
             raise Throttled(self.limit, decision.wait_ms, decision.reason)
@@ -307,6 +320,26 @@ class Slot:
         if not self.admission.store_down.down:
             return None
         return max(0.001, min(timeout_s, wait_s, 0.25))
+
+    def tell_waited(self, error: BaseException | None) -> None:
+        """Tell the watchers how a wait that did not end at the first ask ended:
+        ``outcome`` ``"admitted"``, ``"refused"`` (``Throttled``/``CircuitOpen``: the
+        fleet's ``wait_ms`` with it) or ``"error"`` (anything else: Redis, a cancel), with
+        ``waited_s``, ``attempts``, ``ahead`` and the last refusal's ``reason``."""
+        if not self.admission.watchers:
+            return
+        fields: dict[str, Any] = {
+            "outcome": "admitted",
+            "reason": self.reason,
+            "waited_s": self.waited_s,
+            "attempts": self.attempts,
+            "ahead": self.ahead,
+        }
+        if isinstance(error, Backpressure):  # Throttled, CircuitOpen
+            fields.update(outcome="refused", wait_ms=error.wait_ms, reason=error.reason)
+        elif error is not None:
+            fields.update(outcome="error", error=type(error).__name__)
+        self.admission.tell("waited", self.limit, **fields)
 
     def _refused(self, decision: Decision) -> None:
         if self.admission.watchers:

@@ -31,6 +31,7 @@ from ..errors import FleetError
 from ..fleet import Fleet
 from . import pools
 from .reschedule import decode
+from .tracing import publish_in_trace
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -98,7 +99,8 @@ class Pump:
         try:
             for item_id, message in taken:
                 try:
-                    decode(self.app, message).apply_async()
+                    # in the trace of the attempt that rescheduled it (tracing.py)
+                    publish_in_trace(decode(self.app, message))
                 except Exception:
                     # Dropped after this one try, not retried every claim period forever:
                     # a genuine task still runs from its broker backup (its copy is then

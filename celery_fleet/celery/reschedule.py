@@ -20,7 +20,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 from ..admission.run import Run, Throttling
 from ..errors import Backpressure, FleetError, ThrottledTooLong
 from ..settings import visibility_timeout
-from . import idempotency
+from . import idempotency, tracing
 from .signals import sends_task_events, task_rescheduled, task_throttled
 
 __all__ = [
@@ -388,11 +388,13 @@ class Rescheduling:
             # Before the copy exists, so it can never overwrite the copy's own state.
             self.update_state(state=THROTTLED, meta=meta)
         headers = {**(request.headers or {}), HEADER: header}
+        tracing.carry_trace(headers)  # the copy stays in this attempt's trace
         attempt = idempotency.current_attempt.get()
         if attempt is not None:
             attempt.finish("queued")  # before the copy exists: it must be able to claim
             headers[idempotency.KEY_HEADER] = attempt.key
         via = self._publish_copy(headers, countdown, state.reschedules)
+        tracing.note_reschedule(exc, state, via)
         self.fleet.counters.add(exc.limit, f"rescheduled|{exc.reason}")
         log.info(
             "celery-fleet: rescheduled task=%s id=%s limit=%s reason=%s wait_ms=%d "

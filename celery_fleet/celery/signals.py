@@ -177,6 +177,8 @@ def slot_watcher(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
             if slot_admitted.receivers:
                 slot_admitted.send(sender=app, limit=limit, **fields)
             return
+        if event not in ("refused", "pushback"):  # "waited": the tracing watcher's
+            return
         if event == "pushback":
             log.warning(
                 "celery-fleet: pause limit=%s status=%s retry_after_ms=%d",

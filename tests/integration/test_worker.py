@@ -41,15 +41,19 @@ def start_worker(
     workers: int = 1,
     pool: tuple[str, str] = ("prefork", "4"),
     extra_env: dict[str, str] | None = None,
+    module: str = "tests.integration.fleet_app",
 ) -> Iterator[Any]:
     """``workers`` workers (each a 4-process prefork pool by default) whose fleet state is
     in ``redis_url``, their broker and results in ``broker``, what tasks record in
-    ``probe_url`` (default: ``redis_url``). Yields fleet_app as imported here, with the
-    worker processes as ``worker_procs``; stops them by pid and drops their keys."""
+    ``probe_url`` (default: ``redis_url``). Yields the app ``module`` (fleet_app) as
+    imported here, with the worker processes as ``worker_procs``; stops them by pid and
+    drops their keys."""
     run = uuid.uuid4().hex[:10]
     env = {
-        **(extra_env or {}),
         **os.environ,
+        # after os.environ: a previous fixture's FLEET_IT_* values (copied into os.environ
+        # below) must not override this worker's own
+        **(extra_env or {}),
         "FLEET_IT_BROKER": broker,
         "FLEET_IT_REDIS": redis_url,
         "FLEET_IT_PROBE": probe_url,
@@ -62,14 +66,14 @@ def start_worker(
     # Imported afresh with this module's environment (test_progress.py starts a worker of
     # its own): `from tests.integration import fleet_app` would return the package's
     # attribute, the module a previous fixture imported, sending tasks to its queue.
-    sys.modules.pop("tests.integration.fleet_app", None)
-    fleet_app = importlib.import_module("tests.integration.fleet_app")
+    sys.modules.pop(module, None)
+    fleet_app = importlib.import_module(module)
 
     log = open(ROOT / f".pytest-worker-{run}.log", "w")  # noqa: SIM115
     procs = [
         subprocess.Popen(
             [
-                *(sys.executable, "-m", "celery", "-A", "tests.integration.fleet_app"),
+                *(sys.executable, "-m", "celery", "-A", module),
                 *("worker", "-P", pool[0], "-c", pool[1], "-n", f"it-{run}-{k}@%h"),
                 *("--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"),
             ],
