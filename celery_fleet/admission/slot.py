@@ -36,7 +36,7 @@ from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release, new_lease_id
-from .keeper import Clock, LeaseKeeper, SystemClock
+from .keeper import Clock, Holder, LeaseKeeper, SystemClock
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -101,6 +101,10 @@ class Slot:
         self.attempts = 0
         self.lost = False
         self.last_renewed = 0.0
+        #: When the current lease was taken (clock's monotonic time), and by which task
+        #: (set by the keeper; ``celery inspect fleet`` shows them).
+        self.held_since = 0.0
+        self.holder: Holder = None
         self.validator = validate or admission.limit(limit).validate
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()

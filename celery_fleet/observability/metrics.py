@@ -314,7 +314,10 @@ def pool_pids(pool: Any) -> list[int]:
 
 
 def _inspect_fleet(state: Any) -> dict[str, Any]:
-    """``celery inspect fleet``: the slots the answering process holds, and each limit."""
+    """``celery inspect fleet``: the slots the answering process holds, each with the task
+    that holds it (``task_id``, ``task``, ``held_s``; "no task" for a slot taken outside
+    one), and each limit. Under prefork, ``held_in_children``: the same, as each pool
+    process recorded it (``recorded_s_ago``: up to 2 s old)."""
     app = state.consumer.app
     fleet = Fleet.for_app(app)
     pool = type(state.consumer.pool).__module__.rsplit(".", 1)[-1]  # prefork, thread...
