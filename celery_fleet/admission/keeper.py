@@ -125,9 +125,9 @@ class LeaseKeeper:
             return list(self._slots) if self._pid == os.getpid() else []
 
     def describe(self) -> list[dict[str, object]]:
-        """The slots this process holds, for ``celery inspect fleet`` (and recorded in
-        Redis by presence.py, where it reads a prefork pool's): limit, lease, tokens,
-        ``task_id`` and ``task`` (the task that took it; both None when none was
+        """The slots this process holds, oldest first, for ``celery inspect fleet`` (and
+        recorded in Redis by presence.py, where it reads a prefork pool's): limit, lease,
+        tokens, ``task_id`` and ``task`` (the task that took it; both None when none was
         running there, and ``holder`` then says "no task"), ``held_s`` (since the lease
         was taken) and ``renewed_s_ago``.
 
@@ -141,7 +141,7 @@ class LeaseKeeper:
              **describe_holder(s.holder),
              "held_s": round(now - s.held_since, 3),
              "renewed_s_ago": round(now - s.last_renewed, 3)}
-            for s in self.held()
+            for s in sorted(self.held(), key=lambda s: s.held_since)  # oldest first
             if s.lease_id
         ]  # fmt: skip
 
