@@ -26,7 +26,15 @@ from ..clock import Clock, SystemClock
 from ..errors import FleetError, LeaseLost, StoreUnavailable
 from .core import Admission
 
-__all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "Holder", "IDLE_EXIT_S"]
+__all__ = [
+    "Clock",
+    "SystemClock",
+    "LeaseKeeper",
+    "HeldLease",
+    "Holder",
+    "IDLE_EXIT_S",
+    "lease_fields",
+]
 
 #: The keeper thread ends after this long with no slot held (and starts again with one).
 IDLE_EXIT_S = 60.0
@@ -230,13 +238,21 @@ class LeaseKeeper:
             except StoreUnavailable as exc:
                 down = self.admission.store_down
                 if not down.fallback:
-                    log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                    log.warning(
+                        "celery-fleet: renewing %r leases failed; will retry",
+                        limit,
+                        extra={"fleet_limit": limit},
+                    )
                 else:  # the outage is logged once, by the policy
                     self._stranded.update(slots)
                     down.failed(exc)
                 continue
             except FleetError:
-                log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                log.warning(
+                    "celery-fleet: renewing %r leases failed; will retry",
+                    limit,
+                    extra={"fleet_limit": limit},
+                )
                 continue
             down = self.admission.store_down
             asked = any(not down.owns(lease) for lease, _tokens in leases)
@@ -248,6 +264,7 @@ class LeaseKeeper:
                     "flushed or evicted?); put them back",
                     len(restored),
                     limit,
+                    extra={"fleet_limit": limit},
                 )
             for s in slots:
                 self._stranded.discard(s)
@@ -262,7 +279,11 @@ class LeaseKeeper:
         if slot.lost:
             return
         slot.lost = True
-        log.error("celery-fleet: %s", LeaseLost(slot.limit, slot.lease_id or "", why))
+        log.error(
+            "celery-fleet: %s",
+            LeaseLost(slot.limit, slot.lease_id or "", why),
+            extra=lease_fields(slot),
+        )
 
     def _after_fork(self) -> None:
         # The child has the parent's slots and lock state but not its thread: start afresh.
@@ -270,6 +291,15 @@ class LeaseKeeper:
         self._slots = set()
         self._idle_since = None
         self._pid = os.getpid()
+
+
+def lease_fields(slot: HeldLease) -> dict[str, object]:
+    """The ``extra=`` fields of a log line about ``slot``: its limit, and the id of the
+    task holding it when one does (docs/observability.md, the log fields)."""
+    fields: dict[str, object] = {"fleet_limit": slot.limit}
+    if slot.holder is not None and slot.holder[0]:
+        fields["fleet_task_id"] = slot.holder[0]
+    return fields
 
 
 def describe_holder(holder: Holder) -> dict[str, str | None]:

@@ -36,7 +36,7 @@ from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release, new_lease_id
-from .keeper import Clock, Holder, LeaseKeeper, SystemClock
+from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -360,6 +360,7 @@ class Slot:
                 decision.line,
                 middle_s,
                 self.max_wait_s,
+                extra={"fleet_limit": self.limit},
             )
 
     def _refuse_self_deadlock(self) -> None:
@@ -473,6 +474,7 @@ class Slot:
                     "celery-fleet: releasing %r failed (%s); its lease will expire",
                     self.limit,
                     reply,
+                    extra=lease_fields(self),
                 )
             else:
                 self._check_released(lease_id, self.admission.released(self.limit, reply))
@@ -495,6 +497,7 @@ class Slot:
             "or its lease will expire",
             self.limit,
             error,
+            extra=lease_fields(self),
         )
         self.admission.replays.add("release", self.limit, lease_id)
         self.admission.store_down.failed(error)
@@ -534,6 +537,7 @@ class Slot:
                 "(held longer than its TTL without renewal?)",
                 lease_id,
                 self.limit,
+                extra=lease_fields(self),
             )
 
     def __enter__(self) -> Slot:
@@ -557,6 +561,7 @@ class Slot:
                 "celery-fleet: releasing %r failed (%s); its lease will expire",
                 self.limit,
                 release_error,
+                extra=lease_fields(self),
             )
         self.raise_pushback(signal, exc)
 
