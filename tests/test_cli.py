@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import click
 import pytest
 import redis
 from celery import Celery
@@ -120,6 +121,17 @@ def test_every_json_option_has_help(app: Celery) -> None:
         for param in command.params:
             if "--json" in getattr(param, "opts", ()):
                 assert param.help, f"fleet {name} --json has no help text"
+
+
+def test_every_option_has_help_and_no_markup_shows(app: Celery) -> None:
+    """``--help`` is read in a terminal: an option without help, or reST's double
+    backticks in a command's text, reads as unfinished (``fleet watch`` had both)."""
+    for name, command in fleet_cli.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"fleet {name} {param.opts[0]} has no help text"
+        text = run(app, name, "--help").output
+        assert "``" not in text, f"fleet {name} --help shows reST markup:\n{text}"
 
 
 @pytest.mark.parametrize(

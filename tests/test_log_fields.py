@@ -87,3 +87,46 @@ def test_an_idempotency_key_line_carries_the_key(caplog: pytest.LogCaptureFixtur
         assert encode_result("order-7", object()) == ""  # JSON cannot hold it
     record = _record(caplog, "key 'order-7' returned a object")
     assert record.fleet_key == "order-7"  # type: ignore[attr-defined]
+
+
+class _HandClock:
+    """Monotonic time moved by the test only (the lease keeper's deadlines)."""
+
+    now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_lease_lines_carry_the_limit_and_the_task_holding_it(
+    app: Celery, redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost lease (ERROR) and a release that finds its lease gone name the limit and
+    the task that held the slot, as fields and not only in the text."""
+    app.conf.fleet_redis_url = redis_url
+    app.conf.fleet_namespace = namespace
+    app.conf.fleet_limits = {"llm": {"max_in_flight": 2}}
+    clock = _HandClock()
+    fleet = Fleet(app, clock=clock)
+
+    @app.task(bind=True, shared=False)
+    def call(self: object) -> None:
+        with fleet.slot("llm") as slot:
+            clock.now += fleet.limits["llm"].lease_s + 1  # stalled past the lease's TTL
+            fleet.keeper.renew_due()  # marks it lost, without asking Redis
+            assert slot.lost
+            # and Redis lost it too: the release finds nothing to release
+            fleet.store.call("ZREM", fleet.admission.keys("llm").leases, slot.lease_id)
+
+    with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+        result = call.apply()
+    result.get()
+    fleet.store.drain()  # the release's reply, posted, is read now
+    lost = _record(caplog, "was lost (not renewed within its TTL)")
+    expired = _record(caplog, "had expired before release")
+    for record in (lost, expired):
+        assert record.fleet_limit == "llm"  # type: ignore[attr-defined]
+        assert record.fleet_task_id == result.id  # type: ignore[attr-defined]

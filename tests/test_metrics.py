@@ -308,6 +308,6 @@ def test_the_worker_stats_give_each_limit_a_readable_row(redis_url: str, namespa
     assert info["fleet: openai"] == (
         "in flight 2/3, 28 left of 30 requests/60s, breaker closed, 0 waiting"
     )
-    assert info["fleet_state"]["openai"]["cap"] == 3
-    assert all(isinstance(v, str) for k, v in info.items() if k != "fleet_state")
+    # only lines: a dict would be a Python-repr row in Flower again
+    assert list(info) == ["fleet: openai"] and all(isinstance(v, str) for v in info.values())
     assert all(held)  # the namespace's keys, these leases with them, go after the test

@@ -32,6 +32,7 @@ from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
 from .decision import Decision, new_lease_id
+from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
 
@@ -259,6 +260,7 @@ class AsyncSlot:
                 "celery-fleet: releasing %r failed (%s); its lease will expire",
                 s.limit,
                 release_error,
+                extra=lease_fields(s),
             )
         s.raise_pushback(signal, exc)
 

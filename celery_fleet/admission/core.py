@@ -532,6 +532,7 @@ class Admission:
                 "celery-fleet: could not settle %d tokens of %r (Redis unreachable)",
                 actual,
                 name,
+                extra={"fleet_limit": name},
             )
             return 0
         if known:

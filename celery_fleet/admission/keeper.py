@@ -3,7 +3,9 @@
 A slot's lease expires unless renewed, so that a holder killed with SIGKILL gives its slot
 back. :class:`LeaseKeeper` is the daemon thread that renews the leases of the slots this
 process holds (one round trip per limit), and marks a slot lost when it could not renew it
-in time. It knows a slot only by the few attributes in :class:`HeldLease`.
+in time. It knows a slot only by the few attributes in :class:`HeldLease`, and tells who
+holds each one (:meth:`LeaseKeeper.describe`: the task, if any, that took it, and since
+when) for ``celery inspect fleet``.
 
 Time is injectable (:class:`~celery_fleet.clock.Clock`, re-exported here) so tests of waits
 and leases are deterministic.
@@ -16,6 +18,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 from ..background import BackgroundLoop
@@ -23,7 +26,15 @@ from ..clock import Clock, SystemClock
 from ..errors import FleetError, LeaseLost, StoreUnavailable
 from .core import Admission
 
-__all__ = ["Clock", "SystemClock", "LeaseKeeper", "HeldLease", "IDLE_EXIT_S"]
+__all__ = [
+    "Clock",
+    "SystemClock",
+    "LeaseKeeper",
+    "HeldLease",
+    "Holder",
+    "IDLE_EXIT_S",
+    "lease_fields",
+]
 
 #: The keeper thread ends after this long with no slot held (and starts again with one).
 IDLE_EXIT_S = 60.0
@@ -31,6 +42,15 @@ IDLE_EXIT_S = 60.0
 POSTED_READ_AFTER_S = 0.5
 
 log = logging.getLogger("celery_fleet")
+
+#: Who took a slot: ``(task id, task name)`` of the task running where it was taken (the
+#: id is None for a task called directly), or None when no task was running there.
+Holder = tuple[str | None, str] | None
+
+
+def no_holder() -> Holder:
+    """The holder hook outside Celery: no task is ever running."""
+    return None
 
 
 class HeldLease(Protocol):
@@ -41,6 +61,10 @@ class HeldLease(Protocol):
     tokens: int
     lost: bool
     last_renewed: float
+    #: Set by :meth:`LeaseKeeper.track`: when the lease was taken (the keeper's clock),
+    #: and by whom (:data:`Holder`).
+    held_since: float
+    holder: Holder
 
 
 class LeaseKeeper:
@@ -58,6 +82,10 @@ class LeaseKeeper:
         self.admission = admission
         self.clock = clock or SystemClock()
         self.tick_s = tick_s
+        #: Who is running in the calling thread when a slot is taken (:data:`Holder`).
+        #: The Celery binding sets it to read Celery's current task; this package knows
+        #: nothing of Celery.
+        self.holder: Callable[[], Holder] = no_holder
         self._slots: set[HeldLease] = set()
         # Slots whose renewal failed because Redis was unreachable: past their TTL they
         # are renewed (put back) when it answers, not declared lost for the outage.
@@ -75,6 +103,13 @@ class LeaseKeeper:
         )
 
     def track(self, slot: HeldLease) -> None:
+        """Renew ``slot``'s lease from now on; remember since when and for whom it is held
+        (called in the thread, or on the loop, that took it)."""
+        slot.held_since = self.clock.monotonic()
+        try:
+            slot.holder = self.holder()
+        except Exception:  # who holds it is for display: it must never cost the slot
+            slot.holder = None
         with self._lock:
             if self._pid != os.getpid():
                 # A fork copied the parent's slots and a dead thread: start afresh.
@@ -98,13 +133,23 @@ class LeaseKeeper:
             return list(self._slots) if self._pid == os.getpid() else []
 
     def describe(self) -> list[dict[str, object]]:
-        """The slots this process holds: limit, lease, tokens, seconds since the last
-        renewal (``celery inspect fleet``; recorded in Redis by presence.py)."""
+        """The slots this process holds, oldest first, for ``celery inspect fleet`` (and
+        recorded in Redis by presence.py, where it reads a prefork pool's): limit, lease,
+        tokens, ``task_id`` and ``task`` (the task that took it; both None when none was
+        running there, and ``holder`` then says "no task"), ``held_s`` (since the lease
+        was taken) and ``renewed_s_ago``.
+
+        Example: ``[{"limit": "openai", "lease": "9f2c...", "tokens": 1500, "task_id":
+        "5b1e...", "task": "proj.research", "holder": "proj.research[5b1e...]", "held_s":
+        12.4, "renewed_s_ago": 0.7}]``
+        """
         now = self.clock.monotonic()
         return [
             {"limit": s.limit, "lease": s.lease_id, "tokens": s.tokens,
+             **describe_holder(s.holder),
+             "held_s": round(now - s.held_since, 3),
              "renewed_s_ago": round(now - s.last_renewed, 3)}
-            for s in self.held()
+            for s in sorted(self.held(), key=lambda s: s.held_since)  # oldest first
             if s.lease_id
         ]  # fmt: skip
 
@@ -193,13 +238,21 @@ class LeaseKeeper:
             except StoreUnavailable as exc:
                 down = self.admission.store_down
                 if not down.fallback:
-                    log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                    log.warning(
+                        "celery-fleet: renewing %r leases failed; will retry",
+                        limit,
+                        extra={"fleet_limit": limit},
+                    )
                 else:  # the outage is logged once, by the policy
                     self._stranded.update(slots)
                     down.failed(exc)
                 continue
             except FleetError:
-                log.warning("celery-fleet: renewing %r leases failed; will retry", limit)
+                log.warning(
+                    "celery-fleet: renewing %r leases failed; will retry",
+                    limit,
+                    extra={"fleet_limit": limit},
+                )
                 continue
             down = self.admission.store_down
             asked = any(not down.owns(lease) for lease, _tokens in leases)
@@ -211,6 +264,7 @@ class LeaseKeeper:
                     "flushed or evicted?); put them back",
                     len(restored),
                     limit,
+                    extra={"fleet_limit": limit},
                 )
             for s in slots:
                 self._stranded.discard(s)
@@ -225,7 +279,11 @@ class LeaseKeeper:
         if slot.lost:
             return
         slot.lost = True
-        log.error("celery-fleet: %s", LeaseLost(slot.limit, slot.lease_id or "", why))
+        log.error(
+            "celery-fleet: %s",
+            LeaseLost(slot.limit, slot.lease_id or "", why),
+            extra=lease_fields(slot),
+        )
 
     def _after_fork(self) -> None:
         # The child has the parent's slots and lock state but not its thread: start afresh.
@@ -233,3 +291,21 @@ class LeaseKeeper:
         self._slots = set()
         self._idle_since = None
         self._pid = os.getpid()
+
+
+def lease_fields(slot: HeldLease) -> dict[str, object]:
+    """The ``extra=`` fields of a log line about ``slot``: its limit, and the id of the
+    task holding it when one does (docs/observability.md, the log fields)."""
+    fields: dict[str, object] = {"fleet_limit": slot.limit}
+    if slot.holder is not None and slot.holder[0]:
+        fields["fleet_task_id"] = slot.holder[0]
+    return fields
+
+
+def describe_holder(holder: Holder) -> dict[str, str | None]:
+    """``task_id``, ``task`` and a readable ``holder``: ``"proj.research[5b1e...]"``, the
+    task's name alone when it was called directly, or ``"no task"``."""
+    if holder is None:
+        return {"task_id": None, "task": None, "holder": "no task"}
+    task_id, name = holder
+    return {"task_id": task_id, "task": name, "holder": f"{name}[{task_id}]" if task_id else name}

@@ -37,7 +37,7 @@ from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release, new_lease_id
-from .keeper import Clock, LeaseKeeper, SystemClock
+from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -108,6 +108,10 @@ class Slot:
         self.attempts = 0
         self.lost = False
         self.last_renewed = 0.0
+        #: When the current lease was taken (clock's monotonic time), and by which task
+        #: (set by the keeper; ``celery inspect fleet`` shows them).
+        self.held_since = 0.0
+        self.holder: Holder = None
         self.validator = validate or admission.limit(limit).validate
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()
@@ -389,6 +393,7 @@ class Slot:
                 decision.line,
                 middle_s,
                 self.max_wait_s,
+                extra={"fleet_limit": self.limit},
             )
 
     def _refuse_self_deadlock(self) -> None:
@@ -502,6 +507,7 @@ class Slot:
                     "celery-fleet: releasing %r failed (%s); its lease will expire",
                     self.limit,
                     reply,
+                    extra=lease_fields(self),
                 )
             else:
                 self._check_released(lease_id, self.admission.released(self.limit, reply))
@@ -524,6 +530,7 @@ class Slot:
             "or its lease will expire",
             self.limit,
             error,
+            extra=lease_fields(self),
         )
         self.admission.replays.add("release", self.limit, lease_id)
         self.admission.store_down.failed(error)
@@ -563,6 +570,7 @@ class Slot:
                 "(held longer than its TTL without renewal?)",
                 lease_id,
                 self.limit,
+                extra=lease_fields(self),
             )
 
     def __enter__(self) -> Slot:
@@ -586,6 +594,7 @@ class Slot:
                 "celery-fleet: releasing %r failed (%s); its lease will expire",
                 self.limit,
                 release_error,
+                extra=lease_fields(self),
             )
         self.raise_pushback(signal, exc)
 

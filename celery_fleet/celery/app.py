@@ -3,9 +3,11 @@
 ``Fleet(app)`` calls :func:`bind`, which does everything that needs the app: it remembers
 the Fleet as the app's (:func:`fleet_for`), connects the worker signals that drop Redis
 clients in each new child and check Redis once the worker is ready, validates the app's
-fleet tasks, announces breaker changes as Celery signals and events, and tells the
-store-down policy the pool's concurrency. The facade itself imports no Celery, so a plain
-process (a script, a FastAPI app) uses ``Fleet(redis_url=...)`` without it.
+fleet tasks, announces breaker changes as Celery signals and events, tells the
+store-down policy the pool's concurrency, and tells the lease keeper which task takes each
+slot (:func:`running_task`, for ``celery inspect fleet``). The facade itself imports no
+Celery, so a plain process (a script, a FastAPI app) uses ``Fleet(redis_url=...)`` without
+it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..admission.keeper import Holder
 from ..errors import ConfigError
 from ..store.urls import hide_url_password
 from . import signals
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
     from ..fleet import Fleet
 
-__all__ = ["bind", "fleet_for", "registered", "check_app_tasks", "stagger"]
+__all__ = ["bind", "fleet_for", "registered", "check_app_tasks", "running_task", "stagger"]
 
 _by_app: weakref.WeakKeyDictionary[Any, Fleet] = weakref.WeakKeyDictionary()
 
@@ -33,15 +36,33 @@ def bind(fleet: Fleet, app: Celery, *, url_given: bool) -> None:
     # The glue's own signal handlers (idempotency keys and stagger at publish, beat's
     # jitter, the deferred-task pump) connect when their modules load: load them all.
     from . import task  # noqa: F401
+
     if not url_given:
         hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none
     _by_app[app] = fleet
     fleet.local_concurrency = signals.pool_concurrency
+    fleet.keeper.holder = running_task
     signals.install(_reset_all_connections)
     signals.at_worker_ready(_check_at_start)
     check_app_tasks(fleet, app)
     fleet.on_breaker_change(signals.breaker_announcer(app))
     fleet.admission.watchers.append(signals.slot_watcher(app))
+
+
+def running_task() -> Holder:
+    """The task Celery runs in the calling thread (its id and name), or None.
+
+    Celery keeps its current task per thread (per greenlet under gevent/eventlet), so this
+    is right in a prefork child, in a thread of ``-P threads``, and in an async body run on
+    the worker thread's loop; a thread that a task starts itself runs no task (None).
+
+    Example: ``("5b1e9c0e-...", "proj.research")`` inside a worker's task."""
+    from celery import current_task
+
+    task = current_task._get_current_object()
+    if task is None:
+        return None
+    return task.request.id or None, str(task.name)
 
 
 def fleet_for(app: Celery) -> Fleet:

@@ -111,14 +111,21 @@ def status(ctx: click.Context, limits: tuple[str, ...], as_json: bool) -> None:
 
 @fleet.command()
 @click.argument("limits", nargs=-1)
-@click.option("--interval", type=Seconds(min=0.1, max=3600), default=2.0)
+@click.option(
+    "--interval",
+    type=Seconds(min=0.1, max=3600),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document per refresh.")
 @click.pass_context
 def watch(
     ctx: click.Context, limits: tuple[str, ...], interval: float, count: int | None, as_json: bool
 ) -> None:
-    """``status``, refreshed every ``--interval`` seconds (Ctrl-C stops)."""
+    """Each limit's state, as status shows it, refreshed every --interval seconds
+    (Ctrl-C stops)."""
     fl, n = _fleet(ctx), 0
     while count is None or n < count:
         if n:
@@ -156,6 +163,7 @@ def breaker(ctx: click.Context, action: str, limit: str, as_json: bool) -> None:
     type=click.Choice(["buckets", "adaptive", "breaker", "all"]),
     default="all",
     show_default=True,
+    help="What to reset: the windows (buckets), the adaptive state and pause, the breaker.",
 )
 @click.pass_context
 def reset(ctx: click.Context, limit: str, what: str) -> None:

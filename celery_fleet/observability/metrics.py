@@ -270,8 +270,9 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     Flower prints each stats key as one row, a dict as its Python repr: so each limit is a
     row of its own, ``"fleet: <limit>"``, with a line a person reads
-    (:meth:`LimitStatus.summary`), and ``"fleet_state"`` holds the structured state (as
-    ``celery fleet status --json``) for programs."""
+    (:meth:`LimitStatus.summary`), and nothing else (a dict would be a repr row again).
+    Programs read the structured state from ``celery inspect fleet`` (``limits``), from
+    ``celery fleet status --json`` or from the Prometheus metrics."""
 
     label = "celery-fleet info"
 
@@ -286,10 +287,8 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             rows = fleet_status(Fleet.for_app(worker.app))
         except FleetError as exc:
-            return {"fleet": f"unavailable: {exc}", "fleet_state": {"error": str(exc)}}
-        info: dict[str, Any] = {f"fleet: {s.limit}": s.summary() for s in rows}
-        info["fleet_state"] = {s.limit: s.as_dict() for s in rows}
-        return info
+            return {"fleet": f"unavailable: {exc}"}
+        return {f"fleet: {s.limit}": s.summary() for s in rows}
 
 
 def install(app: Celery) -> None:
@@ -314,7 +313,10 @@ def pool_pids(pool: Any) -> list[int]:
 
 
 def _inspect_fleet(state: Any) -> dict[str, Any]:
-    """``celery inspect fleet``: the slots the answering process holds, and each limit."""
+    """``celery inspect fleet``: the slots the answering process holds, each with the task
+    that holds it (``task_id``, ``task``, ``held_s``; "no task" for a slot taken outside
+    one), and each limit. Under prefork, ``held_in_children``: the same, as each pool
+    process recorded it (``recorded_s_ago``: up to 2 s old)."""
     app = state.consumer.app
     fleet = Fleet.for_app(app)
     pool = type(state.consumer.pool).__module__.rsplit(".", 1)[-1]  # prefork, thread...

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -90,12 +91,15 @@ class Presence:
         """Record this process as live and return the live count (None if Redis is away)."""
         from ..errors import FleetError
 
-        held = json.dumps(self.held()) if self.held is not None else "[]"
+        slots = self.held() if self.held is not None else []
+        # With the wall time of the record: it is read on this host only (held_by), by a
+        # process that knows no other clock of this one.
+        held = json.dumps({"at": time.time(), "slots": slots}) if slots else ""
         try:
             count, rank = PRESENCE.run(
                 self.store,
                 [live_key(self.namespace), held_key(self.namespace)],
-                [self.process_id, int(TTL_S * 1000), "" if held == "[]" else held],
+                [self.process_id, int(TTL_S * 1000), held],
             )
         except FleetError as exc:
             log.debug("celery-fleet: could not record this process as live: %s", exc)
@@ -131,15 +135,34 @@ class Presence:
 
     def held_by(self, pids: Iterable[int], host: str | None = None) -> dict[int, list[Any]]:
         """The slots the live processes ``pids`` of ``host`` (default: this one) held at
-        their last renewal (up to :data:`RENEW_S` old), by pid."""
+        their last renewal (up to :data:`RENEW_S` old), by pid: each as the process
+        described it (``LeaseKeeper.describe``: limit, lease, task_id, task, ...), its
+        ``held_s`` brought up to now (``renewed_s_ago`` is as of the record), with
+        ``recorded_s_ago``, the age of the record (a slot released since still shows until
+        the next renewal)."""
         host = host or socket.gethostname()
         wanted = {int(p) for p in pids}
         out: dict[int, list[Any]] = {}
         raw = self.store.call("HGETALL", held_key(self.namespace)) or {}
+        now = time.time()
         for key, value in raw.items():
             proc = key.decode() if isinstance(key, bytes) else str(key)
             name, _, rest = proc.partition(":")
             pid = rest.split(":", 1)[0]
             if name == host and pid.isdigit() and int(pid) in wanted:
-                out.setdefault(int(pid), []).extend(json.loads(value))
+                out.setdefault(int(pid), []).extend(_aged(json.loads(value), now))
         return out
+
+
+def _aged(record: Any, now: float) -> list[Any]:
+    """The slots of a held record, aged to ``now`` (an older version recorded a bare list)."""
+    if not isinstance(record, dict):
+        return list(record)
+    age = max(0.0, now - float(record.get("at") or now))
+    slots = []
+    for slot in record.get("slots") or []:
+        slot = dict(slot, recorded_s_ago=round(age, 3))
+        if isinstance(slot.get("held_s"), (int, float)):
+            slot["held_s"] = round(slot["held_s"] + age, 3)
+        slots.append(slot)
+    return slots

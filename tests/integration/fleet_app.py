@@ -385,3 +385,49 @@ async def async_agent(self: FleetTask, n: int) -> dict[str, Any]:
 
     await asyncio.gather(*(one() for _ in range(n)))
     return {"pid": os.getpid(), "loop": id(asyncio.get_running_loop())}
+
+
+# -- test_inspect_worker.py: `celery inspect fleet` names the task holding each slot -------
+
+
+def _hold_until_released(tag: str, how: str) -> None:
+    _probe.rpush(key(f"holding:{tag}"), how)  # the test waits for all three
+    deadline = time.monotonic() + 60
+    # short BLPOPs: the client's socket timeout (redis-py's default 5 s) is shorter than
+    # the hold
+    while time.monotonic() < deadline:
+        if _probe.blpop([key(f"release:{tag}:{how}")], timeout=1):
+            return
+
+
+@fleet_task(app=app, shared=False)
+def holds_model(tag: str) -> str:
+    """Holds a slot of 'model' in the task's own thread until the test releases it."""
+    with fleet.slot("model", max_wait=30):
+        _hold_until_released(tag, "sync")
+    return "sync"
+
+
+@fleet_task(app=app, shared=False)
+async def holds_model_async(tag: str) -> str:
+    """The same through ``fleet.aslot`` in an async body (on the worker thread's loop)."""
+    import asyncio
+
+    async with fleet.aslot("model", max_wait=30):
+        await asyncio.to_thread(_hold_until_released, tag, "async")
+    return "async"
+
+
+@fleet_task(app=app, shared=False)
+def holds_model_in_a_thread(tag: str) -> str:
+    """A slot taken by a thread the task starts: no task of Celery's runs there."""
+    import threading
+
+    def hold() -> None:
+        with fleet.slot("model", max_wait=30):
+            _hold_until_released(tag, "thread")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    thread.join()
+    return "thread"

@@ -329,13 +329,16 @@ def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
 
 
 def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:
-    """`celery inspect stats` (and Flower's worker page, "Other") show the fleet."""
+    """`celery inspect stats` (and Flower's worker page, "Other") show a line per limit;
+    `celery inspect fleet` the structured state."""
     deadline, mine = time.time() + 60, []
     while not mine and time.time() < deadline:  # the worker may still be starting
         stats = worker.app.control.inspect(timeout=2).stats() or {}
         mine = [s for host, s in stats.items() if host.startswith("it-")]
     assert mine
-    fleet = mine[0]["fleet_state"]
+    assert all(isinstance(v, str) for k, v in mine[0].items() if k.startswith("fleet"))
+    replies = worker.app.control.inspect(timeout=5)._request("fleet") or {}
+    fleet = next(r for host, r in replies.items() if host.startswith("it-"))["limits"]
     assert fleet["model"]["cap"] == 3 and fleet["broken"]["breaker"] == "closed"
     assert fleet["slow"]["windows"][0]["window"] == "5 requests/1s"
     assert mine[0]["fleet: model"].startswith("in flight ")
@@ -365,7 +368,7 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
             except OSError:
                 time.sleep(0.5)  # Flower is still starting
         name = next(k for k in workers if k.startswith("it-"))
-        assert workers[name]["stats"]["fleet_state"]["model"]["cap"] == 3
+        assert workers[name]["stats"]["fleet: model"].startswith("in flight ")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{name}", timeout=30) as r:
             page = r.read().decode()
         other = page[page.index('id="tab-other"'):]
@@ -373,6 +376,9 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
         # a row per limit, a sentence rather than a dict's repr
         row = re.search(r"<td>fleet: model</td>\s*<td[^>]*>([^<]*)</td>", other)
         assert row is not None and row.group(1).startswith("in flight "), other[:2000]
+        # and no row of the fleet's is a dict's repr (escaped in the page)
+        fleet_rows = re.findall(r"<td>(fleet[^<]*)</td>\s*<td[^>]*>([^<]*)</td>", other)
+        assert fleet_rows and not [r for r in fleet_rows if r[1].lstrip().startswith("{")]
     finally:
         flower.terminate()  # by its pid: the one we started
         flower.wait(timeout=30)

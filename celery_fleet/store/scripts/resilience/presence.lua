@@ -1,10 +1,10 @@
 -- presence: record that a fleet process is alive (and the slots it holds), count the live.
 --
 -- KEYS[1]  live  zset  process id -> expiry (ms, Redis TIME)
--- KEYS[2]  held  hash  process id -> JSON list of the slots it holds (absent: none)
+-- KEYS[2]  held  hash  process id -> JSON {"at": wall time s, "slots": [...]} (absent: none)
 -- ARGV[1]  this process's id ("<host>:<pid>:<random>")
 -- ARGV[2]  how long the record lives without renewal (ms)
--- ARGV[3]  the slots it holds, as JSON ("" when none)
+-- ARGV[3]  the slots it holds, as that JSON ("" when none)
 --
 -- Reply: {live, rank}: the number of live processes, this one included, and this one's
 -- place among them in the order of their ids (0-based). The store-down policy divides the
