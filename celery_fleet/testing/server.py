@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -30,11 +30,17 @@ _MAX_BODY_BYTES = 32 * 1024 * 1024
 
 @dataclass
 class Response:
-    """An answer to write: status, a JSON-serialisable body, extra headers."""
+    """An answer to write: status, a JSON-serialisable body, extra headers.
+
+    With ``stream`` set, the body is ignored and the chunks are written as they come
+    (chunked transfer encoding, ``content-type`` from ``headers``); the iterator is closed
+    when the client goes away, so its ``finally`` runs.
+    """
 
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterator[bytes] | None = None
 
 
 class App(Protocol):
@@ -104,6 +110,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(response)
 
     def _write(self, response: Response) -> None:
+        if response.stream is not None:
+            self._write_stream(response, response.stream)
+            return
         payload = json.dumps(response.body).encode()
         self.send_response(response.status)
         self.send_header("content-type", "application/json")
@@ -112,6 +121,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def _write_stream(self, response: Response, chunks: Iterator[bytes]) -> None:
+        try:
+            self.send_response(response.status)
+            for name, value in {"content-type": "text/event-stream", **response.headers}.items():
+                self.send_header(name, value)
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("cache-control", "no-cache")
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s " + format, self.address_string(), *args)
