@@ -3,6 +3,10 @@
 ``pybreaker``: ``fleet.circuit_breaker(name)``, pybreaker's interface on the fleet-wide
 breaker (``pip install celery-fleet[pybreaker]``).
 
+``sdk``: ``fleet.wrap(client, limit=...)``, an ``openai``/``anthropic`` client whose model
+calls each hold a slot (``sdk_calls``, ``sdk_streams``: its proxies and streams; the SDK is
+never imported, the user has it).
+
 ``usage``: the tokens every SDK adapter reserves before a call and settles after it.
 
 May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.
