@@ -112,9 +112,9 @@ def serve_messages(sim: ProviderSim, headers: Mapping[str, str], body: bytes) ->
         )
     )
     message_id = f"msg_sim{number:07d}"
-    if request.stream:
+    if request.stream:  # in flight until the last event is written or the client goes
         events = _stream(sim, message_id, request, output_tokens, effect.garbage, latency_s)
-        return Response(200, None, {**meta, "content-type": "text/event-stream"}, stream=events)
+        return Response(200, None, meta, stream=events, done=sim._limiter.release)
     try:
         sim._stopping.wait(latency_s)
     finally:
@@ -135,25 +135,16 @@ def _stream(
     garbage: bool,
     latency_s: float,
 ) -> Iterator[bytes]:
-    """The events of a streamed answer, the latency spread between its text deltas; the
-    request leaves the in-flight count when the stream ends, is closed, or its client goes."""
-    released = False
-    try:
-        step_s = latency_s / (STREAM_PIECES + 1)
-        for event, data in sse_events(
-            message_id=message_id,
-            request=request,
-            output_tokens=output_tokens,
-            garbage=garbage,
-            pieces=STREAM_PIECES,
-        ):
-            if event in ("content_block_delta", "message_delta") and sim._stopping.wait(step_s):
-                return  # the simulator is stopping
-            if event == "message_stop":
-                # As for a plain answer: out of flight before the last bytes leave.
-                released = True
-                sim._limiter.release()
-            yield sse_bytes(event, data)
-    finally:
-        if not released:
-            sim._limiter.release()
+    """The events of a streamed answer, the latency spread before its text deltas and its
+    ``message_delta`` (the server releases the request when the stream ends, either way)."""
+    step_s = latency_s / (STREAM_PIECES + 1)
+    for event, data in sse_events(
+        message_id=message_id,
+        request=request,
+        output_tokens=output_tokens,
+        garbage=garbage,
+        pieces=STREAM_PIECES,
+    ):
+        if event in ("content_block_delta", "message_delta") and sim._stopping.wait(step_s):
+            raise ConnectionAbortedError("the simulator stopped mid-stream")
+        yield sse_bytes(event, data)

@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -30,17 +30,15 @@ _MAX_BODY_BYTES = 32 * 1024 * 1024
 
 @dataclass
 class Response:
-    """An answer to write: status, a JSON-serialisable body, extra headers.
-
-    With ``stream`` set, the body is ignored and the chunks are written as they come
-    (chunked transfer encoding, ``content-type`` from ``headers``); the iterator is closed
-    when the client goes away, so its ``finally`` runs.
-    """
+    """An answer to write: status, a JSON-serialisable body, extra headers; or, with
+    ``stream``, server-sent events written as they come (chunked), after which ``done`` is
+    called once, whether the stream was written whole or the client went away."""
 
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
-    stream: Iterator[bytes] | None = None
+    stream: Iterable[bytes] | None = None
+    done: Callable[[], None] | None = None
 
 
 class App(Protocol):
@@ -111,7 +109,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write(self, response: Response) -> None:
         if response.stream is not None:
-            self._write_stream(response, response.stream)
+            try:
+                self._write_stream(response, response.stream)
+            finally:
+                if response.done is not None:
+                    response.done()
             return
         payload = json.dumps(response.body).encode()
         self.send_response(response.status)
@@ -122,22 +124,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def _write_stream(self, response: Response, chunks: Iterator[bytes]) -> None:
+    def _write_stream(self, response: Response, stream: Iterable[bytes]) -> None:
+        self.send_response(response.status)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("transfer-encoding", "chunked")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
         try:
-            self.send_response(response.status)
-            for name, value in {"content-type": "text/event-stream", **response.headers}.items():
-                self.send_header(name, value)
-            self.send_header("transfer-encoding", "chunked")
-            self.send_header("cache-control", "no-cache")
-            self.end_headers()
-            for chunk in chunks:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            for frame in stream:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+        except OSError:  # the client went away mid-stream
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s " + format, self.address_string(), *args)
