@@ -276,3 +276,23 @@ def test_tokens_and_max_retries_options(fleet: Fleet, sim: ProviderSim) -> None:
     assert seen[0]["max_tokens"] == 5
     assert client.with_options(timeout=5).unwrapped.timeout == 5
     assert client._inner.max_retries == 0 and client.unwrapped.max_retries == 2
+
+
+def test_an_openai_stream_settles_from_its_usage_chunk(fleet: Fleet, sim: ProviderSim) -> None:
+    client = fleet.wrap(openai.OpenAI(base_url=sim.base_url, api_key="x"), limit="llm")
+    started = time.monotonic()
+    try:
+        stream = client.chat.completions.create(
+            model="sim",
+            messages=ask(7),
+            max_tokens=300,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    except openai.BadRequestError:
+        pytest.skip("this ProviderSim does not stream chat completions")
+    assert in_flight(fleet) == 1
+    chunks = list(stream)
+
+    assert chunks[-1].usage is not None and in_flight(fleet) == 0
+    assert_settled(fleet, [chunks[-1].usage.total_tokens], started)
