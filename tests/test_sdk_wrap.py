@@ -296,3 +296,31 @@ def test_an_openai_stream_settles_from_its_usage_chunk(fleet: Fleet, sim: Provid
 
     assert chunks[-1].usage is not None and in_flight(fleet) == 0
     assert_settled(fleet, [chunks[-1].usage.total_tokens], started)
+
+
+def test_a_stream_cut_by_the_provider_gives_the_slot_back(
+    fleet: Fleet, make_provider_sim: MakeSim
+) -> None:
+    sim = make_provider_sim(rpm=None, tpm=None, max_in_flight=None, latency=5.0, seed=3)
+    client = fleet.wrap(anthropic.Anthropic(base_url=sim.url, api_key="x"), limit="llm")
+    stream = client.messages.create(model="sim", max_tokens=300, messages=ask(8), stream=True)
+    assert next(stream).type == "message_start" and in_flight(fleet) == 1
+    sim.stop()  # the provider goes away between two events
+
+    with pytest.raises(Exception) as cut:  # whatever the SDK raises for a broken stream
+        list(stream)
+    assert not isinstance(cut.value, Throttled)
+    assert in_flight(fleet) == 0
+
+
+def test_a_stream_dropped_unread_gives_its_slot_back_when_collected(
+    fleet: Fleet, sim: ProviderSim
+) -> None:
+    import gc
+
+    client = fleet.wrap(anthropic.Anthropic(base_url=sim.url, api_key="x"), limit="llm")
+    stream = client.messages.create(model="sim", max_tokens=30, messages=ask(9), stream=True)
+    assert in_flight(fleet) == 1
+    del stream
+    gc.collect()
+    assert in_flight(fleet) == 0
