@@ -324,3 +324,12 @@ def test_a_stream_dropped_unread_gives_its_slot_back_when_collected(
     del stream
     gc.collect()
     assert in_flight(fleet) == 0
+
+
+def test_a_copied_proxy_still_works(fleet: Fleet, sim: ProviderSim) -> None:
+    import copy
+
+    client = fleet.wrap(anthropic.Anthropic(base_url=sim.url, api_key="x"), limit="llm")
+    twin = copy.copy(client)
+    twin.messages.create(model="sim", max_tokens=5, messages=ask(10))
+    assert sim.stats()["ok"] == 1 and in_flight(fleet) == 0

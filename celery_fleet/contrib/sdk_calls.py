@@ -23,6 +23,8 @@ from .sdk_streams import (
 
 __all__ = ["WrappedClient", "Route"]
 
+_OWN = frozenset({"_outer", "_inner", "_policy", "_path", "_max_retries"})
+
 
 class Route:
     """A proxy of a client's namespace on the way to a model call (``client.chat``)."""
@@ -34,6 +36,8 @@ class Route:
         self._path = path
 
     def __getattr__(self, name: str) -> Any:
+        if name in _OWN:  # not set yet (copy, pickle): never ask the client for them
+            raise AttributeError(name)
         path = (*self._path, name)
         if path in MODEL_CALLS:
             return _model_call(self._policy, self._inner, path)
