@@ -406,6 +406,29 @@ class Fleet(AsyncMethods):
             **pybreaker_options,
         )
 
+    def wrap(
+        self,
+        client: Any,
+        limit: str,
+        *,
+        max_wait: float | None = None,
+        tokens: int | Callable[[Mapping[str, Any]], int] | None = None,
+        max_retries: int | None = 0,
+    ) -> Any:
+        """An ``openai``/``anthropic`` client (sync or async) whose model calls each hold a
+        slot of ``limit``: tokens estimated from the call, rate-limit headers observed,
+        usage settled, a 429 or 529 raised as :class:`~celery_fleet.Throttled`; everything
+        else passes through (see :mod:`celery_fleet.contrib.sdk`).
+
+        Example::
+
+            client = fleet.wrap(anthropic.Anthropic(), limit="claude")
+            client.messages.create(model="claude-sonnet-4-5", max_tokens=500, messages=[...])
+        """
+        from .contrib.sdk import wrap
+
+        return wrap(self, client, limit, max_wait=max_wait, tokens=tokens, max_retries=max_retries)
+
     def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
         """Call ``listener(limit, state)`` when this process changes a breaker's state
         (``"open"``, ``"half_open"``, ``"closed"``). Usable as a decorator."""

@@ -8,6 +8,10 @@ slot, and ``FleetRateLimiter``, LangChain's rate limiter on a fleet limit
 (``pip install celery-fleet[langchain]``); ``langchain_usage`` reads a LangChain call's
 estimate and usage for it.
 
+``sdk``: ``fleet.wrap(client, limit=...)``, an ``openai``/``anthropic`` client whose model
+calls each hold a slot (``sdk_calls``, ``sdk_streams``: its proxies and streams; the SDK is
+never imported, the user has it).
+
 ``usage``: the tokens every SDK adapter reserves before a call and settles after it.
 
 May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.

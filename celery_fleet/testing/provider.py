@@ -30,6 +30,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .limiter import Decision, Limiter
+from .messages import serve_messages
 from .phases import Limits, Phase, effective_at
 from .records import RequestRecord, summarize
 from .server import Response, SimServer
@@ -283,6 +284,8 @@ class ProviderSim:
         """Answer one HTTP request (called by the server's handler threads)."""
         if (method, path) == ("POST", "/v1/chat/completions"):
             return self._chat(headers, body)
+        if (method, path) == ("POST", "/v1/messages"):
+            return serve_messages(self, headers, body)  # Anthropic's API, same limits
         if (method, path) == ("GET", "/stats"):
             stats = self.stats()
             if query.get("log", ["0"])[-1] not in ("", "0", "false"):
