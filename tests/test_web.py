@@ -259,3 +259,28 @@ def test_the_fleet_s_state_is_unchanged_by_the_page(fleet: Fleet, rclient: redis
             get(page.url + "api/status", method="POST")
         page.sampler.read_once()
     assert sorted(rclient.scan_iter(match=f"{{{fleet.namespace}*")) == before
+
+
+@pytest.mark.parametrize("where", ["option", "environment"])
+def test_the_command_refuses_a_bad_auth_without_echoing_it(
+    redis_url: str, namespace: str, where: str
+) -> None:
+    """``--auth`` or ``$CELERY_FLEET_WEB_AUTH``: one line naming it, exit 1, no secret shown."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+    from click.testing import CliRunner
+
+    from celery_fleet.observability.cli import fleet as fleet_cli
+
+    app = Celery("web_cli_test", broker=redis_url, set_as_current=False)
+    app.conf.update(fleet_redis_url=redis_url, fleet_namespace=namespace, fleet_limits=LIMITS)
+    # An address nobody has: were the auth accepted, the command would stop here, not serve.
+    args, env = ["web", "--port", "0", "--host", "256.0.0.1"], {}
+    if where == "option":
+        args += ["--auth", "s3cret"]
+    else:
+        env["CELERY_FLEET_WEB_AUTH"] = "s3cret"
+    result = CliRunner().invoke(fleet_cli, args, obj=SimpleNamespace(app=app), env=env)
+    assert result.exit_code == 1, result.output
+    assert "auth must be 'user:password'" in result.output and "s3cret" not in result.output
