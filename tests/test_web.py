@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -284,3 +285,36 @@ def test_the_command_refuses_a_bad_auth_without_echoing_it(
     result = CliRunner().invoke(fleet_cli, args, obj=SimpleNamespace(app=app), env=env)
     assert result.exit_code == 1, result.output
     assert "auth must be 'user:password'" in result.output and "s3cret" not in result.output
+
+
+def test_a_frozen_redis_is_said_while_the_reading_hangs(
+    redis_url: str, namespace: str
+) -> None:
+    """A Redis that accepts but never answers (SIGSTOP), under health and socket timeouts
+    (30 s) longer than the page waits: the page says so without waiting for them, and
+    recovers when Redis answers again."""
+    from celery import Celery
+
+    server = RedisServer(port=PRIVATE_PORT).start()
+    app = Celery("web_frozen", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        fleet_redis_url=server.url + "/0", fleet_namespace=namespace, fleet_limits=LIMITS,
+        fleet_redis_health_timeout=30, fleet_redis_transport_options={"socket_timeout": 30},
+    )  # fmt: skip
+    assert server.proc is not None
+    try:
+        with FleetPage(Fleet(app), port=0, interval_s=0.2).start() as page:
+            assert get(page.url + "api/status")[0] == 200
+            server.proc.send_signal(signal.SIGSTOP)  # our own redis-server, by its pid
+            try:
+                status, doc = wait_until(
+                    "a 503", lambda: (r := get(page.url + "api/status"))[0] == 503 and r
+                )
+                assert "no answer from Redis" in doc["error"], doc["error"]
+                assert [r["limit"] for r in doc["limits"]] == ["llm", "tool"]
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            wait_until("recovery", lambda: get(page.url + "api/status")[0] == 200)
+    finally:
+        server.stop()
+        app.close()

@@ -31,6 +31,8 @@ __all__ = ["ACTIVITY_S", "PageSource", "Reading", "Sampler"]
 
 log = logging.getLogger("celery_fleet")
 
+#: The shortest age (s) of the last reading that makes the page say Redis does not answer.
+STALE_MIN_S = 3.0
 #: How far back the ``activity`` figures (admissions, refusals, mean wait) look, in seconds.
 ACTIVITY_S = 60.0
 
@@ -102,6 +104,10 @@ class Sampler:
     ) -> None:
         self.fleet, self.names = fleet, list(names)
         self.interval_s, self.history_s = interval_s, history_s
+        #: A last reading older than this says Redis accepts but does not answer (a frozen
+        #: server, under socket and health timeouts longer than this): the page says so
+        #: meanwhile rather than showing the old reading as live.
+        self.stale_after_s = max(STALE_MIN_S, 3 * interval_s)
         self.readings: deque[Reading] = deque(maxlen=max(2, int(history_s / interval_s) + 1))
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -150,9 +156,13 @@ class Sampler:
         last = readings[-1]
         good = [r for r in readings if r.limits is not None]
         latest = good[-1] if good else None
+        error = last.error
+        age_s = time.monotonic() - last.at
+        if error is None and age_s > self.stale_after_s:  # a reading hangs: Redis is frozen
+            error = f"no answer from Redis for {age_s:.0f} s (a reading is still waiting)"
         body: dict[str, Any] = {
-            "ok": last.error is None,
-            "error": last.error,
+            "ok": error is None,
+            "error": error,
             "read_at": latest.wall if latest else None,
             "interval_s": self.interval_s,
             "history_s": self.history_s,
