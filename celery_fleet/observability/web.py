@@ -38,6 +38,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -209,6 +210,8 @@ class _Server(ThreadingHTTPServer):
     ) -> None:
         self.sampler, self.auth, self.allowed_hosts = sampler, auth, allowed_hosts
         self.html, self.csp = _page()
+        if ":" in address[0]:  # an IPv6 address ("::1", "::")
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
