@@ -1,6 +1,7 @@
 """Seeing the fleet: event counters flushed to Redis (``counters``), the
 status rows every view shares (``status``), Prometheus metrics and the worker's
-``inspect fleet`` (``metrics``), and the ``celery fleet`` command (``cli``).
+``inspect fleet`` (``metrics``), the ``celery fleet`` command (``cli``) and its live page
+(``web``, reading through ``sampler``).
 
 May import: the core packages, ``settings``, the facade (``fleet``) and Celery itself;
 not the Celery glue (``celery_fleet.celery``).

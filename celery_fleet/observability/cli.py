@@ -7,6 +7,8 @@ Registered through Celery's ``celery.commands`` entry point, so it runs with the
   in flight / cap and the oldest lease's age, the adaptive cap and rate factor, a provider
   pause, the breaker, callers waiting in line;
 - ``fleet watch [--interval 2] [--count N]``: the same, refreshed;
+- ``fleet web [--host 127.0.0.1] [--port 8555] [--auth user:password]``: the same as a live
+  page in a browser, with sparklines (:mod:`celery_fleet.observability.web`);
 - ``fleet breaker open|close|auto LIMIT``: force the fleet-wide breaker open or closed, or
   give it back to the failure rate (``auto``);
 - ``fleet reset LIMIT [--what buckets|adaptive|breaker|all]``: refill the windows, forget
@@ -31,6 +33,7 @@ import click
 from ..errors import FleetError
 from ..fleet import Fleet
 from .status import LimitStatus, fleet_status
+from .web import AUTH_ENV, DEFAULT_PORT, FleetPage
 
 __all__ = ["fleet"]
 
@@ -136,6 +139,66 @@ def watch(
             text = f"{time.strftime('%H:%M:%S')}\n\n{text}"
         click.echo(text)
         n += 1
+
+
+@fleet.command()
+@click.argument("limits", nargs=-1)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback lets others on the network read it.",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+    help="TCP port (0: any free one; the URL is printed).",
+)  # fmt: skip
+@click.option(
+    "--auth",
+    envvar=AUTH_ENV,
+    metavar="USER:PASSWORD",
+    help=f"Ask for HTTP basic authentication (default: ${AUTH_ENV}, which keeps it out of ps).",
+)
+@click.option(
+    "--interval", type=Seconds(min=0.1, max=3600), default=1.0, show_default=True,
+    help="Seconds between two readings of Redis (one round trip per limit).",
+)  # fmt: skip
+@click.option(
+    "--history", type=Seconds(min=1, max=86_400), default=300.0, show_default=True,
+    help="Seconds of readings the sparklines show.",
+)  # fmt: skip
+@click.pass_context
+def web(
+    ctx: click.Context,
+    limits: tuple[str, ...],
+    host: str,
+    port: int,
+    auth: str | None,
+    interval: float,
+    history: float,
+) -> None:
+    """A live, read-only page of each limit's state (default: every limit), with sparklines.
+
+    Serves it and its JSON (/api/status: the rows of `status --json`, recent readings) on
+    http://127.0.0.1:8555/ until Ctrl-C. It reads Redis every --interval seconds however
+    many browsers watch, and says "Redis unreachable" while Redis is away.
+    """
+    fl = _fleet(ctx)
+    page = _guard(
+        lambda: FleetPage(fl, list(limits) or None, host=host, port=port, auth=auth or None,
+                          interval_s=interval, history_s=max(history, interval))
+    )  # fmt: skip
+    if page.auth is None and not page.loopback:
+        click.echo(
+            f"warning: serving on {host} without --auth: anyone who reaches this port reads "
+            "the fleet's state",
+            err=True,
+        )
+    click.echo(f"celery-fleet: the fleet page is on {page.url} (Ctrl-C stops)")
+    try:
+        page.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 @fleet.command()
