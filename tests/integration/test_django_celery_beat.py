@@ -58,6 +58,7 @@ def djdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def app(djdb: Path, redis_url: str) -> Iterator[Any]:
     """The project's Celery app on a queue of its own, current, with an empty database."""
     from celery import _state
+    from django.contrib.auth.models import User
     from django_celery_beat.models import PeriodicTask
 
     from tests.integration.djproject.celery_app import make_app
@@ -69,6 +70,7 @@ def app(djdb: Path, redis_url: str) -> Iterator[Any]:
     yield celery
     previous.set_current()
     PeriodicTask.objects.all().delete()
+    User.objects.all().delete()
     client = redis.Redis.from_url(redis_url)
     client.delete(celery.conf.task_default_queue)
     client.close()
@@ -132,7 +134,7 @@ def _admin_task(name: str, headers: str, every_s: int = 10, **fields: Any) -> An
     """A PeriodicTask as the Django admin saves one: headers as JSON text."""
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-    if "clocked" not in fields:
+    if "clocked" not in fields and "crontab" not in fields:
         fields["interval"], _ = IntervalSchedule.objects.get_or_create(
             every=every_s, period=IntervalSchedule.SECONDS
         )
@@ -174,6 +176,62 @@ def test_admin_headers_jitter_entries_and_share_the_window(
     assert not isinstance(entries["admin-bad"].schedule, Jittered)
     # A one-off clocked task has no next time to stay before: a countdown at publish.
     assert entries["admin-once"].options["fleet_jitter"] == 30
+    sched.close()
+
+
+def test_a_crontab_in_its_own_timezone_is_jittered_after_its_own_time(app: Any) -> None:
+    from zoneinfo import ZoneInfo
+
+    from django_celery_beat.models import CrontabSchedule
+
+    app.conf.beat_schedule = {}
+    berlin, _ = CrontabSchedule.objects.get_or_create(
+        minute="0", hour="2", timezone=ZoneInfo("Europe/Berlin")
+    )
+    _admin_task("berlin-2am", '{"fleet_jitter": 60}', crontab=berlin)
+    sched = _scheduler(app, FLEET_SCHEDULER)
+    jittered = sched.schedule["berlin-2am"].schedule
+    sched.close()
+    utc = dt.timezone.utc
+    after = dt.datetime(2026, 12, 6, 0, 30, tzinfo=utc)
+    two_am_berlin = dt.datetime(2026, 12, 6, 1, 0, tzinfo=utc)  # CET = UTC+1
+    assert jittered.nominal_after(after) == two_am_berlin
+    assert two_am_berlin <= jittered.due_after(after) < two_am_berlin + dt.timedelta(seconds=60)
+
+
+def _saved_in_the_admin(name: str, headers: str, every_s: int) -> Any:
+    """A periodic task added through the Django admin's form (a logged-in POST to its add
+    page, as a user would), with ``headers`` typed in "AMQP Message Headers"."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    interval, _ = IntervalSchedule.objects.get_or_create(
+        every=every_s, period=IntervalSchedule.SECONDS
+    )
+    user, _ = User.objects.get_or_create(
+        username="admin", defaults={"is_staff": True, "is_superuser": True}
+    )
+    client = Client()
+    client.force_login(user)
+    blank = ("start_time", "last_run_at", "expires")
+    form = {
+        "name": name, "task": "dj.ping", "enabled": "on", "interval": str(interval.pk),
+        "args": "[]", "kwargs": json.dumps({"entry": name}), "headers": headers,
+        **{f"{field}_{i}": "" for field in blank for i in (0, 1)},
+    }  # fmt: skip
+    response = client.post("/admin/django_celery_beat/periodictask/add/", form)
+    assert response.status_code == 302, response.content.decode()[-3000:]  # saved
+    return PeriodicTask.objects.get(name=name)
+
+
+def test_the_admin_saves_a_jitter_that_the_scheduler_applies(app: Any) -> None:
+    app.conf.beat_schedule = {}
+    row = _saved_in_the_admin("from-the-admin", '{"fleet_jitter": 8}', every_s=10)
+    assert json.loads(row.headers) == {"fleet_jitter": 8}
+    sched = _scheduler(app, FLEET_SCHEDULER)
+    entry = sched.schedule["from-the-admin"]
+    assert isinstance(entry.schedule, Jittered) and entry.schedule.max_delay == 8
     sched.close()
 
 
@@ -224,8 +282,8 @@ def test_a_real_beat_runs_jittered_database_entries(
     from tests.integration.djproject.celery_app import CONFIG_JITTER_S, EVERY_S, OPTION_JITTER_S
 
     admin = [f"admin-{i}" for i in range(4)]
-    for name in admin:  # four tasks on one interval, jittered from the admin's headers field
-        _admin_task(name, '{"fleet_jitter": 8}', every_s=EVERY_S)
+    for name in admin:  # four tasks on one interval, jittered in the admin's headers field
+        _saved_in_the_admin(name, '{"fleet_jitter": 8}', every_s=EVERY_S)
     jitter = {"from-config-jittered": CONFIG_JITTER_S, "from-config-option": OPTION_JITTER_S}
     jitter.update({name: 8 for name in admin})
     # FLEET_TEST_DJ_SCHEDULER=django_celery_beat.schedulers:DatabaseScheduler runs it on the
