@@ -169,6 +169,17 @@ class JitteredDatabaseScheduler(DatabaseScheduler):  # type: ignore[misc]
         bind_entry_names(entries)
         return entries
 
+    def enabled_models(self) -> list[Any]:
+        # django-celery-beat leaves out the crontab rows whose hour is more than 2 hours
+        # from now (re-read every 5 minutes): a jittered run due later than that would be
+        # skipped. The jittered crontab rows are always read.
+        models: list[Any] = super().enabled_models()
+        seen = {model.pk for model in models}
+        jittered_crontabs = self.Model.objects.filter(
+            enabled=True, crontab__isnull=False, headers__contains=f'"{JITTER_HEADER}"'
+        ).exclude(pk__in=seen)
+        return models + list(jittered_crontabs)
+
     def update_from_dict(self, mapping: dict[str, Any]) -> None:
         # Checked before django-celery-beat's own loop, which logs and skips a bad entry:
         # a bad jitter in the configuration stops beat at start, naming it.

@@ -199,6 +199,24 @@ def test_a_crontab_in_its_own_timezone_is_jittered_after_its_own_time(app: Any) 
     assert two_am_berlin <= jittered.due_after(after) < two_am_berlin + dt.timedelta(seconds=60)
 
 
+def test_a_jittered_crontab_hours_away_is_read_all_the_same(app: Any) -> None:
+    # django-celery-beat reads only the crontab rows within 2 hours of now: a run jittered
+    # to 3 hours after its 02:00 would be skipped once 05:00 came.
+    from django.utils import timezone
+    from django_celery_beat.models import CrontabSchedule
+
+    app.conf.beat_schedule = {}
+    far, _ = CrontabSchedule.objects.get_or_create(
+        minute="0", hour=str((timezone.now().hour + 12) % 24), timezone="UTC"
+    )
+    _admin_task("far-jittered", '{"fleet_jitter": 14400}', crontab=far)
+    _admin_task("far-plain", "{}", crontab=far)
+    sched = _scheduler(app, FLEET_SCHEDULER)
+    assert "far-jittered" in sched.schedule
+    assert "far-plain" not in sched.schedule  # django-celery-beat's own filter, unchanged
+    sched.close()
+
+
 def _saved_in_the_admin(name: str, headers: str, every_s: int) -> Any:
     """A periodic task added through the Django admin's form (a logged-in POST to its add
     page, as a user would), with ``headers`` typed in "AMQP Message Headers"."""
