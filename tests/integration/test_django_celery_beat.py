@@ -130,6 +130,22 @@ def test_a_bad_fleet_jitter_in_beat_schedule_stops_beat_at_start(app: Any) -> No
         _scheduler(app, FLEET_SCHEDULER)
 
 
+def test_without_django_celery_beat_the_import_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['django_celery_beat'] = None\n"
+        "import celery_fleet\n"  # celery-fleet itself never needs it
+        "try:\n"
+        "    import celery_fleet.contrib.django_celery_beat\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "pip install celery-fleet[django-celery-beat]" in out.stdout
+
+
 def _admin_task(name: str, headers: str, every_s: int = 10, **fields: Any) -> Any:
     """A PeriodicTask as the Django admin saves one: headers as JSON text."""
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
