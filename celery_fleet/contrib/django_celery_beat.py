@@ -58,6 +58,8 @@ JITTER_HEADER = JITTER_OPTION
 #: The key holding ``jittered(key=...)``: offsets keyed by it, not by the task's name.
 JITTER_KEY_HEADER = "fleet_jitter_key"
 
+_reported: set[tuple[str, str]] = set()  # (task name, headers) whose bad jitter was logged
+
 
 def stored_entry(name: str, fields: dict[str, Any]) -> dict[str, Any]:
     """The form of a ``beat_schedule`` entry that a ``PeriodicTask`` row can hold.
@@ -111,7 +113,10 @@ def _entry_jitter(model: Any) -> tuple[float, str | None] | None:
                 f"non-empty string, got {key!r}"
             )
     except ConfigError as exc:
-        log.error("celery-fleet: %s; it runs without jitter", exc)
+        # said once per task and value: the entry is built again after every run
+        if (model.name, model.headers) not in _reported:
+            _reported.add((model.name, model.headers))
+            log.error("celery-fleet: %s; it runs without jitter", exc)
         return None
     return seconds, key
 
