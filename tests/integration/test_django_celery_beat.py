@@ -47,7 +47,11 @@ def djdb(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = Path(settings.DATABASES["default"]["NAME"])
     os.environ["FLEET_DJANGO_DB"] = str(path)
     os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS
+    from celery import _state
+
+    previous = _state.get_current_app()
     importlib.import_module("tests.integration.djproject.celery_app")  # django.setup()
+    previous.set_current()  # the project's app is current only where a test says so
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
