@@ -49,7 +49,9 @@ ALLOWED: dict[str, set[str]] = {
         "celery.app",
     },
     "observability": {*CORE, "settings", "fleet"},
-    "contrib": {"admission"},
+    # django_celery_beat: a beat scheduler whose entries run on celery.beat's Jittered
+    # schedules and whose headers hold celery.stagger's fleet_jitter option
+    "contrib": {"admission", "celery.beat", "celery.stagger"},
     "celery": {*CORE, "settings", "fleet", "observability"},
     "testing": {*CORE, "settings", "fleet", "observability", "celery"},
     "signals": {"celery"},  # public aliases of the glue's modules

@@ -14,5 +14,11 @@ never imported, the user has it).
 
 ``usage``: the tokens every SDK adapter reserves before a call and settles after it.
 
-May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.
+``django_celery_beat``: ``JitteredDatabaseScheduler``, django-celery-beat's database
+scheduler with beat jitter from a periodic task's headers
+(``pip install celery-fleet[django-celery-beat]``).
+
+May import: ``admission``, ``errors``, ``checks``, and ``celery.beat``/``celery.stagger``
+(the jitter a beat scheduler applies); the adapted library lazily (a module named after it
+may import it at its top: nothing imports that module but the user).
 """
