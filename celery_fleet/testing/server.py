@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -30,11 +30,15 @@ _MAX_BODY_BYTES = 32 * 1024 * 1024
 
 @dataclass
 class Response:
-    """An answer to write: status, a JSON-serialisable body, extra headers."""
+    """An answer to write: status, a JSON-serialisable body, extra headers; or, with
+    ``stream``, server-sent events written as they come (chunked), after which ``done`` is
+    called once, whether the stream was written whole or the client went away."""
 
     status: int
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterable[bytes] | None = None
+    done: Callable[[], None] | None = None
 
 
 class App(Protocol):
@@ -104,6 +108,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(response)
 
     def _write(self, response: Response) -> None:
+        if response.stream is not None:
+            try:
+                self._write_stream(response, response.stream)
+            finally:
+                if response.done is not None:
+                    response.done()
+            return
         payload = json.dumps(response.body).encode()
         self.send_response(response.status)
         self.send_header("content-type", "application/json")
@@ -112,6 +123,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
+
+    def _write_stream(self, response: Response, stream: Iterable[bytes]) -> None:
+        self.send_response(response.status)
+        self.send_header("content-type", "text/event-stream; charset=utf-8")
+        self.send_header("transfer-encoding", "chunked")
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            for frame in stream:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the client went away mid-stream
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         logger.debug("%s " + format, self.address_string(), *args)
