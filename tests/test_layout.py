@@ -45,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "celery": {*CORE, "settings", "fleet", "observability"},
     "testing": {*CORE, "settings", "fleet", "observability", "celery"},
     "signals": {"celery"},  # public aliases of the glue's modules
+    "httpx": {"contrib"},  # the public name of contrib.httpx_transport (issue 22)
     "metrics": {"observability"},
     "__init__": {*CORE, "fleet", "celery"},
 }
