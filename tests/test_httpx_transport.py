@@ -139,6 +139,27 @@ def test_a_provider_429_reaches_the_sdk_and_pauses_the_limit_fleet_wide(
     assert in_flight(fleet) == 0
 
 
+def test_each_sdk_retry_takes_a_new_slot_and_waits_out_the_pause(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 600}}, max_wait=30)
+    admitted: list[str] = []
+    fleet.admission.watchers.append(lambda event, limit, fields: admitted.append(event))
+    # 60 tokens at once, 100 more a second: the second call of ~53 waits about 0.46 s
+    with ProviderSim(rpm=None, tpm=6000, burst_s=0.6, latency=0.0) as sim:
+        transport = FleetTransport(fleet, "llm")
+        with openai.OpenAI(
+            base_url=sim.base_url,
+            api_key="x",
+            max_retries=1,  # the SDK's own retry: it goes through the fleet again
+            http_client=httpx.Client(transport=transport),
+        ) as client:
+            for _ in range(2):
+                client.chat.completions.create(model="sim", messages=MESSAGES, max_tokens=25)
+        outcomes = [r.outcome for r in sim.log]
+    assert outcomes == ["ok", "429", "ok"], outcomes
+    assert admitted.count("admitted") == 3  # one slot per HTTP request, retries included
+    assert in_flight(fleet) == 0
+
+
 def stream(client: openai.OpenAI) -> Any:
     return client.chat.completions.create(
         model="sim",
