@@ -188,7 +188,7 @@ def test_a_stream_holds_its_slot_until_it_ends_and_settles_from_the_usage_chunk(
     client.close()
 
 
-def test_a_stream_closed_early_is_released_once_and_keeps_its_reservation(
+def test_a_stream_closed_early_is_released_and_keeps_its_reservation(
     make_fleet: MakeFleet, sim: ProviderSim, caplog: pytest.LogCaptureFixture
 ) -> None:
     fleet = fleet_for(make_fleet)
@@ -208,15 +208,18 @@ def test_a_stream_closed_early_is_released_once_and_keeps_its_reservation(
 def test_a_connection_broken_mid_stream_releases_the_slot(make_fleet: MakeFleet) -> None:
     fleet = fleet_for(make_fleet)
     sim = ProviderSim(rpm=None, tpm=None, max_in_flight=4, latency=5.0).start()
-    client = sync_client(sim, fleet)
-    events = iter(stream(client))
-    next(events)
-    assert in_flight(fleet) == 1
-    sim.stop()  # cuts the connection while the answer streams
-    with pytest.raises(openai.APIConnectionError):  # the SDK's name for httpx's error
-        list(events)
-    assert in_flight(fleet) == 0
-    client.close()
+    body = {"model": "sim", "messages": MESSAGES, "stream": True}
+    with httpx.Client(transport=FleetTransport(fleet, "llm")) as client:
+        request = client.build_request("POST", f"{sim.base_url}/chat/completions", json=body)
+        response = client.send(request, stream=True)
+        chunks = response.iter_raw()
+        next(chunks)
+        assert in_flight(fleet) == 1
+        sim.stop()  # cuts the connection while the answer streams
+        with pytest.raises(httpx.RemoteProtocolError):
+            list(chunks)
+        assert in_flight(fleet) == 0  # released by the error, before anybody closes
+        response.close()
 
 
 def test_an_async_stream_settles_and_releases(make_fleet: MakeFleet, sim: ProviderSim) -> None:
