@@ -60,7 +60,10 @@ class FleetTransport(TransportMixin, httpx2.BaseTransport):
     default :func:`~celery_fleet.contrib.usage.estimate_tokens`; nothing is reserved on a
     limit without a token budget), ``max_wait`` (seconds a call waits for admission;
     default the running task's, else ``fleet_max_wait``), ``paths`` (path suffixes of
-    model calls, :data:`DEFAULT_PATHS`), ``transport`` (the inner transport, default
+    model calls, :data:`DEFAULT_PATHS`), ``pushback`` (``"raise"``: a 429 or an overload
+    raises ``Throttled`` once the fleet heard it, as ``fleet.slot`` does, so a task
+    reschedules; ``"return"``: the SDK gets the response and raises its own error),
+    ``transport`` (the inner transport, default
     ``httpx2.HTTPTransport()``). Checked here: :class:`~celery_fleet.ConfigError` names a
     bad one.
     """

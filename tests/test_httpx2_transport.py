@@ -17,8 +17,9 @@ import anthropic
 import httpx2
 import openai
 import pytest
+from celery import Celery
 
-from celery_fleet import Fleet
+from celery_fleet import Fleet, Throttled, fleet_task
 from celery_fleet.contrib.stream_usage import UsageMeter
 from celery_fleet.httpx2 import AsyncFleetTransport, FleetTransport
 from celery_fleet.observability.status import limit_status
@@ -120,9 +121,10 @@ def test_an_anthropic_529_counts_as_an_overload(make_fleet: MakeFleet) -> None:
     with anthropic.Anthropic(
         api_key="x", max_retries=0, http_client=httpx2.Client(transport=transport)
     ) as client:
-        with pytest.raises(anthropic.APIStatusError) as info:
+        with pytest.raises(anthropic.APIConnectionError) as info:  # it wraps what we raise
             client.messages.create(**ASK)
-    assert info.value.status_code == 529
+    assert isinstance(info.value.__cause__, Throttled)
+    assert info.value.__cause__.reason == "provider 529"
     assert fleet.adaptive_state("llm")["cap"] < 8  # the fleet backed off
     assert limit_status(fleet, "llm").in_flight == 0
 
@@ -172,6 +174,44 @@ def test_openai_over_httpx2_against_the_simulator(make_fleet: MakeFleet) -> None
         client.close()
     used = reply.usage.total_tokens + last.total_tokens
     assert used - 50 <= charged(fleet) <= used
+
+
+def test_a_refusal_the_sdk_wraps_still_reschedules_a_fleet_task(
+    redis_url: str, namespace: str
+) -> None:
+    app = Celery("unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(
+        fleet_redis_url=redis_url,
+        fleet_namespace=namespace,
+        fleet_limits={"llm": {"max_in_flight": 1}},
+        fleet_max_wait=0,
+    )
+    fleet = Fleet(app)
+    transport = FleetTransport(fleet, "llm", transport=httpx2.MockTransport(anthropic_answer))
+    claude = anthropic.Anthropic(
+        api_key="x", max_retries=0, http_client=httpx2.Client(transport=transport)
+    )
+    holder = fleet.slot("llm").acquire()  # the cap is full
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the eager reschedule's wait: the cap frees meanwhile
+        sleeps.append(seconds)
+        holder.release()
+
+    fleet.clock.sleep = sleep  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    @fleet_task(app=app, shared=False)
+    def agent() -> str:
+        try:
+            return claude.messages.create(**ASK).content[0].text  # type: ignore[union-attr]
+        except anthropic.APIConnectionError as exc:  # what the SDK makes of Throttled
+            errors.append(exc)
+            raise
+
+    assert agent.apply().get() == "Hi"
+    assert len(sleeps) == 1 and isinstance(errors[0].__cause__, Throttled)
+    claude.close()
 
 
 @pytest.mark.fast

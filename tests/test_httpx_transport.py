@@ -120,16 +120,22 @@ def test_an_asyncio_herd_with_async_openai(make_fleet: MakeFleet, sim: ProviderS
     assert in_flight(fleet) == 0
 
 
-def test_a_provider_429_reaches_the_sdk_and_pauses_the_limit_fleet_wide(
-    make_fleet: MakeFleet,
+@pytest.mark.parametrize(
+    ("pushback", "raised"), [("raise", Throttled), ("return", openai.RateLimitError)]
+)
+def test_a_provider_429_pauses_the_limit_fleet_wide(
+    make_fleet: MakeFleet, pushback: str, raised: type[Exception]
 ) -> None:
     fleet = make_fleet({"llm": {"rpm": 600}}, max_wait=0)
     # 60 tokens at once, 10 more a second: one call of ~53 passes, the next waits ~4.6 s
     with ProviderSim(rpm=None, tpm=600, burst_s=6, latency=0.0) as sim:
-        client = sync_client(sim, fleet)
+        client = sync_client(sim, fleet, pushback=pushback)
         client.chat.completions.create(model="sim", messages=MESSAGES, max_tokens=25)
-        with pytest.raises(openai.RateLimitError):  # the response, unchanged
+        with pytest.raises(raised) as pushed:  # Throttled, or the SDK's error: the response
             client.chat.completions.create(model="sim", messages=MESSAGES, max_tokens=25)
+        if pushback == "raise":
+            assert isinstance(pushed.value, Throttled) and "429" in pushed.value.reason
+            assert pushed.value.wait_ms > 1000  # the provider's Retry-After
         assert fleet.adaptive_state("llm")["pause_until"] > 0
         with pytest.raises(Throttled) as paused:  # refused by the fleet, not sent
             client.chat.completions.create(model="sim", messages=MESSAGES, max_tokens=25)
@@ -145,7 +151,7 @@ def test_each_sdk_retry_takes_a_new_slot_and_waits_out_the_pause(make_fleet: Mak
     fleet.admission.watchers.append(lambda event, limit, fields: admitted.append(event))
     # 60 tokens at once, 100 more a second: the second call of ~53 waits about 0.46 s
     with ProviderSim(rpm=None, tpm=6000, burst_s=0.6, latency=0.0) as sim:
-        transport = FleetTransport(fleet, "llm")
+        transport = FleetTransport(fleet, "llm", pushback="return")  # the SDK sees the 429
         with openai.OpenAI(
             base_url=sim.base_url,
             api_key="x",
@@ -297,7 +303,13 @@ def test_tokens_option_and_paths_option(make_fleet: MakeFleet, sim: ProviderSim)
 @pytest.mark.fast
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("tokens", "many"), ("tokens", True), ("paths", "/chat/completions"), ("paths", ["chat"])],
+    [
+        ("tokens", "many"),
+        ("tokens", True),
+        ("paths", "/chat/completions"),
+        ("paths", ["chat"]),
+        ("pushback", "ignore"),
+    ],
 )
 def test_bad_options_are_config_errors_naming_them(option: str, value: Any) -> None:
     fleet = Fleet(limits={"llm": {"max_in_flight": 1}}, redis_url="redis://127.0.0.1:1/0")

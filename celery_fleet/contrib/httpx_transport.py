@@ -17,8 +17,12 @@ For each request that is a model call (a ``POST`` whose path ends with one of ``
    (``x-ratelimit-*``, ``anthropic-ratelimit-*``);
 3. a JSON response is read whole, its ``usage`` settles the reservation, and the slot is
    released with what the status says (a 429's Retry-After pauses the limit fleet-wide, a
-   503/529 counts as an overload, a 5xx as a failure) before the response, unchanged, goes
-   back to the SDK, which raises its own ``RateLimitError`` for a 429 as it always did;
+   503/529 counts as an overload, a 5xx as a failure). Then, with ``pushback="raise"``
+   (the default), a 429 or an overload raises :class:`~celery_fleet.Throttled` and an
+   exhausted quota :class:`~celery_fleet.QuotaExhausted`, as leaving ``fleet.slot`` with
+   the SDK's error does, so a ``fleet_task`` reschedules (a ``RateLimitError`` escaping a
+   task body would fail it) and the SDK retries nothing; with ``pushback="return"`` the
+   response goes back unchanged and the SDK raises its own error;
 4. a ``text/event-stream`` response keeps its slot until the stream ends or is closed, and
    settles from the usage in its events (see :mod:`~celery_fleet.contrib.stream_usage`);
    the slot is released exactly once (:mod:`~celery_fleet.contrib.httpx_streams`).
@@ -48,6 +52,8 @@ __all__ = ["AsyncTransportMixin", "DEFAULT_PATHS", "Policy", "SlotSource", "Tran
 DEFAULT_PATHS = ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
 
 TokensOption = int | Callable[[Mapping[str, Any]], int] | None
+#: What a provider's pushback (429, 503, 529) does once the fleet heard it.
+PUSHBACK = ("raise", "return")
 
 
 class SlotSource(Protocol):
@@ -74,7 +80,14 @@ class Policy:
         tokens: TokensOption,
         max_wait: float | None,
         paths: Iterable[str],
+        pushback: str = "raise",
     ) -> None:
+        if pushback not in PUSHBACK:
+            raise ConfigError(
+                f"FleetTransport(pushback=...) must be one of {', '.join(PUSHBACK)}, "
+                f"got {pushback!r}"
+            )
+        self.raises = pushback == "raise"
         # The fleet's own checks: a known limit, a wait, a fixed reservation it can hold.
         fixed = tokens if isinstance(tokens, int) else 0
         probe = fleet.slot(limit, tokens=fixed, max_wait=max_wait)
@@ -192,12 +205,13 @@ class TransportMixin:
         max_wait: float | None = None,
         paths: Iterable[str] = DEFAULT_PATHS,
         transport: Any = None,
+        pushback: str = "raise",
     ) -> None:
         if transport is not None and not isinstance(transport, self.lib.BaseTransport):
             raise ConfigError(
                 f"transport must be a {self.lib.__name__}.BaseTransport, got {transport!r}"
             )
-        self.policy = Policy(fleet, limit, tokens, max_wait, paths)
+        self.policy = Policy(fleet, limit, tokens, max_wait, paths, pushback)
         self.transport = transport if transport is not None else self.lib.HTTPTransport()
 
     def handle_request(self, request: Any) -> Any:
@@ -226,7 +240,10 @@ class TransportMixin:
         except BaseException as exc:
             held.end(slot.exit_signal(exc), None)
             raise
-        held.end(*_verdict(self.lib, response, raw))
+        signal, tokens = _verdict(self.lib, response, raw)
+        held.end(signal, tokens)
+        if policy.raises:
+            slot.raise_pushback(signal, None)  # Throttled / QuotaExhausted, as a slot does
         return _rebuilt(self.lib, response, self.lib.ByteStream(raw), request)
 
     def close(self) -> None:
@@ -249,12 +266,13 @@ class AsyncTransportMixin:
         max_wait: float | None = None,
         paths: Iterable[str] = DEFAULT_PATHS,
         transport: Any = None,
+        pushback: str = "raise",
     ) -> None:
         if transport is not None and not isinstance(transport, self.lib.AsyncBaseTransport):
             raise ConfigError(
                 f"transport must be a {self.lib.__name__}.AsyncBaseTransport, got {transport!r}"
             )
-        self.policy = Policy(fleet, limit, tokens, max_wait, paths)
+        self.policy = Policy(fleet, limit, tokens, max_wait, paths, pushback)
         self.transport = transport if transport is not None else self.lib.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
@@ -283,7 +301,10 @@ class AsyncTransportMixin:
         except BaseException as exc:
             await held.aend(aslot, aslot.slot.exit_signal(exc), None)
             raise
-        await held.aend(aslot, *_verdict(self.lib, response, raw))
+        signal, tokens = _verdict(self.lib, response, raw)
+        await held.aend(aslot, signal, tokens)
+        if policy.raises:
+            aslot.slot.raise_pushback(signal, None)
         return _rebuilt(self.lib, response, self.lib.ByteStream(raw), request)
 
     async def aclose(self) -> None:
