@@ -9,6 +9,7 @@ fleet charged: it refills by about 12 tokens a second, far less than a reservati
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -336,3 +337,19 @@ def test_json_of_a_request_that_is_not_json_reserves_the_int(make_fleet: MakeFle
     with httpx.Client(transport=transport) as client:
         client.post("http://x/v1/chat/completions", content=b"not json")
     assert 5000 - 50 <= seen[0] <= 5000 and charged(fleet) <= 3
+
+
+def test_a_stream_nobody_closes_is_released_when_collected(
+    make_fleet: MakeFleet, sim: ProviderSim, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = fleet_for(make_fleet)
+    body = {"model": "sim", "messages": MESSAGES, "stream": True}
+    with httpx.Client(transport=FleetTransport(fleet, "llm")) as client:
+        request = client.build_request("POST", f"{sim.base_url}/chat/completions", json=body)
+        response = client.send(request, stream=True)
+        next(response.iter_raw())
+        assert in_flight(fleet) == 1
+        del response  # dropped unread and unclosed
+        gc.collect()
+        assert in_flight(fleet) == 0
+    assert "never closed" in caplog.text

@@ -106,7 +106,8 @@ class MeteredStream:
 
     def __init__(self, inner: Iterable[bytes], meter: UsageMeter, held: HeldSlot) -> None:
         self._inner, self._meter, self._held = inner, meter, held
-        weakref.finalize(self, held.collected)
+        # Not at interpreter exit: the lease expires by itself then, no Redis call needed.
+        weakref.finalize(self, held.collected).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -137,7 +138,8 @@ class AsyncMeteredStream:
         self, inner: AsyncIterable[bytes], meter: UsageMeter, held: HeldSlot, aslot: AsyncSlot
     ) -> None:
         self._inner, self._meter, self._held, self._aslot = inner, meter, held, aslot
-        weakref.finalize(self, held.collected)
+        # Not at interpreter exit: the lease expires by itself then, no Redis call needed.
+        weakref.finalize(self, held.collected).atexit = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
