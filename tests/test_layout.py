@@ -55,6 +55,8 @@ ALLOWED: dict[str, set[str]] = {
     "celery": {*CORE, "settings", "fleet", "observability"},
     "testing": {*CORE, "settings", "fleet", "observability", "celery"},
     "signals": {"celery"},  # public aliases of the glue's modules
+    "httpx": {"contrib"},  # the public transports over contrib.httpx_transport (issue 22)
+    "httpx2": {"contrib"},  # the same over httpx2, which the openai and anthropic SDKs use
     "metrics": {"observability"},
     "__init__": {*CORE, "fleet", "celery"},
 }

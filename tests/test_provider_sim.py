@@ -264,7 +264,10 @@ def test_malformed_requests_get_400_and_the_server_survives(
         http.post(url, json={"model": "sim", "messages": []}),
         http.post(url, json={"model": "sim", "messages": "hi"}),
         http.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}),
-        http.post(url, json={"messages": [{"role": "user", "content": "x"}], "stream": True}),
+        http.post(
+            url,
+            json={"messages": [{"role": "user", "content": "x"}], "stream_options": {}},
+        ),  # stream_options without stream=true
     ]
     assert [b.status_code for b in bad] == [400] * 5
     assert all(b.json()["error"]["type"] == "invalid_request_error" for b in bad)
@@ -384,3 +387,37 @@ def test_pytest_plugin_fixtures_start_and_stop_sims(pytester: pytest.Pytester) -
         """
     )
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=3)
+
+
+def test_a_streamed_answer_is_openai_sse_in_flight_until_its_last_event(
+    sims: MakeSim, http: httpx.Client
+) -> None:
+    sim = sims(latency=2.0, latency_sigma=0.0)  # the frames after the first take 2 s
+    body = {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "one two three four five"}],
+        "max_tokens": 12,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with http.stream("POST", f"{sim.base_url}/chat/completions", json=body) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        lines = answer.iter_lines()
+        first = next(line for line in lines if line)
+        assert sim.stats()["in_flight"] == 1  # still answering
+        rest = [line for line in lines if line]
+    assert sim.stats()["in_flight"] == 0
+    assert rest[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in [first, *rest[:-1]]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert all(c["usage"] is None for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"])
+    (record,) = sim.log
+    assert len(text.split()) == record.completion_tokens == chunks[-1]["usage"]["completion_tokens"]
+    plain = dict(body, stream_options=None)
+    del plain["stream_options"]
+    with http.stream("POST", f"{sim.base_url}/chat/completions", json=plain) as answer:
+        events = [line for line in answer.iter_lines() if line]
+    assert "usage" not in json.loads(events[-2].removeprefix("data: "))

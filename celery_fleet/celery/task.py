@@ -266,11 +266,17 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         )
 
     def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.request_stack.top is None:
-            # Called directly (not by a worker): Task.__call__ pushes the request.
-            return super().__call__(*args, **kwargs)
-        # Run by the worker's tracer, which already pushed the request with its id.
-        return self.run(*args, **kwargs)
+        try:
+            if self.request_stack.top is None:
+                # Called directly (not by a worker): Task.__call__ pushes the request.
+                return super().__call__(*args, **kwargs)
+            # Run by the worker's tracer, which already pushed the request with its id.
+            return self.run(*args, **kwargs)
+        except Exception as exc:
+            refusal = _backpressure_cause(exc)
+            if refusal is None:
+                raise
+            raise refusal from None  # the SDK error only wrapped it
 
     def retry(self, *args: Any, exc: BaseException | None = None, **kwargs: Any) -> Any:
         """Celery's retry, except that backpressure reschedules without counting a retry.
@@ -389,3 +395,17 @@ def fleet_task(*args: Any, **options: Any) -> Any:
     if args:
         raise ConfigError("fleet_task takes keyword options only, e.g. @fleet_task(limit='openai')")
     return decorator
+
+
+def _backpressure_cause(exc: BaseException) -> Backpressure | None:
+    """The fleet's refusal an SDK wrapped: the anthropic SDK raises ``APIConnectionError``
+    ``from`` whatever its HTTP transport raised, e.g. the ``Throttled`` of
+    :mod:`celery_fleet.httpx2`. Found in the ``__cause__`` chain, so the task reschedules."""
+    seen: set[int] = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Backpressure):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None

@@ -12,7 +12,12 @@ estimate and usage for it.
 calls each hold a slot (``sdk_calls``, ``sdk_streams``: its proxies and streams; the SDK is
 never imported, the user has it).
 
-``usage``: the tokens every SDK adapter reserves before a call and settles after it.
+``usage``: the tokens every SDK adapter reserves before a call and settles after it;
+``stream_usage``: the same read from a response's raw bytes (JSON or server-sent events).
+
+``httpx_transport`` and ``httpx_streams``: the transports behind :mod:`celery_fleet.httpx`
+and :mod:`celery_fleet.httpx2` (one slot per model call); they import no HTTP library
+themselves (``pip install celery-fleet[httpx]`` / ``[httpx2]``).
 
 ``django_celery_beat``: ``JitteredDatabaseScheduler``, django-celery-beat's database
 scheduler with beat jitter from a periodic task's headers

@@ -25,7 +25,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -42,6 +42,7 @@ from .wire import (
     parse_chat_request,
     rate_limit_refusal,
     ratelimit_headers,
+    stream_frames,
 )
 
 __all__ = ["ProviderSim", "RequestRecord", "KEEP"]
@@ -357,12 +358,6 @@ class ProviderSim:
             completion_tokens=0 if effect.garbage else completion_tokens,
         )
         self._append(record)
-        try:
-            self._stopping.wait(latency_s)
-        finally:
-            # Released before the answer is written: a client that fires its next request on
-            # receipt must find the slot free.
-            self._limiter.release()
         answer = completion_body(
             request_id=f"chatcmpl-sim{number:07d}",
             created=int(time.time()),
@@ -370,7 +365,23 @@ class ProviderSim:
             completion_tokens=completion_tokens,
             garbage=effect.garbage,
         )
+        if request.stream:  # in flight until the last event is written
+            paced = self._paced(stream_frames(answer, request.include_usage), latency_s)
+            return Response(200, None, meta, stream=paced, done=self._limiter.release)
+        try:
+            self._stopping.wait(latency_s)
+        finally:
+            # Released before the answer is written: a client that fires its next request on
+            # receipt must find the slot free.
+            self._limiter.release()
         return Response(200, answer, meta)
+
+    def _paced(self, frames: list[bytes], latency_s: float) -> Iterator[bytes]:
+        """The frames of a streamed answer, the first at once, the others over the latency."""
+        for i, frame in enumerate(frames):
+            if i and self._stopping.wait(latency_s / (len(frames) - 1)):
+                raise ConnectionAbortedError("the simulator stopped mid-stream")
+            yield frame
 
     def _refuse(
         self,

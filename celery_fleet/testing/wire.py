@@ -24,6 +24,7 @@ __all__ = [
     "format_wait",
     "error_body",
     "completion_body",
+    "stream_frames",
     "ratelimit_headers",
     "rate_limit_refusal",
 ]
@@ -50,6 +51,8 @@ class ChatRequest:
     prompt_tokens: int
     max_tokens: int
     prompt_words: tuple[str, ...]
+    stream: bool = False
+    include_usage: bool = False
 
     @property
     def cost(self) -> int:
@@ -76,7 +79,8 @@ def parse_chat_request(raw: bytes, default_max_tokens: int = 256) -> ChatRequest
     """Validate a chat completion body; raise :class:`BadRequest` with an OpenAI-like message.
 
     ``max_completion_tokens`` is accepted as a synonym of ``max_tokens``; when both are
-    absent the request is charged ``default_max_tokens``. Streaming is not simulated.
+    absent the request is charged ``default_max_tokens``. ``stream`` asks for server-sent
+    events (:func:`stream_frames`), ``stream_options.include_usage`` for a last usage chunk.
     """
     try:
         body = json.loads(raw)
@@ -89,8 +93,11 @@ def parse_chat_request(raw: bytes, default_max_tokens: int = 256) -> ChatRequest
         raise BadRequest("'messages' must be a non-empty array.", "messages")
     if not all(isinstance(m, dict) for m in messages):
         raise BadRequest("Each message must be an object.", "messages")
-    if body.get("stream"):
-        raise BadRequest("The provider simulator does not support stream=true.", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or not body.get("stream")):
+        raise BadRequest(
+            "'stream_options' must be an object, and needs stream=true.", "stream_options"
+        )
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max_tokens
@@ -105,6 +112,8 @@ def parse_chat_request(raw: bytes, default_max_tokens: int = 256) -> ChatRequest
         prompt_tokens=math.ceil(sum(len(t) for t in texts) / 4),
         max_tokens=max_tokens,
         prompt_words=tuple(texts[-1].split()[:64]),
+        stream=bool(body.get("stream")),
+        include_usage=bool((options or {}).get("include_usage")),
     )
 
 
@@ -268,3 +277,33 @@ def rate_limit_refusal(
     message = _refusal_message(request, decision, max_in_flight, retry_after_ms)
     type_ = "tokens" if dim == TOKENS else "requests"
     return retry_after_ms, headers, error_body(message, type_, "rate_limit_exceeded")
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+def stream_frames(body: Mapping[str, Any], include_usage: bool, pieces: int = 4) -> list[bytes]:
+    """A ``chat.completion`` ``body`` as OpenAI streams it: server-sent ``data:`` frames of
+    ``chat.completion.chunk`` objects (the role, the content in up to ``pieces`` parts, the
+    finish reason), then a chunk with no choices and the ``usage`` when ``include_usage``,
+    then ``data: [DONE]``. Every chunk before the last carries ``"usage": null`` then."""
+    choice = body["choices"][0]
+    words = choice["message"]["content"].split(" ")
+    step = max(1, math.ceil(len(words) / pieces))
+    # Each part after the first starts with its space, as OpenAI's deltas do: they join.
+    parts = [(" " if i else "") + " ".join(words[i : i + step]) for i in range(0, len(words), step)]
+    head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint")}
+    head["object"] = "chat.completion.chunk"
+    if include_usage:
+        head["usage"] = None
+    deltas = [{"role": "assistant", "content": ""}] + [{"content": p} for p in parts]
+    chunks = [
+        {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]}
+        for d in deltas
+    ]
+    end = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
+    chunks.append({**head, "choices": [end]})
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": body["usage"]})
+    return [_sse(c) for c in chunks] + [b"data: [DONE]\n\n"]

@@ -431,3 +431,24 @@ def holds_model_in_a_thread(tag: str) -> str:
     thread.start()
     thread.join()
     return "thread"
+# -- test_httpx_worker.py: the openai SDK over FleetTransport, no slot code in the task ------
+
+
+@fleet_task(app=app, shared=False, bind=True, max_retries=0)
+def sdk_call(self: FleetTask, base_url: str, n: int) -> dict[str, Any]:
+    """One chat completion through ``celery_fleet.httpx.FleetTransport`` on the 'model'
+    limit (cap 3): a provider 429 reschedules the task (max_retries=0 would fail it)."""
+    import httpx
+    import openai
+
+    from celery_fleet.httpx import FleetTransport
+
+    transport = FleetTransport(fleet, "model")
+    with openai.OpenAI(
+        base_url=base_url, api_key="x", max_retries=0, http_client=httpx.Client(transport=transport)
+    ) as client:
+        reply = client.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": f"question {n}"}], max_tokens=25
+        )
+    assert reply.usage is not None
+    return {"n": n, "id": self.request.id, "retries": self.request.retries}
