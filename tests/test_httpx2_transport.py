@@ -1,8 +1,9 @@
 """``celery_fleet.httpx2``: the transports over httpx2, the HTTP client the SDKs now make.
 
-The anthropic SDK accepts only an ``httpx2`` client, so its tests put the real SDK over
-``FleetTransport`` with ``httpx2.MockTransport`` inside, answering in Anthropic's wire
-format (JSON and server-sent events); the openai SDK runs against ProviderSim. Real Redis.
+The anthropic SDK accepts only an ``httpx2`` client. A herd of the real SDK runs over
+``FleetTransport`` against ProviderSim's Messages API; the exact usage arithmetic and the
+529 use ``httpx2.MockTransport`` answering in Anthropic's wire format (JSON and server-sent
+events); the openai SDK runs against ProviderSim. Real Redis.
 """
 
 from __future__ import annotations
@@ -234,3 +235,51 @@ def test_the_meter_reads_gzip_json_and_sse_split_anywhere() -> None:
     unknown.feed(b"\x00\x01")
     unknown.finish()
     assert unknown.tokens is None
+
+
+def test_a_herd_of_anthropic_clients_over_the_transport_against_the_simulator(
+    make_fleet: MakeFleet,
+) -> None:
+    """The real Anthropic SDK over ``FleetTransport`` against ProviderSim's /v1/messages (a
+    provider allowing what the fleet does): no 429s, the cap held, usage settled, also for
+    streamed answers (message_start + message_delta)."""
+    import threading
+
+    fleet = fleet_for(make_fleet, rpm=600)
+    used: list[int] = []
+    errors: list[BaseException] = []
+    with ProviderSim(rpm=600, tpm=None, max_in_flight=4, latency=0.03, seed=3) as sim:
+        client = anthropic.Anthropic(
+            base_url=sim.url,
+            api_key="x",
+            max_retries=0,
+            http_client=httpx2.Client(transport=FleetTransport(fleet, "llm")),
+        )
+        gate = threading.Barrier(30)
+
+        def agent(i: int) -> None:
+            gate.wait()
+            ask = {**ASK, "max_tokens": 200, "messages": [{"role": "user", "content": f"q{i}"}]}
+            try:
+                if i % 3:
+                    reply = client.messages.create(**ask)
+                    used.append(reply.usage.input_tokens + reply.usage.output_tokens)
+                else:
+                    with client.messages.stream(**ask) as stream:
+                        final = stream.get_final_message()
+                    used.append(final.usage.input_tokens + final.usage.output_tokens)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        client.close()
+        stats = sim.stats()
+    assert not errors, errors[:3]
+    assert stats["ok"] == 30 and sum(stats["rate_limited"].values()) == 0, stats
+    assert stats["max_in_flight_observed"] <= 4
+    assert limit_status(fleet, "llm").in_flight == 0
+    assert sum(used) - 60 <= charged(fleet) <= sum(used)  # settled, not 30 x ~200 reserved
