@@ -3,6 +3,9 @@
 ``pybreaker``: ``fleet.circuit_breaker(name)``, pybreaker's interface on the fleet-wide
 breaker (``pip install celery-fleet[pybreaker]``).
 
+``litellm``: ``FleetHook``, a LiteLLM callback holding a slot around every
+``litellm.completion`` / ``acompletion`` (``pip install celery-fleet[litellm]``).
+
 ``usage``: the tokens every SDK adapter reserves before a call and settles after it.
 
 May import: ``admission``, ``errors``, ``checks``; the adapted library lazily.
