@@ -259,6 +259,33 @@ def test_completion_blocks_until_admitted_and_acompletion_is_refused(
     hook.close()
 
 
+def test_a_router_is_covered_on_both_paths(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"sim": {"max_in_flight": 1, "rpm": 600}}, max_wait=0)
+    hook = FleetHook(fleet, limit={"openai/sim": "sim"})
+    _install(hook)
+    with ProviderSim(rpm=600, tpm=None, latency=0.0) as sim:
+        params = {"model": "openai/sim", "api_base": sim.base_url, "api_key": "x"}
+        router = litellm.Router(
+            model_list=[{"model_name": "agent", "litellm_params": params}], num_retries=0
+        )
+        assert router.completion(model="agent", messages=MESSAGES).usage.total_tokens > 0
+        holder = fleet.slot("sim").acquire()  # the cap is full
+
+        async def main() -> None:
+            try:
+                with pytest.raises(Throttled):
+                    await router.acompletion(model="agent", messages=MESSAGES)
+                holder.release()
+                await router.acompletion(model="agent", messages=MESSAGES)
+            finally:
+                await fleet.aclose()
+
+        asyncio.run(main())
+        assert sim.stats()["ok"] == 2 and hook.holding == []
+        assert fleet.admission.in_flight("sim") == 0
+    hook.close()
+
+
 class _Abort(BaseException):
     """What a gevent ``Timeout`` or a ``KeyboardInterrupt`` is: not an ``Exception``."""
 

@@ -153,6 +153,7 @@ class FleetHook(CustomLogger):
         self._sweeper: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        self._warned_loop = False
 
     # -- what a call is ---------------------------------------------------------------
 
@@ -274,8 +275,16 @@ class FleetHook(CustomLogger):
         call_id = _call_id(kwargs)
         if _call_type(kwargs.get("call_type")) != "completion" or call_id is None:
             return  # acompletion (admitted by its deployment hook) or not a completion
-        if call_id in self._held or _in_event_loop():
-            return  # a second attempt of a held call; or a sync call the loop cannot wait for
+        if call_id in self._held:
+            return  # a second attempt of a held call (LiteLLM's own message fix-ups)
+        if _in_event_loop():  # waiting would block the loop, and the releases it runs
+            if not self._warned_loop:
+                self._warned_loop = True
+                log.warning(
+                    "celery-fleet: a synchronous litellm.completion inside a running event "
+                    "loop is not admitted by FleetHook; use litellm.acompletion"
+                )
+            return
         limit = self.limit_for(str(model or kwargs.get("model") or ""), _provider(kwargs))
         if limit is None:
             return
