@@ -45,10 +45,8 @@ import asyncio
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 try:
@@ -65,6 +63,7 @@ from ..admission.providers import OK, Signal, classify
 from ..admission.slot import Slot
 from ..checks import check_max_wait
 from ..errors import Backpressure, ConfigError, FleetError
+from .held import HeldCalls
 from .usage import estimate_tokens, usage_tokens
 
 __all__ = ["FleetHook", "DEFAULT_MAX_HOLD_S"]
@@ -90,21 +89,6 @@ class _Fleet(Protocol):
     def slot(self, name: str, tokens: int = 0, max_wait: float | None = None) -> Slot: ...
 
     def aslot(self, name: str, tokens: int = 0, max_wait: float | None = None) -> AsyncSlot: ...
-
-
-@dataclass
-class _Held:
-    """One call's slot, from its admission to its release."""
-
-    slot: Slot | AsyncSlot
-    since: float
-    stream: bool
-    limit: str = field(default="")
-    orphaned: bool = False  # its task ended without a release
-
-    @property
-    def blocking(self) -> Slot:
-        return self.slot.slot if isinstance(self.slot, AsyncSlot) else self.slot
 
 
 class FleetHook(CustomLogger):
@@ -148,11 +132,7 @@ class FleetHook(CustomLogger):
         ):
             raise ConfigError(f"max_hold must be a number of seconds > 0, got {max_hold!r}")
         self.max_hold_s = float(max_hold)
-        self._held: dict[str, _Held] = {}
-        self._lock = threading.Lock()
-        self._sweeper: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
+        self.calls = HeldCalls(self.max_hold_s, name="celery-fleet-litellm")
         self._warned_loop = False
 
     # -- what a call is ---------------------------------------------------------------
@@ -189,8 +169,7 @@ class FleetHook(CustomLogger):
     @property
     def holding(self) -> list[str]:
         """The ``litellm_call_id`` of every call holding a slot now."""
-        with self._lock:
-            return list(self._held)
+        return self.calls.ids()
 
     # -- acompletion: awaited in the call's own task ------------------------------------
 
@@ -199,7 +178,7 @@ class FleetHook(CustomLogger):
     ) -> dict[str, Any] | None:
         """Wait for admission without blocking the loop; a refusal reaches the caller."""
         call_id = _call_id(kwargs)
-        if _call_type(call_type) not in _COMPLETIONS or call_id is None or call_id in self._held:
+        if _call_type(call_type) not in _COMPLETIONS or call_id is None or call_id in self.calls:
             return None
         model = str(kwargs.get("model") or "")
         limit = self.limit_for(model, kwargs.get("custom_llm_provider"))
@@ -210,12 +189,12 @@ class FleetHook(CustomLogger):
         )
         await aslot.acquire()
         stream = bool(kwargs.get("stream"))
-        self._hold(call_id, aslot, stream)
+        self.calls.hold(call_id, aslot, stream)
         task = asyncio.current_task()
         if task is not None and not stream:  # a stream may outlive the task that opened it
             # Cancelled (a CancelledError skips every failure hook) or ended otherwise
             # without a release: give the slot back now rather than after max_hold.
-            task.add_done_callback(lambda _: self._orphan(call_id))
+            task.add_done_callback(lambda _: self.calls.orphan(call_id))
         return None
 
     async def async_post_call_success_deployment_hook(
@@ -247,7 +226,7 @@ class FleetHook(CustomLogger):
         await self._afinish(_call_id(kwargs), classify(kwargs.get("exception")))
 
     async def _afinish(self, call_id: str | None, signal: Signal, response: Any = None) -> None:
-        held = self._take(call_id, sync=False)
+        held = self.calls.take(call_id, asyncio_slot=True)
         if held is None:
             return
         aslot = held.slot
@@ -275,7 +254,7 @@ class FleetHook(CustomLogger):
         call_id = _call_id(kwargs)
         if _call_type(kwargs.get("call_type")) != "completion" or call_id is None:
             return  # acompletion (admitted by its deployment hook) or not a completion
-        if call_id in self._held:
+        if call_id in self.calls:
             return  # a second attempt of a held call (LiteLLM's own message fix-ups)
         if _in_event_loop():  # waiting would block the loop, and the releases it runs
             if not self._warned_loop:
@@ -299,14 +278,14 @@ class FleetHook(CustomLogger):
                 break
             except Backpressure as refused:  # an open breaker, or the store-down policy
                 time.sleep(max(refused.wait_ms, 50) / 1000.0)
-        self._hold(call_id, slot, bool(kwargs.get("stream")))
+        self.calls.hold(call_id, slot, bool(kwargs.get("stream")))
 
     def log_post_api_call(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """The answer arrived (caller's thread, before ``completion`` returns): release."""
         call_id = _call_id(kwargs)
-        held = self._held.get(call_id) if call_id else None
+        held = self.calls.get(call_id)
         if held is None or held.stream or isinstance(held.slot, AsyncSlot):
             return
         answer = _json(kwargs.get("original_response"))
@@ -329,7 +308,7 @@ class FleetHook(CustomLogger):
     def _finish(
         self, call_id: str | None, signal: Signal, response: Any = None, headers: Any = None
     ) -> None:
-        held = self._take(call_id, sync=True)
+        held = self.calls.take(call_id, asyncio_slot=False)
         if held is None:
             return
         slot = held.blocking
@@ -348,77 +327,12 @@ class FleetHook(CustomLogger):
                 "celery-fleet: releasing %r failed (%s); its lease expires", held.limit, exc
             )
 
-    # -- the map of held calls ---------------------------------------------------------
-
-    def _hold(self, call_id: str, slot: Slot | AsyncSlot, stream: bool) -> None:
-        limit = slot.limit
-        with self._lock:
-            self._held[call_id] = _Held(slot, time.monotonic(), stream, limit)
-            if self._sweeper is None:
-                self._sweeper = threading.Thread(
-                    target=self._sweep_forever, name="celery-fleet-litellm", daemon=True
-                )
-                self._sweeper.start()
-
-    def _take(self, call_id: str | None, sync: bool) -> _Held | None:
-        """Remove and return the call's entry; an asyncio slot only for the async hooks."""
-        if call_id is None:
-            return None
-        with self._lock:
-            held = self._held.get(call_id)
-            if held is None or isinstance(held.slot, AsyncSlot) == sync:
-                return None
-            return self._held.pop(call_id)
-
-    def _orphan(self, call_id: str) -> None:
-        """The task of an acompletion ended: its slot goes back now if still held (by the
-        sweeper thread: this runs on the loop, which must not wait on Redis)."""
-        with self._lock:
-            held = self._held.get(call_id)
-            if held is None:
-                return
-            held.orphaned = True
-        self._wake.set()
-
-    def sweep(self) -> int:
-        """Release the slots held longer than ``max_hold`` (LiteLLM never reported their
-        end) and those of ended tasks; returns how many. Run every ``max_hold / 4`` by a
-        daemon thread, and at once when a task ends holding one."""
-        deadline = time.monotonic() - self.max_hold_s
-        with self._lock:
-            stale = [c for c, held in self._held.items() if held.orphaned or held.since <= deadline]
-            taken = [self._held.pop(c) for c in stale]
-        for cid, held in zip(stale, taken, strict=True):
-            log.warning(
-                "celery-fleet: LiteLLM call %s %s without reporting its end: its %r slot "
-                "is released",
-                cid,
-                "ended (cancelled?)" if held.orphaned else f"held over {self.max_hold_s:.0f} s",
-                held.limit,
-            )
-            try:
-                held.blocking.release(Signal("other"))
-            except FleetError as exc:
-                log.warning("celery-fleet: releasing %r failed (%s)", held.limit, exc)
-        return len(taken)
-
-    def _sweep_forever(self) -> None:
-        every = min(max(self.max_hold_s / 4, 0.01), 30.0)
-        while not self._closed:
-            self._wake.wait(every)
-            self._wake.clear()
-            try:
-                self.sweep()
-            except Exception:  # never let the sweeper die: the next round tries again
-                log.exception("celery-fleet: sweeping LiteLLM slots failed")
-
     def close(self) -> None:
-        """Stop the sweeper thread (held slots stay held until their calls end)."""
-        self._closed = True
-        self._wake.set()
+        """Stop the thread that releases forgotten slots (see ``max_hold``)."""
+        self.calls.close()
 
     def __repr__(self) -> str:
-        return f"<FleetHook limit={self.limit!r} holding={len(self._held)}>"
+        return f"<FleetHook limit={self.limit!r} holding={len(self.calls)}>"
 
 
 def _check_limit(fleet: _Fleet, limit: Any) -> LimitChoice:
