@@ -70,8 +70,8 @@ __all__ = ["FleetHook", "DEFAULT_MAX_HOLD_S"]
 
 log = logging.getLogger("celery_fleet")
 
-#: How long a call may hold its slot before the hook gives it back itself (s): above
-#: LiteLLM's default request timeout of 600 s.
+#: How long a call may hold its slot before the hook gives it back itself (s): above the
+#: 600 s read deadline of LiteLLM's default HTTP clients (its ``request_timeout`` is longer).
 DEFAULT_MAX_HOLD_S = 900.0
 
 #: The call types the hook admits: chat completions (a Router's calls included).
