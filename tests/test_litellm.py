@@ -373,3 +373,30 @@ def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_does_not_inherit_the_parents_held_calls(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"sim": {"max_in_flight": 2, "rpm": 600}}, max_wait=5)
+    hook = FleetHook(fleet, limit="sim", max_hold=60)
+    hook.calls.hold("parent-call", fleet.slot("sim").acquire())
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a prefork worker's process
+        try:
+            hook.calls.hold("child-call", hook.calls.get("parent-call").slot)  # type: ignore[union-attr]
+            alive = hook.calls._sweeper is not None and hook.calls._sweeper.is_alive()
+            os.write(write, f"{hook.holding}|{alive}".encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    told = os.read(read, 200).decode()
+    os.close(read)
+    os.close(write)
+    # the parent's call is not the child's to release after max_hold; its own sweeper runs
+    assert told == "['child-call']|True"
+    assert hook.holding == ["parent-call"]
+    held = hook.calls.take("parent-call", asyncio_slot=False)
+    assert held is not None
+    held.blocking.release()
+    hook.close()

@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,15 @@ class HeldCalls:
         self._sweeper: threading.Thread | None = None
         self._wake = threading.Event()
         self._closed = False
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:
+        """In a child forked from the process that made this (a prefork worker): the
+        parent's calls and sweeper are not this process's; start empty."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._held, self._lock, self._sweeper = {}, threading.Lock(), None
+            self._wake = threading.Event()
 
     def __contains__(self, call_id: object) -> bool:
         return call_id in self._held
@@ -84,6 +94,7 @@ class HeldCalls:
 
     def hold(self, call_id: str, slot: Slot | AsyncSlot, stream: bool = False) -> None:
         """Remember ``slot`` (held) as the call's; its release is the caller's to make."""
+        self._forked()
         with self._lock:
             self._held[call_id] = Held(slot, time.monotonic(), stream)
             if self._sweeper is None and not self._closed:
