@@ -26,7 +26,7 @@ os.environ.setdefault("LITELLM_TELEMETRY", "False")
 litellm = pytest.importorskip("litellm")
 from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 
-from celery_fleet import ConfigError, Fleet, Throttled  # noqa: E402
+from celery_fleet import CircuitOpen, ConfigError, Fleet, Throttled  # noqa: E402
 from celery_fleet.contrib.litellm import FleetHook  # noqa: E402
 from celery_fleet.testing import ProviderSim  # noqa: E402
 
@@ -254,6 +254,40 @@ def test_completion_blocks_until_admitted_and_acompletion_is_refused(
         _until(lambda: len(fleet.line("sim")) == 1)  # in line, not at the provider
         assert sim.stats()["requests"] == 0 and not done
         holder.release()
+        caller.join(30)
+        assert len(done) == 1 and sim.stats()["ok"] == 1
+    hook.close()
+
+
+def test_completion_waits_out_an_open_breaker_and_acompletion_is_refused(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"sim": {"rpm": 600, "breaker": {"reset_timeout": 1}}}, max_wait=0)
+    refusals: list[str] = []
+    fleet.admission.watchers.append(
+        lambda event, limit, fields: (
+            refusals.append(fields["reason"]) if event == "refused" else None
+        )
+    )
+    hook = FleetHook(fleet, limit="sim")
+    _install(hook)
+    with ProviderSim(rpm=600, tpm=None, latency=0.0) as sim:
+        fleet.breaker("sim").force_open()
+
+        async def refused() -> None:
+            try:
+                await litellm.acompletion(**_kw(sim))
+            finally:
+                await fleet.aclose()
+
+        with pytest.raises(CircuitOpen):
+            asyncio.run(refused())
+        done: list[Any] = []
+        caller = threading.Thread(target=lambda: done.append(litellm.completion(**_kw(sim))))
+        caller.start()
+        _until(lambda: refusals.count("circuit_open") >= 3)  # refused, asked again, refused
+        assert sim.stats()["requests"] == 0 and not done
+        fleet.breaker("sim").unforce()
         caller.join(30)
         assert len(done) == 1 and sim.stats()["ok"] == 1
     hook.close()
