@@ -8,6 +8,12 @@ slot, and ``FleetRateLimiter``, LangChain's rate limiter on a fleet limit
 (``pip install celery-fleet[langchain]``); ``langchain_usage`` reads a LangChain call's
 estimate and usage for it.
 
+``litellm``: ``FleetHook``, a LiteLLM callback holding a slot around every
+``litellm.completion`` / ``acompletion`` (``pip install celery-fleet[litellm]``).
+
+``held``: the slots of calls a library starts and ends through callbacks, released after
+``max_hold`` when the end never comes (shared by the callback adapters).
+
 ``sdk``: ``fleet.wrap(client, limit=...)``, an ``openai``/``anthropic`` client whose model
 calls each hold a slot (``sdk_calls``, ``sdk_streams``: its proxies and streams; the SDK is
 never imported, the user has it).
