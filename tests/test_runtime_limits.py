@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -229,3 +230,27 @@ def test_status_shows_the_version_and_the_fields(make_fleet: Callable[..., Fleet
     s = limit_status(reader, "llm")  # a process that never asked reads it for status
     assert (s.config_version, s.config_fields, s.cap) == (version, {"max_in_flight": 4}, 4)
     assert f"config v{version} (max_in_flight=4)" in s.summary()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_follows_changes_with_a_poller_of_its_own(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    writer, reader = make_fleet(LIMITS), make_fleet(LIMITS)
+    assert reader.try_acquire("other")  # the parent's poller runs; a child has no thread
+    pid = os.fork()
+    if pid == 0:  # the child: ask once, then see the parent's change arrive
+        code = 1
+        try:
+            reader.try_acquire("other")
+            deadline = time.monotonic() + APPLIED_WITHIN_S
+            while time.monotonic() < deadline:
+                if reader.limits["llm"].max_in_flight == 3:
+                    code = 0
+                    break
+                time.sleep(0.02)
+        finally:
+            os._exit(code)
+    writer.set_limit("llm", max_in_flight=3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child never applied the change"

@@ -260,7 +260,8 @@ class Admission:
         and the ask are owed and the error is raised: the caller covers it
         (:meth:`StoreStrategy.cover`) and asks again from the start.
         """
-        self.runtime.watch()  # one attribute check once the thread runs
+        if not self.runtime.following:  # once per process: start polling runtime changes
+            self.runtime.watch()
         down = self.store_down
         if ahead is None and down.down and not (yield from down.back_steps(self)):
             return down.admit(cfg, tokens, lease_id)

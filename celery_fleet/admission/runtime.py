@@ -61,6 +61,11 @@ class _Store(Protocol):
     def call(self, command: str, *args: Any) -> Any: ...
 
 
+class _Down(Protocol):
+    @property
+    def down(self) -> bool: ...
+
+
 class _Admission(Protocol):
     """What :class:`RuntimeLimits` needs of :class:`~celery_fleet.admission.core.Admission`."""
 
@@ -72,6 +77,9 @@ class _Admission(Protocol):
 
     @property
     def limits(self) -> dict[str, LimitConfig]: ...
+
+    @property
+    def store_down(self) -> _Down: ...
 
     def limit(self, name: str) -> LimitConfig: ...
 
@@ -128,6 +136,9 @@ class RuntimeLimits:
         self._lock = threading.RLock()  # a poll inside watch() applies under it
         self._down = False
         self._refused: set[tuple[str, int]] = set()
+        #: True once this process's poller runs (False again in a forked child): the ask
+        #: reads this one attribute, and calls :meth:`watch` only while it is False.
+        self.following = False
         self._loop = BackgroundLoop(
             self,
             RuntimeLimits._step,
@@ -173,13 +184,15 @@ class RuntimeLimits:
     def watch(self) -> None:
         """Make sure this process follows the overrides: on its first call (in each process)
         read them once, then start the polling thread. Cheap when the thread runs."""
-        if self._loop.thread is not None:
-            return  # a forked child has none (the loop forgets it): it reads once first
+        if self.following:
+            return  # a forked child is not following (after_fork): it reads once first
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                self.poll_quietly()
+                if not self.admission.store_down.down:  # known down: the thread reads later
+                    self.poll_quietly()
             self._loop.start()
+            self.following = True
 
     def sync(self) -> None:
         """Read the overrides now, one HGET (a status read, in a process that may not poll:
@@ -199,6 +212,7 @@ class RuntimeLimits:
 
     def _after_fork(self) -> None:
         self._lock = threading.RLock()
+        self.following = False
 
     def poll_quietly(self) -> None:
         """:meth:`poll`, with a Redis error logged once (until Redis answers again) instead
