@@ -157,7 +157,10 @@ class RuntimeLimits:
     def set(self, name: str, fields: Mapping[str, Any]) -> int:
         """Set ``fields`` of limit ``name`` fleet-wide (over what an earlier ``set`` left);
         returns the new version. Validated before anything is written: a bad value raises
-        :class:`ConfigError` and changes nothing, here or in Redis."""
+        :class:`ConfigError` and changes nothing, here or in Redis. Without Redis it raises
+        :class:`~celery_fleet.StoreUnavailable`; a write whose reply was lost may have
+        landed (the pollers then apply it): call it again, the same fields set again are
+        harmless."""
         base = self._configured(name)
         new = check_fields(name, fields)
         for _ in range(WRITE_TRIES):
@@ -190,7 +193,10 @@ class RuntimeLimits:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 if not self.admission.store_down.down:  # known down: the thread reads later
-                    self.poll_quietly()
+                    try:
+                        self.poll_quietly()
+                    except Exception:  # never the ask's failure: the thread tries again
+                        log.exception("celery-fleet: reading the runtime limits failed")
             self._loop.start()
             self.following = True
 
