@@ -4,6 +4,7 @@ processes would be; the worker processes are in tests/integration/test_runtime_w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -254,3 +255,25 @@ def test_a_forked_child_follows_changes_with_a_poller_of_its_own(
     writer.set_limit("llm", max_in_flight=3)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the child never applied the change"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"rpm": 5, "tpm": 1000, "max_in_flight": 3},
+        {"requests": "500/minute;10000/day", "headroom": 0.1, "burst": 0.2, "lease": 30},
+        {"rate": "10/second", "tokens": "200000/minute;5000000/day"},
+        {"max_in_flight": 8, "adaptive": True, "min_in_flight": 2, "latency_target": 1.5},
+        {"rpm": 60, "burst": 1.0, "breaker": True},
+    ],
+)
+def test_the_configured_limit_written_back_as_options_parses_to_itself(
+    spec: dict[str, Any],
+) -> None:
+    # Every runtime change is merged with this: it must add nothing and lose nothing.
+    from celery_fleet.admission.config import parse_limit
+    from celery_fleet.admission.overrides import runtime_spec
+
+    cfg = parse_limit("llm", spec, "fleet_limits['llm']")
+    again = parse_limit("llm", runtime_spec(cfg), "again")
+    assert again == dataclasses.replace(cfg, breaker=None, validate=None)
