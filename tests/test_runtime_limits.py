@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -277,3 +278,26 @@ def test_the_configured_limit_written_back_as_options_parses_to_itself(
     cfg = parse_limit("llm", spec, "fleet_limits['llm']")
     again = parse_limit("llm", runtime_spec(cfg), "again")
     assert again == dataclasses.replace(cfg, breaker=None, validate=None)
+
+
+def test_a_wider_cap_admits_a_caller_waiting_in_line_without_a_release(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    # The provider raised the quota: an agent already waiting goes now, not at the next
+    # release (the holder here keeps its slot throughout).
+    writer, other = make_fleet(LIMITS), make_fleet(LIMITS)
+    holder = writer.try_acquire("llm")
+    assert holder
+    admitted = threading.Event()
+
+    def wait_in_line() -> None:
+        with other.slot("llm", max_wait=APPLIED_WITHIN_S * 2):
+            admitted.set()
+
+    thread = threading.Thread(target=wait_in_line, daemon=True)
+    thread.start()
+    wait_for(lambda: len(other.line("llm")) == 1)
+    writer.set_limit("llm", max_in_flight=2)
+    assert admitted.wait(APPLIED_WITHIN_S), "the waiter was not admitted under the wider cap"
+    thread.join(APPLIED_WITHIN_S)
+    assert writer.admission.in_flight("llm") == 1  # the holder's; the waiter's came and went
