@@ -113,6 +113,17 @@ def _fields(text: str | None) -> dict[str, Any]:
     return fields
 
 
+def _as_json(name: str, fields: Mapping[str, Any]) -> str:
+    """The fields as JSON text, which every process reads back; ConfigError otherwise."""
+    try:
+        return json.dumps(fields, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"fleet.set_limit({name!r}): values must be plain ints, floats or strings, "
+            f"got {dict(fields)!r}"
+        ) from None
+
+
 class RuntimeLimits:
     """The runtime overrides of one :class:`Admission`'s limits (see the module docstring).
 
@@ -167,7 +178,7 @@ class RuntimeLimits:
             current, read = self._read_entry(name)
             merged = merge_fields(current, new)
             cfg = with_fields(base, merged)  # raises before any write
-            written, version = self._write(name, read, json.dumps(merged, sort_keys=True))
+            written, version = self._write(name, read, _as_json(name, merged))
             if written:
                 self._apply(name, cfg, AppliedLimit(version, merged))
                 return version
