@@ -154,6 +154,8 @@ class Fleet(AsyncMethods):
             rank=lambda: self.presence.rank,
         )
         self.admission = Admission(self.store, self.limits, self.namespace, self.store_down)
+        # a limit changed at runtime: the store-down policy reads this dict too
+        self.admission.reconfigured.append(self.limits.__setitem__)
         self.store_down.admission = self.admission
         self.keeper = LeaseKeeper(self.admission, clock=self.clock)
         self.presence.held = self.keeper.describe
@@ -436,6 +438,29 @@ class Fleet(AsyncMethods):
             raise ConfigError(f"on_breaker_change needs a callable, got {listener!r}")
         self.admission.listeners.append(listener)
         return listener
+
+    def set_limit(self, name: str, **fields: Any) -> int:
+        """Change limit ``name`` fleet-wide, without a restart: every process applies it
+        within a second (this one at once). Returns the change's version.
+
+        ``fields`` are any of ``rpm``, ``tpm``, ``rate``, ``requests``, ``tokens``,
+        ``max_in_flight``, ``headroom``, ``burst``, with the meaning and checks they have
+        in ``fleet_limits`` (a bad value is a :class:`~celery_fleet.ConfigError` and
+        changes nothing); ``None`` removes a budget or the cap. They add to what an earlier
+        ``set_limit`` set; :meth:`reset_limit` goes back to the configured values. Narrowing
+        ``max_in_flight`` revokes no held slot: nobody new is admitted until fewer are held.
+        See ``docs/limits.md``, "Changing limits at runtime".
+
+        Example::
+
+            fleet.set_limit("openai", rpm=900, max_in_flight=16)
+        """
+        return self.admission.runtime.set(name, fields)
+
+    def reset_limit(self, name: str) -> int:
+        """Remove what :meth:`set_limit` changed of limit ``name``, fleet-wide: the values of
+        ``fleet_limits`` again, in every process within a second. Returns the version."""
+        return self.admission.runtime.reset(name)
 
     def reset_adaptive(self, name: str) -> None:
         """Forget what the fleet learned about limit ``name``: adaptive cap, rate factor,

@@ -5,7 +5,9 @@ Holds the limits' configuration and checks (``config``), the decision a caller g
 blocking and asyncio slots (``slot``, ``aslot``) with the lease keeper that renews them
 (``keeper``), adaptive limits (``adaptive``), the fleet-wide breaker (``breaker``),
 providers' headers (``providers``), guarded functions (``guarded``), backoff math
-(``backoff``) and the engine that runs the admission scripts (``core``).
+(``backoff``), the engine that runs the admission scripts (``core``), and limits
+changed at runtime: which fields may change and how they merge (``overrides``), and how
+they are stored, versioned and polled (``runtime``).
 
 May import: ``store``, ``resilience`` (the store-down strategy), and the shared ``errors``,
 ``checks``, ``clock``, ``background``.

@@ -73,6 +73,7 @@ from .decision import (
 )
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
+from .runtime import RuntimeLimits
 
 log = logging.getLogger("celery_fleet")
 
@@ -129,19 +130,19 @@ class Admission:
         self.store_down: StoreStrategy = RedisOnly() if store_down is None else store_down
         self.namespace = check_name(namespace, "fleet_namespace")
         self.limits = dict(limits)
-        self._keys = {name: LimitKeys.build(namespace, name) for name in self.limits}
-        # Everything but the lease id, tokens, age, join and lane is fixed per limit:
-        # encoded once (the hot path is one EVALSHA; redis-py's packer is pure Python).
-        self._acquire_tail = {name: acquire_args(cfg) for name, cfg in self.limits.items()}
-        self._release_tail = {name: release_args(cfg) for name, cfg in self.limits.items()}
-        self._acquire_cmd = {
-            name: store.packed(ACQUIRE.name, ACQUIRE.keys_of(k), 5, self._acquire_tail[name])
-            for name, k in self._keys.items()
-        }
-        self._release_cmd = {
-            name: store.packed(RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name])
-            for name, k in self._keys.items()
-        }
+        self._keys: dict[str, LimitKeys] = {}
+        self._acquire_tail: dict[str, list[bytes]] = {}
+        self._release_tail: dict[str, list[bytes]] = {}
+        self._acquire_cmd: dict[str, Any] = {}
+        self._release_cmd: dict[str, Any] = {}
+        self._token_args: dict[str, list[str]] = {}
+        for name, cfg in self.limits.items():
+            self._prepare(name, cfg)
+        #: Called as ``listener(name, cfg)`` after :meth:`reconfigure` changed a limit.
+        self.reconfigured: list[Callable[[str, LimitConfig], None]] = []
+        #: The limits changed at runtime (``fleet.set_limit``): stored in Redis, polled by
+        #: one background thread per process, started by the first ask (runtime.py).
+        self.runtime = RuntimeLimits(self)
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
         #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
@@ -155,20 +156,52 @@ class Admission:
         self.watchers: list[Callable[[str, str, dict[str, Any]], None]] = []
         #: Limits whose over-long line this process has logged (once each).
         self.warned_lines: set[str] = set()
+
+    def _prepare(self, name: str, cfg: LimitConfig) -> None:
+        """Encode what every ask and release of ``name`` sends unchanged (its constants)."""
+        store = self.store
+        k = self._keys.get(name) or LimitKeys.build(self.namespace, name)
+        self._keys[name] = k
+        # Everything but the lease id, tokens, age, join and lane is fixed per limit:
+        # encoded once (the hot path is one EVALSHA; redis-py's packer is pure Python).
+        self._acquire_tail[name] = acquire_args(cfg)
+        self._release_tail[name] = release_args(cfg)
+        self._acquire_cmd[name] = store.packed(
+            ACQUIRE.name, ACQUIRE.keys_of(k), 5, self._acquire_tail[name]
+        )
+        self._release_cmd[name] = store.packed(
+            RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name]
+        )
         # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
         # whole period of debt)
-        self._token_args = {
-            name: [
-                arg
-                for w in cfg.token_windows
-                for arg in (
-                    w.field,
-                    repr(w.emission_ms),
-                    repr(w.tolerance_ms + w.period_s * 1000.0),
-                )
-            ]
-            for name, cfg in self.limits.items()
-        }
+        self._token_args[name] = [
+            arg
+            for w in cfg.token_windows
+            for arg in (w.field, repr(w.emission_ms), repr(w.tolerance_ms + w.period_s * 1000.0))
+        ]
+
+    def reconfigure(self, name: str, cfg: LimitConfig) -> None:
+        """Admit ``name`` by ``cfg`` from the next ask on (a limit changed at runtime).
+
+        Only a configured limit changes (its keys stay). The encoded constants are replaced
+        before the configuration, each by one assignment, so an ask on another thread sends
+        either the old constants or the new ones, never a mix. The scripts need nothing
+        else: the in-flight cap is compared with the live leases on every ask (narrowing it
+        revokes no lease, it admits nobody until fewer are held), and a window's state is
+        its GCRA arrival time in ms, which a new emission interval reads as the same share
+        of the bucket used: the new rate applies from the next ask, with neither free
+        admissions nor a stall.
+        """
+        self.limit(name)
+        if cfg.name != name:
+            raise ConfigError(f"reconfigure({name!r}) got the configuration of {cfg.name!r}")
+        self._prepare(name, cfg)
+        self.limits[name] = cfg
+        for listener in list(self.reconfigured):
+            try:
+                listener(name, cfg)
+            except Exception:
+                log.exception("celery-fleet: reconfigure listener %r failed", listener)
 
     def limit(self, name: str) -> LimitConfig:
         """The configuration of ``name``; :class:`ConfigError` listing the known ones if unknown."""
@@ -227,6 +260,8 @@ class Admission:
         and the ask are owed and the error is raised: the caller covers it
         (:meth:`StoreStrategy.cover`) and asks again from the start.
         """
+        if not self.runtime.following:  # once per process: start polling runtime changes
+            self.runtime.watch()
         down = self.store_down
         if ahead is None and down.down and not (yield from down.back_steps(self)):
             return down.admit(cfg, tokens, lease_id)

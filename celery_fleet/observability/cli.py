@@ -13,6 +13,9 @@ Registered through Celery's ``celery.commands`` entry point, so it runs with the
   give it back to the failure rate (``auto``);
 - ``fleet reset LIMIT [--what buckets|adaptive|breaker|all]``: refill the windows, forget
   the adaptive state and pause, reset the breaker;
+- ``fleet set-limit LIMIT [--rpm N] [--tpm N] [--max-in-flight N] ...``: change a limit
+  fleet-wide without a restart (``fleet.set_limit``); ``fleet reset-limit LIMIT`` goes back
+  to the configured values;
 - ``fleet history KEY [--json]``: every recorded event of an idempotency key.
 
 An unreachable Redis, an unknown limit or key, or a bad argument is one line on stderr and exit
@@ -32,7 +35,7 @@ import click
 
 from ..errors import FleetError
 from ..fleet import Fleet
-from .status import LimitStatus, fleet_status
+from .status import LimitStatus, fields_text, fleet_status
 from .web import AUTH_ENV, DEFAULT_PORT, FleetPage
 
 __all__ = ["fleet"]
@@ -86,6 +89,9 @@ def _table(rows: list[LimitStatus]) -> str:
             retry = f", probe in {s.breaker_retry_s:.1f} s" if s.breaker_retry_s > 0 else ""
             lines.append(f"  breaker      {s.breaker}{forced}{retry}")
         lines.append(f"  waiting      {s.waiting} in line")
+        if s.config_version:
+            what = fields_text(s.config_fields) or " (as configured)"
+            lines.append(f"  config       version {s.config_version}{what}")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -246,6 +252,57 @@ def reset(ctx: click.Context, limit: str, what: str) -> None:
     elif what == "breaker":
         raise click.ClickException(f"limit {limit!r} has no breaker")
     click.echo(f"{limit}: " + ", ".join(done))
+
+
+def _rate(value: str | None) -> int | str | None:
+    """A ``--requests``/``--tokens`` value: a bare number is per minute, as in fleet_limits."""
+    return int(value) if value is not None and value.strip().isdigit() else value
+
+
+@fleet.command("set-limit")
+@click.argument("limit")
+@click.option("--rpm", type=int, help="Requests per minute.")
+@click.option("--tpm", type=int, help="Tokens per minute.")
+@click.option("--rate", help="Requests as rates, e.g. '500/minute;10000/day'.")
+@click.option("--requests", help="Requests as rates (same as --rate).")
+@click.option("--tokens", help="Tokens as rates, e.g. '200000/minute;5000000/day'.")
+@click.option("--max-in-flight", type=int, help="Calls at once, fleet-wide.")
+@click.option("--headroom", type=float, help="The share of every budget left unused (0-1).")
+@click.option("--burst", type=float, help="The share of a window that may go at once (0-1].")
+@click.option("--json", "as_json", is_flag=True, help="The version and fields as JSON.")
+@click.pass_context
+def set_limit(ctx: click.Context, /, limit: str, as_json: bool, **options: Any) -> None:
+    """Change LIMIT fleet-wide, without a restart: every process applies it within a second.
+
+    Only the options given change (over what an earlier set-limit set); they are checked
+    as fleet_limits is, and a bad value changes nothing. `fleet reset-limit` undoes it.
+    """
+    fields = {k: v for k, v in options.items() if v is not None}
+    for key in ("rate", "requests", "tokens"):
+        if key in fields:
+            fields[key] = _rate(fields[key])
+    fl = _fleet(ctx)
+    version = _guard(lambda: fl.set_limit(limit, **fields))
+    applied = fl.admission.runtime.applied(limit)
+    if as_json:
+        click.echo(json.dumps({"limit": limit, "version": version, "fields": applied.fields}))
+    else:
+        click.echo(
+            f"{limit}: version {version}{fields_text(applied.fields)}; every process "
+            f"applies it within a second"
+        )
+
+
+@fleet.command("reset-limit")
+@click.argument("limit")
+@click.pass_context
+def reset_limit(ctx: click.Context, limit: str) -> None:
+    """Undo every set-limit of LIMIT: the values of fleet_limits again, fleet-wide."""
+    fl = _fleet(ctx)
+    version = _guard(lambda: fl.reset_limit(limit))
+    click.echo(
+        f"{limit}: version {version}, as configured; every process applies it within a second"
+    )
 
 
 @fleet.command()

@@ -23,7 +23,10 @@ which name the window and not its budget, so a changed budget keeps its series):
 - ``celery_fleet_paused_seconds`` (a provider's Retry-After still running);
 - ``celery_fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
   half_open), ``celery_fleet_breaker_forced`` (1 when an operator forced it);
-- ``celery_fleet_waiting``: callers in line.
+- ``celery_fleet_waiting``: callers in line;
+- ``celery_fleet_limit_config_version``: the version of the runtime change in force
+  (``fleet.set_limit``; 0: the configured values, never changed). The cap and budget
+  gauges show the values in force.
 
 Counters (:mod:`celery_fleet.observability.counters`: counted in each process, added to
 Redis every 2 s, so fleet totals too):
@@ -153,6 +156,10 @@ class FleetCollector:
             "breaker": gauge("breaker_state", "1 for the breaker's state", ("state",)),
             "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
             "waiting": gauge("waiting", "Callers waiting in line"),
+            "version": gauge(
+                "limit_config_version",
+                "Version of the runtime change in force (fleet.set_limit; 0: none)",
+            ),
         }
         for s in rows:
             lim = [*fleet, s.limit]
@@ -176,6 +183,7 @@ class FleetCollector:
                     g["breaker"].add_metric([*lim, state], 1.0 if s.breaker == state else 0.0)
                 g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
             g["waiting"].add_metric(lim, s.waiting)
+            g["version"].add_metric(lim, s.config_version)
         yield from g.values()
         try:
             yield from self._counters([s.limit for s in rows])

@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 from ..admission.decision import acquire_args
 from ..store.specs import PEEK
 
-__all__ = ["LimitStatus", "StatusSource", "WindowStatus", "fleet_status", "limit_status"]
+__all__ = [
+    "LimitStatus",
+    "StatusSource",
+    "WindowStatus",
+    "fields_text",
+    "fleet_status",
+    "limit_status",
+]
 
 #: At most this many leases are read to find the oldest (a cap of 10**6 stays cheap).
 OLDEST_SCAN = 1000
@@ -61,6 +68,10 @@ class LimitStatus:
     breaker_forced: str | None = None
     breaker_retry_s: float = 0.0
     waiting: int = 0
+    #: The version of the runtime change in force (``fleet.set_limit``; 0: none seen) and
+    #: the fields it set over the configured values (empty: as configured).
+    config_version: int = 0
+    config_fields: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +91,32 @@ class LimitStatus:
             forced = " (forced)" if self.breaker_forced else ""
             parts.append(f"breaker {self.breaker}{forced}")
         parts.append(f"{self.waiting} waiting")
+        if self.config_version:
+            parts.append(f"config v{self.config_version}{fields_text(self.config_fields)}")
         return ", ".join(parts)
+
+
+def fields_text(fields: Mapping[str, Any]) -> str:
+    """`` (rpm=900, max_in_flight=16)``, or ``""`` when nothing is set at runtime."""
+    if not fields:
+        return ""
+    return " (" + ", ".join(f"{k}={v}" for k, v in sorted(fields.items())) + ")"
+
+
+class _Applied(Protocol):
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def fields(self) -> Mapping[str, Any]: ...
+
+
+class _Runtime(Protocol):
+    """What status reads of :class:`~celery_fleet.admission.runtime.RuntimeLimits`."""
+
+    def sync(self) -> None: ...
+
+    def applied(self, name: str) -> _Applied: ...
 
 
 class _Limits(Protocol):
@@ -89,6 +125,9 @@ class _Limits(Protocol):
     def limit(self, name: str) -> LimitConfig: ...
 
     def keys(self, name: str) -> LimitKeys: ...
+
+    @property
+    def runtime(self) -> _Runtime: ...
 
 
 class _Store(Protocol):
@@ -146,7 +185,11 @@ def _number(value: Any) -> float | None:
 
 def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     """The state of limit ``name`` of ``fleet`` (a :class:`~celery_fleet.Fleet`) now: one
-    round trip (``peek.lua``: it writes nothing), never on the hot path."""
+    round trip (``peek.lua``: it writes nothing), never on the hot path. The limit's
+    runtime changes are read first (one HGET) so that a process that
+    does not admit (the ``celery fleet`` command, a worker's main process) shows them."""
+    fleet.admission.runtime.sync()
+    applied = fleet.admission.runtime.applied(name)
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
     peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
@@ -179,6 +222,8 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
             round(breaker.retry_in_ms / 1000, 3) if breaker and not breaker.forced else 0.0
         ),
         waiting=int(peek.waiting),
+        config_version=applied.version,
+        config_fields=dict(applied.fields),
     )
 
 

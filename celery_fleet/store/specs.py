@@ -56,6 +56,7 @@ __all__ = [
     "OBSERVE",
     "PEEK",
     "BREAKER_ADMIN",
+    "LIMIT_CONFIG",
     "EMPTY_MISSING",
     "CHARGE",
     "HANDOVER",
@@ -334,6 +335,14 @@ PEEK: ScriptSpec[PeekReply] = ScriptSpec(
 BREAKER_ADMIN: ScriptSpec[list[Any]] = ScriptSpec(
     "breaker_admin", "admission", keys=("breaker",), args=("operation", "*ago_ms"), reply=list
 )
+#: A limit's runtime override (``fleet.set_limit``), under a version that only grows.
+LIMIT_CONFIG: ScriptSpec[CasReply] = ScriptSpec(
+    "limit_config",
+    "admission",
+    keys=("config",),
+    args=("limit", "read_version", "fields_json", "floor", "*limits"),
+    reply=CasReply._make,
+)
 
 # -- resilience -----------------------------------------------------------------------
 
@@ -439,7 +448,7 @@ RECORD_CAS: ScriptSpec[CasReply] = ScriptSpec(
 SPECS: dict[str, ScriptSpec[Any]] = {
     spec.name: spec
     for spec in (
-        ACQUIRE, RELEASE, LEAVE, SETTLE, RENEW, OBSERVE, PEEK, BREAKER_ADMIN,
+        ACQUIRE, RELEASE, LEAVE, SETTLE, RENEW, OBSERVE, PEEK, BREAKER_ADMIN, LIMIT_CONFIG,
         EMPTY_MISSING, CHARGE, HANDOVER, PRESENCE,
         LEDGER_ENQUEUE, LEDGER_CLAIM, LEDGER_RENEW, LEDGER_FINISH, LEDGER_PUBLISHED,
         LEDGER_LOST, STEP_PUT, DEFER_ADD, DEFER_TAKE, DEFER_ACK, DEFER_FATE,
