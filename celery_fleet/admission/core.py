@@ -71,6 +71,7 @@ from .decision import (
     new_lease_id,
     release_args,
 )
+from .lanes import check_lane
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 
@@ -142,6 +143,9 @@ class Admission:
             name: store.packed(RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name])
             for name, k in self._keys.items()
         }
+        # Limits with priority lanes: a ticket's lane (its "~<priority>" ending) picks
+        # acquire's lane argument; a limit without lanes sends b"0", as before lanes.
+        self._lanes = {name: cfg.lanes for name, cfg in self.limits.items() if cfg.lanes}
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
         #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
@@ -189,20 +193,34 @@ class Admission:
         lease_id: str | None = None,
         since_ms: float = 0,
         join: bool = False,
+        *,
+        lane: str | None = None,
     ) -> Decision:
         """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
 
-        ``lease_id`` names the lease to create (default: a new random one); it is also the
-        caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
-        first ask; 0 = now): nobody younger is admitted before it while it waits. With
-        ``join`` a refused caller takes (or keeps) a ticket and should wait for its wake-up
-        (:meth:`wait_turn`) or :meth:`leave`; without, it is told to wait but holds no place.
+        ``lease_id`` names the lease to create (default: a new random one in ``lane``, see
+        :mod:`~celery_fleet.admission.lanes`; a given one is in the lane its ending names,
+        :meth:`ticket`); it is also the caller's ticket. ``since_ms`` is the caller's age
+        in line (Redis-clock ms of its first ask; 0 = now): nobody younger is admitted
+        before it while it waits. With ``join`` a refused caller takes (or keeps) a
+        ticket and should wait for its wake-up (:meth:`wait_turn`) or :meth:`leave`;
+        without, it is told to wait but holds no place.
         """
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
         since = check_since(since_ms)
-        lease = new_lease_id() if lease_id is None else check_lease_id(lease_id)
+        if lease_id is None:
+            lease = self.ticket(name, lane)
+        else:
+            check_lane(cfg.lanes, name, lane)
+            lease = check_lease_id(lease_id)
         return self._do_acquire(cfg, tokens, lease, since, join)
+
+    def ticket(self, name: str, lane: str | None = None) -> str:
+        """A new ticket (lease id) of limit ``name`` in ``lane`` (None: the limit's lowest
+        lane); :class:`ConfigError` for a lane the limit does not have."""
+        chosen = check_lane(self.limit(name).lanes, name, lane)
+        return new_lease_id() + (chosen.marker if chosen is not None else "")
 
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
@@ -306,8 +324,10 @@ class Admission:
     def _pack_acquire(
         self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
     ) -> tuple[str, bytes]:
+        lanes = self._lanes.get(name)
+        lane = b"0" if lanes is None else lanes.of_ticket(lease_id).arg
         packed = self._acquire_cmd[name].pack(
-            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
+            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane
         )
         return (ACQUIRE.name, packed)
 

@@ -10,7 +10,9 @@ are what an ask would meet, computed once, in Redis:
 - the live leases (in flight) against the cap in force (the adaptive cap when there is
   one) and the age of the oldest (its acquire time is in its name);
 - the adaptive cap and rate factor, a provider pause still running, the breaker, and how
-  many callers wait in line.
+  many callers wait in line;
+- each priority lane's share: its leases in flight (a lease's lane is in its name) and its
+  tickets in line, read in the same round trip.
 
 The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 """
@@ -29,7 +31,14 @@ if TYPE_CHECKING:
 from ..admission.decision import acquire_args
 from ..store.specs import PEEK
 
-__all__ = ["LimitStatus", "StatusSource", "WindowStatus", "fleet_status", "limit_status"]
+__all__ = [
+    "LaneStatus",
+    "LimitStatus",
+    "StatusSource",
+    "WindowStatus",
+    "fleet_status",
+    "limit_status",
+]
 
 #: At most this many leases are read to find the oldest (a cap of 10**6 stays cheap).
 OLDEST_SCAN = 1000
@@ -43,6 +52,20 @@ class WindowStatus:
     window: str
     left: int
     full: int
+
+
+@dataclass(frozen=True)
+class LaneStatus:
+    """One priority lane of a limit: ``in_flight`` its live leases (of the first
+    ``OLDEST_SCAN`` read), ``waiting`` its tickets in line, ``cap`` the most it may hold
+    (its usable share of the cap in force; None without a cap), ``share`` that share."""
+
+    lane: str
+    priority: int
+    share: float
+    in_flight: int
+    waiting: int
+    cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,8 @@ class LimitStatus:
     breaker_forced: str | None = None
     breaker_retry_s: float = 0.0
     waiting: int = 0
+    #: each priority lane's share, highest first (empty on a limit without lanes)
+    lanes: list[LaneStatus] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +105,7 @@ class LimitStatus:
             forced = " (forced)" if self.breaker_forced else ""
             parts.append(f"breaker {self.breaker}{forced}")
         parts.append(f"{self.waiting} waiting")
+        parts += [f"{x.lane} {x.in_flight} in flight, {x.waiting} waiting" for x in self.lanes]
         return ", ".join(parts)
 
 
@@ -149,7 +175,21 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     round trip (``peek.lua``: it writes nothing), never on the hot path."""
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
-    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
+    lanes = cfg.lanes.lanes if cfg.lanes else ()
+    priorities = [lane.priority for lane in lanes]
+    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg), *priorities])
+    cap_in_force = int(peek.cap_in_force) or None
+    lane_rows = [
+        LaneStatus(
+            lane.name,
+            lane.priority,
+            lane.share,
+            in_flight=int(peek.lanes[2 * i]),
+            waiting=int(peek.lanes[2 * i + 1]),
+            cap=None if cap_in_force is None else lane.usable(cap_in_force),
+        )
+        for i, lane in enumerate(lanes)
+    ]
     now_ms = int(peek.now_us) / 1000
     windows = [
         WindowStatus(w.describe(), left=int(peek.windows[2 * i]), full=int(peek.windows[2 * i + 1]))
@@ -167,7 +207,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         limit=name,
         windows=windows,
         in_flight=int(peek.in_flight),
-        cap=int(peek.cap_in_force) or None,
+        cap=cap_in_force,
         oldest_lease_s=round((now_ms - oldest / 1000) / 1000, 3) if oldest else None,
         adaptive_cap=adaptive_cap,
         rate_factor=rate_factor,
@@ -179,6 +219,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
             round(breaker.retry_in_ms / 1000, 3) if breaker and not breaker.forced else 0.0
         ),
         waiting=int(peek.waiting),
+        lanes=lane_rows,
     )
 
 
