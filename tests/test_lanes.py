@@ -50,7 +50,7 @@ def test_interactive_is_admitted_at_once_behind_waiting_batch_tickets(
 ) -> None:
     fleet = make_fleet({"m": {"max_in_flight": 4, "lanes": LANES}})
     _fill(fleet, "batch")  # 2 of 4 (floor(4 * 0.66))
-    for i in range(5):  # batch waiters in line, older than anyone that comes next
+    for _ in range(5):  # batch waiters in line, older than anyone that comes next
         ticket = fleet.admission.ticket("m", "batch")
         assert not fleet.admission.try_acquire("m", lease_id=ticket, join=True)
     assert len(fleet.line("m")) == 5
@@ -102,9 +102,7 @@ def test_an_interactive_ticket_goes_before_older_batch_tickets(make_fleet: MakeF
     (held,) = _fill(fleet, "interactive")
     now_ms = int(held.at_ms)
     old_batch = fleet.admission.ticket("m", "batch")
-    d = fleet.admission.try_acquire(
-        "m", lease_id=old_batch, since_ms=now_ms - 60_000, join=True
-    )
+    d = fleet.admission.try_acquire("m", lease_id=old_batch, since_ms=now_ms - 60_000, join=True)
     assert not d and d.ahead == 0
     young = fleet.admission.ticket("m", "interactive")
     d = fleet.admission.try_acquire("m", lease_id=young, since_ms=now_ms, join=True)
