@@ -84,6 +84,14 @@ def test_batch_spends_only_its_share_of_a_window(make_fleet: MakeFleet) -> None:
     assert len(batch) + len(interactive) <= 62
 
 
+def test_a_lower_lane_always_gets_one_call_of_a_window(make_fleet: MakeFleet) -> None:
+    # a bucket of one request: half of it is less than a call, yet batch is not starved
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"rpm": 10, "lanes": lanes}})
+    assert fleet.try_acquire("m", lane="batch").allowed
+    assert fleet.try_acquire("m", lane="interactive").reason == "requests/60s"
+
+
 def test_a_token_window_is_reserved_likewise(make_fleet: MakeFleet) -> None:
     lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
     fleet = make_fleet({"m": {"tpm": 60_000, "burst": 1.0, "lanes": lanes}})
