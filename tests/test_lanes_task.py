@@ -84,3 +84,33 @@ def test_a_callable_lane_and_the_default_lane(app: Celery) -> None:
     assert picked.delay("u", urgent=True).get() == "interactive"
     assert picked.delay("u").get() == "batch"
     assert unlaned.delay().get() == "batch"
+
+
+def test_celery_fleet_status_shows_each_lanes_share(app: Celery) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from click.testing import CliRunner
+
+    from celery_fleet.observability.cli import fleet as fleet_cli
+
+    fleet = Fleet(app)
+    for _ in range(3):  # batch may hold 2 of 4: the third waits in line
+        fleet.admission.try_acquire("llm", lease_id=fleet.admission.ticket("llm"), join=True)
+    fleet.try_acquire("llm", lane="interactive")
+
+    def status(*args: str) -> str:
+        result = CliRunner().invoke(
+            fleet_cli, ["status", *args, "llm"], obj=SimpleNamespace(app=app)
+        )
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "lane batch   2/2 in flight, 1 waiting (priority 1, may use 50%)" in status()
+    assert "lane interactive 1/4 in flight, 0 waiting" in status()
+    (row,) = json.loads(status("--json"))
+    assert row["lanes"] == [
+        {"lane": "interactive", "priority": 0, "share": 1.0, "in_flight": 1, "waiting": 0,
+         "cap": 4},
+        {"lane": "batch", "priority": 1, "share": 0.5, "in_flight": 2, "waiting": 1, "cap": 2},
+    ]  # fmt: skip
