@@ -267,3 +267,7 @@ def test_an_unknown_lane_is_a_config_error_before_redis(make_fleet: MakeFleet) -
         fleet.try_acquire("p", lane="batch")
     with pytest.raises(ConfigError, match="lane must be a lane name"):
         fleet.slot("m", lane=1)  # type: ignore[arg-type]
+    batch = fleet.admission.ticket("m", "batch")
+    with pytest.raises(ConfigError, match="is not a ticket of lane 'interactive'"):
+        fleet.admission.try_acquire("m", lease_id=batch, lane="interactive")
+    assert fleet.admission.try_acquire("m", lease_id=batch, lane="batch").allowed

@@ -212,8 +212,13 @@ class Admission:
         if lease_id is None:
             lease = self.ticket(name, lane)
         else:
-            check_lane(cfg.lanes, name, lane)
             lease = check_lease_id(lease_id)
+            chosen = check_lane(cfg.lanes, name, lane)
+            if lane is not None and cfg.lanes and cfg.lanes.of_ticket(lease) != chosen:
+                raise ConfigError(
+                    f"lease_id {lease!r} is not a ticket of lane {lane!r} of limit {name!r}: "
+                    f"make it with Admission.ticket({name!r}, {lane!r})"
+                )
         return self._do_acquire(cfg, tokens, lease, since, join)
 
     def ticket(self, name: str, lane: str | None = None) -> str:
