@@ -5,11 +5,13 @@ is a template over its arguments. Configured from the FLEET_IT_* environment
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import redis
 from celery import Celery
 
 from celery_fleet import Fleet, fleet_task
+from celery_fleet.celery.signals import task_rescheduled
 
 BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
 NAMESPACE = os.environ.get("FLEET_IT_NS", "it")
@@ -37,6 +39,12 @@ _probe = redis.Redis.from_url(
 
 def key(name: str) -> str:
     return f"{NAMESPACE}:probe:{name}"
+
+
+@task_rescheduled.connect
+def _count_reschedule(sender: Any = None, request: Any = None, **_: Any) -> None:
+    if request is not None and request.id:
+        _probe.incr(key(f"rescheduled:{request.id}"))
 
 
 @fleet_task(app=app, shared=False, limit="llm", lane="{tier}", max_wait=0.2)

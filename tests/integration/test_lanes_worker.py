@@ -53,6 +53,26 @@ def test_interactive_task_runs_behind_a_saturated_batch_lane(worker: Any) -> Non
     assert [r.get(timeout=120) for r in batch] == ["batch"] * 6
 
 
+def test_a_rescheduled_task_keeps_its_lane(worker: Any) -> None:
+    probe, fleet = worker._probe, worker.fleet
+    batch = [fleet.try_acquire("llm", lane="batch") for _ in range(2)]
+    interactive = [fleet.try_acquire("llm", lane="interactive") for _ in range(2)]
+    assert all(batch) and all(interactive)  # all 4 held: the task is refused, rescheduled
+    try:
+        result = worker.held.delay("again", "interactive")
+        _poll(lambda: probe.get(worker.key(f"rescheduled:{result.id}")))
+        for d in interactive:
+            fleet.release(d)
+        # batch's share is still full (held here, for less than the lease's 60 s): only
+        # an interactive slot can admit the copy
+        _poll(lambda: probe.llen(worker.key("again:in")), timeout_s=20)
+        probe.rpush(worker.key("again:go:interactive"), "1")
+        assert result.get(timeout=60) == "interactive"
+    finally:
+        for d in batch:
+            fleet.release(d)
+
+
 def test_an_unknown_lane_fails_at_publish(worker: Any) -> None:
     with pytest.raises(ConfigError, match="unknown lane 'gold' of limit 'llm'"):
         worker.held.delay("x", "gold")
