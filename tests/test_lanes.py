@@ -125,6 +125,24 @@ def test_an_interactive_ticket_goes_before_older_batch_tickets(make_fleet: MakeF
     assert d.allowed
 
 
+def test_a_small_batch_call_does_not_pass_a_waiting_large_interactive_one(
+    make_fleet: MakeFleet,
+) -> None:
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"tpm": 60_000, "burst": 1.0, "lanes": lanes}})
+    assert fleet.try_acquire("m", tokens=20_000, lane="batch").allowed
+    big = fleet.admission.ticket("m", "interactive")
+    d = fleet.admission.try_acquire("m", tokens=50_000, lease_id=big, join=True)
+    assert not d and d.reason == "tokens/60s"
+    # 1,000 tokens fit in batch's half, beside the 20,000 spent: but the interactive
+    # ticket waits for that budget, and goes first
+    d = fleet.try_acquire("m", tokens=1_000, lane="batch")
+    assert not d and d.reason == "queued" and d.ahead == 1
+    # a batch ticket queues behind it
+    fleet.admission.try_acquire("m", lease_id=fleet.admission.ticket("m", "batch"), join=True)
+    assert fleet.admission.line("m")[0][0] == big
+
+
 def test_a_release_wakes_the_interactive_waiter_first(make_fleet: MakeFleet) -> None:
     fleet = make_fleet({"m": {"max_in_flight": 1, "lanes": LANES}})
     (held,) = _fill(fleet, "batch")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from ..checks import check_name, number, reject_unknown
 from ..errors import ConfigError
 
-__all__ = ["Lane", "Lanes", "parse_lanes", "MAX_PRIORITY"]
+__all__ = ["Lane", "Lanes", "parse_lanes", "check_lane", "MAX_PRIORITY"]
 
 #: Priorities stay small: ``priority * 2**42 + ms`` must stay exact in a Lua double (2**53).
 MAX_PRIORITY = 999

@@ -198,6 +198,7 @@ end
 local nline = 0
 local mine = nil
 local ahead = 0
+local higher = 0  -- tickets of the lanes above the caller's: it never goes before them
 if (tonumber(ctl[4]) or 0) > now then
   nline = redis.call('ZCARD', KEYS[3])
   if nline > 0 then
@@ -214,6 +215,10 @@ if nline > 0 then
     -- a ticket of the same millisecond came first: it counts as ahead
     ahead = redis.call('ZCOUNT', KEYS[3], '-inf', score)
   end
+  if lane > 0 and ahead > 0 then
+    higher = redis.call('ZCOUNT', KEYS[3], '-inf',
+                        string.format('(%.17g', lane * 4398046511104))
+  end
 end
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
@@ -226,8 +231,10 @@ local function wake_first(count)
 end
 
 if reason ~= 'circuit_open' then
-  if wait == 0 and ahead >= slack then
-    -- Budget is free, but not for this caller: older tickets first. Wake the ones it is for.
+  if wait == 0 and (ahead >= slack or higher > 0) then
+    -- Budget is free, but not for this caller: older tickets first, and a higher lane's
+    -- ticket before any lower caller, even one that would fit beside it (else small
+    -- batch calls could keep a large interactive one waiting). Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
     wake_first(math.min(slack, nline))
   elseif wait > 0 and ahead > 0 then
