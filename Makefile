@@ -109,6 +109,13 @@ bench-goodput: $(DEMO_STAMP)
 bench-contention: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/contention.py
 
+## Priority lanes: interactive waits behind a saturated batch lane, batch throughput, and a
+## limit without lanes before/after (DB 6): appends to benchmarks/RESULTS.md.
+.PHONY: bench-lanes
+LANES_ARGS ?=
+bench-lanes: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/lanes.py $(LANES_ARGS)
+
 ## What a decision costs: Redis commands and µs, the pipelined ceiling, 16x16 threads,
 ## slot() vs try_acquire, a no-op @fleet_task vs a plain task (private Redis, DB 15).
 OVERHEAD_ARGS ?=

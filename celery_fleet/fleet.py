@@ -34,6 +34,7 @@ from .admission.breaker import Breaker
 from .admission.config import LimitConfig
 from .admission.core import Admission, Decision, Release
 from .admission.guarded import Guard, guarded
+from .admission.lanes import check_lane
 from .admission.run import Run, current_run
 from .admission.slot import Clock, LeaseKeeper, Slot, SystemClock
 from .checks import check_max_wait, number
@@ -210,6 +211,8 @@ class Fleet(AsyncMethods):
         max_wait: float | None = None,
         validate: Callable[[Any], object] | None = None,
         jitter: float | None = None,
+        *,
+        lane: str | None = None,
     ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
@@ -228,7 +231,15 @@ class Fleet(AsyncMethods):
         seconds before the first ask, so agents that finished a step together do not all
         ask for the next one in the same millisecond (``slot.next()`` does not: it
         continues at once).
+        ``lane`` names one of the limit's priority lanes (default: its lowest; see
+        :mod:`~celery_fleet.admission.lanes`): a lane is served before the lanes below it
+        and may use the part of every budget they may not.
         Arguments are validated here, before any Redis call.
+
+        Example::
+
+            with fleet.slot("openai", tokens=900, lane="interactive") as slot:
+                ...
         """
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
@@ -249,6 +260,7 @@ class Fleet(AsyncMethods):
             validate=validate,
             run=run if run is not None else Run(),
             jitter_s=jitter_s,
+            lane=lane,
         )
 
     def guarded(
@@ -352,10 +364,11 @@ class Fleet(AsyncMethods):
         """Who waits for limit ``name``, oldest first: ``(ticket, first-asked ms)`` pairs."""
         return self.admission.line(name)
 
-    def try_acquire(self, name: str, tokens: int = 0) -> Decision:
+    def try_acquire(self, name: str, tokens: int = 0, *, lane: str | None = None) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
-        :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL)."""
-        return self.admission.try_acquire(name, tokens)
+        :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL).
+        ``lane``: as in :meth:`slot`."""
+        return self.admission.try_acquire(name, tokens, lane=lane)
 
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
@@ -543,14 +556,18 @@ class Fleet(AsyncMethods):
                 self.store_down.policy,
             )
 
-    def check_task_options(self, task_name: str, limit: str | None, tokens: int) -> None:
-        """Validate a task's ``limit``/``tokens`` against this fleet's limits."""
+    def check_task_options(
+        self, task_name: str, limit: str | None, tokens: int, *, lane: str | None = None
+    ) -> None:
+        """Validate a task's ``limit``/``tokens``/``lane`` against this fleet's limits."""
         if limit is None:
             if tokens:
                 raise ConfigError(f"task {task_name!r}: tokens={tokens} needs a limit=")
             return
         try:
-            self.admission.limit(limit).check_tokens(tokens)
+            cfg = self.admission.limit(limit)
+            cfg.check_tokens(tokens)
+            check_lane(cfg.lanes, limit, lane)
         except ConfigError as exc:
             raise ConfigError(f"task {task_name!r}: {exc}") from None
 

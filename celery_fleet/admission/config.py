@@ -3,8 +3,9 @@
 Nothing downstream of :func:`parse_limits` sees a raw dict: the admission script's
 arguments are computed from :class:`LimitConfig` and every error names the setting
 and the bad value. This module owns every configuration object of a limit (its windows,
-:class:`AdaptiveConfig`, :class:`BreakerConfig`) and every parser; it imports nothing of
-the package but ``errors`` and ``checks``, so the rest can read top-down.
+:class:`AdaptiveConfig`, :class:`BreakerConfig`; its priority lanes are parsed by
+:mod:`~celery_fleet.admission.lanes`) and every parser; it imports nothing of the package
+but ``errors``, ``checks`` and ``lanes``, so the rest can read top-down.
 
 Example::
 
@@ -32,6 +33,7 @@ from ..checks import (
     reject_unknown,
 )
 from ..errors import ConfigError
+from .lanes import Lanes, parse_lanes
 
 __all__ = [
     "Window",
@@ -84,6 +86,7 @@ _KNOWN_KEYS = (
             "burst",
             "breaker",
             "validate",
+            "lanes",
         }
     )
     | ADAPTIVE_KEYS
@@ -166,6 +169,8 @@ class LimitConfig:
     adaptive: AdaptiveConfig | None = None
     breaker: BreakerConfig | None = None
     validate: Callable[[Any], object] | None = None
+    #: priority lanes (None: one line, every caller alike); see admission/lanes.py
+    lanes: Lanes | None = None
 
     @property
     def token_windows(self) -> tuple[Window, ...]:
@@ -237,7 +242,8 @@ def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitC
 def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
     """Parse one limit's options (see the module docstring for the accepted keys)."""
     if isinstance(spec, LimitConfig):
-        return dataclasses.replace(spec, name=name)
+        lanes = spec.lanes and dataclasses.replace(spec.lanes, limit=name)
+        return dataclasses.replace(spec, name=name, lanes=lanes)
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{setting} must be a dict of options, got {spec!r}")
     reject_unknown(spec, _KNOWN_KEYS, setting)
@@ -287,6 +293,7 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         adaptive=parse_adaptive(spec, setting, max_in_flight),
         breaker=parse_breaker(spec.get("breaker"), f"{setting}['breaker']"),
         validate=parse_validate(spec.get("validate"), f"{setting}['validate']"),
+        lanes=parse_lanes(spec.get("lanes"), name, f"{setting}['lanes']"),
     )
 
 

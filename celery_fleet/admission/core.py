@@ -71,6 +71,7 @@ from .decision import (
     new_lease_id,
     release_args,
 )
+from .lanes import Lanes, check_lane
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 from .runtime import RuntimeLimits
@@ -136,6 +137,9 @@ class Admission:
         self._acquire_cmd: dict[str, Any] = {}
         self._release_cmd: dict[str, Any] = {}
         self._token_args: dict[str, list[str]] = {}
+        # Limits with priority lanes: a ticket's lane (its "~<priority>" ending) picks
+        # acquire's lane argument; a limit without lanes sends b"0", as before lanes.
+        self._lanes: dict[str, Lanes] = {}
         for name, cfg in self.limits.items():
             self._prepare(name, cfg)
         #: Called as ``listener(name, cfg)`` after :meth:`reconfigure` changed a limit.
@@ -179,6 +183,10 @@ class Admission:
             for w in cfg.token_windows
             for arg in (w.field, repr(w.emission_ms), repr(w.tolerance_ms + w.period_s * 1000.0))
         ]
+        if cfg.lanes:
+            self._lanes[name] = cfg.lanes
+        else:
+            self._lanes.pop(name, None)
 
     def reconfigure(self, name: str, cfg: LimitConfig) -> None:
         """Admit ``name`` by ``cfg`` from the next ask on (a limit changed at runtime).
@@ -222,20 +230,39 @@ class Admission:
         lease_id: str | None = None,
         since_ms: float = 0,
         join: bool = False,
+        *,
+        lane: str | None = None,
     ) -> Decision:
         """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
 
-        ``lease_id`` names the lease to create (default: a new random one); it is also the
-        caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
-        first ask; 0 = now): nobody younger is admitted before it while it waits. With
-        ``join`` a refused caller takes (or keeps) a ticket and should wait for its wake-up
-        (:meth:`wait_turn`) or :meth:`leave`; without, it is told to wait but holds no place.
+        ``lease_id`` names the lease to create (default: a new random one in ``lane``, see
+        :mod:`~celery_fleet.admission.lanes`; a given one is in the lane its ending names,
+        :meth:`ticket`); it is also the caller's ticket. ``since_ms`` is the caller's age
+        in line (Redis-clock ms of its first ask; 0 = now): nobody younger is admitted
+        before it while it waits. With ``join`` a refused caller takes (or keeps) a
+        ticket and should wait for its wake-up (:meth:`wait_turn`) or :meth:`leave`;
+        without, it is told to wait but holds no place.
         """
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
         since = check_since(since_ms)
-        lease = new_lease_id() if lease_id is None else check_lease_id(lease_id)
+        if lease_id is None:
+            lease = self.ticket(name, lane)
+        else:
+            lease = check_lease_id(lease_id)
+            chosen = check_lane(cfg.lanes, name, lane)
+            if lane is not None and cfg.lanes and cfg.lanes.of_ticket(lease) != chosen:
+                raise ConfigError(
+                    f"lease_id {lease!r} is not a ticket of lane {lane!r} of limit {name!r}: "
+                    f"make it with Admission.ticket({name!r}, {lane!r})"
+                )
         return self._do_acquire(cfg, tokens, lease, since, join)
+
+    def ticket(self, name: str, lane: str | None = None) -> str:
+        """A new ticket (lease id) of limit ``name`` in ``lane`` (None: the limit's lowest
+        lane); :class:`ConfigError` for a lane the limit does not have."""
+        chosen = check_lane(self.limit(name).lanes, name, lane)
+        return new_lease_id() + (chosen.marker if chosen is not None else "")
 
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
@@ -341,8 +368,10 @@ class Admission:
     def _pack_acquire(
         self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
     ) -> tuple[str, bytes]:
+        lanes = self._lanes.get(name)
+        lane = b"0" if lanes is None else lanes.of_ticket(lease_id).arg
         packed = self._acquire_cmd[name].pack(
-            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
+            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane
         )
         return (ACQUIRE.name, packed)
 

@@ -1,7 +1,8 @@
 """The line: callers refused by a limit wait in order of age, woken rather than polling.
 
 A caller that means to wait (``join=True``) and is refused takes a ticket,
-ordered by ``(lane, first-asked time)``, and from then on nobody younger passes it: a
+ordered by ``(lane priority, first-asked time)``, and from then on nobody younger (nor
+any caller of a lower lane, see :mod:`~celery_fleet.admission.lanes`) passes it: a
 budget that frees up goes to the oldest ticket, whoever asks first. The waiter blocks on
 its wake-up; the release that frees an in-flight slot, or the admission of the ticket
 before it, wakes it, so waiters do not poll. A ticket is a lease: it expires
@@ -13,8 +14,8 @@ costs one ``ZCARD`` inside the same single round trip.
 
 Where it lives (all under the limit's hash tag, beside the admission keys):
 
-- ``{ns:limit}:line``: zset, ticket id -> order key ``lane * LANE_SPAN + first-asked ms``.
-  Every caller is in lane 0 today; priority lanes fit without changing the key.
+- ``{ns:limit}:line``: zset, ticket id -> order key ``priority * LANE_SPAN + first-asked
+  ms``: the priority of the caller's lane (0 on a limit without lanes) goes first.
 - ``{ns:limit}:waiting``: zset, ticket id -> expiry (ms).
 - ``{ns:limit}:wake:<tag>``: list of the tickets of one process to wake (a ticket's first 8
   characters are its process's tag); the process's one listener of the limit pops it

@@ -38,6 +38,7 @@ from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release, new_lease_id
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
+from .lanes import check_lane
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -75,7 +76,8 @@ class Slot:
     Attributes after entering: ``lease_id``, ``tokens`` (the current reservation),
     ``waited_s`` (time spent waiting for admission), ``attempts`` (admission round trips),
     ``ahead`` (tickets before this one at the last refusal), ``reason`` (the last refusal's,
-    "" when admitted at once) and ``lost`` (True if the lease expired while held, e.g. the
+    "" when admitted at once), ``lane`` (its priority lane, None on a limit without lanes)
+    and ``lost`` (True if the lease expired while held, e.g. the
     process was frozen).
 
     A wait that did not end at the first ask (admitted after a refusal, or given up) is
@@ -95,6 +97,7 @@ class Slot:
         validate: Callable[[Any], object] | None = None,
         run: Run | None = None,
         jitter_s: float = 0.0,
+        lane: str | None = None,
     ) -> None:
         self.admission = admission
         self.keeper = keeper
@@ -118,11 +121,20 @@ class Slot:
         self.ahead = 0
         self.reason = ""
         self.jitter_s = jitter_s
+        chosen = check_lane(admission.limit(limit).lanes, limit, lane)
+        #: the priority lane this slot waits in (None: the limit has no lanes; see
+        #: admission/lanes.py); its tickets end with the lane's marker
+        self.lane = chosen.name if chosen is not None else None
+        self._marker = chosen.marker if chosen is not None else ""
         #: The ticket this slot waits (or last waited) with, and whether Redis may hold
         #: it in the limit's line (then leaving sends a leave).
         self.ticket = ""
         self.in_line = False
         self._held_in: list[Slot] = []
+
+    def new_ticket(self) -> str:
+        """A new ticket (and lease id) of this slot: in its lane, if the limit has lanes."""
+        return new_lease_id() + self._marker
 
     def acquire(self) -> Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
@@ -130,7 +142,7 @@ class Slot:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
-        return self._acquire(new_lease_id())
+        return self._acquire(self.new_ticket())
 
     def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
         """Wait with ``ticket`` (the ticket while waiting, the lease once admitted) from the
@@ -184,9 +196,9 @@ class Slot:
         if down.down or down.owns(self.lease_id):
             self.release(self.verdict or OK)  # the store is away: two steps, each local
             self.attempts, self.verdict, self.tokens = 0, None, tokens
-            return self._acquire(new_lease_id())
+            return self._acquire(self.new_ticket())
         lease_id, signal = self._let_go(self.verdict or OK)
-        ticket = new_lease_id()
+        ticket = self.new_ticket()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
         ahead = ReleaseAhead(lease_id, release, self._check_released)
@@ -203,7 +215,7 @@ class Slot:
             # Redis did not answer (both are owed to it now): the policy answers an ask
             # made afresh, with a new ticket (Redis may still run this one when it thaws).
             down.cover(exc)
-            return self._acquire(new_lease_id())
+            return self._acquire(self.new_ticket())
         if decision.allowed:  # the usual case: no wait, no second round trip
             self.attempts = 1
             self.waited_s = 0.0
@@ -260,7 +272,7 @@ class Slot:
             if self.in_line:
                 self.admission.replays.add("leave", self.limit, ticket)
             self.in_line = False
-            return new_lease_id()
+            return self.new_ticket()
         if self.admission.store_down.down:  # answered by the policy: Redis saw nothing
             self.in_line = was_in_line
         return ticket

@@ -45,6 +45,7 @@ from ..errors import Backpressure, ConfigError, ThrottledTooLong
 from ..fleet import Fleet
 from ..observability import metrics
 from . import idempotency, pump
+from .lanes import check_lane_spec, fixed_lane, lane_of
 from .loops import run_async
 from .reschedule import THROTTLED, Rescheduling
 from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
@@ -73,6 +74,7 @@ _FLEET_OPTIONS = {
     "idempotency_key": "fleet_idempotency_key",
     "singleton": "fleet_singleton",
     "release_on_failure": "fleet_release_on_failure",
+    "lane": "fleet_lane",
 }
 
 
@@ -131,6 +133,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
       (:mod:`celery_fleet.celery.idempotency`; per call: ``apply_async(..., idempotency_key=k)``).
       ``fleet_singleton``: the key is a lock instead (one running at a time, every publish
       runs). ``fleet_release_on_failure`` (True): a final failure frees the key.
+    - ``fleet_lane``: the priority lane of ``fleet_limit`` the body's slot waits in: a lane
+      name, a template over the arguments or a callable (:mod:`celery_fleet.celery.lanes`).
     """
 
     fleet_limit: str | None = None
@@ -144,6 +148,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     fleet_idempotency_key: Any = None
     fleet_singleton: bool = False
     fleet_release_on_failure: bool = True
+    fleet_lane: Any = None
     # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
     dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
 
@@ -161,7 +166,9 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         pump.install(app)  # publishes deferred reschedules when fleet_defer = "redis"
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
-            fleet.check_task_options(cls.name, cls.fleet_limit, cls.fleet_tokens)
+            fleet.check_task_options(
+                cls.name, cls.fleet_limit, cls.fleet_tokens, lane=fixed_lane(cls.fleet_lane)
+            )
         if cls.fleet_jitter and cls.name:
             warn_if_beyond_visibility(cls.fleet_jitter, f"task {cls.name}'s jitter", app.conf)
 
@@ -170,7 +177,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     ) -> Any:
         # Publish is the last moment to catch a bad limit before a worker does.
         if self.fleet_limit is not None or self.fleet_tokens:
-            self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens)
+            lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
+            self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
         jitter_publish(options, self.fleet_jitter)
         if task_id is not None:
             options["task_id"] = task_id
@@ -248,7 +256,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.fleet_limit is None:
             return self._run_body(args, kwargs)
-        with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens):
+        lane = lane_of(self.fleet_lane, self.run, args, kwargs)
+        with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens, lane=lane):
             return self._run_body(args, kwargs)
 
     def _new_run(self) -> Run:
@@ -342,6 +351,11 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
     limit = opts.get("fleet_limit")
     if limit is not None and not isinstance(limit, str):
         raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
+    if opts.get("fleet_lane") is not None:
+        spec = check_lane_spec(opts["fleet_lane"])
+        if limit is None:
+            raise ConfigError(f"lane={spec!r} needs a limit= (the limit whose lanes it names)")
+        opts["fleet_lane"] = staticmethod(spec) if callable(spec) else spec
 
 
 def fleet_task(*args: Any, **options: Any) -> Any:
@@ -349,7 +363,7 @@ def fleet_task(*args: Any, **options: Any) -> Any:
 
     Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait``,
     ``on_limit``, ``wait_after_call``, ``max_reschedules``, ``max_throttled``, ``jitter``,
-    ``idempotency_key``, ``singleton`` and ``release_on_failure`` (see
+    ``idempotency_key``, ``singleton``, ``release_on_failure`` and ``lane`` (see
     :class:`FleetTask`). Unknown options are rejected here, naming the
     closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
     When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against
@@ -386,7 +400,10 @@ def fleet_task(*args: Any, **options: Any) -> Any:
         if fleet is not None:
             name = options.get("name") or app.gen_task_name(fun.__name__, fun.__module__)
             fleet.check_task_options(
-                name, fleet_opts.get("fleet_limit"), fleet_opts.get("fleet_tokens", 0)
+                name,
+                fleet_opts.get("fleet_limit"),
+                fleet_opts.get("fleet_tokens", 0),
+                lane=fixed_lane(fleet_opts.get("fleet_lane")),
             )
         return celery_decorator(fun)
 

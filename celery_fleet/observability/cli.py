@@ -5,7 +5,7 @@ Registered through Celery's ``celery.commands`` entry point, so it runs with the
 
 - ``fleet status [LIMIT...] [--json]``: a table per limit: each window's budget left now,
   in flight / cap and the oldest lease's age, the adaptive cap and rate factor, a provider
-  pause, the breaker, callers waiting in line;
+  pause, the breaker, callers waiting in line, each priority lane's in flight and waiting;
 - ``fleet watch [--interval 2] [--count N]``: the same, refreshed;
 - ``fleet web [--host 127.0.0.1] [--port 8555] [--auth user:password]``: the same as a live
   page in a browser, with sparklines (:mod:`celery_fleet.observability.web`);
@@ -92,6 +92,12 @@ def _table(rows: list[LimitStatus]) -> str:
         if s.config_version:
             what = fields_text(s.config_fields) or " (as configured)"
             lines.append(f"  config       version {s.config_version}{what}")
+        for x in s.lanes:
+            most = "" if x.cap is None else f"/{x.cap}"
+            lines.append(
+                f"  lane {x.lane:<7} {x.in_flight}{most} in flight, {x.waiting} waiting "
+                f"(priority {x.priority}, may use {x.share:.0%})"
+            )
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

@@ -10,7 +10,9 @@ are what an ask would meet, computed once, in Redis:
 - the live leases (in flight) against the cap in force (the adaptive cap when there is
   one) and the age of the oldest (its acquire time is in its name);
 - the adaptive cap and rate factor, a provider pause still running, the breaker, and how
-  many callers wait in line.
+  many callers wait in line;
+- each priority lane's share: its leases in flight (a lease's lane is in its name) and its
+  tickets in line, read in the same round trip.
 
 The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 """
@@ -30,6 +32,7 @@ from ..admission.decision import acquire_args
 from ..store.specs import PEEK
 
 __all__ = [
+    "LaneStatus",
     "LimitStatus",
     "StatusSource",
     "WindowStatus",
@@ -53,6 +56,20 @@ class WindowStatus:
 
 
 @dataclass(frozen=True)
+class LaneStatus:
+    """One priority lane of a limit: ``in_flight`` its live leases (of the first
+    ``OLDEST_SCAN`` read), ``waiting`` its tickets in line, ``cap`` the most it may hold
+    (its usable share of the cap in force; None without a cap), ``share`` that share."""
+
+    lane: str
+    priority: int
+    share: float
+    in_flight: int
+    waiting: int
+    cap: int | None = None
+
+
+@dataclass(frozen=True)
 class LimitStatus:
     """One limit's fleet-wide state (see the module docstring)."""
 
@@ -72,6 +89,8 @@ class LimitStatus:
     #: the fields it set over the configured values (empty: as configured).
     config_version: int = 0
     config_fields: dict[str, Any] = field(default_factory=dict)
+    #: each priority lane's share, highest first (empty on a limit without lanes)
+    lanes: list[LaneStatus] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +112,7 @@ class LimitStatus:
         parts.append(f"{self.waiting} waiting")
         if self.config_version:
             parts.append(f"config v{self.config_version}{fields_text(self.config_fields)}")
+        parts += [f"{x.lane} {x.in_flight} in flight, {x.waiting} waiting" for x in self.lanes]
         return ", ".join(parts)
 
 
@@ -192,7 +212,21 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     applied = fleet.admission.runtime.applied(name)
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
-    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
+    lanes = cfg.lanes.lanes if cfg.lanes else ()
+    priorities = [lane.priority for lane in lanes]
+    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg), *priorities])
+    cap_in_force = int(peek.cap_in_force) or None
+    lane_rows = [
+        LaneStatus(
+            lane.name,
+            lane.priority,
+            lane.share,
+            in_flight=int(peek.lanes[2 * i]),
+            waiting=int(peek.lanes[2 * i + 1]),
+            cap=None if cap_in_force is None else lane.usable(cap_in_force),
+        )
+        for i, lane in enumerate(lanes)
+    ]
     now_ms = int(peek.now_us) / 1000
     windows = [
         WindowStatus(w.describe(), left=int(peek.windows[2 * i]), full=int(peek.windows[2 * i + 1]))
@@ -210,7 +244,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         limit=name,
         windows=windows,
         in_flight=int(peek.in_flight),
-        cap=int(peek.cap_in_force) or None,
+        cap=cap_in_force,
         oldest_lease_s=round((now_ms - oldest / 1000) / 1000, 3) if oldest else None,
         adaptive_cap=adaptive_cap,
         rate_factor=rate_factor,
@@ -224,6 +258,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         waiting=int(peek.waiting),
         config_version=applied.version,
         config_fields=dict(applied.fields),
+        lanes=lane_rows,
     )
 
 

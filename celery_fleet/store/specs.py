@@ -204,6 +204,8 @@ class PeekReply(NamedTuple):
     #: the breaker hash's state, opened_at, forced, probe, probe_until, calls, failures
     breaker: list[bytes | str]
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
+    #: per lane asked about: leases in flight (of those read), tickets waiting ([] without)
+    lanes: list[Any]
 
 
 class HandoverReply(NamedTuple):
@@ -274,9 +276,11 @@ def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
 
 
 def _peek_reply(raw: Any) -> PeekReply:
-    return PeekReply._make([*raw[:9], list(raw[9:16]), list(raw[16:])])
+    return PeekReply._make([*raw[:9], list(raw[9:16]), list(raw[16:-1]), list(raw[-1])])
 
 
+#: ``lane`` is ``b"0"`` on a limit without lanes, else the caller's lane's ``Lane.arg``:
+#: ``<priority>`` or ``<priority>:<usable share>`` (acquire.lua's header says what it does).
 ACQUIRE: ScriptSpec[AcquireReply] = ScriptSpec(
     "acquire",
     "admission",
@@ -328,7 +332,7 @@ PEEK: ScriptSpec[PeekReply] = ScriptSpec(
     "peek",
     "admission",
     keys=("ctl", "leases", "line", "breaker"),
-    args=("oldest_scan", "constants", "*window_fields"),
+    args=("oldest_scan", "constants", "*window_fields_then_lane_priorities"),
     reply=_peek_reply,
     idempotent=True,
 )

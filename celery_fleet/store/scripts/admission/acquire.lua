@@ -25,7 +25,12 @@
 --          ask: if that one admitted (a lease "<record>.<id>" is held), its lease is the
 --          answer, so a resend never charges twice; 4 only looks that lease up (an ask
 --          cancelled in flight): its lease, or a refusal ("gone") that changes nothing
--- ARGV[5]  lane (0 for now: the order key leaves room for priority lanes)
+-- ARGV[5]  lane: "<priority>" (a lane that may use every budget; "0" on a limit without
+--          lanes) or "<priority>:<usable share>" (0 < share < 1: the part of every budget
+--          not reserved for the lanes above; see admission/lanes.py). The priority is the
+--          first term of the line's order key; the share cuts this caller's in-flight cap
+--          to max(1, floor(cap * share)) and each window's tolerance to
+--          max(tau * share, min(step, tau)) (never below one call: no lane starves to zero)
 -- ARGV[6]  the limit's constants as little-endian doubles (struct.unpack: one call instead of
 --          a tonumber per argument): lease TTL (ms); max_in_flight (0 = no cap); adaptive
 --          initial cap (0 = not adaptive: ctl.cap and rate_factor are ignored); breaker reset
@@ -80,7 +85,11 @@ if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
   end
   if ARGV[4] == '4' then return {0, 0, 'gone', redis.call('ZCARD', KEYS[2]), now_us, 0, 0, 0} end
 end
-local lane = tonumber(ARGV[5])
+local lane, share = 0, 1
+do
+  local p, u = string.match(ARGV[5], '^(%d+):(.+)$')
+  if p then lane, share = tonumber(p), tonumber(u) else lane = tonumber(ARGV[5]) end
+end
 local consts = ARGV[6]
 local ttl, max_in_flight, init_cap, reset_ms, ticket_ttl, grace, nwin =
   struct.unpack('<ddddddd', consts)
@@ -127,7 +136,10 @@ if paused > 0 then refuse(paused, 'paused') end
 local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
 local cap = cap_in_force(max_in_flight, init_cap, ctl[I_CAP])
-if (cap > 0 and in_flight >= cap) or in_flight >= SWEEP_AT then
+-- A lower lane may hold only its share of the cap: the rest is kept for the lanes above.
+local lane_cap = cap
+if share < 1 and cap > 0 then lane_cap = math.max(1, math.floor(cap * share)) end
+if (cap > 0 and in_flight >= lane_cap) or in_flight >= SWEEP_AT then
   -- A holder killed with SIGKILL never releases: its lease simply expires here.
   local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
   if #expired > 0 then
@@ -140,8 +152,8 @@ if cap > 0 then
   -- Nobody knows when a holder finishes: estimate from the mean hold time, never
   -- later than the first lease expiry, never a busy loop.
   unit = math.max(1, (tonumber(ctl[I_HOLD]) or 200) / cap)
-  slack = cap - in_flight
-  if in_flight >= cap then
+  slack = lane_cap - in_flight
+  if in_flight >= lane_cap then
     local hint = math.max(5, unit)
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if first[2] then hint = math.min(hint, math.max(1, tonumber(first[2]) - now)) end
@@ -162,6 +174,8 @@ for i = 1, nwin do
   local cost = 1
   if string.sub(field, 1, 1) == 't' then cost = tokens end
   local step = cost * emission
+  -- A lower lane may spend only its share of the burst, but always one call's worth.
+  if share < 1 then tolerance = math.max(tolerance * share, math.min(step, tolerance)) end
   local tat, over = gcra_check(ctl[NFIXED + i], step, tolerance, now)
   if over > 0 then
     refuse(over, field)
@@ -177,11 +191,14 @@ for i = 1, nwin do
   if new_tats[i] > horizon then horizon = new_tats[i] end
 end
 
--- The line: callers refused before wait in order of age; nobody passes an older ticket.
+-- The line: callers refused before wait in order of (lane, age); nobody passes an older
+-- ticket of its own lane or any ticket of a lane above (their order keys are smaller),
+-- while a caller passes every ticket of the lanes below.
 -- line_until says when the last ticket expires at the latest: before it, nobody waits.
 local nline = 0
 local mine = nil
 local ahead = 0
+local higher = 0  -- tickets of the lanes above the caller's: it never goes before them
 if (tonumber(ctl[4]) or 0) > now then
   nline = redis.call('ZCARD', KEYS[3])
   if nline > 0 then
@@ -198,6 +215,10 @@ if nline > 0 then
     -- a ticket of the same millisecond came first: it counts as ahead
     ahead = redis.call('ZCOUNT', KEYS[3], '-inf', score)
   end
+  if lane > 0 and ahead > 0 then
+    higher = redis.call('ZCOUNT', KEYS[3], '-inf',
+                        string.format('(%.17g', lane * 4398046511104))
+  end
 end
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
@@ -210,8 +231,10 @@ local function wake_first(count)
 end
 
 if reason ~= 'circuit_open' then
-  if wait == 0 and ahead >= slack then
-    -- Budget is free, but not for this caller: older tickets first. Wake the ones it is for.
+  if wait == 0 and (ahead >= slack or higher > 0) then
+    -- Budget is free, but not for this caller: older tickets first, and a higher lane's
+    -- ticket before any lower caller, even one that would fit beside it (else small
+    -- batch calls could keep a large interactive one waiting). Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
     wake_first(math.min(slack, nline))
   elseif wait > 0 and ahead > 0 then

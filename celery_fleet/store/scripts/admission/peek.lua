@@ -11,6 +11,8 @@
 -- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
 --          initial cap, the number of windows and each window's T and tau are read)
 -- ARGV[3..2+n] the windows' fields ("r:60", "t:86400")
+-- ARGV[3+n..] the priorities of the limit's lanes, highest first (none: no lanes); a lease
+--          or ticket of a lane ends with "~<priority>", one without is in the last lane
 --
 -- Reply: {now (µs), in flight (live leases), oldest (its acquire time, µs; 0 for none),
 --         waiting (tickets in line), the pause still running (ms, text), cap and
@@ -18,6 +20,8 @@
 --         the rate factor in force (text), the breaker's state, opened_at, forced,
 --         probe, probe_until, calls, failures ("" when absent), then per window: units
 --         admissible now, units a full bucket holds (both at the factor in force)}
+-- Last: per lane given, {in flight, waiting}, as one nested array (empty without lanes);
+-- in flight counts the live leases read (at most ARGV[1]), waiting is the lane's tickets.
 -- A unit is one request ("r:") or one token ("t:"). Time unit: milliseconds, Redis TIME.
 
 --#include _lib/gcra
@@ -37,10 +41,19 @@ local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
 
 local after_now = string.format('(%.17g', now)  -- live: expiring after now
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], after_now, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))
+local nlanes = #ARGV - 2 - nwin
+local lane_held = {}
+for i = 1, nlanes do lane_held[ARGV[2 + nwin + i]] = 0 end
+local last_lane = ARGV[2 + nwin + nlanes]
 local oldest = 0
 for _, lease in ipairs(live) do
   local acquired = tonumber(string.match(lease, '^(%d+)'))
   if acquired and (oldest == 0 or acquired < oldest) then oldest = acquired end
+  if nlanes > 0 then
+    local p = string.match(lease, '~(%d+)$')
+    if not (p and lane_held[p]) then p = last_lane end
+    lane_held[p] = lane_held[p] + 1
+  end
 end
 local in_flight = redis.call('ZCOUNT', KEYS[2], after_now, '+inf')
 
@@ -61,4 +74,13 @@ for i = 1, nwin do
   reply[#reply + 1] = math.max(0, gcra_room(tat, step, tau, now))
   reply[#reply + 1] = math.max(0, math.floor(tau / step))
 end
+local lanes = {}
+for i = 1, nlanes do
+  local p = ARGV[2 + nwin + i]
+  local from = tonumber(p) * 4398046511104
+  lanes[#lanes + 1] = lane_held[p]
+  lanes[#lanes + 1] = redis.call('ZCOUNT', KEYS[3], string.format('%.17g', from),
+                                 string.format('(%.17g', from + 4398046511104))
+end
+reply[#reply + 1] = lanes
 return reply

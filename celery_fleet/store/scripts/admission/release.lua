@@ -116,7 +116,8 @@ if breaker then
                              rate_fails)
 end
 
--- The line: a release that leaves room under the in-flight cap wakes the oldest waiter
+-- The line: a release that leaves room under the in-flight cap wakes the first waiter in
+-- (lane priority, age) order: a higher lane's ticket before any lower one's
 -- (a limit with no cap has no in-flight waiters: its line moves on admissions).
 if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
   line_sweep(KEYS[4], KEYS[6], clock(), 16)

@@ -1,0 +1,175 @@
+"""Priority lanes of a limit: who is served first, and the share of every budget kept for them.
+
+A limit may declare lanes::
+
+    "openai": {
+        "rpm": 600, "max_in_flight": 12,
+        "lanes": {"interactive": {"priority": 0, "reserve": 0.34},
+                  "batch": {"priority": 1}},
+    }
+
+- ``priority``: a small non-negative int, unique per limit; a lower number is served first.
+  A waiting ticket of a lane goes before every ticket of the lanes below it (the line's
+  order key is ``priority * 2**42 + first-asked ms``, see :mod:`~celery_fleet.admission.line`).
+- ``reserve`` (default 0, in ``[0, 1)``): the share of EVERY budget of the limit (its
+  in-flight cap and each window's burst) kept for this lane and the lanes above it. The
+  reserves of a limit sum to less than 1.
+
+A caller of lane L may use the part of each budget not reserved for the lanes above it,
+its *usable share* ``1 - sum(reserve of lanes with a lower priority number)``. With the
+example, batch may hold at most ``floor(12 * 0.66) = 7`` in flight and spend at most 66% of
+each window's burst, so an interactive caller finds room at once behind a saturated batch
+lane; interactive may use everything. A lower lane is never held to zero by the reserves
+(at least one slot, and a call's worth of each window, when the budget is otherwise idle).
+
+A caller that names no lane is in the limit's **lowest-priority lane** (the last one): a
+caller that did not say it is urgent must not spend what is kept for the ones that did.
+``lane=`` naming a lane the limit does not have, or any lane on a limit without lanes,
+is a :class:`~celery_fleet.errors.ConfigError`.
+
+The lane travels with the caller's ticket: a ticket (and so its lease) of a limit with
+lanes ends with ``~<priority>`` (:attr:`Lane.marker`), which is how the acquire script's
+ARGV is chosen for it (:attr:`Lane.arg`) and how ``celery fleet status`` counts each lane's
+leases without a write on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..checks import check_name, number, reject_unknown
+from ..errors import ConfigError
+
+__all__ = ["Lane", "Lanes", "parse_lanes", "check_lane", "MAX_PRIORITY"]
+
+#: Priorities stay small: ``priority * 2**42 + ms`` must stay exact in a Lua double (2**53).
+MAX_PRIORITY = 999
+_LANE_KEYS = frozenset({"priority", "reserve"})
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One lane of a limit: its name, priority, own reserve and usable share (see module)."""
+
+    name: str
+    priority: int
+    reserve: float
+    #: the part of each budget this lane may use: 1 - the reserves of the lanes above it
+    share: float
+
+    @property
+    def marker(self) -> str:
+        """What a ticket of this lane ends with (``~<priority>``)."""
+        return f"~{self.priority}"
+
+    @property
+    def arg(self) -> bytes:
+        """acquire.lua's ARGV[5]: ``<priority>`` for a lane that may use everything, else
+        ``<priority>:<usable share>``."""
+        if self.share >= 1.0:
+            return b"%d" % self.priority
+        return f"{self.priority}:{self.share!r}".encode()
+
+    def usable(self, budget: float) -> int:
+        """Of an in-flight cap of ``budget``, how many this lane may hold (at least 1)."""
+        return max(1, math.floor(budget * self.share)) if self.share < 1.0 else int(budget)
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """A limit's lanes, highest priority (lowest number) first.
+
+    Example::
+
+        lanes = parse_lanes({"interactive": {"priority": 0, "reserve": 0.3},
+                             "batch": {"priority": 1}}, "fleet_limits['openai']['lanes']")
+        lanes.get("batch").share   # 0.7
+        lanes.get(None).name       # "batch": the lowest-priority lane
+    """
+
+    limit: str
+    lanes: tuple[Lane, ...]
+
+    @property
+    def default(self) -> Lane:
+        """The lane of a caller that names none: the lowest-priority one."""
+        return self.lanes[-1]
+
+    def get(self, name: str | None) -> Lane:
+        """The lane called ``name`` (None: :attr:`default`); :class:`ConfigError` if unknown."""
+        if name is None:
+            return self.default
+        for lane in self.lanes:
+            if lane.name == name:
+                return lane
+        known = ", ".join(lane.name for lane in self.lanes)
+        raise ConfigError(f"unknown lane {name!r} of limit {self.limit!r}; its lanes: {known}")
+
+    def of_ticket(self, ticket: str) -> Lane:
+        """The lane a ticket (or lease) id says it is in (:attr:`Lane.marker`); a ticket
+        without a known marker is in :attr:`default`."""
+        _, sep, tail = ticket.rpartition("~")
+        if sep:
+            for lane in self.lanes:
+                if str(lane.priority) == tail:
+                    return lane
+        return self.default
+
+
+def check_lane(lanes: Lanes | None, limit: str, lane: object) -> Lane | None:
+    """The :class:`Lane` a caller's ``lane=`` names on limit ``limit`` (None on a limit
+    without lanes and no lane named); :class:`ConfigError` for anything else."""
+    if lane is not None and not isinstance(lane, str):
+        raise ConfigError(f"lane must be a lane name (str) or None, got {lane!r}")
+    if lanes is None:
+        if lane is None:
+            return None
+        raise ConfigError(
+            f"lane={lane!r} but limit {limit!r} has no lanes "
+            f"(declare them in fleet_limits[{limit!r}]['lanes'])"
+        )
+    return lanes.get(lane)
+
+
+def parse_lanes(raw: object, limit: str, setting: str) -> Lanes | None:
+    """Parse a limit's ``lanes`` option (None: the limit has none); every error names the
+    setting and the bad value."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(
+            f"{setting} must be a non-empty dict of lane name -> "
+            f"{{'priority': int, 'reserve': float}}, got {raw!r}"
+        )
+    parsed: list[tuple[int, float, str]] = []
+    for name, spec in raw.items():
+        where = f"{setting}[{name!r}]"
+        check_name(name, f"{setting} key", colon=False)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where} must be a dict like {{'priority': 0}}, got {spec!r}")
+        reject_unknown(spec, _LANE_KEYS, where)
+        priority = spec.get("priority")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(
+                f"{where}['priority'] must be an int 0..{MAX_PRIORITY}, got {priority!r}"
+            )
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ConfigError(f"{where}['priority'] must be in 0..{MAX_PRIORITY}, got {priority!r}")
+        reserve = number(spec.get("reserve", 0.0), f"{where}['reserve']", lo=0.0, hi_open=1.0)
+        parsed.append((priority, reserve, name))
+    parsed.sort()
+    for (p1, _, n1), (p2, _, n2) in zip(parsed, parsed[1:], strict=False):
+        if p1 == p2:
+            raise ConfigError(f"{setting}: lanes {n1!r} and {n2!r} both have priority {p1}")
+    total = sum(reserve for _, reserve, _ in parsed)
+    if total >= 1.0:
+        raise ConfigError(
+            f"{setting}: the reserves sum to {total:g}; they must leave something (sum < 1)"
+        )
+    lanes, above = [], 0.0
+    for priority, reserve, name in parsed:
+        lanes.append(Lane(name, priority, reserve, share=1.0 - above))
+        above += reserve
+    return Lanes(limit, tuple(lanes))

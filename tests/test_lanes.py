@@ -1,0 +1,291 @@
+"""Priority lanes: a lane's reserve of every budget, the line's order by priority, and
+the lower lanes' share. Real Redis (the decisions are made inside acquire.lua)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from celery_fleet import ConfigError, Fleet
+from celery_fleet.admission.config import parse_limits
+from celery_fleet.admission.lanes import Lane
+from celery_fleet.observability.status import limit_status
+
+MakeFleet = Callable[..., Fleet]
+
+LANES = {"interactive": {"priority": 0, "reserve": 0.34}, "batch": {"priority": 1}}
+
+
+def _fill(fleet: Fleet, lane: str, limit: str = "m") -> list[Any]:
+    """Take slots of ``lane`` until refused; the admitted decisions."""
+    held = []
+    while (d := fleet.try_acquire(limit, lane=lane)).allowed:
+        held.append(d)
+        assert len(held) <= 1000
+    return held
+
+
+# -- in-flight reserve --------------------------------------------------------------------
+
+
+def test_batch_fills_only_its_share_and_interactive_gets_the_rest_at_once(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    batch = _fill(fleet, "batch")
+    assert len(batch) == 7  # floor(12 * 0.66): the other 5 are kept for interactive
+    refused = fleet.try_acquire("m", lane="batch")
+    assert refused.reason == "in_flight"
+    interactive = _fill(fleet, "interactive")
+    assert len(interactive) == 5  # admitted at once, behind a saturated batch lane
+    assert fleet.admission.in_flight("m") == 12
+
+
+def test_interactive_is_admitted_at_once_behind_waiting_batch_tickets(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 4, "lanes": LANES}})
+    _fill(fleet, "batch")  # 2 of 4 (floor(4 * 0.66))
+    for _ in range(5):  # batch waiters in line, older than anyone that comes next
+        ticket = fleet.admission.ticket("m", "batch")
+        assert not fleet.admission.try_acquire("m", lease_id=ticket, join=True)
+    assert len(fleet.line("m")) == 5
+    d = fleet.try_acquire("m", lane="interactive")
+    assert d.allowed and d.lease_id and d.lease_id.endswith("~0")
+
+
+def test_a_lower_lane_always_gets_one_slot(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 1, "lanes": LANES}})
+    assert len(_fill(fleet, "batch")) == 1  # floor(1 * 0.66) = 0 would starve it
+
+
+def test_without_lanes_every_caller_may_use_all(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 3}})
+    assert len(_fill(fleet, None)) == 3  # type: ignore[arg-type]
+
+
+# -- window reserve -----------------------------------------------------------------------
+
+
+def test_batch_spends_only_its_share_of_a_window(make_fleet: MakeFleet) -> None:
+    # 60 requests a minute, all of it as burst: the bucket refills one a second.
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"rpm": 60, "burst": 1.0, "lanes": lanes}})
+    batch = _fill(fleet, "batch")
+    assert 29 <= len(batch) <= 32  # half the burst (a refill may land meanwhile)
+    refused = fleet.try_acquire("m", lane="batch")
+    assert refused.reason == "requests/60s"
+    interactive = _fill(fleet, "interactive")
+    assert len(interactive) >= 27  # the reserved half, at once
+    assert len(batch) + len(interactive) <= 62
+
+
+def test_a_lower_lane_always_gets_one_call_of_a_window(make_fleet: MakeFleet) -> None:
+    # a bucket of one request: half of it is less than a call, yet batch is not starved
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"rpm": 10, "lanes": lanes}})
+    assert fleet.try_acquire("m", lane="batch").allowed
+    assert fleet.try_acquire("m", lane="interactive").reason == "requests/60s"
+
+
+def test_a_token_window_is_reserved_likewise(make_fleet: MakeFleet) -> None:
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"tpm": 60_000, "burst": 1.0, "lanes": lanes}})
+    n = 0
+    while fleet.try_acquire("m", tokens=1000, lane="batch").allowed:
+        n += 1
+    assert 29 <= n <= 32
+    assert fleet.try_acquire("m", tokens=20_000, lane="interactive").allowed
+
+
+# -- the line -----------------------------------------------------------------------------
+
+
+def test_an_interactive_ticket_goes_before_older_batch_tickets(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 1, "lanes": LANES}})
+    (held,) = _fill(fleet, "interactive")
+    now_ms = int(held.at_ms)
+    old_batch = fleet.admission.ticket("m", "batch")
+    d = fleet.admission.try_acquire("m", lease_id=old_batch, since_ms=now_ms - 60_000, join=True)
+    assert not d and d.ahead == 0
+    young = fleet.admission.ticket("m", "interactive")
+    d = fleet.admission.try_acquire("m", lease_id=young, since_ms=now_ms, join=True)
+    assert not d and d.ahead == 0  # it passed the older batch ticket
+    assert [t for t, _ in fleet.line("m")] == [young, old_batch]
+    assert fleet.line("m")[1][1] == now_ms - 60_000  # the age reads back without the lane
+    fleet.release(held)
+    # the slot is the interactive ticket's: the older batch one may not take it
+    d = fleet.admission.try_acquire("m", lease_id=old_batch, since_ms=now_ms - 60_000)
+    assert not d and d.reason == "queued" and d.ahead == 1
+    d = fleet.admission.try_acquire("m", lease_id=young, since_ms=now_ms, join=True)
+    assert d.allowed
+
+
+def test_a_small_batch_call_does_not_pass_a_waiting_large_interactive_one(
+    make_fleet: MakeFleet,
+) -> None:
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"tpm": 60_000, "burst": 1.0, "lanes": lanes}})
+    assert fleet.try_acquire("m", tokens=20_000, lane="batch").allowed
+    big = fleet.admission.ticket("m", "interactive")
+    d = fleet.admission.try_acquire("m", tokens=50_000, lease_id=big, join=True)
+    assert not d and d.reason == "tokens/60s"
+    # 1,000 tokens fit in batch's half, beside the 20,000 spent: but the interactive
+    # ticket waits for that budget, and goes first
+    d = fleet.try_acquire("m", tokens=1_000, lane="batch")
+    assert not d and d.reason == "queued" and d.ahead == 1
+    # a batch ticket queues behind it
+    fleet.admission.try_acquire("m", lease_id=fleet.admission.ticket("m", "batch"), join=True)
+    assert fleet.admission.line("m")[0][0] == big
+
+
+def test_a_release_wakes_the_interactive_waiter_first(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 1, "lanes": LANES}})
+    (held,) = _fill(fleet, "batch")
+    now_ms = int(held.at_ms)
+    batch = fleet.admission.ticket("m", "batch")
+    assert not fleet.admission.try_acquire("m", lease_id=batch, since_ms=now_ms - 1, join=True)
+    interactive = fleet.admission.ticket("m", "interactive")
+    assert not fleet.admission.try_acquire("m", lease_id=interactive, join=True)
+    fleet.release(held)
+    assert fleet.admission.wait_turn("m", interactive, 5.0)  # woken, not the batch one
+    assert not fleet.admission.wait_turn("m", batch, 0.2)
+
+
+def test_batch_is_not_starved_when_no_higher_ticket_waits(make_fleet: MakeFleet) -> None:
+    lanes = {"interactive": {"priority": 0, "reserve": 0.5}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"max_in_flight": 4, "lanes": lanes}})
+    held = _fill(fleet, "interactive")  # all 4
+    for d in held[:3]:
+        fleet.release(d)  # 1 in flight: batch may hold up to 2 in flight
+    batch = _fill(fleet, "batch")
+    assert len(batch) == 1  # 2 in flight now: its share, not less
+    fleet.release(held[3])
+    for d in batch:
+        fleet.release(d)
+    # many batch waiters queue behind each other and are served as slots free up
+    done: list[str] = []
+
+    def worker(i: int) -> None:
+        with fleet.slot("m", lane="batch", max_wait=30):
+            done.append(f"b{i}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(done) == 6
+
+
+def test_a_caller_without_a_lane_is_in_the_lowest(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    assert len(_fill(fleet, None)) == 7  # type: ignore[arg-type]
+    with fleet.slot("m", lane="interactive", max_wait=0) as slot:
+        assert slot.lane == "interactive"
+    assert fleet.slot("m").lane == "batch"
+
+
+def test_aslot_and_atry_acquire_take_a_lane(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 3, "lanes": LANES}})
+    _fill(fleet, "batch")  # floor(3 * 0.66) = 1
+
+    async def main() -> tuple[bool, bool]:
+        try:
+            refused = await fleet.atry_acquire("m", lane="batch")
+            async with fleet.aslot("m", lane="interactive", max_wait=0) as slot:
+                return bool(refused), slot.lease_id.endswith("~0")
+        finally:
+            await fleet.aclose()
+
+    assert asyncio.run(main()) == (False, True)
+
+
+# -- status -------------------------------------------------------------------------------
+
+
+def test_status_shows_each_lanes_share(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    _fill(fleet, "batch")
+    fleet.try_acquire("m", lane="interactive")
+    for _ in range(2):
+        fleet.admission.try_acquire("m", lease_id=fleet.admission.ticket("m", "batch"), join=True)
+    s = limit_status(fleet, "m")
+    rows = {x.lane: (x.in_flight, x.waiting, x.cap) for x in s.lanes}
+    assert rows == {"interactive": (1, 0, 12), "batch": (7, 2, 7)}
+    assert s.in_flight == 8 and s.waiting == 2
+    assert "batch 7 in flight, 2 waiting" in s.summary()
+    plain = make_fleet({"p": {"max_in_flight": 2}})
+    plain.try_acquire("p")
+    assert limit_status(plain, "p").lanes == []
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_usable_shares_come_from_the_lanes_above() -> None:
+    cfg = parse_limits(
+        {
+            "m": {
+                "max_in_flight": 10,
+                "lanes": {
+                    "rt": {"priority": 0, "reserve": 0.2},
+                    "web": {"priority": 5, "reserve": 0.3},
+                    "bulk": {"priority": 9},
+                },
+            }
+        }
+    )["m"]
+    assert cfg.lanes is not None
+    shares = {lane.name: round(lane.share, 9) for lane in cfg.lanes.lanes}
+    assert shares == {"rt": 1.0, "web": 0.8, "bulk": 0.5}
+    assert [lane.arg for lane in cfg.lanes.lanes] == [b"0", b"5:0.8", b"9:0.5"]
+    assert cfg.lanes.default.name == "bulk"
+    assert Lane("x", 3, 0.0, 0.5).usable(5) == 2
+
+
+@pytest.mark.parametrize(
+    ("lanes", "message"),
+    [
+        ({}, "non-empty dict"),
+        ([("a", 1)], "non-empty dict"),
+        ({"a": 1}, "must be a dict"),
+        ({"a": {"priority": -1}}, "'priority'] must be in 0..999"),
+        ({"a": {"priority": True}}, "'priority'] must be an int"),
+        ({"a": {"priority": 1.5}}, "'priority'] must be an int"),
+        ({"a": {}}, "'priority'] must be an int"),
+        ({"a": {"priority": 0, "reserve": 1.0}}, "'reserve'"),
+        ({"a": {"priority": 0, "reserve": -0.1}}, "'reserve'"),
+        ({"a": {"priority": 0, "resrve": 0.1}}, "resrve"),
+        ({"a": {"priority": 0}, "b": {"priority": 0}}, "both have priority 0"),
+        (
+            {"a": {"priority": 0, "reserve": 0.6}, "b": {"priority": 1, "reserve": 0.4}},
+            "reserves sum to 1",
+        ),
+        ({"a b": {"priority": 0}}, "'lanes'] key"),
+    ],
+)
+def test_bad_lanes_are_config_errors(lanes: object, message: str) -> None:
+    with pytest.raises(ConfigError, match="fleet_limits\\['m'\\]\\['lanes'\\]") as info:
+        parse_limits({"m": {"max_in_flight": 2, "lanes": lanes}})
+    assert message in str(info.value)
+
+
+def test_an_unknown_lane_is_a_config_error_before_redis(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 2, "lanes": LANES}, "p": {"max_in_flight": 2}})
+    with pytest.raises(ConfigError, match="unknown lane 'bacth' of limit 'm'; its lanes"):
+        fleet.slot("m", lane="bacth")
+    with pytest.raises(ConfigError, match="unknown lane"):
+        fleet.try_acquire("m", lane="bacth")
+    with pytest.raises(ConfigError, match="limit 'p' has no lanes"):
+        fleet.try_acquire("p", lane="batch")
+    with pytest.raises(ConfigError, match="lane must be a lane name"):
+        fleet.slot("m", lane=1)  # type: ignore[arg-type]
+    batch = fleet.admission.ticket("m", "batch")
+    with pytest.raises(ConfigError, match="is not a ticket of lane 'interactive'"):
+        fleet.admission.try_acquire("m", lease_id=batch, lane="interactive")
+    assert fleet.admission.try_acquire("m", lease_id=batch, lane="batch").allowed
