@@ -289,3 +289,24 @@ def test_an_unknown_lane_is_a_config_error_before_redis(make_fleet: MakeFleet) -
     with pytest.raises(ConfigError, match="is not a ticket of lane 'interactive'"):
         fleet.admission.try_acquire("m", lease_id=batch, lane="interactive")
     assert fleet.admission.try_acquire("m", lease_id=batch, lane="batch").allowed
+
+
+def test_a_cap_changed_at_runtime_keeps_each_lanes_share(make_fleet: MakeFleet) -> None:
+    """``fleet.set_limit`` (built beside lanes) keeps the limit's lanes: the batch lane's
+    share follows the new cap, in this process and in another that polls the change."""
+    fleet = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    other = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    assert other.try_acquire("m", lane="interactive")  # its first ask starts its poller
+    fleet.set_limit("m", max_in_flight=24)
+    assert fleet.limits["m"].lanes is not None
+    # batch fills the limit up to floor(24 * 0.66) = 15 in flight (one interactive held),
+    # not floor(12 * 0.66) = 7
+    assert len(_fill(fleet, "batch")) == 15 - 1
+    assert len(_fill(fleet, "interactive")) == 24 - 15
+    deadline = threading.Event()
+    for _ in range(100):  # the other process applies it within its poll interval
+        if other.admission.runtime.applied("m").version:
+            break
+        deadline.wait(0.05)
+    status = limit_status(other, "m")
+    assert [(x.lane, x.cap) for x in status.lanes] == [("interactive", 24), ("batch", 15)]
