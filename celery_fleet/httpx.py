@@ -18,14 +18,11 @@ Needs httpx (``pip install celery-fleet[httpx]``)::
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 try:
     import httpx  # the real httpx: imports are absolute
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("celery_fleet.httpx needs httpx: pip install 'celery-fleet[httpx]'") from exc
 
-from .contrib.httpx_streams import AsyncMeteredStream, MeteredStream
 from .contrib.httpx_transport import (
     DEFAULT_PATHS,
     AsyncTransportMixin,
@@ -36,40 +33,18 @@ from .contrib.httpx_transport import (
 __all__ = ["AsyncFleetTransport", "DEFAULT_PATHS", "FleetTransport", "SlotSource"]
 
 
-class _Stream(MeteredStream, httpx.SyncByteStream):
-    pass
-
-
-class _AsyncStream(AsyncMeteredStream, httpx.AsyncByteStream):
-    pass
-
-
-class FleetTransport(TransportMixin, httpx.BaseTransport):
-    """An ``httpx.Client`` transport holding a slot of ``limit`` for each model call.
+class FleetTransport(TransportMixin, httpx.BaseTransport, lib=httpx):
+    """An ``httpx.Client`` transport holding a slot of ``limit`` for each model call; the
+    parameters are :class:`~celery_fleet.contrib.httpx_transport.TransportMixin`'s.
 
     Example::
 
         http_client = httpx.Client(transport=FleetTransport(fleet, "openai"))
         client = openai.OpenAI(http_client=http_client, max_retries=0)
-
-    Parameters: ``fleet`` (a :class:`~celery_fleet.Fleet`), ``limit`` (one of its
-    limits); keyword-only: ``tokens`` (an int, or a callable over the request's JSON body;
-    default :func:`~celery_fleet.contrib.usage.estimate_tokens`; nothing is reserved on a
-    limit without a token budget), ``max_wait`` (seconds a call waits for admission;
-    default the running task's, else ``fleet_max_wait``), ``paths`` (path suffixes of
-    model calls, :data:`DEFAULT_PATHS`), ``pushback`` (``"raise"``: a 429 or an overload
-    raises ``Throttled`` once the fleet heard it, as ``fleet.slot`` does, so a task
-    reschedules; ``"return"``: the SDK gets the response and raises its own error),
-    ``transport`` (the inner transport, default
-    ``httpx.HTTPTransport()``). Checked here: :class:`~celery_fleet.ConfigError` names a
-    bad one.
     """
 
-    lib: ClassVar[Any] = httpx
-    stream_class = _Stream
 
-
-class AsyncFleetTransport(AsyncTransportMixin, httpx.AsyncBaseTransport):
+class AsyncFleetTransport(AsyncTransportMixin, httpx.AsyncBaseTransport, lib=httpx):
     """:class:`FleetTransport` for ``httpx.AsyncClient``: waits with ``fleet.aslot``,
     never blocking the loop; ``transport`` defaults to ``httpx.AsyncHTTPTransport()``.
 
@@ -78,6 +53,3 @@ class AsyncFleetTransport(AsyncTransportMixin, httpx.AsyncBaseTransport):
         http_client = httpx.AsyncClient(transport=AsyncFleetTransport(fleet, "openai"))
         client = openai.AsyncOpenAI(http_client=http_client, max_retries=0)
     """
-
-    lib: ClassVar[Any] = httpx
-    stream_class = _AsyncStream

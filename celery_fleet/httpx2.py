@@ -19,8 +19,6 @@ Needs httpx2 (``pip install celery-fleet[httpx2]``)::
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 try:
     import httpx2  # the real httpx2: imports are absolute
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -28,7 +26,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "celery_fleet.httpx2 needs httpx2: pip install 'celery-fleet[httpx2]'"
     ) from exc
 
-from .contrib.httpx_streams import AsyncMeteredStream, MeteredStream
 from .contrib.httpx_transport import (
     DEFAULT_PATHS,
     AsyncTransportMixin,
@@ -39,40 +36,18 @@ from .contrib.httpx_transport import (
 __all__ = ["AsyncFleetTransport", "DEFAULT_PATHS", "FleetTransport", "SlotSource"]
 
 
-class _Stream(MeteredStream, httpx2.SyncByteStream):
-    pass
-
-
-class _AsyncStream(AsyncMeteredStream, httpx2.AsyncByteStream):
-    pass
-
-
-class FleetTransport(TransportMixin, httpx2.BaseTransport):
-    """An ``httpx2.Client`` transport holding a slot of ``limit`` for each model call.
+class FleetTransport(TransportMixin, httpx2.BaseTransport, lib=httpx2):
+    """An ``httpx2.Client`` transport holding a slot of ``limit`` for each model call; the
+    parameters are :class:`~celery_fleet.contrib.httpx_transport.TransportMixin`'s.
 
     Example::
 
         http_client = httpx2.Client(transport=FleetTransport(fleet, "openai"))
         client = openai.OpenAI(http_client=http_client, max_retries=0)
-
-    Parameters: ``fleet`` (a :class:`~celery_fleet.Fleet`), ``limit`` (one of its
-    limits); keyword-only: ``tokens`` (an int, or a callable over the request's JSON body;
-    default :func:`~celery_fleet.contrib.usage.estimate_tokens`; nothing is reserved on a
-    limit without a token budget), ``max_wait`` (seconds a call waits for admission;
-    default the running task's, else ``fleet_max_wait``), ``paths`` (path suffixes of
-    model calls, :data:`DEFAULT_PATHS`), ``pushback`` (``"raise"``: a 429 or an overload
-    raises ``Throttled`` once the fleet heard it, as ``fleet.slot`` does, so a task
-    reschedules; ``"return"``: the SDK gets the response and raises its own error),
-    ``transport`` (the inner transport, default
-    ``httpx2.HTTPTransport()``). Checked here: :class:`~celery_fleet.ConfigError` names a
-    bad one.
     """
 
-    lib: ClassVar[Any] = httpx2
-    stream_class = _Stream
 
-
-class AsyncFleetTransport(AsyncTransportMixin, httpx2.AsyncBaseTransport):
+class AsyncFleetTransport(AsyncTransportMixin, httpx2.AsyncBaseTransport, lib=httpx2):
     """:class:`FleetTransport` for ``httpx2.AsyncClient``: waits with ``fleet.aslot``,
     never blocking the loop; ``transport`` defaults to ``httpx2.AsyncHTTPTransport()``.
 
@@ -81,6 +56,3 @@ class AsyncFleetTransport(AsyncTransportMixin, httpx2.AsyncBaseTransport):
         http_client = httpx2.AsyncClient(transport=AsyncFleetTransport(fleet, "openai"))
         client = openai.AsyncOpenAI(http_client=http_client, max_retries=0)
     """
-
-    lib: ClassVar[Any] = httpx2
-    stream_class = _AsyncStream

@@ -6,7 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from celery_fleet.contrib.usage import DEFAULT_MAX_TOKENS, estimate_tokens, usage_tokens
+from celery_fleet.contrib.usage import (
+    DEFAULT_MAX_TOKENS,
+    CumulativeUsage,
+    estimate_tokens,
+    usage_tokens,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -39,3 +44,14 @@ def test_the_estimate_is_prompt_chars_over_four_plus_the_completion_budget() -> 
     assert estimate_tokens(anthropic_style) == 3 + 9
     assert estimate_tokens({"messages": [], "max_tokens": 10, "n": 3}) == 30
     assert estimate_tokens({"messages": [{"content": "abcd"}]}) == 1 + DEFAULT_MAX_TOKENS
+
+
+def test_cumulative_usage_keeps_the_latest_of_each_count_across_reports() -> None:
+    # Anthropic's stream: message_start (the input, one output token), then message_delta
+    # repeating the output so far, not adding to it; a dict or an SDK object alike.
+    usage = CumulativeUsage()
+    assert usage.tokens is None and usage.merge(None) is None
+    assert usage.merge({"input_tokens": 12, "output_tokens": 1}) == 13
+    assert usage.merge(SimpleNamespace(output_tokens=30, input_tokens=None)) == 42
+    assert usage.merge({"output_tokens": 40, "cache_creation_input_tokens": 100}) == 152
+    assert usage.tokens == 152

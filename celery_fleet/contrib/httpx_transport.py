@@ -190,11 +190,26 @@ def _observed(headers: Any) -> bool:
     return parse_headers(headers) != Observation()
 
 
-class TransportMixin:
-    """The sync transport: ``handle_request`` over ``lib`` (httpx or httpx2)."""
+class _Transport:
+    """What the sync and async transports share: the arguments, checked once, and the
+    library's classes (``lib``, the subclass's ``lib=`` keyword) each variant uses."""
 
     lib: ClassVar[Any]
-    stream_class: ClassVar[type[MeteredStream]]
+    stream_class: ClassVar[type[Any]]
+    #: The names, in ``lib``, of the variant's base transport, its default inner transport
+    #: and the byte stream class its clients accept.
+    _names: ClassVar[tuple[str, str, str]]
+    _stream_mixin: ClassVar[type[Any]]
+
+    def __init_subclass__(cls, lib: Any = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if lib is not None:  # a public transport over httpx or httpx2
+            cls.lib = lib
+            stream_base = getattr(lib, cls._names[2])
+            mixin = cls._stream_mixin
+            cls.stream_class = type(
+                mixin.__name__, (mixin, stream_base), {"__module__": cls.__module__}
+            )
 
     def __init__(
         self,
@@ -207,12 +222,35 @@ class TransportMixin:
         transport: Any = None,
         pushback: str = "raise",
     ) -> None:
-        if transport is not None and not isinstance(transport, self.lib.BaseTransport):
-            raise ConfigError(
-                f"transport must be a {self.lib.__name__}.BaseTransport, got {transport!r}"
-            )
+        base, default, _ = self._names
+        if transport is not None and not isinstance(transport, getattr(self.lib, base)):
+            raise ConfigError(f"transport must be a {self.lib.__name__}.{base}, got {transport!r}")
         self.policy = Policy(fleet, limit, tokens, max_wait, paths, pushback)
-        self.transport = transport if transport is not None else self.lib.HTTPTransport()
+        self.transport = transport if transport is not None else getattr(self.lib, default)()
+
+
+class TransportMixin(_Transport):
+    """The sync transport: ``handle_request`` over ``lib`` (httpx or httpx2).
+
+    A public transport is this over its library's base class, naming the library::
+
+        class FleetTransport(TransportMixin, httpx.BaseTransport, lib=httpx): ...
+
+    Parameters: ``fleet`` (a :class:`~celery_fleet.Fleet`), ``limit`` (one of its
+    limits); keyword-only: ``tokens`` (an int, or a callable over the request's JSON body;
+    default :func:`~celery_fleet.contrib.usage.estimate_tokens`; nothing is reserved on a
+    limit without a token budget), ``max_wait`` (seconds a call waits for admission;
+    default the running task's, else ``fleet_max_wait``), ``paths`` (path suffixes of
+    model calls, :data:`DEFAULT_PATHS`), ``pushback`` (``"raise"``: a 429 or an overload
+    raises ``Throttled`` once the fleet heard it, as ``fleet.slot`` does, so a task
+    reschedules; ``"return"``: the SDK gets the response and raises its own error),
+    ``transport`` (the inner transport, default ``lib.HTTPTransport()``). Checked here:
+    :class:`~celery_fleet.ConfigError` names a bad one.
+    """
+
+    _names = ("BaseTransport", "HTTPTransport", "SyncByteStream")
+    _stream_mixin = MeteredStream
+    stream_class: ClassVar[type[MeteredStream]]
 
     def handle_request(self, request: Any) -> Any:
         policy = self.policy
@@ -250,30 +288,14 @@ class TransportMixin:
         self.transport.close()
 
 
-class AsyncTransportMixin:
+class AsyncTransportMixin(_Transport):
     """The async transport: ``handle_async_request`` over ``lib``, waiting with
-    ``fleet.aslot`` so the loop is never blocked."""
+    ``fleet.aslot`` so the loop is never blocked; the parameters are
+    :class:`TransportMixin`'s, ``transport`` defaulting to ``lib.AsyncHTTPTransport()``."""
 
-    lib: ClassVar[Any]
+    _names = ("AsyncBaseTransport", "AsyncHTTPTransport", "AsyncByteStream")
+    _stream_mixin = AsyncMeteredStream
     stream_class: ClassVar[type[AsyncMeteredStream]]
-
-    def __init__(
-        self,
-        fleet: SlotSource,
-        limit: str,
-        *,
-        tokens: TokensOption = None,
-        max_wait: float | None = None,
-        paths: Iterable[str] = DEFAULT_PATHS,
-        transport: Any = None,
-        pushback: str = "raise",
-    ) -> None:
-        if transport is not None and not isinstance(transport, self.lib.AsyncBaseTransport):
-            raise ConfigError(
-                f"transport must be a {self.lib.__name__}.AsyncBaseTransport, got {transport!r}"
-            )
-        self.policy = Policy(fleet, limit, tokens, max_wait, paths, pushback)
-        self.transport = transport if transport is not None else self.lib.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
         policy = self.policy

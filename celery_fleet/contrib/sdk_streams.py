@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .sdk import Policy, aobserve, asettle, observe, settle
-from .usage import usage_tokens
+from .usage import CumulativeUsage, usage_tokens
 
 if TYPE_CHECKING:
     from ..admission.aslot import AsyncSlot
@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("celery_fleet")
-_USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens")
 
 
 def exit_slot(slot: Slot, exc: BaseException | None) -> None:
@@ -58,7 +57,7 @@ class UsageTally:
 
     def __init__(self) -> None:
         self.used: int | None = None
-        self._parts: dict[str, Any] = {}
+        self._message = CumulativeUsage()  # Anthropic's, merged across events
 
     @property
     def usage(self) -> dict[str, int] | None:
@@ -69,22 +68,15 @@ class UsageTally:
         """Read one event (an SDK object) for usage."""
         kind = getattr(event, "type", None)
         if kind == "message_start":  # Anthropic: the input, counted up front
-            self._merge(getattr(getattr(event, "message", None), "usage", None))
+            self.used = self._message.merge(getattr(getattr(event, "message", None), "usage", None))
         elif kind == "message_delta":  # Anthropic: output so far (cumulative)
-            self._merge(getattr(event, "usage", None))
+            self.used = self._message.merge(getattr(event, "usage", None))
         elif isinstance(kind, str) and kind.startswith("response."):  # OpenAI Responses
             used = usage_tokens(getattr(getattr(event, "response", None), "usage", None))
             self.used = used if used is not None else self.used
         else:  # OpenAI chat / completions chunks: the last one carries usage
             used = usage_tokens(getattr(event, "usage", None))
             self.used = used if used is not None else self.used
-
-    def _merge(self, usage: Any) -> None:
-        for name in _USAGE_FIELDS:
-            value = getattr(usage, name, None)
-            if value is not None:
-                self._parts[name] = value
-        self.used = usage_tokens(self._parts)
 
 
 class SlotStream:

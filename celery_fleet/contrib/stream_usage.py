@@ -32,7 +32,7 @@ import zlib
 from typing import Any
 
 from ..admission.providers import Signal
-from .usage import usage_tokens
+from .usage import CumulativeUsage, usage_tokens
 
 __all__ = ["UsageMeter", "MAX_JSON_BYTES"]
 
@@ -74,7 +74,7 @@ class UsageMeter:
         self.ended = False
         self._finished = False
         self._buffer = bytearray()
-        self._usage: dict[str, Any] = {}  # Anthropic's, merged across events
+        self._usage = CumulativeUsage()  # Anthropic's, merged across events
         self._broken = False
         try:
             self._decompress = _decompressor(encoding)
@@ -155,8 +155,7 @@ class UsageMeter:
 
     def _merge(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            self._usage.update({k: v for k, v in usage.items() if v is not None})
-            self.tokens = usage_tokens(self._usage)
+            self.tokens = self._usage.merge(usage)
 
 
 def _error_signal(error: Any) -> Signal:

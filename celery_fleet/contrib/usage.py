@@ -26,13 +26,28 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_TOKENS", "estimate_tokens", "prompt_chars", "usage_tokens"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "CumulativeUsage",
+    "estimate_tokens",
+    "prompt_chars",
+    "usage_tokens",
+]
 
 #: The completion budget assumed when a request names none (providers' own defaults vary;
 #: Anthropic requires one, OpenAI allows the model's maximum).
 DEFAULT_MAX_TOKENS = 1024
 
 _MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+#: The counts :func:`usage_tokens` reads.
+_USAGE_FIELDS = (
+    "total_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+)
 
 
 def _get(value: Any, name: str) -> Any:
@@ -66,6 +81,37 @@ def usage_tokens(usage: Any) -> int | None:
             extra = _count(_get(usage, "cache_creation_input_tokens")) or 0
             return (a or 0) + (b or 0) + extra
     return None
+
+
+class CumulativeUsage:
+    """A streamed call's usage where each report repeats the counts so far: Anthropic's
+    ``message_start.message.usage`` (the input), then each ``message_delta.usage`` (the
+    output so far, cumulative, not an increment). The latest value of each count wins;
+    :attr:`tokens` is their :func:`usage_tokens` total.
+
+    Shared by the byte-level reader (:mod:`~celery_fleet.contrib.stream_usage`) and the
+    SDK-event one (:mod:`~celery_fleet.contrib.sdk_streams`), so both add up alike.
+
+    Example::
+
+        usage = CumulativeUsage()
+        usage.merge({"input_tokens": 12, "output_tokens": 1})  # message_start: 13
+        usage.merge({"output_tokens": 40})                     # message_delta: 52
+    """
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+        self._counts: dict[str, Any] = {}
+
+    def merge(self, usage: Any) -> int | None:
+        """Take the counts ``usage`` reports (a mapping or an SDK object; a ``None`` count
+        is not a report) and return the total so far (None while nothing was counted)."""
+        for name in _USAGE_FIELDS:
+            value = _get(usage, name)
+            if value is not None:
+                self._counts[name] = value
+        self.tokens = usage_tokens(self._counts)
+        return self.tokens
 
 
 def _text_chars(content: Any) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limiter import CONCURRENCY, REQUESTS, TOKENS, Bucket, Decision
-from .wire import BadRequest
+from .wire import BadRequest, content_text, format_number, reply_text
 
 __all__ = [
     "MessagesRequest",
@@ -72,15 +72,8 @@ class MessagesRequest:
 
 def _text(content: Any, where: str) -> str:
     """Text of a ``content`` or ``system``: a string or a list of blocks (``{"type": "text"}``)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            b["text"] for b in content if isinstance(b, dict) and isinstance(b.get("text"), str)
-        )
-    raise BadRequest(f"{where}: Input should be a valid string or a list of content blocks", where)
+    error = f"{where}: Input should be a valid string or a list of content blocks"
+    return content_text(content, error, where)
 
 
 def parse_messages_request(raw: bytes) -> MessagesRequest:
@@ -133,12 +126,6 @@ def anthropic_error(status: int, message: str, request_id: str | None = None) ->
     return body
 
 
-def _reply_text(words: tuple[str, ...], output_tokens: int) -> str:
-    # About one word per output token, capped: the text only has to be plausible.
-    source = words or ("ok",)
-    return " ".join(source[i % len(source)] for i in range(min(output_tokens, 512)))
-
-
 def _message(
     message_id: str, request: MessagesRequest, content: list[Any], stop: Any
 ) -> dict[str, Any]:
@@ -159,7 +146,7 @@ def message_body(
 ) -> dict[str, Any]:
     """A ``message`` object with one text block and ``usage``; ``garbage``: empty text, 0 output."""
     output_tokens = 0 if garbage else output_tokens
-    text = "" if garbage else _reply_text(request.prompt_words, output_tokens)
+    text = "" if garbage else reply_text(request.prompt_words, output_tokens)
     body = _message(message_id, request, [{"type": "text", "text": text}], "end_turn")
     body["usage"]["output_tokens"] = output_tokens
     return body
@@ -174,7 +161,7 @@ def sse_events(
     ``content_block_delta`` text deltas, ``content_block_stop``, ``message_delta`` (with
     ``usage.output_tokens``) and ``message_stop``."""
     output_tokens = 0 if garbage else output_tokens
-    text = "" if garbage else _reply_text(request.prompt_words, output_tokens)
+    text = "" if garbage else reply_text(request.prompt_words, output_tokens)
     yield (
         "message_start",
         {
@@ -212,10 +199,6 @@ def sse_bytes(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
 def _rfc3339(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -230,7 +213,7 @@ def ratelimit_headers(buckets: Mapping[str, Bucket], now_utc: dt.datetime) -> di
     headers = {}
     for dim, bucket in buckets.items():
         full_at = now_utc + dt.timedelta(seconds=math.ceil(bucket.reset_s))
-        headers[f"anthropic-ratelimit-{dim}-limit"] = _num(bucket.limit)
+        headers[f"anthropic-ratelimit-{dim}-limit"] = format_number(bucket.limit)
         headers[f"anthropic-ratelimit-{dim}-remaining"] = str(math.floor(bucket.remaining + 1e-9))
         headers[f"anthropic-ratelimit-{dim}-reset"] = _rfc3339(full_at)
     return headers
@@ -247,7 +230,7 @@ def _refusal_message(
         )
     bucket = decision.buckets[dim or REQUESTS]
     unit = "requests" if dim == REQUESTS else "tokens"
-    where = f"your organization's rate limit of {_num(bucket.limit)} {unit} per minute"
+    where = f"your organization's rate limit of {format_number(bucket.limit)} {unit} per minute"
     if math.isinf(decision.wait_s):
         return (
             f"This request ({request.cost} tokens) exceeds {where} and can never succeed. "

@@ -6,7 +6,9 @@ simulated provider account reached through two wire formats. What differs is the
 (:mod:`celery_fleet.testing.anthropic_wire`): Anthropic's bodies and errors, its
 ``anthropic-ratelimit-*`` headers and ``retry-after`` in seconds, a scripted 503 or 529
 phase answered as ``overloaded_error``, and ``stream: true`` as Anthropic's server-sent
-events, the request staying in flight until its last event is written.
+events, the request staying in flight until its last event is written. The path of a request
+(parse, outage, admission, latency, log) is :func:`~celery_fleet.testing.serving.serve`'s,
+shared with the OpenAI endpoint (:mod:`celery_fleet.testing.chat`).
 
 Example::
 
@@ -18,9 +20,8 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .anthropic_wire import (
     MessagesRequest,
@@ -32,119 +33,86 @@ from .anthropic_wire import (
     sse_bytes,
     sse_events,
 )
-from .phases import effective_at
-from .records import RequestRecord
 from .server import Response
+from .serving import serve
 from .wire import BadRequest
 
 if TYPE_CHECKING:
+    from .limiter import Bucket, Decision
     from .provider import ProviderSim
 
-__all__ = ["serve_messages"]
+__all__ = ["MESSAGES", "MessagesDialect", "serve_messages"]
 
 #: Text deltas a streamed answer is cut into; the simulated latency is spread over them.
 STREAM_PIECES = 4
 
 
+def _request_id(number: int) -> str:
+    return f"req_sim{number:07d}"
+
+
+class MessagesDialect:
+    """Anthropic's Messages API (see the module docstring)."""
+
+    def headers(self, number: int) -> dict[str, str]:
+        return {"request-id": _request_id(number)}
+
+    def parse(self, sim: ProviderSim, body: bytes) -> MessagesRequest:
+        return parse_messages_request(body)
+
+    def bad_request(self, error: BadRequest, number: int) -> dict[str, Any]:
+        return anthropic_error(400, error.message, _request_id(number))
+
+    def outage(self, status: int, number: int) -> dict[str, Any]:
+        return anthropic_error(status, "Overloaded (simulated outage).", _request_id(number))
+
+    def ratelimit_headers(self, buckets: Mapping[str, Bucket]) -> dict[str, str]:
+        return ratelimit_headers(buckets, dt.datetime.now(dt.timezone.utc))
+
+    def refusal(
+        self, request: MessagesRequest, decision: Decision, max_in_flight: int | None, number: int
+    ) -> tuple[int | None, dict[str, str], dict[str, Any]]:
+        return rate_limit_refusal(request, decision, max_in_flight, _request_id(number))
+
+    def answer(
+        self, number: int, request: MessagesRequest, output_tokens: int, garbage: bool
+    ) -> dict[str, Any]:
+        return message_body(
+            message_id=f"msg_sim{number:07d}",
+            request=request,
+            output_tokens=output_tokens,
+            garbage=garbage,
+        )
+
+    def stream(
+        self,
+        sim: ProviderSim,
+        number: int,
+        request: MessagesRequest,
+        output_tokens: int,
+        garbage: bool,
+        latency_s: float,
+    ) -> Iterator[bytes]:
+        """The events of a streamed answer, the latency spread before its text deltas and
+        its ``message_delta`` (the server releases the request when the stream ends, either
+        way)."""
+        step_s = latency_s / (STREAM_PIECES + 1)
+        for event, data in sse_events(
+            message_id=f"msg_sim{number:07d}",
+            request=request,
+            output_tokens=output_tokens,
+            garbage=garbage,
+            pieces=STREAM_PIECES,
+        ):
+            if event in ("content_block_delta", "message_delta") and sim._stopping.wait(step_s):
+                raise ConnectionAbortedError("the simulator stopped mid-stream")
+            yield sse_bytes(event, data)
+
+
+#: The dialect ``ProviderSim`` serves ``/v1/messages`` in.
+MESSAGES = MessagesDialect()
+
+
 def serve_messages(sim: ProviderSim, headers: Mapping[str, str], body: bytes) -> Response:
     """Answer one ``POST /v1/messages`` on ``sim``'s limits (called by ``ProviderSim.handle``)."""
-    now = sim._clock()
-    t_s = now - sim._t0
-    task_id = headers.get("x-fleet-task-id") or headers.get("x-task-id")
-    with sim._lock:
-        sim._served += 1
-        number = sim._served
-        base = sim._base
-    request_id = f"req_sim{number:07d}"
-    meta = {"request-id": request_id}
-    try:
-        request = parse_messages_request(body)
-    except BadRequest as exc:
-        sim._append(RequestRecord(t_s, "400", 400, task_id=task_id))
-        return Response(400, anthropic_error(400, exc.message, request_id), meta)
-    effect = effective_at(t_s, base, sim.phases)
-    if effect.status is not None:
-        status = effect.status
-        in_flight = sim._limiter.in_flight
-        sim._append(
-            RequestRecord(
-                t_s, str(status), status, cost=request.cost, in_flight=in_flight, task_id=task_id
-            )
-        )
-        message = "Overloaded (simulated outage)."
-        return Response(status, anthropic_error(status, message, request_id), meta)
-    decision = sim._limiter.admit(request.cost, effect.limits, now)
-    meta.update(ratelimit_headers(decision.buckets, dt.datetime.now(dt.timezone.utc)))
-    if not decision.admitted:
-        retry_after_ms, extra, refusal = rate_limit_refusal(
-            request, decision, effect.limits.max_in_flight, request_id
-        )
-        sim._append(
-            RequestRecord(
-                t_s,
-                "429",
-                429,
-                limit=decision.limit,
-                cost=request.cost,
-                in_flight=decision.in_flight,
-                task_id=task_id,
-                retry_after_ms=retry_after_ms,
-            )
-        )
-        return Response(429, refusal, {**meta, **extra})
-    with sim._lock:
-        latency_s = (
-            sim._rng.lognormvariate(math.log(sim.latency), sim.latency_sigma)
-            if sim.latency
-            else 0.0
-        )
-        output_tokens = sim._rng.randint(1, request.max_tokens)
-    sim._append(
-        RequestRecord(
-            t_s,
-            "garbage" if effect.garbage else "ok",
-            200,
-            cost=request.cost,
-            latency_s=latency_s,
-            in_flight=decision.in_flight,
-            task_id=task_id,
-            completion_tokens=0 if effect.garbage else output_tokens,
-        )
-    )
-    message_id = f"msg_sim{number:07d}"
-    if request.stream:  # in flight until the last event is written or the client goes
-        events = _stream(sim, message_id, request, output_tokens, effect.garbage, latency_s)
-        return Response(200, None, meta, stream=events, done=sim._limiter.release)
-    try:
-        sim._stopping.wait(latency_s)
-    finally:
-        # Released before the answer is written: a client that fires its next request on
-        # receipt must find the slot free.
-        sim._limiter.release()
-    answer = message_body(
-        message_id=message_id, request=request, output_tokens=output_tokens, garbage=effect.garbage
-    )
-    return Response(200, answer, meta)
-
-
-def _stream(
-    sim: ProviderSim,
-    message_id: str,
-    request: MessagesRequest,
-    output_tokens: int,
-    garbage: bool,
-    latency_s: float,
-) -> Iterator[bytes]:
-    """The events of a streamed answer, the latency spread before its text deltas and its
-    ``message_delta`` (the server releases the request when the stream ends, either way)."""
-    step_s = latency_s / (STREAM_PIECES + 1)
-    for event, data in sse_events(
-        message_id=message_id,
-        request=request,
-        output_tokens=output_tokens,
-        garbage=garbage,
-        pieces=STREAM_PIECES,
-    ):
-        if event in ("content_block_delta", "message_delta") and sim._stopping.wait(step_s):
-            raise ConnectionAbortedError("the simulator stopped mid-stream")
-        yield sse_bytes(event, data)
+    return serve(sim, MESSAGES, headers, body)

@@ -25,25 +25,18 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from .limiter import Decision, Limiter
-from .messages import serve_messages
+from .chat import CHAT
+from .limiter import Limiter
+from .messages import MESSAGES
 from .phases import Limits, Phase, effective_at
 from .records import RequestRecord, summarize
 from .server import Response, SimServer
-from .wire import (
-    BadRequest,
-    ChatRequest,
-    completion_body,
-    error_body,
-    parse_chat_request,
-    rate_limit_refusal,
-    ratelimit_headers,
-    stream_frames,
-)
+from .serving import serve
+from .wire import error_body
 
 __all__ = ["ProviderSim", "RequestRecord", "KEEP"]
 
@@ -284,9 +277,9 @@ class ProviderSim:
     ) -> Response:
         """Answer one HTTP request (called by the server's handler threads)."""
         if (method, path) == ("POST", "/v1/chat/completions"):
-            return self._chat(headers, body)
+            return serve(self, CHAT, headers, body)
         if (method, path) == ("POST", "/v1/messages"):
-            return serve_messages(self, headers, body)  # Anthropic's API, same limits
+            return serve(self, MESSAGES, headers, body)  # Anthropic's API, same limits
         if (method, path) == ("GET", "/stats"):
             stats = self.stats()
             if query.get("log", ["0"])[-1] not in ("", "0", "false"):
@@ -302,109 +295,6 @@ class ProviderSim:
     def _append(self, record: RequestRecord) -> None:
         with self._lock:
             self._log.append(record)
-
-    def _chat(self, headers: Mapping[str, str], body: bytes) -> Response:
-        now = self._clock()
-        t_s = now - self._t0
-        task_id = headers.get("x-fleet-task-id") or headers.get("x-task-id")
-        with self._lock:
-            self._served += 1
-            number = self._served
-            base = self._base
-        meta = {"x-request-id": f"req_sim{number:07d}"}
-        try:
-            request = parse_chat_request(body, self.default_max_tokens)
-        except BadRequest as exc:
-            self._append(RequestRecord(t_s, "400", 400, task_id=task_id))
-            return Response(
-                400, error_body(exc.message, "invalid_request_error", None, exc.param), meta
-            )
-        effect = effective_at(t_s, base, self.phases)
-        if effect.status is not None:
-            status = effect.status
-            in_flight = self._limiter.in_flight
-            self._append(
-                RequestRecord(
-                    t_s,
-                    str(status),
-                    status,
-                    cost=request.cost,
-                    in_flight=in_flight,
-                    task_id=task_id,
-                )
-            )
-            message = "The server is overloaded or not ready yet (simulated outage)."
-            return Response(status, error_body(message, "server_error"), meta)
-        decision = self._limiter.admit(request.cost, effect.limits, now)
-        meta.update(ratelimit_headers(decision.buckets))
-        if not decision.admitted:
-            return self._refuse(request, decision, effect.limits, t_s, task_id, meta)
-        with self._lock:
-            latency_s = (
-                self._rng.lognormvariate(math.log(self.latency), self.latency_sigma)
-                if self.latency
-                else 0.0
-            )
-            completion_tokens = self._rng.randint(1, request.max_tokens)
-        outcome = "garbage" if effect.garbage else "ok"
-        record = RequestRecord(
-            t_s,
-            outcome,
-            200,
-            cost=request.cost,
-            latency_s=latency_s,
-            in_flight=decision.in_flight,
-            task_id=task_id,
-            completion_tokens=0 if effect.garbage else completion_tokens,
-        )
-        self._append(record)
-        answer = completion_body(
-            request_id=f"chatcmpl-sim{number:07d}",
-            created=int(time.time()),
-            request=request,
-            completion_tokens=completion_tokens,
-            garbage=effect.garbage,
-        )
-        if request.stream:  # in flight until the last event is written
-            paced = self._paced(stream_frames(answer, request.include_usage), latency_s)
-            return Response(200, None, meta, stream=paced, done=self._limiter.release)
-        try:
-            self._stopping.wait(latency_s)
-        finally:
-            # Released before the answer is written: a client that fires its next request on
-            # receipt must find the slot free.
-            self._limiter.release()
-        return Response(200, answer, meta)
-
-    def _paced(self, frames: list[bytes], latency_s: float) -> Iterator[bytes]:
-        """The frames of a streamed answer, the first at once, the others over the latency."""
-        for i, frame in enumerate(frames):
-            if i and self._stopping.wait(latency_s / (len(frames) - 1)):
-                raise ConnectionAbortedError("the simulator stopped mid-stream")
-            yield frame
-
-    def _refuse(
-        self,
-        request: ChatRequest,
-        decision: Decision,
-        limits: Limits,
-        t_s: float,
-        task_id: str | None,
-        headers: dict[str, str],
-    ) -> Response:
-        retry_after_ms, extra, body = rate_limit_refusal(request, decision, limits.max_in_flight)
-        record = RequestRecord(
-            t_s,
-            "429",
-            429,
-            limit=decision.limit,
-            cost=request.cost,
-            in_flight=decision.in_flight,
-            task_id=task_id,
-            retry_after_ms=retry_after_ms,
-        )
-        self._append(record)
-        return Response(429, body, {**headers, **extra})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ __all__ = [
     "stream_frames",
     "ratelimit_headers",
     "rate_limit_refusal",
+    "content_text",
+    "reply_text",
+    "format_number",
 ]
 
 
@@ -60,19 +63,19 @@ class ChatRequest:
         return self.prompt_tokens + self.max_tokens
 
 
-def _content_text(content: Any) -> str:
-    """Text of a message ``content``: a string, or a list of parts (``{"type": "text", ...}``)."""
+def content_text(content: Any, error: str, param: str) -> str:
+    """Text of a message ``content`` (or Anthropic's ``system``): a string, or a list of
+    parts (``{"type": "text", "text": ...}``), other parts skipped; anything else raises
+    :class:`BadRequest` (``error``, ``param``), each API in its own wording."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "".join(
-            p.get("text", "")
-            for p in content
-            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
         )
-    raise BadRequest("message content must be a string or a list of content parts", "messages")
+    raise BadRequest(error, param)
 
 
 def parse_chat_request(raw: bytes, default_max_tokens: int = 256) -> ChatRequest:
@@ -105,7 +108,8 @@ def parse_chat_request(raw: bytes, default_max_tokens: int = 256) -> ChatRequest
         raise BadRequest(
             f"Invalid 'max_tokens': {max_tokens!r}; expected an integer >= 1.", "max_tokens"
         )
-    texts = [_content_text(m.get("content")) for m in messages]
+    error = "message content must be a string or a list of content parts"
+    texts = [content_text(m.get("content"), error, "messages") for m in messages]
     model = body.get("model") if isinstance(body.get("model"), str) else "sim"
     return ChatRequest(
         model=model or "sim",
@@ -172,11 +176,11 @@ def error_body(
     return {"error": {"message": message, "type": type_, "code": code, "param": param}}
 
 
-def _reply_text(words: tuple[str, ...], completion_tokens: int) -> str:
-    # About one word per completion token, capped: the text only has to be plausible.
+def reply_text(words: tuple[str, ...], output_tokens: int) -> str:
+    """An answer's text: about one word (of the prompt's) per output token, capped at 512:
+    it only has to be plausible."""
     source = words or ("ok",)
-    count = min(completion_tokens, 512)
-    return " ".join(source[i % len(source)] for i in range(count))
+    return " ".join(source[i % len(source)] for i in range(min(output_tokens, 512)))
 
 
 def completion_body(
@@ -189,7 +193,7 @@ def completion_body(
 ) -> dict[str, Any]:
     """A ``chat.completion`` object with ``usage``; ``garbage``: empty content, 0 output tokens."""
     completion_tokens = 0 if garbage else completion_tokens
-    content = "" if garbage else _reply_text(request.prompt_words, completion_tokens)
+    content = "" if garbage else reply_text(request.prompt_words, completion_tokens)
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -212,7 +216,8 @@ def completion_body(
     }
 
 
-def _num(value: float) -> str:
+def format_number(value: float) -> str:
+    """A limit in a header or message: ``60`` for 60.0, ``0.5`` as it is."""
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
@@ -220,7 +225,7 @@ def ratelimit_headers(buckets: Mapping[str, Bucket]) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` of limited dimensions."""
     headers = {}
     for dim, bucket in buckets.items():
-        headers[f"x-ratelimit-limit-{dim}"] = _num(bucket.limit)
+        headers[f"x-ratelimit-limit-{dim}"] = format_number(bucket.limit)
         headers[f"x-ratelimit-remaining-{dim}"] = str(math.floor(bucket.remaining + 1e-9))
         headers[f"x-ratelimit-reset-{dim}"] = format_duration(bucket.reset_s)
     return headers
@@ -242,7 +247,7 @@ def _refusal_message(
     )
     where = (
         f"for {request.model} in organization org-sim on {unit} per min ({short}): "
-        f"Limit {_num(bucket.limit)}"
+        f"Limit {format_number(bucket.limit)}"
     )
     if retry_after_ms is None:
         return (

@@ -14,23 +14,18 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at i
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 
 import litellm  # noqa: E402
-from celery import Celery  # noqa: E402
 
 from celery_fleet import Fleet  # noqa: E402
 from celery_fleet.contrib.litellm import FleetHook  # noqa: E402
+from tests.integration.apps import env_app  # noqa: E402
 
-BROKER = os.environ.get("FLEET_IT_BROKER", "redis://127.0.0.1:6379/10")
 SIM_URL = os.environ.get("FLEET_IT_SIM_URL", "http://127.0.0.1:1/v1")
 
-app = Celery("fleet_litellm_it", broker=BROKER, backend=BROKER)
-app.conf.update(
-    fleet_redis_url=os.environ.get("FLEET_IT_REDIS", BROKER),
-    fleet_namespace=os.environ.get("FLEET_IT_NS", "it-litellm"),
-    fleet_limits={"sim": {"max_in_flight": 3, "rpm": 600, "burst": 1.0}},
-    task_default_queue=os.environ.get("FLEET_IT_QUEUE", "fleet-it-litellm"),
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    result_expires=600,
+app = env_app(
+    "fleet_litellm_it",
+    "FLEET_IT",
+    "it-litellm",
+    {"sim": {"max_in_flight": 3, "rpm": 600, "burst": 1.0}},
 )
 fleet = Fleet(app)
 litellm.callbacks = [FleetHook(fleet, limit="sim")]

@@ -12,23 +12,14 @@ from typing import Any
 
 import anthropic
 import redis
-from celery import Celery
 
 from celery_fleet import Fleet, FleetTask, fleet_task
 from celery_fleet.celery.signals import task_rescheduled
+from tests.integration.apps import env_app
 
-BROKER = os.environ.get("FLEET_SDK_BROKER", "redis://127.0.0.1:6379/10")
-
-app = Celery("fleet_sdk", broker=BROKER, backend=BROKER)
-app.conf.update(
-    fleet_redis_url=os.environ.get("FLEET_SDK_REDIS", BROKER),
-    fleet_namespace=os.environ.get("FLEET_SDK_NS", "sdk"),
-    # what the simulated provider allows (test_sdk_worker.py starts it with the same)
-    fleet_limits={"claude": {"rpm": 600, "tpm": 200_000, "max_in_flight": 3}},
-    task_default_queue=os.environ.get("FLEET_SDK_QUEUE", "fleet-sdk"),
-    worker_prefetch_multiplier=1,
-    broker_connection_retry_on_startup=True,
-    result_expires=600,
+# what the simulated provider allows (test_sdk_worker.py starts it with the same)
+app = env_app(
+    "fleet_sdk", "FLEET_SDK", "sdk", {"claude": {"rpm": 600, "tpm": 200_000, "max_in_flight": 3}}
 )
 fleet = Fleet(app)
 _probe = redis.Redis.from_url(app.conf.fleet_redis_url)

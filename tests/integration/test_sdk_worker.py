@@ -8,73 +8,39 @@ budget) reschedules the task, which then completes: a throttle, not a failure.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
-import redis
 
-from benchmarks.harness.herd import close_app, stop_processes
 from celery_fleet.testing import ProviderSim
+from tests.integration.workers import celery_workers, new_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
 def sdk_worker(redis_url: str, sim: ProviderSim) -> Iterator[Any]:
     """A prefork worker (8 processes) running sdk_app against ``sim``; stopped by pid."""
-    run = uuid.uuid4().hex[:10]
     broker = redis_url.rsplit("/", 1)[0] + "/10"
-    env = {
-        **os.environ,
+    name = f"sdk-{new_run()}"
+    settings = {
         "FLEET_SDK_BROKER": broker,
         "FLEET_SDK_REDIS": redis_url,
-        "FLEET_SDK_NS": f"sdk-{run}",
-        "FLEET_SDK_QUEUE": f"fleet-sdk-{run}",
+        "FLEET_SDK_NS": name,
+        "FLEET_SDK_QUEUE": f"fleet-{name}",
         "FLEET_SDK_SIM": sim.url,
-        "PYTHONPATH": str(ROOT),
     }
-    os.environ.update({k: env[k] for k in env if k.startswith("FLEET_SDK_")})
-    sys.modules.pop("tests.integration.sdk_app", None)
-    sdk_app = importlib.import_module("tests.integration.sdk_app")
-    log = open(ROOT / f".pytest-worker-{run}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "celery", "-A", "tests.integration.sdk_app"),
-            *("worker", "-P", "prefork", "-c", "8", "-n", f"sdk-{run}@%h"),
-            *("--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
+    with celery_workers(
+        "tests.integration.sdk_app",
+        settings,
+        name=name,
+        broker=broker,
+        redis_urls=[redis_url],
+        pool=("prefork", "8"),
+    ) as (sdk_app, _):
         yield sdk_app
-    finally:
-        stop_processes(proc)
-        log.close()
-        close_app(sdk_app.app)
-        sdk_app._probe.close()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"*sdk-{run}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-        broker_client = redis.Redis.from_url(broker)
-        broker_client.delete(f"fleet-sdk-{run}")
-        broker_client.close()
-        if proc.returncode in (0, -15, -9):
-            os.unlink(log.name)
 
 
 def test_a_herd_of_fleet_tasks_through_a_wrapped_client(redis_url: str) -> None:

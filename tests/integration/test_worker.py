@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from benchmarks.harness.herd import close_app, stop_processes
 from celery_fleet.testing.redis_server import free_port
+from tests.integration.workers import ROOT, celery_workers, new_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -48,64 +43,27 @@ def start_worker(
     ``probe_url`` (default: ``redis_url``). Yields the app ``module`` (fleet_app) as
     imported here, with the worker processes as ``worker_procs``; stops them by pid and
     drops their keys."""
-    run = uuid.uuid4().hex[:10]
-    env = {
-        **os.environ,
-        # after os.environ: a previous fixture's FLEET_IT_* values (copied into os.environ
-        # below) must not override this worker's own
-        **(extra_env or {}),
+    name = f"it-{new_run()}"
+    settings = {
         "FLEET_IT_BROKER": broker,
         "FLEET_IT_REDIS": redis_url,
         "FLEET_IT_PROBE": probe_url,
-        "FLEET_IT_NS": f"it-{run}",
-        "FLEET_IT_QUEUE": f"fleet-it-{run}",
+        "FLEET_IT_NS": name,
+        "FLEET_IT_QUEUE": f"fleet-{name}",
         "FLEET_IT_METRICS_PORT": str(free_port()),
-        "PYTHONPATH": str(ROOT),
     }
-    os.environ.update({k: env[k] for k in env if k.startswith("FLEET_IT_")})
-    # Imported afresh with this module's environment (test_progress.py starts a worker of
-    # its own): `from tests.integration import fleet_app` would return the package's
-    # attribute, the module a previous fixture imported, sending tasks to its queue.
-    sys.modules.pop(module, None)
-    fleet_app = importlib.import_module(module)
-
-    log = open(ROOT / f".pytest-worker-{run}.log", "w")  # noqa: SIM115
-    procs = [
-        subprocess.Popen(
-            [
-                *(sys.executable, "-m", "celery", "-A", module),
-                *("worker", "-P", pool[0], "-c", pool[1], "-n", f"it-{run}-{k}@%h"),
-                *("--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        for k in range(workers)
-    ]
-    fleet_app.worker_procs = procs
-    try:
+    with celery_workers(
+        module,
+        settings,
+        name=name,
+        broker=broker,
+        redis_urls=(redis_url, probe_url or redis_url),
+        workers=workers,
+        pool=pool,
+        extra_env=extra_env,
+    ) as (fleet_app, procs):
+        fleet_app.worker_procs = procs
         yield fleet_app
-    finally:
-        stop_processes(*procs)
-        log.close()
-        close_app(fleet_app.app)
-        fleet_app._probe.close()
-        for url in {redis_url, probe_url or redis_url}:
-            client = redis.Redis.from_url(url)
-            try:
-                keys = list(client.scan_iter(match=f"*it-{run}*"))
-                if keys:
-                    client.delete(*keys)
-            except redis.ConnectionError:  # a test's own server, already stopped
-                pass
-            client.close()
-        broker_client = redis.Redis.from_url(broker)
-        broker_client.delete(f"fleet-it-{run}")
-        broker_client.close()
-        if all(p.returncode in (0, -signal.SIGTERM, -signal.SIGKILL) for p in procs):
-            os.unlink(log.name)
 
 
 def _probe(app_module: Any) -> redis.Redis:
@@ -312,6 +270,7 @@ def test_the_worker_serves_prometheus_metrics_from_redis(worker: Any) -> None:
     assert f'celery_fleet_in_flight{{{fleet},limit="gate2"}} 1.0' in lines
     assert f'celery_fleet_in_flight_cap{{{fleet},limit="model"}} 3.0' in lines
     assert f'celery_fleet_breaker_state{{{fleet},limit="broken",state="closed"}} 1.0' in lines
+
     # counters: the pool's children count, flush to Redis every 2 s; the scrape sums them
     def admitted() -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -371,7 +330,7 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
         assert workers[name]["stats"]["fleet: model"].startswith("in flight ")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{name}", timeout=30) as r:
             page = r.read().decode()
-        other = page[page.index('id="tab-other"'):]
+        other = page[page.index('id="tab-other"') :]
         assert "Other statistics" in other
         # a row per limit, a sentence rather than a dict's repr
         row = re.search(r"<td>fleet: model</td>\s*<td[^>]*>([^<]*)</td>", other)
