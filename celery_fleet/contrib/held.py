@@ -136,7 +136,9 @@ class HeldCalls:
             log.warning(
                 "celery-fleet: call %s %s without reporting its end: its %r slot is released",
                 call_id,
-                "ended (cancelled?)" if held.orphaned else f"was held over {self.max_hold_s:.0f} s",
+                "ended (cancelled, or its stream let go)"
+                if held.orphaned
+                else f"was held over {self.max_hold_s:.0f} s",
                 held.limit,
             )
             try:
