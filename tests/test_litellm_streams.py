@@ -24,6 +24,7 @@ from tests.test_litellm import (
     DAY_TOKENS,
     MESSAGES,
     MS_PER_TOKEN,
+    CustomLogger,
     FleetHook,  # imported there after LiteLLM's environment is set (no network at import)
     ProviderSim,
     _callbacks,  # noqa: F401 - the autouse fixture restoring litellm's global lists
@@ -40,6 +41,7 @@ MakeFleet = Callable[..., Fleet]
 MakeSim = Callable[..., ProviderSim]
 USAGE = {"stream_options": {"include_usage": True}}
 T = TypeVar("T")
+SEED = 2
 pytestmark = [
     *pytestmark,
     # LiteLLM's stream chunk handling, not ours (pydantic 2.11 on its ModelResponseStream)
@@ -151,9 +153,9 @@ def test_a_stream_without_a_usage_chunk_keeps_its_reservation(
     make_fleet: MakeFleet, make_provider_sim: MakeSim, mode: str
 ) -> None:
     fleet = _fleet(make_fleet)
-    hook = FleetHook(fleet, limit="sim")
-    _install(hook)
-    sim = make_provider_sim(rpm=None, tpm=None, latency=0.2, latency_sigma=0.0, seed=1)
+    logged, hook = _LoggedUsage(), FleetHook(fleet, limit="sim")
+    _install(logged, hook)
+    sim = make_provider_sim(rpm=None, tpm=None, latency=0.2, latency_sigma=0.0, seed=SEED)
     t0 = time.monotonic()
     try:
         chunks = _read(mode, fleet, hook, sim)  # no stream_options: no usage chunk
@@ -162,9 +164,31 @@ def test_a_stream_without_a_usage_chunk_keeps_its_reservation(
         # LiteLLM counts the streamed text itself and logs that as the usage: an estimate
         # like ours, not the provider's word; the reservation stands.
         reserved = hook.tokens_for("sim", {"messages": MESSAGES, "max_tokens": 200})
+        _until(lambda: bool(logged.totals))  # the sync path logs it twice, sync and async
+        assert all(abs(total - reserved) > 20 for total in logged.totals), (logged, reserved)
         _assert_charged(fleet, reserved, t0)
     finally:
         hook.close()
+
+
+class _LoggedUsage(CustomLogger):
+    """Records the usage LiteLLM logs at a stream's end."""
+
+    totals: list[int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.totals = []
+
+    def log_success_event(
+        self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        self.totals.append(int(response_obj.usage.total_tokens))
+
+    async def async_log_success_event(
+        self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any
+    ) -> None:
+        self.totals.append(int(response_obj.usage.total_tokens))
 
 
 def _leave_sync(sim: ProviderSim, how: str) -> None:
@@ -227,6 +251,7 @@ def test_a_stream_cut_by_the_provider_gives_its_slot_back(
             sim.stop()  # the provider goes away between two chunks
             with pytest.raises(Exception, match="Connection error"):
                 list(stream)
+            _released(fleet, hook)  # by the failure event: the stream is still referenced
         else:
 
             async def main() -> None:
@@ -236,9 +261,10 @@ def test_a_stream_cut_by_the_provider_gives_its_slot_back(
                 sim.stop()
                 with pytest.raises(Exception, match="Connection error"):
                     [chunk async for chunk in stream]
+                while hook.holding or fleet.admission.in_flight("sim"):  # stream referenced
+                    await asyncio.sleep(0.01)  # a poll; _until's deadline is the test's
 
-            _arun(fleet, main(), hook)
-        _released(fleet, hook)
+            _arun(fleet, asyncio.wait_for(main(), 20), hook)
     finally:
         hook.close()
 
