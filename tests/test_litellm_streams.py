@@ -191,6 +191,28 @@ class _LoggedUsage(CustomLogger):
         self.totals.append(int(response_obj.usage.total_tokens))
 
 
+def test_an_acompletion_stream_whose_loop_ends_at_once_still_gives_its_slot_back(
+    make_fleet: MakeFleet, make_provider_sim: MakeSim
+) -> None:
+    fleet = _fleet(make_fleet)
+    hook = FleetHook(fleet, limit="sim")
+    _install(hook)
+    sim = make_provider_sim(rpm=None, tpm=None, latency=0.2, latency_sigma=0.0, seed=SEED)
+
+    async def read() -> list[Any]:
+        stream = await litellm.acompletion(**_kw(sim, stream=True, **USAGE))
+        return [chunk async for chunk in stream]
+
+    try:
+        # asyncio.run in a task: the loop (and the fleet's asyncio store) ends right after
+        # the last chunk, before the task LiteLLM started to log the stream's end has run.
+        chunks = _arun(fleet, read())
+        assert chunks[-1].usage is not None
+        _released(fleet, hook)
+    finally:
+        hook.close()
+
+
 def _leave_sync(sim: ProviderSim, how: str) -> None:
     if how == "close":
         with litellm.completion(**_kw(sim, stream=True, **USAGE)) as stream:

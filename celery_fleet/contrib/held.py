@@ -115,6 +115,14 @@ class HeldCalls:
                 return None
             return self._held.pop(call_id)
 
+    def hand_back(self, call_id: str, held: Held) -> None:
+        """A taken call whose release did not finish (its task was cancelled, its loop
+        ended): the sweeper thread releases it now, without a loop."""
+        with self._lock:
+            held.orphaned = True
+            self._held[call_id] = held
+        self._wake.set()
+
     def orphan(self, call_id: str) -> None:
         """The call's owner ended (its task is done): release its slot now if still held,
         from the sweeper thread (this may run on an event loop, which must not wait)."""

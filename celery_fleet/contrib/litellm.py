@@ -29,10 +29,14 @@ Where LiteLLM lets a callback act (checked against litellm 1.110, its Python pat
   is released in ``log_post_api_call``, in the caller's thread before ``completion``
   returns (``log_success_event`` runs later on LiteLLM's logging thread), or in
   ``log_failure_event``, which LiteLLM runs synchronously on failure.
-- Streams hold their slot until the stream ends (the success or failure event).
-- A call whose release never comes (a stream never read to its end, a path that skips
-  the events) is released after ``max_hold`` seconds, and forgotten; its lease would
-  otherwise be renewed for as long as the process lives.
+- Streams hold their slot until the stream ends (the success or failure event), settled
+  only from the provider's usage chunk (``stream_options={"include_usage": True}``). A
+  stream left early reports nothing: the slot comes back when the caller lets go of the
+  stream (a guard in LiteLLM's record of the call, see
+  :func:`~celery_fleet.contrib.litellm_calls.watch_stream`).
+- A call whose release never comes (a path that skips the events) is released after
+  ``max_hold`` seconds, and forgotten; its lease would otherwise be renewed for as long
+  as the process lives.
 
 LiteLLM's own retries (``num_retries``) each ask for admission again. Calls that name no
 limit (see ``limit``) pass through untouched; embeddings and other endpoints are not
@@ -62,7 +66,7 @@ from ..admission.providers import OK, Signal, classify
 from ..admission.slot import Slot
 from ..checks import check_max_wait
 from ..errors import Backpressure, ConfigError, FleetError
-from .held import HeldCalls
+from .held import Held, HeldCalls
 from .litellm_calls import asked_for_usage, watch_stream
 from .litellm_calls import call_id as _call_id
 from .litellm_calls import call_type as _call_type
@@ -240,6 +244,16 @@ class FleetHook(CustomLogger):
             return
         aslot = held.slot
         assert isinstance(aslot, AsyncSlot)
+        try:
+            await self._aend(held, aslot, signal, response, settle)
+        except BaseException:  # cancelled, its loop ending: a thread releases it instead
+            if aslot.slot.lease_id is not None and call_id is not None:
+                self.calls.hand_back(call_id, held)
+            raise
+
+    async def _aend(
+        self, held: Held, aslot: AsyncSlot, signal: Signal, response: Any, settle: bool
+    ) -> None:
         try:
             used = usage_tokens(_get(response, "usage"))
             if used is not None and signal is OK and settle:
