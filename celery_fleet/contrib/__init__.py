@@ -9,7 +9,8 @@ slot, and ``FleetRateLimiter``, LangChain's rate limiter on a fleet limit
 estimate and usage for it.
 
 ``litellm``: ``FleetHook``, a LiteLLM callback holding a slot around every
-``litellm.completion`` / ``acompletion`` (``pip install celery-fleet[litellm]``).
+``litellm.completion`` / ``acompletion`` (``pip install celery-fleet[litellm]``);
+``litellm_calls`` reads what LiteLLM tells its callbacks about a call, and watches streams.
 
 ``held``: the slots of calls a library starts and ends through callbacks, released after
 ``max_hold`` when the end never comes (shared by the callback adapters).

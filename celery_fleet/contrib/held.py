@@ -115,6 +115,14 @@ class HeldCalls:
                 return None
             return self._held.pop(call_id)
 
+    def hand_back(self, call_id: str, held: Held) -> None:
+        """A taken call whose release did not finish (its task was cancelled, its loop
+        ended): the sweeper thread releases it now, without a loop."""
+        with self._lock:
+            held.orphaned = True
+            self._held[call_id] = held
+        self._wake.set()
+
     def orphan(self, call_id: str) -> None:
         """The call's owner ended (its task is done): release its slot now if still held,
         from the sweeper thread (this may run on an event loop, which must not wait)."""
@@ -136,7 +144,9 @@ class HeldCalls:
             log.warning(
                 "celery-fleet: call %s %s without reporting its end: its %r slot is released",
                 call_id,
-                "ended (cancelled?)" if held.orphaned else f"was held over {self.max_hold_s:.0f} s",
+                "ended (cancelled, or its stream let go)"
+                if held.orphaned
+                else f"was held over {self.max_hold_s:.0f} s",
                 held.limit,
             )
             try:

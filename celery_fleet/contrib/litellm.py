@@ -29,10 +29,14 @@ Where LiteLLM lets a callback act (checked against litellm 1.110, its Python pat
   is released in ``log_post_api_call``, in the caller's thread before ``completion``
   returns (``log_success_event`` runs later on LiteLLM's logging thread), or in
   ``log_failure_event``, which LiteLLM runs synchronously on failure.
-- Streams hold their slot until the stream ends (the success or failure event).
-- A call whose release never comes (a stream never read to its end, a path that skips
-  the events) is released after ``max_hold`` seconds, and forgotten; its lease would
-  otherwise be renewed for as long as the process lives.
+- Streams hold their slot until the stream ends (the success or failure event), settled
+  only from the provider's usage chunk (``stream_options={"include_usage": True}``). A
+  stream left early reports nothing: the slot comes back when the caller lets go of the
+  stream (a guard in LiteLLM's record of the call, see
+  :func:`~celery_fleet.contrib.litellm_calls.watch_stream`).
+- A call whose release never comes (a path that skips the events) is released after
+  ``max_hold`` seconds, and forgotten; its lease would otherwise be renewed for as long
+  as the process lives.
 
 LiteLLM's own retries (``num_retries``) each ask for admission again. Calls that name no
 limit (see ``limit``) pass through untouched; embeddings and other endpoints are not
@@ -42,7 +46,6 @@ covered. LiteLLM is an optional dependency: ``pip install 'celery-fleet[litellm]
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -63,7 +66,15 @@ from ..admission.providers import OK, Signal, classify
 from ..admission.slot import Slot
 from ..checks import check_max_wait
 from ..errors import Backpressure, ConfigError, FleetError
-from .held import HeldCalls
+from .held import Held, HeldCalls
+from .litellm_calls import asked_for_usage, watch_stream
+from .litellm_calls import call_id as _call_id
+from .litellm_calls import call_type as _call_type
+from .litellm_calls import field as _get
+from .litellm_calls import in_event_loop as _in_event_loop
+from .litellm_calls import parse_json as _json
+from .litellm_calls import provider as _provider
+from .litellm_calls import response_headers as _response_headers
 from .usage import estimate_tokens, usage_tokens
 
 __all__ = ["FleetHook", "DEFAULT_MAX_HOLD_S"]
@@ -218,22 +229,34 @@ class FleetHook(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """The end of a stream, or a call the deployment hooks did not see end."""
-        await self._afinish(_call_id(kwargs), OK, response_obj)
+        await self._afinish(_call_id(kwargs), OK, response_obj, _settles(kwargs))
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         await self._afinish(_call_id(kwargs), classify(kwargs.get("exception")))
 
-    async def _afinish(self, call_id: str | None, signal: Signal, response: Any = None) -> None:
+    async def _afinish(
+        self, call_id: str | None, signal: Signal, response: Any = None, settle: bool = True
+    ) -> None:
         held = self.calls.take(call_id, asyncio_slot=True)
         if held is None:
             return
         aslot = held.slot
         assert isinstance(aslot, AsyncSlot)
         try:
+            await self._aend(held, aslot, signal, response, settle)
+        except BaseException:  # cancelled, its loop ending: a thread releases it instead
+            if aslot.slot.lease_id is not None and call_id is not None:
+                self.calls.hand_back(call_id, held)
+            raise
+
+    async def _aend(
+        self, held: Held, aslot: AsyncSlot, signal: Signal, response: Any, settle: bool
+    ) -> None:
+        try:
             used = usage_tokens(_get(response, "usage"))
-            if used is not None and signal is OK:
+            if used is not None and signal is OK and settle:
                 await aslot.settle(used)
             headers = _response_headers(response)
             if headers:
@@ -252,10 +275,12 @@ class FleetHook(CustomLogger):
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: dict[str, Any]) -> None:
         """Block the calling thread until admitted (never inside an event loop)."""
         call_id = _call_id(kwargs)
+        if call_id is not None and call_id in self.calls:
+            if kwargs.get("stream"):  # held: acompletion's, or a second attempt of this one
+                watch_stream(kwargs, lambda: self.calls.orphan(call_id))
+            return
         if _call_type(kwargs.get("call_type")) != "completion" or call_id is None:
-            return  # acompletion (admitted by its deployment hook) or not a completion
-        if call_id in self.calls:
-            return  # a second attempt of a held call (LiteLLM's own message fix-ups)
+            return  # not a completion
         if _in_event_loop():  # waiting would block the loop, and the releases it runs
             if not self._warned_loop:
                 self._warned_loop = True
@@ -279,6 +304,8 @@ class FleetHook(CustomLogger):
             except Backpressure as refused:  # an open breaker, or the store-down policy
                 time.sleep(max(refused.wait_ms, 50) / 1000.0)
         self.calls.hold(call_id, slot, bool(kwargs.get("stream")))
+        if kwargs.get("stream"):
+            watch_stream(kwargs, lambda: self.calls.orphan(call_id))
 
     def log_post_api_call(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -297,7 +324,8 @@ class FleetHook(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """The end of a sync stream (LiteLLM's logging thread)."""
-        self._finish(_call_id(kwargs), OK, response_obj, _response_headers(response_obj))
+        headers = _response_headers(response_obj)
+        self._finish(_call_id(kwargs), OK, response_obj, headers, _settles(kwargs))
 
     def log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -306,7 +334,12 @@ class FleetHook(CustomLogger):
         self._finish(_call_id(kwargs), classify(kwargs.get("exception")))
 
     def _finish(
-        self, call_id: str | None, signal: Signal, response: Any = None, headers: Any = None
+        self,
+        call_id: str | None,
+        signal: Signal,
+        response: Any = None,
+        headers: Any = None,
+        settle: bool = True,
     ) -> None:
         held = self.calls.take(call_id, asyncio_slot=False)
         if held is None:
@@ -314,7 +347,7 @@ class FleetHook(CustomLogger):
         slot = held.blocking
         try:
             used = usage_tokens(_get(response, "usage"))
-            if used is not None and signal is OK:
+            if used is not None and signal is OK and settle:
                 slot.settle(used)
             if headers:
                 slot.observe(headers)
@@ -363,54 +396,7 @@ def _named_limits(limit: LimitChoice) -> list[str]:
     return []
 
 
-def _call_id(kwargs: Mapping[str, Any] | None) -> str | None:
-    if not kwargs:
-        return None
-    value = kwargs.get("litellm_call_id") or (kwargs.get("litellm_params") or {}).get(
-        "litellm_call_id"
-    )
-    return str(value) if value else None
-
-
-def _call_type(value: Any) -> str:
-    return str(getattr(value, "value", value) or "")
-
-
-def _provider(kwargs: Mapping[str, Any]) -> str | None:
-    value = kwargs.get("custom_llm_provider") or (kwargs.get("litellm_params") or {}).get(
-        "custom_llm_provider"
-    )
-    return str(value) if value else None
-
-
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, (str, bytes)):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return None
-    return value
-
-
-def _get(value: Any, name: str) -> Any:
-    if isinstance(value, Mapping):
-        return value.get(name)
-    return getattr(value, name, None)
-
-
-def _response_headers(response: Any) -> Any:
-    """The provider's HTTP headers LiteLLM keeps on a response (``_hidden_params``)."""
-    hidden = getattr(response, "_hidden_params", None)
-    if isinstance(hidden, Mapping):
-        headers = hidden.get("headers") or hidden.get("additional_headers")
-        if isinstance(headers, Mapping):
-            return headers
-    return getattr(response, "_response_headers", None)
+def _settles(kwargs: Mapping[str, Any]) -> bool:
+    """Whether the logged usage is the provider's: a stream's only when the request asked
+    for its usage chunk (see :func:`~celery_fleet.contrib.litellm_calls.asked_for_usage`)."""
+    return not kwargs.get("stream") or asked_for_usage(kwargs)
