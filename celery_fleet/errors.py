@@ -19,7 +19,12 @@ __all__ = [
     "LockNotAcquired",
     "StepError",
     "ThrottledTooLong",
+    "attach_pushback",
+    "attached_pushback",
 ]
+
+#: Attribute of a library's exception carrying the fleet's :class:`Backpressure` for it.
+_PUSHBACK_ATTR = "__celery_fleet_pushback__"
 
 
 class FleetError(Exception):
@@ -206,3 +211,27 @@ class LockLost(FleetError):
     def __str__(self) -> str:
         why = f" ({self.why})" if self.why else ""
         return f"lock {self.name!r} (fencing token {self.token}) was lost{why}"
+
+
+def attach_pushback(exc: BaseException, refusal: Backpressure) -> None:
+    """Mark a library's exception as the provider's pushback the fleet already handled.
+
+    For adapters that cannot raise the fleet's error themselves: a LiteLLM callback runs
+    while LiteLLM raises its own ``RateLimitError``, and LiteLLM swallows what a callback
+    raises. The mark lets a :class:`~celery_fleet.FleetTask` whose body let that
+    exception escape reschedule on ``refusal`` instead of failing.
+
+    Example::
+
+        attach_pushback(rate_limit_error, Throttled("openai", 2000, "provider 429"))
+    """
+    try:
+        setattr(exc, _PUSHBACK_ATTR, refusal)
+    except (AttributeError, TypeError):  # an exception type without a __dict__
+        pass
+
+
+def attached_pushback(exc: BaseException) -> Backpressure | None:
+    """The :class:`Backpressure` :func:`attach_pushback` put on ``exc``, else None."""
+    refusal = getattr(exc, _PUSHBACK_ATTR, None)
+    return refusal if isinstance(refusal, Backpressure) else None

@@ -322,6 +322,16 @@ def test_bad_options_are_config_errors_naming_them(option: str, value: Any) -> N
         FleetTransport(fleet, "llm", transport=httpx.AsyncHTTPTransport())  # type: ignore[arg-type]
 
 
+@pytest.mark.fast
+def test_arguments_swapped_or_no_fleet_is_a_config_error_naming_the_fleet() -> None:
+    fleet = Fleet(limits={"llm": {"max_in_flight": 1}}, redis_url="redis://127.0.0.1:1/0")
+    for transport in (FleetTransport, AsyncFleetTransport):
+        with pytest.raises(ConfigError, match=r"celery_fleet\.Fleet first, got str"):
+            transport("llm", fleet)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="got NoneType"):
+            transport(None, "llm")  # type: ignore[arg-type]
+
+
 def test_json_of_a_request_that_is_not_json_reserves_the_int(make_fleet: MakeFleet) -> None:
     fleet = fleet_for(make_fleet)
     seen: list[Any] = []

@@ -41,7 +41,7 @@ from celery.result import GroupResult
 
 from ..admission.run import Run, Throttling, current_run
 from ..checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
-from ..errors import Backpressure, ConfigError, ThrottledTooLong
+from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
 from ..observability import metrics
 from . import idempotency, pump
@@ -417,7 +417,13 @@ def fleet_task(*args: Any, **options: Any) -> Any:
 def _backpressure_cause(exc: BaseException) -> Backpressure | None:
     """The fleet's refusal an SDK wrapped: the anthropic SDK raises ``APIConnectionError``
     ``from`` whatever its HTTP transport raised, e.g. the ``Throttled`` of
-    :mod:`celery_fleet.httpx2`. Found in the ``__cause__`` chain, so the task reschedules."""
+    :mod:`celery_fleet.httpx2`. Found in the ``__cause__`` chain, so the task reschedules.
+    Also a provider's 429 an adapter marked with :func:`~celery_fleet.errors.attach_pushback`
+    on the exception or one it was raised while handling: LiteLLM raises its own
+    ``RateLimitError`` after :class:`~celery_fleet.contrib.litellm.FleetHook` has paused
+    the limit, and hands its callbacks a copy sharing only that chain."""
+    if isinstance(exc, Backpressure):
+        return None  # the fleet's own error: raised as it is
     seen: set[int] = set()
     cause = exc.__cause__
     while cause is not None and id(cause) not in seen:
@@ -425,4 +431,12 @@ def _backpressure_cause(exc: BaseException) -> Backpressure | None:
             return cause
         seen.add(id(cause))
         cause = cause.__cause__
+    link: BaseException | None = exc
+    seen.clear()
+    while link is not None and id(link) not in seen:
+        marked = attached_pushback(link)
+        if marked is not None:
+            return marked
+        seen.add(id(link))
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
     return None

@@ -88,6 +88,11 @@ class Policy:
                 f"got {pushback!r}"
             )
         self.raises = pushback == "raise"
+        if not callable(getattr(fleet, "slot", None)):  # FleetTransport("openai", fleet)
+            raise ConfigError(
+                f"FleetTransport(fleet, limit) takes a celery_fleet.Fleet first, "
+                f"got {type(fleet).__name__}"
+            )
         # The fleet's own checks: a known limit, a wait, a fixed reservation it can hold.
         fixed = tokens if isinstance(tokens, int) else 0
         probe = fleet.slot(limit, tokens=fixed, max_wait=max_wait)

@@ -65,7 +65,7 @@ from ..admission.core import Admission
 from ..admission.providers import OK, Signal, classify
 from ..admission.slot import Slot
 from ..checks import check_max_wait
-from ..errors import Backpressure, ConfigError, FleetError
+from ..errors import Backpressure, ConfigError, FleetError, attach_pushback
 from .held import Held, HeldCalls
 from .litellm_calls import asked_for_usage, watch_stream
 from .litellm_calls import call_id as _call_id
@@ -223,7 +223,7 @@ class FleetHook(CustomLogger):
         fallback_depth: int | None = None,
     ) -> None:
         """Release, telling the fleet what the failure was (a 429 pauses the limit)."""
-        await self._afinish(_call_id(request_data), classify(exception))
+        await self._afinish(_call_id(request_data), classify(exception), exception=exception)
 
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -234,10 +234,16 @@ class FleetHook(CustomLogger):
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        await self._afinish(_call_id(kwargs), classify(kwargs.get("exception")))
+        exception = kwargs.get("exception")
+        await self._afinish(_call_id(kwargs), classify(exception), exception=exception)
 
     async def _afinish(
-        self, call_id: str | None, signal: Signal, response: Any = None, settle: bool = True
+        self,
+        call_id: str | None,
+        signal: Signal,
+        response: Any = None,
+        settle: bool = True,
+        exception: BaseException | None = None,
     ) -> None:
         held = self.calls.take(call_id, asyncio_slot=True)
         if held is None:
@@ -245,14 +251,20 @@ class FleetHook(CustomLogger):
         aslot = held.slot
         assert isinstance(aslot, AsyncSlot)
         try:
-            await self._aend(held, aslot, signal, response, settle)
+            await self._aend(held, aslot, signal, response, settle, exception)
         except BaseException:  # cancelled, its loop ending: a thread releases it instead
             if aslot.slot.lease_id is not None and call_id is not None:
                 self.calls.hand_back(call_id, held)
             raise
 
     async def _aend(
-        self, held: Held, aslot: AsyncSlot, signal: Signal, response: Any, settle: bool
+        self,
+        held: Held,
+        aslot: AsyncSlot,
+        signal: Signal,
+        response: Any,
+        settle: bool,
+        exception: BaseException | None,
     ) -> None:
         try:
             used = usage_tokens(_get(response, "usage"))
@@ -269,6 +281,7 @@ class FleetHook(CustomLogger):
             log.warning(
                 "celery-fleet: releasing %r failed (%s); its lease expires", held.limit, exc
             )
+        _mark_pushback(held.blocking, signal, exception)
 
     # -- completion: LiteLLM's blocking logging hooks -------------------------------------
 
@@ -331,7 +344,8 @@ class FleetHook(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """A failed call (LiteLLM runs it in the caller's thread): classify, release."""
-        self._finish(_call_id(kwargs), classify(kwargs.get("exception")))
+        exception = kwargs.get("exception")
+        self._finish(_call_id(kwargs), classify(exception), exception=exception)
 
     def _finish(
         self,
@@ -340,6 +354,7 @@ class FleetHook(CustomLogger):
         response: Any = None,
         headers: Any = None,
         settle: bool = True,
+        exception: BaseException | None = None,
     ) -> None:
         held = self.calls.take(call_id, asyncio_slot=False)
         if held is None:
@@ -359,6 +374,7 @@ class FleetHook(CustomLogger):
             log.warning(
                 "celery-fleet: releasing %r failed (%s); its lease expires", held.limit, exc
             )
+        _mark_pushback(slot, signal, exception)
 
     def close(self) -> None:
         """Stop the thread that releases forgotten slots (see ``max_hold``)."""
@@ -366,6 +382,24 @@ class FleetHook(CustomLogger):
 
     def __repr__(self) -> str:
         return f"<FleetHook limit={self.limit!r} holding={len(self.calls)}>"
+
+
+def _mark_pushback(slot: Slot, signal: Signal, exception: BaseException | None) -> None:
+    """Mark LiteLLM's exception of a provider 429 or overload with the fleet's ``Throttled``
+    (what leaving ``fleet.slot`` with it raises), so a fleet task whose body lets
+    ``litellm.RateLimitError`` escape reschedules instead of failing. The hook itself
+    cannot raise it: LiteLLM raises its own exception, and swallows a callback's."""
+    if exception is None or signal.kind not in ("rate_limited", "overloaded"):
+        return
+    try:
+        slot.raise_pushback(signal, exception)
+    except Backpressure as refusal:
+        # acompletion's hooks get a copy of the live exception sharing its chain only
+        for link in (exception, exception.__cause__, exception.__context__):
+            if link is not None:
+                attach_pushback(link, refusal)
+    except FleetError:  # a quota: the task fails fast, as with fleet.slot
+        pass
 
 
 def _check_limit(fleet: _Fleet, limit: Any) -> LimitChoice:

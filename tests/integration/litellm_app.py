@@ -9,13 +9,14 @@ calls.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 
 import litellm  # noqa: E402
 
-from celery_fleet import Fleet  # noqa: E402
+from celery_fleet import Fleet, fleet_task  # noqa: E402
 from celery_fleet.contrib.litellm import FleetHook  # noqa: E402
 from tests.integration.apps import env_app  # noqa: E402
 
@@ -43,3 +44,27 @@ def ask(i: int) -> int:
         max_tokens=50,
     )
     return int(resp.usage.total_tokens)
+
+
+def _call(i: int) -> dict[str, Any]:
+    return {
+        "model": "openai/sim",
+        "api_base": SIM_URL,
+        "api_key": "x",
+        "max_retries": 0,  # the SDK's own retries would hide the 429 inside the call
+        "messages": [{"role": "user", "content": f"question {i}"}],
+        "max_tokens": 50,
+    }
+
+
+@fleet_task(app=app, shared=False)
+def ask_in_fleet_task(i: int) -> int:
+    """The call in a fleet task's body, with no slot of its own: a provider 429, which
+    LiteLLM raises as ``litellm.RateLimitError``, must reschedule the task, not fail it."""
+    return int(litellm.completion(**_call(i)).usage.total_tokens)
+
+
+@fleet_task(app=app, shared=False)
+async def aask_in_fleet_task(i: int) -> int:
+    """:func:`ask_in_fleet_task` with ``litellm.acompletion``."""
+    return int((await litellm.acompletion(**_call(i))).usage.total_tokens)
