@@ -208,6 +208,8 @@ class Fleet(AsyncMethods):
         max_wait: float | None = None,
         validate: Callable[[Any], object] | None = None,
         jitter: float | None = None,
+        *,
+        key: str | None = None,
     ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
@@ -226,10 +228,15 @@ class Fleet(AsyncMethods):
         seconds before the first ask, so agents that finished a step together do not all
         ask for the next one in the same millisecond (``slot.next()`` does not: it
         continues at once).
+        ``key`` (a limit with ``"keys"`` or ``"weights"``): the caller's key, e.g. a
+        tenant id: its own sub-limit is checked in the same round trip, and waiting
+        callers are served fairly between keys (docs/limits.md, "Keys (tenants)").
         Arguments are validated here, before any Redis call.
         """
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
+        if key is not None:
+            self.admission.keyed.hash_of(cfg, key)  # a bad key fails here
         run = current_run.get()
         if max_wait is None and run is not None:
             max_wait = run.slot_max_wait(self.clock.monotonic())
@@ -247,6 +254,7 @@ class Fleet(AsyncMethods):
             validate=validate,
             run=run if run is not None else Run(),
             jitter_s=jitter_s,
+            key=key,
         )
 
     def guarded(
@@ -350,10 +358,11 @@ class Fleet(AsyncMethods):
         """Who waits for limit ``name``, oldest first: ``(ticket, first-asked ms)`` pairs."""
         return self.admission.line(name)
 
-    def try_acquire(self, name: str, tokens: int = 0) -> Decision:
+    def try_acquire(self, name: str, tokens: int = 0, *, key: str | None = None) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
-        :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL)."""
-        return self.admission.try_acquire(name, tokens)
+        :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL).
+        ``key``: the caller's key on a limit with keys (see :meth:`slot`)."""
+        return self.admission.try_acquire(name, tokens, key=key)
 
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call

@@ -31,7 +31,7 @@ from ..store.aio import AsyncStore
 from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
-from .decision import Decision, new_lease_id
+from .decision import Decision
 from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
@@ -78,7 +78,7 @@ class AsyncSlot:
             raise FleetError(f"slot for {s.limit!r} is already held; a slot is not reentrant")
         if s.jitter_s > 0:
             await asyncio.sleep(random.uniform(0.0, s.jitter_s))
-        ticket = new_lease_id()
+        ticket = s.new_ticket()
         start = s.clock.monotonic()
         join = s.max_wait_s > 0
         s.reason = ""
@@ -299,7 +299,8 @@ class AsyncMethods:
     if TYPE_CHECKING:
 
         def slot(self, name: str, tokens: int = 0, max_wait: float | None = None,
-                 validate: Any = None, jitter: float | None = None) -> Slot: ...  # fmt: skip
+                 validate: Any = None, jitter: float | None = None, *,
+                 key: str | None = None) -> Slot: ...  # fmt: skip
 
     @property
     def astore(self) -> AsyncStore:
@@ -315,11 +316,15 @@ class AsyncMethods:
         max_wait: float | None = None,
         validate: Any = None,
         jitter: float | None = None,
+        *,
+        key: str | None = None,
     ) -> AsyncSlot:
         """``async with fleet.aslot(name, tokens=...) as slot:``: :meth:`Fleet.slot` for
         coroutines, with the same arguments and semantics; waits never block the loop.
         Arguments are validated here, before any Redis call."""
-        slot = self.slot(name, tokens=tokens, max_wait=max_wait, validate=validate, jitter=jitter)
+        slot = self.slot(
+            name, tokens=tokens, max_wait=max_wait, validate=validate, jitter=jitter, key=key
+        )
         return AsyncSlot(slot, self.astore)
 
     async def aclose(self) -> None:
@@ -328,10 +333,13 @@ class AsyncMethods:
         if self._astore is not None:
             await self._astore.aclose()
 
-    async def atry_acquire(self, name: str, tokens: int = 0) -> Decision:
+    async def atry_acquire(
+        self, name: str, tokens: int = 0, *, key: str | None = None
+    ) -> Decision:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
         cfg = self.admission.limit(name)
-        steps = self.admission.acquire_steps(cfg, cfg.check_tokens(tokens), new_lease_id())
+        tokens = cfg.check_tokens(tokens)
+        steps = self.admission.acquire_steps(cfg, tokens, self.admission.new_ticket(name, key))
         return await adrive(steps, self.astore)
 
     async def arelease(self, decision: Decision, outcome: str = "ok") -> Any:

@@ -32,6 +32,7 @@ from ..checks import (
     reject_unknown,
 )
 from ..errors import ConfigError
+from .tenancy import KeysConfig, WeightsConfig, parse_weights
 
 __all__ = [
     "Window",
@@ -84,6 +85,8 @@ _KNOWN_KEYS = (
             "burst",
             "breaker",
             "validate",
+            "keys",
+            "weights",
         }
     )
     | ADAPTIVE_KEYS
@@ -166,6 +169,14 @@ class LimitConfig:
     adaptive: AdaptiveConfig | None = None
     breaker: BreakerConfig | None = None
     validate: Callable[[Any], object] | None = None
+    #: every key's own sub-limit (``"keys"``) and fair-share weights (``"weights"``)
+    keys: KeysConfig | None = None
+    weights: WeightsConfig | None = None
+
+    @property
+    def keyed(self) -> bool:
+        """Whether callers are admitted by key (sub-limits, fair share): see tenancy.py."""
+        return self.keys is not None or self.weights is not None
 
     @property
     def token_windows(self) -> tuple[Window, ...]:
@@ -287,7 +298,24 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         adaptive=parse_adaptive(spec, setting, max_in_flight),
         breaker=parse_breaker(spec.get("breaker"), f"{setting}['breaker']"),
         validate=parse_validate(spec.get("validate"), f"{setting}['validate']"),
+        keys=_parse_keys(name, spec.get("keys"), f"{setting}['keys']"),
+        weights=parse_weights(spec.get("weights"), f"{setting}['weights']"),
     )
+
+
+#: What a key's sub-limit may set: windows and a cap, in the limit's own format.
+_KEY_OPTIONS = frozenset({"rpm", "tpm", "rate", "requests", "tokens", "max_in_flight", "burst"})
+
+
+def _parse_keys(name: str, value: object, setting: str) -> KeysConfig | None:
+    """``"keys": {"rpm": 200, "max_in_flight": 4}``: every key's own budgets."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{setting} must be a dict of options, got {value!r}")
+    reject_unknown(value, _KEY_OPTIONS, setting)
+    sub = parse_limit(name, value, setting)
+    return KeysConfig(sub.windows, sub.max_in_flight)
 
 
 def _dimension(

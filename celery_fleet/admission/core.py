@@ -68,9 +68,11 @@ from .decision import (
     _reason,
     acquire_args,
     clamp_wait_ms,
+    key_token_args,
     new_lease_id,
     release_args,
 )
+from .keyed import KeyedCommands
 from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
 
@@ -142,6 +144,11 @@ class Admission:
             name: store.packed(RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name])
             for name, k in self._keys.items()
         }
+        #: Per-key packed commands of the limits with keys (keyed.py, tenancy.py).
+        self.keyed = KeyedCommands(
+            store, namespace, self.limits, self._keys, self._acquire_tail, self._release_tail
+        )
+        self._keyed = frozenset(name for name, cfg in self.limits.items() if cfg.keyed)
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
         #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
@@ -189,8 +196,15 @@ class Admission:
         lease_id: str | None = None,
         since_ms: float = 0,
         join: bool = False,
+        *,
+        key: str | None = None,
     ) -> Decision:
         """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
+
+        ``key`` (a limit with keys only, see :mod:`~celery_fleet.admission.tenancy`): the
+        caller's key (tenant); its own budgets are checked in the same call and waiting
+        callers are served fairly between keys. A lease id of the caller's own gets the
+        key's mark appended (``-k<hash>``): use the decision's ``lease_id`` from then on.
 
         ``lease_id`` names the lease to create (default: a new random one); it is also the
         caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
@@ -201,8 +215,18 @@ class Admission:
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
         since = check_since(since_ms)
-        lease = new_lease_id() if lease_id is None else check_lease_id(lease_id)
+        if lease_id is None:
+            lease = self.new_ticket(name, key)
+        else:
+            lease = self.keyed.with_key(cfg, check_lease_id(lease_id), key)
         return self._do_acquire(cfg, tokens, lease, since, join)
+
+    def new_ticket(self, name: str, key: str | None = None) -> str:
+        """A new ticket (and lease id) for asking ``name``, marked with ``key`` if given;
+        :class:`ConfigError` for a bad key or a key on a limit that has none."""
+        if key is None:
+            return new_lease_id()
+        return self.keyed.ticket(self.limit(name), key)
 
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
@@ -306,7 +330,12 @@ class Admission:
     def _pack_acquire(
         self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
     ) -> tuple[str, bytes]:
-        packed = self._acquire_cmd[name].pack(
+        if name in self._keyed and join_arg != AcquireMode.LOOKUP:
+            # a look-up returns before the key's part: the limit's own command does
+            cmd = self.keyed.acquire(name, lease_id)
+        else:
+            cmd = self._acquire_cmd[name]
+        packed = cmd.pack(
             lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
         )
         return (ACQUIRE.name, packed)
@@ -414,7 +443,10 @@ class Admission:
         if self._settled:
             settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
         now = b"1" if clock else b"0"
-        packed = self._release_cmd[name].pack(
+        cmd = self._release_cmd[name]
+        if name in self._keyed:
+            cmd = self.keyed.release(name, lease_id) or cmd
+        packed = cmd.pack(
             lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
         )
         return (RELEASE.name, packed)
@@ -523,7 +555,12 @@ class Admission:
             return down.settle(cfg, lease_id, actual)
         try:
             args = [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]]
-            known, delta, _now, held = SETTLE.read((yield SETTLE.call(SETTLE.keys_of(k), args)))
+            keys = SETTLE.keys_of(k)
+            state = self.keyed.state_keys(name, lease_id) if name in self._keyed else None
+            if state is not None and cfg.keys is not None and cfg.keys.windows:
+                keys.append(state[0])  # the key's own token windows move too
+                args += key_token_args(cfg.keys.windows)
+            known, delta, _now, held = SETTLE.read((yield SETTLE.call(keys, args)))
         except StoreUnavailable as exc:
             # Not charged: the provider counted the tokens, the fleet cannot now. The
             # budget is over-spent by the difference at most, once.
@@ -559,13 +596,26 @@ class Admission:
             return [], []
         cfg = self.limit(name)
         k = self._keys[name]
-        args = [
+        head = [
             int(cfg.lease_s * 1000),
             cfg.max_in_flight or 0,
             cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
-            *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
         ]
-        return RENEW.read((yield RENEW.call(RENEW.keys_of(k), args)))
+        # One call per key with its own cap (its leases zset is renewed too), one for the rest.
+        groups: dict[str | None, list[tuple[str, int]]] = {}
+        for lease_id, tokens in leases:
+            state = self.keyed.state_keys(name, lease_id) if name in self._keyed else None
+            kleases = state[1] if state and cfg.keys and cfg.keys.max_in_flight else None
+            groups.setdefault(kleases, []).append((lease_id, tokens))
+        lost: list[str] = []
+        restored: list[str] = []
+        for kleases, group in groups.items():
+            keys = RENEW.keys_of(k) + ([kleases] if kleases else [])
+            args = [*head, *(x for lease_id, tokens in group for x in (lease_id, tokens))]
+            got_lost, got_restored = RENEW.read((yield RENEW.call(keys, args)))
+            lost += got_lost
+            restored += got_restored
+        return lost, restored
 
     def _remember_settled(self, lease_id: str) -> None:
         # Bounded: a lease forgotten here keeps its record until the sweep of expired leases

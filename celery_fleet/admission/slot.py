@@ -36,7 +36,7 @@ from ..errors import (
 from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
-from .decision import Decision, Release, new_lease_id
+from .decision import Decision, Release
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
@@ -95,8 +95,11 @@ class Slot:
         validate: Callable[[Any], object] | None = None,
         run: Run | None = None,
         jitter_s: float = 0.0,
+        key: str | None = None,
     ) -> None:
         self.admission = admission
+        #: The caller's key (tenant) on a limit with keys (tenancy.py); None: no key.
+        self.key = key
         self.keeper = keeper
         self.limit = limit
         self.tokens = tokens
@@ -130,7 +133,11 @@ class Slot:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
-        return self._acquire(new_lease_id())
+        return self._acquire(self.new_ticket())
+
+    def new_ticket(self) -> str:
+        """A new ticket for this slot's limit (marked with its key, if any)."""
+        return self.admission.new_ticket(self.limit, self.key)
 
     def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
         """Wait with ``ticket`` (the ticket while waiting, the lease once admitted) from the
@@ -184,9 +191,9 @@ class Slot:
         if down.down or down.owns(self.lease_id):
             self.release(self.verdict or OK)  # the store is away: two steps, each local
             self.attempts, self.verdict, self.tokens = 0, None, tokens
-            return self._acquire(new_lease_id())
+            return self._acquire(self.new_ticket())
         lease_id, signal = self._let_go(self.verdict or OK)
-        ticket = new_lease_id()
+        ticket = self.new_ticket()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
         ahead = ReleaseAhead(lease_id, release, self._check_released)
@@ -203,7 +210,7 @@ class Slot:
             # Redis did not answer (both are owed to it now): the policy answers an ask
             # made afresh, with a new ticket (Redis may still run this one when it thaws).
             down.cover(exc)
-            return self._acquire(new_lease_id())
+            return self._acquire(self.new_ticket())
         if decision.allowed:  # the usual case: no wait, no second round trip
             self.attempts = 1
             self.waited_s = 0.0
@@ -260,7 +267,7 @@ class Slot:
             if self.in_line:
                 self.admission.replays.add("leave", self.limit, ticket)
             self.in_line = False
-            return new_lease_id()
+            return self.new_ticket()
         if self.admission.store_down.down:  # answered by the policy: Redis saw nothing
             self.in_line = was_in_line
         return ticket

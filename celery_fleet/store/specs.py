@@ -110,7 +110,7 @@ class ScriptSpec(Generic[R]):
 
     def keys_of(self, holder: object) -> list[str]:
         """The KEYS list, each key read from the attribute of ``holder`` it is named after."""
-        return [getattr(holder, key) for key in self.keys]
+        return [getattr(holder, key) for key in self.keys if key[:1] != "*"]
 
     def call(self, keys: Sequence[str], args: Sequence[Any]) -> ScriptCall:
         """A :class:`~celery_fleet.store.calls.ScriptCall` of this script; the number of
@@ -203,6 +203,8 @@ class PeekReply(NamedTuple):
     #: the breaker hash's state, opened_at, forced, probe, probe_until, calls, failures
     breaker: list[bytes | str]
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
+    #: a limit with keys: per busiest key (hash, name, in flight, in line), flat
+    keys: list[Any] | None = None
 
 
 class HandoverReply(NamedTuple):
@@ -273,20 +275,24 @@ def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
 
 
 def _peek_reply(raw: Any) -> PeekReply:
-    return PeekReply._make([*raw[:9], list(raw[9:16]), list(raw[16:])])
+    rest = list(raw[16:])
+    keys = rest.pop() if rest and isinstance(rest[-1], list) else None
+    return PeekReply._make([*raw[:9], list(raw[9:16]), rest, keys])
 
 
 ACQUIRE: ScriptSpec[AcquireReply] = ScriptSpec(
     "acquire",
     "admission",
-    keys=("ctl", "leases", "line", "breaker", "waiting", "wake", "settled"),
-    args=("id", "tokens", "order", "join", "lane", "constants", "*window_fields"),
+    # a limit with keys: the key's ctl and leases, and after the window fields the key's
+    # constants, window fields and name (scripts/_lib/keys.lua)
+    keys=("ctl", "leases", "line", "breaker", "waiting", "wake", "settled", "*key_ctl_leases"),
+    args=("id", "tokens", "order", "join", "lane", "constants", "*window_fields_key_args"),
     reply=AcquireReply._make,
 )
 RELEASE: ScriptSpec[ReleaseReply] = ScriptSpec(
     "release",
     "admission",
-    keys=("leases", "settled", "ctl", "line", "breaker", "waiting", "wake"),
+    keys=("leases", "settled", "ctl", "line", "breaker", "waiting", "wake", "*key_leases"),
     args=("lease", "outcome", "retry_after_ms", "settled", "clock", "constants"),
     reply=ReleaseReply._make,
     idempotent=True,
@@ -302,7 +308,8 @@ LEAVE: ScriptSpec[bool] = ScriptSpec(
 SETTLE: ScriptSpec[SettleReply] = ScriptSpec(
     "settle",
     "admission",
-    keys=("ctl", "settled", "leases"),
+    keys=("ctl", "settled", "leases", "*key_ctl"),
+    # then, with a key's ctl: the key's token windows, their number and triples
     args=("lease", "actual", "reserved", "n_windows", "*field_emission_ceiling"),
     reply=SettleReply._make,
     idempotent=True,
@@ -310,7 +317,7 @@ SETTLE: ScriptSpec[SettleReply] = ScriptSpec(
 RENEW: ScriptSpec[tuple[list[str], list[str]]] = ScriptSpec(
     "renew",
     "admission",
-    keys=("leases", "settled", "breaker", "ctl"),
+    keys=("leases", "settled", "breaker", "ctl", "*key_leases"),
     args=("lease_ttl_ms", "max_in_flight", "initial_cap", "*lease_tokens"),
     reply=_renew_reply,
     idempotent=True,
@@ -327,7 +334,8 @@ PEEK: ScriptSpec[PeekReply] = ScriptSpec(
     "peek",
     "admission",
     keys=("ctl", "leases", "line", "breaker"),
-    args=("oldest_scan", "constants", "*window_fields"),
+    # a limit with keys: then how many busiest keys to report and their keys' prefix
+    args=("oldest_scan", "constants", "*window_fields_keys"),
     reply=_peek_reply,
     idempotent=True,
 )

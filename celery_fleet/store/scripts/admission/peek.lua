@@ -11,6 +11,9 @@
 -- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
 --          initial cap, the number of windows and each window's T and tau are read)
 -- ARGV[3..2+n] the windows' fields ("r:60", "t:86400")
+-- ARGV[3+n] (a limit with keys only) how many of the busiest keys to report;
+-- ARGV[4+n] the prefix of its keys' Redis keys ("{ns:limit}:k:"): a key's name is read
+--           from prefix .. hash .. ":ctl" (same hash tag, so the same slot on Cluster)
 --
 -- Reply: {now (µs), in flight (live leases), oldest (its acquire time, µs; 0 for none),
 --         waiting (tickets in line), the pause still running (ms, text), cap and
@@ -18,6 +21,9 @@
 --         the rate factor in force (text), the breaker's state, opened_at, forced,
 --         probe, probe_until, calls, failures ("" when absent), then per window: units
 --         admissible now, units a full bucket holds (both at the factor in force)}
+-- A limit with keys adds one last element, a list: per busiest key (most in flight + in
+-- line, among the leases scanned and the first 4096 tickets) its hash, its name ("" when
+-- its state expired), in flight, in line; the default key (callers without one) is "".
 -- A unit is one request ("r:") or one token ("t:"). Time unit: milliseconds, Redis TIME.
 
 --#include _lib/gcra
@@ -60,5 +66,34 @@ for i = 1, nwin do
   local tat = gcra_check(ctl[5 + i], step, tau, now)
   reply[#reply + 1] = math.max(0, gcra_room(tat, step, tau, now))
   reply[#reply + 1] = math.max(0, math.floor(tau / step))
+end
+if ARGV[3 + nwin] then
+  local most, prefix = tonumber(ARGV[3 + nwin]), ARGV[4 + nwin]
+  local counts, order = {}, {}
+  local function count(member, slot)
+    local hash = string.match(member, '%-k(%x+)$') or ''
+    local c = counts[hash]
+    if not c then
+      c = {0, 0}
+      counts[hash] = c
+      order[#order + 1] = hash
+    end
+    c[slot] = c[slot] + 1
+  end
+  for _, lease in ipairs(live) do count(lease, 1) end
+  for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, 4095)) do count(ticket, 2) end
+  table.sort(order, function(a, b)
+    local x, y = counts[a], counts[b]
+    if x[1] + x[2] ~= y[1] + y[2] then return x[1] + x[2] > y[1] + y[2] end
+    return a < b
+  end)
+  local keys = {}
+  for i = 1, math.min(most, #order) do
+    local hash = order[i]
+    local name = ''
+    if hash ~= '' then name = redis.call('HGET', prefix .. hash .. ':ctl', 'name') or '' end
+    for _, x in ipairs({hash, name, counts[hash][1], counts[hash][2]}) do keys[#keys + 1] = x end
+  end
+  reply[#reply + 1] = keys
 end
 return reply
