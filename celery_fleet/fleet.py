@@ -235,9 +235,11 @@ class Fleet(AsyncMethods):
         """
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
+        run = current_run.get()
+        if key is None and run is not None and run.key is not None and cfg.keyed:
+            key = run.key  # a keyed task's slots (@fleet_task(key=...))
         if key is not None:
             self.admission.keyed.hash_of(cfg, key)  # a bad key fails here
-        run = current_run.get()
         if max_wait is None and run is not None:
             max_wait = run.slot_max_wait(self.clock.monotonic())
         wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)

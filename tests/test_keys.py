@@ -101,8 +101,13 @@ def test_idle_keys_leave_no_redis_keys_behind(
     make_fleet: Callable[..., Fleet], rclient: redis.Redis, namespace: str
 ) -> None:
     fleet = make_fleet(
-        {LIMIT: {"rate": "100000/second", "lease": 1, "keys": {"rate": "5/second",
-                                                              "max_in_flight": 2}}}
+        {
+            LIMIT: {
+                "rate": "100000/second",
+                "lease": 1,
+                "keys": {"rate": "5/second", "max_in_flight": 2},
+            }
+        }
     )
     n = 10_000
     for i in range(n):
@@ -122,9 +127,7 @@ def test_idle_keys_leave_no_redis_keys_behind(
     assert left == []
 
 
-@pytest.mark.parametrize(
-    "key", ["", "a\nb", "x" * 257, 42, "tab\there", b"bytes"], ids=repr
-)
+@pytest.mark.parametrize("key", ["", "a\nb", "x" * 257, 42, "tab\there", b"bytes"], ids=repr)
 def test_a_bad_key_is_a_config_error_before_redis(
     key: Any, make_fleet: Callable[..., Fleet]
 ) -> None:

@@ -333,9 +333,7 @@ class AsyncMethods:
         if self._astore is not None:
             await self._astore.aclose()
 
-    async def atry_acquire(
-        self, name: str, tokens: int = 0, *, key: str | None = None
-    ) -> Decision:
+    async def atry_acquire(self, name: str, tokens: int = 0, *, key: str | None = None) -> Decision:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)

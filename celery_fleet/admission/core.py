@@ -335,9 +335,7 @@ class Admission:
             cmd = self.keyed.acquire(name, lease_id)
         else:
             cmd = self._acquire_cmd[name]
-        packed = cmd.pack(
-            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0"
-        )
+        packed = cmd.pack(lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, b"0")
         return (ACQUIRE.name, packed)
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
@@ -446,9 +444,7 @@ class Admission:
         cmd = self._release_cmd[name]
         if name in self._keyed:
             cmd = self.keyed.release(name, lease_id) or cmd
-        packed = cmd.pack(
-            lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
-        )
+        packed = cmd.pack(lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now)
         return (RELEASE.name, packed)
 
     def released(self, name: str, reply: list[Any]) -> Release:

@@ -85,7 +85,7 @@ class KeyedCommands:
         if not cfg.keyed:
             raise ConfigError(
                 f"key={key!r} given for limit {cfg.name!r}, which has no keys: add "
-                f"\"keys\": {{...}} (every key's own budgets) or \"weights\": {{}} (fair share "
+                f'"keys": {{...}} (every key\'s own budgets) or "weights": {{}} (fair share '
                 f"only) to fleet_limits[{cfg.name!r}]"
             )
         hashed = key_hash(key)

@@ -44,6 +44,7 @@ class Run:
         wait_after_call: once ``calls > 0``, slots wait in place (up to ``deadline``).
         deadline: monotonic time when the run stops waiting (None: no limit).
         waited_s: seconds this run's slots spent waiting for admission, in place.
+        key: the key its slots of limits with keys use when they name none.
     """
 
     max_wait_s: float | None = None
@@ -52,6 +53,8 @@ class Run:
     wait_after_call: bool = False
     deadline: float | None = None
     waited_s: float = 0.0
+    #: the key (tenant) of its slots on limits with keys (``@fleet_task(key=...)``)
+    key: str | None = None
 
     def slot_max_wait(self, now: float) -> float | None:
         """The ``max_wait`` the next slot gets when the caller names none.
