@@ -158,3 +158,27 @@ def test_keys_and_weights_are_validated_at_start() -> None:
     cfg = parse_limits({LIMIT: {"rpm": 60, "weights": {"acme": 3}}})[LIMIT]
     assert cfg.keyed and cfg.keys is None and cfg.weights is not None
     assert cfg.weights.weight("acme") == 3 and cfg.weights.weight("other") == 1
+
+
+def test_status_shows_the_busiest_keys_in_one_read(make_fleet: Callable[..., Fleet]) -> None:
+    from celery_fleet.observability.cli import _table
+    from celery_fleet.observability.status import KeyStatus, limit_status
+
+    fleet = make_fleet({LIMIT: {"max_in_flight": 4, "keys": {"max_in_flight": 3}}})
+    held = [fleet.try_acquire(LIMIT, key="acme") for _ in range(2)]
+    held += [fleet.try_acquire(LIMIT, key="globex"), fleet.try_acquire(LIMIT)]
+    assert all(held)
+    adm = fleet.admission
+    waiter = adm.try_acquire(LIMIT, 0, adm.new_ticket(LIMIT, "acme"), join=True)
+    assert not waiter and waiter.reason == "in_flight"
+    status = limit_status(fleet, LIMIT)
+    assert status.keys == [
+        KeyStatus("acme", 2, 1),
+        KeyStatus("", 1, 0),
+        KeyStatus("globex", 1, 0),
+    ]
+    table = _table([status])
+    assert "acme" in table and "2 in flight, 1 in line" in table
+    assert status.as_dict()["keys"][0] == {"key": "acme", "in_flight": 2, "waiting": 1}
+    for d in held:
+        fleet.release(d)

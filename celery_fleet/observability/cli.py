@@ -86,6 +86,12 @@ def _table(rows: list[LimitStatus]) -> str:
             retry = f", probe in {s.breaker_retry_s:.1f} s" if s.breaker_retry_s > 0 else ""
             lines.append(f"  breaker      {s.breaker}{forced}{retry}")
         lines.append(f"  waiting      {s.waiting} in line")
+        if s.keys is not None:
+            lines.append(f"  busiest keys {'(none)' if not s.keys else ''}".rstrip())
+            lines += [
+                f"    {k.key or '(no key)'!s:<24.24} {k.in_flight} in flight, {k.waiting} in line"
+                for k in s.keys
+            ]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

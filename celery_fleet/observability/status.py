@@ -10,7 +10,9 @@ are what an ask would meet, computed once, in Redis:
 - the live leases (in flight) against the cap in force (the adaptive cap when there is
   one) and the age of the oldest (its acquire time is in its name);
 - the adaptive cap and rate factor, a provider pause still running, the breaker, and how
-  many callers wait in line.
+  many callers wait in line;
+- a limit with keys (tenants): its busiest keys, each with its calls in flight and its
+  callers in line (read from the leases and the line, in the same round trip).
 
 The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 """
@@ -29,10 +31,29 @@ if TYPE_CHECKING:
 from ..admission.decision import acquire_args
 from ..store.specs import PEEK
 
-__all__ = ["LimitStatus", "StatusSource", "WindowStatus", "fleet_status", "limit_status"]
+__all__ = [
+    "KeyStatus",
+    "LimitStatus",
+    "StatusSource",
+    "WindowStatus",
+    "fleet_status",
+    "limit_status",
+]
 
 #: At most this many leases are read to find the oldest (a cap of 10**6 stays cheap).
 OLDEST_SCAN = 1000
+#: A limit with keys shows this many of its busiest keys.
+BUSIEST_KEYS = 10
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key of a limit with keys: ``key`` as its callers wrote it ("" for callers
+    without a key; its hash when its state has expired), calls in flight, callers in line."""
+
+    key: str
+    in_flight: int
+    waiting: int
 
 
 @dataclass(frozen=True)
@@ -61,6 +82,8 @@ class LimitStatus:
     breaker_forced: str | None = None
     breaker_retry_s: float = 0.0
     waiting: int = 0
+    #: a limit with keys: its busiest keys, most in flight + in line first
+    keys: list[KeyStatus] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +103,9 @@ class LimitStatus:
             forced = " (forced)" if self.breaker_forced else ""
             parts.append(f"breaker {self.breaker}{forced}")
         parts.append(f"{self.waiting} waiting")
+        if self.keys:
+            busiest = self.keys[0]
+            parts.append(f"busiest key {busiest.key or '(none)'!r} {busiest.in_flight} in flight")
         return ", ".join(parts)
 
 
@@ -149,7 +175,10 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     round trip (``peek.lua``: it writes nothing), never on the hot path."""
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
-    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg)])
+    args: list[Any] = [OLDEST_SCAN, *acquire_args(cfg)]
+    if cfg.keyed:
+        args += [BUSIEST_KEYS, keys.ctl[: -len("ctl")] + "k:"]
+    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), args)
     now_ms = int(peek.now_us) / 1000
     windows = [
         WindowStatus(w.describe(), left=int(peek.windows[2 * i]), full=int(peek.windows[2 * i + 1]))
@@ -179,7 +208,22 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
             round(breaker.retry_in_ms / 1000, 3) if breaker and not breaker.forced else 0.0
         ),
         waiting=int(peek.waiting),
+        keys=_keys(peek.keys) if cfg.keyed else None,
     )
+
+
+def _keys(flat: list[Any] | None) -> list[KeyStatus]:
+    """peek's busiest keys: (hash, name, in flight, in line) each, flat."""
+    flat = flat or []
+    out = []
+    for i in range(0, len(flat) - 3, 4):
+        hashed, name = _text(flat[i]), _text(flat[i + 1])
+        if hashed == "":
+            name = ""  # callers without a key
+        elif not name:
+            name = f"#{hashed}"  # its state expired: only its hash is known
+        out.append(KeyStatus(name, int(flat[i + 2]), int(flat[i + 3])))
+    return out
 
 
 def fleet_status(fleet: StatusSource, names: list[str] | None = None) -> list[LimitStatus]:

@@ -29,7 +29,9 @@ def tenants(redis_url: str) -> Iterator[Any]:
 def test_each_tenant_holds_its_own_slot_while_tenants_run_side_by_side(tenants: Any) -> None:
     tag = uuid.uuid4().hex[:8]
     results = [
-        tenants.per_tenant.delay(tenant, tag, 0.3) for _ in range(4) for tenant in ("acme", "globex")
+        tenants.per_tenant.delay(tenant, tag, 0.3)
+        for _ in range(4)
+        for tenant in ("acme", "globex")
     ]
     nested = [r.get(timeout=120) for r in results]
     # the task's key went to its nested slot of another keyed limit too

@@ -1,0 +1,194 @@
+"""Keys (tenants) benchmark: what a key costs an admission, and fair share between keys.
+
+1. **Cost** (one process, one client, interleaved samples after a warm-up): the median µs
+   of ``try_acquire`` + ``release`` against a limit without keys (``plain``), the same
+   limit with a key sub-limit asked by one key (``keyed``) and by a new key every time
+   (``one-off``), and with weights only (``weights``); plus the EVALSHA calls per cycle
+   (Redis ``INFO commandstats``): an uncontended keyed admission stays one round trip. Run
+   it with ``PYTHONPATH`` on the tree before the change too (only ``plain`` runs there):
+   the two ``plain`` figures of the same session are the before/after.
+2. **Keys left**: the one-off keys' Redis state after their TTL (target: none).
+3. **Fair share**: threads of three keys with 300, 30 and 3 callers behind one in-flight
+   cap (20 ms holds): admitted share per key and Jain's index over normalized shares
+   (target >= 0.99), with keys (``"weights": {}``) and without (FIFO by age, the baseline).
+
+Usage::
+
+    .venv/bin/python benchmarks/tenants.py [--url redis://127.0.0.1:6379] [--samples 3000]
+        [--fair-seconds 9] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import redis
+from results import append_section, on_db
+
+from celery_fleet import ConfigError, Fleet, Throttled
+
+DB = 13
+LIMIT = "llm"
+SETUPS: dict[str, dict[str, Any]] = {
+    "plain": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6},
+    "keyed": {
+        "rpm": 10**9,
+        "tpm": 10**12,
+        "max_in_flight": 10**6,
+        "keys": {"rpm": 10**8, "max_in_flight": 10**5},
+    },
+    "weights": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6, "weights": {"a": 2}},
+}
+
+
+def _fleet(url: str, spec: dict[str, Any], lease: float = 60) -> Fleet | None:
+    try:
+        return Fleet(
+            limits={LIMIT: {**spec, "lease": lease}},
+            redis_url=url,
+            namespace=f"bench-{uuid.uuid4().hex[:8]}",
+        )
+    except ConfigError:
+        return None  # the tree before keys: only "plain" runs
+
+
+def _evalsha(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def cost(url: str, samples: int) -> tuple[dict[str, float], dict[str, float]]:
+    fleets = {name: _fleet(url, spec) for name, spec in SETUPS.items()}
+    fleets["one-off"] = _fleet(url, SETUPS["keyed"], lease=1)
+    runs: dict[str, list[int]] = {name: [] for name, f in fleets.items() if f is not None}
+    keyed = {"keyed": "acme", "weights": "a"}
+    client = redis.Redis.from_url(url)
+    calls: dict[str, float] = {}
+    for name in runs:  # warm-up, and the round trips per cycle
+        f = fleets[name]
+        assert f is not None
+        before = _evalsha(client)
+        for i in range(200):
+            key = f"warm-{i}" if name == "one-off" else keyed.get(name)
+            f.release(f.try_acquire(LIMIT, key=key) if key else f.try_acquire(LIMIT))
+        calls[name] = (_evalsha(client) - before) / 200
+    for i in range(samples):
+        for name in runs:
+            f = fleets[name]
+            assert f is not None
+            key = f"tenant-{i}-{uuid.uuid4().hex[:6]}" if name == "one-off" else keyed.get(name)
+            t0 = time.perf_counter_ns()
+            d = f.try_acquire(LIMIT, key=key) if key else f.try_acquire(LIMIT)
+            f.release(d)
+            runs[name].append(time.perf_counter_ns() - t0)
+    client.close()
+    return {name: statistics.median(ns) / 1000 for name, ns in runs.items()}, calls
+
+
+def keys_left(url: str, n: int) -> tuple[int, float]:
+    """``n`` one-off keys against a 1 s key window and 1 s leases: keys left after 10 s."""
+    spec = {"rate": "1000000/second", "keys": {"rate": "10/second", "max_in_flight": 5}}
+    f = _fleet(url, spec, lease=1)
+    if f is None:
+        return -1, 0.0
+    for i in range(n):
+        f.release(f.try_acquire(LIMIT, key=f"one-off-{i}"))
+    client = redis.Redis.from_url(url)
+    pattern = f"{{{f.namespace}:{LIMIT}}}:k:*"
+    start = time.monotonic()
+    left = len(list(client.scan_iter(match=pattern, count=10_000)))
+    while left and time.monotonic() - start < 10:
+        time.sleep(0.25)
+        left = len(list(client.scan_iter(match=pattern, count=10_000)))
+    client.close()
+    return left, time.monotonic() - start
+
+
+def fair(url: str, keyed: bool, seconds: float) -> Counter[str]:
+    spec: dict[str, Any] = {"max_in_flight": 6, "lease": 30}
+    if keyed:
+        spec["weights"] = {}
+    f = _fleet(url, spec)
+    if f is None:
+        return Counter()
+    callers = {"big": 300, "mid": 30, "small": 3}
+    stop, counting = threading.Event(), threading.Event()
+    admitted: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def worker(key: str) -> None:
+        while not stop.is_set():
+            try:
+                with f.slot(LIMIT, key=key, max_wait=30) if keyed else f.slot(LIMIT, max_wait=30):
+                    if counting.is_set():
+                        with lock:
+                            admitted[key] += 1
+                    time.sleep(0.02)
+            except Throttled:
+                continue
+
+    threads = [
+        threading.Thread(target=worker, args=(k,), daemon=True)
+        for k, n in callers.items()
+        for _ in range(n)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    counting.set()
+    time.sleep(seconds * 2 / 3)
+    counting.clear()
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    return admitted
+
+
+def jain(shares: list[float]) -> float:
+    return sum(shares) ** 2 / (len(shares) * sum(x * x for x in shares)) if any(shares) else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--url", default="redis://127.0.0.1:6379")
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--one-off", type=int, default=10_000)
+    parser.add_argument("--fair-seconds", type=float, default=9.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    url = on_db(args.url, DB)
+    medians, calls = cost(url, args.samples)
+    lines = ["```text", "setup      µs/cycle (median)  EVALSHA/cycle  vs plain"]
+    for name, us in medians.items():
+        lines.append(f"{name:<10} {us:>17.1f}  {calls[name]:>13.2f}  {us / medians['plain']:>8.3f}")
+    left, waited = keys_left(url, args.one_off)
+    if left >= 0:
+        lines.append(f"{args.one_off} one-off keys: {left} Redis keys left {waited:.1f} s later")
+    for keyed in (False, True):
+        admitted = fair(url, keyed, args.fair_seconds)
+        if not admitted:
+            continue
+        total = sum(admitted.values())
+        shares = [admitted[k] / total for k in ("big", "mid", "small")]
+        lines.append(
+            f"{'keys' if keyed else 'FIFO'}: admitted {dict(admitted)}, shares "
+            f"{[round(s, 3) for s in shares]}, Jain {jain([3 * s for s in shares]):.4f}"
+        )
+    lines.append("```")
+    body = "\n".join(lines) + "\n"
+    print(body)
+    if not args.no_write:
+        client = redis.Redis.from_url(url)
+        append_section(client, body, "Keys (tenants): cost and fair share (issue 23)")
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
