@@ -7,6 +7,10 @@
    (Redis ``INFO commandstats``): an uncontended keyed admission stays one round trip. Run
    it with ``PYTHONPATH`` on the tree before the change too (only ``plain`` runs there):
    the two ``plain`` figures of the same session are the before/after.
+   With ``--before TREE`` (a checkout of the code before keys) the two acquire scripts are
+   also compared directly: pipelines of 400 asks of a limit without keys, alternating
+   the scripts 80 times on the same Redis (server time plus one pipeline's I/O, no
+   Python per ask): the plain limit's admission must cost the same.
 2. **Keys left**: the one-off keys' Redis state after their TTL (target: none).
 3. **Fair share**: threads of three keys with 300, 30 and 3 callers behind one in-flight
    cap (20 ms holds): admitted share per key and Jain's index over normalized shares
@@ -21,17 +25,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import redis
 from results import append_section, on_db
 
 from celery_fleet import ConfigError, Fleet, Throttled
+from celery_fleet.admission.config import parse_limits
+from celery_fleet.admission.decision import LimitKeys, acquire_args
+from celery_fleet.store.specs import ACQUIRE
 
 DB = 13
 LIMIT = "llm"
@@ -58,26 +69,30 @@ def _fleet(url: str, spec: dict[str, Any], lease: float = 60) -> Fleet | None:
         return None  # the tree before keys: only "plain" runs
 
 
-def _evalsha(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+def _evalsha(client: redis.Redis) -> tuple[int, int]:
+    """EVALSHA calls so far and the µs Redis spent in them."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
-def cost(url: str, samples: int) -> tuple[dict[str, float], dict[str, float]]:
+def cost(url: str, samples: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     fleets = {name: _fleet(url, spec) for name, spec in SETUPS.items()}
     fleets["one-off"] = _fleet(url, SETUPS["keyed"], lease=1)
     runs: dict[str, list[int]] = {name: [] for name, f in fleets.items() if f is not None}
     keyed = {"keyed": "acme", "weights": "a"}
     client = redis.Redis.from_url(url)
     calls: dict[str, float] = {}
-    for name in runs:  # warm-up, and the round trips per cycle
+    server: dict[str, float] = {}
+    for name in runs:  # warm-up, and the round trips and Redis µs per cycle
         f = fleets[name]
         assert f is not None
-        before = _evalsha(client)
-        for i in range(200):
+        n0, us0 = _evalsha(client)
+        for i in range(1000):
             key = f"warm-{i}" if name == "one-off" else keyed.get(name)
             f.release(f.try_acquire(LIMIT, key=key) if key else f.try_acquire(LIMIT))
-        calls[name] = (_evalsha(client) - before) / 200
+        n1, us1 = _evalsha(client)
+        calls[name] = (n1 - n0) / 1000
+        server[name] = (us1 - us0) / 1000
     for i in range(samples):
         for name in runs:
             f = fleets[name]
@@ -88,7 +103,45 @@ def cost(url: str, samples: int) -> tuple[dict[str, float], dict[str, float]]:
             f.release(d)
             runs[name].append(time.perf_counter_ns() - t0)
     client.close()
-    return {name: statistics.median(ns) / 1000 for name, ns in runs.items()}, calls
+    medians = {name: statistics.median(ns) / 1000 for name, ns in runs.items()}
+    return medians, calls, server
+
+
+def _acquire_source(tree: str) -> str:
+    code = (
+        "import sys; from celery_fleet.store.sync import script_source; "
+        "sys.stdout.write(script_source('acquire'))"
+    )
+    env = {**os.environ, "PYTHONPATH": tree}
+    return subprocess.check_output([sys.executable, "-c", code], env=env).decode()
+
+
+def ab_acquire(url: str, before: str, rounds: int = 80, n: int = 400) -> list[str]:
+    """Median and best µs per pipelined ask of a limit without keys: before vs this tree."""
+    client = redis.Redis.from_url(url)
+    here = str(Path(__file__).resolve().parents[1])
+    shas = {"before": client.script_load(_acquire_source(before))}
+    shas["after"] = client.script_load(_acquire_source(here))
+    cfg = parse_limits({LIMIT: SETUPS["plain"]})[LIMIT]
+    lk = LimitKeys.build(f"bench-ab-{uuid.uuid4().hex[:6]}", LIMIT)
+    keys, tail = ACQUIRE.keys_of(lk), acquire_args(cfg)
+    per: dict[str, list[float]] = {name: [] for name in shas}
+    for r in range(rounds):
+        order = list(shas.items()) if r % 2 else list(shas.items())[::-1]
+        for name, sha in order:
+            pipe = client.pipeline(transaction=False)
+            for i in range(n):
+                pipe.evalsha(sha, len(keys), *keys, f"ask{i}", 10, 0, 0, 0, *tail)
+            t0 = time.perf_counter()
+            pipe.execute()
+            per[name].append((time.perf_counter() - t0) / n * 1e6)
+            client.delete(lk.leases, lk.ctl)
+    client.close()
+    return [
+        f"acquire.lua {name:<6} (no keys, pipelined): median {statistics.median(v):.2f} "
+        f"µs/ask, best {min(v):.2f}"
+        for name, v in per.items()
+    ]
 
 
 def keys_left(url: str, n: int) -> tuple[int, float]:
@@ -161,12 +214,22 @@ def main() -> int:
     parser.add_argument("--one-off", type=int, default=10_000)
     parser.add_argument("--fair-seconds", type=float, default=9.0)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost table")
+    parser.add_argument("--before", help="a checkout of the code before keys (A/B of acquire)")
     args = parser.parse_args()
     url = on_db(args.url, DB)
-    medians, calls = cost(url, args.samples)
-    lines = ["```text", "setup      µs/cycle (median)  EVALSHA/cycle  vs plain"]
+    medians, calls, server = cost(url, args.samples)
+    lines = ["```text", "setup      µs/cycle (median)  EVALSHA/cycle  Redis µs/cycle  vs plain"]
     for name, us in medians.items():
-        lines.append(f"{name:<10} {us:>17.1f}  {calls[name]:>13.2f}  {us / medians['plain']:>8.3f}")
+        lines.append(
+            f"{name:<10} {us:>17.1f}  {calls[name]:>13.2f}  {server[name]:>14.1f}  "
+            f"{us / medians['plain']:>8.3f}"
+        )
+    if args.before:
+        lines += ab_acquire(url, args.before)
+    if args.cost_only:
+        print("\n".join(lines))
+        return 0
     left, waited = keys_left(url, args.one_off)
     if left >= 0:
         lines.append(f"{args.one_off} one-off keys: {left} Redis keys left {waited:.1f} s later")

@@ -18,11 +18,16 @@
 -- that went idle comes back at V (it never hoards credit) and inside one key tickets keep
 -- the order they joined in.
 
+-- Defined only when the script is given a key's state (KEYS[8]): a limit without keys
+-- does not pay for making these closures on every admission.
+local key_consts, key_tag, key_expiry
+if #KEYS > 7 then
+
 -- key_consts(arg): the key's constants (acquire's ARGV after the limit's window fields):
 -- sub (1: the key's own budgets apply; 0: the default key of keyless callers, fair share
 -- only), weight, max_in_flight (0: none), keep (ms: how long an idle key's state lives
 -- at least), the number of windows, then per window T and tau.
-local function key_consts(arg)
+key_consts = function(arg)
   local sub, weight, kcap, keep, kn = struct.unpack('<ddddd', arg)
   local kwin = {struct.unpack('<' .. string.rep('d', 5 + 2 * kn), arg)}
   return sub, weight, kcap, keep, kn, kwin
@@ -30,7 +35,7 @@ end
 
 -- key_tag(vt, vf): a new ticket's start tag. A finish tag absurdly far ahead of the
 -- limit's virtual time (its ctl was reset) is not honoured.
-local function key_tag(vt, vf)
+key_tag = function(vt, vf)
   if vf > vt and vf - vt < 1048576 then return vf end
   return vt
 end
@@ -38,10 +43,12 @@ end
 -- key_expiry(hset, exp, now, horizon, keep): like ctl_expiry, for a key: lives `keep` ms
 -- past its last use and past every arrival time in it; a new TTL only when half of it
 -- is used up. Adds "exp" to hset, returns the TTL to PEXPIRE or false.
-local function key_expiry(hset, exp, now, horizon, keep)
+key_expiry = function(hset, exp, now, horizon, keep)
   local base = math.max(now, horizon)
   if exp and exp >= base + keep / 2 then return false end
   hset[#hset + 1] = 'exp'
   hset[#hset + 1] = string.format('%.0f', base + keep)
   return math.ceil(base + keep - now)
+end
+
 end

@@ -195,11 +195,12 @@ end
 
 -- The key's own budgets (_lib/keys.lua), checked like the limit's: all or nothing.
 local kweight, kcap, kkeep, knwin, kwin, kstate, kin = 1, 0, 0, 0, nil, nil, 0
-local kfields, new_ktats, khorizon = {'vf', 'exp'}, {}, now
+local kfields, new_ktats, khorizon = nil, nil, now
 local kwait, kreason = 0, ''
 if keyed then
   local _
   _, kweight, kcap, kkeep, knwin, kwin = key_consts(ARGV[7 + nwin])
+  kfields, new_ktats = {'vf', 'exp'}, {}
   for i = 1, knwin do kfields[2 + i] = ARGV[7 + nwin + i] end
   kstate = redis.call('HMGET', KEYS[8], unpack(kfields))
   if kcap > 0 then
@@ -233,7 +234,8 @@ end
 
 -- key_write(kset, horizon, keep): write the key's ctl (a new key also gets its name) and
 -- refresh its TTL when due.
-local function key_write(kset, horizon, keep)
+local key_write = nil
+if keyed then key_write = function(kset, horizon, keep)
   local exp = tonumber(kstate[2])
   if not exp then
     kset[#kset + 1] = 'name'
@@ -242,7 +244,7 @@ local function key_write(kset, horizon, keep)
   local refresh = key_expiry(kset, exp, now, horizon, keep)
   if #kset > 0 then redis.call('HSET', KEYS[8], unpack(kset)) end
   if refresh then redis.call('PEXPIRE', KEYS[8], refresh) end
-end
+end end
 
 -- The line: callers refused before wait in order of age; nobody passes an older ticket.
 -- line_until says when the last ticket expires at the latest: before it, nobody waits.
