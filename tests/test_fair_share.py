@@ -150,3 +150,49 @@ def test_lease_key_hash_reads_the_key_of_a_ticket() -> None:
         "0123456789abcdef"
     )
     assert lease_key_hash("1700000000000000.1.0.abcd1234abcd1234abcd1234") == "_"
+
+
+def test_a_call_asking_again_with_a_new_ticket_keeps_its_place_in_its_key(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """A task that gave up waiting and was rescheduled asks with a new ticket: the place
+    its run kept (the ``fleet`` header carries it) puts it before its key's younger ones."""
+    import json
+
+    from celery_fleet.admission.run import Run, Throttling
+
+    fleet = make_fleet({LIMIT: {"max_in_flight": 1, "weights": {}}})
+    adm = fleet.admission
+    holder = fleet.try_acquire(LIMIT, key="h")
+    assert holder
+    run = Run()
+    first = adm.new_ticket(LIMIT, "a")
+    refused = adm.try_acquire(LIMIT, 0, first, adm.order_of(LIMIT, run), join=True)
+    adm.remember_place(LIMIT, run, refused)
+    assert not refused and run.places == {LIMIT: refused.place}
+    younger = [_join(fleet, "a") for _ in range(3)]
+    others = [_join(fleet, "b") for _ in range(3)]
+    assert adm.leave(LIMIT, first)  # gives up: the task reschedules
+    header = json.loads(json.dumps(Throttling(places=dict(run.places)).as_header()))
+    again = Run(places=Throttling.from_header(header).places)
+    ticket = adm.new_ticket(LIMIT, "a")
+    back = adm.try_acquire(LIMIT, 0, ticket, adm.order_of(LIMIT, again), join=True)
+    adm.remember_place(LIMIT, again, back)
+    assert not back and back.place == refused.place
+    newer = _join(fleet, "a")  # the key's next call still goes after all of its others
+    order = [t for t, _ in fleet.line(LIMIT)]
+    mine = [ticket, *younger, newer]
+    assert [t for t in order if t in mine] == mine, order
+    # its key did not move on for it: the others keep their turns
+    assert order.index(others[0]) <= 1
+    # admitted: the run's next call is a new one, with no place kept
+    fleet.release(holder)
+    for t in order:
+        d = adm.try_acquire(LIMIT, 0, t, join=True)
+        if t == ticket:
+            adm.remember_place(LIMIT, again, d)
+            assert d and again.places == {}
+            fleet.release(d)
+            break
+        assert d
+        fleet.release(d)

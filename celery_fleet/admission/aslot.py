@@ -111,12 +111,14 @@ class AsyncSlot:
         while True:
             s.attempts += 1
             asked_at = s.clock.monotonic()
-            steps = s.admission.acquire_steps(cfg, s.tokens, ticket, s.run.since_ms, join)
+            order = s.admission.order_of(s.limit, s.run)
+            steps = s.admission.acquire_steps(cfg, s.tokens, ticket, order, join)
             self._asking = True
             was_in_line, s.in_line = s.in_line, join
             with s.admission.store.deadline(s.remaining_s(start)):
                 decision = await adrive(steps, self.store)
             self._asking = False
+            s.admission.remember_place(s.limit, s.run, decision)
             ticket = s.ticket = s.fresh_ticket(ticket, was_in_line)  # new if it met an outage
             if not s.run.since_ms:
                 s.run.since_ms = int(decision.at_ms)

@@ -73,8 +73,9 @@ from .decision import (
     release_args,
 )
 from .keyed import KeyedCommands
-from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
+from .line import LANE_SPAN, REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
+from .run import Run
 
 log = logging.getLogger("celery_fleet")
 
@@ -89,6 +90,8 @@ __all__ = ["Admission", "Decision", "LimitKeys", "Release", "REFRESH_S", "WAKE_G
 
 #: Leases settled and not yet released that one Admission remembers (to drop their record).
 SETTLED_MEMORY = 100_000
+#: A kept fair-share place travels in acquire's order argument as 1 + tag * PLACE_SCALE.
+PLACE_SCALE = 1024
 #: The lowest rate factor a provider's headers may impose (its limit / the declared one).
 MIN_PROVIDER_FACTOR = 0.05
 
@@ -228,6 +231,27 @@ class Admission:
             return new_lease_id()
         return self.keyed.ticket(self.limit(name), key)
 
+    def order_of(self, name: str, run: Run) -> int:
+        """The ``since_ms`` an ask of ``run`` sends for ``name``: the run's age in line or,
+        on a limit with keys, the place its last refused ticket held (so a new ticket, a
+        reschedule's, keeps it; see :meth:`remember_place`)."""
+        if name not in self._keyed:
+            return run.since_ms
+        place = run.places.get(name)
+        if place is None:
+            return 0
+        order = int(place * PLACE_SCALE) + 1
+        return order if order < LANE_SPAN else 0
+
+    def remember_place(self, name: str, run: Run, decision: Decision) -> None:
+        """After an ask of ``run`` on a limit with keys: keep the place a refused ticket
+        holds, forget it once admitted (the run's next call is a new one)."""
+        if name in self._keyed:
+            if decision.allowed:
+                run.places.pop(name, None)
+            elif decision.place:
+                run.places[name] = decision.place
+
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
     ) -> Decision:
@@ -363,6 +387,7 @@ class Admission:
             False,
             int(r.ahead),
             int(r.line),
+            float(r.probe) if r.probe else 0.0,  # a refusal's: its place (keys)
         )
 
     def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:

@@ -63,7 +63,9 @@ class Decision:
     e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this one when
     admitted); ``at_ms`` is the Redis clock at the decision; ``probe`` marks the one call a
     half-open breaker lets through; ``ahead`` is how many tickets stand before the caller
-    and ``line`` how many wait in all.
+    and ``line`` how many wait in all. ``place``: on a limit with keys, the fair-share
+    place (virtual start tag) a refused ticket holds in line (0: none), for
+    :meth:`~celery_fleet.admission.core.Admission.order_of` to keep across tickets.
     """
 
     limit: str
@@ -77,6 +79,7 @@ class Decision:
     probe: bool = False
     ahead: int = 0
     line: int = 0
+    place: float = 0.0
 
     def __bool__(self) -> bool:
         return self.allowed

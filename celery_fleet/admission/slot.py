@@ -202,10 +202,12 @@ class Slot:
         asked_at = self.clock.monotonic()
         # The ask of entering, with the release riding ahead of it (resent with it after a
         # dropped connection): one round trip for both.
-        steps = self.admission.acquire_steps(cfg, tokens, ticket, self.run.since_ms, join, ahead)
+        order = self.admission.order_of(self.limit, self.run)
+        steps = self.admission.acquire_steps(cfg, tokens, ticket, order, join, ahead)
         try:
             with self.admission.store.deadline(self.remaining_s(asked_at)):
                 decision = drive(steps, self.admission.store)
+            self.admission.remember_place(self.limit, self.run, decision)
         except StoreUnavailable as exc:
             # Redis did not answer (both are owed to it now): the policy answers an ask
             # made afresh, with a new ticket (Redis may still run this one when it thaws).
@@ -236,9 +238,11 @@ class Slot:
             else:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
                 with self.admission.store.deadline(self.remaining_s(start)):
+                    order = self.admission.order_of(self.limit, self.run)
                     decision = self.admission.try_acquire(
-                        self.limit, self.tokens, ticket, self.run.since_ms, join
+                        self.limit, self.tokens, ticket, order, join
                     )
+                self.admission.remember_place(self.limit, self.run, decision)
                 ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
             if not self.run.since_ms:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line

@@ -279,6 +279,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return Run(
             max_wait_s=math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait,
             since_ms=past.since_ms,
+            places=dict(past.places),
             wait_after_call=self.fleet_wait_after_call,
             deadline=deadline,
         )

@@ -12,8 +12,8 @@
 --
 -- Fair share is start-time fair queueing over the line: a ticket's order key is
 -- lane * 2^42 + its start tag S = max(V, F_key), where V (the limit's ctl field "vt") is
--- the start tag of the last admitted ticket and F_key (the key's "vf") the finish tag of
--- the key's last ticket; F_key becomes S + 1 / weight. Tags count admissions, so a key
+-- the start tag of the last admitted ticket (1 at first: a tag is never 0) and F_key (the
+-- key's "vf") the finish tag of the key's last ticket; F_key becomes S + 1 / weight. Tags count admissions, so a key
 -- with weight 3 gets three turns for every one of a weight-1 key while both wait, a key
 -- that went idle comes back at V (it never hoards credit) and inside one key tickets keep
 -- the order they joined in.

@@ -44,7 +44,10 @@
 --            window T and tau
 -- ARGV[8+n..7+n+k] the key's window fields; ARGV[8+n+k] the key as written (its name)
 -- The line's order key is then lane * 2^42 + the ticket's virtual start tag (fair share)
--- instead of its first-asked ms, and the limit's ctl holds vt (the virtual time).
+-- instead of its first-asked ms, and the limit's ctl holds vt (the virtual time). ARGV[3]
+-- (order) then carries a place kept from an earlier ticket of the same call (a
+-- reschedule): 1 + its start tag * 1024, 0 for none; a refusal's 6th element is the
+-- ticket's start tag (text) when it holds (or keeps) a place, else 0.
 --
 -- Reply: {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
 --        {0, wait_ms, reason, in_flight, now, 0, ahead, line}     refused, nothing consumed
@@ -77,6 +80,7 @@ local now = now_us / 1000
 local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
+local kept = since  -- a keyed limit: 1 + a kept start tag * 1024 (0: none)
 local join = ARGV[4] == '1' or ARGV[4] == '3'
 if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
   -- Its lease is "<µs>.<n>.<tokens>.<id>": the id must be all that follows the record.
@@ -262,7 +266,14 @@ local score = lane * 4398046511104 + math.floor(since)
 local tag = 0
 if keyed then
   -- fair share: the order inside a lane is the ticket's virtual start tag, not its age
-  tag = key_tag(tonumber(ctl[I_VT]) or 0, tonumber(kstate[1]) or 0)
+  tag = key_tag(tonumber(ctl[I_VT]) or 1, tonumber(kstate[1]) or 0)
+  if kept > 0 and (kept - 1) / 1024 < tag then
+    -- the same call asks again with a new ticket (a reschedule): its old place, and its
+    -- key's next ticket does not move on for it (it already did when the place was taken)
+    tag = (kept - 1) / 1024
+  else
+    kept = 0
+  end
   score = lane * 4398046511104 + tag
 end
 if nline > 0 then
@@ -285,6 +296,9 @@ local function wake_first(count)
 end
 
 if mine and keyed then tag = tonumber(mine) - lane * 4398046511104 end
+-- the place a refused keyed ticket holds, for the caller to keep (0: none)
+local place = 0
+if keyed and (mine or kept > 0) then place = string.format('%.17g', tag) end
 
 if kwait > 0 and reason ~= 'circuit_open' then
   -- Refused by its key's own budget (nothing consumed): it holds no place in the limit's
@@ -295,7 +309,7 @@ if kwait > 0 and reason ~= 'circuit_open' then
     nline = nline - 1
     if wait == 0 then wake_first(math.min(slack, nline)) end
   end
-  return {0, math.ceil(math.min(kwait, MAX_WAIT_MS)), kreason, in_flight, now_us, 0, 0, nline}
+  return {0, math.ceil(math.min(kwait, MAX_WAIT_MS)), kreason, in_flight, now_us, place, 0, nline}
 end
 
 if reason ~= 'circuit_open' then
@@ -319,7 +333,8 @@ if wait > 0 then
     if keyed then
       -- its key's next ticket starts after this one; the key lives while it waits
       local kset = {}
-      if not mine then kset = {'vf', string.format('%.17g', tag + 1 / kweight)} end
+      if not mine and kept == 0 then kset = {'vf', string.format('%.17g', tag + 1 / kweight)} end
+      place = string.format('%.17g', tag)
       key_write(kset, now, math.max(kkeep, ticket_ttl + 1000))
     end
     redis.call('ZADD', KEYS[5], now + ticket_ttl, id)
@@ -335,7 +350,7 @@ if wait > 0 then
     end
   end
   -- Capped so the integer reply can never overflow, whatever a stored value says.
-  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, 0, ahead, nline}
+  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, place, ahead, nline}
 end
 
 local hset = {}
@@ -345,7 +360,7 @@ for i = 1, nwin do
 end
 if keyed then
   -- the virtual time moves to the start tag of the ticket admitted (never back)
-  local vt = tonumber(ctl[I_VT]) or 0
+  local vt = tonumber(ctl[I_VT]) or 1
   if tag > vt then vt = tag end
   hset[#hset + 1] = 'vt'
   hset[#hset + 1] = string.format('%.17g', vt)
@@ -374,7 +389,7 @@ if keyed then
     kset[#kset + 1] = kfields[2 + i]
     kset[#kset + 1] = new_ktats[i]
   end
-  if not mine then
+  if not mine and kept == 0 then
     kset[#kset + 1] = 'vf'
     kset[#kset + 1] = string.format('%.17g', tag + 1 / kweight)
   end
