@@ -4,6 +4,7 @@ key fails at publish. Tasks are in tenants_app.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -47,3 +48,33 @@ def test_a_bad_key_fails_at_publish(tenants: Any) -> None:
         tenants.per_tenant.delay("two\nlines", "x", 0.0)
     with pytest.raises(ConfigError, match="key"):
         tenants.per_tenant.delay("x" * 300, "x", 0.0)
+
+
+def test_a_rescheduled_task_keeps_its_key_and_its_place(tenants: Any) -> None:
+    """R (tenant a) waits in line briefly, gives up and is rescheduled; W (tenant a too)
+    joins the line after; R's copy asks again after W and still stands before it: its
+    fleet header kept its fair-share place."""
+    m, probe = tenants, tenants._probe
+    holder = m.fleet.try_acquire("line", key="h")
+    assert holder
+    r, w = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    try:
+        rescheduled = m.keyed_in_line.delay("a", r, 0.5)
+        wait_for(lambda: probe.llen(m.key(f"started:{r}")) == 2)  # its copy runs
+        later = m.keyed_in_line.delay("a", w, 60.0)
+        wait_for(lambda: len(m.fleet.line("line")) == 1)
+        probe.rpush(m.key(f"go:{r}"), 1)
+        wait_for(lambda: len(m.fleet.line("line")) == 2)
+        line = [ticket for ticket, _ in m.fleet.line("line")]
+    finally:
+        m.fleet.release(holder)
+    r_out, w_out = rescheduled.get(timeout=60), later.get(timeout=60)
+    assert r_out["reschedules"] == 1 and r_out["places"], r_out
+    assert r_out["admitted_ms"] < w_out["admitted_ms"], (r_out, w_out, line)
+
+
+def wait_for(check: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
