@@ -209,7 +209,7 @@ def jain(shares: list[float]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--url", default="redis://127.0.0.1:6379")
+    parser.add_argument("--url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--one-off", type=int, default=10_000)
     parser.add_argument("--fair-seconds", type=float, default=9.0)

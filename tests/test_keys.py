@@ -182,3 +182,22 @@ def test_status_shows_the_busiest_keys_in_one_read(make_fleet: Callable[..., Fle
     assert status.as_dict()["keys"][0] == {"key": "acme", "in_flight": 2, "waiting": 1}
     for d in held:
         fleet.release(d)
+
+
+def test_aslot_and_atry_acquire_take_a_key(
+    make_fleet: Callable[..., Fleet], rclient: redis.Redis, namespace: str
+) -> None:
+    import asyncio
+
+    fleet = make_fleet({LIMIT: {"max_in_flight": 5, "keys": {"max_in_flight": 1}}})
+    kleases = f"{{{namespace}:{LIMIT}}}:k:{key_hash('acme')}:leases"
+
+    async def main() -> None:
+        async with fleet.aslot(LIMIT, key="acme") as slot:
+            assert slot.key == "acme" and rclient.zcard(kleases) == 1
+            refused = await fleet.atry_acquire(LIMIT, key="acme")
+            assert not refused and refused.reason == "key_in_flight"
+        assert rclient.zcard(kleases) == 0
+        await fleet.aclose()
+
+    asyncio.run(main())

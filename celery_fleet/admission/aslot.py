@@ -274,7 +274,7 @@ class AsyncSlot:
 _STATE = frozenset(
     {
         *("lease_id", "tokens", "waited_s", "attempts", "ahead", "reason", "lost"),
-        *("decision", "run", "verdict"),
+        *("decision", "run", "verdict", "key"),
     }
 )
 
