@@ -75,10 +75,14 @@ def _evalsha(client: redis.Redis) -> tuple[int, int]:
     return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
-def cost(url: str, samples: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+def cost(
+    url: str, samples: int, only: list[str] | None = None
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     fleets = {name: _fleet(url, spec) for name, spec in SETUPS.items()}
     fleets["one-off"] = _fleet(url, SETUPS["keyed"], lease=1)
-    runs: dict[str, list[int]] = {name: [] for name, f in fleets.items() if f is not None}
+    runs: dict[str, list[int]] = {
+        name: [] for name, f in fleets.items() if f is not None and name in (only or fleets)
+    }
     keyed = {"keyed": "acme", "weights": "a"}
     client = redis.Redis.from_url(url)
     calls: dict[str, float] = {}
@@ -215,10 +219,12 @@ def main() -> int:
     parser.add_argument("--fair-seconds", type=float, default=9.0)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--cost-only", action="store_true", help="only the cost table")
+    parser.add_argument("--only", help="comma-separated setups of the cost table (default all)")
     parser.add_argument("--before", help="a checkout of the code before keys (A/B of acquire)")
     args = parser.parse_args()
     url = on_db(args.url, DB)
-    medians, calls, server = cost(url, args.samples)
+    only = args.only.split(",") if args.only else None
+    medians, calls, server = cost(url, args.samples, only)
     lines = ["```text", "setup      µs/cycle (median)  EVALSHA/cycle  Redis µs/cycle  vs plain"]
     for name, us in medians.items():
         lines.append(
