@@ -161,7 +161,9 @@ class AcquireReply(NamedTuple):
     detail: Any  #: bytes (str on a client that decodes replies)
     in_flight: int
     now_us: int
-    probe: int
+    #: admitted: 1 for a half-open breaker's probe; refused, on a limit with keys: the
+    #: ticket's fair-share place (its start tag, text) when it holds one, else 0
+    probe: Any
     ahead: int
     line: int
 
