@@ -206,9 +206,10 @@ class Admission:
 
         ``key`` (a limit with keys only, see :mod:`~celery_fleet.admission.tenancy`): the
         caller's key (tenant); its own budgets are checked in the same call and waiting
-        callers are served fairly between keys. There ``since_ms`` is not an age but the place a
-        caller's earlier ticket held (:meth:`order_of`; 0: none). A lease id of the caller's own gets the
-        key's mark appended (``-k<hash>``): use the decision's ``lease_id`` from then on.
+        callers are served fairly between keys. There ``since_ms`` is not an age but the
+        place a caller's earlier ticket held (:meth:`order_of`; 0: none). A lease id of the
+        caller's own gets the key's mark appended (``-k<hash>``): use the decision's
+        ``lease_id`` from then on.
 
         ``lease_id`` names the lease to create (default: a new random one); it is also the
         caller's ticket. ``since_ms`` is the caller's age in line (Redis-clock ms of its
