@@ -87,7 +87,7 @@ def _shares(
         started.wait()
         while not stop.is_set():
             try:
-                with fleet.slot(LIMIT, key=key, max_wait=30):
+                with fleet.slot(LIMIT, key=key or None, max_wait=30):
                     if counting.is_set():
                         with lock:
                             admitted[key] += 1
@@ -196,3 +196,19 @@ def test_a_call_asking_again_with_a_new_ticket_keeps_its_place_in_its_key(
             break
         assert d
         fleet.release(d)
+
+
+def test_a_key_at_its_own_cap_leaves_the_rest_to_the_others(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """Every key may hold 1 of the limit's 4 slots: the waiting callers of key "capped"
+    do not block the line, and the callers without a key (the default key has no
+    sub-limit) get the other 3 (about three admissions for each of "capped")."""
+    fleet = make_fleet(
+        {LIMIT: {"max_in_flight": 4, "keys": {"max_in_flight": 1}, "weights": {}, "lease": 30}}
+    )
+    admitted = _shares(fleet, {"capped": 20, "": 20}, 0.03, {}, 6.0)
+    ratio = admitted[""] / max(1, admitted["capped"])
+    assert 2.4 <= ratio <= 3.6, admitted
+    # work-conserving: the 4 slots stay busy (30 ms holds: ~133 a second at most)
+    assert sum(admitted.values()) > 0.5 * 4 * 4 / 0.03, admitted
