@@ -13,8 +13,9 @@
    Python per ask): the plain limit's admission must cost the same.
 2. **Keys left**: the one-off keys' Redis state after their TTL (target: none).
 3. **Fair share**: threads of three keys with 300, 30 and 3 callers behind one in-flight
-   cap (20 ms holds): admitted share per key and Jain's index over normalized shares
-   (target >= 0.99), with keys (``"weights": {}``) and without (FIFO by age, the baseline).
+   cap (20 ms holds), spread over ``--procs`` processes (default 3): admitted share per
+   key and Jain's index over normalized shares (target >= 0.99), with keys
+   (``"weights": {}``) and without (FIFO by age, the baseline).
 
 Usage::
 
@@ -25,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -141,10 +143,15 @@ def ab_acquire(url: str, before: str, rounds: int = 80, n: int = 400) -> list[st
             per[name].append((time.perf_counter() - t0) / n * 1e6)
             client.delete(lk.leases, lk.ctl)
     client.close()
+    # paired: each round's after / before (the two ran back to back), robust to load drift
+    ratios = [a / b for a, b in zip(per["after"], per["before"], strict=True)]
     return [
-        f"acquire.lua {name:<6} (no keys, pipelined): median {statistics.median(v):.2f} "
-        f"µs/ask, best {min(v):.2f}"
-        for name, v in per.items()
+        *(
+            f"acquire.lua {name:<6} (no keys, pipelined): median {statistics.median(v):.2f} "
+            f"µs/ask, best {min(v):.2f}"
+            for name, v in per.items()
+        ),
+        f"acquire.lua after/before, paired by round: median {statistics.median(ratios):.3f}",
     ]
 
 
@@ -167,14 +174,15 @@ def keys_left(url: str, n: int) -> tuple[int, float]:
     return left, time.monotonic() - start
 
 
-def fair(url: str, keyed: bool, seconds: float) -> Counter[str]:
-    spec: dict[str, Any] = {"max_in_flight": 6, "lease": 30}
-    if keyed:
-        spec["weights"] = {}
-    f = _fleet(url, spec)
-    if f is None:
-        return Counter()
-    callers = {"big": 300, "mid": 30, "small": 3}
+CALLERS = {"big": 300, "mid": 30, "small": 3}
+
+
+def _fair_process(
+    url: str, namespace: str, spec: dict[str, Any], callers: dict[str, int], keyed: bool,
+    seconds: float, barrier: Any, out: Any,
+) -> None:  # fmt: skip
+    """One process of the fair-share run: its threads of each key, counted in the window."""
+    f = Fleet(limits={LIMIT: spec}, redis_url=url, namespace=namespace)
     stop, counting = threading.Event(), threading.Event()
     admitted: Counter[str] = Counter()
     lock = threading.Lock()
@@ -195,6 +203,7 @@ def fair(url: str, keyed: bool, seconds: float) -> Counter[str]:
         for k, n in callers.items()
         for _ in range(n)
     ]
+    barrier.wait()
     for t in threads:
         t.start()
     time.sleep(seconds / 3)
@@ -204,6 +213,37 @@ def fair(url: str, keyed: bool, seconds: float) -> Counter[str]:
     stop.set()
     for t in threads:
         t.join(timeout=60)
+    out.put(dict(admitted))
+
+
+def fair(url: str, keyed: bool, seconds: float, procs: int = 3) -> Counter[str]:
+    """Threads of 300, 30 and 3 callers of three keys, spread over ``procs`` processes."""
+    spec: dict[str, Any] = {"max_in_flight": 6, "lease": 30}
+    if keyed:
+        spec["weights"] = {}
+    if _fleet(url, spec) is None:
+        return Counter()
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    shares = [
+        {k: n // procs + (1 if i < n % procs else 0) for k, n in CALLERS.items()}
+        for i in range(procs)
+    ]
+    workers = [
+        ctx.Process(
+            target=_fair_process,
+            args=(url, namespace, spec, part, keyed, seconds, barrier, out),
+        )
+        for part in shares
+    ]
+    for w in workers:
+        w.start()
+    admitted: Counter[str] = Counter()
+    for _ in workers:
+        admitted.update(out.get(timeout=seconds + 120))
+    for w in workers:
+        w.join(timeout=60)
     return admitted
 
 
@@ -217,6 +257,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--one-off", type=int, default=10_000)
     parser.add_argument("--fair-seconds", type=float, default=9.0)
+    parser.add_argument("--procs", type=int, default=3, help="processes of the fair-share run")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--cost-only", action="store_true", help="only the cost table")
     parser.add_argument("--only", help="comma-separated setups of the cost table (default all)")
@@ -240,7 +281,7 @@ def main() -> int:
     if left >= 0:
         lines.append(f"{args.one_off} one-off keys: {left} Redis keys left {waited:.1f} s later")
     for keyed in (False, True):
-        admitted = fair(url, keyed, args.fair_seconds)
+        admitted = fair(url, keyed, args.fair_seconds, args.procs)
         if not admitted:
             continue
         total = sum(admitted.values())
