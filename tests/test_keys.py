@@ -201,3 +201,25 @@ def test_aslot_and_atry_acquire_take_a_key(
         await fleet.aclose()
 
     asyncio.run(main())
+
+
+def test_keys_forgotten_by_the_process_lru_still_release_and_ask_again(
+    make_fleet: Callable[..., Fleet],
+    rclient: redis.Redis,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery_fleet.admission import keyed
+
+    monkeypatch.setattr(keyed, "PACKS_KEPT", 1)
+    monkeypatch.setattr(keyed, "NAMES_KEPT", 1)
+    fleet = make_fleet({LIMIT: {"max_in_flight": 5, "keys": {"max_in_flight": 1}}})
+    a = fleet.try_acquire(LIMIT, key="acme")
+    b = fleet.try_acquire(LIMIT, key="globex")  # "acme" is forgotten by this process now
+    assert a and b
+    fleet.release(a)  # found from the lease alone
+    assert rclient.zcard(f"{{{namespace}:{LIMIT}}}:k:{key_hash('acme')}:leases") == 0
+    again = fleet.try_acquire(LIMIT, key="acme")
+    assert again
+    for d in (b, again):
+        fleet.release(d)

@@ -112,6 +112,8 @@ class AsyncSlot:
             s.attempts += 1
             asked_at = s.clock.monotonic()
             order = s.admission.order_of(s.limit, s.run)
+            if s.key is not None:  # its name stays known to this process (keyed.py's LRU)
+                s.admission.keyed.hash_of(cfg, s.key)
             steps = s.admission.acquire_steps(cfg, s.tokens, ticket, order, join)
             self._asking = True
             was_in_line, s.in_line = s.in_line, join

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ConfigError, FleetError
 from ..store.combiner import Packed
@@ -93,13 +94,16 @@ class KeyedCommands:
         if names.get(hashed) != key:
             names[hashed] = key
             if len(names) > NAMES_KEPT:
-                names.popitem(last=False)
+                _drop_oldest(names)
         return hashed
 
     def _packed(self, name: str, hashed: str) -> tuple[Packed, Packed | None]:
         found = self._packs.get((name, hashed))
         if found is not None:
-            self._packs.move_to_end((name, hashed))
+            try:
+                self._packs.move_to_end((name, hashed))
+            except KeyError:  # another thread dropped it meanwhile: it is still good
+                pass
             return found
         cfg = self.limits[name]
         if hashed == DEFAULT_HASH:
@@ -121,7 +125,7 @@ class KeyedCommands:
             release = self.store.packed(RELEASE.name, keys, 5, self.release_tails[name])
         self._packs[(name, hashed)] = (acquire, release)
         if len(self._packs) > PACKS_KEPT:
-            self._packs.popitem(last=False)
+            _drop_oldest(self._packs)
         return acquire, release
 
     def acquire(self, name: str, lease_id: str) -> Packed:
@@ -149,3 +153,12 @@ class KeyedCommands:
         if hashed == DEFAULT_HASH or self.limits[name].keys is None:
             return None
         return key_redis_keys(self.namespace, name, hashed)
+
+
+def _drop_oldest(lru: OrderedDict[Any, Any]) -> None:
+    """Forget the least recently used entry (threads share the LRU: one may have emptied
+    it meanwhile; an entry forgotten twice is rebuilt on its next use)."""
+    try:
+        lru.popitem(last=False)
+    except KeyError:
+        pass

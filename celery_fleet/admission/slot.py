@@ -239,8 +239,9 @@ class Slot:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
                 with self.admission.store.deadline(self.remaining_s(start)):
                     order = self.admission.order_of(self.limit, self.run)
+                    # the key again: its name stays known to this process (keyed.py's LRU)
                     decision = self.admission.try_acquire(
-                        self.limit, self.tokens, ticket, order, join
+                        self.limit, self.tokens, ticket, order, join, key=self.key
                     )
                 self.admission.remember_place(self.limit, self.run, decision)
                 ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
