@@ -11,7 +11,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo docs docs-serve lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead clean
+.PHONY: venv test test-fast demo docs docs-serve lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead bench-tenants clean
 
 venv: $(STAMP)
 
@@ -117,6 +117,10 @@ bench-lanes: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/lanes.py $(LANES_ARGS)
 
 ## What a decision costs: Redis commands and µs, the pipelined ceiling, 16x16 threads,
+## Keys (tenants): a key's cost per admission, one-off keys left, fair share (appends to RESULTS.md).
+bench-tenants: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/tenants.py
+
 ## slot() vs try_acquire, a no-op @fleet_task vs a plain task (private Redis, DB 15).
 OVERHEAD_ARGS ?=
 bench-overhead: $(STAMP)

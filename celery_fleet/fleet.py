@@ -213,6 +213,7 @@ class Fleet(AsyncMethods):
         jitter: float | None = None,
         *,
         lane: str | None = None,
+        key: str | None = None,
     ) -> Slot:
         """A context manager holding one admission to limit ``name``.
 
@@ -234,6 +235,9 @@ class Fleet(AsyncMethods):
         ``lane`` names one of the limit's priority lanes (default: its lowest; see
         :mod:`~celery_fleet.admission.lanes`): a lane is served before the lanes below it
         and may use the part of every budget they may not.
+        ``key`` (a limit with ``"keys"`` or ``"weights"``): the caller's key, e.g. a
+        tenant id: its own sub-limit is checked in the same round trip, and waiting
+        callers are served fairly between keys (docs/limits.md, "Keys (tenants)").
         Arguments are validated here, before any Redis call.
 
         Example::
@@ -244,6 +248,10 @@ class Fleet(AsyncMethods):
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
         run = current_run.get()
+        if key is None and run is not None and run.key is not None and cfg.keyed:
+            key = run.key  # a keyed task's slots (@fleet_task(key=...))
+        if key is not None:
+            self.admission.keyed.hash_of(cfg, key)  # a bad key fails here
         if max_wait is None and run is not None:
             max_wait = run.slot_max_wait(self.clock.monotonic())
         wait_s = self.max_wait_s if max_wait is None else check_max_wait(max_wait)
@@ -261,6 +269,7 @@ class Fleet(AsyncMethods):
             run=run if run is not None else Run(),
             jitter_s=jitter_s,
             lane=lane,
+            key=key,
         )
 
     def guarded(
@@ -364,11 +373,13 @@ class Fleet(AsyncMethods):
         """Who waits for limit ``name``, oldest first: ``(ticket, first-asked ms)`` pairs."""
         return self.admission.line(name)
 
-    def try_acquire(self, name: str, tokens: int = 0, *, lane: str | None = None) -> Decision:
+    def try_acquire(
+        self, name: str, tokens: int = 0, *, key: str | None = None, lane: str | None = None
+    ) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
         :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL).
-        ``lane``: as in :meth:`slot`."""
-        return self.admission.try_acquire(name, tokens, lane=lane)
+        ``key`` and ``lane``: as in :meth:`slot`."""
+        return self.admission.try_acquire(name, tokens, key=key, lane=lane)
 
     def release(self, decision: Decision, outcome: str = "ok") -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call

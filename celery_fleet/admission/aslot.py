@@ -111,12 +111,16 @@ class AsyncSlot:
         while True:
             s.attempts += 1
             asked_at = s.clock.monotonic()
-            steps = s.admission.acquire_steps(cfg, s.tokens, ticket, s.run.since_ms, join)
+            order = s.admission.order_of(s.limit, s.run)
+            if s.key is not None:  # its name stays known to this process (keyed.py's LRU)
+                s.admission.keyed.hash_of(cfg, s.key)
+            steps = s.admission.acquire_steps(cfg, s.tokens, ticket, order, join)
             self._asking = True
             was_in_line, s.in_line = s.in_line, join
             with s.admission.store.deadline(s.remaining_s(start)):
                 decision = await adrive(steps, self.store)
             self._asking = False
+            s.admission.remember_place(s.limit, s.run, decision)
             ticket = s.ticket = s.fresh_ticket(ticket, was_in_line)  # new if it met an outage
             if not s.run.since_ms:
                 s.run.since_ms = int(decision.at_ms)
@@ -272,7 +276,7 @@ class AsyncSlot:
 _STATE = frozenset(
     {
         *("lease_id", "tokens", "waited_s", "attempts", "ahead", "reason", "lost"),
-        *("decision", "run", "verdict"),
+        *("decision", "run", "verdict", "key"),
     }
 )
 
@@ -300,7 +304,7 @@ class AsyncMethods:
 
         def slot(self, name: str, tokens: int = 0, max_wait: float | None = None,
                  validate: Any = None, jitter: float | None = None, *,
-                 lane: str | None = None) -> Slot: ...  # fmt: skip
+                 lane: str | None = None, key: str | None = None) -> Slot: ...  # fmt: skip
 
     @property
     def astore(self) -> AsyncStore:
@@ -318,12 +322,19 @@ class AsyncMethods:
         jitter: float | None = None,
         *,
         lane: str | None = None,
+        key: str | None = None,
     ) -> AsyncSlot:
         """``async with fleet.aslot(name, tokens=...) as slot:``: :meth:`Fleet.slot` for
         coroutines, with the same arguments and semantics; waits never block the loop.
         Arguments are validated here, before any Redis call."""
         slot = self.slot(
-            name, tokens=tokens, max_wait=max_wait, validate=validate, jitter=jitter, lane=lane
+            name,
+            tokens=tokens,
+            max_wait=max_wait,
+            validate=validate,
+            jitter=jitter,
+            lane=lane,
+            key=key,
         )
         return AsyncSlot(slot, self.astore)
 
@@ -334,12 +345,13 @@ class AsyncMethods:
             await self._astore.aclose()
 
     async def atry_acquire(
-        self, name: str, tokens: int = 0, *, lane: str | None = None
+        self, name: str, tokens: int = 0, *, key: str | None = None, lane: str | None = None
     ) -> Decision:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
-        steps = self.admission.acquire_steps(cfg, tokens, self.admission.ticket(name, lane))
+        ticket = self.admission.new_ticket(name, key, lane)
+        steps = self.admission.acquire_steps(cfg, tokens, ticket)
         return await adrive(steps, self.astore)
 
     async def arelease(self, decision: Decision, outcome: str = "ok") -> Any:

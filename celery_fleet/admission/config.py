@@ -34,6 +34,7 @@ from ..checks import (
 )
 from ..errors import ConfigError
 from .lanes import Lanes, parse_lanes
+from .tenancy import KeysConfig, WeightsConfig, parse_weights
 
 __all__ = [
     "Window",
@@ -87,6 +88,8 @@ _KNOWN_KEYS = (
             "breaker",
             "validate",
             "lanes",
+            "keys",
+            "weights",
         }
     )
     | ADAPTIVE_KEYS
@@ -171,6 +174,14 @@ class LimitConfig:
     validate: Callable[[Any], object] | None = None
     #: priority lanes (None: one line, every caller alike); see admission/lanes.py
     lanes: Lanes | None = None
+    #: every key's own sub-limit (``"keys"``) and fair-share weights (``"weights"``)
+    keys: KeysConfig | None = None
+    weights: WeightsConfig | None = None
+
+    @property
+    def keyed(self) -> bool:
+        """Whether callers are admitted by key (sub-limits, fair share): see tenancy.py."""
+        return self.keys is not None or self.weights is not None
 
     @property
     def token_windows(self) -> tuple[Window, ...]:
@@ -294,7 +305,24 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         breaker=parse_breaker(spec.get("breaker"), f"{setting}['breaker']"),
         validate=parse_validate(spec.get("validate"), f"{setting}['validate']"),
         lanes=parse_lanes(spec.get("lanes"), name, f"{setting}['lanes']"),
+        keys=_parse_keys(name, spec.get("keys"), f"{setting}['keys']"),
+        weights=parse_weights(spec.get("weights"), f"{setting}['weights']"),
     )
+
+
+#: What a key's sub-limit may set: windows and a cap, in the limit's own format.
+_KEY_OPTIONS = frozenset({"rpm", "tpm", "rate", "requests", "tokens", "max_in_flight", "burst"})
+
+
+def _parse_keys(name: str, value: object, setting: str) -> KeysConfig | None:
+    """``"keys": {"rpm": 200, "max_in_flight": 4}``: every key's own budgets."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{setting} must be a dict of options, got {value!r}")
+    reject_unknown(value, _KEY_OPTIONS, setting)
+    sub = parse_limit(name, value, setting)
+    return KeysConfig(sub.windows, sub.max_in_flight)
 
 
 def _dimension(

@@ -68,12 +68,15 @@ from .decision import (
     _reason,
     acquire_args,
     clamp_wait_ms,
+    key_token_args,
     new_lease_id,
     release_args,
 )
+from .keyed import KeyedCommands
 from .lanes import Lanes, check_lane
-from .line import REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
+from .line import LANE_SPAN, REFRESH_S, TICKET_TTL_MS, WAKE_GRACE_MS, ages, check_since
 from .providers import LONG_WAIT_MS, Observation
+from .run import Run
 from .runtime import RuntimeLimits
 
 log = logging.getLogger("celery_fleet")
@@ -89,6 +92,8 @@ __all__ = ["Admission", "Decision", "LimitKeys", "Release", "REFRESH_S", "WAKE_G
 
 #: Leases settled and not yet released that one Admission remembers (to drop their record).
 SETTLED_MEMORY = 100_000
+#: A kept fair-share place travels in acquire's order argument as 1 + tag * PLACE_SCALE.
+PLACE_SCALE = 1024
 #: The lowest rate factor a provider's headers may impose (its limit / the declared one).
 MIN_PROVIDER_FACTOR = 0.05
 
@@ -147,6 +152,11 @@ class Admission:
         #: The limits changed at runtime (``fleet.set_limit``): stored in Redis, polled by
         #: one background thread per process, started by the first ask (runtime.py).
         self.runtime = RuntimeLimits(self)
+        #: Per-key packed commands of the limits with keys (keyed.py, tenancy.py).
+        self.keyed = KeyedCommands(
+            store, namespace, self.limits, self._keys, self._acquire_tail, self._release_tail
+        )
+        self._keyed = frozenset(name for name, cfg in self.limits.items() if cfg.keyed)
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
         #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
@@ -205,6 +215,7 @@ class Admission:
             raise ConfigError(f"reconfigure({name!r}) got the configuration of {cfg.name!r}")
         self._prepare(name, cfg)
         self.limits[name] = cfg
+        self.keyed.forget(name)  # its keys' commands carry the old constants
         for listener in list(self.reconfigured):
             try:
                 listener(name, cfg)
@@ -231,6 +242,7 @@ class Admission:
         since_ms: float = 0,
         join: bool = False,
         *,
+        key: str | None = None,
         lane: str | None = None,
     ) -> Decision:
         """Ask once, without waiting: admitted with a lease, or refused with ``wait_ms``.
@@ -242,12 +254,19 @@ class Admission:
         before it while it waits. With ``join`` a refused caller takes (or keeps) a
         ticket and should wait for its wake-up (:meth:`wait_turn`) or :meth:`leave`;
         without, it is told to wait but holds no place.
+
+        ``key`` (a limit with keys only, see :mod:`~celery_fleet.admission.tenancy`): the
+        caller's key (tenant); its own budgets are checked in the same call and waiting
+        callers are served fairly between keys. There ``since_ms`` is not an age but the
+        place a caller's earlier ticket held (:meth:`order_of`; 0: none). A lease id of the
+        caller's own gets the key's mark appended (``-k<hash>``, after a lane's marker):
+        use the decision's ``lease_id`` from then on.
         """
         cfg = self.limit(name)
         tokens = cfg.check_tokens(tokens)
         since = check_since(since_ms)
         if lease_id is None:
-            lease = self.ticket(name, lane)
+            lease = self.new_ticket(name, key, lane)
         else:
             lease = check_lease_id(lease_id)
             chosen = check_lane(cfg.lanes, name, lane)
@@ -256,13 +275,43 @@ class Admission:
                     f"lease_id {lease!r} is not a ticket of lane {lane!r} of limit {name!r}: "
                     f"make it with Admission.ticket({name!r}, {lane!r})"
                 )
+            lease = self.keyed.with_key(cfg, lease, key)
         return self._do_acquire(cfg, tokens, lease, since, join)
+
+    def new_ticket(self, name: str, key: str | None = None, lane: str | None = None) -> str:
+        """A new ticket (and lease id) for asking ``name``: in ``lane`` (None: the limit's
+        lowest, if it has lanes), marked with ``key`` if given (the lane's marker first,
+        the key's last); :class:`ConfigError` for a bad key or lane, or one the limit
+        does not have."""
+        cfg = self.limit(name)
+        chosen = check_lane(cfg.lanes, name, lane)
+        ticket = new_lease_id() + (chosen.marker if chosen is not None else "")
+        return self.keyed.with_key(cfg, ticket, key)
 
     def ticket(self, name: str, lane: str | None = None) -> str:
         """A new ticket (lease id) of limit ``name`` in ``lane`` (None: the limit's lowest
         lane); :class:`ConfigError` for a lane the limit does not have."""
-        chosen = check_lane(self.limit(name).lanes, name, lane)
-        return new_lease_id() + (chosen.marker if chosen is not None else "")
+        return self.new_ticket(name, lane=lane)
+    def order_of(self, name: str, run: Run) -> int:
+        """The ``since_ms`` an ask of ``run`` sends for ``name``: the run's age in line or,
+        on a limit with keys, the place its last refused ticket held (so a new ticket, a
+        reschedule's, keeps it; see :meth:`remember_place`)."""
+        if name not in self._keyed:
+            return run.since_ms
+        place = run.places.get(name)
+        if place is None:
+            return 0
+        order = int(place * PLACE_SCALE) + 1
+        return order if order < LANE_SPAN else 0
+
+    def remember_place(self, name: str, run: Run, decision: Decision) -> None:
+        """After an ask of ``run`` on a limit with keys: keep the place a refused ticket
+        holds, forget it once admitted (the run's next call is a new one)."""
+        if name in self._keyed:
+            if decision.allowed:
+                run.places.pop(name, None)
+            elif decision.place:
+                run.places[name] = decision.place
 
     def _do_acquire(
         self, cfg: LimitConfig, tokens: int, lease_id: str, since_ms: int = 0, join: bool = False
@@ -368,11 +417,14 @@ class Admission:
     def _pack_acquire(
         self, name: str, tokens: int, lease_id: str, since_ms: int, join_arg: bytes
     ) -> tuple[str, bytes]:
+        if name in self._keyed and join_arg != AcquireMode.LOOKUP:
+            # a look-up returns before the key's part: the limit's own command does
+            cmd = self.keyed.acquire(name, lease_id)
+        else:
+            cmd = self._acquire_cmd[name]
         lanes = self._lanes.get(name)
         lane = b"0" if lanes is None else lanes.of_ticket(lease_id).arg
-        packed = self._acquire_cmd[name].pack(
-            lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane
-        )
+        packed = cmd.pack(lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane)
         return (ACQUIRE.name, packed)
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
@@ -400,6 +452,7 @@ class Admission:
             False,
             int(r.ahead),
             int(r.line),
+            float(r.probe) if r.probe else 0.0,  # a refusal's: its place (keys)
         )
 
     def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
@@ -478,9 +531,10 @@ class Admission:
         if self._settled:
             settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
         now = b"1" if clock else b"0"
-        packed = self._release_cmd[name].pack(
-            lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now
-        )
+        cmd = self._release_cmd[name]
+        if name in self._keyed:
+            cmd = self.keyed.release(name, lease_id) or cmd
+        packed = cmd.pack(lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now)
         return (RELEASE.name, packed)
 
     def released(self, name: str, reply: list[Any]) -> Release:
@@ -587,7 +641,12 @@ class Admission:
             return down.settle(cfg, lease_id, actual)
         try:
             args = [lease_id, actual, reserved, len(cfg.token_windows), *self._token_args[name]]
-            known, delta, _now, held = SETTLE.read((yield SETTLE.call(SETTLE.keys_of(k), args)))
+            keys = SETTLE.keys_of(k)
+            state = self.keyed.state_keys(name, lease_id) if name in self._keyed else None
+            if state is not None and cfg.keys is not None and cfg.keys.windows:
+                keys.append(state[0])  # the key's own token windows move too
+                args += key_token_args(cfg.keys.windows)
+            known, delta, _now, held = SETTLE.read((yield SETTLE.call(keys, args)))
         except StoreUnavailable as exc:
             # Not charged: the provider counted the tokens, the fleet cannot now. The
             # budget is over-spent by the difference at most, once.
@@ -623,13 +682,26 @@ class Admission:
             return [], []
         cfg = self.limit(name)
         k = self._keys[name]
-        args = [
+        head = [
             int(cfg.lease_s * 1000),
             cfg.max_in_flight or 0,
             cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
-            *(x for lease_id, tokens in leases for x in (lease_id, tokens)),
         ]
-        return RENEW.read((yield RENEW.call(RENEW.keys_of(k), args)))
+        # One call per key with its own cap (its leases zset is renewed too), one for the rest.
+        groups: dict[str | None, list[tuple[str, int]]] = {}
+        for lease_id, tokens in leases:
+            state = self.keyed.state_keys(name, lease_id) if name in self._keyed else None
+            kleases = state[1] if state and cfg.keys and cfg.keys.max_in_flight else None
+            groups.setdefault(kleases, []).append((lease_id, tokens))
+        lost: list[str] = []
+        restored: list[str] = []
+        for kleases, group in groups.items():
+            keys = RENEW.keys_of(k) + ([kleases] if kleases else [])
+            args = [*head, *(x for lease_id, tokens in group for x in (lease_id, tokens))]
+            got_lost, got_restored = RENEW.read((yield RENEW.call(keys, args)))
+            lost += got_lost
+            restored += got_restored
+        return lost, restored
 
     def _remember_settled(self, lease_id: str) -> None:
         # Bounded: a lease forgotten here keeps its record until the sweep of expired leases

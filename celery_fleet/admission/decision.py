@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .config import LimitConfig
+from .config import TOKENS, LimitConfig, Window
 from .line import TICKET_TTL_MS, WAKE_GRACE_MS
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "clamp_wait_ms",
     "acquire_args",
     "release_args",
+    "key_token_args",
     "MAX_WAIT_MS",
 ]
 
@@ -62,7 +63,9 @@ class Decision:
     e.g. ``"tokens/60s"``. ``in_flight`` counts live leases (including this one when
     admitted); ``at_ms`` is the Redis clock at the decision; ``probe`` marks the one call a
     half-open breaker lets through; ``ahead`` is how many tickets stand before the caller
-    and ``line`` how many wait in all.
+    and ``line`` how many wait in all. ``place``: on a limit with keys, the fair-share
+    place (virtual start tag) a refused ticket holds in line (0: none), for
+    :meth:`~celery_fleet.admission.core.Admission.order_of` to keep across tickets.
     """
 
     limit: str
@@ -76,6 +79,7 @@ class Decision:
     probe: bool = False
     ahead: int = 0
     line: int = 0
+    place: float = 0.0
 
     def __bool__(self) -> bool:
         return self.allowed
@@ -117,6 +121,8 @@ def ticket_tag(ticket: str) -> str:
 
 
 def _reason(field: str) -> str:
+    if field[:4] == "key:":  # a key's own window: "key requests/60s"
+        return "key " + _reason(field[4:])
     if ":" not in field:
         return field
     kind, period = field.split(":", 1)
@@ -151,6 +157,16 @@ def acquire_args(cfg: LimitConfig) -> list[bytes]:
         *(x for w in cfg.windows for x in (w.emission_ms, w.tolerance_ms)),
     )
     return [constants, *(w.field.encode() for w in cfg.windows)]
+
+
+def key_token_args(windows: tuple[Window, ...]) -> list[object]:
+    """settle's arguments for a key's own token windows: their number, then per window
+    its field, T and how far ahead of now its arrival time may go (as for the limit)."""
+    token = [w for w in windows if w.dimension == TOKENS]
+    triples = (
+        (w.field, repr(w.emission_ms), repr(w.tolerance_ms + w.period_s * 1000.0)) for w in token
+    )
+    return [len(token), *(x for t in triples for x in t)]
 
 
 def release_args(cfg: LimitConfig) -> list[bytes]:

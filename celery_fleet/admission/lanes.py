@@ -110,7 +110,8 @@ class Lanes:
     def of_ticket(self, ticket: str) -> Lane:
         """The lane a ticket (or lease) id says it is in (:attr:`Lane.marker`); a ticket
         without a known marker is in :attr:`default`."""
-        _, sep, tail = ticket.rpartition("~")
+        # a keyed ticket ends with its key's mark after the lane's (tenancy.KEY_MARK)
+        _, sep, tail = ticket.partition("-k")[0].rpartition("~")
         if sep:
             for lane in self.lanes:
                 if str(lane.priority) == tail:

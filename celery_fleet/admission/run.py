@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..checks import MAX_NAME_LENGTH, MAX_SECONDS, MAX_UNITS
@@ -44,6 +44,7 @@ class Run:
         wait_after_call: once ``calls > 0``, slots wait in place (up to ``deadline``).
         deadline: monotonic time when the run stops waiting (None: no limit).
         waited_s: seconds this run's slots spent waiting for admission, in place.
+        key: the key its slots of limits with keys use when they name none.
     """
 
     max_wait_s: float | None = None
@@ -52,6 +53,11 @@ class Run:
     wait_after_call: bool = False
     deadline: float | None = None
     waited_s: float = 0.0
+    #: the key (tenant) of its slots on limits with keys (``@fleet_task(key=...)``)
+    key: str | None = None
+    #: per limit with keys: the fair-share place (virtual start tag) its waiting slot
+    #: held, kept for its next ticket (a reschedule); dropped once admitted
+    places: dict[str, float] = field(default_factory=dict)
 
     def slot_max_wait(self, now: float) -> float | None:
         """The ``max_wait`` the next slot gets when the caller names none.
@@ -108,6 +114,8 @@ class Throttling:
     reason: str = ""
     wait_ms: int = 0
     countdown_s: float = 0.0
+    #: per limit with keys: the place in line its last refused slot held (see Run.places)
+    places: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_header(cls, header: object) -> Throttling:
@@ -132,7 +140,23 @@ class Throttling:
             reason=str(header.get("reason") or "")[:MAX_NAME_LENGTH],
             wait_ms=int(bounded("wait_ms", MAX_SECONDS * 1000)),
             countdown_s=bounded("countdown_s", MAX_SECONDS),
+            places=_places(header.get("places")),
         )
 
     def as_header(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _places(raw: object) -> dict[str, float]:
+    """The header's kept places, leniently: at most 16 limits, names and tags bounded."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, float] = {}
+    for name, tag in list(raw.items())[:16]:
+        try:
+            value = float(tag)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and 0 <= value < 2**32:
+            out[name] = value
+    return out

@@ -36,7 +36,7 @@ from ..errors import (
 from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
-from .decision import Decision, Release, new_lease_id
+from .decision import Decision, Release
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .lanes import check_lane
 from .providers import OK, Signal, classify, parse_headers
@@ -98,8 +98,11 @@ class Slot:
         run: Run | None = None,
         jitter_s: float = 0.0,
         lane: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.admission = admission
+        #: The caller's key (tenant) on a limit with keys (tenancy.py); None: no key.
+        self.key = key
         self.keeper = keeper
         self.limit = limit
         self.tokens = tokens
@@ -125,7 +128,6 @@ class Slot:
         #: the priority lane this slot waits in (None: the limit has no lanes; see
         #: admission/lanes.py); its tickets end with the lane's marker
         self.lane = chosen.name if chosen is not None else None
-        self._marker = chosen.marker if chosen is not None else ""
         #: The ticket this slot waits (or last waited) with, and whether Redis may hold
         #: it in the limit's line (then leaving sends a leave).
         self.ticket = ""
@@ -133,8 +135,9 @@ class Slot:
         self._held_in: list[Slot] = []
 
     def new_ticket(self) -> str:
-        """A new ticket (and lease id) of this slot: in its lane, if the limit has lanes."""
-        return new_lease_id() + self._marker
+        """A new ticket (and lease id) of this slot: in its lane, if the limit has lanes,
+        and marked with its key, if any."""
+        return self.admission.new_ticket(self.limit, self.key, self.lane)
 
     def acquire(self) -> Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
@@ -207,10 +210,12 @@ class Slot:
         asked_at = self.clock.monotonic()
         # The ask of entering, with the release riding ahead of it (resent with it after a
         # dropped connection): one round trip for both.
-        steps = self.admission.acquire_steps(cfg, tokens, ticket, self.run.since_ms, join, ahead)
+        order = self.admission.order_of(self.limit, self.run)
+        steps = self.admission.acquire_steps(cfg, tokens, ticket, order, join, ahead)
         try:
             with self.admission.store.deadline(self.remaining_s(asked_at)):
                 decision = drive(steps, self.admission.store)
+            self.admission.remember_place(self.limit, self.run, decision)
         except StoreUnavailable as exc:
             # Redis did not answer (both are owed to it now): the policy answers an ask
             # made afresh, with a new ticket (Redis may still run this one when it thaws).
@@ -241,9 +246,12 @@ class Slot:
             else:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
                 with self.admission.store.deadline(self.remaining_s(start)):
+                    order = self.admission.order_of(self.limit, self.run)
+                    # the key again: its name stays known to this process (keyed.py's LRU)
                     decision = self.admission.try_acquire(
-                        self.limit, self.tokens, ticket, self.run.since_ms, join
+                        self.limit, self.tokens, ticket, order, join, key=self.key
                     )
+                self.admission.remember_place(self.limit, self.run, decision)
                 ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
             if not self.run.since_ms:
                 self.run.since_ms = int(decision.at_ms)  # the run's age in every line

@@ -185,29 +185,38 @@ if TYPE_CHECKING:
         return fleet
 
 
-def check_key_spec(spec: object) -> KeySpec:
-    """At decoration: a format string (its fields parsed now) or a callable, or None."""
+def check_key_spec(spec: object, what: str = "idempotency_key") -> KeySpec:
+    """At decoration: a format string (its fields parsed now) or a callable, or None.
+    ``what`` names the option in errors (``key`` of a limit's keys uses it too)."""
     if spec is None or callable(spec):
         return spec
     if isinstance(spec, str) and spec:
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(spec) if f is not None]
         except ValueError as exc:
-            raise ConfigError(f"idempotency_key template {spec!r} is malformed: {exc}") from None
+            raise ConfigError(f"{what} template {spec!r} is malformed: {exc}") from None
         if any(f == "" or f.isdigit() for f in fields):
             raise ConfigError(
-                f"idempotency_key template {spec!r}: name the arguments ({{doc_id}}), "
+                f"{what} template {spec!r}: name the arguments ({{doc_id}}), "
                 "positional fields cannot be matched to keyword arguments"
             )
         return spec
     raise ConfigError(
-        f"idempotency_key must be a format string ('summarize:{{doc_id}}') or a callable "
+        f"{what} must be a format string ('summarize:{{doc_id}}') or a callable "
         f"taking the task's arguments, got {spec!r}"
     )
 
 
-def key_of(spec: KeySpec, fun: Callable[..., Any], args: Any, kwargs: Any) -> str | None:
-    """The key of one call: ``spec`` applied to the arguments bound to the task's signature.
+def key_of(
+    spec: KeySpec,
+    fun: Callable[..., Any],
+    args: Any,
+    kwargs: Any,
+    what: str = "idempotency_key",
+    check: Callable[[str], str] = check_key,
+) -> str | None:
+    """The key of one call: ``spec`` applied to the arguments bound to the task's signature,
+    then ``check``-ed (``what`` names the option in errors).
 
     Raises :class:`ConfigError` for a callable that raises or returns a non-string, or a
     template naming a field that is not an argument.
@@ -219,25 +228,23 @@ def key_of(spec: KeySpec, fun: Callable[..., Any], args: Any, kwargs: Any) -> st
         try:
             key = spec(*args, **kwargs)
         except Exception as exc:
-            raise ConfigError(f"the idempotency_key callable raised {exc!r}") from exc
+            raise ConfigError(f"the {what} callable raised {exc!r}") from exc
         if not isinstance(key, str):
-            raise ConfigError(
-                f"the idempotency_key callable must return a str, got {type(key).__name__}"
-            )
-        return check_key(key)
+            raise ConfigError(f"the {what} callable must return a str, got {type(key).__name__}")
+        return check(key)
     import inspect
 
     try:
         bound = inspect.signature(fun).bind(*args, **kwargs)
     except TypeError as exc:
-        raise ConfigError(f"idempotency_key {spec!r}: the arguments do not fit: {exc}") from None
+        raise ConfigError(f"{what} {spec!r}: the arguments do not fit: {exc}") from None
     bound.apply_defaults()
     fields = {k: v for k, v in bound.arguments.items() if k not in ("self",)}
     try:
-        return check_key(spec.format(**fields))
+        return check(spec.format(**fields))
     except (KeyError, IndexError, AttributeError) as exc:
         raise ConfigError(
-            f"idempotency_key {spec!r} names {exc} which is not an argument of the task "
+            f"{what} {spec!r} names {exc} which is not an argument of the task "
             f"(arguments: {sorted(fields)})"
         ) from None
 

@@ -241,6 +241,7 @@ class Rescheduling:
             reason=exc.reason,
             wait_ms=exc.wait_ms,
             countdown_s=round(countdown, 3),
+            places=dict(run.places),
         )
         if request.is_eager:
             fleet.clock.sleep(countdown)

@@ -40,6 +40,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import GroupResult
 
 from ..admission.run import Run, Throttling, current_run
+from ..admission.tenancy import check_key
 from ..checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
@@ -72,6 +73,7 @@ _FLEET_OPTIONS = {
     "max_throttled": "fleet_max_throttled",
     "jitter": "fleet_jitter",
     "idempotency_key": "fleet_idempotency_key",
+    "key": "fleet_key",
     "singleton": "fleet_singleton",
     "release_on_failure": "fleet_release_on_failure",
     "lane": "fleet_lane",
@@ -146,6 +148,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     fleet_max_throttled: float | None = None
     fleet_jitter: float = 0.0
     fleet_idempotency_key: Any = None
+    #: the key (tenant) of a keyed limit's slots: a template over the arguments or a callable
+    fleet_key: Any = None
     fleet_singleton: bool = False
     fleet_release_on_failure: bool = True
     fleet_lane: Any = None
@@ -179,6 +183,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         if self.fleet_limit is not None or self.fleet_tokens:
             lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
+        if self.fleet_key is not None:
+            self._fleet_key_of(args, kwargs)  # a bad key is a ConfigError at publish
         jitter_publish(options, self.fleet_jitter)
         if task_id is not None:
             options["task_id"] = task_id
@@ -217,6 +223,9 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._drop_needless_backup()  # the broker's backup of a copy Redis published
         run = self._new_run()
+        if self.fleet_key is not None:
+            # from the arguments, so a rescheduled copy keeps it
+            run.key = self._fleet_key_of(args, kwargs)
         token = current_run.set(run)
         try:
             while True:
@@ -228,6 +237,15 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
                     self._on_backpressure(exc, run)  # raises, or returns after waiting (eager)
         finally:
             current_run.reset(token)
+
+    def _fleet_key_of(self, args: Any, kwargs: Any) -> str | None:
+        """The ``key`` option applied to a call's arguments, checked (and checked against
+        the task's limit, which must have keys)."""
+        key = idempotency.key_of(self.fleet_key, self.run, args, kwargs, "key", check_key)
+        if key is not None and self.fleet_limit is not None:
+            fleet = self.fleet
+            fleet.admission.keyed.hash_of(fleet.admission.limit(self.fleet_limit), key)
+        return key
 
     def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The body under the message's idempotency key, when it has one: run once, its
@@ -270,6 +288,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return Run(
             max_wait_s=math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait,
             since_ms=past.since_ms,
+            places=dict(past.places),
             wait_after_call=self.fleet_wait_after_call,
             deadline=deadline,
         )
@@ -339,6 +358,9 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
         number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
     if "fleet_jitter" in opts:
         opts["fleet_jitter"] = number(opts["fleet_jitter"], "jitter", lo=0.0, hi=MAX_SECONDS)
+    if "fleet_key" in opts:
+        spec = idempotency.check_key_spec(opts["fleet_key"], "key")
+        opts["fleet_key"] = staticmethod(spec) if callable(spec) else spec
     if "fleet_idempotency_key" in opts:
         spec = idempotency.check_key_spec(opts["fleet_idempotency_key"])
         # a class attribute: a plain function would come back bound to the task

@@ -98,6 +98,12 @@ def _table(rows: list[LimitStatus]) -> str:
                 f"  lane {x.lane:<7} {x.in_flight}{most} in flight, {x.waiting} waiting "
                 f"(priority {x.priority}, may use {x.share:.0%})"
             )
+        if s.keys is not None:
+            lines.append(f"  busiest keys {'(none)' if not s.keys else ''}".rstrip())
+            lines += [
+                f"    {k.key or '(no key)'!s:<24.24} {k.in_flight} in flight, {k.waiting} in line"
+                for k in s.keys
+            ]
         out.append("\n".join(lines))
     return "\n\n".join(out)
 

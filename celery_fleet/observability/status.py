@@ -13,6 +13,8 @@ are what an ask would meet, computed once, in Redis:
   many callers wait in line;
 - each priority lane's share: its leases in flight (a lease's lane is in its name) and its
   tickets in line, read in the same round trip.
+- a limit with keys (tenants): its busiest keys, each with its calls in flight and its
+  callers in line (read from the leases and the line, in the same round trip).
 
 The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 """
@@ -32,6 +34,7 @@ from ..admission.decision import acquire_args
 from ..store.specs import PEEK
 
 __all__ = [
+    "KeyStatus",
     "LaneStatus",
     "LimitStatus",
     "StatusSource",
@@ -43,6 +46,18 @@ __all__ = [
 
 #: At most this many leases are read to find the oldest (a cap of 10**6 stays cheap).
 OLDEST_SCAN = 1000
+#: A limit with keys shows this many of its busiest keys.
+BUSIEST_KEYS = 10
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key of a limit with keys: ``key`` as its callers wrote it ("" for callers
+    without a key; its hash when its state has expired), calls in flight, callers in line."""
+
+    key: str
+    in_flight: int
+    waiting: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,8 @@ class LimitStatus:
     config_fields: dict[str, Any] = field(default_factory=dict)
     #: each priority lane's share, highest first (empty on a limit without lanes)
     lanes: list[LaneStatus] = field(default_factory=list)
+    #: a limit with keys: its busiest keys, most in flight + in line first
+    keys: list[KeyStatus] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +130,9 @@ class LimitStatus:
         if self.config_version:
             parts.append(f"config v{self.config_version}{fields_text(self.config_fields)}")
         parts += [f"{x.lane} {x.in_flight} in flight, {x.waiting} waiting" for x in self.lanes]
+        if self.keys:
+            busiest = self.keys[0]
+            parts.append(f"busiest key {busiest.key or '(none)'!r} {busiest.in_flight} in flight")
         return ", ".join(parts)
 
 
@@ -213,8 +233,11 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     cfg = fleet.admission.limit(name)
     keys = fleet.admission.keys(name)
     lanes = cfg.lanes.lanes if cfg.lanes else ()
-    priorities = [lane.priority for lane in lanes]
-    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), [OLDEST_SCAN, *acquire_args(cfg), *priorities])
+    args: list[Any] = [OLDEST_SCAN, *acquire_args(cfg), len(lanes)]
+    args += [lane.priority for lane in lanes]
+    if cfg.keyed:
+        args += [BUSIEST_KEYS, keys.ctl[: -len("ctl")] + "k:"]
+    peek = PEEK.run(fleet.store, PEEK.keys_of(keys), args)
     cap_in_force = int(peek.cap_in_force) or None
     lane_rows = [
         LaneStatus(
@@ -259,7 +282,22 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         config_version=applied.version,
         config_fields=dict(applied.fields),
         lanes=lane_rows,
+        keys=_keys(peek.keys) if cfg.keyed else None,
     )
+
+
+def _keys(flat: list[Any] | None) -> list[KeyStatus]:
+    """peek's busiest keys: (hash, name, in flight, in line) each, flat."""
+    flat = flat or []
+    out = []
+    for i in range(0, len(flat) - 3, 4):
+        hashed, name = _text(flat[i]), _text(flat[i + 1])
+        if hashed == "":
+            name = ""  # callers without a key
+        elif not name:
+            name = f"#{hashed}"  # its state expired: only its hash is known
+        out.append(KeyStatus(name, int(flat[i + 2]), int(flat[i + 3])))
+    return out
 
 
 def fleet_status(fleet: StatusSource, names: list[str] | None = None) -> list[LimitStatus]:

@@ -111,7 +111,7 @@ class ScriptSpec(Generic[R]):
 
     def keys_of(self, holder: object) -> list[str]:
         """The KEYS list, each key read from the attribute of ``holder`` it is named after."""
-        return [getattr(holder, key) for key in self.keys]
+        return [getattr(holder, key) for key in self.keys if key[:1] != "*"]
 
     def call(self, keys: Sequence[str], args: Sequence[Any]) -> ScriptCall:
         """A :class:`~celery_fleet.store.calls.ScriptCall` of this script; the number of
@@ -162,7 +162,9 @@ class AcquireReply(NamedTuple):
     detail: Any  #: bytes (str on a client that decodes replies)
     in_flight: int
     now_us: int
-    probe: int
+    #: admitted: 1 for a half-open breaker's probe; refused, on a limit with keys: the
+    #: ticket's fair-share place (its start tag, text) when it holds one, else 0
+    probe: Any
     ahead: int
     line: int
 
@@ -206,6 +208,8 @@ class PeekReply(NamedTuple):
     windows: list[Any]  #: per window: units admissible now, units a full bucket holds
     #: per lane asked about: leases in flight (of those read), tickets waiting ([] without)
     lanes: list[Any]
+    #: a limit with keys: per busiest key (hash, name, in flight, in line), flat
+    keys: list[Any] | None = None
 
 
 class HandoverReply(NamedTuple):
@@ -276,7 +280,11 @@ def _renew_reply(raw: Any) -> tuple[list[str], list[str]]:
 
 
 def _peek_reply(raw: Any) -> PeekReply:
-    return PeekReply._make([*raw[:9], list(raw[9:16]), list(raw[16:-1]), list(raw[-1])])
+    # ... windows, the lanes' nested array (always), the busiest keys' (a limit with keys)
+    head, rest = raw[:16], list(raw[16:])
+    keys = rest.pop() if len(rest) >= 2 and isinstance(rest[-2], list) else None
+    lanes = list(rest.pop())
+    return PeekReply._make([*head[:9], list(head[9:16]), rest, lanes, keys])
 
 
 #: ``lane`` is ``b"0"`` on a limit without lanes, else the caller's lane's ``Lane.arg``:
@@ -284,14 +292,16 @@ def _peek_reply(raw: Any) -> PeekReply:
 ACQUIRE: ScriptSpec[AcquireReply] = ScriptSpec(
     "acquire",
     "admission",
-    keys=("ctl", "leases", "line", "breaker", "waiting", "wake", "settled"),
-    args=("id", "tokens", "order", "join", "lane", "constants", "*window_fields"),
+    # a limit with keys: the key's ctl and leases, and after the window fields the key's
+    # constants, window fields and name (scripts/_lib/keys.lua)
+    keys=("ctl", "leases", "line", "breaker", "waiting", "wake", "settled", "*key_ctl_leases"),
+    args=("id", "tokens", "order", "join", "lane", "constants", "*window_fields_key_args"),
     reply=AcquireReply._make,
 )
 RELEASE: ScriptSpec[ReleaseReply] = ScriptSpec(
     "release",
     "admission",
-    keys=("leases", "settled", "ctl", "line", "breaker", "waiting", "wake"),
+    keys=("leases", "settled", "ctl", "line", "breaker", "waiting", "wake", "*key_leases"),
     args=("lease", "outcome", "retry_after_ms", "settled", "clock", "constants"),
     reply=ReleaseReply._make,
     idempotent=True,
@@ -307,7 +317,8 @@ LEAVE: ScriptSpec[bool] = ScriptSpec(
 SETTLE: ScriptSpec[SettleReply] = ScriptSpec(
     "settle",
     "admission",
-    keys=("ctl", "settled", "leases"),
+    keys=("ctl", "settled", "leases", "*key_ctl"),
+    # then, with a key's ctl: the key's token windows, their number and triples
     args=("lease", "actual", "reserved", "n_windows", "*field_emission_ceiling"),
     reply=SettleReply._make,
     idempotent=True,
@@ -315,7 +326,7 @@ SETTLE: ScriptSpec[SettleReply] = ScriptSpec(
 RENEW: ScriptSpec[tuple[list[str], list[str]]] = ScriptSpec(
     "renew",
     "admission",
-    keys=("leases", "settled", "breaker", "ctl"),
+    keys=("leases", "settled", "breaker", "ctl", "*key_leases"),
     args=("lease_ttl_ms", "max_in_flight", "initial_cap", "*lease_tokens"),
     reply=_renew_reply,
     idempotent=True,
@@ -332,7 +343,9 @@ PEEK: ScriptSpec[PeekReply] = ScriptSpec(
     "peek",
     "admission",
     keys=("ctl", "leases", "line", "breaker"),
-    args=("oldest_scan", "constants", "*window_fields_then_lane_priorities"),
+    # then the number of lanes and their priorities; a limit with keys: then how many
+    # busiest keys to report and their keys' prefix
+    args=("oldest_scan", "constants", "*window_fields_lanes_keys"),
     reply=_peek_reply,
     idempotent=True,
 )

@@ -40,9 +40,24 @@
 --          T (ms) and tolerance tau (ms)
 -- ARGV[7..6+n] the windows' fields ("r:60", "t:86400")
 --
+-- A limit with keys (tenants: "keys" or "weights" in its configuration, see _lib/keys.lua)
+-- sends two more KEYS and, after the window fields, the key's arguments:
+-- KEYS[8]  key ctl     hash   the key's window arrival times, vf, exp, name
+-- KEYS[9]  key leases  zset   lease -> expiry (ms): the key's own in-flight semaphore
+-- ARGV[7+n]  the key's constants as doubles: sub (1 = its own budgets apply), weight,
+--            max_in_flight (0 = none), keep (ms), the number of windows k, then per
+--            window T and tau
+-- ARGV[8+n..7+n+k] the key's window fields; ARGV[8+n+k] the key as written (its name)
+-- The line's order key is then lane * 2^42 + the ticket's virtual start tag (fair share)
+-- instead of its first-asked ms, and the limit's ctl holds vt (the virtual time). ARGV[3]
+-- (order) then carries a place kept from an earlier ticket of the same call (a
+-- reschedule): 1 + its start tag * 1024, 0 for none; a refusal's 6th element is the
+-- ticket's start tag (text) when it holds (or keeps) a place, else 0.
+--
 -- Reply: {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
 --        {0, wait_ms, reason, in_flight, now, 0, ahead, line}     refused, nothing consumed
--- reason: "circuit_open", "paused", "in_flight", "queued" (a budget is free but older tickets
+-- reason: "circuit_open", "paused", "in_flight", "key_in_flight" (the key's own cap),
+-- "key:" .. a key window's field, "queued" (a budget is free but older tickets
 -- come first) or the refusing window's field. ahead: tickets before the caller's place; line:
 -- tickets waiting. wait_ms is an integer (ceil), an estimate for "in_flight" and "queued";
 -- now is Redis TIME in microseconds (an integer). Time unit: milliseconds.
@@ -62,6 +77,7 @@
 --#include _lib/adaptive
 --#include _lib/line
 --#include _lib/ctl
+--#include _lib/keys
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -69,6 +85,7 @@ local now = now_us / 1000
 local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
+local kept = since  -- a keyed limit: 1 + a kept start tag * 1024 (0: none)
 local join = ARGV[4] == '1' or ARGV[4] == '3'
 if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
   -- Its lease is "<µs>.<n>.<tokens>.<id>": the id must be all that follows the record.
@@ -123,6 +140,9 @@ end
 if init_cap > 0 or max_in_flight > 0 then
   fields[#fields + 1] = 'hold_ms'; I_HOLD = #fields
 end
+local keyed = #KEYS > 7
+local I_VT = 0
+if keyed then fields[#fields + 1] = 'vt'; I_VT = #fields end
 local NFIXED = #fields
 for i = 1, nwin do fields[NFIXED + i] = ARGV[6 + i] end
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
@@ -191,6 +211,59 @@ for i = 1, nwin do
   if new_tats[i] > horizon then horizon = new_tats[i] end
 end
 
+-- The key's own budgets (_lib/keys.lua), checked like the limit's: all or nothing.
+local kweight, kcap, kkeep, knwin, kwin, kstate, kin = 1, 0, 0, 0, nil, nil, 0
+local kfields, new_ktats, khorizon = nil, nil, now
+local kwait, kreason = 0, ''
+if keyed then
+  local _
+  _, kweight, kcap, kkeep, knwin, kwin = key_consts(ARGV[7 + nwin])
+  kfields, new_ktats = {'vf', 'exp'}, {}
+  for i = 1, knwin do kfields[2 + i] = ARGV[7 + nwin + i] end
+  kstate = redis.call('HMGET', KEYS[8], unpack(kfields))
+  if kcap > 0 then
+    kin = redis.call('ZCARD', KEYS[9])
+    if kin >= kcap then
+      local expired = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, 256)
+      if #expired > 0 then
+        redis.call('ZREM', KEYS[9], unpack(expired))
+        kin = kin - #expired
+      end
+    end
+    if kin >= kcap then
+      local hint = math.max(5, (tonumber(ctl[I_HOLD]) or 200) / kcap)
+      local first = redis.call('ZRANGE', KEYS[9], 0, 0, 'WITHSCORES')
+      if first[2] then hint = math.min(hint, math.max(1, tonumber(first[2]) - now)) end
+      kwait, kreason = hint, 'key_in_flight'
+    end
+  end
+  for i = 1, knwin do
+    local field = kfields[2 + i]
+    local cost = 1
+    if string.sub(field, 1, 1) == 't' then cost = tokens end
+    local step = cost * kwin[4 + 2 * i]
+    local tat, over = gcra_check(kstate[2 + i], step, kwin[5 + 2 * i], now)
+    if over > kwait then kwait, kreason = over, 'key:' .. field end
+    new_ktats[i] = tat
+    if over == 0 then new_ktats[i] = tat + step end
+    if new_ktats[i] > khorizon then khorizon = new_ktats[i] end
+  end
+end
+
+-- key_write(kset, horizon, keep): write the key's ctl (a new key also gets its name) and
+-- refresh its TTL when due.
+local key_write = nil
+if keyed then key_write = function(kset, horizon, keep)
+  local exp = tonumber(kstate[2])
+  if not exp then
+    kset[#kset + 1] = 'name'
+    kset[#kset + 1] = ARGV[8 + nwin + knwin]
+  end
+  local refresh = key_expiry(kset, exp, now, horizon, keep)
+  if #kset > 0 then redis.call('HSET', KEYS[8], unpack(kset)) end
+  if refresh then redis.call('PEXPIRE', KEYS[8], refresh) end
+end end
+
 -- The line: callers refused before wait in order of (lane, age); nobody passes an older
 -- ticket of its own lane or any ticket of a lane above (their order keys are smaller),
 -- while a caller passes every ticket of the lanes below.
@@ -207,6 +280,19 @@ if (tonumber(ctl[4]) or 0) > now then
 end
 if since <= 0 then since = now end
 local score = lane * 4398046511104 + math.floor(since)
+local tag = 0
+if keyed then
+  -- fair share: the order inside a lane is the ticket's virtual start tag, not its age
+  tag = key_tag(tonumber(ctl[I_VT]) or 1, tonumber(kstate[1]) or 0)
+  if kept > 0 and (kept - 1) / 1024 < tag then
+    -- the same call asks again with a new ticket (a reschedule): its old place, and its
+    -- key's next ticket does not move on for it (it already did when the place was taken)
+    tag = (kept - 1) / 1024
+  else
+    kept = 0
+  end
+  score = lane * 4398046511104 + tag
+end
 if nline > 0 then
   mine = redis.call('ZSCORE', KEYS[3], id)
   if mine then
@@ -230,6 +316,23 @@ local function wake_first(count)
   end
 end
 
+if mine and keyed then tag = tonumber(mine) - lane * 4398046511104 end
+-- the place a refused keyed ticket holds, for the caller to keep (0: none)
+local place = 0
+if keyed and (mine or kept > 0) then place = string.format('%.17g', tag) end
+
+if kwait > 0 and reason ~= 'circuit_open' then
+  -- Refused by its key's own budget (nothing consumed): it holds no place in the limit's
+  -- line meanwhile, so a key at its own limit never holds up the other keys.
+  if mine then
+    redis.call('ZREM', KEYS[3], id)
+    redis.call('ZREM', KEYS[5], id)
+    nline = nline - 1
+    if wait == 0 then wake_first(math.min(slack, nline)) end
+  end
+  return {0, math.ceil(math.min(kwait, MAX_WAIT_MS)), kreason, in_flight, now_us, place, 0, nline}
+end
+
 if reason ~= 'circuit_open' then
   if wait == 0 and (ahead >= slack or higher > 0) then
     -- Budget is free, but not for this caller: older tickets first, and a higher lane's
@@ -250,6 +353,13 @@ if wait > 0 then
       redis.call('ZADD', KEYS[3], score, id)
       nline = nline + 1
     end
+    if keyed then
+      -- its key's next ticket starts after this one; the key lives while it waits
+      local kset = {}
+      if not mine and kept == 0 then kset = {'vf', string.format('%.17g', tag + 1 / kweight)} end
+      place = string.format('%.17g', tag)
+      key_write(kset, now, math.max(kkeep, ticket_ttl + 1000))
+    end
     redis.call('ZADD', KEYS[5], now + ticket_ttl, id)
     local keep = ticket_ttl + 1000
     local line_until = math.max(tonumber(ctl[4]) or 0, now + keep)
@@ -263,13 +373,20 @@ if wait > 0 then
     end
   end
   -- Capped so the integer reply can never overflow, whatever a stored value says.
-  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, 0, ahead, nline}
+  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, place, ahead, nline}
 end
 
 local hset = {}
 for i = 1, nwin do
   hset[#hset + 1] = fields[NFIXED + i]
   hset[#hset + 1] = new_tats[i]  -- a Lua number goes to Redis as %.17g: exact
+end
+if keyed then
+  -- the virtual time moves to the start tag of the ticket admitted (never back)
+  local vt = tonumber(ctl[I_VT]) or 1
+  if tag > vt then vt = tag end
+  hset[#hset + 1] = 'vt'
+  hset[#hset + 1] = string.format('%.17g', vt)
 end
 local refresh = ctl_expiry(hset, tonumber(ctl[5]), now, horizon)
 if #hset > 0 then redis.call('HSET', KEYS[1], unpack(hset)) end
@@ -288,6 +405,22 @@ redis.call('ZADD', KEYS[2], now + ttl, lease)
 -- lease TTL if longer), refreshed with the state's. Releases and sweeps empty it.
 if in_flight == 0 or refresh then
   redis.call('PEXPIRE', KEYS[2], math.max(86400000, ttl + 1000))
+end
+if keyed then
+  local kset = {}
+  for i = 1, knwin do
+    kset[#kset + 1] = kfields[2 + i]
+    kset[#kset + 1] = new_ktats[i]
+  end
+  if not mine and kept == 0 then
+    kset[#kset + 1] = 'vf'
+    kset[#kset + 1] = string.format('%.17g', tag + 1 / kweight)
+  end
+  key_write(kset, khorizon, kkeep)
+  if kcap > 0 then
+    redis.call('ZADD', KEYS[9], now + ttl, lease)
+    redis.call('PEXPIRE', KEYS[9], ttl + 1000)
+  end
 end
 if mine then
   redis.call('ZREM', KEYS[3], id)

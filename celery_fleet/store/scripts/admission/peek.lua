@@ -11,8 +11,12 @@
 -- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
 --          initial cap, the number of windows and each window's T and tau are read)
 -- ARGV[3..2+n] the windows' fields ("r:60", "t:86400")
--- ARGV[3+n..] the priorities of the limit's lanes, highest first (none: no lanes); a lease
---          or ticket of a lane ends with "~<priority>", one without is in the last lane
+-- ARGV[3+n] the number L of the limit's lanes (0: no lanes); ARGV[4+n..3+n+L] their
+--          priorities, highest first; a lease or ticket of a lane carries "~<priority>"
+--          (before a key's "-k<hash>"), one without is in the last lane
+-- ARGV[4+n+L] (a limit with keys only) how many of the busiest keys to report;
+-- ARGV[5+n+L] the prefix of its keys' Redis keys ("{ns:limit}:k:"): a key's name is read
+--           from prefix .. hash .. ":ctl" (same hash tag, so the same slot on Cluster)
 --
 -- Reply: {now (µs), in flight (live leases), oldest (its acquire time, µs; 0 for none),
 --         waiting (tickets in line), the pause still running (ms, text), cap and
@@ -22,6 +26,9 @@
 --         admissible now, units a full bucket holds (both at the factor in force)}
 -- Last: per lane given, {in flight, waiting}, as one nested array (empty without lanes);
 -- in flight counts the live leases read (at most ARGV[1]), waiting is the lane's tickets.
+-- A limit with keys adds one last element, a list: per busiest key (most in flight + in
+-- line, among the leases scanned and the first 4096 tickets) its hash, its name ("" when
+-- its state expired), in flight, in line; the default key (callers without one) is "".
 -- A unit is one request ("r:") or one token ("t:"). Time unit: milliseconds, Redis TIME.
 
 --#include _lib/gcra
@@ -41,16 +48,16 @@ local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
 
 local after_now = string.format('(%.17g', now)  -- live: expiring after now
 local live = redis.call('ZRANGEBYSCORE', KEYS[2], after_now, '+inf', 'LIMIT', 0, tonumber(ARGV[1]))
-local nlanes = #ARGV - 2 - nwin
+local nlanes = tonumber(ARGV[3 + nwin]) or 0
 local lane_held = {}
-for i = 1, nlanes do lane_held[ARGV[2 + nwin + i]] = 0 end
-local last_lane = ARGV[2 + nwin + nlanes]
+for i = 1, nlanes do lane_held[ARGV[3 + nwin + i]] = 0 end
+local last_lane = ARGV[3 + nwin + nlanes]
 local oldest = 0
 for _, lease in ipairs(live) do
   local acquired = tonumber(string.match(lease, '^(%d+)'))
   if acquired and (oldest == 0 or acquired < oldest) then oldest = acquired end
   if nlanes > 0 then
-    local p = string.match(lease, '~(%d+)$')
+    local p = string.match(lease, '~(%d+)$') or string.match(lease, '~(%d+)%-k[^~]*$')
     if not (p and lane_held[p]) then p = last_lane end
     lane_held[p] = lane_held[p] + 1
   end
@@ -76,11 +83,40 @@ for i = 1, nwin do
 end
 local lanes = {}
 for i = 1, nlanes do
-  local p = ARGV[2 + nwin + i]
+  local p = ARGV[3 + nwin + i]
   local from = tonumber(p) * 4398046511104
   lanes[#lanes + 1] = lane_held[p]
   lanes[#lanes + 1] = redis.call('ZCOUNT', KEYS[3], string.format('%.17g', from),
                                  string.format('(%.17g', from + 4398046511104))
 end
 reply[#reply + 1] = lanes
+if ARGV[4 + nwin + nlanes] then
+  local most, prefix = tonumber(ARGV[4 + nwin + nlanes]), ARGV[5 + nwin + nlanes]
+  local counts, order = {}, {}
+  local function count(member, slot)
+    local hash = string.match(member, '%-k(%x+)$') or ''
+    local c = counts[hash]
+    if not c then
+      c = {0, 0}
+      counts[hash] = c
+      order[#order + 1] = hash
+    end
+    c[slot] = c[slot] + 1
+  end
+  for _, lease in ipairs(live) do count(lease, 1) end
+  for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, 4095)) do count(ticket, 2) end
+  table.sort(order, function(a, b)
+    local x, y = counts[a], counts[b]
+    if x[1] + x[2] ~= y[1] + y[2] then return x[1] + x[2] > y[1] + y[2] end
+    return a < b
+  end)
+  local keys = {}
+  for i = 1, math.min(most, #order) do
+    local hash = order[i]
+    local name = ''
+    if hash ~= '' then name = redis.call('HGET', prefix .. hash .. ':ctl', 'name') or '' end
+    for _, x in ipairs({hash, name, counts[hash][1], counts[hash][2]}) do keys[#keys + 1] = x end
+  end
+  reply[#reply + 1] = keys
+end
 return reply

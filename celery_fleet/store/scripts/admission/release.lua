@@ -12,6 +12,8 @@
 -- KEYS[5]  breaker  hash   state, opened_at, forced, probe, probe_until, window counters
 -- KEYS[6]  waiting  zset   ticket id -> expiry (ms)
 -- KEYS[7]  wake     prefix of the per-process wake-up lists (see _lib/line.lua)
+-- KEYS[8]  key leases zset  (only for a lease of a key with its own in-flight cap, see
+--                          _lib/keys.lua): the lease leaves the key's semaphore too
 -- ARGV[1]  lease
 -- ARGV[2]  outcome: ok | fail (breaker failure) | overload (AIMD cut + breaker failure) |
 --          congestion (AIMD cut of the in-flight cap) | rate (AIMD cut of the rate factor) |
@@ -47,6 +49,7 @@ local max_in_flight, ticket_ttl, grace, adaptive_on, max_cap, min_cap, init_cap,
 local adaptive = adaptive_on == 1
 local breaker = breaker_on == 1
 local removed = redis.call('ZREM', KEYS[1], id)
+if KEYS[8] then redis.call('ZREM', KEYS[8], id) end
 if ARGV[4] == '1' then redis.call('HDEL', KEYS[2], id) end
 local now, now_us = nil, 0
 local function clock()

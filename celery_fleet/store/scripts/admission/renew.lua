@@ -5,6 +5,8 @@
 -- KEYS[2]  settled  hash   lease -> tokens it was settled to
 -- KEYS[3]  breaker  hash   probe, probe_until: a live half-open probe keeps its claim too
 -- KEYS[4]  ctl      hash   cap: the adaptive in-flight cap
+-- KEYS[5]  key leases zset  (only for leases of one key with its own in-flight cap, see
+--                          _lib/keys.lua): renewed and restored there too, lost ones dropped
 -- ARGV[1]  lease TTL (ms)
 -- ARGV[2]  max_in_flight (0 = no cap)
 -- ARGV[3]  adaptive initial cap (0 = not adaptive: ctl.cap is ignored)
@@ -54,6 +56,14 @@ local keep = math.max(86400000, ttl + 1000)
 if #lost < (#ARGV - 3) / 2 and redis.call('PTTL', KEYS[1]) < keep / 2 then
   redis.call('PEXPIRE', KEYS[1], keep)
   if redis.call('PTTL', KEYS[2]) >= 0 then redis.call('PEXPIRE', KEYS[2], keep) end
+end
+if KEYS[5] then
+  for _, id in ipairs(lost) do redis.call('ZREM', KEYS[5], id) end
+  for i = 4, #ARGV, 2 do
+    local id = ARGV[i]
+    if redis.call('ZSCORE', KEYS[1], id) then redis.call('ZADD', KEYS[5], expiry, id) end
+  end
+  redis.call('PEXPIRE', KEYS[5], ttl + 1000)
 end
 lost[#lost + 1] = '+'
 for _, id in ipairs(restored) do lost[#lost + 1] = id end

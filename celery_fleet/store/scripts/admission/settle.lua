@@ -8,6 +8,9 @@
 -- ARGV[3]  tokens the client believes are reserved (used only when the lease is gone)
 -- ARGV[4]  number of token windows n, then n triples: field, emission interval T (ms),
 --          the furthest the window's TAT may lie ahead of now (ms: tolerance + one period)
+-- KEYS[4]  key ctl  hash  (only for a lease of a key with its own token windows, see
+--                        _lib/keys.lua); then ARGV goes on after the limit's triples with
+--                        the key's: their number k, then k triples as above
 --
 -- The TAT of every token window moves by (actual - reserved) * T: a refund when the call
 -- used less than estimated, a charge when it used more. A refund never takes a window
@@ -38,15 +41,18 @@ end
 local held = 0
 if score and score > now then held = 1 end
 local delta = actual - reserved
-local nwin = tonumber(ARGV[4])
-local hset, horizon = {}, now
-if delta ~= 0 and nwin > 0 then
+-- move the token windows of hash `key` whose triples start at ARGV[at] (n of them)
+local function shift(key, at, n, keyed)
+  if delta == 0 or n <= 0 then return end
+  local hset, horizon = {}, now
   local fields = {}
-  for i = 1, nwin do fields[i] = ARGV[2 + 3 * i] end
-  fields[nwin + 1] = 'exp'
-  local tats = redis.call('HMGET', KEYS[1], unpack(fields))
-  for i = 1, nwin do
-    local emission, furthest = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  for i = 1, n do fields[i] = ARGV[at + 3 * (i - 1)] end
+  fields[n + 1] = 'exp'
+  local tats = redis.call('HMGET', key, unpack(fields))
+  if keyed and not tats[n + 1] then return end  -- an idle key's state expired: nothing to move
+  for i = 1, n do
+    local emission = tonumber(ARGV[at + 3 * (i - 1) + 1])
+    local furthest = tonumber(ARGV[at + 3 * (i - 1) + 2])
     local tat = tonumber(tats[i]) or now
     if tat < now then tat = now end
     local new_tat = math.min(math.max(tat + delta * emission, now), now + furthest)
@@ -54,10 +60,20 @@ if delta ~= 0 and nwin > 0 then
     hset[#hset + 1] = fields[i]
     hset[#hset + 1] = string.format('%.3f', new_tat)
   end
-  local refresh = ctl_expiry(hset, tonumber(tats[nwin + 1]), now, horizon)
-  redis.call('HSET', KEYS[1], unpack(hset))
-  if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
+  if keyed then
+    -- the key lives past its arrival times (its TTL is set by acquire: only lengthened)
+    redis.call('HSET', key, unpack(hset))
+    local left = math.ceil(horizon - now) + 1000
+    if redis.call('PTTL', key) < left then redis.call('PEXPIRE', key, left) end
+    return
+  end
+  local refresh = ctl_expiry(hset, tonumber(tats[n + 1]), now, horizon)
+  redis.call('HSET', key, unpack(hset))
+  if refresh then redis.call('PEXPIRE', key, refresh) end
 end
+local nwin = tonumber(ARGV[4])
+shift(KEYS[1], 5, nwin, false)
+if KEYS[4] then shift(KEYS[4], 6 + 3 * nwin, tonumber(ARGV[5 + 3 * nwin]), true) end
 if known == 1 then
   -- Kept until the release (or the sweep of an expired lease) drops it; the TTL is a backstop.
   redis.call('HSET', KEYS[2], id, actual)
