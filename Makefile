@@ -11,7 +11,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 DOCS_STAMP := $(VENV)/.installed-docs
 DEMO_ARGS ?=
 
-.PHONY: venv test test-fast demo docs docs-serve lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead bench-tenants clean
+.PHONY: venv test test-fast demo docs docs-serve lint typecheck bench bench-herd bench-adaptive bench-goodput bench-contention bench-overhead bench-tenants bench-lanes clean
 
 venv: $(STAMP)
 
@@ -111,16 +111,18 @@ bench-contention: $(STAMP)
 
 ## Priority lanes: interactive waits behind a saturated batch lane, batch throughput, and a
 ## limit without lanes before/after (DB 6): appends to benchmarks/RESULTS.md.
-.PHONY: bench-lanes
 LANES_ARGS ?=
 bench-lanes: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/lanes.py $(LANES_ARGS)
 
-## What a decision costs: Redis commands and µs, the pipelined ceiling, 16x16 threads,
-## Keys (tenants): a key's cost per admission, one-off keys left, fair share (appends to RESULTS.md).
+## Tenants and lanes (issue 23): a key's cost per admission, one-off keys left, fair share
+## (tenants.py), then interactive behind a saturated batch lane (lanes.py); both append to
+## benchmarks/RESULTS.md.
 bench-tenants: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/tenants.py
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/lanes.py $(LANES_ARGS)
 
+## What a decision costs: Redis commands and µs, the pipelined ceiling, 16x16 threads,
 ## slot() vs try_acquire, a no-op @fleet_task vs a plain task (private Redis, DB 15).
 OVERHEAD_ARGS ?=
 bench-overhead: $(STAMP)
