@@ -23,13 +23,12 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-import string
 from collections.abc import Callable
 from typing import Any
 
 from ..checks import check_name
 from ..errors import ConfigError
+from .idempotency import check_key_spec, key_of
 
 __all__ = ["LaneSpec", "check_lane_spec", "fixed_lane", "lane_of"]
 
@@ -42,15 +41,7 @@ def check_lane_spec(spec: object) -> LaneSpec:
     if spec is None or callable(spec):
         return spec
     if isinstance(spec, str) and "{" in spec:
-        try:
-            fields = [f for _, f, _, _ in string.Formatter().parse(spec) if f is not None]
-        except ValueError as exc:
-            raise ConfigError(f"lane template {spec!r} is malformed: {exc}") from None
-        if any(f == "" or f.isdigit() for f in fields):
-            raise ConfigError(
-                f"lane template {spec!r}: name the arguments ({{tier}}), "
-                "positional fields cannot be matched to keyword arguments"
-            )
+        check_key_spec(spec, "lane")  # a template: checked as idempotency_key's are
         return spec
     if isinstance(spec, str):
         return check_name(spec, "lane", colon=False)
@@ -80,17 +71,4 @@ def lane_of(spec: LaneSpec, fun: Callable[..., Any], args: Any, kwargs: Any) -> 
         if lane is not None and not isinstance(lane, str):
             raise ConfigError(f"the lane callable must return a str, got {type(lane).__name__}")
         return lane
-    assert isinstance(spec, str)
-    try:
-        bound = inspect.signature(fun).bind(*args, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"lane {spec!r}: the arguments do not fit: {exc}") from None
-    bound.apply_defaults()
-    fields = {k: v for k, v in bound.arguments.items() if k != "self"}
-    try:
-        return spec.format(**fields)
-    except (KeyError, IndexError, AttributeError) as exc:
-        raise ConfigError(
-            f"lane {spec!r} names {exc} which is not an argument of the task "
-            f"(arguments: {sorted(fields)})"
-        ) from None
+    return key_of(spec, fun, args, kwargs, what="lane", check=str)
