@@ -41,7 +41,7 @@ def model() -> Any:
     return with_fleet(chat, fleet, "openai")
 
 
-@fleet_task(app=app)
+@fleet_task(app=app, shared=False)  # re-imported by every test
 def ask(question: str) -> int:
     """One model call; returns the tokens the provider reported."""
     reply = model().invoke(question)

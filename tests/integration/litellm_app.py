@@ -32,7 +32,7 @@ fleet = Fleet(app)
 litellm.callbacks = [FleetHook(fleet, limit="sim")]
 
 
-@app.task
+@app.task(shared=False)  # re-imported by every test: never in the shared registry
 def ask(i: int) -> int:
     """One model call, as any Celery task makes it: returns the tokens it used."""
     resp = litellm.completion(

@@ -30,7 +30,7 @@ fleet = Fleet(app)
 _probe = redis.Redis.from_url(os.environ.get("FLEET_IT_REDIS", BROKER))
 
 
-@app.task
+@app.task(shared=False)  # re-imported by every test: never in the shared registry
 def applied() -> dict[str, Any]:
     """What this pool process applies of "rt" *before* it asks (what its poller loaded),
     then one ask, so that a process that never asked starts its poller."""

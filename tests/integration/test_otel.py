@@ -155,6 +155,10 @@ def test_a_slot_that_waited_in_a_worker_has_an_admission_span(
     assert attrs["fleet.outcome"] == "admitted"
     assert attrs["fleet.reason"] in ("in_flight", "queued")
     assert attrs["fleet.wait_ms"] > 0
-    (run,) = [s for s in spans(m) if s["name"] == "run/tests.integration.otel_app.waits"
-              and s["trace_id"] == trace_id]  # fmt: skip
+    # the task's span is exported when it ends, which can come after its result
+    (run,) = wait_for(
+        "the task's run span",
+        lambda: [s for s in spans(m) if s["name"] == "run/tests.integration.otel_app.waits"
+                 and s["trace_id"] == trace_id],
+    )  # fmt: skip
     assert span["parent_id"] == run["span_id"]  # inside the task's own span
