@@ -301,3 +301,42 @@ def test_a_wider_cap_admits_a_caller_waiting_in_line_without_a_release(
     assert admitted.wait(APPLIED_WITHIN_S), "the waiter was not admitted under the wider cap"
     thread.join(APPLIED_WITHIN_S)
     assert writer.admission.in_flight("llm") == 1  # the holder's; the waiter's came and went
+
+
+def test_a_change_wakes_the_callers_already_waiting_in_this_process(
+    make_fleet: Callable[..., Fleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keyed, laned callers of another process wait in line behind a full cap; the change
+    # must reach them when their process applies it, not at their next re-ask. The re-ask
+    # interval is stretched past the bound so only the wake-up can admit them in time.
+    from celery_fleet.admission import slot as slot_module
+
+    monkeypatch.setattr(slot_module, "NEXT_IN_LINE_S", 120.0)
+    monkeypatch.setattr(slot_module, "REFRESH_S", 120.0)
+    limits = {
+        "llm": {
+            "max_in_flight": 1,
+            "weights": {"acme": 3},
+            "lanes": {"interactive": {"priority": 0}, "batch": {"priority": 1}},
+        }
+    }
+    writer, other = make_fleet(limits), make_fleet(limits)
+    holder = writer.try_acquire("llm", key="holder")
+    assert holder
+    admitted = threading.Semaphore(0)
+
+    def wait_in_line(key: str, lane: str) -> None:
+        with other.slot("llm", key=key, lane=lane, max_wait=APPLIED_WITHIN_S * 6):
+            admitted.release()
+
+    callers = [("acme", "interactive"), ("globex", "batch")]
+    threads = [threading.Thread(target=wait_in_line, args=c, daemon=True) for c in callers]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(other.line("llm")) == 2)
+    writer.set_limit("llm", max_in_flight=3)
+    for _ in callers:
+        assert admitted.acquire(timeout=APPLIED_WITHIN_S), "a waiter slept through the change"
+    for thread in threads:
+        thread.join(APPLIED_WITHIN_S)
+    writer.release(holder)

@@ -59,7 +59,7 @@ from ..store.specs import (
     ReleaseReply,
 )
 from ..store.sync import RedisStore
-from ..store.wakeups import listener_for
+from ..store.wakeups import listener_for, wake_waiters
 from .config import REQUESTS, LimitConfig
 from .decision import (
     Decision,
@@ -221,6 +221,9 @@ class Admission:
                 listener(name, cfg)
             except Exception:
                 log.exception("celery-fleet: reconfigure listener %r failed", listener)
+        # Callers already waiting here ask again now, under the new values: a wider cap or
+        # rate admits them with no release to wake them (else: at their next re-ask, ~2.5 s).
+        wake_waiters(self.store, self.keys(name).wake)
 
     def limit(self, name: str) -> LimitConfig:
         """The configuration of ``name``; :class:`ConfigError` listing the known ones if unknown."""

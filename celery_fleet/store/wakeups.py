@@ -30,7 +30,7 @@ from ..background import BackgroundLoop
 from ..errors import FleetError
 from .sync import MAX_BLOCK_S, RedisStore
 
-__all__ = ["Listener", "listener_for", "IDLE_EXIT_S"]
+__all__ = ["Listener", "listener_for", "wake_waiters", "IDLE_EXIT_S"]
 
 log = logging.getLogger("celery_fleet")
 
@@ -208,3 +208,20 @@ def listener_for(store: RedisStore, prefix: str, ticket: str) -> Listener:
         if listener is None:
             listener = _listeners[ident] = Listener(store, key)
     return listener
+
+
+def wake_waiters(store: RedisStore, prefix: str) -> int:
+    """Wake every waiter of this process in the line whose wake lists start with ``prefix``
+    (they ask again now); returns how many listeners were woken. For a change no release
+    announces: a limit changed at runtime (a wider cap, a higher rate) may admit callers
+    already waiting, who would otherwise ask again only at their next re-ask (seconds)."""
+    head, pid = prefix.encode(), os.getpid()
+    with _registry_lock:
+        found = [
+            listener
+            for (owner, url, key), listener in _listeners.items()
+            if owner == pid and url == store.url and key.startswith(head)
+        ]
+    for listener in found:
+        listener._wake_all()
+    return len(found)
