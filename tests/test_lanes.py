@@ -161,9 +161,10 @@ def test_batch_is_not_starved_when_no_higher_ticket_waits(make_fleet: MakeFleet)
     fleet = make_fleet({"m": {"max_in_flight": 4, "lanes": lanes}})
     held = _fill(fleet, "interactive")  # all 4
     for d in held[:3]:
-        fleet.release(d)  # 1 in flight: batch may hold up to 2 in flight
+        fleet.release(d)  # 1 interactive in flight: batch may hold 2 of its own
     batch = _fill(fleet, "batch")
-    assert len(batch) == 1  # 2 in flight now: its share, not less
+    assert len(batch) == 2  # its share of the cap, counted by lane: not less
+    assert fleet.try_acquire("m", lane="interactive").allowed  # the 4th is interactive's
     fleet.release(held[3])
     for d in batch:
         fleet.release(d)
@@ -243,7 +244,10 @@ def test_usable_shares_come_from_the_lanes_above() -> None:
     assert cfg.lanes is not None
     shares = {lane.name: round(lane.share, 9) for lane in cfg.lanes.lanes}
     assert shares == {"rt": 1.0, "web": 0.8, "bulk": 0.5}
-    assert [lane.arg for lane in cfg.lanes.lanes] == [b"0", b"5:0.8", b"9:0.5"]
+    owed = {lane.name: round(lane.guarantee, 9) for lane in cfg.lanes.lanes}
+    assert owed == {"rt": 0.0, "web": 0.3, "bulk": 0.5}  # bulk: what the reserves leave
+    args = [lane.arg for lane in cfg.lanes.lanes]
+    assert args == [b"0|5:0.3|9:0.5", b"5:0.8:0.3|9:0.5", b"9:0.5:0.5"]
     assert cfg.lanes.default.name == "bulk"
     assert Lane("x", 3, 0.0, 0.5).usable(5) == 2
 
@@ -299,10 +303,9 @@ def test_a_cap_changed_at_runtime_keeps_each_lanes_share(make_fleet: MakeFleet) 
     assert other.try_acquire("m", lane="interactive")  # its first ask starts its poller
     fleet.set_limit("m", max_in_flight=24)
     assert fleet.limits["m"].lanes is not None
-    # batch fills the limit up to floor(24 * 0.66) = 15 in flight (one interactive held),
-    # not floor(12 * 0.66) = 7
-    assert len(_fill(fleet, "batch")) == 15 - 1
-    assert len(_fill(fleet, "interactive")) == 24 - 15
+    # batch holds up to floor(24 * 0.66) = 15 in flight, not floor(12 * 0.66) = 7
+    assert len(_fill(fleet, "batch")) == 15
+    assert len(_fill(fleet, "interactive")) == 24 - 15 - 1  # one interactive is held
     deadline = threading.Event()
     for _ in range(100):  # the other process applies it within its poll interval
         if other.admission.runtime.applied("m").version:
@@ -310,3 +313,84 @@ def test_a_cap_changed_at_runtime_keeps_each_lanes_share(make_fleet: MakeFleet) 
         deadline.wait(0.05)
     status = limit_status(other, "m")
     assert [(x.lane, x.cap) for x in status.lanes] == [("interactive", 24), ("batch", 15)]
+
+
+# -- a lower lane's guarantee -------------------------------------------------------------
+
+
+def _wait_in_line(fleet: Fleet, lane: str, n: int) -> list[str]:
+    """``n`` tickets of ``lane`` refused and waiting in line, oldest first."""
+    tickets = []
+    for _ in range(n):
+        ticket = fleet.admission.ticket("m", lane)
+        assert not fleet.admission.try_acquire("m", lease_id=ticket, join=True)
+        tickets.append(ticket)
+    return tickets
+
+
+def test_behind_a_saturated_interactive_lane_batch_gets_what_the_reserves_leave(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 12, "lanes": LANES}})
+    held = _fill(fleet, "interactive")  # interactive may use all 12
+    assert len(held) == 12
+    interactive = _wait_in_line(fleet, "interactive", 12)
+    batch = _wait_in_line(fleet, "batch", 12)
+    got = {"interactive": 0, "batch": 0}
+    for _ in range(12):  # every interactive holder finishes once, one at a time
+        fleet.release(held.pop(0))
+        # each waiter asks once, in line order (interactive first): one gets the slot
+        for lane, tickets in (("interactive", interactive), ("batch", batch)):
+            d = next(
+                (d for t in tickets if (d := fleet.admission.try_acquire("m", lease_id=t))),
+                None,
+            )
+            if d:
+                tickets.remove(d.lease_id.rpartition(".")[2])
+                got[lane] += 1
+                if lane == "interactive":
+                    held.append(d)
+                break
+    # batch is owed floor(12 * 0.66) = 7 slots: it takes them before the older interactive
+    # tickets, then interactive gets the rest; without the guarantee batch got none
+    assert got == {"batch": 7, "interactive": 5}
+
+
+def test_an_owed_lower_lane_is_woken_by_the_higher_caller_it_stops(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"m": {"max_in_flight": 2, "lanes": LANES}})
+    held = _fill(fleet, "interactive")
+    (batch,) = _wait_in_line(fleet, "batch", 1)
+    fleet.release(held.pop())
+    # the slot is owed to batch (floor(2 * 0.66) = 1): interactive is told to queue, and
+    # batch learns its turn from that refusal
+    d = fleet.try_acquire("m", lane="interactive")
+    assert not d and d.reason == "queued"
+    assert fleet.admission.wait_turn("m", batch, 5.0)
+    assert fleet.admission.try_acquire("m", lease_id=batch).allowed
+    fleet.release(held.pop())
+    assert fleet.try_acquire("m", lane="interactive").allowed  # batch holds its 1
+
+
+def test_batch_gets_its_guaranteed_share_of_a_saturated_window(make_fleet: MakeFleet) -> None:
+    """Both lanes saturated on a request window: batch gets about 66% of the rate, not
+    the few percent strict priority left it (threads asking through fleet.slot)."""
+    fleet = make_fleet({"m": {"rpm": 3000, "burst": 0.001, "lanes": LANES}})
+    admitted: list[str] = []  # in order
+    stop = threading.Event()
+
+    def agent(lane: str) -> None:
+        while not stop.is_set():
+            with fleet.slot("m", lane=lane, max_wait=10):
+                admitted.append(lane)
+
+    threads = [threading.Thread(target=agent, args=(lane,)) for lane in LANES for _ in range(6)]
+    for t in threads:
+        t.start()
+    stop.wait(3.0)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    steady = admitted[len(admitted) // 5 :]  # past the first burst
+    assert len(steady) >= 60  # 50 calls/s for 3 s: the window was saturated
+    share = steady.count("batch") / len(steady)
+    assert 0.55 <= share <= 0.77, (share, len(steady))

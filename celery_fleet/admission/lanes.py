@@ -16,11 +16,21 @@ A limit may declare lanes::
   reserves of a limit sum to less than 1.
 
 A caller of lane L may use the part of each budget not reserved for the lanes above it,
-its *usable share* ``1 - sum(reserve of lanes with a lower priority number)``. With the
-example, batch may hold at most ``floor(12 * 0.66) = 7`` in flight and spend at most 66% of
-each window's burst, so an interactive caller finds room at once behind a saturated batch
-lane; interactive may use everything. A lower lane is never held to zero by the reserves
-(at least one slot, and a call's worth of each window, when the budget is otherwise idle).
+its *usable share* ``1 - sum(reserve of lanes with a lower priority number)``: lane L and
+the lanes below it hold at most ``floor(cap * share)`` in flight together and spend at most
+that share of each window's burst. With the example, batch may hold at most
+``floor(12 * 0.66) = 7`` in flight and spend at most 66% of each window's burst, so an
+interactive caller finds room at once behind a saturated batch lane; interactive may use
+everything.
+
+Every lane but the first is also *guaranteed* a part of each budget while it waits
+(:attr:`Lane.guarantee`): its own reserve, and for the lowest lane what the reserves leave
+(its share). While a lane holds less than ``floor(cap * guarantee)`` in flight and has
+spent less than that part of each window's rate lately, it is *owed*: its waiting tickets
+go before those of the lanes above, which leave it that budget. So behind a saturated
+interactive lane, batch still gets 7 of the 12 slots and 66% of each window's rate, and
+never more while interactive waits (``store/scripts/_lib/lanes.lua``). With tiny budgets
+the floor may round a guarantee to zero (a cap of 1 is interactive's whenever it waits).
 
 A caller that names no lane is in the limit's **lowest-priority lane** (the last one): a
 caller that did not say it is urgent must not spend what is kept for the ones that did.
@@ -56,8 +66,12 @@ class Lane:
     name: str
     priority: int
     reserve: float
-    #: the part of each budget this lane may use: 1 - the reserves of the lanes above it
+    #: the part of each budget this lane may use: 1 - the reserves of the lanes above
     share: float
+    #: the part of each budget it is owed while it waits (0: none; see module)
+    guarantee: float = 0.0
+    #: (priority, guarantee) of each lane below with a guarantee, highest first
+    below: tuple[tuple[int, float], ...] = ()
 
     @property
     def marker(self) -> str:
@@ -66,11 +80,15 @@ class Lane:
 
     @property
     def arg(self) -> bytes:
-        """acquire.lua's ARGV[5]: ``<priority>`` for a lane that may use everything, else
-        ``<priority>:<usable share>``."""
-        if self.share >= 1.0:
-            return b"%d" % self.priority
-        return f"{self.priority}:{self.share!r}".encode()
+        """acquire.lua's ARGV[5] (``store/scripts/_lib/lanes.lua``): ``<priority>`` for a
+        lane that may use everything, else ``<priority>:<usable share>``, with
+        ``:<guarantee>`` if it has one; then ``|<priority>:<guarantee>`` per lane below."""
+        own = f"{self.priority}"
+        if self.share < 1.0 or self.guarantee > 0:
+            own += f":{self.share!r}"
+        if self.guarantee > 0:
+            own += f":{self.guarantee!r}"
+        return (own + "".join(f"|{p}:{g!r}" for p, g in self.below)).encode()
 
     def usable(self, budget: float) -> int:
         """Of an in-flight cap of ``budget``, how many this lane may hold (at least 1)."""
@@ -169,8 +187,17 @@ def parse_lanes(raw: object, limit: str, setting: str) -> Lanes | None:
         raise ConfigError(
             f"{setting}: the reserves sum to {total:g}; they must leave something (sum < 1)"
         )
-    lanes, above = [], 0.0
-    for priority, reserve, name in parsed:
-        lanes.append(Lane(name, priority, reserve, share=1.0 - above))
+    shares, above = [], 0.0
+    for _, reserve, _ in parsed:
+        shares.append(1.0 - above)
         above += reserve
+    # every lane but the first is owed its reserve; the lowest, what the reserves leave
+    owed = [0.0] + [reserve for _, reserve, _ in parsed[1:-1]]
+    if len(parsed) > 1:
+        owed.append(shares[-1])
+    lanes = []
+    for i, (priority, reserve, name) in enumerate(parsed):
+        lower = zip(parsed[i + 1 :], owed[i + 1 :], strict=True)
+        below = tuple((p, g) for (p, _, _), g in lower if g > 0)
+        lanes.append(Lane(name, priority, reserve, shares[i], owed[i], below))
     return Lanes(limit, tuple(lanes))

@@ -26,11 +26,13 @@
 --          answer, so a resend never charges twice; 4 only looks that lease up (an ask
 --          cancelled in flight): its lease, or a refusal ("gone") that changes nothing
 -- ARGV[5]  lane: "<priority>" (a lane that may use every budget; "0" on a limit without
---          lanes) or "<priority>:<usable share>" (0 < share < 1: the part of every budget
---          not reserved for the lanes above; see admission/lanes.py). The priority is the
---          first term of the line's order key; the share cuts this caller's in-flight cap
---          to max(1, floor(cap * share)) and each window's tolerance to
---          max(tau * share, min(step, tau)) (never below one call: no lane starves to zero)
+--          lanes) or "<priority>:<usable share>[:<guarantee>]", then "|<q>:<g>" per lane
+--          below with a guarantee (_lib/lanes.lua; admission/lanes.py). The priority is the
+--          first term of the line's order key; the share caps what this lane and the lanes
+--          below hold in flight together at max(1, floor(cap * share)) and cuts each
+--          window's tolerance to max(tau * share, min(step, tau)) (never below one call).
+--          A lane owed its guarantee (_lib/lanes.lua) passes the tickets of the lanes
+--          above and spends the window's whole tolerance; the lanes above leave it that.
 -- ARGV[6]  the limit's constants as little-endian doubles (struct.unpack: one call instead of
 --          a tonumber per argument): lease TTL (ms); max_in_flight (0 = no cap); adaptive
 --          initial cap (0 = not adaptive: ctl.cap and rate_factor are ignored); breaker reset
@@ -78,6 +80,7 @@
 --#include _lib/line
 --#include _lib/ctl
 --#include _lib/keys
+--#include _lib/lanes
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -102,11 +105,7 @@ if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
   end
   if ARGV[4] == '4' then return {0, 0, 'gone', redis.call('ZCARD', KEYS[2]), now_us, 0, 0, 0} end
 end
-local lane, share = 0, 1
-do
-  local p, u = string.match(ARGV[5], '^(%d+):(.+)$')
-  if p then lane, share = tonumber(p), tonumber(u) else lane = tonumber(ARGV[5]) end
-end
+local lane, share, guar, below = lane_arg(ARGV[5])
 local consts = ARGV[6]
 local ttl, max_in_flight, init_cap, reset_ms, ticket_ttl, grace, nwin =
   struct.unpack('<ddddddd', consts)
@@ -145,6 +144,10 @@ local I_VT = 0
 if keyed then fields[#fields + 1] = 'vt'; I_VT = #fields end
 local NFIXED = #fields
 for i = 1, nwin do fields[NFIXED + i] = ARGV[6 + i] end
+-- a lane with a guarantee: its guarantee clock per window (_lib/lanes.lua) follows
+if guar > 0 then
+  for i = 1, nwin do fields[NFIXED + nwin + i] = 'g' .. lane .. ':' .. ARGV[6 + i] end
+end
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
 -- each window's emission interval and tolerance, from the constants
 local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
@@ -156,7 +159,14 @@ if paused > 0 then refuse(paused, 'paused') end
 local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
 local cap = cap_in_force(max_in_flight, init_cap, ctl[I_CAP])
--- A lower lane may hold only its share of the cap: the rest is kept for the lanes above.
+-- leases per lane, read once and only when a lane's share or guarantee needs it
+local census = nil
+local function lanes_held()
+  if not census then census = lane_census(KEYS[2], now) end
+  return census
+end
+-- A lower lane and the ones below it may hold only its share of the cap together: the
+-- rest is kept for the lanes above.
 local lane_cap = cap
 if share < 1 and cap > 0 then lane_cap = math.max(1, math.floor(cap * share)) end
 if (cap > 0 and in_flight >= lane_cap) or in_flight >= SWEEP_AT then
@@ -173,7 +183,11 @@ if cap > 0 then
   -- later than the first lease expiry, never a busy loop.
   unit = math.max(1, (tonumber(ctl[I_HOLD]) or 200) / cap)
   slack = lane_cap - in_flight
-  if in_flight >= lane_cap then
+  if slack <= 0 and lane_cap < cap and in_flight < cap then
+    -- past its share of the total, but the lanes above hold part of that
+    slack = math.min(cap - in_flight, lane_cap - held_from(lanes_held(), lane))
+  end
+  if slack <= 0 then
     local hint = math.max(5, unit)
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     if first[2] then hint = math.min(hint, math.max(1, tonumber(first[2]) - now)) end
@@ -181,11 +195,28 @@ if cap > 0 then
   end
 end
 
+-- line_until says when the last ticket expires at the latest: before it, nobody waits.
+local nline = 0
+if (tonumber(ctl[4]) or 0) > now then
+  nline = redis.call('ZCARD', KEYS[3])
+  if nline > 0 then
+    if line_sweep(KEYS[3], KEYS[5], now, 64) > 0 then nline = redis.call('ZCARD', KEYS[3]) end
+  end
+end
+-- A lane with a guarantee, when others wait: is it owed (_lib/lanes.lua)?
+local owed = false
+if guar > 0 and nline > 0 then
+  local clocks = {}
+  for i = 1, nwin do clocks[i] = ctl[NFIXED + nwin + i] end
+  owed = lane_owed(lanes_held()[lane] or 0, cap, guar, clocks, now)
+end
+
 -- The rate factor stretches every window (adaptive, or the provider's headers).
 local adaptive_factor = nil
 if init_cap > 0 then adaptive_factor = tonumber(ctl[I_RATE]) end
 local factor = rate_factor(adaptive_factor, tonumber(ctl[2]), tonumber(ctl[3]), now)
 local new_tats = {}
+local steps = {}
 local horizon = now
 for i = 1, nwin do
   local field = fields[NFIXED + i]
@@ -194,8 +225,10 @@ for i = 1, nwin do
   local cost = 1
   if string.sub(field, 1, 1) == 't' then cost = tokens end
   local step = cost * emission
-  -- A lower lane may spend only its share of the burst, but always one call's worth.
-  if share < 1 then tolerance = math.max(tolerance * share, math.min(step, tolerance)) end
+  steps[i] = step
+  -- A lower lane may spend only its share of the burst, but always one call's worth
+  -- (all of it while it is owed its guarantee).
+  if share < 1 and not owed then tolerance = math.max(tolerance * share, math.min(step, tolerance)) end
   local tat, over = gcra_check(ctl[NFIXED + i], step, tolerance, now)
   if over > 0 then
     refuse(over, field)
@@ -266,18 +299,11 @@ end end
 
 -- The line: callers refused before wait in order of (lane, age); nobody passes an older
 -- ticket of its own lane or any ticket of a lane above (their order keys are smaller),
--- while a caller passes every ticket of the lanes below.
--- line_until says when the last ticket expires at the latest: before it, nobody waits.
-local nline = 0
+-- while a caller passes every ticket of the lanes below; a lane owed its guarantee
+-- passes those of the lanes above too (_lib/lanes.lua).
 local mine = nil
 local ahead = 0
 local higher = 0  -- tickets of the lanes above the caller's: it never goes before them
-if (tonumber(ctl[4]) or 0) > now then
-  nline = redis.call('ZCARD', KEYS[3])
-  if nline > 0 then
-    if line_sweep(KEYS[3], KEYS[5], now, 64) > 0 then nline = redis.call('ZCARD', KEYS[3]) end
-  end
-end
 if since <= 0 then since = now end
 local score = lane * 4398046511104 + math.floor(since)
 local tag = 0
@@ -304,7 +330,39 @@ if nline > 0 then
   if lane > 0 and ahead > 0 then
     higher = redis.call('ZCOUNT', KEYS[3], '-inf',
                         string.format('(%.17g', lane * 4398046511104))
+    if owed then
+      ahead = ahead - higher
+      higher = 0
+    end
   end
+end
+
+-- The lanes below that wait and are owed their guarantee: their first tickets, and the
+-- slots they are owed (only asked when budget is free for this caller and others wait).
+local function owed_below()
+  local heads, need = {}, 0
+  for q, g in string.gmatch(below, '(%d+):([^|]+)') do
+    q, g = tonumber(q), tonumber(g)
+    local lo = q * LANE_SPAN
+    local hi = string.format('(%.17g', lo + LANE_SPAN)
+    local first = redis.call('ZRANGEBYSCORE', KEYS[3], lo, hi, 'LIMIT', 0, 1)
+    if first[1] and first[1] ~= id then
+      local clocks = {}
+      if nwin > 0 then
+        local names = {}
+        for i = 1, nwin do names[i] = 'g' .. q .. ':' .. fields[NFIXED + i] end
+        clocks = redis.call('HMGET', KEYS[1], unpack(names))
+      end
+      local held = lanes_held()[q] or 0
+      if lane_owed(held, cap, g, clocks, now) then
+        heads[#heads + 1] = first[1]
+        local n = redis.call('ZCOUNT', KEYS[3], lo, hi)
+        if cap > 0 then n = math.min(n, math.floor(cap * g) - held) end
+        need = need + n
+      end
+    end
+  end
+  return heads, need
 end
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
@@ -340,6 +398,16 @@ if reason ~= 'circuit_open' then
     -- batch calls could keep a large interactive one waiting). Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
     wake_first(math.min(slack, nline))
+  elseif wait == 0 and below and nline > 0 then
+    -- A lane below is owed its guarantee: leave it what it is owed (every window's next
+    -- call: a window's share cannot be counted out per lane) and wake it.
+    local heads, need = owed_below()
+    if #heads > 0 and (nwin > 0 or slack <= need) then
+      refuse(math.max(1, unit), 'queued')
+      for _, ticket in ipairs(heads) do
+        wake(KEYS[5], KEYS[6], ticket, ticket_ttl, now + grace)
+      end
+    end
   elseif wait > 0 and ahead > 0 then
     -- Behind others: its own wait comes after theirs (an estimate, hence "queued").
     wait = wait + ahead * unit
@@ -380,6 +448,17 @@ local hset = {}
 for i = 1, nwin do
   hset[#hset + 1] = fields[NFIXED + i]
   hset[#hset + 1] = new_tats[i]  -- a Lua number goes to Redis as %.17g: exact
+end
+if guar > 0 then
+  -- this lane's guarantee clocks move by what it spends, at its guaranteed rate; one
+  -- that fell behind keeps two calls of credit (the wake-up that lets the owed lane in
+  -- takes a round trip or two: without credit the lane would lose that time every call)
+  for i = 1, nwin do
+    local clock = tonumber(ctl[NFIXED + nwin + i]) or now
+    if clock < now - 2 * steps[i] / guar then clock = now - 2 * steps[i] / guar end
+    hset[#hset + 1] = fields[NFIXED + nwin + i]
+    hset[#hset + 1] = clock + steps[i] / guar
+  end
 end
 if keyed then
   -- the virtual time moves to the start tag of the ticket admitted (never back)
