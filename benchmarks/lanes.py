@@ -11,9 +11,12 @@ the end. Two parts:
    this process, each asking every ``[0, 2 x hold]`` s and holding likewise; its admission
    wait is the time ``__enter__`` took. Scenarios, each ``--seconds`` long: batch idle;
    batch saturated with the reserve; saturated with lanes but no reserve (priority alone);
-   saturated without lanes (one FIFO line: the baseline). Reported: interactive wait
-   p50/p95/p99 and batch admissions/s. Target: p95 <= hold + 50 ms behind a saturated batch
-   lane, and batch keeps at least its share (``floor(cap x (1 - reserve)) / hold`` per s).
+   saturated without lanes (one FIFO line: the baseline); both lanes saturated (as many
+   interactive processes as batch ones, looping like batch's, beside the timed threads).
+   Reported: interactive wait p50/p95/p99, batch admissions/s and, with both saturated,
+   batch's share of the slots. Targets: p95 <= hold + 50 ms behind a saturated batch lane;
+   batch keeps at least what the reserve leaves it (``floor(cap x (1 - reserve))`` of the
+   ``cap`` slots) even behind a saturated interactive lane.
 2. **Cost of a limit without lanes, before and after.** A spawned process per code tree
    (this tree, and ``--baseline``, the commit before lanes, exported with ``git archive``)
    times ``try_acquire`` + ``release`` of a limit without lanes (budgets never binding), in
@@ -48,6 +51,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DB = 6
+SCENARIOS = ("batch idle", "saturated", "no reserve", "fifo", "both saturated")
 
 
 def limits(opts: argparse.Namespace, scenario: str) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def batch_process(url: str, ns: str, spec: dict[str, Any], threads: int, hold_s:
         t.start()
     for t in pool:
         t.join()
-    out.put(sum(counts))
+    out.put((lane, sum(counts)))
     fleet.store.reset()
 
 
@@ -95,22 +99,15 @@ def scenario_run(opts: argparse.Namespace, scenario: str) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     start, stop, out = ctx.Event(), ctx.Event(), ctx.Queue()
     procs_n, threads = opts.batch if scenario != "batch idle" else (0, 0)
+    lanes = ["batch" if laned else None] * procs_n
+    if scenario == "both saturated":
+        lanes += ["interactive"] * procs_n
     procs = [
         ctx.Process(
             target=batch_process,
-            args=(
-                opts.url,
-                ns,
-                spec,
-                threads,
-                opts.hold_s,
-                "batch" if laned else None,
-                start,
-                stop,
-                out,
-            ),
+            args=(opts.url, ns, spec, threads, opts.hold_s, lane, start, stop, out),
         )  # fmt: skip
-        for _ in range(procs_n)
+        for lane in lanes
     ]
     for p in procs:
         p.start()
@@ -141,7 +138,11 @@ def scenario_run(opts: argparse.Namespace, scenario: str) -> dict[str, Any]:
     for t in pool:
         t.join()
     stop.set()
-    batch_total = sum(out.get(timeout=120) for _ in procs)
+    totals = {"batch": 0, "interactive": 0, None: 0}
+    for _ in procs:
+        lane, n = out.get(timeout=120)
+        totals[lane] += n
+    batch_total = totals["batch"] + totals[None]
     for p in procs:
         p.join(30)
     fleet.store.reset()
@@ -154,6 +155,7 @@ def scenario_run(opts: argparse.Namespace, scenario: str) -> dict[str, Any]:
         "scenario": scenario,
         "waits_ms": sorted(w * 1000 for w in waits),
         "batch_per_s": batch_total / opts.seconds,
+        "interactive_per_s": totals["interactive"] / opts.seconds,
     }
 
 
@@ -234,14 +236,18 @@ def lanes_table(opts: argparse.Namespace, runs: list[dict[str, Any]]) -> list[st
         f"call; batch {opts.batch[0]} x {opts.batch[1]} threads (saturated), interactive "
         f"{opts.interactive} threads asking every U(0, {2 * opts.hold_ms}) ms; "
         f"{opts.seconds:g} s a scenario ({opts.warmup:g} s warm-up not counted).\n",
-        "| scenario | interactive calls | wait p50 ms | p95 ms | p99 ms | batch admissions/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| scenario | interactive calls | wait p50 ms | p95 ms | p99 ms | batch admissions/s "
+        "| batch share of looping admissions |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         w = r["waits_ms"]
+        looping = r["batch_per_s"] + r.get("interactive_per_s", 0.0)
+        part = r["batch_per_s"] / looping if r.get("interactive_per_s") else math.nan
         out.append(
             f"| {r['scenario']} | {len(w)} | {pct(w, 0.5):.1f} | {pct(w, 0.95):.1f} | "
-            f"{pct(w, 0.99):.1f} | {r['batch_per_s']:.1f} |"
+            f"{pct(w, 0.99):.1f} | {r['batch_per_s']:.1f} | "
+            f"{'-' if math.isnan(part) else f'{part:.0%}'} |"
         )
     target = opts.hold_ms + 50
     sat = next(r for r in runs if r["scenario"] == "saturated")
@@ -252,6 +258,15 @@ def lanes_table(opts: argparse.Namespace, runs: list[dict[str, Any]]) -> list[st
         f"{share} slots / {opts.hold_ms} ms = {share * 1000 / opts.hold_ms:.0f}/s at most "
         f"while interactive uses the rest.\n"
     )
+    both = next((r for r in runs if r["scenario"] == "both saturated"), None)
+    if both:
+        got = both["batch_per_s"] / (both["batch_per_s"] + both["interactive_per_s"])
+        owed = share / opts.cap
+        out.append(
+            f"Both lanes saturated: batch got {got:.0%} of the looping admissions "
+            f"(owed {share}/{opts.cap} = {owed:.0%} of the slots: "
+            f"{'met' if got >= owed - 0.05 else 'NOT met'}, within 5 points).\n"
+        )
     return out
 
 
@@ -322,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     client.ping()
     runs = []
     parts = set(opts.parts.split(","))
-    for scenario in ("batch idle", "saturated", "no reserve", "fifo") if "lanes" in parts else ():
+    for scenario in SCENARIOS if "lanes" in parts else ():
         print(f"lanes: {scenario} ...", file=sys.stderr)
         runs.append(scenario_run(opts, scenario))
     costs = cost(opts) if opts.baseline and "cost" in parts else {}

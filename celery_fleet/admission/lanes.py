@@ -25,7 +25,8 @@ everything.
 
 Every lane but the first is also *guaranteed* a part of each budget while it waits
 (:attr:`Lane.guarantee`): its own reserve, and for the lowest lane what the reserves leave
-(its share). While a lane holds less than ``floor(cap * guarantee)`` in flight and has
+(its share; nothing when no lane above reserves anything: then priority alone decides, and
+a saturated higher lane starves the lower ones). While a lane holds less than ``floor(cap * guarantee)`` in flight and has
 spent less than that part of each window's rate lately, it is *owed*: its waiting tickets
 go before those of the lanes above, which leave it that budget. So behind a saturated
 interactive lane, batch still gets 7 of the 12 slots and 66% of each window's rate, and
@@ -194,7 +195,8 @@ def parse_lanes(raw: object, limit: str, setting: str) -> Lanes | None:
     # every lane but the first is owed its reserve; the lowest, what the reserves leave
     owed = [0.0] + [reserve for _, reserve, _ in parsed[1:-1]]
     if len(parsed) > 1:
-        owed.append(shares[-1])
+        # what the reserves above leave; none reserved: priority alone, nothing owed
+        owed.append(shares[-1] if shares[-1] < 1.0 else 0.0)
     lanes = []
     for i, (priority, reserve, name) in enumerate(parsed):
         lower = zip(parsed[i + 1 :], owed[i + 1 :], strict=True)
