@@ -26,9 +26,10 @@ everything.
 Every lane but the first is also *guaranteed* a part of each budget while it waits
 (:attr:`Lane.guarantee`): its own reserve, and for the lowest lane what the reserves leave
 (its share; nothing when no lane above reserves anything: then priority alone decides, and
-a saturated higher lane starves the lower ones). While a lane holds less than ``floor(cap * guarantee)`` in flight and has
-spent less than that part of each window's rate lately, it is *owed*: its waiting tickets
-go before those of the lanes above, which leave it that budget. So behind a saturated
+a saturated higher lane starves the lower ones). While a lane holds less than
+``floor(cap * guarantee)`` in flight and has spent less than that part of each window's
+rate lately, it is *owed*: its waiting tickets go before those of the lanes above, which
+leave it that budget. So behind a saturated
 interactive lane, batch still gets 7 of the 12 slots and 66% of each window's rate, and
 never more while interactive waits (``store/scripts/_lib/lanes.lua``). With tiny budgets
 the floor may round a guarantee to zero (a cap of 1 is interactive's whenever it waits).
