@@ -13,9 +13,10 @@
    Python per ask): the plain limit's admission must cost the same.
 2. **Keys left**: the one-off keys' Redis state after their TTL (target: none).
 3. **Fair share**: threads of three keys with 300, 30 and 3 callers behind one in-flight
-   cap (20 ms holds), spread over ``--procs`` processes (default 3): admitted share per
-   key and Jain's index over normalized shares (target >= 0.99), with keys
-   (``"weights": {}``) and without (FIFO by age, the baseline).
+   cap of 6, spread over ``--procs`` processes (default 3), each call a chat completion
+   against a ProviderSim with the same cap (about 20 ms of latency; a 429 would be
+   counted): admitted share per key and Jain's index over normalized shares (target >=
+   0.99), with keys (``"weights": {}``) and without (FIFO by age, the baseline).
 
 Usage::
 
@@ -179,22 +180,26 @@ CALLERS = {"big": 300, "mid": 30, "small": 3}
 
 def _fair_process(
     url: str, namespace: str, spec: dict[str, Any], callers: dict[str, int], keyed: bool,
-    seconds: float, barrier: Any, out: Any,
+    seconds: float, sim_url: str, barrier: Any, out: Any,
 ) -> None:  # fmt: skip
     """One process of the fair-share run: its threads of each key, counted in the window."""
+    import httpx
+
     f = Fleet(limits={LIMIT: spec}, redis_url=url, namespace=namespace)
     stop, counting = threading.Event(), threading.Event()
     admitted: Counter[str] = Counter()
     lock = threading.Lock()
+    client = httpx.Client(base_url=sim_url, limits=httpx.Limits(max_connections=16), timeout=30)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
     def worker(key: str) -> None:
         while not stop.is_set():
             try:
                 with f.slot(LIMIT, key=key, max_wait=30) if keyed else f.slot(LIMIT, max_wait=30):
+                    status = client.post("/chat/completions", json=body).status_code
                     if counting.is_set():
                         with lock:
-                            admitted[key] += 1
-                    time.sleep(0.02)
+                            admitted[key if status == 200 else f"http {status}"] += 1
             except Throttled:
                 continue
 
@@ -213,6 +218,7 @@ def _fair_process(
     stop.set()
     for t in threads:
         t.join(timeout=60)
+    client.close()
     out.put(dict(admitted))
 
 
@@ -223,6 +229,10 @@ def fair(url: str, keyed: bool, seconds: float, procs: int = 3) -> Counter[str]:
         spec["weights"] = {}
     if _fleet(url, spec) is None:
         return Counter()
+    from celery_fleet.testing import ProviderSim
+
+    sim = ProviderSim(rpm=None, tpm=None, max_in_flight=6, latency=0.02, latency_sigma=0.1)
+    sim.start()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(procs), ctx.Queue()
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
@@ -233,7 +243,7 @@ def fair(url: str, keyed: bool, seconds: float, procs: int = 3) -> Counter[str]:
     workers = [
         ctx.Process(
             target=_fair_process,
-            args=(url, namespace, spec, part, keyed, seconds, barrier, out),
+            args=(url, namespace, spec, part, keyed, seconds, sim.base_url, barrier, out),
         )
         for part in shares
     ]
@@ -244,6 +254,7 @@ def fair(url: str, keyed: bool, seconds: float, procs: int = 3) -> Counter[str]:
         admitted.update(out.get(timeout=seconds + 120))
     for w in workers:
         w.join(timeout=60)
+    sim.stop()
     return admitted
 
 
@@ -284,11 +295,14 @@ def main() -> int:
         admitted = fair(url, keyed, args.fair_seconds, args.procs)
         if not admitted:
             continue
-        total = sum(admitted.values())
-        shares = [admitted[k] / total for k in ("big", "mid", "small")]
+        total = sum(admitted[k] for k in CALLERS)
+        refused = sum(n for k, n in admitted.items() if k not in CALLERS)
+        shares = [admitted[k] / total for k in CALLERS]
+        answered = {k: admitted[k] for k in CALLERS}
         lines.append(
-            f"{'keys' if keyed else 'FIFO'}: admitted {dict(admitted)}, shares "
-            f"{[round(s, 3) for s in shares]}, Jain {jain([3 * s for s in shares]):.4f}"
+            f"{'keys' if keyed else 'FIFO'}: answered {answered}"
+            f", shares {[round(s, 3) for s in shares]}, Jain {jain([3 * s for s in shares]):.4f}"
+            f", ProviderSim errors {refused}"
         )
     lines.append("```")
     body = "\n".join(lines) + "\n"
