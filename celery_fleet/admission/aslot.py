@@ -371,10 +371,20 @@ class AsyncMethods:
         max_wait: float | None = None,
         validate: Any = None,
         usage: Any = None,
+        key: Any = None,
+        lane: Any = None,
     ) -> Any:
-        """:meth:`Fleet.guarded` for coroutine functions (``async def``)."""
+        """:meth:`Fleet.guarded` for coroutine functions (``async def``): the same
+        arguments, ``key`` and ``lane`` included."""
         from .guarded import aguarded
 
         return aguarded(
-            self, name, tokens=tokens, max_wait=max_wait, validate=validate, usage=usage
+            self,
+            name,
+            tokens=tokens,
+            max_wait=max_wait,
+            validate=validate,
+            usage=usage,
+            key=key,
+            lane=lane,
         )
