@@ -295,6 +295,7 @@ class Admission:
         """A new ticket (lease id) of limit ``name`` in ``lane`` (None: the limit's lowest
         lane); :class:`ConfigError` for a lane the limit does not have."""
         return self.new_ticket(name, lane=lane)
+
     def order_of(self, name: str, run: Run) -> int:
         """The ``since_ms`` an ask of ``run`` sends for ``name``: the run's age in line or,
         on a limit with keys, the place its last refused ticket held (so a new ticket, a
