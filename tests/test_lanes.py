@@ -267,9 +267,18 @@ def test_usable_shares_come_from_the_lanes_above() -> None:
         ({"a": {"priority": 0, "resrve": 0.1}}, "resrve"),
         ({"a": {"priority": 0}, "b": {"priority": 0}}, "both have priority 0"),
         (
-            {"a": {"priority": 0, "reserve": 0.6}, "b": {"priority": 1, "reserve": 0.4}},
+            {
+                "a": {"priority": 0, "reserve": 0.6},
+                "b": {"priority": 1, "reserve": 0.4},
+                "c": {"priority": 2},
+            },
             "reserves sum to 1",
         ),
+        (
+            {"a": {"priority": 0, "reserve": 0.3}, "b": {"priority": 1, "reserve": 0.1}},
+            "['b']['reserve'] = 0.1: 'b' is the lowest lane (priority 1)",
+        ),
+        ({"only": {"priority": 3, "reserve": 0.2}}, "a limit with one lane"),
         ({"a b": {"priority": 0}}, "'lanes'] key"),
     ],
 )
@@ -277,6 +286,12 @@ def test_bad_lanes_are_config_errors(lanes: object, message: str) -> None:
     with pytest.raises(ConfigError, match="fleet_limits\\['m'\\]\\['lanes'\\]") as info:
         parse_limits({"m": {"max_in_flight": 2, "lanes": lanes}})
     assert message in str(info.value)
+
+
+def test_a_zero_reserve_on_the_lowest_lane_is_accepted() -> None:
+    lanes = {"a": {"priority": 0, "reserve": 0.3}, "b": {"priority": 1, "reserve": 0}}
+    cfg = parse_limits({"m": {"max_in_flight": 10, "lanes": lanes}})["m"]
+    assert cfg.lanes is not None and cfg.lanes.default.guarantee == 0.7
 
 
 def test_an_unknown_lane_is_a_config_error_before_redis(make_fleet: MakeFleet) -> None:

@@ -94,9 +94,10 @@ def _table(rows: list[LimitStatus]) -> str:
             lines.append(f"  config       version {s.config_version}{what}")
         for x in s.lanes:
             most = "" if x.cap is None else f"/{x.cap}"
+            owed = "" if not x.guarantee else f", owed {x.owed if x.owed else f'{x.guarantee:.0%}'}"
             lines.append(
                 f"  lane {x.lane:<7} {x.in_flight}{most} in flight, {x.waiting} waiting "
-                f"(priority {x.priority}, may use {x.share:.0%})"
+                f"(priority {x.priority}, may use {x.share:.0%}{owed})"
             )
         if s.keys is not None:
             lines.append(f"  busiest keys {'(none)' if not s.keys else ''}".rstrip())
