@@ -11,9 +11,10 @@ Example::
 workers): every worker scores every queue with a stable hash of ``(worker, queue)``
 (rendezvous, or highest-random-weight, hashing); a queue goes to its best-scoring worker.
 Plain rendezvous hashing balances only on average (32 queues over 3 workers can split
-15/10/7), so the assignment is *bounded*: queues are placed in order of their best score, each with its best-scoring
-worker that still has room (every worker first gets ``floor(queues / workers)``, then the
-remainder one each), so the loads differ by one at most. When a worker joins or leaves,
+15/10/7), so the assignment is *bounded*: queues are placed in order of their best
+score, each with its best-scoring worker that still has room (every worker first gets
+``floor(queues / workers)``, then the remainder one each), so the loads differ by one at
+most. When a worker joins or leaves,
 about ``1/n`` of the queues move, more when the cap pushes queues to a later choice:
 measured over 30 random fleets, 1.1-1.7 times the ideal ``queues/n`` for 64 queues over 2
 to 8 workers, up to 3 times with fewer than 8 queues per worker. Keep several queues per
