@@ -92,6 +92,9 @@ def test_a_customers_tasks_run_on_its_queues_home(redis_url: str) -> None:
         for customer, workers in by_customer.items():
             assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
         assert m.by_callable.delay("x", 1).get(timeout=30) == config.queue_for("c:x")
+        # a rescheduled task goes back to its affinity queue (published again by the pump)
+        runs = m.throttled_once.delay("c3", new_run()).get(timeout=60)
+        assert runs == [config.queue_for("customer:c3")] * 2
 
 
 def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
