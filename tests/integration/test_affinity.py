@@ -166,6 +166,19 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
         assert f"affinity queues ({mode}" in text and row.name in text, text
 
 
+def test_a_shared_worker_drains_tasks_left_in_affinity_queues(redis_url: str) -> None:
+    """Switching from "dedicated" to "shared" strands nothing: the tasks already waiting in
+    affinity queues are consumed (here sent there directly, as the old mode did)."""
+    with _workers(redis_url, "shared", 1) as (m, _procs, _name):
+        config = m.fleet.distribution
+        left = [
+            m.app.send_task(m.handle.name, (f"c{q}", q), queue=config.queue_name(q))
+            for q in range(QUEUES)
+        ]
+        assert sorted(r.get(timeout=60)["n"] for r in left) == list(range(QUEUES))
+        assert m.handle.delay("c1", 99).get(timeout=30)["queue"] == f"fleet-{m.NAMESPACE}"
+
+
 def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) -> None:
     broker = redis_url.rsplit("/", 1)[0] + "/12"
     env = {
