@@ -29,7 +29,11 @@ LEASE_S = 1.5
 
 @contextmanager
 def _workers(
-    redis_url: str, mode: str, workers: int, pool: tuple[str, str] = ("threads", "2")
+    redis_url: str,
+    mode: str,
+    workers: int,
+    pool: tuple[str, str] = ("threads", "2"),
+    lease_s: float = LEASE_S,
 ) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
     broker = redis_url.rsplit("/", 1)[0] + "/12"
     name = f"aff-{new_run()}"
@@ -40,7 +44,7 @@ def _workers(
         "FLEET_AFF_QUEUE": f"fleet-{name}",
         "FLEET_AFF_MODE": mode,
         "FLEET_AFF_QUEUES": str(QUEUES),
-        "FLEET_AFF_LEASE": str(LEASE_S),
+        "FLEET_AFF_LEASE": str(lease_s),
     }
     with celery_workers(
         "tests.integration.affinity_app",
@@ -121,6 +125,18 @@ def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> Non
         assert ran == set(calls)
         # within one lease and the rounds that notice it (reported, not a speed test)
         print(f"queues moved {moved_s:.2f} s after the SIGKILL (lease {LEASE_S} s)")
+
+
+def test_a_worker_that_stops_gives_its_queues_up_at_once(redis_url: str) -> None:
+    """A warm shutdown cancels the worker's consumers and deletes its leases: the queues
+    move at the peer's next round, long before the (30 s) lease would lapse."""
+    with _workers(redis_url, "dedicated", 2, lease_s=30.0) as (m, procs, name):
+        _wait_homes(m, 2)
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(20)
+        homes = _wait_homes(m, 1, within_s=15.0)
+        assert all(h.startswith(f"{name}-1@") for h in homes)
+        assert m.handle.delay("c1", 1).get(timeout=30)["worker"].startswith(f"{name}-1@")
 
 
 def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
