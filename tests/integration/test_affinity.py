@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from types import ModuleType
 
 import pytest
+from kombu import Connection
 
 from celery_fleet.distribution.status import affinity_status
 from celery_fleet.observability.cli import _status
@@ -34,11 +36,15 @@ def _workers(
     workers: int,
     pool: tuple[str, str] = ("threads", "2"),
     lease_s: float = LEASE_S,
+    amqp: str | None = None,
 ) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
+    """Workers of affinity_app.py on the Redis broker (DB 12), or on RabbitMQ (``amqp``:
+    the fleet's Redis and the result backend stay on DB 12)."""
     broker = redis_url.rsplit("/", 1)[0] + "/12"
     name = f"aff-{new_run()}"
     settings = {
-        "FLEET_AFF_BROKER": broker,
+        "FLEET_AFF_BROKER": amqp or broker,
+        "FLEET_AFF_BACKEND": broker,
         "FLEET_AFF_REDIS": broker,
         "FLEET_AFF_NS": name,
         "FLEET_AFF_QUEUE": f"fleet-{name}",
@@ -58,6 +64,29 @@ def _workers(
             yield module, procs, name
         finally:
             module._probe.close()
+    if amqp is not None:
+        _drop_rabbitmq_queues(amqp, name)
+
+
+AMQP_URL = os.environ.get("FLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbitmq_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _drop_rabbitmq_queues(url: str, name: str) -> None:
+    """RabbitMQ keeps a run's durable queues and exchanges: delete them."""
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for queue in [f"fleet-{name}", *(f"{name}.affinity.{q}" for q in range(QUEUES))]:
+            channel.queue_delete(queue)
+            channel.exchange_delete(queue)
+        channel.close()
 
 
 def _homes(m: ModuleType) -> list[str]:
@@ -147,11 +176,17 @@ def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
     raise AssertionError("no customer maps to a queue of " + home)
 
 
-@pytest.mark.parametrize("mode", ["steal", "dedicated"])
+@pytest.mark.parametrize(("mode", "broker"), [("steal", "redis"), ("dedicated", "redis"),
+                                             ("steal", "amqp")])  # fmt: skip
 def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
-    redis_url: str, mode: str
+    redis_url: str, mode: str, broker: str
 ) -> None:
-    with _workers(redis_url, mode, 2, ("threads", "1")) as (m, _procs, name):
+    if broker == "amqp" and not _rabbitmq_answers():
+        if os.environ.get("CI"):
+            pytest.fail(f"no RabbitMQ at {AMQP_URL}")
+        pytest.skip(f"no RabbitMQ at {AMQP_URL}")
+    amqp = AMQP_URL if broker == "amqp" else None
+    with _workers(redis_url, mode, 2, ("threads", "1"), amqp=amqp) as (m, _procs, name):
         homes = _wait_homes(m, 2)
         home, peer = f"{name}-0@", f"{name}-1@"
         customer = _hot_customer(m, homes, home)
