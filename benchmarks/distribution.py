@@ -1,0 +1,371 @@
+"""Who runs where (issue 24): shared vs dedicated vs steal, on real workers, in one run.
+
+Three ``celery worker`` processes (``--workers``; ``-P threads -c 2`` by default) run one
+task, ``work(customer_id, cost_s)`` (``benchmarks/harness/distribution_app.py``). 24
+customers (``--customers``) have 8 tasks each (``--tasks``); every 6th customer is 10x
+heavier (``--heavy``: 0.5 s against 0.05 s), and the first task of a customer in a worker
+process also pays a warm-up (``--warmup``, 0.2 s: a cache that must be loaded; a per-process
+cache, so with the threads pool a worker is one cache). All tasks are published at once,
+round-robin over the customers. Each mode runs on fresh workers (empty caches) over the
+same plan, on Redis DB 13 (flushed before and after each run: broker, records and the
+fleet's state):
+
+- ``shared``: plain Celery, one queue, every worker takes the next task;
+- ``dedicated``: ``fleet_distribution = "dedicated"``: each customer's tasks go to its
+  affinity queue, consumed only by that queue's home worker;
+- ``steal``: as dedicated, and an idle worker consumes from a peer queue deeper than
+  ``fleet_steal_threshold`` (``--threshold``).
+
+Measured from the records the tasks push (start and end on the host's monotonic clock,
+worker, warm or cold): the makespan (first publish to last end), locality (the share of
+tasks that ran warm), affinity (per customer, the share of its tasks on its most used
+worker, averaged), utilisation per worker (its tasks' time over slots x makespan). Targets
+(issue 24): steal's makespan within 10% of shared's, steal's locality at least 90% of
+dedicated's. ``--repeat R`` runs the modes R times, alternating (shared, dedicated, steal,
+shared, ...), and reports medians.
+
+``--kill``: afterwards, one more run per mode in which one worker is SIGKILLed (its whole
+process group) once 40% of the tasks are done; every task must then complete exactly once
+(counted by task id). A task the kill cut short starts again on another worker (acks_late,
+``task_reject_on_worker_lost``; the broker's visibility timeout is 5 s here, so its
+message comes back within the run): "runs" counts those extra starts.
+
+Modes the installed celery_fleet does not have yet (no ``fleet_distribution`` setting) are
+reported as not available. A run appends a section to ``benchmarks/RESULTS.md``;
+``--quick`` (a smaller plan, shared + whatever is available, no append) is a smoke run.
+
+Run: ``python benchmarks/distribution.py [--kill] [--quick]`` or ``make bench-distribution``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from benchmarks.harness.distribution import (  # noqa: E402
+    ModeStats,
+    Record,
+    Workload,
+    median_stats,
+    summarise,
+    targets,
+)
+from benchmarks.harness.distribution_app import FEATURE, QUEUE, make_app  # noqa: E402
+from benchmarks.harness.herd import close_app, stop_processes  # noqa: E402
+from benchmarks.results import append_section, on_db  # noqa: E402
+
+MODES = ("shared", "dedicated", "steal")
+DB = 13
+RECORDS = "dist:records"
+TITLE = "Distribution: shared vs dedicated vs steal (issue 24)"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the workers run (besides the workload)."""
+
+    url: str
+    workers: int = 3
+    pool: str = "threads"
+    concurrency: int = 2
+    queues: int = 32
+    threshold: int = 4
+    timeout_s: float = 120.0
+    logs: str | None = None
+
+
+def worker_names(setup: Setup) -> list[str]:
+    host = os.uname().nodename
+    return [f"dist{i}@{host}" for i in range(setup.workers)]
+
+
+@contextlib.contextmanager
+def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The workers of one run, each in its own process group (a SIGKILL takes its pool too);
+    stopped by pid afterwards, whatever happened."""
+    env = {
+        **os.environ,
+        "DIST_ROLE": "worker",
+        "DIST_MODE": mode,
+        "DIST_URL": setup.url,
+        "DIST_RECORDS": RECORDS,
+        "DIST_WARMUP_S": str(load.warmup_s),
+        "DIST_QUEUES": str(setup.queues),
+        "DIST_THRESHOLD": str(setup.threshold),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in worker_names(setup):
+            log = Path(setup.logs, f"{mode}-{name.split('@')[0]}.log") if setup.logs else None
+            out = log.open("ab") if log else subprocess.DEVNULL
+            command = [
+                *(sys.executable, "-m", "celery", "-A", "benchmarks.harness.distribution_app"),
+                *("worker", "-P", setup.pool, "-c", str(setup.concurrency), "-n", name),
+                *("-Q", QUEUE, "-O", "fair", "--without-gossip", "--without-mingle"),
+                *("--without-heartbeat", "-l", "INFO" if log else "WARNING"),
+            ]
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            if log:
+                out.close()  # type: ignore[union-attr]
+        yield procs
+    finally:
+        stop_processes(*procs, grace_s=15.0)
+
+
+def wait_ready(app: object, setup: Setup, mode: str, deadline_s: float = 60.0) -> None:
+    """Every worker answers a ping; with affinity, every affinity queue has a consumer."""
+    control = app.control  # type: ignore[attr-defined]
+    deadline = time.monotonic() + deadline_s
+    missing = set(worker_names(setup))
+    while missing:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"celery workers did not start: {sorted(missing)}")
+        for reply in control.ping(destination=sorted(missing), timeout=0.5) or []:
+            missing -= set(reply)
+    if mode == "shared":
+        return
+    while time.monotonic() < deadline:
+        replies = control.inspect(timeout=1.0).active_queues() or {}
+        names = {q["name"] for qs in replies.values() for q in qs} - {QUEUE}
+        if len(names) >= setup.queues:
+            return
+        time.sleep(0.3)
+    print(f"  ({mode}: not every affinity queue had a consumer after {deadline_s:g} s)")
+
+
+def run_mode(setup: Setup, load: Workload, mode: str, kill: bool = False) -> ModeStats:
+    """One run of ``mode`` on fresh workers and a flushed DB 13."""
+    client = redis.Redis.from_url(setup.url)
+    client.flushdb()  # DB 13 is this benchmark's (see the module docstring)
+    app, task = make_app(
+        mode,
+        setup.url,
+        records=RECORDS,
+        warmup_s=load.warmup_s,
+        queues=setup.queues,
+        threshold=setup.threshold,
+    )
+    plan = load.plan()
+    victim, kill_at = "", float("nan")
+    try:
+        with workers(setup, load, mode) as procs:
+            wait_ready(app, setup, mode)
+            t0 = time.monotonic()
+            ids = [task.apply_async((t.customer, t.cost_s)).id for t in plan]
+            expected = set(ids)
+            deadline = t0 + setup.timeout_s
+            while True:
+                done = {
+                    Record.from_json(r).id for r in client.lrange(RECORDS, 0, -1) if b'"done"' in r
+                }
+                if kill and not victim and len(done) >= 0.4 * len(ids):
+                    victim, kill_at = worker_names(setup)[1], time.monotonic() - t0
+                    os.killpg(procs[1].pid, signal.SIGKILL)
+                if expected <= done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)  # a duplicate completion would land now, not later
+            records = [Record.from_json(r) for r in client.lrange(RECORDS, 0, -1)]
+    finally:
+        close_app(app)
+        client.flushdb()
+        client.close()
+    stats = summarise(
+        mode,
+        records,
+        t0=t0,
+        slots=setup.concurrency,
+        expected=ids,
+        workers=worker_names(setup),
+    )
+    return replace(stats, killed=victim, kill_at_s=kill_at)
+
+
+def short(worker: str) -> str:
+    return worker.split("@")[0]
+
+
+def table(rows: list[ModeStats], load: Workload) -> str:
+    """The text table of the modes (one row each)."""
+    names = sorted({w for r in rows for w in r.utilisation})
+    head = (
+        f"{'mode':<10}{'makespan s':>11}{'locality':>10}{'affinity':>10}"
+        f"{'util mean':>10}  per worker: util (tasks)"
+    )
+    lines = [head]
+    for r in rows:
+        per = "  ".join(
+            f"{short(w)} {r.utilisation.get(w, 0.0):.2f} ({r.per_worker.get(w, 0)})" for w in names
+        )
+        lines.append(
+            f"{r.mode:<10}{r.makespan_s:>11.2f}{r.locality:>10.3f}{r.affinity:>10.3f}"
+            f"{r.mean_utilisation:>10.2f}  {per}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(by_mode: dict[str, ModeStats]) -> list[str]:
+    """Ratio lines against the baselines measured in this run, and the targets."""
+    lines = []
+    shared, dedicated = by_mode.get("shared"), by_mode.get("dedicated")
+    for mode, s in by_mode.items():
+        parts = []
+        if shared and shared.makespan_s:
+            parts.append(f"makespan / shared {s.makespan_s / shared.makespan_s:.3f}")
+        if dedicated and dedicated.locality:
+            parts.append(f"locality / dedicated {s.locality / dedicated.locality:.3f}")
+        lines.append(f"{mode}: " + ", ".join(parts))
+    if all(m in by_mode for m in MODES):
+        t = targets(by_mode["shared"], by_mode["dedicated"], by_mode["steal"])
+        lines.append(
+            f"target steal makespan <= 1.10 x shared: {t.makespan_ratio:.3f} "
+            f"{'MET' if t.makespan_met else 'NOT MET'}"
+        )
+        lines.append(
+            f"target steal locality >= 0.90 x dedicated: {t.locality_ratio:.3f} "
+            f"{'MET' if t.locality_met else 'NOT MET'}"
+        )
+    else:
+        lines.append("targets: not checked (dedicated/steal not available in this celery_fleet)")
+    return lines
+
+
+def kill_lines(rows: list[ModeStats]) -> list[str]:
+    lines = []
+    for r in rows:
+        verdict = "exactly once" if r.exactly_once else "LOST OR TWICE"
+        lines.append(
+            f"{r.mode}: {short(r.killed) or 'nobody'} SIGKILLed at {r.kill_at_s:.2f} s; "
+            f"{r.tasks} completions of {r.published} tasks, "
+            f"lost {len(r.lost)}, twice {len(r.twice)}, runs {r.runs} "
+            f"(+{r.runs - r.tasks} restarted); makespan {r.makespan_s:.2f} s: {verdict}"
+        )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="shared vs dedicated vs steal (issue 24) on real celery workers",
+        epilog="--quick: 12 customers x 4 tasks, one round, no RESULTS.md section (~30 s).",
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
+        help=f"the Redis (its DB {DB} is used and flushed)",
+    )
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--repeat", type=int, default=1, help="rounds of all modes, alternating")
+    p.add_argument("--kill", action="store_true", help="also a SIGKILL run per mode")
+    p.add_argument("--quick", action="store_true", help="a smoke run; appends nothing")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--pool", default="threads", choices=("threads", "prefork"))
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--customers", type=int, default=24)
+    p.add_argument("--tasks", type=int, default=8, help="tasks per customer")
+    p.add_argument("--light", type=float, default=0.05, help="a light task's seconds")
+    p.add_argument("--heavy", type=float, default=10.0, help="heavy / light task time")
+    p.add_argument("--heavy-every", type=int, default=6, help="every Nth customer is heavy")
+    p.add_argument("--warmup", type=float, default=0.2, help="seconds of a cold customer")
+    p.add_argument("--queues", type=int, default=32, help="fleet_affinity_queues")
+    p.add_argument("--threshold", type=int, default=4, help="fleet_steal_threshold")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
+    p.add_argument("--logs", help="a directory for the workers' logs (default: none)")
+    p.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.customers, args.tasks, args.repeat = 12, 4, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup = Setup(
+        url=on_db(args.url, DB),
+        workers=args.workers,
+        pool=args.pool,
+        concurrency=args.concurrency,
+        queues=args.queues,
+        threshold=args.threshold,
+        timeout_s=args.timeout,
+        logs=args.logs,
+    )
+    load = Workload(
+        customers=args.customers,
+        tasks_per_customer=args.tasks,
+        light_s=args.light,
+        heavy=args.heavy,
+        heavy_every=args.heavy_every,
+        warmup_s=args.warmup,
+    )
+    modes = [m for m in args.modes if FEATURE or m == "shared"]
+    missing = [m for m in args.modes if m not in modes]
+    if setup.logs:
+        Path(setup.logs).mkdir(parents=True, exist_ok=True)
+    intro = (
+        f"{setup.workers} workers x {setup.pool} -c {setup.concurrency}; {load.customers} "
+        f"customers x {load.tasks_per_customer} tasks, light {load.light_s:g} s, every "
+        f"{load.heavy_every}th customer {load.heavy:g}x; warm-up {load.warmup_s:g} s per "
+        f"customer per process; {len(load.plan())} tasks, {load.work_s():.1f} s of work "
+        f"without warm-up; fleet_affinity_queues {setup.queues}, fleet_steal_threshold "
+        f"{setup.threshold}; Redis DB {DB}"
+    )
+    print(intro)
+    if missing:
+        print(f"not available in this celery_fleet (no fleet_distribution): {', '.join(missing)}")
+    runs: dict[str, list[ModeStats]] = {m: [] for m in modes}
+    for k in range(args.repeat):
+        for mode in modes:
+            stats = run_mode(setup, load, mode)
+            runs[mode].append(stats)
+            print(
+                f"  round {k + 1} {mode}: makespan {stats.makespan_s:.2f} s, locality "
+                f"{stats.locality:.3f}, {stats.tasks} tasks",
+                flush=True,
+            )
+    by_mode = {m: median_stats(rs) for m, rs in runs.items()}
+    killed = [run_mode(setup, load, m, kill=True) for m in modes] if args.kill else []
+    text = [table(list(by_mode.values()), load), "", *ratios(by_mode)]
+    if killed:
+        text += ["", "SIGKILL one worker at 40% of tasks:", table(killed, load)]
+        text += kill_lines(killed)
+    out = "\n".join(text)
+    print(out)
+    broken = [s for s in [*killed, *by_mode.values()] if not s.exactly_once]
+    if not (args.quick or args.no_append):
+        client = redis.Redis.from_url(setup.url)
+        try:
+            body = (
+                f"{intro}. Rounds: {args.repeat} (medians). Missing modes: "
+                f"{', '.join(missing) or 'none'}.\n\n```text\n{out}\n```\n"
+            )
+            append_section(client, body, title=TITLE)
+        finally:
+            client.close()
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

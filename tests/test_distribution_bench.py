@@ -1,0 +1,186 @@
+"""The distribution benchmark's arithmetic and options, without running it
+(benchmarks/distribution.py, benchmarks/harness/distribution.py).
+
+No worker, no Redis: the plan of tasks, the warm-up cache, and the figures (makespan,
+locality, affinity, utilisation, lost / twice) from hand-made records.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from types import ModuleType
+
+import pytest
+
+from benchmarks.harness.distribution import (
+    Record,
+    WarmCache,
+    Workload,
+    median_stats,
+    summarise,
+    targets,
+)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return importlib.import_module("benchmarks.distribution")
+
+
+def done(i: str, customer: str, worker: str, warm: bool, start: float, end: float) -> Record:
+    return Record(id=i, customer=customer, worker=worker, warm=warm, start=start, end=end)
+
+
+#: t0 = 100: worker a runs 3 tasks (4 s busy), b runs 1 (1 s), c none; the last ends at 104.
+RECORDS = [
+    done("1", "x", "a", False, 100.0, 101.0),
+    done("2", "x", "a", True, 101.0, 102.0),
+    done("3", "y", "a", False, 102.0, 104.0),
+    done("4", "x", "b", False, 100.5, 101.5),
+    Record(id="1", customer="", worker="a", warm=False, start=0, end=0, ev="start"),
+    Record(id="4", customer="", worker="b", warm=False, start=0, end=0, ev="start"),
+]
+
+
+def test_makespan_locality_affinity_and_utilisation_from_records() -> None:
+    stats = summarise(
+        "shared",
+        RECORDS,
+        t0=100.0,
+        slots=2,
+        expected=["1", "2", "3", "4"],
+        workers=["a", "b", "c"],
+    )
+    assert stats.makespan_s == pytest.approx(4.0)  # t0 to the last end
+    assert stats.locality == pytest.approx(1 / 4)  # one of four ran warm
+    # x: 2 of 3 tasks on a; y: 1 of 1 on a
+    assert stats.affinity == pytest.approx((2 / 3 + 1) / 2)
+    # busy slot-seconds over slots x makespan = 2 x 4
+    assert stats.utilisation == pytest.approx({"a": 4 / 8, "b": 1 / 8, "c": 0.0})
+    assert stats.mean_utilisation == pytest.approx((4 / 8 + 1 / 8) / 3)
+    assert stats.per_worker == {"a": 3, "b": 1, "c": 0}
+    assert (stats.tasks, stats.published, stats.runs) == (4, 4, 2)
+    assert stats.exactly_once
+
+
+def test_lost_and_twice_are_counted_by_task_id() -> None:
+    again = done("2", "x", "b", False, 103.0, 103.5)  # completed a second time
+    stats = summarise("steal", [*RECORDS, again], t0=100.0, slots=2, expected=["1", "2", "3", "5"])
+    assert stats.lost == ["5"]
+    assert stats.twice == ["2"]
+    assert not stats.exactly_once
+    assert stats.tasks == 5
+
+
+def test_no_records_gives_zeros_not_errors() -> None:
+    stats = summarise("dedicated", [], t0=5.0, slots=2, expected=["a"], workers=["w"])
+    assert (stats.makespan_s, stats.locality, stats.affinity) == (0.0, 0.0, 0.0)
+    assert stats.utilisation == {"w": 0.0}
+    assert stats.lost == ["a"]
+
+
+def test_targets_compare_steal_with_shared_makespan_and_dedicated_locality() -> None:
+    def mode(name: str, makespan: float, locality: float) -> object:
+        stats = summarise(name, [], t0=0.0, slots=1, expected=[])
+        stats.makespan_s, stats.locality = makespan, locality
+        return stats
+
+    shared, dedicated = mode("shared", 10.0, 0.5), mode("dedicated", 14.0, 0.9)
+    met = targets(shared, dedicated, mode("steal", 10.9, 0.82))  # type: ignore[arg-type]
+    assert met.makespan_ratio == pytest.approx(1.09) and met.makespan_met
+    assert met.locality_ratio == pytest.approx(0.82 / 0.9) and met.locality_met
+    missed = targets(shared, dedicated, mode("steal", 11.2, 0.8))  # type: ignore[arg-type]
+    assert not missed.makespan_met and not missed.locality_met
+
+
+def test_median_of_rounds_and_union_of_failures() -> None:
+    rounds = []
+    for makespan, lost in ((4.0, []), (6.0, ["9"]), (5.0, [])):
+        stats = summarise("steal", RECORDS, t0=0.0, slots=2, expected=["1", "2", "3", "4"])
+        stats.makespan_s, stats.lost = makespan, lost
+        rounds.append(stats)
+    merged = median_stats(rounds)
+    assert merged.makespan_s == 5.0
+    assert merged.lost == ["9"]
+    assert median_stats(rounds[:1]) is rounds[0]
+
+
+def test_plan_interleaves_customers_with_heavy_ones_slower() -> None:
+    load = Workload(customers=4, tasks_per_customer=2, light_s=0.1, heavy=10, heavy_every=2)
+    plan = load.plan()
+    assert [t.customer for t in plan] == ["c00", "c01", "c02", "c03"] * 2
+    assert [t.cost_s for t in plan[:4]] == pytest.approx([1.0, 0.1, 1.0, 0.1])
+    assert load.work_s() == pytest.approx(2 * (1.0 + 0.1 + 1.0 + 0.1))
+
+
+def test_warm_cache_is_cold_once_per_customer() -> None:
+    cache = WarmCache()
+    assert cache.enter("x", 0.0) is False
+    assert cache.enter("x", 0.0) is True
+    assert cache.enter("y", 0.0) is False
+
+
+def test_a_task_waiting_for_another_threads_load_counts_cold() -> None:
+    cache = WarmCache()
+    loading = threading.Event()  # another thread's load of "x", under way
+    cache._loaded["x"] = loading
+    seen: list[bool] = []
+    waiter = threading.Thread(target=lambda: seen.append(cache.enter("x", 0.0)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "a task must wait for a load in progress"
+    loading.set()
+    waiter.join(5)
+    assert seen == [False]
+    assert cache.enter("x", 0.0) is True
+
+
+def test_record_from_json() -> None:
+    raw = json.dumps(
+        {
+            "ev": "done",
+            "id": "t",
+            "customer": "c01",
+            "worker": "w@h",
+            "warm": True,
+            "start": 1.5,
+            "end": 2.0,
+            "redelivered": True,
+            "queue": "q",
+        }
+    )
+    r = Record.from_json(raw.encode())
+    assert (r.id, r.customer, r.worker, r.warm) == ("t", "c01", "w@h", True)
+    assert (r.start, r.end) == (1.5, 2.0)
+    assert r.redelivered and r.ev == "done"
+    assert Record.from_json('{"ev": "start", "id": "t"}').ev == "start"
+
+
+def test_options_and_quick(bench: ModuleType) -> None:
+    args = bench.parse_args([])
+    assert (args.customers, args.tasks, args.workers, args.repeat) == (24, 8, 3, 1)
+    assert args.modes == ["shared", "dedicated", "steal"] and not args.kill
+    quick = bench.parse_args(["--quick", "--kill"])
+    assert (quick.customers, quick.tasks, quick.quick, quick.kill) == (12, 4, True, True)
+
+
+def test_ratio_lines_say_whether_targets_are_met(bench: ModuleType) -> None:
+    def mode(name: str, makespan: float, locality: float) -> object:
+        stats = summarise(name, [], t0=0.0, slots=1, expected=[])
+        stats.makespan_s, stats.locality = makespan, locality
+        return stats
+
+    lines = bench.ratios(
+        {
+            "shared": mode("shared", 10, 0.5),
+            "dedicated": mode("dedicated", 12, 0.9),
+            "steal": mode("steal", 12, 0.85),
+        }
+    )
+    assert "steal: makespan / shared 1.200, locality / dedicated 0.944" in lines
+    assert any("makespan" in line and "NOT MET" in line for line in lines)
+    assert any("locality" in line and line.endswith(" MET") for line in lines)
+    only_shared = bench.ratios({"shared": mode("shared", 10, 0.5)})
+    assert "not checked" in only_shared[-1]
