@@ -158,7 +158,7 @@ chaos: $(STAMP)
 
 ## Who runs where (issue 24): shared vs dedicated vs steal on 3 real workers, 24 customers
 ## (some 10x heavier, a warm-up per customer per worker), then one run per mode with a worker
-## SIGKILLed mid-run (~2 minutes; DIST_ARGS=--quick for a smoke run that appends nothing).
+## SIGKILLed mid-run (~1.5 minutes; DIST_ARGS=--quick for a smoke run that appends nothing).
 ## Redis DB 13, flushed before and after each run: appends to benchmarks/RESULTS.md.
 DIST_ARGS ?= --kill
 .PHONY: bench-distribution

@@ -3,8 +3,8 @@
 Three ``celery worker`` processes (``--workers``; ``-P threads -c 2`` by default) run one
 task, ``work(customer_id, cost_s)`` (``benchmarks/harness/distribution_app.py``). 24
 customers (``--customers``) have 8 tasks each (``--tasks``); every 6th customer is 10x
-heavier (``--heavy``: 0.5 s against 0.05 s), and the first task of a customer in a worker
-process also pays a warm-up (``--warmup``, 0.2 s: a cache that must be loaded; a per-process
+heavier (``--heavy``: 0.8 s against 0.08 s), and the first task of a customer in a worker
+process also pays a warm-up (``--warmup``, 0.1 s: a cache that must be loaded; a per-process
 cache, so with the threads pool a worker is one cache). All tasks are published at once,
 round-robin over the customers. Each mode runs on fresh workers (empty caches) over the
 same plan, on Redis DB 13 (flushed before and after each run: broker, records and the
@@ -14,7 +14,9 @@ fleet's state):
 - ``dedicated``: ``fleet_distribution = "dedicated"``: each customer's tasks go to its
   affinity queue, consumed only by that queue's home worker;
 - ``steal``: as dedicated, and an idle worker consumes from a peer queue deeper than
-  ``fleet_steal_threshold`` (``--threshold``).
+  ``fleet_steal_threshold`` (``--threshold``);
+- ``routed`` (only with ``--modes``): plain Celery with hand-written routing, a queue per
+  worker and customers hashed onto them, no stealing: what users write today.
 
 Measured from the records the tasks push (start and end on the host's monotonic clock,
 worker, warm or cold): the makespan (first publish to last end), locality (the share of
@@ -46,6 +48,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,6 +71,9 @@ from benchmarks.harness.herd import close_app, stop_processes  # noqa: E402
 from benchmarks.results import append_section, on_db  # noqa: E402
 
 MODES = ("shared", "dedicated", "steal")
+#: Plain Celery with hand-written routing (a queue per worker, customers hashed onto them):
+#: what users write today without issue 24. Not run unless asked (``--modes``).
+ROUTED = "routed"
 DB = 13
 RECORDS = "dist:records"
 TITLE = "Distribution: shared vs dedicated vs steal (issue 24)"
@@ -92,6 +98,18 @@ def worker_names(setup: Setup) -> list[str]:
     return [f"dist{i}@{host}" for i in range(setup.workers)]
 
 
+def routed_queue(customer: str, workers: int) -> str:
+    """The hand-routed queue of ``customer`` (mode ``routed``): a stable hash onto workers."""
+    return f"{QUEUE}.{zlib.crc32(customer.encode()) % workers}"
+
+
+def queues_of(mode: str, name: str) -> str:
+    """A worker's ``-Q``: the default queue, and in ``routed`` its own queue too."""
+    if mode != ROUTED:
+        return QUEUE
+    return f"{QUEUE},{QUEUE}.{name.split('@')[0].removeprefix('dist')}"
+
+
 @contextlib.contextmanager
 def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess.Popen[bytes]]]:
     """The workers of one run, each in its own process group (a SIGKILL takes its pool too);
@@ -99,7 +117,7 @@ def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess
     env = {
         **os.environ,
         "DIST_ROLE": "worker",
-        "DIST_MODE": mode,
+        "DIST_MODE": "shared" if mode == ROUTED else mode,
         "DIST_URL": setup.url,
         "DIST_RECORDS": RECORDS,
         "DIST_WARMUP_S": str(load.warmup_s),
@@ -115,7 +133,8 @@ def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess
             command = [
                 *(sys.executable, "-m", "celery", "-A", "benchmarks.harness.distribution_app"),
                 *("worker", "-P", setup.pool, "-c", str(setup.concurrency), "-n", name),
-                *("-Q", QUEUE, "-O", "fair", "--without-gossip", "--without-mingle"),
+                *("-Q", queues_of(mode, name), "-O", "fair", "--without-gossip"),
+                "--without-mingle",
                 *("--without-heartbeat", "-l", "INFO" if log else "WARNING"),
             ]
             procs.append(
@@ -135,17 +154,27 @@ def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess
         stop_processes(*procs, grace_s=15.0)
 
 
-def wait_ready(app: object, setup: Setup, mode: str, deadline_s: float = 60.0) -> None:
-    """Every worker answers a ping; with affinity, every affinity queue has a consumer."""
+def wait_ready(
+    app: object,
+    setup: Setup,
+    mode: str,
+    procs: list[subprocess.Popen[bytes]],
+    deadline_s: float = 60.0,
+) -> None:
+    """Every worker answers a ping; with affinity, every affinity queue has a consumer.
+    A worker that exits meanwhile fails the run at once (``--logs`` keeps its output)."""
     control = app.control  # type: ignore[attr-defined]
     deadline = time.monotonic() + deadline_s
     missing = set(worker_names(setup))
     while missing:
+        exited = [p.args[-1] for p in procs if p.poll() is not None]
+        if exited:
+            raise RuntimeError(f"{len(exited)} celery worker(s) exited at start (see --logs)")
         if time.monotonic() > deadline:
             raise RuntimeError(f"celery workers did not start: {sorted(missing)}")
         for reply in control.ping(destination=sorted(missing), timeout=0.5) or []:
             missing -= set(reply)
-    if mode == "shared":
+    if mode in ("shared", ROUTED):
         return
     while time.monotonic() < deadline:
         replies = control.inspect(timeout=1.0).active_queues() or {}
@@ -161,7 +190,7 @@ def run_mode(setup: Setup, load: Workload, mode: str, kill: bool = False) -> Mod
     client = redis.Redis.from_url(setup.url)
     client.flushdb()  # DB 13 is this benchmark's (see the module docstring)
     app, task = make_app(
-        mode,
+        "shared" if mode == ROUTED else mode,
         setup.url,
         records=RECORDS,
         warmup_s=load.warmup_s,
@@ -172,9 +201,17 @@ def run_mode(setup: Setup, load: Workload, mode: str, kill: bool = False) -> Mod
     victim, kill_at = "", float("nan")
     try:
         with workers(setup, load, mode) as procs:
-            wait_ready(app, setup, mode)
+            wait_ready(app, setup, mode, procs)
             t0 = time.monotonic()
-            ids = [task.apply_async((t.customer, t.cost_s)).id for t in plan]
+            ids = [
+                task.apply_async(
+                    (t.customer, t.cost_s),
+                    **(
+                        {"queue": routed_queue(t.customer, setup.workers)} if mode == ROUTED else {}
+                    ),
+                ).id
+                for t in plan
+            ]
             expected = set(ids)
             deadline = t0 + setup.timeout_s
             while True:
@@ -276,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
         help=f"the Redis (its DB {DB} is used and flushed)",
     )
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=[*MODES, ROUTED], default=list(MODES))
     p.add_argument("--repeat", type=int, default=1, help="rounds of all modes, alternating")
     p.add_argument("--kill", action="store_true", help="also a SIGKILL run per mode")
     p.add_argument("--quick", action="store_true", help="a smoke run; appends nothing")
@@ -285,10 +322,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--customers", type=int, default=24)
     p.add_argument("--tasks", type=int, default=8, help="tasks per customer")
-    p.add_argument("--light", type=float, default=0.05, help="a light task's seconds")
+    p.add_argument("--light", type=float, default=0.08, help="a light task's seconds")
     p.add_argument("--heavy", type=float, default=10.0, help="heavy / light task time")
     p.add_argument("--heavy-every", type=int, default=6, help="every Nth customer is heavy")
-    p.add_argument("--warmup", type=float, default=0.2, help="seconds of a cold customer")
+    p.add_argument("--warmup", type=float, default=0.1, help="seconds of a cold customer")
     p.add_argument("--queues", type=int, default=32, help="fleet_affinity_queues")
     p.add_argument("--threshold", type=int, default=4, help="fleet_steal_threshold")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
@@ -320,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         heavy_every=args.heavy_every,
         warmup_s=args.warmup,
     )
-    modes = [m for m in args.modes if FEATURE or m == "shared"]
+    modes = [m for m in args.modes if FEATURE or m in ("shared", ROUTED)]
     missing = [m for m in args.modes if m not in modes]
     if setup.logs:
         Path(setup.logs).mkdir(parents=True, exist_ok=True)
@@ -346,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     by_mode = {m: median_stats(rs) for m, rs in runs.items()}
-    killed = [run_mode(setup, load, m, kill=True) for m in modes] if args.kill else []
+    # routed is left out: its dead worker's queue has no other consumer (by design)
+    killed = (
+        [run_mode(setup, load, m, kill=True) for m in modes if m != ROUTED] if args.kill else []
+    )
     text = [table(list(by_mode.values()), load), "", *ratios(by_mode)]
     if killed:
         text += ["", "SIGKILL one worker at 40% of tasks:", table(killed, load)]

@@ -39,10 +39,10 @@ class Workload:
 
     customers: int = 24
     tasks_per_customer: int = 8
-    light_s: float = 0.05
+    light_s: float = 0.08
     heavy: float = 10.0
     heavy_every: int = 6
-    warmup_s: float = 0.2
+    warmup_s: float = 0.1
 
     def customer(self, c: int) -> str:
         return f"c{c:02d}"
