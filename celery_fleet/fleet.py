@@ -41,6 +41,7 @@ from .checks import check_max_wait, number
 from .coordination.election import DEFAULT_LEADER_LEASE_S, Callback, Leader
 from .coordination.locks import DEFAULT_LOCK_TTL_S, Lock
 from .coordination.records import DEFAULT_RECORD_MAX_BYTES, Record
+from .distribution.ring import DistributionConfig
 from .durability.deferred import Deferred
 from .durability.ledger import ClaimKeeper, Ledger, record_id_for
 from .durability.steps import Steps
@@ -128,6 +129,14 @@ class Fleet(AsyncMethods):
         self.defer = settings.defer
         self.pump_period_s = settings.pump_period_s
         self.pump_lease_s = settings.pump_lease_s
+        #: Who runs where: the affinity queues' mode, number, steal threshold and lease.
+        self.distribution = DistributionConfig(
+            settings.distribution,
+            settings.affinity_queues,
+            settings.steal_threshold,
+            settings.affinity_lease_s,
+            settings.namespace,
+        )
         self._ledger: Ledger | None = None
         self._claims: ClaimKeeper | None = None
         self.clock: Clock = clock or SystemClock()

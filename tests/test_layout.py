@@ -25,7 +25,7 @@ from tests.graphs import import_cycle
 
 PACKAGE = Path(celery_fleet.__file__).parent
 SHARED = {"errors", "checks", "clock", "background"}
-CORE = ["store", "resilience", "admission", "coordination", "durability"]
+CORE = ["store", "resilience", "admission", "coordination", "durability", "distribution"]
 # What each part may import besides itself and SHARED. A dotted entry allows one module.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -38,7 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "admission": {"store", "resilience"},
     "coordination": {"store"},
     "durability": {"store"},
-    "settings": {"store", "admission", "resilience", "durability"},
+    "distribution": {"store"},
+    "settings": {"store", "admission", "resilience", "durability", "distribution"},
     # observability.tracing: the optional OpenTelemetry span of admission waits
     "fleet": {
         *CORE,

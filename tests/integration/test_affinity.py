@@ -1,0 +1,164 @@
+"""Real `celery worker` processes on the Redis broker: affinity queues keep a customer's
+tasks on one worker, a SIGKILLed worker's queues move with no task lost, an idle worker
+steals from a deep queue in "steal" mode and never in "dedicated" mode, and a bad
+distribution setting stops the worker at start. Tasks are in affinity_app.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import pytest
+
+from tests.integration.workers import ROOT, celery_workers, new_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUEUES = 8
+LEASE_S = 1.5
+
+
+@contextmanager
+def _workers(
+    redis_url: str, mode: str, workers: int, pool: tuple[str, str] = ("threads", "2")
+) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    name = f"aff-{new_run()}"
+    settings = {
+        "FLEET_AFF_BROKER": broker,
+        "FLEET_AFF_REDIS": broker,
+        "FLEET_AFF_NS": name,
+        "FLEET_AFF_QUEUE": f"fleet-{name}",
+        "FLEET_AFF_MODE": mode,
+        "FLEET_AFF_QUEUES": str(QUEUES),
+        "FLEET_AFF_LEASE": str(LEASE_S),
+    }
+    with celery_workers(
+        "tests.integration.affinity_app",
+        settings,
+        name=name,
+        broker=broker,
+        workers=workers,
+        pool=pool,
+    ) as (module, procs):
+        try:
+            yield module, procs, name
+        finally:
+            module._probe.close()
+
+
+def _homes(m: ModuleType) -> list[str]:
+    """The worker name (nodename) of each queue's home now ("" none)."""
+    keys = [f"{{{m.NAMESPACE}:affinity}}:home:{q}" for q in range(QUEUES)]
+    return [(v or b"").decode().split("/")[0] for v in m._probe.mget(keys)]
+
+
+def _wait_homes(m: ModuleType, workers: int, within_s: float = 30.0) -> list[str]:
+    """Wait until every queue has a home and ``workers`` workers share them."""
+    deadline = time.monotonic() + within_s
+    while True:
+        homes = _homes(m)
+        if all(homes) and len(set(homes)) == workers:
+            return homes
+        assert time.monotonic() < deadline, f"homes never settled on {workers}: {homes}"
+        time.sleep(0.1)
+
+
+def _ran(m: ModuleType) -> list[list[str]]:
+    return [x.decode().split() for x in m._probe.lrange(m.key("ran"), 0, -1)]
+
+
+def test_a_customers_tasks_run_on_its_queues_home(redis_url: str) -> None:
+    with _workers(redis_url, "dedicated", 2, ("prefork", "2")) as (m, _procs, _name):
+        homes = _wait_homes(m, 2)
+        config = m.fleet.distribution
+        results = [m.handle.delay(f"c{c}", i, 0.01) for i in range(6) for c in range(10)]
+        done = [r.get(timeout=60) for r in results]
+        by_customer: dict[str, Counter[str]] = defaultdict(Counter)
+        for (customer, *_), out in zip(
+            [(f"c{c}", i) for i in range(6) for c in range(10)], done, strict=True
+        ):
+            queue = config.queue_for(f"customer:{customer}")
+            assert out["queue"] == queue  # routed at publish by its affinity key
+            by_customer[customer][out["worker"]] += 1
+            assert out["worker"] == homes[config.index_of(queue)]
+        for customer, workers in by_customer.items():
+            assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
+        assert m.by_callable.delay("x", 1).get(timeout=30) == config.queue_for("c:x")
+
+
+def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
+    with _workers(redis_url, "dedicated", 2) as (m, procs, name):
+        homes = _wait_homes(m, 2)
+        victim = f"{name}-0@"
+        assert any(h.startswith(victim) for h in homes)
+        calls = [(f"c{c}", i) for i in range(8) for c in range(8)]
+        results = [m.handle.delay(c, i, 0.1) for c, i in calls]
+        deadline = time.monotonic() + 30
+        while len(_ran(m)) < 8:  # both workers are busy
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        homes = _wait_homes(m, 1, within_s=LEASE_S + 5)
+        moved_s = time.monotonic() - killed_at
+        assert not any(h.startswith(victim) for h in homes)
+        done = [r.get(timeout=90) for r in results]  # every task ran: none lost
+        assert sorted((d["n"]) for d in done) == sorted(i for _, i in calls)
+        ran = {(c, int(n)) for c, n, *_ in _ran(m)}
+        assert ran == set(calls)
+        # within one lease and the rounds that notice it (reported, not a speed test)
+        print(f"queues moved {moved_s:.2f} s after the SIGKILL (lease {LEASE_S} s)")
+
+
+def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
+    config = m.fleet.distribution
+    for c in range(1000):
+        if homes[config.index_of(config.queue_for(f"customer:hot{c}"))].startswith(home):
+            return f"hot{c}"
+    raise AssertionError("no customer maps to a queue of " + home)
+
+
+@pytest.mark.parametrize("mode", ["steal", "dedicated"])
+def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
+    redis_url: str, mode: str
+) -> None:
+    with _workers(redis_url, mode, 2, ("threads", "1")) as (m, _procs, name):
+        homes = _wait_homes(m, 2)
+        home, peer = f"{name}-0@", f"{name}-1@"
+        customer = _hot_customer(m, homes, home)
+        results = [m.handle.delay(customer, i, 0.25) for i in range(16)]
+        workers = Counter(r.get(timeout=60)["worker"].split("@")[0] + "@" for r in results)
+        if mode == "steal":
+            assert workers[peer] >= 2, workers  # the idle peer took some of the hot queue
+            assert workers[home] >= 2, workers  # and its home kept working on it
+        else:
+            assert workers == {home: 16}, workers  # dedicated never steals
+
+
+def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) -> None:
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLEET_AFF_BROKER": broker,
+        "FLEET_AFF_NS": f"aff-{new_run()}",
+        "FLEET_AFF_MODE": "stealing",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.affinity_app", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "ConfigError" in out and "fleet_distribution must be one of" in out, out[-2000:]
