@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -59,18 +61,21 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from benchmarks.harness.distribution import (  # noqa: E402
+    MODES,
     ModeStats,
     Record,
     Workload,
+    kill_lines,
     median_stats,
+    ratios,
+    settled,
     summarise,
-    targets,
+    table,
 )
 from benchmarks.harness.distribution_app import FEATURE, QUEUE, make_app  # noqa: E402
 from benchmarks.harness.herd import close_app, stop_processes  # noqa: E402
 from benchmarks.results import append_section, on_db  # noqa: E402
 
-MODES = ("shared", "dedicated", "steal")
 #: Plain Celery with hand-written routing (a queue per worker, customers hashed onto them):
 #: what users write today without issue 24. Not run unless asked (``--modes``).
 ROUTED = "routed"
@@ -176,17 +181,24 @@ def wait_ready(
             missing -= set(reply)
     if mode in ("shared", ROUTED):
         return
+    # A worker that starts first is home of every queue until the others announce
+    # themselves: publish only once the homes are spread and stay put for a second.
+    before: dict[str, set[str]] = {}
     while time.monotonic() < deadline:
         replies = control.inspect(timeout=1.0).active_queues() or {}
-        names = {q["name"] for qs in replies.values() for q in qs} - {QUEUE}
-        if len(names) >= setup.queues:
+        now = {w: {q["name"] for q in qs} - {QUEUE} for w, qs in replies.items()}
+        if settled(now, worker_names(setup), setup.queues) and now == before:
             return
-        time.sleep(0.3)
-    print(f"  ({mode}: not every affinity queue had a consumer after {deadline_s:g} s)")
+        before = now
+        time.sleep(1.0)
+    print(f"  ({mode}: the affinity queues' homes had not settled after {deadline_s:g} s)")
 
 
-def run_mode(setup: Setup, load: Workload, mode: str, kill: bool = False) -> ModeStats:
-    """One run of ``mode`` on fresh workers and a flushed DB 13."""
+def run_mode(
+    setup: Setup, load: Workload, mode: str, kill: bool = False, dump: str | None = None
+) -> ModeStats:
+    """One run of ``mode`` on fresh workers and a flushed DB 13; its records appended to
+    the file ``dump`` (one JSON line: mode, kill, t0, records) when given."""
     client = redis.Redis.from_url(setup.url)
     client.flushdb()  # DB 13 is this benchmark's (see the module docstring)
     app, task = make_app(
@@ -238,69 +250,11 @@ def run_mode(setup: Setup, load: Workload, mode: str, kill: bool = False) -> Mod
         expected=ids,
         workers=worker_names(setup),
     )
+    if dump:
+        with open(dump, "a", encoding="utf-8") as fh:
+            rows = [dataclasses.asdict(r) for r in records]
+            fh.write(json.dumps({"mode": mode, "kill": kill, "t0": t0, "records": rows}) + "\n")
     return replace(stats, killed=victim, kill_at_s=kill_at)
-
-
-def short(worker: str) -> str:
-    return worker.split("@")[0]
-
-
-def table(rows: list[ModeStats], load: Workload) -> str:
-    """The text table of the modes (one row each)."""
-    names = sorted({w for r in rows for w in r.utilisation})
-    head = (
-        f"{'mode':<10}{'makespan s':>11}{'locality':>10}{'affinity':>10}"
-        f"{'util mean':>10}  per worker: util (tasks)"
-    )
-    lines = [head]
-    for r in rows:
-        per = "  ".join(
-            f"{short(w)} {r.utilisation.get(w, 0.0):.2f} ({r.per_worker.get(w, 0)})" for w in names
-        )
-        lines.append(
-            f"{r.mode:<10}{r.makespan_s:>11.2f}{r.locality:>10.3f}{r.affinity:>10.3f}"
-            f"{r.mean_utilisation:>10.2f}  {per}"
-        )
-    return "\n".join(lines)
-
-
-def ratios(by_mode: dict[str, ModeStats]) -> list[str]:
-    """Ratio lines against the baselines measured in this run, and the targets."""
-    lines = []
-    shared, dedicated = by_mode.get("shared"), by_mode.get("dedicated")
-    for mode, s in by_mode.items():
-        parts = []
-        if shared and shared.makespan_s:
-            parts.append(f"makespan / shared {s.makespan_s / shared.makespan_s:.3f}")
-        if dedicated and dedicated.locality:
-            parts.append(f"locality / dedicated {s.locality / dedicated.locality:.3f}")
-        lines.append(f"{mode}: " + ", ".join(parts))
-    if all(m in by_mode for m in MODES):
-        t = targets(by_mode["shared"], by_mode["dedicated"], by_mode["steal"])
-        lines.append(
-            f"target steal makespan <= 1.10 x shared: {t.makespan_ratio:.3f} "
-            f"{'MET' if t.makespan_met else 'NOT MET'}"
-        )
-        lines.append(
-            f"target steal locality >= 0.90 x dedicated: {t.locality_ratio:.3f} "
-            f"{'MET' if t.locality_met else 'NOT MET'}"
-        )
-    else:
-        lines.append("targets: not checked (dedicated/steal not available in this celery_fleet)")
-    return lines
-
-
-def kill_lines(rows: list[ModeStats]) -> list[str]:
-    lines = []
-    for r in rows:
-        verdict = "exactly once" if r.exactly_once else "LOST OR TWICE"
-        lines.append(
-            f"{r.mode}: {short(r.killed) or 'nobody'} SIGKILLed at {r.kill_at_s:.2f} s; "
-            f"{r.tasks} completions of {r.published} tasks, "
-            f"lost {len(r.lost)}, twice {len(r.twice)}, runs {r.runs} "
-            f"(+{r.runs - r.tasks} restarted); makespan {r.makespan_s:.2f} s: {verdict}"
-        )
-    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -330,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=int, default=4, help="fleet_steal_threshold")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per run")
     p.add_argument("--logs", help="a directory for the workers' logs (default: none)")
+    p.add_argument("--dump", help="append every run's task records to this file (JSON lines)")
     p.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -375,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[ModeStats]] = {m: [] for m in modes}
     for k in range(args.repeat):
         for mode in modes:
-            stats = run_mode(setup, load, mode)
+            stats = run_mode(setup, load, mode, dump=args.dump)
             runs[mode].append(stats)
             print(
                 f"  round {k + 1} {mode}: makespan {stats.makespan_s:.2f} s, locality "
@@ -385,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     by_mode = {m: median_stats(rs) for m, rs in runs.items()}
     # routed is left out: its dead worker's queue has no other consumer (by design)
     killed = (
-        [run_mode(setup, load, m, kill=True) for m in modes if m != ROUTED] if args.kill else []
+        [run_mode(setup, load, m, True, args.dump) for m in modes if m != ROUTED]
+        if args.kill
+        else []
     )
-    text = [table(list(by_mode.values()), load), "", *ratios(by_mode)]
+    text = [table(list(by_mode.values())), "", *ratios(by_mode)]
     if killed:
-        text += ["", "SIGKILL one worker at 40% of tasks:", table(killed, load)]
+        text += ["", "SIGKILL one worker at 40% of tasks:", table(killed)]
         text += kill_lines(killed)
     out = "\n".join(text)
     print(out)

@@ -19,7 +19,10 @@ from benchmarks.harness.distribution import (
     WarmCache,
     Workload,
     median_stats,
+    ratios,
+    settled,
     summarise,
+    table,
     targets,
 )
 
@@ -166,13 +169,13 @@ def test_options_and_quick(bench: ModuleType) -> None:
     assert (quick.customers, quick.tasks, quick.quick, quick.kill) == (12, 4, True, True)
 
 
-def test_ratio_lines_say_whether_targets_are_met(bench: ModuleType) -> None:
+def test_ratio_lines_say_whether_targets_are_met() -> None:
     def mode(name: str, makespan: float, locality: float) -> object:
         stats = summarise(name, [], t0=0.0, slots=1, expected=[])
         stats.makespan_s, stats.locality = makespan, locality
         return stats
 
-    lines = bench.ratios(
+    lines = ratios(
         {
             "shared": mode("shared", 10, 0.5),
             "dedicated": mode("dedicated", 12, 0.9),
@@ -182,5 +185,21 @@ def test_ratio_lines_say_whether_targets_are_met(bench: ModuleType) -> None:
     assert "steal: makespan / shared 1.200, locality / dedicated 0.944" in lines
     assert any("makespan" in line and "NOT MET" in line for line in lines)
     assert any("locality" in line and line.endswith(" MET") for line in lines)
-    only_shared = bench.ratios({"shared": mode("shared", 10, 0.5)})
+    only_shared = ratios({"shared": mode("shared", 10, 0.5)})
     assert "not checked" in only_shared[-1]
+
+
+def test_homes_are_settled_when_spread_disjoint_and_complete() -> None:
+    workers = ["a", "b"]
+    assert settled({"a": {"q0", "q1"}, "b": {"q2"}}, workers, 3)
+    assert not settled({"a": {"q0", "q1", "q2"}, "b": set()}, workers, 3)  # b has none yet
+    assert not settled({"a": {"q0", "q1", "q2"}}, workers, 3)  # b did not answer
+    assert not settled({"a": {"q0", "q1"}, "b": {"q1", "q2"}}, workers, 3)  # q1 twice
+    assert not settled({"a": {"q0"}, "b": {"q2"}}, workers, 3)  # q1 has no home
+
+
+def test_table_has_a_row_per_mode_and_every_worker() -> None:
+    stats = summarise("shared", RECORDS, t0=100.0, slots=2, expected=["1", "2", "3", "4"])
+    lines = table([stats]).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("shared")
+    assert "a 0.50 (3)" in lines[1] and "b 0.12 (1)" in lines[1]

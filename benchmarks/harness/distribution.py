@@ -21,14 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "MODES",
     "ModeStats",
     "Record",
     "TaskSpec",
     "WarmCache",
     "Workload",
+    "kill_lines",
+    "ratios",
+    "settled",
     "summarise",
+    "table",
     "targets",
 ]
+
+#: The modes of issue 24, in the order a run alternates them.
+MODES = ("shared", "dedicated", "steal")
 
 
 @dataclass(frozen=True)
@@ -251,3 +259,75 @@ def median_stats(runs: Sequence[ModeStats]) -> ModeStats:
         lost=sorted({i for r in runs for i in r.lost}),
         twice=sorted({i for r in runs for i in r.twice}),
     )
+
+
+def settled(homes: dict[str, set[str]], workers: Sequence[str], queues: int) -> bool:
+    """Whether the affinity queues each worker consumes (``homes``, from ``inspect
+    active_queues``) are spread: every worker has some, none is consumed twice, and all
+    ``queues`` are consumed."""
+    if set(homes) != set(workers) or any(not qs for qs in homes.values()):
+        return False
+    every = [q for qs in homes.values() for q in qs]
+    return len(every) == len(set(every)) == queues
+
+
+def short(worker: str) -> str:
+    return worker.split("@")[0]
+
+
+def table(rows: list[ModeStats]) -> str:
+    """The text table of the modes (one row each)."""
+    names = sorted({w for r in rows for w in r.utilisation})
+    head = (
+        f"{'mode':<10}{'makespan s':>11}{'locality':>10}{'affinity':>10}"
+        f"{'util mean':>10}  per worker: util (tasks)"
+    )
+    lines = [head]
+    for r in rows:
+        per = "  ".join(
+            f"{short(w)} {r.utilisation.get(w, 0.0):.2f} ({r.per_worker.get(w, 0)})" for w in names
+        )
+        lines.append(
+            f"{r.mode:<10}{r.makespan_s:>11.2f}{r.locality:>10.3f}{r.affinity:>10.3f}"
+            f"{r.mean_utilisation:>10.2f}  {per}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(by_mode: dict[str, ModeStats]) -> list[str]:
+    """Ratio lines against the baselines measured in this run, and the targets."""
+    lines = []
+    shared, dedicated = by_mode.get("shared"), by_mode.get("dedicated")
+    for mode, s in by_mode.items():
+        parts = []
+        if shared and shared.makespan_s:
+            parts.append(f"makespan / shared {s.makespan_s / shared.makespan_s:.3f}")
+        if dedicated and dedicated.locality:
+            parts.append(f"locality / dedicated {s.locality / dedicated.locality:.3f}")
+        lines.append(f"{mode}: " + ", ".join(parts))
+    if all(m in by_mode for m in MODES):
+        t = targets(by_mode["shared"], by_mode["dedicated"], by_mode["steal"])
+        lines.append(
+            f"target steal makespan <= 1.10 x shared: {t.makespan_ratio:.3f} "
+            f"{'MET' if t.makespan_met else 'NOT MET'}"
+        )
+        lines.append(
+            f"target steal locality >= 0.90 x dedicated: {t.locality_ratio:.3f} "
+            f"{'MET' if t.locality_met else 'NOT MET'}"
+        )
+    else:
+        lines.append("targets: not checked (they need shared, dedicated and steal in the run)")
+    return lines
+
+
+def kill_lines(rows: list[ModeStats]) -> list[str]:
+    lines = []
+    for r in rows:
+        verdict = "exactly once" if r.exactly_once else "LOST OR TWICE"
+        lines.append(
+            f"{r.mode}: {short(r.killed) or 'nobody'} SIGKILLed at {r.kill_at_s:.2f} s; "
+            f"{r.tasks} completions of {r.published} tasks, "
+            f"lost {len(r.lost)}, twice {len(r.twice)}, runs {r.runs} "
+            f"(+{r.runs - r.tasks} restarted); makespan {r.makespan_s:.2f} s: {verdict}"
+        )
+    return lines

@@ -117,6 +117,9 @@ def make_app(
         fleet_affinity_queues=queues,
         fleet_steal_threshold=threshold,
         fleet_namespace="dist",
+        # nothing here reschedules; the fleet refuses a countdown the short visibility
+        # timeout would cut (a redelivery before the countdown ends)
+        fleet_max_countdown=visibility_timeout_s / 2,
     )
     Fleet(app)
     task = fleet_task(
