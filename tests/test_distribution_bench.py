@@ -7,6 +7,7 @@ locality, affinity, utilisation, lost / twice) from hand-made records.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import threading
@@ -18,6 +19,7 @@ from benchmarks.harness.distribution import (
     Record,
     WarmCache,
     Workload,
+    kill_lines,
     median_stats,
     ratios,
     settled,
@@ -203,3 +205,28 @@ def test_table_has_a_row_per_mode_and_every_worker() -> None:
     lines = table([stats]).splitlines()
     assert len(lines) == 2 and lines[1].startswith("shared")
     assert "a 0.50 (3)" in lines[1] and "b 0.12 (1)" in lines[1]
+
+
+def test_kill_line_reports_lost_twice_and_when_cut_tasks_ran_again() -> None:
+    cut = Record(
+        id="5", customer="x", worker="b", warm=False, start=107.0, end=108.0, redelivered=True
+    )
+    starts = [
+        Record(id=i, customer="", worker="", warm=False, start=0, end=0, ev="start")
+        for i in ("1", "2", "3", "4", "5", "5")
+    ]
+    stats = summarise(
+        "steal",
+        [*RECORDS[:4], cut, *starts],
+        t0=100.0,
+        slots=2,
+        expected=["1", "2", "3", "4", "5"],
+    )
+    stats = dataclasses.replace(stats, killed="b@host", kill_at_s=2.0)
+    assert stats.redelivered_s == pytest.approx(7.0)
+    (line,) = kill_lines([stats])
+    assert line.startswith("steal: b SIGKILLed at 2.00 s; 5 completions of 5 tasks")
+    assert "lost 0, twice 0; 6 runs (+1 restarted, the last 5.0 s after the kill)" in line
+    assert line.endswith("exactly once")
+    lost = dataclasses.replace(stats, lost=["6"])
+    assert kill_lines([lost])[0].endswith("LOST OR TWICE")

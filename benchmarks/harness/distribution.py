@@ -12,6 +12,7 @@ process of the host, so the client's start and the workers' task times compare.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import threading
 import time
@@ -119,6 +120,7 @@ class Record:
     end: float
     ev: str = "done"
     redelivered: bool = False
+    queue: str = ""  # the routing key it was delivered with (its affinity queue)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Record:
@@ -132,6 +134,7 @@ class Record:
             end=float(data.get("end", 0.0)),
             ev=data.get("ev", "done"),
             redelivered=bool(data.get("redelivered", False)),
+            queue=data.get("queue") or "",
         )
 
 
@@ -152,6 +155,8 @@ class ModeStats:
     twice: list[str] = field(default_factory=list)  # ids completed more than once
     killed: str = ""
     kill_at_s: float = float("nan")
+    #: when the last redelivered task started (s after t0): a SIGKILL's cut tasks ran again
+    redelivered_s: float = float("nan")
 
     @property
     def exactly_once(self) -> bool:
@@ -191,6 +196,7 @@ def summarise(
         count[r.worker] = count.get(r.worker, 0) + 1
         by_customer[r.customer][r.worker] += 1
     completions = Counter(r.id for r in done)
+    again = [r.start - t0 for r in done if r.redelivered]
     denominator = slots * makespan
     return ModeStats(
         mode=mode,
@@ -206,6 +212,7 @@ def summarise(
         runs=starts,
         lost=sorted(set(expected) - set(completions)),
         twice=sorted(i for i, n in completions.items() if n > 1),
+        redelivered_s=max(again, default=float("nan")),
     )
 
 
@@ -321,13 +328,17 @@ def ratios(by_mode: dict[str, ModeStats]) -> list[str]:
 
 
 def kill_lines(rows: list[ModeStats]) -> list[str]:
+    """One line per SIGKILL run: who was killed when, lost / twice, the extra starts of the
+    tasks the kill cut (and when the last of them started again), the verdict."""
     lines = []
     for r in rows:
         verdict = "exactly once" if r.exactly_once else "LOST OR TWICE"
+        cut = r.redelivered_s - r.kill_at_s
+        again = f", the last {cut:.1f} s after the kill" if math.isfinite(cut) else ""
         lines.append(
             f"{r.mode}: {short(r.killed) or 'nobody'} SIGKILLed at {r.kill_at_s:.2f} s; "
-            f"{r.tasks} completions of {r.published} tasks, "
-            f"lost {len(r.lost)}, twice {len(r.twice)}, runs {r.runs} "
-            f"(+{r.runs - r.tasks} restarted); makespan {r.makespan_s:.2f} s: {verdict}"
+            f"{r.tasks} completions of {r.published} tasks, lost {len(r.lost)}, twice "
+            f"{len(r.twice)}; {r.runs} runs (+{r.runs - r.tasks} restarted{again}); "
+            f"makespan {r.makespan_s:.2f} s: {verdict}"
         )
     return lines
