@@ -33,6 +33,8 @@ from typing import Any
 
 from ..background import BackgroundLoop
 from ..distribution import DistributionConfig, Homes, StealPlanner
+from ..distribution.depths import BrokerDepths
+from ..distribution.status import STATS_TTL_MS, stats_key
 from ..errors import FleetError
 from ..store.sync import RedisStore
 
@@ -46,57 +48,6 @@ SAMPLE_PERIOD_S = 0.5
 DRAIN_PERIOD_S = 5.0
 #: How long the loop waits for the consumer's thread to run an add or cancel.
 CONSUMER_WAIT_S = 5.0
-
-
-class BrokerDepths:
-    """The depths of broker queues, read on a connection of its own (this thread's).
-
-    On the Redis transport a queue's depth is the sum of its priority lists' ``LLEN``
-    (kombu's ``Channel._size``, one pipeline); elsewhere (AMQP) a passive
-    ``queue_declare``'s ``message_count``. A queue that does not exist is empty.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self._connection: Any = None
-        self._channel: Any = None
-
-    def depths(self, names: Iterable[str]) -> dict[str, int]:
-        """The depth of each named queue now (raises :class:`FleetError` when the broker
-        does not answer)."""
-        try:
-            channel = self._open()
-            return {name: self._depth(channel, name) for name in names}
-        except Exception as exc:
-            self.close()
-            raise FleetError(f"could not read the affinity queues' depths: {exc!r}") from exc
-
-    def _open(self) -> Any:
-        if self._channel is None:
-            self._connection = self.app.connection_for_read()
-            self._connection.ensure_connection(max_retries=1)
-            self._channel = self._connection.channel()
-        return self._channel
-
-    def _depth(self, channel: Any, name: str) -> int:
-        size = getattr(channel, "_size", None)
-        if size is not None:  # kombu's virtual transports (Redis): LLEN, no declare
-            return int(size(name))
-        try:
-            return int(channel.queue_declare(queue=name, passive=True).message_count)
-        except self._connection.channel_errors:
-            # AMQP closes the channel on a 404 (no such queue yet): empty, new channel.
-            self._channel = self._connection.channel()
-            return 0
-
-    def close(self) -> None:
-        """Drop the connection (the next call opens a new one)."""
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            try:
-                connection.release()
-            except Exception:  # a broken connection: nothing more to release
-                pass
 
 
 class Distributor:
@@ -122,6 +73,7 @@ class Distributor:
         free_slots: Callable[[], int],
     ) -> None:
         self.consumer = consumer
+        self.store = store
         self.config = config
         self.homes = Homes(store, config, name)
         self.planner = StealPlanner(config.steal_threshold)
@@ -135,6 +87,7 @@ class Distributor:
         self.stolen_tasks = 0
         self.stolen_by_queue: dict[int, int] = {}
         self.last_depths: dict[int, int] = {}
+        self._unflushed: dict[str, int] = {}
         self._next_homes = 0.0
         self._next_drain = 0.0
         self._lock = threading.Lock()
@@ -161,6 +114,7 @@ class Distributor:
             consumed.add(stolen)
         self._cancel(consumed, wait=False)
         self.own, self.drained = set(), set()
+        self._flush_counts()
         if self.config.routes:
             try:
                 self.homes.leave()
@@ -176,9 +130,32 @@ class Distributor:
         with self._lock:
             if index in self.own:
                 self.local_hits += 1
-            elif index == self.planner.stolen or index not in self.homes.held:
+                kind = "local"
+            else:  # stolen, or left over from a queue this worker just gave up
                 self.stolen_tasks += 1
                 self.stolen_by_queue[index] = self.stolen_by_queue.get(index, 0) + 1
+                kind = "stolen"
+            field = f"{kind}|{index}"
+            self._unflushed[field] = self._unflushed.get(field, 0) + 1
+
+    def _flush_counts(self) -> None:
+        """Add this worker's new counts to the fleet's (one pipeline); kept on failure."""
+        with self._lock:
+            counts, self._unflushed = self._unflushed, {}
+        if not counts:
+            return
+        key = stats_key(self.config.namespace)
+        try:
+            with self.store.client.pipeline(transaction=False) as pipe:
+                for field, n in counts.items():
+                    pipe.hincrby(key, field, n)
+                pipe.pexpire(key, STATS_TTL_MS)
+                pipe.execute()
+        except Exception as exc:  # Redis away: count them at the next round
+            with self._lock:
+                for field, n in counts.items():
+                    self._unflushed[field] = self._unflushed.get(field, 0) + n
+            log.debug("celery-fleet: could not add the affinity counts: %s", exc)
 
     def _round(self) -> float:
         now = self.homes.clock.monotonic()
@@ -192,6 +169,7 @@ class Distributor:
         elif not self.config.routes and now >= self._next_drain:
             self._drain_round()
             self._next_drain = now + DRAIN_PERIOD_S
+        self._flush_counts()
         return SAMPLE_PERIOD_S
 
     def _homes_round(self) -> None:

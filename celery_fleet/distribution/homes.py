@@ -42,6 +42,7 @@ from ..clock import Clock, SystemClock
 from ..store.specs import AFFINITY_HOMES, AFFINITY_PRESENCE
 from ..store.sync import RedisStore
 from .ring import DistributionConfig, stable_hash
+from .status import home_key
 
 __all__ = ["Homes", "assign", "queues_of", "home_scores", "CLOCK_DRIFT"]
 
@@ -123,9 +124,8 @@ class Homes:
         self.worker_id = f"{name}/{uuid.uuid4().hex[:8]}"
         self.clock: Clock = clock or SystemClock()
         self.lease_ms = max(1, round(config.lease_s * 1000))
-        tag = f"{{{config.namespace}:affinity}}"
-        self.workers_key = f"{tag}:workers"
-        self.home_keys = [f"{tag}:home:{q}" for q in range(config.queues)]
+        self.workers_key = f"{{{config.namespace}:affinity}}:workers"
+        self.home_keys = [home_key(config.namespace, q) for q in range(config.queues)]
         #: The queues this worker held at the last answered claim.
         self.held: set[int] = set()
         #: The home of each queue at the last answered claim ("" none).

@@ -32,8 +32,10 @@ Counters (:mod:`celery_fleet.observability.counters`: counted in each process, a
 Redis every 2 s, so fleet totals too):
 ``celery_fleet_admitted_total``, ``celery_fleet_refused_total`` (``reason``),
 ``celery_fleet_provider_pushback_total`` (``status``), ``celery_fleet_reschedules_total``
-(``reason``), the histogram ``celery_fleet_wait_seconds`` (admitted slots' time in line)
-and ``celery_fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
+(``reason``), the histogram ``celery_fleet_wait_seconds`` (admitted slots' time in line),
+``celery_fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``) and
+``celery_fleet_affinity_tasks_total`` (``queue``, ``kind``: ``local`` for tasks run by
+their affinity queue's home, ``stolen`` for the others; docs/distribution.md).
 
 Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
 :class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from celery import bootsteps
 
 from .. import checks
+from ..distribution.status import read_stats
 from ..errors import ConfigError, FleetError
 from ..fleet import Fleet
 from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
@@ -230,9 +233,17 @@ class FleetCollector:
                 waits.add_metric([ns, limit], buckets, sum_value=got.get("wait_sum|", 0.0))
         for field, value in read_counters(fleet.store, ns, KEYS_LIMIT).items():
             dedupe.add_metric([ns, field.partition("|")[2]], value)
+        affinity = counter(
+            "affinity_tasks", "Tasks from affinity queues: run by the home or stolen",
+            "queue", "kind",
+        )  # fmt: skip
+        for field, n in read_stats(fleet.store, ns).items():
+            kind, _, queue = field.partition("|")
+            affinity.add_metric([ns, queue, kind], float(n))
         yield from c.values()
         yield waits
         yield dedupe
+        yield affinity
 
 
 def fleet_registry(fleet: MetricsSource) -> Any:
@@ -333,6 +344,10 @@ def _inspect_fleet(state: Any) -> dict[str, Any]:
     except FleetError as exc:
         limits = {"error": str(exc)}  # type: ignore[dict-item]
     answer: dict[str, Any] = {"pool": pool, "held": held_slots(fleet), "limits": limits}
+    for step in getattr(state.consumer, "steps", None) or []:
+        distributor = getattr(step, "distributor", None)
+        if distributor is not None:  # the affinity queues this worker consumes, its counts
+            answer["distribution"] = distributor.info()
     if pool == "prefork":
         # The pool's processes hold the slots, and control commands never reach them: what
         # each recorded in Redis at its last presence renewal (every 2 s while it admits).

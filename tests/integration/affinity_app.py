@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_fleet import Fleet, FleetTask, fleet_task
+from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
 
 BROKER = os.environ.get("FLEET_AFF_BROKER", "redis://127.0.0.1:6379/12")
 NAMESPACE = os.environ.get("FLEET_AFF_NS", "aff")
@@ -62,3 +62,14 @@ def handle(self: FleetTask, customer: str, n: int, work_s: float = 0.0) -> dict[
 def by_callable(self: FleetTask, customer: str, n: int) -> str | None:
     """Its affinity key comes from a callable."""
     return (self.request.delivery_info or {}).get("routing_key")  # type: ignore[no-any-return]
+
+
+@fleet_task(app=app, shared=False, bind=True, affinity="customer:{customer}")
+def throttled_once(self: FleetTask, customer: str, tag: str) -> list[str]:
+    """Refused once (backpressure: rescheduled, not failed), then runs; records the
+    affinity queue of each run."""
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    _probe.rpush(key(f"queues:{tag}"), str(queue))
+    if _probe.incr(key(f"runs:{tag}")) == 1:
+        raise Throttled("llm", 50, "test")
+    return [q.decode() for q in _probe.lrange(key(f"queues:{tag}"), 0, -1)]

@@ -17,6 +17,8 @@ from types import ModuleType
 
 import pytest
 
+from celery_fleet.distribution.status import affinity_status
+from celery_fleet.observability.cli import _status
 from tests.integration.workers import ROOT, celery_workers, new_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -92,6 +94,9 @@ def test_a_customers_tasks_run_on_its_queues_home(redis_url: str) -> None:
         for customer, workers in by_customer.items():
             assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
         assert m.by_callable.delay("x", 1).get(timeout=30) == config.queue_for("c:x")
+        # a rescheduled task goes back to its affinity queue (published again by the pump)
+        runs = m.throttled_once.delay("c3", new_run()).get(timeout=60)
+        assert runs == [config.queue_for("customer:c3")] * 2
 
 
 def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
@@ -141,6 +146,24 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
             assert workers[home] >= 2, workers  # and its home kept working on it
         else:
             assert workers == {home: 16}, workers  # dedicated never steals
+        # counted: by the workers (inspect fleet) and fleet-wide (status, metrics)
+        queue = m.fleet.distribution.index_of(
+            m.fleet.distribution.queue_for(f"customer:{customer}")
+        )
+        answers = m.app.control.inspect(timeout=5)._request("fleet") or {}
+        counts = {w.split("@")[0] + "@": a["distribution"] for w, a in answers.items()}
+        assert counts[peer]["stolen_tasks"] == workers[peer], counts
+        assert counts[home]["local_hits"] >= workers[home], counts
+        assert queue in counts[home]["home_of"]
+        deadline = time.monotonic() + 10
+        while True:  # each worker adds its counts every round (half a second)
+            row = affinity_status(m.fleet.store, m.fleet.distribution)[queue]
+            if (row.local, row.stolen) == (workers[home], workers[peer]):
+                break
+            assert time.monotonic() < deadline, (row, workers)
+            time.sleep(0.1)
+        text = _status(m.fleet, (), False)
+        assert f"affinity queues ({mode}" in text and row.name in text, text
 
 
 def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) -> None:
