@@ -23,8 +23,11 @@ worker, warm or cold): the makespan (first publish to last end), locality (the s
 tasks that ran warm), affinity (per customer, the share of its tasks on its most used
 worker, averaged), utilisation per worker (its tasks' time over slots x makespan). Targets
 (issue 24): steal's makespan within 10% of shared's, steal's locality at least 90% of
-dedicated's. ``--repeat R`` runs the modes R times, alternating (shared, dedicated, steal,
-shared, ...), and reports medians.
+dedicated's. The modes run ``--repeat`` times (3), alternating (shared, dedicated, steal,
+shared, ...), and the medians are reported: which queues a worker is home of changes from
+run to run (the homes hash the workers' ids), and with it how the heavy customers fall.
+"stolen": tasks run by a worker other than their queue's home when the run began (from the
+records), and the fleet's own count after a slash when it differs.
 
 ``--kill``: afterwards, one more run per mode in which one worker is SIGKILLed (its whole
 process group) once 40% of the tasks are done; every task must then complete exactly once
@@ -165,8 +168,9 @@ def wait_ready(
     mode: str,
     procs: list[subprocess.Popen[bytes]],
     deadline_s: float = 60.0,
-) -> None:
-    """Every worker answers a ping; with affinity, every affinity queue has a consumer.
+) -> dict[str, str] | None:
+    """Every worker answers a ping; with affinity, every affinity queue has one consumer
+    (its home), and the homes returned (queue: worker; None without affinity).
     A worker that exits meanwhile fails the run at once (``--logs`` keeps its output)."""
     control = app.control  # type: ignore[attr-defined]
     deadline = time.monotonic() + deadline_s
@@ -180,7 +184,7 @@ def wait_ready(
         for reply in control.ping(destination=sorted(missing), timeout=0.5) or []:
             missing -= set(reply)
     if mode in ("shared", ROUTED):
-        return
+        return None
     # A worker that starts first is home of every queue until the others announce
     # themselves: publish only once the homes are spread and stay put for a second.
     before: dict[str, set[str]] = {}
@@ -188,10 +192,27 @@ def wait_ready(
         replies = control.inspect(timeout=1.0).active_queues() or {}
         now = {w: {q["name"] for q in qs} - {QUEUE} for w, qs in replies.items()}
         if settled(now, worker_names(setup), setup.queues) and now == before:
-            return
+            return {q: w for w, qs in now.items() for q in qs}
         before = now
         time.sleep(1.0)
     print(f"  ({mode}: the affinity queues' homes had not settled after {deadline_s:g} s)")
+    return None
+
+
+def fleet_stolen(client: redis.Redis) -> int | None:
+    """The tasks the fleet itself counted as stolen (its ``{dist:affinity}:stats`` hash),
+    None when this celery_fleet keeps no such count."""
+    try:
+        from celery_fleet.distribution.status import read_stats
+    except ImportError:
+        return None
+
+    class Commands:
+        def call(self, command: str, *args: object) -> object:
+            return client.execute_command(command, *args)
+
+    counts = read_stats(Commands(), "dist")
+    return sum(n for k, n in counts.items() if k.startswith("stolen|"))
 
 
 def run_mode(
@@ -213,7 +234,7 @@ def run_mode(
     victim, kill_at = "", float("nan")
     try:
         with workers(setup, load, mode) as procs:
-            wait_ready(app, setup, mode, procs)
+            homes = wait_ready(app, setup, mode, procs)
             t0 = time.monotonic()
             ids = [
                 task.apply_async(
@@ -238,6 +259,7 @@ def run_mode(
                 time.sleep(0.1)
             time.sleep(0.5)  # a duplicate completion would land now, not later
             records = [Record.from_json(r) for r in client.lrange(RECORDS, 0, -1)]
+        counted = fleet_stolen(client) if homes is not None else None  # workers stopped
     finally:
         close_app(app)
         client.flushdb()
@@ -249,18 +271,19 @@ def run_mode(
         slots=setup.concurrency,
         expected=ids,
         workers=worker_names(setup),
+        homes=homes,
     )
     if dump:
         with open(dump, "a", encoding="utf-8") as fh:
             rows = [dataclasses.asdict(r) for r in records]
             fh.write(json.dumps({"mode": mode, "kill": kill, "t0": t0, "records": rows}) + "\n")
-    return replace(stats, killed=victim, kill_at_s=kill_at)
+    return replace(stats, killed=victim, kill_at_s=kill_at, fleet_stolen=counted)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="shared vs dedicated vs steal (issue 24) on real celery workers",
-        epilog="--quick: 12 customers x 4 tasks, one round, no RESULTS.md section (~30 s).",
+        epilog="--quick: 12 customers x 4 tasks, one round, no RESULTS.md section (~40 s).",
     )
     p.add_argument(
         "--url",
@@ -268,7 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"the Redis (its DB {DB} is used and flushed)",
     )
     p.add_argument("--modes", nargs="+", choices=[*MODES, ROUTED], default=list(MODES))
-    p.add_argument("--repeat", type=int, default=1, help="rounds of all modes, alternating")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of all modes, alternating")
     p.add_argument("--kill", action="store_true", help="also a SIGKILL run per mode")
     p.add_argument("--quick", action="store_true", help="a smoke run; appends nothing")
     p.add_argument("--workers", type=int, default=3)

@@ -165,7 +165,7 @@ def test_record_from_json() -> None:
 
 def test_options_and_quick(bench: ModuleType) -> None:
     args = bench.parse_args([])
-    assert (args.customers, args.tasks, args.workers, args.repeat) == (24, 8, 3, 1)
+    assert (args.customers, args.tasks, args.workers, args.repeat) == (24, 8, 3, 3)
     assert args.modes == ["shared", "dedicated", "steal"] and not args.kill
     quick = bench.parse_args(["--quick", "--kill"])
     assert (quick.customers, quick.tasks, quick.quick, quick.kill) == (12, 4, True, True)
@@ -230,3 +230,15 @@ def test_kill_line_reports_lost_twice_and_when_cut_tasks_ran_again() -> None:
     assert line.endswith("exactly once")
     lost = dataclasses.replace(stats, lost=["6"])
     assert kill_lines([lost])[0].endswith("LOST OR TWICE")
+
+
+def test_stolen_counts_tasks_run_away_from_their_queues_home() -> None:
+    def on(i: str, worker: str, queue: str) -> Record:
+        return Record(id=i, customer="x", worker=worker, warm=True, start=0, end=1, queue=queue)
+
+    runs = [on("1", "a", "q0"), on("2", "b", "q0"), on("3", "b", "q1"), on("4", "a", "dist")]
+    homes = {"q0": "a", "q1": "b"}  # "dist" (the default queue) has no home: never stolen
+    stats = summarise("steal", runs, t0=0.0, slots=2, expected=["1", "2", "3", "4"], homes=homes)
+    assert stats.stolen == 1
+    assert summarise("shared", runs, t0=0.0, slots=2, expected=[]).stolen is None
+    assert "1/3" in table([dataclasses.replace(stats, fleet_stolen=3)])

@@ -17,7 +17,7 @@ import statistics
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,11 @@ class ModeStats:
     kill_at_s: float = float("nan")
     #: when the last redelivered task started (s after t0): a SIGKILL's cut tasks ran again
     redelivered_s: float = float("nan")
+    #: tasks run by a worker other than their queue's home (seen from the records; None:
+    #: the mode has no homes)
+    stolen: int | None = None
+    #: the same as the fleet counted it (``{<ns>:affinity}:stats``; None: not read)
+    fleet_stolen: int | None = None
 
     @property
     def exactly_once(self) -> bool:
@@ -175,6 +180,7 @@ def summarise(
     slots: int,
     expected: Sequence[str],
     workers: Sequence[str] = (),
+    homes: Mapping[str, str] | None = None,
 ) -> ModeStats:
     """The figures of one run from its records.
 
@@ -182,7 +188,9 @@ def summarise(
     end. ``slots``: concurrency per worker; a worker's utilisation is its tasks' summed
     time (warm-up included: it is work the worker did) over ``slots x makespan``.
     ``workers``: names to list even when they ran nothing. ``expected``: every task id
-    published; each must be completed exactly once.
+    published; each must be completed exactly once. ``homes``: each affinity queue's home
+    worker when the run began; a task run by another worker was stolen (None: no homes,
+    nothing counted).
     """
     records = list(records)
     done = [r for r in records if r.ev == "done"]
@@ -213,6 +221,9 @@ def summarise(
         lost=sorted(set(expected) - set(completions)),
         twice=sorted(i for i, n in completions.items() if n > 1),
         redelivered_s=max(again, default=float("nan")),
+        stolen=None
+        if homes is None
+        else sum(homes.get(r.queue, r.worker) != r.worker for r in done),
     )
 
 
@@ -243,6 +254,11 @@ def targets(shared: ModeStats, dedicated: ModeStats, steal: ModeStats) -> Target
     )
 
 
+def _median_or_none(values: Sequence[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return int(statistics.median(known)) if known else None
+
+
 def median_stats(runs: Sequence[ModeStats]) -> ModeStats:
     """One mode's repeated runs as one: median makespan, locality, affinity and utilisation;
     the union of lost / twice ids. A single run is returned as it is."""
@@ -263,6 +279,8 @@ def median_stats(runs: Sequence[ModeStats]) -> ModeStats:
             w: int(statistics.median(r.per_worker.get(w, 0) for r in runs)) for w in workers
         },
         runs=int(statistics.median(r.runs for r in runs)),
+        stolen=_median_or_none([r.stolen for r in runs]),
+        fleet_stolen=_median_or_none([r.fleet_stolen for r in runs]),
         lost=sorted({i for r in runs for i in r.lost}),
         twice=sorted({i for r in runs for i in r.twice}),
     )
@@ -282,12 +300,22 @@ def short(worker: str) -> str:
     return worker.split("@")[0]
 
 
+def stolen_text(r: ModeStats) -> str:
+    """``stolen`` as seen from the records, with the fleet's own count after a slash when
+    it differs ("-": the mode has no homes)."""
+    if r.stolen is None:
+        return "-"
+    if r.fleet_stolen is None or r.fleet_stolen == r.stolen:
+        return str(r.stolen)
+    return f"{r.stolen}/{r.fleet_stolen}"
+
+
 def table(rows: list[ModeStats]) -> str:
     """The text table of the modes (one row each)."""
     names = sorted({w for r in rows for w in r.utilisation})
     head = (
         f"{'mode':<10}{'makespan s':>11}{'locality':>10}{'affinity':>10}"
-        f"{'util mean':>10}  per worker: util (tasks)"
+        f"{'util mean':>10}{'stolen':>8}  per worker: util (tasks)"
     )
     lines = [head]
     for r in rows:
@@ -296,7 +324,7 @@ def table(rows: list[ModeStats]) -> str:
         )
         lines.append(
             f"{r.mode:<10}{r.makespan_s:>11.2f}{r.locality:>10.3f}{r.affinity:>10.3f}"
-            f"{r.mean_utilisation:>10.2f}  {per}"
+            f"{r.mean_utilisation:>10.2f}{stolen_text(r):>8}  {per}"
         )
     return "\n".join(lines)
 
