@@ -27,7 +27,8 @@ dedicated's. The modes run ``--repeat`` times (3), alternating (shared, dedicate
 shared, ...), and the medians are reported: which queues a worker is home of changes from
 run to run (the homes hash the workers' ids), and with it how the heavy customers fall.
 "stolen": tasks run by a worker other than their queue's home when the run began (from the
-records), and the fleet's own count after a slash when it differs.
+records), and the fleet's own count after a slash when it differs (in the SIGKILL runs,
+where the dead worker's queues change home, only the fleet's: "/n").
 
 ``--kill``: afterwards, one more run per mode in which one worker is SIGKILLed (its whole
 process group) once 40% of the tasks are done; every task must then complete exactly once
@@ -271,7 +272,7 @@ def run_mode(
         slots=setup.concurrency,
         expected=ids,
         workers=worker_names(setup),
-        homes=homes,
+        homes=None if kill else homes,  # a kill moves homes: the fleet's count only
     )
     if dump:
         with open(dump, "a", encoding="utf-8") as fh:

@@ -242,3 +242,5 @@ def test_stolen_counts_tasks_run_away_from_their_queues_home() -> None:
     assert stats.stolen == 1
     assert summarise("shared", runs, t0=0.0, slots=2, expected=[]).stolen is None
     assert "1/3" in table([dataclasses.replace(stats, fleet_stolen=3)])
+    assert " 1 " in table([dataclasses.replace(stats, fleet_stolen=1)])
+    assert "/4" in table([dataclasses.replace(stats, stolen=None, fleet_stolen=4)])

@@ -302,9 +302,10 @@ def short(worker: str) -> str:
 
 def stolen_text(r: ModeStats) -> str:
     """``stolen`` as seen from the records, with the fleet's own count after a slash when
-    it differs ("-": the mode has no homes)."""
+    it differs; only the fleet's (``/n``) when the records could not tell (the homes moved:
+    a SIGKILL run); "-" when the mode has no homes."""
     if r.stolen is None:
-        return "-"
+        return "-" if r.fleet_stolen is None else f"/{r.fleet_stolen}"
     if r.fleet_stolen is None or r.fleet_stolen == r.stolen:
         return str(r.stolen)
     return f"{r.stolen}/{r.fleet_stolen}"
