@@ -274,4 +274,5 @@ class Distributor:
                 "local_hits": self.local_hits,
                 "stolen_tasks": self.stolen_tasks,
                 "stolen_by_queue": dict(self.stolen_by_queue),
+                "sampled_depths": dict(self.last_depths),
             }

@@ -6,7 +6,8 @@ one of a fixed number of affinity queues, chosen by a stable hash of the key
 hashing over the live workers and held as a lease in the fleet's Redis (:mod:`.homes`).
 The Celery glue (:mod:`celery_fleet.celery.affinity`) routes tasks at publish and runs
 the worker's loop that consumes the queues it holds and, in ``"steal"`` mode, steals
-from deep peer queues while idle (:mod:`.steal` decides which).
+from deep peer queues while idle (:mod:`.steal` decides which, from the broker depths
+:mod:`.depths` samples). :mod:`.status` reads each queue's home, depth and counts.
 
 May import: ``store`` and the shared modules (``errors``, ``checks``, ``clock``,
 ``background``). Never Celery, nor the limiter.

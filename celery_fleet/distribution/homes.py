@@ -139,10 +139,6 @@ class Homes:
             self.store, [self.workers_key], [self.worker_id, self.lease_ms, "1"]
         )
 
-    def live_workers(self) -> list[str]:
-        """The live workers' ids, without announcing this one (for status)."""
-        return self._read_live()
-
     def wanted(self, live: Sequence[str]) -> set[int]:
         """The queues this worker should be the home of, among ``live`` workers."""
         return queues_of(self.worker_id, live, self.config.queues)
@@ -191,15 +187,3 @@ class Homes:
         return AFFINITY_PRESENCE.run(
             self.store, [self.workers_key], [self.worker_id, self.lease_ms, announce]
         )
-
-    def _read_live(self) -> list[str]:
-        return [
-            w.decode() if isinstance(w, bytes) else str(w)
-            for w in self.store.call(
-                "ZRANGEBYSCORE", self.workers_key, "(" + str(self._redis_now_ms()), "+inf"
-            )
-        ]
-
-    def _redis_now_ms(self) -> int:
-        seconds, micros = self.store.call("TIME")
-        return int(seconds) * 1000 + int(micros) // 1000

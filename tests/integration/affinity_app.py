@@ -20,7 +20,7 @@ from celery_fleet import Fleet, FleetTask, Throttled, fleet_task
 BROKER = os.environ.get("FLEET_AFF_BROKER", "redis://127.0.0.1:6379/12")
 NAMESPACE = os.environ.get("FLEET_AFF_NS", "aff")
 
-app = Celery("fleet_affinity", broker=BROKER, backend=BROKER)
+app = Celery("fleet_affinity", broker=BROKER, backend=os.environ.get("FLEET_AFF_BACKEND", BROKER))
 app.conf.update(
     fleet_redis_url=os.environ.get("FLEET_AFF_REDIS", BROKER),
     fleet_namespace=NAMESPACE,
@@ -37,7 +37,9 @@ app.conf.update(
         "visibility_timeout": 5,
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
-    },
+    }
+    if BROKER.startswith("redis")
+    else {},
     broker_connection_retry_on_startup=True,
     result_expires=600,
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from types import ModuleType
 
 import pytest
+from kombu import Connection
 
 from celery_fleet.distribution.status import affinity_status
 from celery_fleet.observability.cli import _status
@@ -29,18 +31,26 @@ LEASE_S = 1.5
 
 @contextmanager
 def _workers(
-    redis_url: str, mode: str, workers: int, pool: tuple[str, str] = ("threads", "2")
+    redis_url: str,
+    mode: str,
+    workers: int,
+    pool: tuple[str, str] = ("threads", "2"),
+    lease_s: float = LEASE_S,
+    amqp: str | None = None,
 ) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
+    """Workers of affinity_app.py on the Redis broker (DB 12), or on RabbitMQ (``amqp``:
+    the fleet's Redis and the result backend stay on DB 12)."""
     broker = redis_url.rsplit("/", 1)[0] + "/12"
     name = f"aff-{new_run()}"
     settings = {
-        "FLEET_AFF_BROKER": broker,
+        "FLEET_AFF_BROKER": amqp or broker,
+        "FLEET_AFF_BACKEND": broker,
         "FLEET_AFF_REDIS": broker,
         "FLEET_AFF_NS": name,
         "FLEET_AFF_QUEUE": f"fleet-{name}",
         "FLEET_AFF_MODE": mode,
         "FLEET_AFF_QUEUES": str(QUEUES),
-        "FLEET_AFF_LEASE": str(LEASE_S),
+        "FLEET_AFF_LEASE": str(lease_s),
     }
     with celery_workers(
         "tests.integration.affinity_app",
@@ -54,6 +64,29 @@ def _workers(
             yield module, procs, name
         finally:
             module._probe.close()
+    if amqp is not None:
+        _drop_rabbitmq_queues(amqp, name)
+
+
+AMQP_URL = os.environ.get("FLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbitmq_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _drop_rabbitmq_queues(url: str, name: str) -> None:
+    """RabbitMQ keeps a run's durable queues and exchanges: delete them."""
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for queue in [f"fleet-{name}", *(f"{name}.affinity.{q}" for q in range(QUEUES))]:
+            channel.queue_delete(queue)
+            channel.exchange_delete(queue)
+        channel.close()
 
 
 def _homes(m: ModuleType) -> list[str]:
@@ -123,6 +156,18 @@ def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> Non
         print(f"queues moved {moved_s:.2f} s after the SIGKILL (lease {LEASE_S} s)")
 
 
+def test_a_worker_that_stops_gives_its_queues_up_at_once(redis_url: str) -> None:
+    """A warm shutdown cancels the worker's consumers and deletes its leases: the queues
+    move at the peer's next round, long before the (30 s) lease would lapse."""
+    with _workers(redis_url, "dedicated", 2, lease_s=30.0) as (m, procs, name):
+        _wait_homes(m, 2)
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(20)
+        homes = _wait_homes(m, 1, within_s=15.0)
+        assert all(h.startswith(f"{name}-1@") for h in homes)
+        assert m.handle.delay("c1", 1).get(timeout=30)["worker"].startswith(f"{name}-1@")
+
+
 def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
     config = m.fleet.distribution
     for c in range(1000):
@@ -131,11 +176,17 @@ def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
     raise AssertionError("no customer maps to a queue of " + home)
 
 
-@pytest.mark.parametrize("mode", ["steal", "dedicated"])
+@pytest.mark.parametrize(("mode", "broker"), [("steal", "redis"), ("dedicated", "redis"),
+                                             ("steal", "amqp")])  # fmt: skip
 def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
-    redis_url: str, mode: str
+    redis_url: str, mode: str, broker: str
 ) -> None:
-    with _workers(redis_url, mode, 2, ("threads", "1")) as (m, _procs, name):
+    if broker == "amqp" and not _rabbitmq_answers():
+        if os.environ.get("CI"):
+            pytest.fail(f"no RabbitMQ at {AMQP_URL}")
+        pytest.skip(f"no RabbitMQ at {AMQP_URL}")
+    amqp = AMQP_URL if broker == "amqp" else None
+    with _workers(redis_url, mode, 2, ("threads", "1"), amqp=amqp) as (m, _procs, name):
         homes = _wait_homes(m, 2)
         home, peer = f"{name}-0@", f"{name}-1@"
         customer = _hot_customer(m, homes, home)
@@ -164,6 +215,19 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
             time.sleep(0.1)
         text = _status(m.fleet, (), False)
         assert f"affinity queues ({mode}" in text and row.name in text, text
+
+
+def test_a_shared_worker_drains_tasks_left_in_affinity_queues(redis_url: str) -> None:
+    """Switching from "dedicated" to "shared" strands nothing: the tasks already waiting in
+    affinity queues are consumed (here sent there directly, as the old mode did)."""
+    with _workers(redis_url, "shared", 1) as (m, _procs, _name):
+        config = m.fleet.distribution
+        left = [
+            m.app.send_task(m.handle.name, (f"c{q}", q), queue=config.queue_name(q))
+            for q in range(QUEUES)
+        ]
+        assert sorted(r.get(timeout=60)["n"] for r in left) == list(range(QUEUES))
+        assert m.handle.delay("c1", 99).get(timeout=30)["queue"] == f"fleet-{m.NAMESPACE}"
 
 
 def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) -> None:
