@@ -73,6 +73,7 @@ from benchmarks.harness.distribution import (  # noqa: E402
     median_stats,
     ratios,
     settled,
+    stolen_text,
     summarise,
     table,
 )
@@ -316,6 +317,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def describe(setup: Setup, load: Workload) -> str:
+    """The run's parameters, one paragraph."""
+    return (
+        f"{setup.workers} workers x {setup.pool} -c {setup.concurrency}; {load.customers} "
+        f"customers x {load.tasks_per_customer} tasks, light {load.light_s:g} s, every "
+        f"{load.heavy_every}th customer {load.heavy:g}x; warm-up {load.warmup_s:g} s per "
+        f"customer per process; {len(load.plan())} tasks, {load.work_s():.1f} s of work "
+        f"without warm-up; fleet_affinity_queues {setup.queues}, fleet_steal_threshold "
+        f"{setup.threshold}; Redis DB {DB}"
+    )
+
+
+def rounds(
+    setup: Setup, load: Workload, modes: list[str], repeat: int, dump: str | None
+) -> tuple[dict[str, ModeStats], list[str]]:
+    """``repeat`` rounds of every mode, alternating: the medians by mode, and a line per run."""
+    runs: dict[str, list[ModeStats]] = {m: [] for m in modes}
+    lines = []
+    for k in range(repeat):
+        for mode in modes:
+            s = run_mode(setup, load, mode, dump=dump)
+            runs[mode].append(s)
+            lines.append(
+                f"round {k + 1} {mode:<9}: makespan {s.makespan_s:5.2f} s, locality "
+                f"{s.locality:.3f}, stolen {stolen_text(s)}, {s.tasks} tasks"
+            )
+            print(f"  {lines[-1]}", flush=True)
+    return {m: median_stats(rs) for m, rs in runs.items()}, lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup = Setup(
@@ -340,52 +371,30 @@ def main(argv: list[str] | None = None) -> int:
     missing = [m for m in args.modes if m not in modes]
     if setup.logs:
         Path(setup.logs).mkdir(parents=True, exist_ok=True)
-    intro = (
-        f"{setup.workers} workers x {setup.pool} -c {setup.concurrency}; {load.customers} "
-        f"customers x {load.tasks_per_customer} tasks, light {load.light_s:g} s, every "
-        f"{load.heavy_every}th customer {load.heavy:g}x; warm-up {load.warmup_s:g} s per "
-        f"customer per process; {len(load.plan())} tasks, {load.work_s():.1f} s of work "
-        f"without warm-up; fleet_affinity_queues {setup.queues}, fleet_steal_threshold "
-        f"{setup.threshold}; Redis DB {DB}"
-    )
-    print(intro)
+    print(describe(setup, load))
     if missing:
         print(f"not available in this celery_fleet (no fleet_distribution): {', '.join(missing)}")
-    runs: dict[str, list[ModeStats]] = {m: [] for m in modes}
-    for k in range(args.repeat):
-        for mode in modes:
-            stats = run_mode(setup, load, mode, dump=args.dump)
-            runs[mode].append(stats)
-            print(
-                f"  round {k + 1} {mode}: makespan {stats.makespan_s:.2f} s, locality "
-                f"{stats.locality:.3f}, {stats.tasks} tasks",
-                flush=True,
-            )
-    by_mode = {m: median_stats(rs) for m, rs in runs.items()}
-    # routed is left out: its dead worker's queue has no other consumer (by design)
-    killed = (
-        [run_mode(setup, load, m, True, args.dump) for m in modes if m != ROUTED]
-        if args.kill
-        else []
-    )
-    text = [table(list(by_mode.values())), "", *ratios(by_mode)]
+    by_mode, lines = rounds(setup, load, modes, args.repeat, args.dump)
+    killed: list[ModeStats] = []
+    if args.kill:  # not routed: its dead worker's queue has no other consumer (by design)
+        killed = [run_mode(setup, load, m, True, args.dump) for m in modes if m != ROUTED]
+    text = [*lines, "", f"medians of {args.repeat} round(s):", table(list(by_mode.values()))]
+    text += ["", *ratios(by_mode)]
     if killed:
-        text += ["", "SIGKILL one worker at 40% of tasks:", table(killed)]
-        text += kill_lines(killed)
+        text += ["", "SIGKILL one worker at 40% of tasks:", table(killed), *kill_lines(killed)]
     out = "\n".join(text)
     print(out)
-    broken = [s for s in [*killed, *by_mode.values()] if not s.exactly_once]
     if not (args.quick or args.no_append):
+        body = (
+            f"{describe(setup, load)}. Modes not available: {', '.join(missing) or 'none'}."
+            f"\n\n```text\n{out}\n```\n"
+        )
         client = redis.Redis.from_url(setup.url)
         try:
-            body = (
-                f"{intro}. Rounds: {args.repeat} (medians). Missing modes: "
-                f"{', '.join(missing) or 'none'}.\n\n```text\n{out}\n```\n"
-            )
             append_section(client, body, title=TITLE)
         finally:
             client.close()
-    return 1 if broken else 0
+    return 0 if all(s.exactly_once for s in [*killed, *by_mode.values()]) else 1
 
 
 if __name__ == "__main__":
