@@ -64,6 +64,7 @@ def broker_app(redis_url: str, namespace: str) -> Iterator[tuple[Celery, redis.R
         fleet_namespace=namespace,
         fleet_distribution="dedicated",
         fleet_affinity_queues=8,
+        fleet_limits={"llm": {"max_in_flight": 2}},
         task_default_queue=f"{namespace}-default",
     )
     Fleet(app)
@@ -111,3 +112,24 @@ def test_a_bad_key_fails_at_publish_and_publishes_nothing(
     with pytest.raises(ConfigError, match="affinity"):
         not_a_str.delay(1)
     assert not list(client.scan_iter(match=f"{ns}.affinity.*"))
+
+
+def test_affinity_works_with_limits_and_idempotency_keys(broker_app: tuple[Celery, Any]) -> None:
+    """Affinity decides where, the limit when: a task with both is checked against its
+    limit and lands in its affinity queue; a duplicate keyed publish publishes nothing."""
+    app, client = broker_app
+    ns = app.conf.fleet_namespace
+
+    @fleet_task(
+        app=app,
+        shared=False,
+        limit="llm",
+        affinity="customer:{customer_id}",
+        idempotency_key="ticket:{ticket}",
+    )
+    def answer(customer_id: int, ticket: str) -> None: ...
+
+    first = answer.delay(5, "t-1")
+    again = answer.delay(5, "t-1")
+    assert again.id == first.id
+    assert client.llen(f"{ns}.affinity.{queue_of('customer:5', 8)}") == 1

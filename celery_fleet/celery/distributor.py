@@ -170,7 +170,7 @@ class Distributor:
             self._drain_round()
             self._next_drain = now + DRAIN_PERIOD_S
         self._flush_counts()
-        return SAMPLE_PERIOD_S
+        return min(SAMPLE_PERIOD_S, self.config.lease_s / 3.0)
 
     def _homes_round(self) -> None:
         try:

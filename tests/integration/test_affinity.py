@@ -37,6 +37,7 @@ def _workers(
     pool: tuple[str, str] = ("threads", "2"),
     lease_s: float = LEASE_S,
     amqp: str | None = None,
+    threshold: int = 2,
 ) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
     """Workers of affinity_app.py on the Redis broker (DB 12), or on RabbitMQ (``amqp``:
     the fleet's Redis and the result backend stay on DB 12)."""
@@ -51,6 +52,7 @@ def _workers(
         "FLEET_AFF_MODE": mode,
         "FLEET_AFF_QUEUES": str(QUEUES),
         "FLEET_AFF_LEASE": str(lease_s),
+        "FLEET_AFF_THRESHOLD": str(threshold),
     }
     with celery_workers(
         "tests.integration.affinity_app",
@@ -130,6 +132,25 @@ def test_a_customers_tasks_run_on_its_queues_home(redis_url: str) -> None:
         # a rescheduled task goes back to its affinity queue (published again by the pump)
         runs = m.throttled_once.delay("c3", new_run()).get(timeout=60)
         assert runs == [config.queue_for("customer:c3")] * 2
+
+
+def test_with_balanced_load_steal_mode_keeps_each_customer_on_one_worker(
+    redis_url: str,
+) -> None:
+    """Published at a pace the workers keep up with, no queue grows past the threshold:
+    in "steal" mode too, at least 90% of each customer's tasks run on one worker."""
+    with _workers(redis_url, "steal", 2, threshold=6) as (m, _procs, _name):
+        _wait_homes(m, 2)
+        results = []
+        for i in range(6):
+            for c in range(10):
+                results.append((f"c{c}", m.handle.delay(f"c{c}", i, 0.02)))
+                time.sleep(0.01)
+        by_customer: dict[str, Counter[str]] = defaultdict(Counter)
+        for customer, r in results:
+            by_customer[customer][r.get(timeout=60)["worker"]] += 1
+        for customer, workers in by_customer.items():
+            assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
 
 
 def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
