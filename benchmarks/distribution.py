@@ -33,8 +33,9 @@ where the dead worker's queues change home, only the fleet's: "/n").
 ``--kill``: afterwards, one more run per mode in which one worker is SIGKILLed (its whole
 process group) once 40% of the tasks are done; every task must then complete exactly once
 (counted by task id). A task the kill cut short starts again on another worker (acks_late,
-``task_reject_on_worker_lost``; the broker's visibility timeout is 5 s here, so its
-message comes back within the run): "runs" counts those extra starts.
+``task_reject_on_worker_lost``; the broker's visibility timeout is 5 s here, longer for
+longer tasks (:func:`visibility_s`), so its message comes back within the run): "runs"
+counts those extra starts.
 
 Modes the installed celery_fleet does not have yet (no ``fleet_distribution`` setting) are
 reported as not available. A run appends a section to ``benchmarks/RESULTS.md``;
@@ -103,6 +104,14 @@ class Setup:
     logs: str | None = None
 
 
+def visibility_s(load: Workload) -> float:
+    """The broker's visibility timeout: short, so a killed worker's messages come back
+    within the run, yet well past the longest task (a running task's message is unacked
+    all along, and would be delivered a second time past it)."""
+    longest = max(load.cost_s(c) for c in range(load.customers)) + load.warmup_s
+    return max(5.0, 4 * longest)
+
+
 def worker_names(setup: Setup) -> list[str]:
     host = os.uname().nodename
     return [f"dist{i}@{host}" for i in range(setup.workers)]
@@ -133,6 +142,7 @@ def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess
         "DIST_WARMUP_S": str(load.warmup_s),
         "DIST_QUEUES": str(setup.queues),
         "DIST_THRESHOLD": str(setup.threshold),
+        "DIST_VISIBILITY_S": str(visibility_s(load)),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     procs: list[subprocess.Popen[bytes]] = []
@@ -231,6 +241,7 @@ def run_mode(
         warmup_s=load.warmup_s,
         queues=setup.queues,
         threshold=setup.threshold,
+        visibility_timeout_s=visibility_s(load),
     )
     plan = load.plan()
     victim, kill_at = "", float("nan")

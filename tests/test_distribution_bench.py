@@ -244,3 +244,9 @@ def test_stolen_counts_tasks_run_away_from_their_queues_home() -> None:
     assert "1/3" in table([dataclasses.replace(stats, fleet_stolen=3)])
     assert " 1 " in table([dataclasses.replace(stats, fleet_stolen=1)])
     assert "/4" in table([dataclasses.replace(stats, stolen=None, fleet_stolen=4)])
+
+
+def test_visibility_timeout_outlasts_the_longest_task(bench: ModuleType) -> None:
+    assert bench.visibility_s(Workload()) == 5.0  # 0.8 s + 0.1 s warm-up: the floor
+    long = Workload(light_s=1.0, heavy=10.0, warmup_s=0.5)
+    assert bench.visibility_s(long) == pytest.approx(4 * 10.5)
