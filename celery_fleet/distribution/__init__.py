@@ -24,6 +24,7 @@ from .ring import (
     affinity_queue_name,
     queue_of,
 )
+from .status import QueueStatus, affinity_status
 from .steal import StealPlanner
 
 __all__ = [
@@ -33,9 +34,11 @@ __all__ = [
     "MODES",
     "DistributionConfig",
     "Homes",
+    "QueueStatus",
     "StealPlanner",
     "affinity_queue_index",
     "affinity_queue_name",
+    "affinity_status",
     "assign",
     "home_scores",
     "queue_of",
