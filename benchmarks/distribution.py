@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         killed = [run_mode(setup, load, m, True, args.dump) for m in modes if m != ROUTED]
     text = [*lines, "", f"medians of {args.repeat} round(s):", table(list(by_mode.values()))]
     text += ["", *ratios(by_mode)]
+    if args.quick:
+        text.append("(--quick: a smoke run; 4 tasks a customer is too few for the targets)")
     if killed:
         text += ["", "SIGKILL one worker at 40% of tasks:", table(killed), *kill_lines(killed)]
     out = "\n".join(text)
