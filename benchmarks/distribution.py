@@ -47,17 +47,13 @@ Run: ``python benchmarks/distribution.py [--kill] [--quick]`` or ``make bench-di
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,158 +69,28 @@ from benchmarks.harness.distribution import (  # noqa: E402
     kill_lines,
     median_stats,
     ratios,
-    settled,
     stolen_text,
     summarise,
     table,
 )
-from benchmarks.harness.distribution_app import FEATURE, QUEUE, make_app  # noqa: E402
-from benchmarks.harness.herd import close_app, stop_processes  # noqa: E402
+from benchmarks.harness.distribution_app import FEATURE, make_app  # noqa: E402
+from benchmarks.harness.distribution_workers import (  # noqa: E402
+    RECORDS,
+    ROUTED,
+    Setup,
+    drop_queues,
+    fleet_stolen,
+    routed_queue,
+    visibility_s,
+    wait_ready,
+    worker_names,
+    workers,
+)
+from benchmarks.harness.herd import close_app  # noqa: E402
 from benchmarks.results import append_section, on_db  # noqa: E402
 
-#: Plain Celery with hand-written routing (a queue per worker, customers hashed onto them):
-#: what users write today without issue 24. Not run unless asked (``--modes``).
-ROUTED = "routed"
 DB = 13
-RECORDS = "dist:records"
 TITLE = "Distribution: shared vs dedicated vs steal (issue 24)"
-
-
-@dataclass(frozen=True)
-class Setup:
-    """How the workers run (besides the workload)."""
-
-    url: str
-    workers: int = 3
-    pool: str = "threads"
-    concurrency: int = 2
-    queues: int = 32
-    threshold: int = 4
-    timeout_s: float = 120.0
-    logs: str | None = None
-
-
-def visibility_s(load: Workload) -> float:
-    """The broker's visibility timeout: short, so a killed worker's messages come back
-    within the run, yet well past the longest task (a running task's message is unacked
-    all along, and would be delivered a second time past it)."""
-    longest = max(load.cost_s(c) for c in range(load.customers)) + load.warmup_s
-    return max(5.0, 4 * longest)
-
-
-def worker_names(setup: Setup) -> list[str]:
-    host = os.uname().nodename
-    return [f"dist{i}@{host}" for i in range(setup.workers)]
-
-
-def routed_queue(customer: str, workers: int) -> str:
-    """The hand-routed queue of ``customer`` (mode ``routed``): a stable hash onto workers."""
-    return f"{QUEUE}.{zlib.crc32(customer.encode()) % workers}"
-
-
-def queues_of(mode: str, name: str) -> str:
-    """A worker's ``-Q``: the default queue, and in ``routed`` its own queue too."""
-    if mode != ROUTED:
-        return QUEUE
-    return f"{QUEUE},{QUEUE}.{name.split('@')[0].removeprefix('dist')}"
-
-
-@contextlib.contextmanager
-def workers(setup: Setup, load: Workload, mode: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The workers of one run, each in its own process group (a SIGKILL takes its pool too);
-    stopped by pid afterwards, whatever happened."""
-    env = {
-        **os.environ,
-        "DIST_ROLE": "worker",
-        "DIST_MODE": "shared" if mode == ROUTED else mode,
-        "DIST_URL": setup.url,
-        "DIST_RECORDS": RECORDS,
-        "DIST_WARMUP_S": str(load.warmup_s),
-        "DIST_QUEUES": str(setup.queues),
-        "DIST_THRESHOLD": str(setup.threshold),
-        "DIST_VISIBILITY_S": str(visibility_s(load)),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for name in worker_names(setup):
-            log = Path(setup.logs, f"{mode}-{name.split('@')[0]}.log") if setup.logs else None
-            out = log.open("ab") if log else subprocess.DEVNULL
-            command = [
-                *(sys.executable, "-m", "celery", "-A", "benchmarks.harness.distribution_app"),
-                *("worker", "-P", setup.pool, "-c", str(setup.concurrency), "-n", name),
-                *("-Q", queues_of(mode, name), "-O", "fair", "--without-gossip"),
-                "--without-mingle",
-                *("--without-heartbeat", "-l", "INFO" if log else "WARNING"),
-            ]
-            procs.append(
-                subprocess.Popen(
-                    command,
-                    cwd=ROOT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            if log:
-                out.close()  # type: ignore[union-attr]
-        yield procs
-    finally:
-        stop_processes(*procs, grace_s=15.0)
-
-
-def wait_ready(
-    app: object,
-    setup: Setup,
-    mode: str,
-    procs: list[subprocess.Popen[bytes]],
-    deadline_s: float = 60.0,
-) -> dict[str, str] | None:
-    """Every worker answers a ping; with affinity, every affinity queue has one consumer
-    (its home), and the homes returned (queue: worker; None without affinity).
-    A worker that exits meanwhile fails the run at once (``--logs`` keeps its output)."""
-    control = app.control  # type: ignore[attr-defined]
-    deadline = time.monotonic() + deadline_s
-    missing = set(worker_names(setup))
-    while missing:
-        exited = [p.args[-1] for p in procs if p.poll() is not None]
-        if exited:
-            raise RuntimeError(f"{len(exited)} celery worker(s) exited at start (see --logs)")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"celery workers did not start: {sorted(missing)}")
-        for reply in control.ping(destination=sorted(missing), timeout=0.5) or []:
-            missing -= set(reply)
-    if mode in ("shared", ROUTED):
-        return None
-    # A worker that starts first is home of every queue until the others announce
-    # themselves: publish only once the homes are spread and stay put for a second.
-    before: dict[str, set[str]] = {}
-    while time.monotonic() < deadline:
-        replies = control.inspect(timeout=1.0).active_queues() or {}
-        now = {w: {q["name"] for q in qs} - {QUEUE} for w, qs in replies.items()}
-        if settled(now, worker_names(setup), setup.queues) and now == before:
-            return {q: w for w, qs in now.items() for q in qs}
-        before = now
-        time.sleep(1.0)
-    print(f"  ({mode}: the affinity queues' homes had not settled after {deadline_s:g} s)")
-    return None
-
-
-def fleet_stolen(client: redis.Redis) -> int | None:
-    """The tasks the fleet itself counted as stolen (its ``{dist:affinity}:stats`` hash),
-    None when this celery_fleet keeps no such count."""
-    try:
-        from celery_fleet.distribution.status import read_stats
-    except ImportError:
-        return None
-
-    class Commands:
-        def call(self, command: str, *args: object) -> object:
-            return client.execute_command(command, *args)
-
-    counts = read_stats(Commands(), "dist")
-    return sum(n for k, n in counts.items() if k.startswith("stolen|"))
 
 
 def run_mode(
@@ -242,10 +108,12 @@ def run_mode(
         queues=setup.queues,
         threshold=setup.threshold,
         visibility_timeout_s=visibility_s(load),
+        broker=setup.broker,
     )
     plan = load.plan()
     victim, kill_at = "", float("nan")
     try:
+        drop_queues(app, setup)
         with workers(setup, load, mode) as procs:
             homes = wait_ready(app, setup, mode, procs)
             t0 = time.monotonic()
@@ -274,7 +142,10 @@ def run_mode(
             records = [Record.from_json(r) for r in client.lrange(RECORDS, 0, -1)]
         counted = fleet_stolen(client) if homes is not None else None  # workers stopped
     finally:
-        close_app(app)
+        try:
+            drop_queues(app, setup)
+        finally:
+            close_app(app)
         client.flushdb()
         client.close()
     stats = summarise(
@@ -302,6 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--url",
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
         help=f"the Redis (its DB {DB} is used and flushed)",
+    )
+    p.add_argument(
+        "--broker",
+        help="another broker, e.g. amqp://guest:guest@127.0.0.1:5672// (default: "
+        "the Redis); records and the fleet's state stay in the Redis",
     )
     p.add_argument("--modes", nargs="+", choices=[*MODES, ROUTED], default=list(MODES))
     p.add_argument("--repeat", type=int, default=3, help="rounds of all modes, alternating")
@@ -336,7 +212,8 @@ def describe(setup: Setup, load: Workload) -> str:
         f"{load.heavy_every}th customer {load.heavy:g}x; warm-up {load.warmup_s:g} s per "
         f"customer per process; {len(load.plan())} tasks, {load.work_s():.1f} s of work "
         f"without warm-up; fleet_affinity_queues {setup.queues}, fleet_steal_threshold "
-        f"{setup.threshold}; Redis DB {DB}"
+        f"{setup.threshold}; Redis DB {DB}; broker "
+        f"{'the same Redis' if setup.broker is None else setup.broker.split('://')[0]}"
     )
 
 
@@ -369,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         threshold=args.threshold,
         timeout_s=args.timeout,
         logs=args.logs,
+        broker=args.broker,
     )
     load = Workload(
         customers=args.customers,

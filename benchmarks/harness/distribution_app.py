@@ -5,7 +5,8 @@
 Configured from the environment (the benchmark sets it for its workers, and builds the same
 app in its own process with :func:`make_app` to publish):
 
-- ``DIST_URL``: broker and the records' Redis (the benchmark's DB 13);
+- ``DIST_URL``: the records' and the fleet's Redis (the benchmark's DB 13), and the broker
+  unless ``DIST_BROKER`` names another (e.g. RabbitMQ);
 - ``DIST_MODE``: ``shared`` | ``dedicated`` | ``steal`` (``app.conf.fleet_distribution``);
 - ``DIST_QUEUES``, ``DIST_THRESHOLD``: ``fleet_affinity_queues``, ``fleet_steal_threshold``;
 - ``DIST_WARMUP_S``: the warm-up a process pays the first time it sees a customer;
@@ -57,8 +58,10 @@ def make_app(
     queues: int = 32,
     threshold: int = 4,
     visibility_timeout_s: float = 5.0,
+    broker: str | None = None,
 ) -> tuple[Celery, Any]:
-    """The app and its ``work`` task for ``mode``.
+    """The app and its ``work`` task for ``mode``: records and the fleet's state in the
+    Redis ``url``, the broker ``broker`` (default: the same Redis).
 
     ``acks_late`` with ``task_reject_on_worker_lost``: a task cut by a SIGKILL goes back to
     its queue. The broker's ``visibility_timeout`` is short (tasks last under 2 s here) and
@@ -67,7 +70,7 @@ def make_app(
     """
     if mode != "shared" and not FEATURE:
         raise RuntimeError(f"mode {mode!r} needs issue 24 (fleet_distribution) in celery_fleet")
-    app = Celery("dist", broker=url, set_as_current=False)
+    app = Celery("dist", broker=broker or url, set_as_current=False)
     app.conf.update(
         task_default_queue=QUEUE,
         task_acks_late=True,
@@ -117,6 +120,7 @@ def make_app(
         fleet_affinity_queues=queues,
         fleet_steal_threshold=threshold,
         fleet_namespace="dist",
+        fleet_redis_url=url,
         # nothing here reschedules; the fleet refuses a countdown the short visibility
         # timeout would cut (a redelivery before the countdown ends)
         fleet_max_countdown=visibility_timeout_s / 2,
@@ -137,4 +141,5 @@ if os.environ.get("DIST_ROLE") == "worker":  # imported by `celery -A ... worker
         queues=int(os.environ.get("DIST_QUEUES", "32")),
         threshold=int(os.environ.get("DIST_THRESHOLD", "4")),
         visibility_timeout_s=float(os.environ.get("DIST_VISIBILITY_S", "5")),
+        broker=os.environ.get("DIST_BROKER") or None,
     )
