@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         client = redis.Redis.from_url(setup.url)
         try:
-            append_section(client, body, title=TITLE)
+            where = "" if setup.broker is None else f", {setup.broker.split(':')[0]} broker"
+            append_section(client, body, title=f"{TITLE}{where}")
         finally:
             client.close()
     return 0 if all(s.exactly_once for s in [*killed, *by_mode.values()]) else 1
