@@ -176,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--broker",
-        help="another broker, e.g. amqp://guest:guest@127.0.0.1:5672// (default: "
+        help="another broker, e.g. amqp://127.0.0.1:5672// (kombu: user guest) (default: "
         "the Redis); records and the fleet's state stay in the Redis",
     )
     p.add_argument("--modes", nargs="+", choices=[*MODES, ROUTED], default=list(MODES))
