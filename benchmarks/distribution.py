@@ -41,6 +41,9 @@ Modes the installed celery_fleet does not have yet (no ``fleet_distribution`` se
 reported as not available. A run appends a section to ``benchmarks/RESULTS.md``;
 ``--quick`` (a smaller plan, shared + whatever is available, no append) is a smoke run.
 
+``--broker amqp://127.0.0.1:5672//``: the same on RabbitMQ (records and the fleet's state
+stay in Redis DB 13; the run's queues are deleted before and after).
+
 Run: ``python benchmarks/distribution.py [--kill] [--quick]`` or ``make bench-distribution``.
 """
 
