@@ -126,10 +126,11 @@ class DistributionStep(bootsteps.StartStopStep):  # type: ignore[misc]
             distributor.stop()
 
     def info(self, c: Any) -> dict[str, Any]:
-        """Merged into ``celery inspect stats`` (Flower's worker page shows it)."""
+        """Merged into ``celery inspect stats``: one line, as the limits' are, which
+        Flower's worker page shows ("Other"). ``celery inspect fleet`` has the details."""
         if self.distributor is None:
             return {}
-        return {"fleet_distribution": self.distributor.info()}
+        return {"fleet: distribution": self.distributor.summary()}
 
 
 #: The distribution loop of each app running in this process (by ``id(app)``).

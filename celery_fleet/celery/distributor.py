@@ -262,6 +262,19 @@ class Distributor:
         self.consumer.call_soon(run)
         return done.wait(CONSUMER_WAIT_S) if wait else True
 
+    def summary(self) -> str:
+        """:meth:`info` in one line: ``steal, home of 0 3 5, stealing 2, 120 local, 7 stolen``."""
+        info = self.info()
+        parts = [str(info["mode"])]
+        if self.config.routes:
+            parts.append("home of " + (" ".join(map(str, info["home_of"])) or "none"))
+        if info["stealing"] is not None:
+            parts.append(f"stealing {info['stealing']}")
+        if info["draining"]:
+            parts.append("draining " + " ".join(map(str, info["draining"])))
+        parts.append(f"{info['local_hits']} local, {info['stolen_tasks']} stolen")
+        return ", ".join(parts)
+
     def info(self) -> dict[str, Any]:
         """What this worker does with the affinity queues (``inspect stats``/``fleet``)."""
         with self._lock:

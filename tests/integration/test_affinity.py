@@ -227,6 +227,9 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
         assert counts[peer]["stolen_tasks"] == workers[peer], counts
         assert counts[home]["local_hits"] >= workers[home], counts
         assert queue in counts[home]["home_of"]
+        stats = m.app.control.inspect(timeout=5).stats() or {}
+        line = next(s for w, s in stats.items() if w.startswith(peer))["fleet: distribution"]
+        assert line.startswith(mode) and f"{workers[peer]} stolen" in line, line
         deadline = time.monotonic() + 10
         while True:  # each worker adds its counts every round (half a second)
             row = affinity_status(m.fleet.store, m.fleet.distribution)[queue]
