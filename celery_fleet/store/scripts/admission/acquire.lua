@@ -337,8 +337,10 @@ if nline > 0 then
   end
 end
 
--- The lanes below that wait and are owed their guarantee: their first tickets, and the
--- slots they are owed (only asked when budget is free for this caller and others wait).
+-- The lanes below that wait and are owed their guarantee: their first tickets (as many
+-- as they are owed slots, at most 16 a lane: woken together, tickets whose holders died
+-- are all dropped after one wake grace, not one grace each while this lane waits), and
+-- the slots they are owed (only asked when budget is free for this caller and others wait).
 local function owed_below()
   local heads, need = {}, 0
   for q, g in string.gmatch(below, '(%d+):([^|]+)') do
@@ -355,10 +357,16 @@ local function owed_below()
       end
       local held = lanes_held()[q] or 0
       if lane_owed(held, cap, g, clocks, now) then
-        heads[#heads + 1] = first[1]
         local n = redis.call('ZCOUNT', KEYS[3], lo, hi)
         if cap > 0 then n = math.min(n, math.floor(cap * g) - held) end
         need = need + n
+        local woken = first
+        if n > 1 then
+          woken = redis.call('ZRANGEBYSCORE', KEYS[3], lo, hi, 'LIMIT', 0, math.min(n, 16))
+        end
+        for _, ticket in ipairs(woken) do
+          if ticket ~= id then heads[#heads + 1] = ticket end
+        end
       end
     end
   end
