@@ -31,9 +31,10 @@ Every lane but the first is also *guaranteed* a part of each budget while it wai
 a saturated higher lane starves the lower ones). While a lane holds less than
 ``floor(cap * guarantee)`` in flight and has spent less than that part of each window's
 rate lately, it is *owed*: its waiting tickets go before those of the lanes above, which
-leave it that budget. So behind a saturated
-interactive lane, batch still gets 7 of the 12 slots and 66% of each window's rate, and
-never more while interactive waits (``store/scripts/_lib/lanes.lua``). With tiny budgets
+leave it that budget. So behind a saturated interactive lane, batch still gets 7 of the
+12 slots and 66% of each window (a lane's guarantee clock keeps up to the window's burst
+of credit, so a full bucket is shared too), and never more while interactive waits
+(``store/scripts/_lib/lanes.lua``). With tiny budgets
 the floor may round a guarantee to zero (a cap of 1 is interactive's whenever it waits).
 
 A caller that names no lane is in the limit's **lowest-priority lane** (the last one): a

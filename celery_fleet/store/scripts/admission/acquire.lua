@@ -466,11 +466,13 @@ for i = 1, nwin do
 end
 if guar > 0 then
   -- this lane's guarantee clocks move by what it spends, at its guaranteed rate; one
-  -- that fell behind keeps two calls of credit (the wake-up that lets the owed lane in
-  -- takes a round trip or two: without credit the lane would lose that time every call)
+  -- that fell behind keeps the window's burst (its tolerance) of credit: so the lane is
+  -- owed its share of a burst too (from idle, guar of what the bucket holds), and the
+  -- round trip or two of the wake-up that lets an owed lane in is not lost on every call
   for i = 1, nwin do
-    local clock = tonumber(ctl[NFIXED + nwin + i]) or now
-    if clock < now - 2 * steps[i] / guar then clock = now - 2 * steps[i] / guar end
+    local credit = win[7 + 2 * i]
+    local clock = tonumber(ctl[NFIXED + nwin + i]) or (now - credit)
+    if clock < now - credit then clock = now - credit end
     hset[#hset + 1] = fields[NFIXED + nwin + i]
     hset[#hset + 1] = clock + steps[i] / guar
   end
