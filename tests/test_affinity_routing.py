@@ -107,9 +107,9 @@ def test_a_bad_key_fails_at_publish_and_publishes_nothing(
     @fleet_task(app=app, shared=False, affinity=lambda customer_id: customer_id)
     def not_a_str(customer_id: int) -> None: ...
 
-    with pytest.raises(ConfigError, match="affinity"):
-        wrong_field.delay(1)
-    with pytest.raises(ConfigError, match="affinity"):
+    with pytest.raises(ConfigError, match=r"^task .*wrong_field: .*affinity"):
+        wrong_field.delay(1)  # the error names the task, as a bad limit or lane does
+    with pytest.raises(ConfigError, match=r"^task .*not_a_str: .*affinity"):
         not_a_str.delay(1)
     assert not list(client.scan_iter(match=f"{ns}.affinity.*"))
 

@@ -189,11 +189,14 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         if self.fleet_limit is not None or self.fleet_tokens:
             lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
-        if self.fleet_key is not None:
-            self._fleet_key_of(args, kwargs)  # a bad key is a ConfigError at publish
-        if self.fleet_affinity is not None:
-            key = affinity.affinity_of(self.fleet_affinity, self.run, args, kwargs)
-            affinity.route(self.fleet.distribution, key, options)
+        try:
+            if self.fleet_key is not None:
+                self._fleet_key_of(args, kwargs)  # a bad key is a ConfigError at publish
+            if self.fleet_affinity is not None:
+                key = affinity.affinity_of(self.fleet_affinity, self.run, args, kwargs)
+                affinity.route(self.fleet.distribution, key, options)
+        except ConfigError as exc:  # say which task, as a bad limit or lane does
+            raise ConfigError(f"task {self.name}: {exc}") from exc
         jitter_publish(options, self.fleet_jitter)
         if task_id is not None:
             options["task_id"] = task_id
