@@ -116,7 +116,10 @@ class AsyncSlot:
             except StoreUnavailable:
                 pass  # the store-down policy answers the ask; route on the local copy
         cfg = quality.config(s.asked)
-        s.route(quality.decide(s.asked, cfg) if cfg is not None and cfg.gates else s.asked)
+        if cfg is not None and cfg.gates:
+            s.route(s.routed(lambda: quality.decide(s.asked, cfg)))
+        else:
+            s.route(s.asked)
 
     async def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
         s = self.slot

@@ -153,10 +153,20 @@ class Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
-        self.route(self.admission.quality.route(self.asked))
+        self.route(self.routed())
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
+
+    def routed(self, decide: Callable[[], str] | None = None) -> str:
+        """Where the quality breaker sends this slot (``decide``: AsyncSlot's, after an
+        awaited read); a ``QualityDegraded`` refusal is told to the watchers first."""
+        try:
+            return decide() if decide else self.admission.quality.route(self.asked)
+        except QualityDegraded as exc:
+            if self.admission.watchers:
+                self.admission.tell("refused", self.asked, reason=exc.reason, wait_ms=exc.wait_ms)
+            raise
 
     def route(self, limit: str) -> None:
         """Be admitted against ``limit``: the one asked for, or its quality fallback (the
@@ -206,6 +216,9 @@ class Slot:
         cfg = quality.config(self.limit) or quality.config(self.asked)
         names = cfg.detectors if cfg is not None else DETECTOR_NAMES
         self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
+        if self.admission.watchers:
+            verdict = "ok" if self.judged.ok else "garbage"
+            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
         return self.judged
 
     def quality_command(self) -> tuple[str, bytes] | None:
@@ -265,7 +278,7 @@ class Slot:
         tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
         down = self.admission.store_down
         try:
-            route = self.admission.quality.route(self.asked)
+            route = self.routed()
         except QualityDegraded:  # pause: the held slot goes back first
             self.release(self.verdict or OK)
             raise

@@ -126,8 +126,9 @@ Detector = Callable[[Reply, Ask], "str | None"]
 
 
 def empty(reply: Reply, ask: Ask) -> str | None:
-    """No content, or only whitespace (an answer made only of tool calls is not empty)."""
-    if reply.tools:
+    """No content, or only whitespace (an answer made only of tool calls is not empty, and a
+    refusal is a refusal)."""
+    if reply.tools or reply.refusal or reply.stop == "refusal":
         return None
     if reply.text is None or not reply.text.strip():
         return "no content"

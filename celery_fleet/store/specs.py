@@ -183,7 +183,8 @@ class ReleaseReply(NamedTuple):
 
 
 class QualityReply(NamedTuple):
-    """quality_count's and quality_read's reply (the quality breaker, quality/breaker.py)."""
+    """quality_count's and quality_read's reply (the quality breaker, quality/breaker.py);
+    ``reasons`` only from a read, or a count that changed the state."""
 
     state: Any  #: bytes or str: "closed", "open", "half_open"
     transition: Any  #: "", "open", "half_open", "closed"
@@ -191,7 +192,7 @@ class QualityReply(NamedTuple):
     garbage: int
     baseline: Any  #: the rolling baseline garbage rate, as text
     wait_ms: int  #: until it half-opens (0 unless open)
-    reasons: tuple[Any, ...] = ()  #: (reason, count, ...) from quality_read
+    reasons: tuple[Any, ...] = ()  #: (reason, count, ...)
 
 
 def _quality_reply(raw: Any) -> QualityReply:

@@ -10,10 +10,10 @@
 --
 -- The baseline learns from buckets as they leave the window (folded in when their ring
 -- slot is reused), and only while closed: a jump inside the window is compared with what
--- came before it, never with itself.
+-- came before it, never with itself. Until it has learnt from min_calls calls (base_n)
+-- the breaker does not open: a limit's normal is not known yet.
 local QUALITY_BUCKETS = 30
 local QUALITY_Z = 4            -- binomial deviations above the baseline's expectation
-local QUALITY_PRIOR = 100      -- calls the initial baseline (min_rate / ratio) weighs
 local QUALITY_TTL_MS = 86400000
 
 local function q_now()
@@ -62,8 +62,8 @@ local function q_state(key, now, reset_ms, ratio, min_rate)
                        'probe_calls', 'probe_garbage')
   local state = h[1] or 'closed'
   local opened_at = tonumber(h[2]) or 0
-  local baseline = tonumber(h[3]) or (min_rate / ratio)
-  local base_n = tonumber(h[4]) or QUALITY_PRIOR
+  local baseline = tonumber(h[3]) or 0
+  local base_n = tonumber(h[4]) or 0
   local pc, pg = tonumber(h[5]) or 0, tonumber(h[6]) or 0
   local transition = ''
   if state == 'open' and now >= opened_at + reset_ms then
@@ -71,6 +71,17 @@ local function q_state(key, now, reset_ms, ratio, min_rate)
     redis.call('HSET', key, 'state', state, 'probe_calls', 0, 'probe_garbage', 0)
   end
   return state, opened_at, baseline, base_n, pc, pg, transition
+end
+
+-- q_reasons(key, reply): append each reason counter (name, count) to reply.
+local function q_reasons(key, reply)
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    if string.sub(all[j], 1, 2) == 'r:' then
+      reply[#reply + 1] = string.sub(all[j], 3)
+      reply[#reply + 1] = all[j + 1]
+    end
+  end
 end
 
 local function q_wait(state, opened_at, now, reset_ms)

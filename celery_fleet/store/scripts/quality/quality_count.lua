@@ -13,7 +13,8 @@
 -- ARGV[9]  baseline_calls: how many calls the rolling baseline weighs
 --
 -- Reply: {state, transition ("", "open", "half_open", "closed"), calls, garbage (in the
--- window), baseline (string), wait_ms (until it half-opens; 0 unless open)}
+-- window), baseline (string), wait_ms (until it half-opens; 0 unless open), then on a
+-- transition the reason counters: reason, count, ...}
 -- Time unit: milliseconds, Redis TIME. The hash expires a day after its last count.
 
 --#include _lib/quality
@@ -62,7 +63,8 @@ end
 
 local calls, bad = q_window(key, cur)
 if state == 'closed' then
-  if calls >= min_calls and q_degraded(calls, bad, baseline, ratio, min_rate) then
+  if calls >= min_calls and base_n >= min_calls
+      and q_degraded(calls, bad, baseline, ratio, min_rate) then
     state, opened_at, transition = 'open', now, 'open'
     redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now))
   end
@@ -89,5 +91,7 @@ elseif state == 'half_open' then
 end
 redis.call('HSET', key, 'baseline', string.format('%.6f', baseline), 'base_n', base_n)
 redis.call('PEXPIRE', key, QUALITY_TTL_MS)
-return {state, transition, calls, bad, string.format('%.6f', baseline),
-        q_wait(state, opened_at, now, reset_ms)}
+local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
+               q_wait(state, opened_at, now, reset_ms)}
+if transition ~= '' then q_reasons(key, reply) end
+return reply

@@ -22,11 +22,5 @@ local state, opened_at, baseline, _, _, _, transition =
 local calls, bad = q_window(key, q_bucket(now, window))
 local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
                q_wait(state, opened_at, now, reset_ms)}
-local all = redis.call('HGETALL', key)
-for j = 1, #all, 2 do
-  if string.sub(all[j], 1, 2) == 'r:' then
-    reply[#reply + 1] = string.sub(all[j], 3)
-    reply[#reply + 1] = all[j + 1]
-  end
-end
+q_reasons(key, reply)
 return reply
