@@ -109,7 +109,8 @@ def test_a_jump_to_fifty_percent_opens_within_five_seconds_and_recovery_closes(
     traffic(fleet, 0.0, 20.0, rng, until=lambda: "closed" in seen.transitions)
     closed_after = time.monotonic() - healed
     assert seen.transitions == ["open", "half_open", "closed"], f"{closed_after:.1f} s"
-    assert fleet.quality("llm").state == "closed"
+    after = fleet.quality("llm")
+    assert after.state == "closed" and after.baseline < 0.05  # garbage taught it nothing
     print(f"opened {opened_after:.2f} s after the jump, closed {closed_after:.2f} s after healing")
 
 
@@ -297,3 +298,14 @@ def test_quality_of_a_limit_without_it_is_a_config_error(make_fleet: MakeFleet) 
         fleet.quality("backup")
     with fleet.slot("backup") as slot:  # judged all the same, counted nowhere
         assert slot.judge(BAD).reasons == ("empty",)
+
+
+def test_the_baseline_learns_nothing_while_open(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 10**7, "quality": {**QUICK, "reset_timeout": 30}}})
+    seen = Seen(fleet)
+    rng = random.Random(2)
+    traffic(fleet, 0.0, 3.5, rng)
+    traffic(fleet, 0.9, 5.0, rng, until=lambda: "open" in seen.transitions)
+    traffic(fleet, 0.9, 4.5, rng)  # flag: calls go on, two windows of them leave the window
+    q = fleet.quality("llm")
+    assert seen.transitions == ["open"] and q.state == "open" and q.baseline < 0.05

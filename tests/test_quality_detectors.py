@@ -7,6 +7,7 @@ in OpenAI's and Anthropic's shapes, as dicts and as the SDKs' own objects.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import pytest
@@ -126,6 +127,13 @@ def test_degenerate_repetition() -> None:
     varied = " ".join(f"word{i} means thing{i * 7 % 13} in context{i % 5}" for i in range(60))
     assert reasons(openai(varied)) == ()
     assert reasons(openai("ok ok ok")) == ()  # too short to call
+    rng = random.Random(4)  # a loop with a changing tail: compresses poorly, trigrams repeat
+    loop = " ".join(
+        f"I will now open the configuration file once more and read every line of it "
+        f"carefully to find step {rng.randint(0, 99999)} {rng.randint(0, 99999)}."
+        for _ in range(20)
+    )
+    assert judge(openai(loop), DETECTOR_NAMES, Ask()).details == ("repeats a phrase",)
 
 
 def test_the_sdks_own_objects_are_read() -> None:
