@@ -327,7 +327,7 @@ class AsyncSlot:
 _STATE = frozenset(
     {
         *("lease_id", "tokens", "waited_s", "attempts", "ahead", "reason", "lost"),
-        *("decision", "run", "verdict", "key"),
+        *("decision", "run", "verdict", "key", "asked", "judged"),
     }
 )
 
