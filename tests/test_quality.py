@@ -309,3 +309,23 @@ def test_the_baseline_learns_nothing_while_open(make_fleet: MakeFleet) -> None:
     traffic(fleet, 0.9, 4.5, rng)  # flag: calls go on, two windows of them leave the window
     q = fleet.quality("llm")
     assert seen.transitions == ["open"] and q.state == "open" and q.baseline < 0.05
+
+
+def test_next_counts_each_verdict_and_routes_each_call_again(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(limits("fallback:backup"))
+    seen = Seen(fleet)
+    with fleet.slot("llm") as slot:
+        for _ in range(5):
+            slot.judge(OK)
+            slot.next()
+        slot.judge(OK)
+    fleet.store.drain()
+    assert fleet.quality("llm").calls == 6
+    rng = random.Random(4)
+    traffic(fleet, 0.0, 3.5, rng)
+    with fleet.slot("llm") as held:
+        assert held.limit == "llm"
+        traffic(fleet, 0.9, 5.0, rng, until=lambda: "open" in seen.transitions)
+        held.judge(BAD)
+        held.next()
+        assert held.limit == "backup" and fleet.admission.in_flight("llm") == 0
