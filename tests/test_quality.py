@@ -24,6 +24,7 @@ from celery_fleet import Backpressure, Fleet, QualityDegraded
 from celery_fleet.errors import CircuitOpen, ConfigError
 from celery_fleet.observability.cli import fleet as fleet_cli
 from celery_fleet.observability.metrics import fleet_registry
+from celery_fleet.observability.status import limit_status
 
 MakeFleet = Callable[..., Fleet]
 
@@ -285,6 +286,8 @@ def test_status_cli_metrics_and_the_fleet_quality_event(
     assert row["state"] == "open" and row["garbage_rate"] >= 0.05 and "empty" in row["reasons"]
     text = CliRunner().invoke(fleet_cli, ["status", "llm"], obj=SimpleNamespace(app=app)).output
     assert "quality open (garbage" in text
+    # Flower's worker page shows each limit's summary line (InfoStep)
+    assert "quality open (garbage" in limit_status(fleet, "llm").summary()
     metrics = generate_latest(fleet_registry(fleet)).decode()
     assert (
         f'celery_fleet_quality_state{{fleet="{namespace}",limit="llm",state="open"}} 1.0' in metrics
