@@ -110,6 +110,19 @@ def test_a_schema_failure_when_a_schema_was_given() -> None:
     assert reasons(openai('{"name": 3, "tags": [1]}'), ask) == ("schema",)
 
 
+def test_a_pydantic_model_is_a_schema() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    for ask in (ask_of(schema=City), ask_of(response_format=City)):
+        assert ask.json and ask.schema is not None
+        assert reasons(openai('{"name": "Paris", "population": 2100000}'), ask) == ()
+        assert reasons(openai('{"name": "Paris"}'), ask) == ("schema",)
+
+
 def test_the_schema_subset() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "k": {"enum": ["a", "b"]}},
               "additionalProperties": False}  # fmt: skip
