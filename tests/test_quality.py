@@ -332,3 +332,25 @@ def test_next_counts_each_verdict_and_routes_each_call_again(make_fleet: MakeFle
         held.judge(BAD)
         held.next()
         assert held.limit == "backup" and fleet.admission.in_flight("llm") == 0
+
+
+def test_an_async_slot_is_paused_or_moved_as_a_blocking_one(make_fleet: MakeFleet) -> None:
+    paused = make_fleet(limits("pause"))
+    seen = Seen(paused)
+    rng = random.Random(6)
+    traffic(paused, 0.0, 3.5, rng)
+    with pytest.raises(QualityDegraded):
+        traffic(paused, 0.9, 5.0, rng)
+    moved = make_fleet(limits("fallback:backup"))  # the same breaker, read afresh
+
+    async def main() -> str:
+        with pytest.raises(QualityDegraded):
+            async with paused.aslot("llm"):
+                pass
+        async with moved.aslot("llm") as slot:
+            used = slot.limit
+        await paused.aclose()
+        await moved.aclose()
+        return used
+
+    assert asyncio.run(main()) == "backup" and seen.transitions == ["open"]
