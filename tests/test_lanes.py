@@ -13,6 +13,7 @@ import pytest
 from celery_fleet import ConfigError, Fleet
 from celery_fleet.admission.config import parse_limits
 from celery_fleet.admission.lanes import Lane
+from celery_fleet.admission.line import WAKE_GRACE_MS
 from celery_fleet.observability.status import limit_status
 
 MakeFleet = Callable[..., Fleet]
@@ -267,9 +268,18 @@ def test_usable_shares_come_from_the_lanes_above() -> None:
         ({"a": {"priority": 0, "resrve": 0.1}}, "resrve"),
         ({"a": {"priority": 0}, "b": {"priority": 0}}, "both have priority 0"),
         (
-            {"a": {"priority": 0, "reserve": 0.6}, "b": {"priority": 1, "reserve": 0.4}},
+            {
+                "a": {"priority": 0, "reserve": 0.6},
+                "b": {"priority": 1, "reserve": 0.4},
+                "c": {"priority": 2},
+            },
             "reserves sum to 1",
         ),
+        (
+            {"a": {"priority": 0, "reserve": 0.3}, "b": {"priority": 1, "reserve": 0.1}},
+            "['b']['reserve'] = 0.1: 'b' is the lowest lane (priority 1)",
+        ),
+        ({"only": {"priority": 3, "reserve": 0.2}}, "a limit with one lane"),
         ({"a b": {"priority": 0}}, "'lanes'] key"),
     ],
 )
@@ -277,6 +287,12 @@ def test_bad_lanes_are_config_errors(lanes: object, message: str) -> None:
     with pytest.raises(ConfigError, match="fleet_limits\\['m'\\]\\['lanes'\\]") as info:
         parse_limits({"m": {"max_in_flight": 2, "lanes": lanes}})
     assert message in str(info.value)
+
+
+def test_a_zero_reserve_on_the_lowest_lane_is_accepted() -> None:
+    lanes = {"a": {"priority": 0, "reserve": 0.3}, "b": {"priority": 1, "reserve": 0}}
+    cfg = parse_limits({"m": {"max_in_flight": 10, "lanes": lanes}})["m"]
+    assert cfg.lanes is not None and cfg.lanes.default.guarantee == 0.7
 
 
 def test_an_unknown_lane_is_a_config_error_before_redis(make_fleet: MakeFleet) -> None:
@@ -394,3 +410,34 @@ def test_batch_gets_its_guaranteed_share_of_a_saturated_window(make_fleet: MakeF
     assert len(steady) >= 60  # 50 calls/s for 3 s: the window was saturated
     share = steady.count("batch") / len(steady)
     assert 0.55 <= share <= 0.77, (share, len(steady))
+
+
+def test_dead_tickets_of_an_owed_lane_are_all_woken_at_once(
+    make_fleet: MakeFleet, rclient: Any, namespace: str
+) -> None:
+    """Waiters of the owed lane that died (SIGKILL: their tickets never ask again) are
+    woken together, so all are dropped after one wake grace, as a line without lanes
+    drops them: not one per grace while the higher lane is told to leave batch its slots
+    (a 6-slot limit sat idle ~12 s after a process with 5 waiting batch threads died)."""
+    fleet = make_fleet({"m": {"max_in_flight": 6, "lease": 1, "lanes": LANES}})
+    assert len(_fill(fleet, "interactive")) == 6  # their holders die: never released
+    interactive = _wait_in_line(fleet, "interactive", 8)
+    dead = _wait_in_line(fleet, "batch", 3)  # batch is owed floor(6 * 0.66) = 3 slots
+    leases, waiting = f"{{{namespace}:m}}:leases", f"{{{namespace}:m}}:waiting"
+    pause = threading.Event()
+    for _ in range(100):  # the dead holders' leases expire (lease: 1 s)
+        sec, us = rclient.time()
+        if not rclient.zrangebyscore(leases, sec * 1000 + us / 1000, "+inf"):
+            break
+        pause.wait(0.05)
+    # the interactive waiters ask in line order: they take the slots batch is not owed,
+    # then are told to leave it the rest
+    in_order = [t for t, _ in fleet.line("m") if t in interactive]  # ties: by ticket id
+    asked = [fleet.admission.try_acquire("m", lease_id=t, join=True) for t in in_order[:4]]
+    assert [bool(d) for d in asked] == [True, True, True, False]
+    assert asked[-1].reason == "queued"
+    sec, us = rclient.time()
+    woken_by = sec * 1000 + us / 1000 + WAKE_GRACE_MS
+    places = [rclient.zscore(waiting, t) for t in dead]
+    # every dead ticket was woken: its place lasts only the wake grace now
+    assert all(p is not None and p <= woken_by for p in places), (places, woken_by)

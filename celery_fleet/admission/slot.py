@@ -141,6 +141,8 @@ class Slot(Judging):
         #: it in the limit's line (then leaving sends a leave).
         self.ticket = ""
         self.in_line = False
+        #: the limit's runtime generation when this slot last asked (see Admission.wait_turn)
+        self.generation = 0
         self._held_in: list[Slot] = []
 
     def new_ticket(self) -> str:
@@ -231,6 +233,7 @@ class Slot(Judging):
         # dropped connection): one round trip for both.
         order = self.admission.order_of(self.limit, self.run)
         steps = self.admission.acquire_steps(cfg, tokens, ticket, order, join, ahead)
+        self.generation = self.admission.generation(self.limit)
         try:
             with self.admission.store.deadline(self.remaining_s(asked_at)):
                 decision = drive(steps, self.admission.store)
@@ -264,6 +267,7 @@ class Slot(Judging):
                 decision, first = first, None
             else:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
+                self.generation = self.admission.generation(self.limit)
                 with self.admission.store.deadline(self.remaining_s(start)):
                     order = self.admission.order_of(self.limit, self.run)
                     # the key again: its name stays known to this process (keyed.py's LRU)
@@ -353,7 +357,7 @@ class Slot(Judging):
             self.clock.sleep(sleep_s)
             return
         try:
-            self.admission.wait_turn(self.limit, ticket, timeout_s)
+            self.admission.wait_turn(self.limit, ticket, timeout_s, self.generation)
         except StoreUnavailable as exc:
             self.admission.store_down.cover(exc)  # the next ask goes by the policy
 
