@@ -43,6 +43,7 @@ from typing import Any
 
 from ..checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
+from ..quality.breaker import QualityBreakers
 from ..resilience.replay import Replays, replay_steps
 from ..resilience.strategy import RedisOnly, StoreStrategy
 from ..store.calls import PackedCalls, ScriptCall, Steps, drive
@@ -171,6 +172,8 @@ class Admission:
         self.watchers: list[Callable[[str, str, dict[str, Any]], None]] = []
         #: Limits whose over-long line this process has logged (once each).
         self.warned_lines: set[str] = set()
+        #: The quality breakers (celery_fleet/quality/): judged calls' verdicts, routing.
+        self.quality = QualityBreakers(store, self.namespace, self.limits)
 
     def _prepare(self, name: str, cfg: LimitConfig) -> None:
         """Encode what every ask and release of ``name`` sends unchanged (its constants)."""

@@ -29,14 +29,17 @@ from ..errors import (
     CircuitOpen,
     FleetError,
     LeaseLost,
+    QualityDegraded,
     QuotaExhausted,
     StoreUnavailable,
     Throttled,
 )
+from ..quality.judge import Verdict
 from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release
+from .judging import Judging
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .lanes import check_lane
 from .providers import OK, Signal, classify, parse_headers
@@ -64,7 +67,7 @@ DEFAULT_RETRY_MS = 1000
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
 
-class Slot:
+class Slot(Judging):
     """A held admission to one limit, used as a context manager.
 
     Example::
@@ -104,7 +107,13 @@ class Slot:
         #: The caller's key (tenant) on a limit with keys (tenancy.py); None: no key.
         self.key = key
         self.keeper = keeper
+        #: The limit this slot is admitted against: the one asked for (``asked``), or its
+        #: quality fallback while that one's quality breaker is open (quality/breaker.py).
         self.limit = limit
+        self.asked = limit
+        #: The verdict of :meth:`judge`, counted by the quality breaker on release.
+        self.judged: Verdict | None = None
+        self._asked_lane_key = (lane, key)
         self.tokens = tokens
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -145,6 +154,7 @@ class Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
+        self.route(self.routed())
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
@@ -198,11 +208,20 @@ class Slot:
         cfg = self.admission.limit(self.limit)
         tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
         down = self.admission.store_down
-        if down.down or down.owns(self.lease_id):
-            self.release(self.verdict or OK)  # the store is away: two steps, each local
+        try:
+            route = self.routed()
+        except QualityDegraded:  # pause: the held slot goes back first
+            self.release(self.verdict or OK)
+            raise
+        if down.down or down.owns(self.lease_id) or route != self.limit:
+            # the store is away (two steps, each local), or the quality breaker moved the
+            # next call to another limit
+            self.release(self.verdict or OK)
             self.attempts, self.verdict, self.tokens = 0, None, tokens
+            self.route(route)
             return self._acquire(self.new_ticket())
         lease_id, signal = self._let_go(self.verdict or OK)
+        self._post_count()
         ticket = self.new_ticket()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
@@ -522,6 +541,10 @@ class Slot:
         lease_id, command = self.release_command(signal)
         if command is None:
             return
+        counted = self.quality_command()
+        if counted is not None:
+            self._release_counted(lease_id, command, counted)
+            return
 
         def done(reply: Any) -> None:
             if isinstance(reply, StoreUnavailable):
@@ -545,6 +568,30 @@ class Slot:
                 self._owe_release(lease_id, exc)
                 return
             self._check_released(lease_id, self.admission.released(self.limit, reply))
+
+    def _release_counted(
+        self, lease_id: str, command: tuple[str, bytes], counted: tuple[str, bytes]
+    ) -> None:
+        """The release with the quality verdict's count in the same write."""
+        quality, limit = self.admission.quality, self.limit
+
+        def done(replies: list[Any]) -> None:
+            reply, count = replies
+            quality.counted(limit, count)
+            if isinstance(reply, StoreUnavailable):
+                self._owe_release(lease_id, reply)
+            elif isinstance(reply, FleetError):
+                log.warning("celery-fleet: releasing %r failed (%s)", limit, reply)
+            else:
+                self._check_released(lease_id, self.admission.released(limit, reply))
+
+        if not self.admission.store.post_all([command, counted], done):
+            try:
+                replies = self.admission.store.send(command, counted)
+            except StoreUnavailable as exc:
+                self._owe_release(lease_id, exc)
+                return
+            done(replies)
 
     def _owe_release(self, lease_id: str, error: StoreUnavailable) -> None:
         """A release that may not have reached Redis: sent again when Redis answers (as
