@@ -12,11 +12,17 @@ Imports nothing of Celery or kombu: it is handed the app and uses its
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import FleetError
 
-__all__ = ["BrokerDepths"]
+__all__ = ["BrokerDepths", "BrokerApp"]
+
+
+class BrokerApp(Protocol):
+    """What this module uses of a Celery app: a broker connection to read on."""
+
+    def connection_for_read(self) -> Any: ...
 
 
 class BrokerDepths:
@@ -27,7 +33,7 @@ class BrokerDepths:
     ``queue_declare``'s ``message_count``. A queue that does not exist is empty.
     """
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: BrokerApp) -> None:
         self.app = app
         self._connection: Any = None
         self._channel: Any = None
