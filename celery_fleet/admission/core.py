@@ -564,6 +564,8 @@ class Admission:
         k = self._keys[name]
         args: list[object] = []
         factors = []
+        # A discovering limit may be told its real limit is above the declared one.
+        most = cfg.discover.up_to if cfg.discover else 1.0
         for w in cfg.windows:
             is_req = w.dimension == REQUESTS
             limit = obs.requests_limit if is_req else obs.tokens_limit
@@ -571,7 +573,7 @@ class Admission:
             if w.period_s != 60:
                 continue
             if limit is not None and limit > 0:
-                factors.append(min(1.0, limit / w.declared))
+                factors.append(min(most, limit / w.declared))
             if remaining is not None:
                 units = min(max(0, int(remaining)), MAX_UNITS)
                 args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
