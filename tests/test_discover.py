@@ -234,5 +234,6 @@ def test_with_headers_the_rate_rises_to_the_stated_limit_and_no_higher(
     fleet = make_fleet({"llm": {"rpm": 600, "burst": 0.05, "discover": {"up_to": 2.0}}})
     _run(sim, fleet, 22)
     assert fleet.discovered("llm")["factor"] == 1.5  # 900 / 600, though up_to is 2
+    assert fleet.adaptive_state("llm")["disc"] == 1.5  # what it learned, too
     assert sum(sim.stats()["rate_limited"].values()) == 0
     assert _served(sim, 12, 22) >= 140
