@@ -237,3 +237,34 @@ def test_with_headers_the_rate_rises_to_the_stated_limit_and_no_higher(
     assert fleet.adaptive_state("llm")["disc"] == 1.5  # what it learned, too
     assert sum(sim.stats()["rate_limited"].values()) == 0
     assert _served(sim, 12, 22) >= 140
+
+
+def test_status_and_metrics_show_the_discovered_rate_against_the_declared(
+    redis_url: str, namespace: str
+) -> None:
+    from types import SimpleNamespace
+
+    from celery import Celery
+    from click.testing import CliRunner
+    from prometheus_client import generate_latest
+
+    from celery_fleet.observability.cli import fleet as fleet_cli
+    from celery_fleet.observability.metrics import fleet_registry
+
+    app = Celery("discover_status", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        fleet_redis_url=redis_url,
+        fleet_namespace=namespace,
+        fleet_limits={"llm": DISCOVER, "plain": {"rpm": 600}},
+    )
+    fleet = Fleet(app)
+    _ctl(fleet, disc="1.5", disc_until=_now_ms(fleet) + 60_000)
+    out = CliRunner().invoke(fleet_cli, ["status"], obj=SimpleNamespace(app=app)).output
+    assert "discovered   1.50x declared: 900 requests/60s (up to 2x)" in out
+    assert out.count("discovered") == 1  # not on the limit without "discover"
+    metrics = generate_latest(fleet_registry(fleet)).decode()
+    assert f'celery_fleet_discovered_factor{{fleet="{namespace}",limit="llm"}} 1.5' in metrics
+    assert (
+        f'celery_fleet_discovered_rate{{dimension="requests",fleet="{namespace}",limit="llm",'
+        f'period_seconds="60"}} 900.0'
+    ) in metrics
