@@ -44,6 +44,8 @@ _EXPORTS: dict[str, str] = {
     "Lock": ".coordination.locks",
     "LockLost": ".errors",
     "LockNotAcquired": ".errors",
+    "QualityDegraded": ".errors",
+    "QualityState": ".quality.breaker",
     "QuotaExhausted": ".errors",
     "Record": ".coordination.records",
     "Release": ".admission.core",
@@ -58,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     "Throttled": ".errors",
     "ThrottledTooLong": ".errors",
     "Throttling": ".celery.task",
+    "Verdict": ".quality.judge",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -84,6 +87,7 @@ if TYPE_CHECKING:
         LeaseLost,
         LockLost,
         LockNotAcquired,
+        QualityDegraded,
         QuotaExhausted,
         StepError,
         StoreUnavailable,
@@ -91,6 +95,8 @@ if TYPE_CHECKING:
         ThrottledTooLong,
     )
     from .fleet import FOREVER, Fleet
+    from .quality.breaker import QualityState
+    from .quality.judge import Verdict
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ __all__ = [
     "Backpressure",
     "Throttled",
     "CircuitOpen",
+    "QualityDegraded",
     "QuotaExhausted",
     "StoreUnavailable",
     "LeaseLost",
@@ -104,6 +105,13 @@ class CircuitOpen(Backpressure):
 
     ``wait_ms`` is the time until the breaker lets one probe through; a FleetTask that
     sees it is rescheduled to then (plus jitter), not failed.
+    """
+
+
+class QualityDegraded(Backpressure):
+    """The limit's quality breaker is open with ``on_degraded="pause"``: its provider answers,
+    but with garbage. ``wait_ms`` is the time until the breaker half-opens; a FleetTask that
+    sees it is rescheduled to then instead of spending its budget on garbage.
     """
 
 

@@ -48,6 +48,7 @@ from .errors import ConfigError, FleetError
 from .observability.counters import Counters
 from .observability.counters import watcher as counters_watcher
 from .observability.tracing import admission_watcher
+from .quality.breaker import QualityState
 from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store
 from .resilience.presence import Presence
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
@@ -454,6 +455,35 @@ class Fleet(AsyncMethods):
         from .contrib.sdk import wrap
 
         return wrap(self, client, limit, max_wait=max_wait, tokens=tokens, max_retries=max_retries)
+
+    def quality(self, name: str) -> QualityState:
+        """The fleet-wide quality breaker of limit ``name`` (one round trip): ``state``
+        ("closed", "open", "half_open"), ``garbage_rate`` over its window, the rolling
+        ``baseline`` and the top ``reasons`` (docs/quality.md).
+
+        Example::
+
+            q = fleet.quality("openai")
+            if q.state == "open":
+                print(q.garbage_rate, q.baseline, q.reasons)
+        """
+        self.admission.limit(name)  # an unknown limit fails here, naming it
+        if self.admission.quality.config(name) is None:
+            raise ConfigError(
+                f"limit {name!r} has no quality breaker (set fleet_limits[{name!r}]['quality'])"
+            )
+        return self.admission.quality.state(name)
+
+    def on_quality_change(
+        self, listener: Callable[[str, str, dict[str, Any]], None]
+    ) -> Callable[[str, str, dict[str, Any]], None]:
+        """Call ``listener(limit, transition, fields)`` when this process sees a quality
+        breaker change (``"open"``, ``"half_open"``, ``"closed"``; ``fields`` as
+        :meth:`QualityState.as_dict`); returns it, so it can decorate."""
+        if not callable(listener):
+            raise ConfigError(f"on_quality_change needs a callable, got {listener!r}")
+        self.admission.quality.listeners.append(listener)
+        return listener
 
     def on_breaker_change(self, listener: Callable[[str, str], None]) -> Callable[[str, str], None]:
         """Call ``listener(limit, state)`` when this process changes a breaker's state

@@ -25,7 +25,7 @@ from tests.graphs import import_cycle
 
 PACKAGE = Path(celery_fleet.__file__).parent
 SHARED = {"errors", "checks", "clock", "background"}
-CORE = ["store", "resilience", "admission", "coordination", "durability"]
+CORE = ["store", "resilience", "admission", "coordination", "durability", "quality"]
 # What each part may import besides itself and SHARED. A dotted entry allows one module.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -35,7 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "store": set(),
     # the store-down strategies answer with the limiter's own value types
     "resilience": {"store", "admission.config", "admission.decision"},
-    "admission": {"store", "resilience"},
+    "admission": {"store", "resilience", "quality"},
+    "quality": {"store"},  # the detectors and the quality breaker (issue 25)
     "coordination": {"store"},
     "durability": {"store"},
     "settings": {"store", "admission", "resilience", "durability"},

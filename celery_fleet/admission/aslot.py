@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FleetError, LeaseLost, StoreUnavailable
+from ..quality.judge import Verdict, ask_of
 from ..store.aio import AsyncStore
 from ..store.calls import adrive
 from ..store.sync import RedisStore
@@ -76,6 +77,7 @@ class AsyncSlot:
         s = self.slot
         if s.lease_id is not None:
             raise FleetError(f"slot for {s.limit!r} is already held; a slot is not reentrant")
+        await self._route()
         if s.jitter_s > 0:
             await asyncio.sleep(random.uniform(0.0, s.jitter_s))
         ticket = s.new_ticket()
@@ -103,6 +105,21 @@ class AsyncSlot:
         if s.admission.watchers:
             s.admission.tell("admitted", s.limit, waited_s=s.waited_s, attempts=s.attempts)
         return self
+
+    async def _route(self) -> None:
+        """The limit to be admitted against (quality/breaker.py), its state read if stale."""
+        s = self.slot
+        quality = s.admission.quality
+        if quality.stale(s.asked):
+            try:
+                await quality.astate(s.asked, self.store)
+            except StoreUnavailable:
+                pass  # the store-down policy answers the ask; route on the local copy
+        cfg = quality.config(s.asked)
+        if cfg is not None and cfg.gates:
+            s.route(s.routed(lambda: quality.decide(s.asked, cfg)))
+        else:
+            s.route(s.asked)
 
     async def _wait_turn(self, ticket: str, join: bool, start: float) -> tuple[Decision, float]:
         s = self.slot
@@ -222,6 +239,34 @@ class AsyncSlot:
         """Count this call as a failure of the dependency even though nothing was raised."""
         self.slot.fail(detail)
 
+    async def judge(
+        self,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+    ) -> Verdict:
+        """:meth:`Slot.judge <celery_fleet.admission.slot.Slot.judge>` (``validate`` may be a
+        coroutine function); the verdict is counted in the release's round trip."""
+        s = self.slot
+        hook = None
+        if s.validator is not None:
+            try:
+                answer = s.validator(resp)
+                ok = bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+            except Exception:
+                ok = False
+            hook = lambda _resp: ok  # noqa: E731
+        verdict = s.judge_with(
+            resp, hook, ask_of(max_tokens, json, response_format, schema, request)
+        )
+        if verdict.invalid:
+            s.verdict = Signal("invalid_output", detail="validate() rejected the result")
+        return verdict
+
     async def release(self, signal: Signal | None = None) -> None:
         """Give the slot back (idempotent), reporting ``signal``: one awaited round trip."""
         s = self.slot
@@ -230,8 +275,14 @@ class AsyncSlot:
         lease_id, command = s.release_command(signal)
         if command is None:
             return
+        counted = s.quality_command()  # the judged verdict, in the same round trip
         try:
-            (reply,) = await self.store.send(command)
+            if counted is None:
+                (reply,) = await self.store.send(command)
+            else:
+                limit = s.limit
+                reply, count = await self.store.send(command, counted)
+                s.admission.quality.counted(limit, count)
         except StoreUnavailable as exc:
             s._owe_release(lease_id, exc)  # sent again when Redis answers
             return

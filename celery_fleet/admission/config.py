@@ -33,6 +33,7 @@ from ..checks import (
     reject_unknown,
 )
 from ..errors import ConfigError
+from ..quality.config import QualityConfig, parse_quality
 from .discover import DiscoverConfig, check_discover, parse_discover
 from .lanes import Lanes, parse_lanes
 from .tenancy import KeysConfig, WeightsConfig, parse_weights
@@ -92,6 +93,7 @@ _KNOWN_KEYS = (
             "keys",
             "weights",
             "discover",
+            "quality",
         }
     )
     | ADAPTIVE_KEYS
@@ -181,6 +183,8 @@ class LimitConfig:
     weights: WeightsConfig | None = None
     #: capacity discovery above the declared rate (``"discover"``); see admission/discover.py
     discover: DiscoverConfig | None = None
+    #: the quality breaker (garbage detection; see celery_fleet/quality/)
+    quality: QualityConfig | None = None
 
     @property
     def keyed(self) -> bool:
@@ -246,12 +250,21 @@ def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitC
         return {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{setting} must be a dict of limit name -> options, got {raw!r}")
-    return {
+    limits = {
         check_name(name, f"{setting} key", colon=False): parse_limit(
             name, spec, f"{setting}[{name!r}]"
         )
         for name, spec in raw.items()
     }
+    for name, cfg in limits.items():  # a quality fallback names another limit of these
+        target = cfg.quality.fallback if cfg.quality is not None else None
+        if target is not None and (target == name or target not in limits):
+            raise ConfigError(
+                f"{setting}[{name!r}]['quality']['on_degraded'] falls back to {target!r}, "
+                f"which is {'the limit itself' if target == name else 'not a limit'} "
+                f"(limits: {sorted(limits)})"
+            )
+    return limits
 
 
 def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
@@ -312,6 +325,7 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         keys=_parse_keys(name, spec.get("keys"), f"{setting}['keys']"),
         weights=parse_weights(spec.get("weights"), f"{setting}['weights']"),
         discover=parse_discover(spec.get("discover"), f"{setting}['discover']"),
+        quality=parse_quality(spec.get("quality"), f"{setting}['quality']"),
     )
     check_discover(cfg, setting)
     return cfg

@@ -43,6 +43,7 @@ from typing import Any
 
 from ..checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
+from ..quality.breaker import QualityBreakers
 from ..resilience.replay import Replays, replay_steps
 from ..resilience.strategy import RedisOnly, StoreStrategy
 from ..store.calls import PackedCalls, ScriptCall, Steps, drive
@@ -170,6 +171,8 @@ class Admission:
         self.watchers: list[Callable[[str, str, dict[str, Any]], None]] = []
         #: Limits whose over-long line this process has logged (once each).
         self.warned_lines: set[str] = set()
+        #: The quality breakers (celery_fleet/quality/): judged calls' verdicts, routing.
+        self.quality = QualityBreakers(store, self.namespace, self.limits)
 
     def _prepare(self, name: str, cfg: LimitConfig) -> None:
         """Encode what every ask and release of ``name`` sends unchanged (its constants)."""
@@ -295,6 +298,7 @@ class Admission:
         """A new ticket (lease id) of limit ``name`` in ``lane`` (None: the limit's lowest
         lane); :class:`ConfigError` for a lane the limit does not have."""
         return self.new_ticket(name, lane=lane)
+
     def order_of(self, name: str, run: Run) -> int:
         """The ``since_ms`` an ask of ``run`` sends for ``name``: the run's age in line or,
         on a limit with keys, the place its last refused ticket held (so a new ticket, a

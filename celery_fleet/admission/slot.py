@@ -27,12 +27,16 @@ from ..checks import check_max_wait
 from ..errors import (
     Backpressure,
     CircuitOpen,
+    ConfigError,
     FleetError,
     LeaseLost,
+    QualityDegraded,
     QuotaExhausted,
     StoreUnavailable,
     Throttled,
 )
+from ..quality.config import DETECTOR_NAMES
+from ..quality.judge import Verdict, ask_of, judge
 from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
@@ -104,7 +108,13 @@ class Slot:
         #: The caller's key (tenant) on a limit with keys (tenancy.py); None: no key.
         self.key = key
         self.keeper = keeper
+        #: The limit this slot is admitted against: the one asked for (``asked``), or its
+        #: quality fallback while that one's quality breaker is open (quality/breaker.py).
         self.limit = limit
+        self.asked = limit
+        #: The verdict of :meth:`judge`, counted by the quality breaker on release.
+        self.judged: Verdict | None = None
+        self._asked_lane_key = (lane, key)
         self.tokens = tokens
         self.max_wait_s = max_wait_s
         self.clock = clock
@@ -143,9 +153,80 @@ class Slot:
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
+        self.route(self.routed())
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
+
+    def routed(self, decide: Callable[[], str] | None = None) -> str:
+        """Where the quality breaker sends this slot (``decide``: AsyncSlot's, after an
+        awaited read); a ``QualityDegraded`` refusal is told to the watchers first."""
+        try:
+            return decide() if decide else self.admission.quality.route(self.asked)
+        except QualityDegraded as exc:
+            if self.admission.watchers:
+                self.admission.tell("refused", self.asked, reason=exc.reason, wait_ms=exc.wait_ms)
+            raise
+
+    def route(self, limit: str) -> None:
+        """Be admitted against ``limit``: the one asked for, or its quality fallback (the
+        lane and key asked for when that limit has them, and at most the tokens it admits)."""
+        if limit == self.limit:
+            return
+        cfg = self.admission.limit(limit)
+        lane, key = self._asked_lane_key
+        self.limit = limit
+        try:
+            chosen = check_lane(cfg.lanes, limit, lane)
+        except ConfigError:
+            chosen = check_lane(cfg.lanes, limit, None)
+        self.lane = chosen.name if chosen is not None else None
+        self.key = key if cfg.keyed else None
+        self.tokens = min(self.tokens, cfg.max_tokens_per_call or 0)
+
+    def judge(
+        self,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+    ) -> Verdict:
+        """Judge a call's answer (OpenAI/Anthropic response, SDK object or dict) for garbage.
+
+        Runs the limit's detectors (``quality["detectors"]``, all by default) and its
+        ``validate`` hook; ``max_tokens``, ``json``/``response_format`` and ``schema`` (or
+        ``request``, the call's body, that has them) say what was asked. The verdict is
+        counted by the limit's quality breaker when the slot is released (in the same
+        write: no round trip of its own). Only ``validate`` rejecting it counts as a
+        failure of the availability breaker, as :meth:`validate` does. Never raises.
+        """
+        verdict = self.judge_with(
+            resp, self.validator, ask_of(max_tokens, json, response_format, schema, request)
+        )
+        if verdict.invalid:
+            self.verdict = Signal("invalid_output", detail="validate() rejected the result")
+        return verdict
+
+    def judge_with(self, resp: Any, validate: Callable[[Any], object] | None, ask: Any) -> Verdict:
+        """:meth:`judge` with the hook given (AsyncSlot passes an awaited answer)."""
+        quality = self.admission.quality
+        cfg = quality.config(self.limit) or quality.config(self.asked)
+        names = cfg.detectors if cfg is not None else DETECTOR_NAMES
+        self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
+        if self.admission.watchers:
+            verdict = "ok" if self.judged.ok else "garbage"
+            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
+        return self.judged
+
+    def quality_command(self) -> tuple[str, bytes] | None:
+        """The count of the verdict :meth:`judge` gave, once (None: nothing to count)."""
+        verdict, self.judged = self.judged, None
+        if verdict is None:
+            return None
+        return self.admission.quality.count_command(self.limit, verdict)
 
     def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
         """Wait with ``ticket`` (the ticket while waiting, the lease once admitted) from the
@@ -196,11 +277,20 @@ class Slot:
         cfg = self.admission.limit(self.limit)
         tokens = self.tokens if tokens is None else cfg.check_tokens(tokens)
         down = self.admission.store_down
-        if down.down or down.owns(self.lease_id):
-            self.release(self.verdict or OK)  # the store is away: two steps, each local
+        try:
+            route = self.routed()
+        except QualityDegraded:  # pause: the held slot goes back first
+            self.release(self.verdict or OK)
+            raise
+        if down.down or down.owns(self.lease_id) or route != self.limit:
+            # the store is away (two steps, each local), or the quality breaker moved the
+            # next call to another limit
+            self.release(self.verdict or OK)
             self.attempts, self.verdict, self.tokens = 0, None, tokens
+            self.route(route)
             return self._acquire(self.new_ticket())
         lease_id, signal = self._let_go(self.verdict or OK)
+        self._post_count()
         ticket = self.new_ticket()
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
         release = self.admission.release_command(self.limit, lease_id, signal.outcome, wait or 0)
@@ -518,6 +608,10 @@ class Slot:
         lease_id, command = self.release_command(signal)
         if command is None:
             return
+        counted = self.quality_command()
+        if counted is not None:
+            self._release_counted(lease_id, command, counted)
+            return
 
         def done(reply: Any) -> None:
             if isinstance(reply, StoreUnavailable):
@@ -541,6 +635,30 @@ class Slot:
                 self._owe_release(lease_id, exc)
                 return
             self._check_released(lease_id, self.admission.released(self.limit, reply))
+
+    def _release_counted(
+        self, lease_id: str, command: tuple[str, bytes], counted: tuple[str, bytes]
+    ) -> None:
+        """The release with the quality verdict's count in the same write."""
+        quality, limit = self.admission.quality, self.limit
+
+        def done(replies: list[Any]) -> None:
+            reply, count = replies
+            quality.counted(limit, count)
+            if isinstance(reply, StoreUnavailable):
+                self._owe_release(lease_id, reply)
+            elif isinstance(reply, FleetError):
+                log.warning("celery-fleet: releasing %r failed (%s)", limit, reply)
+            else:
+                self._check_released(lease_id, self.admission.released(limit, reply))
+
+        if not self.admission.store.post_all([command, counted], done):
+            try:
+                replies = self.admission.store.send(command, counted)
+            except StoreUnavailable as exc:
+                self._owe_release(lease_id, exc)
+                return
+            done(replies)
 
     def _owe_release(self, lease_id: str, error: StoreUnavailable) -> None:
         """A release that may not have reached Redis: sent again when Redis answers (as
@@ -570,6 +688,19 @@ class Slot:
         return lease_id, self.admission.release_command(
             self.limit, lease_id, signal.outcome, wait or 0
         )
+
+    def _post_count(self) -> None:
+        """Post the judged verdict's count (``next``: the release rides on the next ask)."""
+        counted = self.quality_command()
+        if counted is None:
+            return
+        limit, quality = self.limit, self.admission.quality
+        try:
+            if not self.admission.store.post(counted, lambda r: quality.counted(limit, r)):
+                (reply,) = self.admission.store.send(counted)
+                quality.counted(limit, reply)
+        except FleetError as exc:
+            quality.counted(limit, exc)
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""

@@ -46,6 +46,7 @@ def bind(fleet: Fleet, app: Celery, *, url_given: bool) -> None:
     signals.at_worker_ready(_check_at_start)
     check_app_tasks(fleet, app)
     fleet.on_breaker_change(signals.breaker_announcer(app))
+    fleet.on_quality_change(signals.quality_announcer(app))
     fleet.admission.watchers.append(signals.slot_watcher(app))
 
 

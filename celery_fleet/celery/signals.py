@@ -10,7 +10,9 @@
   when it does not answer: a wrong ``fleet_redis_url`` should not look like a working
   worker).
 - :data:`breaker_state_changed` and the ``fleet-breaker`` event, sent by
-  :func:`breaker_announcer` when this process sees a breaker change.
+  :func:`breaker_announcer` when this process sees a breaker change; the
+  ``fleet-quality`` event, sent by :func:`quality_announcer` when it sees a quality
+  breaker change.
 
 This module imports nothing of the package's glue (``fleet``, ``task``): they import it.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "pool_concurrency",
     "breaker_state_changed",
     "breaker_announcer",
+    "quality_announcer",
     "slot_admitted",
     "slot_refused",
     "slot_watcher",
@@ -164,6 +167,30 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
                 dispatcher.send("fleet-breaker", limit=limit, state=state)
         except Exception:
             log.warning("celery-fleet: could not send the fleet-breaker event", exc_info=True)
+
+    return announce
+
+
+def quality_announcer(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
+    """A quality listener that logs the change and sends a ``fleet-quality`` event
+    (``limit``, ``state``, ``garbage_rate``, ``baseline``, ``calls``, ``garbage``,
+    ``reasons``) to the broker's event exchange, as :func:`breaker_announcer` does."""
+
+    def announce(limit: str, state: str, fields: dict[str, Any]) -> None:
+        log.warning(
+            "celery-fleet: quality limit=%s state=%s garbage_rate=%s baseline=%s",
+            limit,
+            state,
+            fields.get("garbage_rate"),
+            fields.get("baseline"),
+            extra={"fleet_limit": limit, "fleet_state": state},
+        )
+        info = {k: v for k, v in fields.items() if k != "state"}
+        try:
+            with app.events.default_dispatcher(hostname=_node[0]) as dispatcher:
+                dispatcher.send("fleet-quality", limit=limit, state=state, **info)
+        except Exception:
+            log.warning("celery-fleet: could not send the fleet-quality event", exc_info=True)
 
     return announce
 

@@ -35,7 +35,7 @@ import click
 
 from ..errors import FleetError
 from ..fleet import Fleet
-from .status import LimitStatus, fields_text, fleet_status
+from .status import LimitStatus, fields_text, fleet_status, quality_text
 from .web import AUTH_ENV, DEFAULT_PORT, FleetPage
 
 __all__ = ["fleet"]
@@ -92,6 +92,8 @@ def _table(rows: list[LimitStatus]) -> str:
             forced = f" (forced {s.breaker_forced})" if s.breaker_forced else ""
             retry = f", probe in {s.breaker_retry_s:.1f} s" if s.breaker_retry_s > 0 else ""
             lines.append(f"  breaker      {s.breaker}{forced}{retry}")
+        if s.quality is not None:
+            lines.append(f"  {quality_text(s.quality)}")
         lines.append(f"  waiting      {s.waiting} in line")
         if s.config_version:
             what = fields_text(s.config_fields) or " (as configured)"

@@ -157,7 +157,7 @@ def read_counters(store: _Commands, namespace: str, limit: str) -> dict[str, flo
 
 def watcher(counters: Counters) -> Any:
     """A slot watcher (``Admission.watchers``) that counts admissions with their waits,
-    refusals by reason and provider pushback by status."""
+    refusals by reason, provider pushback by status and judged calls by verdict."""
 
     def count(event: str, limit: str, fields: dict[str, Any]) -> None:
         if event == "admitted":
@@ -166,5 +166,7 @@ def watcher(counters: Counters) -> Any:
             counters.add(limit, f"refused|{fields.get('reason', '')}")
         elif event == "pushback":
             counters.add(limit, f"pushback|{fields.get('status', '')}")
+        elif event == "judged":
+            counters.add(limit, f"judged|{fields.get('verdict', '')}")
 
     return count

@@ -28,6 +28,10 @@ which name the window and not its budget, so a changed budget keeps its series):
 - ``celery_fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
   half_open), ``celery_fleet_breaker_forced`` (1 when an operator forced it);
 - ``celery_fleet_waiting``: callers in line;
+- ``celery_fleet_quality_state`` (label ``state``, as the breaker's),
+  ``celery_fleet_quality_garbage_rate`` and ``celery_fleet_quality_baseline``: a limit's
+  quality breaker (docs/quality.md), with the counter ``celery_fleet_judged_total``
+  (``verdict``: ok, garbage);
 - ``celery_fleet_limit_config_version``: the version of the runtime change in force
   (``fleet.set_limit``; 0: the configured values, never changed). The cap and budget
   gauges show the values in force.
@@ -162,6 +166,11 @@ class FleetCollector:
             "breaker": gauge("breaker_state", "1 for the breaker's state", ("state",)),
             "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
             "waiting": gauge("waiting", "Callers waiting in line"),
+            "quality": gauge("quality_state", "1 for the quality breaker's state", ("state",)),
+            "garbage": gauge(
+                "quality_garbage_rate", "Garbage rate of judged calls over the quality window"
+            ),
+            "baseline": gauge("quality_baseline", "The quality breaker's rolling garbage rate"),
             "version": gauge(
                 "limit_config_version",
                 "Version of the runtime change in force (fleet.set_limit; 0: none)",
@@ -194,6 +203,11 @@ class FleetCollector:
                     g["breaker"].add_metric([*lim, state], 1.0 if s.breaker == state else 0.0)
                 g["forced"].add_metric(lim, 1.0 if s.breaker_forced else 0.0)
             g["waiting"].add_metric(lim, s.waiting)
+            if s.quality is not None:
+                for state in BREAKER_STATES:
+                    g["quality"].add_metric([*lim, state], float(s.quality["state"] == state))
+                g["garbage"].add_metric(lim, s.quality["garbage_rate"])
+                g["baseline"].add_metric(lim, s.quality["baseline"])
             g["version"].add_metric(lim, s.config_version)
         yield from g.values()
         try:
@@ -219,6 +233,7 @@ class FleetCollector:
             "rescheduled": counter(
                 "reschedules", "Task reschedules by backpressure", "limit", "reason"
             ),
+            "judged": counter("judged", "Calls judged by slot.judge", "limit", "verdict"),
         }
         waits = H(f"{PREFIX}wait_seconds", "Time admitted slots waited in line",
                   labels=["fleet", "limit"])  # fmt: skip

@@ -116,6 +116,9 @@ class LimitStatus:
     discover_up_to: float | None = None
     #: each window's budget at that factor, e.g. ``"900 requests/60s"`` (declared 600)
     discovered_rates: list[str] = field(default_factory=list)
+    #: a limit with a quality breaker: its state, garbage_rate, baseline, calls, garbage,
+    #: wait_ms and top reasons (QualityState.as_dict; celery_fleet/quality/)
+    quality: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +141,8 @@ class LimitStatus:
         if self.breaker is not None:
             forced = " (forced)" if self.breaker_forced else ""
             parts.append(f"breaker {self.breaker}{forced}")
+        if self.quality is not None:
+            parts.append(quality_text(self.quality))
         parts.append(f"{self.waiting} waiting")
         if self.config_version:
             parts.append(f"config v{self.config_version}{fields_text(self.config_fields)}")
@@ -146,6 +151,15 @@ class LimitStatus:
             busiest = self.keys[0]
             parts.append(f"busiest key {busiest.key or '(none)'!r} {busiest.in_flight} in flight")
         return ", ".join(parts)
+
+
+def quality_text(q: Mapping[str, Any]) -> str:
+    """``quality open (garbage 48.0% of 120, baseline 2.1%; empty 40, refusal 9)``."""
+    reasons = ", ".join(f"{r} {n}" for r, n in dict(q.get("reasons") or {}).items())
+    return (
+        f"quality {q['state']} (garbage {100 * q['garbage_rate']:.1f}% of {q['calls']}, "
+        f"baseline {100 * q['baseline']:.1f}%" + (f"; {reasons})" if reasons else ")")
+    )
 
 
 def fields_text(fields: Mapping[str, Any]) -> str:
@@ -180,6 +194,19 @@ class _Limits(Protocol):
 
     @property
     def runtime(self) -> _Runtime: ...
+
+    @property
+    def quality(self) -> _Quality: ...
+
+
+class _Quality(Protocol):
+    """What status reads of the quality breakers (celery_fleet/quality/breaker.py)."""
+
+    def state(self, limit: str) -> _QualityState: ...
+
+
+class _QualityState(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
 
 
 class _Store(Protocol):
@@ -275,6 +302,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
     if cfg.breaker is not None:
         breaker = fleet.breaker(name).seen(now_ms, *(_text(x) for x in peek.breaker))
     oldest = int(peek.oldest_us)
+    quality = fleet.admission.quality.state(name).as_dict() if cfg.quality else None
     return LimitStatus(
         limit=name,
         windows=windows,
@@ -298,6 +326,7 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         discovered=(_number(peek.factor) or 1.0) if cfg.discover else None,
         discover_up_to=cfg.discover.up_to if cfg.discover else None,
         discovered_rates=_rates(cfg, _number(peek.factor) or 1.0) if cfg.discover else [],
+        quality=quality,
     )
 
 

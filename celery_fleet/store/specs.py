@@ -76,6 +76,9 @@ __all__ = [
     "LOCK_RENEW",
     "LOCK_RELEASE",
     "RECORD_CAS",
+    "QualityReply",
+    "QUALITY_COUNT",
+    "QUALITY_READ",
 ]
 
 R = TypeVar("R")
@@ -177,6 +180,24 @@ class ReleaseReply(NamedTuple):
     held_ms: int
     transition: Any  #: bytes (str on a client that decodes replies): "", "open", "closed"
     cap: Any  #: the adaptive cap as text, 0 for none
+
+
+class QualityReply(NamedTuple):
+    """quality_count's and quality_read's reply (the quality breaker, quality/breaker.py);
+    ``reasons`` only from a read, or a count that changed the state."""
+
+    state: Any  #: bytes or str: "closed", "open", "half_open"
+    transition: Any  #: "", "open", "half_open", "closed"
+    calls: int  #: judged in the window
+    garbage: int
+    baseline: Any  #: the rolling baseline garbage rate, as text
+    wait_ms: int  #: until it half-opens (0 unless open)
+    reasons: tuple[Any, ...] = ()  #: (reason, count, ...)
+
+
+def _quality_reply(raw: Any) -> QualityReply:
+    state, transition, calls, garbage, baseline, wait_ms = raw[:6]
+    return QualityReply(state, transition, calls, garbage, baseline, wait_ms, tuple(raw[6:]))
 
 
 class SettleReply(NamedTuple):
@@ -352,6 +373,24 @@ PEEK: ScriptSpec[PeekReply] = ScriptSpec(
 BREAKER_ADMIN: ScriptSpec[list[Any]] = ScriptSpec(
     "breaker_admin", "admission", keys=("breaker",), args=("operation", "*ago_ms"), reply=list
 )
+_QUALITY_LIMITS = ("window_ms", "ratio", "min_rate", "min_calls", "reset_ms", "probes")
+#: One judged call, counted by the limit's quality breaker (in the release's write).
+QUALITY_COUNT: ScriptSpec[QualityReply] = ScriptSpec(
+    "quality_count",
+    "quality",
+    keys=("quality",),
+    args=("verdict", "reasons", *_QUALITY_LIMITS, "baseline_calls"),
+    reply=_quality_reply,
+)
+#: The quality breaker's state (an open one past its reset timeout half-opens).
+QUALITY_READ: ScriptSpec[QualityReply] = ScriptSpec(
+    "quality_read",
+    "quality",
+    keys=("quality",),
+    args=("window_ms", "ratio", "min_rate", "reset_ms"),
+    reply=_quality_reply,
+    idempotent=True,
+)
 #: A limit's runtime override (``fleet.set_limit``), under a version that only grows.
 LIMIT_CONFIG: ScriptSpec[CasReply] = ScriptSpec(
     "limit_config",
@@ -469,7 +508,7 @@ SPECS: dict[str, ScriptSpec[Any]] = {
         EMPTY_MISSING, CHARGE, HANDOVER, PRESENCE,
         LEDGER_ENQUEUE, LEDGER_CLAIM, LEDGER_RENEW, LEDGER_FINISH, LEDGER_PUBLISHED,
         LEDGER_LOST, STEP_PUT, DEFER_ADD, DEFER_TAKE, DEFER_ACK, DEFER_FATE,
-        LOCK_ACQUIRE, LOCK_RENEW, LOCK_RELEASE, RECORD_CAS,
+        LOCK_ACQUIRE, LOCK_RENEW, LOCK_RELEASE, RECORD_CAS, QUALITY_COUNT, QUALITY_READ,
     )
 }  # fmt: skip
 #: The names of every script (each registered once per process).

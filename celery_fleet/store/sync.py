@@ -379,17 +379,26 @@ class RedisStore:
         in whichever thread reads it. False, with nothing sent, when the call must be
         :meth:`send`-ed instead (its script has not answered on this connection yet)."""
 
-        def done(replies: list[Any]) -> None:
-            (reply,) = replies
-            if isinstance(reply, redis.RedisError):
-                reply = self._translate(reply, f"script {command[0]!r}")
-            elif isinstance(reply, BaseException):
-                reply = FleetError(
-                    f"celery-fleet script {command[0]!r} was not answered: {reply!r}"
-                )
-            callback(reply)
+        return self.post_all([command], lambda replies: callback(replies[0]))
 
-        return self.combiner.post([command], done)
+    def post_all(
+        self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
+    ) -> bool:
+        """:meth:`post` for calls written together (one write, one round trip): a
+        release and the quality verdict riding on it. ``callback`` gets every reply,
+        each translated as in :meth:`post`."""
+
+        def done(replies: list[Any]) -> None:
+            callback([self._posted_reply(c, r) for c, r in zip(commands, replies, strict=True)])
+
+        return self.combiner.post(commands, done)
+
+    def _posted_reply(self, command: tuple[str, bytes], reply: Any) -> Any:
+        if isinstance(reply, redis.RedisError):
+            return self._translate(reply, f"script {command[0]!r}")
+        if isinstance(reply, BaseException):
+            return FleetError(f"celery-fleet script {command[0]!r} was not answered: {reply!r}")
+        return reply
 
     def drain(self) -> None:
         """Read the replies of posted calls now. Every other call of this store does it

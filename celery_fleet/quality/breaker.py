@@ -1,0 +1,247 @@
+"""The quality breaker's Python side: verdicts out, state in, admission's routing.
+
+Each limit with ``"quality"`` has one Redis hash (``{ns:limit}:quality``) that counts the
+judged calls of the whole fleet (``scripts/quality/quality_count.lua``, sent in the same
+write as the slot's release) and opens, half-opens and closes (see
+:class:`~celery_fleet.quality.config.QualityConfig`).
+
+Admission with ``on_degraded="pause"`` or ``"fallback:<limit>"`` reads a local copy of the
+state, refreshed by every count's reply and, when older than :data:`REFRESH_S` (or past
+the moment an open breaker half-opens), by one read (``quality_read.lua``). The acquire
+script is left alone: a limit without quality (or with ``flag``) asks exactly as before,
+and a limit that gates pays at most one read a second per process, which a one-second lag
+costs nothing against a breaker that opens on seconds of evidence.
+
+Example::
+
+    fleet.quality("openai")
+    # QualityState(limit='openai', state='open', garbage_rate=0.48, baseline=0.021, ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..errors import ConfigError, QualityDegraded, StoreUnavailable
+from ..store.aio import AsyncStore
+from ..store.combiner import Packed
+from ..store.specs import QUALITY_COUNT, QUALITY_READ, QualityReply
+from ..store.sync import RedisStore
+from .config import QualityConfig
+from .judge import LengthBaseline, Verdict
+
+__all__ = ["QualityState", "QualityBreakers", "REFRESH_S"]
+
+log = logging.getLogger("celery_fleet")
+
+#: How old the local copy of a gating limit's state may be before admission reads it again.
+REFRESH_S = 1.0
+
+
+class _Limit(Protocol):
+    @property
+    def quality(self) -> QualityConfig | None: ...
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class QualityState:
+    """A limit's quality breaker: ``state`` ("closed", "open", "half_open"), the garbage
+    rate over its window (``garbage`` of ``calls`` judged), the rolling ``baseline``,
+    ``wait_ms`` until an open breaker half-opens, and the top ``reasons`` (reason, count)."""
+
+    limit: str
+    state: str
+    garbage_rate: float
+    baseline: float
+    calls: int
+    garbage: int
+    wait_ms: int
+    reasons: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def of(cls, limit: str, reply: QualityReply) -> QualityState:
+        calls, garbage = int(reply.calls), int(reply.garbage)
+        pairs = reply.reasons
+        counted = [(_text(pairs[i]), int(pairs[i + 1])) for i in range(0, len(pairs) - 1, 2)]
+        counted.sort(key=lambda rc: (-rc[1], rc[0]))
+        return cls(
+            limit,
+            _text(reply.state),
+            garbage / calls if calls else 0.0,
+            float(_text(reply.baseline)),
+            calls,
+            garbage,
+            int(reply.wait_ms),
+            tuple(counted[:5]),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (status, events)."""
+        return {
+            "state": self.state,
+            "garbage_rate": round(self.garbage_rate, 4),
+            "baseline": round(self.baseline, 4),
+            "calls": self.calls,
+            "garbage": self.garbage,
+            "wait_ms": self.wait_ms,
+            "reasons": dict(self.reasons),
+        }
+
+
+@dataclass
+class _Seen:
+    """This process's copy of one limit's state: what it was and when (monotonic)."""
+
+    state: str = "closed"
+    wait_ms: int = 0
+    at: float = -1e18
+    lengths: LengthBaseline = field(default_factory=LengthBaseline)
+
+
+#: A quality listener: ``listener(limit, state, fields)`` on a transition this process saw.
+Listener = Callable[[str, str, dict[str, Any]], None]
+
+
+class QualityBreakers:
+    """Every quality breaker of one fleet: count commands, local copies, routing, listeners."""
+
+    def __init__(self, store: RedisStore, namespace: str, limits: Mapping[str, _Limit]) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.limits = limits
+        self.listeners: list[Listener] = []
+        self._seen: dict[str, _Seen] = {}
+        self._packed: dict[str, tuple[QualityConfig, Packed]] = {}
+
+    def config(self, limit: str) -> QualityConfig | None:
+        """The limit's quality options (None: no quality breaker, or no such limit)."""
+        cfg = self.limits.get(limit)
+        return cfg.quality if cfg is not None else None
+
+    def key(self, limit: str) -> str:
+        """The breaker's hash (in the limit's hash slot)."""
+        return f"{{{self.namespace}:{limit}}}:quality"
+
+    def seen(self, limit: str) -> _Seen:
+        found = self._seen.get(limit)
+        if found is None:
+            found = self._seen[limit] = _Seen()
+        return found
+
+    def lengths(self, limit: str) -> LengthBaseline:
+        """This process's output-length baseline of ``limit`` (the ``length_shift`` detector)."""
+        return self.seen(limit).lengths
+
+    # -- counting (rides on the release) ------------------------------------------------
+
+    def count_command(self, limit: str, verdict: Verdict) -> tuple[str, bytes] | None:
+        """The packed count of one verdict (None: the limit has no quality breaker)."""
+        cfg = self.config(limit)
+        if cfg is None:
+            return None
+        cached = self._packed.get(limit)
+        if cached is None or cached[0] is not cfg:
+            tail = [*_limits_args(cfg), cfg.baseline_calls]
+            packed = self.store.packed(QUALITY_COUNT.name, [self.key(limit)], 2, tail)
+            cached = self._packed[limit] = (cfg, packed)
+        kind = b"ok" if verdict.ok else b"garbage"
+        reasons = ",".join(verdict.reasons).encode()
+        return QUALITY_COUNT.name, cached[1].pack(kind, reasons)
+
+    def counted(self, limit: str, reply: Any) -> None:
+        """Read a count's reply (an error is logged: a lost count changes little)."""
+        if isinstance(reply, BaseException):
+            log.debug("celery-fleet: a quality count of %r failed: %s", limit, reply)
+            return
+        self.apply(limit, QUALITY_COUNT.read(reply))
+
+    def apply(self, limit: str, reply: QualityReply) -> QualityState:
+        """Refresh the local copy from a reply; tell the listeners of a transition."""
+        state = QualityState.of(limit, reply)
+        seen = self.seen(limit)
+        seen.state, seen.wait_ms, seen.at = state.state, state.wait_ms, time.monotonic()
+        transition = _text(reply.transition)
+        if transition:
+            self.notify(limit, transition, state)
+        return state
+
+    def notify(self, limit: str, transition: str, state: QualityState) -> None:
+        fields = state.as_dict()
+        for listener in list(self.listeners):
+            try:
+                listener(limit, transition, fields)
+            except Exception:
+                log.exception("celery-fleet: quality listener %r failed", listener)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def read_call(self, limit: str) -> tuple[list[str], list[Any]]:
+        cfg = self.config(limit)
+        if cfg is None:
+            raise ConfigError(f"limit {limit!r} has no quality breaker (set 'quality')")
+        args = _limits_args(cfg)
+        return [self.key(limit)], [args[0], args[1], args[2], args[4]]
+
+    def state(self, limit: str) -> QualityState:
+        """Read the fleet-wide state of ``limit``'s quality breaker (one round trip)."""
+        keys, args = self.read_call(limit)
+        return self.apply(limit, QUALITY_READ.run(self.store, keys, args))
+
+    async def astate(self, limit: str, store: AsyncStore) -> QualityState:
+        """:meth:`state` on an asyncio store."""
+        keys, args = self.read_call(limit)
+        return self.apply(limit, QUALITY_READ.read(await store.run(QUALITY_READ.name, keys, args)))
+
+    def stale(self, limit: str) -> bool:
+        """Whether admission must read the state before routing a call of ``limit``."""
+        cfg = self.config(limit)
+        if cfg is None or not cfg.gates:
+            return False
+        seen = self.seen(limit)
+        age = time.monotonic() - seen.at
+        return age >= REFRESH_S or (seen.state == "open" and age * 1000 >= seen.wait_ms)
+
+    # -- admission ----------------------------------------------------------------------
+
+    def route(self, limit: str) -> str:
+        """The limit a call of ``limit`` is admitted against, from the local copy (read
+        first when stale): itself, or its fallback while the breaker is open; raises
+        :class:`~celery_fleet.QualityDegraded` with ``pause``."""
+        cfg = self.config(limit)
+        if cfg is None or not cfg.gates:
+            return limit
+        if self.stale(limit):
+            try:
+                self.state(limit)
+            except StoreUnavailable:  # the store-down policy answers the ask itself
+                self.seen(limit).at = time.monotonic()  # not again for REFRESH_S
+        return self.decide(limit, cfg)
+
+    def decide(self, limit: str, cfg: QualityConfig) -> str:
+        seen = self.seen(limit)
+        if seen.state != "open":  # closed, or half-open: its calls are the probes
+            return limit
+        if cfg.on_degraded == "fallback" and cfg.fallback is not None:
+            return cfg.fallback
+        left = max(1, seen.wait_ms - int((time.monotonic() - seen.at) * 1000))
+        raise QualityDegraded(limit, left, "quality_degraded")
+
+
+def _limits_args(cfg: QualityConfig) -> list[Any]:
+    """window_ms, ratio, min_rate, min_calls, reset_ms, probes (as the scripts take them)."""
+    return [
+        int(cfg.window_s * 1000),
+        cfg.ratio,
+        cfg.min_rate,
+        cfg.min_calls,
+        int(cfg.reset_timeout_s * 1000),
+        cfg.probes,
+    ]

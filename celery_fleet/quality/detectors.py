@@ -1,0 +1,231 @@
+"""Built-in garbage detectors: pure functions over one model answer.
+
+An answer is read once into a :class:`Reply` (its text, why it stopped, its output
+tokens) from an OpenAI chat completion, an Anthropic message or an OpenAI Responses
+object, as an SDK object or the dict parsed from its JSON (the same duck typing as
+:mod:`celery_fleet.contrib.usage`); a plain string is its own text. What was asked is an
+:class:`Ask` (``max_tokens``, whether JSON was asked, a schema). Each detector returns
+``None`` (fine) or a short detail saying what is wrong; :data:`DETECTORS` names them.
+
+Example::
+
+    reply = read_reply({"choices": [{"message": {"content": "  "}, "finish_reason": "stop"}]})
+    assert empty(reply, Ask()) == "no content"
+
+``length_shift`` needs the limit's history and lives in :mod:`celery_fleet.quality.judge`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import schema_errors
+
+__all__ = ["Reply", "Ask", "read_reply", "DETECTORS", "Detector"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the detectors read of an answer.
+
+    ``text`` is None when the answer has no text part at all (e.g. only tool calls);
+    ``stop`` is the provider's reason, normalised: ``"length"`` (OpenAI ``length``,
+    Anthropic ``max_tokens``), ``"refusal"``, ``"stop"``, ``"tool"`` or what it said.
+    """
+
+    text: str | None
+    stop: str | None = None
+    output_tokens: int | None = None
+    refusal: str | None = None
+    tools: bool = False
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What the call asked for: its completion budget, JSON output, a JSON schema."""
+
+    max_tokens: int | None = None
+    json: bool = False
+    schema: Mapping[str, Any] | None = None
+
+
+def _get(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_STOPS = {"length": "length", "max_tokens": "length", "max_output_tokens": "length",
+          "refusal": "refusal", "content_filter": "refusal", "end_turn": "stop",
+          "stop_sequence": "stop", "tool_calls": "tool", "tool_use": "tool",
+          "function_call": "tool"}  # fmt: skip
+
+
+def read_reply(resp: Any) -> Reply:
+    """Read an OpenAI chat completion / Responses object or an Anthropic message."""
+    if isinstance(resp, str):
+        return Reply(resp)
+    usage = _get(resp, "usage")
+    out_tokens = _int(_get(usage, "completion_tokens")) if usage is not None else None
+    if out_tokens is None and usage is not None:
+        out_tokens = _int(_get(usage, "output_tokens"))
+    choices = _get(resp, "choices")
+    if isinstance(choices, (list, tuple)) and choices:
+        choice = choices[0]
+        message = _get(choice, "message") or {}
+        finish = _get(choice, "finish_reason")
+        tools = bool(_get(message, "tool_calls") or _get(message, "function_call"))
+        return Reply(
+            _text_of(_get(message, "content")),
+            _STOPS.get(str(finish), finish) if finish is not None else None,
+            out_tokens,
+            _get(message, "refusal") or None,
+            tools,
+        )
+    content = _get(resp, "content")
+    if isinstance(content, (list, tuple)):  # Anthropic: a list of blocks
+        stop = _get(resp, "stop_reason")
+        tools = any(_get(block, "type") == "tool_use" for block in content)
+        return Reply(
+            _text_of(content),
+            _STOPS.get(str(stop), stop) if stop else None,
+            out_tokens,
+            None,
+            tools,
+        )
+    text = _get(resp, "output_text")  # OpenAI Responses
+    if isinstance(text, str):
+        status = _get(_get(resp, "incomplete_details"), "reason")
+        return Reply(text, _STOPS.get(str(status), status) if status else None, out_tokens)
+    if isinstance(content, str):
+        return Reply(content, None, out_tokens)
+    return Reply(None, None, out_tokens)
+
+
+def _text_of(content: Any) -> str | None:
+    """The text of a message's content: a string, or the text parts of a list of parts."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        parts = [_get(part, "text") for part in content]
+        texts = [p for p in parts if isinstance(p, str)]
+        return "".join(texts) if texts else None
+    return None
+
+
+Detector = Callable[[Reply, Ask], "str | None"]
+
+
+def empty(reply: Reply, ask: Ask) -> str | None:
+    """No content, or only whitespace (an answer made only of tool calls is not empty, and a
+    refusal is a refusal)."""
+    if reply.tools or reply.refusal or reply.stop == "refusal":
+        return None
+    if reply.text is None or not reply.text.strip():
+        return "no content"
+    return None
+
+
+#: "Far below": a cut at ``length`` with fewer output tokens than this share of max_tokens.
+TRUNCATED_SHARE = 0.5
+
+
+def truncated(reply: Reply, ask: Ask) -> str | None:
+    """Stopped for length far below the ``max_tokens`` asked (the provider cut it short).
+
+    Needs the request's ``max_tokens`` and the answer's output tokens; an answer that
+    used its whole budget is the caller's budget, not the provider's fault.
+    """
+    if reply.stop != "length" or not ask.max_tokens or reply.output_tokens is None:
+        return None
+    if reply.output_tokens < TRUNCATED_SHARE * ask.max_tokens:
+        return f"stopped for length after {reply.output_tokens} of {ask.max_tokens} tokens"
+    return None
+
+
+_REFUSAL = re.compile(
+    r"^\W*(?:i'?m sorry,? but i (?:can(?:no|')t|am unable|won'?t)|i (?:can(?:no|')t|am unable to"
+    r"|won'?t) (?:help|assist|comply|provide|do that|fulfil)|i apologi[sz]e,? but i"
+    r"|as an ai(?: language model)?,? i (?:can(?:no|')t|am (?:not able|unable)|don'?t)"
+    r"|sorry,? (?:but )?i can(?:no|')t|unfortunately,? i (?:can(?:no|')t|am unable))",
+    re.IGNORECASE,
+)
+
+
+def refusal(reply: Reply, ask: Ask) -> str | None:
+    """The model declined: a refusal field or stop reason, or a refusal phrase opening it."""
+    if reply.refusal or reply.stop == "refusal":
+        return "refused"
+    if reply.text and _REFUSAL.match(reply.text[:200].replace("\u2019", "'")):
+        return "refusal phrase"
+    return None
+
+
+def _parsed(reply: Reply) -> tuple[bool, Any]:
+    text = (reply.text or "").strip()
+    if text.startswith("```"):  # a fenced block: what is inside it
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        return True, json.loads(text)
+    except ValueError:
+        return False, None
+
+
+def invalid_json(reply: Reply, ask: Ask) -> str | None:
+    """JSON was asked (``json=True``, a response_format or a schema) and this is not JSON."""
+    if not (ask.json or ask.schema is not None) or reply.tools:
+        return None
+    ok, _ = _parsed(reply)
+    return None if ok else "not valid JSON"
+
+
+def schema_failure(reply: Reply, ask: Ask) -> str | None:
+    """A schema was given and the JSON answer does not match it (see :mod:`.schema`)."""
+    if ask.schema is None or reply.tools:
+        return None
+    ok, value = _parsed(reply)
+    if not ok:
+        return None  # the json detector says so
+    errors = schema_errors(value, ask.schema)
+    return errors[0] if errors else None
+
+
+#: Below this many characters an answer is too short to call degenerate.
+REPETITION_MIN_CHARS = 200
+
+
+def repetition(reply: Reply, ask: Ask) -> str | None:
+    """Degenerate repetition: a long answer that compresses to almost nothing, or whose
+    word trigrams are mostly the same few (a model looping on a phrase)."""
+    text = reply.text or ""
+    if len(text) < REPETITION_MIN_CHARS:
+        return None
+    raw = text.encode("utf-8", "replace")
+    if len(zlib.compress(raw, 6)) < 0.08 * len(raw):
+        return "repeats itself"
+    words = text.split()
+    if len(words) >= 60:
+        grams = list(zip(words, words[1:], words[2:], strict=False))
+        if len(set(grams)) < 0.2 * len(grams):
+            return "repeats a phrase"
+    return None
+
+
+#: Every stateless built-in detector, by name.
+DETECTORS: dict[str, Detector] = {
+    "empty": empty,
+    "truncated": truncated,
+    "refusal": refusal,
+    "json": invalid_json,
+    "schema": schema_failure,
+    "repetition": repetition,
+}

@@ -1,0 +1,90 @@
+-- _lib/quality: included (not run) by quality_count and quality_read: a limit's quality
+-- breaker (the Python side is celery_fleet/quality/breaker.py).
+--
+-- Its hash holds state ("closed" or absent, "open", "half_open"), opened_at (ms),
+-- baseline (the garbage rate's rolling baseline) and base_n (the calls it weighs, capped at
+-- baseline_calls), probe_calls and probe_garbage (while half-open), a ring of
+-- QUALITY_BUCKETS buckets over the window: c<i>, g<i> (calls and garbage judged in bucket
+-- i) and t<i> (the bucket number it holds), reason counters r:<name> (halved once a
+-- window; rh is the bucket they were last halved at). Time unit: milliseconds, Redis TIME.
+--
+-- The baseline learns from buckets as they leave the window (folded in when their ring
+-- slot is reused), and only while closed: a jump inside the window is compared with what
+-- came before it, never with itself. Until it has learnt from min_calls calls (base_n)
+-- the breaker does not open: a limit's normal is not known yet.
+local QUALITY_BUCKETS = 30
+local QUALITY_Z = 4            -- binomial deviations above the baseline's expectation
+local QUALITY_TTL_MS = 86400000
+
+local function q_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+local function q_bucket(now, window) return math.floor(now / (window / QUALITY_BUCKETS)) end
+
+-- q_window(key, cur): the calls and garbage of the buckets of the window ending at cur.
+local function q_window(key, cur)
+  local fields = {}
+  for i = 0, QUALITY_BUCKETS - 1 do
+    fields[#fields + 1] = 'c' .. i
+    fields[#fields + 1] = 'g' .. i
+    fields[#fields + 1] = 't' .. i
+  end
+  local v = redis.call('HMGET', key, unpack(fields))
+  local calls, garbage = 0, 0
+  for i = 0, QUALITY_BUCKETS - 1 do
+    local t = tonumber(v[3 * i + 3])
+    if t and t > cur - QUALITY_BUCKETS then
+      calls = calls + (tonumber(v[3 * i + 1]) or 0)
+      garbage = garbage + (tonumber(v[3 * i + 2]) or 0)
+    end
+  end
+  return calls, garbage
+end
+
+-- q_degraded: garbage of calls is a degradation against the baseline: a rate of at least
+-- min_rate and ratio times the baseline, and more garbage than the baseline's noise
+-- explains (QUALITY_Z deviations: a steady base rate over few calls does not open it).
+local function q_degraded(calls, garbage, baseline, ratio, min_rate)
+  if calls <= 0 then return false end
+  local rate = garbage / calls
+  local p = math.max(baseline, 0.01)
+  return rate >= min_rate and rate >= ratio * baseline
+     and garbage >= calls * baseline + QUALITY_Z * math.sqrt(calls * p * (1 - p))
+end
+
+-- q_state(key, now, reset_ms, ratio, min_rate): the state, opened_at, baseline, base_n,
+-- probe counts and the transition reading it caused (an open breaker half-opens
+-- reset_ms after it opened).
+local function q_state(key, now, reset_ms, ratio, min_rate)
+  local h = redis.call('HMGET', key, 'state', 'opened_at', 'baseline', 'base_n',
+                       'probe_calls', 'probe_garbage')
+  local state = h[1] or 'closed'
+  local opened_at = tonumber(h[2]) or 0
+  local baseline = tonumber(h[3]) or 0
+  local base_n = tonumber(h[4]) or 0
+  local pc, pg = tonumber(h[5]) or 0, tonumber(h[6]) or 0
+  local transition = ''
+  if state == 'open' and now >= opened_at + reset_ms then
+    state, transition, pc, pg = 'half_open', 'half_open', 0, 0
+    redis.call('HSET', key, 'state', state, 'probe_calls', 0, 'probe_garbage', 0)
+  end
+  return state, opened_at, baseline, base_n, pc, pg, transition
+end
+
+-- q_reasons(key, reply): append each reason counter (name, count) to reply.
+local function q_reasons(key, reply)
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    if string.sub(all[j], 1, 2) == 'r:' then
+      reply[#reply + 1] = string.sub(all[j], 3)
+      reply[#reply + 1] = all[j + 1]
+    end
+  end
+end
+
+local function q_wait(state, opened_at, now, reset_ms)
+  if state ~= 'open' then return 0 end
+  return math.max(0, math.floor(opened_at + reset_ms - now))
+end

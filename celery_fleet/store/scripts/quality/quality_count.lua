@@ -1,0 +1,97 @@
+-- quality_count: count one judged call in a limit's quality breaker; open, half-open or
+-- close it. Sent in the same write as the slot's release (no round trip of its own).
+--
+-- KEYS[1]  quality  hash   the breaker (fields in _lib/quality.lua)
+-- ARGV[1]  verdict: ok | garbage
+-- ARGV[2]  reasons: the detectors that fired, comma-separated ("" when ok)
+-- ARGV[3]  window (ms)
+-- ARGV[4]  ratio: the garbage rate opens it at ratio * baseline ...
+-- ARGV[5]  min_rate: ... and at least this rate ...
+-- ARGV[6]  min_calls: ... with at least this many calls judged in the window
+-- ARGV[7]  reset timeout (ms): how long it stays open before half-opening
+-- ARGV[8]  probes: judged calls while half-open before it closes
+-- ARGV[9]  baseline_calls: how many calls the rolling baseline weighs
+--
+-- Reply: {state, transition ("", "open", "half_open", "closed"), calls, garbage (in the
+-- window), baseline (string), wait_ms (until it half-opens; 0 unless open), then on a
+-- transition the reason counters: reason, count, ...}
+-- Time unit: milliseconds, Redis TIME. The hash expires a day after its last count.
+
+--#include _lib/quality
+
+local key = KEYS[1]
+local garbage = ARGV[1] == 'garbage' and 1 or 0
+local window, ratio, min_rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local min_calls, reset_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
+local probes, baseline_calls = tonumber(ARGV[8]), tonumber(ARGV[9])
+local now = q_now()
+local state, opened_at, baseline, base_n, pc, pg, transition =
+  q_state(key, now, reset_ms, ratio, min_rate)
+
+-- This call's bucket; the bucket its ring slot held leaves the window: into the baseline.
+local cur = q_bucket(now, window)
+local i = cur % QUALITY_BUCKETS
+local slot = redis.call('HMGET', key, 'c' .. i, 'g' .. i, 't' .. i)
+if tonumber(slot[3]) ~= cur then
+  local old_c, old_g = tonumber(slot[1]) or 0, tonumber(slot[2]) or 0
+  if state == 'closed' and old_c > 0 then
+    local n = math.min(base_n + old_c, math.max(baseline_calls, 1))
+    baseline = baseline + (old_g - old_c * baseline) / math.max(base_n + old_c, 1)
+    base_n = n
+  end
+  redis.call('HSET', key, 'c' .. i, 0, 'g' .. i, 0, 't' .. i, cur)
+end
+redis.call('HINCRBY', key, 'c' .. i, 1)
+if garbage == 1 then
+  redis.call('HINCRBY', key, 'g' .. i, 1)
+  for reason in string.gmatch(ARGV[2], '[^,]+') do
+    redis.call('HINCRBY', key, 'r:' .. reason, 1)
+  end
+end
+-- Reason counters say what the recent garbage is: halved once a window.
+local rh = tonumber(redis.call('HGET', key, 'rh'))
+if not rh or cur - rh >= QUALITY_BUCKETS then
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    if string.sub(all[j], 1, 2) == 'r:' then
+      local half = math.floor(tonumber(all[j + 1]) / 2)
+      if half > 0 then redis.call('HSET', key, all[j], half) else redis.call('HDEL', key, all[j]) end
+    end
+  end
+  redis.call('HSET', key, 'rh', cur)
+end
+
+local calls, bad = q_window(key, cur)
+if state == 'closed' then
+  if calls >= min_calls and base_n >= min_calls
+      and q_degraded(calls, bad, baseline, ratio, min_rate) then
+    state, opened_at, transition = 'open', now, 'open'
+    redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now))
+  end
+elseif state == 'half_open' then
+  pc, pg = pc + 1, pg + garbage
+  if q_degraded(probes, pg, baseline, ratio, min_rate) or
+     (pc >= probes and q_degraded(pc, pg, baseline, ratio, min_rate)) then
+    state, opened_at, transition = 'open', now, 'open'
+    redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now))
+  elseif pc >= probes then
+    -- healthy probes: close, and forget the window that opened it (it would open it again)
+    state, transition, calls, bad = 'closed', 'closed', 0, 0
+    local fields = {'probe_calls', 'probe_garbage'}
+    for j = 0, QUALITY_BUCKETS - 1 do
+      fields[#fields + 1] = 'c' .. j
+      fields[#fields + 1] = 'g' .. j
+      fields[#fields + 1] = 't' .. j
+    end
+    redis.call('HDEL', key, unpack(fields))
+    redis.call('HSET', key, 'state', state)
+  else
+    redis.call('HSET', key, 'probe_calls', pc, 'probe_garbage', pg)
+  end
+end
+redis.call('HSET', key, 'baseline', string.format('%.6f', baseline), 'base_n', base_n)
+redis.call('PEXPIRE', key, QUALITY_TTL_MS)
+local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
+               q_wait(state, opened_at, now, reset_ms)}
+if transition ~= '' then q_reasons(key, reply) end
+return reply

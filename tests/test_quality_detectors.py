@@ -1,0 +1,212 @@
+"""The built-in garbage detectors and the verdict (issue 25): pure functions, no Redis.
+
+Each detector is shown firing on the answer it names and staying quiet on a healthy one,
+in OpenAI's and Anthropic's shapes, as dicts and as the SDKs' own objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from celery_fleet.errors import ConfigError
+from celery_fleet.quality import DETECTOR_NAMES, LengthBaseline, ask_of, judge, parse_quality
+from celery_fleet.quality import detectors as detectors_module
+from celery_fleet.quality.detectors import Ask, read_reply
+from celery_fleet.quality.schema import schema_errors
+
+pytestmark = pytest.mark.fast
+
+
+def openai(content: Any, finish: str = "stop", completion: int = 50, **message: Any) -> Any:
+    return {
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": content, **message},
+                "finish_reason": finish,
+                "index": 0,
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": completion, "total_tokens": 60},
+    }
+
+
+def anthropic(text: str, stop: str = "end_turn", out: int = 50) -> Any:
+    return {
+        "type": "message",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop,
+        "usage": {"input_tokens": 10, "output_tokens": out},
+    }
+
+
+GOOD = "The capital of France is Paris, a city on the Seine."
+
+
+def reasons(
+    resp: Any, ask: Ask | None = None, names: tuple[str, ...] = DETECTOR_NAMES
+) -> tuple[str, ...]:
+    return judge(resp, names, ask or Ask()).reasons
+
+
+def test_a_healthy_answer_is_ok_in_both_shapes() -> None:
+    for resp in (openai(GOOD), anthropic(GOOD), GOOD):
+        verdict = judge(resp, DETECTOR_NAMES, Ask(max_tokens=100))
+        assert verdict.ok and bool(verdict) and not verdict.garbage and verdict.reasons == ()
+
+
+def test_empty_and_whitespace_content_is_garbage_but_tool_calls_are_not() -> None:
+    assert reasons(openai(None)) == ("empty",)
+    assert reasons(openai(" \n\t ")) == ("empty",)
+    assert reasons(anthropic("   ")) == ("empty",)
+    tool = openai(None, "tool_calls", tool_calls=[{"id": "c1", "type": "function"}])
+    assert reasons(tool) == ()
+
+
+def test_a_cut_far_below_max_tokens_is_garbage_a_used_budget_is_not() -> None:
+    ask = Ask(max_tokens=1000)
+    assert reasons(openai(GOOD, "length", completion=40), ask) == ("truncated",)
+    assert reasons(anthropic(GOOD, "max_tokens", out=40), ask) == ("truncated",)
+    assert reasons(openai(GOOD, "length", completion=990), ask) == ()
+    assert reasons(openai(GOOD, "length", completion=40)) == ()  # max_tokens unknown
+
+
+def test_refusals_by_field_stop_reason_or_phrase() -> None:
+    assert reasons(openai(None, refusal="I can't help with that.")) == ("refusal",)
+    assert reasons(anthropic("", "refusal")) == ("refusal",)
+    assert reasons(openai("I'm sorry, but I can't assist with that request.")) == ("refusal",)
+    assert reasons(openai("I’m sorry, but I can’t help with this.")) == ("refusal",)
+    assert reasons(openai("As an AI language model, I cannot browse.")) == ("refusal",)
+    assert reasons(openai("Sorry for the wait: here is the answer, 42.")) == ()
+
+
+def test_invalid_json_only_when_json_was_asked() -> None:
+    asked = ask_of(response_format={"type": "json_object"})
+    assert reasons(openai('{"a": 1}'), asked) == ()
+    assert reasons(openai('```json\n{"a": 1}\n```'), asked) == ()
+    assert reasons(openai('{"a": 1'), asked) == ("json",)
+    assert reasons(openai('{"a": 1')) == ()
+    assert reasons(openai("nope"), ask_of(json=True)) == ("json",)
+
+
+def test_a_schema_failure_when_a_schema_was_given() -> None:
+    schema = {
+        "type": "object",
+        "required": ["name", "tags"],
+        "properties": {
+            "name": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    ask = ask_of(request={"max_tokens": 300, "response_format": fmt})
+    assert ask.max_tokens == 300 and ask.json and ask.schema == schema
+    assert reasons(openai('{"name": "a", "tags": ["x"]}'), ask) == ()
+    verdict = judge(openai('{"name": "a"}'), DETECTOR_NAMES, ask)
+    assert verdict.reasons == ("schema",) and "missing required 'tags'" in verdict.details[0]
+    assert reasons(openai('{"name": 3, "tags": [1]}'), ask) == ("schema",)
+
+
+def test_the_schema_subset() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "k": {"enum": ["a", "b"]}},
+              "additionalProperties": False}  # fmt: skip
+    assert schema_errors({"n": 1, "k": "a"}, schema) == []
+    assert schema_errors({"n": True}, schema) == ["$.n: expected integer, got bool"]
+    assert schema_errors({"k": "c"}, schema) == ["$.k: 'c' is not one of ['a', 'b']"]
+    assert schema_errors({"x": 1}, schema) == ["$: unexpected 'x'"]
+    assert schema_errors(1.5, {"type": ["number", "null"]}) == []
+    assert schema_errors("x", {"unknownKeyword": 1}) == []
+
+
+def test_degenerate_repetition() -> None:
+    assert reasons(openai("the the the " * 100)) == ("repetition",)
+    assert reasons(openai("a" * 500)) == ("repetition",)
+    varied = " ".join(f"word{i} means thing{i * 7 % 13} in context{i % 5}" for i in range(60))
+    assert reasons(openai(varied)) == ()
+    assert reasons(openai("ok ok ok")) == ()  # too short to call
+
+
+def test_the_sdks_own_objects_are_read() -> None:
+    chat = pytest.importorskip("openai.types.chat")
+    completion = chat.ChatCompletion.model_validate(
+        {"id": "x", "object": "chat.completion", "created": 0, "model": "m", **openai("  ")}
+    )
+    assert read_reply(completion).text == "  " and reasons(completion) == ("empty",)
+    types = pytest.importorskip("anthropic.types")
+    message = types.Message.model_validate(
+        {"id": "m", "role": "assistant", "model": "c", **anthropic(GOOD, "max_tokens", out=5)}
+    )
+    assert reasons(message, Ask(max_tokens=1000)) == ("truncated",)
+
+
+def test_the_output_length_shift_against_the_rolling_baseline() -> None:
+    lengths = LengthBaseline(warmup=20)
+
+    def text(n: int) -> str:
+        return " ".join(f"w{i * 7919 % 1000}" for i in range(n))
+
+    for i in range(60):
+        assert judge(openai(text(100 + i % 9)), DETECTOR_NAMES, Ask(), None, lengths).ok
+    short = judge(openai("Paris."), DETECTOR_NAMES, Ask(), None, lengths)
+    assert short.reasons == ("length_shift",) and "usual" in short.details[0]
+    assert judge(openai(text(120)), DETECTOR_NAMES, Ask(), None, lengths).ok
+    assert judge(openai("Paris."), ("empty",), Ask(), None, lengths).ok  # turned off
+
+
+def test_detectors_can_be_turned_off() -> None:
+    assert reasons(openai(" "), names=("refusal",)) == ()
+    cfg = parse_quality({"detectors": ["json"]}, "q")
+    assert cfg is not None and cfg.detectors == ("json",)
+
+
+def test_validate_joins_the_detectors_and_only_it_marks_the_call_invalid() -> None:
+    verdict = judge(openai(GOOD), DETECTOR_NAMES, Ask(), validate=lambda r: "Paris" not in str(r))
+    assert verdict.reasons == ("validate",) and verdict.invalid
+    both = judge(openai(" "), DETECTOR_NAMES, Ask(), validate=lambda r: 1 / 0)
+    assert both.reasons == ("empty", "validate") and both.invalid
+    assert not judge(openai(" "), DETECTOR_NAMES, Ask()).invalid
+
+
+def test_a_detector_that_raises_is_logged_once_and_never_reaches_the_caller(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(reply: Any, ask: Any) -> str | None:
+        raise RuntimeError("bug in a detector")
+
+    monkeypatch.setitem(detectors_module.DETECTORS, "refusal", broken)
+    with caplog.at_level(logging.WARNING, "celery_fleet"):
+        for _ in range(3):
+            assert reasons(openai(" ")) == ("empty",)
+    assert sum("'refusal' raised" in r.getMessage() for r in caplog.records) == 1
+    assert judge(object(), DETECTOR_NAMES, Ask()).reasons == ("empty",)
+    assert judge(openai(GOOD), DETECTOR_NAMES, Ask(), validate=lambda r: True).ok
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("yes", "must be True or a dict"),
+        ({"detectors": ["empty", "vibes"]}, r"unknown detector\(s\) \['vibes'\]"),
+        ({"detectors": "empty"}, "must be a list"),
+        ({"on_degraded": "stop"}, "on_degraded'\\] must be one of"),
+        ({"ratio": 0.5}, "ratio"),
+        ({"min_rate": 0}, "min_rate"),
+        ({"windw": 3}, "windw"),
+    ],
+)
+def test_bad_quality_options_fail_at_configuration(value: Any, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_quality(value, "fleet_limits['llm']['quality']")
+
+
+def test_a_fallback_must_name_another_configured_limit() -> None:
+    from celery_fleet.admission.config import parse_limits
+
+    with pytest.raises(ConfigError, match="falls back to 'nope', which is not a limit"):
+        parse_limits({"a": {"rpm": 5, "quality": {"on_degraded": "fallback:nope"}}})
+    with pytest.raises(ConfigError, match="the limit itself"):
+        parse_limits({"a": {"rpm": 5, "quality": {"on_degraded": "fallback:a"}}})
+    ok = parse_limits({"a": {"rpm": 5, "quality": {"on_degraded": "fallback:b"}}, "b": {"rpm": 5}})
+    assert ok["a"].quality is not None and ok["a"].quality.fallback == "b"
