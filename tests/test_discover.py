@@ -126,6 +126,19 @@ def test_headers_bound_the_factor_only_for_a_discovering_limit(make_fleet: MakeF
     assert plain.adaptive_state("other")["provider_factor"] == 1.0  # as before issue 25
 
 
+def test_what_remains_above_the_declared_rate_counts_at_the_header_s_rate(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"llm": {**DISCOVER, "burst": 0.1}})  # a bucket of 60 calls
+    _ctl(fleet, disc="1.5", disc_until=_now_ms(fleet) + 60_000)
+    headers = {"x-ratelimit-limit-requests": "900", "x-ratelimit-remaining-requests": "3"}
+    fleet.admission.observe("llm", _obs(headers))
+    admitted = 0
+    while fleet.try_acquire("llm") and admitted < 100:
+        admitted += 1
+    assert admitted == 3  # the provider's 3, not 3 * 1.5
+
+
 def _obs(headers: dict[str, str]) -> Any:
     from celery_fleet.admission.providers import parse_headers
 
