@@ -19,6 +19,11 @@ the garbage answers served (billed) during the burst — callers refused with
 traffic at the 2% base rate: false opens (target 0; the issue asks for 30 minutes:
 ``--healthy 1800``; the default is 60 s).
 
+Part 3, cost (``--baseline TREE``, a checkout of the code before discovery, e.g. ``git
+archive main celery_fleet | tar -x -C /tmp/before``): the acquire script of a limit without
+``discover``, before vs this tree, and of one with it, as Redis counts it (INFO commandstats,
+µs per call, pipelined asks, alternating rounds on one Redis, paired by round).
+
 Run: ``make bench-quality`` or ``python benchmarks/quality.py [--quick] [--no-write]``
 (REDIS_URL, else 127.0.0.1:6379; DB 11, keys of a fresh namespace deleted afterwards).
 Appends to benchmarks/RESULTS.md unless ``--no-write`` or ``--quick`` (a smoke run of
@@ -30,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -72,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warm", type=float, default=20.0, help="healthy traffic before a burst, s")
     add("--burst", type=float, default=10.0, help="seconds of 50%% garbage")
     add("--healthy", type=float, default=60.0, help="healthy run for false opens, s")
-    add("--parts", default="capacity,quality", help="capacity, quality or both")
+    add("--parts", default="capacity,quality", help="capacity, quality (and cost)")
+    add("--baseline", help="a tree with the code before discovery: adds the cost part")
     add("--quick", action="store_true", help="a short smoke run; nothing appended")
     add("--json", type=Path, help="also write the figures as JSON here")
     add("--no-write", action="store_true", help="do not append to RESULTS.md")
@@ -213,8 +221,57 @@ def _forget(fleet: Any, ns: str) -> None:
     client.close()
 
 
+def _acquire_source(tree: str) -> str:
+    code = "import sys; from celery_fleet.store.sync import script_source as s; "
+    code += "sys.stdout.write(s('acquire'))"
+    env = {**os.environ, "PYTHONPATH": tree}
+    return subprocess.check_output([sys.executable, "-c", code], env=env).decode()
+
+
+def cost(url: str, before: str, rounds: int = 30, n: int = 2000) -> list[str]:
+    """Server-side µs per acquire: a plain limit before vs here, and a discovering one here."""
+    import redis
+
+    from celery_fleet.admission.config import parse_limit
+    from celery_fleet.admission.decision import LimitKeys, acquire_args
+    from celery_fleet.store.specs import ACQUIRE
+
+    client = redis.Redis.from_url(url)
+    here = _acquire_source(str(ROOT))
+    plain = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
+    cases = {  # name: (script, limit)
+        "plain, before": (client.script_load(_acquire_source(before)), plain),
+        "plain, after": (client.script_load(here), plain),
+        "discover, after": (client.script_load(here), {**plain, "discover": {"up_to": 2}}),
+    }
+    per: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in list(cases)[:: 1 if r % 2 else -1]:
+            sha, spec = cases[name]
+            lk = LimitKeys.build(f"bench-quality-cost-{uuid.uuid4().hex[:6]}", "llm")
+            keys, tail = ACQUIRE.keys_of(lk), acquire_args(parse_limit("llm", spec, "x"))
+            client.config_resetstat()
+            pipe = client.pipeline(transaction=False)
+            for i in range(n):
+                pipe.evalsha(sha, len(keys), *keys, f"a{i}", 100, 0, 0, "0", *tail)
+            pipe.execute()
+            per[name].append(float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+            client.delete(lk.leases, lk.ctl)
+    client.close()
+    pair = [a / b for a, b in zip(per["plain, after"], per["plain, before"], strict=True)]
+    disc = [a / b for a, b in zip(per["discover, after"], per["plain, after"], strict=True)]
+    return [
+        *(
+            f"acquire.lua, {name:<16} median {statistics.median(v):.2f} µs/call, best {min(v):.2f}"
+            for name, v in per.items()
+        ),
+        f"a limit without discover, after/before (paired by round): {statistics.median(pair):.3f}",
+        f"a limit with discover / without, this tree (paired): {statistics.median(disc):.3f}",
+    ]
+
+
 def report(opts: argparse.Namespace, capacity: dict[str, Any], quality: list[Any],
-           healthy: dict[str, Any] | None) -> str:  # fmt: skip
+           healthy: dict[str, Any] | None, costs: list[str]) -> str:  # fmt: skip
     out = []
     if capacity:
         out.append(
@@ -237,6 +294,12 @@ def report(opts: argparse.Namespace, capacity: dict[str, Any], quality: list[Any
             f"\nHealthy traffic, 2% empty answers, {opts.healthy:g} s ({healthy['calls']} "
             f"calls, {healthy['garbage']} garbage): {healthy['false_opens']} false opens "
             f"(target 0).\n"
+        )
+    if costs:
+        out.append(
+            f"\nCost of admission (Redis-side, {opts.baseline} before):\n\n```text\n"
+            + "\n".join(costs)
+            + "\n```\n"
         )
     return "".join(out)
 
@@ -263,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             quality.append(quality_run(opts, on_degraded, burst=True))
         print(f"quality: {opts.healthy:g} s of healthy traffic ...", file=sys.stderr)
         healthy = quality_run(opts, "flag", burst=False)
-    body = report(opts, capacity, quality, healthy)
+    costs = cost(opts.url, opts.baseline) if opts.baseline else []
+    body = report(opts, capacity, quality, healthy, costs)
     print(body)
     if opts.json:
         opts.json.write_text(json.dumps({"capacity": capacity, "quality": quality,
