@@ -215,6 +215,7 @@ def _forget(fleet: Any, ns: str) -> None:
     import redis
 
     fleet.store.drain()  # posted releases and counts land before the keys go
+    fleet.counters.flush()  # (what the background thread would add after; keys have TTLs)
     client = redis.Redis.from_url(str(fleet.redis_url))
     keys = list(client.scan_iter(match=f"{{{ns}*", count=1000))
     if keys:
