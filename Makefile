@@ -156,6 +156,15 @@ CHAOS_ARGS ?=
 chaos: $(STAMP)
 	$(PY) benchmarks/chaos.py $(CHAOS_ARGS)
 
+## Who runs where (issue 24): shared vs dedicated vs steal on 3 real workers (3 rounds), 24 customers
+## (some 10x heavier, a warm-up per customer per worker), then one run per mode with a worker
+## SIGKILLed mid-run (~3 minutes; DIST_ARGS=--quick for a smoke run that appends nothing).
+## Redis DB 13, flushed before and after each run: appends to benchmarks/RESULTS.md.
+DIST_ARGS ?= --kill
+.PHONY: bench-distribution
+bench-distribution: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/distribution.py $(DIST_ARGS)
+
 ## 1,000 coroutines (fleet.aslot) against 1,000 threads (fleet.slot) in one process.
 ## Capacity discovery (discover off/on, with and without headers, over capacity phases) and
 ## the quality breaker (detection, recovery, garbage served with pause vs flag, false opens):

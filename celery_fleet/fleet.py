@@ -33,7 +33,7 @@ from .admission.backoff import decorrelated_jitter, full_jitter, spread
 from .admission.breaker import Breaker
 from .admission.config import LimitConfig
 from .admission.core import Admission, Decision, Release
-from .admission.guarded import Guard, guarded
+from .admission.guarded import Choice, Guard, guarded
 from .admission.lanes import check_lane
 from .admission.run import Run, current_run
 from .admission.slot import Clock, LeaseKeeper, Slot, SystemClock
@@ -41,6 +41,7 @@ from .checks import check_max_wait, number
 from .coordination.election import DEFAULT_LEADER_LEASE_S, Callback, Leader
 from .coordination.locks import DEFAULT_LOCK_TTL_S, Lock
 from .coordination.records import DEFAULT_RECORD_MAX_BYTES, Record
+from .distribution.ring import DistributionConfig
 from .durability.deferred import Deferred
 from .durability.ledger import ClaimKeeper, Ledger, record_id_for
 from .durability.steps import Steps
@@ -129,6 +130,14 @@ class Fleet(AsyncMethods):
         self.defer = settings.defer
         self.pump_period_s = settings.pump_period_s
         self.pump_lease_s = settings.pump_lease_s
+        #: Who runs where: the affinity queues' mode, number, steal threshold and lease.
+        self.distribution = DistributionConfig(
+            settings.distribution,
+            settings.affinity_queues,
+            settings.steal_threshold,
+            settings.affinity_lease_s,
+            settings.namespace,
+        )
         self._ledger: Ledger | None = None
         self._claims: ClaimKeeper | None = None
         self.clock: Clock = clock or SystemClock()
@@ -281,18 +290,32 @@ class Fleet(AsyncMethods):
         max_wait: float | None = None,
         validate: Callable[[Any], object] | None = None,
         usage: Callable[[Any], int] | None = None,
+        key: Choice = None,
+        lane: Choice = None,
     ) -> Guard:
         """A decorator running each call of a plain function in ``slot(name, ...)``: a
-        bulkhead for a tool. ``tokens`` is an int or a callable of the function's
-        arguments; ``usage(result)`` settles the reservation (see
+        bulkhead for a tool. ``tokens``, ``key`` and ``lane`` are each fixed or a callable
+        of the function's arguments; ``usage(result)`` settles the reservation (see
         :func:`celery_fleet.admission.guarded.guarded`). Arguments are checked here.
 
         Example::
 
             @fleet.guarded("search-api", max_wait=5)
             def search(query): ...
+
+            @fleet.guarded("openai", key=lambda tenant, prompt: tenant, lane="batch")
+            def summarize(tenant, prompt): ...
         """
-        return guarded(self, name, tokens=tokens, max_wait=max_wait, validate=validate, usage=usage)
+        return guarded(
+            self,
+            name,
+            tokens=tokens,
+            max_wait=max_wait,
+            validate=validate,
+            usage=usage,
+            key=key,
+            lane=lane,
+        )
 
     # -- idempotency ------------------------------------------------------------------
 

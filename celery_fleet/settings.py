@@ -42,6 +42,13 @@ from .checks import (
     number_text,
     suggest,
 )
+from .distribution.ring import (
+    DEFAULT_AFFINITY_LEASE_S,
+    DEFAULT_AFFINITY_QUEUES,
+    DEFAULT_STEAL_THRESHOLD,
+    MAX_AFFINITY_QUEUES,
+    MODES,
+)
 from .durability.steps import DEFAULT_STEP_MAX_BYTES, DEFAULT_STEP_TTL_S
 from .errors import ConfigError
 from .resilience.fallback import POLICIES
@@ -125,6 +132,17 @@ def _trace_mode(value: object, where: str) -> str | None:
     return None if value is None else str(value)
 
 
+def _whole(lo: int, hi: int) -> Check:
+    """A rule for an int from ``lo`` to ``hi`` (not a bool, not a float)."""
+
+    def check(value: object, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ConfigError(f"{where} must be an int from {lo} to {hi}, got {value!r}")
+        return value
+
+    return Check(check, f"an int from {lo} to {hi}")
+
+
 def _signing_key(
     parsed: dict[str, Any], conf: Mapping[str, Any], overrides: Mapping[str, Any]
 ) -> None:
@@ -188,6 +206,7 @@ _RESCHEDULE = "Rescheduling"
 _DURABILITY = "Durable steps and idempotency"
 _OUTAGE = "When the fleet's Redis is away"
 _METRICS = "Metrics"
+_DISTRIBUTION = "Distribution: who runs where"
 
 #: Every app setting celery-fleet reads, in the order they are checked (a setting whose
 #: bounds name another comes after it).
@@ -465,6 +484,52 @@ ALL_SETTINGS: tuple[Setting, ...] = (
         example="8",
     ),
     Setting(
+        name="fleet_distribution",
+        section=_DISTRIBUTION,
+        type="str",
+        default="shared",
+        rule=OneOf(MODES),
+        field="distribution",
+        doc="How tasks with an `affinity=` key are assigned to workers: one shared queue "
+        "(plain Celery), dedicated affinity queues each consumed by its home worker, or "
+        "dedicated queues an idle worker steals from past `fleet_steal_threshold` "
+        "(docs/distribution.md).",
+        example='"steal"',
+    ),
+    Setting(
+        name="fleet_affinity_queues",
+        section=_DISTRIBUTION,
+        type="int",
+        default=DEFAULT_AFFINITY_QUEUES,
+        rule=_whole(1, MAX_AFFINITY_QUEUES),
+        field="affinity_queues",
+        doc="The number of affinity queues (`<namespace>.affinity.<n>`) affinity keys are "
+        "hashed into; the same in every process of the fleet.",
+        example="64",
+    ),
+    Setting(
+        name="fleet_steal_threshold",
+        section=_DISTRIBUTION,
+        type="int",
+        default=DEFAULT_STEAL_THRESHOLD,
+        rule=_whole(1, 1_000_000),
+        field="steal_threshold",
+        doc="In `'steal'` mode, an idle worker consumes a peer's affinity queue deeper than "
+        "this, until it falls below half of it.",
+        example="8",
+    ),
+    Setting(
+        name="fleet_affinity_lease",
+        section=_DISTRIBUTION,
+        type="float, seconds",
+        default=DEFAULT_AFFINITY_LEASE_S,
+        rule=Number(lo=0.5, hi=600.0),
+        field="affinity_lease_s",
+        doc="The lease of a worker's presence and of its affinity queues: the queues of a "
+        "worker that died move to their new homes within it.",
+        example="30",
+    ),
+    Setting(
         name="fleet_metrics_port",
         section=_METRICS,
         type="int",
@@ -536,6 +601,10 @@ class FleetSettings:
     metrics_port: int | None = None
     #: ``fleet_trace_admissions``: None is "waits" when OpenTelemetry is installed.
     trace_admissions: str | None = None
+    distribution: str = _default("fleet_distribution")
+    affinity_queues: int = _default("fleet_affinity_queues")
+    steal_threshold: int = _default("fleet_steal_threshold")
+    affinity_lease_s: float = _default("fleet_affinity_lease")
 
 
 def load_settings(conf: Mapping[str, Any], **overrides: Any) -> FleetSettings:

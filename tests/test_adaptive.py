@@ -188,8 +188,8 @@ def test_retry_after_pauses_every_process(
     fleet = make_fleet({"llm": {"max_in_flight": 8, "adaptive": True}})
     with pytest.raises(Throttled) as info:
         with fleet.slot("llm"):
-            raise rate_limit_error({"retry-after-ms": "3000"})
-    assert info.value.wait_ms == 3000 and isinstance(info.value.__cause__, openai.RateLimitError)
+            raise rate_limit_error({"retry-after-ms": "30000"})
+    assert info.value.wait_ms == 30000 and isinstance(info.value.__cause__, openai.RateLimitError)
     procs = [
         subprocess.run(
             [sys.executable, "-c", PAUSED, redis_url, namespace],
@@ -201,7 +201,8 @@ def test_retry_after_pauses_every_process(
     ]
     answers = [json.loads(p.stdout) for p in procs]
     assert all(
-        not ok and reason == "paused" and 1000 < wait <= 3000 for ok, reason, wait in answers
+        # 30 s: three interpreters started one after another see it even on a loaded box
+        not ok and reason == "paused" and 0 < wait <= 30000 for ok, reason, wait in answers
     ), answers
 
 

@@ -106,11 +106,12 @@ def test_celery_fleet_status_shows_each_lanes_share(app: Celery) -> None:
         assert result.exit_code == 0, result.output
         return result.output
 
-    assert "lane batch   2/2 in flight, 1 waiting (priority 1, may use 50%)" in status()
+    assert "lane batch   2/2 in flight, 1 waiting (priority 1, may use 50%, owed 2)" in status()
     assert "lane interactive 1/4 in flight, 0 waiting" in status()
     (row,) = json.loads(status("--json"))
     assert row["lanes"] == [
         {"lane": "interactive", "priority": 0, "share": 1.0, "in_flight": 1, "waiting": 0,
-         "cap": 4},
-        {"lane": "batch", "priority": 1, "share": 0.5, "in_flight": 2, "waiting": 1, "cap": 2},
+         "cap": 4, "guarantee": 0.0, "owed": 0},
+        {"lane": "batch", "priority": 1, "share": 0.5, "in_flight": 2, "waiting": 1, "cap": 2,
+         "guarantee": 0.5, "owed": 2},
     ]  # fmt: skip

@@ -25,7 +25,7 @@ from tests.graphs import import_cycle
 
 PACKAGE = Path(celery_fleet.__file__).parent
 SHARED = {"errors", "checks", "clock", "background"}
-CORE = ["store", "resilience", "admission", "coordination", "durability", "quality"]
+CORE = ["store", "resilience", "admission", "coordination", "durability", "distribution", "quality"]
 # What each part may import besides itself and SHARED. A dotted entry allows one module.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
@@ -39,7 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "quality": {"store"},  # the detectors and the quality breaker (issue 25)
     "coordination": {"store"},
     "durability": {"store"},
-    "settings": {"store", "admission", "resilience", "durability"},
+    "distribution": {"store"},
+    "settings": {"store", "admission", "resilience", "durability", "distribution"},
     # observability.tracing: the optional OpenTelemetry span of admission waits
     "fleet": {
         *CORE,

@@ -17,6 +17,12 @@ from celery_fleet.observability.metrics import MetricsStep, fleet_registry
 
 MakeFleet = Callable[..., Fleet]
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
+#: A limit with keys and lanes: the dashboard's lane and key panels read its series.
+TENANTS = {
+    "max_in_flight": 4,
+    "keys": {"max_in_flight": 3},
+    "lanes": {"interactive": {"priority": 0, "reserve": 0.25}, "batch": {"priority": 1}},
+}
 
 
 def scrape(fleet: Fleet) -> dict[str, float]:
@@ -159,6 +165,7 @@ def test_the_grafana_dashboard_queries_only_metrics_a_scrape_exposes(
 
     fleet = make_fleet({
         "llm": {"rpm": 600, "max_in_flight": 2, "adaptive": True, "breaker": True},
+        "tenants": TENANTS,
     })  # fmt: skip
     with fleet.slot("llm"):
         with pytest.raises(Throttled):
@@ -168,7 +175,8 @@ def test_the_grafana_dashboard_queries_only_metrics_a_scrape_exposes(
     fleet.counters.add("llm", "rescheduled|in_flight")
     fleet.counters.add("_keys", "dedupe|publish")
     fleet.counters.flush()
-    with fleet.slot("llm"):  # a lease held: fleet_oldest_lease_seconds has a value
+    with fleet.slot("llm"), fleet.slot("tenants", key="acme", lane="batch"):
+        # leases held: fleet_oldest_lease_seconds, a lane's and a key's series have values
         exposed = {"celery_" + re.sub(r"\{.*", "", name) for name in scrape(fleet)}
     dashboard = json.loads(
         (Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text()
@@ -239,6 +247,7 @@ def test_the_dashboard_shows_the_fleet_once_whatever_the_number_of_workers(
     limits = {
         "llm": {"rpm": 600, "max_in_flight": 5},
         "tool": {"tpm": 10_000, "max_in_flight": 4, "breaker": True, "adaptive": True},
+        "tenants": TENANTS,
     }
     workers = [make_fleet(limits), make_fleet(limits)]  # two processes, one fleet
 
@@ -246,6 +255,7 @@ def test_the_dashboard_shows_the_fleet_once_whatever_the_number_of_workers(
         return [s for i, w in enumerate(workers[:n]) for s in samples(w, instance=f"w{i}:9808")]
 
     held = [workers[0].try_acquire("llm") for _ in range(3)]
+    held += [workers[0].try_acquire("tenants", key="acme", lane="batch") for _ in range(2)]
     assert all(held)
     before = {n: scrape_all(n) for n in (1, 2)}
     for _ in range(4):
@@ -311,3 +321,36 @@ def test_the_worker_stats_give_each_limit_a_readable_row(redis_url: str, namespa
     # only lines: a dict would be a Python-repr row in Flower again
     assert list(info) == ["fleet: openai"] and all(isinstance(v, str) for v in info.values())
     assert all(held)  # the namespace's keys, these leases with them, go after the test
+
+
+def test_each_lane_and_the_busiest_keys_have_their_series(make_fleet: MakeFleet) -> None:
+    """Per lane: in flight, waiting, what it may hold and is owed; per key: only the
+    busiest (``METRIC_KEYS``), so a million keys never make a million series."""
+    from celery_fleet.observability.metrics import METRIC_KEYS
+
+    lanes = {"interactive": {"priority": 0, "reserve": 0.25}, "batch": {"priority": 1}}
+    fleet = make_fleet({"m": {"max_in_flight": 16, "weights": {}, "lanes": lanes}})
+    held = [fleet.try_acquire("m", key=f"t{i:02}", lane="batch") for i in range(12)]
+    held += [fleet.try_acquire("m", key="t00", lane="interactive") for _ in range(3)]
+    assert all(held)
+    waiter = fleet.admission.new_ticket("m", "t01", "batch")
+    refused = fleet.admission.try_acquire("m", lease_id=waiter, join=True)
+    assert not refused  # batch holds its share, floor(16 x 0.75) = 12: it waits
+    got = scrape(fleet)
+    lane = 'lane="{}",limit="m"'
+    assert got[f"fleet_lane_in_flight{{{lane.format('interactive')}}}"] == 3
+    assert got[f"fleet_lane_in_flight{{{lane.format('batch')}}}"] == 12
+    assert got[f"fleet_lane_waiting{{{lane.format('batch')}}}"] == 1
+    assert got[f"fleet_lane_waiting{{{lane.format('interactive')}}}"] == 0
+    assert got[f"fleet_lane_in_flight_cap{{{lane.format('interactive')}}}"] == 16
+    assert got[f"fleet_lane_in_flight_cap{{{lane.format('batch')}}}"] == 12
+    assert got[f"fleet_lane_owed{{{lane.format('batch')}}}"] == 12  # what the reserve leaves
+    assert got[f"fleet_lane_owed{{{lane.format('interactive')}}}"] == 0
+    assert got[f"fleet_lane_share{{{lane.format('batch')}}}"] == 0.75
+    assert got[f"fleet_lane_guarantee{{{lane.format('batch')}}}"] == 0.75
+    keys = {k: v for k, v in got.items() if k.startswith("fleet_key_in_flight{")}
+    assert len(keys) == METRIC_KEYS < 12  # 12 keys hold slots: only the busiest exported
+    assert keys['fleet_key_in_flight{key="t00",limit="m"}'] == 4  # the busiest
+    assert got['fleet_key_in_flight{key="t01",limit="m"}'] == 1
+    assert got['fleet_key_waiting{key="t01",limit="m"}'] == 1
+    assert len([k for k in got if k.startswith("fleet_key_waiting{")]) == METRIC_KEYS

@@ -24,6 +24,7 @@ from celery_fleet import Backpressure, Fleet, QualityDegraded
 from celery_fleet.errors import CircuitOpen, ConfigError
 from celery_fleet.observability.cli import fleet as fleet_cli
 from celery_fleet.observability.metrics import fleet_registry
+from celery_fleet.observability.status import limit_status
 
 MakeFleet = Callable[..., Fleet]
 
@@ -109,7 +110,8 @@ def test_a_jump_to_fifty_percent_opens_within_five_seconds_and_recovery_closes(
     traffic(fleet, 0.0, 20.0, rng, until=lambda: "closed" in seen.transitions)
     closed_after = time.monotonic() - healed
     assert seen.transitions == ["open", "half_open", "closed"], f"{closed_after:.1f} s"
-    assert fleet.quality("llm").state == "closed"
+    after = fleet.quality("llm")
+    assert after.state == "closed" and after.baseline < 0.05  # garbage taught it nothing
     print(f"opened {opened_after:.2f} s after the jump, closed {closed_after:.2f} s after healing")
 
 
@@ -284,6 +286,8 @@ def test_status_cli_metrics_and_the_fleet_quality_event(
     assert row["state"] == "open" and row["garbage_rate"] >= 0.05 and "empty" in row["reasons"]
     text = CliRunner().invoke(fleet_cli, ["status", "llm"], obj=SimpleNamespace(app=app)).output
     assert "quality open (garbage" in text
+    # Flower's worker page shows each limit's summary line (InfoStep)
+    assert "quality open (garbage" in limit_status(fleet, "llm").summary()
     metrics = generate_latest(fleet_registry(fleet)).decode()
     assert (
         f'celery_fleet_quality_state{{fleet="{namespace}",limit="llm",state="open"}} 1.0' in metrics
@@ -297,3 +301,56 @@ def test_quality_of_a_limit_without_it_is_a_config_error(make_fleet: MakeFleet) 
         fleet.quality("backup")
     with fleet.slot("backup") as slot:  # judged all the same, counted nowhere
         assert slot.judge(BAD).reasons == ("empty",)
+
+
+def test_the_baseline_learns_nothing_while_open(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"llm": {"rpm": 10**7, "quality": {**QUICK, "reset_timeout": 30}}})
+    seen = Seen(fleet)
+    rng = random.Random(2)
+    traffic(fleet, 0.0, 3.5, rng)
+    traffic(fleet, 0.9, 5.0, rng, until=lambda: "open" in seen.transitions)
+    traffic(fleet, 0.9, 4.5, rng)  # flag: calls go on, two windows of them leave the window
+    q = fleet.quality("llm")
+    assert seen.transitions == ["open"] and q.state == "open" and q.baseline < 0.05
+
+
+def test_next_counts_each_verdict_and_routes_each_call_again(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet(limits("fallback:backup"))
+    seen = Seen(fleet)
+    with fleet.slot("llm") as slot:
+        for _ in range(5):
+            slot.judge(OK)
+            slot.next()
+        slot.judge(OK)
+    fleet.store.drain()
+    assert fleet.quality("llm").calls == 6
+    rng = random.Random(4)
+    traffic(fleet, 0.0, 3.5, rng)
+    with fleet.slot("llm") as held:
+        assert held.limit == "llm"
+        traffic(fleet, 0.9, 5.0, rng, until=lambda: "open" in seen.transitions)
+        held.judge(BAD)
+        held.next()
+        assert held.limit == "backup" and fleet.admission.in_flight("llm") == 0
+
+
+def test_an_async_slot_is_paused_or_moved_as_a_blocking_one(make_fleet: MakeFleet) -> None:
+    paused = make_fleet(limits("pause"))
+    seen = Seen(paused)
+    rng = random.Random(6)
+    traffic(paused, 0.0, 3.5, rng)
+    with pytest.raises(QualityDegraded):
+        traffic(paused, 0.9, 5.0, rng)
+    moved = make_fleet(limits("fallback:backup"))  # the same breaker, read afresh
+
+    async def main() -> str:
+        with pytest.raises(QualityDegraded):
+            async with paused.aslot("llm"):
+                pass
+        async with moved.aslot("llm") as slot:
+            used = slot.limit
+        await paused.aclose()
+        await moved.aclose()
+        return used
+
+    assert asyncio.run(main()) == "backup" and seen.transitions == ["open"]

@@ -7,6 +7,7 @@ in OpenAI's and Anthropic's shapes, as dicts and as the SDKs' own objects.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import pytest
@@ -109,6 +110,19 @@ def test_a_schema_failure_when_a_schema_was_given() -> None:
     assert reasons(openai('{"name": 3, "tags": [1]}'), ask) == ("schema",)
 
 
+def test_a_pydantic_model_is_a_schema() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class City(pydantic.BaseModel):
+        name: str
+        population: int
+
+    for ask in (ask_of(schema=City), ask_of(response_format=City)):
+        assert ask.json and ask.schema is not None
+        assert reasons(openai('{"name": "Paris", "population": 2100000}'), ask) == ()
+        assert reasons(openai('{"name": "Paris"}'), ask) == ("schema",)
+
+
 def test_the_schema_subset() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}, "k": {"enum": ["a", "b"]}},
               "additionalProperties": False}  # fmt: skip
@@ -126,6 +140,13 @@ def test_degenerate_repetition() -> None:
     varied = " ".join(f"word{i} means thing{i * 7 % 13} in context{i % 5}" for i in range(60))
     assert reasons(openai(varied)) == ()
     assert reasons(openai("ok ok ok")) == ()  # too short to call
+    rng = random.Random(4)  # a loop with a changing tail: compresses poorly, trigrams repeat
+    loop = " ".join(
+        f"I will now open the configuration file once more and read every line of it "
+        f"carefully to find step {rng.randint(0, 99999)} {rng.randint(0, 99999)}."
+        for _ in range(20)
+    )
+    assert judge(openai(loop), DETECTOR_NAMES, Ask()).details == ("repeats a phrase",)
 
 
 def test_the_sdks_own_objects_are_read() -> None:

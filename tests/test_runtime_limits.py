@@ -340,3 +340,73 @@ def test_a_change_wakes_the_callers_already_waiting_in_this_process(
     for thread in threads:
         thread.join(APPLIED_WITHIN_S)
     writer.release(holder)
+
+
+def _change_between_ask_and_wait(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, **fields: Any
+) -> tuple[list[int], list[bool]]:
+    """Make ``fleet.set_limit("llm", **fields)`` land right after the first refused ask's
+    reply and before its caller waits (the window an ask in flight leaves open), and
+    record how each wait of the caller ended (True: woken; False: its timeout)."""
+    from celery_fleet.admission import slot as slot_module
+
+    # The re-ask timers stretched past the test's max_wait: only a wake-up admits in time.
+    monkeypatch.setattr(slot_module, "NEXT_IN_LINE_S", 120.0)
+    monkeypatch.setattr(slot_module, "REFRESH_S", 120.0)
+    admission, versions, waits = fleet.admission, [], []
+    remember, wait_turn, await_turn = (
+        admission.remember_place, admission.wait_turn, admission.await_turn
+    )  # fmt: skip
+
+    def remember_then_change(name: str, run: Any, decision: Any) -> None:
+        remember(name, run, decision)  # called after every ask of a slot, before any wait
+        if not decision.allowed and not versions:
+            versions.append(fleet.set_limit("llm", **fields))
+
+    def spy(*args: Any) -> bool:
+        waits.append(wait_turn(*args))
+        return waits[-1]
+
+    async def aspy(*args: Any) -> bool:
+        waits.append(await await_turn(*args))
+        return waits[-1]
+
+    monkeypatch.setattr(admission, "remember_place", remember_then_change)
+    monkeypatch.setattr(admission, "wait_turn", spy)
+    monkeypatch.setattr(admission, "await_turn", aspy)
+    return versions, waits
+
+
+def test_a_change_landing_while_a_waiters_ask_is_in_flight_still_wakes_it(
+    make_fleet: Callable[..., Fleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The change's wake-up goes to the waiters registered when it lands; this one was
+    # between its refused ask and its wait. Before: it slept to its re-ask (here its whole
+    # max_wait, the wait ending False); now it finds the limit's generation moved.
+    fleet = make_fleet(LIMITS)
+    holder = fleet.try_acquire("llm")
+    assert holder
+    versions, waits = _change_between_ask_and_wait(fleet, monkeypatch, max_in_flight=2)
+    with fleet.slot("llm", max_wait=5) as slot:
+        assert slot.attempts == 2  # refused under cap 1, admitted under cap 2
+    assert versions and waits == [True]
+    fleet.release(holder)
+
+
+def test_the_same_window_is_closed_for_an_async_waiter(
+    make_fleet: Callable[..., Fleet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = make_fleet(LIMITS)
+    holder = fleet.try_acquire("llm")
+    assert holder
+    versions, waits = _change_between_ask_and_wait(fleet, monkeypatch, max_in_flight=2)
+
+    async def main() -> int:
+        async with fleet.aslot("llm", max_wait=5) as slot:
+            attempts = slot.slot.attempts
+        await fleet.aclose()
+        return attempts
+
+    assert asyncio.run(main()) == 2
+    assert versions and waits == [True]
+    fleet.release(holder)

@@ -83,3 +83,40 @@ def test_waiting_interactive_callers_of_every_key_go_before_batch(make_fleet: Ma
     batch.join(30)
     urgent.join(30)
     assert order == ["interactive", "batch"]
+
+
+def test_a_keys_interactive_call_does_not_send_other_keys_to_the_back_of_batch(
+    make_fleet: MakeFleet,
+) -> None:
+    """Fair share is kept per lane: key "a" with a long batch queue asks once in the
+    interactive lane; that admission must not move the batch lane's virtual time past
+    a's queued tickets (three keys of 300/30/3 batch callers got 84/15/1.6% of a
+    window, not a third each, with one light interactive caller of the big key)."""
+    fleet = make_fleet(
+        {
+            "m": {
+                "max_in_flight": 1,
+                "weights": {},
+                "lanes": {"interactive": {"priority": 0}, "batch": {"priority": 1}},
+            }
+        }
+    )
+    adm = fleet.admission
+
+    def join(key: str, lane: str) -> str:
+        ticket = adm.new_ticket("m", key, lane)
+        assert not adm.try_acquire("m", 0, ticket, join=True)
+        return ticket
+
+    holder = fleet.try_acquire("m", key="h", lane="interactive")
+    assert holder
+    a_batch = [join("a", "batch") for _ in range(5)]
+    a_urgent = join("a", "interactive")
+    fleet.release(holder)
+    urgent = adm.try_acquire("m", 0, a_urgent, join=True)
+    assert urgent  # the interactive ticket goes first
+    b = join("b", "batch")  # b arrives while a's batch queue waits
+    order = [ticket for ticket, _ in fleet.line("m")]
+    assert order.index(b) <= 1, order.index(b)  # b shares a's first turn, not the sixth
+    assert [t for t in order if t in a_batch] == a_batch
+    fleet.release(urgent)

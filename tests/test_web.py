@@ -298,9 +298,7 @@ def test_the_command_refuses_a_bad_auth_without_echoing_it(
     assert "auth must be 'user:password'" in result.output and "s3cret" not in result.output
 
 
-def test_a_frozen_redis_is_said_while_the_reading_hangs(
-    redis_url: str, namespace: str
-) -> None:
+def test_a_frozen_redis_is_said_while_the_reading_hangs(redis_url: str, namespace: str) -> None:
     """A Redis that accepts but never answers (SIGSTOP), under health and socket timeouts
     (30 s) longer than the page waits: the page says so without waiting for them, and
     recovers when Redis answers again."""
@@ -331,3 +329,106 @@ def test_a_frozen_redis_is_said_while_the_reading_hangs(
         close_clients(fleet)
         server.stop()
         app.close()
+
+
+# -- lanes, keys and the runtime change in force ------------------------------------------
+
+TENANTS = {
+    "tenants": {
+        "max_in_flight": 4,
+        "weights": {},
+        "lanes": {"interactive": {"priority": 0, "reserve": 0.25}, "batch": {"priority": 1}},
+    }
+}
+
+
+def _tenants_page(make_fleet: Callable[..., Fleet]) -> tuple[Fleet, list[Any]]:
+    """A laned, keyed limit widened at runtime to 8 (batch may hold 6), with acme holding
+    2 interactive slots, globex 6 batch slots, and one globex batch caller in line."""
+    fleet = make_fleet(TENANTS)
+    fleet.set_limit("tenants", max_in_flight=8)
+    held = [fleet.try_acquire("tenants", key="acme", lane="interactive") for _ in range(2)]
+    held += [fleet.try_acquire("tenants", key="globex", lane="batch") for _ in range(6)]
+    assert all(held)
+    ticket = fleet.admission.new_ticket("tenants", "globex", "batch")
+    assert not fleet.admission.try_acquire("tenants", lease_id=ticket, join=True)
+    return fleet, held
+
+
+def test_the_json_has_each_lane_the_busiest_keys_and_the_runtime_version(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet, _ = _tenants_page(make_fleet)
+    version = fleet.admission.runtime.applied("tenants").version
+    with FleetPage(fleet, port=0, interval_s=0.2).start() as page:
+        doc = wait_until("two readings", lambda: (d := get(page.url + "api/status")[1])
+                         and len(d["history"]["t"]) >= 2 and d)  # fmt: skip
+    (row,) = doc["limits"]
+    assert row["config_version"] == version > 0 and row["config_fields"] == {"max_in_flight": 8}
+    lanes = {x["lane"]: x for x in row["lanes"]}
+    assert lanes["interactive"] | {"share": 0} == {
+        "lane": "interactive", "priority": 0, "share": 0, "in_flight": 2, "waiting": 0,
+        "cap": 8, "guarantee": 0.0, "owed": 0,
+    }  # fmt: skip
+    assert (lanes["batch"]["in_flight"], lanes["batch"]["waiting"]) == (6, 1)
+    assert (lanes["batch"]["cap"], lanes["batch"]["owed"]) == (6, 6)  # floor(8 x 0.75)
+    keys = {k["key"]: (k["in_flight"], k["waiting"]) for k in row["keys"]}
+    assert keys == {"globex": (6, 1), "acme": (2, 0)}
+    points = [p for p in doc["history"]["limits"]["tenants"] if p is not None]
+    assert points and all(p["lanes"] == [2, 6] for p in points)  # the order of "lanes"
+
+
+def _readings(page: FleetPage) -> int:
+    return len(get(page.url + "api/status")[1]["history"]["t"])
+
+
+def render_page(page: FleetPage) -> dict[str, Any]:
+    """The page's own script run under Node on the page's current JSON: what each card
+    shows (tests/fleet_page_dom.js)."""
+    import shutil
+    import tempfile
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("Node.js is not installed (apt-get install nodejs)")
+    _, html = get(page.url)
+    _, doc = get(page.url + "api/status")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "page.html").write_text(html)
+        (Path(tmp) / "status.json").write_text(json.dumps(doc))
+        out = subprocess.run(
+            [node, str(ROOT / "tests" / "fleet_page_dom.js"), f"{tmp}/page.html",
+             f"{tmp}/status.json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    rendered: dict[str, Any] = json.loads(out.stdout)
+    return rendered
+
+
+def test_the_page_shows_each_lane_the_busiest_keys_and_the_runtime_version(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    fleet, _ = _tenants_page(make_fleet)
+    version = fleet.admission.runtime.applied("tenants").version
+    with FleetPage(fleet, port=0, interval_s=0.2).start() as page:
+        wait_until("two readings", lambda: _readings(page) >= 2)
+        shown = render_page(page)
+    (card,) = shown["limits"]
+    rows = {r["k"]: r for r in card["rows"]}
+    assert rows["lane interactive"]["v"] == "2 in flight / may hold 8, 0 waiting"
+    assert rows["lane batch"]["v"] == "6 in flight / may hold 6, owed 6, 1 waiting"
+    assert rows["busiest keys"]["items"] == ["globex: 6 in flight, 1 waiting", "acme: 2 in flight"]
+    assert rows["runtime"]["v"] == f"v{version} (max_in_flight=8)"
+    assert not {"lanes", "keys", "config version", "config fields"} & set(rows)  # no raw JSON
+    assert ["in flight by lane", 2] in card["sparks"]  # one line per lane
+    assert shown["conn"].startswith("live")
+
+
+def test_a_limit_as_configured_shows_no_runtime_row(fleet: Fleet, page: FleetPage) -> None:
+    wait_until("a reading", lambda: get(page.url + "api/status")[0] == 200)
+    shown = render_page(page)
+    assert [c["limit"] for c in shown["limits"]] == ["llm", "tool"]
+    for card in shown["limits"]:
+        keys = {r["k"] for r in card["rows"]}
+        assert "runtime" not in keys and "busiest keys" not in keys
+        assert not any(k.startswith("lane ") for k in keys)

@@ -8,6 +8,9 @@
   Celery's ``autoretry_for``), the herd's comparison;
 - :mod:`.goodput` and :mod:`.goodput_agents`: sustained overload, paid against useful calls;
 - :mod:`.beat_agents`: the 02:00 fan-out under a real ``celery beat``;
+- :mod:`.distribution`, :mod:`.distribution_app` and :mod:`.distribution_workers`: who
+  runs where (issue 24): the workload, the warm-up cache, the figures; the workers' app;
+  starting, readying and cleaning up after the workers;
 - :mod:`.demo` (``make demo``) and :mod:`.plot` (``demo-herd.png``).
 
 The agents modules import the example's app and model client (``example_project``), and the

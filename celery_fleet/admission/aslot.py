@@ -133,6 +133,7 @@ class AsyncSlot:
                 s.admission.keyed.hash_of(cfg, s.key)
             steps = s.admission.acquire_steps(cfg, s.tokens, ticket, order, join)
             self._asking = True
+            s.generation = s.admission.generation(s.limit)
             was_in_line, s.in_line = s.in_line, join
             with s.admission.store.deadline(s.remaining_s(start)):
                 decision = await adrive(steps, self.store)
@@ -155,10 +156,7 @@ class AsyncSlot:
         if sleep_s is not None:
             await asyncio.sleep(sleep_s)
             return
-        from ..store.wakeups import listener_for
-
-        listener = listener_for(s.admission.store, s.admission.keys(s.limit).wake, ticket)
-        await listener.await_wake(ticket, timeout_s)
+        await s.admission.await_turn(s.limit, ticket, timeout_s, s.generation)
 
     async def _leave(self, ticket: str, why: BaseException | None = None) -> None:
         s = self.slot
@@ -327,7 +325,7 @@ class AsyncSlot:
 _STATE = frozenset(
     {
         *("lease_id", "tokens", "waited_s", "attempts", "ahead", "reason", "lost"),
-        *("decision", "run", "verdict", "key"),
+        *("decision", "run", "verdict", "key", "asked", "judged"),
     }
 )
 
@@ -422,10 +420,20 @@ class AsyncMethods:
         max_wait: float | None = None,
         validate: Any = None,
         usage: Any = None,
+        key: Any = None,
+        lane: Any = None,
     ) -> Any:
-        """:meth:`Fleet.guarded` for coroutine functions (``async def``)."""
+        """:meth:`Fleet.guarded` for coroutine functions (``async def``): the same
+        arguments, ``key`` and ``lane`` included."""
         from .guarded import aguarded
 
         return aguarded(
-            self, name, tokens=tokens, max_wait=max_wait, validate=validate, usage=usage
+            self,
+            name,
+            tokens=tokens,
+            max_wait=max_wait,
+            validate=validate,
+            usage=usage,
+            key=key,
+            lane=lane,
         )

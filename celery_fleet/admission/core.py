@@ -150,6 +150,7 @@ class Admission:
             self._prepare(name, cfg)
         #: Called as ``listener(name, cfg)`` after :meth:`reconfigure` changed a limit.
         self.reconfigured: list[Callable[[str, LimitConfig], None]] = []
+        self._generations: dict[str, int] = {}  # reconfigure() calls per limit
         #: The limits changed at runtime (``fleet.set_limit``): stored in Redis, polled by
         #: one background thread per process, started by the first ask (runtime.py).
         self.runtime = RuntimeLimits(self)
@@ -219,6 +220,10 @@ class Admission:
         self._prepare(name, cfg)
         self.limits[name] = cfg
         self.keyed.forget(name)  # its keys' commands carry the old constants
+        # After the new constants, before the wake-up: a waiter whose ask was in flight
+        # meanwhile registers after the wake-up went out, finds the generation moved
+        # (wait_turn's ``since``) and asks again at once rather than at its next re-ask.
+        self._generations[name] = self.generation(name) + 1
         for listener in list(self.reconfigured):
             try:
                 listener(name, cfg)
@@ -227,6 +232,11 @@ class Admission:
         # Callers already waiting here ask again now, under the new values: a wider cap or
         # rate admits them with no release to wake them (else: at their next re-ask, ~2.5 s).
         wake_waiters(self.store, self.keys(name).wake)
+
+    def generation(self, name: str) -> int:
+        """How many times :meth:`reconfigure` changed ``name`` in this process: a waiter
+        reads it before it asks, and :meth:`wait_turn` does not wait when it moved since."""
+        return self._generations.get(name, 0)
 
     def limit(self, name: str) -> LimitConfig:
         """The configuration of ``name``; :class:`ConfigError` listing the known ones if unknown."""
@@ -462,7 +472,7 @@ class Admission:
             float(r.probe) if r.probe else 0.0,  # a refusal's: its place (keys)
         )
 
-    def wait_turn(self, name: str, ticket: str, timeout_s: float) -> bool:
+    def wait_turn(self, name: str, ticket: str, timeout_s: float, since: int | None = None) -> bool:
         """Block until ``ticket`` is woken (its turn may have come) or ``timeout_s`` passes.
 
         The release that makes its turn pushes the ticket onto its process's wake list;
@@ -470,8 +480,26 @@ class Admission:
         wakes exactly this waiter: no polling, one blocking connection per process and
         limit, whatever the number of waiters. True when woken. Ask again either way (the
         ask also keeps the ticket alive).
+
+        ``since``: the :meth:`generation` read before the ask that was refused. A runtime
+        change wakes only the waiters registered when it lands; one that landed while the
+        ask was in flight moved the generation, so this returns True at once (checked after
+        registering: no change falls between the check and the wait).
         """
-        return listener_for(self.store, self.keys(name).wake, ticket).wait(ticket, timeout_s)
+        listener = listener_for(self.store, self.keys(name).wake, ticket)
+        return listener.wait(ticket, timeout_s, self._moved(name, since))
+
+    async def await_turn(
+        self, name: str, ticket: str, timeout_s: float, since: int | None = None
+    ) -> bool:
+        """:meth:`wait_turn` in the running loop, which is never blocked."""
+        listener = listener_for(self.store, self.keys(name).wake, ticket)
+        return await listener.await_wake(ticket, timeout_s, self._moved(name, since))
+
+    def _moved(self, name: str, since: int | None) -> Callable[[], bool] | None:
+        if since is None:
+            return None
+        return lambda: self.generation(name) != since
 
     def leave(self, name: str, ticket: str) -> bool:
         """Give up ``ticket``'s place in line (the caller stopped waiting), waking the next

@@ -13,7 +13,9 @@ A limit may declare lanes::
   order key is ``priority * 2**42 + first-asked ms``, see :mod:`~celery_fleet.admission.line`).
 - ``reserve`` (default 0, in ``[0, 1)``): the share of EVERY budget of the limit (its
   in-flight cap and each window's burst) kept for this lane and the lanes above it. The
-  reserves of a limit sum to less than 1.
+  reserves of a limit sum to less than 1. The lowest lane takes none (a
+  :class:`~celery_fleet.errors.ConfigError`): kept for it and the lanes above, a reserve
+  would be kept for every caller, from no one; that lane is owed what the others leave.
 
 A caller of lane L may use the part of each budget not reserved for the lanes above it,
 its *usable share* ``1 - sum(reserve of lanes with a lower priority number)``: lane L and
@@ -29,9 +31,10 @@ Every lane but the first is also *guaranteed* a part of each budget while it wai
 a saturated higher lane starves the lower ones). While a lane holds less than
 ``floor(cap * guarantee)`` in flight and has spent less than that part of each window's
 rate lately, it is *owed*: its waiting tickets go before those of the lanes above, which
-leave it that budget. So behind a saturated
-interactive lane, batch still gets 7 of the 12 slots and 66% of each window's rate, and
-never more while interactive waits (``store/scripts/_lib/lanes.lua``). With tiny budgets
+leave it that budget. So behind a saturated interactive lane, batch still gets 7 of the
+12 slots and 66% of each window (a lane's guarantee clock keeps up to the window's burst
+of credit, so a full bucket is shared too), and never more while interactive waits
+(``store/scripts/_lib/lanes.lua``). With tiny budgets
 the floor may round a guarantee to zero (a cap of 1 is interactive's whenever it waits).
 
 A caller that names no lane is in the limit's **lowest-priority lane** (the last one): a
@@ -154,6 +157,28 @@ def check_lane(lanes: Lanes | None, limit: str, lane: object) -> Lane | None:
     return lanes.get(lane)
 
 
+def _refuse_lowest_reserve(parsed: list[tuple[int, float, str]], setting: str) -> None:
+    """A reserve is kept for its lane *and the lanes above*: on the lowest lane that is
+    every caller, so it would keep nothing from anyone (the scripts never read it) while
+    still counting in the reserves' sum. Refused, saying what does what was meant."""
+    priority, reserve, name = parsed[-1]
+    if reserve <= 0:
+        return
+    if len(parsed) == 1:
+        raise ConfigError(
+            f"{setting}[{name!r}]['reserve'] = {reserve:g}: a limit with one lane has no one "
+            f"to keep a reserve from (a reserve is kept for a lane and the lanes above it); "
+            f"remove it, or add a lower lane"
+        )
+    raise ConfigError(
+        f"{setting}[{name!r}]['reserve'] = {reserve:g}: {name!r} is the lowest lane "
+        f"(priority {priority}), and a reserve is kept for a lane and the lanes above it, "
+        f"which for the lowest lane is every caller: it would keep nothing. Remove it: the "
+        f"lowest lane is already owed what the reserves above leave it (1 - their sum); "
+        f"to owe it more, lower those reserves"
+    )
+
+
 def parse_lanes(raw: object, limit: str, setting: str) -> Lanes | None:
     """Parse a limit's ``lanes`` option (None: the limit has none); every error names the
     setting and the bad value."""
@@ -184,6 +209,7 @@ def parse_lanes(raw: object, limit: str, setting: str) -> Lanes | None:
     for (p1, _, n1), (p2, _, n2) in zip(parsed, parsed[1:], strict=False):
         if p1 == p2:
             raise ConfigError(f"{setting}: lanes {n1!r} and {n2!r} both have priority {p1}")
+    _refuse_lowest_reserve(parsed, setting)
     total = sum(reserve for _, reserve, _ in parsed)
     if total >= 1.0:
         raise ConfigError(

@@ -27,7 +27,6 @@ from ..checks import check_max_wait
 from ..errors import (
     Backpressure,
     CircuitOpen,
-    ConfigError,
     FleetError,
     LeaseLost,
     QualityDegraded,
@@ -35,12 +34,12 @@ from ..errors import (
     StoreUnavailable,
     Throttled,
 )
-from ..quality.config import DETECTOR_NAMES
-from ..quality.judge import Verdict, ask_of, judge
+from ..quality.judge import Verdict
 from ..resilience.replay import met_outage
 from ..store.calls import drive
 from .core import REFRESH_S, WAKE_GRACE_MS, Admission, ReleaseAhead
 from .decision import Decision, Release
+from .judging import Judging
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .lanes import check_lane
 from .providers import OK, Signal, classify, parse_headers
@@ -68,7 +67,7 @@ DEFAULT_RETRY_MS = 1000
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
 
-class Slot:
+class Slot(Judging):
     """A held admission to one limit, used as a context manager.
 
     Example::
@@ -142,6 +141,8 @@ class Slot:
         #: it in the limit's line (then leaving sends a leave).
         self.ticket = ""
         self.in_line = False
+        #: the limit's runtime generation when this slot last asked (see Admission.wait_turn)
+        self.generation = 0
         self._held_in: list[Slot] = []
 
     def new_ticket(self) -> str:
@@ -157,76 +158,6 @@ class Slot:
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
-
-    def routed(self, decide: Callable[[], str] | None = None) -> str:
-        """Where the quality breaker sends this slot (``decide``: AsyncSlot's, after an
-        awaited read); a ``QualityDegraded`` refusal is told to the watchers first."""
-        try:
-            return decide() if decide else self.admission.quality.route(self.asked)
-        except QualityDegraded as exc:
-            if self.admission.watchers:
-                self.admission.tell("refused", self.asked, reason=exc.reason, wait_ms=exc.wait_ms)
-            raise
-
-    def route(self, limit: str) -> None:
-        """Be admitted against ``limit``: the one asked for, or its quality fallback (the
-        lane and key asked for when that limit has them, and at most the tokens it admits)."""
-        if limit == self.limit:
-            return
-        cfg = self.admission.limit(limit)
-        lane, key = self._asked_lane_key
-        self.limit = limit
-        try:
-            chosen = check_lane(cfg.lanes, limit, lane)
-        except ConfigError:
-            chosen = check_lane(cfg.lanes, limit, None)
-        self.lane = chosen.name if chosen is not None else None
-        self.key = key if cfg.keyed else None
-        self.tokens = min(self.tokens, cfg.max_tokens_per_call or 0)
-
-    def judge(
-        self,
-        resp: Any,
-        *,
-        max_tokens: int | None = None,
-        json: bool = False,
-        response_format: Any = None,
-        schema: Any = None,
-        request: Any = None,
-    ) -> Verdict:
-        """Judge a call's answer (OpenAI/Anthropic response, SDK object or dict) for garbage.
-
-        Runs the limit's detectors (``quality["detectors"]``, all by default) and its
-        ``validate`` hook; ``max_tokens``, ``json``/``response_format`` and ``schema`` (or
-        ``request``, the call's body, that has them) say what was asked. The verdict is
-        counted by the limit's quality breaker when the slot is released (in the same
-        write: no round trip of its own). Only ``validate`` rejecting it counts as a
-        failure of the availability breaker, as :meth:`validate` does. Never raises.
-        """
-        verdict = self.judge_with(
-            resp, self.validator, ask_of(max_tokens, json, response_format, schema, request)
-        )
-        if verdict.invalid:
-            self.verdict = Signal("invalid_output", detail="validate() rejected the result")
-        return verdict
-
-    def judge_with(self, resp: Any, validate: Callable[[Any], object] | None, ask: Any) -> Verdict:
-        """:meth:`judge` with the hook given (AsyncSlot passes an awaited answer)."""
-        quality = self.admission.quality
-        cfg = quality.config(self.limit) or quality.config(self.asked)
-        names = cfg.detectors if cfg is not None else DETECTOR_NAMES
-        self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
-        if self.admission.watchers:
-            verdict = "ok" if self.judged.ok else "garbage"
-            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
-        return self.judged
-
-    def quality_command(self) -> tuple[str, bytes] | None:
-        """The count of the verdict :meth:`judge` gave, once (None: nothing to count)."""
-        verdict, self.judged = self.judged, None
-        if verdict is None:
-            return None
-        return self.admission.quality.count_command(self.limit, verdict)
 
     def _acquire(self, ticket: str, first: Decision | None = None) -> Slot:
         """Wait with ``ticket`` (the ticket while waiting, the lease once admitted) from the
@@ -302,6 +233,7 @@ class Slot:
         # dropped connection): one round trip for both.
         order = self.admission.order_of(self.limit, self.run)
         steps = self.admission.acquire_steps(cfg, tokens, ticket, order, join, ahead)
+        self.generation = self.admission.generation(self.limit)
         try:
             with self.admission.store.deadline(self.remaining_s(asked_at)):
                 decision = drive(steps, self.admission.store)
@@ -335,6 +267,7 @@ class Slot:
                 decision, first = first, None
             else:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
+                self.generation = self.admission.generation(self.limit)
                 with self.admission.store.deadline(self.remaining_s(start)):
                     order = self.admission.order_of(self.limit, self.run)
                     # the key again: its name stays known to this process (keyed.py's LRU)
@@ -424,7 +357,7 @@ class Slot:
             self.clock.sleep(sleep_s)
             return
         try:
-            self.admission.wait_turn(self.limit, ticket, timeout_s)
+            self.admission.wait_turn(self.limit, ticket, timeout_s, self.generation)
         except StoreUnavailable as exc:
             self.admission.store_down.cover(exc)  # the next ask goes by the policy
 
@@ -688,19 +621,6 @@ class Slot:
         return lease_id, self.admission.release_command(
             self.limit, lease_id, signal.outcome, wait or 0
         )
-
-    def _post_count(self) -> None:
-        """Post the judged verdict's count (``next``: the release rides on the next ask)."""
-        counted = self.quality_command()
-        if counted is None:
-            return
-        limit, quality = self.limit, self.admission.quality
-        try:
-            if not self.admission.store.post(counted, lambda r: quality.counted(limit, r)):
-                (reply,) = self.admission.store.send(counted)
-                quality.counted(limit, reply)
-        except FleetError as exc:
-            quality.counted(limit, exc)
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""

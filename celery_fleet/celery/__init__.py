@@ -3,8 +3,9 @@
 Holds the binding of a Fleet to an app (``app``), the task base class and decorator
 (``task``), backpressure reschedules (``reschedule``), the signals (``signals``), pool
 checks (``pools``), the deferred-task pump bootstep (``pump``), beat jitter (``beat``),
-staggered fan-out (``stagger``), idempotency keys at publish (``idempotency``) and async
-task bodies (``loops``).
+staggered fan-out (``stagger``), idempotency keys at publish (``idempotency``), async
+task bodies (``loops``), and affinity queues: routing at publish and the worker bootstep
+(``affinity``) running the distribution loop (``distributor``).
 
 May import: anything in the package. Imported by the facade only through ``app.bind``
 (when a Fleet is given an app), by the public aliases and by ``celery_fleet.testing``.

@@ -35,7 +35,9 @@ def bind(fleet: Fleet, app: Celery, *, url_given: bool) -> None:
     """Make ``fleet`` the Fleet of ``app`` and wire it into the app's worker signals."""
     # The glue's own signal handlers (idempotency keys and stagger at publish, beat's
     # jitter, the deferred-task pump) connect when their modules load: load them all.
-    from . import task  # noqa: F401
+    from . import affinity, task  # noqa: F401
+
+    affinity.install(app)  # the worker consumes the affinity queues it is home of
 
     if not url_given:
         hide_url_password(app.conf)  # the store keeps the real URL; app.conf shows none

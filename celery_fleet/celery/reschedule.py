@@ -47,10 +47,10 @@ BACKUP_HEADER = "fleet_backup"
 #: have been stored): it runs unless Redis has the copy, also when Redis cannot be asked.
 FALLBACK_HEADER = "fleet_backup_fallback"
 
-#: Refusals whose wait nobody knows (an open breaker's reset, another attempt's claim of an
-#: idempotency key, the fleet's Redis away): their reschedules back off exponentially with
-#: the count.
-GUESSED_WAITS = frozenset({"circuit_open", "key_busy", "store_down"})
+#: Refusals whose wait nobody knows (an open breaker's reset, a paused quality breaker's
+#: half-open, another attempt's claim of an idempotency key, the fleet's Redis away): their
+#: reschedules back off exponentially with the count.
+GUESSED_WAITS = frozenset({"circuit_open", "quality_degraded", "key_busy", "store_down"})
 
 
 class _PumpTimes(Protocol):

@@ -45,7 +45,7 @@ from ..checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
 from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
 from ..observability import metrics
-from . import idempotency, pump
+from . import affinity, idempotency, pump
 from .lanes import check_lane_spec, fixed_lane, lane_of
 from .loops import run_async
 from .reschedule import THROTTLED, Rescheduling
@@ -77,6 +77,7 @@ _FLEET_OPTIONS = {
     "singleton": "fleet_singleton",
     "release_on_failure": "fleet_release_on_failure",
     "lane": "fleet_lane",
+    "affinity": "fleet_affinity",
 }
 
 
@@ -137,6 +138,9 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
       runs). ``fleet_release_on_failure`` (True): a final failure frees the key.
     - ``fleet_lane``: the priority lane of ``fleet_limit`` the body's slot waits in: a lane
       name, a template over the arguments or a callable (:mod:`celery_fleet.celery.lanes`).
+    - ``fleet_affinity``: the affinity key, a template over the arguments or a callable:
+      with ``fleet_distribution`` ``"dedicated"`` or ``"steal"`` the task is published to
+      the key's affinity queue (:mod:`celery_fleet.celery.affinity`).
     """
 
     fleet_limit: str | None = None
@@ -153,6 +157,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     fleet_singleton: bool = False
     fleet_release_on_failure: bool = True
     fleet_lane: Any = None
+    fleet_affinity: Any = None
     # Celery's autoretry wraps run(): never let it turn backpressure into a counted retry.
     dont_autoretry_for: tuple[type[BaseException], ...] = (Backpressure,)
 
@@ -168,6 +173,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         super().on_bound(app)
         metrics.install(app)  # serves /metrics only when fleet_metrics_port is set
         pump.install(app)  # publishes deferred reschedules when fleet_defer = "redis"
+        affinity.install(app)  # consumes the affinity queues this worker is home of
         fleet = Fleet.registered(app)
         if fleet is not None and cls.name:
             fleet.check_task_options(
@@ -183,8 +189,14 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         if self.fleet_limit is not None or self.fleet_tokens:
             lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
-        if self.fleet_key is not None:
-            self._fleet_key_of(args, kwargs)  # a bad key is a ConfigError at publish
+        try:
+            if self.fleet_key is not None:
+                self._fleet_key_of(args, kwargs)  # a bad key is a ConfigError at publish
+            if self.fleet_affinity is not None:
+                key = affinity.affinity_of(self.fleet_affinity, self.run, args, kwargs)
+                affinity.route(self.fleet.distribution, key, options)
+        except ConfigError as exc:  # say which task, as a bad limit or lane does
+            raise ConfigError(f"task {self.name}: {exc}") from exc
         jitter_publish(options, self.fleet_jitter)
         if task_id is not None:
             options["task_id"] = task_id
@@ -373,6 +385,9 @@ def _check_fleet_options(opts: dict[str, Any]) -> None:
     limit = opts.get("fleet_limit")
     if limit is not None and not isinstance(limit, str):
         raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
+    if opts.get("fleet_affinity") is not None:
+        spec = affinity.check_affinity_spec(opts["fleet_affinity"])
+        opts["fleet_affinity"] = staticmethod(spec) if callable(spec) else spec
     if opts.get("fleet_lane") is not None:
         spec = check_lane_spec(opts["fleet_lane"])
         if limit is None:
@@ -385,7 +400,7 @@ def fleet_task(*args: Any, **options: Any) -> Any:
 
     Accepts every Celery task option plus ``limit``, ``tokens``, ``max_wait``,
     ``on_limit``, ``wait_after_call``, ``max_reschedules``, ``max_throttled``, ``jitter``,
-    ``idempotency_key``, ``singleton``, ``release_on_failure`` and ``lane`` (see
+    ``idempotency_key``, ``singleton``, ``release_on_failure``, ``lane`` and ``affinity`` (see
     :class:`FleetTask`). Unknown options are rejected here, naming the
     closest known one, so ``@fleet_task(tokns=10)`` fails at import rather than silently.
     When the Fleet of the app already exists, ``limit`` and ``tokens`` are checked against

@@ -33,6 +33,9 @@ from typing import Any, TypeVar
 
 import click
 
+from ..distribution import DistributionConfig
+from ..distribution.depths import BrokerDepths
+from ..distribution.status import QueueStatus, affinity_status
 from ..errors import FleetError
 from ..fleet import Fleet
 from .status import LimitStatus, fields_text, fleet_status, quality_text
@@ -100,9 +103,10 @@ def _table(rows: list[LimitStatus]) -> str:
             lines.append(f"  config       version {s.config_version}{what}")
         for x in s.lanes:
             most = "" if x.cap is None else f"/{x.cap}"
+            owed = "" if not x.guarantee else f", owed {x.owed if x.owed else f'{x.guarantee:.0%}'}"
             lines.append(
                 f"  lane {x.lane:<7} {x.in_flight}{most} in flight, {x.waiting} waiting "
-                f"(priority {x.priority}, may use {x.share:.0%})"
+                f"(priority {x.priority}, may use {x.share:.0%}{owed})"
             )
         if s.keys is not None:
             lines.append(f"  busiest keys {'(none)' if not s.keys else ''}".rstrip())
@@ -118,7 +122,41 @@ def _status(fleet: Fleet, limits: tuple[str, ...], as_json: bool) -> str:
     rows = _guard(lambda: fleet_status(fleet, list(limits) or None))
     if as_json:
         return json.dumps([r.as_dict() for r in rows], indent=2)
-    return _table(rows) if rows else "no limits configured (fleet_limits)"
+    text = _table(rows) if rows else "no limits configured (fleet_limits)"
+    if fleet.distribution.routes and fleet.app is not None and not limits:
+        text += "\n\n" + _affinity_table(_affinity_rows(fleet), fleet.distribution)
+    return text
+
+
+def _affinity_rows(fleet: Fleet) -> list[QueueStatus]:
+    """Each affinity queue's home and counts (Redis) and depth (the broker; None when the
+    broker does not answer)."""
+    config = fleet.distribution
+    depths: dict[int, int] | None = None
+    if fleet.app is not None:
+        reader = BrokerDepths(fleet.app)
+        try:
+            found = reader.depths(config.queue_name(q) for q in range(config.queues))
+            depths = {q: found[config.queue_name(q)] for q in range(config.queues)}
+        except FleetError:
+            depths = None
+        finally:
+            reader.close()
+    return _guard(lambda: affinity_status(fleet.store, config, depths))
+
+
+def _affinity_table(rows: list[QueueStatus], config: DistributionConfig) -> str:
+    threshold = f", steal threshold {config.steal_threshold}" if config.steals else ""
+    wide = max((len(r.name) for r in rows), default=5)
+    lines = [
+        f"affinity queues ({config.mode}{threshold})",
+        f"  {'queue':<{wide}} {'home':<28} {'depth':>6} {'local':>8} {'stolen':>8}",
+    ]
+    for r in rows:
+        depth = "?" if r.depth is None else str(r.depth)
+        home = r.home or "(none)"
+        lines.append(f"  {r.name:<{wide}} {home:<28} {depth:>6} {r.local:>8} {r.stolen:>8}")
+    return "\n".join(lines)
 
 
 @click.group(name="fleet")

@@ -36,12 +36,24 @@ which name the window and not its budget, so a changed budget keeps its series):
   (``fleet.set_limit``; 0: the configured values, never changed). The cap and budget
   gauges show the values in force.
 
+A limit with priority lanes, per lane (label ``lane``):
+``celery_fleet_lane_in_flight``, ``celery_fleet_lane_waiting``,
+``celery_fleet_lane_in_flight_cap`` (what the lane and those below may hold: its usable
+share of the cap in force), ``celery_fleet_lane_owed`` (the slots it is owed while it
+waits), ``celery_fleet_lane_share`` and ``celery_fleet_lane_guarantee`` (those two as
+parts of every budget). A limit with keys, its busiest :data:`METRIC_KEYS` keys only
+(label ``key``, as callers wrote it; ``""`` for callers without one): so the series stay
+bounded however many keys there are, and a key leaves them when others are busier:
+``celery_fleet_key_in_flight``, ``celery_fleet_key_waiting``.
+
 Counters (:mod:`celery_fleet.observability.counters`: counted in each process, added to
 Redis every 2 s, so fleet totals too):
 ``celery_fleet_admitted_total``, ``celery_fleet_refused_total`` (``reason``),
 ``celery_fleet_provider_pushback_total`` (``status``), ``celery_fleet_reschedules_total``
-(``reason``), the histogram ``celery_fleet_wait_seconds`` (admitted slots' time in line)
-and ``celery_fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``).
+(``reason``), the histogram ``celery_fleet_wait_seconds`` (admitted slots' time in line),
+``celery_fleet_dedupe_hits_total`` (``kind``: ``publish``, ``replay``) and
+``celery_fleet_affinity_tasks_total`` (``queue``, ``kind``: ``local`` for tasks run by
+their affinity queue's home, ``stolen`` for the others; docs/distribution.md).
 
 Serve them from a worker: set ``app.conf.fleet_metrics_port = 9808`` and the
 :class:`MetricsStep` bootstep (added to every app that has a FleetTask; otherwise
@@ -59,10 +71,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from celery import bootsteps
 
 from .. import checks
+from ..distribution.status import read_stats
 from ..errors import ConfigError, FleetError
 from ..fleet import Fleet
 from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
-from .status import StatusSource, fleet_status
+from .status import BUSIEST_KEYS, LimitStatus, StatusSource, fleet_status
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -117,6 +130,8 @@ class _Holding(Protocol):
 
 #: The prefix of every metric name the collector exports.
 PREFIX = "celery_fleet_"
+#: Keys exported per limit with keys (the busiest): the series a scrape holds stay bounded.
+METRIC_KEYS = BUSIEST_KEYS
 
 
 class FleetCollector:
@@ -175,6 +190,7 @@ class FleetCollector:
                 "limit_config_version",
                 "Version of the runtime change in force (fleet.set_limit; 0: none)",
             ),
+            **_lane_and_key_gauges(gauge),
         }
         for s in rows:
             lim = [*fleet, s.limit]
@@ -209,6 +225,7 @@ class FleetCollector:
                 g["garbage"].add_metric(lim, s.quality["garbage_rate"])
                 g["baseline"].add_metric(lim, s.quality["baseline"])
             g["version"].add_metric(lim, s.config_version)
+            _add_lanes_and_keys(g, lim, s)
         yield from g.values()
         try:
             yield from self._counters([s.limit for s in rows])
@@ -256,9 +273,56 @@ class FleetCollector:
                 waits.add_metric([ns, limit], buckets, sum_value=got.get("wait_sum|", 0.0))
         for field, value in read_counters(fleet.store, ns, KEYS_LIMIT).items():
             dedupe.add_metric([ns, field.partition("|")[2]], value)
+        affinity = counter(
+            "affinity_tasks", "Tasks from affinity queues: run by the home or stolen",
+            "queue", "kind",
+        )  # fmt: skip
+        for field, n in read_stats(fleet.store, ns).items():
+            kind, _, queue = field.partition("|")
+            affinity.add_metric([ns, queue, kind], float(n))
         yield from c.values()
         yield waits
         yield dedupe
+        yield affinity
+
+
+def _lane_and_key_gauges(gauge: Any) -> dict[str, Any]:
+    """The gauges of each lane (label ``lane``) and of the busiest keys (label ``key``)."""
+    lane, key = ("lane",), ("key",)
+    return {
+        "lane_in_flight": gauge("lane_in_flight", "Leases held by the lane", lane),
+        "lane_waiting": gauge("lane_waiting", "The lane's callers waiting in line", lane),
+        "lane_cap": gauge(
+            "lane_in_flight_cap", "Leases the lane and those below may hold (its share)", lane
+        ),
+        "lane_owed": gauge("lane_owed", "Slots the lane is owed while it waits", lane),
+        "lane_share": gauge("lane_share", "Part of every budget the lane may use", lane),
+        "lane_guarantee": gauge(
+            "lane_guarantee", "Part of every budget the lane is owed while it waits", lane
+        ),
+        "key_in_flight": gauge(
+            "key_in_flight", f"Leases held by a key (the {METRIC_KEYS} busiest)", key
+        ),
+        "key_waiting": gauge(
+            "key_waiting", f"A key's callers in line (the {METRIC_KEYS} busiest)", key
+        ),
+    }
+
+
+def _add_lanes_and_keys(g: dict[str, Any], lim: list[str], s: LimitStatus) -> None:
+    for x in s.lanes:
+        labels = [*lim, x.lane]
+        g["lane_in_flight"].add_metric(labels, x.in_flight)
+        g["lane_waiting"].add_metric(labels, x.waiting)
+        g["lane_share"].add_metric(labels, x.share)
+        g["lane_guarantee"].add_metric(labels, x.guarantee)
+        if x.cap is not None:
+            g["lane_cap"].add_metric(labels, x.cap)
+        if x.owed is not None:
+            g["lane_owed"].add_metric(labels, x.owed)
+    for k in (s.keys or [])[:METRIC_KEYS]:
+        g["key_in_flight"].add_metric([*lim, k.key], k.in_flight)
+        g["key_waiting"].add_metric([*lim, k.key], k.waiting)
 
 
 def fleet_registry(fleet: MetricsSource) -> Any:
@@ -359,6 +423,10 @@ def _inspect_fleet(state: Any) -> dict[str, Any]:
     except FleetError as exc:
         limits = {"error": str(exc)}  # type: ignore[dict-item]
     answer: dict[str, Any] = {"pool": pool, "held": held_slots(fleet), "limits": limits}
+    for step in getattr(state.consumer, "steps", None) or []:
+        distributor = getattr(step, "distributor", None)
+        if distributor is not None:  # the affinity queues this worker consumes, its counts
+            answer["distribution"] = distributor.info()
     if pool == "prefork":
         # The pool's processes hold the slots, and control commands never reach them: what
         # each recorded in Redis at its last presence renewal (every 2 s while it admits).

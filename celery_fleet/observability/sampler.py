@@ -65,6 +65,7 @@ def _point(status: LimitStatus) -> dict[str, Any]:
         "waiting": status.waiting,
         "left": [w.left for w in status.windows],
         "full": [w.full for w in status.windows],
+        "lanes": [x.in_flight for x in status.lanes],  # in the order of status.lanes
     }
 
 

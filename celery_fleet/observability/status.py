@@ -23,6 +23,7 @@ The ``celery fleet`` command (:mod:`celery_fleet.observability.cli`) prints it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -76,7 +77,10 @@ class WindowStatus:
 class LaneStatus:
     """One priority lane of a limit: ``in_flight`` its live leases (of the first
     ``OLDEST_SCAN`` read), ``waiting`` its tickets in line, ``cap`` the most it may hold
-    (its usable share of the cap in force; None without a cap), ``share`` that share."""
+    (its usable share of the cap in force; None without a cap), ``share`` that share;
+    ``guarantee`` the part of each budget it is owed while it waits (0: none) and
+    ``owed`` those slots of the cap in force (``floor(cap * guarantee)``; None without a
+    cap). See :mod:`celery_fleet.admission.lanes`."""
 
     lane: str
     priority: int
@@ -84,6 +88,8 @@ class LaneStatus:
     in_flight: int
     waiting: int
     cap: int | None = None
+    guarantee: float = 0.0
+    owed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +292,8 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
             in_flight=int(peek.lanes[2 * i]),
             waiting=int(peek.lanes[2 * i + 1]),
             cap=None if cap_in_force is None else lane.usable(cap_in_force),
+            guarantee=lane.guarantee,
+            owed=None if cap_in_force is None else math.floor(cap_in_force * lane.guarantee),
         )
         for i, lane in enumerate(lanes)
     ]

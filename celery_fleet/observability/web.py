@@ -6,8 +6,10 @@ framework):
 - ``/``: one page (HTML, CSS and JavaScript inline: no CDN, it works offline) that polls
   the JSON below every ``interval_s`` and shows, per limit, the budget left in each window,
   in flight against the cap, the adaptive cap and rate factor, a provider pause, the
-  breaker, the line's length and the waits of recent admissions, with sparklines of the
-  last ``history_s`` seconds;
+  breaker, the line's length and the waits of recent admissions, each priority lane (in
+  flight / may hold / owed / waiting), a keyed limit's busiest keys and the runtime change
+  in force (``fleet.set_limit``: its version and fields), with sparklines of the last
+  ``history_s`` seconds (in flight per lane too);
 - ``/api/status``: the same rows as ``celery fleet status --json`` (``limits``), this
   process's ring buffer of recent readings (``history``) and the admissions, refusals and
   mean wait of the last minute (``activity``, from the fleet's counters). While Redis does

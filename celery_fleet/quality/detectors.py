@@ -215,7 +215,7 @@ def repetition(reply: Reply, ask: Ask) -> str | None:
     words = text.split()
     if len(words) >= 60:
         grams = list(zip(words, words[1:], words[2:], strict=False))
-        if len(set(grams)) < 0.2 * len(grams):
+        if len(set(grams)) < 0.3 * len(grams):
             return "repeats a phrase"
     return None
 

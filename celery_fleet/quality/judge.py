@@ -99,20 +99,25 @@ def ask_of(
     max_tokens: int | None = None,
     json: bool = False,
     response_format: Any = None,
-    schema: Mapping[str, Any] | None = None,
+    schema: Any = None,
     request: Mapping[str, Any] | None = None,
 ) -> Ask:
     """An :class:`Ask` from a request's ``max_tokens``, ``json``, ``response_format``
     (OpenAI ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     {"schema": {...}}}``) and ``schema``; ``request`` (the call's body) gives whichever of
     ``max_tokens``/``max_completion_tokens``/``max_output_tokens`` and ``response_format``
-    the arguments do not."""
+    the arguments do not. A pydantic model class (as an SDK's ``parse()`` takes) is a
+    schema too."""
     if isinstance(request, Mapping):
         if max_tokens is None:
             found = [request.get(k) for k in _MAX_TOKEN_FIELDS]
             max_tokens = next((v for v in found if isinstance(v, int)), None)
         if response_format is None:
             response_format = request.get("response_format")
+    if schema is None and hasattr(response_format, "model_json_schema"):
+        schema = _model_schema(response_format)  # a pydantic model class (SDKs' parse())
+    if schema is not None and not isinstance(schema, Mapping):
+        schema = _model_schema(schema)
     if isinstance(response_format, Mapping):
         kind = response_format.get("type")
         json = json or kind in ("json_object", "json_schema")
@@ -124,6 +129,15 @@ def ask_of(
         json = True
     valid = isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0
     return Ask(max_tokens if valid else None, bool(json), schema)
+
+
+def _model_schema(model: Any) -> Mapping[str, Any] | None:
+    """The JSON schema of a pydantic model class, or None (nothing else is a schema)."""
+    try:
+        found = model.model_json_schema()
+    except Exception:
+        return None
+    return found if isinstance(found, Mapping) else None
 
 
 _MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")

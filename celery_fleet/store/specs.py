@@ -79,6 +79,8 @@ __all__ = [
     "QualityReply",
     "QUALITY_COUNT",
     "QUALITY_READ",
+    "AFFINITY_PRESENCE",
+    "AFFINITY_HOMES",
 ]
 
 R = TypeVar("R")
@@ -500,6 +502,30 @@ RECORD_CAS: ScriptSpec[CasReply] = ScriptSpec(
     "record_cas", "coordination", ("record",), ("version", "value", "ttl_ms"), CasReply._make
 )
 
+# -- distribution ---------------------------------------------------------------------
+
+
+def _texts(raw: Any) -> list[str]:
+    return [_text(item) for item in raw]
+
+
+AFFINITY_PRESENCE: ScriptSpec[list[str]] = ScriptSpec(
+    "affinity_presence",
+    "distribution",
+    ("workers",),
+    ("worker", "lease_ms", "announce"),
+    _texts,
+    idempotent=True,
+)
+AFFINITY_HOMES: ScriptSpec[list[str]] = ScriptSpec(
+    "affinity_homes",
+    "distribution",
+    ("*homes",),
+    ("owner", "lease_ms", "wanted"),
+    _texts,
+    idempotent=True,
+)
+
 #: Every script, by the name the store runs it under.
 SPECS: dict[str, ScriptSpec[Any]] = {
     spec.name: spec
@@ -509,6 +535,7 @@ SPECS: dict[str, ScriptSpec[Any]] = {
         LEDGER_ENQUEUE, LEDGER_CLAIM, LEDGER_RENEW, LEDGER_FINISH, LEDGER_PUBLISHED,
         LEDGER_LOST, STEP_PUT, DEFER_ADD, DEFER_TAKE, DEFER_ACK, DEFER_FATE,
         LOCK_ACQUIRE, LOCK_RENEW, LOCK_RELEASE, RECORD_CAS, QUALITY_COUNT, QUALITY_READ,
+        AFFINITY_PRESENCE, AFFINITY_HOMES,
     )
 }  # fmt: skip
 #: The names of every script (each registered once per process).

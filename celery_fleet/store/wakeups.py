@@ -62,18 +62,28 @@ class Listener:
 
     # -- waiters ------------------------------------------------------------------------
 
-    def wait(self, ticket: str, timeout_s: float) -> bool:
-        """Block until ``ticket`` is woken (True) or ``timeout_s`` passes (False)."""
+    def wait(
+        self, ticket: str, timeout_s: float, woken_before: Callable[[], bool] | None = None
+    ) -> bool:
+        """Block until ``ticket`` is woken (True) or ``timeout_s`` passes (False).
+
+        ``woken_before``: asked once the waiter is registered; True means a wake-up this
+        waiter should have had went out before it registered (a limit changed at runtime
+        while its ask was in flight, :func:`wake_waiters`): it returns True at once."""
         event = threading.Event()
         self._register(ticket, event.set)
         try:
+            if woken_before is not None and woken_before():
+                return True
             return event.wait(max(0.0, timeout_s))
         finally:
             self._unregister(ticket, event.set)
 
-    async def await_wake(self, ticket: str, timeout_s: float) -> bool:
+    async def await_wake(
+        self, ticket: str, timeout_s: float, woken_before: Callable[[], bool] | None = None
+    ) -> bool:
         """Wait in the running loop until ``ticket`` is woken (True) or ``timeout_s`` passes;
-        the loop is never blocked."""
+        the loop is never blocked. ``woken_before`` as for :meth:`wait`."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
 
@@ -82,6 +92,8 @@ class Listener:
 
         self._register(ticket, notify)
         try:
+            if woken_before is not None and woken_before():
+                return True
             done, _ = await asyncio.wait([future], timeout=max(0.0, timeout_s))
             return bool(done)
         finally:

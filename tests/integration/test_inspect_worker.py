@@ -46,7 +46,8 @@ def test_inspect_fleet_names_the_task_holding_each_slot(
         deadline, slots, reply = time.monotonic() + 30, [], {}
         while len(slots) < 3 and time.monotonic() < deadline:
             replies = fleet_app.app.control.inspect(timeout=2)._request("fleet") or {}
-            reply = next((r for h, r in replies.items() if h.startswith("it-")), {})
+            prefix = fleet_app.worker_prefix
+            reply = next((r for h, r in replies.items() if h.startswith(prefix)), {})
             slots = _held(reply)
         try:
             assert reply["pool"] == {"threads": "thread"}.get(pool[0], pool[0])  # its module

@@ -63,6 +63,8 @@ def start_worker(
         extra_env=extra_env,
     ) as (fleet_app, procs):
         fleet_app.worker_procs = procs
+        #: what this run's worker hostnames start with (another run may share the broker)
+        fleet_app.worker_prefix = f"{name}-"
         yield fleet_app
 
 
@@ -293,11 +295,12 @@ def test_the_worker_stats_carry_each_limit_s_state(worker: Any) -> None:
     deadline, mine = time.time() + 60, []
     while not mine and time.time() < deadline:  # the worker may still be starting
         stats = worker.app.control.inspect(timeout=2).stats() or {}
-        mine = [s for host, s in stats.items() if host.startswith("it-")]
+        mine = [s for host, s in stats.items() if host.startswith(worker.worker_prefix)]
     assert mine
     assert all(isinstance(v, str) for k, v in mine[0].items() if k.startswith("fleet"))
     replies = worker.app.control.inspect(timeout=5)._request("fleet") or {}
-    fleet = next(r for host, r in replies.items() if host.startswith("it-"))["limits"]
+    ours = [r for host, r in replies.items() if host.startswith(worker.worker_prefix)]
+    fleet = ours[0]["limits"]
     assert fleet["model"]["cap"] == 3 and fleet["broken"]["breaker"] == "closed"
     assert fleet["slow"]["windows"][0]["window"] == "5 requests/1s"
     assert mine[0]["fleet: model"].startswith("in flight ")
@@ -319,14 +322,15 @@ def test_flower_shows_the_fleet_on_the_worker_page(worker: Any) -> None:
     )  # fmt: skip
     try:
         deadline, workers = time.time() + 60, {}
-        while time.time() < deadline and not any(k.startswith("it-") for k in workers):
+        prefix = worker.worker_prefix
+        while time.time() < deadline and not any(k.startswith(prefix) for k in workers):
             try:
                 url = f"http://127.0.0.1:{port}/api/workers?refresh=1"
                 with urllib.request.urlopen(url, timeout=10) as r:
                     workers = _json.loads(r.read())
             except OSError:
                 time.sleep(0.5)  # Flower is still starting
-        name = next(k for k in workers if k.startswith("it-"))
+        name = next(k for k in workers if k.startswith(worker.worker_prefix))
         assert workers[name]["stats"]["fleet: model"].startswith("in flight ")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/worker/{name}", timeout=30) as r:
             page = r.read().decode()
@@ -348,7 +352,7 @@ def test_celery_inspect_fleet_answers_from_each_worker(worker: Any) -> None:
     deadline, seen = time.time() + 60, None
     while seen is None and time.time() < deadline:
         replies = worker.app.control.inspect(timeout=2)._request("fleet") or {}
-        mine = [r for host, r in replies.items() if host.startswith("it-")]
+        mine = [r for host, r in replies.items() if host.startswith(worker.worker_prefix)]
         children = mine[0]["held_in_children"] if mine else {}
         slots = [s for held in children.values() for s in held if s["limit"] == "model"]
         if slots:

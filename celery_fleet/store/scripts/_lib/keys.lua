@@ -16,7 +16,8 @@
 -- key's "vf") the finish tag of the key's last ticket; F_key becomes S + 1 / weight. Tags count admissions, so a key
 -- with weight 3 gets three turns for every one of a weight-1 key while both wait, a key
 -- that went idle comes back at V (it never hoards credit) and inside one key tickets keep
--- the order they joined in.
+-- the order they joined in. On a limit with lanes each lane is its own fair queue: lane
+-- p > 0 keeps its virtual time in "vt<p>" and a key's finish tag in it in "vf<p>".
 
 -- Defined only when the script is given a key's state (KEYS[8]): a limit without keys
 -- does not pay for making these closures on every admission.

@@ -154,7 +154,14 @@ if up_to > 0 then
 end
 local keyed = #KEYS > 7
 local I_VT = 0
-if keyed then fields[#fields + 1] = 'vt'; I_VT = #fields end
+-- fair share runs per lane (each lane is its own queue, served in lane order): a lane's
+-- virtual time and a key's finish tag in it are their own fields ("vt"/"vf" for lane 0).
+-- One virtual time for all lanes let a key's interactive call, tagged behind its long
+-- batch queue, move batch's virtual time past that queue: every other key's batch
+-- tickets then went behind it.
+local VT, VF = 'vt', 'vf'
+if lane > 0 then VT, VF = 'vt' .. lane, 'vf' .. lane end
+if keyed then fields[#fields + 1] = VT; I_VT = #fields end
 local NFIXED = #fields
 for i = 1, nwin do fields[NFIXED + i] = ARGV[6 + i] end
 -- a lane with a guarantee: its guarantee clock per window (_lib/lanes.lua) follows
@@ -272,7 +279,7 @@ local kwait, kreason = 0, ''
 if keyed then
   local _
   _, kweight, kcap, kkeep, knwin, kwin = key_consts(ARGV[7 + nwin])
-  kfields, new_ktats = {'vf', 'exp'}, {}
+  kfields, new_ktats = {VF, 'exp'}, {}
   for i = 1, knwin do kfields[2 + i] = ARGV[7 + nwin + i] end
   kstate = redis.call('HMGET', KEYS[8], unpack(kfields))
   if kcap > 0 then
@@ -358,8 +365,10 @@ if nline > 0 then
   end
 end
 
--- The lanes below that wait and are owed their guarantee: their first tickets, and the
--- slots they are owed (only asked when budget is free for this caller and others wait).
+-- The lanes below that wait and are owed their guarantee: their first tickets (as many
+-- as they are owed slots, at most 16 a lane: woken together, tickets whose holders died
+-- are all dropped after one wake grace, not one grace each while this lane waits), and
+-- the slots they are owed (only asked when budget is free for this caller and others wait).
 local function owed_below()
   local heads, need = {}, 0
   for q, g in string.gmatch(below, '(%d+):([^|]+)') do
@@ -376,10 +385,16 @@ local function owed_below()
       end
       local held = lanes_held()[q] or 0
       if lane_owed(held, cap, g, clocks, now) then
-        heads[#heads + 1] = first[1]
         local n = redis.call('ZCOUNT', KEYS[3], lo, hi)
         if cap > 0 then n = math.min(n, math.floor(cap * g) - held) end
         need = need + n
+        local woken = first
+        if n > 1 then
+          woken = redis.call('ZRANGEBYSCORE', KEYS[3], lo, hi, 'LIMIT', 0, math.min(n, 16))
+        end
+        for _, ticket in ipairs(woken) do
+          if ticket ~= id then heads[#heads + 1] = ticket end
+        end
       end
     end
   end
@@ -449,7 +464,7 @@ if wait > 0 then
     if keyed then
       -- its key's next ticket starts after this one; the key lives while it waits
       local kset = {}
-      if not mine and kept == 0 then kset = {'vf', string.format('%.17g', tag + 1 / kweight)} end
+      if not mine and kept == 0 then kset = {VF, string.format('%.17g', tag + 1 / kweight)} end
       place = string.format('%.17g', tag)
       key_write(kset, now, math.max(kkeep, ticket_ttl + 1000))
     end
@@ -476,11 +491,13 @@ for i = 1, nwin do
 end
 if guar > 0 then
   -- this lane's guarantee clocks move by what it spends, at its guaranteed rate; one
-  -- that fell behind keeps two calls of credit (the wake-up that lets the owed lane in
-  -- takes a round trip or two: without credit the lane would lose that time every call)
+  -- that fell behind keeps the window's burst (its tolerance) of credit: so the lane is
+  -- owed its share of a burst too (from idle, guar of what the bucket holds), and the
+  -- round trip or two of the wake-up that lets an owed lane in is not lost on every call
   for i = 1, nwin do
-    local clock = tonumber(ctl[NFIXED + nwin + i]) or now
-    if clock < now - 2 * steps[i] / guar then clock = now - 2 * steps[i] / guar end
+    local credit = win[7 + 2 * i]
+    local clock = tonumber(ctl[NFIXED + nwin + i]) or (now - credit)
+    if clock < now - credit then clock = now - credit end
     hset[#hset + 1] = fields[NFIXED + nwin + i]
     hset[#hset + 1] = clock + steps[i] / guar
   end
@@ -489,7 +506,7 @@ if keyed then
   -- the virtual time moves to the start tag of the ticket admitted (never back)
   local vt = tonumber(ctl[I_VT]) or 1
   if tag > vt then vt = tag end
-  hset[#hset + 1] = 'vt'
+  hset[#hset + 1] = VT
   hset[#hset + 1] = string.format('%.17g', vt)
 end
 local refresh = ctl_expiry(hset, tonumber(ctl[5]), now, horizon)
@@ -517,7 +534,7 @@ if keyed then
     kset[#kset + 1] = new_ktats[i]
   end
   if not mine and kept == 0 then
-    kset[#kset + 1] = 'vf'
+    kset[#kset + 1] = VF
     kset[#kset + 1] = string.format('%.17g', tag + 1 / kweight)
   end
   key_write(kset, khorizon, kkeep)

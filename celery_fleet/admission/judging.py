@@ -1,0 +1,125 @@
+"""What a slot does for the quality breaker: judge its answer, count the verdict, route.
+
+:class:`Judging` is a part of :class:`~celery_fleet.admission.slot.Slot` (a mixin): it runs
+the detectors of :mod:`celery_fleet.quality` on the call's answer (``judge``), hands the
+verdict's count to the release (``quality_command``; the release writes both at once), and
+decides which limit the slot is admitted against while the asked limit's quality breaker
+is open (``routed``/``route``: ``pause`` raises ``QualityDegraded``, ``fallback`` moves the
+slot to the other limit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, FleetError, QualityDegraded
+from ..quality.config import DETECTOR_NAMES
+from ..quality.judge import Verdict, ask_of, judge
+from .lanes import check_lane
+from .providers import Signal
+
+if TYPE_CHECKING:
+    from .core import Admission
+
+__all__ = ["Judging"]
+
+
+class Judging:
+    """The quality side of a slot (see the module docstring)."""
+
+    admission: Admission
+    #: the limit admitted against, and the one asked for (they differ on a fallback)
+    limit: str
+    asked: str
+    lane: str | None
+    key: str | None
+    tokens: int
+    validator: Callable[[Any], object] | None
+    verdict: Signal | None
+    #: the verdict of :meth:`judge`, counted by the quality breaker on release
+    judged: Verdict | None
+    _asked_lane_key: tuple[str | None, str | None]
+
+    def routed(self, decide: Callable[[], str] | None = None) -> str:
+        """Where the quality breaker sends this slot (``decide``: AsyncSlot's, after an
+        awaited read); a ``QualityDegraded`` refusal is told to the watchers first."""
+        try:
+            return decide() if decide else self.admission.quality.route(self.asked)
+        except QualityDegraded as exc:
+            if self.admission.watchers:
+                self.admission.tell("refused", self.asked, reason=exc.reason, wait_ms=exc.wait_ms)
+            raise
+
+    def route(self, limit: str) -> None:
+        """Be admitted against ``limit``: the one asked for, or its quality fallback (the
+        lane and key asked for when that limit has them, and at most the tokens it admits)."""
+        if limit == self.limit:
+            return
+        cfg = self.admission.limit(limit)
+        lane, key = self._asked_lane_key
+        self.limit = limit
+        try:
+            chosen = check_lane(cfg.lanes, limit, lane)
+        except ConfigError:
+            chosen = check_lane(cfg.lanes, limit, None)
+        self.lane = chosen.name if chosen is not None else None
+        self.key = key if cfg.keyed else None
+        self.tokens = min(self.tokens, cfg.max_tokens_per_call or 0)
+
+    def judge(
+        self,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+    ) -> Verdict:
+        """Judge a call's answer (OpenAI/Anthropic response, SDK object or dict) for garbage.
+
+        Runs the limit's detectors (``quality["detectors"]``, all by default) and its
+        ``validate`` hook; ``max_tokens``, ``json``/``response_format`` and ``schema`` (or
+        ``request``, the call's body, that has them) say what was asked. The verdict is
+        counted by the limit's quality breaker when the slot is released (in the same
+        write: no round trip of its own). Only ``validate`` rejecting it counts as a
+        failure of the availability breaker, as :meth:`validate` does. Never raises.
+        """
+        verdict = self.judge_with(
+            resp, self.validator, ask_of(max_tokens, json, response_format, schema, request)
+        )
+        if verdict.invalid:
+            self.verdict = Signal("invalid_output", detail="validate() rejected the result")
+        return verdict
+
+    def judge_with(self, resp: Any, validate: Callable[[Any], object] | None, ask: Any) -> Verdict:
+        """:meth:`judge` with the hook given (AsyncSlot passes an awaited answer)."""
+        quality = self.admission.quality
+        cfg = quality.config(self.limit) or quality.config(self.asked)
+        names = cfg.detectors if cfg is not None else DETECTOR_NAMES
+        self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
+        if self.admission.watchers:
+            verdict = "ok" if self.judged.ok else "garbage"
+            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
+        return self.judged
+
+    def quality_command(self) -> tuple[str, bytes] | None:
+        """The count of the verdict :meth:`judge` gave, once (None: nothing to count)."""
+        verdict, self.judged = self.judged, None
+        if verdict is None:
+            return None
+        return self.admission.quality.count_command(self.limit, verdict)
+
+    def _post_count(self) -> None:
+        """Post the judged verdict's count (``next``: the release rides on the next ask)."""
+        counted = self.quality_command()
+        if counted is None:
+            return
+        limit, quality = self.limit, self.admission.quality
+        try:
+            if not self.admission.store.post(counted, lambda r: quality.counted(limit, r)):
+                (reply,) = self.admission.store.send(counted)
+                quality.counted(limit, reply)
+        except FleetError as exc:
+            quality.counted(limit, exc)

@@ -1,0 +1,189 @@
+"""Which worker is the home of which affinity queue: rendezvous hashing and leases.
+
+Example::
+
+    homes = Homes(store, config, "w1@host")
+    live = homes.announce()                      # this worker is live; who else is
+    wanted = queues_of(homes.worker_id, live, config.queues)
+    held = homes.claim(wanted)                   # the queues this worker is the home of
+
+**Assignment** (:func:`assign`, pure, the same in every process given the same live
+workers): every worker scores every queue with a stable hash of ``(worker, queue)``
+(rendezvous, or highest-random-weight, hashing); a queue goes to its best-scoring worker.
+Plain rendezvous hashing balances only on average (32 queues over 3 workers can split
+15/10/7), so the assignment is *bounded*: queues are placed in order of their best
+score, each with its best-scoring worker that still has room (every worker first gets
+``floor(queues / workers)``, then the remainder one each), so the loads differ by one at
+most. When a worker joins or leaves,
+about ``1/n`` of the queues move, more when the cap pushes queues to a later choice:
+measured over 30 random fleets, 1.1-1.7 times the ideal ``queues/n`` for 64 queues over 2
+to 8 workers, up to 3 times with fewer than 8 queues per worker. Keep several queues per
+worker (the default 32 suits up to 4-6 workers; 64 up to 8).
+
+**Leases.** A worker announces itself in the zset ``{<ns>:affinity}:workers`` (its id, an
+expiry on Redis's clock) every round; a worker killed with SIGKILL drops out within one
+lease. Each queue's home is the string ``{<ns>:affinity}:home:<n>``: the owner id, with
+a PX expiry, taken only when free, renewed and deleted only by its owner (one script for
+every queue, one round trip). So a queue has at most one home at a time, and a dead
+home's queues are free within one lease. A worker consumes a queue only while it holds
+its lease (:attr:`Homes.valid_until`: the lease may have lapsed by the local clock after
+that; the caller stops consuming).
+
+This module knows nothing about Celery.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+
+from ..clock import Clock, SystemClock
+from ..store.specs import AFFINITY_HOMES, AFFINITY_PRESENCE
+from ..store.sync import RedisStore
+from .ring import DistributionConfig, stable_hash
+from .status import home_key
+
+__all__ = ["Homes", "assign", "queues_of", "home_scores", "CLOCK_DRIFT"]
+
+#: How much faster than Redis's the local clock may run (as for locks).
+CLOCK_DRIFT = 0.01
+
+
+def home_scores(worker: str, queues: int) -> list[int]:
+    """The rendezvous score of ``worker`` for each queue (higher wins)."""
+    return [stable_hash(f"{worker}\0{q}") for q in range(queues)]
+
+
+def assign(workers: Iterable[str], queues: int) -> list[str | None]:
+    """The home worker of each queue (index -> worker id), balanced by count.
+
+    Rendezvous hashing with caps: loads of ``floor`` or ``ceil(queues / len(workers))``.
+    Deterministic: every process that sees the same workers computes the same homes.
+    No workers: every queue is homeless (None).
+
+    Example::
+
+        assign(["a", "b", "c"], 6)   # each worker gets exactly 2 queues
+    """
+    live = sorted(set(workers))
+    if not live:
+        return [None] * queues
+    scores = {w: home_scores(w, queues) for w in live}
+    ranked = [_ranking(live, scores, q) for q in range(queues)]
+    order = sorted(range(queues), key=lambda q: (-scores[ranked[q][0]][q], q))
+    load = dict.fromkeys(live, 0)
+    homes: list[str | None] = [None] * queues
+    # Every worker gets floor(queues / workers); the remainder goes one each, in a second
+    # pass, so the loads differ by one at most.
+    for cap in (queues // len(live), queues // len(live) + 1):
+        for q in order:
+            if homes[q] is not None:
+                continue
+            for w in ranked[q]:
+                if load[w] < cap:
+                    homes[q] = w
+                    load[w] += 1
+                    break
+    return homes
+
+
+def _ranking(live: list[str], scores: dict[str, list[int]], queue: int) -> list[str]:
+    """The workers in order of preference for ``queue`` (best score first; ties by id)."""
+    return sorted(live, key=lambda w: (-scores[w][queue], w))
+
+
+def queues_of(worker: str, workers: Iterable[str], queues: int) -> set[int]:
+    """The queues whose home :func:`assign` makes ``worker`` (it counts as live)."""
+    homes = assign([*workers, worker], queues)
+    return {q for q, home in enumerate(homes) if home == worker}
+
+
+class Homes:
+    """One worker's side of the homes: its presence and the leases of its queues.
+
+    Args:
+        store: the fleet's Redis.
+        config: the fleet's distribution settings (queues, lease, namespace).
+        name: the worker's name (Celery's nodename); the worker's id adds a random part,
+            so two processes started with the same name are two workers, never one owner.
+        clock: local time for the validity of the leases (tests inject a fake one).
+
+    Not thread-safe: one loop (the worker's distribution thread) calls it.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        config: DistributionConfig,
+        name: str,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.worker_id = f"{name}/{uuid.uuid4().hex[:8]}"
+        self.clock: Clock = clock or SystemClock()
+        self.lease_ms = max(1, round(config.lease_s * 1000))
+        self.workers_key = f"{{{config.namespace}:affinity}}:workers"
+        self.home_keys = [home_key(config.namespace, q) for q in range(config.queues)]
+        #: The queues this worker held at the last answered claim.
+        self.held: set[int] = set()
+        #: The home of each queue at the last answered claim ("" none).
+        self.holders: list[str] = [""] * config.queues
+        #: Until when (local monotonic) the leases of :attr:`held` are surely not lapsed.
+        self.valid_until = -math.inf
+
+    def announce(self) -> list[str]:
+        """Renew this worker's presence; the live workers' ids (this one included)."""
+        return AFFINITY_PRESENCE.run(
+            self.store, [self.workers_key], [self.worker_id, self.lease_ms, "1"]
+        )
+
+    def wanted(self, live: Sequence[str]) -> set[int]:
+        """The queues this worker should be the home of, among ``live`` workers."""
+        return queues_of(self.worker_id, live, self.config.queues)
+
+    def claim(self, wanted: set[int], keep: set[int] | None = None) -> set[int]:
+        """Take or renew the leases of ``wanted``; give up the others this worker holds,
+        except those in ``keep`` (still consumed: the caller gives them up once its
+        consumer stopped). Returns the queues this worker holds now."""
+        keep = keep or set()
+        flags = "".join(
+            "1" if q in wanted else ("-" if q in keep else "0") for q in range(self.config.queues)
+        )
+        sent = self.clock.monotonic()
+        holders = AFFINITY_HOMES.run(
+            self.store, self.home_keys, [self.worker_id, self.lease_ms, flags]
+        )
+        self.holders = holders
+        self.held = {q for q, owner in enumerate(holders) if owner == self.worker_id}
+        # Redis (re)started the leases no earlier than the call was sent.
+        self.valid_until = sent + self.config.lease_s * (1.0 - CLOCK_DRIFT)
+        return set(self.held)
+
+    @property
+    def live(self) -> bool:
+        """True while the leases of :attr:`held` are surely not lapsed by the local clock."""
+        return self.clock.monotonic() < self.valid_until
+
+    def read_holders(self) -> list[str]:
+        """The home of each queue now ("" none), changing nothing."""
+        flags = "-" * self.config.queues
+        return AFFINITY_HOMES.run(
+            self.store, self.home_keys, [self.worker_id, self.lease_ms, flags]
+        )
+
+    def leave(self) -> None:
+        """Give up every lease and withdraw this worker (it is stopping): its queues get
+        their new homes at the peers' next round rather than after a lease."""
+        self.valid_until = -math.inf
+        self.held = set()
+        AFFINITY_HOMES.run(
+            self.store, self.home_keys, [self.worker_id, self.lease_ms, "0" * self.config.queues]
+        )
+        self._presence("0")
+
+    def _presence(self, announce: str) -> list[str]:
+        return AFFINITY_PRESENCE.run(
+            self.store, [self.workers_key], [self.worker_id, self.lease_ms, announce]
+        )

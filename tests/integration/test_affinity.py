@@ -1,0 +1,275 @@
+"""Real `celery worker` processes on the Redis broker: affinity queues keep a customer's
+tasks on one worker, a SIGKILLed worker's queues move with no task lost, an idle worker
+steals from a deep queue in "steal" mode and never in "dedicated" mode, and a bad
+distribution setting stops the worker at start. Tasks are in affinity_app.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import pytest
+from kombu import Connection
+
+from celery_fleet.distribution.status import affinity_status
+from celery_fleet.observability.cli import _status
+from tests.integration.workers import ROOT, celery_workers, new_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+QUEUES = 8
+LEASE_S = 1.5
+
+
+@contextmanager
+def _workers(
+    redis_url: str,
+    mode: str,
+    workers: int,
+    pool: tuple[str, str] = ("threads", "2"),
+    lease_s: float = LEASE_S,
+    amqp: str | None = None,
+    threshold: int = 2,
+) -> Iterator[tuple[ModuleType, list[subprocess.Popen[bytes]], str]]:
+    """Workers of affinity_app.py on the Redis broker (DB 12), or on RabbitMQ (``amqp``:
+    the fleet's Redis and the result backend stay on DB 12)."""
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    name = f"aff-{new_run()}"
+    settings = {
+        "FLEET_AFF_BROKER": amqp or broker,
+        "FLEET_AFF_BACKEND": broker,
+        "FLEET_AFF_REDIS": broker,
+        "FLEET_AFF_NS": name,
+        "FLEET_AFF_QUEUE": f"fleet-{name}",
+        "FLEET_AFF_MODE": mode,
+        "FLEET_AFF_QUEUES": str(QUEUES),
+        "FLEET_AFF_LEASE": str(lease_s),
+        "FLEET_AFF_THRESHOLD": str(threshold),
+    }
+    with celery_workers(
+        "tests.integration.affinity_app",
+        settings,
+        name=name,
+        broker=broker,
+        workers=workers,
+        pool=pool,
+    ) as (module, procs):
+        try:
+            yield module, procs, name
+        finally:
+            module._probe.close()
+    if amqp is not None:
+        _drop_rabbitmq_queues(amqp, name)
+
+
+AMQP_URL = os.environ.get("FLEET_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbitmq_answers() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _drop_rabbitmq_queues(url: str, name: str) -> None:
+    """RabbitMQ keeps a run's durable queues and exchanges: delete them."""
+    with Connection(url) as conn:
+        channel = conn.channel()
+        for queue in [f"fleet-{name}", *(f"{name}.affinity.{q}" for q in range(QUEUES))]:
+            channel.queue_delete(queue)
+            channel.exchange_delete(queue)
+        channel.close()
+
+
+def _homes(m: ModuleType) -> list[str]:
+    """The worker name (nodename) of each queue's home now ("" none)."""
+    keys = [f"{{{m.NAMESPACE}:affinity}}:home:{q}" for q in range(QUEUES)]
+    return [(v or b"").decode().split("/")[0] for v in m._probe.mget(keys)]
+
+
+def _wait_homes(m: ModuleType, workers: int, within_s: float = 30.0) -> list[str]:
+    """Wait until every queue has a home and ``workers`` workers share them."""
+    deadline = time.monotonic() + within_s
+    while True:
+        homes = _homes(m)
+        if all(homes) and len(set(homes)) == workers:
+            return homes
+        assert time.monotonic() < deadline, f"homes never settled on {workers}: {homes}"
+        time.sleep(0.1)
+
+
+def _ran(m: ModuleType) -> list[list[str]]:
+    return [x.decode().split() for x in m._probe.lrange(m.key("ran"), 0, -1)]
+
+
+def test_a_customers_tasks_run_on_its_queues_home(redis_url: str) -> None:
+    with _workers(redis_url, "dedicated", 2, ("prefork", "2")) as (m, _procs, _name):
+        homes = _wait_homes(m, 2)
+        config = m.fleet.distribution
+        results = [m.handle.delay(f"c{c}", i, 0.01) for i in range(6) for c in range(10)]
+        done = [r.get(timeout=60) for r in results]
+        by_customer: dict[str, Counter[str]] = defaultdict(Counter)
+        for (customer, *_), out in zip(
+            [(f"c{c}", i) for i in range(6) for c in range(10)], done, strict=True
+        ):
+            queue = config.queue_for(f"customer:{customer}")
+            assert out["queue"] == queue  # routed at publish by its affinity key
+            by_customer[customer][out["worker"]] += 1
+            assert out["worker"] == homes[config.index_of(queue)]
+        for customer, workers in by_customer.items():
+            assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
+        assert m.by_callable.delay("x", 1).get(timeout=30) == config.queue_for("c:x")
+        # a rescheduled task goes back to its affinity queue (published again by the pump)
+        runs = m.throttled_once.delay("c3", new_run()).get(timeout=60)
+        assert runs == [config.queue_for("customer:c3")] * 2
+
+
+def test_with_balanced_load_steal_mode_keeps_each_customer_on_one_worker(
+    redis_url: str,
+) -> None:
+    """Published at a pace the workers keep up with, no queue grows past the threshold:
+    in "steal" mode too, at least 90% of each customer's tasks run on one worker."""
+    with _workers(redis_url, "steal", 2, threshold=6) as (m, _procs, _name):
+        _wait_homes(m, 2)
+        results = []
+        for i in range(6):
+            for c in range(10):
+                results.append((f"c{c}", m.handle.delay(f"c{c}", i, 0.02)))
+                time.sleep(0.01)
+        by_customer: dict[str, Counter[str]] = defaultdict(Counter)
+        for customer, r in results:
+            by_customer[customer][r.get(timeout=60)["worker"]] += 1
+        for customer, workers in by_customer.items():
+            assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
+
+
+def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
+    with _workers(redis_url, "dedicated", 2) as (m, procs, name):
+        homes = _wait_homes(m, 2)
+        victim = f"{name}-0@"
+        assert any(h.startswith(victim) for h in homes)
+        calls = [(f"c{c}", i) for i in range(8) for c in range(8)]
+        results = [m.handle.delay(c, i, 0.1) for c, i in calls]
+        deadline = time.monotonic() + 30
+        while len(_ran(m)) < 8:  # both workers are busy
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        procs[0].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        homes = _wait_homes(m, 1, within_s=LEASE_S + 5)
+        moved_s = time.monotonic() - killed_at
+        assert not any(h.startswith(victim) for h in homes)
+        done = [r.get(timeout=90) for r in results]  # every task ran: none lost
+        assert sorted((d["n"]) for d in done) == sorted(i for _, i in calls)
+        ran = {(c, int(n)) for c, n, *_ in _ran(m)}
+        assert ran == set(calls)
+        # within one lease and the rounds that notice it (reported, not a speed test)
+        print(f"queues moved {moved_s:.2f} s after the SIGKILL (lease {LEASE_S} s)")
+
+
+def test_a_worker_that_stops_gives_its_queues_up_at_once(redis_url: str) -> None:
+    """A warm shutdown cancels the worker's consumers and deletes its leases: the queues
+    move at the peer's next round, long before the (30 s) lease would lapse."""
+    with _workers(redis_url, "dedicated", 2, lease_s=30.0) as (m, procs, name):
+        _wait_homes(m, 2)
+        procs[0].send_signal(signal.SIGTERM)
+        procs[0].wait(20)
+        homes = _wait_homes(m, 1, within_s=15.0)
+        assert all(h.startswith(f"{name}-1@") for h in homes)
+        assert m.handle.delay("c1", 1).get(timeout=30)["worker"].startswith(f"{name}-1@")
+
+
+def _hot_customer(m: ModuleType, homes: list[str], home: str) -> str:
+    config = m.fleet.distribution
+    for c in range(1000):
+        if homes[config.index_of(config.queue_for(f"customer:hot{c}"))].startswith(home):
+            return f"hot{c}"
+    raise AssertionError("no customer maps to a queue of " + home)
+
+
+@pytest.mark.parametrize(("mode", "broker"), [("steal", "redis"), ("dedicated", "redis"),
+                                             ("steal", "amqp")])  # fmt: skip
+def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
+    redis_url: str, mode: str, broker: str
+) -> None:
+    if broker == "amqp" and not _rabbitmq_answers():
+        if os.environ.get("CI"):
+            pytest.fail(f"no RabbitMQ at {AMQP_URL}")
+        pytest.skip(f"no RabbitMQ at {AMQP_URL}")
+    amqp = AMQP_URL if broker == "amqp" else None
+    with _workers(redis_url, mode, 2, ("threads", "1"), amqp=amqp) as (m, _procs, name):
+        homes = _wait_homes(m, 2)
+        home, peer = f"{name}-0@", f"{name}-1@"
+        customer = _hot_customer(m, homes, home)
+        results = [m.handle.delay(customer, i, 0.25) for i in range(16)]
+        workers = Counter(r.get(timeout=60)["worker"].split("@")[0] + "@" for r in results)
+        if mode == "steal":
+            assert workers[peer] >= 2, workers  # the idle peer took some of the hot queue
+            assert workers[home] >= 2, workers  # and its home kept working on it
+        else:
+            assert workers == {home: 16}, workers  # dedicated never steals
+        # counted: by the workers (inspect fleet) and fleet-wide (status, metrics)
+        queue = m.fleet.distribution.index_of(
+            m.fleet.distribution.queue_for(f"customer:{customer}")
+        )
+        answers = m.app.control.inspect(timeout=5)._request("fleet") or {}
+        counts = {w.split("@")[0] + "@": a["distribution"] for w, a in answers.items()}
+        assert counts[peer]["stolen_tasks"] == workers[peer], counts
+        assert counts[home]["local_hits"] >= workers[home], counts
+        assert queue in counts[home]["home_of"]
+        stats = m.app.control.inspect(timeout=5).stats() or {}
+        line = next(s for w, s in stats.items() if w.startswith(peer))["fleet: distribution"]
+        assert line.startswith(mode) and f"{workers[peer]} stolen" in line, line
+        deadline = time.monotonic() + 10
+        while True:  # each worker adds its counts every round (half a second)
+            row = affinity_status(m.fleet.store, m.fleet.distribution)[queue]
+            if (row.local, row.stolen) == (workers[home], workers[peer]):
+                break
+            assert time.monotonic() < deadline, (row, workers)
+            time.sleep(0.1)
+        text = _status(m.fleet, (), False)
+        assert f"affinity queues ({mode}" in text and row.name in text, text
+
+
+def test_a_shared_worker_drains_tasks_left_in_affinity_queues(redis_url: str) -> None:
+    """Switching from "dedicated" to "shared" strands nothing: the tasks already waiting in
+    affinity queues are consumed (here sent there directly, as the old mode did)."""
+    with _workers(redis_url, "shared", 1) as (m, _procs, _name):
+        config = m.fleet.distribution
+        left = [
+            m.app.send_task(m.handle.name, (f"c{q}", q), queue=config.queue_name(q))
+            for q in range(QUEUES)
+        ]
+        assert sorted(r.get(timeout=60)["n"] for r in left) == list(range(QUEUES))
+        assert m.handle.delay("c1", 99).get(timeout=30)["queue"] == f"fleet-{m.NAMESPACE}"
+
+
+def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) -> None:
+    broker = redis_url.rsplit("/", 1)[0] + "/12"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLEET_AFF_BROKER": broker,
+        "FLEET_AFF_NS": f"aff-{new_run()}",
+        "FLEET_AFF_MODE": "stealing",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.affinity_app", "worker"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    out = proc.stdout.decode() + proc.stderr.decode()
+    assert proc.returncode != 0
+    assert "ConfigError" in out and "fleet_distribution must be one of" in out, out[-2000:]
