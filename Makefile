@@ -166,6 +166,14 @@ bench-distribution: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/distribution.py $(DIST_ARGS)
 
 ## 1,000 coroutines (fleet.aslot) against 1,000 threads (fleet.slot) in one process.
+## Capacity discovery (discover off/on, with and without headers, over capacity phases) and
+## the quality breaker (detection, recovery, garbage served with pause vs flag, false opens):
+## about 7 minutes, Redis DB 11; appends to benchmarks/RESULTS.md. QUALITY_ARGS=--quick: a
+## smoke run that appends nothing; --healthy 1800 for the issue's 30 healthy minutes.
+.PHONY: bench-quality
+bench-quality: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/quality.py $(QUALITY_ARGS)
+
 .PHONY: bench-aio
 bench-aio: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/aio.py $(AIO_ARGS)

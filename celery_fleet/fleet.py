@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .admission import adaptive
+from .admission import adaptive, discover
 from .admission.aslot import AsyncMethods
 from .admission.backoff import decorrelated_jitter, full_jitter, spread
 from .admission.breaker import Breaker
@@ -548,6 +548,12 @@ class Fleet(AsyncMethods):
         """The fleet-wide control state of limit ``name``: the adaptive ``cap`` and
         ``rate_factor``, ``pause_until`` (ms), ``ceiling``, ``hold_ms``..."""
         return adaptive.control_state(self.admission, name)
+
+    def discovered(self, name: str) -> dict[str, Any] | None:
+        """What limit ``name`` has discovered above its declared rate, fleet-wide (None
+        without ``"discover"``): the learned ``factor``, the ``ceiling`` a 429 last came at,
+        the headers' ``provider_factor``, per window the declared and effective budget."""
+        return discover.discover_state(self.admission, name)
 
     def reset_buckets(self, name: str) -> None:
         """Refill every request and token window of limit ``name`` fleet-wide (operators:

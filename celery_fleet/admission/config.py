@@ -34,6 +34,7 @@ from ..checks import (
 )
 from ..errors import ConfigError
 from ..quality.config import QualityConfig, parse_quality
+from .discover import DiscoverConfig, check_discover, parse_discover
 from .lanes import Lanes, parse_lanes
 from .tenancy import KeysConfig, WeightsConfig, parse_weights
 
@@ -91,6 +92,7 @@ _KNOWN_KEYS = (
             "lanes",
             "keys",
             "weights",
+            "discover",
             "quality",
         }
     )
@@ -179,6 +181,8 @@ class LimitConfig:
     #: every key's own sub-limit (``"keys"``) and fair-share weights (``"weights"``)
     keys: KeysConfig | None = None
     weights: WeightsConfig | None = None
+    #: capacity discovery above the declared rate (``"discover"``); see admission/discover.py
+    discover: DiscoverConfig | None = None
     #: the quality breaker (garbage detection; see celery_fleet/quality/)
     quality: QualityConfig | None = None
 
@@ -307,7 +311,7 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
             f"{setting} limits nothing: give at least one of rpm, tpm, rate, requests, "
             f"tokens, max_in_flight"
         )
-    return LimitConfig(
+    cfg = LimitConfig(
         name,
         tuple(windows),
         max_in_flight,
@@ -320,8 +324,11 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         lanes=parse_lanes(spec.get("lanes"), name, f"{setting}['lanes']"),
         keys=_parse_keys(name, spec.get("keys"), f"{setting}['keys']"),
         weights=parse_weights(spec.get("weights"), f"{setting}['weights']"),
+        discover=parse_discover(spec.get("discover"), f"{setting}['discover']"),
         quality=parse_quality(spec.get("quality"), f"{setting}['quality']"),
     )
+    check_discover(cfg, setting)
+    return cfg
 
 
 #: What a key's sub-limit may set: windows and a cap, in the limit's own format.

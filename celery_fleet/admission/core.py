@@ -596,17 +596,24 @@ class Admission:
         k = self._keys[name]
         args: list[object] = []
         factors = []
+        # A discovering limit may be told its real limit is above the declared one.
+        most = cfg.discover.up_to if cfg.discover else 1.0
         for w in cfg.windows:
             is_req = w.dimension == REQUESTS
             limit = obs.requests_limit if is_req else obs.tokens_limit
             remaining = obs.requests_remaining if is_req else obs.tokens_remaining
             if w.period_s != 60:
                 continue
+            emission = w.emission_ms
             if limit is not None and limit > 0:
-                factors.append(min(1.0, limit / w.declared))
+                factors.append(min(most, limit / w.declared))
+                if factors[-1] > 1:
+                    # above the declared rate a unit takes T / factor: R units left are
+                    # R of those, not R * factor of them
+                    emission /= factors[-1]
             if remaining is not None:
                 units = min(max(0, int(remaining)), MAX_UNITS)
-                args += [w.field, repr(w.emission_ms), repr(w.tolerance_ms), units]
+                args += [w.field, repr(emission), repr(w.tolerance_ms), units]
         factor = max(MIN_PROVIDER_FACTOR, min(factors)) if factors else -1
         if self.store_down.owns(lease_id):
             lease_id = None  # what the provider said still lowers the shared buckets

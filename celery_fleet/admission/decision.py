@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from .config import TOKENS, LimitConfig, Window
+from .discover import cap_bound
 from .line import TICKET_TTL_MS, WAKE_GRACE_MS
 
 __all__ = [
@@ -148,13 +149,14 @@ def acquire_args(cfg: LimitConfig) -> list[bytes]:
     """The acquire script's fixed arguments for a limit: its constants, then its windows."""
     constants = _doubles(
         cfg.lease_s * 1000,
-        cfg.max_in_flight or 0,
+        cap_bound(cfg),
         cfg.adaptive.initial_in_flight if cfg.adaptive else 0,
         int(cfg.breaker.reset_timeout_s * 1000) if cfg.breaker else 0,
         TICKET_TTL_MS,
         WAKE_GRACE_MS,
         len(cfg.windows),
         *(x for w in cfg.windows for x in (w.emission_ms, w.tolerance_ms)),
+        *(cfg.discover.acquire_tail() if cfg.discover else ()),
     )
     return [constants, *(w.field.encode() for w in cfg.windows)]
 
@@ -176,7 +178,7 @@ def release_args(cfg: LimitConfig) -> list[bytes]:
     adaptive = (
         (
             1,
-            cfg.max_in_flight or 0,
+            cap_bound(cfg),
             a.min_in_flight,
             a.initial_in_flight,
             a.increase,
@@ -192,4 +194,5 @@ def release_args(cfg: LimitConfig) -> list[bytes]:
         if b
         else (0,) * 5
     )
-    return [_doubles(cfg.max_in_flight or 0, TICKET_TTL_MS, WAKE_GRACE_MS, *adaptive, *breaker)]
+    discover = cfg.discover.release_tail() if cfg.discover else ()
+    return [_doubles(cap_bound(cfg), TICKET_TTL_MS, WAKE_GRACE_MS, *adaptive, *breaker, *discover)]

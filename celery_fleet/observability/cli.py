@@ -85,6 +85,10 @@ def _table(rows: list[LimitStatus]) -> str:
         if s.adaptive_cap is not None:
             factor = f"{s.rate_factor:.2f}" if s.rate_factor is not None else "-"
             lines.append(f"  adaptive     cap {s.adaptive_cap:.2f}, rate factor {factor}")
+        if s.discovered is not None:
+            found = ", ".join(s.discovered_rates) or "the in-flight cap only"
+            most = f"up to {s.discover_up_to:g}x"
+            lines.append(f"  discovered   {s.discovered:.2f}x declared: {found} ({most})")
         if s.paused_s > 0:
             lines.append(f"  paused       {s.paused_s:.1f} s more (the provider's Retry-After)")
         if s.breaker is not None:

@@ -20,6 +20,10 @@ which name the window and not its budget, so a changed budget keeps its series):
 - ``celery_fleet_budget_left`` and ``celery_fleet_budget_full``: units each window admits
   now, and holds;
 - ``celery_fleet_adaptive_cap``, ``celery_fleet_rate_factor``;
+- ``celery_fleet_discovered_factor`` (a limit with ``"discover"``: the rate factor in
+  force over the declared rate; above 1, capacity found above it) and
+  ``celery_fleet_discovered_rate`` (``dimension``, ``period_seconds``: the window's
+  effective budget per period, to set beside the declared one);
 - ``celery_fleet_paused_seconds`` (a provider's Retry-After still running);
 - ``celery_fleet_breaker_state`` (label ``state``: 1 for the current one of closed, open,
   half_open), ``celery_fleet_breaker_forced`` (1 when an operator forced it);
@@ -171,6 +175,8 @@ class FleetCollector:
             "full": gauge("budget_full", "Units a window holds when full", window),
             "acap": gauge("adaptive_cap", "The adaptive (AIMD) in-flight cap"),
             "factor": gauge("rate_factor", "The adaptive rate factor (1: the full rate)"),
+            "disc": gauge("discovered_factor", "Rate factor in force over the declared rate"),
+            "disc_rate": gauge("discovered_rate", "A window's effective budget per period", window),
             "paused": gauge("paused_seconds", "Seconds left of a provider's Retry-After pause"),
             "breaker": gauge("breaker_state", "1 for the breaker's state", ("state",)),
             "forced": gauge("breaker_forced", "1 when an operator forced the breaker"),
@@ -202,6 +208,11 @@ class FleetCollector:
             if s.adaptive_cap is not None:
                 g["acap"].add_metric(lim, s.adaptive_cap)
                 g["factor"].add_metric(lim, s.rate_factor or 1.0)
+            if s.discovered is not None:
+                g["disc"].add_metric(lim, s.discovered)
+                for cfg in self.fleet.limits[s.limit].windows:
+                    labels = [*lim, cfg.dimension, str(cfg.period_s)]
+                    g["disc_rate"].add_metric(labels, cfg.budget * s.discovered)
             g["paused"].add_metric(lim, s.paused_s)
             if s.breaker is not None:
                 for state in BREAKER_STATES:

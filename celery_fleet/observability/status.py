@@ -11,6 +11,8 @@ are what an ask would meet, computed once, in Redis:
   one) and the age of the oldest (its acquire time is in its name);
 - the adaptive cap and rate factor, a provider pause still running, the breaker, and how
   many callers wait in line;
+- a limit with capacity discovery (``"discover"``): the rate factor in force against the
+  declared rate (above 1: what the fleet found the provider allows) and its ``up_to``;
 - each priority lane's share: its leases in flight (a lease's lane is in its name) and its
   tickets in line, read in the same round trip.
 - a limit with keys (tenants): its busiest keys, each with its calls in flight and its
@@ -114,6 +116,12 @@ class LimitStatus:
     lanes: list[LaneStatus] = field(default_factory=list)
     #: a limit with keys: its busiest keys, most in flight + in line first
     keys: list[KeyStatus] | None = None
+    #: capacity discovery: the rate factor in force (1: the declared rate; above: found
+    #: above it) and the most it may reach; None without ``"discover"``
+    discovered: float | None = None
+    discover_up_to: float | None = None
+    #: each window's budget at that factor, e.g. ``"900 requests/60s"`` (declared 600)
+    discovered_rates: list[str] = field(default_factory=list)
     #: a limit with a quality breaker: its state, garbage_rate, baseline, calls, garbage,
     #: wait_ms and top reasons (QualityState.as_dict; celery_fleet/quality/)
     quality: dict[str, Any] | None = None
@@ -130,6 +138,10 @@ class LimitStatus:
             parts.append(f"adaptive cap {self.adaptive_cap:.2f}")
         if self.rate_factor is not None and self.rate_factor != 1:
             parts.append(f"rate factor {self.rate_factor:.2f}")
+        if self.discovered is not None:
+            parts.append(
+                f"discovered {self.discovered:.2f}x declared (up to {self.discover_up_to:g}x)"
+            )
         if self.paused_s > 0:
             parts.append(f"paused {self.paused_s:.1f} s more")
         if self.breaker is not None:
@@ -319,8 +331,16 @@ def limit_status(fleet: StatusSource, name: str) -> LimitStatus:
         config_fields=dict(applied.fields),
         lanes=lane_rows,
         keys=_keys(peek.keys) if cfg.keyed else None,
+        discovered=(_number(peek.factor) or 1.0) if cfg.discover else None,
+        discover_up_to=cfg.discover.up_to if cfg.discover else None,
+        discovered_rates=_rates(cfg, _number(peek.factor) or 1.0) if cfg.discover else [],
         quality=quality,
     )
+
+
+def _rates(cfg: LimitConfig, factor: float) -> list[str]:
+    """Each window's budget per period at ``factor``: ``"900 requests/60s"``."""
+    return [f"{w.budget * factor:.6g} {w.dimension}/{w.period_s}s" for w in cfg.windows]
 
 
 def _keys(flat: list[Any] | None) -> list[KeyStatus]:

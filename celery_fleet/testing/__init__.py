@@ -2,7 +2,9 @@
 
 :class:`ProviderSim` serves ``/v1/chat/completions`` with OpenAI's rate-limit behaviour
 (RPM and TPM token buckets, a max-in-flight limit, 429s with ``retry-after-ms`` and
-``x-ratelimit-*`` headers) plus scripted :class:`Phase` outages, so tests, the demo and the
+``x-ratelimit-*`` headers, or none with ``rate_limit_headers=False``) plus scripted
+:class:`Phase` outages, capacity changes (above a user's declared limit too) and garbage
+answers of several kinds (:mod:`celery_fleet.testing.garbage`), so tests, the demo and the
 benchmarks can watch a fleet against real limits. It also serves Anthropic's
 ``/v1/messages`` on the same limits (:mod:`celery_fleet.testing.messages`; give
 ``anthropic.Anthropic(base_url=sim.url)``). Standard library only.

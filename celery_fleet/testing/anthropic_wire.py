@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limiter import CONCURRENCY, REQUESTS, TOKENS, Bucket, Decision
-from .wire import BadRequest, content_text, format_number, reply_text
+from .wire import BadRequest, content_text, format_number
 
 __all__ = [
     "MessagesRequest",
@@ -141,27 +141,37 @@ def _message(
     }
 
 
+def _output(
+    request: MessagesRequest, output_tokens: int, garbage: bool | str
+) -> tuple[str, int, str]:
+    """Text, output tokens and Anthropic stop reason of an answer (garbage kinds as OpenAI's)."""
+    from .garbage import garbage_output
+
+    kind = "empty" if garbage is True else (garbage or "")
+    text, tokens, finish = garbage_output(kind, request.prompt_words, output_tokens)
+    return text, tokens, "max_tokens" if finish == "length" else "end_turn"
+
+
 def message_body(
-    *, message_id: str, request: MessagesRequest, output_tokens: int, garbage: bool = False
+    *, message_id: str, request: MessagesRequest, output_tokens: int, garbage: bool | str = False
 ) -> dict[str, Any]:
-    """A ``message`` object with one text block and ``usage``; ``garbage``: empty text, 0 output."""
-    output_tokens = 0 if garbage else output_tokens
-    text = "" if garbage else reply_text(request.prompt_words, output_tokens)
-    body = _message(message_id, request, [{"type": "text", "text": text}], "end_turn")
+    """A ``message`` object with one text block and ``usage``; ``garbage``: a kind of useless
+    output (``True``: empty text, 0 output)."""
+    text, output_tokens, stop = _output(request, output_tokens, garbage)
+    body = _message(message_id, request, [{"type": "text", "text": text}], stop)
     body["usage"]["output_tokens"] = output_tokens
     return body
 
 
 def sse_events(
-    *, message_id: str, request: MessagesRequest, output_tokens: int, garbage: bool = False,
+    *, message_id: str, request: MessagesRequest, output_tokens: int, garbage: bool | str = False,
     pieces: int = 4,
 ) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
     """The ``(event, data)`` of a streamed message, in Anthropic's order: ``message_start``
     (with ``usage.input_tokens``), ``content_block_start``, ``ping``, up to ``pieces``
     ``content_block_delta`` text deltas, ``content_block_stop``, ``message_delta`` (with
     ``usage.output_tokens``) and ``message_stop``."""
-    output_tokens = 0 if garbage else output_tokens
-    text = "" if garbage else reply_text(request.prompt_words, output_tokens)
+    text, output_tokens, stop = _output(request, output_tokens, garbage)
     yield (
         "message_start",
         {
@@ -187,7 +197,7 @@ def sse_events(
         "message_delta",
         {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": stop, "stop_sequence": None},
             "usage": {"output_tokens": output_tokens},
         },
     )

@@ -63,7 +63,7 @@ class ChatDialect:
         return rate_limit_refusal(request, decision, max_in_flight)
 
     def answer(
-        self, number: int, request: ChatRequest, output_tokens: int, garbage: bool
+        self, number: int, request: ChatRequest, output_tokens: int, garbage: str
     ) -> dict[str, Any]:
         return completion_body(
             request_id=f"chatcmpl-sim{number:07d}",
@@ -79,7 +79,7 @@ class ChatDialect:
         number: int,
         request: ChatRequest,
         output_tokens: int,
-        garbage: bool,
+        garbage: str,
         latency_s: float,
     ) -> Iterator[bytes]:
         """The frames of the answer, the first at once, the others over the latency."""

@@ -101,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="START:END:KEY=VAL[,KEY=VAL]",
         help="a timeline phase, repeatable: keys rpm, tpm, max_in_flight, status, garbage "
-        "(e.g. 10:25:max_in_flight=4, 30:40:status=503, 40:45:garbage=1)",
+        "(1 or a kind: empty, truncated, refusal, invalid_json, repetition), share "
+        "(e.g. 10:25:max_in_flight=4, 30:40:status=503, 40:45:garbage=refusal,share=0.2)",
+    )
+    add(
+        "--no-rate-limit-headers",
+        dest="rate_limit_headers",
+        action="store_false",
+        help="send no x-ratelimit-* headers (only 429s tell the limits)",
     )
     return parser
 
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             concurrency_retry_ms=args.concurrency_retry_ms,
+            rate_limit_headers=args.rate_limit_headers,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -75,7 +75,7 @@ class MessagesDialect:
         return rate_limit_refusal(request, decision, max_in_flight, _request_id(number))
 
     def answer(
-        self, number: int, request: MessagesRequest, output_tokens: int, garbage: bool
+        self, number: int, request: MessagesRequest, output_tokens: int, garbage: str
     ) -> dict[str, Any]:
         return message_body(
             message_id=f"msg_sim{number:07d}",
@@ -90,7 +90,7 @@ class MessagesDialect:
         number: int,
         request: MessagesRequest,
         output_tokens: int,
-        garbage: bool,
+        garbage: str,
         latency_s: float,
     ) -> Iterator[bytes]:
         """The events of a streamed answer, the latency spread before its text deltas and

@@ -3,6 +3,9 @@
 A scenario such as "the provider halves its concurrency at t=10 s, returns 503 from t=30 s
 to 40 s, then answers empty completions for 5 s" is a list of :class:`Phase` values; the
 CLI spells the same thing ``--phase 10:25:max_in_flight=4 --phase 30:40:status=503``.
+A phase's capacity may also be *above* what a user declares (the provider's real limit:
+its rate-limit headers report it), and its garbage may be one kind in a share of answers
+(``--phase 0:600:garbage=refusal,share=0.02``: a 2% base rate of refusals).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+from .garbage import KINDS
 
 __all__ = ["Limits", "Phase", "Effect", "effective_at", "parse_phase"]
 
@@ -48,15 +53,19 @@ class Phase:
 
     Capacity fields (``rpm``, ``tpm``, ``max_in_flight``) replace the base limit while the
     phase is active; ``None`` leaves it unchanged. ``status`` answers every request with that
-    HTTP error (e.g. 503) without charging anything; ``garbage`` answers 200 with empty
-    content (charged and delayed like a normal answer). When phases overlap, later ones in
-    the list win field by field.
+    HTTP error (e.g. 503) without charging anything; ``garbage`` answers 200 with useless
+    output of one kind (:data:`~celery_fleet.testing.garbage.KINDS`: ``"empty"`` (also
+    ``True``), ``"truncated"``, ``"refusal"``, ``"invalid_json"``, ``"repetition"``) in a
+    ``share`` of its answers (drawn per answer; charged and delayed like a normal one).
+    When phases overlap, later ones in the list win field by field.
 
     Example::
 
         Phase(start=10, end=25, max_in_flight=4)   # capacity cut
+        Phase(start=0, end=60, rpm=900)            # real capacity above a declared 600
         Phase(start=30, end=40, status=503)        # outage
         Phase(start=40, end=45, garbage=True)      # empty answers
+        Phase(start=45, end=90, garbage="refusal", share=0.2)   # a fifth are refusals
     """
 
     start: float
@@ -65,9 +74,16 @@ class Phase:
     tpm: float | None = None
     max_in_flight: int | None = None
     status: int | None = None
-    garbage: bool = False
+    garbage: bool | str = False
+    share: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.garbage is True:
+            object.__setattr__(self, "garbage", "empty")
+        if self.garbage not in (False, "") and self.garbage not in KINDS:
+            raise ValueError(f"phase garbage must be one of {KINDS} or True, got {self.garbage!r}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"phase share must be in (0, 1], got {self.share!r}")
         if not (0 <= self.start < self.end):
             raise ValueError(
                 f"phase needs 0 <= start < end, got start={self.start!r} end={self.end!r}"
@@ -98,28 +114,30 @@ class Phase:
 
 @dataclass(frozen=True)
 class Effect:
-    """What the timeline says at one instant: the limits in force, a forced status, garbage."""
+    """What the timeline says at one instant: the limits in force, a forced status, and the
+    garbage kind ("" for none) with the share of answers it takes."""
 
     limits: Limits
     status: int | None = None
-    garbage: bool = False
+    garbage: str = ""
+    share: float = 1.0
 
 
 def effective_at(t_s: float, base: Limits, phases: Sequence[Phase]) -> Effect:
     """Fold the phases active at ``t_s`` over ``base``, later phases winning."""
-    limits, status, garbage = base, None, False
+    limits, status, garbage, share = base, None, "", 1.0
     for phase in phases:
         if phase.active(t_s):
             limits = phase.apply(limits)
             if phase.status is not None:
-                status, garbage = phase.status, False
+                status, garbage = phase.status, ""
             elif phase.garbage:
-                status, garbage = None, True
-    return Effect(limits, status, garbage)
+                status, garbage, share = None, str(phase.garbage), phase.share
+    return Effect(limits, status, garbage, share)
 
 
 _INT_KEYS = {"max_in_flight", "status"}
-_FLOAT_KEYS = {"rpm", "tpm"}
+_FLOAT_KEYS = {"rpm", "tpm", "share"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -127,7 +145,8 @@ def parse_phase(text: str) -> Phase:
     """Parse the CLI form ``START:END:key=val[,key=val]`` into a :class:`Phase`.
 
     Keys are the :class:`Phase` fields (``max-in-flight`` is accepted for ``max_in_flight``);
-    ``garbage`` takes 1/0/true/false. Errors name the offending part.
+    ``garbage`` takes 1/0/true/false or a kind (``refusal``), ``share`` a fraction. Errors
+    name the offending part.
 
     Example::
 
@@ -154,6 +173,8 @@ def parse_phase(text: str) -> Phase:
                 fields[key] = float(raw)
             elif key == "garbage" and raw.lower() in _TRUE | _FALSE:
                 fields[key] = raw.lower() in _TRUE
+            elif key == "garbage" and raw.lower() in KINDS:
+                fields[key] = raw.lower()
             else:
                 raise KeyError(key)
         except KeyError:

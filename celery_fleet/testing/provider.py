@@ -69,7 +69,11 @@ class ProviderSim:
       slot frees, so the hint is only a polite suggestion).
     - ``latency``, ``latency_sigma``: service time is log-normal with this median (seconds)
       and shape; ``seed`` makes it (and ``completion_tokens``) reproducible.
-    - ``phases``: a timeline of :class:`Phase` (seconds since :meth:`start`).
+    - ``phases``: a timeline of :class:`Phase` (seconds since :meth:`start`): capacity
+      changes (possibly above what a user declares: the headers report the real limit),
+      outages, and garbage kinds in a share of answers.
+    - ``rate_limit_headers``: False sends no ``x-ratelimit-*`` (nor Anthropic's) headers,
+      like providers that keep their limits to themselves: then only 429s tell the truth.
     - ``clock``: monotonic seconds; inject one to drive buckets and phases in tests.
 
     A request refused by any limit consumes nothing. 503 phases answer before admission
@@ -91,6 +95,7 @@ class ProviderSim:
         port: int = 0,
         concurrency_retry_ms: int = 100,
         default_max_tokens: int = 256,
+        rate_limit_headers: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not burst_s > 0:
@@ -105,6 +110,7 @@ class ProviderSim:
         self.latency = latency
         self.latency_sigma = latency_sigma
         self.default_max_tokens = default_max_tokens
+        self.rate_limit_headers = rate_limit_headers
         self.phases = tuple(phases)
         for phase in self.phases:
             Limits(phase.rpm, phase.tpm, phase.max_in_flight).check(burst_s, f"phase {phase}")

@@ -25,7 +25,8 @@ class RequestRecord:
     - ``in_flight``: requests being served when it arrived (not counting itself).
     - ``task_id``: the ``x-fleet-task-id`` (or ``x-task-id``) header.
     - ``retry_after_ms``: the hint of a 429 (None when it can never pass).
-    - ``completion_tokens``: the ``usage`` reported (0 for garbage).
+    - ``completion_tokens``: the ``usage`` reported (0 for empty garbage).
+    - ``kind``: for garbage, its kind (``"empty"``, ``"refusal"``, ...; see ``Phase``).
 
     Example::
 
@@ -42,6 +43,7 @@ class RequestRecord:
     task_id: str | None = None
     retry_after_ms: int | None = None
     completion_tokens: int = 0
+    kind: str = ""
 
     @property
     def admitted(self) -> bool:
@@ -61,6 +63,7 @@ def summarize(log: Sequence[RequestRecord]) -> dict[str, Any]:
         "requests": len(log),
         "ok": sum(r.outcome == "ok" for r in log),
         "garbage": sum(r.outcome == "garbage" for r in log),
+        "garbage_kinds": _kinds(log),
         "rate_limited": {dim: refused.count(dim) for dim in ("requests", "tokens", "concurrency")},
         "errors_503": sum(r.outcome == "503" for r in log),
         "errors_other": sum(r.status >= 500 and r.outcome != "503" for r in log),
@@ -69,3 +72,11 @@ def summarize(log: Sequence[RequestRecord]) -> dict[str, Any]:
         "tokens_charged": sum(r.cost for r in admitted),
         "completion_tokens": sum(r.completion_tokens for r in admitted),
     }
+
+
+def _kinds(log: Sequence[RequestRecord]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in log:
+        if r.outcome == "garbage":
+            counts[r.kind] = counts.get(r.kind, 0) + 1
+    return counts

@@ -73,9 +73,7 @@ class Dialect(Protocol):
     ) -> tuple[int | None, dict[str, str], dict[str, Any]]:
         """A 429: its retry hint (ms), extra headers and body."""
 
-    def answer(
-        self, number: int, request: Any, output_tokens: int, garbage: bool
-    ) -> dict[str, Any]:
+    def answer(self, number: int, request: Any, output_tokens: int, garbage: str) -> dict[str, Any]:
         """The body of a whole (not streamed) answer."""
 
     def stream(
@@ -84,7 +82,7 @@ class Dialect(Protocol):
         number: int,
         request: Any,
         output_tokens: int,
-        garbage: bool,
+        garbage: str,
         latency_s: float,
     ) -> Iterator[bytes]:
         """The bytes of a streamed answer, paced over ``latency_s``; raises
@@ -117,7 +115,8 @@ def serve(sim: ProviderSim, dialect: Dialect, headers: Mapping[str, str], body: 
         )
         return Response(status, dialect.outage(status, number), meta)
     decision = sim._limiter.admit(request.cost, effect.limits, now)
-    meta.update(dialect.ratelimit_headers(decision.buckets))
+    if sim.rate_limit_headers:
+        meta.update(dialect.ratelimit_headers(decision.buckets))
     if not decision.admitted:
         retry_after_ms, extra, refusal = dialect.refusal(
             request, decision, effect.limits.max_in_flight, number
@@ -142,22 +141,25 @@ def serve(sim: ProviderSim, dialect: Dialect, headers: Mapping[str, str], body: 
             else 0.0
         )
         output_tokens = sim._rng.randint(1, request.max_tokens)
+        # a share of the phase's answers is garbage, drawn per answer
+        kind = effect.garbage if effect.garbage and sim._rng.random() < effect.share else ""
     sim._append(
         RequestRecord(
             t_s,
-            "garbage" if effect.garbage else "ok",
+            "garbage" if kind else "ok",
             200,
             cost=request.cost,
             latency_s=latency_s,
             in_flight=decision.in_flight,
             task_id=task_id,
-            completion_tokens=0 if effect.garbage else output_tokens,
+            completion_tokens=0 if kind == "empty" else output_tokens,
+            kind=kind,
         )
     )
     if request.stream:  # in flight until the last event is written or the client goes
-        events = dialect.stream(sim, number, request, output_tokens, effect.garbage, latency_s)
+        events = dialect.stream(sim, number, request, output_tokens, kind, latency_s)
         return Response(200, None, meta, stream=events, done=sim._limiter.release)
-    answer = dialect.answer(number, request, output_tokens, effect.garbage)
+    answer = dialect.answer(number, request, output_tokens, kind)
     try:
         sim._stopping.wait(latency_s)
     finally:

@@ -189,11 +189,16 @@ def completion_body(
     created: int,
     request: ChatRequest,
     completion_tokens: int,
-    garbage: bool = False,
+    garbage: bool | str = False,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object with ``usage``; ``garbage``: empty content, 0 output tokens."""
-    completion_tokens = 0 if garbage else completion_tokens
-    content = "" if garbage else reply_text(request.prompt_words, completion_tokens)
+    """A ``chat.completion`` object with ``usage``; ``garbage``: a kind of useless output
+    (:mod:`~celery_fleet.testing.garbage`; ``True`` is ``"empty"``: no content, 0 tokens)."""
+    from .garbage import garbage_output
+
+    kind = "empty" if garbage is True else (garbage or "")
+    content, completion_tokens, finish = garbage_output(
+        kind, request.prompt_words, completion_tokens
+    )
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -204,7 +209,7 @@ def completion_body(
                 "index": 0,
                 "message": {"role": "assistant", "content": content, "refusal": None},
                 "logprobs": None,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }
         ],
         "usage": {

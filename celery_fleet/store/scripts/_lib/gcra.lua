@@ -19,6 +19,23 @@ local function rate_factor(adaptive, provider, provider_until, now)
   return factor
 end
 
+-- discover_factor(adaptive, disc, disc_until, provider, provider_until, now, up_to): the
+-- rate factor of a limit with capacity discovery (up_to > 0, admission/discover.py): the
+-- learned multiple of the declared rate (disc, 1..up_to, while disc_until > now) times the
+-- adaptive factor (<= 1, nil when the limit has none), never above the provider's header
+-- factor while fresh (which may then be above 1, up to up_to). In 0.01..up_to.
+local function discover_factor(adaptive, disc, disc_until, provider, provider_until, now, up_to)
+  local learned = 1
+  if disc and (disc_until or 0) > now then learned = math.min(up_to, math.max(1, disc)) end
+  local factor = (adaptive or 1) * learned
+  if provider and (provider_until or 0) > now and provider < factor then
+    factor = provider
+  end
+  if not (factor > 0 and factor <= up_to) then factor = 1 end
+  if factor < 0.01 then factor = 0.01 end
+  return factor
+end
+
 -- gcra_check(stored, step, tau, now): a call costing `step` against a window whose
 -- stored arrival time is `stored`: the arrival time as of now (tat), and the ms until the
 -- call fits (0: it fits now, and passing moves the arrival time to tat + step).

@@ -39,7 +39,10 @@
 --          timeout (ms; 0 = no breaker); ticket TTL (ms: a waiter that stops asking loses
 --          its ticket after this); wake grace (ms: a woken ticket that does not ask within
 --          this is dropped); the number of windows n; then per window its emission interval
---          T (ms) and tolerance tau (ms)
+--          T (ms) and tolerance tau (ms); then, only for a limit with capacity discovery,
+--          up_to (the most the rate factor may reach: ctl's disc, see
+--          _lib/adaptive_discover.lua; such a limit also marks ctl's disc_hit when a window
+--          refuses, at most every 200 ms)
 -- ARGV[7..6+n] the windows' fields ("r:60", "t:86400")
 --
 -- A limit with keys (tenants: "keys" or "weights" in its configuration, see _lib/keys.lua)
@@ -109,6 +112,10 @@ local lane, share, guar, below = lane_arg(ARGV[5])
 local consts = ARGV[6]
 local ttl, max_in_flight, init_cap, reset_ms, ticket_ttl, grace, nwin =
   struct.unpack('<ddddddd', consts)
+-- Capacity discovery: only a limit with it sends up_to after the windows (the rest pay
+-- this length check and nothing else).
+local up_to = 0
+if #consts > 56 + 16 * nwin then up_to = struct.unpack('<d', consts, 57 + 16 * nwin) end
 local MAX_WAIT_MS = 2 ^ 50
 local BIG = 2 ^ 50
 -- A cap-less limit sweeps expired leases once it holds this many (a capped one at its cap).
@@ -138,6 +145,12 @@ if init_cap > 0 then
 end
 if init_cap > 0 or max_in_flight > 0 then
   fields[#fields + 1] = 'hold_ms'; I_HOLD = #fields
+end
+local I_DISC = 0
+if up_to > 0 then
+  fields[#fields + 1] = 'disc'; I_DISC = #fields
+  fields[#fields + 1] = 'disc_until'
+  fields[#fields + 1] = 'disc_hit'
 end
 local keyed = #KEYS > 7
 local I_VT = 0
@@ -221,7 +234,14 @@ end
 -- The rate factor stretches every window (adaptive, or the provider's headers).
 local adaptive_factor = nil
 if init_cap > 0 then adaptive_factor = tonumber(ctl[I_RATE]) end
-local factor = rate_factor(adaptive_factor, tonumber(ctl[2]), tonumber(ctl[3]), now)
+local factor
+if up_to > 0 then
+  factor = discover_factor(adaptive_factor, tonumber(ctl[I_DISC]), tonumber(ctl[I_DISC + 1]),
+                           tonumber(ctl[2]), tonumber(ctl[3]), now, up_to)
+else
+  factor = rate_factor(adaptive_factor, tonumber(ctl[2]), tonumber(ctl[3]), now)
+end
+local binding = false  -- a window refused (discovery: the ceiling binds)
 local new_tats = {}
 local steps = {}
 local horizon = now
@@ -239,6 +259,7 @@ for i = 1, nwin do
   local tat, over = gcra_check(ctl[NFIXED + i], step, tolerance, now)
   if over > 0 then
     refuse(over, field)
+    if ctl[NFIXED + i] then binding = true end
     new_tats[i] = tat
   else
     new_tats[i] = tat + step
@@ -431,6 +452,10 @@ if reason ~= 'circuit_open' then
 end
 
 if wait > 0 then
+  if binding and up_to > 0 and (tonumber(ctl[I_DISC + 2]) or 0) < now - 200 then
+    -- ctl exists (a window's arrival time is in it), so it keeps its TTL
+    redis.call('HSET', KEYS[1], 'disc_hit', string.format('%.3f', now))
+  end
   if join and reason ~= 'circuit_open' then
     if not mine then
       redis.call('ZADD', KEYS[3], score, id)

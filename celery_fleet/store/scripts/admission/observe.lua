@@ -6,7 +6,8 @@
 -- KEYS[2]  leases   zset   lease -> expiry (ms): says whether the caller's lease is held
 -- ARGV[1]  the caller's lease id ("" for none)
 -- ARGV[2]  rate factor the provider's own limit implies (its limit / the declared, already
---          bounded to [0.05, 1] by the client), or -1
+--          bounded to [0.05, 1] by the client; to [0.05, up_to] for a limit with capacity
+--          discovery, see _lib/adaptive_discover.lua), or -1
 -- ARGV[3]  number of windows n, then n quadruples: field, emission interval T (ms),
 --          tolerance tau (ms), units the provider says remain (>= 0)
 --

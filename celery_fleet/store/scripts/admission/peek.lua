@@ -9,7 +9,8 @@
 -- KEYS[4]  breaker  hash   the limit's circuit breaker (see _lib/breaker.lua)
 -- ARGV[1]  how many live leases at most are read to find the oldest
 -- ARGV[2]  the limit's constants, as acquire's ARGV[6] (only max_in_flight, the adaptive
---          initial cap, the number of windows and each window's T and tau are read)
+--          initial cap, the number of windows, each window's T and tau, and a discovering
+--          limit's up_to are read)
 -- ARGV[3..2+n] the windows' fields ("r:60", "t:86400")
 -- ARGV[3+n] the number L of the limit's lanes (0: no lanes); ARGV[4+n..3+n+L] their
 --          priorities, highest first; a lease or ticket of a lane carries "~<priority>"
@@ -42,8 +43,12 @@ local consts = ARGV[2]
 local _, max_in_flight, init_cap, _, _, _, nwin = struct.unpack('<ddddddd', consts)
 local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
 
+local up_to = 0
+if #consts > 56 + 16 * nwin then up_to = struct.unpack('<d', consts, 57 + 16 * nwin) end
 local fields = {'pause_until', 'cap', 'rate_factor', 'provider_factor', 'provider_factor_until'}
 for i = 1, nwin do fields[5 + i] = ARGV[2 + i] end
+fields[#fields + 1] = 'disc'
+fields[#fields + 1] = 'disc_until'
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
 
 local after_now = string.format('(%.17g', now)  -- live: expiring after now
@@ -66,7 +71,13 @@ local in_flight = redis.call('ZCOUNT', KEYS[2], after_now, '+inf')
 
 local adaptive_factor = nil
 if init_cap > 0 then adaptive_factor = tonumber(ctl[3]) end
-local factor = rate_factor(adaptive_factor, tonumber(ctl[4]), tonumber(ctl[5]), now)
+local factor
+if up_to > 0 then
+  factor = discover_factor(adaptive_factor, tonumber(ctl[6 + nwin]), tonumber(ctl[7 + nwin]),
+                           tonumber(ctl[4]), tonumber(ctl[5]), now, up_to)
+else
+  factor = rate_factor(adaptive_factor, tonumber(ctl[4]), tonumber(ctl[5]), now)
+end
 local reply = {
   now_us, in_flight, oldest, redis.call('ZCARD', KEYS[3]),
   string.format('%.17g', pause_wait(ctl[1], now)), ctl[2] or '', ctl[3] or '',

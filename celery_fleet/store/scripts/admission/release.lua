@@ -26,7 +26,9 @@
 --          of a tonumber per argument): max_in_flight (0 = no cap), ticket TTL (ms), wake
 --          grace (ms); adaptive (0/1), max cap, min cap, initial cap, increase, decrease,
 --          probe interval (ms), latency target (ms, 0 = none); breaker (0/1), failure rate,
---          min calls, window (ms), rate signals count as failures (0/1)
+--          min calls, window (ms), rate signals count as failures (0/1); a limit with
+--          capacity discovery appends 5 more: up_to, increase (per s), decrease, probe
+--          interval (ms), remember (ms) (_lib/adaptive_discover.lua)
 --
 -- Reply: {released (1/0), now (µs), held_ms, transition ("", "open", "closed"), cap}
 -- now and held_ms are 0 when nothing needed the clock: a posted release with nobody
@@ -47,6 +49,11 @@ local max_in_flight, ticket_ttl, grace, adaptive_on, max_cap, min_cap, init_cap,
       decrease, probe_base, target, breaker_on, rate_limit, min_calls, window, rate_fails =
   struct.unpack('<dddddddddddddddd', ARGV[6])
 local adaptive = adaptive_on == 1
+local up_to, disc_increase, disc_decrease, disc_probe, disc_remember = 0, 0, 0, 0, 0
+if #ARGV[6] > 128 then
+  up_to, disc_increase, disc_decrease, disc_probe, disc_remember =
+    struct.unpack('<ddddd', ARGV[6], 129)
+end
 local breaker = breaker_on == 1
 local removed = redis.call('ZREM', KEYS[1], id)
 if KEYS[8] then redis.call('ZREM', KEYS[8], id) end
@@ -67,6 +74,7 @@ local fmt = function(x) return string.format('%.3f', x) end
 --#include _lib/breaker_count
 --#include _lib/adaptive
 --#include _lib/adaptive_learn
+--#include _lib/adaptive_discover
 
 -- ctl may have expired (or been reset) while the lease was held: a write here must not
 -- leave it without a TTL.
@@ -107,6 +115,10 @@ end
 -- not the rewrites of the latency target.
 local cap = 0
 local verdict = outcome
+if up_to > 0 and acquired then
+  outcome = discover_learn(KEYS[3], outcome, acquired, clock(), up_to, disc_increase,
+                           disc_decrease, disc_probe, disc_remember, adaptive)
+end
 if adaptive and acquired then
   cap = adaptive_learn(KEYS[3], outcome, acquired, at_in_flight, held, clock(), max_cap,
                        min_cap, init_cap, increase, decrease, probe_base, target)
