@@ -232,6 +232,19 @@ def test_stealing_stops_below_the_low_mark_only() -> None:
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("threshold", [1, 2, 3])
+def test_a_small_threshold_still_gives_the_stolen_queue_back_once_empty(threshold: int) -> None:
+    """fleet_steal_threshold = 1 is accepted: half of it rounds to 0, and "below 0" never
+    happens, so the thief kept the queue for good (and stole nothing else). The low mark
+    is at least 1: an emptied stolen queue is always given back."""
+    planner = StealPlanner(threshold=threshold)
+    assert planner.decide({0: 0, 2: threshold + 1}, own={0}, idle=True) == (2, None)
+    assert planner.decide({0: 0, 2: 0}, own={0}, idle=True) == (None, 2)
+    assert planner.stolen is None
+    assert DistributionConfig(mode="steal", steal_threshold=threshold).low_mark >= 1
+
+
+@pytest.mark.fast
 def test_a_stolen_queue_that_becomes_ours_is_no_longer_stolen() -> None:
     planner = StealPlanner(threshold=4)
     planner.decide({0: 0, 2: 9}, own={0}, idle=True)
