@@ -148,6 +148,24 @@ def test_each_queue_has_exactly_one_home(make_fleet: MakeFleet) -> None:
     ]
 
 
+def test_workers_with_another_number_of_queues_leave_no_queue_homeless(
+    make_fleet: MakeFleet,
+) -> None:
+    """Two workers with 8 queues and one with 5 (started at once, so none was refused):
+    each side leaves the others out of its assignment, so every queue of the 8-queue side
+    still gets a home; counting the odd worker in would leave the queues it "should" have
+    (in the 8-queue view) with none."""
+    fleet = make_fleet({})
+    a, b, odd = _homes(fleet, "a@h"), _homes(fleet, "b@h"), _homes(fleet, "odd@h", queues=5)
+    for homes in (a, b, odd):
+        homes.announce()
+    for _ in range(3):
+        for homes in (odd, a, b):
+            _round(homes)
+    assert [w.split("@")[0] for w in a.strangers(a.announce())] == ["odd"]
+    assert all(a.read_holders()), a.read_holders()  # every queue has a home
+
+
 def test_a_held_queue_is_not_taken_and_a_stalled_owner_cannot_take_it_back(
     make_fleet: MakeFleet,
 ) -> None:
