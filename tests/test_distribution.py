@@ -148,6 +148,24 @@ def test_each_queue_has_exactly_one_home(make_fleet: MakeFleet) -> None:
     ]
 
 
+def test_workers_with_another_number_of_queues_leave_no_queue_homeless(
+    make_fleet: MakeFleet,
+) -> None:
+    """Two workers with 8 queues and one with 5 (started at once, so none was refused):
+    each side leaves the others out of its assignment, so every queue of the 8-queue side
+    still gets a home; counting the odd worker in would leave the queues it "should" have
+    (in the 8-queue view) with none."""
+    fleet = make_fleet({})
+    a, b, odd = _homes(fleet, "a@h"), _homes(fleet, "b@h"), _homes(fleet, "odd@h", queues=5)
+    for homes in (a, b, odd):
+        homes.announce()
+    for _ in range(3):
+        for homes in (odd, a, b):
+            _round(homes)
+    assert [w.split("@")[0] for w in a.strangers(a.announce())] == ["odd"]
+    assert all(a.read_holders()), a.read_holders()  # every queue has a home
+
+
 def test_a_held_queue_is_not_taken_and_a_stalled_owner_cannot_take_it_back(
     make_fleet: MakeFleet,
 ) -> None:
@@ -229,6 +247,19 @@ def test_stealing_stops_below_the_low_mark_only() -> None:
         assert planner.stolen == 2
     assert planner.decide({0: 0, 2: 1}, own={0}, idle=True) == (None, 2)
     assert planner.stolen is None
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("threshold", [1, 2, 3])
+def test_a_small_threshold_still_gives_the_stolen_queue_back_once_empty(threshold: int) -> None:
+    """fleet_steal_threshold = 1 is accepted: half of it rounds to 0, and "below 0" never
+    happens, so the thief kept the queue for good (and stole nothing else). The low mark
+    is at least 1: an emptied stolen queue is always given back."""
+    planner = StealPlanner(threshold=threshold)
+    assert planner.decide({0: 0, 2: threshold + 1}, own={0}, idle=True) == (2, None)
+    assert planner.decide({0: 0, 2: 0}, own={0}, idle=True) == (None, 2)
+    assert planner.stolen is None
+    assert DistributionConfig(mode="steal", steal_threshold=threshold).low_mark >= 1
 
 
 @pytest.mark.fast

@@ -34,8 +34,9 @@ from typing import Any
 from ..background import BackgroundLoop
 from ..distribution import DistributionConfig, Homes, StealPlanner
 from ..distribution.depths import BrokerDepths
+from ..distribution.homes import queues_in_id
 from ..distribution.status import STATS_TTL_MS, stats_key
-from ..errors import FleetError
+from ..errors import ConfigError, FleetError
 from ..store.sync import RedisStore
 
 __all__ = ["Distributor", "BrokerDepths", "SAMPLE_PERIOD_S"]
@@ -48,6 +49,16 @@ SAMPLE_PERIOD_S = 0.5
 DRAIN_PERIOD_S = 5.0
 #: How long the loop waits for the consumer's thread to run an add or cancel.
 CONSUMER_WAIT_S = 5.0
+
+
+def _strangers_message(queues: int, strangers: list[str]) -> str:
+    others = ", ".join(f"{w.rsplit('/', 1)[0]} ({queues_in_id(w)})" for w in strangers)
+    return (
+        f"fleet_affinity_queues = {queues} here, but live workers of the fleet run with "
+        f"another number of affinity queues: {others}. Their homes disagree, and queues "
+        "would be left with no home: keep fleet_affinity_queues the same in every process "
+        "(docs/distribution.md)"
+    )
 
 
 class Distributor:
@@ -89,6 +100,7 @@ class Distributor:
         self.last_depths: dict[int, int] = {}
         self._unflushed: dict[str, int] = {}
         self._next_homes = 0.0
+        self._strangers: list[str] = []
         self._next_drain = 0.0
         self._lock = threading.Lock()
         self._loop = BackgroundLoop(
@@ -101,9 +113,34 @@ class Distributor:
         return self.planner.stolen
 
     def start(self) -> Distributor:
-        """Start the loop. Keep the returned object: the thread holds it only weakly."""
+        """Start the loop. Keep the returned object: the thread holds it only weakly.
+
+        Raises :class:`ConfigError` when live workers of the fleet run with another
+        ``fleet_affinity_queues``: their homes would disagree with this worker's, and the
+        queues each side leaves to the other would have no home at all."""
+        if self.config.routes:
+            try:
+                live = self.homes.peek()
+            except Exception as exc:  # Redis away: the loop retries; the rounds warn
+                log.warning("celery-fleet: could not read the live workers: %s", exc)
+            else:
+                self._refuse_strangers(live)
         self._loop.start()
         return self
+
+    def _refuse_strangers(self, live: list[str]) -> None:
+        strangers = self.homes.strangers(live)
+        if strangers:
+            raise ConfigError(_strangers_message(self.config.queues, strangers))
+
+    def _warn_strangers(self, live: list[str]) -> None:
+        """Log (once per change) live workers with another number of queues: they are
+        left out of this worker's assignment (started at once, neither saw the other)."""
+        strangers = sorted(self.homes.strangers(live))
+        if strangers != self._strangers:
+            self._strangers = strangers
+            if strangers:
+                log.error("celery-fleet: %s", _strangers_message(self.config.queues, strangers))
 
     def stop(self) -> None:
         """Stop the loop, stop consuming affinity queues, give up the leases and leave."""
@@ -175,6 +212,7 @@ class Distributor:
     def _homes_round(self) -> None:
         try:
             live = self.homes.announce()
+            self._warn_strangers(live)
             wanted = self.homes.wanted(live)
             self._cancel(self.own - wanted)  # stop consuming before giving the lease up
             self.own &= wanted

@@ -44,10 +44,18 @@ from ..store.sync import RedisStore
 from .ring import DistributionConfig, stable_hash
 from .status import home_key
 
-__all__ = ["Homes", "assign", "queues_of", "home_scores", "CLOCK_DRIFT"]
+__all__ = ["Homes", "assign", "queues_of", "home_scores", "queues_in_id", "CLOCK_DRIFT"]
 
 #: How much faster than Redis's the local clock may run (as for locks).
 CLOCK_DRIFT = 0.01
+
+
+def queues_in_id(worker_id: str) -> int | None:
+    """The ``fleet_affinity_queues`` a worker id says its worker runs with (None: an id
+    without it, from an older celery-fleet)."""
+    tail = worker_id.rsplit("/", 1)[-1]
+    _, sep, count = tail.rpartition("-q")
+    return int(count) if sep and count.isdigit() else None
 
 
 def home_scores(worker: str, queues: int) -> list[int]:
@@ -106,7 +114,9 @@ class Homes:
         store: the fleet's Redis.
         config: the fleet's distribution settings (queues, lease, namespace).
         name: the worker's name (Celery's nodename); the worker's id adds a random part,
-            so two processes started with the same name are two workers, never one owner.
+            so two processes started with the same name are two workers, never one owner,
+            and the number of affinity queues (``w1@host/3f02a9cb-q32``), so a worker
+            tells a peer that runs with another ``fleet_affinity_queues`` (:meth:`strangers`).
         clock: local time for the validity of the leases (tests inject a fake one).
 
     Not thread-safe: one loop (the worker's distribution thread) calls it.
@@ -121,7 +131,7 @@ class Homes:
     ) -> None:
         self.store = store
         self.config = config
-        self.worker_id = f"{name}/{uuid.uuid4().hex[:8]}"
+        self.worker_id = f"{name}/{uuid.uuid4().hex[:8]}-q{config.queues}"
         self.clock: Clock = clock or SystemClock()
         self.lease_ms = max(1, round(config.lease_s * 1000))
         self.workers_key = f"{{{config.namespace}:affinity}}:workers"
@@ -140,8 +150,24 @@ class Homes:
         )
 
     def wanted(self, live: Sequence[str]) -> set[int]:
-        """The queues this worker should be the home of, among ``live`` workers."""
-        return queues_of(self.worker_id, live, self.config.queues)
+        """The queues this worker should be the home of, among ``live`` workers (those
+        with another number of affinity queues left out: they compute other homes)."""
+        strangers = set(self.strangers(live))
+        peers = [w for w in live if w not in strangers]
+        return queues_of(self.worker_id, peers, self.config.queues)
+
+    def strangers(self, live: Sequence[str]) -> list[str]:
+        """The ``live`` workers whose id says another ``fleet_affinity_queues`` than
+        this worker's: a misconfigured fleet (their homes disagree with this worker's)."""
+        mine = self.config.queues
+        return [w for w in live if queues_in_id(w) not in (None, mine)]
+
+    def peek(self) -> list[str]:
+        """The live workers now, without announcing this one (read only)."""
+        now_s, now_us = self.store.client.time()
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        found = self.store.client.zrangebyscore(self.workers_key, now_ms, "+inf")
+        return [w.decode() if isinstance(w, bytes) else str(w) for w in found]
 
     def claim(self, wanted: set[int], keep: set[int] | None = None) -> set[int]:
         """Take or renew the leases of ``wanted``; give up the others this worker holds,

@@ -110,8 +110,9 @@ class DistributionConfig:
 
     @property
     def low_mark(self) -> int:
-        """A stolen queue is given back once its depth falls below this (hysteresis)."""
-        return self.steal_threshold // 2
+        """A stolen queue is given back once its depth falls below this (hysteresis):
+        half the threshold, at least 1 (an emptied queue is always given back)."""
+        return max(1, self.steal_threshold // 2)
 
     def queue_name(self, index: int) -> str:
         """The broker name of affinity queue ``index``."""

@@ -29,12 +29,13 @@ class StealPlanner:
     Args:
         threshold: a peer queue deeper than this may be stolen from.
         low_mark: a stolen queue is given back once shallower than this (default:
-            ``threshold // 2``).
+            half the threshold, at least 1: with a threshold of 1, ``1 // 2`` is 0 and
+            "below 0" never happens, so an emptied queue would be kept for good).
     """
 
     def __init__(self, threshold: int, low_mark: int | None = None) -> None:
         self.threshold = threshold
-        self.low_mark = threshold // 2 if low_mark is None else low_mark
+        self.low_mark = max(1, threshold // 2) if low_mark is None else low_mark
         #: The peer queue this worker consumes now (None: none).
         self.stolen: int | None = None
 

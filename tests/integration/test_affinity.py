@@ -273,3 +273,52 @@ def test_a_bad_distribution_setting_stops_the_worker_at_start(redis_url: str) ->
     out = proc.stdout.decode() + proc.stderr.decode()
     assert proc.returncode != 0
     assert "ConfigError" in out and "fleet_distribution must be one of" in out, out[-2000:]
+
+
+def test_a_worker_with_another_number_of_affinity_queues_is_refused(redis_url: str) -> None:
+    """A worker started with a different ``fleet_affinity_queues`` than the live workers
+    computed other homes: the queues it should have been home of in the others' view had
+    no home at all, and their tasks waited for ever, silently. It is refused at start (a
+    ConfigError naming the setting), and every affinity queue keeps a home."""
+    with _workers(redis_url, "dedicated", 2) as (m, procs, name):
+        _wait_homes(m, 2)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "FLEET_AFF_QUEUES": str(QUEUES - 3),
+        }
+        log = ROOT / f".pytest-worker-{name}-odd.log"
+        with open(log, "w") as out:
+            odd = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "celery", "-A", "tests.integration.affinity_app"),
+                    *("worker", "-P", "threads", "-c", "1", "-n", f"{name}-odd@%h"),
+                    *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            returncode = odd.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            if odd.poll() is None:
+                odd.kill()
+                odd.wait()
+        text = log.read_text()
+        log.unlink()
+        assert returncode not in (None, 0), "the odd worker started: " + text[-1500:]
+        assert "ConfigError" in text and "fleet_affinity_queues" in text, text[-1500:]
+        # Every queue has a home among the two right workers, and its tasks run.
+        assert {h.split("@")[0] for h in _wait_homes(m, 2)} == {f"{name}-0", f"{name}-1"}
+        config = m.fleet.distribution
+        keys: dict[int, str] = {}
+        k = 0
+        while len(keys) < QUEUES:
+            keys.setdefault(config.index_of(config.queue_for(f"customer:c{k}")) or 0, f"c{k}")
+            k += 1
+        results = [m.handle.delay(customer, q) for q, customer in keys.items()]
+        assert sorted(r.get(timeout=60)["n"] for r in results) == sorted(keys)
