@@ -6,6 +6,7 @@ in OpenAI's and Anthropic's shapes, as dicts and as the SDKs' own objects.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Any
@@ -147,6 +148,37 @@ def test_degenerate_repetition() -> None:
         for _ in range(20)
     )
     assert judge(openai(loop), DETECTOR_NAMES, Ask()).details == ("repeats a phrase",)
+
+
+def test_a_json_answer_of_many_alike_records_is_not_repetition() -> None:
+    """Records sharing one shape compress well by design (a batch of labels, rows of a
+    table): that is structure, not a model looping; a loop inside a JSON string still is."""
+    records = json.dumps([{"id": i, "status": "active", "verified": True} for i in range(100)])
+    assert reasons(openai(records), Ask(json=True)) == ()
+    assert reasons(openai(records)) == ()  # JSON nobody asked for, too
+    assert reasons(openai(json.dumps({"labels": ["positive"] * 40 + ["negative"] * 10}))) == ()
+    looping = json.dumps({"answer": "the the the " * 100})
+    assert reasons(openai(looping), Ask(json=True)) == ("repetition",)
+
+
+def test_a_stream_or_a_chunk_is_not_an_answer_to_call_empty() -> None:
+    """A stream (or one of its chunks) is not the answer: judging one must not count an
+    "empty" garbage verdict for every streamed call (the answer is what it accumulates)."""
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": None}],
+    }
+    assert judge(chunk, DETECTOR_NAMES, Ask()).ok
+    assert judge(iter([chunk]), DETECTOR_NAMES, Ask()).ok  # an SDK Stream iterates chunks
+    assert judge([chunk], DETECTOR_NAMES, Ask()).ok
+    assert reasons(None) == ("empty",)  # no answer at all is still no content
+
+
+def test_a_quoted_line_that_opens_an_answer_is_not_a_refusal() -> None:
+    story = '"I can\'t help it," she said, and laughed at the rain on the window.'
+    assert reasons(openai(story)) == ()
+    assert reasons(openai("I can't help with that request.")) == ("refusal",)
+    assert reasons(openai("**I'm sorry, but I can't do that.**")) == ("refusal",)
 
 
 def test_the_sdks_own_objects_are_read() -> None:
