@@ -208,6 +208,31 @@ def test_the_output_length_shift_against_the_rolling_baseline() -> None:
     assert judge(openai("Paris."), ("empty",), Ask(), None, lengths).ok  # turned off
 
 
+def test_a_lasting_change_of_the_answers_lengths_stops_being_a_shift() -> None:
+    """Correct short answers that become a fifth of the mix are a shift at first, then the
+    baseline: a shifted answer is learnt too, or the shift would be garbage for ever (and
+    open the breaker on healthy answers)."""
+    rng = random.Random(1)
+    lengths = LengthBaseline()
+
+    def garbage(n: int, short_share: float) -> int:
+        found = 0
+        for _ in range(n):
+            short = rng.random() < short_share
+            words = rng.randint(40, 80)
+            text = (
+                "The answer is 4."
+                if short
+                else " ".join(f"w{rng.randint(0, 999)}" for _ in range(words))
+            )
+            found += not judge(openai(text), DETECTOR_NAMES, Ask(), None, lengths).ok
+        return found
+
+    garbage(1000, 0.02)
+    assert garbage(200, 0.2) > 0  # the change is seen
+    assert garbage(400, 0.2) < 8  # and learnt (before: about a fifth of the answers, for ever)
+
+
 def test_detectors_can_be_turned_off() -> None:
     assert reasons(openai(" "), names=("refusal",)) == ()
     cfg = parse_quality({"detectors": ["json"]}, "q")
