@@ -229,7 +229,7 @@ def test_a_lasting_change_of_the_answers_lengths_stops_being_a_shift() -> None:
         return found
 
     garbage(1000, 0.02)
-    assert garbage(200, 0.2) > 0  # the change is seen
+    assert garbage(400, 0.2) > 0  # the change is seen
     assert garbage(400, 0.2) < 8  # and learnt (before: about a fifth of the answers, for ever)
 
 
