@@ -362,3 +362,33 @@ def test_an_async_slot_is_paused_or_moved_as_a_blocking_one(make_fleet: MakeFlee
         return used
 
     assert asyncio.run(main()) == "backup" and seen.transitions == ["open"]
+
+
+def test_an_open_pause_half_opens_by_the_clock_while_redis_is_away() -> None:
+    """The breaker opens, then the fleet's Redis goes away: past the reset timeout, calls are
+    admitted (the probes, as with Redis) instead of refused for the whole outage (a failed
+    read used to restart the wait)."""
+    from celery_fleet.testing.redis_server import RedisServer, find_binary
+
+    try:
+        binary = find_binary(install=False)
+    except Exception:
+        pytest.skip("no redis-server binary")
+    with RedisServer(binary=binary) as server:
+        fleet = Fleet(limits=limits("pause"), redis_url=server.url, namespace="quality-away")
+        rng = random.Random(7)
+        traffic(fleet, 0.0, 3.5, rng)
+        with pytest.raises(QualityDegraded):
+            traffic(fleet, 0.9, 5.0, rng)
+        opened = time.monotonic()
+        server.stop()
+        waits: list[int] = []
+        deadline = opened + 10  # reset_timeout is 1 s
+        while True:
+            try:
+                assert call(fleet, False) == "llm"
+                break
+            except QualityDegraded as exc:
+                waits.append(exc.wait_ms)
+                assert time.monotonic() < deadline, f"refused for the whole outage: {waits[-3:]}"
+                time.sleep(0.05)

@@ -6,6 +6,7 @@ in OpenAI's and Anthropic's shapes, as dicts and as the SDKs' own objects.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Any
@@ -149,6 +150,37 @@ def test_degenerate_repetition() -> None:
     assert judge(openai(loop), DETECTOR_NAMES, Ask()).details == ("repeats a phrase",)
 
 
+def test_a_json_answer_of_many_alike_records_is_not_repetition() -> None:
+    """Records sharing one shape compress well by design (a batch of labels, rows of a
+    table): that is structure, not a model looping; a loop inside a JSON string still is."""
+    records = json.dumps([{"id": i, "status": "active", "verified": True} for i in range(100)])
+    assert reasons(openai(records), Ask(json=True)) == ()
+    assert reasons(openai(records)) == ()  # JSON nobody asked for, too
+    assert reasons(openai(json.dumps({"labels": ["positive"] * 40 + ["negative"] * 10}))) == ()
+    looping = json.dumps({"answer": "the the the " * 100})
+    assert reasons(openai(looping), Ask(json=True)) == ("repetition",)
+
+
+def test_a_stream_or_a_chunk_is_not_an_answer_to_call_empty() -> None:
+    """A stream (or one of its chunks) is not the answer: judging one must not count an
+    "empty" garbage verdict for every streamed call (the answer is what it accumulates)."""
+    chunk = {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "Paris"}, "finish_reason": None}],
+    }
+    assert judge(chunk, DETECTOR_NAMES, Ask()).ok
+    assert judge(iter([chunk]), DETECTOR_NAMES, Ask()).ok  # an SDK Stream iterates chunks
+    assert judge([chunk], DETECTOR_NAMES, Ask()).ok
+    assert reasons(None) == ("empty",)  # no answer at all is still no content
+
+
+def test_a_quoted_line_that_opens_an_answer_is_not_a_refusal() -> None:
+    story = '"I can\'t help it," she said, and laughed at the rain on the window.'
+    assert reasons(openai(story)) == ()
+    assert reasons(openai("I can't help with that request.")) == ("refusal",)
+    assert reasons(openai("**I'm sorry, but I can't do that.**")) == ("refusal",)
+
+
 def test_the_sdks_own_objects_are_read() -> None:
     chat = pytest.importorskip("openai.types.chat")
     completion = chat.ChatCompletion.model_validate(
@@ -176,6 +208,31 @@ def test_the_output_length_shift_against_the_rolling_baseline() -> None:
     assert judge(openai("Paris."), ("empty",), Ask(), None, lengths).ok  # turned off
 
 
+def test_a_lasting_change_of_the_answers_lengths_stops_being_a_shift() -> None:
+    """Correct short answers that become a fifth of the mix are a shift at first, then the
+    baseline: a shifted answer is learnt too, or the shift would be garbage for ever (and
+    open the breaker on healthy answers)."""
+    rng = random.Random(1)
+    lengths = LengthBaseline()
+
+    def garbage(n: int, short_share: float) -> int:
+        found = 0
+        for _ in range(n):
+            short = rng.random() < short_share
+            words = rng.randint(40, 80)
+            text = (
+                "The answer is 4."
+                if short
+                else " ".join(f"w{rng.randint(0, 999)}" for _ in range(words))
+            )
+            found += not judge(openai(text), DETECTOR_NAMES, Ask(), None, lengths).ok
+        return found
+
+    garbage(1000, 0.02)
+    assert garbage(400, 0.2) > 0  # the change is seen
+    assert garbage(400, 0.2) < 8  # and learnt (before: about a fifth of the answers, for ever)
+
+
 def test_detectors_can_be_turned_off() -> None:
     assert reasons(openai(" "), names=("refusal",)) == ()
     cfg = parse_quality({"detectors": ["json"]}, "q")
@@ -201,7 +258,7 @@ def test_a_detector_that_raises_is_logged_once_and_never_reaches_the_caller(
         for _ in range(3):
             assert reasons(openai(" ")) == ("empty",)
     assert sum("'refusal' raised" in r.getMessage() for r in caplog.records) == 1
-    assert judge(object(), DETECTOR_NAMES, Ask()).reasons == ("empty",)
+    assert judge(object(), DETECTOR_NAMES, Ask()).ok  # not an answer: nothing to find in it
     assert judge(openai(GOOD), DETECTOR_NAMES, Ask(), validate=lambda r: True).ok
 
 

@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import random
+import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -113,8 +114,8 @@ class AsyncSlot:
         if quality.stale(s.asked):
             try:
                 await quality.astate(s.asked, self.store)
-            except StoreUnavailable:
-                pass  # the store-down policy answers the ask; route on the local copy
+            except StoreUnavailable:  # the store-down policy answers the ask; route on the
+                quality.seen(s.asked).tried = time.monotonic()  # local copy, not read again yet
         cfg = quality.config(s.asked)
         if cfg is not None and cfg.gates:
             s.route(s.routed(lambda: quality.decide(s.asked, cfg)))

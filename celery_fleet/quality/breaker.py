@@ -103,6 +103,8 @@ class _Seen:
     state: str = "closed"
     wait_ms: int = 0
     at: float = -1e18
+    #: when a read last failed (Redis away): not tried again for REFRESH_S
+    tried: float = -1e18
     lengths: LengthBaseline = field(default_factory=LengthBaseline)
 
 
@@ -206,7 +208,10 @@ class QualityBreakers:
         if cfg is None or not cfg.gates:
             return False
         seen = self.seen(limit)
-        age = time.monotonic() - seen.at
+        now = time.monotonic()
+        if now - seen.tried < REFRESH_S:
+            return False  # a read just failed: the local copy it is, until the next try
+        age = now - seen.at
         return age >= REFRESH_S or (seen.state == "open" and age * 1000 >= seen.wait_ms)
 
     # -- admission ----------------------------------------------------------------------
@@ -222,7 +227,7 @@ class QualityBreakers:
             try:
                 self.state(limit)
             except StoreUnavailable:  # the store-down policy answers the ask itself
-                self.seen(limit).at = time.monotonic()  # not again for REFRESH_S
+                self.seen(limit).tried = time.monotonic()  # not again for REFRESH_S
         return self.decide(limit, cfg)
 
     def decide(self, limit: str, cfg: QualityConfig) -> str:
@@ -231,7 +236,9 @@ class QualityBreakers:
             return limit
         if cfg.on_degraded == "fallback" and cfg.fallback is not None:
             return cfg.fallback
-        left = max(1, seen.wait_ms - int((time.monotonic() - seen.at) * 1000))
+        left = seen.wait_ms - int((time.monotonic() - seen.at) * 1000)
+        if left <= 0:  # half-open by the clock (Redis could not say so): calls are the probes
+            return limit
         raise QualityDegraded(limit, left, "quality_degraded")
 
 

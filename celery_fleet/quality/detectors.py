@@ -60,6 +60,10 @@ def _get(value: Any, name: str) -> Any:
     return getattr(value, name, None)
 
 
+def _has(value: Any, name: str) -> bool:
+    return name in value if isinstance(value, Mapping) else hasattr(value, name)
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -74,6 +78,12 @@ def read_reply(resp: Any) -> Reply:
     """Read an OpenAI chat completion / Responses object or an Anthropic message."""
     if isinstance(resp, str):
         return Reply(resp)
+    if resp is None:
+        return Reply(None)  # no answer at all: no content
+    if not any(_has(resp, name) for name in ("choices", "content", "output_text")):
+        raise TypeError(
+            f"{type(resp).__name__} is not a model answer (a stream? judge the final one)"
+        )
     usage = _get(resp, "usage")
     out_tokens = _int(_get(usage, "completion_tokens")) if usage is not None else None
     if out_tokens is None and usage is not None:
@@ -81,6 +91,8 @@ def read_reply(resp: Any) -> Reply:
     choices = _get(resp, "choices")
     if isinstance(choices, (list, tuple)) and choices:
         choice = choices[0]
+        if _get(choice, "message") is None and _get(choice, "delta") is not None:
+            raise TypeError("a stream's chunk is not the answer (judge the accumulated one)")
         message = _get(choice, "message") or {}
         finish = _get(choice, "finish_reason")
         tools = bool(_get(message, "tool_calls") or _get(message, "function_call"))
@@ -153,7 +165,10 @@ def truncated(reply: Reply, ask: Ask) -> str | None:
 
 
 _REFUSAL = re.compile(
-    r"^\W*(?:i'?m sorry,? but i (?:can(?:no|')t|am unable|won'?t)|i (?:can(?:no|')t|am unable to"
+    # markdown may open it (bold, a heading, a quote block); a quotation mark may not: that is
+    # somebody speaking in the answer ("I can't help it," she said), not the model declining
+    r"^[\s*_>#`~-]*"
+    r"(?:i'?m sorry,? but i (?:can(?:no|')t|am unable|won'?t)|i (?:can(?:no|')t|am unable to"
     r"|won'?t) (?:help|assist|comply|provide|do that|fulfil)|i apologi[sz]e,? but i"
     r"|as an ai(?: language model)?,? i (?:can(?:no|')t|am (?:not able|unable)|don'?t)"
     r"|sorry,? (?:but )?i can(?:no|')t|unfortunately,? i (?:can(?:no|')t|am unable))",
@@ -205,10 +220,36 @@ REPETITION_MIN_CHARS = 200
 
 def repetition(reply: Reply, ask: Ask) -> str | None:
     """Degenerate repetition: a long answer that compresses to almost nothing, or whose
-    word trigrams are mostly the same few (a model looping on a phrase)."""
+    word trigrams are mostly the same few (a model looping on a phrase).
+
+    A JSON answer is judged by its long strings alone: records that share one shape (a
+    batch of labels, the rows of a table) compress well by design, a loop inside a string
+    does not stop being one."""
     text = reply.text or ""
     if len(text) < REPETITION_MIN_CHARS:
         return None
+    ok, value = _parsed(reply)
+    if ok and isinstance(value, (dict, list)):
+        for string in _strings(value):
+            found = _repeats(string) if len(string) >= REPETITION_MIN_CHARS else None
+            if found:
+                return found
+        return None
+    return _repeats(text)
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string (value or key) in a parsed JSON value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _repeats(text: str) -> str | None:
     raw = text.encode("utf-8", "replace")
     if len(zlib.compress(raw, 6)) < 0.08 * len(raw):
         return "repeats itself"

@@ -84,12 +84,13 @@ class LengthBaseline:
             return f"{length} characters where about {usual} are usual"
         return None
 
-    def learn(self, length: int) -> None:
-        """Count an answer the other detectors found fine into the baseline."""
+    def learn(self, length: int, weight: float = 1.0) -> None:
+        """Count an answer the other detectors found fine into the baseline (a shifted one
+        with a small ``weight``: a lasting change is learnt slowly, a burst hardly)."""
         x = math.log1p(length)
         with self._lock:
             self.n += 1
-            a = max(self.alpha, 1.0 / self.n)  # a plain mean until 1/n falls below alpha
+            a = max(self.alpha, 1.0 / self.n) * weight  # a plain mean until 1/n < alpha
             delta = x - self.mean
             self.mean += a * delta
             self.var = (1 - a) * (self.var + a * delta * delta)
@@ -140,6 +141,9 @@ def _model_schema(model: Any) -> Mapping[str, Any] | None:
     return found if isinstance(found, Mapping) else None
 
 
+#: How much a shifted answer weighs in the length baseline against one within it.
+SHIFTED_WEIGHT = 0.2
+
 _MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
@@ -179,8 +183,9 @@ def judge(
         detail = _run("length_shift", lambda r, a: lengths.check(size), reply, ask)
         if detail:
             found.append(("length_shift", str(detail)))
-        else:
-            lengths.learn(size)
+        # learnt even when shifted, slowly: a lasting change of the answers' lengths becomes
+        # the baseline (unlearnt, it would be garbage for ever and keep the breaker opening)
+        lengths.learn(size, SHIFTED_WEIGHT if detail else 1.0)
     invalid = False
     if validate is not None:
         try:
