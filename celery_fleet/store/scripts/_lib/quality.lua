@@ -13,7 +13,7 @@
 -- came before it, never with itself. Until it has learnt from min_calls calls (base_n)
 -- the breaker does not open: a limit's normal is not known yet.
 local QUALITY_BUCKETS = 30
-local QUALITY_Z = 4            -- binomial deviations above the baseline's expectation
+local QUALITY_CHANCE = 1e-6     -- how unlikely garbage must be at the baseline's rate
 local QUALITY_TTL_MS = 86400000
 
 local function q_now()
@@ -43,15 +43,45 @@ local function q_window(key, cur)
   return calls, garbage
 end
 
+-- q_tail(n, x, p): the chance of x or more garbage in n calls at a garbage rate p
+-- (binomial; Poisson, mean n*p, above 1,000 calls), from the tail's first term on. Only
+-- asked once the rate is already above min_rate and ratio x the baseline, so its loops
+-- never run on healthy traffic.
+local function q_tail(n, x, p)
+  if x <= 0 then return 1 end
+  if x > n then return 0 end
+  local log_term  -- log of P(X = x)
+  if n <= 1000 then
+    log_term = x * math.log(p) + (n - x) * math.log(1 - p)
+    for i = 1, x do log_term = log_term + math.log(n - x + i) - math.log(i) end
+  else
+    local mean = n * p
+    log_term = -mean + x * math.log(mean)
+    for i = 1, x do log_term = log_term - math.log(i) end
+  end
+  local term, sum, k = math.exp(log_term), 0, x
+  while term > sum * 1e-12 and k <= n do
+    sum = sum + term
+    if n <= 1000 then term = term * (n - k) / (k + 1) * p / (1 - p)
+    else term = term * n * p / (k + 1) end
+    k = k + 1
+  end
+  return sum
+end
+
 -- q_degraded: garbage of calls is a degradation against the baseline: a rate of at least
 -- min_rate and ratio times the baseline, and more garbage than the baseline's noise
--- explains (QUALITY_Z deviations: a steady base rate over few calls does not open it).
+-- explains: at the baseline's rate (at least 1%), that much garbage or more in that many
+-- calls would come by chance less than once in QUALITY_CHANCE asks. An exact tail, not a
+-- normal approximation: over a few dozen calls the binomial's tail is far heavier than
+-- the normal's (4 deviations opened a steady 2% about once an hour at 2 calls/s).
 local function q_degraded(calls, garbage, baseline, ratio, min_rate)
   if calls <= 0 then return false end
   local rate = garbage / calls
+  if rate < min_rate or rate < ratio * baseline then return false end
   local p = math.max(baseline, 0.01)
-  return rate >= min_rate and rate >= ratio * baseline
-     and garbage >= calls * baseline + QUALITY_Z * math.sqrt(calls * p * (1 - p))
+  if rate <= p then return false end  -- no more than expected (and the tail starts past it)
+  return q_tail(calls, garbage, p) < QUALITY_CHANCE
 end
 
 -- q_state(key, now, reset_ms, ratio, min_rate): the state, opened_at, baseline, base_n,
