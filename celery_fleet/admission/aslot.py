@@ -34,6 +34,7 @@ from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
 from .decision import Decision
+from .judging import check_verdict, outcome_of, release_judged_steps
 from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
@@ -404,13 +405,19 @@ class AsyncMethods:
         steps = self.admission.acquire_steps(cfg, tokens, ticket)
         return await adrive(steps, self.astore)
 
-    async def arelease(self, decision: Decision, outcome: str = "ok") -> Any:
-        """:meth:`Fleet.release`, awaited."""
+    async def arelease(
+        self, decision: Decision, outcome: str = "ok", *, verdict: Verdict | None = None
+    ) -> Any:
+        """:meth:`Fleet.release`, awaited (``verdict`` counted in the same round trip)."""
         if not decision.allowed or decision.lease_id is None:
             from ..errors import ConfigError
 
             raise ConfigError("arelease() needs an admitted decision (it holds no lease)")
-        steps = self.admission.release_steps(decision.limit, decision.lease_id, outcome)
+        checked = check_verdict(verdict)
+        steps = release_judged_steps(
+            self.admission, decision.limit, decision.lease_id, outcome_of(outcome, checked),
+            checked,
+        )  # fmt: skip
         return await adrive(steps, self.astore)
 
     def aguarded(

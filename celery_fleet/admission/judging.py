@@ -16,13 +16,67 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, FleetError, QualityDegraded
 from ..quality.config import DETECTOR_NAMES
 from ..quality.judge import Verdict, ask_of, judge
+from ..store.calls import PackedCalls, Steps
 from .lanes import check_lane
 from .providers import Signal
 
 if TYPE_CHECKING:
-    from .core import Admission
+    from .core import Admission, Release
 
-__all__ = ["Judging"]
+__all__ = ["Judging", "judge_answer", "release_judged_steps", "outcome_of", "check_verdict"]
+
+
+def judge_answer(
+    admission: Admission,
+    limit: str,
+    resp: Any,
+    ask: Any,
+    validate: Callable[[Any], object] | None,
+    asked: str | None = None,
+) -> Verdict:
+    """Judge ``resp`` with the detectors of ``limit`` (or of ``asked``, the limit asked for
+    when a fallback admitted it elsewhere) and learn its length; tell the watchers."""
+    quality = admission.quality
+    cfg = quality.config(limit) or (quality.config(asked) if asked else None)
+    names = cfg.detectors if cfg is not None else DETECTOR_NAMES
+    verdict = judge(resp, names, ask, validate, quality.lengths(limit))
+    if admission.watchers:
+        said = "ok" if verdict.ok else "garbage"
+        admission.tell("judged", limit, verdict=said, reasons=verdict.reasons)
+    return verdict
+
+
+def check_verdict(verdict: object) -> Verdict | None:
+    """``verdict`` if it is a :class:`Verdict` (or None); anything else is refused."""
+    if verdict is None or isinstance(verdict, Verdict):
+        return verdict
+    raise ConfigError(
+        f"verdict must be the Verdict fleet.judge() returned, got {type(verdict).__name__}"
+    )
+
+
+def outcome_of(outcome: str, verdict: Verdict | None) -> str:
+    """The release outcome a verdict leaves: ``validate`` rejecting the answer turns an
+    ``ok`` into the availability breaker's failure (as on a slot); garbage alone does not."""
+    if verdict is not None and verdict.invalid and outcome == "ok":
+        return Signal("invalid_output").outcome
+    return outcome
+
+
+def release_judged_steps(
+    admission: Admission, name: str, lease_id: str, outcome: str, verdict: Verdict | None
+) -> Steps[Release]:
+    """The release of ``lease_id`` with ``verdict`` counted by ``name``'s quality breaker in
+    the same round trip (``fleet.release(decision, verdict=...)``); without a verdict, or
+    on a limit without ``quality``, the release alone. A lease the store-down policy
+    lent is released locally and its verdict dropped (Redis is away)."""
+    counted = admission.quality.count_command(name, verdict) if verdict is not None else None
+    if counted is None or admission.store_down.owns(lease_id):
+        return (yield from admission.release_steps(name, lease_id, outcome))
+    command = admission.release_command(name, lease_id, outcome, clock=True)
+    reply, count = yield PackedCalls((command, counted))
+    admission.quality.counted(name, count)
+    return admission.released(name, reply)
 
 
 class Judging:
@@ -95,13 +149,7 @@ class Judging:
 
     def judge_with(self, resp: Any, validate: Callable[[Any], object] | None, ask: Any) -> Verdict:
         """:meth:`judge` with the hook given (AsyncSlot passes an awaited answer)."""
-        quality = self.admission.quality
-        cfg = quality.config(self.limit) or quality.config(self.asked)
-        names = cfg.detectors if cfg is not None else DETECTOR_NAMES
-        self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
-        if self.admission.watchers:
-            verdict = "ok" if self.judged.ok else "garbage"
-            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
+        self.judged = judge_answer(self.admission, self.limit, resp, ask, validate, self.asked)
         return self.judged
 
     def quality_command(self) -> tuple[str, bytes] | None:

@@ -1,0 +1,132 @@
+"""Judging wherever a call is made (issue 25): ``fleet.try_acquire`` / ``fleet.release``.
+
+``fleet.judge(limit, resp, ...)`` judges an answer without a slot; ``fleet.release(decision,
+verdict=...)`` counts it in the release's own round trip, as ``slot.judge`` does. The old
+signatures (``release(decision)``, ``release(decision, "fail")``) keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from celery_fleet import Fleet, Verdict
+from celery_fleet.errors import ConfigError
+
+MakeFleet = Callable[..., Fleet]
+
+OK = {"choices": [{"message": {"content": "Paris is the capital."}, "finish_reason": "stop"}]}
+EMPTY = {"choices": [{"message": {"content": " "}, "finish_reason": "stop"}]}
+QUICK = {"window": 2, "min_calls": 20, "reset_timeout": 1, "probes": 10}
+OURS = {"acquire", "release", "quality_count"}
+
+
+def make(make_fleet: MakeFleet, **extra: Any) -> Fleet:
+    return make_fleet({"llm": {"rpm": 10**7, "quality": QUICK, **extra}, "plain": {"rpm": 10**7}})
+
+
+def judged_call(fleet: Fleet, resp: Any, outcome: str = "ok", **judging: Any) -> Verdict:
+    decision = fleet.try_acquire("llm")
+    assert decision.allowed
+    verdict = fleet.judge("llm", resp, **judging)
+    fleet.release(decision, outcome, verdict=verdict)
+    return verdict
+
+
+def test_a_verdict_rides_in_the_release_s_round_trip(make_fleet: MakeFleet) -> None:
+    fleet = make(make_fleet)
+    judged_call(fleet, OK)  # scripts loaded on this connection
+    fleet.store.drain()
+    writes: list[list[str]] = []
+    combiner = fleet.store.combiner
+    real = combiner._round_trip
+
+    def spy(batch: list[Any], answered: list[Any]) -> Any:
+        for c in batch:  # background threads may share the combiner: only ours count
+            names = [name for name, _ in c.commands if name in OURS]
+            if names:
+                writes.append(names)
+        return real(batch, answered)
+
+    combiner._round_trip = spy  # type: ignore[method-assign]
+    try:
+        for resp in (OK, EMPTY):
+            judged_call(fleet, resp)
+        fleet.release(fleet.try_acquire("llm"))  # no verdict: the release alone, as before
+    finally:
+        combiner._round_trip = real  # type: ignore[method-assign]
+    assert writes == [["acquire"], ["release", "quality_count"]] * 2 + [["acquire"], ["release"]]
+    q = fleet.quality("llm")
+    assert (q.calls, q.garbage) == (3, 1) and dict(q.reasons) == {"empty": 1}
+
+
+def test_judge_reads_what_was_asked_and_counts_nothing_by_itself(make_fleet: MakeFleet) -> None:
+    fleet = make(make_fleet)
+    body = {"max_tokens": 1000, "response_format": {"type": "json_object"}}
+    cut = {"choices": [{"message": {"content": '{"a": 1}'}, "finish_reason": "length"}],
+           "usage": {"completion_tokens": 10}}  # fmt: skip
+    assert fleet.judge("llm", cut, request=body).reasons == ("truncated",)
+    assert fleet.judge("llm", OK, json=True).reasons == ("json",)
+    assert fleet.judge("llm", OK).ok
+    assert fleet.quality("llm").calls == 0  # judged, never released: nothing counted
+    assert fleet.judge("llm", object()).ok  # not an answer: nothing found, nothing raised
+    with pytest.raises(ConfigError, match="nope"):
+        fleet.judge("nope", OK)
+
+
+def test_validate_rejecting_the_answer_fails_the_availability_breaker(
+    make_fleet: MakeFleet,
+) -> None:
+    breaker = {"breaker": {"min_calls": 5, "failure_rate": 0.5, "window": 30}}
+    fleet = make(make_fleet, validate=lambda resp: "Paris" not in str(resp), **breaker)
+    for _ in range(10):  # garbage alone is not a failure of the provider
+        assert judged_call(fleet, EMPTY).reasons == ("empty",)
+    assert fleet.breaker("llm").state().state == "closed"
+    for _ in range(60):
+        decision = fleet.try_acquire("llm")
+        if not decision.allowed:
+            break
+        verdict = fleet.judge("llm", OK)
+        assert verdict.reasons == ("validate",) and verdict.invalid
+        fleet.release(decision, verdict=verdict)  # "ok" becomes "fail"
+    assert decision.reason == "circuit_open"
+    assert fleet.breaker("llm").state().state == "open"
+
+
+def test_a_verdict_on_a_limit_without_quality_is_a_plain_release(make_fleet: MakeFleet) -> None:
+    fleet = make(make_fleet)
+    decision = fleet.try_acquire("plain")
+    verdict = fleet.judge("plain", EMPTY)  # judged with every detector: the caller may log it
+    assert verdict.reasons == ("empty",)
+    assert fleet.release(decision, verdict=verdict).released
+    assert fleet.admission.in_flight("plain") == 0
+
+
+def test_the_old_signatures_and_a_bad_verdict(make_fleet: MakeFleet) -> None:
+    fleet = make(make_fleet)
+    assert fleet.release(fleet.try_acquire("llm")).released
+    assert fleet.release(fleet.try_acquire("llm"), "fail").released
+    decision = fleet.try_acquire("llm")
+    with pytest.raises(ConfigError, match="verdict must be the Verdict fleet.judge"):
+        fleet.release(decision, verdict="ok")  # type: ignore[arg-type]
+    assert fleet.release(decision).released  # nothing was sent by the refused call
+    assert fleet.quality("llm").calls == 0
+
+
+def test_arelease_counts_a_verdict_too(make_fleet: MakeFleet) -> None:
+    fleet = make(make_fleet)
+
+    async def main() -> None:
+        for resp in (OK, EMPTY, EMPTY):
+            decision = await fleet.atry_acquire("llm")
+            await fleet.arelease(decision, verdict=fleet.judge("llm", resp))
+        with pytest.raises(ConfigError, match="verdict"):
+            await fleet.arelease(await fleet.atry_acquire("llm"), verdict=1)  # type: ignore[arg-type]
+        await fleet.aclose()
+
+    asyncio.run(main())
+    q = fleet.quality("llm")
+    assert (q.calls, q.garbage) == (3, 2)
