@@ -130,3 +130,12 @@ def test_arelease_counts_a_verdict_too(make_fleet: MakeFleet) -> None:
     asyncio.run(main())
     q = fleet.quality("llm")
     assert (q.calls, q.garbage) == (3, 2)
+
+
+def test_the_reason_of_the_first_garbage_verdict_is_counted(make_fleet: MakeFleet) -> None:
+    """The reason counters are halved once a window: that used to run after the first
+    count was added, and a lone first reason (1, halved: 0) vanished from ``reasons``."""
+    fleet = make(make_fleet)
+    judged_call(fleet, EMPTY)
+    q = fleet.quality("llm")
+    assert (q.calls, q.garbage, dict(q.reasons)) == (1, 1, {"empty": 1})
