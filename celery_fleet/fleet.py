@@ -34,7 +34,13 @@ from .admission.breaker import Breaker
 from .admission.config import LimitConfig
 from .admission.core import Admission, Decision, Release
 from .admission.guarded import Choice, Guard, guarded
-from .admission.judging import check_verdict, judge_answer, outcome_of, release_judged_steps
+from .admission.judging import (
+    check_verdict,
+    judge_answer,
+    outcome_of,
+    release_judged_steps,
+    sync_hook,
+)
 from .admission.lanes import check_lane
 from .admission.run import Run, current_run
 from .admission.slot import Clock, LeaseKeeper, Slot, SystemClock
@@ -447,12 +453,13 @@ class Fleet(AsyncMethods):
         """Judge a call's answer for garbage with limit ``name``'s detectors, without a slot:
         :meth:`Slot.judge <celery_fleet.admission.slot.Slot.judge>` for :meth:`try_acquire`
         callers. Pass the verdict to :meth:`release` to have it counted (nothing is sent
-        here). ``validate`` defaults to the limit's hook. Never raises for the answer; an
-        unknown limit is a ``ConfigError``."""
+        here). ``validate`` defaults to the limit's hook (a coroutine function's is
+        awaited by :meth:`ajudge`). Never raises for the answer; an unknown limit is a
+        ``ConfigError``."""
         cfg = self.admission.limit(name)
         ask = ask_of(max_tokens, json, response_format, schema, request)
         hook = cfg.validate if validate is None else validate
-        return judge_answer(self.admission, name, resp, ask, hook)
+        return judge_answer(self.admission, name, resp, ask, sync_hook(hook))
 
     def breaker(self, name: str) -> Breaker:
         """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""

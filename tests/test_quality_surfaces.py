@@ -139,3 +139,27 @@ def test_the_reason_of_the_first_garbage_verdict_is_counted(make_fleet: MakeFlee
     judged_call(fleet, EMPTY)
     q = fleet.quality("llm")
     assert (q.calls, q.garbage, dict(q.reasons)) == (1, 1, {"empty": 1})
+
+
+def test_ajudge_awaits_an_async_validate_hook_judge_does_not_leave_it_pending(
+    make_fleet: MakeFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def no_paris(resp: Any) -> bool:
+        await asyncio.sleep(0)
+        return "Paris" not in str(resp)
+
+    fleet = make(make_fleet, validate=no_paris)
+
+    async def main() -> Verdict:
+        decision = await fleet.atry_acquire("llm")
+        verdict = await fleet.ajudge("llm", OK)
+        await fleet.arelease(decision, verdict=verdict)
+        await fleet.aclose()
+        return verdict
+
+    verdict = asyncio.run(main())
+    assert verdict.reasons == ("validate",) and verdict.invalid
+    with caplog.at_level("WARNING", "celery_fleet"):
+        assert fleet.judge("llm", OK).ok  # the coroutine is closed, not left un-awaited
+    assert "needs await fleet.ajudge" in caplog.text
+    assert fleet.quality("llm").garbage == 1

@@ -34,7 +34,7 @@ from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
 from .decision import Decision
-from .judging import check_verdict, outcome_of, release_judged_steps
+from .judging import await_hook, check_verdict, judge_answer, outcome_of, release_judged_steps
 from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
@@ -404,6 +404,26 @@ class AsyncMethods:
         ticket = self.admission.new_ticket(name, key, lane)
         steps = self.admission.acquire_steps(cfg, tokens, ticket)
         return await adrive(steps, self.astore)
+
+    async def ajudge(
+        self,
+        name: str,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+        validate: Any = None,
+    ) -> Verdict:
+        """:meth:`Fleet.judge`, awaiting a ``validate`` coroutine function (the limit's by
+        default); nothing is sent: pass the verdict to :meth:`arelease`."""
+        cfg = self.admission.limit(name)
+        ask = ask_of(max_tokens, json, response_format, schema, request)
+        ok = await await_hook(cfg.validate if validate is None else validate, resp)
+        hook = None if ok is None else (lambda _resp: ok)
+        return judge_answer(self.admission, name, resp, ask, hook)
 
     async def arelease(
         self, decision: Decision, outcome: str = "ok", *, verdict: Verdict | None = None

@@ -10,6 +10,8 @@ slot to the other limit).
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,17 @@ from .providers import Signal
 if TYPE_CHECKING:
     from .core import Admission, Release
 
-__all__ = ["Judging", "judge_answer", "release_judged_steps", "outcome_of", "check_verdict"]
+__all__ = [
+    "Judging",
+    "judge_answer",
+    "release_judged_steps",
+    "outcome_of",
+    "check_verdict",
+    "sync_hook",
+    "await_hook",
+]
+
+log = logging.getLogger("celery_fleet")
 
 
 def judge_answer(
@@ -53,6 +65,36 @@ def check_verdict(verdict: object) -> Verdict | None:
     raise ConfigError(
         f"verdict must be the Verdict fleet.judge() returned, got {type(verdict).__name__}"
     )
+
+
+def sync_hook(hook: Callable[[Any], object] | None) -> Callable[[Any], object] | None:
+    """``hook`` for a blocking judge: a coroutine it returns cannot be awaited there, so it
+    is closed and judges nothing (``await fleet.ajudge(...)`` awaits it), with a warning."""
+    if hook is None:
+        return None
+
+    def run(resp: Any) -> object:
+        answer = hook(resp)
+        if inspect.isawaitable(answer):
+            if hasattr(answer, "close"):
+                answer.close()
+            log.warning("celery-fleet: an async validate hook needs await fleet.ajudge(...)")
+            return True
+        return answer
+
+    return run
+
+
+async def await_hook(hook: Callable[[Any], object] | None, resp: Any) -> bool | None:
+    """Run ``hook`` on ``resp`` (awaited if it is a coroutine function): whether it accepts
+    the answer (an exception: no), None without a hook."""
+    if hook is None:
+        return None
+    try:
+        answer = hook(resp)
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+    except Exception:
+        return False
 
 
 def outcome_of(outcome: str, verdict: Verdict | None) -> str:

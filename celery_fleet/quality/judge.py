@@ -107,8 +107,8 @@ def ask_of(
     (OpenAI ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     {"schema": {...}}}``) and ``schema``; ``request`` (the call's body) gives whichever of
     ``max_tokens``/``max_completion_tokens``/``max_output_tokens`` and ``response_format``
-    (a Responses body's ``text={"format": {...}}``) the arguments do not. A pydantic model class (as an SDK's ``parse()`` takes) is a
-    schema too."""
+    (a Responses body's ``text={"format": {...}}``) the arguments do not. A pydantic
+    model class (as an SDK's ``parse()`` takes) is a schema too."""
     if isinstance(request, Mapping):
         if max_tokens is None:
             found = [request.get(k) for k in _MAX_TOKEN_FIELDS]
