@@ -433,6 +433,8 @@ class Fleet(AsyncMethods):
         """
         lease = _check_decision(decision, "release")
         checked = check_verdict(verdict)
+        if checked is None:
+            return self.admission.release(decision.limit, lease, outcome)
         steps = release_judged_steps(
             self.admission, decision.limit, lease, outcome_of(outcome, checked), checked
         )
