@@ -163,3 +163,49 @@ def test_ajudge_awaits_an_async_validate_hook_judge_does_not_leave_it_pending(
         assert fleet.judge("llm", OK).ok  # the coroutine is closed, not left un-awaited
     assert "needs await fleet.ajudge" in caplog.text
     assert fleet.quality("llm").garbage == 1
+
+
+def test_a_stream_answer_adds_up_what_the_sdks_stream() -> None:
+    """The shapes ProviderSim does not serve: legacy completions, Responses, tool calls."""
+    from celery_fleet.contrib.answers import StreamAnswer
+    from celery_fleet.quality import DETECTOR_NAMES, Ask, judge
+
+    def assembled(*events: Any) -> StreamAnswer:
+        answer = StreamAnswer()
+        for event in events:
+            answer.see(event)
+        return answer
+
+    legacy = assembled(
+        {"choices": [{"index": 0, "text": "I'm sorry, but I can't", "finish_reason": None}]},
+        {"choices": [{"index": 0, "text": " help with that.", "finish_reason": "stop"}]},
+    )
+    assert legacy.ended and judge(legacy.answer(), DETECTOR_NAMES, Ask()).reasons == ("refusal",)
+    final = {"output_text": "", "incomplete_details": {"reason": "max_output_tokens"},
+             "usage": {"output_tokens": 3}}  # fmt: skip
+    responses = assembled(
+        {"type": "response.output_text.delta", "delta": "x"},
+        {"type": "response.incomplete", "response": final},
+    )
+    assert responses.ended and responses.answer() is final
+    tools = assembled(
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0}]}}]},
+        {"choices": [{"index": 1, "delta": {"content": "ignored: not the first choice"}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    )
+    assert tools.ended and judge(tools.answer(), DETECTOR_NAMES, Ask()).ok  # not "empty"
+    unfinished = assembled({"choices": [{"index": 0, "delta": {"content": "Par"}}]})
+    assert not unfinished.ended
+    anthropic = assembled(
+        {"type": "message_start", "message": {"usage": {"input_tokens": 5}}},
+        {"type": "content_block_start", "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "ok"}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "max_tokens"},
+            "usage": {"output_tokens": 2},
+        },  # fmt: skip
+        {"type": "message_stop"},
+    )
+    verdict = judge(anthropic.answer(), DETECTOR_NAMES, Ask(max_tokens=100))
+    assert anthropic.ended and verdict.reasons == ("truncated",)
