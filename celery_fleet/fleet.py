@@ -39,6 +39,7 @@ from .admission.judging import (
     judge_answer,
     outcome_of,
     release_judged_steps,
+    route_ask,
     sync_hook,
 )
 from .admission.lanes import check_lane
@@ -411,7 +412,15 @@ class Fleet(AsyncMethods):
     ) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
         :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL).
-        ``key`` and ``lane``: as in :meth:`slot`."""
+        ``key`` and ``lane``: as in :meth:`slot`.
+
+        While the limit's quality breaker is open, ``on_degraded="pause"`` refuses
+        (``reason="quality_degraded"``, ``wait_ms`` until it half-opens) and
+        ``"fallback:<limit>"`` asks the other limit: ``decision.limit`` names it."""
+        routed = route_ask(self.admission, name, tokens, key, lane)
+        if isinstance(routed, Decision):
+            return routed
+        name, tokens, key, lane = routed
         return self.admission.try_acquire(name, tokens, key=key, lane=lane)
 
     def release(

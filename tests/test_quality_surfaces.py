@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from celery_fleet import Fleet, Verdict
+from celery_fleet.admission.decision import Decision
 from celery_fleet.errors import ConfigError
 
 MakeFleet = Callable[..., Fleet]
@@ -209,3 +210,54 @@ def test_a_stream_answer_adds_up_what_the_sdks_stream() -> None:
     )
     verdict = judge(anthropic.answer(), DETECTOR_NAMES, Ask(max_tokens=100))
     assert anthropic.ended and verdict.reasons == ("truncated",)
+
+
+def opened(fleet: Fleet, limit: str = "llm") -> None:
+    """Open ``limit``'s quality breaker now (as a burst of garbage would) and let this
+    process read it (its local copy is otherwise up to a second old)."""
+    seconds, micros = fleet.store.call("TIME")
+    now_ms = int(seconds) * 1000 + int(micros) / 1000
+    key = fleet.admission.quality.key(limit)
+    fleet.store.call("HSET", key, "state", "open", "opened_at", f"{now_ms:.3f}")
+    assert fleet.quality(limit).state == "open"
+
+
+def test_try_acquire_is_paused_or_moved_by_an_open_quality_breaker(make_fleet: MakeFleet) -> None:
+    slow = {**QUICK, "reset_timeout": 60}
+    paused = make_fleet({"llm": {"rpm": 10**7, "quality": {**slow, "on_degraded": "pause"}}})
+    opened(paused)
+    refused = paused.try_acquire("llm")
+    assert not refused.allowed and refused.reason == "quality_degraded"
+    assert 50_000 < refused.wait_ms <= 60_000 and paused.admission.in_flight("llm") == 0
+    with pytest.raises(ConfigError, match="tokens"):
+        paused.try_acquire("llm", tokens=-1)  # arguments are still checked
+
+    moved = make_fleet(
+        {
+            "llm": {
+                "rpm": 10**7,
+                "tokens": "10000000/minute",
+                "quality": {**slow, "on_degraded": "fallback:backup"},
+            },
+            "backup": {"rpm": 10**7, "tokens": "1000/minute"},
+        },  # fmt: skip
+        namespace=f"{paused.admission.namespace}-b",
+    )
+    opened(moved)
+    decision = moved.try_acquire("llm", tokens=5000)
+    most = moved.admission.limit("backup").max_tokens_per_call  # all the backup can admit
+    assert decision.allowed and decision.limit == "backup" and decision.tokens == most
+    assert moved.admission.in_flight("backup") == 1
+    moved.release(decision, verdict=moved.judge("llm", OK))
+    assert moved.admission.in_flight("backup") == 0
+
+    async def main() -> tuple[Decision, Decision]:
+        try:
+            return await paused.atry_acquire("llm"), await moved.atry_acquire("llm")
+        finally:
+            await paused.aclose()
+            await moved.aclose()
+
+    refused, moved_decision = asyncio.run(main())
+    assert refused.reason == "quality_degraded" and moved_decision.limit == "backup"
+    moved.release(moved_decision)

@@ -34,7 +34,14 @@ from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
 from .decision import Decision
-from .judging import await_hook, check_verdict, judge_answer, outcome_of, release_judged_steps
+from .judging import (
+    await_hook,
+    check_verdict,
+    judge_answer,
+    outcome_of,
+    release_judged_steps,
+    route_ask,
+)
 from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
@@ -399,8 +406,19 @@ class AsyncMethods:
         self, name: str, tokens: int = 0, *, key: str | None = None, lane: str | None = None
     ) -> Decision:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
+        quality = self.admission.quality
+        qcfg = quality.config(name)
+        if qcfg is not None and quality.stale(name):
+            try:
+                await quality.astate(name, self.astore)
+            except StoreUnavailable:  # route on the local copy, not read again yet
+                quality.seen(name).tried = time.monotonic()
+        decide = (lambda: quality.decide(name, qcfg)) if qcfg is not None else None
+        routed = route_ask(self.admission, name, tokens, key, lane, decide)
+        if isinstance(routed, Decision):
+            return routed
+        name, tokens, key, lane = routed
         cfg = self.admission.limit(name)
-        tokens = cfg.check_tokens(tokens)
         ticket = self.admission.new_ticket(name, key, lane)
         steps = self.admission.acquire_steps(cfg, tokens, ticket)
         return await adrive(steps, self.astore)

@@ -19,6 +19,7 @@ from ..errors import ConfigError, FleetError, QualityDegraded
 from ..quality.config import DETECTOR_NAMES
 from ..quality.judge import Verdict, ask_of, judge
 from ..store.calls import PackedCalls, Steps
+from .decision import Decision
 from .lanes import check_lane
 from .providers import Signal
 
@@ -33,6 +34,7 @@ __all__ = [
     "check_verdict",
     "sync_hook",
     "await_hook",
+    "route_ask",
 ]
 
 log = logging.getLogger("celery_fleet")
@@ -95,6 +97,40 @@ async def await_hook(hook: Callable[[Any], object] | None, resp: Any) -> bool | 
         return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
     except Exception:
         return False
+
+
+def route_ask(
+    admission: Admission,
+    name: str,
+    tokens: int,
+    key: str | None,
+    lane: str | None,
+    decide: Callable[[], str] | None = None,
+) -> tuple[str, int, str | None, str | None] | Decision:
+    """Where the quality breaker sends a ``try_acquire`` of ``name``: ``(limit, tokens, key,
+    lane)`` to ask (the limit itself, or its fallback while its breaker is open, as a slot
+    is moved), or a refused :class:`Decision` (``reason="quality_degraded"``, ``wait_ms``
+    until it half-opens) with ``pause``. ``decide``: an awaited caller's, after its read."""
+    cfg = admission.quality.config(name)
+    tokens = admission.limit(name).check_tokens(tokens)
+    if cfg is None or not cfg.gates:
+        return name, tokens, key, lane
+    admission.new_ticket(name, key, lane)  # the key and lane asked are checked either way
+    try:
+        target = decide() if decide else admission.quality.route(name)
+    except QualityDegraded as exc:
+        if admission.watchers:
+            admission.tell("refused", name, reason=exc.reason, wait_ms=exc.wait_ms)
+        return Decision(name, False, exc.wait_ms, None, exc.reason, 0, tokens, 0.0)
+    if target == name:
+        return name, tokens, key, lane
+    other = admission.limit(target)
+    try:
+        chosen = check_lane(other.lanes, target, lane)
+    except ConfigError:
+        chosen = check_lane(other.lanes, target, None)
+    lane = chosen.name if chosen is not None else None
+    return target, min(tokens, other.max_tokens_per_call or 0), key if other.keyed else None, lane
 
 
 def outcome_of(outcome: str, verdict: Verdict | None) -> str:
