@@ -94,8 +94,10 @@ def test_acompletion_and_its_stream_are_judged(fleet: Fleet, make_provider_sim: 
             )
             async for _ in stream:
                 pass
-            deadline = time.monotonic() + 20  # the stream's end is logged by a task
-            while hook.holding and time.monotonic() < deadline:
+            deadline = time.monotonic() + 20  # the stream's end is logged by a task,
+            # whose release is awaited after the hook lets go of the call: wait for both
+            while hook.holding or fleet.admission.in_flight("sim"):
+                assert time.monotonic() < deadline, "still held"
                 await asyncio.sleep(0.01)
         finally:
             await fleet.aclose()
