@@ -34,6 +34,14 @@ from .admission.breaker import Breaker
 from .admission.config import LimitConfig
 from .admission.core import Admission, Decision, Release
 from .admission.guarded import Choice, Guard, guarded
+from .admission.judging import (
+    check_verdict,
+    judge_answer,
+    outcome_of,
+    release_judged_steps,
+    route_ask,
+    sync_hook,
+)
 from .admission.lanes import check_lane
 from .admission.run import Run, current_run
 from .admission.slot import Clock, LeaseKeeper, Slot, SystemClock
@@ -50,9 +58,11 @@ from .observability.counters import Counters
 from .observability.counters import watcher as counters_watcher
 from .observability.tracing import admission_watcher
 from .quality.breaker import QualityState
+from .quality.judge import Verdict, ask_of
 from .resilience.fallback import UNKNOWN_SHARE, StoreDown, check_store
 from .resilience.presence import Presence
 from .settings import DEFAULT_MAX_COUNTDOWN_S, DEFAULT_MAX_WAIT_S, load_settings
+from .store.calls import drive
 from .store.connect import ClientSource
 from .store.sync import RedisStore
 
@@ -402,14 +412,65 @@ class Fleet(AsyncMethods):
     ) -> Decision:
         """Ask once without waiting. An admitted decision's lease must be given back with
         :meth:`release` (it is not renewed: it expires after the limit's ``lease`` TTL).
-        ``key`` and ``lane``: as in :meth:`slot`."""
+        ``key`` and ``lane``: as in :meth:`slot`.
+
+        While the limit's quality breaker is open, ``on_degraded="pause"`` refuses
+        (``reason="quality_degraded"``, ``wait_ms`` until it half-opens) and
+        ``"fallback:<limit>"`` asks the other limit: ``decision.limit`` names it."""
+        routed = route_ask(self.admission, name, tokens, key, lane)
+        if isinstance(routed, Decision):
+            return routed
+        name, tokens, key, lane = routed
         return self.admission.try_acquire(name, tokens, key=key, lane=lane)
 
-    def release(self, decision: Decision, outcome: str = "ok") -> Release:
+    def release(
+        self, decision: Decision, outcome: str = "ok", *, verdict: Verdict | None = None
+    ) -> Release:
         """Release the lease of an admitted :meth:`try_acquire` decision, saying how the call
-        went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``)."""
+        went (``ok``, ``fail``, ``overload``, ``congestion``, ``rate``, ``neutral``).
+
+        ``verdict`` (from :meth:`judge`) is counted by the limit's quality breaker in the
+        release's own round trip, as ``slot.judge`` is; a verdict whose ``validate``
+        rejected the answer turns ``ok`` into ``fail`` for the availability breaker.
+
+        Example::
+
+            decision = fleet.try_acquire("openai", tokens=1500)
+            if decision.allowed:
+                resp = client.chat.completions.create(**body)
+                fleet.release(decision, verdict=fleet.judge("openai", resp, request=body))
+        """
         lease = _check_decision(decision, "release")
-        return self.admission.release(decision.limit, lease, outcome)
+        checked = check_verdict(verdict)
+        if checked is None:
+            return self.admission.release(decision.limit, lease, outcome)
+        steps = release_judged_steps(
+            self.admission, decision.limit, lease, outcome_of(outcome, checked), checked
+        )
+        return drive(steps, self.store)
+
+    def judge(
+        self,
+        name: str,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+        validate: Callable[[Any], object] | None = None,
+    ) -> Verdict:
+        """Judge a call's answer for garbage with limit ``name``'s detectors, without a slot:
+        :meth:`Slot.judge <celery_fleet.admission.slot.Slot.judge>` for :meth:`try_acquire`
+        callers. Pass the verdict to :meth:`release` to have it counted (nothing is sent
+        here). ``validate`` defaults to the limit's hook (a coroutine function's is
+        awaited by :meth:`ajudge`). Never raises for the answer; an unknown limit is a
+        ``ConfigError``."""
+        cfg = self.admission.limit(name)
+        ask = ask_of(max_tokens, json, response_format, schema, request)
+        hook = cfg.validate if validate is None else validate
+        return judge_answer(self.admission, name, resp, ask, sync_hook(hook))
 
     def breaker(self, name: str) -> Breaker:
         """The fleet-wide circuit breaker of limit ``name``: state and manual overrides."""

@@ -288,3 +288,94 @@ def test_a_fallback_must_name_another_configured_limit() -> None:
         parse_limits({"a": {"rpm": 5, "quality": {"on_degraded": "fallback:a"}}})
     ok = parse_limits({"a": {"rpm": 5, "quality": {"on_degraded": "fallback:b"}}, "b": {"rpm": 5}})
     assert ok["a"].quality is not None and ok["a"].quality.fallback == "b"
+
+
+# -- the nits found by verification -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't find any errors in your code.",
+        "I cannot reproduce the bug on Python 3.12: the test passes here.",
+        "Unfortunately, I can't see the attachment, so here is the general fix.",
+        "I can't help but notice the loop never ends: move the increment inside it.",
+        "I apologize, but I think the premise is off: 2 + 2 is 4.",
+        "Sorry, but I can’t find that function anywhere in the file you pasted.",
+    ],
+)
+def test_an_apology_that_answers_is_not_a_refusal(text: str) -> None:
+    assert reasons(openai(text)) == ()
+    assert reasons(anthropic(text)) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I'm sorry, but I can't help with that.",
+        "I’m sorry, I cannot assist with this request.",
+        "I'm unable to comply with that request.",
+        "I am not able to provide that information.",
+        "Sorry, I can't really help with that.",
+        "I won't be able to help with this one.",
+        "I apologize, but I cannot fulfill this request.",
+        "Unfortunately, I can't provide instructions for that.",
+        "I will not write that.",
+        "As an AI language model, I cannot browse the web.",
+    ],
+)
+def test_a_refusal_of_the_request_is_still_caught(text: str) -> None:
+    assert reasons(openai(text)) == ("refusal",)
+
+
+def test_prose_and_one_fenced_json_block_is_json_two_blocks_are_not() -> None:
+    """The docs' rule: an answer that is one fenced block (```json or bare), alone or with
+    prose around it, is judged by the block's content."""
+    asked = ask_of(response_format={"type": "json_object"})
+    schema = {"type": "object", "required": ["a"]}
+    for text in (
+        'Here is the JSON you asked for:\n\n```json\n{"a": 1}\n```',
+        'Sure.\n```\n{"a": 1}\n```\nLet me know if you need more.',
+        '```JSON\n{"a": 1}\n```',
+        '```json {"a": 1}```',
+    ):
+        assert reasons(openai(text), asked) == (), text
+        assert reasons(openai(text), ask_of(schema=schema)) == (), text
+    assert reasons(openai('Here:\n```json\n{"b": 1}\n```'), ask_of(schema=schema)) == ("schema",)
+    assert reasons(openai('Here:\n```json\n{"a": 1\n```'), asked) == ("json",)
+    two = '```json\n{"a": 1}\n```\nor\n```json\n{"a": 2}\n```'
+    assert reasons(openai(two), asked) == ("json",)
+    assert reasons(openai('```python\nprint({"a": 1})\n```'), asked) == ("json",)
+    looping = "Here it is. " + "the the the " * 100 + '\n```json\n{"a": 1}\n```'
+    assert reasons(openai(looping), asked) == ("repetition",)  # the prose is still text
+
+
+def test_a_schema_integer_accepts_one_point_zero_and_no_bool_is_a_number() -> None:
+    assert schema_errors(1.0, {"type": "integer"}) == []
+    assert schema_errors(json.loads('{"n": 3.0}'), {"properties": {"n": {"type": "integer"}}}) == []
+    assert schema_errors(1.5, {"type": "integer"}) == ["$: expected integer, got float"]
+    assert schema_errors(True, {"type": "integer"}) == ["$: expected integer, got bool"]
+    assert schema_errors(False, {"type": "number"}) == ["$: expected number, got bool"]
+    assert schema_errors(True, {"type": ["number", "boolean"]}) == []
+    assert schema_errors(True, {"enum": [1, "x"]}) == ["$: True is not one of [1, 'x']"]
+    assert schema_errors(1.0, {"enum": [1]}) == []
+    assert schema_errors(1, {"enum": [True]}) == ["$: 1 is not one of [True]"]
+
+
+def test_an_empty_detectors_list_means_only_validate_and_needs_one() -> None:
+    from celery_fleet.admission.config import parse_limits
+
+    with pytest.raises(ConfigError, match=r"'detectors'\] is empty .* 'quality': False"):
+        parse_limits({"a": {"rpm": 5, "quality": {"detectors": []}}})
+    limits = parse_limits({"a": {"rpm": 5, "quality": {"detectors": []}, "validate": bool}})
+    cfg = limits["a"].quality
+    assert cfg is not None and cfg.detectors == ()
+    assert judge(openai(" "), cfg.detectors, Ask()).ok  # no detector runs...
+    assert judge(openai(" "), cfg.detectors, Ask(), validate=bool).ok
+    assert judge("", cfg.detectors, Ask(), validate=bool).reasons == ("validate",)  # ...but it
+
+
+def test_a_legacy_completion_is_read_by_its_text() -> None:
+    legacy = {"choices": [{"text": GOOD, "finish_reason": "stop", "index": 0}]}
+    assert read_reply(legacy).text == GOOD and reasons(legacy) == ()
+    assert reasons({"choices": [{"text": "  ", "finish_reason": "stop"}]}) == ("empty",)

@@ -34,6 +34,14 @@ from ..store.calls import adrive
 from ..store.sync import RedisStore
 from .core import Admission
 from .decision import Decision
+from .judging import (
+    await_hook,
+    check_verdict,
+    judge_answer,
+    outcome_of,
+    release_judged_steps,
+    route_ask,
+)
 from .keeper import lease_fields
 from .providers import Signal, parse_headers
 from .slot import Slot
@@ -398,19 +406,56 @@ class AsyncMethods:
         self, name: str, tokens: int = 0, *, key: str | None = None, lane: str | None = None
     ) -> Decision:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
+        quality = self.admission.quality
+        qcfg = quality.config(name)
+        if qcfg is not None and quality.stale(name):
+            try:
+                await quality.astate(name, self.astore)
+            except StoreUnavailable:  # route on the local copy, not read again yet
+                quality.seen(name).tried = time.monotonic()
+        decide = (lambda: quality.decide(name, qcfg)) if qcfg is not None else None
+        routed = route_ask(self.admission, name, tokens, key, lane, decide)
+        if isinstance(routed, Decision):
+            return routed
+        name, tokens, key, lane = routed
         cfg = self.admission.limit(name)
-        tokens = cfg.check_tokens(tokens)
         ticket = self.admission.new_ticket(name, key, lane)
         steps = self.admission.acquire_steps(cfg, tokens, ticket)
         return await adrive(steps, self.astore)
 
-    async def arelease(self, decision: Decision, outcome: str = "ok") -> Any:
-        """:meth:`Fleet.release`, awaited."""
+    async def ajudge(
+        self,
+        name: str,
+        resp: Any,
+        *,
+        max_tokens: int | None = None,
+        json: bool = False,
+        response_format: Any = None,
+        schema: Any = None,
+        request: Any = None,
+        validate: Any = None,
+    ) -> Verdict:
+        """:meth:`Fleet.judge`, awaiting a ``validate`` coroutine function (the limit's by
+        default); nothing is sent: pass the verdict to :meth:`arelease`."""
+        cfg = self.admission.limit(name)
+        ask = ask_of(max_tokens, json, response_format, schema, request)
+        ok = await await_hook(cfg.validate if validate is None else validate, resp)
+        hook = None if ok is None else (lambda _resp: ok)
+        return judge_answer(self.admission, name, resp, ask, hook)
+
+    async def arelease(
+        self, decision: Decision, outcome: str = "ok", *, verdict: Verdict | None = None
+    ) -> Any:
+        """:meth:`Fleet.release`, awaited (``verdict`` counted in the same round trip)."""
         if not decision.allowed or decision.lease_id is None:
             from ..errors import ConfigError
 
             raise ConfigError("arelease() needs an admitted decision (it holds no lease)")
-        steps = self.admission.release_steps(decision.limit, decision.lease_id, outcome)
+        checked = check_verdict(verdict)
+        steps = release_judged_steps(
+            self.admission, decision.limit, decision.lease_id, outcome_of(outcome, checked),
+            checked,
+        )  # fmt: skip
         return await adrive(steps, self.astore)
 
     def aguarded(

@@ -33,7 +33,7 @@ from ..checks import (
     reject_unknown,
 )
 from ..errors import ConfigError
-from ..quality.config import QualityConfig, parse_quality
+from ..quality.config import QualityConfig, check_detectors, parse_quality
 from .discover import DiscoverConfig, check_discover, parse_discover
 from .lanes import Lanes, parse_lanes
 from .tenancy import KeysConfig, WeightsConfig, parse_weights
@@ -328,6 +328,7 @@ def parse_limit(name: str, spec: object, setting: str) -> LimitConfig:
         quality=parse_quality(spec.get("quality"), f"{setting}['quality']"),
     )
     check_discover(cfg, setting)
+    check_detectors(cfg.quality, cfg.validate, setting)
     return cfg
 
 

@@ -10,19 +10,151 @@ slot to the other limit).
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, FleetError, QualityDegraded
 from ..quality.config import DETECTOR_NAMES
 from ..quality.judge import Verdict, ask_of, judge
+from ..store.calls import PackedCalls, Steps
+from .decision import Decision
 from .lanes import check_lane
 from .providers import Signal
 
 if TYPE_CHECKING:
-    from .core import Admission
+    from .core import Admission, Release
 
-__all__ = ["Judging"]
+__all__ = [
+    "Judging",
+    "judge_answer",
+    "release_judged_steps",
+    "outcome_of",
+    "check_verdict",
+    "sync_hook",
+    "await_hook",
+    "route_ask",
+]
+
+log = logging.getLogger("celery_fleet")
+
+
+def judge_answer(
+    admission: Admission,
+    limit: str,
+    resp: Any,
+    ask: Any,
+    validate: Callable[[Any], object] | None,
+    asked: str | None = None,
+) -> Verdict:
+    """Judge ``resp`` with the detectors of ``limit`` (or of ``asked``, the limit asked for
+    when a fallback admitted it elsewhere) and learn its length; tell the watchers."""
+    quality = admission.quality
+    cfg = quality.config(limit) or (quality.config(asked) if asked else None)
+    names = cfg.detectors if cfg is not None else DETECTOR_NAMES
+    verdict = judge(resp, names, ask, validate, quality.lengths(limit))
+    if admission.watchers:
+        said = "ok" if verdict.ok else "garbage"
+        admission.tell("judged", limit, verdict=said, reasons=verdict.reasons)
+    return verdict
+
+
+def check_verdict(verdict: object) -> Verdict | None:
+    """``verdict`` if it is a :class:`Verdict` (or None); anything else is refused."""
+    if verdict is None or isinstance(verdict, Verdict):
+        return verdict
+    raise ConfigError(
+        f"verdict must be the Verdict fleet.judge() returned, got {type(verdict).__name__}"
+    )
+
+
+def sync_hook(hook: Callable[[Any], object] | None) -> Callable[[Any], object] | None:
+    """``hook`` for a blocking judge: a coroutine it returns cannot be awaited there, so it
+    is closed and judges nothing (``await fleet.ajudge(...)`` awaits it), with a warning."""
+    if hook is None:
+        return None
+
+    def run(resp: Any) -> object:
+        answer = hook(resp)
+        if inspect.isawaitable(answer):
+            if hasattr(answer, "close"):
+                answer.close()
+            log.warning("celery-fleet: an async validate hook needs await fleet.ajudge(...)")
+            return True
+        return answer
+
+    return run
+
+
+async def await_hook(hook: Callable[[Any], object] | None, resp: Any) -> bool | None:
+    """Run ``hook`` on ``resp`` (awaited if it is a coroutine function): whether it accepts
+    the answer (an exception: no), None without a hook."""
+    if hook is None:
+        return None
+    try:
+        answer = hook(resp)
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+    except Exception:
+        return False
+
+
+def route_ask(
+    admission: Admission,
+    name: str,
+    tokens: int,
+    key: str | None,
+    lane: str | None,
+    decide: Callable[[], str] | None = None,
+) -> tuple[str, int, str | None, str | None] | Decision:
+    """Where the quality breaker sends a ``try_acquire`` of ``name``: ``(limit, tokens, key,
+    lane)`` to ask (the limit itself, or its fallback while its breaker is open, as a slot
+    is moved), or a refused :class:`Decision` (``reason="quality_degraded"``, ``wait_ms``
+    until it half-opens) with ``pause``. ``decide``: an awaited caller's, after its read."""
+    cfg = admission.quality.config(name)
+    tokens = admission.limit(name).check_tokens(tokens)
+    if cfg is None or not cfg.gates:
+        return name, tokens, key, lane
+    admission.new_ticket(name, key, lane)  # the key and lane asked are checked either way
+    try:
+        target = decide() if decide else admission.quality.route(name)
+    except QualityDegraded as exc:
+        if admission.watchers:
+            admission.tell("refused", name, reason=exc.reason, wait_ms=exc.wait_ms)
+        return Decision(name, False, exc.wait_ms, None, exc.reason, 0, tokens, 0.0)
+    if target == name:
+        return name, tokens, key, lane
+    other = admission.limit(target)
+    try:
+        chosen = check_lane(other.lanes, target, lane)
+    except ConfigError:
+        chosen = check_lane(other.lanes, target, None)
+    lane = chosen.name if chosen is not None else None
+    return target, min(tokens, other.max_tokens_per_call or 0), key if other.keyed else None, lane
+
+
+def outcome_of(outcome: str, verdict: Verdict | None) -> str:
+    """The release outcome a verdict leaves: ``validate`` rejecting the answer turns an
+    ``ok`` into the availability breaker's failure (as on a slot); garbage alone does not."""
+    if verdict is not None and verdict.invalid and outcome == "ok":
+        return Signal("invalid_output").outcome
+    return outcome
+
+
+def release_judged_steps(
+    admission: Admission, name: str, lease_id: str, outcome: str, verdict: Verdict | None
+) -> Steps[Release]:
+    """The release of ``lease_id`` with ``verdict`` counted by ``name``'s quality breaker in
+    the same round trip (``fleet.release(decision, verdict=...)``); without a verdict, or
+    on a limit without ``quality``, the release alone. A lease the store-down policy
+    lent is released locally and its verdict dropped (Redis is away)."""
+    counted = admission.quality.count_command(name, verdict) if verdict is not None else None
+    if counted is None or admission.store_down.owns(lease_id):
+        return (yield from admission.release_steps(name, lease_id, outcome))
+    command = admission.release_command(name, lease_id, outcome, clock=True)
+    reply, count = yield PackedCalls((command, counted))
+    admission.quality.counted(name, count)
+    return admission.released(name, reply)
 
 
 class Judging:
@@ -95,13 +227,7 @@ class Judging:
 
     def judge_with(self, resp: Any, validate: Callable[[Any], object] | None, ask: Any) -> Verdict:
         """:meth:`judge` with the hook given (AsyncSlot passes an awaited answer)."""
-        quality = self.admission.quality
-        cfg = quality.config(self.limit) or quality.config(self.asked)
-        names = cfg.detectors if cfg is not None else DETECTOR_NAMES
-        self.judged = judge(resp, names, ask, validate, quality.lengths(self.limit))
-        if self.admission.watchers:
-            verdict = "ok" if self.judged.ok else "garbage"
-            self.admission.tell("judged", self.limit, verdict=verdict, reasons=self.judged.reasons)
+        self.judged = judge_answer(self.admission, self.limit, resp, ask, validate, self.asked)
         return self.judged
 
     def quality_command(self) -> tuple[str, bytes] | None:

@@ -10,7 +10,10 @@ Two pieces, for two strengths:
   ``max_tokens``, :func:`celery_fleet.contrib.usage.estimate_tokens`) and settles them to
   the usage the provider reported (``AIMessage.usage_metadata``); the SDK's 429 or overload
   raised inside becomes :class:`~celery_fleet.Throttled` and pauses the limit fleet-wide,
-  as with ``fleet.slot``.
+  as with ``fleet.slot``. On a limit with ``quality``, the model's message (a stream's,
+  once read to its end) is judged, with the model's ``max_tokens`` and bound
+  ``response_format``; a Runnable whose output is not a model's message (a chain that
+  parses it) is not judged: wrap the model itself.
 - :class:`FleetRateLimiter` (the drop-in): ``ChatOpenAI(rate_limiter=FleetRateLimiter(fleet,
   "openai"))`` takes one request of the limit's budget, fleet-wide, before each call. The
   ``BaseRateLimiter`` interface has ``acquire`` and no release, so it can keep rates only:
@@ -62,7 +65,14 @@ from ..admission.providers import Signal
 from ..admission.slot import Slot
 from ..checks import check_max_wait
 from ..errors import ConfigError, LeaseLost
-from .langchain_usage import StreamUsage, estimate_input_tokens, reported_usage
+from .answers import ajudge_quietly, judge_quietly, judges
+from .langchain_usage import (
+    StreamUsage,
+    answer_of,
+    estimate_input_tokens,
+    reported_usage,
+    request_of,
+)
 
 __all__ = ["FleetRateLimiter", "FleetRunnable", "with_fleet", "estimate_input_tokens"]
 
@@ -244,13 +254,26 @@ class FleetRunnable(Runnable[Input, Output]):
         except LeaseLost as exc:
             log.warning("celery-fleet: the call's answer is kept, but %s", exc)
 
+    def _judge(self, slot: Slot, output: Any, kwargs: Mapping[str, Any]) -> None:
+        """Judge a model's message on a limit with ``quality`` (never raises)."""
+        answer = answer_of(output) if judges(self.fleet.admission, slot.limit) else None
+        if answer is not None:
+            judge_quietly(slot, answer, request_of(self.runnable, kwargs))
+
+    async def _ajudge(self, slot: AsyncSlot, output: Any, kwargs: Mapping[str, Any]) -> None:
+        answer = answer_of(output) if judges(self.fleet.admission, slot.limit) else None
+        if answer is not None:
+            await ajudge_quietly(slot, answer, request_of(self.runnable, kwargs))
+
     # -- the calls -------------------------------------------------------------------------
 
     def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> Output:
-        """Call the wrapped Runnable inside a slot (waits its turn; settles the usage)."""
+        """Call the wrapped Runnable inside a slot (waits its turn; settles the usage;
+        judges the model's message on a limit with ``quality``)."""
         with self._slot(input, kwargs) as slot:
             output = self.runnable.invoke(input, config, **kwargs)
             self._report(slot, *reported_usage(output))
+            self._judge(slot, output, kwargs)
         return output
 
     async def ainvoke(
@@ -260,25 +283,33 @@ class FleetRunnable(Runnable[Input, Output]):
         async with self._aslot(input, kwargs) as slot:
             output = await self.runnable.ainvoke(input, config, **kwargs)
             await self._areport(slot, *reported_usage(output))
+            await self._ajudge(slot, output, kwargs)
         return output
 
     def stream(
         self, input: Input, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[Output]:
         """Stream inside one slot, held from the first chunk asked for to the last (or
-        until the consumer stops reading); settles to the usage the chunks report."""
+        until the consumer stops reading); settles to the usage the chunks report. On a
+        limit with ``quality``, a stream read to its end is judged on the message its
+        chunks add up to (one left early is not: what was read is not the answer)."""
         with self._slot(input, kwargs) as slot:
             usage = StreamUsage()
+            seen: list[Any] | None = [] if judges(self.fleet.admission, slot.limit) else None
             chunks = self.runnable.stream(input, config, **kwargs)
             try:
                 for chunk in chunks:
                     usage.add(chunk)
+                    if seen is not None:
+                        seen.append(chunk)
                     yield chunk
             finally:
                 close = getattr(chunks, "close", None)
                 if close is not None:  # ends the HTTP stream before the slot is given back
                     close()
             self._report(slot, usage.tokens, usage.headers)
+            if seen:
+                self._judge(slot, seen, kwargs)
 
     async def astream(
         self, input: Input, config: RunnableConfig | None = None, **kwargs: Any
@@ -286,16 +317,21 @@ class FleetRunnable(Runnable[Input, Output]):
         """:meth:`stream` for coroutines."""
         async with self._aslot(input, kwargs) as slot:
             usage = StreamUsage()
+            seen: list[Any] | None = [] if judges(self.fleet.admission, slot.limit) else None
             chunks = self.runnable.astream(input, config, **kwargs)
             try:
                 async for chunk in chunks:
                     usage.add(chunk)
+                    if seen is not None:
+                        seen.append(chunk)
                     yield chunk
             finally:
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()
             await self._areport(slot, usage.tokens, usage.headers)
+            if seen:
+                await self._ajudge(slot, seen, kwargs)
 
     # -- the wrapped Runnable's face ---------------------------------------------------------
 

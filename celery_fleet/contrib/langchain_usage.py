@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:
-    from langchain_core.messages import BaseMessage, convert_to_messages
+    from langchain_core.messages import AIMessageChunk, BaseMessage, convert_to_messages
+    from langchain_core.messages.ai import add_ai_message_chunks
     from langchain_core.prompt_values import PromptValue
     from langchain_core.runnables import Runnable, RunnableBinding
 except ImportError as exc:  # the [langchain] extra is not installed
@@ -31,7 +32,7 @@ except ImportError as exc:  # the [langchain] extra is not installed
 
 from .usage import DEFAULT_MAX_TOKENS, estimate_tokens, usage_tokens
 
-__all__ = ["StreamUsage", "estimate_input_tokens", "reported_usage"]
+__all__ = ["StreamUsage", "estimate_input_tokens", "reported_usage", "answer_of", "request_of"]
 
 #: Chat model fields naming the completion budget, across LangChain's integrations.
 _BUDGET_FIELDS = (
@@ -130,3 +131,48 @@ class StreamUsage:
             self.tokens = (self.tokens or 0) + used
         if headers and self.headers is None:
             self.headers = headers
+
+
+def request_of(runnable: Any, kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a call asked for, as the request body ``slot.judge`` reads: the model's (or a
+    bound/passed) completion budget and ``response_format`` (bound by
+    ``with_structured_output``/``bind``, or in the model's ``model_kwargs``)."""
+    model, bound = _innermost(runnable)
+    params = {**bound, **(kwargs or {})}
+    body: dict[str, Any] = {}
+    for field in _BUDGET_FIELDS:
+        budget = params.get(field, getattr(model, field, None))
+        if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0:
+            body["max_tokens"] = budget
+            break
+    extra = getattr(model, "model_kwargs", None)
+    fmt = params.get("response_format")
+    if fmt is None and isinstance(extra, Mapping):
+        fmt = extra.get("response_format")
+    if fmt is not None:
+        body["response_format"] = fmt
+    return body
+
+
+def answer_of(output: Any) -> dict[str, Any] | None:
+    """A model's message as the chat completion ``slot.judge`` reads (None: the output is
+    not a model's message, e.g. a chain's parsed result, and is not judged)."""
+    if isinstance(output, Mapping) and "raw" in output:  # with_structured_output(include_raw)
+        output = output["raw"]
+    if isinstance(output, list) and output and all(isinstance(c, AIMessageChunk) for c in output):
+        output = add_ai_message_chunks(output[0], *output[1:])  # a stream's chunks, in order
+    if not isinstance(output, BaseMessage) or output.type not in ("ai", "AIMessageChunk"):
+        return None
+    meta = output.response_metadata or {}
+    usage = getattr(output, "usage_metadata", None) or {}
+    message: dict[str, Any] = {"content": output.content}
+    if getattr(output, "tool_calls", None) or output.additional_kwargs.get("function_call"):
+        message["tool_calls"] = [{"type": "function"}]
+    refusal = output.additional_kwargs.get("refusal")
+    if refusal:
+        message["refusal"] = refusal
+    finish = meta.get("finish_reason") or meta.get("stop_reason")
+    return {
+        "choices": [{"message": message, "finish_reason": finish}],
+        "usage": {"completion_tokens": usage.get("output_tokens")},
+    }

@@ -34,6 +34,10 @@ Where LiteLLM lets a callback act (checked against litellm 1.110, its Python pat
   stream left early reports nothing: the slot comes back when the caller lets go of the
   stream (a guard in LiteLLM's record of the call, see
   :func:`~celery_fleet.contrib.litellm_calls.watch_stream`).
+- On a limit with ``quality``, the answer is judged before the release, with the body
+  LiteLLM sent (its ``max_tokens`` and ``response_format``), and the verdict rides on
+  the release; a stream is judged on the complete response LiteLLM assembles for its
+  success event (a stream left early has none, and is not judged). Judging never raises.
 - A call whose release never comes (a path that skips the events) is released after
   ``max_hold`` seconds, and forgotten; its lease would otherwise be renewed for as long
   as the process lives.
@@ -66,6 +70,7 @@ from ..admission.providers import OK, Signal, classify
 from ..admission.slot import Slot
 from ..checks import check_max_wait
 from ..errors import Backpressure, ConfigError, FleetError, attach_pushback
+from .answers import ajudge_quietly, judge_quietly, judges
 from .held import Held, HeldCalls
 from .litellm_calls import asked_for_usage, watch_stream
 from .litellm_calls import call_id as _call_id
@@ -74,6 +79,7 @@ from .litellm_calls import field as _get
 from .litellm_calls import in_event_loop as _in_event_loop
 from .litellm_calls import parse_json as _json
 from .litellm_calls import provider as _provider
+from .litellm_calls import request_body as _request_body
 from .litellm_calls import response_headers as _response_headers
 from .usage import estimate_tokens, usage_tokens
 
@@ -212,7 +218,7 @@ class FleetHook(CustomLogger):
         self, request_data: dict[str, Any], response: Any, call_type: Any
     ) -> Any:
         """Settle from the response's usage, observe its headers, release: before return."""
-        await self._afinish(_call_id(request_data), OK, response)
+        await self._afinish(_call_id(request_data), OK, response, request=request_data)
         return None
 
     async def async_post_call_failure_deployment_hook(
@@ -229,7 +235,7 @@ class FleetHook(CustomLogger):
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """The end of a stream, or a call the deployment hooks did not see end."""
-        await self._afinish(_call_id(kwargs), OK, response_obj, _settles(kwargs))
+        await self._afinish(_call_id(kwargs), OK, response_obj, _settles(kwargs), request=kwargs)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -244,6 +250,7 @@ class FleetHook(CustomLogger):
         response: Any = None,
         settle: bool = True,
         exception: BaseException | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> None:
         held = self.calls.take(call_id, asyncio_slot=True)
         if held is None:
@@ -251,7 +258,7 @@ class FleetHook(CustomLogger):
         aslot = held.slot
         assert isinstance(aslot, AsyncSlot)
         try:
-            await self._aend(held, aslot, signal, response, settle, exception)
+            await self._aend(held, aslot, signal, response, settle, exception, request)
         except BaseException:  # cancelled, its loop ending: a thread releases it instead
             if aslot.slot.lease_id is not None and call_id is not None:
                 self.calls.hand_back(call_id, held)
@@ -265,6 +272,7 @@ class FleetHook(CustomLogger):
         response: Any,
         settle: bool,
         exception: BaseException | None,
+        request: Mapping[str, Any] | None = None,
     ) -> None:
         try:
             used = usage_tokens(_get(response, "usage"))
@@ -275,6 +283,8 @@ class FleetHook(CustomLogger):
                 await aslot.observe(headers)
         except FleetError as exc:
             log.warning("celery-fleet: settling a LiteLLM call of %r failed: %s", held.limit, exc)
+        if self._judges(held, signal, response):
+            await ajudge_quietly(aslot, response, _request_body(request))
         try:
             await aslot.release(signal)
         except FleetError as exc:
@@ -331,14 +341,14 @@ class FleetHook(CustomLogger):
         answer = _json(kwargs.get("original_response"))
         if not isinstance(answer, Mapping) or "choices" not in answer:
             return  # not a completion (an error text): the failure event tells
-        self._finish(call_id, OK, answer, kwargs.get("response_headers"))
+        self._finish(call_id, OK, answer, kwargs.get("response_headers"), request=kwargs)
 
     def log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
         """The end of a sync stream (LiteLLM's logging thread)."""
         headers = _response_headers(response_obj)
-        self._finish(_call_id(kwargs), OK, response_obj, headers, _settles(kwargs))
+        self._finish(_call_id(kwargs), OK, response_obj, headers, _settles(kwargs), request=kwargs)
 
     def log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
@@ -355,6 +365,7 @@ class FleetHook(CustomLogger):
         headers: Any = None,
         settle: bool = True,
         exception: BaseException | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> None:
         held = self.calls.take(call_id, asyncio_slot=False)
         if held is None:
@@ -368,6 +379,8 @@ class FleetHook(CustomLogger):
                 slot.observe(headers)
         except FleetError as exc:
             log.warning("celery-fleet: settling a LiteLLM call of %r failed: %s", held.limit, exc)
+        if self._judges(held, signal, response):
+            judge_quietly(slot, response, _request_body(request))
         try:
             slot.release(signal)
         except FleetError as exc:
@@ -375,6 +388,11 @@ class FleetHook(CustomLogger):
                 "celery-fleet: releasing %r failed (%s); its lease expires", held.limit, exc
             )
         _mark_pushback(slot, signal, exception)
+
+    def _judges(self, held: Held, signal: Signal, response: Any) -> bool:
+        """Whether this call's answer is judged: it succeeded, with an answer, on a limit
+        with ``quality``."""
+        return signal is OK and response is not None and judges(self.fleet.admission, held.limit)
 
     def close(self) -> None:
         """Stop the thread that releases forgotten slots (see ``max_hold``)."""

@@ -27,6 +27,7 @@ __all__ = [
     "parse_json",
     "field",
     "response_headers",
+    "request_body",
     "asked_for_usage",
     "watch_stream",
 ]
@@ -86,6 +87,19 @@ def response_headers(response: Any) -> Any:
         if isinstance(headers, Mapping):
             return headers
     return getattr(response, "_response_headers", None)
+
+
+def request_body(kwargs: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """What the call asked for: the body LiteLLM sent (``complete_input_dict``), else the
+    call's own arguments with LiteLLM's ``optional_params`` (``max_tokens``,
+    ``response_format``)."""
+    if not isinstance(kwargs, Mapping):
+        return None
+    sent = (kwargs.get("additional_args") or {}).get("complete_input_dict")
+    if isinstance(sent, Mapping):
+        return sent
+    optional = kwargs.get("optional_params")
+    return {**kwargs, **optional} if isinstance(optional, Mapping) else kwargs
 
 
 def asked_for_usage(kwargs: Mapping[str, Any]) -> bool:

@@ -18,6 +18,10 @@ Per model call:
   the fleet's buckets (``slot.observe``) before it is parsed and returned;
 - the reservation is settled to ``usage`` (for a stream: the usage its events report,
   when it ends or is closed);
+- on a limit with ``quality``, the answer is judged (``slot.judge(result, request=kwargs)``:
+  the call's own ``max_tokens`` and ``response_format``) and the verdict rides on the
+  release; a stream is judged on the answer its events add up to, once it has ended (see
+  :mod:`celery_fleet.contrib.answers`); judging never raises into the caller;
 - an SDK exception leaves the slot as in ``with fleet.slot(...)``: a 429 or an overload
   (Anthropic's 529) pauses the limit fleet-wide and raises :class:`~celery_fleet.Throttled`
   (its ``__cause__`` is the SDK's ``RateLimitError``/``OverloadedError``), so a fleet task
@@ -42,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..checks import check_max_wait
 from ..errors import ConfigError, LeaseLost
+from .answers import judges
 from .usage import estimate_tokens, usage_tokens
 
 if TYPE_CHECKING:
@@ -117,6 +122,11 @@ class Policy:
     def aslot(self, reserve: int) -> AsyncSlot:
         """A slot for one awaited call (not yet entered)."""
         return self.fleet.aslot(self.limit, tokens=reserve, max_wait=self.max_wait)
+
+    def judges(self, path: tuple[str, ...]) -> bool:
+        """Whether a call at ``path`` is judged for garbage: the limit has ``quality`` and
+        the call has an answer to judge (an embedding has none)."""
+        return path not in _NO_COMPLETION and judges(self.fleet.admission, self.limit)
 
     def settle_to(self, used: int | None) -> int | None:
         """The figure to settle to, or None when there is nothing to settle."""

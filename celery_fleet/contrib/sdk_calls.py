@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from .answers import StreamAnswer, ajudge_quietly, judge_quietly
 from .sdk import _ROUTES, MODEL_CALLS, Policy, aobserve, asettle, observe, settle
 from .sdk_streams import (
     AsyncSlotStream,
@@ -113,7 +114,8 @@ def _model_call(policy: Policy, resource: Any, path: tuple[str, ...]) -> Any:
 
         def stream(*args: Any, **kwargs: Any) -> Any:
             reserve = policy.reserve(path, kwargs)
-            return manager(policy, reserve, lambda: method(*args, **kwargs))
+            judged = kwargs if policy.judges(path) else None
+            return manager(policy, reserve, lambda: method(*args, **kwargs), judged)
 
         return stream
 
@@ -132,12 +134,14 @@ def _model_call(policy: Policy, resource: Any, path: tuple[str, ...]) -> Any:
                 except BaseException as exc:
                     await slot.__aexit__(type(exc), exc, exc.__traceback__)
                     raise
-                return AsyncSlotStream(inner, slot, policy)
+                return AsyncSlotStream(inner, slot, policy, _answer(policy, path, kwargs))
             async with slot:
                 raw = await raw_call(*args, **kwargs)
                 await aobserve(slot, raw.headers)
                 result = await _parsed(raw)
                 await asettle(slot, policy, getattr(result, "usage", None))
+                if policy.judges(path):
+                    await ajudge_quietly(slot, result, kwargs)
             return result
 
         return acall
@@ -155,12 +159,21 @@ def _model_call(policy: Policy, resource: Any, path: tuple[str, ...]) -> Any:
             except BaseException as exc:
                 exit_slot(slot, exc)
                 raise
-            return SlotStream(inner, slot, policy)
+            return SlotStream(inner, slot, policy, _answer(policy, path, kwargs))
         with slot:
             raw = raw_call(*args, **kwargs)
             observe(slot, raw.headers)
             result = raw.parse()
             settle(slot, policy, getattr(result, "usage", None))
+            if policy.judges(path):
+                judge_quietly(slot, result, kwargs)
         return result
 
     return call
+
+
+def _answer(
+    policy: Policy, path: tuple[str, ...], kwargs: dict[str, Any]
+) -> tuple[StreamAnswer, dict[str, Any]] | None:
+    """What a stream assembles to be judged at its end (None: it is not judged)."""
+    return (StreamAnswer(), kwargs) if policy.judges(path) else None

@@ -10,6 +10,12 @@ mid-stream ``overloaded_error`` is an overload), or, as a last resort, when it i
 collected unread. Anthropic's ``messages.stream(...)`` manager is wrapped by
 :class:`StreamManager`: the slot is taken on entering and given back on leaving, settled to
 the message snapshot's usage.
+
+On a limit with ``quality``, a stream that ended (its last event read, or a manager left
+after its ``message_stop``) is judged on the answer its events add up to
+(:class:`~celery_fleet.contrib.answers.StreamAnswer`; the manager's own message
+snapshot), the verdict riding on the release. A stream closed, left or broken before its
+end is not judged: what was read of it is not the answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .answers import StreamAnswer, ajudge_quietly, judge_quietly
 from .sdk import Policy, aobserve, asettle, observe, settle
 from .usage import CumulativeUsage, usage_tokens
 
@@ -36,6 +43,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("celery_fleet")
+
+#: A stream's answer being assembled, and the call's body (what was asked).
+Judged = tuple[StreamAnswer, dict[str, Any]]
 
 
 def exit_slot(slot: Slot, exc: BaseException | None) -> None:
@@ -83,12 +93,15 @@ class SlotStream:
     """An SDK stream holding its slot until it ends (see the module docstring); every
     other attribute (``response``, ...) is the SDK stream's."""
 
-    def __init__(self, inner: Any, slot: Slot, policy: Policy) -> None:
+    def __init__(
+        self, inner: Any, slot: Slot, policy: Policy, judged: Judged | None = None
+    ) -> None:
         self._inner = inner
         self._events = iter(inner)
         self._slot = slot
         self._policy = policy
         self._tally = UsageTally()
+        self._judged = judged
         self._done = False
         self._finalizer = weakref.finalize(self, _abandon, slot)
 
@@ -105,6 +118,8 @@ class SlotStream:
             self._finish(exc)
             raise
         self._tally.see(event)
+        if self._judged is not None:
+            self._judged[0].see(event)
         return event
 
     def _finish(self, exc: BaseException | None) -> None:
@@ -114,6 +129,8 @@ class SlotStream:
         self._finalizer.detach()
         try:
             settle(self._slot, self._policy, self._tally.usage)
+            if exc is None and self._judged is not None and self._judged[0].ended:
+                judge_quietly(self._slot, self._judged[0].answer(), self._judged[1])
         finally:
             exit_slot(self._slot, exc)
 
@@ -140,12 +157,15 @@ class SlotStream:
 class AsyncSlotStream:
     """:class:`SlotStream` for an async SDK stream (``async for``, ``await close()``)."""
 
-    def __init__(self, inner: Any, slot: AsyncSlot, policy: Policy) -> None:
+    def __init__(
+        self, inner: Any, slot: AsyncSlot, policy: Policy, judged: Judged | None = None
+    ) -> None:
         self._inner = inner
         self._events = inner.__aiter__()
         self._slot = slot
         self._policy = policy
         self._tally = UsageTally()
+        self._judged = judged
         self._done = False
         self._finalizer = weakref.finalize(self, _abandon, slot.slot)
 
@@ -162,6 +182,8 @@ class AsyncSlotStream:
             await self._finish(exc)
             raise
         self._tally.see(event)
+        if self._judged is not None:
+            self._judged[0].see(event)
         return event
 
     async def _finish(self, exc: BaseException | None) -> None:
@@ -171,6 +193,8 @@ class AsyncSlotStream:
         self._finalizer.detach()
         try:
             await asettle(self._slot, self._policy, self._tally.usage)
+            if exc is None and self._judged is not None and self._judged[0].ended:
+                await ajudge_quietly(self._slot, self._judged[0].answer(), self._judged[1])
         finally:
             await self._slot.__aexit__(type(exc) if exc else None, exc, None)
 
@@ -202,13 +226,29 @@ def _snapshot_usage(stream: Any) -> Any:
         return None
 
 
+def _ended_message(stream: Any) -> Any:
+    """An Anthropic ``MessageStream``'s message once it has ended (a stop reason), or None."""
+    try:
+        message = stream.current_message_snapshot
+    except Exception:
+        return None
+    return message if getattr(message, "stop_reason", None) is not None else None
+
+
 class StreamManager:
     """Anthropic's ``client.messages.stream(...)`` manager, holding a slot while entered."""
 
-    def __init__(self, policy: Policy, reserve: int, open_manager: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        reserve: int,
+        open_manager: Callable[[], Any],
+        request: dict[str, Any] | None = None,
+    ) -> None:
         self._policy = policy
         self._reserve = reserve
         self._open = open_manager
+        self._request = request  # the call's body, when its answer is judged
         self._slot: Slot | None = None
         self._manager: Any = None
         self._stream: Any = None
@@ -228,6 +268,9 @@ class StreamManager:
         assert self._slot is not None
         try:
             settle(self._slot, self._policy, _snapshot_usage(self._stream))
+            message = _ended_message(self._stream) if self._request is not None else None
+            if exc is None and message is not None:
+                judge_quietly(self._slot, message, self._request)
             self._manager.__exit__(exc_type, exc, tb)
         finally:
             exit_slot(self._slot, exc)
@@ -236,10 +279,17 @@ class StreamManager:
 class AsyncStreamManager:
     """:class:`StreamManager` for ``AsyncAnthropic`` (``async with``)."""
 
-    def __init__(self, policy: Policy, reserve: int, open_manager: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        reserve: int,
+        open_manager: Callable[[], Any],
+        request: dict[str, Any] | None = None,
+    ) -> None:
         self._policy = policy
         self._reserve = reserve
         self._open = open_manager
+        self._request = request
         self._slot: AsyncSlot | None = None
         self._manager: Any = None
         self._stream: Any = None
@@ -259,6 +309,9 @@ class AsyncStreamManager:
         assert self._slot is not None
         try:
             await asettle(self._slot, self._policy, _snapshot_usage(self._stream))
+            message = _ended_message(self._stream) if self._request is not None else None
+            if exc is None and message is not None:
+                await ajudge_quietly(self._slot, message, self._request)
             await self._manager.__aexit__(exc_type, exc, tb)
         finally:
             await self._slot.__aexit__(exc_type, exc, tb)

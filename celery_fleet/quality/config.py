@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..checks import check_name, number, positive_int, reject_unknown
 from ..errors import ConfigError
 
-__all__ = ["QualityConfig", "parse_quality", "DETECTOR_NAMES", "ON_DEGRADED"]
+__all__ = ["QualityConfig", "parse_quality", "check_detectors", "DETECTOR_NAMES", "ON_DEGRADED"]
 
 #: Every built-in detector, by the name ``detectors=[...]`` and a verdict's reasons use.
 DETECTOR_NAMES = (
@@ -97,6 +97,18 @@ def parse_quality(value: object, setting: str) -> QualityConfig | None:
             value.get("baseline_calls", 1000), f"{setting}['baseline_calls']", hi=10**7
         ),
     )
+
+
+def check_detectors(quality: QualityConfig | None, validate: object, setting: str) -> None:
+    """``"detectors": []`` means "only the ``validate`` hook judges": a limit without one
+    would count every call as fine and its breaker could never open, so that is refused."""
+    if quality is not None and not quality.detectors and validate is None:
+        raise ConfigError(
+            f"{setting}['quality']['detectors'] is empty and the limit has no 'validate' "
+            f"hook: no answer could ever be garbage. Use 'quality': False for no quality "
+            f"breaker, or give the limit a 'validate' hook ('detectors': [] means only it "
+            f"judges)"
+        )
 
 
 def _detectors(value: object, where: str) -> tuple[str, ...]:

@@ -93,8 +93,11 @@ def read_reply(resp: Any) -> Reply:
         choice = choices[0]
         if _get(choice, "message") is None and _get(choice, "delta") is not None:
             raise TypeError("a stream's chunk is not the answer (judge the accumulated one)")
-        message = _get(choice, "message") or {}
+        message = _get(choice, "message")
         finish = _get(choice, "finish_reason")
+        if message is None and isinstance(_get(choice, "text"), str):  # legacy completions
+            return Reply(_get(choice, "text"), _STOPS.get(str(finish), finish), out_tokens)
+        message = message or {}
         tools = bool(_get(message, "tool_calls") or _get(message, "function_call"))
         return Reply(
             _text_of(_get(message, "content")),
@@ -164,20 +167,42 @@ def truncated(reply: Reply, ask: Ask) -> str | None:
     return None
 
 
+#: What a refusal declines: the request itself ("I can't help with that"), not a finding
+#: ("I can't find any errors", "I cannot reproduce it": an apology that answers).
+_DECLINED = (
+    r"(?:help(?!\s+but\b)|assist|comply|provide|do (?:that|this|it)|fulfill?"
+    r"|complete (?:that|this|the|your)|create|generate|write|produce|engage|participate"
+    r"|support|share|discuss|answer|respond|give|offer|continue|proceed|accommodate"
+    r"|process (?:that|this|your)|be of help)\b"
+)
+#: "I can't", "I cannot", "I am unable to", "I'm not able to", "I won't", "I will not be able to".
+_CANNOT = (
+    r"i(?: can(?:no|')t| can not| won'?t| will not|(?: am|'m) (?:unable|not able) to"
+    r"| (?:won'?t|will not) be able to)"
+)
 _REFUSAL = re.compile(
     # markdown may open it (bold, a heading, a quote block); a quotation mark may not: that is
     # somebody speaking in the answer ("I can't help it," she said), not the model declining
-    r"^[\s*_>#`~-]*"
-    r"(?:i'?m sorry,? but i (?:can(?:no|')t|am unable|won'?t)|i (?:can(?:no|')t|am unable to"
-    r"|won'?t) (?:help|assist|comply|provide|do that|fulfil)|i apologi[sz]e,? but i"
-    r"|as an ai(?: language model)?,? i (?:can(?:no|')t|am (?:not able|unable)|don'?t)"
-    r"|sorry,? (?:but )?i can(?:no|')t|unfortunately,? i (?:can(?:no|')t|am unable))",
+    r"^[\s*_>#`~-]*(?:"
+    # the canned disclaimer declines whatever follows it ("..., I cannot browse")
+    r"as an ai(?: language model| assistant)?,? i (?:can(?:no|')t|am (?:not able|unable)|don'?t)"
+    # otherwise an apology only opens a refusal when it declines the request itself
+    r"|(?:(?:i'?m sorry|i am sorry|sorry|i apologi[sz]e|unfortunately),?(?: but)? )?"
+    + _CANNOT
+    + r" (?:\w+ly )?"  # an adverb may sit between: "I can't really help", "I cannot fully comply"
+    + _DECLINED
+    + ")",
     re.IGNORECASE,
 )
 
 
 def refusal(reply: Reply, ask: Ask) -> str | None:
-    """The model declined: a refusal field or stop reason, or a refusal phrase opening it."""
+    """The model declined: a refusal field or stop reason, or a refusal phrase opening it.
+
+    A phrase is a refusal when it declines the request ("I'm sorry, but I can't help with
+    that", "I am unable to comply"), or is the canned "As an AI language model, I
+    cannot..."; an apology that answers ("I'm sorry, but I can't find any errors in your
+    code", "I cannot reproduce it") is an answer."""
     if reply.refusal or reply.stop == "refusal":
         return "refused"
     if reply.text and _REFUSAL.match(reply.text[:200].replace("\u2019", "'")):
@@ -185,21 +210,38 @@ def refusal(reply: Reply, ask: Ask) -> str | None:
     return None
 
 
-def _parsed(reply: Reply) -> tuple[bool, Any]:
+#: A fenced code block: its info string (``json``, or none) and its content.
+_FENCE = re.compile(r"```[ \t]*([\w+.-]*)[ \t]*\n?(.*?)```", re.DOTALL)
+
+
+def _parsed(reply: Reply) -> tuple[bool, Any, str]:
+    """``(ok, value, prose)``: the answer's JSON and the text around it.
+
+    The answer is JSON when all of it parses, or when it holds exactly one fenced block
+    (```` ```json ```` or a bare ```` ``` ````) that parses, with or without prose around
+    it ("Here is the JSON:" and a fence is how models answer a prompt asking for JSON; the
+    caller extracts the block). Two fenced blocks are not one answer: which would it be?
+    """
     text = (reply.text or "").strip()
-    if text.startswith("```"):  # a fenced block: what is inside it
-        text = text.strip("`").removeprefix("json").strip()
     try:
-        return True, json.loads(text)
+        return True, json.loads(text), ""
     except ValueError:
-        return False, None
+        pass
+    blocks = _FENCE.findall(text)
+    if len(blocks) != 1 or text.count("```") != 2 or blocks[0][0].lower() not in ("", "json"):
+        return False, None, text
+    try:
+        value = json.loads(blocks[0][1])
+    except ValueError:
+        return False, None, text
+    return True, value, _FENCE.sub(" ", text).strip()
 
 
 def invalid_json(reply: Reply, ask: Ask) -> str | None:
     """JSON was asked (``json=True``, a response_format or a schema) and this is not JSON."""
     if not (ask.json or ask.schema is not None) or reply.tools:
         return None
-    ok, _ = _parsed(reply)
+    ok, _, _ = _parsed(reply)
     return None if ok else "not valid JSON"
 
 
@@ -207,7 +249,7 @@ def schema_failure(reply: Reply, ask: Ask) -> str | None:
     """A schema was given and the JSON answer does not match it (see :mod:`.schema`)."""
     if ask.schema is None or reply.tools:
         return None
-    ok, value = _parsed(reply)
+    ok, value, _ = _parsed(reply)
     if not ok:
         return None  # the json detector says so
     errors = schema_errors(value, ask.schema)
@@ -224,13 +266,13 @@ def repetition(reply: Reply, ask: Ask) -> str | None:
 
     A JSON answer is judged by its long strings alone: records that share one shape (a
     batch of labels, the rows of a table) compress well by design, a loop inside a string
-    does not stop being one."""
+    does not stop being one. The prose around a fenced JSON block is judged as text."""
     text = reply.text or ""
     if len(text) < REPETITION_MIN_CHARS:
         return None
-    ok, value = _parsed(reply)
+    ok, value, prose = _parsed(reply)
     if ok and isinstance(value, (dict, list)):
-        for string in _strings(value):
+        for string in (prose, *_strings(value)):
             found = _repeats(string) if len(string) >= REPETITION_MIN_CHARS else None
             if found:
                 return found

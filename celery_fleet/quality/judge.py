@@ -107,14 +107,17 @@ def ask_of(
     (OpenAI ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
     {"schema": {...}}}``) and ``schema``; ``request`` (the call's body) gives whichever of
     ``max_tokens``/``max_completion_tokens``/``max_output_tokens`` and ``response_format``
-    the arguments do not. A pydantic model class (as an SDK's ``parse()`` takes) is a
-    schema too."""
+    (a Responses body's ``text={"format": {...}}``) the arguments do not. A pydantic
+    model class (as an SDK's ``parse()`` takes) is a schema too."""
     if isinstance(request, Mapping):
         if max_tokens is None:
             found = [request.get(k) for k in _MAX_TOKEN_FIELDS]
             max_tokens = next((v for v in found if isinstance(v, int)), None)
         if response_format is None:
             response_format = request.get("response_format")
+        text = request.get("text")  # OpenAI Responses: text={"format": {...}}
+        if response_format is None and isinstance(text, Mapping):
+            response_format = text.get("format")
     if schema is None and hasattr(response_format, "model_json_schema"):
         schema = _model_schema(response_format)  # a pydantic model class (SDKs' parse())
     if schema is not None and not isinstance(schema, Mapping):
@@ -122,8 +125,9 @@ def ask_of(
     if isinstance(response_format, Mapping):
         kind = response_format.get("type")
         json = json or kind in ("json_object", "json_schema")
-        inner = response_format.get("json_schema")
-        if schema is None and isinstance(inner, Mapping):
+        # chat: {"json_schema": {"schema": ...}}; Responses: the schema at the top
+        inner = response_format.get("json_schema", response_format)
+        if schema is None and kind == "json_schema" and isinstance(inner, Mapping):
             found_schema = inner.get("schema")
             schema = found_schema if isinstance(found_schema, Mapping) else None
     if schema is not None:

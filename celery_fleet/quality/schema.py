@@ -1,6 +1,7 @@
 """A minimal JSON Schema checker: enough to tell a model's JSON from garbage.
 
-Supports ``type`` (one or a list: object, array, string, number, integer, boolean, null),
+Supports ``type`` (one or a list: object, array, string, number, integer, boolean, null;
+as in JSON Schema, ``1.0`` is an integer and ``true`` is neither an integer nor a number),
 ``properties``, ``required``, ``additionalProperties: false``, ``items`` and ``enum``;
 every other keyword is ignored (a schema the checker does not understand never fails an
 answer). No dependency: ``jsonschema`` is not one of the package's requirements.
@@ -28,12 +29,28 @@ _TYPES: dict[str, Any] = {
 
 
 def _is(value: Any, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, bool):  # a subclass of int in Python, never a number in JSON
+        return name == "boolean" or name not in _KNOWN
+    if name == "integer":  # JSON Schema: a number with no fractional part (1.0 is one)
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float))
     kind = _TYPES.get(name)
     return kind is None or isinstance(value, kind)
+
+
+_KNOWN = frozenset({*_TYPES, "integer", "number"})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality (``enum``): ``true`` is not ``1``, ``1.0`` is ``1``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
 
 
 def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "$") -> list[str]:
@@ -46,7 +63,7 @@ def schema_errors(value: Any, schema: Mapping[str, Any], path: str = "$") -> lis
     if kinds and not any(_is(value, k) for k in kinds):
         return [f"{path}: expected {'/'.join(map(str, kinds))}, got {type(value).__name__}"]
     enum = schema.get("enum")
-    if isinstance(enum, list) and value not in enum:
+    if isinstance(enum, list) and not any(_same(value, choice) for choice in enum):
         errors.append(f"{path}: {value!r} is not one of {enum}")
     if isinstance(value, dict):
         errors += _object_errors(value, schema, path)

@@ -41,14 +41,8 @@ if tonumber(slot[3]) ~= cur then
   end
   redis.call('HSET', key, 'c' .. i, 0, 'g' .. i, 0, 't' .. i, cur)
 end
-redis.call('HINCRBY', key, 'c' .. i, 1)
-if garbage == 1 then
-  redis.call('HINCRBY', key, 'g' .. i, 1)
-  for reason in string.gmatch(ARGV[2], '[^,]+') do
-    redis.call('HINCRBY', key, 'r:' .. reason, 1)
-  end
-end
--- Reason counters say what the recent garbage is: halved once a window.
+-- Reason counters say what the recent garbage is: halved once a window,
+-- before this call's are added (halved, a lone first reason would vanish).
 local rh = tonumber(redis.call('HGET', key, 'rh'))
 if not rh or cur - rh >= QUALITY_BUCKETS then
   local all = redis.call('HGETALL', key)
@@ -59,6 +53,13 @@ if not rh or cur - rh >= QUALITY_BUCKETS then
     end
   end
   redis.call('HSET', key, 'rh', cur)
+end
+redis.call('HINCRBY', key, 'c' .. i, 1)
+if garbage == 1 then
+  redis.call('HINCRBY', key, 'g' .. i, 1)
+  for reason in string.gmatch(ARGV[2], '[^,]+') do
+    redis.call('HINCRBY', key, 'r:' .. reason, 1)
+  end
 end
 
 local calls, bad = q_window(key, cur)
