@@ -57,7 +57,6 @@ from ..store.specs import (
     RENEW,
     SETTLE,
     AcquireMode,
-    AcquireReply,
 )
 from ..store.sync import RedisStore
 from ..store.wakeups import listener_for, wake_waiters
@@ -72,6 +71,7 @@ from .decision import (
     key_token_args,
     lean_release,
     new_lease_id,
+    read_acquire,
     read_release,
     release_args,
     release_lean_args,
@@ -84,10 +84,6 @@ from .run import Run
 from .runtime import RuntimeLimits
 
 log = logging.getLogger("celery_fleet")
-
-#: Reads a script's reply as its NamedTuple (specs.py) without a Python frame: acquire
-#: and release are read on the hot path, where ``_make`` would cost a call.
-_as = tuple.__new__
 
 #: What a call's ending can teach the release script.
 OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
@@ -455,7 +451,7 @@ class Admission:
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
-        r = _as(AcquireReply, reply)
+        r = read_acquire(reply)
         allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
         self.store_down.saw(name, in_flight, bool(allowed))  # an outage's allotment
         detail = r.detail.decode() if isinstance(r.detail, bytes) else str(r.detail)

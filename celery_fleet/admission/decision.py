@@ -5,7 +5,7 @@ found), :class:`LimitKeys` (a limit's Redis keys, all under one hash tag) and th
 that read a script's raw numbers safely. Also each limit's fixed script
 arguments (:func:`acquire_args`, :func:`release_args`, :func:`release_lean_args`), when a
 release may go lean (:func:`lean_release`), and how a release's reply reads
-(:func:`read_release`). Kept apart from
+(:func:`read_release`), as an acquire's does (:func:`read_acquire`). Kept apart from
 :mod:`celery_fleet.admission.core`, which sends the script calls.
 """
 
@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from ..store.specs import ReleaseReply
+from ..store.specs import AcquireReply, ReleaseReply
 from .config import TOKENS, LimitConfig, Window
 from .discover import cap_bound
 from .line import TICKET_TTL_MS, WAKE_GRACE_MS
@@ -34,6 +34,7 @@ __all__ = [
     "release_lean_args",
     "lean_release",
     "read_release",
+    "read_acquire",
     "key_token_args",
     "MAX_WAIT_MS",
 ]
@@ -232,3 +233,21 @@ def read_release(reply: Any) -> ReleaseReply:
     if reply.__class__ is int:
         return ReleaseReply(reply, 0, 0, "", 0)
     return tuple.__new__(ReleaseReply, reply)
+
+
+def read_acquire(reply: Any) -> AcquireReply:
+    """An acquire's reply as an :class:`AcquireReply`.
+
+    The common admission (no probe, nobody in line) answers the lease alone, one bulk
+    string: its first two fields are the Redis time (µs) and the leases in flight then,
+    this one included (``"<acquired µs>.<in flight>.<tokens>.<id>"``, acquire.lua), so
+    nothing is lost. Every other answer is the eight-element array.
+    """
+    cls = reply.__class__
+    if cls is bytes:
+        now_us, in_flight, _rest = reply.split(b".", 2)
+        return AcquireReply(1, 0, reply, int(in_flight), int(now_us), 0, 0, 0)
+    if cls is str:  # a client that decodes replies
+        now_us, in_flight, _rest = reply.split(".", 2)
+        return AcquireReply(1, 0, reply, int(in_flight), int(now_us), 0, 0, 0)
+    return tuple.__new__(AcquireReply, reply)

@@ -59,13 +59,19 @@
 -- reschedule): 1 + its start tag * 1024, 0 for none; a refusal's 6th element is the
 -- ticket's start tag (text) when it holds (or keeps) a place, else 0.
 --
--- Reply: {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
+-- Reply: lease                                                    admitted, no probe, nobody
+--                                                                  in line: the common case;
+--                                                                  in_flight and now are the
+--                                                                  lease's first two fields
+--        {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
 --        {0, wait_ms, reason, in_flight, now, 0, ahead, line}     refused, nothing consumed
 -- reason: "circuit_open", "paused", "in_flight", "key_in_flight" (the key's own cap),
 -- "key:" .. a key window's field, "queued" (a budget is free but older tickets
 -- come first) or the refusing window's field. ahead: tickets before the caller's place; line:
 -- tickets waiting. wait_ms is an integer (ceil), an estimate for "in_flight" and "queued";
--- now is Redis TIME in microseconds (an integer). Time unit: milliseconds.
+-- now is Redis TIME in microseconds (an integer). The lone lease is one bulk string where
+-- the array was eight elements for Redis to build and the client to parse (issue 26;
+-- admission/decision.py's read_acquire reads both). Time unit: milliseconds.
 --
 -- Cost: the admitted path with nobody waiting and no breaker is TIME, one HMGET, ZCARD,
 -- HSET, ZADD. Expired leases are swept only when they could matter (the cap is reached, or
@@ -516,8 +522,9 @@ if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 -- The lease carries its own record, first (parsed from the start, without backtracking):
 -- when it was acquired (µs: AIMD compares it with the last cut, which may be in the same
 -- ms), how many were in flight then, the tokens it reserved.
-local lease = string.format('%d%06d', t[1], t[2]) .. '.' .. (in_flight + 1) .. '.' ..
-              ARGV[2] .. '.' .. id
+-- Built from the strings TIME answered: no number is parsed or printed for it but the count.
+local lease = t[1] .. string.rep('0', 6 - #t[2]) .. t[2] .. '.' ..
+              string.format('%d', in_flight + 1) .. '.' .. ARGV[2] .. '.' .. id
 if probe == 1 then
   redis.call('HSET', KEYS[4], 'probe', lease, 'probe_until', now + ttl)
 end
@@ -556,4 +563,5 @@ if nline > 0 then
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
   wake_first(math.min(after, nline))
 end
+if probe == 0 and nline == 0 then return lease end
 return {1, 0, lease, in_flight + 1, now_us, probe, 0, nline}
