@@ -82,7 +82,6 @@
 -- line (_lib/line.lua) and the ctl hash's TTL (_lib/ctl.lua); the order of the checks
 -- and the line are here.
 
---#include _lib/breaker
 --#include _lib/gcra
 --#include _lib/pause
 --#include _lib/adaptive
@@ -136,6 +135,8 @@ end
 -- Circuit breaker: open refuses until reset; past it exactly one caller (a lease) probes.
 local probe = 0
 if reset_ms > 0 then
+  -- _lib/breaker's function is made here, for a limit with a breaker only (a closure costs)
+--#include _lib/breaker
   local shut
   shut, probe = breaker_gate(KEYS[4], reset_ms, now)
   if shut > 0 then refuse(shut, 'circuit_open') end
@@ -185,12 +186,13 @@ if paused > 0 then refuse(paused, 'paused') end
 local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
 local cap = cap_in_force(max_in_flight, init_cap, ctl[I_CAP])
--- leases per lane, read once and only when a lane's share or guarantee needs it
-local census = nil
-local function lanes_held()
+-- leases per lane, read once and only when a lane's share or guarantee needs it (a
+-- caller in no lane needs neither: _lib/lanes.lua made lane_census only for lanes)
+local census, lanes_held = nil, nil
+if lane_census then lanes_held = function()
   if not census then census = lane_census(KEYS[2], now) end
   return census
-end
+end end
 -- A lower lane and the ones below it may hold only its share of the cap together: the
 -- rest is kept for the lanes above.
 local lane_cap = cap
@@ -375,7 +377,9 @@ end
 -- as they are owed slots, at most 16 a lane: woken together, tickets whose holders died
 -- are all dropped after one wake grace, not one grace each while this lane waits), and
 -- the slots they are owed (only asked when budget is free for this caller and others wait).
-local function owed_below()
+-- This and wake_first are made only when others wait (a closure costs on every call).
+local owed_below, wake_first
+if below and nline > 0 then owed_below = function()
   local heads, need = {}, 0
   for q, g in string.gmatch(below, '(%d+):([^|]+)') do
     q, g = tonumber(q), tonumber(g)
@@ -405,16 +409,16 @@ local function owed_below()
     end
   end
   return heads, need
-end
+end end
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
-local function wake_first(count)
+if nline > 0 then wake_first = function(count)
   if count <= 0 then return end
   if count > 16 then count = 16 end
   for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, count - 1)) do
     if ticket ~= id then wake(KEYS[5], KEYS[6], ticket, ticket_ttl, now + grace) end
   end
-end
+end end
 
 if mine and keyed then tag = tonumber(mine) - lane * 4398046511104 end
 -- the place a refused keyed ticket holds, for the caller to keep (0: none)
@@ -439,7 +443,7 @@ if reason ~= 'circuit_open' then
     -- ticket before any lower caller, even one that would fit beside it (else small
     -- batch calls could keep a large interactive one waiting). Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
-    wake_first(math.min(slack, nline))
+    if nline > 0 then wake_first(math.min(slack, nline)) end
   elseif wait == 0 and below and nline > 0 then
     -- A lane below is owed its guarantee: leave it what it is owed (every window's next
     -- call: a window's share cannot be counted out per lane) and wake it.
