@@ -14,6 +14,9 @@ every ratio within that run, kinds alternating round by round:
     parent reads INFO around each slice. Per decision: INFO commandstats ``usec`` of the
     commands the client sent (a script's inner commands are inside its EVALSHA's) and
     INFO cpu (Redis main thread, user + sys: parsing and replies included).
+    With ``--callgrind`` the redis-server runs under ``valgrind --tool=callgrind`` and
+    each slice also counts the instructions Redis ran (Ir, instrumentation on only during
+    the slice): exact and repeatable where the µs of a loaded 2-core box move by 30%.
 (b) **Client CPU per decision** (``--hiredis-path DIR``, a ``pip install --target DIR
     hiredis``): this tree's ``with fleet.slot()`` and ``try_acquire`` + ``release`` in one
     process, one thread, ``time.process_time()`` per decision, with redis-py's pure-Python
@@ -22,7 +25,8 @@ every ratio within that run, kinds alternating round by round:
 Usage::
 
     .venv/bin/python benchmarks/redis_cpu.py --baseline d5ef306 [--port 0] [--rounds 6]
-        [--decisions 20000] [--pipeline 64] [--hiredis-path /tmp/hiredis] [--no-write]
+        [--decisions 20000] [--pipeline 64] [--hiredis-path /tmp/hiredis] [--callgrind]
+        [--no-write]
 """
 
 from __future__ import annotations
@@ -184,10 +188,65 @@ def snapshot(client: Any) -> tuple[dict[str, tuple[int, int]], float]:
     return cmds, cpu
 
 
+class Callgrind:
+    """A redis-server under ``valgrind --tool=callgrind`` (instrumentation off until asked):
+    :meth:`count` runs an action and returns the instructions Redis ran meanwhile. Its cron
+    runs once a second (``--hz 1``): under valgrind a slice lasts seconds, and the default
+    10 runs a second of housekeeping would add to every build by its running time."""
+
+    def __init__(self, port: int, out: Path) -> None:
+        from celery_fleet.testing.redis_server import find_binary, free_port
+
+        self.port, self.out = port or free_port(), out
+        self.proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+             f"--callgrind-out-file={out}/cg.out", find_binary(), "--port", str(self.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--hz", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}"
+        import redis
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit("redis_cpu.py: no redis-server under valgrind") from None
+                time.sleep(0.2)
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.proc.pid)], capture_output=True)
+
+    def count(self, action: Any) -> int:
+        for old in self.out.glob("cg.out*"):
+            old.unlink()
+        self._control("-z")
+        self._control("-i", "on")
+        action()
+        self._control("-i", "off")
+        self._control("-d")
+        total = 0
+        for dump in self.out.glob("cg.out*"):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()  # the valgrind we started, by its pid
+        self.proc.wait(timeout=60)
+
+
 SENT = ("evalsha", "zrem")  # what the clients send (inner commands are inside EVALSHA's usec)
 
 
-def part_a(url: str, builds: dict[str, Path | None], opts: argparse.Namespace) -> list[str]:
+def part_a(
+    url: str, builds: dict[str, Path | None], opts: argparse.Namespace, grind: Callgrind | None
+) -> list[str]:
     import redis
 
     client = redis.Redis.from_url(url)
@@ -200,17 +259,26 @@ def part_a(url: str, builds: dict[str, Path | None], opts: argparse.Namespace) -
         assert kid.stdout is not None
         if kid.stdout.readline().strip() != "ready":
             raise SystemExit(f"redis_cpu.py: the {label} build did not start")
-    per: dict[str, dict[str, list[float]]] = {k: {"usec": [], "cpu": []} for k in kids}
+    per: dict[str, dict[str, list[float]]] = {k: {"usec": [], "cpu": [], "ir": []} for k in kids}
     labels = list(kids)
     for r in range(opts.rounds):
         for label in labels if r % 2 == 0 else labels[::-1]:
             kid = kids[label]
             assert kid.stdin is not None and kid.stdout is not None
+            got: list[str] = []
+
+            def one_slice(kid: Any = kid, got: list[str] = got) -> None:
+                kid.stdin.write(f"{opts.decisions}\n")
+                kid.stdin.flush()
+                got.append(kid.stdout.readline())
+
             before = snapshot(client)
-            kid.stdin.write(f"{opts.decisions}\n")
-            kid.stdin.flush()
-            answer = kid.stdout.readline()
+            if grind is None:
+                one_slice()
+            else:
+                per[label]["ir"].append(grind.count(one_slice) / opts.decisions)
             after = snapshot(client)
+            answer = got[0]
             if not answer.startswith("done"):
                 raise SystemExit(f"redis_cpu.py: the {label} build failed")
             usec = sum(after[0].get(c, (0, 0))[1] - before[0].get(c, (0, 0))[1] for c in SENT)
@@ -223,7 +291,7 @@ def part_a(url: str, builds: dict[str, Path | None], opts: argparse.Namespace) -
     for key in client.scan_iter(match=f"*{run_id}*", count=1000):
         client.delete(key)
     client.close()
-    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in per.items()}
+    med = {k: {m: statistics.median(v or [0]) for m, v in d.items()} for k, d in per.items()}
     rows = [
         "| build | Redis µs / decision (commandstats) | range | Redis CPU µs / decision "
         "(INFO cpu) | range | / before (µs) | / lean (µs) |",
@@ -245,6 +313,22 @@ def part_a(url: str, builds: dict[str, Path | None], opts: argparse.Namespace) -
         f"{med['before']['usec']:.2f} (after / before {after / med['before']['usec']:.2f}), "
         f"lean peer {med['lean']['usec']:.2f} (after / lean {after / med['lean']['usec']:.2f})."
     )
+    if grind is not None:
+        rows += [
+            "",
+            "| build | Redis instructions / decision (callgrind Ir) | / before | / lean |",
+            "|---|---:|---:|---:|",
+        ]
+        for label, m in med.items():
+            rows.append(
+                f"| {label} | **{m['ir']:,.0f}** | {m['ir'] / med['before']['ir']:.3f} | "
+                f"{m['ir'] / med['lean']['ir']:.3f} |"
+            )
+        head += (
+            f" Under callgrind (exact instruction counts; its µs are valgrind's): after / "
+            f"before **{med['after']['ir'] / med['before']['ir']:.3f}**, after / lean "
+            f"**{med['after']['ir'] / med['lean']['ir']:.3f}**."
+        )
     return [head, "", *rows]
 
 
@@ -302,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-decisions", type=int, default=8_000, help="(b), per kind")
     parser.add_argument("--hiredis-path", default="", help="a dir holding hiredis, for (b)")
     parser.add_argument("--only", default="a,b", help="parts to run (%(default)s)")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="(a) under valgrind: instructions per decision"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     opts = parser.parse_args(args)
     sys.path[:0] = [str(HERE), str(ROOT)]
@@ -309,16 +396,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from celery_fleet.testing.redis_server import RedisServer, find_binary
 
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        RedisServer(binary=find_binary(), port=opts.port) as srv,
-    ):
+    server = RedisServer(binary=find_binary(), port=opts.port)
+    with tempfile.TemporaryDirectory() as tmp, server as srv:
         import redis
 
         builds = {"before": export(opts.baseline, Path(tmp)), "after": ROOT, "lean": ROOT}
         lines = [f"Baseline (before): `{opts.baseline}`; a private redis-server.", ""]
-        if "a" in opts.only:
-            lines += part_a(srv.url, builds, opts) + [""]
+        if "a" in opts.only and opts.callgrind:
+            grind = Callgrind(0, Path(tmp))
+            try:
+                lines += part_a(grind.url, builds, opts, grind) + [""]
+            finally:
+                grind.stop()
+        elif "a" in opts.only:
+            lines += part_a(srv.url, builds, opts, None) + [""]
         if "b" in opts.only:
             lines += part_b(srv.url, opts)
         print("\n".join(lines))
