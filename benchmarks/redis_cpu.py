@@ -20,7 +20,8 @@ every ratio within that run, kinds alternating round by round:
 (b) **Client CPU per decision** (``--hiredis-path DIR``, a ``pip install --target DIR
     hiredis``): this tree's ``with fleet.slot()`` and ``try_acquire`` + ``release`` in one
     process, one thread, ``time.process_time()`` per decision, with redis-py's pure-Python
-    reply parser and with hiredis (``DIR`` on ``sys.path``), alternating.
+    reply parser and with hiredis (``DIR`` on ``sys.path``), and the baseline's with the
+    pure-Python parser (what the shorter acquire reply saves a client), alternating.
 
 Usage::
 
@@ -332,21 +333,26 @@ def part_a(
     return [head, "", *rows]
 
 
-def part_b(url: str, opts: argparse.Namespace) -> list[str]:
+def part_b(url: str, opts: argparse.Namespace, before: Path) -> list[str]:
     if not opts.hiredis_path:
         return ["(b) skipped: no --hiredis-path (a `pip install --target DIR hiredis`)."]
-    got: dict[str, list[dict[str, Any]]] = {"pure-Python": [], "hiredis": []}
+    # (label, tree, hiredis dir): this tree with each parser, and the baseline's (pure-Python)
+    runs = {
+        "pure-Python": (None, ""),
+        "hiredis": (None, opts.hiredis_path),
+        "before, pure-Python": (before, ""),
+    }
+    got: dict[str, list[dict[str, Any]]] = {label: [] for label in runs}
     for r in range(opts.rounds):
-        order = ["pure-Python", "hiredis"] if r % 2 == 0 else ["hiredis", "pure-Python"]
-        for parser in order:
-            extra = opts.hiredis_path if parser == "hiredis" else ""
+        for label in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            path, extra = runs[label]
             ns = f"client-{uuid.uuid4().hex[:8]}"
-            kid = spawn(None, "client", url, ns, str(opts.client_decisions), extra=extra)
+            kid = spawn(path, "client", url, ns, str(opts.client_decisions), extra=extra)
             out, _ = kid.communicate(timeout=600)
             result = json.loads(out.strip().splitlines()[-1])
-            if result["parser"] != parser:
-                raise SystemExit(f"redis_cpu.py: wanted the {parser} parser, got {result}")
-            got[parser].append(result)
+            if result["parser"] != label.split(", ")[-1]:
+                raise SystemExit(f"redis_cpu.py: {label}: got the {result['parser']} parser")
+            got[label].append(result)
     kinds = [k for k in got["hiredis"][0] if k != "parser"]
     rows = [
         "| parser | " + " | ".join(f"{k} µs / decision" for k in kinds) + " |",
@@ -358,6 +364,13 @@ def part_b(url: str, opts: argparse.Namespace) -> list[str]:
     rows.append(
         "| hiredis / pure-Python | "
         + " | ".join(f"**{med['hiredis'][k] / med['pure-Python'][k]:.2f}**" for k in kinds)
+        + " |"
+    )
+    rows.append(
+        "| pure-Python, this tree / before | "
+        + " | ".join(
+            f"**{med['pure-Python'][k] / med['before, pure-Python'][k]:.2f}**" for k in kinds
+        )
         + " |"
     )
     head = (
@@ -411,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         elif "a" in opts.only:
             lines += part_a(srv.url, builds, opts, None) + [""]
         if "b" in opts.only:
-            lines += part_b(srv.url, opts)
+            lines += part_b(srv.url, opts, builds["before"] or ROOT)
         print("\n".join(lines))
         if not opts.no_write:
             client = redis.Redis.from_url(srv.url)
