@@ -229,6 +229,10 @@ def lean_spec(url: str, run_id: str) -> Spec:
                 ("evalsha", "zrem"), shape)  # fmt: skip
 
 
+def _lease(reply: Any, spec: Spec) -> Any:
+    return reply if isinstance(reply, bytes) else reply[spec.lease_at]
+
+
 def _first(reply: Any) -> Any:
     return reply[0] if isinstance(reply, list) else reply
 
@@ -252,9 +256,10 @@ def _driver(url: str, specs: dict[str, Spec], plan: list[tuple[str, float]], dep
                 n += depth
                 conn.send_packed_command([b"".join([ah + _bulk(i) + at for i in ids])])
                 replies = [conn.read_response() for _ in ids]
-                if any(_first(r) != 1 for r in replies):
+                if any(_first(r) != 1 and not isinstance(r, bytes) for r in replies):
                     raise RuntimeError(f"{label}: an acquire was refused: {replies}")
-                leases = ids if spec.lease_at is None else [r[spec.lease_at] for r in replies]
+                # ours answers a common admission with the lease alone (acquire.lua)
+                leases = ids if spec.lease_at is None else [_lease(r, spec) for r in replies]
                 conn.send_packed_command([b"".join([rh + _bulk(x) + rt for x in leases])])
                 replies = [conn.read_response() for _ in ids]
                 if any(_first(r) != 1 for r in replies):

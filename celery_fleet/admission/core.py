@@ -53,11 +53,10 @@ from ..store.specs import (
     LEAVE,
     OBSERVE,
     RELEASE,
+    RELEASE_LEAN,
     RENEW,
     SETTLE,
     AcquireMode,
-    AcquireReply,
-    ReleaseReply,
 )
 from ..store.sync import RedisStore
 from ..store.wakeups import listener_for, wake_waiters
@@ -70,8 +69,12 @@ from .decision import (
     acquire_args,
     clamp_wait_ms,
     key_token_args,
+    lean_release,
     new_lease_id,
+    read_acquire,
+    read_release,
     release_args,
+    release_lean_args,
 )
 from .keyed import KeyedCommands
 from .lanes import Lanes, check_lane
@@ -81,10 +84,6 @@ from .run import Run
 from .runtime import RuntimeLimits
 
 log = logging.getLogger("celery_fleet")
-
-#: Reads a script's reply as its NamedTuple (specs.py) without a Python frame: acquire
-#: and release are read on the hot path, where ``_make`` would cost a call.
-_as = tuple.__new__
 
 #: What a call's ending can teach the release script.
 OUTCOMES = frozenset({"ok", "fail", "overload", "congestion", "rate", "neutral"})
@@ -142,6 +141,7 @@ class Admission:
         self._release_tail: dict[str, list[bytes]] = {}
         self._acquire_cmd: dict[str, Any] = {}
         self._release_cmd: dict[str, Any] = {}
+        self._lean_cmd: dict[str, Any] = {}  # release_lean.lua, for limits that have one
         self._token_args: dict[str, list[str]] = {}
         # Limits with priority lanes: a ticket's lane (its "~<priority>" ending) picks
         # acquire's lane argument; a limit without lanes sends b"0", as before lanes.
@@ -190,6 +190,11 @@ class Admission:
         self._release_cmd[name] = store.packed(
             RELEASE.name, RELEASE.keys_of(k), 5, self._release_tail[name]
         )
+        lean = release_lean_args(cfg)
+        if lean is None:
+            self._lean_cmd.pop(name, None)
+        else:
+            self._lean_cmd[name] = store.packed(RELEASE_LEAN.name, RELEASE_LEAN.keys_of(k), 1, lean)
         # settle: field, T and how far ahead of now a TAT may go (an empty bucket plus one
         # whole period of debt)
         self._token_args[name] = [
@@ -446,7 +451,7 @@ class Admission:
 
     def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
-        r = _as(AcquireReply, reply)
+        r = read_acquire(reply)
         allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
         self.store_down.saw(name, in_flight, bool(allowed))  # an outage's allotment
         detail = r.detail.decode() if isinstance(r.detail, bytes) else str(r.detail)
@@ -566,15 +571,20 @@ class Admission:
         if self._settled:
             settled = b"1" if self._settled.pop(lease_id, 0) is None else b"0"
         now = b"1" if clock else b"0"
-        cmd = self._release_cmd[name]
+        cmd, lean = self._release_cmd[name], self._lean_cmd.get(name)
         if name in self._keyed:
-            cmd = self.keyed.release(name, lease_id) or cmd
+            keyed = self.keyed.release(name, lease_id)  # a key's own cap: release.lua's
+            if keyed is not None:
+                cmd, lean = keyed, None
+        if lean is not None and lean_release(lease_id, pause, settled, clock):
+            # nothing for release.lua to learn, pause, settle, sample or time
+            return (RELEASE_LEAN.name, lean.pack(lease_id.encode()))
         packed = cmd.pack(lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now)
         return (RELEASE.name, packed)
 
     def released(self, name: str, reply: list[Any]) -> Release:
         """The :class:`Release` a release's reply means (listeners told of a transition)."""
-        r = _as(ReleaseReply, reply)
+        r = read_release(reply)
         transition = r.transition
         transition = transition.decode() if isinstance(transition, bytes) else str(transition)
         if transition:

@@ -3,7 +3,9 @@
 :class:`Decision` (go, or wait N ms and why), :class:`Release` (what giving a slot back
 found), :class:`LimitKeys` (a limit's Redis keys, all under one hash tag) and the helpers
 that read a script's raw numbers safely. Also each limit's fixed script
-arguments (:func:`acquire_args`, :func:`release_args`). Kept apart from
+arguments (:func:`acquire_args`, :func:`release_args`, :func:`release_lean_args`), when a
+release may go lean (:func:`lean_release`), and how a release's reply reads
+(:func:`read_release`), as an acquire's does (:func:`read_acquire`). Kept apart from
 :mod:`celery_fleet.admission.core`, which sends the script calls.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
+from ..store.specs import AcquireReply, ReleaseReply
 from .config import TOKENS, LimitConfig, Window
 from .discover import cap_bound
 from .line import TICKET_TTL_MS, WAKE_GRACE_MS
@@ -27,6 +31,10 @@ __all__ = [
     "clamp_wait_ms",
     "acquire_args",
     "release_args",
+    "release_lean_args",
+    "lean_release",
+    "read_release",
+    "read_acquire",
     "key_token_args",
     "MAX_WAIT_MS",
 ]
@@ -196,3 +204,50 @@ def release_args(cfg: LimitConfig) -> list[bytes]:
     )
     discover = cfg.discover.release_tail() if cfg.discover else ()
     return [_doubles(cap_bound(cfg), TICKET_TTL_MS, WAKE_GRACE_MS, *adaptive, *breaker, *discover)]
+
+
+def release_lean_args(cfg: LimitConfig) -> list[bytes] | None:
+    """The lean release's fixed arguments for a limit (release_lean.lua: the line's
+    constants), or None when its releases must all run release.lua: a breaker counts every
+    outcome, an adaptive cap and capacity discovery learn from it."""
+    if cfg.breaker or cfg.adaptive or cfg.discover:
+        return None
+    return [_doubles(cap_bound(cfg), TICKET_TTL_MS, WAKE_GRACE_MS)]
+
+
+def lean_release(lease_id: str, retry_after_ms: int, settled: bytes, clock: bool) -> bool:
+    """Whether a release of ``lease_id`` on a limit that has a lean release may take it:
+    release.lua would do nothing but give the lease back and wake the line. Not when it
+    pauses the limit (``retry_after_ms``), drops a settled record, reads the clock for its
+    caller, or samples the hold time: release.lua samples one lease in 32, those acquired
+    at a microsecond divisible by 32 (the lease's first field, see acquire.lua)."""
+    if retry_after_ms or clock or settled != b"0":
+        return False
+    acquired_us = lease_id.partition(".")[0]
+    return not (acquired_us.isdigit() and int(acquired_us) % 32 == 0)
+
+
+def read_release(reply: Any) -> ReleaseReply:
+    """A release's reply as a :class:`ReleaseReply`: release.lua's five fields, or the lean
+    release's one ``released`` flag (its clock fields 0, no transition, no cap)."""
+    if reply.__class__ is int:
+        return ReleaseReply(reply, 0, 0, "", 0)
+    return tuple.__new__(ReleaseReply, reply)
+
+
+def read_acquire(reply: Any) -> AcquireReply:
+    """An acquire's reply as an :class:`AcquireReply`.
+
+    The common admission (no probe, nobody in line) answers the lease alone, one bulk
+    string: its first two fields are the Redis time (µs) and the leases in flight then,
+    this one included (``"<acquired µs>.<in flight>.<tokens>.<id>"``, acquire.lua), so
+    nothing is lost. Every other answer is the eight-element array.
+    """
+    cls = reply.__class__
+    if cls is bytes:
+        now_us, in_flight, _rest = reply.split(b".", 2)
+        return AcquireReply(1, 0, reply, int(in_flight), int(now_us), 0, 0, 0)
+    if cls is str:  # a client that decodes replies
+        now_us, in_flight, _rest = reply.split(".", 2)
+        return AcquireReply(1, 0, reply, int(in_flight), int(now_us), 0, 0, 0)
+    return tuple.__new__(AcquireReply, reply)

@@ -50,6 +50,7 @@ __all__ = [
     "CasReply",
     "ACQUIRE",
     "RELEASE",
+    "RELEASE_LEAN",
     "LEAVE",
     "SETTLE",
     "RENEW",
@@ -329,6 +330,17 @@ RELEASE: ScriptSpec[ReleaseReply] = ScriptSpec(
     reply=ReleaseReply._make,
     idempotent=True,
 )
+#: The lean release (release_lean.lua): what release does for a limit with no breaker,
+#: adaptive cap or discovery, when the call leaves nothing else to do; its reply is the
+#: ``released`` flag alone (read as a :class:`ReleaseReply` by ``decision.read_release``).
+RELEASE_LEAN: ScriptSpec[ReleaseReply] = ScriptSpec(
+    "release_lean",
+    "admission",
+    keys=("leases", "line", "waiting", "wake", "*key_leases"),
+    args=("lease", "line_constants"),
+    reply=lambda raw: ReleaseReply(int(raw), 0, 0, "", 0),
+    idempotent=True,
+)
 LEAVE: ScriptSpec[bool] = ScriptSpec(
     "leave",
     "admission",
@@ -530,7 +542,8 @@ AFFINITY_HOMES: ScriptSpec[list[str]] = ScriptSpec(
 SPECS: dict[str, ScriptSpec[Any]] = {
     spec.name: spec
     for spec in (
-        ACQUIRE, RELEASE, LEAVE, SETTLE, RENEW, OBSERVE, PEEK, BREAKER_ADMIN, LIMIT_CONFIG,
+        ACQUIRE, RELEASE, RELEASE_LEAN, LEAVE, SETTLE, RENEW, OBSERVE, PEEK, BREAKER_ADMIN,
+        LIMIT_CONFIG,
         EMPTY_MISSING, CHARGE, HANDOVER, PRESENCE,
         LEDGER_ENQUEUE, LEDGER_CLAIM, LEDGER_RENEW, LEDGER_FINISH, LEDGER_PUBLISHED,
         LEDGER_LOST, STEP_PUT, DEFER_ADD, DEFER_TAKE, DEFER_ACK, DEFER_FATE,

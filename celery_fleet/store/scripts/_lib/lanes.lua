@@ -29,9 +29,14 @@ local function lane_arg(arg)
   return tonumber(head), 1, 0, below
 end
 
+-- The rest is defined only for a caller in a lane (ARGV[5] not "0"): a limit without
+-- lanes does not pay for making these closures on every admission (see _lib/keys.lua).
+local lane_census, held_from, lane_owed
+if ARGV[5] ~= '0' then
+
 -- lane_census(leases, now): live leases per lane priority. A lease is in the lane its
 -- "~<p>" says (before a key's "-k<hash>"); one without is counted below every lane (999).
-local function lane_census(leases, now)
+lane_census = function(leases, now)
   local by = {}
   for _, l in ipairs(redis.call('ZRANGEBYSCORE', leases, now, '+inf')) do
     local q = tonumber(string.match(l, '~(%d+)$') or string.match(l, '~(%d+)%-k[^~]*$') or 999)
@@ -41,7 +46,7 @@ local function lane_census(leases, now)
 end
 
 -- held_from(census, p): leases of lane p and every lane below it.
-local function held_from(census, p)
+held_from = function(census, p)
   local n = 0
   for q, c in pairs(census) do
     if q >= p then n = n + c end
@@ -51,10 +56,12 @@ end
 
 -- lane_owed(held, cap, g, clocks, now): whether a lane holding `held` leases, with
 -- guarantee g and guarantee clocks `clocks` (one per window, as HMGET read them), is owed.
-local function lane_owed(held, cap, g, clocks, now)
+lane_owed = function(held, cap, g, clocks, now)
   if cap > 0 and held >= math.floor(cap * g) then return false end
   for i = 1, #clocks do
     if (tonumber(clocks[i]) or 0) > now then return false end
   end
   return true
+end
+
 end

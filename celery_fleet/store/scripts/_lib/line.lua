@@ -1,4 +1,5 @@
--- _lib/line: included (not run) by acquire, release and leave: the line of waiters.
+-- _lib/line: included (not run) by acquire, release, release_lean and leave: the line of
+-- waiters.
 -- store.script_source() puts this text where a script says "--#include _lib/line".
 --
 -- A limit's line is two zsets: line (ticket id -> order key: lane * 2^42 + first-asked
@@ -34,4 +35,17 @@ local function line_sweep(line, waiting, now, most)
     redis.call('ZREM', waiting, unpack(dead))
   end
   return #dead
+end
+
+-- wake_next(line, leases, waiting, prefix, now, cap, ttl_ms, grace_ms): what a release
+-- that gave a lease back does for the line (the caller found it non-empty): sweep the
+-- tickets of holders gone, and when the release left room under the in-flight cap (0: no
+-- cap, no in-flight waiters: such a line moves on admissions), wake the first waiter in
+-- (lane priority, age) order: a higher lane's ticket before any lower one's.
+local function wake_next(line, leases, waiting, prefix, now, cap, ttl_ms, grace_ms)
+  line_sweep(line, waiting, now, 16)
+  if cap > 0 and redis.call('ZCARD', leases) < cap then
+    local head = redis.call('ZRANGE', line, 0, 0)[1]
+    if head then wake(waiting, prefix, head, ttl_ms, now + grace_ms) end
+  end
 end

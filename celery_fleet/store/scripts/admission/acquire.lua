@@ -59,13 +59,19 @@
 -- reschedule): 1 + its start tag * 1024, 0 for none; a refusal's 6th element is the
 -- ticket's start tag (text) when it holds (or keeps) a place, else 0.
 --
--- Reply: {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
+-- Reply: lease                                                    admitted, no probe, nobody
+--                                                                  in line: the common case;
+--                                                                  in_flight and now are the
+--                                                                  lease's first two fields
+--        {1, 0, lease, in_flight, now, probe, 0, line}             admitted (probe=1: half-open)
 --        {0, wait_ms, reason, in_flight, now, 0, ahead, line}     refused, nothing consumed
 -- reason: "circuit_open", "paused", "in_flight", "key_in_flight" (the key's own cap),
 -- "key:" .. a key window's field, "queued" (a budget is free but older tickets
 -- come first) or the refusing window's field. ahead: tickets before the caller's place; line:
 -- tickets waiting. wait_ms is an integer (ceil), an estimate for "in_flight" and "queued";
--- now is Redis TIME in microseconds (an integer). Time unit: milliseconds.
+-- now is Redis TIME in microseconds (an integer). The lone lease is one bulk string where
+-- the array was eight elements for Redis to build and the client to parse (issue 26;
+-- admission/decision.py's read_acquire reads both). Time unit: milliseconds.
 --
 -- Cost: the admitted path with nobody waiting and no breaker is TIME, one HMGET, ZCARD,
 -- HSET, ZADD. Expired leases are swept only when they could matter (the cap is reached, or
@@ -76,7 +82,6 @@
 -- line (_lib/line.lua) and the ctl hash's TTL (_lib/ctl.lua); the order of the checks
 -- and the line are here.
 
---#include _lib/breaker
 --#include _lib/gcra
 --#include _lib/pause
 --#include _lib/adaptive
@@ -130,6 +135,8 @@ end
 -- Circuit breaker: open refuses until reset; past it exactly one caller (a lease) probes.
 local probe = 0
 if reset_ms > 0 then
+  -- _lib/breaker's function is made here, for a limit with a breaker only (a closure costs)
+--#include _lib/breaker
   local shut
   shut, probe = breaker_gate(KEYS[4], reset_ms, now)
   if shut > 0 then refuse(shut, 'circuit_open') end
@@ -179,12 +186,13 @@ if paused > 0 then refuse(paused, 'paused') end
 local slack, unit = BIG, 0
 local in_flight = redis.call('ZCARD', KEYS[2])
 local cap = cap_in_force(max_in_flight, init_cap, ctl[I_CAP])
--- leases per lane, read once and only when a lane's share or guarantee needs it
-local census = nil
-local function lanes_held()
+-- leases per lane, read once and only when a lane's share or guarantee needs it (a
+-- caller in no lane needs neither: _lib/lanes.lua made lane_census only for lanes)
+local census, lanes_held = nil, nil
+if lane_census then lanes_held = function()
   if not census then census = lane_census(KEYS[2], now) end
   return census
-end
+end end
 -- A lower lane and the ones below it may hold only its share of the cap together: the
 -- rest is kept for the lanes above.
 local lane_cap = cap
@@ -369,7 +377,9 @@ end
 -- as they are owed slots, at most 16 a lane: woken together, tickets whose holders died
 -- are all dropped after one wake grace, not one grace each while this lane waits), and
 -- the slots they are owed (only asked when budget is free for this caller and others wait).
-local function owed_below()
+-- This and wake_first are made only when others wait (a closure costs on every call).
+local owed_below, wake_first
+if below and nline > 0 then owed_below = function()
   local heads, need = {}, 0
   for q, g in string.gmatch(below, '(%d+):([^|]+)') do
     q, g = tonumber(q), tonumber(g)
@@ -399,16 +409,16 @@ local function owed_below()
     end
   end
   return heads, need
-end
+end end
 
 -- Wake the first `count` tickets (at most 16 per call), never the caller's own.
-local function wake_first(count)
+if nline > 0 then wake_first = function(count)
   if count <= 0 then return end
   if count > 16 then count = 16 end
   for _, ticket in ipairs(redis.call('ZRANGE', KEYS[3], 0, count - 1)) do
     if ticket ~= id then wake(KEYS[5], KEYS[6], ticket, ticket_ttl, now + grace) end
   end
-end
+end end
 
 if mine and keyed then tag = tonumber(mine) - lane * 4398046511104 end
 -- the place a refused keyed ticket holds, for the caller to keep (0: none)
@@ -433,7 +443,7 @@ if reason ~= 'circuit_open' then
     -- ticket before any lower caller, even one that would fit beside it (else small
     -- batch calls could keep a large interactive one waiting). Wake the ones it is for.
     refuse(math.max(1, (ahead - slack + 1) * unit), 'queued')
-    wake_first(math.min(slack, nline))
+    if nline > 0 then wake_first(math.min(slack, nline)) end
   elseif wait == 0 and below and nline > 0 then
     -- A lane below is owed its guarantee: leave it what it is owed (every window's next
     -- call: a window's share cannot be counted out per lane) and wake it.
@@ -516,8 +526,9 @@ if refresh then redis.call('PEXPIRE', KEYS[1], refresh) end
 -- The lease carries its own record, first (parsed from the start, without backtracking):
 -- when it was acquired (µs: AIMD compares it with the last cut, which may be in the same
 -- ms), how many were in flight then, the tokens it reserved.
-local lease = string.format('%d%06d', t[1], t[2]) .. '.' .. (in_flight + 1) .. '.' ..
-              ARGV[2] .. '.' .. id
+-- Built from the strings TIME answered: no number is parsed or printed for it but the count.
+local lease = t[1] .. string.rep('0', 6 - #t[2]) .. t[2] .. '.' ..
+              string.format('%d', in_flight + 1) .. '.' .. ARGV[2] .. '.' .. id
 if probe == 1 then
   redis.call('HSET', KEYS[4], 'probe', lease, 'probe_until', now + ttl)
 end
@@ -556,4 +567,5 @@ if nline > 0 then
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
   wake_first(math.min(after, nline))
 end
+if probe == 0 and nline == 0 then return lease end
 return {1, 0, lease, in_flight + 1, now_us, probe, 0, nline}

@@ -31,6 +31,8 @@
 --          interval (ms), remember (ms) (_lib/adaptive_discover.lua)
 --
 -- Reply: {released (1/0), now (µs), held_ms, transition ("", "open", "closed"), cap}
+-- A limit without breaker, adaptive cap or discovery releases through release_lean.lua
+-- when the call leaves nothing else to do (admission/decision.py: release_lean_args).
 -- now and held_ms are 0 when nothing needed the clock: a posted release with nobody
 -- waiting is ZREM and ZCARD only. The mean hold time (for wait estimates) is sampled from
 -- one release in 32. ctl and breaker expire after a day without calls (an operator's forced
@@ -131,21 +133,16 @@ if breaker then
                              rate_fails)
 end
 
--- The line: a release that leaves room under the in-flight cap wakes the first waiter in
--- (lane priority, age) order: a higher lane's ticket before any lower one's
--- (a limit with no cap has no in-flight waiters: its line moves on admissions).
+-- The line: a release that leaves room under the in-flight cap wakes the first waiter
+-- (_lib/line.lua's wake_next, which release_lean.lua runs too).
 if removed == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
-  line_sweep(KEYS[4], KEYS[6], clock(), 16)
   local stored = nil
   if adaptive then
     stored = cap
     if stored <= 0 then stored = redis.call('HGET', KEYS[3], 'cap') end
   end
-  local limit_cap = cap_in_force(max_in_flight, init_cap, stored)
-  if limit_cap > 0 and redis.call('ZCARD', KEYS[1]) < limit_cap then
-    local head = redis.call('ZRANGE', KEYS[4], 0, 0)[1]
-    if head then wake(KEYS[6], KEYS[7], head, ticket_ttl, now + grace) end
-  end
+  wake_next(KEYS[4], KEYS[1], KEYS[6], KEYS[7], clock(),
+            cap_in_force(max_in_flight, init_cap, stored), ticket_ttl, grace)
 end
 
 local cap_s = 0
