@@ -46,10 +46,17 @@ from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushb
 from ..fleet import Fleet
 from ..observability import metrics
 from . import affinity, idempotency, pump
+from .app import fleet_for
 from .lanes import check_lane_spec, fixed_lane, lane_of
 from .loops import run_async
-from .reschedule import THROTTLED, Rescheduling
-from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
+from .reschedule import BACKUP_HEADER, HEADER, THROTTLED, Rescheduling
+from .stagger import (
+    JITTER_OPTION,
+    fan_out_signatures,
+    jitter_publish,
+    stagger,
+    warn_if_beyond_visibility,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -62,6 +69,11 @@ T = TypeVar("T")
 
 #: What a task does when admission is refused for longer than ``max_wait``.
 ON_LIMIT = ("reschedule", "wait", "fail")
+
+#: The headers through which a message carries what the fleet knows of its task's past: its
+#: place in line (a reschedule), the deferred copy it backs up, its idempotency key.
+_CARRIED_HEADERS = (HEADER, BACKUP_HEADER, idempotency.KEY_HEADER)
+_NO_HEADERS: dict[str, Any] = {}
 
 _FLEET_OPTIONS = {
     "limit": "fleet_limit",
@@ -164,7 +176,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     @property
     def fleet(self) -> Fleet:
         """The :class:`~celery_fleet.Fleet` of this task's app (created from app.conf if needed)."""
-        return Fleet.for_app(self._get_app())
+        return fleet_for(self._get_app())
 
     @classmethod
     def on_bound(cls, app: Celery) -> None:
@@ -185,9 +197,16 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
+        if self._publishes_as_is(options):
+            return super().apply_async(args, kwargs, task_id, **options)
         # Publish is the last moment to catch a bad limit before a worker does.
         if self.fleet_limit is not None or self.fleet_tokens:
-            lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
+            # a template's lane, per call
+            lane = (
+                None
+                if self.fleet_lane is None
+                else lane_of(self.fleet_lane, self.run, args, kwargs)
+            )
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
         try:
             if self.fleet_key is not None:
@@ -201,6 +220,26 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         if task_id is not None:
             options["task_id"] = task_id
         return idempotency.publish(self, args, kwargs, options, super().apply_async)
+
+    def _publishes_as_is(self, options: dict[str, Any]) -> bool:
+        """Whether this publish is Celery's alone: a task with no limit, key, affinity,
+        jitter or idempotency key, published without ``idempotency_key`` or ``fleet_jitter``
+        and not as a retry of a keyed run (the ``fleet_key`` header, or from a keyed body)."""
+        if (
+            self.fleet_limit is not None
+            or self.fleet_tokens
+            or self.fleet_key is not None
+            or self.fleet_affinity is not None
+            or self.fleet_jitter
+            or self.fleet_idempotency_key is not None
+        ):
+            return False
+        if "idempotency_key" in options or JITTER_OPTION in options:
+            return False
+        headers = options.get("headers")
+        if headers and idempotency.KEY_HEADER in headers:
+            return False
+        return idempotency.current_key.get() is None
 
     def fan_out(
         self, items: Iterable[Any], over: float, *, seed: int | None = None, **options: Any
@@ -233,22 +272,48 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return self.fleet.steps(task_id).run(name, fn, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._drop_needless_backup()  # the broker's backup of a copy Redis published
-        run = self._new_run()
+        request = self.request_stack.top  # None: called directly, outside any worker
+        if request is not None and self._first_run_unkeyed(request):
+            # The common case, kept lean: no backup copy to check, no past to read from
+            # the headers, no key to claim (what the full path would find out the long way).
+            run = self._fresh_run(None)
+            body = self._admitted_body
+        else:
+            self._drop_needless_backup()  # the broker's backup of a copy Redis published
+            # the age and patience the message carries
+            run = self._fresh_run(None if request is None else self.throttling)
+            body = self._keyed_body
         if self.fleet_key is not None:
             # from the arguments, so a rescheduled copy keeps it
             run.key = self._fleet_key_of(args, kwargs)
+        direct = request is None
         token = current_run.set(run)
         try:
             while True:
                 try:
-                    return self._keyed_body(args, kwargs)
+                    return body(args, kwargs, direct)
                 except ThrottledTooLong:
                     raise
                 except Backpressure as exc:
                     self._on_backpressure(exc, run)  # raises, or returns after waiting (eager)
         finally:
             current_run.reset(token)
+
+    def _first_run_unkeyed(self, request: Any) -> bool:
+        """Whether this run of the task can skip the keyed path: run by a worker (or
+        eagerly), a task with no ``idempotency_key``, and a message that carries none of
+        the fleet's headers (no place in line, no idempotency key, not a backup copy)."""
+        if self.fleet_idempotency_key is not None or request.called_directly:
+            return False
+        attrs = getattr(request, "__dict__", None)
+        if attrs is None:
+            return False
+        # protocol 2 spreads custom headers on the request; Celery 5.7+ also has .headers
+        headers = attrs.get("headers") or _NO_HEADERS
+        for name in _CARRIED_HEADERS:
+            if name in attrs or name in headers:
+                return False
+        return True
 
     def _fleet_key_of(self, args: Any, kwargs: Any) -> str | None:
         """The ``key`` option applied to a call's arguments, checked (and checked against
@@ -259,17 +324,17 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
             fleet.admission.keyed.hash_of(fleet.admission.limit(self.fleet_limit), key)
         return key
 
-    def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
         """The body under the message's idempotency key, when it has one: run once, its
         outcome recorded; a key that already succeeded returns the stored result."""
         attempt = idempotency.claim_for(self, args, kwargs)  # may raise KeyBusy
         if attempt is None:
-            return self._admitted_body(args, kwargs)
+            return self._admitted_body(args, kwargs, direct)
         if isinstance(attempt, idempotency.Replay):
             return attempt.result
         tokens = idempotency.current_key.set(attempt.key), idempotency.current_attempt.set(attempt)
         try:
-            result = self._admitted_body(args, kwargs)
+            result = self._admitted_body(args, kwargs, direct)
         except (Retry, Ignore, Reject, Backpressure):
             attempt.finish("queued")  # this run goes on in a copy (or the next loop)
             raise
@@ -283,31 +348,34 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
             idempotency.current_key.reset(tokens[0])
             idempotency.current_attempt.reset(tokens[1])
 
-    def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
+        """The body, in a slot of the task's ``limit`` when it has one."""
         if self.fleet_limit is None:
-            return self._run_body(args, kwargs)
-        lane = lane_of(self.fleet_lane, self.run, args, kwargs)
+            return self._run_body(args, kwargs, direct)
+        lane = None if self.fleet_lane is None else lane_of(self.fleet_lane, self.run, args, kwargs)
         with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens, lane=lane):
-            return self._run_body(args, kwargs)
+            return self._run_body(args, kwargs, direct)
 
-    def _new_run(self) -> Run:
-        """The Run of this execution: the age and patience carried by the message."""
-        past = self.throttling if self.request_stack.top is not None else Throttling()
+    def _fresh_run(self, past: Throttling | None) -> Run:
+        """A Run that goes on from ``past`` (its age in line, its patience spent), or, with
+        None, a first run's."""
         deadline = None
         if self.fleet_max_throttled is not None:
-            left = max(0.0, self.fleet_max_throttled - past.throttled_s)
-            deadline = self.fleet.clock.monotonic() + left
-        return Run(
+            spent = 0.0 if past is None else past.throttled_s
+            deadline = self.fleet.clock.monotonic() + max(0.0, self.fleet_max_throttled - spent)
+        run = Run(
             max_wait_s=math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait,
-            since_ms=past.since_ms,
-            places=dict(past.places),
             wait_after_call=self.fleet_wait_after_call,
             deadline=deadline,
         )
+        if past is not None:
+            run.since_ms, run.places = past.since_ms, dict(past.places)
+        return run
 
-    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
+        """``run``; ``direct``: called outside a worker, with no request pushed yet."""
         try:
-            if self.request_stack.top is None:
+            if direct:
                 # Called directly (not by a worker): Task.__call__ pushes the request.
                 return super().__call__(*args, **kwargs)
             # Run by the worker's tracer, which already pushed the request with its id.
