@@ -160,7 +160,9 @@ def _batch(
 
 def _start_worker(pool: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     node = f"{RUN}-{pool}@bench"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # this directory first (the app module), then whatever tree the driver runs on
+    path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     cmd = [sys.executable, "-m", "celery", "-A", "overhead_tasks", "worker", *POOLS[pool]]
     cmd += ["-n", node, "--without-gossip", "--without-mingle", "--without-heartbeat"]
     with log.open("ab") as fh:
