@@ -41,14 +41,15 @@ from celery.result import GroupResult
 
 from ..admission.run import Run, Throttling, current_run
 from ..admission.tenancy import check_key
-from ..checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
+from ..checks import suggest
 from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
 from ..observability import metrics
 from . import affinity, idempotency, pump
 from .app import fleet_for
-from .lanes import check_lane_spec, fixed_lane, lane_of
+from .lanes import fixed_lane, lane_of
 from .loops import run_async
+from .options import FLEET_OPTIONS, ON_LIMIT, check_fleet_options, known_options
 from .reschedule import BACKUP_HEADER, HEADER, THROTTLED, Rescheduling
 from .stagger import (
     JITTER_OPTION,
@@ -67,61 +68,10 @@ log = logging.getLogger("celery_fleet")
 
 T = TypeVar("T")
 
-#: What a task does when admission is refused for longer than ``max_wait``.
-ON_LIMIT = ("reschedule", "wait", "fail")
-
 #: The headers through which a message carries what the fleet knows of its task's past: its
 #: place in line (a reschedule), the deferred copy it backs up, its idempotency key.
 _CARRIED_HEADERS = (HEADER, BACKUP_HEADER, idempotency.KEY_HEADER)
 _NO_HEADERS: dict[str, Any] = {}
-
-_FLEET_OPTIONS = {
-    "limit": "fleet_limit",
-    "tokens": "fleet_tokens",
-    "max_wait": "fleet_max_wait",
-    "on_limit": "fleet_on_limit",
-    "wait_after_call": "fleet_wait_after_call",
-    "max_reschedules": "fleet_max_reschedules",
-    "max_throttled": "fleet_max_throttled",
-    "jitter": "fleet_jitter",
-    "idempotency_key": "fleet_idempotency_key",
-    "key": "fleet_key",
-    "singleton": "fleet_singleton",
-    "release_on_failure": "fleet_release_on_failure",
-    "lane": "fleet_lane",
-    "affinity": "fleet_affinity",
-}
-
-
-# Options of @app.task / @shared_task that are not attributes of celery.Task.
-_DECORATOR_OPTIONS = frozenset(
-    {
-        "name",
-        "base",
-        "bind",
-        "shared",
-        "lazy",
-        "filter",
-        "app",
-        "autoretry_for",
-        "dont_autoretry_for",
-        "retry_kwargs",
-        "retry_backoff",
-        "retry_backoff_max",
-        "retry_jitter",
-        "pydantic",
-        "pydantic_strict",
-        "pydantic_context",
-        "pydantic_dump_kwargs",
-        "queue",
-        "routing_key",
-        "exchange",
-        "exchange_type",
-        "compression",
-        "delivery_mode",
-        "store_eager_result",
-    }
-)
 
 
 class FleetTask(Rescheduling, Task):  # type: ignore[misc]
@@ -411,58 +361,6 @@ def _on_thread_loop(fun: Callable[..., Any]) -> Callable[..., Any]:
     return body
 
 
-def _known_options(base: type[Task]) -> frozenset[str]:
-    attrs = {k for k in dir(base) if not k.startswith("_")}
-    return frozenset(attrs | _DECORATOR_OPTIONS)
-
-
-def _check_fleet_options(opts: dict[str, Any]) -> None:
-    on_limit = opts.get("fleet_on_limit", "reschedule")
-    if on_limit not in ON_LIMIT:
-        raise ConfigError(f"on_limit must be one of {ON_LIMIT}, got {on_limit!r}")
-    tokens = opts.get("fleet_tokens", 0)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ConfigError(f"tokens must be a non-negative int, got {tokens!r}")
-    if tokens > MAX_UNITS:  # no bucket holds more: fail at decoration, not at publish
-        raise ConfigError(f"tokens must be at most {MAX_UNITS}, got a {len(str(tokens))}-digit int")
-    if opts.get("fleet_max_wait") is not None:
-        check_max_wait(opts["fleet_max_wait"])
-    if not isinstance(opts.get("fleet_wait_after_call", True), bool):
-        raise ConfigError(
-            f"wait_after_call must be True or False, got {opts['fleet_wait_after_call']!r}"
-        )
-    count = opts.get("fleet_max_reschedules")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise ConfigError(f"max_reschedules must be a non-negative int or None, got {count!r}")
-    if opts.get("fleet_max_throttled") is not None:
-        number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
-    if "fleet_jitter" in opts:
-        opts["fleet_jitter"] = number(opts["fleet_jitter"], "jitter", lo=0.0, hi=MAX_SECONDS)
-    if "fleet_key" in opts:
-        spec = idempotency.check_key_spec(opts["fleet_key"], "key")
-        opts["fleet_key"] = staticmethod(spec) if callable(spec) else spec
-    if "fleet_idempotency_key" in opts:
-        spec = idempotency.check_key_spec(opts["fleet_idempotency_key"])
-        # a class attribute: a plain function would come back bound to the task
-        opts["fleet_idempotency_key"] = staticmethod(spec) if callable(spec) else spec
-    for flag in ("fleet_singleton", "fleet_release_on_failure"):
-        if not isinstance(opts.get(flag, True), bool):
-            raise ConfigError(f"{flag.removeprefix('fleet_')} must be True or False")
-    if opts.get("fleet_singleton") and not opts.get("fleet_idempotency_key"):
-        raise ConfigError("singleton=True needs an idempotency_key: the key is the lock")
-    limit = opts.get("fleet_limit")
-    if limit is not None and not isinstance(limit, str):
-        raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
-    if opts.get("fleet_affinity") is not None:
-        spec = affinity.check_affinity_spec(opts["fleet_affinity"])
-        opts["fleet_affinity"] = staticmethod(spec) if callable(spec) else spec
-    if opts.get("fleet_lane") is not None:
-        spec = check_lane_spec(opts["fleet_lane"])
-        if limit is None:
-            raise ConfigError(f"lane={spec!r} needs a limit= (the limit whose lanes it names)")
-        opts["fleet_lane"] = staticmethod(spec) if callable(spec) else spec
-
-
 def fleet_task(*args: Any, **options: Any) -> Any:
     """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
 
@@ -479,16 +377,16 @@ def fleet_task(*args: Any, **options: Any) -> Any:
         @fleet_task(limit="openai", tokens=1500, max_retries=3)
         def summarize(doc_id): ...
     """
-    fleet_opts = {attr: options.pop(opt) for opt, attr in _FLEET_OPTIONS.items() if opt in options}
-    _check_fleet_options(fleet_opts)
+    fleet_opts = {attr: options.pop(opt) for opt, attr in FLEET_OPTIONS.items() if opt in options}
+    check_fleet_options(fleet_opts)
     base = options.setdefault("base", FleetTask)
     if not (isinstance(base, type) and issubclass(base, FleetTask)):
         raise ConfigError(f"fleet_task(base=...) must be a subclass of FleetTask, got {base!r}")
-    known = _known_options(base) - set(_FLEET_OPTIONS.values())
+    known = known_options(base) - set(FLEET_OPTIONS.values())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(
-            f"fleet_task got unknown option(s): {suggest(unknown, [*known, *_FLEET_OPTIONS])}"
+            f"fleet_task got unknown option(s): {suggest(unknown, [*known, *FLEET_OPTIONS])}"
         )
     if "dont_autoretry_for" in options:
         options["dont_autoretry_for"] = (*options["dont_autoretry_for"], Backpressure)
