@@ -1,5 +1,5 @@
-"""The task path's lean cases: a first run of an unkeyed task, a publish with nothing of the
-fleet's to do; and the messages and publishes that must still take the full path."""
+"""The task path's lean case, a first run of an unkeyed task, and the messages that must
+still take the full path."""
 
 from __future__ import annotations
 
@@ -118,67 +118,6 @@ def test_a_backup_whose_copy_was_published_does_not_run(app: Celery, where: str)
     with pytest.raises(Ignore):
         _as_worker(copied, copied, **{"headers": {}, **request})
     assert bodies == []
-
-
-class _Sent:
-    """Records which publishes went through :func:`idempotency.publish` (then publishes)."""
-
-    def __init__(self) -> None:
-        self.full: list[str] = []
-        self._publish = idempotency.publish
-
-    def __call__(self, task: Any, *args: Any) -> Any:
-        self.full.append(task.name)
-        return self._publish(task, *args)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> _Sent:
-    spy = _Sent()
-    monkeypatch.setattr(idempotency, "publish", spy)
-    return spy
-
-
-def test_a_publish_with_nothing_of_the_fleet_s_goes_straight_to_celery(
-    app: Celery, sent: _Sent
-) -> None:
-    Fleet(app)
-
-    @fleet_task(app=app, shared=False, name="path.bare")
-    def bare(n: int) -> None: ...
-
-    @fleet_task(app=app, shared=False, name="path.limited", limit="llm", tokens=1)
-    def limited(n: int) -> None: ...
-
-    result = bare.apply_async((1,), task_id="fixed-id", countdown=5, headers={"x": 1})
-    assert result.id == "fixed-id"
-    bare.delay(2)
-    assert sent.full == []
-    limited.delay(3)
-    assert sent.full == ["path.limited"]
-
-
-def test_publishes_that_carry_something_of_the_fleet_s_take_the_full_path(
-    app: Celery, sent: _Sent
-) -> None:
-    fleet = Fleet(app)
-
-    @fleet_task(app=app, shared=False, name="path.unkeyed")
-    def unkeyed(n: int) -> None: ...
-
-    key = f"k-{uuid.uuid4().hex[:8]}"
-    first = unkeyed.apply_async((1,), idempotency_key=key)
-    assert unkeyed.apply_async((1,), idempotency_key=key).id == first.id  # deduplicated
-    assert fleet.key_record(key)["run_id"] == first.id
-    unkeyed.apply_async((2,), fleet_jitter=1.0)
-    # a retry of a keyed run (its key in the headers), and a child of a keyed body
-    unkeyed.apply_async((1,), task_id=first.id, retries=1, headers={"fleet_key": key})
-    token = idempotency.current_key.set(key)
-    try:
-        unkeyed.delay(3)
-    finally:
-        idempotency.current_key.reset(token)
-    assert sent.full == ["path.unkeyed"] * 5
 
 
 def test_a_fleet_task_subclass_keeps_the_lean_path_s_checks(app: Celery) -> None:

@@ -51,13 +51,7 @@ from .lanes import fixed_lane, lane_of
 from .loops import run_async
 from .options import FLEET_OPTIONS, ON_LIMIT, check_fleet_options, known_options
 from .reschedule import BACKUP_HEADER, HEADER, THROTTLED, Rescheduling
-from .stagger import (
-    JITTER_OPTION,
-    fan_out_signatures,
-    jitter_publish,
-    stagger,
-    warn_if_beyond_visibility,
-)
+from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -147,16 +141,9 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None, **options: Any
     ) -> Any:
-        if self._publishes_as_is(options):
-            return super().apply_async(args, kwargs, task_id, **options)
         # Publish is the last moment to catch a bad limit before a worker does.
         if self.fleet_limit is not None or self.fleet_tokens:
-            # a template's lane, per call
-            lane = (
-                None
-                if self.fleet_lane is None
-                else lane_of(self.fleet_lane, self.run, args, kwargs)
-            )
+            lane = lane_of(self.fleet_lane, self.run, args, kwargs)  # a template's, per call
             self.fleet.check_task_options(self.name, self.fleet_limit, self.fleet_tokens, lane=lane)
         try:
             if self.fleet_key is not None:
@@ -170,26 +157,6 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         if task_id is not None:
             options["task_id"] = task_id
         return idempotency.publish(self, args, kwargs, options, super().apply_async)
-
-    def _publishes_as_is(self, options: dict[str, Any]) -> bool:
-        """Whether this publish is Celery's alone: a task with no limit, key, affinity,
-        jitter or idempotency key, published without ``idempotency_key`` or ``fleet_jitter``
-        and not as a retry of a keyed run (the ``fleet_key`` header, or from a keyed body)."""
-        if (
-            self.fleet_limit is not None
-            or self.fleet_tokens
-            or self.fleet_key is not None
-            or self.fleet_affinity is not None
-            or self.fleet_jitter
-            or self.fleet_idempotency_key is not None
-        ):
-            return False
-        if "idempotency_key" in options or JITTER_OPTION in options:
-            return False
-        headers = options.get("headers")
-        if headers and idempotency.KEY_HEADER in headers:
-            return False
-        return idempotency.current_key.get() is None
 
     def fan_out(
         self, items: Iterable[Any], over: float, *, seed: int | None = None, **options: Any
