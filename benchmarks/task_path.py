@@ -10,19 +10,23 @@ body opens a slot of ``llm``), ``bare`` (``@fleet_task()``, no limit), ``fleet``
 CPU µs per task (``time.process_time``), the best round of each kind, and the two
 differences that are the task glue: bare - plain, fleet - slot.
 
-For a figure that does not move with the box's load, run it under callgrind
-(``valgrind --tool=callgrind python benchmarks/task_path.py --rounds 1 --n 200``) and
-compare instruction counts between trees.
+For figures that do not move with the box's load, run it under callgrind with
+``--callgrind``: each kind's loop is then counted alone (``callgrind_control`` zeroes the
+counters before it and dumps them after) and the table gives instructions per task; compare
+them between trees (``PYTHONPATH=<tree>``).
 
 Usage::
 
     .venv/bin/python benchmarks/task_path.py [--n 2000] [--rounds 7] [--redis-url URL]
+    valgrind --tool=callgrind .venv/bin/python benchmarks/task_path.py --callgrind --n 300
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -90,12 +94,31 @@ def tracer_loop(app: Celery, task: Any) -> Callable[[int], float]:
     return loop
 
 
+def counted(loops: dict[str, Callable[[int], float]], n: int) -> dict[str, float]:
+    """Under callgrind: the instructions per task of each kind, each loop counted alone
+    (zeroed before, dumped after, read back from the dump's ``summary:`` line)."""
+    pid = str(os.getpid())
+    out: dict[str, float] = {}
+    for kind, loop in loops.items():
+        subprocess.run(["callgrind_control", "-z", pid], check=True, capture_output=True)
+        loop(n)
+        subprocess.run(["callgrind_control", "-d", kind, pid], check=True, capture_output=True)
+        newest = max(glob.glob(f"callgrind.out.{pid}.*"), key=os.path.getmtime)
+        with open(newest, encoding="utf-8") as fh:
+            summary = next(line for line in fh if line.startswith("summary:"))
+        out[kind] = int(summary.split()[1]) / n
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     default_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
     parser.add_argument("--redis-url", default=default_url, help="default %(default)s; DB 15")
     parser.add_argument("--n", type=int, default=2000, help="calls per kind and round")
     parser.add_argument("--rounds", type=int, default=7, help="rounds, default %(default)s")
+    parser.add_argument(
+        "--callgrind", action="store_true", help="under valgrind: instructions per task"
+    )
     opts = parser.parse_args(argv)
     if opts.n < 1 or opts.rounds < 1:
         parser.error("--n and --rounds must be positive")
@@ -108,21 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for loop in loops.values():
             loop(max(20, opts.n // 10))  # warm-up: connections, scripts
-        cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
-        for i in range(opts.rounds):
-            for kind in KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]:
-                cpu[kind].append(loops[kind](opts.n))
+        if opts.callgrind:
+            best, unit = counted(loops, opts.n), "instructions / task"
+            head = f"{opts.n:,} traced calls per kind under callgrind, each kind counted alone"
+        else:
+            cpu: dict[str, list[float]] = {kind: [] for kind in KINDS}
+            for i in range(opts.rounds):
+                for kind in KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]:
+                    cpu[kind].append(loops[kind](opts.n))
+            best, unit = {kind: min(values) for kind, values in cpu.items()}, "CPU µs / task"
+            head = f"{opts.rounds} alternating rounds of {opts.n:,} traced calls per kind; best"
     finally:
         for key in client.scan_iter(match=f"*{run_id}*", count=1000):
             client.delete(key)
         app.close()
-    best = {kind: min(values) for kind, values in cpu.items()}
-    print(f"{opts.rounds} alternating rounds of {opts.n:,} traced calls per kind; best round")
-    print("| kind | CPU µs / task | / plain |\n|---|---:|---:|")
+    print(head)
+    print(f"| kind | {unit} | / plain |\n|---|---:|---:|")
     for kind in KINDS:
-        print(f"| {kind} | {best[kind]:.1f} | {best[kind] / best['plain']:.2f}x |")
-    print(f"\ntask glue: bare - plain = {best['bare'] - best['plain']:.1f} µs, "
-          f"fleet - slot = {best['fleet'] - best['slot']:.1f} µs")  # fmt: skip
+        print(f"| {kind} | {best[kind]:,.1f} | {best[kind] / best['plain']:.2f}x |")
+    print(f"\ntask glue: bare - plain = {best['bare'] - best['plain']:,.1f}, "
+          f"fleet - slot = {best['fleet'] - best['slot']:,.1f}")  # fmt: skip
     return 0
 
 
