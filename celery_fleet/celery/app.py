@@ -15,6 +15,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from celery._state import get_current_task as _current_task
+
 from ..admission.keeper import Holder
 from ..errors import ConfigError
 from ..store.urls import hide_url_password
@@ -60,12 +62,12 @@ def running_task() -> Holder:
     the worker thread's loop; a thread that a task starts itself runs no task (None).
 
     Example: ``("5b1e9c0e-...", "proj.research")`` inside a worker's task."""
-    from celery import current_task
-
-    task = current_task._get_current_object()
+    # Called for every slot taken: the stacks themselves, not the proxies over them.
+    task = _current_task()
     if task is None:
         return None
-    return task.request.id or None, str(task.name)
+    request = task.request_stack.top
+    return (request.id if request is not None else None) or None, str(task.name)
 
 
 def fleet_for(app: Celery) -> Fleet:

@@ -41,14 +41,16 @@ from celery.result import GroupResult
 
 from ..admission.run import Run, Throttling, current_run
 from ..admission.tenancy import check_key
-from ..checks import MAX_SECONDS, MAX_UNITS, check_max_wait, number, suggest
+from ..checks import suggest
 from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
 from ..observability import metrics
 from . import affinity, idempotency, pump
-from .lanes import check_lane_spec, fixed_lane, lane_of
+from .app import fleet_for
+from .lanes import fixed_lane, lane_of
 from .loops import run_async
-from .reschedule import THROTTLED, Rescheduling
+from .options import FLEET_OPTIONS, ON_LIMIT, check_fleet_options, known_options
+from .reschedule import BACKUP_HEADER, HEADER, THROTTLED, Rescheduling
 from .stagger import fan_out_signatures, jitter_publish, stagger, warn_if_beyond_visibility
 
 if TYPE_CHECKING:
@@ -60,56 +62,10 @@ log = logging.getLogger("celery_fleet")
 
 T = TypeVar("T")
 
-#: What a task does when admission is refused for longer than ``max_wait``.
-ON_LIMIT = ("reschedule", "wait", "fail")
-
-_FLEET_OPTIONS = {
-    "limit": "fleet_limit",
-    "tokens": "fleet_tokens",
-    "max_wait": "fleet_max_wait",
-    "on_limit": "fleet_on_limit",
-    "wait_after_call": "fleet_wait_after_call",
-    "max_reschedules": "fleet_max_reschedules",
-    "max_throttled": "fleet_max_throttled",
-    "jitter": "fleet_jitter",
-    "idempotency_key": "fleet_idempotency_key",
-    "key": "fleet_key",
-    "singleton": "fleet_singleton",
-    "release_on_failure": "fleet_release_on_failure",
-    "lane": "fleet_lane",
-    "affinity": "fleet_affinity",
-}
-
-
-# Options of @app.task / @shared_task that are not attributes of celery.Task.
-_DECORATOR_OPTIONS = frozenset(
-    {
-        "name",
-        "base",
-        "bind",
-        "shared",
-        "lazy",
-        "filter",
-        "app",
-        "autoretry_for",
-        "dont_autoretry_for",
-        "retry_kwargs",
-        "retry_backoff",
-        "retry_backoff_max",
-        "retry_jitter",
-        "pydantic",
-        "pydantic_strict",
-        "pydantic_context",
-        "pydantic_dump_kwargs",
-        "queue",
-        "routing_key",
-        "exchange",
-        "exchange_type",
-        "compression",
-        "delivery_mode",
-        "store_eager_result",
-    }
-)
+#: The headers through which a message carries what the fleet knows of its task's past: its
+#: place in line (a reschedule), the deferred copy it backs up, its idempotency key.
+_CARRIED_HEADERS = (HEADER, BACKUP_HEADER, idempotency.KEY_HEADER)
+_NO_HEADERS: dict[str, Any] = {}
 
 
 class FleetTask(Rescheduling, Task):  # type: ignore[misc]
@@ -164,7 +120,7 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
     @property
     def fleet(self) -> Fleet:
         """The :class:`~celery_fleet.Fleet` of this task's app (created from app.conf if needed)."""
-        return Fleet.for_app(self._get_app())
+        return fleet_for(self._get_app())
 
     @classmethod
     def on_bound(cls, app: Celery) -> None:
@@ -233,22 +189,48 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         return self.fleet.steps(task_id).run(name, fn, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._drop_needless_backup()  # the broker's backup of a copy Redis published
-        run = self._new_run()
+        request = self.request_stack.top  # None: called directly, outside any worker
+        if request is not None and self._first_run_unkeyed(request):
+            # The common case, kept lean: no backup copy to check, no past to read from
+            # the headers, no key to claim (what the full path would find out the long way).
+            run = self._fresh_run(None)
+            body = self._admitted_body
+        else:
+            self._drop_needless_backup()  # the broker's backup of a copy Redis published
+            # the age and patience the message carries
+            run = self._fresh_run(None if request is None else self.throttling)
+            body = self._keyed_body
         if self.fleet_key is not None:
             # from the arguments, so a rescheduled copy keeps it
             run.key = self._fleet_key_of(args, kwargs)
+        direct = request is None
         token = current_run.set(run)
         try:
             while True:
                 try:
-                    return self._keyed_body(args, kwargs)
+                    return body(args, kwargs, direct)
                 except ThrottledTooLong:
                     raise
                 except Backpressure as exc:
                     self._on_backpressure(exc, run)  # raises, or returns after waiting (eager)
         finally:
             current_run.reset(token)
+
+    def _first_run_unkeyed(self, request: Any) -> bool:
+        """Whether this run of the task can skip the keyed path: run by a worker (or
+        eagerly), a task with no ``idempotency_key``, and a message that carries none of
+        the fleet's headers (no place in line, no idempotency key, not a backup copy)."""
+        if self.fleet_idempotency_key is not None or request.called_directly:
+            return False
+        attrs = getattr(request, "__dict__", None)
+        if attrs is None:
+            return False
+        # protocol 2 spreads custom headers on the request; Celery 5.7+ also has .headers
+        headers = attrs.get("headers") or _NO_HEADERS
+        for name in _CARRIED_HEADERS:
+            if name in attrs or name in headers:
+                return False
+        return True
 
     def _fleet_key_of(self, args: Any, kwargs: Any) -> str | None:
         """The ``key`` option applied to a call's arguments, checked (and checked against
@@ -259,17 +241,17 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
             fleet.admission.keyed.hash_of(fleet.admission.limit(self.fleet_limit), key)
         return key
 
-    def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _keyed_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
         """The body under the message's idempotency key, when it has one: run once, its
         outcome recorded; a key that already succeeded returns the stored result."""
         attempt = idempotency.claim_for(self, args, kwargs)  # may raise KeyBusy
         if attempt is None:
-            return self._admitted_body(args, kwargs)
+            return self._admitted_body(args, kwargs, direct)
         if isinstance(attempt, idempotency.Replay):
             return attempt.result
         tokens = idempotency.current_key.set(attempt.key), idempotency.current_attempt.set(attempt)
         try:
-            result = self._admitted_body(args, kwargs)
+            result = self._admitted_body(args, kwargs, direct)
         except (Retry, Ignore, Reject, Backpressure):
             attempt.finish("queued")  # this run goes on in a copy (or the next loop)
             raise
@@ -283,31 +265,34 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
             idempotency.current_key.reset(tokens[0])
             idempotency.current_attempt.reset(tokens[1])
 
-    def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _admitted_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
+        """The body, in a slot of the task's ``limit`` when it has one."""
         if self.fleet_limit is None:
-            return self._run_body(args, kwargs)
-        lane = lane_of(self.fleet_lane, self.run, args, kwargs)
+            return self._run_body(args, kwargs, direct)
+        lane = None if self.fleet_lane is None else lane_of(self.fleet_lane, self.run, args, kwargs)
         with self.fleet.slot(self.fleet_limit, tokens=self.fleet_tokens, lane=lane):
-            return self._run_body(args, kwargs)
+            return self._run_body(args, kwargs, direct)
 
-    def _new_run(self) -> Run:
-        """The Run of this execution: the age and patience carried by the message."""
-        past = self.throttling if self.request_stack.top is not None else Throttling()
+    def _fresh_run(self, past: Throttling | None) -> Run:
+        """A Run that goes on from ``past`` (its age in line, its patience spent), or, with
+        None, a first run's."""
         deadline = None
         if self.fleet_max_throttled is not None:
-            left = max(0.0, self.fleet_max_throttled - past.throttled_s)
-            deadline = self.fleet.clock.monotonic() + left
-        return Run(
+            spent = 0.0 if past is None else past.throttled_s
+            deadline = self.fleet.clock.monotonic() + max(0.0, self.fleet_max_throttled - spent)
+        run = Run(
             max_wait_s=math.inf if self.fleet_on_limit == "wait" else self.fleet_max_wait,
-            since_ms=past.since_ms,
-            places=dict(past.places),
             wait_after_call=self.fleet_wait_after_call,
             deadline=deadline,
         )
+        if past is not None:
+            run.since_ms, run.places = past.since_ms, dict(past.places)
+        return run
 
-    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_body(self, args: tuple[Any, ...], kwargs: dict[str, Any], direct: bool) -> Any:
+        """``run``; ``direct``: called outside a worker, with no request pushed yet."""
         try:
-            if self.request_stack.top is None:
+            if direct:
                 # Called directly (not by a worker): Task.__call__ pushes the request.
                 return super().__call__(*args, **kwargs)
             # Run by the worker's tracer, which already pushed the request with its id.
@@ -343,58 +328,6 @@ def _on_thread_loop(fun: Callable[..., Any]) -> Callable[..., Any]:
     return body
 
 
-def _known_options(base: type[Task]) -> frozenset[str]:
-    attrs = {k for k in dir(base) if not k.startswith("_")}
-    return frozenset(attrs | _DECORATOR_OPTIONS)
-
-
-def _check_fleet_options(opts: dict[str, Any]) -> None:
-    on_limit = opts.get("fleet_on_limit", "reschedule")
-    if on_limit not in ON_LIMIT:
-        raise ConfigError(f"on_limit must be one of {ON_LIMIT}, got {on_limit!r}")
-    tokens = opts.get("fleet_tokens", 0)
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ConfigError(f"tokens must be a non-negative int, got {tokens!r}")
-    if tokens > MAX_UNITS:  # no bucket holds more: fail at decoration, not at publish
-        raise ConfigError(f"tokens must be at most {MAX_UNITS}, got a {len(str(tokens))}-digit int")
-    if opts.get("fleet_max_wait") is not None:
-        check_max_wait(opts["fleet_max_wait"])
-    if not isinstance(opts.get("fleet_wait_after_call", True), bool):
-        raise ConfigError(
-            f"wait_after_call must be True or False, got {opts['fleet_wait_after_call']!r}"
-        )
-    count = opts.get("fleet_max_reschedules")
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
-        raise ConfigError(f"max_reschedules must be a non-negative int or None, got {count!r}")
-    if opts.get("fleet_max_throttled") is not None:
-        number(opts["fleet_max_throttled"], "max_throttled", lo=0.0, hi=MAX_SECONDS)
-    if "fleet_jitter" in opts:
-        opts["fleet_jitter"] = number(opts["fleet_jitter"], "jitter", lo=0.0, hi=MAX_SECONDS)
-    if "fleet_key" in opts:
-        spec = idempotency.check_key_spec(opts["fleet_key"], "key")
-        opts["fleet_key"] = staticmethod(spec) if callable(spec) else spec
-    if "fleet_idempotency_key" in opts:
-        spec = idempotency.check_key_spec(opts["fleet_idempotency_key"])
-        # a class attribute: a plain function would come back bound to the task
-        opts["fleet_idempotency_key"] = staticmethod(spec) if callable(spec) else spec
-    for flag in ("fleet_singleton", "fleet_release_on_failure"):
-        if not isinstance(opts.get(flag, True), bool):
-            raise ConfigError(f"{flag.removeprefix('fleet_')} must be True or False")
-    if opts.get("fleet_singleton") and not opts.get("fleet_idempotency_key"):
-        raise ConfigError("singleton=True needs an idempotency_key: the key is the lock")
-    limit = opts.get("fleet_limit")
-    if limit is not None and not isinstance(limit, str):
-        raise ConfigError(f"limit must be the name of a limit in fleet_limits, got {limit!r}")
-    if opts.get("fleet_affinity") is not None:
-        spec = affinity.check_affinity_spec(opts["fleet_affinity"])
-        opts["fleet_affinity"] = staticmethod(spec) if callable(spec) else spec
-    if opts.get("fleet_lane") is not None:
-        spec = check_lane_spec(opts["fleet_lane"])
-        if limit is None:
-            raise ConfigError(f"lane={spec!r} needs a limit= (the limit whose lanes it names)")
-        opts["fleet_lane"] = staticmethod(spec) if callable(spec) else spec
-
-
 def fleet_task(*args: Any, **options: Any) -> Any:
     """Like Celery's ``shared_task`` (or ``app.task`` with ``app=``), with a FleetTask base.
 
@@ -411,16 +344,16 @@ def fleet_task(*args: Any, **options: Any) -> Any:
         @fleet_task(limit="openai", tokens=1500, max_retries=3)
         def summarize(doc_id): ...
     """
-    fleet_opts = {attr: options.pop(opt) for opt, attr in _FLEET_OPTIONS.items() if opt in options}
-    _check_fleet_options(fleet_opts)
+    fleet_opts = {attr: options.pop(opt) for opt, attr in FLEET_OPTIONS.items() if opt in options}
+    check_fleet_options(fleet_opts)
     base = options.setdefault("base", FleetTask)
     if not (isinstance(base, type) and issubclass(base, FleetTask)):
         raise ConfigError(f"fleet_task(base=...) must be a subclass of FleetTask, got {base!r}")
-    known = _known_options(base) - set(_FLEET_OPTIONS.values())
+    known = known_options(base) - set(FLEET_OPTIONS.values())
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(
-            f"fleet_task got unknown option(s): {suggest(unknown, [*known, *_FLEET_OPTIONS])}"
+            f"fleet_task got unknown option(s): {suggest(unknown, [*known, *FLEET_OPTIONS])}"
         )
     if "dont_autoretry_for" in options:
         options["dont_autoretry_for"] = (*options["dont_autoretry_for"], Backpressure)
