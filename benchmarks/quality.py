@@ -227,7 +227,8 @@ def _acquire_source(tree: str) -> str:
     code = "import sys; from celery_fleet.store.sync import script_source as s; "
     code += "sys.stdout.write(s('acquire'))"
     env = {**os.environ, "PYTHONPATH": tree}
-    return subprocess.check_output([sys.executable, "-c", code], env=env).decode()
+    # cwd=tree: `python -c` puts the working directory first on sys.path
+    return subprocess.check_output([sys.executable, "-c", code], env=env, cwd=tree).decode()
 
 
 def cost(url: str, before: str, rounds: int = 30, n: int = 2000) -> list[str]:
