@@ -23,7 +23,6 @@ import asyncio
 import inspect
 import logging
 import random
-import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -111,13 +110,9 @@ class AsyncSlot:
         """The limit to be admitted against (quality/breaker.py), its state read if stale."""
         s = self.slot
         quality = s.admission.quality
-        if quality.stale(s.asked):
-            try:
-                await quality.astate(s.asked, self.store)
-            except StoreUnavailable:  # the store-down policy answers the ask; route on the
-                quality.seen(s.asked).tried = time.monotonic()  # local copy, not read again yet
         cfg = quality.config(s.asked)
         if cfg is not None and cfg.gates:
+            await quality.arefresh(s.asked, self.store)
             s.route(s.routed(lambda: quality.decide(s.asked, cfg)))
         else:
             s.route(s.asked)
