@@ -151,3 +151,22 @@ def test_a_steady_two_percent_never_opens_over_two_hours(
     )  # fmt: skip
     assert run.calls > hours * 3600 * rate * 0.95
     assert run.transitions == []
+
+
+@pytest.mark.fast
+def test_the_recovery_table_and_its_options() -> None:
+    from benchmarks.harness.quality import recovery_table
+    from tests.test_quality_bench import bench
+
+    row = {
+        "rate": 1, "window_s": 60.0, "runs": 40, "opened": 38, "open_median_s": 15.7,
+        "closed_median_s": 14.6, "closed_p90_s": 23.3, "closed_max_s": 37.4, "within_20s": 0.84,
+    }  # fmt: skip
+    table = recovery_table({"after": [row], "before": [{**row, "closed_median_s": None}]})
+    assert "| after | 1 | 60 s | 38/40 | 15.7 s | 14.6 s | 23.3 s | 37.4 s | 84% |" in table
+    assert "| before | 1 | 60 s | 38/40 | 15.7 s | - |" in table
+    module = bench()
+    assert module.parse_args(["--quick"]).seeds == 5
+    assert module.parse_args([]).seeds == 40 and "recovery" in module.parse_args([]).parts
+    with pytest.raises(SystemExit):
+        module.parse_args(["--seeds", "0"])

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import subprocess
 import sys
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +32,16 @@ from celery_fleet.quality.config import QualityConfig
 from celery_fleet.store.specs import QUALITY_COUNT, QUALITY_READ, QualityReply
 from celery_fleet.store.sync import script_source
 
-__all__ = ["ClockedBreaker", "Recovery", "recovery_run", "clocked_source"]
+__all__ = [
+    "ClockedBreaker",
+    "Recovery",
+    "clocked_source",
+    "incident_row",
+    "recovery_figures",
+    "recovery_row",
+    "recovery_run",
+    "steady_opens",
+]
 
 _TIME = "local t = redis.call('TIME')\n  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000"
 
@@ -141,3 +153,107 @@ def _note(out: Recovery, t: float, reply: QualityReply) -> str:
     if transition:
         out.transitions.append((round(t, 3), transition))
     return _text(reply.state)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def recovery_row(
+    client: redis.Redis,
+    namespace: str,
+    rate: float,
+    seeds: int,
+    burst_s: float = 30.0,
+    tree: str | None = None,
+) -> dict[str, Any]:
+    """Recovery at ``rate`` judged calls/s over ``seeds`` runs (``pause``, window
+    ``max(30, 60/rate)`` s so that ``min_calls`` fits in it, defaults otherwise): opened
+    after the jump to 50%, closed after the return to 2% (median, p90, max), and the
+    share of runs closed within 20 s."""
+    cfg = QualityConfig(window_s=max(30.0, 60.0 / rate))
+    opened, closed = [], []
+    for seed in range(seeds):
+        key = f"{{{namespace}:rec{rate:g}-{seed}}}:quality"
+        run = recovery_run(
+            client, key, cfg, rate, seed=seed, warm_s=2 * cfg.window_s + 70, burst_s=burst_s,
+            tree=tree,
+        )  # fmt: skip
+        client.delete(key)
+        if run.opened_after_s is not None:
+            opened.append(run.opened_after_s)
+        if run.closed_after_s is not None:
+            closed.append(run.closed_after_s)
+    return {
+        "rate": rate,
+        "window_s": cfg.window_s,
+        "runs": seeds,
+        "opened": len(opened),
+        "open_median_s": round(statistics.median(opened), 1) if opened else None,
+        "closed_median_s": round(statistics.median(closed), 1) if closed else None,
+        "closed_p90_s": round(_pct(closed, 0.9), 1) if closed else None,
+        "closed_max_s": round(max(closed), 1) if closed else None,
+        "within_20s": round(sum(c <= 20 for c in closed) / len(closed), 2) if closed else None,
+    }
+
+
+def incident_row(
+    client: redis.Redis,
+    namespace: str,
+    rate: float,
+    bad: float,
+    seconds: float,
+    tree: str | None = None,
+) -> dict[str, Any]:
+    """A long incident at garbage rate ``bad``: how many half-opens closed the breaker
+    while the garbage went on (false closes), of how many."""
+    cfg = QualityConfig(window_s=max(30.0, 60.0 / rate))
+    key = f"{{{namespace}:inc{rate:g}-{bad:g}}}:quality"
+    warm = 2 * cfg.window_s + 70
+    run = recovery_run(
+        client, key, cfg, rate, seed=7, warm_s=warm, burst_s=seconds, after_s=0, bad=bad,
+        tree=tree,
+    )  # fmt: skip
+    client.delete(key)
+    during = [s for t, s in run.transitions if t >= warm]
+    return {"rate": rate, "bad": bad, "half_opens": during.count("half_open"),
+            "false_closes": during.count("closed")}  # fmt: skip
+
+
+def steady_opens(
+    client: redis.Redis, namespace: str, rate: float, seconds: float, tree: str | None = None
+) -> int:
+    """Opens over ``seconds`` of calls at a steady 2% (false opens)."""
+    cfg = QualityConfig(window_s=max(30.0, 60.0 / rate))
+    key = f"{{{namespace}:steady{rate:g}}}:quality"
+    run = recovery_run(
+        client, key, cfg, rate, seed=11, warm_s=seconds, burst_s=0, after_s=0, tree=tree
+    )
+    client.delete(key)
+    return sum(s == "open" for _, s in run.transitions)
+
+
+def recovery_figures(
+    client: redis.Redis,
+    rates: Sequence[float],
+    seeds: int,
+    trees: Mapping[str, str | None],
+    incident_s: float,
+    steady_s: float,
+) -> dict[str, Any]:
+    """Per tree (``{"before": "/tmp/before", "after": None}``; None: this one): recovery
+    rows per rate, false closes during ``incident_s`` of 25% and 50% garbage (1 and 5
+    calls/s), and false opens over ``steady_s`` at 2% (1 and 2 calls/s)."""
+    ns = f"bench-quality-{uuid.uuid4().hex[:8]}"
+    out: dict[str, Any] = {"rows": {}, "incidents": {}, "steady": {}}
+    for code, tree in trees.items():
+        print(f"recovery: {code} ...", file=sys.stderr)
+        out["rows"][code] = [recovery_row(client, ns, r, seeds, tree=tree) for r in rates]
+        out["incidents"][code] = [
+            incident_row(client, ns, r, bad, incident_s, tree=tree)
+            for r in (1, 5) for bad in (0.5, 0.25)
+        ]  # fmt: skip
+        out["steady"][code] = {r: steady_opens(client, ns, r, steady_s, tree=tree) for r in (1, 2)}
+    out["incident_s"], out["steady_s"] = incident_s, steady_s
+    return out

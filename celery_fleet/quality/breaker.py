@@ -252,31 +252,36 @@ class QualityBreakers:
         """Read what routing a call of ``limit`` needs and the local copies lack: its own
         state when stale and, while open with a fallback, the fallback's (at most once a
         second each; a read that fails leaves the copy as it is)."""
-        if self.stale(limit):
-            self._read(limit)
+        if self.stale(limit) and not self._read(limit):
+            return  # Redis is away: not a second read to find out again
         target = self.target(limit)
         if target is not None:
             self._read(target)
 
     async def arefresh(self, limit: str, store: AsyncStore) -> None:
         """:meth:`refresh` on an asyncio store."""
-        if self.stale(limit):
-            await self._aread(limit, store)
+        if self.stale(limit) and not await self._aread(limit, store):
+            return
         target = self.target(limit)
         if target is not None:
             await self._aread(target, store)
 
-    async def _aread(self, limit: str, store: AsyncStore) -> None:
+    async def _aread(self, limit: str, store: AsyncStore) -> bool:
         try:
             await self.astate(limit, store)
+            return True
         except StoreUnavailable:  # the store-down policy answers the ask itself
             self.seen(limit).tried = self.clock.monotonic()  # not again for REFRESH_S
+            return False
 
-    def _read(self, limit: str) -> None:
+    def _read(self, limit: str) -> bool:
+        """Read ``limit``'s state into its local copy; False when Redis is away."""
         try:
             self.state(limit)
+            return True
         except StoreUnavailable:  # the store-down policy answers the ask itself
             self.seen(limit).tried = self.clock.monotonic()  # not again for REFRESH_S
+            return False
 
     # -- admission ----------------------------------------------------------------------
 

@@ -49,9 +49,13 @@ class QualityConfig:
     ``min_rate`` and at least ``ratio`` times the rolling ``baseline`` (a slow average of
     the garbage rate, over about ``baseline_calls`` calls, learnt while closed): a steady
     base rate is normal, a jump is an incident. It half-opens ``reset_timeout_s`` after
-    opening and closes after ``probes`` judged calls that are not degraded.
+    opening; the probes (the judged calls from then on) open it again when their garbage
+    is too much for the baseline, and close it when it is too little for the incident's
+    rate (by the exact binomial tail both ways: 10 clean probes after a 50% incident) or,
+    after ``probes`` calls, below where degradation starts (docs/quality.md).
     ``on_degraded``: ``"flag"`` (events, metrics, status), ``"pause"`` (admission raises
-    :class:`~celery_fleet.QualityDegraded`) or ``"fallback"`` to the limit ``fallback``.
+    :class:`~celery_fleet.QualityDegraded`) or ``"fallback"`` to the limit ``fallback``
+    (refused too while the fallback's own quality breaker is open; never chained).
     """
 
     detectors: tuple[str, ...] = DETECTOR_NAMES
