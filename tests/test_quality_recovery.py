@@ -159,12 +159,13 @@ def test_the_recovery_table_and_its_options() -> None:
     from tests.test_quality_bench import bench
 
     row = {
-        "rate": 1, "window_s": 60.0, "runs": 40, "opened": 38, "open_median_s": 15.7,
-        "closed_median_s": 14.6, "closed_p90_s": 23.3, "closed_max_s": 37.4, "within_20s": 0.84,
+        "rate": 1, "burst_s": 30.0, "window_s": 60.0, "runs": 40, "opened": 38,
+        "open_median_s": 15.7, "closed_median_s": 14.6, "closed_p90_s": 23.3,
+        "closed_max_s": 37.4, "within_20s": 0.84,
     }  # fmt: skip
     table = recovery_table({"after": [row], "before": [{**row, "closed_median_s": None}]})
-    assert "| after | 1 | 60 s | 38/40 | 15.7 s | 14.6 s | 23.3 s | 37.4 s | 84% |" in table
-    assert "| before | 1 | 60 s | 38/40 | 15.7 s | - |" in table
+    assert "| after | 30 s | 1 | 60 s | 38/40 | 15.7 s | 14.6 s | 23.3 s | 37.4 s | 84% |" in table
+    assert "| before | 30 s | 1 | 60 s | 38/40 | 15.7 s | - |" in table
     module = bench()
     assert module.parse_args(["--quick"]).seeds == 5
     assert module.parse_args([]).seeds == 40 and "recovery" in module.parse_args([]).parts

@@ -23,6 +23,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import redis
@@ -55,6 +56,7 @@ def clocked_source(name: str, tree: str | None = None) -> str:
     return text.replace(_TIME, "return tonumber(ARGV[#ARGV])")
 
 
+@cache
 def _source_in(tree: str, name: str) -> str:
     code = "import sys; from celery_fleet.store.sync import script_source as s; "
     code += f"sys.stdout.write(s({name!r}))"
@@ -187,6 +189,7 @@ def recovery_row(
             closed.append(run.closed_after_s)
     return {
         "rate": rate,
+        "burst_s": burst_s,
         "window_s": cfg.window_s,
         "runs": seeds,
         "opened": len(opened),
@@ -237,19 +240,22 @@ def steady_opens(
 def recovery_figures(
     client: redis.Redis,
     rates: Sequence[float],
+    bursts: Sequence[float],
     seeds: int,
     trees: Mapping[str, str | None],
     incident_s: float,
     steady_s: float,
 ) -> dict[str, Any]:
     """Per tree (``{"before": "/tmp/before", "after": None}``; None: this one): recovery
-    rows per rate, false closes during ``incident_s`` of 25% and 50% garbage (1 and 5
-    calls/s), and false opens over ``steady_s`` at 2% (1 and 2 calls/s)."""
+    rows per burst length and rate, false closes during ``incident_s`` of 25% and 50%
+    garbage (1 and 5 calls/s), and false opens over ``steady_s`` at 2% (1 and 2 calls/s)."""
     ns = f"bench-quality-{uuid.uuid4().hex[:8]}"
     out: dict[str, Any] = {"rows": {}, "incidents": {}, "steady": {}}
     for code, tree in trees.items():
         print(f"recovery: {code} ...", file=sys.stderr)
-        out["rows"][code] = [recovery_row(client, ns, r, seeds, tree=tree) for r in rates]
+        out["rows"][code] = [
+            recovery_row(client, ns, r, seeds, burst, tree=tree) for burst in bursts for r in rates
+        ]
         out["incidents"][code] = [
             incident_row(client, ns, r, bad, incident_s, tree=tree)
             for r in (1, 5) for bad in (0.5, 0.25)
