@@ -19,13 +19,23 @@ the garbage answers served (billed) during the burst — callers refused with
 traffic at the 2% base rate: false opens (target 0; the issue asks for 30 minutes:
 ``--healthy 1800``; the default is 60 s).
 
-Part 3, cost (``--baseline TREE``, a checkout of the code before discovery, e.g. ``git
+Part 3, recovery at low rates (``recovery``; no provider, no threads): the shipped quality
+scripts on a real Redis and a simulated clock (``benchmarks/harness/quality_clock.py``),
+Poisson calls at 1, 2, 5 and 10 judged calls/s, ``pause``, 2% garbage, 10 or 30 s at 50%, back
+to 2%; ``--seeds`` runs per rate: seconds from the return to 2% to closed (target <= 20
+s), and from the jump to open. Then false closes during a 30-minute incident (25% and 50%
+garbage) and false opens over simulated hours at a steady 2%. ``--recovery-baseline
+TREE`` (e.g. ``git archive main celery_fleet | tar -x -C /tmp/before``) runs the same on
+that tree's scripts, in the same run.
+
+Part 4, cost (``--baseline TREE``, a checkout of the code before discovery, e.g. ``git
 archive main celery_fleet | tar -x -C /tmp/before``): the acquire script of a limit without
 ``discover``, before vs this tree, and of one with it, as Redis counts it (INFO commandstats,
 µs per call, pipelined asks, alternating rounds on one Redis, paired by round).
 
 Run: ``make bench-quality`` or ``python benchmarks/quality.py [--quick] [--no-write]``
-(REDIS_URL, else 127.0.0.1:6379; DB 11, keys of a fresh namespace deleted afterwards).
+(REDIS_URL, else 127.0.0.1:6379; DB 11 or ``--db``, keys of a fresh namespace deleted
+afterwards).
 Appends to benchmarks/RESULTS.md unless ``--no-write`` or ``--quick`` (a smoke run of
 about two minutes; the default run takes about seven).
 """
@@ -54,6 +64,7 @@ from benchmarks.harness.quality import (  # noqa: E402
     delay_after,
     opens,
     quality_table,
+    recovery_report,
     wasted_calls,
 )
 
@@ -66,6 +77,7 @@ MODES = {
     "discover on, headers": {"discover": {"up_to": 2.0}, "headers": True},
     "discover on, no headers": {"discover": {"up_to": 2.0}, "headers": False},
 }
+RECOVERY_RATES = (1, 2, 5, 10)
 QUALITY_RPM = 3000  # 50 calls/s: a window of 10 s judges ~500 calls
 PROMPT = [{"role": "user", "content": "summarise the incident report"}]
 
@@ -74,13 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    add("--db", type=int, default=DB, help=f"the Redis DB to use (default {DB})")
     add("--phase", type=float, default=15.0, help="seconds per capacity phase (default 15)")
     add("--threads", type=int, default=8, help="caller threads (default 8)")
     add("--window", type=float, default=10.0, help="the quality breaker's window, s")
     add("--warm", type=float, default=20.0, help="healthy traffic before a burst, s")
     add("--burst", type=float, default=10.0, help="seconds of 50%% garbage")
     add("--healthy", type=float, default=60.0, help="healthy run for false opens, s")
-    add("--parts", default="capacity,quality", help="capacity, quality (and cost)")
+    add("--parts", default="capacity,quality,recovery", help="capacity, quality, recovery")
+    add("--seeds", type=int, default=40, help="recovery runs per rate (default 40)")
+    add("--recovery-baseline", help="a tree with the scripts before: recovery before/after")
     add("--baseline", help="a tree with the code before discovery: adds the cost part")
     add("--quick", action="store_true", help="a short smoke run; nothing appended")
     add("--json", type=Path, help="also write the figures as JSON here")
@@ -88,9 +103,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.phase, opts.warm, opts.burst, opts.healthy = 5.0, 14.0, 5.0, 5.0
+        opts.seeds = 5
         opts.no_write = True
     if min(opts.phase, opts.window, opts.warm, opts.burst, opts.healthy) <= 0:
         parser.error("every duration must be > 0")
+    if opts.seeds < 1:
+        parser.error("--seeds must be >= 1")
     return opts
 
 
@@ -211,6 +229,24 @@ def quality_run(opts: argparse.Namespace, on_degraded: str, burst: bool) -> dict
     }
 
 
+def recovery(opts: argparse.Namespace) -> dict[str, Any]:
+    """Part 3 on a simulated clock: recovery per rate, false closes, false opens; per tree."""
+    import redis
+
+    from benchmarks.harness.quality_clock import recovery_figures
+
+    trees = {"after": None}
+    if opts.recovery_baseline:
+        trees = {"before": opts.recovery_baseline, "after": None}
+    client = redis.Redis.from_url(opts.url)
+    long_s, steady_s = (300.0, 900.0) if opts.quick else (1800.0, 7200.0)
+    figures = recovery_figures(
+        client, RECOVERY_RATES, (10.0, 30.0), opts.seeds, trees, long_s, steady_s
+    )
+    client.close()
+    return figures
+
+
 def _forget(fleet: Any, ns: str) -> None:
     import redis
 
@@ -227,7 +263,8 @@ def _acquire_source(tree: str) -> str:
     code = "import sys; from celery_fleet.store.sync import script_source as s; "
     code += "sys.stdout.write(s('acquire'))"
     env = {**os.environ, "PYTHONPATH": tree}
-    return subprocess.check_output([sys.executable, "-c", code], env=env).decode()
+    # cwd=tree: `python -c` puts the working directory first on sys.path
+    return subprocess.check_output([sys.executable, "-c", code], env=env, cwd=tree).decode()
 
 
 def cost(url: str, before: str, rounds: int = 30, n: int = 2000) -> list[str]:
@@ -313,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from results import append_section, on_db
 
     opts = parse_args(argv)
-    opts.url = on_db(opts.redis_url, DB)
+    opts.url = on_db(opts.redis_url, opts.db)
     client = redis.Redis.from_url(opts.url, socket_timeout=10)
     client.ping()
     parts = set(opts.parts.split(","))
@@ -328,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
             quality.append(quality_run(opts, on_degraded, burst=True))
         print(f"quality: {opts.healthy:g} s of healthy traffic ...", file=sys.stderr)
         healthy = quality_run(opts, "flag", burst=False)
+    rec = recovery(opts) if "recovery" in parts else None
     costs = cost(opts.url, opts.baseline) if opts.baseline else []
     body = report(opts, capacity, quality, healthy, costs)
+    if rec is not None:
+        body += recovery_report(rec, opts.seeds)
     print(body)
     if opts.json:
-        opts.json.write_text(json.dumps({"capacity": capacity, "quality": quality,
-                                         "healthy": healthy}, indent=1))  # fmt: skip
+        figures = {"capacity": capacity, "quality": quality, "healthy": healthy, "recovery": rec}
+        opts.json.write_text(json.dumps(figures, indent=1))
     if not opts.no_write:
         append_section(client, body, "Quality: capacity discovery and the quality breaker")
     return 0

@@ -20,6 +20,8 @@ __all__ = [
     "opens",
     "per_10s",
     "quality_table",
+    "recovery_report",
+    "recovery_table",
     "wasted_calls",
 ]
 
@@ -141,3 +143,53 @@ def quality_table(rows: Sequence[dict[str, Any]]) -> str:
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def recovery_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: per code (``before``/``after``) and judged-call rate, the open and close
+    delays of :func:`benchmarks.harness.quality_clock.recovery_row`."""
+    head = (
+        "| code | 50% for | judged calls/s | window | opened (runs) | opened after (median) "
+        "| closed after return to 2%: median | p90 | max | closed within 20 s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} s"
+
+    lines = [
+        f"| {code} | {r['burst_s']:g} s | {r['rate']:g} | {r['window_s']:g} s "
+        f"| {r['opened']}/{r['runs']} "
+        f"| {secs(r['open_median_s'])} | {secs(r['closed_median_s'])} "
+        f"| {secs(r['closed_p90_s'])} | {secs(r['closed_max_s'])} "
+        f"| {'-' if r['within_20s'] is None else format(r['within_20s'], '.0%')} |"
+        for code, rows in runs.items()
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def recovery_report(rec: dict[str, Any], seeds: int) -> str:
+    """The recovery part's text: its table, false closes during long incidents and false
+    opens over a steady 2% (the figures of ``quality_clock.recovery_figures``)."""
+    lines = [
+        f"\nQuality breaker recovery on a simulated clock (the shipped scripts, real Redis; "
+        f"{seeds} runs per rate, Poisson calls, pause, 2% garbage, 10 or 30 s at 50%, back to 2%; "
+        f"window max(30, 60/rate) s, defaults otherwise: reset_timeout 10 s, 20 probes).\n\n",
+        recovery_table(rec["rows"]),
+        f"\nFalse closes during a {rec['incident_s'] / 60:g}-minute incident "
+        "(half-opens that closed while the garbage went on):\n\n",
+    ]
+    for code, rows in rec["incidents"].items():
+        cells = ", ".join(
+            f"{r['rate']:g}/s at {r['bad']:.0%}: {r['false_closes']} of {r['half_opens']}"
+            for r in rows
+        )
+        lines.append(f"- {code}: {cells}\n")
+    steady = "; ".join(
+        f"{code}: " + ", ".join(f"{r}/s {n}" for r, n in per.items())
+        for code, per in rec["steady"].items()
+    )
+    hours = rec["steady_s"] / 3600
+    lines.append(f"\nFalse opens over {hours:g} simulated hours at 2%: {steady}.\n")
+    return "".join(lines)

@@ -23,7 +23,6 @@ import asyncio
 import inspect
 import logging
 import random
-import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -119,13 +118,9 @@ class AsyncSlot:
         """The limit to be admitted against (quality/breaker.py), its state read if stale."""
         s = self.slot
         quality = s.admission.quality
-        if quality.stale(s.asked):
-            try:
-                await quality.astate(s.asked, self.store)
-            except StoreUnavailable:  # the store-down policy answers the ask; route on the
-                quality.seen(s.asked).tried = time.monotonic()  # local copy, not read again yet
         cfg = quality.config(s.asked)
         if cfg is not None and cfg.gates:
+            await quality.arefresh(s.asked, self.store)
             s.route(s.routed(lambda: quality.decide(s.asked, cfg)))
         else:
             s.route(s.asked)
@@ -408,11 +403,8 @@ class AsyncMethods:
         """:meth:`Fleet.try_acquire`, awaited: ask once without waiting."""
         quality = self.admission.quality
         qcfg = quality.config(name)
-        if qcfg is not None and quality.stale(name):
-            try:
-                await quality.astate(name, self.astore)
-            except StoreUnavailable:  # route on the local copy, not read again yet
-                quality.seen(name).tried = time.monotonic()
+        if qcfg is not None:  # the fallback's own breaker too, while this one is open
+            await quality.arefresh(name, self.astore)
         decide = (lambda: quality.decide(name, qcfg)) if qcfg is not None else None
         routed = route_ask(self.admission, name, tokens, key, lane, decide)
         if isinstance(routed, Decision):

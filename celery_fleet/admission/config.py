@@ -33,7 +33,7 @@ from ..checks import (
     reject_unknown,
 )
 from ..errors import ConfigError
-from ..quality.config import QualityConfig, check_detectors, parse_quality
+from ..quality.config import QualityConfig, check_detectors, check_fallbacks, parse_quality
 from .discover import DiscoverConfig, check_discover, parse_discover
 from .lanes import Lanes, parse_lanes
 from .tenancy import KeysConfig, WeightsConfig, parse_weights
@@ -256,14 +256,8 @@ def parse_limits(raw: object, setting: str = "fleet_limits") -> dict[str, LimitC
         )
         for name, spec in raw.items()
     }
-    for name, cfg in limits.items():  # a quality fallback names another limit of these
-        target = cfg.quality.fallback if cfg.quality is not None else None
-        if target is not None and (target == name or target not in limits):
-            raise ConfigError(
-                f"{setting}[{name!r}]['quality']['on_degraded'] falls back to {target!r}, "
-                f"which is {'the limit itself' if target == name else 'not a limit'} "
-                f"(limits: {sorted(limits)})"
-            )
+    # a quality fallback names another limit of these, and never leads back
+    check_fallbacks({name: cfg.quality for name, cfg in limits.items()}, setting)
     return limits
 
 

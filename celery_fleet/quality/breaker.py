@@ -7,7 +7,9 @@ write as the slot's release) and opens, half-opens and closes (see
 
 Admission with ``on_degraded="pause"`` or ``"fallback:<limit>"`` reads a local copy of the
 state, refreshed by every count's reply and, when older than :data:`REFRESH_S` (or past
-the moment an open breaker half-opens), by one read (``quality_read.lua``). The acquire
+the moment an open breaker half-opens), by one read (``quality_read.lua``). While a
+breaker with a fallback is open, the fallback's own breaker (if it has one) is read the
+same way: falling back to a degraded limit would only buy its garbage. The acquire
 script is left alone: a limit without quality (or with ``flag``) asks exactly as before,
 and a limit that gates pays at most one read a second per process, which a one-second lag
 costs nothing against a breaker that opens on seconds of evidence.
@@ -21,11 +23,11 @@ Example::
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..clock import Clock, SystemClock
 from ..errors import ConfigError, QualityDegraded, StoreUnavailable
 from ..store.aio import AsyncStore
 from ..store.combiner import Packed
@@ -115,8 +117,16 @@ Listener = Callable[[str, str, dict[str, Any]], None]
 class QualityBreakers:
     """Every quality breaker of one fleet: count commands, local copies, routing, listeners."""
 
-    def __init__(self, store: RedisStore, namespace: str, limits: Mapping[str, _Limit]) -> None:
+    def __init__(
+        self,
+        store: RedisStore,
+        namespace: str,
+        limits: Mapping[str, _Limit],
+        clock: Clock | None = None,
+    ) -> None:
         self.store = store
+        #: how old the local copies are (a test moves a fake one by hand)
+        self.clock: Clock = clock or SystemClock()
         self.namespace = namespace
         self.limits = limits
         self.listeners: list[Listener] = []
@@ -169,7 +179,7 @@ class QualityBreakers:
         """Refresh the local copy from a reply; tell the listeners of a transition."""
         state = QualityState.of(limit, reply)
         seen = self.seen(limit)
-        seen.state, seen.wait_ms, seen.at = state.state, state.wait_ms, time.monotonic()
+        seen.state, seen.wait_ms, seen.at = state.state, state.wait_ms, self.clock.monotonic()
         transition = _text(reply.transition)
         if transition:
             self.notify(limit, transition, state)
@@ -207,38 +217,100 @@ class QualityBreakers:
         cfg = self.config(limit)
         if cfg is None or not cfg.gates:
             return False
+        return self._due(limit)
+
+    def _due(self, limit: str) -> bool:
+        """Whether the local copy of ``limit`` is older than REFRESH_S, or open past the
+        moment it half-opens (and no read failed in the last REFRESH_S)."""
         seen = self.seen(limit)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - seen.tried < REFRESH_S:
             return False  # a read just failed: the local copy it is, until the next try
         age = now - seen.at
         return age >= REFRESH_S or (seen.state == "open" and age * 1000 >= seen.wait_ms)
 
+    def _left_ms(self, limit: str) -> int:
+        """How long the local copy says ``limit``'s breaker stays open (0: not open, or
+        half-open by the clock, Redis could not say so)."""
+        seen = self.seen(limit)
+        if seen.state != "open":  # closed, or half-open: its calls are the probes
+            return 0
+        return max(0, seen.wait_ms - int((self.clock.monotonic() - seen.at) * 1000))
+
+    def target(self, limit: str) -> str | None:
+        """The fallback whose own quality breaker must be read before routing a call of
+        ``limit``: only while ``limit``'s is open (never on the closed path) and the
+        target's copy is due."""
+        cfg = self.config(limit)
+        if cfg is None or cfg.on_degraded != "fallback" or cfg.fallback is None:
+            return None
+        if self.config(cfg.fallback) is None or self._left_ms(limit) <= 0:
+            return None
+        return cfg.fallback if self._due(cfg.fallback) else None
+
+    def refresh(self, limit: str) -> None:
+        """Read what routing a call of ``limit`` needs and the local copies lack: its own
+        state when stale and, while open with a fallback, the fallback's (at most once a
+        second each; a read that fails leaves the copy as it is)."""
+        if self.stale(limit) and not self._read(limit):
+            return  # Redis is away: not a second read to find out again
+        target = self.target(limit)
+        if target is not None:
+            self._read(target)
+
+    async def arefresh(self, limit: str, store: AsyncStore) -> None:
+        """:meth:`refresh` on an asyncio store."""
+        if self.stale(limit) and not await self._aread(limit, store):
+            return
+        target = self.target(limit)
+        if target is not None:
+            await self._aread(target, store)
+
+    async def _aread(self, limit: str, store: AsyncStore) -> bool:
+        try:
+            await self.astate(limit, store)
+            return True
+        except StoreUnavailable:  # the store-down policy answers the ask itself
+            self.seen(limit).tried = self.clock.monotonic()  # not again for REFRESH_S
+            return False
+
+    def _read(self, limit: str) -> bool:
+        """Read ``limit``'s state into its local copy; False when Redis is away."""
+        try:
+            self.state(limit)
+            return True
+        except StoreUnavailable:  # the store-down policy answers the ask itself
+            self.seen(limit).tried = self.clock.monotonic()  # not again for REFRESH_S
+            return False
+
     # -- admission ----------------------------------------------------------------------
 
     def route(self, limit: str) -> str:
-        """The limit a call of ``limit`` is admitted against, from the local copy (read
+        """The limit a call of ``limit`` is admitted against, from the local copies (read
         first when stale): itself, or its fallback while the breaker is open; raises
-        :class:`~celery_fleet.QualityDegraded` with ``pause``."""
+        :class:`~celery_fleet.QualityDegraded` with ``pause``, or when the fallback's own
+        quality breaker is open too."""
         cfg = self.config(limit)
         if cfg is None or not cfg.gates:
             return limit
-        if self.stale(limit):
-            try:
-                self.state(limit)
-            except StoreUnavailable:  # the store-down policy answers the ask itself
-                self.seen(limit).tried = time.monotonic()  # not again for REFRESH_S
+        self.refresh(limit)
         return self.decide(limit, cfg)
 
     def decide(self, limit: str, cfg: QualityConfig) -> str:
-        seen = self.seen(limit)
-        if seen.state != "open":  # closed, or half-open: its calls are the probes
+        """:meth:`route` on the local copies as they are.
+
+        A fallback is never followed further (``a`` to ``b`` to ``c``): while the
+        fallback's own breaker is open, whatever its ``on_degraded`` (even ``flag``), the
+        call is refused, ``wait_ms`` the sooner of the two half-opens."""
+        left = self._left_ms(limit)
+        if left <= 0:  # closed or half-open: its calls are the probes
             return limit
         if cfg.on_degraded == "fallback" and cfg.fallback is not None:
-            return cfg.fallback
-        left = seen.wait_ms - int((time.monotonic() - seen.at) * 1000)
-        if left <= 0:  # half-open by the clock (Redis could not say so): calls are the probes
-            return limit
+            target = cfg.fallback
+            target_left = self._left_ms(target) if self.config(target) is not None else 0
+            if target_left <= 0:
+                return target
+            raise QualityDegraded(limit, min(left, target_left), "quality_degraded")
         raise QualityDegraded(limit, left, "quality_degraded")
 
 

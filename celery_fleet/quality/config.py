@@ -7,8 +7,8 @@ Example::
         "detectors": ["empty", "refusal", "json"], "window": 30, "ratio": 3.0,
         "min_rate": 0.05, "min_calls": 50, "on_degraded": "fallback:anthropic"}}}
 
-The fallback target's existence is checked where every limit is known
-(:func:`celery_fleet.admission.config.parse_limits`).
+The fallback targets are checked where every limit is known
+(:func:`check_fallbacks`, called by :func:`celery_fleet.admission.config.parse_limits`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from ..checks import check_name, number, positive_int, reject_unknown
 from ..errors import ConfigError
 
-__all__ = ["QualityConfig", "parse_quality", "check_detectors", "DETECTOR_NAMES", "ON_DEGRADED"]
+__all__ = [
+    "QualityConfig",
+    "check_detectors",
+    "check_fallbacks",
+    "parse_quality",
+    "DETECTOR_NAMES",
+    "ON_DEGRADED",
+]
 
 #: Every built-in detector, by the name ``detectors=[...]`` and a verdict's reasons use.
 DETECTOR_NAMES = (
@@ -49,9 +56,13 @@ class QualityConfig:
     ``min_rate`` and at least ``ratio`` times the rolling ``baseline`` (a slow average of
     the garbage rate, over about ``baseline_calls`` calls, learnt while closed): a steady
     base rate is normal, a jump is an incident. It half-opens ``reset_timeout_s`` after
-    opening and closes after ``probes`` judged calls that are not degraded.
+    opening; the probes (the judged calls from then on) open it again when their garbage
+    is too much for the baseline, and close it when it is too little for the incident's
+    rate (by the exact binomial tail both ways: 10 clean probes after a 50% incident) or,
+    after ``probes`` calls, below where degradation starts (docs/quality.md).
     ``on_degraded``: ``"flag"`` (events, metrics, status), ``"pause"`` (admission raises
-    :class:`~celery_fleet.QualityDegraded`) or ``"fallback"`` to the limit ``fallback``.
+    :class:`~celery_fleet.QualityDegraded`) or ``"fallback"`` to the limit ``fallback``
+    (refused too while the fallback's own quality breaker is open; never chained).
     """
 
     detectors: tuple[str, ...] = DETECTOR_NAMES
@@ -128,3 +139,33 @@ def _on_degraded(value: object, setting: str) -> tuple[str, str | None]:
         target = check_name(value[len("fallback:") :], f"{where} fallback limit", colon=False)
         return "fallback", target
     raise ConfigError(f"{where} must be one of {list(ON_DEGRADED)}, got {value!r}")
+
+
+def check_fallbacks(qualities: Mapping[str, QualityConfig | None], setting: str) -> None:
+    """Refuse a ``fallback:<limit>`` that names no limit, the limit itself, or closes a
+    cycle (``a`` falls back to ``b``, ``b`` to ``a``): ``qualities`` maps every limit to
+    its quality options. A chain (``a`` to ``b``, ``b`` to ``c``) is allowed; admission
+    never follows it: a call of ``a`` goes to ``b`` or is refused, never to ``c``.
+    """
+    for name, cfg in qualities.items():
+        target = cfg.fallback if cfg is not None else None
+        if target is None:
+            continue
+        where = f"{setting}[{name!r}]['quality']['on_degraded']"
+        if target == name or target not in qualities:
+            raise ConfigError(
+                f"{where} falls back to {target!r}, which is "
+                f"{'the limit itself' if target == name else 'not a limit'} "
+                f"(limits: {sorted(qualities)})"
+            )
+        path: list[str] = [name]
+        at: str | None = target
+        while at is not None and at not in path:
+            path.append(at)
+            nxt = qualities.get(at)
+            at = nxt.fallback if nxt is not None else None
+        if at == name:
+            raise ConfigError(
+                f"{where} falls back to {target!r}, and the fallbacks go round: "
+                f"{' -> '.join([*path, name])}; a fallback must not lead back to its limit"
+            )

@@ -9,7 +9,8 @@
 -- ARGV[5]  min_rate: ... and at least this rate ...
 -- ARGV[6]  min_calls: ... with at least this many calls judged in the window
 -- ARGV[7]  reset timeout (ms): how long it stays open before half-opening
--- ARGV[8]  probes: judged calls while half-open before it closes
+-- ARGV[8]  probes: judged calls while half-open before it closes on a healthy rate
+--          (fewer when they already tell it apart from the incident's: q_clean)
 -- ARGV[9]  baseline_calls: how many calls the rolling baseline weighs
 --
 -- Reply: {state, transition ("", "open", "half_open", "closed"), calls, garbage (in the
@@ -25,7 +26,7 @@ local window, ratio, min_rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(A
 local min_calls, reset_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
 local probes, baseline_calls = tonumber(ARGV[8]), tonumber(ARGV[9])
 local now = q_now()
-local state, opened_at, baseline, base_n, pc, pg, transition =
+local state, opened_at, baseline, base_n, pc, pg, transition, incident =
   q_state(key, now, reset_ms, ratio, min_rate)
 
 -- This call's bucket; the bucket its ring slot held leaves the window: into the baseline.
@@ -63,22 +64,32 @@ if garbage == 1 then
 end
 
 local calls, bad = q_window(key, cur)
+-- open: remember the incident's rate (the probes are told apart from it)
+local function open_it(rate)
+  state, opened_at, transition = 'open', now, 'open'
+  redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now),
+             'incident', string.format('%.6f', rate))
+end
 if state == 'closed' then
   if calls >= min_calls and base_n >= min_calls
       and q_degraded(calls, bad, baseline, ratio, min_rate) then
-    state, opened_at, transition = 'open', now, 'open'
-    redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now))
+    -- not when the incident is over and only its garbage is still in the window
+    local rate, over = q_incident(key, cur, baseline, ratio, min_rate)
+    if not over then open_it(rate) end
   end
 elseif state == 'half_open' then
   pc, pg = pc + 1, pg + garbage
-  if q_degraded(probes, pg, baseline, ratio, min_rate) or
-     (pc >= probes and q_degraded(pc, pg, baseline, ratio, min_rate)) then
-    state, opened_at, transition = 'open', now, 'open'
-    redis.call('HSET', key, 'state', state, 'opened_at', string.format('%.3f', now))
-  elseif pc >= probes then
-    -- healthy probes: close, and forget the window that opened it (it would open it again)
+  -- Both ways by an exact tail: too much garbage for the baseline (as soon as the garbage
+  -- already seen is enough over `probes` calls) opens it again; too little for the
+  -- incident's rate closes it, as does, after `probes` calls, a rate below where
+  -- degradation starts. Neither: the probes go on.
+  if q_degraded(math.max(pc, probes), pg, baseline, ratio, min_rate) then
+    open_it((q_incident(key, cur, baseline, ratio, min_rate)))
+  elseif q_clean(pc, pg, incident, baseline, ratio, min_rate) or
+         (pc >= probes and pg < pc * q_floor(baseline, ratio, min_rate)) then
+    -- close, and forget the window that opened it (it would open it again)
     state, transition, calls, bad = 'closed', 'closed', 0, 0
-    local fields = {'probe_calls', 'probe_garbage'}
+    local fields = {'probe_calls', 'probe_garbage', 'incident'}
     for j = 0, QUALITY_BUCKETS - 1 do
       fields[#fields + 1] = 'c' .. j
       fields[#fields + 1] = 'g' .. j

@@ -17,7 +17,7 @@ local key = KEYS[1]
 local window, ratio, min_rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reset_ms = tonumber(ARGV[4])
 local now = q_now()
-local state, opened_at, baseline, _, _, _, transition =
+local state, opened_at, baseline, _, _, _, transition, _ =
   q_state(key, now, reset_ms, ratio, min_rate)
 local calls, bad = q_window(key, q_bucket(now, window))
 local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
