@@ -131,3 +131,22 @@ def test_the_quick_start_import_leaves_the_worker_and_the_command_unloaded() -> 
     loaded = _imported("from celery import Celery\nfrom celery_fleet import Fleet, fleet_task")
     assert "celery_fleet.celery.task" in loaded  # the check would pass on a broken import
     assert not set(NOT_AT_IMPORT) & loaded, sorted(set(NOT_AT_IMPORT) & loaded)
+
+
+def test_inspect_fleet_is_registered_by_the_command_line_and_by_a_worker() -> None:
+    """`celery inspect fleet` needs the name in the `celery` process (the entry point
+    registers it there) and in the worker (its InfoStep registers it, however started)."""
+    worker = (
+        "from types import SimpleNamespace\n"
+        "from celery_fleet.observability import metrics\n"
+        "from celery.worker.control import Panel\n"
+        "before = 'fleet' in Panel.meta\n"
+        "metrics.InfoStep(SimpleNamespace())\n"
+        "print(before, 'fleet' in Panel.meta)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.split() == ["False", "True"], done.stderr
+    listed, _ = _celery("with", "inspect", "--list")
+    assert any(line.split()[:1] == ["fleet"] for line in listed.splitlines()), listed
