@@ -174,6 +174,14 @@ bench-distribution: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/quality.py $(QUALITY_ARGS)
 
+## Import time and `celery --help` with and without the entry point (fresh interpreters,
+## alternating; no Redis): IMPORT_ARGS='--before DIR' adds another tree, '--append' writes
+## the table to benchmarks/RESULTS.md.
+IMPORT_ARGS ?=
+.PHONY: bench-import
+bench-import: $(STAMP)
+	$(PY) benchmarks/imports.py $(IMPORT_ARGS)
+
 .PHONY: bench-aio
 bench-aio: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/aio.py $(AIO_ARGS)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 import re
@@ -100,6 +99,8 @@ def reject_unknown(options: Iterable[str], known: AbstractSet[str], where: str) 
 
 def suggest(unknown: Iterable[str], known: Iterable[str]) -> str:
     """``'tokns' (did you mean 'tokens'?), 'x'``: each unknown name with its closest match."""
+    import difflib  # only a mistake needs it, and every import of the package reads this module
+
     choices = list(known)
     return ", ".join(
         f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name)

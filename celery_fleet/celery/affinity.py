@@ -30,7 +30,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps, signals
-from celery.worker import state as worker_state
 
 from ..distribution import DistributionConfig
 from ..durability.ledger import check_key
@@ -98,6 +97,9 @@ class DistributionStep(bootsteps.StartStopStep):  # type: ignore[misc]
         fleet = Fleet.for_app(c.app)
         config = fleet.distribution
         concurrency = int(getattr(getattr(c, "controller", None), "concurrency", 1) or 1)
+        # Here, not at the top: the package (celery.worker) is the worker's, and a process
+        # that only publishes tasks would import it for nothing.
+        from celery.worker import state as worker_state
 
         def free_slots() -> int:
             return concurrency - len(worker_state.reserved_requests)

@@ -44,7 +44,6 @@ from ..admission.tenancy import check_key
 from ..checks import suggest
 from ..errors import Backpressure, ConfigError, ThrottledTooLong, attached_pushback
 from ..fleet import Fleet
-from ..observability import metrics
 from . import affinity, idempotency, pump
 from .app import fleet_for
 from .lanes import fixed_lane, lane_of
@@ -127,6 +126,8 @@ class FleetTask(Rescheduling, Task):  # type: ignore[misc]
         # Runs in app.finalize(), outside any signal handler (Celery signals swallow
         # exceptions): a worker whose task names an unknown limit fails at start-up.
         super().on_bound(app)
+        from ..observability import metrics  # not at import: a worker's steps, Prometheus
+
         metrics.install(app)  # serves /metrics only when fleet_metrics_port is set
         pump.install(app)  # publishes deferred reschedules when fleet_defer = "redis"
         affinity.install(app)  # consumes the affinity queues this worker is home of

@@ -74,6 +74,7 @@ from .. import checks
 from ..distribution.status import read_stats
 from ..errors import ConfigError, FleetError
 from ..fleet import Fleet
+from .cli import register_inspect
 from .counters import KEYS_LIMIT, WAIT_BUCKETS_S, read_counters
 from .status import BUSIEST_KEYS, LimitStatus, StatusSource, fleet_status
 
@@ -88,6 +89,7 @@ __all__ = [
     "fleet_registry",
     "check_port",
     "install",
+    "inspect_fleet",
 ]
 
 log = logging.getLogger("celery_fleet")
@@ -374,6 +376,10 @@ class InfoStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     label = "celery-fleet info"
 
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        register_inspect()  # the worker answers `celery inspect fleet`
+
     # A StartStopStep with nothing to start: only those are asked for info().
     def start(self, worker: Any) -> None:
         pass
@@ -410,7 +416,7 @@ def pool_pids(pool: Any) -> list[int]:
         return []
 
 
-def _inspect_fleet(state: Any) -> dict[str, Any]:
+def inspect_fleet(state: Any) -> dict[str, Any]:
     """``celery inspect fleet``: the slots the answering process holds, each with the task
     that holds it (``task_id``, ``task``, ``held_s``; "no task" for a slot taken outside
     one), and each limit. Under prefork, ``held_in_children``: the same, as each pool
@@ -436,12 +442,3 @@ def _inspect_fleet(state: Any) -> dict[str, Any]:
             by_pid = {"error": str(exc)}  # type: ignore[dict-item]
         answer["held_in_children"] = {str(pid): slots for pid, slots in by_pid.items()}
     return answer
-
-
-def _register_inspect() -> None:
-    from celery.worker.control import inspect_command
-
-    inspect_command(name="fleet")(_inspect_fleet)
-
-
-_register_inspect()
