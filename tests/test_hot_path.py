@@ -372,7 +372,7 @@ def test_next_without_a_store_down_policy_raises_what_redis_did_not_answer(
 # -- posted releases ------------------------------------------------------------------------
 
 
-def test_a_slot_costs_one_round_trip_its_release_rides_with_the_next(
+def test_a_slot_costs_one_write_its_release_rides_with_the_next(
     make_fleet: MakeFleet, rclient: redis.Redis
 ) -> None:
     fleet = make_fleet({"llm": {"max_in_flight": 4}})
@@ -380,6 +380,7 @@ def test_a_slot_costs_one_round_trip_its_release_rides_with_the_next(
         pass  # the first release of a process is sent and read (scripts not yet seen)
     trips: list[int] = []
     combiner = fleet.store.combiner
+    combiner.flush_s = 60.0  # nothing but the next call writes a release here
     real = combiner._round_trip
 
     def counting(batch: list[Any], answered: list[Any]) -> Any:
@@ -390,11 +391,35 @@ def test_a_slot_costs_one_round_trip_its_release_rides_with_the_next(
     for _ in range(10):
         with fleet.slot("llm"):
             pass
-    assert len(trips) == 20  # ten acquires waited for, ten releases written without waiting
-    waited = [t for t in combiner._unread]
-    assert len(waited) == 1  # only the last release's reply is still unread...
-    # ...yet Redis applied it: another client sees no lease held
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
+    # ten decisions, ten writes: each acquire carries the release before it
+    assert trips == [1] + [2] * 9
+    assert len(combiner._held) == 1  # the last release waits for the next call...
+    leases = fleet.admission.keys("llm").leases
+    assert rclient.zcard(leases) == 1
+    before = len(trips)
+    fleet.admission.in_flight("llm")  # ...any call of this process, which goes after it
+    assert trips[before] == 2 and not combiner._held
+    assert rclient.zcard(leases) == 0
+
+
+def test_a_release_nothing_follows_is_written_by_the_flusher(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 4}})
+    with fleet.slot("llm"):
+        pass
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    for _ in range(3):
+        with fleet.slot("llm"):
+            pass
+        deadline = time.monotonic() + 5  # a bound for a hung test, not a speed assert
+        while rclient.zcard(leases) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert rclient.zcard(leases) == 0 and not combiner._held
+    assert combiner._unread  # written, its reply left for the next call to read
+    flusher = combiner._flusher
+    assert flusher is not None and flusher.daemon and flusher.is_alive()
 
 
 def test_a_posted_release_reports_a_lost_lease_once_read(make_fleet: MakeFleet) -> None:
