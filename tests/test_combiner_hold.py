@@ -139,7 +139,8 @@ def test_a_released_slot_wakes_a_waiter_of_another_process_without_a_next_call(
 _EXIT_SCRIPT = """
 import sys
 from celery_fleet import Fleet
-fleet = Fleet(redis_url=sys.argv[1], namespace=sys.argv[2], limits={"llm": {"max_in_flight": 1, "lease": 30}})
+limits = {"llm": {"max_in_flight": 1, "lease": 30}}
+fleet = Fleet(redis_url=sys.argv[1], namespace=sys.argv[2], limits=limits)
 with fleet.slot("llm"):
     pass
 fleet.store.drain()
