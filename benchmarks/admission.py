@@ -19,7 +19,8 @@ Budgets are so large that every request is admitted: this measures the cost of a
    hand (GCRA for both budgets in one hash, a lease zset, all or nothing on Redis TIME; release
    is one ZREM), with none of ours' line, breaker, adaptive cap or lease bookkeeping;
    *lean Lua, 1 round trip*, the same script with its release (the `ZREM`) sent with the next
-   acquire in one write of raw packed RESP over a plain socket, both replies read together;
+   acquire in one write of packed RESP on a redis-py connection, both replies read together
+   by its parser (and the same over a plain socket, replies read as lines: *raw socket*);
    *limits + INCR*, two `limits` SlidingWindowCounter hits (RPM; TPM with `cost=tokens`) and a
    lock-free in-flight counter; *limits + Lock (strawman)*, the same hits and a counter under
    a redis-py `Lock` polled every 1 ms, the peer this benchmark used to report.
@@ -59,7 +60,16 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from peers import BUDGETS, LIMIT, TOKENS, Lean, LeanOneTrip, LimitsIncr, LimitsLock
+from peers import (
+    BUDGETS,
+    LIMIT,
+    TOKENS,
+    Lean,
+    LeanOneTrip,
+    LeanOneTripRaw,
+    LimitsIncr,
+    LimitsLock,
+)
 from results import append_section, on_db
 
 from celery_fleet import Fleet
@@ -96,13 +106,20 @@ KINDS = {
     "acquire": "ours: try_acquire",
     "lean": "lean Lua",
     "lean1": "lean Lua, 1 round trip",
+    "lean1raw": "lean Lua, 1 round trip, raw socket",
     "incr": "limits + INCR",
     "lock": "limits + Lock (strawman)",
 }
-PEERS = {"lean": Lean, "lean1": LeanOneTrip, "incr": LimitsIncr, "lock": LimitsLock}
+PEERS = {
+    "lean": Lean,
+    "lean1": LeanOneTrip,
+    "lean1raw": LeanOneTripRaw,
+    "incr": LimitsIncr,
+    "lock": LimitsLock,
+}
 Rates = dict[str, list[float]]  # kind -> decisions/s (summed over processes) of each round
 #: Kinds run by several threads of a process (``--threads``): ours and the lean peers.
-THREADED = ("slot", "lean", "lean1")
+THREADED = ("slot", "lean", "lean1", "lean1raw")
 
 
 def make_cycle(kind: str, url: str, run_id: str) -> Callable[[], object]:
@@ -306,7 +323,13 @@ def throughput(
 
 MET = {True: "met", False: "NOT met"}
 #: throughput ratio columns
-RATIOS = [("slot", "lean1"), ("slot", "lean"), ("slot", "incr"), ("acquire", "lean")]
+RATIOS = [
+    ("slot", "lean1"),
+    ("slot", "lean1raw"),
+    ("slot", "lean"),
+    ("slot", "incr"),
+    ("acquire", "lean"),
+]
 
 
 def mean_rates(rates: dict[str, Rates]) -> dict[str, dict[str, float]]:

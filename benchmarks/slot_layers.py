@@ -4,6 +4,9 @@ One process pinned to one core (``os.sched_setaffinity``), admitted every time (
 budgets), kinds alternating in ``--rounds`` slices of ``--n`` calls each:
 
 - ``ping``: a bare redis-py ``PING`` on the fleet's client (the floor of a round trip);
+- ``conn``: the same scripts on a bare redis-py connection, each release written with the
+  next acquire and both replies read by redis-py's parser: the scripts' and the parser's
+  share, with no combiner;
 - ``wire``: the store's packed acquire (``store.send``) and its release posted
   (``store.post``): the round trip as the combiner makes it, no admission logic;
 - ``slot``: ``with fleet.slot("llm", tokens=100): pass``, what a task runs.
@@ -46,13 +49,26 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
         lease = admission.new_ticket("llm")
         (reply,) = store.send(admission.acquire_command("llm", 100, lease))
         granted = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-        store.post(admission.release_command("llm", granted, "ok"), lambda _r: None)
+        release = admission.release_command("llm", granted, "ok")
+        if not store.post(release, lambda _r: None):  # its script not seen on this wire yet
+            store.send(release)
 
     def slot() -> None:
         with fleet.slot("llm", tokens=100):
             pass
 
-    return {"ping": client.ping, "wire": wire, "slot": slot}
+    conn = client.connection_pool.get_connection()
+    owed: list[bytes] = []
+
+    def conn_kind() -> None:
+        lease = admission.new_ticket("llm")
+        _name, ask = admission.acquire_command("llm", 100, lease)
+        conn.send_packed_command([b"".join(owed) + ask])
+        replies = [conn.read_response() for _ in range(len(owed) + 1)]
+        granted = replies[-1][2].decode()
+        owed[:] = [admission.release_command("llm", granted, "ok")[1]]
+
+    return {"ping": client.ping, "conn": conn_kind, "wire": wire, "slot": slot}
 
 
 def redis_cpu_us(admin: redis.Redis) -> float:
@@ -119,9 +135,10 @@ def run(opts: argparse.Namespace) -> int:
     print(f"{'kind':6} {'client CPU us':>14} {'wall us':>9} {'Redis CPU us':>13}")
     for kind, (cpu, wall, rcpu) in med.items():
         print(f"{kind:6} {cpu:14.1f} {wall:9.1f} {rcpu:13.1f}")
-    ping, wire, slot = med["ping"], med["wire"], med["slot"]
+    ping, conn, wire, slot = med["ping"], med["conn"], med["wire"], med["slot"]
     print(f"slot / ping: wall {slot[1] / ping[1]:.2f}x, client CPU {slot[0] / ping[0]:.2f}x")
-    print(f"wire adds to ping: {wire[0] - ping[0]:.1f} us CPU, {wire[1] - ping[1]:.1f} us wall")
+    print(f"conn adds to ping: {conn[0] - ping[0]:.1f} us CPU, {conn[1] - ping[1]:.1f} us wall")
+    print(f"wire adds to conn: {wire[0] - conn[0]:.1f} us CPU, {wire[1] - conn[1]:.1f} us wall")
     print(f"slot adds to wire: {slot[0] - wire[0]:.1f} us CPU, {slot[1] - wire[1]:.1f} us wall")
     if opts.profile:
         prof = cProfile.Profile()

@@ -241,3 +241,22 @@ def test_a_frozen_redis_before_the_write_owes_the_release(private: RedisServer) 
         os.kill(private.proc.pid, signal.SIGCONT)
     fleet.admission.release("llm", lease)  # what replay sends (it may have run at the thaw)
     assert fleet.admission.in_flight("llm") == 0
+
+
+def test_the_flusher_thread_ends_when_idle_and_the_next_post_starts_another(
+    make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch, rclient: redis.Redis
+) -> None:
+    monkeypatch.setattr(combiner_module, "FLUSHER_LINGER_S", 0.01)
+    monkeypatch.setattr(combiner_module, "FLUSHER_IDLE_S", 0.05)
+    fleet = make_fleet({"llm": CAP})
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    for _ in range(2):  # (the first release is sent: its script not yet seen)
+        with fleet.slot("llm"):
+            pass
+        first = combiner._flusher
+        assert _until(lambda: combiner._flusher is None)  # idle: the thread ended
+        assert first is None or _until(lambda: not first.is_alive())
+    with fleet.slot("llm"):
+        pass  # a post starts a flusher again, which writes it
+    assert _until(lambda: rclient.zcard(leases) == 0)
