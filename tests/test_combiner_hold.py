@@ -145,8 +145,11 @@ with fleet.slot("llm"):
     pass
 fleet.store.drain()
 fleet.store.combiner.flush_s = 3600.0
-with fleet.slot("llm"):
-    pass
+for _ in range(10):  # (a background call of the fleet's may carry it: release again)
+    with fleet.slot("llm"):
+        pass
+    if fleet.store.combiner._held:
+        break
 assert len(fleet.store.combiner._held) == 1
 """
 
