@@ -31,7 +31,8 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -69,6 +70,20 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
         owed[:] = [admission.release_command("llm", granted, "ok")[1]]
 
     return {"ping": client.ping, "conn": conn_kind, "wire": wire, "slot": slot}
+
+
+@contextmanager
+def pinned(cpu: int = 1) -> Iterator[None]:
+    """This process on one core for the block (where the OS allows it), then as before."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu if cpu in before else min(before)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def redis_cpu_us(admin: redis.Redis) -> float:
