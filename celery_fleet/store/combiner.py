@@ -258,6 +258,8 @@ class Combiner:
         #: batch's reads need a nearer one of their own.
         self._conn_timeout = math.inf
         self._own_timeout = False
+        #: Whether the current round trip met NOSCRIPT (a script Redis lost).
+        self._lost = False
         self.flush_s = flush_s
         #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
         #: while nothing is held (``_flusher_idle``: a post must wake it).
@@ -523,8 +525,10 @@ class Combiner:
         self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
             self._loaded = set()  # a new connection, maybe a new server: scripts unknown
-        pending = self._unread + batch  # wire order: the unread ones were written before
+        # wire order: the unread ones were written before
+        pending = self._unread + batch if self._unread else batch
         self._unread = []
+        self._lost = False
         error: BaseException | None = None
         # Nobody waits past the batch's last deadline: read no longer than that (on the
         # socket's own timeout, the health deadline, unless the deadline is clearly
@@ -535,27 +539,34 @@ class Combiner:
         left = until - time.monotonic()
         self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
         try:
-            data = b"".join(p for c in batch for _s, p in c.commands)
+            if len(batch) == 1 and len(batch[0].commands) == 1:  # a lone caller's one call
+                data = batch[0].commands[0][1]
+            else:
+                data = b"".join([p for c in batch for _s, p in c.commands])
             if data:
                 if conn._sock is None:
                     self._connect(conn)
                 conn.send_packed_command([data])
-            last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
+            last = len(pending) - 1
+            while last >= 0 and pending[last].callback is not None:
+                last -= 1  # posted calls at the end stay unread
+            read = self._read
             for call in pending[: last + 1]:
-                call.replies = [self._read(conn, script) for script, _p in call.commands]
+                call.replies = [read(conn, script) for script, _p in call.commands]
                 call.finished = True
             if last >= 0:
                 self._answered_at = time.monotonic()
             rest = pending[last + 1 :]
-            if rest and any(isinstance(r, NoScriptError) for c in pending for r in c.replies):
+            if self._lost:
                 # Commands are about to be sent again: read what is on the wire first.
                 for call in rest:
-                    call.replies = [self._read(conn, script) for script, _p in call.commands]
+                    call.replies = [read(conn, script) for script, _p in call.commands]
                     call.finished = True
                 rest = []
             self._unread = rest
-            done = [c for c in pending if c.finished]
-            self._send_again_what_redis_lost(client, conn, done)
+            if self._lost:
+                done = [c for c in pending if c.finished]
+                self._send_again_what_redis_lost(client, conn, done)
         except BaseException as exc:
             # Whatever broke off the round trip, replies may still be on their way: this
             # socket is out of step for good, and every call not answered fails with it.
@@ -566,8 +577,8 @@ class Combiner:
                 raise
         finally:
             for call in pending:
-                if not call.finished and call not in self._unread:
-                    call.fail(error if error is not None else RuntimeError("not sent"))
+                if error is not None and not call.finished:
+                    call.fail(error)
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
@@ -664,6 +675,8 @@ class Combiner:
                 left = self._until - time.monotonic()
                 reply = conn.read_response(timeout=max(left, 0.001))
         except redis.ResponseError as exc:
+            if isinstance(exc, NoScriptError):
+                self._lost = True  # loaded and sent again at the end of the round trip
             return exc  # an error reply: the connection is still in step
         self._loaded.add(script)
         return reply
