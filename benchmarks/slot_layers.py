@@ -58,6 +58,9 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
         with fleet.slot("llm", tokens=100):
             pass
 
+    for _ in range(2):  # the scripts loaded (a fresh server has none)
+        slot()
+    fleet.store.drain()
     conn = client.connection_pool.get_connection()
     owed: list[bytes] = []
 
