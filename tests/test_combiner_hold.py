@@ -195,7 +195,7 @@ def test_a_forked_child_never_writes_its_parents_held_release(
         try:
             os.close(read)
             seen = fleet.admission.in_flight("llm")  # the child's own wire
-            combiner_module._flush_at_exit()
+            combiner_module.flush_all()
             fleet.store.drain()
             os.write(write, str(seen).encode())
             code = 0

@@ -23,7 +23,8 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   decision. Anything this process asks Redis after a post is ordered after it (a call
   takes the held ones first; :class:`~celery_fleet.store.sync.RedisStore` drains before
   the calls that bypass this wire), a process that exits writes what it holds first
-  (``atexit``), and a forked child never writes what its parent held.
+  (:func:`flush_all`: ``atexit``, and a Celery prefork child's ``worker_process_shutdown``),
+  and a forked child never writes what its parent held.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -59,7 +60,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-__all__ = ["Packed", "Combiner", "encode", "pack_command", "FLUSH_S"]
+__all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
 log = logging.getLogger("celery_fleet")
 
@@ -185,9 +186,11 @@ def _flush_loop(ref: weakref.ReferenceType[Combiner]) -> None:
         del combiner
 
 
-def _flush_at_exit() -> None:
-    """At interpreter exit: write and read what this process's combiners hold (a
-    release must not be lost with the process; their callbacks run, owing what fails)."""
+def flush_all() -> None:
+    """Write and read what this process's combiners hold: a release must not be lost with
+    the process (their callbacks run, owing what fails). Run at interpreter exit
+    (``atexit``), and from Celery's ``worker_process_shutdown`` in a prefork child, which
+    leaves with ``os._exit`` (no ``atexit``)."""
     for combiner in list(_live):
         if combiner._pid == os.getpid() and (combiner._held or combiner._unread):
             try:
@@ -204,7 +207,7 @@ def _forget_after_fork() -> None:
         combiner._unread = []
 
 
-atexit.register(_flush_at_exit)
+atexit.register(flush_all)
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
