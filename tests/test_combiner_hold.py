@@ -257,7 +257,6 @@ def test_a_frozen_redis_before_the_write_owes_the_release(private: RedisServer) 
 def test_the_flusher_thread_ends_when_idle_and_the_next_post_starts_another(
     make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch, rclient: redis.Redis
 ) -> None:
-    monkeypatch.setattr(combiner_module, "FLUSHER_LINGER_S", 0.01)
     monkeypatch.setattr(combiner_module, "FLUSHER_IDLE_S", 0.05)
     fleet = make_fleet({"llm": CAP})
     combiner = fleet.store.combiner

@@ -18,13 +18,15 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   limit, any thread) writes it just ahead of itself, in the same write, and its reply is
   read with that call's (replies come back in order), or later by :meth:`Combiner.drain`,
   and handed to a callback. When nothing follows, the combiner's flusher thread writes it
-  within :data:`FLUSH_S` (the thread sleeps on a condition while nothing is held: an idle
-  process pays nothing). A busy process thus pays one round trip and one write per
-  decision. Anything this process asks Redis after a post is ordered after it (a call
-  takes the held ones first; :class:`~celery_fleet.store.sync.RedisStore` drains before
-  the calls that bypass this wire), a process that exits writes what it holds first
-  (:func:`flush_all`: ``atexit``, and a Celery prefork child's ``worker_process_shutdown``),
-  and a forked child never writes what its parent held.
+  within :data:`FLUSH_S`. The flusher sleeps on a condition until a call is held with the
+  wire free (a post then, or a carrier leaving the wire with no caller after it): an idle
+  process pays nothing, and on a busy wire the callers carry what is held while it
+  sleeps. A busy process thus pays one round trip and one write per decision. Anything
+  this process asks Redis after a post is ordered after it (a call takes the held ones
+  first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
+  this wire), a process that exits writes what it holds first (:func:`flush_all`:
+  ``atexit``, and a Celery prefork child's ``worker_process_shutdown``), and a forked
+  child never writes what its parent held.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -73,9 +75,7 @@ FLUSH_S = 0.001
 #: next write (a syscall per round trip): a busy wire is known alive. A close that lands
 #: inside it fails that round trip as dropped, as one during the round trip would.
 STALE_CHECK_S = 0.05
-#: The flusher looks for posted calls every FLUSH_S until none came for this long (s), then
-#: sleeps until a post wakes it; asleep this long (s), its thread ends (a post starts one).
-FLUSHER_LINGER_S = 0.02
+#: The flusher thread ends after this long (s) with nothing to look at (a post starts one).
 FLUSHER_IDLE_S = 5.0
 
 
@@ -265,10 +265,12 @@ class Combiner:
         self._lost = False
         self.flush_s = flush_s
         #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
-        #: while nothing is held (``_flusher_idle``: a post must wake it).
+        #: until armed (``_flusher_idle``: an arming must wake it).
         self._wake = threading.Condition(threading.Lock())
         self._flusher: threading.Thread | None = None
         self._flusher_idle = False
+        #: Something is held with the wire free: the flusher is to look (see _arm).
+        self._armed = False
         #: The process this combiner belongs to: a forked child never writes its calls.
         self._pid = os.getpid()
         _live.add(self)
@@ -315,21 +317,26 @@ class Combiner:
     def _abandon(self, me: _Call) -> None:
         """A caller stopped waiting: take its call out of the queue, or, if it had just been
         handed the wire, hand the wire on (a call already being carried finishes alone)."""
+        rearm = False
         with self._lock:
             if me in self._queue:
                 self._queue.remove(me)
                 if me.lead:
-                    self._hand_on()
+                    rearm = self._hand_on()
+        if rearm:
+            self._arm()
 
-    def _hand_on(self) -> None:
-        """(Under the lock) give the wire to the first waiting caller, or free it (held
-        posted calls are written by the next caller, or the flusher)."""
+    def _hand_on(self) -> bool:
+        """(Under the lock) give the wire to the first waiting caller (it writes the held
+        posted calls first), or free it; True when freed with posted calls held (the
+        caller then arms the flusher, once out of the lock)."""
         if self._queue:
             heir = self._queue[0]
             heir.lead = True
             heir.hand_back()
-        else:
-            self._busy = False
+            return False
+        self._busy = False
+        return bool(self._held)
 
     def post(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
@@ -347,8 +354,8 @@ class Combiner:
             if script not in loaded:
                 return False
         self._held.append(_Call(commands, callback, self._bound()))
-        if self._flusher_idle or self._flusher is None:  # else it is awake and will look
-            self._wake_flusher()
+        if not self._busy:  # else the carrier on the wire arms the flusher when it leaves
+            self._arm()
         return True
 
     def pending(self) -> float:
@@ -383,6 +390,12 @@ class Combiner:
             self._busy = True
         self._carry([])
 
+    def _arm(self) -> None:
+        """Make the flusher look at what is held (waking it only if it sleeps idle)."""
+        self._armed = True  # set before looking: an idle flusher looks at it after
+        if self._flusher_idle or self._flusher is None:
+            self._wake_flusher()
+
     def _wake_flusher(self) -> None:
         with self._wake:
             if self._flusher is None or not self._flusher.is_alive():
@@ -396,46 +409,37 @@ class Combiner:
             self._wake.notify()
 
     def _sleep_until_held(self) -> bool:
-        """(Flusher) Sleep while nothing is held; False when the flusher should end: idle
-        for :data:`FLUSHER_IDLE_S` (the next post starts another), or a fork."""
+        """(Flusher) Sleep until armed; False when the flusher should end: not armed for
+        :data:`FLUSHER_IDLE_S` (the next arming starts another), or a fork."""
         with self._wake:
-            self._flusher_idle = True  # set before looking: a post after it wakes us
-            if not self._held:
+            self._flusher_idle = True  # set before looking: an arming after it wakes us
+            if not self._armed:
                 self._wake.wait(FLUSHER_IDLE_S)
-            if not self._held or self._pid != os.getpid():
-                self._flusher = None  # under the condition: a post now starts another
+            if not self._armed or self._pid != os.getpid():
+                self._flusher = None  # under the condition: an arming now starts another
                 return False
-            self._flusher_idle = False
+            self._armed = self._flusher_idle = False
         return True
 
     def _flush_held(self) -> None:
-        """(Flusher) Write what is held once its oldest call has waited :attr:`flush_s`
-        (a caller may carry it before), until nothing was held for :data:`FLUSHER_LINGER_S`.
-
-        While posts keep coming it looks every :attr:`flush_s` rather than sleep on the
-        condition: a post then takes no lock and wakes no thread (in a busy process one
-        look a millisecond costs less than a wake-up every few decisions)."""
-        linger_until = time.monotonic() + FLUSHER_LINGER_S
+        """(Flusher) Write what is held once its oldest call has waited :attr:`flush_s`,
+        unless a caller carries it before. It is armed only when a call is held with the
+        wire free (a post then, or a carrier leaving the wire with no caller after it): on
+        a busy wire the callers carry what is held, and the flusher sleeps."""
         while True:
             try:
                 oldest = self._held[0]
             except IndexError:
-                if time.monotonic() > linger_until:
-                    return  # idle: the next post wakes the flusher
-                time.sleep(self.flush_s)
-                continue
-            now = time.monotonic()
-            linger_until = now + FLUSHER_LINGER_S
-            left = oldest.at + self.flush_s - now
+                return  # carried
+            left = oldest.at + self.flush_s - time.monotonic()
             if left > 0:
                 time.sleep(left)
                 continue
             with self._lock:
                 busy, self._busy = self._busy, True
-            if busy:  # a carrier on the wire: it (or its heir) may take them; look again
-                time.sleep(self.flush_s / 4)
-                continue
-            self._carry([])
+            if busy:  # a carrier on the wire takes them, or arms the flusher as it leaves
+                return
+            self._carry([])  # as it leaves, it arms the flusher again if more are held
 
     def _carry(self, first: list[_Call] | None) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
@@ -472,7 +476,9 @@ class Combiner:
                             answered.append(call)
                     call.hand_back()
                 with self._lock:
-                    self._hand_on()
+                    rearm = self._hand_on()
+                if rearm:
+                    self._arm()
         finally:
             # Off the wire: a callback may itself call Redis.
             for call in answered:
