@@ -425,12 +425,18 @@ class Combiner:
         """(Flusher) Write what is held once its oldest call has waited :attr:`flush_s`,
         unless a caller carries it before. It is armed only when a call is held with the
         wire free (a post then, or a carrier leaving the wire with no caller after it): on
-        a busy wire the callers carry what is held, and the flusher sleeps."""
+        a busy wire the callers carry what is held, and the flusher sleeps. While it keeps
+        being armed (posts on a free wire: one thread's loop of slots) it looks again every
+        :attr:`flush_s` instead of sleeping on the condition, so those posts wake nobody."""
         while True:
             try:
                 oldest = self._held[0]
-            except IndexError:
-                return  # carried
+            except IndexError:  # carried
+                if not self._armed:
+                    return
+                self._armed = False
+                time.sleep(self.flush_s)
+                continue
             left = oldest.at + self.flush_s - time.monotonic()
             if left > 0:
                 time.sleep(left)
