@@ -49,7 +49,7 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
     def wire() -> None:
         lease = admission.new_ticket("llm")
         (reply,) = store.send(admission.acquire_command("llm", 100, lease))
-        granted = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+        granted = admission.decision("llm", 100, reply).lease_id or ""  # any reply shape
         release = admission.release_command("llm", granted, "ok")
         if not store.post(release, lambda _r: None):  # its script not seen on this wire yet
             store.send(release)
@@ -69,7 +69,7 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
         _name, ask = admission.acquire_command("llm", 100, lease)
         conn.send_packed_command([b"".join(owed) + ask])
         replies = [conn.read_response() for _ in range(len(owed) + 1)]
-        granted = replies[-1][2].decode()
+        granted = admission.decision("llm", 100, replies[-1]).lease_id or ""
         owed[:] = [admission.release_command("llm", granted, "ok")[1]]
 
     return {"ping": client.ping, "conn": conn_kind, "wire": wire, "slot": slot}
