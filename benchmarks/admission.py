@@ -18,12 +18,19 @@ Budgets are so large that every request is admitted: this measures the cost of a
    try_acquire* (+ release); *lean Lua*, the single ~15-line script a strong engineer writes by
    hand (GCRA for both budgets in one hash, a lease zset, all or nothing on Redis TIME; release
    is one ZREM), with none of ours' line, breaker, adaptive cap or lease bookkeeping;
+   *lean Lua, 1 round trip*, the same script with its release (the `ZREM`) sent with the next
+   acquire in one write of packed RESP on a redis-py connection, both replies read together
+   by its parser (and the same over a plain socket, replies read as lines: *raw socket*);
    *limits + INCR*, two `limits` SlidingWindowCounter hits (RPM; TPM with `cost=tokens`) and a
    lock-free in-flight counter; *limits + Lock (strawman)*, the same hits and a counter under
    a redis-py `Lock` polled every 1 ms, the peer this benchmark used to report.
 
+   `--threads 4x4,16x16` adds P processes of T threads each, for `slot()` (one Fleet per
+   process, as in a `-P threads` worker) and the lean peers (a client per thread).
+
 Targets: try_acquire <= 1.5x PING at the median; `fleet.slot()` >= 0.9x the lean script's
-decisions/s at every process count and >= 1.5x limits + INCR's, in the same run. On a VM,
+decisions/s at every process count and >= 1.5x limits + INCR's, and >= 0.75x the one-round-
+trip lean peer's (issue 26), in the same run. On a VM,
 loopback PING swings ~4x with whether Redis's vCPU is idle (it must be woken up), so also read
 the µs try_acquire adds to a PING, which does not swing, and each run's floor.
 
@@ -34,7 +41,7 @@ the µs try_acquire adds to a PING, which does not swing, and each run's floor.
 Usage::
 
     .venv/bin/python benchmarks/admission.py [--samples 5000] [--runs 5] [--seconds 3]
-        [--procs 1,4,16,64]
+        [--procs 1,4,16,64] [--threads 4x4,16x16]
     .venv/bin/python benchmarks/admission.py contention [--callers 32,64,1000] [--procs 4]
 """
 
@@ -53,7 +60,16 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from peers import BUDGETS, LIMIT, TOKENS, Lean, LimitsIncr, LimitsLock
+from peers import (
+    BUDGETS,
+    LIMIT,
+    TOKENS,
+    Lean,
+    LeanOneTrip,
+    LeanOneTripRaw,
+    LimitsIncr,
+    LimitsLock,
+)
 from results import append_section, on_db
 
 from celery_fleet import Fleet
@@ -62,7 +78,7 @@ from celery_fleet.store.sync import mask_url, script_source
 
 DB = 12
 HELD = "held"
-TARGET_LATENCY_X, TARGET_LEAN_X, TARGET_INCR_X = 1.5, 0.9, 1.5
+TARGET_LATENCY_X, TARGET_LEAN_X, TARGET_INCR_X, TARGET_LEAN1_X = 1.5, 0.9, 1.5, 0.75
 
 
 class Ours:
@@ -89,11 +105,21 @@ KINDS = {
     "slot": "ours: slot()",
     "acquire": "ours: try_acquire",
     "lean": "lean Lua",
+    "lean1": "lean Lua, 1 round trip",
+    "lean1raw": "lean Lua, 1 round trip, raw socket",
     "incr": "limits + INCR",
     "lock": "limits + Lock (strawman)",
 }
-PEERS = {"lean": Lean, "incr": LimitsIncr, "lock": LimitsLock}
+PEERS = {
+    "lean": Lean,
+    "lean1": LeanOneTrip,
+    "lean1raw": LeanOneTripRaw,
+    "incr": LimitsIncr,
+    "lock": LimitsLock,
+}
 Rates = dict[str, list[float]]  # kind -> decisions/s (summed over processes) of each round
+#: Kinds run by several threads of a process (``--threads``): ours and the lean peers.
+THREADED = ("slot", "lean", "lean1", "lean1raw")
 
 
 def make_cycle(kind: str, url: str, run_id: str) -> Callable[[], object]:
@@ -205,47 +231,82 @@ def run_medians(run: Samples) -> list[float]:
 # -- throughput ---------------------------------------------------------------------------------
 
 
-def _worker(url: str, run_id: str, slice_s: float, rounds: int, barrier: Any, out: Any) -> None:
+def _thread_cycles(kind: str, url: str, run_id: str, threads: int) -> list[Callable[[], object]]:
+    """``threads`` cycles of ``kind`` for the threads of one process: ours share one Fleet
+    (as the threads of a ``-P threads`` worker do), a peer gets a client per thread."""
+    if kind == "slot":
+        return [make_cycle(kind, url, run_id)] * threads
+    return [make_cycle(kind, url, run_id) for _ in range(threads)]
+
+
+def _run_slice(cycles: list[Callable[[], object]], slice_s: float) -> float:
+    """Decisions/s of ``cycles``, one thread each (the caller's for a single one)."""
+    counts = [0] * len(cycles)
+
+    def loop(i: int) -> None:
+        cycle, n, end = cycles[i], 0, time.perf_counter() + slice_s
+        while time.perf_counter() < end:
+            cycle()
+            n += 1
+        counts[i] = n
+
+    start = time.perf_counter()
+    if len(cycles) == 1:
+        loop(0)
+    else:
+        pool = [threading.Thread(target=loop, args=(i,)) for i in range(len(cycles))]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def _worker(
+    url: str, run_id: str, slice_s: float, rounds: int, barrier: Any, out: Any, threads: int = 1
+) -> None:
     try:
-        cycles = {kind: make_cycle(kind, url, run_id) for kind in KINDS}
-        for cycle in cycles.values():  # warm up: connect, load scripts (the Lock peer is slow)
-            warm_until = time.perf_counter() + 0.5
-            for _ in range(200):
-                cycle()
-                if time.perf_counter() > warm_until:
-                    break
-        for round_no in range(rounds):
-            for kind, cycle in cycles.items():
-                barrier.wait()
-                n, start = 0, time.perf_counter()
-                while time.perf_counter() - start < slice_s:
+        kinds = KINDS if threads == 1 else THREADED
+        cycles = {kind: _thread_cycles(kind, url, run_id, threads) for kind in kinds}
+        for group in cycles.values():  # warm up: connect, load scripts (the Lock peer is slow)
+            for cycle in dict.fromkeys(group):
+                warm_until = time.perf_counter() + 0.5
+                for _ in range(200):
                     cycle()
-                    n += 1
-                out.put((round_no, kind, n / (time.perf_counter() - start)))
+                    if time.perf_counter() > warm_until:
+                        break
+        for round_no in range(rounds):
+            for kind, group in cycles.items():
+                barrier.wait()
+                out.put((round_no, kind, _run_slice(group, slice_s)))
     except Exception as exc:  # tell the parent rather than leave the barrier hanging
         barrier.abort()
         out.put(f"worker {os.getpid()}: {exc!r}")
 
 
-def throughput(url: str, run_id: str, procs: int, seconds: float, rounds: int) -> Rates:
-    """Per kind, the rate summed over `procs` spawned processes, for each round.
+def throughput(
+    url: str, run_id: str, procs: int, seconds: float, rounds: int, threads: int = 1
+) -> Rates:
+    """Per kind, the rate summed over `procs` spawned processes, for each round (with
+    ``threads`` > 1: the kinds of THREADED, each run by that many threads per process).
 
     Kinds alternate in slices of seconds/rounds (each after a barrier), so a machine whose
     speed drifts over seconds (a VM's vCPU idling, a neighbour's load) slows all kinds alike.
     """
     ctx = mp.get_context("spawn")
+    kinds = KINDS if threads == 1 else THREADED
     barrier, out = ctx.Barrier(procs + 1), ctx.Queue()
-    args = (url, run_id, seconds / rounds, rounds, barrier, out)
+    args = (url, run_id, seconds / rounds, rounds, barrier, out, threads)
     workers = [ctx.Process(target=_worker, args=args) for _ in range(procs)]
     for w in workers:
         w.start()
-    rates: Rates = {kind: [0.0] * rounds for kind in KINDS}
+    rates: Rates = {kind: [0.0] * rounds for kind in kinds}
     try:
-        for _ in range(rounds * len(KINDS)):
+        for _ in range(rounds * len(kinds)):
             barrier.wait(timeout=120)
     except threading.BrokenBarrierError:
         pass  # a worker failed: its message is in the queue
-    for _ in range(procs * rounds * len(KINDS)):
+    for _ in range(procs * rounds * len(kinds)):
         got = out.get(timeout=120)
         if isinstance(got, str):
             for w in workers:
@@ -261,35 +322,49 @@ def throughput(url: str, run_id: str, procs: int, seconds: float, rounds: int) -
 # -- report -------------------------------------------------------------------------------------
 
 MET = {True: "met", False: "NOT met"}
-RATIOS = [("slot", "lean"), ("slot", "incr"), ("acquire", "lean")]  # throughput ratio columns
+#: throughput ratio columns
+RATIOS = [
+    ("slot", "lean1"),
+    ("slot", "lean1raw"),
+    ("slot", "lean"),
+    ("slot", "incr"),
+    ("acquire", "lean"),
+]
 
 
-def mean_rates(rates: dict[int, Rates]) -> dict[int, dict[str, float]]:
-    return {n: {kind: sum(r[kind]) / len(r[kind]) for kind in KINDS} for n, r in rates.items()}
+def mean_rates(rates: dict[str, Rates]) -> dict[str, dict[str, float]]:
+    return {n: {kind: sum(v) / len(v) for kind, v in r.items()} for n, r in rates.items()}
 
 
 def pooled(runs: list[Samples], key: str) -> list[int]:
     return [ns for run in runs for ns in run[key]]
 
 
-def headline(runs: list[Samples], rates: dict[int, Rates]) -> list[str]:
+def headline(runs: list[Samples], rates: dict[str, Rates]) -> list[str]:
     """The targets, met or not: latency from the runs' medians, throughput from the means."""
     per = [run_medians(run) for run in runs]
     latency_x, floor_x = (statistics.median(m[i] for m in per) for i in (3, 4))
     adds_us = statistics.median(m[2] - m[0] for m in per)
     p99_x = pct_us(pooled(runs, "acquire"), 0.99) / pct_us(pooled(runs, "ping"), 0.99)
     mean = mean_rates(rates)
-    lean = {n: m["slot"] / m["lean"] for n, m in mean.items()}
-    incr = {n: m["slot"] / m["incr"] for n, m in mean.items()}
+    single = {n: m for n, m in mean.items() if "x" not in n}
+    lean = {n: m["slot"] / m["lean"] for n, m in single.items()}
+    incr = {n: m["slot"] / m["incr"] for n, m in single.items()}
+    lean1 = {n: m["slot"] / m["lean1"] for n, m in mean.items()}
 
-    def by_procs(ratios: dict[int, float]) -> str:
-        return ", ".join(f"{ratio:.2f}x at {n} proc" for n, ratio in ratios.items())
+    def by_procs(ratios: dict[str, float]) -> str:
+        return ", ".join(
+            f"{ratio:.2f}x at {n}" + ("" if "x" in n else " proc") for n, ratio in ratios.items()
+        )
 
     return [
         f"- **try_acquire / PING: {latency_x:.2f}x at the median** (median of {len(runs)} runs; "
         f"floor, a no-op EVALSHA: {floor_x:.2f}x), {p99_x:.2f}x at p99; it adds {adds_us:.0f} µs "
         f"to a PING (target <= {TARGET_LATENCY_X}x at the median: "
         f"{MET[latency_x <= TARGET_LATENCY_X]})",
+        f"- **decisions/s, slot() / lean Lua with its release sent with the next acquire (one "
+        f"round trip): {by_procs(lean1)}** (target >= {TARGET_LEAN1_X}x: "
+        f"{MET[all(r >= TARGET_LEAN1_X for r in lean1.values())]})",
         f"- **decisions/s, slot() / lean Lua: {by_procs(lean)}** (target >= {TARGET_LEAN_X}x at "
         f"every process count: {MET[all(r >= TARGET_LEAN_X for r in lean.values())]})",
         f"- **decisions/s, slot() / limits + INCR: {by_procs(incr)}** (target >= {TARGET_INCR_X}x "
@@ -331,26 +406,31 @@ def latency_tables(runs: list[Samples], srv: dict[str, float | None]) -> list[st
     return lines
 
 
-def throughput_table(rates: dict[int, Rates]) -> list[str]:
+def throughput_table(rates: dict[str, Rates]) -> list[str]:
     rounds = len(next(iter(rates.values()))["slot"])
     names = [f"{KINDS[a].split(': ')[-1]} / {KINDS[b]}" for a, b in RATIOS]
     lines = [
         f"Throughput, decisions/s (acquire + release) summed over processes, mean of {rounds} "
-        "alternating slices; ratios of the means (range over the slices):",
+        "alternating slices; ratios of the means (range over the slices). PxT: P processes of "
+        "T threads (ours: one Fleet per process; a peer: a client per thread), only slot() and "
+        "the lean peers:",
         "",
         f"| processes | {' | '.join(KINDS.values())} | {' | '.join(f'**{n}**' for n in names)} |",
         "|---:" * (1 + len(KINDS) + len(RATIOS)) + "|",
     ]
     for n, m in mean_rates(rates).items():
-        cells = [f"{m[kind]:,.0f}" for kind in KINDS]
+        cells = [f"{m[kind]:,.0f}" if kind in m else "" for kind in KINDS]
         for a, b in RATIOS:
+            if a not in m or b not in m:
+                cells.append("")
+                continue
             per_slice = [x / y for x, y in zip(rates[n][a], rates[n][b], strict=True)]
             cells.append(f"**{m[a] / m[b]:.2f}x** ({min(per_slice):.2f}-{max(per_slice):.2f})")
         lines.append(f"| {n} | {' | '.join(cells)} |")
     return lines
 
 
-def report(runs: list[Samples], srv: dict[str, float | None], rates: dict[int, Rates]) -> str:
+def report(runs: list[Samples], srv: dict[str, float | None], rates: dict[str, Rates]) -> str:
     """The markdown printed and appended: headline targets first, then the tables."""
     parts = [headline(runs, rates), latency_tables(runs, srv), throughput_table(rates)]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
@@ -377,12 +457,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runs", type=int, default=5, help="latency runs, each samples every row (default 5)"
     )
+    parser.add_argument("--procs", default="1,4,16,64", help="process counts (default %(default)s)")
     parser.add_argument(
-        "--procs", default="1,4,16,64", help="process counts (default %(default)s)"
+        "--threads",
+        default="4x4",
+        help="PxT shapes for slot() and the lean peers, comma-separated (default %(default)s; "
+        "'' for none)",
     )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     opts = parser.parse_args(argv)
     opts.procs = [int(p) for p in opts.procs.split(",") if p.strip().isdigit() and int(p) > 0]
+    try:
+        opts.threads = [
+            tuple(int(x) for x in shape.lower().split("x"))
+            for shape in opts.threads.split(",")
+            if shape.strip()
+        ]
+    except ValueError:
+        parser.error("--threads takes PxT shapes, e.g. 4x4,16x16")
+    if any(len(s) != 2 or min(s) < 1 for s in opts.threads):
+        parser.error("--threads takes PxT shapes of positive numbers, e.g. 4x4,16x16")
     if min(opts.samples, opts.runs, opts.rounds) < 1 or opts.seconds <= 0 or not opts.procs:
         parser.error("--samples, --runs, --seconds, --rounds and --procs must be positive")
     return opts
@@ -410,10 +504,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"latency run {run_no}/{opts.runs}: {opts.samples} samples", file=sys.stderr)
             runs.append(sample_latency(ours, lean, lock, opts.samples))
         srv = server_us(ours, lean, min(1000, opts.samples))
-        rates: dict[int, Rates] = {}
+        rates: dict[str, Rates] = {}
         for n in opts.procs:
             print(f"throughput: {n} process(es), {opts.seconds} s per kind", file=sys.stderr)
-            rates[n] = throughput(url, run_id, n, opts.seconds, opts.rounds)
+            rates[str(n)] = throughput(url, run_id, n, opts.seconds, opts.rounds)
+        for procs, threads in opts.threads:
+            print(f"throughput: {procs}x{threads} threads, {opts.seconds} s", file=sys.stderr)
+            rates[f"{procs}x{threads}"] = throughput(
+                url, run_id, procs, opts.seconds, opts.rounds, threads
+            )
         table = report(runs, srv, rates)
     finally:
         for key in client.scan_iter(match=f"*{run_id}*", count=1000):

@@ -36,10 +36,13 @@ with 100 tokens. Every figure is a per-decision cost or a ratio within this run.
     measured in real `celery worker` processes (`-P threads -c 8`, `-P prefork -c 2`), see
     `overhead_tasks.py`. Target >= 0.9x on both pools.
 (f) The redis-py parser in use (hiredis or pure Python) is named in the headlines.
+(g) **slot() enter+exit against PING with the client pinned to one core** (issue 26), and the
+    layers between them (`slot_layers.py`): client CPU, wall and Redis CPU µs per call, kinds
+    alternating. Target: slot() <= 1.5x PING (wall, median of the slices).
 
 Usage::
 
-    .venv/bin/python benchmarks/overhead.py [--quick] [--only a,b,c,d,e] [--no-write]
+    .venv/bin/python benchmarks/overhead.py [--quick] [--only a,b,c,d,e,g] [--no-write]
         [--procs 4] [--threads 16x16] [--ceiling-procs 1,2,4] [--pipeline 64] [--private-redis]
 """
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -74,14 +78,14 @@ from celery_fleet.store.sync import mask_url
 DB = 15
 LIMIT, TOKENS = "llm", 100
 BUDGETS = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
-MAX_CMDS, MIN_PCT, MIN_SLOT, MIN_TASK = 10, 60.0, 0.95, 0.9
+MAX_CMDS, MIN_PCT, MIN_SLOT, MIN_TASK, MAX_PING_X = 10, 60.0, 0.95, 0.9, 1.5
 #: Run lengths: seconds per kind or build (a, b, c, d), slices per kind, tasks per batch and
 #: batches per kind (e).
 SIZES = {
     "quick": {"a_s": 2, "a_n": 8, "b_s": 2, "b_n": 1, "c_s": 2, "c_n": 1, "d_s": 1, "d_n": 4,
-              "e_n": 500, "e_rounds": 1},
+              "e_n": 500, "e_rounds": 1, "g_n": 1000, "g_rounds": 3},
     "full": {"a_s": 6, "a_n": 20, "b_s": 6, "b_n": 3, "c_s": 6, "c_n": 3, "d_s": 5, "d_n": 10,
-             "e_n": 3000, "e_rounds": 2},
+             "e_n": 3000, "e_rounds": 2, "g_n": 4000, "g_rounds": 7},
 }  # fmt: skip
 Part = tuple[list[str], list[str]]  # headline lines, table lines
 
@@ -292,6 +296,46 @@ def part_d(url: str, ns: str, seconds: float, rounds: int) -> Part:
     return head, rows
 
 
+def part_g(url: str, ns: str, n: int, rounds: int) -> Part:
+    """slot() enter+exit against a bare PING with this process pinned to one core (an
+    unpinned PING swings 4x on a shared box), layer by layer (slot_layers.py)."""
+    from slot_layers import kinds, measure, pinned
+
+    fleet, admin = make_fleet(url, ns), redis.Redis.from_url(url)
+    steps = kinds(fleet)
+    with pinned():
+        for step in steps.values():
+            for _ in range(300):
+                step()
+        got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
+        for r in range(rounds):
+            for kind in list(steps) if r % 2 == 0 else list(steps)[::-1]:
+                got[kind].append(measure(steps[kind], n, admin))
+    fleet.store.drain()  # the last release, before the keys are deleted
+    med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in got.items()}
+    ratio = med["slot"][1] / med["ping"][1]
+    head = [
+        f"- (g) **slot() enter+exit / PING, pinned to one core: {ratio:.2f}x** wall at the "
+        f"median of {rounds} slices (target <= {MAX_PING_X}x: {MET[ratio <= MAX_PING_X]}); "
+        f"client CPU per decision {med['slot'][0]:.0f} µs (PING {med['ping'][0]:.0f} µs), "
+        f"Redis CPU per decision {med['slot'][2]:.1f} µs"
+    ]
+    rows = [
+        "",
+        f"(g) One process pinned to one core, {rounds} alternating slices of {n} calls; medians. "
+        "conn: the same scripts on a bare redis-py connection (release written with the next "
+        "acquire); wire: the store's send + post; slot: `with fleet.slot()`.",
+        "",
+        "| layer | client CPU µs | wall µs | Redis CPU µs | wall / PING |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {k} | {c:.1f} | {w:.1f} | {rc:.1f} | {w / med['ping'][1]:.2f}x |"
+            for k, (c, w, rc) in med.items()
+        ),
+    ]
+    return head, rows
+
+
 def part_e(url: str, run_id: str, n: int, rounds: int) -> Part:
     os.environ.update({"OVERHEAD_URL": url, "OVERHEAD_RUN": run_id})
     import overhead_tasks  # configured from the environment above
@@ -312,7 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=default_url, help="default $REDIS_URL, else "
                         "%(default)s; always DB 15")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="short runs (development)")
-    parser.add_argument("--only", default="a,b,c,d,e", help="parts, default %(default)s; c runs b")
+    parser.add_argument(
+        "--only", default="a,b,c,d,e,g", help="parts, default %(default)s; c runs b"
+    )
     parser.add_argument("--procs", type=int, default=4, help="(a) processes, default %(default)s")
     parser.add_argument("--threads", default="16x16", help="(c) PROCSxTHREADS, default %(default)s")
     parser.add_argument("--ceiling-procs", default="1,2,4",
@@ -326,8 +372,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     opts = parser.parse_args(argv)
     opts.only = {p.strip() for p in opts.only.split(",") if p.strip()}
-    if not opts.only or not opts.only <= set("abcde"):
-        parser.error("--only takes a comma-separated subset of a,b,c,d,e")
+    if not opts.only or not opts.only <= set("abcdeg"):
+        parser.error("--only takes a comma-separated subset of a,b,c,d,e,g")
     try:
         procs, threads = (int(x) for x in opts.threads.lower().split("x"))
     except ValueError:
@@ -387,6 +433,8 @@ def run(opts: argparse.Namespace) -> int:
                 head, rows = part_c(url, ns, opts.shape, size["c_s"], size["c_n"], ceil)
             elif part == "d":
                 head, rows = part_d(url, ns, size["d_s"], size["d_n"])
+            elif part == "g":
+                head, rows = part_g(url, ns, size["g_n"], size["g_rounds"])
             else:
                 head, rows = part_e(url, run_id, size["e_n"], size["e_rounds"])
             heads[part], tables = head, tables + rows

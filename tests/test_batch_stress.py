@@ -342,7 +342,10 @@ def test_connection_killed_with_posted_replies_unread(
     while fleet.presence.run_id is None and time.monotonic() < deadline:
         time.sleep(0.02)
     with fleet.slot("llm"):
-        pass  # posted
+        pass  # posted: held, then written by the flusher
+    deadline = time.monotonic() + 5
+    while fleet.store.combiner._held and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert fleet.store.combiner._unread
     time.sleep(0.05)
     admin.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: admin survives

@@ -376,29 +376,59 @@ def test_next_without_a_store_down_policy_raises_what_redis_did_not_answer(
 # -- posted releases ------------------------------------------------------------------------
 
 
-def test_a_slot_costs_one_round_trip_its_release_rides_with_the_next(
+def test_a_slot_costs_one_write_its_release_rides_with_the_next(
     make_fleet: MakeFleet, rclient: redis.Redis
 ) -> None:
     fleet = make_fleet({"llm": {"max_in_flight": 4}})
     with fleet.slot("llm"):
         pass  # the first release of a process is sent and read (scripts not yet seen)
-    trips: list[int] = []
     combiner = fleet.store.combiner
+    combiner.flush_s = 60.0  # nothing but the next call writes a release here
     real = combiner._round_trip
+    trips: list[tuple[int, list[str]]] = []  # per write: posted calls, scripts waited for
 
     def counting(batch: list[Any], answered: list[Any]) -> Any:
-        trips.append(len(batch))
+        posted = sum(1 for c in batch if c.callback is not None)
+        waited = [s for c in batch if c.callback is None for s, _p in c.commands]
+        trips.append((posted, waited))
         return real(batch, answered)
 
     combiner._round_trip = counting  # type: ignore[method-assign]
     for _ in range(10):
         with fleet.slot("llm"):
             pass
-    assert len(trips) == 20  # ten acquires waited for, ten releases written without waiting
-    waited = [t for t in combiner._unread]
-    assert len(waited) == 1  # only the last release's reply is still unread...
-    # ...yet Redis applied it: another client sees no lease held
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
+    # ten decisions, ten writes: each release rode with a later call (an acquire, or a
+    # background call of the fleet's), never in a write of its own
+    assert all(waited for _posted, waited in trips), trips
+    assert sum(waited.count("acquire") for _p, waited in trips) == 10
+    carried = sum(posted for posted, _w in trips)
+    # the last release waits for the next call (unless a background call took it)...
+    assert len(combiner._held) == 10 - carried and carried in (9, 10)
+    leases = fleet.admission.keys("llm").leases
+    assert rclient.zcard(leases) == 10 - carried
+    fleet.admission.in_flight("llm")  # ...any call of this process, which goes after it
+    assert not combiner._held
+    assert rclient.zcard(leases) == 0
+
+
+def test_a_release_nothing_follows_is_written_by_the_flusher(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 4}})
+    with fleet.slot("llm"):
+        pass
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    for _ in range(3):
+        with fleet.slot("llm"):
+            pass
+        deadline = time.monotonic() + 5  # a bound for a hung test, not a speed assert
+        while rclient.zcard(leases) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert rclient.zcard(leases) == 0 and not combiner._held
+    assert combiner._unread  # written, its reply left for the next call to read
+    flusher = combiner._flusher
+    assert flusher is not None and flusher.daemon and flusher.is_alive()
 
 
 def test_a_posted_release_reports_a_lost_lease_once_read(make_fleet: MakeFleet) -> None:

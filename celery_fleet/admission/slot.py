@@ -42,6 +42,7 @@ from .decision import Decision, Release
 from .judging import Judging
 from .keeper import Clock, Holder, LeaseKeeper, SystemClock, lease_fields
 from .lanes import check_lane
+from .line import LANE_SPAN, check_since
 from .providers import OK, Signal, classify, parse_headers
 from .run import Run
 
@@ -268,12 +269,7 @@ class Slot(Judging):
             else:
                 was_in_line, self.in_line = self.in_line, join  # asking: it may join
                 self.generation = self.admission.generation(self.limit)
-                with self.admission.store.deadline(self.remaining_s(start)):
-                    order = self.admission.order_of(self.limit, self.run)
-                    # the key again: its name stays known to this process (keyed.py's LRU)
-                    decision = self.admission.try_acquire(
-                        self.limit, self.tokens, ticket, order, join, key=self.key
-                    )
+                decision = self._ask(ticket, join, start)
                 self.admission.remember_place(self.limit, self.run, decision)
                 ticket = self.ticket = self.fresh_ticket(ticket, was_in_line)
             if not self.run.since_ms:
@@ -285,6 +281,28 @@ class Slot(Judging):
                 self.clock.sleep(seconds)
             else:
                 self._wait_for_wake_up(ticket, seconds, decision.wait_ms / 1000.0)
+
+    def _ask(self, ticket: str, join: bool, start: float) -> Decision:
+        """One ask with ``ticket``, within this wait's deadline.
+
+        The usual case runs lean: ``fleet.slot()`` checked the tokens, the ticket is this
+        slot's own, so a slot without a key asks :meth:`Admission.ask` directly (no second
+        round of checks), and sets no deadline when the store's own health deadline is
+        nearer anyway (a context variable set and reset per ask costs more than it says).
+        """
+        admission = self.admission
+        remaining = self.remaining_s(start)
+        if self.key is not None or remaining < admission.store.health_s:
+            with admission.store.deadline(remaining):
+                order = admission.order_of(self.limit, self.run)
+                # the key again: its name stays known to this process (keyed.py's LRU)
+                return admission.try_acquire(
+                    self.limit, self.tokens, ticket, order, join, key=self.key
+                )
+        order = admission.order_of(self.limit, self.run)
+        if type(order) is not int or not 0 <= order < LANE_SPAN:
+            order = check_since(order)  # a Run's since_ms is the caller's to set
+        return admission.ask(admission.limit(self.limit), self.tokens, ticket, order, join)
 
     def remaining_s(self, start: float) -> float:
         """How long this wait may still take (s): a Redis call waits no longer than that

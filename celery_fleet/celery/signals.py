@@ -1,5 +1,7 @@
 """Celery signals: per-process Redis connections and breaker announcements.
 
+- ``worker_process_shutdown`` (a prefork child leaving with ``os._exit``): write what its
+  Redis wires hold (a slot's release rides with the next call; store/combiner.py).
 - ``worker_process_init`` (prefork and solo children): run the callback :func:`install`
   was given (the Fleet drops every Redis client, so no socket is shared with the parent
   across ``fork()``). It must only forget clients (the next call creates one lazily)
@@ -131,9 +133,11 @@ def sends_task_events(app: Celery) -> bool:
 
 
 def install(on_process_init: Callable[[], None]) -> None:
-    """Call ``on_process_init()`` in every new worker child (idempotent per callback)."""
+    """Call ``on_process_init()`` in every new worker child (idempotent per callback); and
+    write what the child's Redis wires hold as it exits."""
     if not _on_process_init:
         signals.worker_process_init.connect(_process_init, weak=False)
+        signals.worker_process_shutdown.connect(_process_shutdown, weak=False)
     if on_process_init not in _on_process_init:
         _on_process_init.append(on_process_init)
 
@@ -141,6 +145,17 @@ def install(on_process_init: Callable[[], None]) -> None:
 def _process_init(**_: Any) -> None:
     for callback in list(_on_process_init):
         callback()
+
+
+def _process_shutdown(**_: Any) -> None:
+    """A prefork child leaves with ``os._exit``, past ``atexit``: a slot's release held for
+    the next call (store/combiner.py) is written now, not left to expire with its lease."""
+    from ..store.combiner import flush_all
+
+    try:
+        flush_all()
+    except Exception:  # never in the way of the child's exit
+        log.warning("celery-fleet: writing held releases at exit failed", exc_info=True)
 
 
 def breaker_announcer(app: Celery) -> Callable[[str, str], None]:

@@ -12,13 +12,21 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   to find the wire free carries everyone's calls that arrived meanwhile, then hands the
   wire to the next waiting caller. A lone caller pays two uncontended lock operations.
 
-- **Waiting for a reply nobody needs now.** A release's answer (was the lease still held,
-  did the breaker change) matters to nobody on the task's path. :meth:`Combiner.post`
-  writes it at once, so Redis applies it as early as a waited-for call, and returns; its
-  reply is read by the next round trip on the wire (replies come back in order), or by
-  :meth:`Combiner.drain`, and handed to a callback. A task then pays one round trip for its
-  slot, not two. Anything else this process asks Redis is ordered after posted calls
-  (:class:`~celery_fleet.store.sync.RedisStore` drains them first).
+- **A write of its own for a reply nobody needs now.** A release's answer (was the lease
+  still held, did the breaker change) matters to nobody on the task's path.
+  :meth:`Combiner.post` holds it and returns: the process's next call on this wire (any
+  limit, any thread) writes it just ahead of itself, in the same write, and its reply is
+  read with that call's (replies come back in order), or later by :meth:`Combiner.drain`,
+  and handed to a callback. When nothing follows, the combiner's flusher thread writes it
+  within :data:`FLUSH_S`. The flusher sleeps on a condition until a call is held with the
+  wire free (a post then, or a carrier leaving the wire with no caller after it): an idle
+  process pays nothing, and on a busy wire the callers carry what is held while it
+  sleeps. A busy process thus pays one round trip and one write per decision. Anything
+  this process asks Redis after a post is ordered after it (a call takes the held ones
+  first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
+  this wire), a process that exits writes what it holds first (:func:`flush_all`:
+  ``atexit``, and a Celery prefork child's ``worker_process_shutdown``), and a forked
+  child never writes what its parent held.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -39,24 +47,36 @@ This module knows nothing about admission; :class:`~celery_fleet.store.sync.Redi
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import select
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError
 
-__all__ = ["Packed", "Combiner", "encode", "pack_command"]
+__all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
 log = logging.getLogger("celery_fleet")
 
 #: A read waits on the socket's own timeout when the batch's deadline is at most this much
 #: nearer (s): setting a timeout per read costs two syscalls on the hot path.
 READ_SLACK_S = 0.1
+#: A posted call that no other call carries is written by the flusher within this long (s).
+FLUSH_S = 0.001
+#: A connection that answered within this long (s) is not polled for a close before the
+#: next write (a syscall per round trip): a busy wire is known alive. A close that lands
+#: inside it fails that round trip as dropped, as one during the round trip would.
+STALE_CHECK_S = 0.05
+#: The flusher thread ends after this long (s) with nothing to look at (a post starts one).
+FLUSHER_IDLE_S = 5.0
 
 
 def encode(value: object) -> bytes:
@@ -112,27 +132,83 @@ class _Call:
     """Some commands of one caller, sent together, and their replies or errors. A call
     with a ``callback`` is posted: nobody waits for it; the callback gets its replies."""
 
-    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback", "until")
+    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback", "at", "until")
 
     def __init__(
         self,
         commands: list[tuple[str, bytes]],
         callback: Callable[[list[Any]], None] | None = None,
-        until: float = math.inf,
+        bound: float = math.inf,
     ) -> None:
         self.commands = commands  # (script name, packed EVALSHA)
+        #: Monotonic time it was made (sent or posted).
+        self.at = time.monotonic()
         #: Monotonic time after which nobody waits for these replies any more.
-        self.until = until
+        self.until = self.at + bound
         self.replies: list[Any] = []
         self.lead = False
         self.finished = False
         self.callback = callback
+        #: Released by whoever carried this call (or hands it the wire); made (under the
+        #: combiner's lock) only for a caller that has to wait: a lone caller needs none.
+        self.done: threading.Lock | None = None
+
+    def wait_here(self) -> threading.Lock:
+        """(Under the combiner's lock) the lock this caller waits on, taken."""
         self.done = threading.Lock()
-        self.done.acquire()  # released by whoever carried this call (or hands it the wire)
+        self.done.acquire()
+        return self.done
+
+    def hand_back(self) -> None:
+        """Wake this call's waiter, if it waits."""
+        if self.done is not None:
+            self.done.release()
 
     def fail(self, error: BaseException) -> None:
         self.replies = [error] * len(self.commands)
         self.finished = True
+
+
+_live: weakref.WeakSet[Combiner] = weakref.WeakSet()
+
+
+def _flush_loop(ref: weakref.ReferenceType[Combiner]) -> None:
+    """The flusher thread of one combiner: writes posted calls nobody carried in time. It
+    holds the combiner only while something is held, so an unused one can be collected."""
+    while True:
+        combiner = ref()
+        if combiner is None or not combiner._sleep_until_held():
+            return
+        try:
+            combiner._flush_held()
+        except Exception:  # the calls failed with it (their callbacks owe them): carry on
+            log.debug("celery-fleet: writing posted calls failed", exc_info=True)
+        del combiner
+
+
+def flush_all() -> None:
+    """Write and read what this process's combiners hold: a release must not be lost with
+    the process (their callbacks run, owing what fails). Run at interpreter exit
+    (``atexit``), and from Celery's ``worker_process_shutdown`` in a prefork child, which
+    leaves with ``os._exit`` (no ``atexit``)."""
+    for combiner in list(_live):
+        if combiner._pid == os.getpid() and (combiner._held or combiner._unread):
+            try:
+                combiner.drain()
+            except Exception:
+                log.debug("celery-fleet: writing posted calls at exit failed", exc_info=True)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's held calls are the parent's to write, never the
+    child's (a prefork child would release its parent's leases a second time)."""
+    for combiner in list(_live):
+        combiner._held = deque()
+        combiner._unread = []
+
+
+atexit.register(flush_all)
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class Combiner:
@@ -145,7 +221,8 @@ class Combiner:
     a call made now may wait for its reply, read in the caller's thread (default: no bound
     but the connection's socket timeout); past it the call's reply is a
     ``redis.TimeoutError``. ``health()`` is the longest any call waits (the socket timeout
-    of the combiner's connection).
+    of the combiner's connection). ``flush_s`` is how long a posted call waits for another
+    call to carry it before the flusher writes it (:data:`FLUSH_S`).
     """
 
     def __init__(
@@ -154,23 +231,28 @@ class Combiner:
         load: Callable[[redis.Redis, str], None],
         bound: Callable[[], float] | None = None,
         health: Callable[[], float] | None = None,
+        flush_s: float = FLUSH_S,
     ) -> None:
         self._client = client
         self._load = load
         self._bound = bound or (lambda: math.inf)
         self._health = health or (lambda: math.inf)
         self._lock = threading.Lock()
+        #: Callers waiting for the wire (posted calls are never queued: they are held).
         self._queue: list[_Call] = []
         self._busy = False
         self._conn: Any = None
         self._conn_of: redis.Redis | None = None
+        #: Posted calls not written yet, in post order: the next batch writes them first.
+        #: A deque: appending and popping are atomic, so posting takes no lock.
+        self._held: deque[_Call] = deque()
         #: Posted calls written to the wire whose replies are not read yet, in wire order.
         self._unread: list[_Call] = []
-        #: Posted calls not answered yet (queued, written or unread), and since when.
-        self._open = 0
-        self._open_since = 0.0
         self._poll: Any = None
         self._polled_sock: Any = None
+        #: Monotonic time of the wire's last reply: a socket that answered just now is
+        #: not polled before the next write (see STALE_CHECK_S).
+        self._answered_at = -math.inf
         #: Scripts Redis answered for on this wire (a posted call must not meet NOSCRIPT).
         self._loaded: set[str] = set()
         #: Monotonic time the carrier reads the current batch's replies until.
@@ -179,25 +261,47 @@ class Combiner:
         #: batch's reads need a nearer one of their own.
         self._conn_timeout = math.inf
         self._own_timeout = False
+        #: Whether the current round trip met NOSCRIPT (a script Redis lost).
+        self._lost = False
+        self.flush_s = flush_s
+        #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
+        #: until armed (``_flusher_idle``: an arming must wake it).
+        self._wake = threading.Condition(threading.Lock())
+        self._flusher: threading.Thread | None = None
+        self._flusher_idle = False
+        #: Something is held with the wire free: the flusher is to look (see _arm).
+        self._armed = False
+        #: The process this combiner belongs to: a forked child never writes its calls.
+        self._pid = os.getpid()
+        _live.add(self)
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
-        """Send ``(script, packed)`` commands in one round trip (shared with other threads')
-        and return their replies, each a value or a ``redis.RedisError`` instance."""
-        me = _Call(commands, until=time.monotonic() + self._bound())
+        """Send ``(script, packed)`` commands in one round trip (shared with other threads',
+        and writing the posted calls held so far just ahead of them) and return their
+        replies, each a value or a ``redis.RedisError`` instance."""
+        me = _Call(commands, None, self._bound())
         with self._lock:
-            self._queue.append(me)
-            waiting, self._busy = self._busy, True
-        if waiting:
-            try:
-                left = me.until - time.monotonic()
-                if not me.done.acquire(timeout=min(max(left, 0.0), threading.TIMEOUT_MAX)):
-                    return self._give_up(me)
-            except BaseException:  # Ctrl-C, a gevent Timeout: never leave the wire stuck
-                self._abandon(me)
-                raise
-            if not me.lead:
-                return me.replies
-        self._carry()
+            if not self._busy:  # the usual case: a lone caller carries its own call
+                self._busy = True
+                batch, self._queue = self._queue, []
+                batch.append(me)
+                done = None
+            else:
+                self._queue.append(me)
+                done = me.wait_here()
+        if done is None:
+            self._carry(batch)
+            return me.replies
+        try:
+            left = me.until - time.monotonic()
+            if not done.acquire(timeout=min(max(left, 0.0), threading.TIMEOUT_MAX)):
+                return self._give_up(me)
+        except BaseException:  # Ctrl-C, a gevent Timeout: never leave the wire stuck
+            self._abandon(me)
+            raise
+        if not me.lead:
+            return me.replies
+        self._carry(None)
         return me.replies
 
     def _give_up(self, me: _Call) -> list[Any]:
@@ -213,90 +317,176 @@ class Combiner:
     def _abandon(self, me: _Call) -> None:
         """A caller stopped waiting: take its call out of the queue, or, if it had just been
         handed the wire, hand the wire on (a call already being carried finishes alone)."""
+        rearm = False
         with self._lock:
             if me in self._queue:
                 self._queue.remove(me)
                 if me.lead:
-                    self._hand_on()
+                    rearm = self._hand_on()
+        if rearm:
+            self._arm()
 
-    def _hand_on(self) -> None:
-        """(Under the lock) give the wire to the first waiting caller, or free it."""
-        heir = next((c for c in self._queue if c.callback is None), None)
-        if heir is not None:
+    def _hand_on(self) -> bool:
+        """(Under the lock) give the wire to the first waiting caller (it writes the held
+        posted calls first), or free it; True when freed with posted calls held (the
+        caller then arms the flusher, once out of the lock)."""
+        if self._queue:
+            heir = self._queue[0]
             heir.lead = True
-            heir.done.release()
-        else:
-            self._busy = False  # posted calls left are written by the next caller (or drain)
+            heir.hand_back()
+            return False
+        self._busy = False
+        return bool(self._held)
 
     def post(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
     ) -> bool:
-        """Write ``commands`` now (or with the round trip on the wire) and return without
-        waiting; ``callback(replies)`` runs, once, in whichever thread reads them later.
+        """Hold ``commands`` for the process's next call on this wire (written ahead of it,
+        in its write), or the flusher within :attr:`flush_s`, and return at once;
+        ``callback(replies)`` runs, once, in whichever thread reads them later.
 
-        False, with nothing sent, while a script of theirs has not answered on this
+        False, with nothing held, while a script of theirs has not answered on this
         connection yet: the caller should :meth:`send` instead (so a posted call never
         meets NOSCRIPT on a fresh connection, e.g. after a Redis restart).
         """
-        if not all(script in self._loaded for script, _packed in commands):
-            return False
-        call = _Call(commands, callback, time.monotonic() + self._bound())
-        with self._lock:
-            self._queue.append(call)
-            if not self._open:
-                self._open_since = time.monotonic()
-            self._open += 1
-            waiting, self._busy = self._busy, True
-        if not waiting:
-            self._carry()
+        loaded = self._loaded
+        for script, _packed in commands:
+            if script not in loaded:
+                return False
+        self._held.append(_Call(commands, callback, self._bound()))
+        if not self._busy:  # else the carrier on the wire arms the flusher when it leaves
+            self._arm()
         return True
 
     def pending(self) -> float:
         """How long (s, monotonic) the oldest posted call has waited for its reply to be
-        read (queued, written or unread); 0 if none."""
-        return time.monotonic() - self._open_since if self._open else 0.0
+        read (held or unread); 0 if none."""
+        oldest = self._held_or_unread()
+        return time.monotonic() - oldest.at if oldest is not None else 0.0
+
+    def _held_or_unread(self) -> _Call | None:
+        unread = self._unread
+        if unread:
+            return unread[0]
+        try:
+            return self._held[0]
+        except IndexError:
+            return None
 
     def drain(self) -> None:
         """Write and read every posted call now (their callbacks run): after it returns,
         nothing this process posted is still on its way."""
-        if self._open:
+        if self._held or self._unread or self._busy:
             self.send([])  # waits its turn, and reads everything written before it
 
-    def _carry(self) -> None:
-        """Send every queued call in one round trip, then pass the wire on to a caller that
-        waits (one carries at most one batch of its own), carrying posted calls itself."""
+    def flush(self) -> None:
+        """Write the held posted calls now, unless another thread is on the wire (it, or
+        the caller after it, writes them); their replies stay unread."""
+        if not self._held or self._pid != os.getpid():
+            return
+        with self._lock:
+            if self._busy:
+                return
+            self._busy = True
+        self._carry([])
+
+    def _arm(self) -> None:
+        """Make the flusher look at what is held (waking it only if it sleeps idle)."""
+        self._armed = True  # set before looking: an idle flusher looks at it after
+        if self._flusher_idle or self._flusher is None:
+            self._wake_flusher()
+
+    def _wake_flusher(self) -> None:
+        with self._wake:
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(
+                    target=_flush_loop,
+                    args=(weakref.ref(self),),
+                    name="fleet-flusher",
+                    daemon=True,
+                )
+                self._flusher.start()
+            self._wake.notify()
+
+    def _sleep_until_held(self) -> bool:
+        """(Flusher) Sleep until armed; False when the flusher should end: not armed for
+        :data:`FLUSHER_IDLE_S` (the next arming starts another), or a fork."""
+        with self._wake:
+            self._flusher_idle = True  # set before looking: an arming after it wakes us
+            if not self._armed:
+                self._wake.wait(FLUSHER_IDLE_S)
+            if not self._armed or self._pid != os.getpid():
+                self._flusher = None  # under the condition: an arming now starts another
+                return False
+            self._armed = self._flusher_idle = False
+        return True
+
+    def _flush_held(self) -> None:
+        """(Flusher) Write what is held once its oldest call has waited :attr:`flush_s`,
+        unless a caller carries it before. It is armed only when a call is held with the
+        wire free (a post then, or a carrier leaving the wire with no caller after it): on
+        a busy wire the callers carry what is held, and the flusher sleeps. While it keeps
+        being armed (posts on a free wire: one thread's loop of slots) it looks again every
+        :attr:`flush_s` instead of sleeping on the condition, so those posts wake nobody."""
+        while True:
+            try:
+                oldest = self._held[0]
+            except IndexError:  # carried
+                if not self._armed:
+                    return
+                self._armed = False
+                time.sleep(self.flush_s)
+                continue
+            left = oldest.at + self.flush_s - time.monotonic()
+            if left > 0:
+                time.sleep(left)
+                continue
+            with self._lock:
+                busy, self._busy = self._busy, True
+            if busy:  # a carrier on the wire takes them, or arms the flusher as it leaves
+                return
+            self._carry([])  # as it leaves, it arms the flusher again if more are held
+
+    def _carry(self, first: list[_Call] | None) -> None:
+        """Send the batch ``first`` (or every queued call), with the held posted calls
+        ahead of it, in one round trip; then pass the wire on to a caller that waits
+        (one carries at most one batch of its own)."""
         answered: list[_Call] = []
         try:
-            while True:
+            error: BaseException | None = None
+            if first is None:
                 with self._lock:
-                    batch, self._queue = self._queue, []
-                error: BaseException | None = None
-                try:
-                    timed_out = self._round_trip(batch, answered)
-                    if timed_out is not None:
-                        self._fail_queued(timed_out, answered)
-                except BaseException as exc:  # the callers in the batch must not wait forever
-                    error = exc
-                    raise
-                finally:
-                    for call in batch:
-                        if not call.finished and call not in self._unread:
-                            call.fail(error or RuntimeError("celery-fleet: call not sent"))
-                            if call.callback is not None and call not in answered:
-                                answered.append(call)
-                        call.done.release()
-                    with self._lock:
-                        more = error is None and bool(self._queue)
-                        more = more and all(c.callback is not None for c in self._queue)
-                        if not more:
-                            self._hand_on()
-                if not more:
-                    break
-                # only posted calls are queued, and nobody waits to carry them: carry on
+                    first, self._queue = self._queue, []
+            batch = first
+            held = self._held
+            if held:  # taken after the queue: a call queued after a post goes after it
+                posted = []
+                while held:
+                    try:
+                        posted.append(held.popleft())
+                    except IndexError:
+                        break
+                batch = posted + batch
+            try:
+                timed_out = self._round_trip(batch, answered)
+                if timed_out is not None:
+                    self._fail_queued(timed_out, answered)
+            except BaseException as exc:  # the callers in the batch must not wait forever
+                error = exc
+                raise
+            finally:
+                for call in batch:
+                    if not call.finished and call not in self._unread:
+                        call.fail(error or RuntimeError("celery-fleet: call not sent"))
+                        if call.callback is not None and call not in answered:
+                            answered.append(call)
+                    call.hand_back()
+                with self._lock:
+                    rearm = self._hand_on()
+                if rearm:
+                    self._arm()
         finally:
             # Off the wire: a callback may itself call Redis.
-            with self._lock:
-                self._open -= sum(1 for c in answered if c.callback is not None)
             for call in answered:
                 if call.callback is None:
                     continue
@@ -308,14 +498,20 @@ class Combiner:
     def _fail_queued(self, error: redis.TimeoutError, answered: list[_Call]) -> None:
         """Redis did not answer in time: fail every call queued meanwhile with the same
         timeout instead of writing it to the server that just did not answer (a frozen
-        Redis would make each batch wait its whole deadline again)."""
+        Redis would make each batch wait its whole deadline again). Posted calls held
+        meanwhile fail with it: a release is then owed, as when its write fails."""
         with self._lock:
             stuck, self._queue = self._queue, []
+        while self._held:
+            try:
+                stuck.append(self._held.popleft())
+            except IndexError:
+                break
         for call in stuck:
             call.fail(error)
             if call.callback is not None:
                 answered.append(call)
-            call.done.release()
+            call.hand_back()
 
     def _connection(self) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
@@ -344,8 +540,10 @@ class Combiner:
         self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
             self._loaded = set()  # a new connection, maybe a new server: scripts unknown
-        pending = self._unread + batch  # wire order: the unread ones were written before
+        # wire order: the unread ones were written before
+        pending = self._unread + batch if self._unread else batch
         self._unread = []
+        self._lost = False
         error: BaseException | None = None
         # Nobody waits past the batch's last deadline: read no longer than that (on the
         # socket's own timeout, the health deadline, unless the deadline is clearly
@@ -356,25 +554,34 @@ class Combiner:
         left = until - time.monotonic()
         self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
         try:
-            data = b"".join(p for c in batch for _s, p in c.commands)
+            if len(batch) == 1 and len(batch[0].commands) == 1:  # a lone caller's one call
+                data = batch[0].commands[0][1]
+            else:
+                data = b"".join([p for c in batch for _s, p in c.commands])
             if data:
                 if conn._sock is None:
                     self._connect(conn)
                 conn.send_packed_command([data])
-            last = max((i for i, c in enumerate(pending) if c.callback is None), default=-1)
+            last = len(pending) - 1
+            while last >= 0 and pending[last].callback is not None:
+                last -= 1  # posted calls at the end stay unread
+            read = self._read
             for call in pending[: last + 1]:
-                call.replies = [self._read(conn, script) for script, _p in call.commands]
+                call.replies = [read(conn, script) for script, _p in call.commands]
                 call.finished = True
+            if last >= 0:
+                self._answered_at = time.monotonic()
             rest = pending[last + 1 :]
-            if rest and any(isinstance(r, NoScriptError) for c in pending for r in c.replies):
+            if self._lost:
                 # Commands are about to be sent again: read what is on the wire first.
                 for call in rest:
-                    call.replies = [self._read(conn, script) for script, _p in call.commands]
+                    call.replies = [read(conn, script) for script, _p in call.commands]
                     call.finished = True
                 rest = []
             self._unread = rest
-            done = [c for c in pending if c.finished]
-            self._send_again_what_redis_lost(client, conn, done)
+            if self._lost:
+                done = [c for c in pending if c.finished]
+                self._send_again_what_redis_lost(client, conn, done)
         except BaseException as exc:
             # Whatever broke off the round trip, replies may still be on their way: this
             # socket is out of step for good, and every call not answered fails with it.
@@ -385,8 +592,8 @@ class Combiner:
                 raise
         finally:
             for call in pending:
-                if not call.finished and call not in self._unread:
-                    call.fail(error if error is not None else RuntimeError("not sent"))
+                if error is not None and not call.finished:
+                    call.fail(error)
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
@@ -455,8 +662,10 @@ class Combiner:
     def _check(self, conn: Any) -> None:
         """With no reply due, a readable socket was closed by the server (a restart, a
         timeout) or is out of step: start a fresh connection before writing, as redis-py's
-        pool does on checkout. A command written to a dead socket may or may not have run,
-        so it must never be written there (an acquire is not retried).
+        pool does on checkout. A command written to a dead socket may or may not have run
+        (its round trip fails as dropped). Checking costs a syscall, so a socket that
+        answered within :data:`STALE_CHECK_S` is taken as alive: a close inside that
+        window fails the next round trip as dropped, as a close during it would.
 
         Nor is a connection its client's pool would no longer hand out: a Sentinel pool
         disowns one to a master that failed over (as soon as any of its connections asked
@@ -464,7 +673,7 @@ class Combiner:
         if self._unread or conn._sock is None:
             return
         try:
-            stale = self._stale(conn)
+            stale = time.monotonic() - self._answered_at > STALE_CHECK_S and self._stale(conn)
         except (OSError, ValueError, redis.ConnectionError):
             stale = True
         pool = getattr(self._conn_of, "connection_pool", None)
@@ -481,6 +690,8 @@ class Combiner:
                 left = self._until - time.monotonic()
                 reply = conn.read_response(timeout=max(left, 0.001))
         except redis.ResponseError as exc:
+            if isinstance(exc, NoScriptError):
+                self._lost = True  # loaded and sent again at the end of the round trip
             return exc  # an error reply: the connection is still in step
         self._loaded.add(script)
         return reply

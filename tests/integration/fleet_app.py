@@ -46,6 +46,8 @@ app.conf.update(
     fleet_pump_lease=float(os.environ.get("FLEET_IT_PUMP_LEASE", "15")),
     broker_connection_retry_on_startup=True,
     result_expires=600,
+    # test_worker.py: a prefork child that leaves after one task
+    worker_max_tasks_per_child=int(os.environ.get("FLEET_IT_MAX_TASKS_PER_CHILD") or 0) or None,
 )
 fleet = Fleet(app)
 # What the tasks record for the tests; test_outage.py keeps it off the fleet's Redis.
@@ -127,6 +129,19 @@ def redis_ms() -> int:
     """The Redis clock (the one admission orders by), in ms."""
     sec, usec = fleet.store.call("TIME")
     return int(sec) * 1000 + int(usec) // 1000
+
+
+@fleet_task(app=app, shared=False, bind=True)
+def release_held_at_exit(self: FleetTask) -> int:
+    """Leaves a slot of 'one' whose release only the process's exit writes (the flusher
+    waits an hour); returns the child's pid."""
+    self.fleet.store.combiner.flush_s = 3600.0
+    for _ in range(10):  # (a background call of the fleet's may carry it: again)
+        with self.fleet.slot("one", max_wait=30):
+            pass
+        if self.fleet.store.combiner._held:
+            break
+    return os.getpid()
 
 
 @fleet_task(app=app, shared=False, bind=True)
@@ -431,6 +446,8 @@ def holds_model_in_a_thread(tag: str) -> str:
     thread.start()
     thread.join()
     return "thread"
+
+
 # -- test_httpx_worker.py: the openai SDK over FleetTransport, no slot code in the task ------
 
 

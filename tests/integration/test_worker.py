@@ -383,3 +383,24 @@ def test_an_async_task_body_runs_on_one_loop_per_process_within_the_cap(worker: 
     for d in done:
         loops.setdefault(d["pid"], set()).add(d["loop"])
     assert all(len(ids) == 1 for ids in loops.values()), loops  # one loop per process
+
+
+def test_a_prefork_child_that_exits_writes_its_held_release_first(redis_url: str) -> None:
+    """A prefork child leaves with os._exit (no atexit): the release its last slot left
+    for the next call is written from worker_process_shutdown, not lost to the lease TTL."""
+    env = {"FLEET_IT_MAX_TASKS_PER_CHILD": "1"}
+    with start_worker(redis_url, redis_url, pool=("prefork", "1"), extra_env=env) as fleet_app:
+        pid = fleet_app.release_held_at_exit.delay().get(timeout=60)
+        deadline = time.monotonic() + 30  # the child exits after its one task
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid)
+        assert fleet_app.fleet.admission.in_flight("one") == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
