@@ -194,6 +194,72 @@ def test_the_sdks_own_objects_are_read() -> None:
     assert reasons(message, Ask(max_tokens=1000)) == ("truncated",)
 
 
+def responses(*items: Any, status: str = "completed", reason: str | None = None) -> Any:
+    """An OpenAI Responses answer's JSON (what ``resp.model_dump(mode="json")`` holds)."""
+    return {
+        "id": "r", "object": "response", "created_at": 0, "model": "m", "status": status,
+        "incomplete_details": {"reason": reason} if reason else None, "output": list(items),
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "usage": {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3,
+                  "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
+    }  # fmt: skip
+
+
+def message_item(*parts: Any) -> Any:
+    return {"type": "message", "id": "m1", "role": "assistant", "status": "completed",
+            "content": list(parts)}  # fmt: skip
+
+
+def text_part(text: str) -> Any:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (responses(message_item(text_part("The capital "), text_part("is Paris."))), ()),
+        (responses(message_item(text_part(""))), ("empty",)),
+        (responses(), ("empty",)),
+        (
+            responses(
+                message_item(text_part("the plan")), status="incomplete", reason="max_output_tokens"
+            ),
+            ("truncated",),
+        ),
+        (
+            responses(message_item({"type": "refusal", "refusal": "I can't help with that."})),
+            ("refusal",),
+        ),
+        (
+            responses(
+                {
+                    "type": "function_call",
+                    "id": "f",
+                    "call_id": "c",
+                    "name": "f",
+                    "arguments": "{}",
+                    "status": "completed",
+                }  # fmt: skip
+            ),
+            (),
+        ),
+    ],
+)
+def test_a_responses_answer_as_the_sdk_object_or_its_json_gets_one_verdict(
+    answer: Any, expected: tuple[str, ...]
+) -> None:
+    """The JSON of a Responses answer has no ``output_text`` (the SDK computes it): its
+    ``output`` items are read, so the dict a task returns is judged as the object was."""
+    sdk = pytest.importorskip("openai.types.responses")
+    obj = sdk.Response.model_validate(answer)
+    dumped = obj.model_dump(mode="json")
+    assert "output_text" not in dumped
+    ask = Ask(max_tokens=1000)
+    assert reasons(obj, ask) == reasons(dumped, ask) == reasons(answer, ask) == expected
+    assert read_reply(dumped) == read_reply(obj)
+
+
 def test_the_output_length_shift_against_the_rolling_baseline() -> None:
     lengths = LengthBaseline(warmup=20)
 

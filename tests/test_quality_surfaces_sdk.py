@@ -173,3 +173,47 @@ def test_a_limit_without_quality_judges_nothing(
         client = fleet.wrap(openai.OpenAI(base_url=refusing.base_url, api_key="x"), limit=limit)
         client.chat.completions.create(model="sim", messages=PROMPT, max_tokens=40)
     assert len(judged) == 1
+
+
+def test_the_simulator_s_healthy_answers_pass_every_detector(
+    make_fleet: MakeFleet, make_provider_sim: MakeSim
+) -> None:
+    """``quality: True`` (every detector, ``repetition`` and ``length_shift`` too) against
+    the simulator sees a clean baseline: its good answers are prose, not the prompt's words
+    in a loop ("write a paragraph write a paragraph ..."), to a short prompt or a long one,
+    in both dialects, judged by ``fleet.judge`` and ``slot.judge`` alike.
+
+    The one finding left is ``length_shift`` on the rare answer of a few tokens: the
+    simulator draws an answer's length uniformly from 1 to ``max_tokens``, and two words
+    where about a hundred are usual is a shift, whatever the words."""
+    fleet = make_fleet({"llm": {"rpm": 10**6, "quality": True}}, max_wait=30)
+    server = make_provider_sim(rpm=None, tpm=None, max_in_flight=None, latency=0.001, seed=3)
+    chat = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+    messages = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    long = " ".join(f"{word} {n}" for n in range(40) for word in ("list", "item"))
+    shifted: list[int] = []
+    try:
+        for n in range(80):  # past length_shift's warm-up of 50 answers
+            prompt = [{"role": "user", "content": "write a paragraph" if n % 2 else long}]
+            body: dict[str, Any] = {"model": "sim", "messages": prompt, "max_tokens": 300}
+            answer: Any
+            if n % 4 == 3:
+                answer = messages.messages.create(**body)
+                text, tokens = answer.content[0].text, answer.usage.output_tokens
+            else:
+                answer = chat.chat.completions.create(**body)
+                text = answer.choices[0].message.content
+                tokens = answer.usage.completion_tokens
+            assert text and len(text.split(" ")) == tokens
+            verdicts = [fleet.judge("llm", answer, request=body)]
+            if n % 10 == 0:
+                with fleet.slot("llm") as slot:
+                    verdicts.append(slot.judge(answer, request=body))
+            for verdict in verdicts:
+                assert verdict.reasons in ((), ("length_shift",)), (text[:80], verdict)
+                if verdict.reasons:
+                    shifted.append(tokens)
+    finally:
+        chat.close()
+        messages.close()
+    assert all(tokens <= 5 for tokens in shifted) and len(shifted) <= 4, shifted

@@ -80,6 +80,9 @@ def read_reply(resp: Any) -> Reply:
         return Reply(resp)
     if resp is None:
         return Reply(None)  # no answer at all: no content
+    output = _get(resp, "output")
+    if _is_responses_output(output) and (output or _get(resp, "object") == "response"):
+        return _read_response(resp, output)
     if not any(_has(resp, name) for name in ("choices", "content", "output_text")):
         raise TypeError(
             f"{type(resp).__name__} is not a model answer (a stream? judge the final one)"
@@ -117,13 +120,55 @@ def read_reply(resp: Any) -> Reply:
             None,
             tools,
         )
-    text = _get(resp, "output_text")  # OpenAI Responses
+    text = _get(resp, "output_text")  # a Responses answer without its output list
     if isinstance(text, str):
         status = _get(_get(resp, "incomplete_details"), "reason")
         return Reply(text, _STOPS.get(str(status), status) if status else None, out_tokens)
     if isinstance(content, str):
         return Reply(content, None, out_tokens)
     return Reply(None, None, out_tokens)
+
+
+def _is_responses_output(output: Any) -> bool:
+    """An OpenAI Responses ``output``: a list of items that each say their ``type``."""
+    return isinstance(output, (list, tuple)) and all(
+        isinstance(_get(item, "type"), str) for item in output
+    )
+
+
+def _read_response(resp: Any, output: Any) -> Reply:
+    """An OpenAI Responses answer, from its ``output`` items rather than ``output_text``.
+
+    ``output_text`` is a property the SDK computes, absent from the JSON
+    (``resp.model_dump(mode="json")``), so the SDK object and its dict are read alike here:
+    the ``output_text`` parts of the message items are the text (as the SDK joins them), a
+    ``refusal`` part is the refusal, an item of a ``*_call`` type is a tool call, and
+    ``status == "incomplete"`` gives the stop from ``incomplete_details.reason``
+    (``max_output_tokens`` is ``"length"``, ``content_filter`` is ``"refusal"``).
+    """
+    texts: list[str] = []
+    refusals: list[str] = []
+    tools = False
+    for item in output:
+        kind = _get(item, "type")
+        tools = tools or kind.endswith("_call")
+        if kind != "message":
+            continue
+        for part in _get(item, "content") or ():
+            part_kind = _get(part, "type")
+            if part_kind == "output_text" and isinstance(_get(part, "text"), str):
+                texts.append(_get(part, "text"))
+            elif part_kind == "refusal" and isinstance(_get(part, "refusal"), str):
+                refusals.append(_get(part, "refusal"))
+    reason = _get(_get(resp, "incomplete_details"), "reason")
+    stop = None
+    if _get(resp, "status") in ("incomplete", None) and reason:
+        stop = _STOPS.get(str(reason), reason)
+    usage = _get(resp, "usage")
+    out_tokens = _int(_get(usage, "output_tokens")) if usage is not None else None
+    return Reply(
+        "".join(texts) if texts else None, stop, out_tokens, "".join(refusals) or None, tools
+    )
 
 
 def _text_of(content: Any) -> str | None:

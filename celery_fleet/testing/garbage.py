@@ -8,10 +8,15 @@ says what each kind's text, output tokens and finish reason are. Pure: no clock,
 
 Example::
 
-    garbage_output("truncated", ("the", "plan"), 200) == ("the plan the plan", 4, "length")
+    garbage_output("repetition", ("the", "plan"), 20) == (" ".join(["the"] * 20), 20, "stop")
+    garbage_output("truncated", ("the", "plan"), 200)  # (4 words of a good answer, 4, "length")
+
+A good answer's text (``kind=""``) is :func:`~celery_fleet.testing.prose.reply_text`'s.
 """
 
 from __future__ import annotations
+
+from .prose import reply_text
 
 __all__ = ["KINDS", "REFUSAL_TEXT", "TRUNCATED_TOKENS", "garbage_output"]
 
@@ -29,8 +34,6 @@ def garbage_output(kind: str, words: tuple[str, ...], output_tokens: int) -> tup
     ``finish_reason`` is OpenAI's (``"stop"`` or ``"length"``); the Anthropic dialect maps
     ``"length"`` to its ``"max_tokens"``.
     """
-    from .wire import reply_text  # here: phases imports KINDS, and wire imports phases
-
     if not kind:
         return reply_text(words, output_tokens), output_tokens, "stop"
     if kind == "empty":

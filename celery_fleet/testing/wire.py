@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limiter import CONCURRENCY, REQUESTS, TOKENS, Bucket, Decision
+from .prose import reply_text
 
 __all__ = [
     "BadRequest",
@@ -174,13 +175,6 @@ def error_body(
 ) -> dict[str, Any]:
     """An OpenAI error object: ``{"error": {"message", "type", "code", "param"}}``."""
     return {"error": {"message": message, "type": type_, "code": code, "param": param}}
-
-
-def reply_text(words: tuple[str, ...], output_tokens: int) -> str:
-    """An answer's text: about one word (of the prompt's) per output token, capped at 512:
-    it only has to be plausible."""
-    source = words or ("ok",)
-    return " ".join(source[i % len(source)] for i in range(min(output_tokens, 512)))
 
 
 def completion_body(
