@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..background import BackgroundLoop
-from ..errors import ConfigError, FleetError
+from ..errors import ConfigError, FleetError, StoreUnavailable
 from ..store.specs import LIMIT_CONFIG
 from .config import LimitConfig
 from .overrides import check_fields, merge_fields, with_fields
@@ -64,6 +64,8 @@ class _Store(Protocol):
 class _Down(Protocol):
     @property
     def down(self) -> bool: ...
+
+    def failed(self, error: StoreUnavailable) -> None: ...
 
 
 class _Admission(Protocol):
@@ -205,9 +207,15 @@ class RuntimeLimits:
                 self._pid = os.getpid()
                 if not self.admission.store_down.down:  # known down: the thread reads later
                     try:
-                        self.poll_quietly()
+                        error = self.poll_quietly()
                     except Exception:  # never the ask's failure: the thread tries again
                         log.exception("celery-fleet: reading the runtime limits failed")
+                    else:
+                        if isinstance(error, StoreUnavailable):
+                            # On the caller's path: its ask would meet the same silence, so
+                            # the outage starts now, and a frozen Redis costs the first call
+                            # of a process one health deadline, not two.
+                            self.admission.store_down.failed(error)
             self._loop.start()
             self.following = True
 
@@ -231,9 +239,9 @@ class RuntimeLimits:
         self._lock = threading.RLock()
         self.following = False
 
-    def poll_quietly(self) -> None:
-        """:meth:`poll`, with a Redis error logged once (until Redis answers again) instead
-        of raised: the values in force stay."""
+    def poll_quietly(self) -> Exception | None:
+        """:meth:`poll`, with a Redis error logged once (until Redis answers again) and
+        returned instead of raised: the values in force stay."""
         try:
             self.poll()
         except (FleetError, ValueError) as exc:
@@ -244,10 +252,11 @@ class RuntimeLimits:
                     "force until Redis answers",
                     exc,
                 )
-            return
+            return exc
         if self._down:
             self._down = False
             log.info("celery-fleet: reading the runtime limits again")
+        return None
 
     def poll(self) -> bool:
         """Read the namespace's version; reload the limits whose version changed. True when

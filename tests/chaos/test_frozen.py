@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from celery_fleet import Fleet, Slot, StoreUnavailable, Throttled
-from celery_fleet.admission.decision import new_lease_id
+from celery_fleet.admission.decision import new_lease_id, read_acquire
 from celery_fleet.resilience.fallback import HANDOVER_S, RETRY_S, is_local_lease
 from celery_fleet.store.sync import HEALTH_S
 from celery_fleet.testing.redis_server import RedisServer
@@ -381,8 +381,10 @@ def test_an_asks_look_up_and_resend_find_only_its_own_lease(server: RedisServer)
     assert gone[0] == 0 and gone[2] == b"gone", gone
     ask = fleet.admission.acquire_command("tool", 0, ticket, retry=True)
     (admitted,) = fleet.store.send(ask)
-    lease = admitted[2].decode()
-    assert admitted[0] == 1 and lease.endswith(f".0.{ticket}"), admitted  # a new one
+    got = read_acquire(admitted)  # a plain admission answers with the lease alone
+    lease = got.detail.decode()
+    assert got.allowed == 1 and lease.endswith(f".0.{ticket}"), admitted  # a new one
     (found,) = fleet.store.send(fleet.admission.lookup_command("tool", ticket))
-    assert found[0] == 1 and found[2].decode() == lease, found
+    got = read_acquire(found)
+    assert got.allowed == 1 and got.detail.decode() == lease, found
     assert leases(server, "tool") == 2
