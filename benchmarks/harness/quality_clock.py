@@ -79,7 +79,17 @@ class ClockedBreaker:
     def count(self, now_ms: float, garbage: bool, reasons: str = "empty") -> QualityReply:
         """Count one judged call at ``now_ms``."""
         verdict, why = ("garbage", reasons) if garbage else ("ok", "")
-        args = [verdict, why, *_limits_args(self.cfg), self.cfg.baseline_calls, now_ms]
+        args = [
+            verdict,
+            why,
+            *_limits_args(self.cfg),
+            self.cfg.baseline_calls,
+            "",
+            "",
+            "",
+            0,
+            now_ms,
+        ]
         return QUALITY_COUNT.read(self._count(keys=[self.key], args=args))
 
     def read(self, now_ms: float) -> QualityReply:

@@ -108,6 +108,11 @@ class _Seen:
     #: when a read last failed (Redis away): not tried again for REFRESH_S
     tried: float = -1e18
     lengths: LengthBaseline = field(default_factory=LengthBaseline)
+    #: the baseline (and the calls it weighed) the hash last held: seeds a hash Redis lost
+    baseline: float = 0.0
+    base_n: int = 0
+    #: until when (monotonic) the hash last said it stays open (-inf: not open)
+    open_until: float = -1e18
 
 
 #: A quality listener: ``listener(limit, state, fields)`` on a transition this process saw.
@@ -132,6 +137,8 @@ class QualityBreakers:
         self.listeners: list[Listener] = []
         self._seen: dict[str, _Seen] = {}
         self._packed: dict[str, tuple[QualityConfig, Packed]] = {}
+        #: limits whose config differing from the fleet's was already logged
+        self._warned: set[str] = set()
 
     def config(self, limit: str) -> QualityConfig | None:
         """The limit's quality options (None: no quality breaker, or no such limit)."""
@@ -161,12 +168,17 @@ class QualityBreakers:
             return None
         cached = self._packed.get(limit)
         if cached is None or cached[0] is not cfg:
-            tail = [*_limits_args(cfg), cfg.baseline_calls]
-            packed = self.store.packed(QUALITY_COUNT.name, [self.key(limit)], 2, tail)
+            tail = [*_limits_args(cfg), cfg.baseline_calls, fingerprint(cfg)]
+            packed = self.store.packed(QUALITY_COUNT.name, [self.key(limit)], 2, tail, 3)
             cached = self._packed[limit] = (cfg, packed)
         kind = b"ok" if verdict.ok else b"garbage"
         reasons = ",".join(verdict.reasons).encode()
-        return QUALITY_COUNT.name, cached[1].pack(kind, reasons)
+        seen = self.seen(limit)
+        if seen.base_n <= 0:  # nothing learnt yet: a new hash starts empty, as ever
+            return QUALITY_COUNT.name, cached[1].pack(kind, reasons, b"", b"", b"0")
+        left = max(0, int((seen.open_until - self.clock.monotonic()) * 1000))
+        known = (b"%.6f" % seen.baseline, b"%d" % seen.base_n, b"%d" % left)
+        return QUALITY_COUNT.name, cached[1].pack(kind, reasons, *known)
 
     def counted(self, limit: str, reply: Any) -> None:
         """Read a count's reply (an error is logged: a lost count changes little)."""
@@ -179,11 +191,36 @@ class QualityBreakers:
         """Refresh the local copy from a reply; tell the listeners of a transition."""
         state = QualityState.of(limit, reply)
         seen = self.seen(limit)
-        seen.state, seen.wait_ms, seen.at = state.state, state.wait_ms, self.clock.monotonic()
+        now = self.clock.monotonic()
+        seen.state, seen.wait_ms, seen.at = state.state, state.wait_ms, now
+        if int(reply.base_n) > 0:  # a hash that learnt (0: new, or lost: keep what we saw)
+            seen.baseline, seen.base_n = state.baseline, int(reply.base_n)
+            seen.open_until = now + state.wait_ms / 1000 if state.state == "open" else -1e18
+        if reply.differs and limit not in self._warned:
+            self._warned.add(limit)
+            self.warn_differs(limit, _text(reply.differs))
         transition = _text(reply.transition)
         if transition:
             self.notify(limit, transition, state)
         return state
+
+    def warn_differs(self, limit: str, fleet: str) -> None:
+        """Log (once per limit) that this process counts ``limit`` with a quality config
+        other than the one its hash was started with: the two share one window."""
+        cfg = self.config(limit)
+        ours = _fields(fingerprint(cfg)) if cfg is not None else {}
+        theirs = _fields(fleet)
+        diff = ", ".join(
+            f"{_NAMES.get(k, k)} {ours.get(k, '?')} vs {theirs.get(k, '?')}"
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)
+        )
+        log.warning(
+            "celery-fleet: this process's quality config for %r differs from the fleet's "
+            "(this process vs the fleet's hash): %s; their counts share one breaker",
+            limit,
+            diff or "differs",
+        )
 
     def notify(self, limit: str, transition: str, state: QualityState) -> None:
         fields = state.as_dict()
@@ -312,6 +349,30 @@ class QualityBreakers:
                 return target
             raise QualityDegraded(limit, min(left, target_left), "quality_degraded")
         raise QualityDegraded(limit, left, "quality_degraded")
+
+
+#: The fingerprint's fields, as the warning names them.
+_NAMES = {
+    "w": "window_ms",
+    "r": "ratio",
+    "m": "min_rate",
+    "n": "min_calls",
+    "t": "reset_ms",
+    "p": "probes",
+    "b": "baseline_calls",
+}
+
+
+def fingerprint(cfg: QualityConfig) -> str:
+    """The quality config as the count script uses it, short and readable
+    (``"w=30000 r=3.0 m=0.1 n=20 t=30000 p=20 b=500"``): stored in the hash by its first
+    count, compared by every other."""
+    values = [*_limits_args(cfg), cfg.baseline_calls]
+    return " ".join(f"{k}={v}" for k, v in zip(_NAMES, values, strict=True))
+
+
+def _fields(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split() if "=" in part)
 
 
 def _limits_args(cfg: QualityConfig) -> list[Any]:

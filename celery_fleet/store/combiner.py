@@ -108,26 +108,43 @@ class Packed:
 
     ``Packed(script, sha, keys, n_varying, tail).pack(a, b, ...)`` returns the bytes of
     ``EVALSHA sha len(keys) *keys a b ... *tail``: the ``n_varying`` arguments in front of
-    the tail are the only ones encoded per call.
+    the tail (and ``n_after`` ones after it) are the only ones encoded per call.
     """
 
-    __slots__ = ("script", "_head", "_tail", "_n")
+    __slots__ = ("script", "_head", "_tail", "_n", "_after")
 
     def __init__(
-        self, script: str, sha: str, keys: Sequence[str], n_varying: int, tail: Sequence[object]
+        self,
+        script: str,
+        sha: str,
+        keys: Sequence[str],
+        n_varying: int,
+        tail: Sequence[object],
+        n_after: int = 0,
     ) -> None:
         self.script = script
         self._n = n_varying
-        parts = 3 + len(keys) + n_varying + len(tail)
+        self._after = n_after
+        parts = 3 + len(keys) + n_varying + len(tail) + n_after
         fixed = [b"EVALSHA", sha.encode(), str(len(keys)).encode(), *map(encode, keys)]
         self._head = b"*%d\r\n" % parts + b"".join(map(_bulk, fixed))
         self._tail = b"".join(_bulk(encode(x)) for x in tail)
 
     def pack(self, *varying: bytes) -> bytes:
-        """The command with these arguments, already encoded (``str(n).encode()``...)."""
-        if len(varying) != self._n:
-            raise TypeError(f"{self.script}: {self._n} varying arguments, got {len(varying)}")
-        return self._head + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying]) + self._tail
+        """The command with these arguments, already encoded (``str(n).encode()``...): the
+        first ``n_varying`` in front of the tail, the last ``n_after`` after it."""
+        if len(varying) != self._n + self._after:
+            n = self._n + self._after
+            raise TypeError(f"{self.script}: {n} varying arguments, got {len(varying)}")
+        if not self._after:
+            return (
+                self._head
+                + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying])
+                + self._tail
+            )
+        front = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[: self._n]])
+        back = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[self._n :]])
+        return self._head + front + self._tail + back
 
 
 class _Call:

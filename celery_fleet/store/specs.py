@@ -195,12 +195,16 @@ class QualityReply(NamedTuple):
     garbage: int
     baseline: Any  #: the rolling baseline garbage rate, as text
     wait_ms: int  #: until it half-opens (0 unless open)
+    base_n: int = 0  #: how many calls the baseline weighs (0: a new or lost hash)
+    differs: Any = b""  #: the fleet's config fingerprint when the caller's differs
     reasons: tuple[Any, ...] = ()  #: (reason, count, ...)
 
 
 def _quality_reply(raw: Any) -> QualityReply:
-    state, transition, calls, garbage, baseline, wait_ms = raw[:6]
-    return QualityReply(state, transition, calls, garbage, baseline, wait_ms, tuple(raw[6:]))
+    state, transition, calls, garbage, baseline, wait_ms, base_n, differs = raw[:8]
+    return QualityReply(
+        state, transition, calls, garbage, baseline, wait_ms, base_n, differs, tuple(raw[8:])
+    )
 
 
 class SettleReply(NamedTuple):
@@ -393,7 +397,16 @@ QUALITY_COUNT: ScriptSpec[QualityReply] = ScriptSpec(
     "quality_count",
     "quality",
     keys=("quality",),
-    args=("verdict", "reasons", *_QUALITY_LIMITS, "baseline_calls"),
+    args=(
+        "verdict",
+        "reasons",
+        *_QUALITY_LIMITS,
+        "baseline_calls",
+        "config",
+        "known_baseline",
+        "known_n",
+        "known_open_ms",
+    ),
     reply=_quality_reply,
 )
 #: The quality breaker's state (an open one past its reset timeout half-opens).

@@ -337,10 +337,13 @@ class RedisStore:
         except redis.RedisError as exc:
             raise self._translate(exc, f"script {script!r}") from exc
 
-    def packed(self, script: str, keys: list[str], n_varying: int, tail: list[Any]) -> Packed:
+    def packed(
+        self, script: str, keys: list[str], n_varying: int, tail: list[Any], n_after: int = 0
+    ) -> Packed:
         """A call template of ``script`` for :meth:`send`: fixed keys and trailing arguments
-        encoded once, ``n_varying`` arguments in front of the tail given per call."""
-        return Packed(script, self._shas[script], keys, n_varying, tail)
+        encoded once, ``n_varying`` arguments in front of the tail (and ``n_after`` after
+        it) given per call."""
+        return Packed(script, self._shas[script], keys, n_varying, tail, n_after)
 
     def send(self, *commands: tuple[str, bytes]) -> list[Any]:
         """Run packed script calls (``(script, Packed.pack(...))``) in one round trip,

@@ -12,9 +12,17 @@
 -- ARGV[8]  probes: judged calls while half-open before it closes on a healthy rate
 --          (fewer when they already tell it apart from the incident's: q_clean)
 -- ARGV[9]  baseline_calls: how many calls the rolling baseline weighs
+-- ARGV[10] config: this caller's fingerprint of ARGV[3..9] ("" or absent: not compared);
+--          the first count stores it (field cfg), a different one is named in the reply
+-- ARGV[11] known baseline: the baseline this caller last saw ("" or absent: none) ...
+-- ARGV[12] ... and the calls it weighed (base_n) ...
+-- ARGV[13] ... and how long it saw the breaker stay open (ms; 0 unless open): a hash that
+--          does not exist (Redis lost it: a restart, an eviction) starts from these
+--          instead of an empty baseline, which would learn an ongoing incident as normal
 --
 -- Reply: {state, transition ("", "open", "half_open", "closed"), calls, garbage (in the
--- window), baseline (string), wait_ms (until it half-opens; 0 unless open), then on a
+-- window), baseline (string), wait_ms (until it half-opens; 0 unless open), base_n, the
+-- fleet's config fingerprint when it differs from ARGV[10] (else ""), then on a
 -- transition the reason counters: reason, count, ...}
 -- Time unit: milliseconds, Redis TIME. The hash expires a day after its last count.
 
@@ -26,6 +34,23 @@ local window, ratio, min_rate = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(A
 local min_calls, reset_ms = tonumber(ARGV[6]), tonumber(ARGV[7])
 local probes, baseline_calls = tonumber(ARGV[8]), tonumber(ARGV[9])
 local now = q_now()
+local known = tonumber(ARGV[11] or '')
+if known and redis.call('EXISTS', key) == 0 then
+  -- state lost: seed it from what this caller last saw
+  local n = math.min(tonumber(ARGV[12] or '') or min_calls, math.max(baseline_calls, 1))
+  redis.call('HSET', key, 'baseline', string.format('%.6f', known), 'base_n', n)
+  local left = math.min(tonumber(ARGV[13] or '') or 0, reset_ms)
+  if left > 0 then
+    redis.call('HSET', key, 'state', 'open',
+               'opened_at', string.format('%.3f', now - (reset_ms - left)))
+  end
+end
+local config, differs = ARGV[10] or '', ''
+if config ~= '' then
+  local fleet = redis.call('HGET', key, 'cfg')
+  if not fleet then redis.call('HSET', key, 'cfg', config)
+  elseif fleet ~= config then differs = fleet end
+end
 local state, opened_at, baseline, base_n, pc, pg, transition, incident =
   q_state(key, now, reset_ms, ratio, min_rate)
 
@@ -104,6 +129,6 @@ end
 redis.call('HSET', key, 'baseline', string.format('%.6f', baseline), 'base_n', base_n)
 redis.call('PEXPIRE', key, QUALITY_TTL_MS)
 local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
-               q_wait(state, opened_at, now, reset_ms)}
+               q_wait(state, opened_at, now, reset_ms), base_n, differs}
 if transition ~= '' then q_reasons(key, reply) end
 return reply

@@ -8,7 +8,8 @@
 -- ARGV[4]  reset timeout (ms)
 --
 -- Reply: {state, transition ("" or "half_open"), calls, garbage (in the window), baseline
--- (string), wait_ms (until it half-opens; 0 unless open), reason, count, reason, count...}
+-- (string), wait_ms (until it half-opens; 0 unless open), base_n, "" (as quality_count's
+-- reply), reason, count, reason, count...}
 -- Time unit: milliseconds, Redis TIME.
 
 --#include _lib/quality
@@ -17,10 +18,10 @@ local key = KEYS[1]
 local window, ratio, min_rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local reset_ms = tonumber(ARGV[4])
 local now = q_now()
-local state, opened_at, baseline, _, _, _, transition, _ =
+local state, opened_at, baseline, base_n, _, _, transition, _ =
   q_state(key, now, reset_ms, ratio, min_rate)
 local calls, bad = q_window(key, q_bucket(now, window))
 local reply = {state, transition, calls, bad, string.format('%.6f', baseline),
-               q_wait(state, opened_at, now, reset_ms)}
+               q_wait(state, opened_at, now, reset_ms), base_n, ''}
 q_reasons(key, reply)
 return reply
