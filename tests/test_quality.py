@@ -91,7 +91,7 @@ def test_a_steady_two_percent_never_opens_and_becomes_the_baseline(make_fleet: M
     assert q.calls > 0 and q.garbage_rate < 0.1
 
 
-def test_a_jump_to_fifty_percent_opens_within_five_seconds_and_recovery_closes(
+def test_a_jump_to_fifty_percent_opens_it_and_recovery_closes_it(
     make_fleet: MakeFleet,
 ) -> None:
     fleet = make_fleet(limits())
