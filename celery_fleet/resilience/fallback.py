@@ -93,6 +93,9 @@ HANDOVER_KEEP_S = 60.0
 UNKNOWN_SHARE = 8
 #: A fleet-wide in-flight count older than this (s) is not used for the local allotment.
 FLEET_COUNT_FRESH_S = 60.0
+#: A reply Redis made before the one kept is dropped for at most this long (s): see
+#: :meth:`StoreDown.saw`.
+SEEN_ORDER_S = 1.0
 
 
 def handover_key(namespace: str) -> str:
@@ -232,9 +235,10 @@ class StoreDown:
         #: The admission whose asks this policy answers (set by Fleet, or the first ask):
         #: answered() looks for the hand-over through it.
         self.admission: _Admission | None = None
-        # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it,
-        # whether that reply admitted this process)
-        self._seen: dict[str, tuple[int, float, bool]] = {}
+        # limit -> (fleet-wide in-flight count in the latest reply, monotonic time of it,
+        # whether that reply admitted this process, Redis's time of it in ms)
+        self._seen: dict[str, tuple[int, float, bool, float]] = {}
+        self._seen_lock = threading.Lock()
 
     @property
     def down(self) -> bool:
@@ -257,10 +261,29 @@ class StoreDown:
         caller answers by the policy."""
         self.failed(error)
 
-    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
-        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count (hot
-        path: a dict write). The count sizes this process's allotment if Redis goes away."""
-        self._seen[limit] = (in_flight, self.clock(), admitted)
+    def saw(
+        self, limit: str, in_flight: int, admitted: bool, redis_ms: float | None = None
+    ) -> None:
+        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count at
+        ``redis_ms`` (Redis's clock; hot path: a lock and a dict write). The count sizes
+        this process's allotment if Redis goes away.
+
+        Threads read their replies in any order, not in the order Redis ran the asks: a
+        reply older (in Redis's time) than the one kept is dropped, or a stale count, with
+        the slots admitted since then held, would size an allotment above the cap. Past
+        :data:`SEEN_ORDER_S` the newer reply wins whatever its time (a new master's clock
+        may be behind the old one's).
+        """
+        now = self.clock()
+        with self._seen_lock:
+            kept = self._seen.get(limit)
+            if (
+                redis_ms is None
+                or kept is None
+                or redis_ms >= kept[3]
+                or now - kept[1] > SEEN_ORDER_S
+            ):
+                self._seen[limit] = (in_flight, now, admitted, redis_ms or 0.0)
         self.ever_answered = True
 
     def failed(self, error: Exception) -> None:

@@ -405,6 +405,30 @@ def test_slots_given_back_below_the_cap_are_not_counted_twice(server: RedisServe
     assert admitted <= 2, admitted
 
 
+def test_a_reply_read_after_a_newer_one_does_not_size_the_allotment(
+    server: RedisServer,
+) -> None:
+    """Threads read their replies in any order: one made when 3 of the cap of 4 were held
+    is read after the one that filled the cap. Redis then goes away with the 4 slots
+    held: the allotment comes from the newest count (the cap full: nothing more), not
+    from the last one read (3: one slot free, so 5 in flight, as in test_ha's
+    pause-held-slow, where the cap was exceeded by 1 for a 3.5 s hold)."""
+    (a,) = fleets_on(server, 1, {"tool": {"max_in_flight": 4, "lease": 30}})
+    a.expected_processes = 1
+    held = [a.slot("tool", max_wait=0).acquire() for _ in range(3)]
+    # a reply Redis made at 3 in flight (a look-up changes nothing), read later
+    (older,) = a.store.send(a.admission.lookup_command("tool", "another"))
+    held.append(a.slot("tool", max_wait=0).acquire())  # 4 of 4, read at once
+    assert not a.admission.decision("tool", 0, older)  # read now: 3 in flight
+    assert a.store_down._seen["tool"][0] == 4  # the newest count is kept
+    server.stop()
+    late = a.try_acquire("tool")
+    assert not late, late  # 4 held through Redis: no local slot
+    assert a.store_down.local.allotted["tool"] == 4
+    for slot in held:
+        slot.release()
+
+
 # -- a Redis that never answered (defect 8) -------------------------------------------------
 
 
