@@ -474,8 +474,9 @@ class StoreDown:
         with self._lock:
             since, self.down_since = self.down_since, None
             self._switching, self._switch_at = False, None
-        # Slots other threads took locally while the charge was on its way: from now on
-        # every ask goes to Redis, so these are the last; they enter its semaphore too.
+        # Slots other threads took locally while the charge was on its way enter Redis's
+        # semaphore too. An ask that was sent to the policy before this point may still
+        # take one after it: admit() enters that one itself.
         yield from self._enter_steps(admission)
         log.warning(
             "celery-fleet: back on the fleet's Redis after %.1f s; admission is shared "
@@ -541,13 +542,25 @@ class StoreDown:
                 self.release(limit, lease)
 
     def admit(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
-        """The policy's answer to one admission while the store is away."""
+        """The policy's answer to one admission while the store is away.
+
+        A caller told to use the policy (:meth:`back_steps`) may reach here only after
+        another thread's switch has ended the outage and entered the local slots held then
+        into Redis: a local slot taken that late is entered at once, or Redis, not
+        counting it, would admit one more than the cap for as long as it is held.
+        """
         now_ms = time.time() * 1000.0
         if self.policy == "open":
             return Decision(cfg.name, True, 0, f"open.{lease_id}", "", 0, tokens, now_ms)
         if self.policy == "closed":
             return Decision(cfg.name, False, CLOSED_WAIT_MS, None, "store_down", 0, tokens, now_ms)
-        return self.local.acquire(cfg, tokens, lease_id, now_ms)
+        with self._lock:  # the switch ends the outage under it: taken before, or seen late
+            decision = self.local.acquire(cfg, tokens, lease_id, now_ms)
+            late = decision.allowed and self.down_since is None
+            admission = self.admission
+        if late and admission is not None:
+            drive(self._enter_steps(admission), admission.store)
+        return decision
 
     def release(self, limit: str, lease_id: str) -> bool:
         """Give back a lease the policy handed out (local leases only count); one still
