@@ -54,7 +54,9 @@ class Recording:
     def cover(self, error: StoreUnavailable) -> None:
         self.covered.append(error)
 
-    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
+    def saw(
+        self, limit: str, in_flight: int, admitted: bool, redis_ms: float | None = None
+    ) -> None:
         raise AssertionError("Redis never answers here")
 
     def answered(self) -> bool:

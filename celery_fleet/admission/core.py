@@ -507,7 +507,7 @@ class Admission:
         """The :class:`Decision` an acquire's reply means."""
         r = read_acquire(reply)
         allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
-        self.store_down.saw(name, in_flight, bool(allowed))  # an outage's allotment
+        self.store_down.saw(name, in_flight, bool(allowed), at_ms)  # an outage's allotment
         detail = r.detail.decode() if isinstance(r.detail, bytes) else str(r.detail)
         if allowed:
             probe = r.probe

@@ -93,6 +93,9 @@ HANDOVER_KEEP_S = 60.0
 UNKNOWN_SHARE = 8
 #: A fleet-wide in-flight count older than this (s) is not used for the local allotment.
 FLEET_COUNT_FRESH_S = 60.0
+#: A reply Redis made before the one kept is dropped for at most this long (s): see
+#: :meth:`StoreDown.saw`.
+SEEN_ORDER_S = 1.0
 
 
 def handover_key(namespace: str) -> str:
@@ -232,9 +235,10 @@ class StoreDown:
         #: The admission whose asks this policy answers (set by Fleet, or the first ask):
         #: answered() looks for the hand-over through it.
         self.admission: _Admission | None = None
-        # limit -> (fleet-wide in-flight count in the last reply, monotonic time of it,
-        # whether that reply admitted this process)
-        self._seen: dict[str, tuple[int, float, bool]] = {}
+        # limit -> (fleet-wide in-flight count in the latest reply, monotonic time of it,
+        # whether that reply admitted this process, Redis's time of it in ms)
+        self._seen: dict[str, tuple[int, float, bool, float]] = {}
+        self._seen_lock = threading.Lock()
 
     @property
     def down(self) -> bool:
@@ -257,10 +261,29 @@ class StoreDown:
         caller answers by the policy."""
         self.failed(error)
 
-    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
-        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count (hot
-        path: a dict write). The count sizes this process's allotment if Redis goes away."""
-        self._seen[limit] = (in_flight, self.clock(), admitted)
+    def saw(
+        self, limit: str, in_flight: int, admitted: bool, redis_ms: float | None = None
+    ) -> None:
+        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count at
+        ``redis_ms`` (Redis's clock; hot path: a lock and a dict write). The count sizes
+        this process's allotment if Redis goes away.
+
+        Threads read their replies in any order, not in the order Redis ran the asks: a
+        reply older (in Redis's time) than the one kept is dropped, or a stale count, with
+        the slots admitted since then held, would size an allotment above the cap. Past
+        :data:`SEEN_ORDER_S` the newer reply wins whatever its time (a new master's clock
+        may be behind the old one's).
+        """
+        now = self.clock()
+        with self._seen_lock:
+            kept = self._seen.get(limit)
+            if (
+                redis_ms is None
+                or kept is None
+                or redis_ms >= kept[3]
+                or now - kept[1] > SEEN_ORDER_S
+            ):
+                self._seen[limit] = (in_flight, now, admitted, redis_ms or 0.0)
         self.ever_answered = True
 
     def failed(self, error: Exception) -> None:
@@ -451,8 +474,9 @@ class StoreDown:
         with self._lock:
             since, self.down_since = self.down_since, None
             self._switching, self._switch_at = False, None
-        # Slots other threads took locally while the charge was on its way: from now on
-        # every ask goes to Redis, so these are the last; they enter its semaphore too.
+        # Slots other threads took locally while the charge was on its way enter Redis's
+        # semaphore too. An ask that was sent to the policy before this point may still
+        # take one after it: admit() enters that one itself.
         yield from self._enter_steps(admission)
         log.warning(
             "celery-fleet: back on the fleet's Redis after %.1f s; admission is shared "
@@ -518,13 +542,25 @@ class StoreDown:
                 self.release(limit, lease)
 
     def admit(self, cfg: LimitConfig, tokens: int, lease_id: str) -> Decision:
-        """The policy's answer to one admission while the store is away."""
+        """The policy's answer to one admission while the store is away.
+
+        A caller told to use the policy (:meth:`back_steps`) may reach here only after
+        another thread's switch has ended the outage and entered the local slots held then
+        into Redis: a local slot taken that late is entered at once, or Redis, not
+        counting it, would admit one more than the cap for as long as it is held.
+        """
         now_ms = time.time() * 1000.0
         if self.policy == "open":
             return Decision(cfg.name, True, 0, f"open.{lease_id}", "", 0, tokens, now_ms)
         if self.policy == "closed":
             return Decision(cfg.name, False, CLOSED_WAIT_MS, None, "store_down", 0, tokens, now_ms)
-        return self.local.acquire(cfg, tokens, lease_id, now_ms)
+        with self._lock:  # the switch ends the outage under it: taken before, or seen late
+            decision = self.local.acquire(cfg, tokens, lease_id, now_ms)
+            late = decision.allowed and self.down_since is None
+            admission = self.admission
+        if late and admission is not None:
+            drive(self._enter_steps(admission), admission.store)
+        return decision
 
     def release(self, limit: str, lease_id: str) -> bool:
         """Give back a lease the policy handed out (local leases only count); one still

@@ -224,4 +224,5 @@ def allotment(
     share = max(1, share)
     free = max(0, cap - fleet_in_flight)
     extra = 1 if rank is not None and rank % share < free % share else 0
-    return held + free // share + extra
+    # Never above the cap: more would mean the count is older than the slots held.
+    return min(cap, held + free // share + extra)

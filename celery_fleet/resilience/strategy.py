@@ -86,8 +86,11 @@ class StoreStrategy(Protocol):
         caller then answers by the policy), or raise ``error`` when there is no policy."""
         ...
 
-    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
-        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count."""
+    def saw(
+        self, limit: str, in_flight: int, admitted: bool, redis_ms: float | None = None
+    ) -> None:
+        """Redis answered an ask of ``limit`` with the fleet's ``in_flight`` count at
+        ``redis_ms`` (Redis's clock, when known)."""
         ...
 
     def answered(self) -> bool:
@@ -131,7 +134,9 @@ class RedisOnly:
     def cover(self, error: StoreUnavailable) -> None:
         raise error
 
-    def saw(self, limit: str, in_flight: int, admitted: bool) -> None:
+    def saw(
+        self, limit: str, in_flight: int, admitted: bool, redis_ms: float | None = None
+    ) -> None:
         """Nothing to keep: no outage will need the count."""
 
     def answered(self) -> bool:

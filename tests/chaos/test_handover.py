@@ -253,6 +253,34 @@ def test_a_slot_taken_locally_during_the_switch_enters_redis_too(
         slot.release()
 
 
+def test_a_slot_taken_locally_after_the_switch_is_done_enters_redis_too(
+    server: RedisServer,
+) -> None:
+    """An ask whose turn back_steps gave to the policy (the switch under way) reaches the
+    local limiter only once another thread's switch is done (descheduled in between, as
+    under load): its slot must enter Redis too. Left out, Redis admits one more than the
+    cap for as long as it is held (test_ha's pause-held-slow: the cap exceeded by 1 for a
+    3.5 s hold after the failover)."""
+    (a,) = fleets_on(server, 1, {"tool": {"max_in_flight": 4, "lease": 30}})
+    a.expected_processes = 1
+    server.stop()
+    held = [a.slot("tool", max_wait=0).acquire() for _ in range(2)]
+    server.start()
+    down = a.store_down
+    down._switching = True  # as back_steps sets it for the ask that switches
+    switch = down._switch(a.admission)
+    finish(switch, next(switch), a)  # the switch is done: the outage has ended
+    assert not down.down
+    # the other thread's ask, told to use the policy before that, reaches it now
+    late = down.admit(a.limits["tool"], 0, "late")
+    assert late and is_local_lease(late.lease_id)
+    assert leases_in_redis(server, "tool") == 3  # the two held, and the late one
+    assert down.release("tool", late.lease_id or "")
+    assert leases_in_redis(server, "tool") == 2  # it leaves Redis with its release
+    for slot in held:
+        slot.release()
+
+
 def test_a_process_that_does_not_ask_learns_the_moment_from_its_presence_record(
     server: RedisServer,
 ) -> None:
@@ -403,6 +431,30 @@ def test_slots_given_back_below_the_cap_are_not_counted_twice(server: RedisServe
     server.stop()
     admitted = sum(1 for f in fleets for _ in range(2) if f.try_acquire("tool"))
     assert admitted <= 2, admitted
+
+
+def test_a_reply_read_after_a_newer_one_does_not_size_the_allotment(
+    server: RedisServer,
+) -> None:
+    """Threads read their replies in any order: one made when 3 of the cap of 4 were held
+    is read after the one that filled the cap. Redis then goes away with the 4 slots
+    held: the allotment comes from the newest count (the cap full: nothing more), not
+    from the last one read (3: one slot free, so 5 in flight, as in test_ha's
+    pause-held-slow, where the cap was exceeded by 1 for a 3.5 s hold)."""
+    (a,) = fleets_on(server, 1, {"tool": {"max_in_flight": 4, "lease": 30}})
+    a.expected_processes = 1
+    held = [a.slot("tool", max_wait=0).acquire() for _ in range(3)]
+    # a reply Redis made at 3 in flight (a look-up changes nothing), read later
+    (older,) = a.store.send(a.admission.lookup_command("tool", "another"))
+    held.append(a.slot("tool", max_wait=0).acquire())  # 4 of 4, read at once
+    assert not a.admission.decision("tool", 0, older)  # read now: 3 in flight
+    assert a.store_down._seen["tool"][0] == 4  # the newest count is kept
+    server.stop()
+    late = a.try_acquire("tool")
+    assert not late, late  # 4 held through Redis: no local slot
+    assert a.store_down.local.allotted["tool"] == 4
+    for slot in held:
+        slot.release()
 
 
 # -- a Redis that never answered (defect 8) -------------------------------------------------
