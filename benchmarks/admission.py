@@ -73,6 +73,7 @@ from peers import (
 from results import append_section, on_db
 
 from celery_fleet import Fleet
+from celery_fleet.admission.decision import read_acquire
 from celery_fleet.store.specs import ACQUIRE, AcquireMode
 from celery_fleet.store.sync import mask_url, script_source
 
@@ -182,7 +183,8 @@ def sample_latency(ours: Ours, lean: Lean, lock: LimitsLock, samples: int) -> Sa
             start = time.perf_counter_ns()
             got[key] = step()
             out[key].append(time.perf_counter_ns() - start)
-        fleet.admission.release(LIMIT, got["raw"][2].decode())  # untimed: the bare script's lease
+        # untimed: the bare script's lease
+        fleet.admission.release(LIMIT, read_acquire(got["raw"]).detail.decode())
         if not got["acquire"].allowed or got["refused"].allowed:
             raise RuntimeError("unexpected admission result in the latency loop")
         for prefix in ("", "lean_", "lock_"):

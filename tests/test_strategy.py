@@ -102,7 +102,8 @@ def test_each_unanswered_call_is_handed_to_the_strategy(
     assert not refused and refused.reason == "recorded" and refused.tokens == 5
     assert admission.settle("llm", "lease", 10, 20) == 0
     assert admission.observe("llm", Observation(requests_remaining=1)) == 0
-    assert len(strategy.covered) == 3
+    # the three calls, and the first ask's read of the runtime limits (once a process)
+    assert len(strategy.covered) == 4
     assert [o.kind for o in admission.replays.take()] == ["ask"]  # owed once Redis answers
 
 
