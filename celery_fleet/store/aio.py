@@ -90,6 +90,9 @@ class AsyncStore:
             return await self._send(commands)
 
     async def _send(self, commands: tuple[tuple[str, bytes], ...]) -> list[Any]:
+        # A release a blocking slot of this process left for its next call (within ~1 ms)
+        # goes first: this call must not be answered ahead of it (a freed slot taken).
+        self.store.flush_held()
         replies = await self.wire.send(commands)
         for (script, _packed), reply in zip(commands, replies, strict=True):
             if isinstance(reply, redis.RedisError):

@@ -410,6 +410,15 @@ class RedisStore:
             return FleetError(f"celery-fleet script {command[0]!r} was not answered: {reply!r}")
         return reply
 
+    def flush_held(self) -> None:
+        """Write the releases this process holds for its next call now (replies unread):
+        a call on another wire of this process (an asyncio loop's) must come after them."""
+        combiner = self._combiner
+        if combiner is not None and self._combiner_pid == os.getpid():
+            flush = getattr(combiner, "flush", None)
+            if flush is not None:
+                flush()
+
     def drain(self) -> None:
         """Read the replies of posted calls now. Every other call of this store does it
         first, so nothing this process asks is answered ahead of what it posted."""
