@@ -444,8 +444,8 @@ def test_a_posted_release_reports_a_lost_lease_once_read(make_fleet: MakeFleet) 
     fleet.keeper.untrack(slot)  # as if the process froze: nobody renews it
     time.sleep(1.1)
     other = fleet.try_acquire("tool")  # the cap is reached: the expired lease is swept
-    slot.release()
-    assert not slot.lost  # the reply is not read yet
+    slot.release()  # posted: its reply is read by whichever call goes next
+    # (no "not lost yet" check: on a busy box the keeper may read it first, by design)
     fleet.admission.in_flight("tool")  # any other call reads posted replies first
     assert slot.lost
     fleet.release(other)
