@@ -95,8 +95,9 @@ def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> No
     per = _per_decision(private, fleet, 800, slot=True)
     # + at most a rare PEXPIRE: the keys' TTLs are refreshed when under half a day is left
     assert _unsampled(per) <= 10.02, per
-    # the shape of it: two EVALSHA, one clock, one read and one write of the state
-    assert per["evalsha"] == 2 and per["time"] < 1.1, per
+    # the shape of it: one EVALSHA (the release rides in the next acquire; a release whose
+    # hold time is sampled, ~1 in 32, goes alone), one clock, one read and write of state
+    assert 1 <= per["evalsha"] < 1.12 and per["time"] < 1.1, per
     assert "pttl" not in per and "hdel" not in per and per.get("pexpire", 0) < 0.01, per
     # a release whose caller waits for its reply also reads the clock (exact at_ms)
     per = _per_decision(private, fleet, 800)
@@ -400,15 +401,16 @@ def test_a_slot_costs_one_write_its_release_rides_with_the_next(
     for _ in range(10):
         with fleet.slot("llm"):
             pass
-    # ten decisions, ten writes: each release rode with a later call (an acquire, or a
-    # background call of the fleet's), never in a write of its own
+    # ten decisions, ten writes: each release rode in a later call (folded into the next
+    # acquire, or carried ahead of a background call of the fleet's), never in a write of
+    # its own
     assert all(waited for _posted, waited in trips), trips
     assert sum(waited.count("acquire") for _p, waited in trips) == 10
-    carried = sum(posted for posted, _w in trips)
+    # folded: at most one release went as a posted call of its own (a background call of
+    # the fleet's, e.g. the runtime limits' poll, may carry one it finds held)
+    assert sum(posted for posted, _w in trips) <= 1, trips
     # the last release waits for the next call (unless a background call took it)...
-    # (a fleet background thread's own write may carry one now and then: 1 run in 4 on a
-    # busy box, not yet explained; the write counts above hold either way)
-    assert carried >= 8 and len(combiner._held) <= 10 - carried
+    assert len(combiner._held) <= 1
     leases = fleet.admission.keys("llm").leases
     assert rclient.zcard(leases) == len(combiner._held)  # what is held is all that is left
     fleet.admission.in_flight("llm")  # ...any call of this process, which goes after it

@@ -160,7 +160,13 @@ def test_a_slot_s_posted_release_goes_lean(make_fleet: MakeFleet) -> None:
     real = combiner._round_trip
 
     def spy(batch: list[Any], answered: list[Any]) -> Any:
-        sent.extend(name for c in batch for name, _ in c.commands)
+        for c in batch:
+            for name, packed in c.commands:
+                # a lean release riding in the next acquire (issue 26): "0|<lease>"
+                riding = name == "acquire" and (b"\r\n0|" in packed or b"\r\n1|" in packed)
+                sent.append("release_lean" if riding else name)
+                if riding:
+                    sent.append("acquire")
         return real(batch, answered)
 
     combiner._round_trip = spy  # type: ignore[method-assign]

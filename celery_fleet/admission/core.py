@@ -174,6 +174,9 @@ class Admission:
         self._keyed = frozenset(name for name, cfg in self.limits.items() if cfg.keyed)
         # Leases this process settled and has not released: their release drops the record.
         self._settled: dict[str, None] = {}
+        #: Per limit, the last lean release this process posted (its handle and lease):
+        #: the next ask of that limit takes it back and carries it (see :meth:`ask`).
+        self._riders: dict[str, tuple[Any, bytes]] = {}
         #: Releases, leaves and timed-out asks Redis has not heard of yet (replay.py).
         self.replays = Replays()
         #: Called as ``listener(limit, state)`` when this process sees the breaker of a
@@ -363,10 +366,19 @@ class Admission:
         if self.store_down.down or self.replays or not self.runtime.following:
             return self._do_acquire(cfg, tokens, lease_id, since_ms, join)
         mode = AcquireMode.JOIN if join else AcquireMode.ASK
+        name = cfg.name
+        rider = self._riders.pop(name, None) if self._riders else None
         try:
-            (reply,) = self.store.send(
-                self._pack_acquire(cfg.name, tokens, lease_id, since_ms, mode)
-            )
+            if rider is not None and self.store.take_posted(rider[0]):
+                # this limit's last release, still held for the next call: it rides in
+                # this ask (acquire.lua runs it first), one script call for both
+                mode = mode + b"|" + rider[1]
+                command = self._pack_acquire(name, tokens, lease_id, since_ms, mode)
+                reply = self.store.send_riding(command, rider[0])
+            else:
+                (reply,) = self.store.send(
+                    self._pack_acquire(name, tokens, lease_id, since_ms, mode)
+                )
         except StoreUnavailable as exc:
             steps = self._unanswered_ask_steps(cfg, tokens, lease_id, since_ms, join, exc)
             return drive(steps, self.store)
@@ -635,6 +647,14 @@ class Admission:
             return (RELEASE_LEAN.name, lean.pack(lease_id.encode()))
         packed = cmd.pack(lease_id.encode(), outcome.encode(), b"%d" % pause, settled, now)
         return (RELEASE.name, packed)
+
+    def posted_release(
+        self, name: str, command: tuple[str, bytes], handle: Any, lease_id: str
+    ) -> None:
+        """A release of ``name`` was posted (``handle``): a lean one of a limit without
+        keys may ride in the next ask of that limit instead of a call of its own."""
+        if command[0] == RELEASE_LEAN.name and name not in self._keyed:
+            self._riders[name] = (handle, lease_id.encode())
 
     def released(self, name: str, reply: list[Any]) -> Release:
         """The :class:`Release` a release's reply means (listeners told of a transition)."""

@@ -579,7 +579,10 @@ class Slot(Judging):
 
         # Written now, its reply read later: nobody on the caller's path needs it, and a
         # task pays one round trip for its slot instead of two (see batch.Combiner.post).
-        if not self.admission.store.post(command, done):
+        posted = self.admission.store.post(command, done)
+        if posted:
+            self.admission.posted_release(self.limit, command, posted, lease_id)
+        else:
             try:
                 (reply,) = self.admission.store.send(command)
             except StoreUnavailable as exc:

@@ -294,10 +294,20 @@ class Combiner:
         self._pid = os.getpid()
         _live.add(self)
 
-    def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
+    def send(self, commands: list[tuple[str, bytes]], rider: _Call | None = None) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads',
         and writing the posted calls held so far just ahead of them) and return their
-        replies, each a value or a ``redis.RedisError`` instance."""
+        replies, each a value or a ``redis.RedisError`` instance.
+
+        ``rider``: a posted call this caller :meth:`take`-s out of the held ones and folded
+        into its first command (a release riding in an acquire: one script call for both).
+        Its callback gets ``[1]`` from that command's reply, ``[0]`` when the reply is
+        ``["lost", reply]`` (the first command's own reply is then the second element), or
+        the command's error."""
+        if rider is not None:
+            replies = self.send(commands)
+            replies[0] = self._settle_rider(rider, replies[0])
+            return replies
         me = _Call(commands, None, self._bound())
         with self._lock:
             if not self._busy:  # the usual case: a lone caller carries its own call
@@ -322,6 +332,37 @@ class Combiner:
             return me.replies
         self._carry(None)
         return me.replies
+
+    @staticmethod
+    def _settle_rider(rider: _Call, reply: Any) -> Any:
+        """Hand a folded posted call its share of ``reply``; return the sender's share."""
+        own = reply
+        if isinstance(reply, BaseException):
+            rider.replies = [reply]
+        elif type(reply) is list and len(reply) == 2 and reply[0] == b"lost":
+            rider.replies, own = [0], reply[1]
+        else:
+            rider.replies = [1]
+        rider.finished = True
+        try:
+            if rider.callback is not None:
+                rider.callback(rider.replies)
+        except Exception:  # never into the caller that carried it
+            log.exception("celery-fleet: handling a posted reply failed")
+        return own
+
+    def take(self, call: _Call) -> bool:
+        """Take the posted ``call`` back from the held ones (True), to fold it into a call
+        of the taker's (:meth:`send`'s ``rider``); False when it was written already (or
+        this is a forked child's copy). Atomic against the carriers: a deque's remove
+        runs under the GIL, and a carrier pops what is held from the left."""
+        if self._pid != os.getpid():
+            return False
+        try:
+            self._held.remove(call)
+        except ValueError:
+            return False
+        return True
 
     def _give_up(self, me: _Call) -> list[Any]:
         """A waiter's deadline passed before its replies came: its replies if they came
@@ -359,23 +400,25 @@ class Combiner:
 
     def post(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
-    ) -> bool:
+    ) -> _Call | None:
         """Hold ``commands`` for the process's next call on this wire (written ahead of it,
         in its write), or the flusher within :attr:`flush_s`, and return at once;
         ``callback(replies)`` runs, once, in whichever thread reads them later.
 
-        False, with nothing held, while a script of theirs has not answered on this
-        connection yet: the caller should :meth:`send` instead (so a posted call never
-        meets NOSCRIPT on a fresh connection, e.g. after a Redis restart).
+        Returns the held call (for :meth:`take`); None, with nothing held, while a script
+        of theirs has not answered on this connection yet: the caller should :meth:`send`
+        instead (so a posted call never meets NOSCRIPT on a fresh connection, e.g. after a
+        Redis restart).
         """
         loaded = self._loaded
         for script, _packed in commands:
             if script not in loaded:
-                return False
-        self._held.append(_Call(commands, callback, self._bound()))
+                return None
+        call = _Call(commands, callback, self._bound())
+        self._held.append(call)
         if not self._busy:  # else the carrier on the wire arms the flusher when it leaves
             self._arm()
-        return True
+        return call
 
     def pending(self) -> float:
         """How long (s, monotonic) the oldest posted call has waited for its reply to be

@@ -153,7 +153,7 @@ def _fits(declared: tuple[str, ...], given: int) -> bool:
 class AcquireMode:
     """acquire's ARGV ``join``: what kind of ask this is (bytes, packed as they are)."""
 
-    ASK = b"0"  #: ask once, no ticket
+    ASK = b"0"  #: ask once, no ticket (ASK or JOIN + b"|" + a lease: that release rides first)
     JOIN = b"1"  #: a refused caller takes (or keeps) a ticket in line
     RESEND_ASK = b"2"  #: ASK again after the connection dropped: its lease if it admitted
     RESEND_JOIN = b"3"  #: JOIN again after the connection dropped, likewise

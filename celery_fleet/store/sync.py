@@ -360,10 +360,29 @@ class RedisStore:
                 raise
             return self._send(commands)
 
-    def _send(self, commands: tuple[tuple[str, bytes], ...]) -> list[Any]:
+    def send_riding(self, command: tuple[str, bytes], rider: Any) -> Any:
+        """:meth:`send` one call with a posted call folded into it (``rider``, taken back
+        with :meth:`take_posted`: see ``Combiner.send``); its reply. Not sent again after
+        a dropped connection: the rider is then owed by its callback."""
+        (reply,) = self._send((command,), rider)
+        return reply
+
+    def take_posted(self, handle: Any) -> bool:
+        """Take a call :meth:`post` held back (its handle), to fold it into the next call
+        (:meth:`send_riding`); False when it is on its way already, or on a Cluster."""
+        combiner = self._combiner
+        if combiner is None or self._combiner_pid != os.getpid():
+            return False
+        take = getattr(combiner, "take", None)
+        return take is not None and handle is not True and bool(take(handle))
+
+    def _send(self, commands: tuple[tuple[str, bytes], ...], rider: Any = None) -> list[Any]:
         combiner = self.combiner
         try:
-            replies = combiner.send(list(commands))
+            if rider is not None:
+                replies = combiner.send(list(commands), rider)  # type: ignore[call-arg]
+            else:
+                replies = combiner.send(list(commands))
         except redis.RedisError as exc:
             raise self._translate(exc, "script call") from exc
         for (script, _packed), reply in zip(commands, replies, strict=True):
@@ -376,11 +395,12 @@ class RedisStore:
                 ) from reply
         return replies
 
-    def post(self, command: tuple[str, bytes], callback: Callable[[Any], None]) -> bool:
+    def post(self, command: tuple[str, bytes], callback: Callable[[Any], None]) -> Any:
         """Write one packed script call now and return without waiting for its reply;
         ``callback`` gets the reply later (or the :class:`FleetError` it translates to),
-        in whichever thread reads it. False, with nothing sent, when the call must be
-        :meth:`send`-ed instead (its script has not answered on this connection yet).
+        in whichever thread reads it. Falsy, with nothing sent, when the call must be
+        :meth:`send`-ed instead (its script has not answered on this connection yet);
+        else a handle for :meth:`take_posted`.
 
         On a plain Redis the call is held for this process's next call, which writes it
         just ahead of itself (one write for both), or written within about a millisecond
@@ -393,7 +413,7 @@ class RedisStore:
 
     def post_all(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
-    ) -> bool:
+    ) -> Any:
         """:meth:`post` for calls written together (one write, one round trip): a
         release and the quality verdict riding on it. ``callback`` gets every reply,
         each translated as in :meth:`post`."""

@@ -24,7 +24,12 @@
 --          3 and 2 are the same asked again after the connection dropped under the first
 --          ask: if that one admitted (a lease "<record>.<id>" is held), its lease is the
 --          answer, so a resend never charges twice; 4 only looks that lease up (an ask
---          cancelled in flight): its lease, or a refusal ("gone") that changes nothing
+--          cancelled in flight): its lease, or a refusal ("gone") that changes nothing.
+--          "0|<lease>" and "1|<lease>": the same, with the release of one of this limit's
+--          leases riding in front (the process's last release, folded into its next ask:
+--          one EVALSHA for both, issue 26). It runs first, exactly as release_lean.lua
+--          would (ZREM, and the line's first waiter woken when someone waits); when that
+--          lease had already expired the reply is {"lost", <the reply>}.
 -- ARGV[5]  lane: "<priority>" (a lane that may use every budget; "0" on a limit without
 --          lanes) or "<priority>:<usable share>[:<guarantee>]", then "|<q>:<g>" per lane
 --          below with a guarantee (_lib/lanes.lua; admission/lanes.py). The priority is the
@@ -97,8 +102,20 @@ local id = ARGV[1]
 local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
 local kept = since  -- a keyed limit: 1 + a kept start tag * 1024 (0: none)
-local join = ARGV[4] == '1' or ARGV[4] == '3'
-if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
+local mode = ARGV[4]
+local lost = false  -- a release riding in front found its lease already expired
+if #mode > 1 then
+  local rel = string.sub(mode, 3)
+  mode = string.sub(mode, 1, 1)
+  if redis.call('ZREM', KEYS[2], rel) == 0 then
+    lost = true
+  elseif redis.call('EXISTS', KEYS[3]) == 1 then
+    local _, cap0, _, _, ticket_ttl0, grace0 = struct.unpack('<dddddd', ARGV[6])
+    wake_next(KEYS[3], KEYS[2], KEYS[5], KEYS[6], now, cap0, ticket_ttl0, grace0)
+  end
+end
+local join = mode == '1' or mode == '3'
+if mode == '2' or mode == '3' or mode == '4' then
   -- Its lease is "<µs>.<n>.<tokens>.<id>": the id must be all that follows the record.
   -- A local slot entered at a hand-over (charge.lua) is "<µs>.<n>.<tokens>.local.<id>",
   -- held by the caller that was admitted locally: never the answer to this ask.
@@ -111,7 +128,7 @@ if ARGV[4] == '2' or ARGV[4] == '3' or ARGV[4] == '4' then
       return {1, 0, held, redis.call('ZCARD', KEYS[2]), now_us, probe, 0, 0}
     end
   end
-  if ARGV[4] == '4' then return {0, 0, 'gone', redis.call('ZCARD', KEYS[2]), now_us, 0, 0, 0} end
+  if mode == '4' then return {0, 0, 'gone', redis.call('ZCARD', KEYS[2]), now_us, 0, 0, 0} end
 end
 local lane, share, guar, below = lane_arg(ARGV[5])
 local consts = ARGV[6]
@@ -434,7 +451,9 @@ if kwait > 0 and reason ~= 'circuit_open' then
     nline = nline - 1
     if wait == 0 then wake_first(math.min(slack, nline)) end
   end
-  return {0, math.ceil(math.min(kwait, MAX_WAIT_MS)), kreason, in_flight, now_us, place, 0, nline}
+  local r = {0, math.ceil(math.min(kwait, MAX_WAIT_MS)), kreason, in_flight, now_us, place, 0, nline}
+  if lost then return {'lost', r} end
+  return r
 end
 
 if reason ~= 'circuit_open' then
@@ -491,7 +510,9 @@ if wait > 0 then
     end
   end
   -- Capped so the integer reply can never overflow, whatever a stored value says.
-  return {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, place, ahead, nline}
+  local r = {0, math.ceil(math.min(wait, MAX_WAIT_MS)), reason, in_flight, now_us, place, ahead, nline}
+  if lost then return {'lost', r} end
+  return r
 end
 
 local hset = {}
@@ -567,5 +588,7 @@ if nline > 0 then
   if after < 1 and (cap == 0 or in_flight + 1 < cap) then after = 1 end
   wake_first(math.min(after, nline))
 end
-if probe == 0 and nline == 0 then return lease end
-return {1, 0, lease, in_flight + 1, now_us, probe, 0, nline}
+local r = lease
+if probe == 1 or nline > 0 then r = {1, 0, lease, in_flight + 1, now_us, probe, 0, nline} end
+if lost then return {'lost', r} end
+return r

@@ -1,0 +1,131 @@
+"""A slot's release rides in the next ask of its limit (issue 26): one script call for both.
+
+acquire.lua runs the release first, as release_lean.lua would: the lease leaves the
+semaphore, the line's first waiter is woken, and a lease that had already expired is
+reported lost (the reply is then ``["lost", <the ask's reply>]``). Command counts come from
+the test Redis's INFO commandstats deltas: exact, not timings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from celery_fleet import Fleet, Throttled
+from celery_fleet.admission import slot as slot_module
+
+MakeFleet = Callable[..., Fleet]
+
+
+def _evalsha(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def _held_release(fleet: Fleet, limit: str) -> object:
+    """A slot of ``limit`` acquired and released, its release held for the next call."""
+    slot = fleet.slot(limit).acquire()
+    slot.release()
+    assert fleet.store.combiner._held, "the release should be held for the next call"
+    return slot
+
+
+def test_a_release_rides_in_the_next_ask_of_its_limit(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    fleet = make_fleet({"llm": {"max_in_flight": 1}})
+    with fleet.slot("llm"):
+        pass  # scripts seen on this connection: later releases may be held
+    fleet.store.combiner.flush_s = 60.0  # only a later call writes (or takes) it
+    _held_release(fleet, "llm")
+    before = _evalsha(rclient)
+    slot = fleet.slot("llm").acquire()  # the cap is 1: admitted only once the release ran
+    assert _evalsha(rclient) - before == 1  # one script call for the release and the ask
+    assert not fleet.store.combiner._held
+    slot.release()
+    fleet.store.drain()
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
+
+
+def test_a_riding_release_of_an_expired_lease_reports_it_lost(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"tool": {"max_in_flight": 2, "lease": 1}})
+    with fleet.slot("tool"):
+        pass
+    fleet.store.combiner.flush_s = 60.0
+    old = fleet.slot("tool").acquire()
+    fleet.keeper.untrack(old)  # as if the process froze: nobody renews it
+    time.sleep(1.1)
+    first = fleet.try_acquire("tool")
+    second = fleet.try_acquire("tool")  # at the cap: the expired lease is swept
+    assert first and second
+    fleet.release(first)  # a free slot again
+    old.release()  # held: its ZREM will find nothing
+    new = fleet.slot("tool").acquire()  # admitted (the reply unwrapped from ["lost", lease])
+    assert new.lease_id is not None
+    assert old.lost  # the rider's share of the reply, handed over before the ask returned
+    new.release()
+    fleet.release(second)
+
+
+def test_a_riding_release_of_an_expired_lease_unwraps_a_refusal_too(
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet({"tool": {"max_in_flight": 1, "lease": 1}})
+    with fleet.slot("tool"):
+        pass
+    fleet.store.combiner.flush_s = 60.0
+    old = fleet.slot("tool").acquire()
+    fleet.keeper.untrack(old)
+    time.sleep(1.1)
+    other = fleet.try_acquire("tool")  # the cap is reached: the expired lease is swept
+    assert other
+    old.release()  # held: its ZREM will find nothing
+    with pytest.raises(Throttled) as refused:
+        fleet.slot("tool", max_wait=0).acquire()
+    assert refused.value.reason == "in_flight"  # the refusal read from inside ["lost", ...]
+    assert old.lost
+    fleet.release(other)
+
+
+def test_a_riding_release_wakes_the_first_waiter_in_line(
+    make_fleet: MakeFleet, rclient: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first in line asks again every NEXT_IN_LINE_S by itself: make that a minute, so
+    # only a wake-up lets it in sooner
+    monkeypatch.setattr(slot_module, "NEXT_IN_LINE_S", 60.0)
+    limits = {"llm": {"max_in_flight": 1, "lease": 30, "tpm": 1000, "burst": 1.0}}
+    fleet, waiter_fleet = make_fleet(limits), make_fleet(limits)
+    with fleet.slot("llm"):
+        pass
+    fleet.store.combiner.flush_s = 60.0
+    holder = fleet.slot("llm", tokens=400).acquire()
+    # the waiter's own estimate of when to ask again: as long as the lease, so only the
+    # wake-up of the release can let it in before then
+    rclient.hset(fleet.admission.keys("llm").ctl, "hold_ms", 60_000)
+    admitted: list[float] = []
+
+    def wait() -> None:
+        with waiter_fleet.slot("llm", tokens=1, max_wait=60):
+            admitted.append(time.monotonic())
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    line = fleet.admission.keys("llm").line
+    deadline = time.monotonic() + 10
+    while not rclient.zcard(line) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rclient.zcard(line) == 1  # the waiter holds a ticket
+    holder.release()  # held for this process's next call
+    released_at = time.monotonic()
+    with pytest.raises(Throttled) as refused:
+        # carries the release; refused by the tokens window, so its own ask wakes nobody
+        fleet.slot("llm", tokens=900, max_wait=0).acquire()
+    # (behind the waiter, its wait the window's: "queued")
+    assert refused.value.reason == "queued" and refused.value.wait_ms > 10_000
+    thread.join(20)
+    assert admitted, "the waiter was never admitted"
+    # woken by the release, not by its own minute (a bound for a lost wake-up)
+    assert admitted[0] - released_at < 10
