@@ -103,16 +103,11 @@ local tokens = tonumber(ARGV[2])
 local since = tonumber(ARGV[3])
 local kept = since  -- a keyed limit: 1 + a kept start tag * 1024 (0: none)
 local mode = ARGV[4]
-local lost = false  -- a release riding in front found its lease already expired
+local rider = nil  -- the lease of a release riding in front (run once ctl is read)
+local lost = false  -- that lease had already expired
 if #mode > 1 then
-  local rel = string.sub(mode, 3)
+  rider = string.sub(mode, 3)
   mode = string.sub(mode, 1, 1)
-  if redis.call('ZREM', KEYS[2], rel) == 0 then
-    lost = true
-  elseif redis.call('EXISTS', KEYS[3]) == 1 then
-    local _, cap0, _, _, ticket_ttl0, grace0 = struct.unpack('<dddddd', ARGV[6])
-    wake_next(KEYS[3], KEYS[2], KEYS[5], KEYS[6], now, cap0, ticket_ttl0, grace0)
-  end
 end
 local join = mode == '1' or mode == '3'
 if mode == '2' or mode == '3' or mode == '4' then
@@ -193,6 +188,16 @@ if guar > 0 then
   for i = 1, nwin do fields[NFIXED + nwin + i] = 'g' .. lane .. ':' .. ARGV[6 + i] end
 end
 local ctl = redis.call('HMGET', KEYS[1], unpack(fields))
+if rider then
+  -- The release riding in front, as release_lean.lua runs it: the lease leaves, and
+  -- when the line may hold someone (line_until, where release_lean asks EXISTS) the
+  -- first waiter is woken. Before anything is counted: this ask sees the slot free.
+  if redis.call('ZREM', KEYS[2], rider) == 0 then
+    lost = true
+  elseif (tonumber(ctl[4]) or 0) > now then
+    wake_next(KEYS[3], KEYS[2], KEYS[5], KEYS[6], now, max_in_flight, ticket_ttl, grace)
+  end
+end
 -- each window's emission interval and tolerance, from the constants
 local win = {struct.unpack('<' .. string.rep('d', 7 + 2 * nwin), consts)}
 local paused = pause_wait(ctl[1], now)
