@@ -191,6 +191,7 @@ class Fleet(AsyncMethods):
         if tracer is not None:
             self.admission.watchers.append(tracer)
         self._settled: OrderedDict[str, int] = OrderedDict()
+        self._closed = False
         _all.add(self)
         #: How many processes or threads of this worker share the budgets (0: not a
         #: worker); the Celery binding sets it, the store-down policy reads it.
@@ -265,6 +266,8 @@ class Fleet(AsyncMethods):
             with fleet.slot("openai", tokens=900, lane="interactive") as slot:
                 ...
         """
+        if self._closed:
+            raise FleetError(f"{self!r} is closed: make a new Fleet")
         cfg = self.admission.limit(name)
         tokens = cfg.check_tokens(tokens)
         run = current_run.get()
@@ -417,6 +420,8 @@ class Fleet(AsyncMethods):
         While the limit's quality breaker is open, ``on_degraded="pause"`` refuses
         (``reason="quality_degraded"``, ``wait_ms`` until it half-opens) and
         ``"fallback:<limit>"`` asks the other limit: ``decision.limit`` names it."""
+        if self._closed:
+            raise FleetError(f"{self!r} is closed: make a new Fleet")
         routed = route_ask(self.admission, name, tokens, key, lane)
         if isinstance(routed, Decision):
             return routed
@@ -731,6 +736,41 @@ class Fleet(AsyncMethods):
         ``compare_and_set(version, value)`` (see
         :class:`~celery_fleet.coordination.records.Record`)."""
         return Record(self.store, self.namespace, name, ttl, max_bytes)
+
+    def close(self) -> None:
+        """Let this fleet go in this process: write the releases it still holds for its
+        next call (and read their replies), flush its event counts, stop its background
+        threads (lease keeper, runtime-limit poll, counters, ledger claims) and close its
+        Redis connections. Idempotent; ``with Fleet(...) as fleet:`` calls it on leaving.
+
+        Slots still held are not released: stop renewing them and their leases expire
+        (release them first). A closed fleet refuses new slots and asks
+        (:class:`~celery_fleet.FleetError`). Needed by a process that makes fleets and
+        goes on (tests, notebooks, a web app's reload): one that exits writes what it
+        holds anyway (``atexit``)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.store.drain()
+        except FleetError as exc:
+            log.warning("celery-fleet: closing %r: releases not written (%s)", self, exc)
+        try:
+            self.counters.flush()
+        except FleetError:
+            pass  # counts are best effort: Redis is away
+        self.admission.runtime.stop()
+        for part in (self.keeper, self.counters, self._claims, self._ledger):
+            loop = getattr(part, "_background", None)
+            if loop is not None:
+                loop.stop(join_s=1.0)
+        self.store.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def reset_connections(self) -> None:
         """Drop this process's Redis client (after a fork); the next call makes a new one."""

@@ -452,6 +452,22 @@ class Combiner:
             self._busy = True
         self._carry([])
 
+    def close(self) -> None:
+        """Write and read what is held (:meth:`drain`), then close the wire's connection
+        (its store is closed: a later call would open a new one)."""
+        if self._pid != os.getpid():
+            return
+        try:
+            self.drain()
+        finally:
+            with self._lock:
+                conn, self._conn, self._conn_of = self._conn, None, None
+            if conn is not None:
+                try:
+                    conn.disconnect()
+                except Exception:  # already broken
+                    log.debug("celery-fleet: closing the wire failed", exc_info=True)
+
     def _arm(self) -> None:
         """Make the flusher look at what is held (waking it only if it sleeps idle)."""
         self._armed = True  # set before looking: an idle flusher looks at it after

@@ -278,6 +278,30 @@ class RedisStore:
             self._blocking, self._blocking_pid = None, None
             self._combiner, self._combiner_pid = None, None
 
+    def close(self) -> None:
+        """Close this process's connections to Redis (``Fleet.close``): the combiner's
+        wire, the client's pool, the blocking client's. A client given by the user
+        (``redis_client=``) is theirs: only its connections the combiner made are closed.
+        A later call would open new connections."""
+        with self._lock:
+            mine = self._pid == os.getpid()
+            client, self._client, self._pid = self._client, None, None
+            blocking, self._blocking, self._blocking_pid = self._blocking, None, None
+            combiner, self._combiner, self._combiner_pid = self._combiner, None, None
+        if not mine:
+            return  # after a fork the sockets are the parent's
+        closing = getattr(combiner, "close", None)
+        if closing is not None:
+            closing()
+        clients = [blocking] if self.target.kind == "client" else [client, blocking]
+        for c in clients:
+            if c is None:
+                continue
+            try:
+                c.close()
+            except Exception:  # closing what may already be broken
+                log.debug("celery-fleet: closing a Redis client failed", exc_info=True)
+
     @staticmethod
     @contextmanager
     def deadline(seconds: float) -> Iterator[None]:

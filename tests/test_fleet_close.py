@@ -1,0 +1,84 @@
+"""``Fleet.close()``: a process that makes fleets and goes on lets one go cleanly.
+
+On a private redis-server, so its CLIENT LIST holds only this test's connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_fleet import Fleet, FleetError
+from celery_fleet.testing.redis_server import RedisServer, find_binary
+
+
+@pytest.fixture(scope="module")
+def private() -> Iterator[RedisServer]:
+    try:
+        binary = find_binary(install=False)
+    except Exception:  # pragma: no cover - the machine has no redis-server
+        pytest.skip("no redis-server binary to start a private Redis")
+    with RedisServer(binary=binary) as server:
+        yield server
+
+
+def _others(client: redis.Redis) -> int:
+    """Connections to the server besides ``client``'s own."""
+    return len(client.client_list()) - 1
+
+
+def test_close_writes_held_releases_stops_threads_and_closes_connections(
+    private: RedisServer,
+) -> None:
+    watch = redis.Redis.from_url(private.url)
+    before = _others(watch)
+    fleet = Fleet(redis_url=private.url, namespace="close", limits={"llm": {"max_in_flight": 2}})
+    with fleet.slot("llm"):
+        pass
+    fleet.store.combiner.flush_s = 60.0  # only a later call (or close) writes it
+    with fleet.slot("llm"):
+        pass
+    assert fleet.store.combiner._held  # the release waits for this process's next call
+    leases = fleet.admission.keys("llm").leases
+    assert watch.zcard(leases) == 1
+    loops = [fleet.admission.runtime._loop, fleet.keeper._background]
+    threads = [loop.thread for loop in loops if loop.thread is not None]
+    assert threads and all(t.is_alive() for t in threads)
+    assert _others(watch) > before
+
+    fleet.close()
+    assert watch.zcard(leases) == 0  # written before the wire closed
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive(), thread.name
+    assert _others(watch) == before  # every connection of the fleet's closed
+    with pytest.raises(FleetError, match="closed"):
+        fleet.slot("llm")
+    with pytest.raises(FleetError, match="closed"):
+        fleet.try_acquire("llm")
+    fleet.close()  # idempotent
+    watch.close()
+
+
+def test_a_fleet_used_as_a_context_manager_closes_on_leaving(private: RedisServer) -> None:
+    watch = redis.Redis.from_url(private.url)
+    before = _others(watch)
+    with Fleet(redis_url=private.url, namespace="close-cm", limits={"llm": {"rpm": 60}}) as fleet:
+        with fleet.slot("llm"):
+            pass
+    assert _others(watch) == before
+    with pytest.raises(FleetError, match="closed"):
+        fleet.slot("llm")
+    watch.close()
+
+
+def test_close_leaves_a_client_given_by_the_user_open(private: RedisServer) -> None:
+    mine = redis.Redis.from_url(private.url)
+    fleet = Fleet(redis_client=mine, namespace="close-own", limits={"llm": {"rpm": 60}})
+    with fleet.slot("llm"):
+        pass
+    fleet.close()
+    assert mine.ping()  # still the user's to use and close
+    mine.close()
