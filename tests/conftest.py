@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from celery_fleet import Fleet
-from celery_fleet.testing.redis_server import answers
+from celery_fleet.testing.redis_server import RedisServer, answers, find_binary
 
 BASE_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 TEST_DB = int(os.environ.get("FLEET_TEST_DB", "9"))
@@ -102,3 +102,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test module's own (a free port): its INFO and CLIENT LIST
+    hold only the module's commands and connections."""
+    try:
+        binary = find_binary(install=False)
+    except Exception:  # pragma: no cover - the machine has no redis-server
+        pytest.skip("no redis-server binary to start a private Redis")
+    with RedisServer(binary=binary) as server:
+        yield server

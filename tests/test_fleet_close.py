@@ -5,23 +5,11 @@ On a private redis-server, so its CLIENT LIST holds only this test's connections
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
 from celery_fleet import Fleet, FleetError
-from celery_fleet.testing.redis_server import RedisServer, find_binary
-
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[RedisServer]:
-    try:
-        binary = find_binary(install=False)
-    except Exception:  # pragma: no cover - the machine has no redis-server
-        pytest.skip("no redis-server binary to start a private Redis")
-    with RedisServer(binary=binary) as server:
-        yield server
+from celery_fleet.testing.redis_server import RedisServer
 
 
 def _others(client: redis.Redis) -> int:
@@ -30,11 +18,13 @@ def _others(client: redis.Redis) -> int:
 
 
 def test_close_writes_held_releases_stops_threads_and_closes_connections(
-    private: RedisServer,
+    private_redis: RedisServer,
 ) -> None:
-    watch = redis.Redis.from_url(private.url)
+    watch = redis.Redis.from_url(private_redis.url)
     before = _others(watch)
-    fleet = Fleet(redis_url=private.url, namespace="close", limits={"llm": {"max_in_flight": 2}})
+    fleet = Fleet(
+        redis_url=private_redis.url, namespace="close", limits={"llm": {"max_in_flight": 2}}
+    )
     with fleet.slot("llm"):
         pass
     fleet.store.combiner.flush_s = 60.0  # only a later call (or close) writes it
@@ -62,10 +52,12 @@ def test_close_writes_held_releases_stops_threads_and_closes_connections(
     watch.close()
 
 
-def test_a_fleet_used_as_a_context_manager_closes_on_leaving(private: RedisServer) -> None:
-    watch = redis.Redis.from_url(private.url)
+def test_a_fleet_used_as_a_context_manager_closes_on_leaving(private_redis: RedisServer) -> None:
+    watch = redis.Redis.from_url(private_redis.url)
     before = _others(watch)
-    with Fleet(redis_url=private.url, namespace="close-cm", limits={"llm": {"rpm": 60}}) as fleet:
+    with Fleet(
+        redis_url=private_redis.url, namespace="close-cm", limits={"llm": {"rpm": 60}}
+    ) as fleet:
         with fleet.slot("llm"):
             pass
     assert _others(watch) == before
@@ -74,8 +66,8 @@ def test_a_fleet_used_as_a_context_manager_closes_on_leaving(private: RedisServe
     watch.close()
 
 
-def test_close_leaves_a_client_given_by_the_user_open(private: RedisServer) -> None:
-    mine = redis.Redis.from_url(private.url)
+def test_close_leaves_a_client_given_by_the_user_open(private_redis: RedisServer) -> None:
+    mine = redis.Redis.from_url(private_redis.url)
     fleet = Fleet(redis_client=mine, namespace="close-own", limits={"llm": {"rpm": 60}})
     with fleet.slot("llm"):
         pass

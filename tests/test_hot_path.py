@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,21 +21,11 @@ from celery_fleet.admission.core import Admission
 from celery_fleet.admission.decision import read_acquire
 from celery_fleet.errors import ConfigError, FleetError, StoreUnavailable
 from celery_fleet.store.combiner import Combiner, Packed
-from celery_fleet.testing.redis_server import RedisServer, find_binary
+from celery_fleet.testing.redis_server import RedisServer
 
 MakeFleet = Callable[..., Fleet]
 
 BENCH = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
-
-
-@pytest.fixture(scope="module")
-def private() -> Iterator[RedisServer]:
-    try:
-        binary = find_binary(install=False)
-    except Exception:  # pragma: no cover - the machine has no redis-server
-        pytest.skip("no redis-server binary to start a private Redis")
-    with RedisServer(binary=binary) as server:
-        yield server
 
 
 def _commands(client: redis.Redis) -> dict[str, int]:
@@ -90,9 +80,9 @@ def _unsampled(per: dict[str, float]) -> float:
     return sum(per.values()) - 2 * sampled
 
 
-def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> None:
-    fleet = Fleet(redis_url=private.url, namespace="hot", limits={"llm": BENCH})
-    per = _per_decision(private, fleet, 800, slot=True)
+def test_a_decision_costs_at_most_ten_redis_commands(private_redis: RedisServer) -> None:
+    fleet = Fleet(redis_url=private_redis.url, namespace="hot", limits={"llm": BENCH})
+    per = _per_decision(private_redis, fleet, 800, slot=True)
     # + at most a rare PEXPIRE: the keys' TTLs are refreshed when under half a day is left
     assert _unsampled(per) <= 10.02, per
     # the shape of it: one EVALSHA (the release rides in the next acquire; a release whose
@@ -100,14 +90,16 @@ def test_a_decision_costs_at_most_ten_redis_commands(private: RedisServer) -> No
     assert 1 <= per["evalsha"] < 1.12 and per["time"] < 1.1, per
     assert "pttl" not in per and "hdel" not in per and per.get("pexpire", 0) < 0.01, per
     # a release whose caller waits for its reply also reads the clock (exact at_ms)
-    per = _per_decision(private, fleet, 800)
+    per = _per_decision(private_redis, fleet, 800)
     assert _unsampled(per) <= 10.02 and per["time"] == 2, per
 
 
-def test_a_breaker_and_adaptive_limit_pays_only_for_what_it_uses(private: RedisServer) -> None:
+def test_a_breaker_and_adaptive_limit_pays_only_for_what_it_uses(
+    private_redis: RedisServer,
+) -> None:
     limits = {"llm": {**BENCH, "max_in_flight": 1000, "adaptive": True, "breaker": True}}
-    fleet = Fleet(redis_url=private.url, namespace="hot-full", limits=limits)
-    per = _per_decision(private, fleet, 400)
+    fleet = Fleet(redis_url=private_redis.url, namespace="hot-full", limits=limits)
+    per = _per_decision(private_redis, fleet, 400)
     # + the breaker read and its window count, + the AIMD read and write: still bounded
     assert sum(per.values()) <= 16.0, per
     assert per.get("exists", 0) == 0 and per.get("pexpire", 0) < 0.01, per
@@ -223,11 +215,11 @@ def test_an_error_answers_only_its_own_caller(make_fleet: MakeFleet, redis_url: 
 
 
 def test_scripts_lost_by_redis_are_loaded_again_within_the_batch(
-    private: RedisServer,
+    private_redis: RedisServer,
 ) -> None:
-    fleet = Fleet(redis_url=private.url, namespace="flush", limits={"llm": BENCH})
+    fleet = Fleet(redis_url=private_redis.url, namespace="flush", limits={"llm": BENCH})
     fleet.release(fleet.try_acquire("llm"))
-    redis.Redis.from_url(private.url).script_flush()
+    redis.Redis.from_url(private_redis.url).script_flush()
     d = fleet.try_acquire("llm")
     assert d
     fleet.release(d)
@@ -473,13 +465,13 @@ def test_the_keeper_reads_replies_an_idle_process_left(
     fleet.release(other)
 
 
-def test_a_posted_release_that_meets_noscript_is_sent_again(private: RedisServer) -> None:
+def test_a_posted_release_that_meets_noscript_is_sent_again(private_redis: RedisServer) -> None:
     fleet = Fleet(
-        redis_url=private.url, namespace="post-flush", limits={"llm": {"max_in_flight": 2}}
+        redis_url=private_redis.url, namespace="post-flush", limits={"llm": {"max_in_flight": 2}}
     )
     with fleet.slot("llm"):
         pass
-    client = redis.Redis.from_url(private.url)
+    client = redis.Redis.from_url(private_redis.url)
     with fleet.slot("llm"):
         client.script_flush()  # the release below meets NOSCRIPT
     assert fleet.admission.in_flight("llm") == 0  # drained, loaded, sent again
