@@ -186,10 +186,15 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
     wait_name = "wait_turn" if hasattr(cls, "wait_turn") else "wait_for_release"
     wait = getattr(cls, wait_name)
 
-    def counted_try_acquire(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def counted(ask: Any) -> Any:
+        def counted_ask(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return counted_decision(ask(self, *args, **kwargs))
+
+        return counted_ask
+
+    def counted_decision(decision: Any) -> Any:
         with lock:
             counts["sent acquire"] += 1
-        decision = try_acquire(self, *args, **kwargs)
         tl.got = time.time() * 1000
         if getattr(tl, "first_at", 0) is None:
             tl.first_at = decision.at_ms
@@ -215,7 +220,9 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
         tl.released = result.at_ms
         return result
 
-    cls.try_acquire, cls.release = counted_try_acquire, counted_release
+    cls.try_acquire, cls.release = counted(try_acquire), counted_release
+    if hasattr(cls, "ask"):  # since issue 26 a keyless slot asks through ask(), not try_acquire
+        cls.ask = counted(cls.ask)
     setattr(cls, wait_name, counted_wait)
     if hasattr(cls, "release_command"):  # since issue 9 a slot posts its release's command
         release_command = cls.release_command
