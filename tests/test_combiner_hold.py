@@ -178,6 +178,97 @@ def test_a_process_that_exits_writes_its_held_release_first(
     assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # released at exit
 
 
+_MP_CHILD_SCRIPT = """
+import multiprocessing, sys
+from celery_fleet import Fleet
+limits = {"llm": {"max_in_flight": 1, "lease": 30}}
+
+def work(url, namespace):
+    fleet = Fleet(redis_url=url, namespace=namespace, limits=limits)
+    with fleet.slot("llm"):
+        pass
+    fleet.store.drain()
+    fleet.store.combiner.flush_s = 3600.0  # only the exit writes what is held
+    for _ in range(10):  # (a background call of the fleet's may carry it: release again)
+        with fleet.slot("llm"):
+            pass
+        if fleet.store.combiner._held:
+            break
+    assert len(fleet.store.combiner._held) == 1
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context(sys.argv[3]).Process(target=work, args=sys.argv[1:3])
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_multiprocessing_child_writes_its_held_release_as_it_ends(
+    method: str, redis_url: str, namespace: str, rclient: redis.Redis, tmp_path: Any
+) -> None:
+    """Its target returns, then the child leaves with os._exit (no atexit): what is held is
+    written by multiprocessing's exit, not left for the lease to expire."""
+    script = tmp_path / "mp_child.py"  # a file: forkserver imports the target from it
+    script.write_text(_MP_CHILD_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, str(script), redis_url, namespace, method],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # released as it ended
+
+
+_EXIT_WHILE_FLUSHING_SCRIPT = """
+import sys, threading, time
+from celery_fleet import Fleet
+limits = {"llm": {"max_in_flight": 1, "lease": 30}}
+fleet = Fleet(redis_url=sys.argv[1], namespace=sys.argv[2], limits=limits)
+with fleet.slot("llm"):
+    pass
+fleet.store.drain()
+combiner = fleet.store.combiner
+real = combiner._round_trip
+taken = threading.Event()
+
+def slow_round_trip(batch, answered):
+    if any(call.callback is not None for call in batch):  # the flusher's (or a carrier's)
+        taken.set()  # the release is off _held, not written yet
+        time.sleep(0.3)
+    return real(batch, answered)
+
+combiner._round_trip = slow_round_trip
+for _ in range(10):  # (a release is sent, not held, until its script answered on the wire)
+    with fleet.slot("llm"):
+        pass
+    if taken.wait(1):
+        break
+assert taken.is_set()
+"""
+
+
+def test_a_process_that_exits_while_the_flusher_writes_waits_for_it(
+    redis_url: str, namespace: str, rclient: redis.Redis
+) -> None:
+    """At exit the flusher may have taken the release and not written it yet (nothing held,
+    nothing unread): the exit waits for the wire instead of leaving it to die unwritten."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WHILE_FLUSHING_SCRIPT, redis_url, namespace],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
+
+
 def test_a_forked_child_never_writes_its_parents_held_release(
     make_fleet: MakeFleet, rclient: redis.Redis
 ) -> None:

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import select
+import sys
 import threading
 import time
 import weakref
@@ -211,7 +212,8 @@ def flush_all() -> None:
     (``atexit``), and from Celery's ``worker_process_shutdown`` in a prefork child, which
     leaves with ``os._exit`` (no ``atexit``)."""
     for combiner in list(_live):
-        if combiner._pid == os.getpid() and (combiner._held or combiner._unread):
+        # _busy too: the flusher may have taken a release off _held and not written it yet
+        if combiner._pid == os.getpid() and (combiner._held or combiner._unread or combiner._busy):
             try:
                 combiner.drain()
             except Exception:
@@ -224,6 +226,29 @@ def _forget_after_fork() -> None:
     for combiner in list(_live):
         combiner._held = deque()
         combiner._unread = []
+
+
+#: The process that registered :func:`flush_all` with multiprocessing's exit (see below).
+_mp_exit_pid: int | None = None
+
+
+def _flush_at_multiprocessing_exit() -> None:
+    """Have multiprocessing's exit run :func:`flush_all` in this process (once per process).
+
+    A child of the ``fork`` or ``forkserver`` start method (a ``Process``, a ``Pool``'s or a
+    ``ProcessPoolExecutor``'s worker) leaves with ``os._exit`` after its target returns,
+    past ``atexit``: multiprocessing runs only its own finalizers, and a release held for
+    the next call was lost with the process, its slot taken until the lease expired. The
+    finalizer registry is cleared as such a child starts, so this runs when a combiner is
+    made (a child makes its own: the parent's belongs to the parent). A process that never
+    imported multiprocessing is none of its children."""
+    global _mp_exit_pid
+    pid = os.getpid()
+    util = sys.modules.get("multiprocessing.util")
+    if util is None or _mp_exit_pid == pid:
+        return
+    _mp_exit_pid = pid
+    util.Finalize(None, flush_all, exitpriority=10)
 
 
 atexit.register(flush_all)
@@ -293,6 +318,7 @@ class Combiner:
         #: The process this combiner belongs to: a forked child never writes its calls.
         self._pid = os.getpid()
         _live.add(self)
+        _flush_at_multiprocessing_exit()
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads',
