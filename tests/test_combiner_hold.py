@@ -181,47 +181,60 @@ def test_a_process_that_exits_writes_its_held_release_first(
 _MP_CHILD_SCRIPT = """
 import multiprocessing, sys
 from celery_fleet import Fleet
-limits = {"llm": {"max_in_flight": 1, "lease": 30}}
+limits = {"llm": {"max_in_flight": 4, "lease": 30}}
 
-def work(url, namespace):
+def work(url, namespace, hold):
     fleet = Fleet(redis_url=url, namespace=namespace, limits=limits)
     with fleet.slot("llm"):
         pass
     fleet.store.drain()
-    fleet.store.combiner.flush_s = 3600.0  # only the exit writes what is held
-    for _ in range(10):  # (a background call of the fleet's may carry it: release again)
+    combiner = fleet.store.combiner
+    combiner.flush_s = 3600.0  # the flusher never writes: the exit, or the post itself
+    if hold:
+        combiner.write_now = False  # held as in any other process: the exit writes it
+    for _ in range(10):  # (a release is sent, not posted, until its script answered)
         with fleet.slot("llm"):
             pass
-        if fleet.store.combiner._held:
+        if combiner._held:
             break
-    assert len(fleet.store.combiner._held) == 1
+    assert combiner._held or not hold
+    return 0
 
 if __name__ == "__main__":
-    child = multiprocessing.get_context(sys.argv[3]).Process(target=work, args=sys.argv[1:3])
-    child.start()
-    child.join()
-    sys.exit(child.exitcode)
+    url, namespace, method, how = sys.argv[1:]
+    context = multiprocessing.get_context(method)
+    if how == "process":  # the target returns, then the child leaves with os._exit
+        child = context.Process(target=work, args=(url, namespace, True))
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    with context.Pool(2) as pool:  # its end terminates the workers (SIGTERM)
+        assert pool.starmap(work, [(url, namespace, False)] * 2) == [0, 0]
 """
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
-def test_a_multiprocessing_child_writes_its_held_release_as_it_ends(
-    method: str, redis_url: str, namespace: str, rclient: redis.Redis, tmp_path: Any
+@pytest.mark.parametrize(
+    ("method", "how"),
+    [("fork", "process"), ("forkserver", "process"), ("fork", "pool"), ("spawn", "pool")],
+)
+def test_a_multiprocessing_child_leaves_no_held_release_behind(
+    method: str, how: str, redis_url: str, namespace: str, rclient: redis.Redis, tmp_path: Any
 ) -> None:
-    """Its target returns, then the child leaves with os._exit (no atexit): what is held is
-    written by multiprocessing's exit, not left for the lease to expire."""
-    script = tmp_path / "mp_child.py"  # a file: forkserver imports the target from it
+    """A child whose target returns leaves with os._exit (no atexit): multiprocessing's
+    exit writes what it holds. A pool's worker is killed by SIGTERM as ``with Pool()``
+    ends, maybe within the millisecond a release is held: a child writes it at once."""
+    script = tmp_path / "mp_child.py"  # a file: forkserver and spawn import the target
     script.write_text(_MP_CHILD_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     done = subprocess.run(
-        [sys.executable, str(script), redis_url, namespace, method],
+        [sys.executable, str(script), redis_url, namespace, method, how],
         env=env,
         capture_output=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # released as it ended
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # nothing left to expire
 
 
 _EXIT_WHILE_FLUSHING_SCRIPT = """

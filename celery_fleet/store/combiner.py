@@ -25,8 +25,10 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   this process asks Redis after a post is ordered after it (a call takes the held ones
   first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
   this wire), a process that exits writes what it holds first (:func:`flush_all`:
-  ``atexit``, and a Celery prefork child's ``worker_process_shutdown``), and a forked
-  child never writes what its parent held.
+  ``atexit``, multiprocessing's exit in its children, and a Celery prefork child's
+  ``worker_process_shutdown``), and a forked child never writes what its parent held. A
+  ``multiprocessing.Pool``'s worker writes a post at once (its reply is still read
+  later): the pool kills it with SIGTERM as it ends, maybe just after its last task.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -232,23 +234,33 @@ def _forget_after_fork() -> None:
 _mp_exit_pid: int | None = None
 
 
-def _flush_at_multiprocessing_exit() -> None:
-    """Have multiprocessing's exit run :func:`flush_all` in this process (once per process).
+def _multiprocessing_child() -> bool:
+    """In a child of multiprocessing, have its exit run :func:`flush_all` (once per
+    process); True in a ``multiprocessing.Pool``'s worker, which writes a post at once.
 
-    A child of the ``fork`` or ``forkserver`` start method (a ``Process``, a ``Pool``'s or a
-    ``ProcessPoolExecutor``'s worker) leaves with ``os._exit`` after its target returns,
-    past ``atexit``: multiprocessing runs only its own finalizers, and a release held for
-    the next call was lost with the process, its slot taken until the lease expired. The
-    finalizer registry is cleared as such a child starts, so this runs when a combiner is
-    made (a child makes its own: the parent's belongs to the parent). A process that never
+    A child of the ``fork`` or ``forkserver`` method leaves with ``os._exit`` after its
+    target returns, past ``atexit`` (multiprocessing runs only its own finalizers): a
+    release held for the next call was lost with it, its slot taken until the lease
+    expired. Its finalizer registry is cleared as it starts, so this runs when a combiner
+    is made (a child makes its own: the parent's belongs to the parent). A ``Pool``'s
+    worker is killed by SIGTERM (``Pool.terminate()``, which ``with Pool(...)`` runs as it
+    ends) often within the millisecond a release is held after its last task: there a post
+    is written at once, its reply still read later. Other children hold posts as any
+    process (the benchmarks' workers stand for Celery's prefork children, which are
+    billiard's, not these, and flush on ``worker_process_shutdown``). A process that never
     imported multiprocessing is none of its children."""
     global _mp_exit_pid
-    pid = os.getpid()
+    process = sys.modules.get("multiprocessing.process")
     util = sys.modules.get("multiprocessing.util")
-    if util is None or _mp_exit_pid == pid:
-        return
-    _mp_exit_pid = pid
-    util.Finalize(None, flush_all, exitpriority=10)
+    if process is None or util is None or process.parent_process() is None:
+        return False
+    pid = os.getpid()
+    if _mp_exit_pid != pid:
+        _mp_exit_pid = pid
+        util.Finalize(None, flush_all, exitpriority=10)
+    pool = sys.modules.get("multiprocessing.pool")
+    target = getattr(process.current_process(), "_target", None)
+    return pool is not None and target is getattr(pool, "worker", None)
 
 
 atexit.register(flush_all)
@@ -317,8 +329,10 @@ class Combiner:
         self._armed = False
         #: The process this combiner belongs to: a forked child never writes its calls.
         self._pid = os.getpid()
+        #: Write a posted call at once (its reply still read later) instead of holding it:
+        #: in a multiprocessing Pool's worker, killed as soon as the pool ends.
+        self.write_now = _multiprocessing_child()
         _live.add(self)
-        _flush_at_multiprocessing_exit()
 
     def send(self, commands: list[tuple[str, bytes]]) -> list[Any]:
         """Send ``(script, packed)`` commands in one round trip (shared with other threads',
@@ -387,7 +401,8 @@ class Combiner:
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
     ) -> bool:
         """Hold ``commands`` for the process's next call on this wire (written ahead of it,
-        in its write), or the flusher within :attr:`flush_s`, and return at once;
+        in its write), or the flusher within :attr:`flush_s` (at once with
+        :attr:`write_now`, in a multiprocessing Pool's worker), and return without its reply;
         ``callback(replies)`` runs, once, in whichever thread reads them later.
 
         False, with nothing held, while a script of theirs has not answered on this
@@ -436,7 +451,12 @@ class Combiner:
         self._carry([])
 
     def _arm(self) -> None:
-        """Make the flusher look at what is held (waking it only if it sleeps idle)."""
+        """Make the flusher look at what is held (waking it only if it sleeps idle); with
+        :attr:`write_now`, write it now (a post met a carrier that had taken the held ones
+        already: it calls this as it leaves the wire)."""
+        if self.write_now:
+            self.flush()
+            return
         self._armed = True  # set before looking: an idle flusher looks at it after
         if self._flusher_idle or self._flusher is None:
             self._wake_flusher()
