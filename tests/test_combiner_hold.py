@@ -358,6 +358,29 @@ def test_a_frozen_redis_before_the_write_owes_the_release(private: RedisServer) 
     assert fleet.admission.in_flight("llm") == 0
 
 
+def test_a_release_read_ahead_of_a_call_keeps_to_the_callers_deadline(
+    private: RedisServer,
+) -> None:
+    """The held release rides with the next call and its reply comes first: on a frozen
+    Redis the caller stops at its own deadline (max_wait), not at the release's, which
+    nobody waits for (taken when posted: the health deadline)."""
+    fleet = Fleet(redis_url=private.url + "/0", namespace="frozen-dl", limits={"llm": CAP})
+    fleet.store.health_s = 3.0  # fleet_redis_health_timeout, far from the caller's 0.3 s
+    _holding(fleet)
+    _release_held(fleet)
+    assert private.proc is not None
+    os.kill(private.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable), fleet.store.deadline(0.3):
+            fleet.admission.in_flight("llm")  # written with the release, never answered
+        took = time.monotonic() - started
+    finally:
+        os.kill(private.proc.pid, signal.SIGCONT)
+    assert took < 0.3 + 0.9, took  # generous (a loaded box): not the 3 s health deadline
+    assert "release" in [o.kind for o in fleet.admission.replays.take()]  # owed
+
+
 def test_the_flusher_thread_ends_when_idle_and_the_next_post_starts_another(
     make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch, rclient: redis.Redis
 ) -> None:

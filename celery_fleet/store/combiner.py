@@ -613,8 +613,19 @@ class Combiner:
         # Nobody waits past the batch's last deadline: read no longer than that (on the
         # socket's own timeout, the health deadline, unless the deadline is clearly
         # nearer: a caller's remaining max_wait; READ_SLACK_S is what a round trip's own
-        # work may have used of a health-long deadline).
-        until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
+        # work may have used of a health-long deadline). Posted calls wait for nobody:
+        # their deadlines (health-long, taken when posted) count only when no caller's
+        # does, else a release read ahead of a caller held it past its max_wait on a
+        # frozen Redis (the release then fails with the caller's call: it is owed).
+        if len(pending) == 1:
+            until = pending[0].until
+        else:
+            until = -math.inf
+            for call in pending:
+                if call.callback is None and call.until > until:
+                    until = call.until
+            if until == -math.inf:
+                until = max(c.until for c in pending)
         self._until = until
         left = until - time.monotonic()
         self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
