@@ -155,7 +155,15 @@ def test_32_threads_of_mixed_send_and_post_all_return_and_release_everything(
     assert fleet.admission.in_flight("llm") == 0
     assert not fleet.store.combiner._unread and not fleet.store.combiner._queue
     assert not fleet.store.combiner._busy
-    bad = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # (not a warning about another Redis: a fleet of an earlier test on its private server,
+    # stopped since, whose background thread was still in a step)
+    url = fleet.store.safe_url
+    bad = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+        and (url in r.getMessage() or "redis://" not in r.getMessage())
+    ]
     assert not bad, [r.getMessage() for r in bad[:3]]
 
 
@@ -341,11 +349,16 @@ def test_connection_killed_with_posted_replies_unread(
     deadline = time.monotonic() + 10
     while fleet.presence.run_id is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    with fleet.slot("llm"):
-        pass  # posted: held, then written by the flusher
-    deadline = time.monotonic() + 5
-    while fleet.store.combiner._held and time.monotonic() < deadline:
-        time.sleep(0.001)
+    for _ in range(10):
+        with fleet.slot("llm"):
+            pass  # posted: held, then written by the flusher
+        deadline = time.monotonic() + 5
+        while fleet.store.combiner._held and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # (sent, not posted, when its script had not answered on the wire yet: release.lua
+        # samples one lease in 32; or a background call read its reply): again
+        if fleet.store.combiner._unread:
+            break
     assert fleet.store.combiner._unread
     time.sleep(0.05)
     admin.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: admin survives

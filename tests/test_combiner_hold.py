@@ -53,12 +53,24 @@ def private() -> Iterator[RedisServer]:
         yield server
 
 
+def _warm_releases(fleet: Fleet, limit: str = "llm") -> None:
+    """Have both release scripts answer on the wire, so that a release is always posted: a
+    lease release.lua samples (one in 32) was sent, not posted, while only the lean one
+    had answered."""
+    fleet.release(fleet.try_acquire(limit))  # release.lua, its reply waited for
+    for _ in range(10):
+        with fleet.slot(limit):
+            pass
+        fleet.store.drain()
+        if {"release", "release_lean"} <= fleet.store.combiner._loaded:
+            return
+    raise AssertionError("the lean release never answered")
+
+
 def _holding(fleet: Fleet, limit: str = "llm") -> None:
     """Warm the wire (scripts seen), then make the flusher wait long: only a call of this
     process writes what a release posts."""
-    with fleet.slot(limit):
-        pass
-    fleet.store.drain()
+    _warm_releases(fleet, limit)
     fleet.store.combiner.flush_s = 60.0
 
 
@@ -116,8 +128,7 @@ def test_a_released_slot_wakes_a_waiter_of_another_process_without_a_next_call(
     monkeypatch.setattr(keeper, "POSTED_READ_AFTER_S", 3600.0)  # not the keeper's drain
     holder = make_fleet({"llm": CAP})
     waiter = Fleet(redis_url=holder.store.url, namespace=holder.namespace, limits={"llm": CAP})
-    with holder.slot("llm"):
-        pass
+    _warm_releases(holder)
     slot = holder.slot("llm").acquire()
     admitted = threading.Event()
 
@@ -176,6 +187,110 @@ def test_a_process_that_exits_writes_its_held_release_first(
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
     assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # released at exit
+
+
+_MP_CHILD_SCRIPT = """
+import multiprocessing, sys
+from celery_fleet import Fleet
+limits = {"llm": {"max_in_flight": 4, "lease": 30}}
+
+def work(url, namespace, hold):
+    fleet = Fleet(redis_url=url, namespace=namespace, limits=limits)
+    with fleet.slot("llm"):
+        pass
+    fleet.store.drain()
+    combiner = fleet.store.combiner
+    combiner.flush_s = 3600.0  # the flusher never writes: the exit, or the post itself
+    if hold:
+        combiner.write_now = False  # held as in any other process: the exit writes it
+    for _ in range(10):  # (a release is sent, not posted, until its script answered)
+        with fleet.slot("llm"):
+            pass
+        if combiner._held:
+            break
+    assert combiner._held or not hold
+    return 0
+
+if __name__ == "__main__":
+    url, namespace, method, how = sys.argv[1:]
+    context = multiprocessing.get_context(method)
+    if how == "process":  # the target returns, then the child leaves with os._exit
+        child = context.Process(target=work, args=(url, namespace, True))
+        child.start()
+        child.join()
+        sys.exit(child.exitcode)
+    with context.Pool(2) as pool:  # its end terminates the workers (SIGTERM)
+        assert pool.starmap(work, [(url, namespace, False)] * 2) == [0, 0]
+"""
+
+
+@pytest.mark.parametrize(
+    ("method", "how"),
+    [("fork", "process"), ("forkserver", "process"), ("fork", "pool"), ("spawn", "pool")],
+)
+def test_a_multiprocessing_child_leaves_no_held_release_behind(
+    method: str, how: str, redis_url: str, namespace: str, rclient: redis.Redis, tmp_path: Any
+) -> None:
+    """A child whose target returns leaves with os._exit (no atexit): multiprocessing's
+    exit writes what it holds. A pool's worker is killed by SIGTERM as ``with Pool()``
+    ends, maybe within the millisecond a release is held: a child writes it at once."""
+    script = tmp_path / "mp_child.py"  # a file: forkserver and spawn import the target
+    script.write_text(_MP_CHILD_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, str(script), redis_url, namespace, method, how],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # nothing left to expire
+
+
+_EXIT_WHILE_FLUSHING_SCRIPT = """
+import sys, threading, time
+from celery_fleet import Fleet
+limits = {"llm": {"max_in_flight": 1, "lease": 30}}
+fleet = Fleet(redis_url=sys.argv[1], namespace=sys.argv[2], limits=limits)
+with fleet.slot("llm"):
+    pass
+fleet.store.drain()
+combiner = fleet.store.combiner
+real = combiner._round_trip
+taken = threading.Event()
+
+def slow_round_trip(batch, answered):
+    if any(call.callback is not None for call in batch):  # the flusher's (or a carrier's)
+        taken.set()  # the release is off _held, not written yet
+        time.sleep(0.3)
+    return real(batch, answered)
+
+combiner._round_trip = slow_round_trip
+for _ in range(10):  # (a release is sent, not held, until its script answered on the wire)
+    with fleet.slot("llm"):
+        pass
+    if taken.wait(1):
+        break
+assert taken.is_set()
+"""
+
+
+def test_a_process_that_exits_while_the_flusher_writes_waits_for_it(
+    redis_url: str, namespace: str, rclient: redis.Redis
+) -> None:
+    """At exit the flusher may have taken the release and not written it yet (nothing held,
+    nothing unread): the exit waits for the wire instead of leaving it to die unwritten."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WHILE_FLUSHING_SCRIPT, redis_url, namespace],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
+    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
 
 
 def test_a_forked_child_never_writes_its_parents_held_release(
@@ -252,6 +367,29 @@ def test_a_frozen_redis_before_the_write_owes_the_release(private: RedisServer) 
         os.kill(private.proc.pid, signal.SIGCONT)
     fleet.admission.release("llm", lease)  # what replay sends (it may have run at the thaw)
     assert fleet.admission.in_flight("llm") == 0
+
+
+def test_a_release_read_ahead_of_a_call_keeps_to_the_callers_deadline(
+    private: RedisServer,
+) -> None:
+    """The held release rides with the next call and its reply comes first: on a frozen
+    Redis the caller stops at its own deadline (max_wait), not at the release's, which
+    nobody waits for (taken when posted: the health deadline)."""
+    fleet = Fleet(redis_url=private.url + "/0", namespace="frozen-dl", limits={"llm": CAP})
+    fleet.store.health_s = 3.0  # fleet_redis_health_timeout, far from the caller's 0.3 s
+    _holding(fleet)
+    _release_held(fleet)
+    assert private.proc is not None
+    os.kill(private.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable), fleet.store.deadline(0.3):
+            fleet.admission.in_flight("llm")  # written with the release, never answered
+        took = time.monotonic() - started
+    finally:
+        os.kill(private.proc.pid, signal.SIGCONT)
+    assert took < 0.3 + 0.9, took  # generous (a loaded box): not the 3 s health deadline
+    assert "release" in [o.kind for o in fleet.admission.replays.take()]  # owed
 
 
 def test_the_flusher_thread_ends_when_idle_and_the_next_post_starts_another(

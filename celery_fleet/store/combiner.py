@@ -25,8 +25,10 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   this process asks Redis after a post is ordered after it (a call takes the held ones
   first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
   this wire), a process that exits writes what it holds first (:func:`flush_all`:
-  ``atexit``, and a Celery prefork child's ``worker_process_shutdown``), and a forked
-  child never writes what its parent held.
+  ``atexit``, multiprocessing's exit in its children, and a Celery prefork child's
+  ``worker_process_shutdown``), and a forked child never writes what its parent held. A
+  ``multiprocessing.Pool``'s worker writes a post at once (its reply is still read
+  later): the pool kills it with SIGTERM as it ends, maybe just after its last task.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -52,6 +54,7 @@ import logging
 import math
 import os
 import select
+import sys
 import threading
 import time
 import weakref
@@ -211,7 +214,8 @@ def flush_all() -> None:
     (``atexit``), and from Celery's ``worker_process_shutdown`` in a prefork child, which
     leaves with ``os._exit`` (no ``atexit``)."""
     for combiner in list(_live):
-        if combiner._pid == os.getpid() and (combiner._held or combiner._unread):
+        # _busy too: the flusher may have taken a release off _held and not written it yet
+        if combiner._pid == os.getpid() and (combiner._held or combiner._unread or combiner._busy):
             try:
                 combiner.drain()
             except Exception:
@@ -224,6 +228,39 @@ def _forget_after_fork() -> None:
     for combiner in list(_live):
         combiner._held = deque()
         combiner._unread = []
+
+
+#: The process that registered :func:`flush_all` with multiprocessing's exit (see below).
+_mp_exit_pid: int | None = None
+
+
+def _multiprocessing_child() -> bool:
+    """In a child of multiprocessing, have its exit run :func:`flush_all` (once per
+    process); True in a ``multiprocessing.Pool``'s worker, which writes a post at once.
+
+    A child of the ``fork`` or ``forkserver`` method leaves with ``os._exit`` after its
+    target returns, past ``atexit`` (multiprocessing runs only its own finalizers): a
+    release held for the next call was lost with it, its slot taken until the lease
+    expired. Its finalizer registry is cleared as it starts, so this runs when a combiner
+    is made (a child makes its own: the parent's belongs to the parent). A ``Pool``'s
+    worker is killed by SIGTERM (``Pool.terminate()``, which ``with Pool(...)`` runs as it
+    ends) often within the millisecond a release is held after its last task: there a post
+    is written at once, its reply still read later. Other children hold posts as any
+    process (the benchmarks' workers stand for Celery's prefork children, which are
+    billiard's, not these, and flush on ``worker_process_shutdown``). A process that never
+    imported multiprocessing is none of its children."""
+    global _mp_exit_pid
+    process = sys.modules.get("multiprocessing.process")
+    util = sys.modules.get("multiprocessing.util")
+    if process is None or util is None or process.parent_process() is None:
+        return False
+    pid = os.getpid()
+    if _mp_exit_pid != pid:
+        _mp_exit_pid = pid
+        util.Finalize(None, flush_all, exitpriority=10)
+    pool = sys.modules.get("multiprocessing.pool")
+    target = getattr(process.current_process(), "_target", None)
+    return pool is not None and target is getattr(pool, "worker", None)
 
 
 atexit.register(flush_all)
@@ -292,6 +329,9 @@ class Combiner:
         self._armed = False
         #: The process this combiner belongs to: a forked child never writes its calls.
         self._pid = os.getpid()
+        #: Write a posted call at once (its reply still read later) instead of holding it:
+        #: in a multiprocessing Pool's worker, killed as soon as the pool ends.
+        self.write_now = _multiprocessing_child()
         _live.add(self)
 
     def send(self, commands: list[tuple[str, bytes]], rider: _Call | None = None) -> list[Any]:
@@ -402,7 +442,8 @@ class Combiner:
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
     ) -> _Call | None:
         """Hold ``commands`` for the process's next call on this wire (written ahead of it,
-        in its write), or the flusher within :attr:`flush_s`, and return at once;
+        in its write), or the flusher within :attr:`flush_s` (at once with
+        :attr:`write_now`, in a multiprocessing Pool's worker), and return without its reply;
         ``callback(replies)`` runs, once, in whichever thread reads them later.
 
         Returns the held call (for :meth:`take`); None, with nothing held, while a script
@@ -469,7 +510,12 @@ class Combiner:
                     log.debug("celery-fleet: closing the wire failed", exc_info=True)
 
     def _arm(self) -> None:
-        """Make the flusher look at what is held (waking it only if it sleeps idle)."""
+        """Make the flusher look at what is held (waking it only if it sleeps idle); with
+        :attr:`write_now`, write it now (a post met a carrier that had taken the held ones
+        already: it calls this as it leaves the wire)."""
+        if self.write_now:
+            self.flush()
+            return
         self._armed = True  # set before looking: an idle flusher looks at it after
         if self._flusher_idle or self._flusher is None:
             self._wake_flusher()
@@ -626,8 +672,19 @@ class Combiner:
         # Nobody waits past the batch's last deadline: read no longer than that (on the
         # socket's own timeout, the health deadline, unless the deadline is clearly
         # nearer: a caller's remaining max_wait; READ_SLACK_S is what a round trip's own
-        # work may have used of a health-long deadline).
-        until = pending[0].until if len(pending) == 1 else max(c.until for c in pending)
+        # work may have used of a health-long deadline). Posted calls wait for nobody:
+        # their deadlines (health-long, taken when posted) count only when no caller's
+        # does, else a release read ahead of a caller held it past its max_wait on a
+        # frozen Redis (the release then fails with the caller's call: it is owed).
+        if len(pending) == 1:
+            until = pending[0].until
+        else:
+            until = -math.inf
+            for call in pending:
+                if call.callback is None and call.until > until:
+                    until = call.until
+            if until == -math.inf:
+                until = max(c.until for c in pending)
         self._until = until
         left = until - time.monotonic()
         self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
