@@ -11,12 +11,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
 
 from celery_fleet import Fleet, Throttled
 from celery_fleet.admission import slot as slot_module
+from celery_fleet.admission.decision import lean_release
+from celery_fleet.admission.slot import Slot
 
 MakeFleet = Callable[..., Fleet]
 
@@ -25,12 +28,27 @@ def _evalsha(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def _held_release(fleet: Fleet, limit: str) -> object:
-    """A slot of ``limit`` acquired and released, its release held for the next call."""
-    slot = fleet.slot(limit).acquire()
-    slot.release()
-    assert fleet.store.combiner._held, "the release should be held for the next call"
-    return slot
+def _lean_slot(fleet: Fleet, limit: str, **kwargs: Any) -> Slot:
+    """A held slot of ``limit`` whose release can go lean (one lease in 32 has its hold time
+    sampled by release.lua, which never rides: such a one is given back, and again)."""
+    for _ in range(100):
+        slot = fleet.slot(limit, **kwargs).acquire()
+        assert slot.lease_id is not None
+        if lean_release(slot.lease_id, 0, b"0", False):
+            return slot
+        slot.release()
+        fleet.store.drain()
+    raise AssertionError("no lean lease in 100")
+
+
+def _held_release(fleet: Fleet, limit: str) -> None:
+    """Leave a lean slot of ``limit``: its release held for the next call (a background call
+    of the fleet's, the runtime limits' poll or the presence record, may carry it: again)."""
+    for _ in range(10):
+        _lean_slot(fleet, limit).release()
+        if fleet.store.combiner._held:
+            return
+    raise AssertionError("no release stayed held")
 
 
 def test_a_release_rides_in_the_next_ask_of_its_limit(
@@ -55,7 +73,7 @@ def test_a_riding_release_of_an_expired_lease_reports_it_lost(make_fleet: MakeFl
     with fleet.slot("tool"):
         pass
     fleet.store.combiner.flush_s = 60.0
-    old = fleet.slot("tool").acquire()
+    old = _lean_slot(fleet, "tool")
     fleet.keeper.untrack(old)  # as if the process froze: nobody renews it
     time.sleep(1.1)
     first = fleet.try_acquire("tool")
@@ -77,7 +95,7 @@ def test_a_riding_release_of_an_expired_lease_unwraps_a_refusal_too(
     with fleet.slot("tool"):
         pass
     fleet.store.combiner.flush_s = 60.0
-    old = fleet.slot("tool").acquire()
+    old = _lean_slot(fleet, "tool")
     fleet.keeper.untrack(old)
     time.sleep(1.1)
     other = fleet.try_acquire("tool")  # the cap is reached: the expired lease is swept
@@ -101,7 +119,7 @@ def test_a_riding_release_wakes_the_first_waiter_in_line(
     with fleet.slot("llm"):
         pass
     fleet.store.combiner.flush_s = 60.0
-    holder = fleet.slot("llm", tokens=400).acquire()
+    holder = _lean_slot(fleet, "llm", tokens=400)
     # the waiter's own estimate of when to ask again: as long as the lease, so only the
     # wake-up of the release can let it in before then
     rclient.hset(fleet.admission.keys("llm").ctl, "hold_ms", 60_000)

@@ -91,8 +91,10 @@ class AsyncStore:
 
     async def _send(self, commands: tuple[tuple[str, bytes], ...]) -> list[Any]:
         # A release a blocking slot of this process left for its next call (within ~1 ms)
-        # goes first: this call must not be answered ahead of it (a freed slot taken).
-        self.store.flush_held()
+        # goes first, answered: this call must not be answered ahead of it (a freed slot
+        # taken). In a thread: the blocking wire's turn may take a round trip or more.
+        if self.store.posted_pending():
+            await asyncio.get_running_loop().run_in_executor(None, self.store.drain)
         replies = await self.wire.send(commands)
         for (script, _packed), reply in zip(commands, replies, strict=True):
             if isinstance(reply, redis.RedisError):

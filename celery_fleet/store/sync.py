@@ -454,14 +454,15 @@ class RedisStore:
             return FleetError(f"celery-fleet script {command[0]!r} was not answered: {reply!r}")
         return reply
 
-    def flush_held(self) -> None:
-        """Write the releases this process holds for its next call now (replies unread):
-        a call on another wire of this process (an asyncio loop's) must come after them."""
+    def posted_pending(self) -> bool:
+        """True while a call this process posted (a blocking slot's release) is held or
+        its reply unread: a call on another wire of this process (an asyncio loop's) must
+        :meth:`drain` first. Written is not enough: Redis serves connections in no set
+        order, and a carrier on the wire may hold the release back a moment longer."""
         combiner = self._combiner
-        if combiner is not None and self._combiner_pid == os.getpid():
-            flush = getattr(combiner, "flush", None)
-            if flush is not None:
-                flush()
+        if combiner is None or self._combiner_pid != os.getpid():
+            return False
+        return bool(getattr(combiner, "_held", None) or getattr(combiner, "_unread", None))
 
     def drain(self) -> None:
         """Read the replies of posted calls now. Every other call of this store does it
