@@ -303,9 +303,16 @@ class Combiner:
         into its first command (a release riding in an acquire: one script call for both).
         Its callback gets ``[1]`` from that command's reply, ``[0]`` when the reply is
         ``["lost", reply]`` (the first command's own reply is then the second element), or
-        the command's error."""
+        the command's error (or whatever broke off the round trip, re-raised here)."""
         if rider is not None:
-            replies = self.send(commands)
+            try:
+                replies = self.send(commands)
+            except BaseException as exc:
+                # The carrier broke off (an interrupt: Celery's soft time limit, ^C): the
+                # rider fails with it, as a held call in that round trip would, so its
+                # callback still says what became of the release.
+                self._settle_rider(rider, exc)
+                raise
             replies[0] = self._settle_rider(rider, replies[0])
             return replies
         me = _Call(commands, None, self._bound())
