@@ -26,7 +26,11 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
   this wire), a process that exits writes what it holds first (:func:`flush_all`:
   ``atexit``, and a Celery prefork child's ``worker_process_shutdown``), and a forked
-  child never writes what its parent held.
+  child never writes what its parent held. One exception to the order: a post an ask
+  :meth:`take`-s back runs inside that ask, so a call of another thread that got onto the
+  wire ahead of the ask (queued before it, or between the take and its queueing) still
+  sees the post's lease held. Only concurrent callers meet it: between them the order
+  was never promised, and a slot freed a round trip later goes to one of them either way.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
