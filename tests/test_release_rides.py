@@ -173,3 +173,22 @@ def test_a_rider_is_answered_when_its_ask_is_broken_off(
         fleet.slot("llm").acquire()
     assert not combiner._held  # it rode in the broken ask
     assert "releasing 'llm' failed" in caplog.text  # its callback was told
+
+
+def test_the_flusher_finding_its_held_release_taken_back_writes_nothing(
+    make_fleet: MakeFleet,
+) -> None:
+    # The flusher saw a release held, then took the wire; an ask took the release back
+    # in between (take() needs no wire). Carrying nothing must not fail (it raised
+    # ValueError out of max() on no calls, cutting the flusher's run short).
+    fleet = make_fleet({"llm": {"max_in_flight": 1}})
+    _warm(fleet, "llm")
+    combiner = fleet.store.combiner
+    combiner.flush_s = 60.0
+    _held_release(fleet, "llm")
+    (held,) = combiner._held
+    assert combiner.take(held)
+    with combiner._lock:  # the flusher takes the wire, as _flush_held does
+        combiner._busy = True
+    combiner._carry([])
+    assert not combiner._busy  # the wire is free again

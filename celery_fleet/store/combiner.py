@@ -557,7 +557,9 @@ class Combiner:
                         break
                 batch = posted + batch
             try:
-                timed_out = self._round_trip(batch, answered)
+                # Nothing to write when the flusher (or flush) finds what it saw held gone:
+                # an ask took it back to ride in (take), or a carrier wrote it meanwhile.
+                timed_out = self._round_trip(batch, answered) if batch else None
                 if timed_out is not None:
                     self._fail_queued(timed_out, answered)
             except BaseException as exc:  # the callers in the batch must not wait forever
