@@ -307,15 +307,17 @@ class Combiner:
         into its first command (a release riding in an acquire: one script call for both).
         Its callback gets ``[1]`` from that command's reply, ``[0]`` when the reply is
         ``["lost", reply]`` (the first command's own reply is then the second element), or
-        the command's error (or whatever broke off the round trip, re-raised here)."""
+        the command's error. When the send raises (an interrupt), the rider is held again."""
         if rider is not None:
             try:
                 replies = self.send(commands)
-            except BaseException as exc:
-                # The carrier broke off (an interrupt: Celery's soft time limit, ^C): the
-                # rider fails with it, as a held call in that round trip would, so its
-                # callback still says what became of the release.
-                self._settle_rider(rider, exc)
+            except BaseException:
+                # Broken off (an interrupt: a gevent Timeout while queued, Celery's soft
+                # time limit, ^C), maybe before the ask was written: the rider is held again
+                # for the next call, as it was before it was taken. Run twice, a lean
+                # release finds its lease gone (reported lost); dropped, its slot would
+                # stay taken for the lease's whole TTL.
+                self._hold_again(rider)
                 raise
             replies[0] = self._settle_rider(rider, replies[0])
             return replies
@@ -374,6 +376,16 @@ class Combiner:
         except ValueError:
             return False
         return True
+
+    def _hold_again(self, call: _Call) -> None:
+        """Hold a :meth:`take`-n call again, first in line (its ask never answered)."""
+        if self._pid != os.getpid():
+            return
+        now = time.monotonic()  # its deadline as long as when it was posted, from now
+        call.at, call.until = now, now + (call.until - call.at)
+        self._held.appendleft(call)
+        if not self._busy:
+            self._arm()
 
     def _give_up(self, me: _Call) -> list[Any]:
         """A waiter's deadline passed before its replies came: its replies if they came
