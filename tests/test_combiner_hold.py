@@ -25,6 +25,7 @@ from celery_fleet import Fleet
 from celery_fleet.admission import keeper
 from celery_fleet.errors import StoreUnavailable
 from celery_fleet.store import combiner as combiner_module
+from celery_fleet.store.specs import RELEASE, RELEASE_LEAN
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 MakeFleet = Callable[..., Fleet]
@@ -55,10 +56,18 @@ def private() -> Iterator[RedisServer]:
 
 def _holding(fleet: Fleet, limit: str = "llm") -> None:
     """Warm the wire (scripts seen), then make the flusher wait long: only a call of this
-    process writes what a release posts."""
-    with fleet.slot(limit):
-        pass
-    fleet.store.drain()
+    process writes what a release posts. Both releases must have answered on the wire (a
+    lease acquired at a µs divisible by 32 goes back through release.lua, the rest through
+    release_lean, and a script the wire has not seen is sent, not held): one slot was not
+    always enough."""
+    for _ in range(1000):
+        with fleet.slot(limit):
+            pass
+        fleet.store.drain()
+        if {RELEASE.name, RELEASE_LEAN.name} <= fleet.store.combiner._loaded:
+            break
+    else:
+        raise AssertionError("the releases never answered on the wire")
     fleet.store.combiner.flush_s = 60.0
 
 
