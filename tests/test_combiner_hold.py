@@ -69,7 +69,8 @@ def _warm_releases(fleet: Fleet, limit: str = "llm") -> None:
 
 def _holding(fleet: Fleet, limit: str = "llm") -> None:
     """Warm the wire (scripts seen), then make the flusher wait long: only a call of this
-    process writes what a release posts."""
+    process writes what a release posts (both release scripts answered on the wire first:
+    a script the wire has not seen is sent, not held)."""
     _warm_releases(fleet, limit)
     fleet.store.combiner.flush_s = 60.0
 

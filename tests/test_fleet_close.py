@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from celery_fleet import Fleet, FleetError
+from celery_fleet.store.specs import RELEASE, RELEASE_LEAN
 from celery_fleet.testing.redis_server import RedisServer
 
 
@@ -25,8 +26,12 @@ def test_close_writes_held_releases_stops_threads_and_closes_connections(
     fleet = Fleet(
         redis_url=private_redis.url, namespace="close", limits={"llm": {"max_in_flight": 2}}
     )
-    with fleet.slot("llm"):
-        pass
+    for _ in range(1000):  # both releases seen on the wire: either kind is then held
+        with fleet.slot("llm"):
+            pass
+        fleet.store.drain()
+        if {RELEASE.name, RELEASE_LEAN.name} <= fleet.store.combiner._loaded:
+            break
     fleet.store.combiner.flush_s = 60.0  # only a later call (or close) writes it
     with fleet.slot("llm"):
         pass

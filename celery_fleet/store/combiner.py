@@ -28,7 +28,12 @@ Two costs dominate a decision on the client side, and both are paid per call by 
   ``atexit``, multiprocessing's exit in its children, and a Celery prefork child's
   ``worker_process_shutdown``), and a forked child never writes what its parent held. A
   ``multiprocessing.Pool``'s worker writes a post at once (its reply is still read
-  later): the pool kills it with SIGTERM as it ends, maybe just after its last task.
+  later): the pool kills it with SIGTERM as it ends, maybe just after its last task. One
+  exception to the order: a post an ask :meth:`take`-s back runs inside that ask, so a
+  call of another thread that got onto the wire ahead of the ask (queued before it, or
+  between the take and its queueing) still sees the post's lease held. Only concurrent
+  callers meet it: between them the order was never promised, and a slot freed a round
+  trip later goes to one of them either way.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -343,9 +348,18 @@ class Combiner:
         into its first command (a release riding in an acquire: one script call for both).
         Its callback gets ``[1]`` from that command's reply, ``[0]`` when the reply is
         ``["lost", reply]`` (the first command's own reply is then the second element), or
-        the command's error."""
+        the command's error. When the send raises (an interrupt), the rider is held again."""
         if rider is not None:
-            replies = self.send(commands)
+            try:
+                replies = self.send(commands)
+            except BaseException:
+                # Broken off (an interrupt: a gevent Timeout while queued, Celery's soft
+                # time limit, ^C), maybe before the ask was written: the rider is held again
+                # for the next call, as it was before it was taken. Run twice, a lean
+                # release finds its lease gone (reported lost); dropped, its slot would
+                # stay taken for the lease's whole TTL.
+                self._hold_again(rider)
+                raise
             replies[0] = self._settle_rider(rider, replies[0])
             return replies
         me = _Call(commands, None, self._bound())
@@ -403,6 +417,16 @@ class Combiner:
         except ValueError:
             return False
         return True
+
+    def _hold_again(self, call: _Call) -> None:
+        """Hold a :meth:`take`-n call again, first in line (its ask never answered)."""
+        if self._pid != os.getpid():
+            return
+        now = time.monotonic()  # its deadline as long as when it was posted, from now
+        call.at, call.until = now, now + (call.until - call.at)
+        self._held.appendleft(call)
+        if not self._busy:
+            self._arm()
 
     def _give_up(self, me: _Call) -> list[Any]:
         """A waiter's deadline passed before its replies came: its replies if they came
@@ -592,7 +616,9 @@ class Combiner:
                         break
                 batch = posted + batch
             try:
-                timed_out = self._round_trip(batch, answered)
+                # Nothing to write when the flusher (or flush) finds what it saw held gone:
+                # an ask took it back to ride in (take), or a carrier wrote it meanwhile.
+                timed_out = self._round_trip(batch, answered) if batch else None
                 if timed_out is not None:
                     self._fail_queued(timed_out, answered)
             except BaseException as exc:  # the callers in the batch must not wait forever
