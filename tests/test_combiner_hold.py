@@ -25,6 +25,7 @@ from celery_fleet import Fleet
 from celery_fleet.admission import keeper
 from celery_fleet.errors import StoreUnavailable
 from celery_fleet.store import combiner as combiner_module
+from celery_fleet.store import posting
 from celery_fleet.testing.redis_server import RedisServer, find_binary
 
 MakeFleet = Callable[..., Fleet]
@@ -396,7 +397,7 @@ def test_a_release_read_ahead_of_a_call_keeps_to_the_callers_deadline(
 def test_the_flusher_thread_ends_when_idle_and_the_next_post_starts_another(
     make_fleet: MakeFleet, monkeypatch: pytest.MonkeyPatch, rclient: redis.Redis
 ) -> None:
-    monkeypatch.setattr(combiner_module, "FLUSHER_IDLE_S", 0.05)
+    monkeypatch.setattr(posting, "FLUSHER_IDLE_S", 0.05)
     fleet = make_fleet({"llm": CAP})
     combiner = fleet.store.combiner
     leases = fleet.admission.keys("llm").leases

@@ -1,39 +1,26 @@
 """The hot path's wire: script calls packed once, and coalesced across a process's threads.
 
-Two costs dominate a decision on the client side, and both are paid per call by redis-py:
+Three costs dominate a decision on the client side, and redis-py pays each per call:
 
-- **Packing.** ``execute_command`` encodes every argument of a 20-argument EVALSHA on every
-  call, although all but four of them (lease id, tokens, age, join) are fixed per limit.
-  :class:`Packed` encodes the fixed head and tail once, as RESP bytes, and a call only
-  encodes what varies.
+- **Packing.** A call's fixed arguments are encoded once per limit
+  (:class:`~celery_fleet.store.packing.Packed`); only what varies is encoded per call.
 - **Round trips.** Sixteen threads of one process asking at once pay sixteen round trips,
   each a syscall pair and a wake-up of Redis. :class:`Combiner` sends whatever calls are
   ready in one write and reads their replies in order (flat combining): the first caller
   to find the wire free carries everyone's calls that arrived meanwhile, then hands the
   wire to the next waiting caller. A lone caller pays two uncontended lock operations.
-
-- **A write of its own for a reply nobody needs now.** A release's answer (was the lease
-  still held, did the breaker change) matters to nobody on the task's path.
-  :meth:`Combiner.post` holds it and returns: the process's next call on this wire (any
-  limit, any thread) writes it just ahead of itself, in the same write, and its reply is
-  read with that call's (replies come back in order), or later by :meth:`Combiner.drain`,
-  and handed to a callback. When nothing follows, the combiner's flusher thread writes it
-  within :data:`FLUSH_S`. The flusher sleeps on a condition until a call is held with the
-  wire free (a post then, or a carrier leaving the wire with no caller after it): an idle
-  process pays nothing, and on a busy wire the callers carry what is held while it
-  sleeps. A busy process thus pays one round trip and one write per decision. Anything
+- **A write of its own for a reply nobody needs now.** A release is posted: held for the
+  process's next call on this wire, which writes it just ahead of itself (or a flusher
+  within :data:`~celery_fleet.store.posting.FLUSH_S`), or taken back by an ask of the same
+  limit and run inside it (:meth:`Combiner.send`'s ``rider``). A busy process thus pays
+  one round trip and one write per decision (:mod:`celery_fleet.store.posting`). Anything
   this process asks Redis after a post is ordered after it (a call takes the held ones
   first; :class:`~celery_fleet.store.sync.RedisStore` drains before the calls that bypass
-  this wire), a process that exits writes what it holds first (:func:`flush_all`:
-  ``atexit``, multiprocessing's exit in its children, and a Celery prefork child's
-  ``worker_process_shutdown``), and a forked child never writes what its parent held. A
-  ``multiprocessing.Pool``'s worker writes a post at once (its reply is still read
-  later): the pool kills it with SIGTERM as it ends, maybe just after its last task. One
-  exception to the order: a post an ask :meth:`take`-s back runs inside that ask, so a
-  call of another thread that got onto the wire ahead of the ask (queued before it, or
-  between the take and its queueing) still sees the post's lease held. Only concurrent
-  callers meet it: between them the order was never promised, and a slot freed a round
-  trip later goes to one of them either way.
+  this wire). One exception: a post an ask takes back runs inside that ask, so a call of
+  another thread that got onto the wire ahead of the ask (queued before it, or between
+  the take and its queueing) still sees the post's lease held. Only concurrent callers
+  meet it: between them the order was never promised, and a slot freed a round trip
+  later goes to one of them either way.
 
 Errors stay per call: a script error answers only its own caller, a dropped connection
 fails the calls of that round trip (nothing is retried: an acquire must not be charged
@@ -54,21 +41,21 @@ This module knows nothing about admission; :class:`~celery_fleet.store.sync.Redi
 
 from __future__ import annotations
 
-import atexit
 import logging
 import math
 import os
 import select
-import sys
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from redis.exceptions import NoScriptError
+
+from .packing import Packed, encode, pack_command
+from .posting import FLUSH_S, Posting, _Call, _live, _multiprocessing_child, flush_all
 
 __all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
@@ -77,202 +64,15 @@ log = logging.getLogger("celery_fleet")
 #: A read waits on the socket's own timeout when the batch's deadline is at most this much
 #: nearer (s): setting a timeout per read costs two syscalls on the hot path.
 READ_SLACK_S = 0.1
-#: A posted call that no other call carries is written by the flusher within this long (s).
-FLUSH_S = 0.001
 #: A connection that answered within this long (s) is not polled for a close before the
 #: next write (a syscall per round trip). 0: always polled. At 50 ms a Redis restarted
 #: inside the window failed the next call as dropped, and a call that is not resent (a
 #: lock's acquire: not idempotent) raised where the poll reconnects before writing (the
 #: chaos suite's fencing scenario); the syscall is cheaper than that seam.
 STALE_CHECK_S = 0.0
-#: The flusher thread ends after this long (s) with nothing to look at (a post starts one).
-FLUSHER_IDLE_S = 5.0
 
 
-def encode(value: object) -> bytes:
-    """One argument as redis-py would send it (bytes as is, str as UTF-8, numbers by repr)."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, bool):
-        raise TypeError("a bool is not a Redis argument")  # redis-py refuses them too
-    if isinstance(value, int | float):
-        return repr(value).encode()
-    raise TypeError(f"cannot send {type(value).__name__} to Redis")
-
-
-def _bulk(arg: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(arg), arg)
-
-
-def pack_command(*args: object) -> bytes:
-    """A plain command (``pack_command("HGETALL", key)``) as RESP, for the combiner's wire."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(encode(a)) for a in args)
-
-
-class Packed:
-    """An EVALSHA whose keys and trailing arguments are fixed, packed once as RESP.
-
-    ``Packed(script, sha, keys, n_varying, tail).pack(a, b, ...)`` returns the bytes of
-    ``EVALSHA sha len(keys) *keys a b ... *tail``: the ``n_varying`` arguments in front of
-    the tail (and ``n_after`` ones after it) are the only ones encoded per call.
-    """
-
-    __slots__ = ("script", "_head", "_tail", "_n", "_after")
-
-    def __init__(
-        self,
-        script: str,
-        sha: str,
-        keys: Sequence[str],
-        n_varying: int,
-        tail: Sequence[object],
-        n_after: int = 0,
-    ) -> None:
-        self.script = script
-        self._n = n_varying
-        self._after = n_after
-        parts = 3 + len(keys) + n_varying + len(tail) + n_after
-        fixed = [b"EVALSHA", sha.encode(), str(len(keys)).encode(), *map(encode, keys)]
-        self._head = b"*%d\r\n" % parts + b"".join(map(_bulk, fixed))
-        self._tail = b"".join(_bulk(encode(x)) for x in tail)
-
-    def pack(self, *varying: bytes) -> bytes:
-        """The command with these arguments, already encoded (``str(n).encode()``...): the
-        first ``n_varying`` in front of the tail, the last ``n_after`` after it."""
-        if len(varying) != self._n + self._after:
-            n = self._n + self._after
-            raise TypeError(f"{self.script}: {n} varying arguments, got {len(varying)}")
-        if not self._after:
-            return (
-                self._head
-                + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying])
-                + self._tail
-            )
-        front = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[: self._n]])
-        back = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[self._n :]])
-        return self._head + front + self._tail + back
-
-
-class _Call:
-    """Some commands of one caller, sent together, and their replies or errors. A call
-    with a ``callback`` is posted: nobody waits for it; the callback gets its replies."""
-
-    __slots__ = ("commands", "replies", "lead", "done", "finished", "callback", "at", "until")
-
-    def __init__(
-        self,
-        commands: list[tuple[str, bytes]],
-        callback: Callable[[list[Any]], None] | None = None,
-        bound: float = math.inf,
-    ) -> None:
-        self.commands = commands  # (script name, packed EVALSHA)
-        #: Monotonic time it was made (sent or posted).
-        self.at = time.monotonic()
-        #: Monotonic time after which nobody waits for these replies any more.
-        self.until = self.at + bound
-        self.replies: list[Any] = []
-        self.lead = False
-        self.finished = False
-        self.callback = callback
-        #: Released by whoever carried this call (or hands it the wire); made (under the
-        #: combiner's lock) only for a caller that has to wait: a lone caller needs none.
-        self.done: threading.Lock | None = None
-
-    def wait_here(self) -> threading.Lock:
-        """(Under the combiner's lock) the lock this caller waits on, taken."""
-        self.done = threading.Lock()
-        self.done.acquire()
-        return self.done
-
-    def hand_back(self) -> None:
-        """Wake this call's waiter, if it waits."""
-        if self.done is not None:
-            self.done.release()
-
-    def fail(self, error: BaseException) -> None:
-        self.replies = [error] * len(self.commands)
-        self.finished = True
-
-
-_live: weakref.WeakSet[Combiner] = weakref.WeakSet()
-
-
-def _flush_loop(ref: weakref.ReferenceType[Combiner]) -> None:
-    """The flusher thread of one combiner: writes posted calls nobody carried in time. It
-    holds the combiner only while something is held, so an unused one can be collected."""
-    while True:
-        combiner = ref()
-        if combiner is None or not combiner._sleep_until_held():
-            return
-        try:
-            combiner._flush_held()
-        except Exception:  # the calls failed with it (their callbacks owe them): carry on
-            log.debug("celery-fleet: writing posted calls failed", exc_info=True)
-        del combiner
-
-
-def flush_all() -> None:
-    """Write and read what this process's combiners hold: a release must not be lost with
-    the process (their callbacks run, owing what fails). Run at interpreter exit
-    (``atexit``), and from Celery's ``worker_process_shutdown`` in a prefork child, which
-    leaves with ``os._exit`` (no ``atexit``)."""
-    for combiner in list(_live):
-        # _busy too: the flusher may have taken a release off _held and not written it yet
-        if combiner._pid == os.getpid() and (combiner._held or combiner._unread or combiner._busy):
-            try:
-                combiner.drain()
-            except Exception:
-                log.debug("celery-fleet: writing posted calls at exit failed", exc_info=True)
-
-
-def _forget_after_fork() -> None:
-    """In a forked child: the parent's held calls are the parent's to write, never the
-    child's (a prefork child would release its parent's leases a second time)."""
-    for combiner in list(_live):
-        combiner._held = deque()
-        combiner._unread = []
-
-
-#: The process that registered :func:`flush_all` with multiprocessing's exit (see below).
-_mp_exit_pid: int | None = None
-
-
-def _multiprocessing_child() -> bool:
-    """In a child of multiprocessing, have its exit run :func:`flush_all` (once per
-    process); True in a ``multiprocessing.Pool``'s worker, which writes a post at once.
-
-    A child of the ``fork`` or ``forkserver`` method leaves with ``os._exit`` after its
-    target returns, past ``atexit`` (multiprocessing runs only its own finalizers): a
-    release held for the next call was lost with it, its slot taken until the lease
-    expired. Its finalizer registry is cleared as it starts, so this runs when a combiner
-    is made (a child makes its own: the parent's belongs to the parent). A ``Pool``'s
-    worker is killed by SIGTERM (``Pool.terminate()``, which ``with Pool(...)`` runs as it
-    ends) often within the millisecond a release is held after its last task: there a post
-    is written at once, its reply still read later. Other children hold posts as any
-    process (the benchmarks' workers stand for Celery's prefork children, which are
-    billiard's, not these, and flush on ``worker_process_shutdown``). A process that never
-    imported multiprocessing is none of its children."""
-    global _mp_exit_pid
-    process = sys.modules.get("multiprocessing.process")
-    util = sys.modules.get("multiprocessing.util")
-    if process is None or util is None or process.parent_process() is None:
-        return False
-    pid = os.getpid()
-    if _mp_exit_pid != pid:
-        _mp_exit_pid = pid
-        util.Finalize(None, flush_all, exitpriority=10)
-    pool = sys.modules.get("multiprocessing.pool")
-    target = getattr(process.current_process(), "_target", None)
-    return pool is not None and target is getattr(pool, "worker", None)
-
-
-atexit.register(flush_all)
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-class Combiner:
+class Combiner(Posting):
     """Sends a process's packed script calls, coalescing those made at the same time.
 
     ``client`` returns this process's redis-py client (its connection settings are used for
@@ -387,47 +187,6 @@ class Combiner:
         self._carry(None)
         return me.replies
 
-    @staticmethod
-    def _settle_rider(rider: _Call, reply: Any) -> Any:
-        """Hand a folded posted call its share of ``reply``; return the sender's share."""
-        own = reply
-        if isinstance(reply, BaseException):
-            rider.replies = [reply]
-        elif type(reply) is list and len(reply) == 2 and reply[0] == b"lost":
-            rider.replies, own = [0], reply[1]
-        else:
-            rider.replies = [1]
-        rider.finished = True
-        try:
-            if rider.callback is not None:
-                rider.callback(rider.replies)
-        except Exception:  # never into the caller that carried it
-            log.exception("celery-fleet: handling a posted reply failed")
-        return own
-
-    def take(self, call: _Call) -> bool:
-        """Take the posted ``call`` back from the held ones (True), to fold it into a call
-        of the taker's (:meth:`send`'s ``rider``); False when it was written already (or
-        this is a forked child's copy). Atomic against the carriers: a deque's remove
-        runs under the GIL, and a carrier pops what is held from the left."""
-        if self._pid != os.getpid():
-            return False
-        try:
-            self._held.remove(call)
-        except ValueError:
-            return False
-        return True
-
-    def _hold_again(self, call: _Call) -> None:
-        """Hold a :meth:`take`-n call again, first in line (its ask never answered)."""
-        if self._pid != os.getpid():
-            return
-        now = time.monotonic()  # its deadline as long as when it was posted, from now
-        call.at, call.until = now, now + (call.until - call.at)
-        self._held.appendleft(call)
-        if not self._busy:
-            self._arm()
-
     def _give_up(self, me: _Call) -> list[Any]:
         """A waiter's deadline passed before its replies came: its replies if they came
         meanwhile, else a timeout each (a call already written may still run)."""
@@ -462,61 +221,6 @@ class Combiner:
         self._busy = False
         return bool(self._held)
 
-    def post(
-        self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
-    ) -> _Call | None:
-        """Hold ``commands`` for the process's next call on this wire (written ahead of it,
-        in its write), or the flusher within :attr:`flush_s` (at once with
-        :attr:`write_now`, in a multiprocessing Pool's worker), and return without its reply;
-        ``callback(replies)`` runs, once, in whichever thread reads them later.
-
-        Returns the held call (for :meth:`take`); None, with nothing held, while a script
-        of theirs has not answered on this connection yet: the caller should :meth:`send`
-        instead (so a posted call never meets NOSCRIPT on a fresh connection, e.g. after a
-        Redis restart).
-        """
-        loaded = self._loaded
-        for script, _packed in commands:
-            if script not in loaded:
-                return None
-        call = _Call(commands, callback, self._bound())
-        self._held.append(call)
-        if not self._busy:  # else the carrier on the wire arms the flusher when it leaves
-            self._arm()
-        return call
-
-    def pending(self) -> float:
-        """How long (s, monotonic) the oldest posted call has waited for its reply to be
-        read (held or unread); 0 if none."""
-        oldest = self._held_or_unread()
-        return time.monotonic() - oldest.at if oldest is not None else 0.0
-
-    def _held_or_unread(self) -> _Call | None:
-        unread = self._unread
-        if unread:
-            return unread[0]
-        try:
-            return self._held[0]
-        except IndexError:
-            return None
-
-    def drain(self) -> None:
-        """Write and read every posted call now (their callbacks run): after it returns,
-        nothing this process posted is still on its way."""
-        if self._held or self._unread or self._busy:
-            self.send([])  # waits its turn, and reads everything written before it
-
-    def flush(self) -> None:
-        """Write the held posted calls now, unless another thread is on the wire (it, or
-        the caller after it, writes them); their replies stay unread."""
-        if not self._held or self._pid != os.getpid():
-            return
-        with self._lock:
-            if self._busy:
-                return
-            self._busy = True
-        self._carry([])
-
     def close(self) -> None:
         """Write and read what is held (:meth:`drain`), then close the wire's connection
         (its store is closed: a later call would open a new one)."""
@@ -532,68 +236,6 @@ class Combiner:
                     conn.disconnect()
                 except Exception:  # already broken
                     log.debug("celery-fleet: closing the wire failed", exc_info=True)
-
-    def _arm(self) -> None:
-        """Make the flusher look at what is held (waking it only if it sleeps idle); with
-        :attr:`write_now`, write it now (a post met a carrier that had taken the held ones
-        already: it calls this as it leaves the wire)."""
-        if self.write_now:
-            self.flush()
-            return
-        self._armed = True  # set before looking: an idle flusher looks at it after
-        if self._flusher_idle or self._flusher is None:
-            self._wake_flusher()
-
-    def _wake_flusher(self) -> None:
-        with self._wake:
-            if self._flusher is None or not self._flusher.is_alive():
-                self._flusher = threading.Thread(
-                    target=_flush_loop,
-                    args=(weakref.ref(self),),
-                    name="fleet-flusher",
-                    daemon=True,
-                )
-                self._flusher.start()
-            self._wake.notify()
-
-    def _sleep_until_held(self) -> bool:
-        """(Flusher) Sleep until armed; False when the flusher should end: not armed for
-        :data:`FLUSHER_IDLE_S` (the next arming starts another), or a fork."""
-        with self._wake:
-            self._flusher_idle = True  # set before looking: an arming after it wakes us
-            if not self._armed:
-                self._wake.wait(FLUSHER_IDLE_S)
-            if not self._armed or self._pid != os.getpid():
-                self._flusher = None  # under the condition: an arming now starts another
-                return False
-            self._armed = self._flusher_idle = False
-        return True
-
-    def _flush_held(self) -> None:
-        """(Flusher) Write what is held once its oldest call has waited :attr:`flush_s`,
-        unless a caller carries it before. It is armed only when a call is held with the
-        wire free (a post then, or a carrier leaving the wire with no caller after it): on
-        a busy wire the callers carry what is held, and the flusher sleeps. While it keeps
-        being armed (posts on a free wire: one thread's loop of slots) it looks again every
-        :attr:`flush_s` instead of sleeping on the condition, so those posts wake nobody."""
-        while True:
-            try:
-                oldest = self._held[0]
-            except IndexError:  # carried
-                if not self._armed:
-                    return
-                self._armed = False
-                time.sleep(self.flush_s)
-                continue
-            left = oldest.at + self.flush_s - time.monotonic()
-            if left > 0:
-                time.sleep(left)
-                continue
-            with self._lock:
-                busy, self._busy = self._busy, True
-            if busy:  # a carrier on the wire takes them, or arms the flusher as it leaves
-                return
-            self._carry([])  # as it leaves, it arms the flusher again if more are held
 
     def _carry(self, first: list[_Call] | None) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
