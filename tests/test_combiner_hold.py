@@ -176,19 +176,29 @@ assert len(fleet.store.combiner._held) == 1
 """
 
 
-def test_a_process_that_exits_writes_its_held_release_first(
-    redis_url: str, namespace: str, rclient: redis.Redis
-) -> None:
+def _leases_after(
+    script: str, redis_url: str, namespace: str, rclient: redis.Redis, *argv: str
+) -> int:
+    """Run ``script`` (source, or a file's path; argv: the Redis URL, the namespace,
+    ``argv``) in a process of its own, which must succeed; the leases of limit ``llm``
+    left in Redis after it exited."""
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    run = [script] if script.endswith(".py") else ["-c", script]
     done = subprocess.run(
-        [sys.executable, "-c", _EXIT_SCRIPT, redis_url, namespace],
+        [sys.executable, *run, redis_url, namespace, *argv],
         env=env,
         capture_output=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # released at exit
+    return int(rclient.zcard(fleet.admission.keys("llm").leases))
+
+
+def test_a_process_that_exits_writes_its_held_release_first(
+    redis_url: str, namespace: str, rclient: redis.Redis
+) -> None:
+    assert _leases_after(_EXIT_SCRIPT, redis_url, namespace, rclient) == 0  # released at exit
 
 
 _MP_CHILD_SCRIPT = """
@@ -238,16 +248,8 @@ def test_a_multiprocessing_child_leaves_no_held_release_behind(
     ends, maybe within the millisecond a release is held: a child writes it at once."""
     script = tmp_path / "mp_child.py"  # a file: forkserver and spawn import the target
     script.write_text(_MP_CHILD_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(
-        [sys.executable, str(script), redis_url, namespace, method, how],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0  # nothing left to expire
+    left = _leases_after(str(script), redis_url, namespace, rclient, method, how)
+    assert left == 0  # nothing left to expire
 
 
 _EXIT_WHILE_FLUSHING_SCRIPT = """
@@ -283,16 +285,7 @@ def test_a_process_that_exits_while_the_flusher_writes_waits_for_it(
 ) -> None:
     """At exit the flusher may have taken the release and not written it yet (nothing held,
     nothing unread): the exit waits for the wire instead of leaving it to die unwritten."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(
-        [sys.executable, "-c", _EXIT_WHILE_FLUSHING_SCRIPT, redis_url, namespace],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    fleet = Fleet(redis_url=redis_url, namespace=namespace, limits={"llm": CAP})
-    assert rclient.zcard(fleet.admission.keys("llm").leases) == 0
+    assert _leases_after(_EXIT_WHILE_FLUSHING_SCRIPT, redis_url, namespace, rclient) == 0
 
 
 def test_a_forked_child_never_writes_its_parents_held_release(

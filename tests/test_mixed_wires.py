@@ -15,6 +15,15 @@ from celery_fleet import Fleet
 MakeFleet = Callable[..., Fleet]
 
 
+async def _admitted_async(fleet: Fleet, limit: str) -> bool:
+    """Whether an ``aslot`` of ``limit`` (max_wait 0) is admitted, in a loop of its own."""
+    try:
+        async with fleet.aslot(limit) as slot:
+            return slot.lease_id is not None
+    finally:
+        await fleet.aclose()
+
+
 def test_an_async_ask_comes_after_a_release_held_by_a_blocking_slot(
     make_fleet: MakeFleet,
 ) -> None:
@@ -25,14 +34,7 @@ def test_an_async_ask_comes_after_a_release_held_by_a_blocking_slot(
     holder = fleet.slot("sim").acquire()
     holder.release()  # held for the next call of this process
 
-    async def main() -> bool:
-        try:
-            async with fleet.aslot("sim") as slot:
-                return slot.lease_id is not None
-        finally:
-            await fleet.aclose()
-
-    assert asyncio.run(main())
+    assert asyncio.run(_admitted_async(fleet, "sim"))
     assert fleet.admission.in_flight("sim") == 0
 
 
@@ -63,13 +65,6 @@ def test_an_async_ask_waits_for_a_release_another_thread_holds_the_wire_over(
     combiner._round_trip = real  # type: ignore[method-assign]
     holder.release()  # held: the wire is busy, its carrier took its batch already
 
-    async def main() -> bool:
-        try:
-            async with fleet.aslot("sim") as slot:
-                return slot.lease_id is not None
-        finally:
-            await fleet.aclose()
-
-    assert asyncio.run(main())
+    assert asyncio.run(_admitted_async(fleet, "sim"))
     other.join(5)
     assert fleet.admission.in_flight("sim") == 0
