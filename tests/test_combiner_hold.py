@@ -151,6 +151,10 @@ def test_a_released_slot_wakes_a_waiter_of_another_process_without_a_next_call(
         return real(batch, answered)
 
     combiner._round_trip = round_trip  # type: ignore[method-assign]
+    # the holder's own background calls (the runtime limits' poll, the counters' flush and
+    # presence) would carry a held release too: stopped, only the flusher is left to
+    holder.admission.runtime.stop()
+    holder.counters._background.stop()
     slot.release()  # held; the flusher writes it, the waiter is woken
     assert admitted.wait(10)
     thread.join(10)
