@@ -62,6 +62,8 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from .compat import read_reply
+
 __all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
 log = logging.getLogger("celery_fleet")
@@ -639,6 +641,11 @@ class Combiner:
         # Replies are read with their own deadline; a write gets the usual timeout.
         if conn._sock is not None:
             conn._sock.settimeout(saved[0])
+            # redis-py's parser took the lowered timeout for the connection's own when it
+            # connected, and sets it back on the socket after every read with a timeout of
+            # its own (redis-py 8): a later health-long read would then time out at this
+            # batch's deadline. Set up again now (the handshake's replies are all read).
+            conn._parser.on_connect(conn)
 
     def _send_again_what_redis_lost(
         self, client: redis.Redis, conn: Any, calls: list[_Call]
@@ -707,7 +714,7 @@ class Combiner:
                 reply = conn.read_response()
             else:
                 left = self._until - time.monotonic()
-                reply = conn.read_response(timeout=max(left, 0.001))
+                reply = read_reply(conn, max(left, 0.001))
         except redis.ResponseError as exc:
             if isinstance(exc, NoScriptError):
                 self._lost = True  # loaded and sent again at the end of the round trip
