@@ -26,7 +26,7 @@ from celery_fleet import ConfigError, Fleet, FleetError
 from celery_fleet.observability.status import limit_status
 from celery_fleet.resilience.fallback import is_local_lease
 from celery_fleet.store.cluster import ClusterCombiner, unpack
-from celery_fleet.store.compat import take_connection
+from celery_fleet.store.compat import read_reply, take_connection
 from celery_fleet.store.connect import SCHEMES
 from celery_fleet.store.sentinel import SLOW_REPLY_S
 from celery_fleet.store.sync import RedisStore
@@ -787,7 +787,7 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         pool.release(idle)
         busy.send_command("BLPOP", "{role}:nothing", "0.5")  # no reply within 0.05 s
         with pytest.raises(redis.TimeoutError):
-            busy.read_response(timeout=0.05)
+            read_reply(busy, 0.05)
         assert idle._sock is None  # closed in the pool
         pool.release(busy)
         assert client.ping()  # a new connection, to the master the sentinels name

@@ -65,8 +65,8 @@ def _read_on_socket_timeout(conn: Any, timeout_s: float) -> Any:
     # the socket's current timeout unless told one, and a socket.timeout there becomes
     # redis.TimeoutError, on which Connection.read_response disconnects.
     sock = conn._sock
-    if sock is None:  # not connected: redis-py's own error
-        return conn.read_response()
+    if sock is None:  # nothing written on it since it was dropped: no reply will come
+        raise redis.ConnectionError("reading a reply from a closed connection")
     sock.settimeout(timeout_s)
     try:
         return conn.read_response()
