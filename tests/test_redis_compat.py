@@ -203,3 +203,27 @@ def test_the_asyncio_wire_fails_its_callers_when_it_cannot_get_a_connection(
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_the_asyncio_wire_is_bounded_by_the_health_deadline_on_a_frozen_redis(
+    server: RedisServer,
+) -> None:
+    """A reply that does not come within ``health_s`` fails the call as an outage (on
+    Python 3.10 ``asyncio.wait_for`` raises ``asyncio.TimeoutError``, not an ``OSError``:
+    the carrier must fail its batch on it too)."""
+    store = AsyncStore(RedisStore(server.url, health_s=DEADLINE_S))
+
+    async def main() -> None:
+        try:
+            assert await store.send(("ping", PING)) == [b"PONG"]
+            with frozen(server):
+                started = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await asyncio.wait_for(store.send(("ping", PING)), BOUND_S)
+                waited = time.monotonic() - started
+            assert waited < BOUND_S, f"the call waited {waited:.1f} s, past its deadline"
+            assert await asyncio.wait_for(store.send(("ping", PING)), BOUND_S) == [b"PONG"]
+        finally:
+            await store.aclose()
+
+    asyncio.run(main())
