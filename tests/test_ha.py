@@ -26,6 +26,7 @@ from celery_fleet import ConfigError, Fleet, FleetError
 from celery_fleet.observability.status import limit_status
 from celery_fleet.resilience.fallback import is_local_lease
 from celery_fleet.store.cluster import ClusterCombiner, unpack
+from celery_fleet.store.compat import read_reply, take_connection
 from celery_fleet.store.connect import SCHEMES
 from celery_fleet.store.sentinel import SLOW_REPLY_S
 from celery_fleet.store.sync import RedisStore
@@ -740,7 +741,7 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         def no_master(name: str) -> Any:
             raise MasterNotFoundError(f"no master for {name!r} (failover under way)")
 
-        conn = pool.get_connection()
+        conn = take_connection(pool)
         conn.slow_reply_s = 0.0
         manager.discover_master = no_master
         manager._answers.clear()
@@ -753,7 +754,7 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         del manager.discover_master
         manager._answers.clear()
         # One the sentinels say came from a replaced master: discarded, connection closed.
-        conn = pool.get_connection()
+        conn = take_connection(pool)
         manager.discover_master = lambda name: ("127.0.0.1", replica.port)
         manager._answers.clear()
         conn.send_command("PING")
@@ -766,7 +767,7 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         # A write after sitting idle (any time, here) through a failover: not sent.
         del manager.discover_master
         manager._answers.clear()
-        conn = pool.get_connection()
+        conn = take_connection(pool)
         conn.slow_reply_s = 0.0
         manager.discover_master = lambda name: ("127.0.0.1", replica.port)
         manager._answers.clear()
@@ -780,13 +781,13 @@ def test_a_new_sentinel_connection_refuses_a_server_that_is_not_the_master() -> 
         # A timeout while the sentinels still name the same master (frozen, not yet failed
         # over): the pool's idle connections are closed, the others dropped before their
         # next write, so each call does not wait its own socket timeout there.
-        busy, idle = pool.get_connection(), pool.get_connection()
+        busy, idle = take_connection(pool), take_connection(pool)
         idle.send_command("PING")
         assert idle.read_response() == b"PONG"
         pool.release(idle)
         busy.send_command("BLPOP", "{role}:nothing", "0.5")  # no reply within 0.05 s
         with pytest.raises(redis.TimeoutError):
-            busy.read_response(timeout=0.05)
+            read_reply(busy, 0.05)
         assert idle._sock is None  # closed in the pool
         pool.release(busy)
         assert client.ping()  # a new connection, to the master the sentinels name

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from ..errors import ConfigError, StoreUnavailable
+from .compat import atake_connection
 from .sync import IDEMPOTENT, RedisStore, script_source
 
 __all__ = ["AsyncStore"]
@@ -155,7 +156,7 @@ class _Wire:
             batch, self.pending = self.pending, []
             try:
                 if self.conn is None:
-                    self.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+                    self.conn = await atake_connection(self.client.connection_pool)
                 await self.conn.send_packed_command(b"".join(c[1] for c, _f, _n in batch))
                 replies: list[Any] = []
                 until = time.monotonic() + self.wait_s()
@@ -165,15 +166,19 @@ class _Wire:
                         replies.append(await asyncio.wait_for(self.conn.read_response(), left))
                     except redis.ResponseError as exc:  # an error reply: still in step
                         replies.append(exc)
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:
+                # Whatever broke off the batch fails its callers: a future left unresolved
+                # would hang its caller for good (a redis-py API mismatch did, on 5.0).
                 await self._drop()
                 error: redis.RedisError
-                if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+                if isinstance(exc, (redis.TimeoutError, TimeoutError, asyncio.TimeoutError)):
                     error = redis.TimeoutError(str(exc))  # a frozen Redis: not resent
                 elif isinstance(exc, redis.ConnectionError):
                     error = exc
-                else:
+                elif isinstance(exc, (redis.RedisError, OSError)):
                     error = redis.ConnectionError(f"{type(exc).__name__}: {exc}")
+                else:  # a defect, not an outage: not sent again as a dropped connection
+                    error = redis.RedisError(f"{type(exc).__name__}: {exc}")
                 if isinstance(error, redis.TimeoutError):
                     # Not written to the server that just did not answer: they fail too.
                     batch, self.pending = batch + self.pending, []

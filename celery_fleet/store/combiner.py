@@ -54,6 +54,7 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from .compat import read_reply
 from .packing import Packed, encode, pack_command
 from .posting import FLUSH_S, Posting, _Call, _live, _multiprocessing_child, flush_all
 
@@ -423,6 +424,11 @@ class Combiner(Posting):
         # Replies are read with their own deadline; a write gets the usual timeout.
         if conn._sock is not None:
             conn._sock.settimeout(saved[0])
+            # redis-py's parser took the lowered timeout for the connection's own when it
+            # connected, and sets it back on the socket after every read with a timeout of
+            # its own (redis-py 8): a later health-long read would then time out at this
+            # batch's deadline. Set up again now (the handshake's replies are all read).
+            conn._parser.on_connect(conn)
 
     def _send_again_what_redis_lost(
         self, client: redis.Redis, conn: Any, calls: list[_Call]
@@ -491,7 +497,7 @@ class Combiner(Posting):
                 reply = conn.read_response()
             else:
                 left = self._until - time.monotonic()
-                reply = conn.read_response(timeout=max(left, 0.001))
+                reply = read_reply(conn, max(left, 0.001))
         except redis.ResponseError as exc:
             if isinstance(exc, NoScriptError):
                 self._lost = True  # loaded and sent again at the end of the round trip

@@ -476,16 +476,20 @@ def _from_own(target: Target, overrides: Mapping[str, Any]) -> Client:
         client = _check_client(source(), target.url)
     if isinstance(client, RedisCluster) and (overrides or not isinstance(client, FleetCluster)):
         manager = client.nodes_manager
-        options = {k: v for k, v in manager.connection_kwargs.items() if k != "redis_connect_func"}
+        own = ("redis_connect_func", "retry")
+        options = {k: v for k, v in manager.connection_kwargs.items() if k not in own}
         nodes = [
             ClusterNode(n.host, n.port)  # type: ignore[no-untyped-call]
             for n in manager.startup_nodes.values()
         ]
+        # The cluster's Retry: redis-py 6+ keeps it on the client (and refuses one among the
+        # node options); 5.x in the node options, on the client only when one was given.
+        retry = getattr(client, "retry", None) or manager.connection_kwargs.get("retry")
         return new_cluster(
             nodes,
             {**options, **overrides},
             target.safe_url,
-            retry=client.retry,
+            **({"retry": retry} if retry is not None else {}),
             require_full_coverage=manager._require_full_coverage,
             address_remap=manager.address_remap,
         )

@@ -45,6 +45,7 @@ from redis.exceptions import NoScriptError
 from ..errors import ConfigError, FleetError, StoreUnavailable
 from .cluster import ClusterCombiner
 from .combiner import Combiner, Packed, pack_command
+from .compat import read_reply, take_connection
 from .connect import Client, ClientSource, Target, is_cluster, make_client, own_client, parse_url
 from .specs import IDEMPOTENT, SCRIPTS, SPECS
 
@@ -567,10 +568,10 @@ class RedisStore:
         if not isinstance(client, redis.Redis):  # a Cluster: its own connection handling
             return client.execute_command("BLPOP", key, f"{timeout:.3f}")  # type: ignore[no-untyped-call]
         pool = client.connection_pool
-        conn = pool.get_connection()
+        conn = take_connection(pool)
         try:
-            conn.send_command("BLPOP", key, f"{timeout:.3f}")  # type: ignore[no-untyped-call]
-            return conn.read_response(timeout=timeout + self.health_s)
+            conn.send_command("BLPOP", key, f"{timeout:.3f}")
+            return read_reply(conn, timeout + self.health_s)
         finally:
             pool.release(conn)  # a connection that timed out was disconnected by redis-py
 

@@ -80,6 +80,12 @@ def _wait(check: object, timeout: float, what: str, step: float = 0.05) -> None:
         time.sleep(step)
 
 
+def _ask(client: redis.Redis, command: str, name: str) -> Any:
+    """A SENTINEL command's parsed reply. Not redis-py's sentinel_* methods: on a plain
+    client, 6.x hands their return_responses option to the reply parser (TypeError)."""
+    return client.execute_command(command, name)  # type: ignore[no-untyped-call]
+
+
 def _signal(server: RedisServer | _Sentinel, sig: signal.Signals) -> None:
     proc = server.proc
     if proc is not None and proc.poll() is None:
@@ -255,7 +261,7 @@ class SentinelSet:
         for s in self.sentinels:
             client = redis.Redis(port=s.port, socket_timeout=2)
             try:
-                state: Any = client.sentinel_master(self.master_name)
+                state = _ask(client, "SENTINEL MASTER", self.master_name)
             finally:
                 client.close()
             if state["num-other-sentinels"] < self.n_sentinels - 1:
@@ -269,7 +275,7 @@ class SentinelSet:
         for s in self.sentinels:
             client = redis.Redis(port=s.port, socket_timeout=2)
             try:
-                address: Any = client.sentinel_get_master_addr_by_name(self.master_name)
+                address = _ask(client, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name)
                 host, port = address
                 return host.decode() if isinstance(host, bytes) else str(host), int(port)
             except (redis.RedisError, TypeError):
@@ -306,7 +312,7 @@ class SentinelSet:
             for s in self.sentinels:
                 client = redis.Redis(port=s.port, socket_timeout=2)
                 try:
-                    address: Any = client.sentinel_get_master_addr_by_name(self.master_name)
+                    address = _ask(client, "SENTINEL GET-MASTER-ADDR-BY-NAME", self.master_name)
                 finally:
                     client.close()
                 port = address[1]
