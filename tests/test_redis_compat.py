@@ -43,13 +43,9 @@ DEBUG_SLEEP = b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$3\r\n0.6\r\n"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    try:
-        binary = find_binary(install=False)
-    except NoRedisServer as exc:
-        pytest.skip(str(exc))
-    with RedisServer(binary=binary) as private:
-        yield private
+def server(private_redis: RedisServer) -> RedisServer:
+    """The module's private redis-server (conftest), paused and resumed by the tests."""
+    return private_redis
 
 
 @pytest.fixture(scope="module")
