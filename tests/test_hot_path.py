@@ -55,6 +55,11 @@ def _per_decision(
     fleet.release(fleet.try_acquire("llm", tokens=tokens))
     holder = fleet.try_acquire("llm", tokens=tokens)  # at saturation: the cap is in use
     fleet.store.drain()
+    # the metrics counters flush every 2 s from their own thread (a pipeline of HINCRBYs and
+    # a PEXPIRE per limit): on a slow machine one flush would land inside the window and
+    # count as the scripts' own; they are not part of a decision
+    fleet.counters.flush()
+    fleet.counters._background.stop()
     before = _commands(client)
     for _ in range(n):
         cycle()

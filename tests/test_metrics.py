@@ -117,6 +117,11 @@ def test_counters_reach_redis_in_batches_and_the_scrape(make_fleet: MakeFleet) -
             with fleet.slot("llm", max_wait=0):
                 pass
     assert fleet.counters.flush() > 0  # (or the background thread, within 2 s)
+    # the hash expires a week after its last flush (one PEXPIRE per hash, not per field)
+    from celery_fleet.observability.counters import TTL_MS, counters_key
+
+    ttl = fleet.store.client.pttl(counters_key(fleet.namespace, "llm"))
+    assert TTL_MS - 60_000 < ttl <= TTL_MS
     got = scrape(fleet)
     assert got['fleet_admitted_total{limit="llm"}'] == 6
     assert got['fleet_refused_total{limit="llm",reason="in_flight"}'] == 1

@@ -125,12 +125,15 @@ class Counters:
             return 0
         try:
             with self.store.client.pipeline(transaction=False) as pipe:
+                touched: set[str] = set()
                 for (limit, field), n in counts.items():
                     key = counters_key(self.namespace, limit)
+                    touched.add(key)
                     if float(n).is_integer():
                         pipe.hincrby(key, field, int(n))
                     else:
                         pipe.hincrbyfloat(key, field, float(n))
+                for key in touched:  # one TTL per hash, after its writes (it exists then)
                     pipe.pexpire(key, TTL_MS)
                 pipe.execute()
         except Exception as exc:  # Redis away: keep the counts for the next flush
