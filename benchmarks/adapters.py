@@ -189,6 +189,7 @@ def _langchain(sim: Any, fleet: Any, limit: str) -> Call:
 def _litellm(sim: Any, fleet: Any, limit: str) -> Call:
     import litellm
 
+    litellm.suppress_debug_info = True  # a banner on stdout for each 429 of the plain run
     if fleet is None:
         litellm.callbacks = []
     else:
