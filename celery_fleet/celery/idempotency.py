@@ -309,11 +309,12 @@ def _key_to_children(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 class KeyLogFilter(logging.Filter):
-    """Adds ``record.fleet_key`` (the running body's idempotency key, or ``"-"``) so a log
-    format can show it: ``logging.getLogger().addFilter(KeyLogFilter())`` on a handler."""
+    """Adds ``record.key`` and ``record.fleet_key`` (the running body's idempotency key, or
+    ``"-"``) so a log format can show it: ``logging.getLogger().addFilter(KeyLogFilter())``
+    on a handler. Both names, as the package's own lines carry both (``log_fields``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.fleet_key = current_key.get() or "-"
+        record.fleet_key = record.key = current_key.get() or "-"
         return True
 
 
