@@ -182,6 +182,15 @@ IMPORT_ARGS ?=
 bench-import: $(STAMP)
 	$(PY) benchmarks/imports.py $(IMPORT_ARGS)
 
+## The SDK adapters (issue 22): a herd of threads plain vs through each adapter (openai and
+## anthropic transports, fleet.wrap, LangChain, LiteLLM) against ProviderSim (~1 minute;
+## Redis DB 4, its keys deleted; ADAPTERS_ARGS=--no-write to append nothing): appends to
+## benchmarks/RESULTS.md.
+ADAPTERS_ARGS ?=
+.PHONY: bench-adapters
+bench-adapters: $(STAMP)
+	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/adapters.py $(ADAPTERS_ARGS)
+
 .PHONY: bench-aio
 bench-aio: $(STAMP)
 	$(PY) -m celery_fleet.testing.redis_server -- $(PY) benchmarks/aio.py $(AIO_ARGS)

@@ -2,7 +2,7 @@
 
 Each subpackage may import only the packages listed for it below; the Celery-independent
 core (``store``, ``resilience``, ``admission``, ``coordination``, ``durability``, the
-shared ``errors``/``checks``/``clock``/``background`` and ``settings``) never imports
+shared ``errors``/``checks``/``clock``/``background``/``logfields`` and ``settings``) never imports
 Celery, not even lazily; the facade (``fleet.py``) reaches the Celery glue only through
 ``celery/app.py`` when it is given an app; only the glue, ``observability`` and the
 public aliases import the facade; and the modules' top-level imports have no cycle.
@@ -24,7 +24,7 @@ import celery_fleet
 from tests.graphs import import_cycle
 
 PACKAGE = Path(celery_fleet.__file__).parent
-SHARED = {"errors", "checks", "clock", "background"}
+SHARED = {"errors", "checks", "clock", "background", "logfields"}
 CORE = ["store", "resilience", "admission", "coordination", "durability", "distribution", "quality"]
 # What each part may import besides itself and SHARED. A dotted entry allows one module.
 ALLOWED: dict[str, set[str]] = {
@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "checks": set(),
     "clock": set(),
     "background": set(),
+    "logfields": set(),  # the extra= fields of log lines
     "store": set(),
     # the store-down strategies answer with the limiter's own value types
     "resilience": {"store", "admission.config", "admission.decision"},

@@ -305,13 +305,13 @@ def test_the_running_key_reaches_log_records() -> None:
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", None, None)
     KeyLogFilter().filter(record)
-    assert record.fleet_key == "-"
+    assert record.fleet_key == record.key == "-"
     token = current_key.set("summarize:42")
     try:
         KeyLogFilter().filter(record)
     finally:
         current_key.reset(token)
-    assert record.fleet_key == "summarize:42"
+    assert record.fleet_key == record.key == "summarize:42"
 
 
 def test_an_attempt_that_claims_its_key_tells_monitors(app: Celery) -> None:

@@ -402,6 +402,52 @@ def test_which_limit_a_model_draws_on(make_fleet: MakeFleet) -> None:
         wrong.limit_for("sim", "openai")
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"openai": {"max_in_flight": 1, "rpm": 600}},  # the fleet's only limit
+        {"openai": {"max_in_flight": 1, "rpm": 600}, "other": {"rpm": 60}},  # the provider's
+    ],
+    ids=["one-limit", "named-like-the-provider"],
+)
+def test_fleethook_without_limit_as_the_issue_writes_it(
+    make_fleet: MakeFleet, limits: dict[str, Any]
+) -> None:
+    """``litellm.callbacks = [FleetHook(fleet)]``, verbatim: 8 threads against a provider
+    allowing 1 in flight get no 429, so each call held a slot of ``openai``."""
+    fleet = make_fleet(limits, max_wait=30)
+    hook = FleetHook(fleet)
+    litellm.callbacks = [hook]
+    with ProviderSim(rpm=None, tpm=None, max_in_flight=1, latency=0.05) as sim:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: litellm.completion(**_kw(sim)), range(8)))
+        stats = sim.stats()
+    assert stats["ok"] == 8 and sum(stats["rate_limited"].values()) == 0, stats
+    assert stats["max_in_flight_observed"] == 1, stats
+    assert hook.holding == [] and fleet.admission.in_flight("openai") == 0
+
+
+def test_without_limit_several_limits_pick_by_provider_or_ask_for_limit(
+    make_fleet: MakeFleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    one = FleetHook(make_fleet({"sim": {"rpm": 600}}))
+    assert one.limit == "sim" and one.limit_for("gpt-4o", "azure") == "sim"
+    fleet = make_fleet({"openai": {"rpm": 600}, "anthropic": {"rpm": 600}, "misc": {"rpm": 6}})
+    hook = FleetHook(fleet)
+    assert hook.limit_for("gpt-4o", "openai") == "openai"
+    assert hook.limit_for("anthropic/claude-sonnet-4-5") == "anthropic"
+    assert hook.limit_for("claude-sonnet-4-5") == "anthropic"  # LiteLLM names the provider
+    with caplog.at_level("WARNING", logger="celery_fleet"):
+        assert hook.limit_for("gemini-pro", "gemini") is None  # no such limit: passes through
+        assert hook.limit_for("gemini-flash", "gemini") is None
+    warned = [r for r in caplog.records if "no limit named 'gemini'" in r.getMessage()]
+    assert len(warned) == 1  # once per provider
+    with pytest.raises(ConfigError, match=r"none is named like a LiteLLM provider: big, sim;"):
+        FleetHook(make_fleet({"sim": {"rpm": 600}, "big": {"tpm": 60_000}}))
+    with pytest.raises(ConfigError, match="pass limit="):
+        FleetHook(make_fleet({"sim": {"rpm": 600}, "big": {"tpm": 60_000}}))
+
+
 def _until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -192,6 +192,45 @@ def test_the_grafana_dashboard_queries_only_metrics_a_scrape_exposes(
     assert named <= exposed, sorted(named - exposed)
 
 
+#: The dashboard's series without a ``limit`` label (the rest all have one).
+UNLIMITED_SERIES = {"celery_fleet_up", "celery_fleet_dedupe_hits_total"}
+
+
+@pytest.mark.fast
+def test_the_grafana_dashboard_filters_every_panel_by_fleet_limit_and_instance() -> None:
+    """docs/grafana-dashboard.json has the ``$fleet``, ``$limit`` and ``$instance``
+    template variables (multi-valued, with All), ``$limit`` and ``$instance`` offered for
+    the chosen fleets, and every series selector of every panel filters by them: a
+    variable the panels ignore would show every limit whatever is picked."""
+    import json
+    import re
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"fleet", "limit", "instance"} <= set(variables)
+    for name in ("fleet", "limit", "instance"):
+        var = variables[name]
+        assert var["type"] == "query" and var["multi"] and var["includeAll"], var
+        assert var["allValue"] == ".*", var  # All matches every value, as =~ reads it
+    assert 'fleet=~"$fleet"' in variables["limit"]["definition"]
+    assert 'fleet=~"$fleet"' in variables["instance"]["definition"]
+    selectors = [
+        (panel["title"], metric, labels)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for metric, labels in re.findall(r"\b(celery_fleet_[a-z_]+)\{([^}]*)\}", target["expr"])
+    ]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    bare = [e for e in exprs if re.search(r"\bcelery_fleet_[a-z_]+(?![a-z_{])", e)]
+    assert not bare, bare  # every series has a selector
+    assert len(selectors) >= len(dashboard["panels"])
+    for title, metric, labels in selectors:
+        assert 'fleet=~"$fleet"' in labels, (title, metric)
+        assert 'instance=~"$instance"' in labels, (title, metric)
+        if metric not in UNLIMITED_SERIES:
+            assert 'limit=~"$limit"' in labels, (title, metric)
+
+
 def samples(fleet: Fleet, **target: str) -> list[tuple[str, dict[str, str], float]]:
     """One scrape as Prometheus stores it: (name, labels, value), with the labels the
     scrape target adds (``instance``...)."""

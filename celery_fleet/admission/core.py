@@ -43,6 +43,7 @@ from typing import Any
 
 from ..checks import MAX_LEASE_ID, MAX_UNITS, check_lease_id, check_name
 from ..errors import ConfigError, FleetError, LeaseLost, StoreUnavailable
+from ..logfields import log_fields
 from ..quality.breaker import QualityBreakers
 from ..resilience.replay import Replays, replay_steps
 from ..resilience.strategy import RedisOnly, StoreStrategy
@@ -781,7 +782,7 @@ class Admission:
                 "celery-fleet: could not settle %d tokens of %r (Redis unreachable)",
                 actual,
                 name,
-                extra={"fleet_limit": name},
+                extra=log_fields(limit=name),
             )
             return 0
         if known:

@@ -24,6 +24,7 @@ from typing import Protocol
 from ..background import BackgroundLoop
 from ..clock import Clock, SystemClock
 from ..errors import FleetError, LeaseLost, StoreUnavailable
+from ..logfields import log_fields
 from .core import Admission
 
 __all__ = [
@@ -241,7 +242,7 @@ class LeaseKeeper:
                     log.warning(
                         "celery-fleet: renewing %r leases failed; will retry",
                         limit,
-                        extra={"fleet_limit": limit},
+                        extra=log_fields(limit=limit),
                     )
                 else:  # the outage is logged once, by the policy
                     self._stranded.update(slots)
@@ -251,7 +252,7 @@ class LeaseKeeper:
                 log.warning(
                     "celery-fleet: renewing %r leases failed; will retry",
                     limit,
-                    extra={"fleet_limit": limit},
+                    extra=log_fields(limit=limit),
                 )
                 continue
             down = self.admission.store_down
@@ -264,7 +265,7 @@ class LeaseKeeper:
                     "flushed or evicted?); put them back",
                     len(restored),
                     limit,
-                    extra={"fleet_limit": limit},
+                    extra=log_fields(limit=limit),
                 )
             for s in slots:
                 self._stranded.discard(s)
@@ -296,10 +297,9 @@ class LeaseKeeper:
 def lease_fields(slot: HeldLease) -> dict[str, object]:
     """The ``extra=`` fields of a log line about ``slot``: its limit, and the id of the
     task holding it when one does (docs/observability.md, the log fields)."""
-    fields: dict[str, object] = {"fleet_limit": slot.limit}
     if slot.holder is not None and slot.holder[0]:
-        fields["fleet_task_id"] = slot.holder[0]
-    return fields
+        return log_fields(limit=slot.limit, task_id=slot.holder[0])
+    return log_fields(limit=slot.limit)
 
 
 def describe_holder(holder: Holder) -> dict[str, str | None]:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from ..background import BackgroundLoop
 from ..errors import ConfigError, FleetError, StoreUnavailable
+from ..logfields import log_fields
 from ..store.specs import LIMIT_CONFIG
 from .config import LimitConfig
 from .overrides import check_fields, merge_fields, with_fields
@@ -339,5 +340,5 @@ class RuntimeLimits:
             name,
             applied.version,
             ", ".join(f"{k}={v!r}" for k, v in sorted(applied.fields.items())) or "as configured",
-            extra={"fleet_limit": name},
+            extra=log_fields(limit=name),
         )

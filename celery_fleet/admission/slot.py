@@ -34,6 +34,7 @@ from ..errors import (
     StoreUnavailable,
     Throttled,
 )
+from ..logfields import log_fields
 from ..quality.judge import Verdict
 from ..resilience.replay import met_outage
 from ..store.calls import drive
@@ -454,7 +455,7 @@ class Slot(Judging):
                 decision.line,
                 middle_s,
                 self.max_wait_s,
-                extra={"fleet_limit": self.limit},
+                extra=log_fields(limit=self.limit),
             )
 
     def _refuse_self_deadlock(self) -> None:

@@ -45,6 +45,7 @@ from celery import signals
 
 from ..durability.ledger import check_key, record_id_for
 from ..errors import Backpressure, ConfigError, FleetError, StoreUnavailable
+from ..logfields import log_fields
 from ..observability.counters import KEYS_LIMIT
 from .signals import sends_task_events
 
@@ -274,7 +275,7 @@ class Attempt:
                     "ended; its %s was not recorded",
                     self.key,
                     outcome,
-                    extra={"fleet_key": self.key},
+                    extra=log_fields(key=self.key),
                 )
         except Exception:
             log.exception("celery-fleet: could not record the end of key %r", self.key)
@@ -290,7 +291,7 @@ def encode_result(key: str, result: Any) -> str:
             "get None instead",
             key,
             type(result).__name__,
-            extra={"fleet_key": key},
+            extra=log_fields(key=key),
         )
         return ""
 
@@ -308,11 +309,12 @@ def _key_to_children(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 class KeyLogFilter(logging.Filter):
-    """Adds ``record.fleet_key`` (the running body's idempotency key, or ``"-"``) so a log
-    format can show it: ``logging.getLogger().addFilter(KeyLogFilter())`` on a handler."""
+    """Adds ``record.key`` and ``record.fleet_key`` (the running body's idempotency key, or
+    ``"-"``) so a log format can show it: ``logging.getLogger().addFilter(KeyLogFilter())``
+    on a handler. Both names, as the package's own lines carry both (``log_fields``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.fleet_key = current_key.get() or "-"
+        record.fleet_key = record.key = current_key.get() or "-"
         return True
 
 
@@ -347,7 +349,7 @@ def publish(
             "celery-fleet: key %r is already %s: not published",
             key,
             run.state,
-            extra={"fleet_key": key},
+            extra=log_fields(key=key),
         )
         task.fleet.counters.add(KEYS_LIMIT, "dedupe|publish")
         return task.AsyncResult(run.run_id)
@@ -423,7 +425,7 @@ def _publish_ended(
             key,
             "went out" if sent else "failed",
             exc_info=True,
-            extra={"fleet_key": key},
+            extra=log_fields(key=key),
         )
 
 
@@ -468,7 +470,7 @@ def claim_for(task: KeyedTask, args: Any, kwargs: Any) -> Attempt | Replay | Non
         log.info(
             "celery-fleet: key %r already succeeded: returning its stored result",
             key,
-            extra={"fleet_key": key, "fleet_task_id": request.id},
+            extra=log_fields(key=key, task_id=request.id),
         )
         fleet.counters.add(KEYS_LIMIT, "dedupe|replay")
         return Replay(claim.result)
@@ -482,7 +484,7 @@ def claim_for(task: KeyedTask, args: Any, kwargs: Any) -> Attempt | Replay | Non
         log.warning(
             "celery-fleet: key %r: took over the claim of an attempt that died",
             key,
-            extra={"fleet_key": key, "fleet_task_id": request.id},
+            extra=log_fields(key=key, task_id=request.id),
         )
     fleet.claims.hold(record_id, owner)
     # Monitors (Flower's task page) see the key and the attempt on the task, when the
@@ -530,12 +532,12 @@ def _worker_lost(
         log.warning(
             "celery-fleet: could not record that key %r's worker was lost",
             key,
-            extra={"fleet_key": key, "fleet_task_id": task_id},
+            extra=log_fields(key=key, task_id=task_id),
         )
         return
     if ended:
         log.warning(
             "celery-fleet: key %r: its worker process was lost; recorded as failed",
             key,
-            extra={"fleet_key": key, "fleet_task_id": task_id},
+            extra=log_fields(key=key, task_id=task_id),
         )

@@ -19,6 +19,7 @@ from kombu.serialization import dumps, loads, prepare_accept_content
 
 from ..admission.run import Run, Throttling
 from ..errors import Backpressure, FleetError, ThrottledTooLong
+from ..logfields import log_fields
 from ..settings import visibility_timeout
 from . import idempotency, tracing
 from .signals import sends_task_events, task_rescheduled, task_throttled
@@ -271,7 +272,7 @@ class Rescheduling:
                     "with a countdown",
                     request.id,
                     exc,
-                    extra={"fleet_task_id": request.id},
+                    extra=log_fields(task_id=request.id),
                 )
                 self._publish_backup(item, countdown, {**headers, FALLBACK_HEADER: True})
                 return "countdown"
@@ -343,7 +344,7 @@ class Rescheduling:
                 "(restarted empty?): running its backup from the broker",
                 item,
                 request.id,
-                extra={"fleet_task_id": request.id},
+                extra=log_fields(task_id=request.id),
             )
             return
         if fate == "waiting":
@@ -408,13 +409,13 @@ class Rescheduling:
             countdown,
             state.reschedules,
             via,
-            extra={
-                "fleet_task_id": request.id,
-                "fleet_limit": exc.limit,
-                "fleet_reason": exc.reason,
-                "fleet_wait_ms": exc.wait_ms,
-                **({"fleet_key": attempt.key} if attempt is not None else {}),
-            },
+            extra=log_fields(
+                task_id=request.id,
+                limit=exc.limit,
+                reason=exc.reason,
+                wait_ms=exc.wait_ms,
+                **({"key": attempt.key} if attempt is not None else {}),
+            ),
         )
         task_rescheduled.send(
             sender=self,

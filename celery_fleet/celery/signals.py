@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.utils.dispatch import Signal
 
+from ..logfields import log_fields
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -173,7 +175,7 @@ def breaker_announcer(app: Celery) -> Callable[[str, str], None]:
             "celery-fleet: breaker limit=%s state=%s",
             limit,
             state,
-            extra={"fleet_limit": limit, "fleet_state": state},
+            extra=log_fields(limit=limit, state=state),
         )
         breaker_state_changed.send(sender=app, limit=limit, state=state)
         try:
@@ -198,7 +200,7 @@ def quality_announcer(app: Celery) -> Callable[[str, str, dict[str, Any]], None]
             state,
             fields.get("garbage_rate"),
             fields.get("baseline"),
-            extra={"fleet_limit": limit, "fleet_state": state},
+            extra=log_fields(limit=limit, state=state),
         )
         info = {k: v for k, v in fields.items() if k != "state"}
         try:
@@ -227,11 +229,11 @@ def slot_watcher(app: Celery) -> Callable[[str, str, dict[str, Any]], None]:
                 limit,
                 fields["status"],
                 fields["retry_after_ms"],
-                extra={
-                    "fleet_limit": limit,
-                    "fleet_reason": f"provider {fields['status']}",
-                    "fleet_wait_ms": fields["retry_after_ms"],
-                },
+                extra=log_fields(
+                    limit=limit,
+                    reason=f"provider {fields['status']}",
+                    wait_ms=fields["retry_after_ms"],
+                ),
             )
             fields = {"reason": f"provider {fields['status']}", "wait_ms": fields["retry_after_ms"]}
         if slot_refused.receivers:

@@ -1,5 +1,7 @@
-"""LiteLLM: ``litellm.callbacks = [FleetHook(fleet, limit="openai")]`` puts every
-``litellm.completion`` / ``litellm.acompletion`` under the fleet's limits.
+"""LiteLLM: ``litellm.callbacks = [FleetHook(fleet)]`` puts every
+``litellm.completion`` / ``litellm.acompletion`` under the fleet's limits: the fleet's only
+limit, or with several the one named like the call's LiteLLM provider (``"openai"``,
+``"anthropic"``); ``limit=`` names another (see :class:`FleetHook`).
 
 Each call holds one slot of its limit from just before its HTTP request until its answer:
 the fleet's budgets and in-flight cap apply fleet-wide, the reservation (an estimate from
@@ -12,7 +14,7 @@ Example::
     import litellm
     from celery_fleet.contrib.litellm import FleetHook
 
-    litellm.callbacks = [FleetHook(fleet, limit="openai")]
+    litellm.callbacks = [FleetHook(fleet)]   # or FleetHook(fleet, limit="openai")
     litellm.completion(model="openai/gpt-4o-mini", messages=[...])   # waits its turn
 
 Where LiteLLM lets a callback act (checked against litellm 1.110, its Python path):
@@ -57,6 +59,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 try:
+    import litellm
     from litellm.integrations.custom_logger import CustomLogger
 except ImportError as exc:  # the [litellm] extra is not installed
     raise ImportError(
@@ -113,7 +116,11 @@ class FleetHook(CustomLogger):
 
     ``limit``: the limit of every call (``"openai"``); a mapping from model to limit,
     looked up as ``"provider/model"`` then ``"model"``, then ``"*"`` (a model it does not
-    name passes through); or a callable ``"provider/model" -> limit or None``.
+    name passes through); or a callable ``"provider/model" -> limit or None``. Left out:
+    the fleet's only limit; with several, the limit named like each call's LiteLLM
+    provider (``openai/gpt-4o`` draws on ``"openai"``; a provider with no limit of its
+    name passes through, with a warning once per provider), a :class:`ConfigError` if
+    no limit is named like a LiteLLM provider.
     ``tokens``: the reservation: default :func:`~celery_fleet.contrib.usage.estimate_tokens`
     of the request body, an int, or a callable ``body -> int``.
     ``max_wait``: how long ``acompletion`` waits for its turn before raising ``Throttled``
@@ -128,7 +135,7 @@ class FleetHook(CustomLogger):
     def __init__(
         self,
         fleet: _Fleet,
-        limit: LimitChoice,
+        limit: LimitChoice | None = None,
         *,
         tokens: TokenChoice = None,
         max_wait: float | None = None,
@@ -136,7 +143,7 @@ class FleetHook(CustomLogger):
     ) -> None:
         super().__init__()
         self.fleet = fleet
-        self.limit = _check_limit(fleet, limit)
+        self.limit = _default_limit(fleet) if limit is None else _check_limit(fleet, limit)
         if not (tokens is None or callable(tokens)):
             for name in _named_limits(self.limit):
                 fleet.admission.limit(name).check_tokens(tokens)
@@ -436,6 +443,65 @@ def _check_limit(fleet: _Fleet, limit: Any) -> LimitChoice:
         return limit  # type: ignore[no-any-return]
     raise ConfigError(
         f"limit must be a limit name, a mapping model -> limit or a callable, got {limit!r}"
+    )
+
+
+class ByProvider:
+    """The limit of a call is the one named like its LiteLLM provider (``FleetHook``
+    without ``limit``, on a fleet of several limits): ``"openai/gpt-4o"`` -> ``"openai"``.
+    A bare model name is resolved by LiteLLM (``gpt-4o`` -> ``openai``). A provider the
+    fleet has no limit for passes through, with a warning the first time."""
+
+    def __init__(self, fleet: _Fleet) -> None:
+        self.fleet = fleet
+        self._warned: set[str] = set()
+
+    def __call__(self, model: str) -> str | None:
+        provider = model.split("/", 1)[0] if "/" in model else _litellm_provider(model)
+        if not provider:
+            return None
+        if provider in self.fleet.admission.limits:
+            return provider
+        if provider not in self._warned:
+            self._warned.add(provider)
+            log.warning(
+                "celery-fleet: FleetHook: no limit named %r for %r; its calls pass through "
+                "unadmitted (known limits: %s; pass limit= to map it)",
+                provider,
+                model,
+                ", ".join(sorted(self.fleet.admission.limits)),
+            )
+        return None
+
+    def __repr__(self) -> str:
+        return "<by provider>"
+
+
+def _litellm_provider(model: str) -> str | None:
+    """LiteLLM's provider for a bare model name (``gpt-4o`` -> ``openai``), or None."""
+    try:
+        return str(litellm.get_llm_provider(model)[1]) or None
+    except Exception:  # LiteLLM raises its BadRequestError for a model it does not know
+        return None
+
+
+def _default_limit(fleet: _Fleet) -> LimitChoice:
+    """``FleetHook(fleet)``: the fleet's only limit, else the limit named like each call's
+    provider, if any limit is named like a LiteLLM provider."""
+    names = sorted(fleet.admission.limits)
+    if len(names) == 1:
+        return names[0]
+    providers = {str(getattr(p, "value", p)) for p in litellm.provider_list}
+    if names and any(name in providers for name in names):
+        return ByProvider(fleet)
+    raise ConfigError(
+        "FleetHook(fleet) needs limit= when the fleet has "
+        + (
+            f"several limits and none is named like a LiteLLM provider: {', '.join(names)}; "
+            if names
+            else "no limits (set fleet_limits); "
+        )
+        + 'pass limit="name", a mapping model -> limit, or a function'
     )
 
 

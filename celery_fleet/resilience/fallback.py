@@ -53,6 +53,7 @@ import redis
 from ..admission.config import LimitConfig
 from ..admission.decision import Decision, LimitKeys
 from ..errors import ConfigError, FleetError, StoreUnavailable
+from ..logfields import log_fields
 from ..store.calls import Steps, drive
 from ..store.connect import Target, make_client
 from ..store.specs import CHARGE, HANDOVER
@@ -317,14 +318,14 @@ class StoreDown:
                 url,
                 error,
                 how,
-                extra={"fleet_reason": "store_down"},
+                extra=log_fields(reason="store_down"),
             )
             return
         log.warning(
             "celery-fleet: the fleet's Redis is unreachable (%s); %s",
             error,
             how,
-            extra={"fleet_reason": "store_down"},
+            extra=log_fields(reason="store_down"),
         )
 
     def _allotments(self, share: int) -> dict[str, int]:
@@ -435,7 +436,7 @@ class StoreDown:
             "limiter with the rest of the fleet in %.1f s",
             self.clock() - since,
             wait_s,
-            extra={"fleet_reason": "store_back", "fleet_wait_ms": round(wait_s * 1000)},
+            extra=log_fields(reason="store_back", wait_ms=round(wait_s * 1000)),
         )
         return wait_s
 
@@ -483,7 +484,7 @@ class StoreDown:
             "again (%d window(s) charged with this process's local calls)",
             self.clock() - (since if since is not None else self.clock()),
             charged,
-            extra={"fleet_reason": "store_back"},
+            extra=log_fields(reason="store_back"),
         )
         return True
 
