@@ -2,7 +2,9 @@
 
 One :class:`Distributor` runs in each worker's main process (started by
 :class:`~celery_fleet.celery.affinity.DistributionStep`), in a daemon thread. Every round
-(about a second; the leases are renewed every third of ``fleet_affinity_lease``):
+(half a second at most; the leases are renewed every third of ``fleet_affinity_lease``,
+at most every 2 s, and the live workers read again just after a peer's lease lapses
+unrenewed, so a SIGKILLed worker's queues move within one lease of its death):
 
 1. it announces the worker and reads the live workers (:class:`~celery_fleet.distribution.Homes`);
 2. it computes the queues this worker should be home of (bounded rendezvous hashing);
@@ -47,6 +49,8 @@ log = logging.getLogger("celery_fleet")
 SAMPLE_PERIOD_S = 0.5
 #: How often a ``"shared"`` worker looks for affinity queues left with tasks.
 DRAIN_PERIOD_S = 5.0
+#: The shortest pause between two rounds.
+MIN_PAUSE_S = 0.01
 #: How long the loop waits for the consumer's thread to run an add or cancel.
 CONSUMER_WAIT_S = 5.0
 
@@ -196,7 +200,11 @@ class Distributor:
 
     def _round(self) -> float:
         now = self.homes.clock.monotonic()
-        if self.config.routes and now >= self._next_homes:
+        # A round every third of the lease (2 s at most), and one just after a peer's
+        # lease lapses unrenewed: its home died, and its queues move at once, within one
+        # lease of the death. A live peer renews long before its lease would lapse, so
+        # this adds no round while every peer lives.
+        if self.config.routes and (now >= self._next_homes or now >= self.homes.lapse_at):
             self._homes_round()
             self._next_homes = now + min(self.config.lease_s / 3.0, 2.0)
         elif self.config.routes and self.own and not self.homes.live:
@@ -207,7 +215,11 @@ class Distributor:
             self._drain_round()
             self._next_drain = now + DRAIN_PERIOD_S
         self._flush_counts()
-        return min(SAMPLE_PERIOD_S, self.config.lease_s / 3.0)
+        pause = min(SAMPLE_PERIOD_S, self.config.lease_s / 3.0)
+        if self.config.routes:
+            until_lapse = self.homes.lapse_at - self.homes.clock.monotonic()
+            pause = min(pause, max(until_lapse, MIN_PAUSE_S))
+        return pause
 
     def _homes_round(self) -> None:
         try:

@@ -44,10 +44,20 @@ from ..store.sync import RedisStore
 from .ring import DistributionConfig, stable_hash
 from .status import home_key
 
-__all__ = ["Homes", "assign", "queues_of", "home_scores", "queues_in_id", "CLOCK_DRIFT"]
+__all__ = [
+    "Homes",
+    "assign",
+    "queues_of",
+    "home_scores",
+    "queues_in_id",
+    "CLOCK_DRIFT",
+    "LAPSE_MARGIN_S",
+]
 
 #: How much faster than Redis's the local clock may run (as for locks).
 CLOCK_DRIFT = 0.01
+#: How long after a peer's lease lapses (by the local clock) the loop looks again.
+LAPSE_MARGIN_S = 0.02
 
 
 def queues_in_id(worker_id: str) -> int | None:
@@ -142,6 +152,10 @@ class Homes:
         self.holders: list[str] = [""] * config.queues
         #: Until when (local monotonic) the leases of :attr:`held` are surely not lapsed.
         self.valid_until = -math.inf
+        #: When (local monotonic) the first lease held by another worker, as the last
+        #: answered call read it, lapses unless renewed (inf: none): the worker's loop
+        #: looks again then, so a dead home's queues move within one lease of its death.
+        self.lapse_at = math.inf
 
     def announce(self) -> list[str]:
         """Renew this worker's presence; the live workers' ids (this one included)."""
@@ -178,14 +192,29 @@ class Homes:
             "1" if q in wanted else ("-" if q in keep else "0") for q in range(self.config.queues)
         )
         sent = self.clock.monotonic()
-        holders = AFFINITY_HOMES.run(
-            self.store, self.home_keys, [self.worker_id, self.lease_ms, flags]
-        )
+        self.lapse_at = math.inf  # unknown until the script answers
+        holders = self._run(flags)
         self.holders = holders
         self.held = {q for q, owner in enumerate(holders) if owner == self.worker_id}
         # Redis (re)started the leases no earlier than the call was sent.
         self.valid_until = sent + self.config.lease_s * (1.0 - CLOCK_DRIFT)
         return set(self.held)
+
+    def _run(self, flags: str) -> list[str]:
+        """Run the homes script; the holders, and :attr:`lapse_at` from its last reply."""
+        reply = AFFINITY_HOMES.run(
+            self.store, self.home_keys, [self.worker_id, self.lease_ms, flags]
+        )
+        received = self.clock.monotonic()
+        soonest_ms = int(reply[-1]) if len(reply) > self.config.queues else -1
+        # The lease lapsed on Redis's clock no later than ``received + soonest``: look a
+        # little after it, allowing for a local clock slower than Redis's.
+        self.lapse_at = (
+            received + soonest_ms / 1000.0 * (1.0 + CLOCK_DRIFT) + LAPSE_MARGIN_S
+            if soonest_ms >= 0
+            else math.inf
+        )
+        return list(reply[: self.config.queues])
 
     @property
     def live(self) -> bool:
@@ -194,19 +223,14 @@ class Homes:
 
     def read_holders(self) -> list[str]:
         """The home of each queue now ("" none), changing nothing."""
-        flags = "-" * self.config.queues
-        return AFFINITY_HOMES.run(
-            self.store, self.home_keys, [self.worker_id, self.lease_ms, flags]
-        )
+        return self._run("-" * self.config.queues)
 
     def leave(self) -> None:
         """Give up every lease and withdraw this worker (it is stopping): its queues get
         their new homes at the peers' next round rather than after a lease."""
         self.valid_until = -math.inf
         self.held = set()
-        AFFINITY_HOMES.run(
-            self.store, self.home_keys, [self.worker_id, self.lease_ms, "0" * self.config.queues]
-        )
+        self._run("0" * self.config.queues)
         self._presence("0")
 
     def _presence(self, announce: str) -> list[str]:
