@@ -193,3 +193,31 @@ def test_a_dead_homes_queues_move_just_after_its_lease_lapses(
     finally:
         b.stop()
         a.stop()
+
+
+def test_inspect_reads_the_depths_of_the_queues_it_is_home_of_now(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """``celery inspect fleet`` shows the depth of each queue the worker is home of, read
+    on the call (a dedicated worker never samples, so ``sampled_depths`` stay empty)."""
+    fleet = make_fleet({})
+    consuming: dict[str, set[str]] = {}
+    depths, opened = Depths(), []
+
+    def open_depths() -> Depths:
+        opened.append(1)
+        return depths
+
+    config = DistributionConfig("dedicated", QUEUES, 2, 1.0, fleet.namespace)
+    loop = Distributor(
+        Consumer(consuming, "a"), fleet.store, config, "a", Depths(), lambda: 0,
+        open_depths=open_depths,  # type: ignore[arg-type,return-value]
+    ).start()  # fmt: skip
+    try:
+        _wait(lambda: len(_by(consuming, "a")) == QUEUES, 5, "never took the queues")
+        depths.now = {config.queue_name(3): 7, config.queue_name(5): 2}
+        info = loop.inspect()
+        assert info["depths"] == {q: {3: 7, 5: 2}.get(q, 0) for q in range(QUEUES)}
+        assert info["sampled_depths"] == {} and opened == [1]  # read on the call only
+    finally:
+        loop.stop()

@@ -76,6 +76,8 @@ class Distributor:
         name: the worker's nodename.
         depths: reads queue depths (:class:`BrokerDepths` on the worker's app).
         free_slots: how many pool slots are free now (reserved tasks count as busy).
+        open_depths: a new depth reader for :meth:`inspect` (it runs on the consumer's
+            thread, and ``depths`` is this loop's); None: ``depths``.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class Distributor:
         name: str,
         depths: BrokerDepths,
         free_slots: Callable[[], int],
+        open_depths: Callable[[], BrokerDepths] | None = None,
     ) -> None:
         self.consumer = consumer
         self.store = store
@@ -94,6 +97,7 @@ class Distributor:
         self.planner = StealPlanner(config.steal_threshold)
         self.depths = depths
         self.free_slots = free_slots
+        self.open_depths = open_depths
         #: Affinity queues consumed as their home / stolen / drained (shared mode).
         self.own: set[int] = set()
         self.drained: set[int] = set()
@@ -324,6 +328,29 @@ class Distributor:
             parts.append("draining " + " ".join(map(str, info["draining"])))
         parts.append(f"{info['local_hits']} local, {info['stolen_tasks']} stolen")
         return ", ".join(parts)
+
+    def inspect(self) -> dict[str, Any]:
+        """:meth:`info`, with ``depths``: the depth of each queue this worker is home of
+        (and of the one it steals from), read from the broker now, on this call only
+        (``sampled_depths`` are what an idle ``"steal"`` worker last sampled: none in
+        ``"dedicated"`` mode, and old once busy). ``depths_error`` when the broker does
+        not answer."""
+        info = self.info()
+        queues = set(info["home_of"])
+        if info["stealing"] is not None:
+            queues.add(info["stealing"])
+        names = {self.config.queue_name(q): q for q in sorted(queues)}
+        reader = self.open_depths() if self.open_depths is not None else self.depths
+        try:
+            found = reader.depths(names)
+        except FleetError as exc:
+            info["depths"], info["depths_error"] = {}, str(exc)
+        else:
+            info["depths"] = {names[name]: depth for name, depth in found.items()}
+        finally:
+            if reader is not self.depths:
+                reader.close()
+        return info
 
     def info(self) -> dict[str, Any]:
         """What this worker does with the affinity queues (``inspect stats``/``fleet``)."""

@@ -15,12 +15,14 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
+from typing import Any
 
 import pytest
 from kombu import Connection
 
 from celery_fleet.distribution.status import affinity_status
 from celery_fleet.observability.cli import _status
+from celery_fleet.observability.metrics import fleet_registry
 from tests.integration.workers import ROOT, celery_workers, new_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -225,7 +227,16 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
         homes = _wait_homes(m, 2)
         home, peer = f"{name}-0@", f"{name}-1@"
         customer = _hot_customer(m, homes, home)
+        queue = m.fleet.distribution.index_of(
+            m.fleet.distribution.queue_for(f"customer:{customer}")
+        )
         results = [m.handle.delay(customer, i, 0.25) for i in range(16)]
+        # inspect fleet reads the depths of the home's queues on the call (dedicated
+        # workers never sample; a busy steal worker's samples are old)
+        inspect = m.app.control.inspect(destination=[homes[queue]], timeout=5, limit=1)
+        answer = (inspect._request("fleet") or {})[homes[queue]]["distribution"]
+        assert set(answer["depths"]) == {str(q) for q in answer["home_of"]}, answer
+        assert answer["depths"][str(queue)] >= (8 if mode == "dedicated" else 4), answer
         workers = Counter(r.get(timeout=60)["worker"].split("@")[0] + "@" for r in results)
         if mode == "steal":
             assert workers[peer] >= 2, workers  # the idle peer took some of the hot queue
@@ -233,9 +244,6 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
         else:
             assert workers == {home: 16}, workers  # dedicated never steals
         # counted: by the workers (inspect fleet) and fleet-wide (status, metrics)
-        queue = m.fleet.distribution.index_of(
-            m.fleet.distribution.queue_for(f"customer:{customer}")
-        )
         answers = m.app.control.inspect(timeout=5)._request("fleet") or {}
         counts = {w.split("@")[0] + "@": a["distribution"] for w, a in answers.items()}
         assert counts[peer]["stolen_tasks"] == workers[peer], counts
@@ -253,6 +261,23 @@ def test_an_idle_worker_steals_from_a_deep_queue_only_in_steal_mode(
             time.sleep(0.1)
         text = _status(m.fleet, (), False)
         assert f"affinity queues ({mode}" in text and row.name in text, text
+        # the metric celery_fleet_affinity_tasks_total has the status's counts, per queue
+        scraped = _affinity_metric(m.fleet)
+        for row in affinity_status(m.fleet.store, m.fleet.distribution):
+            for kind, n in (("local", row.local), ("stolen", row.stolen)):
+                assert scraped.get((str(row.queue), kind), 0.0) == n, (row, scraped)
+        assert scraped[(str(queue), "local")] == workers[home] > 0, scraped
+
+
+def _affinity_metric(fleet: Any) -> dict[tuple[str, str], float]:
+    """``celery_fleet_affinity_tasks_total`` as a scrape sees it: (queue, kind) -> value."""
+    found: dict[tuple[str, str], float] = {}
+    for family in fleet_registry(fleet).collect():
+        for sample in family.samples:
+            if sample.name == "celery_fleet_affinity_tasks_total":
+                assert sample.labels["fleet"] == fleet.namespace
+                found[(sample.labels["queue"], sample.labels["kind"])] = sample.value
+    return found
 
 
 def test_a_shared_worker_drains_tasks_left_in_affinity_queues(redis_url: str) -> None:
