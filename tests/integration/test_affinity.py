@@ -156,6 +156,29 @@ def test_with_balanced_load_steal_mode_keeps_each_customer_on_one_worker(
             assert workers.most_common(1)[0][1] / 6 >= 0.9, (customer, workers)
 
 
+def test_with_max_in_flight_1_each_task_runs_on_its_queues_home_one_at_a_time(
+    redis_url: str,
+) -> None:
+    """Affinity decides where, the limit when: with two workers of two threads each and a
+    fleet-wide max_in_flight of 1, every task runs on its affinity queue's home (a task
+    that waited for the slot, or was rescheduled, is still there), never two at once."""
+    with _workers(redis_url, "dedicated", 2) as (m, _procs, _name):
+        homes = _wait_homes(m, 2)
+        config = m.fleet.distribution
+        calls = [(f"c{c}", i) for i in range(3) for c in range(8)]
+        results = [m.limited.delay(c, i) for c, i in calls]
+        done = [r.get(timeout=90) for r in results]
+        assert sorted(d["n"] for d in done) == sorted(i for _, i in calls)
+        for (customer, _), out in zip(calls, done, strict=True):
+            queue = config.queue_for(f"customer:{customer}")
+            assert out["queue"] == queue
+            assert out["worker"] == homes[config.index_of(queue)], (customer, out)
+        assert len({d["worker"] for d in done}) == 2  # both workers ran some
+        most = [int(x) for x in m._probe.lrange(m.key("limited:most"), 0, -1)]
+        assert len(most) == len(calls) and max(most) == 1, most
+        assert _homes(m) == homes
+
+
 def test_a_killed_workers_queues_move_and_no_task_is_lost(redis_url: str) -> None:
     lease_s = 3.0  # rounds every second: one that waited for its round would lag by up to 1 s
     with _workers(redis_url, "dedicated", 2, lease_s=lease_s) as (m, procs, name):
