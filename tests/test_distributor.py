@@ -152,3 +152,72 @@ def test_an_idle_loop_steals_and_gives_back(make_fleet: Callable[..., Fleet]) ->
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_dead_homes_queues_move_just_after_its_lease_lapses(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """The survivor looks again just after the dead worker's lease lapses (the homes script
+    tells it when), not at its next round (a third of the lease later, 2 s at most): the
+    queues move within one lease of the death. While both live, that adds no round."""
+    fleet = make_fleet({})
+    consuming: dict[str, set[str]] = {}
+    lease_s = 6.0  # rounds every 2 s: a round-bound hand-over would lag up to 2 s
+    a = _loop(fleet, consuming, "a", lease_s=lease_s)
+    time.sleep(1.0)  # out of step: b's rounds fall between a's, as they would in a fleet
+    b = _loop(fleet, consuming, "b", lease_s=lease_s)
+    try:
+        _wait(
+            lambda: len(_by(consuming, "a")) == len(_by(consuming, "b")) == QUEUES // 2,
+            15,
+            "homes never settled",
+        )
+        claims = 0
+        claim = b.homes.claim
+
+        def counted(*args: Any, **kwargs: Any) -> set[int]:
+            nonlocal claims
+            claims += 1
+            return claim(*args, **kwargs)
+
+        b.homes.claim = counted  # type: ignore[method-assign]
+        time.sleep(4.0)
+        assert claims <= 3, f"{claims} rounds in 4 s while the peer renewed (every 2 s)"
+        a._loop.stop(join_s=10)  # a dies: no leave, nothing renewed from now on
+        lost = _by(consuming, "a")
+        keys = [f"{{{fleet.namespace}:affinity}}:home:{q.rsplit('.', 1)[1]}" for q in lost]
+        lapse = time.monotonic() + max(fleet.store.client.pttl(k) for k in keys) / 1000.0
+        _wait(lambda: len(_by(consuming, "b")) == QUEUES, lease_s + 3, "b never took them")
+        late = time.monotonic() - lapse
+        assert late < 0.3, f"a's queues moved {late:.2f} s after its leases lapsed"
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_inspect_reads_the_depths_of_the_queues_it_is_home_of_now(
+    make_fleet: Callable[..., Fleet],
+) -> None:
+    """``celery inspect fleet`` shows the depth of each queue the worker is home of, read
+    on the call (a dedicated worker never samples, so ``sampled_depths`` stay empty)."""
+    fleet = make_fleet({})
+    consuming: dict[str, set[str]] = {}
+    depths, opened = Depths(), []
+
+    def open_depths() -> Depths:
+        opened.append(1)
+        return depths
+
+    config = DistributionConfig("dedicated", QUEUES, 2, 1.0, fleet.namespace)
+    loop = Distributor(
+        Consumer(consuming, "a"), fleet.store, config, "a", Depths(), lambda: 0,
+        open_depths=open_depths,  # type: ignore[arg-type,return-value]
+    ).start()  # fmt: skip
+    try:
+        _wait(lambda: len(_by(consuming, "a")) == QUEUES, 5, "never took the queues")
+        depths.now = {config.queue_name(3): 7, config.queue_name(5): 2}
+        info = loop.inspect()
+        assert info["depths"] == {q: {3: 7, 5: 2}.get(q, 0) for q in range(QUEUES)}
+        assert info["sampled_depths"] == {} and opened == [1]  # read on the call only
+    finally:
+        loop.stop()

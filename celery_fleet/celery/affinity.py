@@ -105,7 +105,13 @@ class DistributionStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return concurrency - len(worker_state.reserved_requests)
 
         self.distributor = Distributor(
-            c, fleet.store, config, str(c.hostname), BrokerDepths(c.app), free_slots
+            c,
+            fleet.store,
+            config,
+            str(c.hostname),
+            BrokerDepths(c.app),
+            free_slots,
+            open_depths=lambda: BrokerDepths(c.app),
         ).start()
         _running[id(c.app)] = self.distributor
         log.info(

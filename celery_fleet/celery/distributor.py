@@ -2,7 +2,9 @@
 
 One :class:`Distributor` runs in each worker's main process (started by
 :class:`~celery_fleet.celery.affinity.DistributionStep`), in a daemon thread. Every round
-(about a second; the leases are renewed every third of ``fleet_affinity_lease``):
+(half a second at most; the leases are renewed every third of ``fleet_affinity_lease``,
+at most every 2 s, and the live workers read again just after a peer's lease lapses
+unrenewed, so a SIGKILLed worker's queues move within one lease of its death):
 
 1. it announces the worker and reads the live workers (:class:`~celery_fleet.distribution.Homes`);
 2. it computes the queues this worker should be home of (bounded rendezvous hashing);
@@ -47,6 +49,8 @@ log = logging.getLogger("celery_fleet")
 SAMPLE_PERIOD_S = 0.5
 #: How often a ``"shared"`` worker looks for affinity queues left with tasks.
 DRAIN_PERIOD_S = 5.0
+#: The shortest pause between two rounds.
+MIN_PAUSE_S = 0.01
 #: How long the loop waits for the consumer's thread to run an add or cancel.
 CONSUMER_WAIT_S = 5.0
 
@@ -72,6 +76,8 @@ class Distributor:
         name: the worker's nodename.
         depths: reads queue depths (:class:`BrokerDepths` on the worker's app).
         free_slots: how many pool slots are free now (reserved tasks count as busy).
+        open_depths: a new depth reader for :meth:`inspect` (it runs on the consumer's
+            thread, and ``depths`` is this loop's); None: ``depths``.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class Distributor:
         name: str,
         depths: BrokerDepths,
         free_slots: Callable[[], int],
+        open_depths: Callable[[], BrokerDepths] | None = None,
     ) -> None:
         self.consumer = consumer
         self.store = store
@@ -90,6 +97,7 @@ class Distributor:
         self.planner = StealPlanner(config.steal_threshold)
         self.depths = depths
         self.free_slots = free_slots
+        self.open_depths = open_depths
         #: Affinity queues consumed as their home / stolen / drained (shared mode).
         self.own: set[int] = set()
         self.drained: set[int] = set()
@@ -196,7 +204,11 @@ class Distributor:
 
     def _round(self) -> float:
         now = self.homes.clock.monotonic()
-        if self.config.routes and now >= self._next_homes:
+        # A round every third of the lease (2 s at most), and one just after a peer's
+        # lease lapses unrenewed: its home died, and its queues move at once, within one
+        # lease of the death. A live peer renews long before its lease would lapse, so
+        # this adds no round while every peer lives.
+        if self.config.routes and (now >= self._next_homes or now >= self.homes.lapse_at):
             self._homes_round()
             self._next_homes = now + min(self.config.lease_s / 3.0, 2.0)
         elif self.config.routes and self.own and not self.homes.live:
@@ -207,7 +219,11 @@ class Distributor:
             self._drain_round()
             self._next_drain = now + DRAIN_PERIOD_S
         self._flush_counts()
-        return min(SAMPLE_PERIOD_S, self.config.lease_s / 3.0)
+        pause = min(SAMPLE_PERIOD_S, self.config.lease_s / 3.0)
+        if self.config.routes:
+            until_lapse = self.homes.lapse_at - self.homes.clock.monotonic()
+            pause = min(pause, max(until_lapse, MIN_PAUSE_S))
+        return pause
 
     def _homes_round(self) -> None:
         try:
@@ -312,6 +328,29 @@ class Distributor:
             parts.append("draining " + " ".join(map(str, info["draining"])))
         parts.append(f"{info['local_hits']} local, {info['stolen_tasks']} stolen")
         return ", ".join(parts)
+
+    def inspect(self) -> dict[str, Any]:
+        """:meth:`info`, with ``depths``: the depth of each queue this worker is home of
+        (and of the one it steals from), read from the broker now, on this call only
+        (``sampled_depths`` are what an idle ``"steal"`` worker last sampled: none in
+        ``"dedicated"`` mode, and old once busy). ``depths_error`` when the broker does
+        not answer."""
+        info = self.info()
+        queues = set(info["home_of"])
+        if info["stealing"] is not None:
+            queues.add(info["stealing"])
+        names = {self.config.queue_name(q): q for q in sorted(queues)}
+        reader = self.open_depths() if self.open_depths is not None else self.depths
+        try:
+            found = reader.depths(names)
+        except FleetError as exc:
+            info["depths"], info["depths_error"] = {}, str(exc)
+        else:
+            info["depths"] = {names[name]: depth for name, depth in found.items()}
+        finally:
+            if reader is not self.depths:
+                reader.close()
+        return info
 
     def info(self) -> dict[str, Any]:
         """What this worker does with the affinity queues (``inspect stats``/``fleet``)."""

@@ -432,7 +432,7 @@ def inspect_fleet(state: Any) -> dict[str, Any]:
     for step in getattr(state.consumer, "steps", None) or []:
         distributor = getattr(step, "distributor", None)
         if distributor is not None:  # the affinity queues this worker consumes, its counts
-            answer["distribution"] = distributor.info()
+            answer["distribution"] = distributor.inspect()  # and their depths, read now
     if pool == "prefork":
         # The pool's processes hold the slots, and control commands never reach them: what
         # each recorded in Redis at its last presence renewal (every 2 s while it admits).

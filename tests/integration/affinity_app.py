@@ -29,6 +29,7 @@ app.conf.update(
     fleet_steal_threshold=int(os.environ.get("FLEET_AFF_THRESHOLD", "2")),
     fleet_affinity_lease=float(os.environ.get("FLEET_AFF_LEASE", "1.5")),
     fleet_max_countdown=4.0,
+    fleet_limits={"one": {"max_in_flight": 1}},
     task_default_queue=os.environ.get("FLEET_AFF_QUEUE", "fleet-aff"),
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -75,3 +76,17 @@ def throttled_once(self: FleetTask, customer: str, tag: str) -> list[str]:
     if _probe.incr(key(f"runs:{tag}")) == 1:
         raise Throttled("llm", 50, "test")
     return [q.decode() for q in _probe.lrange(key(f"queues:{tag}"), 0, -1)]
+
+
+@fleet_task(app=app, shared=False, bind=True, limit="one", affinity="customer:{customer}")
+def limited(self: FleetTask, customer: str, n: int, work_s: float = 0.05) -> dict[str, Any]:
+    """Holds the fleet-wide slot of limit "one" (max_in_flight 1) while it runs: records
+    how many run at once (``most``), where it ran, and from which queue."""
+    queue = (self.request.delivery_info or {}).get("routing_key")
+    now = _probe.incr(key("limited:now"))
+    try:
+        _probe.rpush(key("limited:most"), str(now))
+        time.sleep(work_s)
+    finally:
+        _probe.decr(key("limited:now"))
+    return {"worker": self.request.hostname, "queue": queue, "n": n}
