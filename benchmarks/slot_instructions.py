@@ -1,0 +1,104 @@
+"""Client instructions per ``fleet.slot()`` enter+exit and per redis-py ``PING``, by callgrind.
+
+Wall and CPU time on a loaded 2-core box vary more than the differences worth measuring;
+instructions do not. Each kind runs in a child process under ``valgrind --tool=callgrind``
+(the client only: Redis is a separate process) twice, with ``--n`` calls and with none,
+after the same warm-up (scripts loaded, threads started); the difference over ``--n`` is
+the instructions one call costs the client (its threads included: the flusher, the lease
+keeper). ``PYTHONHASHSEED`` is fixed so both runs start alike. Run it once per tree::
+
+    PYTHONPATH=<checkout> .venv/bin/python benchmarks/slot_instructions.py \\
+        [--url redis://127.0.0.1:6379/14] [--n 2000]
+
+Prints instructions per call for ``slot`` and ``ping`` and slot / ping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+
+BUDGETS = {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6}
+WARM = 300
+
+
+def child(kind: str, n: int, url: str) -> int:
+    """Warm up, then make ``n`` calls of ``kind``; cleans its keys up."""
+    import redis
+
+    from celery_fleet import Fleet
+
+    ns = f"insn-{uuid.uuid4().hex[:8]}"
+    fleet = Fleet(redis_url=url, namespace=ns, limits={"llm": BUDGETS})
+    client = fleet.store.client
+
+    def slot() -> None:
+        with fleet.slot("llm", tokens=100):
+            pass
+
+    fn = slot if kind == "slot" else client.ping
+    for _ in range(WARM):  # both kinds warm up alike: scripts loaded, threads started
+        slot()
+        client.ping()
+    for _ in range(n):
+        fn()
+    fleet.store.drain()
+    admin = redis.Redis.from_url(url)
+    keys = list(admin.scan_iter(match=f"{{{ns}*", count=1000))
+    if keys:
+        admin.delete(*keys)
+    fleet.close()
+    return 0
+
+
+def instructions(kind: str, n: int, url: str) -> int:
+    """Instructions callgrind counted for a child making ``n`` calls of ``kind``."""
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={tmp}/cg.out",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            kind,
+            "--n",
+            str(n),
+            "--url",
+            url,
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} n={n} failed:\n{done.stderr[-3000:]}")
+    found = re.search(r"Collected\s*:\s*(\d+)", done.stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count in valgrind's output:\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--child", choices=("slot", "ping"))
+    opts = ap.parse_args(argv)
+    if opts.child:
+        return child(opts.child, opts.n, opts.url)
+    per: dict[str, float] = {}
+    for kind in ("slot", "ping"):
+        full, empty = instructions(kind, opts.n, opts.url), instructions(kind, 0, opts.url)
+        per[kind] = (full - empty) / opts.n
+        counts = f"n={opts.n}: {full:,}; 0: {empty:,}"
+        print(f"{kind:5} {per[kind]:12,.0f} instructions/call  ({counts})")
+    print(f"slot / ping: {per['slot'] / per['ping']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
