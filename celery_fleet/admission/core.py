@@ -515,8 +515,14 @@ class Admission:
         packed = cmd.pack(lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane)
         return (ACQUIRE.name, packed)
 
-    def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
+    def decision(self, name: str, tokens: int, reply: Any) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
+        if reply.__class__ is bytes:
+            # The usual admission, the lease alone (see read_acquire): no reply tuple made.
+            now_b, count_b, _rest = reply.split(b".", 2)
+            count, at_ms = int(count_b), int(now_b) / 1000
+            self.store_down.saw(name, count, True, at_ms)
+            return _decided(name, True, 0, reply.decode(), "", count, tokens, at_ms, False, 0, 0)
         r = read_acquire(reply)
         allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
         self.store_down.saw(name, in_flight, bool(allowed), at_ms)  # an outage's allotment
