@@ -638,6 +638,14 @@ class Admission:
         check_lease_id(lease_id, MAX_LEASE_ID + 64)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        return self.release_of(name, lease_id, outcome, retry_after_ms, clock)
+
+    def release_of(
+        self, name: str, lease_id: str, outcome: str, retry_after_ms: int = 0, clock: bool = False
+    ) -> tuple[str, bytes]:
+        """:meth:`release_command` of arguments known good: a held slot's own limit and
+        lease, and a :class:`~celery_fleet.admission.providers.Signal`'s outcome (the
+        slot's exit, every call: the checks are for callers naming a lease)."""
         pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
         settled = b"0"
         if self._settled:

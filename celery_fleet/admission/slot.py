@@ -128,13 +128,18 @@ class Slot(Judging):
         #: (set by the keeper; ``celery inspect fleet`` shows them).
         self.held_since = 0.0
         self.holder: Holder = None
-        self.validator = validate or admission.limit(limit).validate
+        cfg = admission.limit(limit)
+        self.validator = validate or cfg.validate
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()
         self.ahead = 0
         self.reason = ""
         self.jitter_s = jitter_s
-        chosen = check_lane(admission.limit(limit).lanes, limit, lane)
+        chosen = (
+            check_lane(cfg.lanes, limit, lane)
+            if lane is not None or cfg.lanes is not None
+            else None
+        )
         #: the priority lane this slot waits in (None: the limit has no lanes; see
         #: admission/lanes.py); its tickets end with the lane's marker
         self.lane = chosen.name if chosen is not None else None
@@ -155,7 +160,9 @@ class Slot(Judging):
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
-        self.route(self.routed())
+        routed = self.routed()
+        if routed != self.limit:  # the quality breaker's fallback
+            self.route(routed)
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
@@ -559,7 +566,7 @@ class Slot(Judging):
         lease_id, command = self.release_command(signal)
         if command is None:
             return
-        counted = self.quality_command()
+        counted = self.quality_command() if self.judged is not None else None
         if counted is not None:
             self._release_counted(lease_id, command, counted)
             return
@@ -639,9 +646,7 @@ class Slot(Judging):
                 self.admission.replays.add("release", self.limit, lease_id, signal.outcome)
             return lease_id, None
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
-        return lease_id, self.admission.release_command(
-            self.limit, lease_id, signal.outcome, wait or 0
-        )
+        return lease_id, self.admission.release_of(self.limit, lease_id, signal.outcome, wait or 0)
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""
