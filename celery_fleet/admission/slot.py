@@ -64,6 +64,9 @@ def _held_here() -> list[Slot]:
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
 
+#: The signals :meth:`Slot.raise_pushback` turns into a fleet error.
+_PUSHBACK = frozenset({"quota", "rate_limited", "overloaded"})
+
 #: How often the second in line asks: just past the grace a woken first has to ask.
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
@@ -572,6 +575,8 @@ class Slot(Judging):
             return
 
         def done(reply: Any) -> None:
+            if reply.__class__ is int and reply:
+                return  # a lean release's "released" (the usual reply): nothing to tell
             if isinstance(reply, StoreUnavailable):
                 self._owe_release(lease_id, reply)
             elif isinstance(reply, FleetError):
@@ -682,7 +687,7 @@ class Slot(Judging):
         """Release, telling the fleet how the call ended; turn provider pushback into
         fleet errors: a 429 or an overload becomes :class:`Throttled` (a task reschedules),
         an exhausted quota :class:`QuotaExhausted` (fails fast, never loops)."""
-        signal = self.exit_signal(exc)
+        signal = (self.verdict or OK) if exc is None else self.exit_signal(exc)
         try:
             self.release(signal)
         except FleetError as release_error:
@@ -693,7 +698,8 @@ class Slot(Judging):
                 release_error,
                 extra=lease_fields(self),
             )
-        self.raise_pushback(signal, exc)
+        if signal.kind in _PUSHBACK:
+            self.raise_pushback(signal, exc)
 
     def exit_signal(self, exc: BaseException | None) -> Signal:
         """What leaving the block with ``exc`` (or none) tells the fleet about the call."""

@@ -437,9 +437,15 @@ class RedisStore:
         when nothing follows (:mod:`~celery_fleet.store.combiner`)."""
 
         def done(replies: list[Any]) -> None:
-            callback(self._posted_reply(command, replies[0]))
+            reply = replies[0]
+            if isinstance(reply, BaseException):  # only an error is translated
+                reply = self._posted_reply(command, reply)
+            callback(reply)
 
-        return self.combiner.post([command], done)
+        combiner = self._combiner  # the property's work only when it has any to do
+        if combiner is None or self._combiner_pid != os.getpid():
+            combiner = self.combiner
+        return combiner.post([command], done)
 
     def post_all(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
