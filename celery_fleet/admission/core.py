@@ -321,6 +321,8 @@ class Admission:
         the key's last); :class:`ConfigError` for a bad key or lane, or one the limit
         does not have."""
         cfg = self.limit(name)
+        if lane is None and cfg.lanes is None and key is None:  # every slot of a plain limit
+            return new_lease_id()
         chosen = check_lane(cfg.lanes, name, lane)
         ticket = new_lease_id() + (chosen.marker if chosen is not None else "")
         return self.keyed.with_key(cfg, ticket, key)
