@@ -70,7 +70,7 @@ def test_a_failed_release_does_not_replace_the_body_outcome(
 
     def answer() -> str:
         with fleet.slot("llm"):
-            monkeypatch.setattr(fleet.admission, "release_command", redis_gone)
+            monkeypatch.setattr(fleet.admission, "release_of", redis_gone)
             return "paid-for model answer"
 
     assert answer() == "paid-for model answer"  # the release error did not replace it

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -195,9 +196,11 @@ class LimitConfig:
     def token_windows(self) -> tuple[Window, ...]:
         return tuple(w for w in self.windows if w.dimension == TOKENS)
 
-    @property
+    @functools.cached_property
     def max_tokens_per_call(self) -> int | None:
-        """The largest ``tokens`` one call can ever be admitted with (None: no token budget)."""
+        """The largest ``tokens`` one call can ever be admitted with (None: no token budget).
+        Computed once: the windows of a frozen config never change (every ``slot()``
+        checks its tokens against it)."""
         bursts = [w.burst for w in self.token_windows]
         return int(min(bursts)) if bursts else None
 

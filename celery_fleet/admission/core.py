@@ -322,6 +322,8 @@ class Admission:
         the key's last); :class:`ConfigError` for a bad key or lane, or one the limit
         does not have."""
         cfg = self.limit(name)
+        if lane is None and cfg.lanes is None and key is None:  # every slot of a plain limit
+            return new_lease_id()
         chosen = check_lane(cfg.lanes, name, lane)
         ticket = new_lease_id() + (chosen.marker if chosen is not None else "")
         return self.keyed.with_key(cfg, ticket, key)
@@ -516,8 +518,14 @@ class Admission:
         packed = cmd.pack(lease_id.encode(), b"%d" % tokens, b"%d" % since_ms, join_arg, lane)
         return (ACQUIRE.name, packed)
 
-    def decision(self, name: str, tokens: int, reply: list[Any]) -> Decision:
+    def decision(self, name: str, tokens: int, reply: Any) -> Decision:
         """The :class:`Decision` an acquire's reply means."""
+        if reply.__class__ is bytes:
+            # The usual admission, the lease alone (see read_acquire): no reply tuple made.
+            now_b, count_b, _rest = reply.split(b".", 2)
+            count, at_ms = int(count_b), int(now_b) / 1000
+            self.store_down.saw(name, count, True, at_ms)
+            return _decided(name, True, 0, reply.decode(), "", count, tokens, at_ms, False, 0, 0)
         r = read_acquire(reply)
         allowed, in_flight, at_ms = r.allowed, int(r.in_flight), int(r.now_us) / 1000
         self.store_down.saw(name, in_flight, bool(allowed), at_ms)  # an outage's allotment
@@ -633,6 +641,14 @@ class Admission:
         check_lease_id(lease_id, MAX_LEASE_ID + 64)
         if outcome not in OUTCOMES:
             raise ConfigError(f"release outcome must be one of {sorted(OUTCOMES)}, got {outcome!r}")
+        return self.release_of(name, lease_id, outcome, retry_after_ms, clock)
+
+    def release_of(
+        self, name: str, lease_id: str, outcome: str, retry_after_ms: int = 0, clock: bool = False
+    ) -> tuple[str, bytes]:
+        """:meth:`release_command` of arguments known good: a held slot's own limit and
+        lease, and a :class:`~celery_fleet.admission.providers.Signal`'s outcome (the
+        slot's exit, every call: the checks are for callers naming a lease)."""
         pause = min(max(0, int(retry_after_ms)), LONG_WAIT_MS)
         settled = b"0"
         if self._settled:

@@ -12,6 +12,7 @@ release may go lean (:func:`lean_release`), and how a release's reply reads
 from __future__ import annotations
 
 import os
+import random
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,13 @@ class Release:
 #: This process's tag (pid, 8 hex characters): the first part of every ticket it makes.
 _tag: list[object] = [None, ""]
 
+#: The random part of ticket ids: a generator of this module's own (a caller's
+#: ``random.seed()`` must not make a process repeat its ids), seeded from ``os.urandom``,
+#: and again in a forked child (:func:`_after_fork`), so parent and child never share a
+#: sequence; the process tag (``os.urandom`` too) sets processes apart anyway.
+_rng = random.Random()
+_bits = _rng.getrandbits
+
 
 def process_tag() -> str:
     """8 random hex characters naming this process (new after a fork): a ticket starts with
@@ -120,8 +128,22 @@ def process_tag() -> str:
 
 def new_lease_id() -> str:
     """A ticket / lease id: this process's tag and 64 random bits (unique enough, cheaper
-    than uuid4 on the hot path)."""
-    return process_tag() + os.urandom(8).hex()
+    than uuid4 on the hot path; no syscall: ``os.urandom`` seeds the generator only, and a
+    fork clears the tag and reseeds it, see :func:`_after_fork`)."""
+    tag = _tag[1]
+    if not tag:
+        tag = process_tag()
+    return f"{tag}{_bits(64):016x}"
+
+
+def _after_fork() -> None:
+    """In a forked child: a tag and a random sequence of its own (Python runs this for
+    ``os.fork()`` and every multiprocessing/billiard fork)."""
+    _tag[0], _tag[1] = None, ""
+    _rng.seed()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def ticket_tag(ticket: str) -> str:

@@ -65,6 +65,9 @@ def _held_here() -> list[Slot]:
 #: The wait a provider 429 or overload gets when the provider names none.
 DEFAULT_RETRY_MS = 1000
 
+#: The signals :meth:`Slot.raise_pushback` turns into a fleet error.
+_PUSHBACK = frozenset({"quota", "rate_limited", "overloaded"})
+
 #: How often the second in line asks: just past the grace a woken first has to ask.
 NEXT_IN_LINE_S = WAKE_GRACE_MS / 1000.0 + 0.5
 
@@ -129,13 +132,18 @@ class Slot(Judging):
         #: (set by the keeper; ``celery inspect fleet`` shows them).
         self.held_since = 0.0
         self.holder: Holder = None
-        self.validator = validate or admission.limit(limit).validate
+        cfg = admission.limit(limit)
+        self.validator = validate or cfg.validate
         self.verdict: Signal | None = None
         self.run = run if run is not None else Run()
         self.ahead = 0
         self.reason = ""
         self.jitter_s = jitter_s
-        chosen = check_lane(admission.limit(limit).lanes, limit, lane)
+        chosen = (
+            check_lane(cfg.lanes, limit, lane)
+            if lane is not None or cfg.lanes is not None
+            else None
+        )
         #: the priority lane this slot waits in (None: the limit has no lanes; see
         #: admission/lanes.py); its tickets end with the lane's marker
         self.lane = chosen.name if chosen is not None else None
@@ -156,7 +164,9 @@ class Slot(Judging):
         """Wait for admission (see the class docstring); raise Throttled past ``max_wait``."""
         if self.lease_id is not None:
             raise FleetError(f"slot for {self.limit!r} is already held; a Slot is not reentrant")
-        self.route(self.routed())
+        routed = self.routed()
+        if routed != self.limit:  # the quality breaker's fallback
+            self.route(routed)
         if self.jitter_s > 0:  # step jitter: callers that finished together ask apart
             self.clock.sleep(random.uniform(0.0, self.jitter_s))
         return self._acquire(self.new_ticket())
@@ -560,12 +570,14 @@ class Slot(Judging):
         lease_id, command = self.release_command(signal)
         if command is None:
             return
-        counted = self.quality_command()
+        counted = self.quality_command() if self.judged is not None else None
         if counted is not None:
             self._release_counted(lease_id, command, counted)
             return
 
         def done(reply: Any) -> None:
+            if reply.__class__ is int and reply:
+                return  # a lean release's "released" (the usual reply): nothing to tell
             if isinstance(reply, StoreUnavailable):
                 self._owe_release(lease_id, reply)
             elif isinstance(reply, FleetError):
@@ -640,9 +652,7 @@ class Slot(Judging):
                 self.admission.replays.add("release", self.limit, lease_id, signal.outcome)
             return lease_id, None
         wait = signal.retry_after_ms if signal.kind in ("rate_limited", "overloaded") else None
-        return lease_id, self.admission.release_command(
-            self.limit, lease_id, signal.outcome, wait or 0
-        )
+        return lease_id, self.admission.release_of(self.limit, lease_id, signal.outcome, wait or 0)
 
     def _let_go(self, signal: Signal) -> tuple[str, Signal]:
         """This process's side of a release: forget the lease; the caller tells Redis."""
@@ -678,7 +688,7 @@ class Slot(Judging):
         """Release, telling the fleet how the call ended; turn provider pushback into
         fleet errors: a 429 or an overload becomes :class:`Throttled` (a task reschedules),
         an exhausted quota :class:`QuotaExhausted` (fails fast, never loops)."""
-        signal = self.exit_signal(exc)
+        signal = (self.verdict or OK) if exc is None else self.exit_signal(exc)
         try:
             self.release(signal)
         except FleetError as release_error:
@@ -689,7 +699,8 @@ class Slot(Judging):
                 release_error,
                 extra=lease_fields(self),
             )
-        self.raise_pushback(signal, exc)
+        if signal.kind in _PUSHBACK:
+            self.raise_pushback(signal, exc)
 
     def exit_signal(self, exc: BaseException | None) -> Signal:
         """What leaving the block with ``exc`` (or none) tells the fleet about the call."""

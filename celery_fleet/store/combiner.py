@@ -150,32 +150,41 @@ class Combiner(Posting):
         Its callback gets ``[1]`` from that command's reply, ``[0]`` when the reply is
         ``["lost", reply]`` (the first command's own reply is then the second element), or
         the command's error. When the send raises (an interrupt), the rider is held again."""
-        if rider is not None:
-            try:
-                replies = self.send(commands)
-            except BaseException:
-                # Broken off (an interrupt: a gevent Timeout while queued, Celery's soft
-                # time limit, ^C), maybe before the ask was written: the rider is held again
-                # for the next call, as it was before it was taken. Run twice, a lean
-                # release finds its lease gone (reported lost); dropped, its slot would
-                # stay taken for the lease's whole TTL.
-                self._hold_again(rider)
-                raise
-            replies[0] = self._settle_rider(rider, replies[0])
-            return replies
         me = _Call(commands, None, self._bound())
-        with self._lock:
-            if not self._busy:  # the usual case: a lone caller carries its own call
-                self._busy = True
-                batch, self._queue = self._queue, []
-                batch.append(me)
-                done = None
+        try:
+            with self._lock:
+                if not self._busy:  # the usual case: a lone caller carries its own call
+                    self._busy = True
+                    if self._queue:
+                        batch, self._queue = self._queue, []
+                        batch.append(me)
+                    else:
+                        batch = [me]
+                    done = None
+                else:
+                    self._queue.append(me)
+                    done = me.wait_here()
+            if done is None:
+                self._carry(batch)
+                replies = me.replies
             else:
-                self._queue.append(me)
-                done = me.wait_here()
-        if done is None:
-            self._carry(batch)
-            return me.replies
+                replies = self._wait_for_wire(me, done)
+        except BaseException:
+            if rider is not None:
+                # Broken off (an interrupt: a gevent Timeout while queued, Celery's soft
+                # time limit, ^C), maybe before the ask was written: the rider is held
+                # again for the next call, as it was before it was taken. Run twice, a
+                # lean release finds its lease gone (reported lost); dropped, its slot
+                # would stay taken for the lease's whole TTL.
+                self._hold_again(rider)
+            raise
+        if rider is not None:
+            replies[0] = self._settle_rider(rider, replies[0])
+        return replies
+
+    def _wait_for_wire(self, me: _Call, done: threading.Lock) -> list[Any]:
+        """A queued caller: wait until its call is carried (its replies), or until it is
+        handed the wire (it carries the queue), or its deadline passes."""
         try:
             left = me.until - time.monotonic()
             if not done.acquire(timeout=min(max(left, 0.0), threading.TIMEOUT_MAX)):
@@ -273,9 +282,14 @@ class Combiner(Posting):
                         call.fail(error or RuntimeError("celery-fleet: call not sent"))
                         if call.callback is not None and call not in answered:
                             answered.append(call)
-                    call.hand_back()
+                    if call.done is not None:  # call.hand_back(), inline
+                        call.done.release()
                 with self._lock:
-                    rearm = self._hand_on()
+                    if self._queue:
+                        rearm = self._hand_on()
+                    else:  # _hand_on() with nobody waiting, inline: free the wire
+                        self._busy = False
+                        rearm = bool(self._held)
                 if rearm:
                     self._arm()
         finally:
@@ -371,7 +385,11 @@ class Combiner(Posting):
                 last -= 1  # posted calls at the end stay unread
             read = self._read
             for call in pending[: last + 1]:
-                call.replies = [read(conn, script) for script, _p in call.commands]
+                commands = call.commands
+                if len(commands) == 1:  # the usual call: no comprehension (a frame)
+                    call.replies = [read(conn, commands[0][0])]
+                else:
+                    call.replies = [read(conn, script) for script, _p in commands]
                 call.finished = True
             if last >= 0:
                 self._answered_at = time.monotonic()

@@ -68,12 +68,12 @@ class Packed:
         if len(varying) != self._n + self._after:
             n = self._n + self._after
             raise TypeError(f"{self.script}: {n} varying arguments, got {len(varying)}")
-        if not self._after:
-            return (
-                self._head
-                + b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying])
-                + self._tail
-            )
+        if not self._after:  # a loop, not a comprehension (a frame of its own per call)
+            out = [self._head]
+            for a in varying:
+                out.append(b"$%d\r\n%b\r\n" % (len(a), a))
+            out.append(self._tail)
+            return b"".join(out)
         front = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[: self._n]])
         back = b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in varying[self._n :]])
         return self._head + front + self._tail + back

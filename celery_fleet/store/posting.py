@@ -321,12 +321,21 @@ class Posting:
         a busy wire the callers carry what is held, and the flusher sleeps. While it keeps
         being armed (posts on a free wire: one thread's loop of slots) it looks again every
         :attr:`flush_s` instead of sleeping on the condition, so those posts wake nobody."""
+        lingered = False
         while True:
             try:
                 oldest = self._held[0]
             except IndexError:  # carried
                 if not self._armed:
-                    return
+                    # Nothing held and nothing posted since the last look: look once more
+                    # before sleeping on the condition. A loop of slots takes each release
+                    # back into its next ask before the flusher looks (it is then found
+                    # carried, unarmed); without this, every post woke the flusher again.
+                    if lingered:
+                        return
+                    lingered = True
+                else:
+                    lingered = False
                 self._armed = False
                 time.sleep(self.flush_s)
                 continue

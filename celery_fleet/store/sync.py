@@ -402,7 +402,9 @@ class RedisStore:
         return take is not None and handle is not True and bool(take(handle))
 
     def _send(self, commands: tuple[tuple[str, bytes], ...], rider: Any = None) -> list[Any]:
-        combiner = self.combiner
+        combiner = self._combiner  # the property's work only when it has any to do
+        if combiner is None or self._combiner_pid != os.getpid():
+            combiner = self.combiner
         try:
             if rider is not None:
                 replies = combiner.send(list(commands), rider)  # type: ignore[call-arg]
@@ -410,10 +412,13 @@ class RedisStore:
                 replies = combiner.send(list(commands))
         except redis.RedisError as exc:
             raise self._translate(exc, "script call") from exc
-        for (script, _packed), reply in zip(commands, replies, strict=True):
-            if isinstance(reply, redis.RedisError):
-                raise self._translate(reply, f"script {script!r}") from reply
-            if isinstance(reply, BaseException):
+        if len(replies) != len(commands):
+            raise FleetError(f"celery-fleet: {len(commands)} calls, {len(replies)} replies")
+        for i, reply in enumerate(replies):
+            if isinstance(reply, BaseException):  # the usual reply is none: one check
+                script = commands[i][0]
+                if isinstance(reply, redis.RedisError):
+                    raise self._translate(reply, f"script {script!r}") from reply
                 raise FleetError(
                     f"celery-fleet script {script!r} on {self.safe_url} was not answered: "
                     f"the thread carrying it failed with {reply!r}"
@@ -432,9 +437,15 @@ class RedisStore:
         when nothing follows (:mod:`~celery_fleet.store.combiner`)."""
 
         def done(replies: list[Any]) -> None:
-            callback(self._posted_reply(command, replies[0]))
+            reply = replies[0]
+            if isinstance(reply, BaseException):  # only an error is translated
+                reply = self._posted_reply(command, reply)
+            callback(reply)
 
-        return self.combiner.post([command], done)
+        combiner = self._combiner  # the property's work only when it has any to do
+        if combiner is None or self._combiner_pid != os.getpid():
+            combiner = self.combiner
+        return combiner.post([command], done)
 
     def post_all(
         self, commands: list[tuple[str, bytes]], callback: Callable[[list[Any]], None]
@@ -490,7 +501,10 @@ class RedisStore:
                     if cluster:
                         self._combiner = ClusterCombiner(lambda: self.client, self._load)
                     else:
-                        plain = lambda: cast(redis.Redis, self.client)  # noqa: E731
+
+                        def plain() -> redis.Redis:  # no typing.cast: a call per round trip
+                            return self.client  # type: ignore[return-value]
+
                         health = lambda: self.health_s  # noqa: E731
                         self._combiner = Combiner(plain, self._load, self.wait_s, health)
                     self._combiner_pid = pid
