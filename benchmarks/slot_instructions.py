@@ -8,13 +8,15 @@ the instructions one call costs the client (its threads included: the flusher, t
 keeper, the counters' flusher). Those threads' work grows with wall time, which valgrind
 stretches about 50-fold, so the all-threads figure varies by several percent from run to
 run; the main thread's (the caller's path: ``--separate-threads=yes``) is the stable one.
-``PYTHONHASHSEED`` is fixed so both runs start alike. Run it once per tree::
+``PYTHONHASHSEED`` is fixed so both runs start alike::
 
-    PYTHONPATH=<checkout> .venv/bin/python benchmarks/slot_instructions.py \\
-        [--url redis://127.0.0.1:6379/14] [--n 2000]
+    .venv/bin/python benchmarks/slot_instructions.py [--url redis://127.0.0.1:6379/14]
+        [--n 2000] [--baseline d516350] [--no-write]
 
 Prints instructions per call for ``slot`` and ``ping`` (main thread, all threads) and
-slot / ping.
+slot / ping, for this checkout and, with ``--baseline REV``, for ``git archive REV`` of the
+package in the same run (slot after / before); appends a section to RESULTS.md unless
+``--no-write``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,23 @@ def child(kind: str, n: int, url: str) -> int:
     return 0
 
 
-def instructions(kind: str, n: int, url: str) -> tuple[int, int]:
-    """Instructions callgrind counted for a child making ``n`` calls of ``kind``: in its
-    main thread (the caller's path), and in all its threads."""
-    env = dict(os.environ, PYTHONHASHSEED="0")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def archive(rev: str) -> str:
+    """A directory holding ``git archive rev`` of the package (the baseline tree)."""
+    tree = tempfile.mkdtemp(prefix="slot-insn-")
+    git = subprocess.run(
+        ["git", "archive", rev, "celery_fleet"], cwd=ROOT, capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", tree], input=git.stdout, check=True)
+    return tree
+
+
+def instructions(kind: str, n: int, url: str, tree: str = ROOT) -> tuple[int, int]:
+    """Instructions callgrind counted for a child making ``n`` calls of ``kind`` with the
+    package of ``tree``: in its main thread (the caller's path), and in all its threads."""
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=tree)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             "valgrind",
@@ -104,24 +119,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default="redis://127.0.0.1:6379/14")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--kinds", default="slot,ping", help="comma-separated: slot, ping")
+    ap.add_argument("--baseline", default="", help="a git revision to compare with")
+    ap.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     ap.add_argument("--child", choices=("slot", "ping"))
     opts = ap.parse_args(argv)
     if opts.child:
         return child(opts.child, opts.n, opts.url)
-    per: dict[str, tuple[float, float]] = {}
+    trees = {"this tree": ROOT}
+    if opts.baseline:
+        trees[opts.baseline] = archive(opts.baseline)
+    per: dict[tuple[str, str], tuple[float, float]] = {}
+    rows = ["| tree | kind | main thread / call | all threads / call |", "|---|---|---:|---:|"]
     for kind in opts.kinds.split(","):
-        (main_n, all_n), (main_0, all_0) = (
-            instructions(kind, opts.n, opts.url),
-            instructions(kind, 0, opts.url),
+        for name, tree in trees.items():  # the trees alternate within a kind
+            (main_n, all_n), (main_0, all_0) = (
+                instructions(kind, opts.n, opts.url, tree),
+                instructions(kind, 0, opts.url, tree),
+            )
+            got = per[name, kind] = ((main_n - main_0) / opts.n, (all_n - all_0) / opts.n)
+            print(f"{name:10} {kind:5} main thread {got[0]:10,.0f}, all threads {got[1]:10,.0f}")
+            rows.append(f"| {name} | {kind} | {got[0]:,.0f} | {got[1]:,.0f} |")
+    lines = []
+    for name in trees:
+        if (name, "slot") in per and (name, "ping") in per:
+            s, p = per[name, "slot"], per[name, "ping"]
+            lines.append(f"{name}: slot / ping {s[0] / p[0]:.2f}x main thread, "
+                         f"{s[1] / p[1]:.2f}x all threads")
+    if opts.baseline and ("this tree", "slot") in per and (opts.baseline, "slot") in per:
+        a, b = per["this tree", "slot"], per[opts.baseline, "slot"]
+        lines.append(f"slot, this tree / {opts.baseline}: {a[0] / b[0]:.3f} main thread, "
+                     f"{a[1] / b[1]:.3f} all threads")
+    print("\n".join(lines))
+    if not opts.no_write:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import redis
+        from results import append_section
+
+        client = redis.Redis.from_url(opts.url)
+        body = (
+            f"Client instructions per call (callgrind, {opts.n} calls minus none, after the "
+            "same warm-up; the main thread is the caller's path and repeats to 0.1%; all "
+            "threads adds the flusher, keeper and counters, whose work grows with valgrind's "
+            "stretched wall time).\n\n" + "\n".join(rows) + "\n\n" +
+            "\n".join(f"- {line}" for line in lines) + "\n"
         )
-        per[kind] = ((main_n - main_0) / opts.n, (all_n - all_0) / opts.n)
-        print(
-            f"{kind:5} main thread {per[kind][0]:10,.0f} instructions/call, all threads "
-            f"{per[kind][1]:10,.0f}  (main: n={opts.n} {main_n:,}, 0 {main_0:,})"
-        )
-    if "slot" in per and "ping" in per:
-        s, p = per["slot"], per["ping"]
-        print(f"slot / ping: main thread {s[0] / p[0]:.2f}x, all threads {s[1] / p[1]:.2f}x")
+        append_section(client, body, "Client instructions per slot() (issue 26)")
+        client.close()
     return 0
 
 
