@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -24,6 +25,23 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     return importlib.import_module("benchmarks.adapters")
+
+
+@pytest.fixture(autouse=True)
+def _litellm_lists() -> Iterator[None]:
+    """The LiteLLM run copies its FleetHook into LiteLLM's global callback lists, where it
+    would outlive this test (and its closed fleet): put the lists back afterwards."""
+    try:
+        import litellm
+    except ImportError:
+        yield
+        return
+    names = ("callbacks", "input_callback", "success_callback", "failure_callback",
+             "_async_success_callback", "_async_failure_callback")
+    saved = {name: list(getattr(litellm, name)) for name in names}
+    yield
+    for name, value in saved.items():
+        setattr(litellm, name, value)
 
 
 def test_help_and_bad_options(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:

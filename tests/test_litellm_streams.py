@@ -259,6 +259,28 @@ def test_a_stream_left_early_gives_its_slot_back(
         hook.close()
 
 
+def test_two_hooks_on_one_stream_left_early_both_give_their_slots_back(
+    make_fleet: MakeFleet, make_provider_sim: MakeSim
+) -> None:
+    """Two FleetHooks in ``litellm.callbacks`` (two fleets, or a hook a library left
+    installed): each holds a slot of the call, and a stream let go releases both. The
+    record's one guard ran the first hook's end alone: the other's slot stayed held."""
+    first, second = _fleet(make_fleet, cap=2), _fleet(make_fleet, cap=2)
+    hooks = FleetHook(first, limit="sim"), FleetHook(second, limit="sim")
+    _install(*hooks)
+    sim = make_provider_sim(rpm=None, tpm=None, latency=5.0, latency_sigma=0.0)
+    try:
+        _leave_sync(sim, "drop")
+        _until(
+            lambda: gc.collect() >= 0
+            and all(hook.holding == [] for hook in hooks)
+            and first.admission.in_flight("sim") == 0
+        )
+    finally:
+        for hook in hooks:
+            hook.close()
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_stream_cut_by_the_provider_gives_its_slot_back(
     make_fleet: MakeFleet, make_provider_sim: MakeSim, mode: str

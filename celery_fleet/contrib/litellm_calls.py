@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = [
     "asked_for_usage",
     "watch_stream",
 ]
+
+log = logging.getLogger("celery_fleet")
 
 #: The key of a streamed call's guard in LiteLLM's record of the call (``model_call_details``).
 GUARD_KEY = "_celery_fleet_stream"
@@ -115,9 +118,13 @@ def asked_for_usage(kwargs: Mapping[str, Any]) -> bool:
 
 
 class _StreamGuard:
-    """Lives as long as LiteLLM's record of a streamed call; copies of the record share it."""
+    """Lives as long as LiteLLM's record of a streamed call; copies of the record share it.
+    ``ended``: what each hook watching the call asked to run once the record is gone."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "ended")
+
+    def __init__(self) -> None:
+        self.ended: list[Callable[[], None]] = []
 
     def __copy__(self) -> _StreamGuard:
         return self
@@ -139,8 +146,24 @@ def watch_stream(record: MutableMapping[str, Any], ended: Callable[[], None]) ->
     out of or dropped before its end reports nothing to any callback, but once the caller
     lets go of it the record goes too (at once on the async path; at the next garbage
     collection on the sync one, whose objects hold each other in cycles). A guard object
-    put in the record is collected with it, and its finalizer calls ``ended``."""
-    if GUARD_KEY not in record:
+    put in the record is collected with it, and its finalizer calls ``ended``.
+
+    One guard serves every hook watching the call (two ``FleetHook`` s in
+    ``litellm.callbacks``, one per fleet or limit): each adds its ``ended``. A guard made
+    for the first hook alone left the second one's slot held until ``max_hold``."""
+    guard = record.get(GUARD_KEY)
+    if not isinstance(guard, _StreamGuard):
         guard = _StreamGuard()
-        weakref.finalize(guard, ended)
+        weakref.finalize(guard, _call_each, guard.ended)
         record[GUARD_KEY] = guard
+    if ended not in guard.ended:
+        guard.ended.append(ended)
+
+
+def _call_each(callbacks: list[Callable[[], None]]) -> None:
+    """Run every hook's ``ended`` (one failing does not stop the others)."""
+    for ended in callbacks:
+        try:
+            ended()
+        except Exception:  # a finalizer: nobody to raise to
+            log.exception("celery-fleet: a stream's end handler failed")
