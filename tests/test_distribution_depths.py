@@ -42,7 +42,9 @@ def test_depths_count_waiting_messages_and_missing_queues_are_empty(broker: str)
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name, auto_delete=False)
     app = Celery("depths", broker=broker, set_as_current=False)
     depths = BrokerDepths(app)
-    with Connection(broker) as conn:
+    # confirmed publishes: RabbitMQ has queued each message when publish returns (else a
+    # passive declare right after may count 2 of 3)
+    with Connection(broker, transport_options={"confirm_publish": True}) as conn:
         channel = conn.channel()
         producer = Producer(channel, exchange=queue.exchange, routing_key=name)
         queue(channel).declare()
