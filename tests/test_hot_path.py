@@ -507,3 +507,30 @@ def test_a_bad_lease_id_is_refused_before_redis(make_fleet: MakeFleet) -> None:
     longest = fleet.admission.try_acquire("llm", tokens=10**12, lease_id="x" * 200)
     assert longest and fleet.admission.release("llm", longest.lease_id).released  # type: ignore[arg-type]
     assert fleet.admission.in_flight("llm") == 0
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_makes_lease_ids_of_its_own() -> None:
+    """Lease ids come from a generator seeded once per process: a forked child gets a new
+    process tag and a new random sequence (a caller's ``random.seed()`` does not matter)."""
+    import os
+    import random
+
+    from celery_fleet.admission.decision import new_lease_id
+
+    new_lease_id()  # the parent's tag and generator exist before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without running pytest's exit
+        random.seed(0)
+        os.write(write, ",".join(new_lease_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    random.seed(0)
+    parent = [new_lease_id() for _ in range(3)]
+    assert len(set(child)) == 3 and len(set(parent)) == 3, (child, parent)
+    assert {i[:8] for i in child}.isdisjoint({i[:8] for i in parent})  # tags
+    assert {i[8:] for i in child}.isdisjoint({i[8:] for i in parent})  # random parts
