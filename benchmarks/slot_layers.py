@@ -61,6 +61,10 @@ def kinds(fleet: Fleet) -> dict[str, Callable[[], Any]]:
     for _ in range(2):  # the scripts loaded (a fresh server has none)
         slot()
     fleet.store.drain()
+    from celery_fleet.store.sync import SCRIPTS, script_source
+
+    for name in SCRIPTS:  # the conn kind sends the lean release alone (a slot never does)
+        client.script_load(script_source(name))
     conn = client.connection_pool.get_connection()
     owed: list[bytes] = []
 

@@ -57,6 +57,7 @@ from redis.exceptions import NoScriptError
 from .compat import read_reply
 from .packing import Packed, encode, pack_command
 from .posting import FLUSH_S, Posting, _Call, _live, _multiprocessing_child, flush_all
+from .replies import BareReader, reader_for, send
 
 __all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
@@ -105,6 +106,8 @@ class Combiner(Posting):
         self._busy = False
         self._conn: Any = None
         self._conn_of: redis.Redis | None = None
+        #: Reads the connection's replies off its socket (None: redis-py's parser reads).
+        self._reader: BareReader | None = None
         #: Posted calls not written yet, in post order: the next batch writes them first.
         #: A deque: appending and popping are atomic, so posting takes no lock.
         self._held: deque[_Call] = deque()
@@ -334,6 +337,7 @@ class Combiner(Posting):
             if timeout < math.inf:
                 options["socket_timeout"] = timeout
             self._conn = pool.connection_class(**options)
+            self._reader = reader_for(self._conn)
             self._conn_of = client
             self._conn_timeout = timeout
         return client, self._conn
@@ -379,7 +383,7 @@ class Combiner(Posting):
             if data:
                 if conn._sock is None:
                     self._connect(conn)
-                conn.send_packed_command([data])
+                self._write(conn, data)
             last = len(pending) - 1
             while last >= 0 and pending[last].callback is not None:
                 last -= 1  # posted calls at the end stay unread
@@ -469,7 +473,9 @@ class Combiner(Posting):
             call.finished = False  # a failure from here on is theirs
         for script in {call.commands[i][0] for call, i in lost}:
             self._load(client, script)
-        conn.send_packed_command([b"".join(call.commands[i][1] for call, i in lost)])
+        if conn._sock is None:
+            self._connect(conn)
+        self._write(conn, b"".join(call.commands[i][1] for call, i in lost))
         for call, i in lost:
             call.replies[i] = self._read(conn, call.commands[i][0])
         for call, _i in lost:
@@ -501,21 +507,31 @@ class Combiner(Posting):
             return
         try:
             stale = time.monotonic() - self._answered_at > STALE_CHECK_S and self._stale(conn)
+            if self._reader is not None and self._reader.pending(conn):
+                stale = True  # bytes nobody asked for: out of step
         except (OSError, ValueError, redis.ConnectionError):
             stale = True
         pool = getattr(self._conn_of, "connection_pool", None)
         if stale or (pool is not None and not pool.owns_connection(conn)):
             conn.disconnect()
 
+    def _write(self, conn: Any, data: bytes) -> None:
+        """Write ``data`` on the (connected) connection."""
+        if self._reader is not None:
+            send(conn, data)
+        else:
+            conn.send_packed_command([data])
+
     def _read(self, conn: Any, script: str) -> Any:
         """One reply, waiting no later than the batch's deadline: past it a
-        ``redis.TimeoutError`` (redis-py then drops the connection, out of step)."""
+        ``redis.TimeoutError`` (the connection is then dropped, out of step)."""
         try:
+            reader = self._reader
             if not self._own_timeout:
-                reply = conn.read_response()
+                reply = conn.read_response() if reader is None else reader.read(conn)
             else:
-                left = self._until - time.monotonic()
-                reply = read_reply(conn, max(left, 0.001))
+                left = max(self._until - time.monotonic(), 0.001)
+                reply = read_reply(conn, left) if reader is None else reader.read(conn, left)
         except redis.ResponseError as exc:
             if isinstance(exc, NoScriptError):
                 self._lost = True  # loaded and sent again at the end of the round trip
