@@ -72,6 +72,10 @@ READ_SLACK_S = 0.1
 #: lock's acquire: not idempotent) raised where the poll reconnects before writing (the
 #: chaos suite's fencing scenario); the syscall is cheaper than that seam.
 STALE_CHECK_S = 0.0
+_HAS_POLL = hasattr(select, "poll")
+#: Pools whose ``owns_connection`` is only the pid check the combiner makes itself (a
+#: Sentinel pool's also asks whether the connection still goes to the master).
+_PID_ONLY_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 
 
 class Combiner(Posting):
@@ -483,7 +487,7 @@ class Combiner(Posting):
 
     def _stale(self, conn: Any) -> bool:
         """True when the socket has something to read (poll, no recv: a syscall)."""
-        if not hasattr(select, "poll"):  # Windows: redis-py's own (slower) check
+        if not _HAS_POLL:  # Windows: redis-py's own (slower) check
             return bool(conn.can_read(timeout=0))
         sock = conn._sock
         if sock is not self._polled_sock:
@@ -512,7 +516,11 @@ class Combiner(Posting):
         except (OSError, ValueError, redis.ConnectionError):
             stale = True
         pool = getattr(self._conn_of, "connection_pool", None)
-        if stale or (pool is not None and not pool.owns_connection(conn)):
+        if stale or (
+            pool is not None
+            and type(pool) not in _PID_ONLY_POOLS
+            and not pool.owns_connection(conn)
+        ):
             conn.disconnect()
 
     def _write(self, conn: Any, data: bytes) -> None:
