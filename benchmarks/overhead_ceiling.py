@@ -123,21 +123,30 @@ def parse_resp(data: bytes) -> list[list[bytes]]:
 def on_wire(client: redis.Redis, hook: Callable[[bytes], None]) -> Callable[[], None]:
     """Call ``hook(RESP bytes)`` for everything this process sends on connections of
     ``client``'s connection class, until the returned function is called."""
+    from celery_fleet.store import replies
+
     cls = client.connection_pool.connection_class
     original, inherited = cls.__dict__.get("send_packed_command"), cls.send_packed_command
+    bare_send = replies.send  # the combiner's own writes (celery_fleet/store/replies.py)
 
     def spy(self: Any, command: Any, check_health: bool = True) -> None:
         chunks = command if isinstance(command, list | tuple) else [command]
         hook(b"".join(bytes(c) for c in chunks))
         inherited(self, command, check_health)
 
+    def bare_spy(conn: Any, data: bytes) -> None:
+        hook(bytes(data))
+        bare_send(conn, data)
+
     def undo() -> None:
+        replies.send = bare_send
         if original is None:
             del cls.send_packed_command
         else:
             cls.send_packed_command = original
 
     cls.send_packed_command = spy
+    replies.send = bare_spy
     return undo
 
 

@@ -1,8 +1,9 @@
 """Shared by the one-process benchmarks on a private redis-server (``idempotency.py``,
 ``metrics_overhead.py``): a round-trip counter and the report.
 
-Importing it wraps ``AbstractConnection.send_packed_command`` once; :data:`writes` counts
-every write since (a pipeline is one write, like a round trip).
+Importing it wraps ``AbstractConnection.send_packed_command`` and the combiner's own
+``celery_fleet.store.replies.send`` once; :data:`writes` counts every write since (a
+pipeline is one write, like a round trip).
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ def _counting(self: Any, command: Any, check_health: bool = True) -> None:
 
 if getattr(_send, "__name__", "") != "_counting":
     redis.connection.AbstractConnection.send_packed_command = _counting  # type: ignore[method-assign]
+
+    # The combiner writes on its own connection without send_packed_command.
+    from celery_fleet.store import replies as _replies
+
+    _bare_send = _replies.send
+
+    def _bare_counting(conn: Any, data: bytes) -> None:
+        writes[0] += 1
+        _bare_send(conn, data)
+
+    _replies.send = _bare_counting
 
 
 def report(body: str, url: str, title: str, write: bool) -> None:
