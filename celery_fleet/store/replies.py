@@ -68,15 +68,23 @@ def send(conn: Any, data: bytes) -> None:
     the command may be on the wire) and propagates."""
     try:
         conn._sock.sendall(data)
-    except TimeoutError:
-        conn.disconnect()
-        raise redis.TimeoutError("Timeout writing to socket") from None
-    except OSError as exc:
-        conn.disconnect()
-        raise redis.ConnectionError(f"Error while writing to socket: {exc}") from None
-    except BaseException:
-        conn.disconnect()
-        raise
+    except BaseException as exc:
+        failure = _dropped(conn, exc, "writing to")
+        if failure is exc:
+            raise
+        raise failure from None
+
+
+def _dropped(conn: Any, exc: BaseException, doing: str) -> BaseException:
+    """Disconnect ``conn`` (whatever broke a read or a write off, the socket is out of step)
+    and say what to raise: redis-py's exception for a socket's timeout or error, else
+    ``exc`` itself (a closed connection, a protocol error, an interrupt)."""
+    conn.disconnect()
+    if isinstance(exc, TimeoutError):
+        return redis.TimeoutError(f"Timeout {doing} socket")
+    if isinstance(exc, OSError):
+        return redis.ConnectionError(f"Error while {doing} socket: {exc}")
+    return exc
 
 
 class BareReader:
@@ -114,15 +122,11 @@ class BareReader:
             sock.settimeout(timeout)
         try:
             reply = self._reply(sock)
-        except TimeoutError:
-            conn.disconnect()
-            raise redis.TimeoutError("Timeout reading from socket") from None
-        except OSError as exc:
-            conn.disconnect()
-            raise redis.ConnectionError(f"Error while reading from socket: {exc}") from None
-        except BaseException:  # closed, a protocol error, an interrupt: out of step
-            conn.disconnect()
-            raise
+        except BaseException as exc:
+            failure = _dropped(conn, exc, "reading from")
+            if failure is exc:
+                raise
+            raise failure from None
         finally:
             if timeout is not None and conn._sock is sock:
                 sock.settimeout(conn.socket_timeout)
