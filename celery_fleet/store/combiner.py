@@ -146,6 +146,10 @@ class Combiner(Posting):
         #: Write a posted call at once (its reply still read later) instead of holding it:
         #: in a multiprocessing Pool's worker, killed as soon as the pool ends.
         self.write_now = _multiprocessing_child()
+        #: Posts the flusher wrote in a row, and when the last post was made: while the
+        #: first is at WRITE_AT_ONCE_AFTER posts are written at once (see posting).
+        self._unpaid = 0
+        self._posted_at = -math.inf
         _live.add(self)
 
     def send(self, commands: list[tuple[str, bytes]], rider: _Call | None = None) -> list[Any]:
@@ -159,6 +163,8 @@ class Combiner(Posting):
         ``["lost", reply]`` (the first command's own reply is then the second element), or
         the command's error. When the send raises (an interrupt), the rider is held again."""
         me = _Call(commands, None, self._bound())
+        if me.at - self._posted_at < self.flush_s:
+            self._unpaid = 0  # a call soon after a post: holding pays again
         try:
             with self._lock:
                 if not self._busy:  # the usual case: a lone caller carries its own call
