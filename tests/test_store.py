@@ -43,6 +43,21 @@ def test_no_repr_or_error_shows_the_password(url: str) -> None:
     assert "***" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?decode_responses=True",
+        "redis://127.0.0.1:6379/0?decode_responses=False",  # redis-py: the text "False"
+        "redis+cluster://127.0.0.1:7000?decode_responses=1",
+    ],
+)
+def test_a_url_asking_for_decoded_replies_is_refused_at_start(url: str) -> None:
+    """The fleet reads its replies as bytes (a riding release's ``b"lost"`` among them):
+    a URL's decode_responses, like a client built with it, is a ConfigError at once."""
+    with pytest.raises(ConfigError, match="decode_responses"):
+        Fleet(redis_url=url, limits={"llm": {"rpm": 60}})
+
+
 def test_a_bad_port_is_a_config_error_without_the_password() -> None:
     with pytest.raises(ConfigError) as info:
         Fleet(redis_url="redis://:s3cret@host:abc/0", limits={"llm": {"rpm": 60}})

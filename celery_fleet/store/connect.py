@@ -230,7 +230,18 @@ def parse_url(
     except (ValueError, TypeError) as exc:
         message = str(exc).replace(url, safe_url)
         raise ConfigError(f"invalid Redis URL {safe_url}: {message}") from None
+    _refuse_decoding(pool.connection_kwargs, safe_url)
     return Target("redis", url, safe_url, merged)
+
+
+def _refuse_decoding(kwargs: Mapping[str, Any], safe_url: str) -> None:
+    """A URL's ``decode_responses`` (redis-py keeps the query's text, so even ``=False``
+    is true) would hand the fleet text where its replies are read as bytes."""
+    if "decode_responses" in kwargs:
+        raise ConfigError(
+            f"invalid Redis URL {safe_url}: drop decode_responses (the fleet's client must "
+            f"return bytes, and redis-py reads the option's text: even =False decodes)"
+        )
 
 
 def _host_port(netloc: str, default_port: int, safe_url: str) -> tuple[str, int]:
@@ -345,6 +356,7 @@ def _cluster_target(url: str, safe_url: str, options: dict[str, Any]) -> Target:
     for key in ("host", "port", "db"):
         from_url.pop(key, None)
     merged = {**options, **from_url}
+    _refuse_decoding(from_url, safe_url)
     unknown = sorted(set(merged) - set(REDIS_ALLOWED_KEYS))
     if unknown:
         raise ConfigError(f"invalid Redis Cluster URL {safe_url}: unknown option(s) {unknown}")
