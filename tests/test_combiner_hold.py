@@ -449,3 +449,23 @@ def test_posts_nobody_carries_are_written_at_once_until_a_call_follows_one_again
             break
     assert held, "releases stayed written at once though each slot followed the last"
     assert combiner._unpaid == 0
+
+
+def test_a_poster_never_opens_the_wire_itself_the_flusher_does(
+    make_fleet: MakeFleet, rclient: redis.Redis
+) -> None:
+    """Writing at once is for an open wire: a connection to open (maybe to a frozen Redis,
+    its handshake waiting up to the health deadline) is the flusher's, not the thread
+    leaving its slot. The release is held, then written by the flusher."""
+    fleet = make_fleet({"llm": CAP})
+    _warm_releases(fleet)
+    combiner = fleet.store.combiner
+    combiner.flush_s = 0.05
+    leases = fleet.admission.keys("llm").leases
+    combiner._unpaid = posting.WRITE_AT_ONCE_AFTER  # as after two releases nobody carried
+    combiner._posted_at = -1e9
+    with fleet.slot("llm"):
+        combiner._conn.disconnect()  # dropped while the slot is held
+    assert combiner._held, "the caller leaving its slot opened the wire to write its release"
+    assert _until(lambda: rclient.zcard(leases) == 0)  # the flusher opened it and wrote it
+    assert not combiner._held

@@ -184,6 +184,7 @@ class Posting:
     #: last post.
     _unpaid: int
     _posted_at: float
+    _conn: Any
 
     if TYPE_CHECKING:
 
@@ -294,12 +295,19 @@ class Posting:
         """Make the flusher look at what is held (waking it only if it sleeps idle); with
         :attr:`write_now`, write it now (a post met a carrier that had taken the held ones
         already: it calls this as it leaves the wire)."""
-        if self.write_now or self._unpaid >= WRITE_AT_ONCE_AFTER:
+        if self.write_now or (self._unpaid >= WRITE_AT_ONCE_AFTER and self._wire_open()):
             self.flush()
             return
         self._armed = True  # set before looking: an idle flusher looks at it after
         if self._flusher_idle or self._flusher is None:
             self._wake_flusher()
+
+    def _wire_open(self) -> bool:
+        """Whether the wire is connected: a poster writes at once only on an open wire (a
+        connection to open, maybe to a frozen Redis, is the flusher's to wait for, not
+        the caller leaving its slot)."""
+        conn = self._conn
+        return conn is not None and conn._sock is not None
 
     def _wake_flusher(self) -> None:
         with self._wake:
