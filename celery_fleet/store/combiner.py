@@ -261,10 +261,12 @@ class Combiner(Posting):
                 except Exception:  # already broken
                     log.debug("celery-fleet: closing the wire failed", exc_info=True)
 
-    def _carry(self, first: list[_Call] | None) -> None:
+    def _carry(self, first: list[_Call] | None, open_only: bool = False) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
         ahead of it, in one round trip; then pass the wire on to a caller that waits
-        (one carries at most one batch of its own)."""
+        (one carries at most one batch of its own). With ``open_only`` (a poster writing
+        its release at once) the held calls are written only when the wire is open and
+        fit to write on; else they stay held, for the flusher to open the wire."""
         answered: list[_Call] = []
         try:
             error: BaseException | None = None
@@ -273,15 +275,19 @@ class Combiner(Posting):
                     first, self._queue = self._queue, []
             batch = first
             held = self._held
-            if held:  # taken after the queue: a call queued after a post goes after it
-                posted = []
-                while held:
-                    try:
-                        posted.append(held.popleft())
-                    except IndexError:
-                        break
-                batch = posted + batch
+            left_held = False
             try:
+                # (On the wire from here: whatever breaks off, the finally frees it.)
+                left_held = open_only and bool(held) and not self._wire_ready()
+                if held and not left_held:
+                    # taken after the queue: a call queued after a post goes after it
+                    posted = []
+                    while held:
+                        try:
+                            posted.append(held.popleft())
+                        except IndexError:
+                            break
+                    batch = posted + batch
                 # Nothing to write when the flusher (or flush) finds what it saw held gone:
                 # an ask took it back to ride in (take), or a carrier wrote it meanwhile.
                 timed_out = self._round_trip(batch, answered) if batch else None
@@ -305,7 +311,10 @@ class Combiner(Posting):
                         self._busy = False
                         rearm = bool(self._held)
                 if rearm:
-                    self._arm()
+                    if left_held:  # the wire is to open: the flusher's
+                        self._arm_flusher()
+                    else:
+                        self._arm()
         finally:
             # Off the wire: a callback may itself call Redis.
             for call in answered:
@@ -434,6 +443,19 @@ class Combiner(Posting):
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
+
+    def _wire_ready(self) -> bool:
+        """(On the wire) Whether the connection is open and fit to write on without
+        opening one: :meth:`_check` drops a socket the server closed (a restart, CLIENT
+        KILL, its idle timeout), which the round trip would open again, its handshake
+        waiting up to the health deadline on a frozen Redis: the flusher's to open)."""
+        try:
+            _client, conn = self._connection()
+            self._check(conn)
+        except Exception:  # the flusher's round trip meets it, and answers the calls
+            log.debug("celery-fleet: looking at the wire failed", exc_info=True)
+            return False
+        return conn._sock is not None
 
     def _connect(self, conn: Any) -> None:
         """Open the connection within the batch's deadline: a frozen Redis completes the
