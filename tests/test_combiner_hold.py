@@ -505,3 +505,37 @@ def test_a_poster_never_opens_a_wire_the_server_closed_even_if_it_looked_open(
     assert not fleet.admission.replays  # written once, after the thaw: nothing owed
     assert not slot.lost
     admin.close()
+
+
+def test_a_release_redis_lost_its_script_for_is_owed_when_the_wire_then_drops(
+    private: RedisServer,
+) -> None:
+    """A written release meets NOSCRIPT (SCRIPT FLUSH; a failover to a server without the
+    scripts), and the connection drops before the round trip that read that reply could
+    load the script and send it again: the release never ran, so it is owed (sent again
+    when Redis answers), not handed NOSCRIPT as its answer ("its lease will expire",
+    the slot taken until its lease's TTL)."""
+    fleet = Fleet(redis_url=private.url + "/0", namespace="noscript-drop", limits={"llm": CAP})
+    _warm_releases(fleet)
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    admin = redis.Redis.from_url(private.url)
+    slot = fleet.slot("llm").acquire()
+    lease = slot.lease_id
+    combiner._unpaid = posting.WRITE_AT_ONCE_AFTER  # as after two releases nobody carried
+    combiner._posted_at = -1e9
+    admin.script_flush()
+    slot.release()  # written at once, its reply (NOSCRIPT) unread
+    assert combiner._unread and not combiner._held
+    assert _until(lambda: combiner._stale(combiner._conn))  # the NOSCRIPT reply is there
+    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    time.sleep(0.05)  # the close arrives: the next round trip reads NOSCRIPT, then the drop
+    try:
+        fleet.admission.in_flight("llm")
+    except StoreUnavailable:
+        pass
+    owed = [(o.kind, o.key) for o in fleet.admission.replays.take()]
+    assert ("release", lease) in owed or admin.zcard(leases) == 0, (owed, admin.zcard(leases))
+    fleet.admission.release("llm", lease)  # what replay sends
+    assert fleet.admission.in_flight("llm") == 0
+    admin.close()

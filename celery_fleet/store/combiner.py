@@ -434,6 +434,14 @@ class Combiner(Posting):
             error = exc
             conn.disconnect()
             self._unread = []
+            if self._lost:
+                # NOSCRIPT answered before the break: those commands never ran, and are
+                # not sent again now. They fail with the break, not with NOSCRIPT as their
+                # answer: a release is then owed (sent again when Redis answers), not left
+                # to its lease's TTL.
+                for call in pending:
+                    if call.finished and any(isinstance(r, NoScriptError) for r in call.replies):
+                        call.finished = False
             if not isinstance(exc, redis.RedisError):
                 raise
         finally:
