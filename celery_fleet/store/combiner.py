@@ -133,6 +133,9 @@ class Combiner(Posting):
         self._own_timeout = False
         #: Whether the current round trip met NOSCRIPT (a script Redis lost).
         self._lost = False
+        #: The wire was just checked (_wire_ready, a poster writing at once): the round
+        #: trip that follows at once does not check it again (a syscall).
+        self._wire_checked = False
         self.flush_s = flush_s
         #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
         #: until armed (``_flusher_idle``: an arming must wake it).
@@ -297,6 +300,7 @@ class Combiner(Posting):
                 error = exc
                 raise
             finally:
+                self._wire_checked = False  # (left set when an ask took the held ones back)
                 for call in batch:
                     if not call.finished and call not in self._unread:
                         call.fail(error or RuntimeError("celery-fleet: call not sent"))
@@ -368,7 +372,10 @@ class Combiner(Posting):
         are added to ``answered``, whatever happens. Returns the timeout when Redis did not
         answer by the batch's last deadline (the calls of the batch failed with it)."""
         client, conn = self._connection()
-        self._check(conn)  # before taking the unread ones: their replies are due
+        if self._wire_checked:  # just now, by _wire_ready (on the wire): not again
+            self._wire_checked = False
+        else:
+            self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
             self._loaded = set()  # a new connection, maybe a new server: scripts unknown
         # wire order: the unread ones were written before
@@ -463,7 +470,8 @@ class Combiner(Posting):
         except Exception:  # the flusher's round trip meets it, and answers the calls
             log.debug("celery-fleet: looking at the wire failed", exc_info=True)
             return False
-        return conn._sock is not None
+        self._wire_checked = conn._sock is not None  # the round trip that follows skips it
+        return self._wire_checked
 
     def _connect(self, conn: Any) -> None:
         """Open the connection within the batch's deadline: a frozen Redis completes the
