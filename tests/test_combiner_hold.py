@@ -469,3 +469,73 @@ def test_a_poster_never_opens_the_wire_itself_the_flusher_does(
     assert combiner._held, "the caller leaving its slot opened the wire to write its release"
     assert _until(lambda: rclient.zcard(leases) == 0)  # the flusher opened it and wrote it
     assert not combiner._held
+
+
+def test_a_poster_never_opens_a_wire_the_server_closed_even_if_it_looked_open(
+    private: RedisServer,
+) -> None:
+    """The wire looks open (its socket object is there) but the server closed it (CLIENT
+    KILL here; a restart, or its idle timeout), and Redis is frozen: the thread leaving
+    its slot finds it closed on the wire and leaves the release held for the flusher,
+    instead of opening a connection whose handshake waits up to the health deadline. The
+    release is written once Redis thaws: nothing owed, the lease released."""
+    fleet = Fleet(redis_url=private.url + "/0", namespace="kill-freeze", limits={"llm": CAP})
+    fleet.store.health_s = 3.0  # fleet_redis_health_timeout: what the handshake would wait
+    _warm_releases(fleet)
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    admin = redis.Redis.from_url(private.url)
+    assert private.proc is not None
+    slot = fleet.slot("llm").acquire()
+    combiner._unpaid = posting.WRITE_AT_ONCE_AFTER  # as after two releases nobody carried
+    combiner._posted_at = -1e9
+    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert _until(lambda: combiner._stale(combiner._conn))  # the close has arrived
+    assert combiner._wire_open()  # to the poster's first look, open
+    os.kill(private.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        slot.release()
+        took = time.monotonic() - started
+    finally:
+        os.kill(private.proc.pid, signal.SIGCONT)
+    assert took < 1.0, f"leaving the slot opened the wire itself ({took:.2f} s)"
+    assert _until(lambda: admin.zcard(leases) == 0)  # the flusher opened it and wrote it
+    fleet.store.drain()
+    assert not fleet.admission.replays  # written once, after the thaw: nothing owed
+    assert not slot.lost
+    admin.close()
+
+
+def test_a_release_redis_lost_its_script_for_is_owed_when_the_wire_then_drops(
+    private: RedisServer,
+) -> None:
+    """A written release meets NOSCRIPT (SCRIPT FLUSH; a failover to a server without the
+    scripts), and the connection drops before the round trip that read that reply could
+    load the script and send it again: the release never ran, so it is owed (sent again
+    when Redis answers), not handed NOSCRIPT as its answer ("its lease will expire",
+    the slot taken until its lease's TTL)."""
+    fleet = Fleet(redis_url=private.url + "/0", namespace="noscript-drop", limits={"llm": CAP})
+    _warm_releases(fleet)
+    combiner = fleet.store.combiner
+    leases = fleet.admission.keys("llm").leases
+    admin = redis.Redis.from_url(private.url)
+    slot = fleet.slot("llm").acquire()
+    lease = slot.lease_id
+    combiner._unpaid = posting.WRITE_AT_ONCE_AFTER  # as after two releases nobody carried
+    combiner._posted_at = -1e9
+    admin.script_flush()
+    slot.release()  # written at once, its reply (NOSCRIPT) unread
+    assert combiner._unread and not combiner._held
+    assert _until(lambda: combiner._stale(combiner._conn))  # the NOSCRIPT reply is there
+    admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    time.sleep(0.05)  # the close arrives: the next round trip reads NOSCRIPT, then the drop
+    try:
+        fleet.admission.in_flight("llm")
+    except StoreUnavailable:
+        pass
+    owed = [(o.kind, o.key) for o in fleet.admission.replays.take()]
+    assert ("release", lease) in owed or admin.zcard(leases) == 0, (owed, admin.zcard(leases))
+    fleet.admission.release("llm", lease)  # what replay sends
+    assert fleet.admission.in_flight("llm") == 0
+    admin.close()

@@ -133,6 +133,9 @@ class Combiner(Posting):
         self._own_timeout = False
         #: Whether the current round trip met NOSCRIPT (a script Redis lost).
         self._lost = False
+        #: The wire was just checked (_wire_ready, a poster writing at once): the round
+        #: trip that follows at once does not check it again (a syscall).
+        self._wire_checked = False
         self.flush_s = flush_s
         #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
         #: until armed (``_flusher_idle``: an arming must wake it).
@@ -261,10 +264,12 @@ class Combiner(Posting):
                 except Exception:  # already broken
                     log.debug("celery-fleet: closing the wire failed", exc_info=True)
 
-    def _carry(self, first: list[_Call] | None) -> None:
+    def _carry(self, first: list[_Call] | None, open_only: bool = False) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
         ahead of it, in one round trip; then pass the wire on to a caller that waits
-        (one carries at most one batch of its own)."""
+        (one carries at most one batch of its own). With ``open_only`` (a poster writing
+        its release at once) the held calls are written only when the wire is open and
+        fit to write on; else they stay held, for the flusher to open the wire."""
         answered: list[_Call] = []
         try:
             error: BaseException | None = None
@@ -273,15 +278,19 @@ class Combiner(Posting):
                     first, self._queue = self._queue, []
             batch = first
             held = self._held
-            if held:  # taken after the queue: a call queued after a post goes after it
-                posted = []
-                while held:
-                    try:
-                        posted.append(held.popleft())
-                    except IndexError:
-                        break
-                batch = posted + batch
+            left_held = False
             try:
+                # (On the wire from here: whatever breaks off, the finally frees it.)
+                left_held = open_only and bool(held) and not self._wire_ready()
+                if held and not left_held:
+                    # taken after the queue: a call queued after a post goes after it
+                    posted = []
+                    while held:
+                        try:
+                            posted.append(held.popleft())
+                        except IndexError:
+                            break
+                    batch = posted + batch
                 # Nothing to write when the flusher (or flush) finds what it saw held gone:
                 # an ask took it back to ride in (take), or a carrier wrote it meanwhile.
                 timed_out = self._round_trip(batch, answered) if batch else None
@@ -291,6 +300,7 @@ class Combiner(Posting):
                 error = exc
                 raise
             finally:
+                self._wire_checked = False  # (left set when an ask took the held ones back)
                 for call in batch:
                     if not call.finished and call not in self._unread:
                         call.fail(error or RuntimeError("celery-fleet: call not sent"))
@@ -305,7 +315,10 @@ class Combiner(Posting):
                         self._busy = False
                         rearm = bool(self._held)
                 if rearm:
-                    self._arm()
+                    if left_held:  # the wire is to open: the flusher's
+                        self._arm_flusher()
+                    else:
+                        self._arm()
         finally:
             # Off the wire: a callback may itself call Redis.
             for call in answered:
@@ -359,7 +372,10 @@ class Combiner(Posting):
         are added to ``answered``, whatever happens. Returns the timeout when Redis did not
         answer by the batch's last deadline (the calls of the batch failed with it)."""
         client, conn = self._connection()
-        self._check(conn)  # before taking the unread ones: their replies are due
+        if self._wire_checked:  # just now, by _wire_ready (on the wire): not again
+            self._wire_checked = False
+        else:
+            self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
             self._loaded = set()  # a new connection, maybe a new server: scripts unknown
         # wire order: the unread ones were written before
@@ -425,6 +441,14 @@ class Combiner(Posting):
             error = exc
             conn.disconnect()
             self._unread = []
+            if self._lost:
+                # NOSCRIPT answered before the break: those commands never ran, and are
+                # not sent again now. They fail with the break, not with NOSCRIPT as their
+                # answer: a release is then owed (sent again when Redis answers), not left
+                # to its lease's TTL.
+                for call in pending:
+                    if call.finished and any(isinstance(r, NoScriptError) for r in call.replies):
+                        call.finished = False
             if not isinstance(exc, redis.RedisError):
                 raise
         finally:
@@ -434,6 +458,20 @@ class Combiner(Posting):
                 if call.callback is not None and call.finished and call not in answered:
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
+
+    def _wire_ready(self) -> bool:
+        """(On the wire) Whether the connection is open and fit to write on without
+        opening one: :meth:`_check` drops a socket the server closed (a restart, CLIENT
+        KILL, its idle timeout), which the round trip would open again, its handshake
+        waiting up to the health deadline on a frozen Redis: the flusher's to open)."""
+        try:
+            _client, conn = self._connection()
+            self._check(conn)
+        except Exception:  # the flusher's round trip meets it, and answers the calls
+            log.debug("celery-fleet: looking at the wire failed", exc_info=True)
+            return False
+        self._wire_checked = conn._sock is not None  # the round trip that follows skips it
+        return self._wire_checked
 
     def _connect(self, conn: Any) -> None:
         """Open the connection within the batch's deadline: a frozen Redis completes the

@@ -192,7 +192,7 @@ class Posting:
             self, commands: list[tuple[str, bytes]], rider: _Call | None = None
         ) -> list[Any]: ...
 
-        def _carry(self, first: list[_Call] | None) -> None: ...
+        def _carry(self, first: list[_Call] | None, open_only: bool = False) -> None: ...
 
     @staticmethod
     def _settle_rider(rider: _Call, reply: Any) -> Any:
@@ -280,24 +280,35 @@ class Posting:
         if self._held or self._unread or self._busy:
             self.send([])  # waits its turn, and reads everything written before it
 
-    def flush(self) -> None:
+    def flush(self, open_only: bool = False) -> None:
         """Write the held posted calls now, unless another thread is on the wire (it, or
-        the caller after it, writes them); their replies stay unread."""
+        the caller after it, writes them); their replies stay unread. With ``open_only``
+        (a poster writing at once) only on a wire that is open and fit to write on: one to
+        open is left to the flusher, the calls still held."""
         if not self._held or self._pid != os.getpid():
             return
         with self._lock:
             if self._busy:
                 return
             self._busy = True
-        self._carry([])
+        self._carry([], open_only)
 
     def _arm(self) -> None:
         """Make the flusher look at what is held (waking it only if it sleeps idle); with
         :attr:`write_now`, write it now (a post met a carrier that had taken the held ones
         already: it calls this as it leaves the wire)."""
-        if self.write_now or (self._unpaid >= WRITE_AT_ONCE_AFTER and self._wire_open()):
+        if self.write_now:
             self.flush()
             return
+        if self._unpaid >= WRITE_AT_ONCE_AFTER and self._wire_open():
+            # On the wire, a socket the server closed is dropped and the calls stay held:
+            # the flusher is armed as the poster leaves the wire.
+            self.flush(open_only=True)
+            return
+        self._arm_flusher()
+
+    def _arm_flusher(self) -> None:
+        """Make the flusher look at what is held, waking it only if it sleeps idle."""
         self._armed = True  # set before looking: an idle flusher looks at it after
         if self._flusher_idle or self._flusher is None:
             self._wake_flusher()
@@ -305,7 +316,8 @@ class Posting:
     def _wire_open(self) -> bool:
         """Whether the wire is connected: a poster writes at once only on an open wire (a
         connection to open, maybe to a frozen Redis, is the flusher's to wait for, not
-        the caller leaving its slot)."""
+        the caller leaving its slot). A hint, read off the wire: the poster that goes on
+        looks again on it (a socket the server closed is one to open too)."""
         conn = self._conn
         return conn is not None and conn._sock is not None
 
