@@ -104,13 +104,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         gc.collect()
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test module's own (a free port): its INFO and CLIENT LIST
-    hold only the module's commands and connections."""
+def _own_server() -> Iterator[RedisServer]:
     try:
         binary = find_binary(install=False)
     except Exception:  # pragma: no cover - the machine has no redis-server
         pytest.skip("no redis-server binary to start a private Redis")
     with RedisServer(binary=binary) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test module's own (a free port): its INFO and CLIENT LIST
+    hold only the module's commands and connections."""
+    yield from _own_server()
+
+
+@pytest.fixture
+def redis_of_this_test() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, for a test that freezes, kills or restarts it."""
+    yield from _own_server()

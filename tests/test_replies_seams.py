@@ -68,13 +68,8 @@ def _load(client: redis.Redis, script: str) -> None:
 
 
 @pytest.fixture
-def private() -> Iterator[RedisServer]:
-    try:
-        binary = find_binary(install=False)
-    except Exception:  # pragma: no cover - the machine has no redis-server
-        pytest.skip("no redis-server binary to start a private Redis")
-    with RedisServer(binary=binary) as server:
-        yield server
+def private(redis_of_this_test: RedisServer) -> RedisServer:
+    return redis_of_this_test
 
 
 @pytest.fixture(params=[2, 3], ids=["resp2", "resp3"])
