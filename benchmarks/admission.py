@@ -27,6 +27,8 @@ Budgets are so large that every request is admitted: this measures the cost of a
 
    `--threads 4x4,16x16` adds P processes of T threads each, for `slot()` (one Fleet per
    process, as in a `-P threads` worker) and the lean peers (a client per thread).
+   `--baseline REV` adds `slot()` of that commit (`git archive`d, run by processes of its
+   own, the same count and threads, alternating with the other kinds): slot() / it.
 
 Targets: try_acquire <= 1.5x PING at the median; `fleet.slot()` >= 0.9x the lean script's
 decisions/s at every process count and >= 1.5x limits + INCR's, and >= 0.75x the one-round-
@@ -41,16 +43,18 @@ the µs try_acquire adds to a PING, which does not swing, and each run's floor.
 Usage::
 
     .venv/bin/python benchmarks/admission.py [--samples 5000] [--runs 5] [--seconds 3]
-        [--procs 1,4,16,64] [--threads 4x4,16x16]
+        [--procs 1,4,16,64] [--threads 4x4,16x16] [--baseline REV]
     .venv/bin/python benchmarks/admission.py contention [--callers 32,64,1000] [--procs 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -121,6 +125,28 @@ PEERS = {
 Rates = dict[str, list[float]]  # kind -> decisions/s (summed over processes) of each round
 #: Kinds run by several threads of a process (``--threads``): ours and the lean peers.
 THREADED = ("slot", "lean", "lean1", "lean1raw")
+#: The kind of ``--baseline``: ``slot()`` of that commit's celery_fleet, in processes of its
+#: own (a process holds one celery_fleet), alternating with the others.
+BASE = "base"
+
+
+def _baseline_cycle(url: str, run_id: str, code: str) -> Callable[[], object]:
+    """``slot()`` of the celery_fleet under ``code`` (a ``git archive``), in this process:
+    the tree's modules this file imported are dropped first, the archive put first on
+    ``sys.path``, and the module's origin checked."""
+    for name in [n for n in sys.modules if n == "celery_fleet" or n.startswith("celery_fleet.")]:
+        del sys.modules[name]
+    sys.path.insert(0, code)
+    module = importlib.import_module("celery_fleet")
+    if not str(module.__file__).startswith(code):
+        raise RuntimeError(f"the baseline imported {module.__file__}, not {code}")
+    fleet = module.Fleet(redis_url=url, namespace=f"{run_id}-base", limits={LIMIT: BUDGETS})
+
+    def cycle() -> None:
+        with fleet.slot(LIMIT, tokens=TOKENS):
+            pass
+
+    return cycle
 
 
 def make_cycle(kind: str, url: str, run_id: str) -> Callable[[], object]:
@@ -265,11 +291,26 @@ def _run_slice(cycles: list[Callable[[], object]], slice_s: float) -> float:
 
 
 def _worker(
-    url: str, run_id: str, slice_s: float, rounds: int, barrier: Any, out: Any, threads: int = 1
+    url: str,
+    run_id: str,
+    slice_s: float,
+    rounds: int,
+    barrier: Any,
+    out: Any,
+    threads: int = 1,
+    kinds: tuple[str, ...] = tuple(KINDS),
+    code: str = "",
 ) -> None:
+    """Run the slices of ``kinds``, in order, round after round, each after the barrier;
+    with ``code`` (a baseline's archive) this process runs only the BASE kind's slices and
+    waits at the barrier through the others'."""
     try:
-        kinds = KINDS if threads == 1 else THREADED
-        cycles = {kind: _thread_cycles(kind, url, run_id, threads) for kind in kinds}
+        if code:
+            cycles = {BASE: [_baseline_cycle(url, run_id, code)] * threads}
+        else:
+            cycles = {
+                kind: _thread_cycles(kind, url, run_id, threads) for kind in kinds if kind != BASE
+            }
         for group in cycles.values():  # warm up: connect, load scripts (the Lock peer is slow)
             for cycle in dict.fromkeys(group):
                 warm_until = time.perf_counter() + 0.5
@@ -278,28 +319,43 @@ def _worker(
                     if time.perf_counter() > warm_until:
                         break
         for round_no in range(rounds):
-            for kind, group in cycles.items():
+            for kind in kinds:
                 barrier.wait()
-                out.put((round_no, kind, _run_slice(group, slice_s)))
+                if kind in cycles:
+                    out.put((round_no, kind, _run_slice(cycles[kind], slice_s)))
     except Exception as exc:  # tell the parent rather than leave the barrier hanging
         barrier.abort()
         out.put(f"worker {os.getpid()}: {exc!r}")
 
 
 def throughput(
-    url: str, run_id: str, procs: int, seconds: float, rounds: int, threads: int = 1
+    url: str,
+    run_id: str,
+    procs: int,
+    seconds: float,
+    rounds: int,
+    threads: int = 1,
+    base_dir: str = "",
 ) -> Rates:
     """Per kind, the rate summed over `procs` spawned processes, for each round (with
-    ``threads`` > 1: the kinds of THREADED, each run by that many threads per process).
+    ``threads`` > 1: the kinds of THREADED, each run by that many threads per process; with
+    ``base_dir``, the BASE kind too, in `procs` processes of its own).
 
     Kinds alternate in slices of seconds/rounds (each after a barrier), so a machine whose
     speed drifts over seconds (a VM's vCPU idling, a neighbour's load) slows all kinds alike.
     """
     ctx = mp.get_context("spawn")
-    kinds = KINDS if threads == 1 else THREADED
-    barrier, out = ctx.Barrier(procs + 1), ctx.Queue()
-    args = (url, run_id, seconds / rounds, rounds, barrier, out, threads)
-    workers = [ctx.Process(target=_worker, args=args) for _ in range(procs)]
+    kinds = tuple(KINDS if threads == 1 else THREADED) + ((BASE,) if base_dir else ())
+    groups = ("", base_dir) if base_dir else ("",)
+    barrier, out = ctx.Barrier(procs * len(groups) + 1), ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_worker,
+            args=(url, run_id, seconds / rounds, rounds, barrier, out, threads, kinds, code),
+        )
+        for code in groups
+        for _ in range(procs)
+    ]
     for w in workers:
         w.start()
     rates: Rates = {kind: [0.0] * rounds for kind in kinds}
@@ -353,6 +409,7 @@ def headline(runs: list[Samples], rates: dict[str, Rates]) -> list[str]:
     lean = {n: m["slot"] / m["lean"] for n, m in single.items()}
     incr = {n: m["slot"] / m["incr"] for n, m in single.items()}
     lean1 = {n: m["slot"] / m["lean1"] for n, m in mean.items()}
+    base = {n: m["slot"] / m[BASE] for n, m in mean.items() if BASE in m}
 
     def by_procs(ratios: dict[str, float]) -> str:
         return ", ".join(
@@ -371,7 +428,11 @@ def headline(runs: list[Samples], rates: dict[str, Rates]) -> list[str]:
         f"every process count: {MET[all(r >= TARGET_LEAN_X for r in lean.values())]})",
         f"- **decisions/s, slot() / limits + INCR: {by_procs(incr)}** (target >= {TARGET_INCR_X}x "
         f"at every process count: {MET[all(r >= TARGET_INCR_X for r in incr.values())]})",
-    ]
+    ] + (
+        [f"- **decisions/s, slot() / {KINDS[BASE]}: {by_procs(base)}** (no target)"]
+        if base
+        else []
+    )
 
 
 def latency_tables(runs: list[Samples], srv: dict[str, float | None]) -> list[str]:
@@ -411,17 +472,19 @@ def latency_tables(runs: list[Samples], srv: dict[str, float | None]) -> list[st
 def throughput_table(rates: dict[str, Rates]) -> list[str]:
     rounds = len(next(iter(rates.values()))["slot"])
     names = [f"{KINDS[a].split(': ')[-1]} / {KINDS[b]}" for a, b in RATIOS]
+    kinds = [k for k in KINDS if any(k in r for r in rates.values())]
     lines = [
         f"Throughput, decisions/s (acquire + release) summed over processes, mean of {rounds} "
         "alternating slices; ratios of the means (range over the slices). PxT: P processes of "
         "T threads (ours: one Fleet per process; a peer: a client per thread), only slot() and "
         "the lean peers:",
         "",
-        f"| processes | {' | '.join(KINDS.values())} | {' | '.join(f'**{n}**' for n in names)} |",
-        "|---:" * (1 + len(KINDS) + len(RATIOS)) + "|",
+        f"| processes | {' | '.join(KINDS[k] for k in kinds)} | "
+        f"{' | '.join(f'**{n}**' for n in names)} |",
+        "|---:" * (1 + len(kinds) + len(RATIOS)) + "|",
     ]
     for n, m in mean_rates(rates).items():
-        cells = [f"{m[kind]:,.0f}" if kind in m else "" for kind in KINDS]
+        cells = [f"{m[kind]:,.0f}" if kind in m else "" for kind in kinds]
         for a, b in RATIOS:
             if a not in m or b not in m:
                 cells.append("")
@@ -466,6 +529,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PxT shapes for slot() and the lean peers, comma-separated (default %(default)s; "
         "'' for none)",
     )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="a commit whose slot() runs beside (git archive, processes of its own): slot() / it",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to RESULTS.md")
     opts = parser.parse_args(argv)
     opts.procs = [int(p) for p in opts.procs.split(",") if p.strip().isdigit() and int(p) > 0]
@@ -498,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as exc:
         print(f"admission.py: Redis at {mask_url(url)} does not answer: {exc}", file=sys.stderr)
         return 2
+    base_dir = ""
     try:
         ours, lean, lock = Ours(url, run_id), Lean(url, run_id), LimitsLock(url, run_id)
         sample_latency(ours, lean, lock, min(500, opts.samples))  # warm-up, discarded
@@ -507,16 +576,24 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(sample_latency(ours, lean, lock, opts.samples))
         srv = server_us(ours, lean, min(1000, opts.samples))
         rates: dict[str, Rates] = {}
+        if opts.baseline:
+            from contention import export  # git archive <rev> celery_fleet into a temp dir
+
+            base_dir = export(opts.baseline)
+            KINDS[BASE] = f"slot() at {opts.baseline}"
+            RATIOS.append(("slot", BASE))
         for n in opts.procs:
             print(f"throughput: {n} process(es), {opts.seconds} s per kind", file=sys.stderr)
-            rates[str(n)] = throughput(url, run_id, n, opts.seconds, opts.rounds)
+            rates[str(n)] = throughput(url, run_id, n, opts.seconds, opts.rounds, 1, base_dir)
         for procs, threads in opts.threads:
             print(f"throughput: {procs}x{threads} threads, {opts.seconds} s", file=sys.stderr)
             rates[f"{procs}x{threads}"] = throughput(
-                url, run_id, procs, opts.seconds, opts.rounds, threads
+                url, run_id, procs, opts.seconds, opts.rounds, threads, base_dir
             )
         table = report(runs, srv, rates)
     finally:
+        if base_dir:
+            shutil.rmtree(base_dir, ignore_errors=True)
         for key in client.scan_iter(match=f"*{run_id}*", count=1000):
             client.delete(key)
     print(table)
