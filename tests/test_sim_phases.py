@@ -79,7 +79,7 @@ def test_a_garbage_share_spoils_only_that_share_of_answers(
 
 
 def test_garbage_kinds_in_anthropic_dialect(sims: MakeSim) -> None:
-    sim = sims(phases=[Phase(start=0, end=3600, garbage="truncated")])
+    sim = sims(phases=[Phase(start=0, end=3600, garbage="truncated")], seed=3)  # a long answer
     with anthropic.Anthropic(base_url=sim.url, api_key="x", max_retries=0) as client:
         message = client.messages.create(
             model="sim", max_tokens=200, messages=[{"role": "user", "content": PROMPT}]
