@@ -345,7 +345,8 @@ def throughput(
     speed drifts over seconds (a VM's vCPU idling, a neighbour's load) slows all kinds alike.
     """
     ctx = mp.get_context("spawn")
-    kinds = tuple(KINDS if threads == 1 else THREADED) + ((BASE,) if base_dir else ())
+    own = [k for k in (KINDS if threads == 1 else THREADED) if k != BASE]  # main() adds BASE
+    kinds = tuple(own) + ((BASE,) if base_dir else ())
     groups = ("", base_dir) if base_dir else ("",)
     barrier, out = ctx.Barrier(procs * len(groups) + 1), ctx.Queue()
     workers = [
