@@ -292,26 +292,26 @@ def test_an_interrupt_mid_reply_drops_the_wire_and_the_next_call_gets_its_own(
     bound = (lambda: 3.0) if own_deadline else None
     combiner, client, shas = _combiner(private.url, protocol, bound, socket_timeout=5.0)
     big = "y" * 2_000_000  # many recv() calls: the handler fires between two of them
-    real_fill = BareReader._fill
-    fills = [0]
+    real_recv = BareReader._recv
+    recvs = [0]
 
-    def fill(self: BareReader, sock: Any) -> bytes:
-        fills[0] += 1
-        if fills[0] == 3:
+    def recv(sock: Any, size: int) -> bytes:
+        recvs[0] += 1
+        if recvs[0] == 3:
             signal.setitimer(signal.ITIMER_REAL, 0.001)
             time.sleep(0.05)  # the handler runs here, mid-reply
-        return real_fill(self, sock)
+        return real_recv(sock, size)
 
     def handler(signum: int, frame: Any) -> None:
         raise Interrupt()
 
     old = signal.signal(signal.SIGALRM, handler)
-    BareReader._fill = fill  # type: ignore[method-assign]
+    BareReader._recv = staticmethod(recv)  # type: ignore[method-assign, assignment]
     try:
         with pytest.raises(Interrupt):
             combiner.send([_echo(shas["echo"], big), _echo(shas["echo"], "second")])
     finally:
-        BareReader._fill = real_fill  # type: ignore[method-assign]
+        BareReader._recv = staticmethod(real_recv)  # type: ignore[method-assign, assignment]
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert combiner._conn._sock is None, "out of step: the connection must be dropped"

@@ -200,17 +200,30 @@ class BareReader:
         return buf[pos:end]
 
     def _take(self, sock: Any, size: int) -> bytes:
-        buf, pos = self._buf, self._pos
-        while len(buf) - pos < size + 2:
-            buf, pos = self._fill(sock), 0
-        self._pos = pos + size + 2
+        buf, pos, need = self._buf, self._pos, size + 2
+        if len(buf) - pos < need:
+            # A long bulk: its chunks gathered and joined once (appending each chunk to
+            # the buffer would copy it over and over: quadratic in the reply's size).
+            parts, have = [buf[pos:]], len(buf) - pos
+            while have < need:
+                chunk = self._recv(sock, max(CHUNK, need - have))
+                parts.append(chunk)
+                have += len(chunk)
+            buf, pos = b"".join(parts), 0
+            self._buf = buf
+        self._pos = pos + need
         return buf[pos : pos + size]
 
     def _fill(self, sock: Any) -> bytes:
-        chunk = sock.recv(CHUNK)
-        if not chunk:
-            raise redis.ConnectionError("Connection closed by server.")
+        chunk = self._recv(sock, CHUNK)
         rest = self._buf[self._pos :]
         buf: bytes = rest + chunk if rest else chunk
         self._buf, self._pos = buf, 0
         return buf
+
+    @staticmethod
+    def _recv(sock: Any, size: int) -> bytes:
+        chunk: bytes = sock.recv(size)
+        if not chunk:
+            raise redis.ConnectionError("Connection closed by server.")
+        return chunk
