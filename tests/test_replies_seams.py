@@ -294,13 +294,22 @@ def test_an_interrupt_mid_reply_drops_the_wire_and_the_next_call_gets_its_own(
     big = "y" * 2_000_000  # many recv() calls: the handler fires between two of them
     real_recv = BareReader._recv
     recvs = [0]
+    ours = combiner._conn._sock
+    main = threading.main_thread()
 
     def recv(sock: Any, size: int) -> bytes:
+        # Only this combiner's reads in this thread count: the patch is the class's, and a
+        # thread an earlier test left running (its own combiner) reads through it too; its
+        # recv arming the timer made the interrupt land after this call's replies were all
+        # read (nothing out of step, the wire rightly kept: the suite failed once).
+        if sock is not ours or threading.current_thread() is not main:
+            return real_recv(sock, size)
         recvs[0] += 1
         if recvs[0] == 3:
             signal.setitimer(signal.ITIMER_REAL, 0.001)
             time.sleep(0.05)  # the handler runs here, mid-reply
-        return real_recv(sock, size)
+        # small reads: the reply is still coming at the third, however fast the wire
+        return real_recv(sock, min(size, 16_384))
 
     def handler(signum: int, frame: Any) -> None:
         raise Interrupt()
@@ -314,6 +323,7 @@ def test_an_interrupt_mid_reply_drops_the_wire_and_the_next_call_gets_its_own(
         BareReader._recv = staticmethod(real_recv)  # type: ignore[method-assign, assignment]
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    assert recvs[0] >= 3, "the interrupt must land mid-reply"
     assert combiner._conn._sock is None, "out of step: the connection must be dropped"
     assert combiner.send([_echo(shas["echo"], "next")]) == [b"next"]
     _all_own(combiner, shas["echo"], n=4, rounds=10)
