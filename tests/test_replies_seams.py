@@ -496,3 +496,74 @@ def test_tls_and_sentinel_connections_keep_redis_pys_reads(private: RedisServer)
     pool = FleetSentinelPool("mymaster", sentinel)
     assert pool.connection_class is FleetSentinelConnection
     assert reader_for(pool.connection_class(connection_pool=pool)) is None
+
+
+# -- close() while another thread is on the wire ----------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_close_racing_callers_never_breaks_a_round_trip_with_a_raw_error(
+    private: RedisServer, protocol: int
+) -> None:
+    """``close()`` (a fleet closed while a thread still calls through it) must not shut
+    the socket under a carrier's round trip: that surfaced raw ``OSError`` (EBADF from
+    the socket) and ``AttributeError`` (redis-py's handshake). Each call gets its own
+    reply or a ``redis.RedisError``; the wire is closed once nobody is on it."""
+    combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
+    stop = time.monotonic() + 2.0
+    closes = [0]
+
+    def caller(i: int) -> list[Any]:
+        odd = []
+        n = 0
+        while time.monotonic() < stop:
+            tag = f"c{i}-{n}"
+            n += 1
+            try:
+                reply = combiner.send([_echo(shas["echo"], tag)])[0]
+            except Exception as exc:  # noqa: BLE001
+                odd.append(exc)
+                continue
+            if reply != tag.encode() and not isinstance(reply, redis.RedisError):
+                odd.append(reply)
+        return odd
+
+    def closer() -> None:
+        while time.monotonic() < stop:
+            combiner.close()
+            closes[0] += 1
+            time.sleep(0.0002)
+
+    closing = threading.Thread(target=closer, daemon=True)
+    closing.start()
+    results = _run_threads(caller, 2, timeout=30)
+    closing.join(10)
+    assert closes[0] > 100
+    assert results == [[], []]
+    combiner.close()
+    assert combiner._conn is None
+    client.close()
+
+
+def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
+    private: RedisServer, protocol: int
+) -> None:
+    """Posted calls written but not read when the connection is replaced (the client
+    changed, or the wire was closed): their replies are gone with the old socket. The next
+    round trip on the new one must fail them, not hand them the caller's reply (and the
+    caller the reply after it: out of step)."""
+    combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
+    other = redis.Redis.from_url(private.url, protocol=protocol)
+    clients = [client]
+    combiner._client = lambda: clients[0]
+    got: list[Any] = []
+    combiner.flush_s = 60.0
+    assert combiner.post([_echo(shas["echo"], "posted")], got.append) is not None
+    combiner.flush()  # written, its reply left unread
+    assert combiner._unread and not got
+    clients[0] = other  # a new client: a new connection for the next round trip
+    assert combiner.send([_echo(shas["echo"], "mine")]) == [b"mine"]
+    assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
+    assert combiner.send([_echo(shas["echo"], "after")]) == [b"after"]
+    other.close()
+    client.close()

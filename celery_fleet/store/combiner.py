@@ -136,6 +136,10 @@ class Combiner(Posting):
         #: The wire was just checked (_wire_ready, a poster writing at once): the round
         #: trip that follows at once does not check it again (a syscall).
         self._wire_checked = False
+        #: close() found a carrier on the wire: set when the carrier, leaving it, closed
+        #: the connection (closing it under the carrier broke its round trip with raw
+        #: OSError / AttributeError from the socket or redis-py's handshake).
+        self._closing: threading.Event | None = None
         self.flush_s = flush_s
         #: The flusher: one daemon thread, started by the first post, asleep on ``_wake``
         #: until armed (``_flusher_idle``: an arming must wake it).
@@ -239,7 +243,10 @@ class Combiner(Posting):
     def _hand_on(self) -> bool:
         """(Under the lock) give the wire to the first waiting caller (it writes the held
         posted calls first), or free it; True when freed with posted calls held (the
-        caller then arms the flusher, once out of the lock)."""
+        caller then arms the flusher, once out of the lock). A close asked meanwhile
+        closes the connection first (nobody is on it now)."""
+        if self._closing is not None:
+            self._close_connection()
         if self._queue:
             heir = self._queue[0]
             heir.lead = True
@@ -250,19 +257,37 @@ class Combiner(Posting):
 
     def close(self) -> None:
         """Write and read what is held (:meth:`drain`), then close the wire's connection
-        (its store is closed: a later call would open a new one)."""
+        (its store is closed: a later call would open a new one).
+
+        Never under a round trip: with another thread on the wire (a call made after the
+        drain), that carrier closes the connection as it leaves it, and this waits for
+        that (at most the health deadline: its round trip ends by then)."""
         if self._pid != os.getpid():
             return
         try:
             self.drain()
         finally:
+            closing: threading.Event | None = None
             with self._lock:
-                conn, self._conn, self._conn_of = self._conn, None, None
-            if conn is not None:
-                try:
-                    conn.disconnect()
-                except Exception:  # already broken
-                    log.debug("celery-fleet: closing the wire failed", exc_info=True)
+                if self._busy:
+                    closing = self._closing = self._closing or threading.Event()
+                else:
+                    self._close_connection()
+            if closing is not None:
+                health = self._health()
+                closing.wait(None if math.isinf(health) else health + READ_SLACK_S)
+
+    def _close_connection(self) -> None:
+        """(Under the lock, nobody on the wire) Close the connection; wake close()."""
+        conn, self._conn, self._conn_of = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:  # already broken
+                log.debug("celery-fleet: closing the wire failed", exc_info=True)
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            closing.set()
 
     def _carry(self, first: list[_Call] | None, open_only: bool = False) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
@@ -309,7 +334,7 @@ class Combiner(Posting):
                     if call.done is not None:  # call.hand_back(), inline
                         call.done.release()
                 with self._lock:
-                    if self._queue:
+                    if self._queue or self._closing is not None:
                         rearm = self._hand_on()
                     else:  # _hand_on() with nobody waiting, inline: free the wire
                         self._busy = False
@@ -353,6 +378,8 @@ class Combiner(Posting):
         than a round trip's own client work)."""
         client = self._client()
         if self._conn is None or self._conn_of is not client:
+            if self._conn is not None:  # a client replaced: its connection is not reused
+                self._conn.disconnect()
             pool = client.connection_pool
             options = dict(pool.connection_kwargs)
             # Its socket timeout is the health deadline: a read needs no timeout of its
@@ -378,6 +405,15 @@ class Combiner(Posting):
             self._check(conn)  # before taking the unread ones: their replies are due
         if conn._sock is None:
             self._loaded = set()  # a new connection, maybe a new server: scripts unknown
+            if self._unread:
+                # Written on a socket closed since (close(), or the connection of a client
+                # replaced): their replies went with it. Read off this one, they would take
+                # the callers' replies (out of step).
+                gone = redis.ConnectionError("closed before the reply was read")
+                for call in self._unread:
+                    call.fail(gone)
+                    answered.append(call)
+                self._unread = []
         # wire order: the unread ones were written before
         pending = self._unread + batch if self._unread else batch
         self._unread = []
