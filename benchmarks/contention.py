@@ -86,7 +86,7 @@ class Rec(NamedTuple):
     at: float  # admission (slot.decision.at_ms)
     since: int  # first ask (slot.run.since_ms; the old code: its first decision's at_ms)
     waited: float  # slot.waited_s
-    released: float  # the release script's time
+    released: float  # the release script's time (NaN: posted, its reply read later)
     got: float  # the winning try_acquire returned (or the wake-up that admitted it)
     body_start: float
     body_end: float
@@ -224,8 +224,11 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
     if hasattr(cls, "ask"):  # since issue 26 a keyless slot asks through ask(), not try_acquire
         cls.ask = counted(cls.ask)
     setattr(cls, wait_name, counted_wait)
-    if hasattr(cls, "release_command"):  # since issue 9 a slot posts its release's command
-        release_command = cls.release_command
+    # Since issue 9 a slot posts its release's command (release_command); since issue 26
+    # it packs it with release_of, which release_command calls too: the innermost counts.
+    packs = next((n for n in ("release_of", "release_command") if hasattr(cls, n)), None)
+    if packs is not None:
+        release_command = getattr(cls, packs)
 
         def counted_release_command(self: Any, *args: Any, **kwargs: Any) -> Any:
             with lock:
@@ -233,7 +236,7 @@ def wrap_admission(cls: Any, tl: threading.local, counts: Counter[str], lock: An
             tl.rel_call = time.time() * 1000
             return release_command(self, *args, **kwargs)
 
-        cls.release_command = counted_release_command
+        setattr(cls, packs, counted_release_command)
     if hasattr(cls, "leave"):  # the new code gives its place up when a wait fails
         leave = cls.leave
 
@@ -368,6 +371,13 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))] if s else math.nan
 
 
+def release_at(r: Rec) -> float:
+    """When the slot was freed: the release script's time, or for a release posted (held
+    for the process's next call, or riding in the next ask: no reply to time it by) when
+    release was called (same host's clock; it is written within about 1 ms of that)."""
+    return r.rel_call if math.isnan(r.released) else r.released
+
+
 def waited(r: Rec) -> bool:
     """A contended admission: refused at least once (asked again, or blocked for a wake-up)."""
     return r.attempts > 1 or r.blpops > 0
@@ -402,7 +412,10 @@ def order_stats(records: list[Rec], lo: float, hi: float) -> tuple[int, int, int
 
 def occupancy(records: list[Rec], lo: float, hi: float) -> tuple[float, int]:
     """(time-weighted mean number of leases held in [lo, hi), most ever held at once)."""
-    events = sorted([(r.released or math.inf, -1) for r in records] + [(r.at, 1) for r in records])
+    freed = [release_at(r) for r in records]
+    events = sorted(
+        [(t if not math.isnan(t) else math.inf, -1) for t in freed] + [(r.at, 1) for r in records]
+    )
     held = most = 0
     area, last, at_hi = 0.0, lo, None
     for t, step in events:  # at equal times a release counts before an admission
@@ -420,7 +433,7 @@ def occupancy(records: list[Rec], lo: float, hi: float) -> tuple[float, int]:
 def handoff_gaps(records: list[Rec], lo: float, hi: float) -> list[float]:
     """ms from a release to the admission that took its slot (FIFO: the earliest pending
     release before each admission), for admissions in [lo, hi)."""
-    releases = sorted(r.released for r in records if r.released)
+    releases = sorted(t for r in records if not math.isnan(t := release_at(r)))
     gaps, k = [], 0
     pending: list[float] = []
     for at in sorted(r.at for r in records):
@@ -455,11 +468,18 @@ def analyse(run: Run, opts: argparse.Namespace) -> dict[str, Any]:
     n_cont, passed, cut_ins = order_stats(run.records, lo, hi)
     blpops = sum(r.blpops for r in win)
     gaps = handoff_gaps(run.records, lo, hi)
-    held = [r.released - r.at for r in win if r.released]
+    held = [t - r.at for r in win if not math.isnan(t := release_at(r))]
     occ, most = occupancy(run.records, lo, hi)
     cycle = {}
     for label, part in CYCLE:
-        xs = [x for r in win if r.released and (x := part(r, opts.hold * 1000)) is not None]
+        # (NaN parts, a posted release's "release runs", are left out: printed "-" if all)
+        xs = [
+            x
+            for r in win
+            if not math.isnan(release_at(r))
+            and (x := part(r, opts.hold * 1000)) is not None
+            and not math.isnan(x)
+        ]
         cycle[label] = (pct(xs, 0.5), pct(xs, 0.99))
     return {
         "rate": n / secs,
@@ -518,7 +538,8 @@ def report(runs: list[Run], opts: argparse.Namespace) -> str:
     lines += [
         "",
         "Diagnostics (most held: leases at once, by the Redis times, must be <= the cap; "
-        "held: admission to release; idle: free slot-ms per admission; hand-off: "
+        "held: admission to release (a posted release: to release called); "
+        "idle: free slot-ms per admission; hand-off: "
         "release to the admission that took the slot, FIFO-matched; CPU: % of one core, "
         "the machine's over all cores, during --seconds; foreign: "
         "EVALSHAs Redis ran that these callers did not send):",
@@ -555,7 +576,9 @@ def report(runs: list[Run], opts: argparse.Namespace) -> str:
     ]
     for r in runs:
         cycle = stats[(r.callers, r.code)]["cycle"]
-        cells = " | ".join(f"{p50:.2f} / {p99:.2f}" for p50, p99 in cycle.values())
+        cells = " | ".join(
+            "-" if math.isnan(p50) else f"{p50:.2f} / {p99:.2f}" for p50, p99 in cycle.values()
+        )
         lines.append(f"| {r.callers} | {r.code} | {cells} |")
     lines += ["", targets(runs, stats)]
     return "\n".join(lines) + "\n"
