@@ -90,6 +90,20 @@ def make_fleet(redis_url: str, namespace: str) -> Callable[..., Fleet]:
     return make
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _close_the_modules_fleets() -> Iterator[None]:
+    """Close the Fleets a test module built and left open when the module ends: their
+    background threads (lease keeper, counters' flush, runtime-limit poll) otherwise go
+    on calling Redis for the rest of the run, through code a later test may patch (a
+    reader's ``_recv`` patched by one test armed its timer from another module's fleet:
+    CI failed once)."""
+    before = {id(fleet) for fleet in Fleet.all()}
+    yield
+    for fleet in Fleet.all():
+        if id(fleet) not in before:
+            fleet.close()
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Collect, quietly, the Redis sockets of Fleets built by tests and never closed (a
     Fleet has no close: a process keeps it for life): left to the interpreter's exit, one
