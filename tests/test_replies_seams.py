@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError
 
 from celery_fleet import Fleet
 from celery_fleet.errors import ConfigError, FleetError
+from celery_fleet.store import replies as bare
 from celery_fleet.store.combiner import Combiner
 from celery_fleet.store.replies import BareReader, reader_for
 from celery_fleet.testing.redis_server import RedisServer, find_binary
@@ -566,4 +567,57 @@ def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
     assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
     assert combiner.send([_echo(shas["echo"], "after")]) == [b"after"]
     other.close()
+    client.close()
+
+
+def test_close_reads_the_replies_due_before_it_closes_the_wire(
+    private: RedisServer, protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A posted call written after close()'s drain (a release written at once by its
+    poster, or the flusher's write while close() waits for it to leave the wire): its
+    reply is on its way and must be read before the wire closes. Closed unread, it failed
+    as dropped: a release that ran was owed again and Redis taken for away (the fleet
+    admitting locally, later releases of the closing fleet held back for a replay that
+    never comes)."""
+    combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
+    combiner.flush_s = 60.0  # only a carrier writes what is held
+    drain = combiner.drain
+    got: dict[str, list[Any]] = {}
+    writing = threading.Event()
+    real_send = bare.send
+
+    def slow_send(conn: Any, data: bytes) -> None:
+        if b"busy" in data:  # the carrier close() meets on the wire
+            writing.set()
+            time.sleep(0.3)
+        real_send(conn, data)
+
+    monkeypatch.setattr(bare, "send", slow_send)
+
+    def post(tag: str) -> None:
+        assert combiner.post([_echo(shas["echo"], tag)], lambda r: got.setdefault(tag, r))
+
+    def free_wire_then_drain() -> None:  # another thread's post written at once, meanwhile
+        drain()
+        post("free")
+        combiner.flush()
+        assert combiner._unread and not combiner._busy
+
+    monkeypatch.setattr(combiner, "drain", free_wire_then_drain)
+    combiner.close()
+    assert got == {"free": [b"free"]}, got
+    assert combiner._conn is None and not combiner._unread
+
+    assert combiner.send([_echo(shas["echo"], "reopened")]) == [b"reopened"]
+
+    def busy_wire_then_drain() -> None:  # the flusher writing when close() looks
+        drain()
+        post("busy")
+        threading.Thread(target=combiner.flush, daemon=True).start()
+        assert writing.wait(10)
+
+    monkeypatch.setattr(combiner, "drain", busy_wire_then_drain)
+    combiner.close()
+    assert got["busy"] == [b"busy"], got
+    assert combiner._conn is None and not combiner._unread and not combiner._busy
     client.close()

@@ -261,21 +261,30 @@ class Combiner(Posting):
 
         Never under a round trip: with another thread on the wire (a call made after the
         drain), that carrier closes the connection as it leaves it, and this waits for
-        that (at most the health deadline: its round trip ends by then)."""
+        that (at most the health deadline from the start of close(): its round trip ends
+        by then on a live Redis). Nor with replies due (posted calls written after the
+        drain): they are read first (closed unread, a release that ran failed as dropped:
+        owed again, and Redis taken for away)."""
         if self._pid != os.getpid():
             return
+        health = self._health()
+        until = time.monotonic() + health + READ_SLACK_S
         try:
             self.drain()
         finally:
             closing: threading.Event | None = None
+            carry = False
             with self._lock:
-                if self._busy:
+                if self._busy or self._unread:
                     closing = self._closing = self._closing or threading.Event()
+                    if not self._busy:  # replies due, the wire free: read them here
+                        self._busy = carry = True
                 else:
                     self._close_connection()
-            if closing is not None:
-                health = self._health()
-                closing.wait(None if math.isinf(health) else health + READ_SLACK_S)
+            if carry:
+                self._carry([])  # closes the connection as it leaves the wire
+            elif closing is not None:
+                closing.wait(None if math.isinf(health) else max(until - time.monotonic(), 0))
 
     def _close_connection(self) -> None:
         """(Under the lock, nobody on the wire) Close the connection; wake close()."""
@@ -335,10 +344,14 @@ class Combiner(Posting):
                         call.done.release()
                 with self._lock:
                     if self._queue or self._closing is not None:
-                        rearm = self._hand_on()
+                        # a close waits: replies due are read before (None), off the lock
+                        due = self._closing is not None and self._unread
+                        rearm = None if due else self._hand_on()
                     else:  # _hand_on() with nobody waiting, inline: free the wire
                         self._busy = False
                         rearm = bool(self._held)
+                if rearm is None:
+                    rearm = self._read_due_then_hand_on(answered)
                 if rearm:
                     if left_held:  # the wire is to open: the flusher's
                         self._arm_flusher()
@@ -353,6 +366,22 @@ class Combiner(Posting):
                     call.callback(call.replies)
                 except Exception:  # never into the unrelated caller that read it
                     log.exception("celery-fleet: handling a posted reply failed")
+
+    def _read_due_then_hand_on(self, answered: list[_Call]) -> bool:
+        """(The carrier, leaving the wire while a close waits) Read the replies of the
+        posted calls written and not read yet, then hand the wire on (:meth:`_hand_on`
+        closes the connection): closed unread, they failed as dropped though they ran."""
+        try:
+            due = _Call([], None, self._bound())  # read up to it: everything written before
+            timed_out = self._round_trip([due], answered)
+            if timed_out is not None:
+                self._fail_queued(timed_out, answered)
+        except Exception:  # failed with it, in the round trip
+            log.debug("celery-fleet: reading replies due before a close failed", exc_info=True)
+        finally:
+            with self._lock:
+                rearm = self._hand_on()
+        return rearm
 
     def _fail_queued(self, error: redis.TimeoutError, answered: list[_Call]) -> None:
         """Redis did not answer in time: fail every call queued meanwhile with the same
