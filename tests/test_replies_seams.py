@@ -621,3 +621,43 @@ def test_close_reads_the_replies_due_before_it_closes_the_wire(
     assert got["busy"] == [b"busy"], got
     assert combiner._conn is None and not combiner._unread and not combiner._busy
     client.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_on_a_frozen_redis_returns_within_the_health_deadline(private: RedisServer) -> None:
+    """Redis frozen while threads keep calling: close() waits for the carrier on the wire
+    no longer than the health deadline from its own start. Its drain (behind a carrier
+    that times out) and then its wait for the next carrier (a caller that came meanwhile)
+    took up to twice it."""
+    health = 1.0
+    client = redis.Redis.from_url(private.url)
+    sha = _sha(client, "echo")
+    combiner = Combiner(lambda: client, _load, lambda: health, lambda: health)
+    assert combiner.send([_echo(sha, "warm")]) == [b"warm"]
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            combiner.send([_echo(sha, "x")])
+
+    callers = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    for t in callers:
+        t.start()
+    time.sleep(0.1)
+    private.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # a carrier is waiting on the frozen server
+        took = []
+        for _ in range(3):
+            start = time.monotonic()
+            combiner.close()
+            took.append(time.monotonic() - start)
+    finally:
+        stop.set()
+        private.proc.send_signal(signal.SIGCONT)
+    for t in callers:
+        t.join(10)
+    assert max(took) < health + 0.4, took
+    assert combiner.send([_echo(sha, "after")]) == [b"after"]
+    combiner.close()
+    client.close()
