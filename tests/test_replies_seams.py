@@ -550,9 +550,12 @@ def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
     private: RedisServer, protocol: int
 ) -> None:
     """Posted calls written but not read when the connection is replaced (the client
-    changed, or the wire was closed): their replies are gone with the old socket. The next
-    round trip on the new one must fail them, not hand them the caller's reply (and the
-    caller the reply after it: out of step)."""
+    changed, or the wire was closed): their replies are not on the new socket. Read off
+    it, they would take the caller's reply (and the caller the reply after it: out of
+    step). The client changed, they are read off the old connection first (it is open:
+    they ran, and failed as dropped a release would be owed again, Redis taken for away:
+    a fleet closing while a thread calls through its combiner replaced the client); the
+    socket closed under them, the next round trip fails them."""
     combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
     other = redis.Redis.from_url(private.url, protocol=protocol)
     clients = [client]
@@ -562,10 +565,20 @@ def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
     assert combiner.post([_echo(shas["echo"], "posted")], got.append) is not None
     combiner.flush()  # written, its reply left unread
     assert combiner._unread and not got
+    old = combiner._conn
     clients[0] = other  # a new client: a new connection for the next round trip
     assert combiner.send([_echo(shas["echo"], "mine")]) == [b"mine"]
-    assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
+    assert got == [[b"posted"]], got
+    assert combiner._conn is not old and old._sock is None  # the old one closed
     assert combiner.send([_echo(shas["echo"], "after")]) == [b"after"]
+
+    got.clear()
+    assert combiner.post([_echo(shas["echo"], "gone")], got.append) is not None
+    combiner.flush()
+    assert combiner._unread and not got
+    combiner._conn.disconnect()  # closed with replies due (a waiter handed the wire gave up)
+    assert combiner.send([_echo(shas["echo"], "next")]) == [b"next"]
+    assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
     other.close()
     client.close()
 

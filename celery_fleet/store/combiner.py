@@ -315,7 +315,7 @@ class Combiner(Posting):
             left_held = False
             try:
                 # (On the wire from here: whatever breaks off, the finally frees it.)
-                left_held = open_only and bool(held) and not self._wire_ready()
+                left_held = open_only and bool(held) and not self._wire_ready(answered)
                 if held and not left_held:
                     # taken after the queue: a call queued after a post goes after it
                     posted = []
@@ -401,14 +401,20 @@ class Combiner(Posting):
                 answered.append(call)
             call.hand_back()
 
-    def _connection(self) -> tuple[redis.Redis, Any]:
+    def _connection(self, answered: list[_Call]) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
         a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
-        than a round trip's own client work)."""
+        than a round trip's own client work). Posted calls whose replies are due on a
+        connection replaced are read there first (added to ``answered``)."""
         client = self._client()
         if self._conn is None or self._conn_of is not client:
-            if self._conn is not None:  # a client replaced: its connection is not reused
-                self._conn.disconnect()
+            old = self._conn
+            if old is not None:  # a client replaced: its connection is not reused
+                try:
+                    if self._unread and old._sock is not None:
+                        self._read_due_on(old, answered)
+                finally:
+                    old.disconnect()
             pool = client.connection_pool
             options = dict(pool.connection_kwargs)
             # Its socket timeout is the health deadline: a read needs no timeout of its
@@ -422,12 +428,35 @@ class Combiner(Posting):
             self._conn_timeout = timeout
         return client, self._conn
 
+    def _read_due_on(self, conn: Any, answered: list[_Call]) -> None:
+        """Read the replies of the posted calls written on ``conn`` and not read yet (its
+        client replaced: they ran, and failed as dropped a release would be owed again and
+        Redis taken for away), within their deadlines."""
+        due, self._unread = self._unread, []
+        self._until = until = max(call.until for call in due)
+        left = until - time.monotonic()
+        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
+        error: BaseException | None = None
+        try:
+            for call in due:
+                call.replies = [self._read(conn, script) for script, _p in call.commands]
+                call.finished = True
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, redis.RedisError):
+                raise
+        finally:
+            for call in due:
+                if not call.finished:
+                    call.fail(error or redis.ConnectionError("reply not read"))
+                answered.append(call)
+
     def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
         """Write ``batch``, then read replies up to the last call someone waits for; posted
         calls after it stay unread. Posted calls whose replies were read (or that failed)
         are added to ``answered``, whatever happens. Returns the timeout when Redis did not
         answer by the batch's last deadline (the calls of the batch failed with it)."""
-        client, conn = self._connection()
+        client, conn = self._connection(answered)
         if self._wire_checked:  # just now, by _wire_ready (on the wire): not again
             self._wire_checked = False
         else:
@@ -524,13 +553,13 @@ class Combiner(Posting):
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
 
-    def _wire_ready(self) -> bool:
+    def _wire_ready(self, answered: list[_Call]) -> bool:
         """(On the wire) Whether the connection is open and fit to write on without
         opening one: :meth:`_check` drops a socket the server closed (a restart, CLIENT
         KILL, its idle timeout), which the round trip would open again, its handshake
         waiting up to the health deadline on a frozen Redis: the flusher's to open)."""
         try:
-            _client, conn = self._connection()
+            _client, conn = self._connection(answered)
             self._check(conn)
         except Exception:  # the flusher's round trip meets it, and answers the calls
             log.debug("celery-fleet: looking at the wire failed", exc_info=True)
