@@ -27,6 +27,7 @@ from redis.exceptions import NoScriptError
 
 from celery_fleet import Fleet
 from celery_fleet.errors import ConfigError, FleetError
+from celery_fleet.store import replies as bare
 from celery_fleet.store.combiner import Combiner
 from celery_fleet.store.replies import BareReader, reader_for
 from celery_fleet.testing.redis_server import RedisServer, find_binary
@@ -549,9 +550,12 @@ def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
     private: RedisServer, protocol: int
 ) -> None:
     """Posted calls written but not read when the connection is replaced (the client
-    changed, or the wire was closed): their replies are gone with the old socket. The next
-    round trip on the new one must fail them, not hand them the caller's reply (and the
-    caller the reply after it: out of step)."""
+    changed, or the wire was closed): their replies are not on the new socket. Read off
+    it, they would take the caller's reply (and the caller the reply after it: out of
+    step). The client changed, they are read off the old connection first (it is open:
+    they ran, and failed as dropped a release would be owed again, Redis taken for away:
+    a fleet closing while a thread calls through its combiner replaced the client); the
+    socket closed under them, the next round trip fails them."""
     combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
     other = redis.Redis.from_url(private.url, protocol=protocol)
     clients = [client]
@@ -561,9 +565,112 @@ def test_replies_due_on_a_closed_connection_are_not_read_off_the_next(
     assert combiner.post([_echo(shas["echo"], "posted")], got.append) is not None
     combiner.flush()  # written, its reply left unread
     assert combiner._unread and not got
+    old = combiner._conn
     clients[0] = other  # a new client: a new connection for the next round trip
     assert combiner.send([_echo(shas["echo"], "mine")]) == [b"mine"]
-    assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
+    assert got == [[b"posted"]], got
+    assert combiner._conn is not old and old._sock is None  # the old one closed
     assert combiner.send([_echo(shas["echo"], "after")]) == [b"after"]
+
+    got.clear()
+    assert combiner.post([_echo(shas["echo"], "gone")], got.append) is not None
+    combiner.flush()
+    assert combiner._unread and not got
+    combiner._conn.disconnect()  # closed with replies due (a waiter handed the wire gave up)
+    assert combiner.send([_echo(shas["echo"], "next")]) == [b"next"]
+    assert len(got) == 1 and isinstance(got[0][0], redis.ConnectionError), got
     other.close()
+    client.close()
+
+
+def test_close_reads_the_replies_due_before_it_closes_the_wire(
+    private: RedisServer, protocol: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A posted call written after close()'s drain (a release written at once by its
+    poster, or the flusher's write while close() waits for it to leave the wire): its
+    reply is on its way and must be read before the wire closes. Closed unread, it failed
+    as dropped: a release that ran was owed again and Redis taken for away (the fleet
+    admitting locally, later releases of the closing fleet held back for a replay that
+    never comes)."""
+    combiner, client, shas = _combiner(private.url, protocol, lambda: 2.0)
+    combiner.flush_s = 60.0  # only a carrier writes what is held
+    drain = combiner.drain
+    got: dict[str, list[Any]] = {}
+    writing = threading.Event()
+    real_send = bare.send
+
+    def slow_send(conn: Any, data: bytes) -> None:
+        if b"busy" in data:  # the carrier close() meets on the wire
+            writing.set()
+            time.sleep(0.3)
+        real_send(conn, data)
+
+    monkeypatch.setattr(bare, "send", slow_send)
+
+    def post(tag: str) -> None:
+        assert combiner.post([_echo(shas["echo"], tag)], lambda r: got.setdefault(tag, r))
+
+    def free_wire_then_drain() -> None:  # another thread's post written at once, meanwhile
+        drain()
+        post("free")
+        combiner.flush()
+        assert combiner._unread and not combiner._busy
+
+    monkeypatch.setattr(combiner, "drain", free_wire_then_drain)
+    combiner.close()
+    assert got == {"free": [b"free"]}, got
+    assert combiner._conn is None and not combiner._unread
+
+    assert combiner.send([_echo(shas["echo"], "reopened")]) == [b"reopened"]
+
+    def busy_wire_then_drain() -> None:  # the flusher writing when close() looks
+        drain()
+        post("busy")
+        threading.Thread(target=combiner.flush, daemon=True).start()
+        assert writing.wait(10)
+
+    monkeypatch.setattr(combiner, "drain", busy_wire_then_drain)
+    combiner.close()
+    assert got["busy"] == [b"busy"], got
+    assert combiner._conn is None and not combiner._unread and not combiner._busy
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_on_a_frozen_redis_returns_within_the_health_deadline(private: RedisServer) -> None:
+    """Redis frozen while threads keep calling: close() waits for the carrier on the wire
+    no longer than the health deadline from its own start. Its drain (behind a carrier
+    that times out) and then its wait for the next carrier (a caller that came meanwhile)
+    took up to twice it."""
+    health = 1.0
+    client = redis.Redis.from_url(private.url)
+    sha = _sha(client, "echo")
+    combiner = Combiner(lambda: client, _load, lambda: health, lambda: health)
+    assert combiner.send([_echo(sha, "warm")]) == [b"warm"]
+    stop = threading.Event()
+
+    def caller() -> None:
+        while not stop.is_set():
+            combiner.send([_echo(sha, "x")])
+
+    callers = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    for t in callers:
+        t.start()
+    time.sleep(0.1)
+    private.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # a carrier is waiting on the frozen server
+        took = []
+        for _ in range(3):
+            start = time.monotonic()
+            combiner.close()
+            took.append(time.monotonic() - start)
+    finally:
+        stop.set()
+        private.proc.send_signal(signal.SIGCONT)
+    for t in callers:
+        t.join(10)
+    assert max(took) < health + 0.4, took
+    assert combiner.send([_echo(sha, "after")]) == [b"after"]
+    combiner.close()
     client.close()

@@ -261,21 +261,30 @@ class Combiner(Posting):
 
         Never under a round trip: with another thread on the wire (a call made after the
         drain), that carrier closes the connection as it leaves it, and this waits for
-        that (at most the health deadline: its round trip ends by then)."""
+        that (at most the health deadline from the start of close(): its round trip ends
+        by then on a live Redis). Nor with replies due (posted calls written after the
+        drain): they are read first (closed unread, a release that ran failed as dropped:
+        owed again, and Redis taken for away)."""
         if self._pid != os.getpid():
             return
+        health = self._health()
+        until = time.monotonic() + health + READ_SLACK_S
         try:
             self.drain()
         finally:
             closing: threading.Event | None = None
+            carry = False
             with self._lock:
-                if self._busy:
+                if self._busy or self._unread:
                     closing = self._closing = self._closing or threading.Event()
+                    if not self._busy:  # replies due, the wire free: read them here
+                        self._busy = carry = True
                 else:
                     self._close_connection()
-            if closing is not None:
-                health = self._health()
-                closing.wait(None if math.isinf(health) else health + READ_SLACK_S)
+            if carry:
+                self._carry([])  # closes the connection as it leaves the wire
+            elif closing is not None:
+                closing.wait(None if math.isinf(health) else max(until - time.monotonic(), 0))
 
     def _close_connection(self) -> None:
         """(Under the lock, nobody on the wire) Close the connection; wake close()."""
@@ -306,7 +315,7 @@ class Combiner(Posting):
             left_held = False
             try:
                 # (On the wire from here: whatever breaks off, the finally frees it.)
-                left_held = open_only and bool(held) and not self._wire_ready()
+                left_held = open_only and bool(held) and not self._wire_ready(answered)
                 if held and not left_held:
                     # taken after the queue: a call queued after a post goes after it
                     posted = []
@@ -335,10 +344,14 @@ class Combiner(Posting):
                         call.done.release()
                 with self._lock:
                     if self._queue or self._closing is not None:
-                        rearm = self._hand_on()
+                        # a close waits: replies due are read before (None), off the lock
+                        due = self._closing is not None and self._unread
+                        rearm = None if due else self._hand_on()
                     else:  # _hand_on() with nobody waiting, inline: free the wire
                         self._busy = False
                         rearm = bool(self._held)
+                if rearm is None:
+                    rearm = self._read_due_then_hand_on(answered)
                 if rearm:
                     if left_held:  # the wire is to open: the flusher's
                         self._arm_flusher()
@@ -353,6 +366,22 @@ class Combiner(Posting):
                     call.callback(call.replies)
                 except Exception:  # never into the unrelated caller that read it
                     log.exception("celery-fleet: handling a posted reply failed")
+
+    def _read_due_then_hand_on(self, answered: list[_Call]) -> bool:
+        """(The carrier, leaving the wire while a close waits) Read the replies of the
+        posted calls written and not read yet, then hand the wire on (:meth:`_hand_on`
+        closes the connection): closed unread, they failed as dropped though they ran."""
+        try:
+            due = _Call([], None, self._bound())  # read up to it: everything written before
+            timed_out = self._round_trip([due], answered)
+            if timed_out is not None:
+                self._fail_queued(timed_out, answered)
+        except Exception:  # failed with it, in the round trip
+            log.debug("celery-fleet: reading replies due before a close failed", exc_info=True)
+        finally:
+            with self._lock:
+                rearm = self._hand_on()
+        return rearm
 
     def _fail_queued(self, error: redis.TimeoutError, answered: list[_Call]) -> None:
         """Redis did not answer in time: fail every call queued meanwhile with the same
@@ -372,14 +401,20 @@ class Combiner(Posting):
                 answered.append(call)
             call.hand_back()
 
-    def _connection(self) -> tuple[redis.Redis, Any]:
+    def _connection(self, answered: list[_Call]) -> tuple[redis.Redis, Any]:
         """The client, and the one connection this combiner writes on (only the carrier of
         a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
-        than a round trip's own client work)."""
+        than a round trip's own client work). Posted calls whose replies are due on a
+        connection replaced are read there first (added to ``answered``)."""
         client = self._client()
         if self._conn is None or self._conn_of is not client:
-            if self._conn is not None:  # a client replaced: its connection is not reused
-                self._conn.disconnect()
+            old = self._conn
+            if old is not None:  # a client replaced: its connection is not reused
+                try:
+                    if self._unread and old._sock is not None:
+                        self._read_due_on(old, answered)
+                finally:
+                    old.disconnect()
             pool = client.connection_pool
             options = dict(pool.connection_kwargs)
             # Its socket timeout is the health deadline: a read needs no timeout of its
@@ -393,12 +428,35 @@ class Combiner(Posting):
             self._conn_timeout = timeout
         return client, self._conn
 
+    def _read_due_on(self, conn: Any, answered: list[_Call]) -> None:
+        """Read the replies of the posted calls written on ``conn`` and not read yet (its
+        client replaced: they ran, and failed as dropped a release would be owed again and
+        Redis taken for away), within their deadlines."""
+        due, self._unread = self._unread, []
+        self._until = until = max(call.until for call in due)
+        left = until - time.monotonic()
+        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
+        error: BaseException | None = None
+        try:
+            for call in due:
+                call.replies = [self._read(conn, script) for script, _p in call.commands]
+                call.finished = True
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, redis.RedisError):
+                raise
+        finally:
+            for call in due:
+                if not call.finished:
+                    call.fail(error or redis.ConnectionError("reply not read"))
+                answered.append(call)
+
     def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
         """Write ``batch``, then read replies up to the last call someone waits for; posted
         calls after it stay unread. Posted calls whose replies were read (or that failed)
         are added to ``answered``, whatever happens. Returns the timeout when Redis did not
         answer by the batch's last deadline (the calls of the batch failed with it)."""
-        client, conn = self._connection()
+        client, conn = self._connection(answered)
         if self._wire_checked:  # just now, by _wire_ready (on the wire): not again
             self._wire_checked = False
         else:
@@ -495,13 +553,13 @@ class Combiner(Posting):
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
 
-    def _wire_ready(self) -> bool:
+    def _wire_ready(self, answered: list[_Call]) -> bool:
         """(On the wire) Whether the connection is open and fit to write on without
         opening one: :meth:`_check` drops a socket the server closed (a restart, CLIENT
         KILL, its idle timeout), which the round trip would open again, its handshake
         waiting up to the health deadline on a frozen Redis: the flusher's to open)."""
         try:
-            _client, conn = self._connection()
+            _client, conn = self._connection(answered)
             self._check(conn)
         except Exception:  # the flusher's round trip meets it, and answers the calls
             log.debug("celery-fleet: looking at the wire failed", exc_info=True)
