@@ -670,7 +670,8 @@ def test_close_on_a_frozen_redis_returns_within_the_health_deadline(private: Red
         private.proc.send_signal(signal.SIGCONT)
     for t in callers:
         t.join(10)
-    assert max(took) < health + 0.4, took
+    # the defect took about twice the deadline; the slack is for a loaded CI machine
+    assert max(took) < health * 1.5, took
     assert combiner.send([_echo(sha, "after")]) == [b"after"]
     combiner.close()
     client.close()
