@@ -17,6 +17,7 @@ from celery_fleet.admission import core
 from celery_fleet.admission.decision import Decision
 from celery_fleet.errors import ConfigError, StoreUnavailable
 from celery_fleet.store import combiner as combiner_module
+from celery_fleet.store import wire as wire_module
 
 MakeFleet = Callable[..., Fleet]
 LIMIT = {"max_in_flight": 4, "rpm": 10**6}
@@ -69,13 +70,13 @@ def test_a_lone_caller_takes_no_wait_lock_and_no_poll_on_a_busy_wire(
 
     monkeypatch.setattr(combiner, "_stale", stale)
     monkeypatch.setattr(combiner_module._Call, "wait_here", wait_here)
-    monkeypatch.setattr(combiner_module, "STALE_CHECK_S", 3600.0)
+    monkeypatch.setattr(wire_module, "STALE_CHECK_S", 3600.0)
     for _ in range(20):
         with fleet.slot("llm"):
             pass
     # a lock only to wait behind a background call of the fleet's (presence, runtime)
     assert polls == [] and len(locks) <= 2
-    monkeypatch.setattr(combiner_module, "STALE_CHECK_S", 0.0)  # idle: checked again
+    monkeypatch.setattr(wire_module, "STALE_CHECK_S", 0.0)  # idle: checked again
     fleet.admission.in_flight("llm")
     assert polls
 

@@ -35,6 +35,9 @@ waiting at its own. A round trip that times out fails every call queued behind i
 once, with the same timeout, rather than writing them to the server that just did not
 answer.
 
+The connection the combiner writes on (opened within a deadline, checked before a
+write, closed never under a round trip) is :mod:`celery_fleet.store.wire`'s.
+
 This module knows nothing about admission; :class:`~celery_fleet.store.sync.RedisStore` owns one
 :class:`Combiner` per process.
 """
@@ -44,7 +47,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import select
 import threading
 import time
 from collections import deque
@@ -58,28 +60,15 @@ from . import replies as bare
 from .compat import read_reply
 from .packing import Packed, encode, pack_command
 from .posting import FLUSH_S, Posting, _Call, _live, _multiprocessing_child, flush_all
-from .replies import BareReader, reader_for
+from .replies import BareReader
+from .wire import READ_SLACK_S, Wire
 
 __all__ = ["Packed", "Combiner", "encode", "pack_command", "flush_all", "FLUSH_S"]
 
 log = logging.getLogger("celery_fleet")
 
-#: A read waits on the socket's own timeout when the batch's deadline is at most this much
-#: nearer (s): setting a timeout per read costs two syscalls on the hot path.
-READ_SLACK_S = 0.1
-#: A connection that answered within this long (s) is not polled for a close before the
-#: next write (a syscall per round trip). 0: always polled. At 50 ms a Redis restarted
-#: inside the window failed the next call as dropped, and a call that is not resent (a
-#: lock's acquire: not idempotent) raised where the poll reconnects before writing (the
-#: chaos suite's fencing scenario); the syscall is cheaper than that seam.
-STALE_CHECK_S = 0.0
-_HAS_POLL = hasattr(select, "poll")
-#: Pools whose ``owns_connection`` is only the pid check the combiner makes itself (a
-#: Sentinel pool's also asks whether the connection still goes to the master).
-_PID_ONLY_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 
-
-class Combiner(Posting):
+class Combiner(Wire, Posting):
     """Sends a process's packed script calls, coalescing those made at the same time.
 
     ``client`` returns this process's redis-py client (its connection settings are used for
@@ -255,49 +244,6 @@ class Combiner(Posting):
         self._busy = False
         return bool(self._held)
 
-    def close(self) -> None:
-        """Write and read what is held (:meth:`drain`), then close the wire's connection
-        (its store is closed: a later call would open a new one).
-
-        Never under a round trip: with another thread on the wire (a call made after the
-        drain), that carrier closes the connection as it leaves it, and this waits for
-        that (at most the health deadline from the start of close(): its round trip ends
-        by then on a live Redis). Nor with replies due (posted calls written after the
-        drain): they are read first (closed unread, a release that ran failed as dropped:
-        owed again, and Redis taken for away)."""
-        if self._pid != os.getpid():
-            return
-        health = self._health()
-        until = time.monotonic() + health + READ_SLACK_S
-        try:
-            self.drain()
-        finally:
-            closing: threading.Event | None = None
-            carry = False
-            with self._lock:
-                if self._busy or self._unread:
-                    closing = self._closing = self._closing or threading.Event()
-                    if not self._busy:  # replies due, the wire free: read them here
-                        self._busy = carry = True
-                else:
-                    self._close_connection()
-            if carry:
-                self._carry([])  # closes the connection as it leaves the wire
-            elif closing is not None:
-                closing.wait(None if math.isinf(health) else max(until - time.monotonic(), 0))
-
-    def _close_connection(self) -> None:
-        """(Under the lock, nobody on the wire) Close the connection; wake close()."""
-        conn, self._conn, self._conn_of = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:  # already broken
-                log.debug("celery-fleet: closing the wire failed", exc_info=True)
-        closing, self._closing = self._closing, None
-        if closing is not None:
-            closing.set()
-
     def _carry(self, first: list[_Call] | None, open_only: bool = False) -> None:
         """Send the batch ``first`` (or every queued call), with the held posted calls
         ahead of it, in one round trip; then pass the wire on to a caller that waits
@@ -401,56 +347,6 @@ class Combiner(Posting):
                 answered.append(call)
             call.hand_back()
 
-    def _connection(self, answered: list[_Call]) -> tuple[redis.Redis, Any]:
-        """The client, and the one connection this combiner writes on (only the carrier of
-        a batch touches it, so it needs no pool: borrowing from redis-py's pool costs more
-        than a round trip's own client work). Posted calls whose replies are due on a
-        connection replaced are read there first (added to ``answered``)."""
-        client = self._client()
-        if self._conn is None or self._conn_of is not client:
-            old = self._conn
-            if old is not None:  # a client replaced: its connection is not reused
-                try:
-                    if self._unread and old._sock is not None:
-                        self._read_due_on(old, answered)
-                finally:
-                    old.disconnect()
-            pool = client.connection_pool
-            options = dict(pool.connection_kwargs)
-            # Its socket timeout is the health deadline: a read needs no timeout of its
-            # own (two more syscalls) unless its caller's deadline is nearer.
-            timeout = min(options.get("socket_timeout") or math.inf, self._health())
-            if timeout < math.inf:
-                options["socket_timeout"] = timeout
-            self._conn = pool.connection_class(**options)
-            self._reader = reader_for(self._conn)
-            self._conn_of = client
-            self._conn_timeout = timeout
-        return client, self._conn
-
-    def _read_due_on(self, conn: Any, answered: list[_Call]) -> None:
-        """Read the replies of the posted calls written on ``conn`` and not read yet (its
-        client replaced: they ran, and failed as dropped a release would be owed again and
-        Redis taken for away), within their deadlines."""
-        due, self._unread = self._unread, []
-        self._until = until = max(call.until for call in due)
-        left = until - time.monotonic()
-        self._own_timeout = left < math.inf and left <= self._conn_timeout - READ_SLACK_S
-        error: BaseException | None = None
-        try:
-            for call in due:
-                call.replies = [self._read(conn, script) for script, _p in call.commands]
-                call.finished = True
-        except BaseException as exc:
-            error = exc
-            if not isinstance(exc, redis.RedisError):
-                raise
-        finally:
-            for call in due:
-                if not call.finished:
-                    call.fail(error or redis.ConnectionError("reply not read"))
-                answered.append(call)
-
     def _round_trip(self, batch: list[_Call], answered: list[_Call]) -> redis.TimeoutError | None:
         """Write ``batch``, then read replies up to the last call someone waits for; posted
         calls after it stay unread. Posted calls whose replies were read (or that failed)
@@ -553,48 +449,6 @@ class Combiner(Posting):
                     answered.append(call)
         return error if isinstance(error, redis.TimeoutError) else None
 
-    def _wire_ready(self, answered: list[_Call]) -> bool:
-        """(On the wire) Whether the connection is open and fit to write on without
-        opening one: :meth:`_check` drops a socket the server closed (a restart, CLIENT
-        KILL, its idle timeout), which the round trip would open again, its handshake
-        waiting up to the health deadline on a frozen Redis: the flusher's to open)."""
-        try:
-            _client, conn = self._connection(answered)
-            self._check(conn)
-        except Exception:  # the flusher's round trip meets it, and answers the calls
-            log.debug("celery-fleet: looking at the wire failed", exc_info=True)
-            return False
-        self._wire_checked = conn._sock is not None  # the round trip that follows skips it
-        return self._wire_checked
-
-    def _connect(self, conn: Any) -> None:
-        """Open the connection within the batch's deadline: a frozen Redis completes the
-        TCP handshake (the kernel does) but never answers redis-py's opening commands,
-        which would otherwise wait the whole socket timeout.
-
-        The class's own connect(): a Sentinel connection asks the sentinels where the
-        master is there; sending alone would dial its default address (localhost:6379),
-        a different Redis."""
-        if self._until == math.inf:
-            conn.connect()
-            return
-        left = max(self._until - time.monotonic(), 0.001)
-        saved = conn.socket_timeout, conn.socket_connect_timeout
-        conn.socket_timeout = min(left, saved[0] or math.inf)
-        conn.socket_connect_timeout = min(left, saved[1] or math.inf)
-        try:
-            conn.connect()
-        finally:
-            conn.socket_timeout, conn.socket_connect_timeout = saved
-        # Replies are read with their own deadline; a write gets the usual timeout.
-        if conn._sock is not None:
-            conn._sock.settimeout(saved[0])
-            # redis-py's parser took the lowered timeout for the connection's own when it
-            # connected, and sets it back on the socket after every read with a timeout of
-            # its own (redis-py 8): a later health-long read would then time out at this
-            # batch's deadline. Set up again now (the handshake's replies are all read).
-            conn._parser.on_connect(conn)
-
     def _send_again_what_redis_lost(
         self, client: redis.Redis, conn: Any, calls: list[_Call]
     ) -> None:
@@ -623,44 +477,6 @@ class Combiner(Posting):
             call.replies[i] = self._read(conn, call.commands[i][0])
         for call, _i in lost:
             call.finished = True
-
-    def _stale(self, conn: Any) -> bool:
-        """True when the socket has something to read (poll, no recv: a syscall)."""
-        if not _HAS_POLL:  # Windows: redis-py's own (slower) check
-            return bool(conn.can_read(timeout=0))
-        sock = conn._sock
-        if sock is not self._polled_sock:
-            self._poll = select.poll()
-            self._poll.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-            self._polled_sock = sock
-        return bool(self._poll.poll(0))
-
-    def _check(self, conn: Any) -> None:
-        """With no reply due, a readable socket was closed by the server (a restart, a
-        timeout) or is out of step: start a fresh connection before writing, as redis-py's
-        pool does on checkout. A command written to a dead socket may or may not have run
-        (its round trip fails as dropped). Checking costs a syscall, so a socket that
-        answered within :data:`STALE_CHECK_S` is taken as alive: a close inside that
-        window fails the next round trip as dropped, as a close during it would.
-
-        Nor is a connection its client's pool would no longer hand out: a Sentinel pool
-        disowns one to a master that failed over (as soon as any of its connections asked
-        the sentinels), while the old master may still take writes until it is demoted."""
-        if self._unread or conn._sock is None:
-            return
-        try:
-            stale = time.monotonic() - self._answered_at > STALE_CHECK_S and self._stale(conn)
-            if self._reader is not None and self._reader.pending(conn):
-                stale = True  # bytes nobody asked for: out of step
-        except (OSError, ValueError, redis.ConnectionError):
-            stale = True
-        pool = getattr(self._conn_of, "connection_pool", None)
-        if stale or (
-            pool is not None
-            and type(pool) not in _PID_ONLY_POOLS
-            and not pool.owns_connection(conn)
-        ):
-            conn.disconnect()
 
     def _write(self, conn: Any, data: bytes) -> None:
         """Write ``data`` on the (connected) connection."""
