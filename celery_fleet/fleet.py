@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -751,19 +752,26 @@ class Fleet(AsyncMethods):
         if self._closed:
             return
         self._closed = True
-        try:
-            self.store.drain()
-        except FleetError as exc:
-            log.warning("celery-fleet: closing %r: releases not written (%s)", self, exc)
-        try:
-            self.counters.flush()
-        except FleetError:
-            pass  # counts are best effort: Redis is away
+        # One health deadline for all of it: on a frozen Redis the releases, the counts
+        # and the threads blocked on it do not each wait their own.
+        until = time.monotonic() + self.store.health_s
+        with self.store.deadline(self.store.health_s):
+            try:
+                self.store.drain()
+                self.counters.flush()  # counts are best effort: kept when Redis is away
+            except FleetError as exc:
+                log.warning("celery-fleet: closing %r: releases not written (%s)", self, exc)
         self.admission.runtime.stop()
-        for part in (self.keeper, self.counters, self._claims, self._ledger):
-            loop = getattr(part, "_background", None)
+        loops = [
+            getattr(part, "_background", None)
+            for part in (self.keeper, self.counters, self._claims, self._ledger)
+        ]
+        for loop in loops:
             if loop is not None:
-                loop.stop(join_s=1.0)
+                loop.stop()
+        for loop in loops:
+            if loop is not None:
+                loop.stop(join_s=max(0.05, min(1.0, until - time.monotonic())))
         self.store.close()
 
     def __enter__(self) -> Fleet:

@@ -5,6 +5,9 @@ On a private redis-server, so its CLIENT LIST holds only this test's connections
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 import redis
 
@@ -79,3 +82,37 @@ def test_close_leaves_a_client_given_by_the_user_open(private_redis: RedisServer
     fleet.close()
     assert mine.ping()  # still the user's to use and close
     mine.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_on_a_frozen_redis_returns_within_the_health_deadline(
+    redis_of_this_test: RedisServer,
+) -> None:
+    """Redis frozen (SIGSTOP) with event counts not yet flushed and a slot held (its lease
+    keeper renewing): ``close()`` counted as an outage within the health deadline. Its
+    final counters flush went through the client's own pipeline and waited the 5 s socket
+    timeout, then each background thread (blocked on the frozen Redis) was joined for 1 s
+    in turn: 7 s in all."""
+    fleet = Fleet(
+        redis_url=redis_of_this_test.url,
+        namespace="close-frozen",
+        limits={"llm": {"max_in_flight": 2, "lease": 1.5}},  # renewed every 0.5 s
+    )
+    for _ in range(3):
+        with fleet.slot("llm"):
+            pass
+    held = fleet.slot("llm").__enter__()
+    fleet.counters.add("llm", "admitted|")  # a count the close must try to flush
+    health = fleet.store.health_s
+    assert fleet.keeper._background.thread is not None
+    redis_of_this_test.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.6)  # the keeper's renewal now waits on the frozen server
+        start = time.monotonic()
+        fleet.close()
+        took = time.monotonic() - start
+    finally:
+        redis_of_this_test.proc.send_signal(signal.SIGCONT)
+    held.__exit__(None, None, None)
+    # the defect took about 7 s; the slack is for a loaded CI machine
+    assert took < health * 1.5, took

@@ -6,7 +6,9 @@ Execution-side behaviour in real workers (redelivery after SIGKILL, retries, chi
 
 from __future__ import annotations
 
+import logging
 import random
+import signal
 import threading
 import time
 import uuid
@@ -18,7 +20,9 @@ import redis
 from celery import Celery
 
 from celery_fleet import ConfigError, Fleet, fleet_task
+from celery_fleet.celery.idempotency import Attempt
 from celery_fleet.durability.ledger import Ledger, record_id_for
+from celery_fleet.testing.redis_server import RedisServer
 
 from .test_beat import _published
 
@@ -395,3 +399,28 @@ def test_random_sequences_keep_the_ledger_s_invariants(ledger: Ledger) -> None:
                     record["state"] == stored
                     and int(record.get("attempts", 0)) == model["attempts"]
                 ), (record, model)
+
+
+def test_an_end_a_frozen_redis_cannot_hear_is_one_log_line_not_a_redis_traceback(
+    redis_of_this_test: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fleet's Redis SIGSTOPped as a keyed attempt ends: an outage, logged once as
+    what happens next (like every other call the outage fails), not as a traceback of
+    redis-py's TimeoutError."""
+    fleet = Fleet(redis_url=redis_of_this_test.url, namespace=f"end-{uuid.uuid4().hex[:6]}")
+    key = "doc-frozen"
+    run = record_id_for(key)
+    assert fleet.ledger.claim(run, key, "t", "a", 10, singleton=False).verdict == "run"
+    attempt = Attempt(fleet, run, key, "a", release_on_failure=True)
+    assert redis_of_this_test.proc is not None
+    redis_of_this_test.proc.send_signal(signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_fleet"):
+            attempt.finish("succeeded", "1")
+    finally:
+        redis_of_this_test.proc.send_signal(signal.SIGCONT)
+    ends = [r for r in caplog.records if key in r.getMessage()]
+    assert len(ends) == 1, caplog.text
+    assert ends[0].exc_info is None and "Traceback" not in caplog.text, caplog.text
+    assert "fleet_claim_lease" in ends[0].getMessage()
+    fleet.close()

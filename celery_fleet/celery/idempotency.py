@@ -277,6 +277,16 @@ class Attempt:
                     outcome,
                     extra=log_fields(key=self.key),
                 )
+        except StoreUnavailable as exc:  # an outage: say what follows, no redis-py traceback
+            log.error(
+                "celery-fleet: key %r: could not record that this attempt %s (%s); a frozen "
+                "Redis may still run it when it thaws, else the key is taken over once its "
+                "claim lapses (fleet_claim_lease) and a duplicate then runs the body again",
+                self.key,
+                outcome,
+                exc,
+                extra=log_fields(key=self.key),
+            )
         except Exception:
             log.exception("celery-fleet: could not record the end of key %r", self.key)
 

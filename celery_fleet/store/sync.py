@@ -31,7 +31,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
@@ -545,6 +545,26 @@ class RedisStore:
                 if last or not getattr(translated, "dropped", False):
                     raise translated from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def write_many(self, commands: Sequence[tuple[Any, ...]]) -> None:
+        """Send plain write commands (``("HINCRBY", key, field, 1)``...) in one round trip,
+        not sent again after any error (a count written twice would be wrong).
+
+        On a plain Redis they go on the combiner's wire, so a frozen Redis costs the health
+        deadline, not the socket timeout (the counters flush of ``Fleet.close()``); on a
+        Cluster, in a pipeline of the client's (keys on several nodes)."""
+        if not commands:
+            return
+        if self._plain():
+            self._send(tuple((str(c[0]), pack_command(*c)) for c in commands))
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for c in commands:
+                    pipe.execute_command(*c)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise self._translate(exc, "pipeline") from exc
 
     def _translate(self, exc: redis.RedisError, what: str) -> FleetError:
         """The fleet error for a Redis error: unreachable or unwritable Redis is
