@@ -16,6 +16,7 @@ import pytest
 from celery_fleet import Fleet
 from celery_fleet.celery.distributor import Distributor
 from celery_fleet.distribution import DistributionConfig
+from celery_fleet.distribution.status import stats_key
 from celery_fleet.testing.redis_server import RedisServer
 
 QUEUES = 8
@@ -221,3 +222,33 @@ def test_inspect_reads_the_depths_of_the_queues_it_is_home_of_now(
         assert info["sampled_depths"] == {} and opened == [1]  # read on the call only
     finally:
         loop.stop()
+
+
+def test_counts_flushed_on_a_frozen_redis_wait_the_health_deadline_and_are_kept(
+    own_redis: RedisServer, namespace: str
+) -> None:
+    """The affinity counts' flush (every round, and at a worker's shutdown) on a frozen
+    Redis: it went through the client's own pipeline and waited its 5 s socket timeout
+    (``stop()`` at shutdown too); on the store's wire it waits the health deadline. The
+    counts are kept for the next flush, and written once Redis answers."""
+    fleet = Fleet(redis_url=own_redis.url, namespace=namespace, limits={})
+    config = DistributionConfig("dedicated", QUEUES, 2, 1.0, fleet.namespace)
+    loop = Distributor(Consumer({}, "a"), fleet.store, config, "a", Depths(), lambda: 0)  # type: ignore[arg-type]
+    loop.received(config.queue_name(0))
+    health = fleet.store.health_s
+    assert own_redis.proc is not None
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        loop._flush_counts()
+        took = time.monotonic() - start
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    # the defect waited the 5 s socket timeout; the slack is for a loaded CI machine
+    assert took < health * 1.5, took
+    assert loop._unflushed, "the counts of a failed flush are kept"
+    loop._flush_counts()
+    assert not loop._unflushed
+    stats = fleet.store.client.hgetall(stats_key(namespace))
+    assert sum(int(v) for v in stats.values()) >= 1, stats
+    fleet.close()

@@ -184,18 +184,18 @@ class Distributor:
             self._unflushed[field] = self._unflushed.get(field, 0) + 1
 
     def _flush_counts(self) -> None:
-        """Add this worker's new counts to the fleet's (one pipeline); kept on failure."""
+        """Add this worker's new counts to the fleet's (one round trip on the store's
+        wire: a frozen Redis costs the health deadline, not the socket timeout, at a
+        worker's shutdown too); kept on failure."""
         with self._lock:
             counts, self._unflushed = self._unflushed, {}
         if not counts:
             return
         key = stats_key(self.config.namespace)
+        commands: list[tuple[Any, ...]] = [("HINCRBY", key, f, n) for f, n in counts.items()]
+        commands.append(("PEXPIRE", key, STATS_TTL_MS))
         try:
-            with self.store.client.pipeline(transaction=False) as pipe:
-                for field, n in counts.items():
-                    pipe.hincrby(key, field, n)
-                pipe.pexpire(key, STATS_TTL_MS)
-                pipe.execute()
+            self.store.write_many(commands)
         except Exception as exc:  # Redis away: count them at the next round
             with self._lock:
                 for field, n in counts.items():
