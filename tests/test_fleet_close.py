@@ -5,7 +5,6 @@ On a private redis-server, so its CLIENT LIST holds only this test's connections
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
@@ -105,14 +104,11 @@ def test_close_on_a_frozen_redis_returns_within_the_health_deadline(
     fleet.counters.add("llm", "admitted|")  # a count the close must try to flush
     health = fleet.store.health_s
     assert fleet.keeper._background.thread is not None
-    redis_of_this_test.proc.send_signal(signal.SIGSTOP)
-    try:
+    with redis_of_this_test.frozen():
         time.sleep(0.6)  # the keeper's renewal now waits on the frozen server
         start = time.monotonic()
         fleet.close()
         took = time.monotonic() - start
-    finally:
-        redis_of_this_test.proc.send_signal(signal.SIGCONT)
     held.__exit__(None, None, None)
     # the defect took about 7 s; the slack is for a loaded CI machine
     assert took < health * 1.5, took

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from urllib.parse import quote, unquote, urlsplit
 
 from celery_fleet.store.sync import mask_url
@@ -215,6 +217,19 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server stopped (SIGSTOP) for the block, and continued after, whatever the
+        block raised: a Redis that hangs instead of refusing (it accepts connections, the
+        kernel completes the handshake, and nothing is answered)."""
+        if self.proc is None:
+            raise RuntimeError("redis-server is not running")
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         return self.start()
