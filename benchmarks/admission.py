@@ -430,9 +430,7 @@ def headline(runs: list[Samples], rates: dict[str, Rates]) -> list[str]:
         f"- **decisions/s, slot() / limits + INCR: {by_procs(incr)}** (target >= {TARGET_INCR_X}x "
         f"at every process count: {MET[all(r >= TARGET_INCR_X for r in incr.values())]})",
     ] + (
-        [f"- **decisions/s, slot() / {KINDS[BASE]}: {by_procs(base)}** (no target)"]
-        if base
-        else []
+        [f"- **decisions/s, slot() / {KINDS[BASE]}: {by_procs(base)}** (no target)"] if base else []
     )
 
 

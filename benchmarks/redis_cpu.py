@@ -156,8 +156,10 @@ def _riding_decisions(conn: Any, adm: Any, tag: bytes, depth: int) -> None:
                     riding.append(lease.encode())
                 else:
                     alone.append(packed)
-            alone += [adm.release_command(LIMIT, r.decode(), "neutral", 0, False)[1]
-                      for r in (riding if todo <= 0 else [])]
+            alone += [
+                adm.release_command(LIMIT, r.decode(), "neutral", 0, False)[1]
+                for r in (riding if todo <= 0 else [])
+            ]
             if alone:
                 conn.send_packed_command([b"".join(alone)])
                 for _ in alone:

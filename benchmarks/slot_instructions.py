@@ -143,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in trees:
         if (name, "slot") in per and (name, "ping") in per:
             s, p = per[name, "slot"], per[name, "ping"]
-            lines.append(f"{name}: slot / ping {s[0] / p[0]:.2f}x main thread, "
-                         f"{s[1] / p[1]:.2f}x all threads")
+            lines.append(
+                f"{name}: slot / ping {s[0] / p[0]:.2f}x main thread, "
+                f"{s[1] / p[1]:.2f}x all threads"
+            )
     if opts.baseline and ("this tree", "slot") in per and (opts.baseline, "slot") in per:
         a, b = per["this tree", "slot"], per[opts.baseline, "slot"]
-        lines.append(f"slot, this tree / {opts.baseline}: {a[0] / b[0]:.3f} main thread, "
-                     f"{a[1] / b[1]:.3f} all threads")
+        lines.append(
+            f"slot, this tree / {opts.baseline}: {a[0] / b[0]:.3f} main thread, "
+            f"{a[1] / b[1]:.3f} all threads"
+        )
     print("\n".join(lines))
     if not opts.no_write:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -160,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Client instructions per call (callgrind, {opts.n} calls minus none, after the "
             "same warm-up; the main thread is the caller's path and repeats to 0.1%; all "
             "threads adds the flusher, keeper and counters, whose work grows with valgrind's "
-            "stretched wall time).\n\n" + "\n".join(rows) + "\n\n" +
-            "\n".join(f"- {line}" for line in lines) + "\n"
+            "stretched wall time).\n\n"
+            + "\n".join(rows)
+            + "\n\n"
+            + "\n".join(f"- {line}" for line in lines)
+            + "\n"
         )
         append_section(client, body, "Client instructions per slot() (issue 26)")
         client.close()

@@ -36,8 +36,14 @@ def _litellm_lists() -> Iterator[None]:
     except ImportError:
         yield
         return
-    names = ("callbacks", "input_callback", "success_callback", "failure_callback",
-             "_async_success_callback", "_async_failure_callback")
+    names = (
+        "callbacks",
+        "input_callback",
+        "success_callback",
+        "failure_callback",
+        "_async_success_callback",
+        "_async_failure_callback",
+    )
     saved = {name: list(getattr(litellm, name)) for name in names}
     yield
     for name, value in saved.items():

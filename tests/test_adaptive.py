@@ -202,7 +202,8 @@ def test_retry_after_pauses_every_process(
     answers = [json.loads(p.stdout) for p in procs]
     assert all(
         # 30 s: three interpreters started one after another see it even on a loaded box
-        not ok and reason == "paused" and 0 < wait <= 30000 for ok, reason, wait in answers
+        not ok and reason == "paused" and 0 < wait <= 30000
+        for ok, reason, wait in answers
     ), answers
 
 

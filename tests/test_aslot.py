@@ -201,9 +201,7 @@ async def _hold(fleet: Fleet) -> None:
 def test_the_real_async_openai_client_against_the_simulator(make_fleet: MakeFleet) -> None:
     sim = ProviderSim(rpm=600, tpm=None, max_in_flight=4, latency=0.05, burst_s=1.0).start()
     try:
-        fleet = make_fleet(
-            {"sim": {"max_in_flight": 4, "rpm": 600, "burst": 5 / 600}}, max_wait=60
-        )
+        fleet = make_fleet({"sim": {"max_in_flight": 4, "rpm": 600, "burst": 5 / 600}}, max_wait=60)
 
         async def main() -> list[int]:
             async with openai.AsyncOpenAI(

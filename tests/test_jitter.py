@@ -130,9 +130,7 @@ def test_task_jitter_delays_first_publishes_only(app: Celery, redis_url: str) ->
     assert delays[20:] == [0.0, 0.0]  # no jitter on a reschedule or a retry
 
 
-def test_fleet_jitter_per_publish_is_checked_before_publishing(
-    app: Celery, redis_url: str
-) -> None:
+def test_fleet_jitter_per_publish_is_checked_before_publishing(app: Celery, redis_url: str) -> None:
     @fleet_task(app=app, shared=False)
     def agent(i: int) -> None: ...
 

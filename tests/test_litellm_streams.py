@@ -272,9 +272,11 @@ def test_two_hooks_on_one_stream_left_early_both_give_their_slots_back(
     try:
         _leave_sync(sim, "drop")
         _until(
-            lambda: gc.collect() >= 0
-            and all(hook.holding == [] for hook in hooks)
-            and first.admission.in_flight("sim") == 0
+            lambda: (
+                gc.collect() >= 0
+                and all(hook.holding == [] for hook in hooks)
+                and first.admission.in_flight("sim") == 0
+            )
         )
     finally:
         for hook in hooks:
