@@ -10,6 +10,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.litellm_lists import kept
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 
@@ -36,18 +38,8 @@ def _litellm_lists() -> Iterator[None]:
     except ImportError:
         yield
         return
-    names = (
-        "callbacks",
-        "input_callback",
-        "success_callback",
-        "failure_callback",
-        "_async_success_callback",
-        "_async_failure_callback",
-    )
-    saved = {name: list(getattr(litellm, name)) for name in names}
-    yield
-    for name, value in saved.items():
-        setattr(litellm, name, value)
+    with kept(litellm):
+        yield
 
 
 def test_help_and_bad_options(bench: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:

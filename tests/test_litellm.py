@@ -29,6 +29,7 @@ from litellm.integrations.custom_logger import CustomLogger  # noqa: E402
 from celery_fleet import CircuitOpen, ConfigError, Fleet, Throttled  # noqa: E402
 from celery_fleet.contrib.litellm import FleetHook  # noqa: E402
 from celery_fleet.testing import ProviderSim  # noqa: E402
+from tests.litellm_lists import kept  # noqa: E402
 
 MakeFleet = Callable[..., Fleet]
 pytestmark = [
@@ -49,20 +50,8 @@ MS_PER_TOKEN = 86_400_000 / DAY_TOKENS
 @pytest.fixture(autouse=True)
 def _callbacks() -> Iterator[None]:
     """Each test sets ``litellm.callbacks``; put the global lists back afterwards."""
-    saved = {
-        name: list(getattr(litellm, name))
-        for name in (
-            "callbacks",
-            "input_callback",
-            "success_callback",
-            "failure_callback",
-            "_async_success_callback",
-            "_async_failure_callback",
-        )
-    }
-    yield
-    for name, value in saved.items():
-        setattr(litellm, name, value)
+    with kept(litellm):
+        yield
 
 
 def _install(*hooks: CustomLogger) -> None:
