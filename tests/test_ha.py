@@ -23,6 +23,7 @@ from redis.cluster import RedisCluster
 from redis.sentinel import MasterNotFoundError
 
 from celery_fleet import ConfigError, Fleet, FleetError
+from celery_fleet.observability.counters import read_counters
 from celery_fleet.observability.status import limit_status
 from celery_fleet.resilience.fallback import is_local_lease
 from celery_fleet.store.cluster import ClusterCombiner, unpack
@@ -329,7 +330,11 @@ def test_cluster_admissions_hold_each_cap_on_every_node(cluster: LocalCluster) -
         assert fleet.admission.in_flight(n) == 0
         status = limit_status(fleet, n)
         assert status.in_flight == 0 and status.cap == cap
-    assert fleet.counters.flush() >= 0  # a cross-slot pipeline on the cluster client
+    # the counts, on three nodes, go in a pipeline of the cluster client's, all of them
+    fleet.counters.flush()
+    assert not fleet.counters._counts, "a flush failed: its counts were kept"
+    for n in names:
+        assert read_counters(fleet.store, fleet.namespace, n)["admitted|"] == 8 * 15
 
 
 @needs_cluster_tools

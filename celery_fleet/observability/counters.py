@@ -115,7 +115,8 @@ class Counters:
         self._counts, self._lock, self._first_round = {}, threading.Lock(), True
 
     def flush(self) -> int:
-        """Add the counts to Redis (one pipeline); returns how many fields moved."""
+        """Add the counts to Redis (one round trip); returns how many fields moved (0 when
+        Redis did not take them: they are kept for the next flush)."""
         with self._lock:
             counts, self._counts = self._counts, {}
         if not counts:
@@ -140,6 +141,7 @@ class Counters:
                 for k, n in counts.items():
                     self._counts[k] = self._counts.get(k, 0) + n
             log.debug("celery-fleet: could not flush counters: %s", exc)
+            return 0
         return len(counts)
 
 
